@@ -1,0 +1,109 @@
+#include "cache/artifact_key.h"
+
+#include <algorithm>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/hash.h"
+
+namespace kiln::cache {
+namespace {
+
+bool OneOf(const std::string& v, const std::vector<std::string>& allowed) {
+  return std::find(allowed.begin(), allowed.end(), v) != allowed.end();
+}
+
+bool IsHexDigest(const std::string& s) {
+  return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
+           return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+         });
+}
+
+}  // namespace
+
+absl::Status ArtifactKey::Validate() const {
+  if (!IsHexDigest(architecture))
+    return absl::InvalidArgumentError("artifact key: architecture must be a sha256 hex digest");
+  if (!OneOf(component, kComponents))
+    return absl::InvalidArgumentError(absl::StrCat("artifact key: component '", component,
+                                                   "' is not one of ",
+                                                   absl::StrJoin(kComponents, ", ")));
+  if (!OneOf(precision, kPrecisions))
+    return absl::InvalidArgumentError(absl::StrCat("artifact key: precision '", precision,
+                                                   "' is not one of ",
+                                                   absl::StrJoin(kPrecisions, ", ")));
+  if (bucket.batch < 1) return absl::InvalidArgumentError("artifact key: bucket.batch must be >= 1");
+  if (bucket.height < 0 || bucket.width < 0 || bucket.text_len < 0)
+    return absl::InvalidArgumentError("artifact key: bucket sizes must be >= 0");
+  if (!IsHexDigest(compile))
+    return absl::InvalidArgumentError("artifact key: compile must be a sha256 hex digest");
+  if (target != "cpu" && !absl::StartsWith(target, "cuda:sm_"))
+    return absl::InvalidArgumentError(
+        absl::StrCat("artifact key: target '", target, "' is neither cpu nor cuda:sm_XX"));
+  if (precision == "fp8" && target == "cpu")
+    return absl::InvalidArgumentError("artifact key: precision fp8 needs a cuda target");
+  if (toolchain.torch.empty())
+    return absl::InvalidArgumentError("artifact key: toolchain.torch is empty");
+  return absl::OkStatus();
+}
+
+nlohmann::json ArtifactKey::ToJson() const {
+  return {
+      {"architecture", architecture},
+      {"component", component},
+      {"precision", precision},
+      {"bucket",
+       {{"batch", bucket.batch},
+        {"height", bucket.height},
+        {"width", bucket.width},
+        {"text_len", bucket.text_len}}},
+      {"compile", compile},
+      {"target", target},
+      {"toolchain",
+       {{"torch", toolchain.torch}, {"cuda", toolchain.cuda}, {"triton", toolchain.triton}}},
+  };
+}
+
+absl::StatusOr<ArtifactKey> ArtifactKey::FromJson(const nlohmann::json& j) {
+  ArtifactKey k;
+  try {
+    k.architecture = j.at("architecture").get<std::string>();
+    k.component = j.at("component").get<std::string>();
+    k.precision = j.at("precision").get<std::string>();
+    const auto& b = j.at("bucket");
+    k.bucket.batch = b.at("batch").get<int>();
+    k.bucket.height = b.at("height").get<int>();
+    k.bucket.width = b.at("width").get<int>();
+    k.bucket.text_len = b.at("text_len").get<int>();
+    k.compile = j.at("compile").get<std::string>();
+    k.target = j.at("target").get<std::string>();
+    const auto& t = j.at("toolchain");
+    k.toolchain.torch = t.at("torch").get<std::string>();
+    k.toolchain.cuda = t.at("cuda").get<std::string>();
+    k.toolchain.triton = t.at("triton").get<std::string>();
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("artifact key: ", e.what()));
+  }
+  if (auto s = k.Validate(); !s.ok()) return s;
+  return k;
+}
+
+std::string ArtifactKey::Digest() const { return Sha256Hex(CanonicalJson(ToJson())); }
+
+std::string ArchitectureDigest(const nlohmann::json& config) {
+  nlohmann::json kept = nlohmann::json::object();
+  for (const auto& [k, v] : config.items()) {
+    if (absl::StartsWith(k, "_") || k == "transformers_version" || k == "torch_dtype") continue;
+    kept[k] = v;
+  }
+  return Sha256Hex(CanonicalJson(kept));
+}
+
+std::string CompileOptionsDigest(const nlohmann::json& options) {
+  return Sha256Hex(CanonicalJson(options));
+}
+
+nlohmann::json DefaultCompileOptions() { return {{"max_autotune", false}}; }
+
+}  // namespace kiln::cache

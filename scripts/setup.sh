@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what kiln needs to build and test, idempotently: Debian packages (apt) and a project
+# virtualenv (.venv) with the pinned Python packages. Safe to run again; does nothing when all is
+# present. Called by `make`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential cmake ninja-build pkg-config
+  libabsl-dev libprotobuf-dev protobuf-compiler
+  libsentencepiece-dev sentencepiece
+  libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
+  python3-venv
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "[setup] Debian packages: all present"
+fi
+
+PY=${KILN_BOOTSTRAP_PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating virtualenv .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.kiln-requirements
+if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
+  echo "[setup] installing Python packages from requirements.txt (torch 2.13.0 CPU build)"
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  cp requirements.txt "$stamp"
+else
+  echo "[setup] Python packages: all present"
+fi
