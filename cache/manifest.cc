@@ -1,0 +1,83 @@
+#include "cache/manifest.h"
+
+#include <fstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace kiln::cache {
+namespace {
+
+absl::StatusOr<std::vector<TensorSpec>> ParseSpecs(const nlohmann::json& list) {
+  std::vector<TensorSpec> out;
+  for (const auto& e : list) {
+    TensorSpec s;
+    s.name = e.at("name").get<std::string>();
+    s.shape = e.at("shape").get<std::vector<int64_t>>();
+    s.dtype = e.at("dtype").get<std::string>();
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<PackageManifest> PackageManifest::FromJson(const nlohmann::json& j) {
+  PackageManifest m;
+  try {
+    if (j.at("format").get<int>() != 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("manifest: format ", j.at("format").dump(), " is not supported (want 1)"));
+    }
+    auto key = ArtifactKey::FromJson(j.at("key"));
+    if (!key.ok()) return key.status();
+    m.key = *key;
+    m.digest = j.at("digest").get<std::string>();
+    const auto& pkg = j.at("package");
+    m.package_file = pkg.at("file").get<std::string>();
+    m.package_sha256 = pkg.at("sha256").get<std::string>();
+    m.package_bytes = pkg.at("bytes").get<int64_t>();
+    m.extra_constants = j.value("extra_constants", "");
+    for (const auto& [fqn, c] : j.at("constants").items()) {
+      m.constants[fqn] = ConstantSpec{c.at("shape").get<std::vector<int64_t>>(),
+                                      c.at("dtype").get<std::string>(),
+                                      c.at("source").get<std::string>()};
+    }
+    auto inputs = ParseSpecs(j.at("inputs"));
+    if (!inputs.ok()) return inputs.status();
+    m.inputs = *std::move(inputs);
+    auto outputs = ParseSpecs(j.at("outputs"));
+    if (!outputs.ok()) return outputs.status();
+    m.outputs = *std::move(outputs);
+    m.compile_seconds = j.value("compile_seconds", 0.0);
+    m.built_by = j.value("built_by", "");
+    m.built_at = j.value("built_at", "");
+  } catch (const nlohmann::json::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest: ", e.what()));
+  }
+  if (m.digest != m.key.Digest()) {
+    return absl::InvalidArgumentError(absl::StrCat("manifest: digest ", m.digest,
+                                                   " does not match its key (", m.key.Digest(),
+                                                   ")"));
+  }
+  if (m.package_file.empty() || m.package_file.find('/') != std::string::npos ||
+      m.extra_constants.find('/') != std::string::npos) {
+    return absl::InvalidArgumentError("manifest: file names must be plain names in the package dir");
+  }
+  m.raw = j;
+  return m;
+}
+
+absl::StatusOr<PackageManifest> PackageManifest::FromFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("manifest ", path, " cannot be opened"));
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) {
+    return absl::DataLossError(absl::StrCat("manifest ", path, " is not valid JSON"));
+  }
+  auto m = FromJson(j);
+  if (!m.ok()) return absl::DataLossError(absl::StrCat(path, ": ", m.status().message()));
+  return m;
+}
+
+}  // namespace kiln::cache

@@ -1,0 +1,53 @@
+// The manifest that sits beside each compiled package (written by kiln-compile,
+// pipeline/python/kiln/compile.py): the artifact key, the package's digest and size, what the
+// package expects (constants, inputs, outputs) and how it was built.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cache/artifact_key.h"
+#include "nlohmann/json.hpp"
+
+namespace kiln::cache {
+
+// Shape and dtype of one tensor as the package was compiled for it. dtype is torch's name
+// without the "torch." prefix ("float32", "bfloat16", "int64", "float8_e4m3fn", ...).
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string dtype;
+};
+
+struct ConstantSpec {
+  std::vector<int64_t> shape;
+  std::string dtype;
+  // "checkpoint": supplied from the model repository; "package": shipped beside the package in
+  // extra_constants (non-persistent buffers such as RoPE tables).
+  std::string source;
+};
+
+struct PackageManifest {
+  ArtifactKey key;
+  std::string digest;          // key.Digest()
+  std::string package_file;    // relative to the package directory
+  std::string package_sha256;  // of package_file
+  int64_t package_bytes = 0;
+  std::string extra_constants;  // relative file name, "" if none
+  std::map<std::string, ConstantSpec> constants;  // by FQN
+  std::vector<TensorSpec> inputs;
+  std::vector<TensorSpec> outputs;
+  double compile_seconds = 0;
+  std::string built_by;
+  std::string built_at;
+  nlohmann::json raw;  // the whole document, for fields not modelled here
+
+  // InvalidArgument naming the missing or malformed field; also checks digest == key.Digest().
+  static absl::StatusOr<PackageManifest> FromJson(const nlohmann::json& j);
+  static absl::StatusOr<PackageManifest> FromFile(const std::string& path);
+};
+
+}  // namespace kiln::cache

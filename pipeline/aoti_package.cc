@@ -1,0 +1,192 @@
+#include "pipeline/aoti_package.h"
+
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+
+namespace kiln::pipeline {
+namespace {
+
+const std::vector<std::pair<std::string, at::ScalarType>>& DtypeTable() {
+  static const auto* table = new std::vector<std::pair<std::string, at::ScalarType>>{
+      {"float32", at::kFloat},   {"bfloat16", at::kBFloat16},
+      {"float16", at::kHalf},    {"float64", at::kDouble},
+      {"int64", at::kLong},      {"int32", at::kInt},
+      {"int16", at::kShort},     {"int8", at::kChar},
+      {"uint8", at::kByte},      {"bool", at::kBool},
+      {"float8_e4m3fn", at::kFloat8_e4m3fn}, {"float8_e5m2", at::kFloat8_e5m2},
+  };
+  return *table;
+}
+
+std::string ShapeStr(at::IntArrayRef s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
+
+}  // namespace
+
+absl::StatusOr<at::ScalarType> DtypeFromName(const std::string& name) {
+  for (const auto& [n, t] : DtypeTable())
+    if (n == name) return t;
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype '", name, "'"));
+}
+
+std::string DtypeName(at::ScalarType t) {
+  for (const auto& [n, s] : DtypeTable())
+    if (s == t) return n;
+  return c10::toString(t);
+}
+
+const char* BuildTorchVersion() { return KILN_TORCH_VERSION; }
+const char* BuildCudaVersion() { return KILN_CUDA_VERSION; }
+const char* BuildTritonVersion() { return KILN_TRITON_VERSION; }
+
+absl::Status CheckTensor(const std::string& what, const at::Tensor& t,
+                         const std::vector<int64_t>& shape, const std::string& dtype,
+                         const c10::Device& device) {
+  if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat(what, ": undefined tensor"));
+  if (t.sizes() != at::IntArrayRef(shape)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": shape ", ShapeStr(t.sizes()),
+                                                   ", expected ", ShapeStr(shape)));
+  }
+  if (DtypeName(t.scalar_type()) != dtype) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": dtype ", DtypeName(t.scalar_type()),
+                                                   ", expected ", dtype));
+  }
+  if (t.device().type() != device.type() ||
+      (device.has_index() && t.device().index() != device.index())) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": on ", t.device().str(),
+                                                   ", expected ", device.str()));
+  }
+  if (!t.is_contiguous()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": not contiguous (strides ",
+                                                   ShapeStr(t.strides()), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckPackageMetadata(const std::string& path, const cache::PackageManifest& manifest,
+                                  const c10::Device& device) {
+  std::unordered_map<std::string, std::string> md;
+  try {
+    md = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat("package ", path, ": cannot read metadata: ", e.what()));
+  }
+  auto get = [&](const std::string& k) {
+    auto it = md.find(k);
+    return it == md.end() ? std::string() : it->second;
+  };
+  const std::string pkg_device = get("AOTI_DEVICE_KEY");
+  const std::string want_device = device.is_cuda() ? "cuda" : device.is_cpu() ? "cpu" : device.str();
+  if (pkg_device != want_device) {
+    return absl::FailedPreconditionError(absl::StrCat("package ", path, " was built for device '",
+                                                      pkg_device, "', this node runs '",
+                                                      want_device, "'"));
+  }
+  const std::string pkg_torch = get("kiln.torch_version");
+  if (pkg_torch != BuildTorchVersion()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "package ", path, " was built by torch '", pkg_torch.empty() ? "(unrecorded)" : pkg_torch,
+        "', this runtime links torch ", BuildTorchVersion(), "; AOTI packages do not load across versions"));
+  }
+  if (device.is_cuda()) {
+    const std::string cap = get("AOTI_COMPUTE_CAPABILITY");
+    if (!cap.empty() && manifest.key.target != "cuda:sm_" + cap) {
+      return absl::FailedPreconditionError(absl::StrCat("package ", path, " was built for sm_",
+                                                        cap, ", key says ", manifest.key.target));
+    }
+  }
+  if (get("kiln.digest") != manifest.digest) {
+    return absl::FailedPreconditionError(absl::StrCat("package ", path, " carries key digest '",
+                                                      get("kiln.digest"), "', manifest says ",
+                                                      manifest.digest));
+  }
+  return absl::OkStatus();
+}
+
+AotiPackage::~AotiPackage() = default;
+
+absl::StatusOr<std::unique_ptr<AotiPackage>> AotiPackage::Load(const cache::LocatedPackage& pkg,
+                                                               const c10::Device& device) {
+  if (auto s = CheckPackageMetadata(pkg.package_path, pkg.manifest, device); !s.ok()) return s;
+  std::unique_ptr<AotiPackage> p(new AotiPackage());
+  p->manifest_ = pkg.manifest;
+  p->device_ = device;
+  try {
+    p->loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+        pkg.package_path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
+        device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
+    p->fqns_ = p->loader_->get_constant_fqns();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("loading package ", pkg.package_path, ": ", e.what()));
+  }
+  for (const auto& fqn : p->fqns_) {
+    if (!p->manifest_.constants.count(fqn)) {
+      return absl::DataLossError(absl::StrCat("package ", pkg.package_path, " asks for constant '",
+                                              fqn, "' that its manifest does not describe"));
+    }
+  }
+  return p;
+}
+
+absl::Status AotiPackage::LoadConstants(
+    const std::unordered_map<std::string, at::Tensor>& constants) {
+  std::vector<std::string> missing;
+  std::unordered_map<std::string, at::Tensor> chosen;
+  for (const auto& fqn : fqns_) {
+    auto it = constants.find(fqn);
+    if (it == constants.end()) {
+      missing.push_back(fqn);
+      continue;
+    }
+    const auto& spec = manifest_.constants.at(fqn);
+    if (auto s = CheckTensor(absl::StrCat(manifest_.key.component, " weight '", fqn, "'"),
+                             it->second, spec.shape, spec.dtype, device_);
+        !s.ok()) {
+      return s;
+    }
+    chosen.emplace(fqn, it->second);
+  }
+  if (!missing.empty()) {
+    return absl::NotFoundError(absl::StrCat(manifest_.key.component, ": ", missing.size(),
+                                            " weight(s) missing: ", absl::StrJoin(missing, ", ")));
+  }
+  try {
+    loader_->load_constants(chosen, /*use_inactive=*/false, /*check_full_update=*/true,
+                            /*user_managed=*/true);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
+  }
+  constants_ = std::move(chosen);
+  constants_loaded_ = true;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::Tensor>& inputs) {
+  if (!constants_loaded_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(manifest_.key.component, ": Run() before LoadConstants()"));
+  }
+  if (inputs.size() != manifest_.inputs.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(manifest_.key.component, ": ", inputs.size(),
+                                                   " inputs, expected ", manifest_.inputs.size()));
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const auto& spec = manifest_.inputs[i];
+    if (auto s = CheckTensor(absl::StrCat(manifest_.key.component, " input '", spec.name, "'"),
+                             inputs[i], spec.shape, spec.dtype, device_);
+        !s.ok()) {
+      return s;
+    }
+  }
+  try {
+    return loader_->run(inputs);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(manifest_.key.component, ": run failed: ", e.what()));
+  }
+}
+
+}  // namespace kiln::pipeline

@@ -1,0 +1,80 @@
+// One loaded AOTInductor package (a weightless `.pt2`) with its weights supplied as user-managed
+// constants. Guards every hazard the AOTI runtime leaves to the caller:
+//  - the package's metadata (device, torch version, key digest) is checked before any of its code
+//    is loaded;
+//  - constants: exactly the FQNs the package asks for, each with the shape and dtype recorded in
+//    the manifest, on the right device, contiguous; an error names every missing one;
+//  - Run() refuses to run before constants are loaded (the runtime would segfault) and checks the
+//    shape, dtype, device and contiguity of every input (the runtime would run mismatched inputs
+//    silently).
+// Runtime exceptions (c10::Error, std::exception) are caught here and returned as Status.
+// Not thread-safe: one caller thread at a time.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/local_disk_store.h"
+
+namespace torch::inductor {
+class AOTIModelPackageLoader;
+}
+
+namespace kiln::pipeline {
+
+// torch dtype name as written in manifests ("float32", "bfloat16", ...) → ScalarType.
+absl::StatusOr<at::ScalarType> DtypeFromName(const std::string& name);
+std::string DtypeName(at::ScalarType t);
+
+// The torch version kiln was built against (torch.__version__ of the build's Python, e.g.
+// "2.13.0+cpu"); packages must have been compiled by the same version.
+const char* BuildTorchVersion();
+const char* BuildCudaVersion();    // "" for CPU builds
+const char* BuildTritonVersion();  // "" when triton is not installed
+
+// Reads the package's metadata without loading its code and checks that it was compiled for
+// `device`'s type, by the torch version this binary links, for the manifest's key.
+// FailedPrecondition naming the mismatch; DataLoss if the archive cannot be read.
+absl::Status CheckPackageMetadata(const std::string& package_path,
+                                  const cache::PackageManifest& manifest,
+                                  const c10::Device& device);
+
+class AotiPackage {
+ public:
+  static absl::StatusOr<std::unique_ptr<AotiPackage>> Load(const cache::LocatedPackage& package,
+                                                           const c10::Device& device);
+  ~AotiPackage();
+
+  // FQNs the package needs, as get_constant_fqns() reports them.
+  const std::vector<std::string>& constant_fqns() const { return fqns_; }
+  const cache::PackageManifest& manifest() const { return manifest_; }
+
+  // Hands the package its weights. `constants` may hold more names than needed; exactly
+  // constant_fqns() are passed. The tensors are kept alive by this object (user-managed).
+  absl::Status LoadConstants(const std::unordered_map<std::string, at::Tensor>& constants);
+
+  absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
+
+ private:
+  AotiPackage() = default;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+  cache::PackageManifest manifest_;
+  c10::Device device_ = c10::kCPU;
+  std::vector<std::string> fqns_;
+  std::unordered_map<std::string, at::Tensor> constants_;
+  bool constants_loaded_ = false;
+};
+
+// Checks `t` against `spec` (shape, dtype) and `device`, and that it is contiguous.
+// InvalidArgument naming `what` and the mismatch.
+absl::Status CheckTensor(const std::string& what, const at::Tensor& t,
+                         const std::vector<int64_t>& shape, const std::string& dtype,
+                         const c10::Device& device);
+
+}  // namespace kiln::pipeline

@@ -1,0 +1,264 @@
+"""kiln-compile: export one model component with torch.export and compile it with AOTInductor
+into a weightless `.pt2` (weights are handed to the package at run time by the C++ pipeline).
+
+    kiln-compile --model DIR --component transformer --precision bf16 \
+        --height 1024 --width 1024 --text-len 512 --target cuda:sm_90 --out-root PACKAGES
+
+Writes PACKAGES/<digest>/model.pt2 and PACKAGES/<digest>/manifest.json, where <digest> is the
+artifact key's SHA-256 (kiln/artifact_key.py). The directory appears atomically (built under a
+temporary name, fsynced, renamed). Prints one JSON object (the manifest) on stdout.
+`--print-key` prints the key and its digest without compiling.
+Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from kiln import artifact_key as ak
+
+PACKAGE_FILE = "model.pt2"
+MANIFEST_FILE = "manifest.json"
+EXTRA_CONSTANTS_FILE = "constants.safetensors"
+MANIFEST_FORMAT = 1
+
+
+class UsageError(Exception):
+    """Bad arguments or model repository: exit status 2."""
+
+
+def toolchain(target: str) -> dict:
+    """Versions that shape the generated code. CUDA and Triton only matter for CUDA targets and
+    are left empty for CPU ones (pipeline/flux_pipeline.cc builds keys the same way)."""
+    import torch
+    if target == "cpu":
+        return {"torch": torch.__version__, "cuda": "", "triton": ""}
+    try:
+        import triton as _triton  # noqa: PLC0415
+        triton = _triton.__version__
+    except ImportError:
+        triton = ""
+    return {"torch": torch.__version__, "cuda": torch.version.cuda or "", "triton": triton}
+
+
+def component_bucket(component: str, config: dict, batch: int, height: int, width: int,
+                     text_len: int) -> ak.Bucket:
+    """The bucket fields a component's package depends on; must match the C++ pipeline's
+    ComponentBucket() (pipeline/flux_pipeline.cc)."""
+    if component == "text_encoder":
+        return ak.Bucket(batch=batch, text_len=int(config["max_position_embeddings"]))
+    if component == "text_encoder_2":
+        return ak.Bucket(batch=batch, text_len=text_len)
+    if component == "transformer":
+        return ak.Bucket(batch=batch, height=height, width=width, text_len=text_len)
+    if component == "vae_decoder":
+        return ak.Bucket(batch=batch, height=height, width=width)
+    raise UsageError(f"unknown component {component!r}; expected one of {ak.COMPONENTS}")
+
+
+def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,
+             compile_options: dict) -> tuple[ak.ArtifactKey, dict]:
+    from kiln import components
+    if component not in ak.COMPONENTS:
+        raise UsageError(f"--component {component!r} is not one of {', '.join(ak.COMPONENTS)}")
+    try:
+        config = components.read_component_config(model, component)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {model}: cannot read the {component} config: {e}") from e
+    bucket = component_bucket(component, config, **bucket_args)
+    key = ak.ArtifactKey(
+        architecture=ak.architecture_digest(config), component=component, precision=precision,
+        bucket=bucket, compile=ak.compile_options_digest(compile_options), target=target,
+        toolchain=toolchain(target))
+    try:
+        key.validate()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return key, config
+
+
+def _inductor_configs(key: ak.ArtifactKey, digest: str, options: dict) -> dict:
+    metadata = {
+        "kiln.digest": digest,
+        "kiln.key": ak.canonical_json(key.to_json()),
+        "kiln.component": key.component,
+        "kiln.precision": key.precision,
+        "kiln.target": key.target,
+        "kiln.torch_version": key.toolchain["torch"],
+    }
+    configs: dict[str, Any] = {
+        "aot_inductor.package_constants_in_so": False,
+        "aot_inductor.metadata": metadata,
+    }
+    if options.get("max_autotune"):
+        configs["max_autotune"] = True
+    return configs
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def compile_package(model: str, component: str, precision: str, bucket_args: dict, target: str,
+                    compile_options: dict, out_root: str) -> dict:
+    import torch
+    from kiln import components
+
+    key, config = make_key(model, component, precision, bucket_args, target, compile_options)
+    digest = key.digest()
+    final_dir = os.path.join(out_root, digest)
+    if os.path.exists(os.path.join(final_dir, MANIFEST_FILE)):
+        with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
+            return json.load(f)
+
+    device = "cpu" if target == "cpu" else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--target {target} needs a CUDA device and none is visible")
+    t0 = time.monotonic()
+    module, example_inputs = components.build(config, component, precision, key.bucket,
+                                              device=device)
+    module.eval()
+    with torch.no_grad():
+        ep = torch.export.export(module, tuple(example_inputs), strict=False)
+    export_seconds = time.monotonic() - t0
+
+    # Constants the package will ask for. Checkpoint tensors come from the model repository at run
+    # time; anything else (non-persistent buffers, lifted constants) ships in constants.safetensors.
+    checkpoint_names = set(module.state_dict().keys())
+    constants: dict[str, dict] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for name, tensor in list(ep.state_dict.items()) + list(ep.constants.items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        source = "checkpoint" if name in checkpoint_names else "package"
+        constants[name] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
+                           "source": source}
+        if source == "package":
+            extra[name] = tensor.detach().to("cpu").contiguous()
+
+    os.makedirs(out_root, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=out_root)
+    try:
+        pkg_path = os.path.join(tmp_dir, PACKAGE_FILE)
+        t1 = time.monotonic()
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=pkg_path,
+            inductor_configs=_inductor_configs(key, digest, compile_options))
+        compile_seconds = time.monotonic() - t1
+        if extra:
+            from safetensors.torch import save_file
+            save_file(extra, os.path.join(tmp_dir, EXTRA_CONSTANTS_FILE))
+        with open(pkg_path, "rb") as f:
+            pkg_sha = ak.sha256_hex(f.read())
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "digest": digest,
+            "key": key.to_json(),
+            "package": {"file": PACKAGE_FILE, "sha256": pkg_sha, "bytes": os.path.getsize(pkg_path)},
+            "extra_constants": EXTRA_CONSTANTS_FILE if extra else "",
+            "constants": constants,
+            "inputs": components.input_spec(config, component, precision, key.bucket),
+            "outputs": components.output_spec(config, component, precision, key.bucket),
+            "compile_options": compile_options,
+            "export_seconds": round(export_seconds, 3),
+            "compile_seconds": round(compile_seconds, 3),
+            "built_by": socket.gethostname(),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "toolchain": dict(key.toolchain, python=platform.python_version(),
+                              platform=f"{platform.system()}-{platform.machine()}"),
+        }
+        if device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            manifest["tuned_on"] = {"gpu": props.name, "sm_count": props.multi_processor_count}
+        with open(os.path.join(tmp_dir, MANIFEST_FILE), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.write("\n")
+        for name in os.listdir(tmp_dir):
+            with open(os.path.join(tmp_dir, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp_dir)
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError:
+            # Another compiler published the same key first; its package is as good as ours.
+            if not os.path.exists(os.path.join(final_dir, MANIFEST_FILE)):
+                raise
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
+                return json.load(f)
+        _fsync_dir(out_root)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kiln-compile", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="diffusers-layout model repository")
+    p.add_argument("--component", required=True, choices=ak.COMPONENTS)
+    p.add_argument("--precision", default="fp32", choices=ak.PRECISIONS)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--height", type=int, default=0, help="image height in pixels")
+    p.add_argument("--width", type=int, default=0, help="image width in pixels")
+    p.add_argument("--text-len", type=int, default=0, help="T5 text length in tokens")
+    p.add_argument("--target", default="cpu", help="cpu or cuda:sm_XX")
+    p.add_argument("--compile-options", default=None,
+                   help="JSON object of compile options (default: kiln's defaults)")
+    p.add_argument("--out-root", default="packages", help="package directory root")
+    p.add_argument("--print-key", action="store_true", help="print the key and digest only")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        options = (json.loads(args.compile_options) if args.compile_options
+                   else ak.default_compile_options())
+        if not isinstance(options, dict):
+            raise UsageError("--compile-options must be a JSON object")
+        bucket_args = {"batch": args.batch, "height": args.height, "width": args.width,
+                       "text_len": args.text_len}
+        if args.component in ("transformer", "vae_decoder"):
+            for name in ("height", "width"):
+                v = bucket_args[name]
+                if v <= 0 or v % 16:
+                    raise UsageError(f"--{name} {v}: must be a positive multiple of 16")
+        if args.component in ("transformer", "text_encoder_2") and args.text_len <= 0:
+            raise UsageError(f"--text-len {args.text_len}: must be positive for {args.component}")
+        if args.print_key:
+            key, _ = make_key(args.model, args.component, args.precision, bucket_args,
+                              args.target, options)
+            print(ak.canonical_json({"key": key.to_json(), "digest": key.digest()}))
+            return 0
+        manifest = compile_package(args.model, args.component, args.precision, bucket_args,
+                                   args.target, options, args.out_root)
+    except json.JSONDecodeError as e:
+        print(f"kiln-compile: --compile-options is not JSON: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"kiln-compile: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
