@@ -1,1 +1,112 @@
-int main() { return 0; }
+// kiln-run: one prompt → one PNG in a single process, on the local package directory.
+//   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
+// Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "nlohmann/json.hpp"
+#include "pipeline/flux_pipeline.h"
+#include "pipeline/png.h"
+
+ABSL_FLAG(std::string, model, "", "diffusers-layout model repository (required)");
+ABSL_FLAG(std::string, prompt, "", "text prompt (UTF-8)");
+ABSL_FLAG(int, width, 1024, "image width in pixels");
+ABSL_FLAG(int, height, 1024, "image height in pixels");
+ABSL_FLAG(int, steps, 28, "denoising steps");
+ABSL_FLAG(uint64_t, seed, 0, "noise seed");
+ABSL_FLAG(double, guidance, 3.5, "guidance scale (guidance-distilled models)");
+ABSL_FLAG(std::string, out, "out.png", "output PNG path");
+ABSL_FLAG(bool, json, false, "print one JSON object with timings and package provenance");
+ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, precision, "fp32", "fp32, bf16 or fp8 (cuda)");
+ABSL_FLAG(std::string, package_dir, "",
+          "local package directory (default: $KILN_PACKAGE_DIR, else .kiln/packages)");
+ABSL_FLAG(std::string, resolutions, "", "allowed WIDTHxHEIGHT buckets, comma-separated");
+ABSL_FLAG(int, max_sequence_length, 512, "T5 text length in tokens (capped by the tokenizer)");
+ABSL_FLAG(bool, compile, true, "compile missing packages (--nocompile: fail instead)");
+ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-run)");
+
+namespace {
+
+int Fail(const absl::Status& s) {
+  std::cerr << "kiln-run: error: " << s.message() << "\n";
+  const bool bad_input = absl::IsInvalidArgument(s) || absl::IsNotFound(s) ||
+                         absl::IsFailedPrecondition(s) || absl::IsOutOfRange(s);
+  return bad_input ? 2 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
+  absl::ParseCommandLine(argc, argv);
+  kiln::pipeline::PipelineOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.device = absl::GetFlag(FLAGS_device);
+  options.precision = absl::GetFlag(FLAGS_precision);
+  options.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
+  options.allow_compile = absl::GetFlag(FLAGS_compile);
+  options.compiler_path = absl::GetFlag(FLAGS_compiler);
+  options.package_dir = absl::GetFlag(FLAGS_package_dir);
+  if (options.package_dir.empty()) {
+    const char* env = std::getenv("KILN_PACKAGE_DIR");
+    options.package_dir = env && *env ? env : ".kiln/packages";
+  }
+  if (!absl::GetFlag(FLAGS_resolutions).empty()) {
+    auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
+    if (!r.ok()) return Fail(r.status());
+    options.resolutions = *r;
+  }
+  if (options.model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+
+  kiln::pipeline::GenerateRequest req;
+  req.prompt = absl::GetFlag(FLAGS_prompt);
+  req.width = absl::GetFlag(FLAGS_width);
+  req.height = absl::GetFlag(FLAGS_height);
+  req.steps = absl::GetFlag(FLAGS_steps);
+  req.seed = absl::GetFlag(FLAGS_seed);
+  req.guidance = absl::GetFlag(FLAGS_guidance);
+  const std::string out = absl::GetFlag(FLAGS_out);
+
+  auto pipeline = kiln::pipeline::FluxPipeline::Create(options);
+  if (!pipeline.ok()) return Fail(pipeline.status());
+  auto result = (*pipeline)->Generate(req);
+  if (!result.ok()) return Fail(result.status());
+  for (const auto& w : result->warnings) std::cerr << "kiln-run: warning: " << w << "\n";
+  if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
+      !s.ok()) {
+    return Fail(s);
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    const auto& s = result->seconds;
+    nlohmann::json j = {
+        {"image", out},
+        {"width", result->width},
+        {"height", result->height},
+        {"steps", req.steps},
+        {"seed", req.seed},
+        {"device", options.device},
+        {"precision", options.precision},
+        {"seconds",
+         {{"weights", s.weights},
+          {"package_load", s.package_load},
+          {"compile", s.compile},
+          {"text_encoding", s.text_encoding},
+          {"denoise", s.denoise},
+          {"decode", s.decode},
+          {"total", s.total}}},
+        {"packages", result->packages},
+        {"warnings", result->warnings},
+    };
+    std::cout << j.dump() << std::endl;
+  } else {
+    std::cout << out << "\n";
+  }
+  return 0;
+}

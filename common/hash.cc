@@ -100,8 +100,9 @@ void AppendPythonFloat(double v, std::string* out) {
       out->push_back('.');
       out->append(digits, 1, std::string::npos);
     }
-    char exp_buf[8];
-    std::snprintf(exp_buf, sizeof(exp_buf), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    char exp_buf[16];
+    std::snprintf(exp_buf, sizeof(exp_buf), "e%c%02d", exponent < 0 ? '-' : '+',
+                  std::abs(exponent));
     out->append(exp_buf);
   } else if (decpt <= 0) {
     out->append("0.");

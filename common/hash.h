@@ -2,10 +2,10 @@
 // and the pipeline. Canonical JSON = keys sorted, no whitespace, UTF-8 as is; it is byte-identical
 // to Python's json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False) for the
 // values kiln hashes (objects, strings, integers, booleans, null and doubles). Doubles are written
-// as Python's float repr writes them (shortest round-trip digits; fixed notation for decimal
-// exponents -5..15, e.g. 1e-05 -> "1e-05", 1e15 -> "1000000000000000.0"; NaN/Infinity as
-// json.dumps writes them). Limits: integers beyond 64 bits parse as doubles in nlohmann (Python
-// keeps them exact), and invalid UTF-8 in a string throws nlohmann::json::type_error.
+// as Python's float repr writes them: shortest round-trip digits, fixed notation for decimal
+// exponents -4..15 (0.0001 -> "0.0001", 1e-05 -> "1e-05", 1e15 -> "1000000000000000.0"),
+// NaN/Infinity as json.dumps writes them. Limits: integers beyond 64 bits parse as doubles in
+// nlohmann (Python keeps them exact); invalid UTF-8 in a string throws nlohmann::json::type_error.
 #pragma once
 
 #include <cstddef>

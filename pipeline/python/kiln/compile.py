@@ -108,6 +108,11 @@ def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _specs(specs) -> list[dict]:
+    return [{"name": name, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")}
+            for name, shape, dtype in specs]
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -174,8 +179,8 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
             "package": {"file": PACKAGE_FILE, "sha256": pkg_sha, "bytes": os.path.getsize(pkg_path)},
             "extra_constants": EXTRA_CONSTANTS_FILE if extra else "",
             "constants": constants,
-            "inputs": components.input_spec(config, component, precision, key.bucket),
-            "outputs": components.output_spec(config, component, precision, key.bucket),
+            "inputs": _specs(components.input_spec(config, component, precision, key.bucket)),
+            "outputs": _specs(components.output_spec(config, component, precision, key.bucket)),
             "compile_options": compile_options,
             "export_seconds": round(export_seconds, 3),
             "compile_seconds": round(compile_seconds, 3),

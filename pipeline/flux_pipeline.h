@@ -1,0 +1,101 @@
+// FluxPipeline: prompt → PNG pixels for a Flux-class model in a diffusers-layout repository,
+// every component running from an AOTInductor package with the repository's weights handed to it
+// at run time.
+//
+//   tokenize (CLIP BPE, T5 SentencePiece) → text_encoder, text_encoder_2 → denoise loop
+//   (flow-matching Euler, state on the device, no host sync inside) → vae_decoder → RGB bytes
+//
+// Packages are found in the local package directory by artifact key, or compiled into it with
+// kiln-compile on a miss. Weights are read once per component (mmap'd safetensors) and shared by
+// every shape bucket. Phase timings and per-component package provenance are reported per call.
+// Thread-compatible: one Generate() at a time.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/artifact_key.h"
+#include "nlohmann/json.hpp"
+
+namespace kiln::pipeline {
+
+struct Resolution {
+  int width = 0;   // pixels
+  int height = 0;  // pixels
+};
+
+// The image sizes packages are compiled for unless told otherwise.
+std::vector<Resolution> DefaultResolutions();
+// "256x256,512x512" ⇄ list. InvalidArgument naming the bad entry.
+absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text);
+std::string FormatResolutions(const std::vector<Resolution>& list);
+
+struct PipelineOptions {
+  std::string model_dir;                       // diffusers-layout repository (required)
+  std::string package_dir = ".kiln/packages";  // local package directory (created if missing)
+  std::string compiler_path;                   // kiln-compile; "" = beside the running binary
+  std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N"
+  std::string precision = "fp32";              // fp32 | bf16 | fp8 (fp8: cuda only)
+  std::vector<Resolution> resolutions = DefaultResolutions();  // allowed buckets
+  int max_sequence_length = 512;  // T5 tokens; capped by tokenizer_2's model_max_length
+  bool allow_compile = true;      // false: a missing package is an error
+  nlohmann::json compile_options = cache::DefaultCompileOptions();
+
+  absl::Status Validate() const;  // InvalidArgument naming the field
+};
+
+struct GenerateRequest {
+  std::string prompt;    // UTF-8
+  int width = 1024;      // pixels; one of PipelineOptions::resolutions
+  int height = 1024;     // pixels
+  int steps = 28;        // denoising steps, 1..1000
+  uint64_t seed = 0;     // noise seed; same seed → same image
+  double guidance = 3.5; // distilled guidance scale (guidance-embedding models)
+
+  absl::Status Validate() const;
+};
+
+struct PhaseSeconds {
+  double weights = 0;        // reading weights and moving them to the device
+  double package_load = 0;   // verifying and loading packages
+  double compile = 0;        // kiln-compile on package misses
+  double text_encoding = 0;  // tokenizers + text encoders
+  double denoise = 0;        // the whole denoise loop
+  double decode = 0;         // VAE decode + conversion to bytes
+  double total = 0;
+};
+
+struct GenerateResult {
+  std::vector<uint8_t> rgb;  // height*width*3, row-major RGB
+  int width = 0;
+  int height = 0;
+  PhaseSeconds seconds;
+  // component → "compiled" (built on a miss in this call), "found" (loaded from the package
+  // directory in this call) or "resident" (already loaded by an earlier call).
+  std::map<std::string, std::string> packages;
+  std::vector<std::string> warnings;  // e.g. prompt truncation
+};
+
+class FluxPipeline {
+ public:
+  // Reads the repository's configs and tokenizers; loads nothing heavy yet.
+  static absl::StatusOr<std::unique_ptr<FluxPipeline>> Create(const PipelineOptions& options);
+  ~FluxPipeline();
+
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request);
+
+  // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
+  cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;
+  int text_len() const;
+
+ private:
+  class Impl;
+  explicit FluxPipeline(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kiln::pipeline

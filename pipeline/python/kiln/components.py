@@ -1,0 +1,357 @@
+"""The four exportable pipeline components (pipeline/README.md "Components and their package
+signatures"): export wrappers, their builders, the checkpoint loader and the input/output specs.
+
+Called by kiln-compile (kiln/compile.py) and the tests. Each wrapper's forward takes exactly the
+contract's positional inputs and returns a 1-tuple; each wrapper is a subclass of the model it
+exports, so its state_dict keys are the checkpoint names with no wrapper prefix.
+
+    module, example_inputs = build(config, "transformer", "bf16", bucket, device="cuda")
+    load_weights(module, repo_dir, "transformer")       # only to run it eagerly; export needs none
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from kiln import artifact_key as ak
+from kiln.models.clip import ClipTextModel
+from kiln.models.flux import FluxTransformer
+from kiln.models.t5 import T5Encoder
+from kiln.models.vae import VaeDecoder, downscale_factor
+
+# Repository folder holding each component's config.json and weights.
+FOLDERS = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "transformer": "transformer",
+    "vae_decoder": "vae",
+}
+# Weight file stems: diffusers models use the first, transformers models the second.
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+# Image pixels per packed transformer token along each side: VAE 8x, then 2x2 patch packing.
+PIXELS_PER_TOKEN = 16
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int64: "int64"}
+
+
+class WeightsError(ValueError):
+    """A checkpoint does not provide what the component needs (missing names, wrong shapes)."""
+
+
+def activation_dtype(precision: str) -> torch.dtype:
+    """fp32 -> float32; bf16 and fp8 -> bfloat16 (fp8 runs e4m3 linears with bf16 activations)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision in ("bf16", "fp8"):
+        return torch.bfloat16
+    raise ValueError(f"precision {precision!r} is not one of {ak.PRECISIONS}")
+
+
+def _check_component(component: str) -> None:
+    if component not in FOLDERS:
+        raise ValueError(f"component {component!r} is not one of {ak.COMPONENTS}")
+
+
+def read_component_config(repo_dir: str, component: str) -> dict:
+    """The component's config.json (vae_decoder reads vae/config.json) as a dict."""
+    _check_component(component)
+    path = os.path.join(repo_dir, FOLDERS[component], "config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Export wrappers.
+
+
+class ClipPooledExport(ClipTextModel):
+    """text_encoder: input_ids int64 [B, 77] -> (pooled act [B, hidden_size],)."""
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (super().forward(input_ids)[1],)
+
+
+class T5Export(T5Encoder):
+    """text_encoder_2: input_ids int64 [B, L] -> (last hidden act [B, L, d_model],)."""
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (super().forward(input_ids),)
+
+
+class FluxTransformerExport(FluxTransformer):
+    """transformer: (hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance)
+    -> (velocity act [B, S, in_channels],). The RoPE ids and tables are built in the graph from
+    the bucket's static sizes; guidance is ignored by configs without guidance_embeds."""
+
+    def __init__(self, config: dict, bucket: ak.Bucket):
+        super().__init__(config)
+        self.rows = bucket.height // PIXELS_PER_TOKEN
+        self.cols = bucket.width // PIXELS_PER_TOKEN
+        self.text_len = bucket.text_len
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor,
+                guidance: torch.Tensor) -> tuple[torch.Tensor]:
+        if hidden_states.shape[1] != self.rows * self.cols:
+            raise ValueError(f"transformer: hidden_states has {hidden_states.shape[1]} tokens, "
+                             f"the bucket {self.rows}x{self.cols}")
+        if encoder_hidden_states.shape[1] != self.text_len:
+            raise ValueError(f"transformer: encoder_hidden_states has "
+                             f"{encoder_hidden_states.shape[1]} tokens, the bucket {self.text_len}")
+        rope = self.rope_for(self.rows, self.cols, self.text_len, hidden_states.device)
+        out = super().forward(hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                              guidance, rope)
+        return (out,)
+
+
+class VaeDecoderExport(VaeDecoder):
+    """vae_decoder: latents act [B, C, H/8, W/8] in transformer space -> (float32 [B, 3, H, W]
+    in [-1, 1],). Undoes the latent normalisation itself: z / scaling_factor + shift_factor."""
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor]:
+        z = latents / self.scaling_factor + self.shift_factor
+        return (super().forward(z).clamp(-1.0, 1.0).float(),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes.
+
+
+def _validate_bucket(config: dict, component: str, bucket: ak.Bucket) -> None:
+    if bucket.batch < 1:
+        raise ValueError(f"{component}: bucket.batch {bucket.batch} must be >= 1")
+    if component == "text_encoder":
+        n = int(config["max_position_embeddings"])
+        if bucket.text_len not in (0, n):
+            raise ValueError(f"text_encoder: bucket.text_len {bucket.text_len} must be 0 or the "
+                             f"CLIP length {n}")
+    if component in ("text_encoder_2", "transformer") and bucket.text_len < 1:
+        raise ValueError(f"{component}: bucket.text_len {bucket.text_len} must be >= 1")
+    if component in ("transformer", "vae_decoder"):
+        step = PIXELS_PER_TOKEN if component == "transformer" else downscale_factor(config)
+        for name in ("height", "width"):
+            v = getattr(bucket, name)
+            if v < 1 or v % step:
+                raise ValueError(f"{component}: bucket.{name} {v} must be a positive multiple "
+                                 f"of {step}")
+
+
+def _input_shapes(config: dict, component: str, precision: str, bucket: ak.Bucket
+                  ) -> list[tuple[str, list[int], torch.dtype]]:
+    _check_component(component)
+    _validate_bucket(config, component, bucket)
+    act = activation_dtype(precision)
+    b = bucket.batch
+    if component == "text_encoder":
+        return [("input_ids", [b, int(config["max_position_embeddings"])], torch.int64)]
+    if component == "text_encoder_2":
+        return [("input_ids", [b, bucket.text_len], torch.int64)]
+    if component == "transformer":
+        s = (bucket.height // PIXELS_PER_TOKEN) * (bucket.width // PIXELS_PER_TOKEN)
+        return [("hidden_states", [b, s, int(config["in_channels"])], act),
+                ("encoder_hidden_states", [b, bucket.text_len, int(config["joint_attention_dim"])],
+                 act),
+                ("pooled_projections", [b, int(config["pooled_projection_dim"])], act),
+                ("timestep", [b], torch.float32),
+                ("guidance", [b], torch.float32)]
+    f = downscale_factor(config)
+    return [("latents", [b, int(config.get("latent_channels", 4)), bucket.height // f,
+                         bucket.width // f], act)]
+
+
+def _output_shapes(config: dict, component: str, precision: str, bucket: ak.Bucket
+                   ) -> list[tuple[str, list[int], torch.dtype]]:
+    inputs = _input_shapes(config, component, precision, bucket)
+    act = activation_dtype(precision)
+    b = bucket.batch
+    if component == "text_encoder":
+        return [("pooled", [b, int(config["hidden_size"])], act)]
+    if component == "text_encoder_2":
+        return [("last_hidden_state", [b, bucket.text_len, int(config["d_model"])], act)]
+    if component == "transformer":
+        out_ch = int(config.get("out_channels") or config["in_channels"])
+        return [("sample", [b, inputs[0][1][1], out_ch], act)]
+    return [("image", [b, int(config.get("out_channels", 3)), bucket.height, bucket.width],
+             torch.float32)]
+
+
+def input_spec(config: dict, component: str, precision: str, bucket: ak.Bucket
+               ) -> list[tuple[str, list[int], str]]:
+    """The package's positional inputs: (name, shape, dtype name) in call order."""
+    return [(n, s, _DTYPE_NAMES[d]) for n, s, d in _input_shapes(config, component, precision,
+                                                                  bucket)]
+
+
+def output_spec(config: dict, component: str, precision: str, bucket: ak.Bucket
+                ) -> list[tuple[str, list[int], str]]:
+    """The package's outputs: (name, shape, dtype name)."""
+    return [(n, s, _DTYPE_NAMES[d]) for n, s, d in _output_shapes(config, component, precision,
+                                                                   bucket)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building.
+
+
+def _construct(config: dict, component: str, bucket: ak.Bucket) -> nn.Module:
+    if component == "text_encoder":
+        return ClipPooledExport(config)
+    if component == "text_encoder_2":
+        return T5Export(config)
+    if component == "transformer":
+        return FluxTransformerExport(config, bucket)
+    return VaeDecoderExport(config)
+
+
+def _example_inputs(specs: list[tuple[str, list[int], torch.dtype]], component: str,
+                    device: torch.device) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for name, shape, dtype in specs:
+        if dtype == torch.int64:
+            t = torch.zeros(shape, dtype=dtype)
+        elif name == "timestep":
+            t = torch.full(shape, 0.5, dtype=dtype)
+        elif name == "guidance":
+            t = torch.full(shape, 3.5, dtype=dtype)
+        else:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        out.append(t if device.type == "cpu" else t.to(device))
+    return tuple(out)
+
+
+def build(config: dict, component: str, precision: str, bucket: ak.Bucket, device="cpu",
+          materialize: str = "empty") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The export wrapper of `component` for `config`, in eval mode with parameters in the
+    precision's activation dtype, and example inputs of the bucket's exact shapes and dtypes.
+
+    The module is constructed on the meta device and cast there, so even flux-dev costs nothing
+    until materialised. materialize="empty": parameters are allocated uninitialised on `device`
+    (call load_weights before running it); "meta": parameters and example inputs stay on meta.
+    Raises ValueError for a bad component, precision or bucket, NotImplementedError for fp8.
+    """
+    _check_component(component)
+    if precision == "fp8":
+        raise NotImplementedError("fp8 components (e4m3 linears) are not implemented yet")
+    act = activation_dtype(precision)
+    if materialize not in ("empty", "meta"):
+        raise ValueError(f"materialize {materialize!r} is not 'empty' or 'meta'")
+    specs = _input_shapes(config, component, precision, bucket)
+    with torch.device("meta"):
+        module = _construct(config, component, bucket)
+    module = module.to(dtype=act)
+    target = torch.device("meta") if materialize == "meta" else torch.device(device)
+    if target.type != "meta":
+        module = module.to_empty(device=target)
+    module.eval().requires_grad_(False)
+    if target.type == "meta":
+        example = tuple(torch.empty(s, dtype=d, device="meta") for _, s, d in specs)
+    else:
+        example = _example_inputs(specs, component, target)
+    return module, example
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+
+def weight_files(repo_dir: str, component: str) -> list[str]:
+    """The safetensors files of the component's folder: the shards named by a
+    `*.safetensors.index.json`, or the single `*.safetensors` file."""
+    _check_component(component)
+    folder = os.path.join(repo_dir, FOLDERS[component])
+    for stem in _WEIGHT_STEMS:
+        index = os.path.join(folder, f"{stem}.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise WeightsError(f"{index}: no weight_map")
+            return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    for stem in _WEIGHT_STEMS:
+        single = os.path.join(folder, f"{stem}.safetensors")
+        if os.path.exists(single):
+            return [single]
+    raise FileNotFoundError(f"{folder}: no {' or '.join(s + '.safetensors' for s in _WEIGHT_STEMS)}"
+                            " (nor a sharded .safetensors.index.json)")
+
+
+def _aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
+    return dict(getattr(type(module), "TIED_ALIASES", {}))
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def load_weights(module: nn.Module, repo_dir: str, component: str) -> None:
+    """Fills every parameter of `module` (from build) from the component's safetensors in the
+    repository, cast to the parameter's dtype and device. Checkpoint tensors the module does not
+    use are ignored (VAE encoder, CLIP position_ids, ...). Raises WeightsError naming every
+    missing tensor, or a tensor whose shape differs; FileNotFoundError without weight files."""
+    from safetensors import safe_open
+
+    files = weight_files(repo_dir, component)
+    wanted = module.state_dict(keep_vars=True)
+    available: dict[str, str] = {}  # checkpoint name -> file
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                available.setdefault(key, path)
+    aliases = _aliases(module)
+    source: dict[str, str] = {}  # module name -> checkpoint name
+    missing = []
+    for name in wanted:
+        for candidate in (name, *aliases.get(name, ())):
+            if candidate in available:
+                source[name] = candidate
+                break
+        else:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20
+                                           else "")
+        raise WeightsError(f"{component}: checkpoint in {os.path.dirname(files[0])} lacks "
+                           f"{len(missing)} tensor(s): {shown}")
+
+    by_file: dict[str, list[str]] = {}
+    for name, ckpt in source.items():
+        by_file.setdefault(available[ckpt], []).append(name)
+    with torch.no_grad():
+        for path in files:
+            names = by_file.get(path, [])
+            if not names:
+                continue
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in names:
+                    _load_one(module, name, wanted[name], f.get_tensor(source[name]),
+                              source[name], component)
+
+
+def _load_one(module: nn.Module, name: str, dest: torch.Tensor, value: torch.Tensor,
+              ckpt_name: str, component: str) -> None:
+    if tuple(value.shape) != tuple(dest.shape):
+        raise WeightsError(f"{component}: checkpoint tensor {ckpt_name} has shape "
+                           f"{list(value.shape)}, the model's {name} {list(dest.shape)}")
+    if dest.is_meta:
+        _assign(module, name, value.to(dest.dtype))
+    else:
+        dest.copy_(value)  # casts dtype and moves device in one step
+
+
+def parameter_count(module: nn.Module, names: Iterable[str] | None = None) -> int:
+    """Number of scalars in the module's parameters (works on meta modules)."""
+    params = dict(module.named_parameters())
+    return sum(params[n].numel() for n in (names if names is not None else params))

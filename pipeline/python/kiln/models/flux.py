@@ -1,0 +1,345 @@
+"""Flux.1 transformer (MMDiT): double-stream then single-stream blocks, for torch.export.
+
+Built from a diffusers `FluxTransformer2DModel` config.json dict; parameter names equal the
+diffusers checkpoint names (`transformer_blocks.0.attn.to_q.weight`, ...), so a checkpoint loads
+with no renaming. The model holds parameters only (no buffers): RoPE tables are computed in the
+graph from static sizes, so an exported package asks for checkpoint tensors and nothing else.
+
+Numerics follow diffusers: timestep and guidance are cast to the activation dtype and multiplied by
+1000 before the sinusoidal embedding (as the reference pipelines do), RoPE angles are computed in
+float64 and applied in float32, attention is F.scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROPE_THETA = 10000.0
+TIME_PROJ_DIM = 256  # sinusoidal channels of the timestep / guidance embedding
+MLP_RATIO = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Position ids and rotary tables.
+
+
+def text_ids(text_len: int, device=None) -> torch.Tensor:
+    """[text_len, 3] float ids of the text tokens: all zero."""
+    return torch.zeros(text_len, 3, dtype=torch.float32, device=device)
+
+
+def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
+    """[rows*cols, 3] float ids (0, row, col) of the packed 2x2 latent patches, row-major."""
+    r = torch.arange(rows, dtype=torch.float32, device=device)
+    c = torch.arange(cols, dtype=torch.float32, device=device)
+    grid_r = r[:, None].expand(rows, cols).reshape(-1)
+    grid_c = c[None, :].expand(rows, cols).reshape(-1)
+    return torch.stack([torch.zeros_like(grid_r), grid_r, grid_c], dim=-1)
+
+
+def rope_tables(ids: torch.Tensor, axes_dims: list[int], theta: float = ROPE_THETA
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [N, sum(axes_dims)] float32 for ids [N, n_axes].
+
+    Each axis a gets axes_dims[a]/2 frequencies theta^(-2i/d); every angle is written twice
+    (adjacent channel pairs rotate together), so the table width is the head dim.
+    """
+    pos = ids.to(torch.float64)
+    cos_parts, sin_parts = [], []
+    for axis, dim in enumerate(axes_dims):
+        exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim
+        inv_freq = 1.0 / (theta ** exponent)
+        angles = pos[:, axis:axis + 1] * inv_freq[None, :]  # [N, dim/2]
+        cos_parts.append(torch.stack([angles.cos(), angles.cos()], dim=-1).flatten(1))
+        sin_parts.append(torch.stack([angles.sin(), angles.sin()], dim=-1).flatten(1))
+    return torch.cat(cos_parts, dim=-1).float(), torch.cat(sin_parts, dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates channel pairs (x[2i], x[2i+1]) of x [B, H, N, D] by the angles in cos/sin [N, D]."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    out = x.float() * cos + rotated.float() * sin
+    return out.to(x.dtype)
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = TIME_PROJ_DIM, max_period: float = 10000.0
+                      ) -> torch.Tensor:
+    """[B] -> [B, dim] float32 embedding, cos half first (diffusers Timesteps with
+    flip_sin_to_cos=True, downscale_freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) / half
+                      * torch.arange(half, dtype=torch.float32, device=t.device))
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks. Module and attribute names mirror the checkpoint layout.
+
+
+class MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (TimestepEmbedding / PixArtAlphaTextProjection layout)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    """Conditioning vector temb [B, dim] = emb(timestep) (+ emb(guidance)) + proj(pooled text)."""
+
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(TIME_PROJ_DIM, dim)
+        self.guidance_embedder = MLPEmbedder(TIME_PROJ_DIM, dim) if guidance else None
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+        dtype = pooled.dtype
+        emb = self.timestep_embedder(timestep_sinusoid(timestep).to(dtype))
+        if self.guidance_embedder is not None:
+            emb = emb + self.guidance_embedder(timestep_sinusoid(guidance).to(dtype))
+        return emb + self.text_embedder(pooled)
+
+
+class AdaModulation(nn.Module):
+    """SiLU(temb) -> linear -> n chunks of [B, dim] (AdaLayerNormZero* `.linear`)."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(dim, chunks * dim)
+
+    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.linear(F.silu(temb)).chunk(self.chunks, dim=-1)
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm without affine, then x * (1 + scale) + shift, per batch row."""
+    return layer_norm(x) * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learned scale over the last dim (QK norm over the head dim)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class GeluMLP(nn.Module):
+    """FeedForward(activation "gelu-approximate"): net.0.proj -> GELU(tanh) -> net.2."""
+
+    class _Proj(nn.Module):
+        def __init__(self, dim: int, inner: int):
+            super().__init__()
+            self.proj = nn.Linear(dim, inner)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.gelu(self.proj(x), approximate="tanh")
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.ModuleList([self._Proj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[B, N, H*D] -> [B, N, H, D]."""
+    return x.unflatten(-1, (-1, head_dim))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D]."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q = apply_rope(q, *rope)
+    k = apply_rope(k, *rope)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).flatten(2)
+
+
+class JointAttention(nn.Module):
+    """Attention of a double-stream block: image (to_*) and text (add_*) streams attend jointly."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.head_dim = head_dim
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        self.norm_added_q = RMSNorm(head_dim)
+        self.norm_added_k = RMSNorm(head_dim)
+        self.add_q_proj = nn.Linear(dim, inner)
+        self.add_k_proj = nn.Linear(dim, inner)
+        self.add_v_proj = nn.Linear(dim, inner)
+        self.to_add_out = nn.Linear(inner, dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.head_dim
+        q = torch.cat([self.norm_added_q(_split_heads(self.add_q_proj(txt), d)),
+                       self.norm_q(_split_heads(self.to_q(img), d))], dim=1)
+        k = torch.cat([self.norm_added_k(_split_heads(self.add_k_proj(txt), d)),
+                       self.norm_k(_split_heads(self.to_k(img), d))], dim=1)
+        v = torch.cat([_split_heads(self.add_v_proj(txt), d),
+                       _split_heads(self.to_v(img), d)], dim=1)
+        out = _attention(q, k, v, rope)
+        n_txt = txt.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class SelfAttention(nn.Module):
+    """Attention of a single-stream block: QKV only, the output projection is the block's."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.head_dim = head_dim
+        self.norm_q = RMSNorm(head_dim)
+        self.norm_k = RMSNorm(head_dim)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        d = self.head_dim
+        q = self.norm_q(_split_heads(self.to_q(x), d))
+        k = self.norm_k(_split_heads(self.to_k(x), d))
+        v = _split_heads(self.to_v(x), d)
+        return _attention(q, k, v, rope)
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for image and text streams, joint attention, AdaLN-Zero gating."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaModulation(dim, 6)
+        self.norm1_context = AdaModulation(dim, 6)
+        self.attn = JointAttention(dim, heads, head_dim)
+        self.ff = GeluMLP(dim, MLP_RATIO * dim)
+        self.ff_context = GeluMLP(dim, MLP_RATIO * dim)
+
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        i_shift, i_scale, i_gate, i_mshift, i_mscale, i_mgate = self.norm1(temb)
+        t_shift, t_scale, t_gate, t_mshift, t_mscale, t_mgate = self.norm1_context(temb)
+        img_attn, txt_attn = self.attn(modulate(img, i_shift, i_scale),
+                                       modulate(txt, t_shift, t_scale), rope)
+        img = img + i_gate[:, None] * img_attn
+        img = img + i_mgate[:, None] * self.ff(modulate(img, i_mshift, i_mscale))
+        txt = txt + t_gate[:, None] * txt_attn
+        txt = txt + t_mgate[:, None] * self.ff_context(modulate(txt, t_mshift, t_mscale))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [text; image]: attention and MLP in parallel, one fused output projection."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm = AdaModulation(dim, 3)
+        self.proj_mlp = nn.Linear(dim, MLP_RATIO * dim)
+        self.attn = SelfAttention(dim, heads, head_dim)
+        self.proj_out = nn.Linear(dim + MLP_RATIO * dim, dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        shift, scale, gate = self.norm(temb)
+        h = modulate(x, shift, scale)
+        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
+        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=-1))
+        return x + gate[:, None] * out
+
+
+class OutputNorm(nn.Module):
+    """AdaLayerNormContinuous: the modulation linear emits (scale, shift) in that order."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).chunk(2, dim=-1)
+        return layer_norm(x) * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class FluxTransformer(nn.Module):
+    """FluxTransformer2DModel. forward takes the packed latents and the rotary tables of
+    [text; image] tokens; `components` builds those tables from the bucket."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        if int(config.get("patch_size", 1)) != 1:
+            raise ValueError(f"flux transformer: patch_size {config['patch_size']} is not 1")
+        heads = int(config["num_attention_heads"])
+        head_dim = int(config["attention_head_dim"])
+        self.axes_dims = [int(a) for a in config.get("axes_dims_rope", (16, 56, 56))]
+        if sum(self.axes_dims) != head_dim:
+            raise ValueError(f"flux transformer: axes_dims_rope {self.axes_dims} does not sum to "
+                             f"attention_head_dim {head_dim}")
+        dim = heads * head_dim
+        in_channels = int(config["in_channels"])
+        out_channels = int(config.get("out_channels") or in_channels)
+        self.time_text_embed = TimeTextEmbed(dim, int(config["pooled_projection_dim"]),
+                                             bool(config.get("guidance_embeds", False)))
+        self.context_embedder = nn.Linear(int(config["joint_attention_dim"]), dim)
+        self.x_embedder = nn.Linear(in_channels, dim)
+        self.transformer_blocks = nn.ModuleList(
+            DoubleStreamBlock(dim, heads, head_dim) for _ in range(int(config["num_layers"])))
+        self.single_transformer_blocks = nn.ModuleList(
+            SingleStreamBlock(dim, heads, head_dim)
+            for _ in range(int(config["num_single_layers"])))
+        self.norm_out = OutputNorm(dim)
+        self.proj_out = nn.Linear(dim, out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """hidden_states [B, S, in], encoder_hidden_states [B, L, joint], pooled [B, pooled],
+        timestep / guidance [B] (sigma, guidance scale), rope: cos, sin [L+S, head_dim]."""
+        dtype = hidden_states.dtype
+        temb = self.time_text_embed(timestep.to(dtype) * 1000, guidance.to(dtype) * 1000,
+                                    pooled_projections)
+        img = self.x_embedder(hidden_states)
+        txt = self.context_embedder(encoder_hidden_states)
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, temb, rope)
+        n_txt = txt.shape[1]
+        x = torch.cat([txt, img], dim=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, temb, rope)
+        return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+
+    def rope_for(self, rows: int, cols: int, text_len: int, device=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary tables for text_len text tokens followed by a rows x cols patch grid."""
+        ids = torch.cat([text_ids(text_len, device), image_ids(rows, cols, device)], dim=0)
+        return rope_tables(ids, self.axes_dims)
