@@ -3,6 +3,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <exception>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -128,6 +129,19 @@ absl::StatusOr<std::unique_ptr<AotiPackage>> AotiPackage::Load(const cache::Loca
       return absl::DataLossError(absl::StrCat("package ", pkg.package_path, " asks for constant '",
                                               fqn, "' that its manifest does not describe"));
     }
+  }
+  // A weight the graph uses but the package does not ask for was baked into its code at compile
+  // time (Inductor inlines small constants): running it would ignore this model's value.
+  std::vector<std::string> baked;
+  const std::set<std::string> asked(p->fqns_.begin(), p->fqns_.end());
+  for (const auto& [fqn, spec] : p->manifest_.constants) {
+    if (spec.source == "checkpoint" && !asked.count(fqn)) baked.push_back(fqn);
+  }
+  if (!baked.empty()) {
+    return absl::DataLossError(absl::StrCat("package ", pkg.package_path,
+                                            " has weights baked into its code instead of taking "
+                                            "them at run time: ",
+                                            absl::StrJoin(baked, ", ")));
   }
   return p;
 }

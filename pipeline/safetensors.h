@@ -20,7 +20,8 @@
 // are accepted (the safetensors library writes none; the Rust reader rejects them).
 //
 // Threads: a SafetensorsFile / WeightSet is immutable after Open; any thread may read it. Views
-// stay valid as long as the object that handed them out.
+// stay valid as long as the object that handed them out. The file must not be truncated while
+// open: the kernel answers a read of a mapped page past the new end with SIGBUS.
 #pragma once
 
 #include <cstddef>

@@ -137,8 +137,9 @@ absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Load(const std::st
       return absl::InvalidArgumentError(
           absl::StrCat(merges_path, ":", line_no, ": merge of symbols not in vocab.json"));
     }
-    tok->merges_.emplace(static_cast<uint64_t>(ia->second) << 32 | static_cast<uint64_t>(ib->second),
-                         std::make_pair(rank++, iab->second));
+    const uint64_t key =
+        static_cast<uint64_t>(ia->second) << 32 | static_cast<uint64_t>(ib->second);
+    tok->merges_.emplace(key, std::make_pair(rank++, iab->second));
   }
 
   const std::array<char32_t, 256> byte_map = ByteToUnicode();
@@ -194,7 +195,9 @@ absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Load(const std::st
     if (t.normalized) {
       // The pattern is the normalized content (the reference normalizes it too).
       auto cps = unicode::DecodeUtf8(t.content);
-      if (!cps.ok()) return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", cps.status().message()));
+      if (!cps.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", cps.status().message()));
+      }
       t.content = unicode::EncodeUtf8(Normalize(*cps));
       tok->normalized_added_.push_back(std::move(t));
     } else {

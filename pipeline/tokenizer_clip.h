@@ -8,7 +8,7 @@
 //   3. added tokens with normalized: true (Flux's <|startoftext|>, <|endoftext|>) are cut out of
 //      the normalized text, so "<|ENDOFTEXT|>" is the end token too;
 //   4. pre-tokenization: the matches of
-//        <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
+//   <\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+
 //      (everything else, i.e. whitespace, dropped), each mapped byte by byte to CLIP's printable
 //      byte alphabet;
 //   5. BPE on each piece, "</w>" appended to its last symbol, lowest-rank merge first (leftmost

@@ -88,7 +88,7 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
     tok->scores_.push_back(score);  // the reference adds scores as doubles
     min_score = std::min(min_score, tok->scores_.back());
   }
-  for (int id = 0; id < n; ++id) {  // the first id wins for a duplicated piece
+  for (int id = 0; id < n; ++id) {  // SentencePiece rejects models with duplicated pieces
     tok->piece_ids_.emplace(tok->pieces_[id], id);
     tok->max_piece_bytes_ = std::max(tok->max_piece_bytes_, tok->pieces_[id].size());
   }
@@ -126,7 +126,6 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
   // the model's control/unknown pieces and the extra_ids sentinels (<extra_id_0> is the last id).
   const std::string config_path = dir + "/tokenizer_config.json";
   const nlohmann::json& cfg = *config;
-  std::vector<AddedToken> raw_added, normalized_added;
   if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
     for (const auto& [key, value] : cfg["added_tokens_decoder"].items()) {
       AddedToken t;
@@ -160,9 +159,9 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
   for (AddedToken& t : tok->added_) {
     tok->vocab_size_ = std::max<int64_t>(tok->vocab_size_, t.id + 1);
     if (t.normalized) {
-      AddedToken n = t;
-      n.content = tok->Normalize(t.content);  // matched in normalized text, as the reference does
-      tok->normalized_added_.push_back(std::move(n));
+      AddedToken matched = t;
+      matched.content = tok->Normalize(t.content);  // the reference normalizes the pattern too
+      tok->normalized_added_.push_back(std::move(matched));
     } else {
       tok->raw_added_.push_back(t);
     }

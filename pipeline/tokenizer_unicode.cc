@@ -61,7 +61,8 @@ std::optional<std::pair<char32_t, char32_t>> Decomposition(char32_t c) {
     }
   }
   if (lo == n || kDecompositions[3 * lo] != c) return std::nullopt;
-  return std::make_pair(char32_t{kDecompositions[3 * lo + 1]}, char32_t{kDecompositions[3 * lo + 2]});
+  return std::make_pair(char32_t{kDecompositions[3 * lo + 1]},
+                        char32_t{kDecompositions[3 * lo + 2]});
 }
 
 void Decompose(char32_t c, std::u32string* out) {

@@ -56,7 +56,8 @@ class TokenizerTest : public ::testing::Test {
     python_ = python;
     source_ = source;
     const char* tmp = std::getenv("TMPDIR");
-    std::string tmpl = absl::StrCat(tmp != nullptr && *tmp ? tmp : "/tmp", "/kiln_tokenizer_XXXXXX");
+    std::string tmpl =
+        absl::StrCat(tmp != nullptr && *tmp ? tmp : "/tmp", "/kiln_tokenizer_XXXXXX");
     ASSERT_NE(mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
     const std::string script = absl::StrCat(
@@ -197,7 +198,9 @@ TEST_F(TokenizerTest, MatchesReferenceOnFixedStrings) {
 }
 
 TEST_F(TokenizerTest, MatchesReferenceOnRandomStrings) {
-  ExpectAllMatch(Reference(absl::StrCat("fuzz ", Quote(ClipDir()), " ", Quote(T5Dir()), " 7 3000")));
+  // 3000 random strings over an alphabet of both pipelines' edge cases (see ref_tokenize.py).
+  ExpectAllMatch(
+      Reference(absl::StrCat("fuzz ", Quote(ClipDir()), " ", Quote(T5Dir()), " 7 3000")));
 }
 
 TEST_F(TokenizerTest, TruncationIsReported) {
@@ -293,6 +296,34 @@ TEST_F(TokenizerTest, LoadErrorsNameTheProblem) {
   WriteFile(bad_t5 / "spiece.model", "this is not a model");
   EXPECT_EQ(T5Tokenizer::Load(bad_t5.string()).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(TokenizerTest, ConfigsWithoutAddedTokensDecoderGiveTheSameIds) {
+  // Older tokenizer_config.json files have no added_tokens_decoder: the special tokens then come
+  // from the token fields (CLIP) and from the model's control pieces plus extra_ids (T5).
+  const fs::path clip_dir = dir_ + "/clip_plain", t5_dir = dir_ + "/t5_plain";
+  fs::create_directories(clip_dir);
+  fs::create_directories(t5_dir);
+  for (const char* f : {"vocab.json", "merges.txt"}) {
+    fs::copy_file(ClipDir() + "/" + f, clip_dir / f, fs::copy_options::overwrite_existing);
+  }
+  fs::copy_file(T5Dir() + "/spiece.model", t5_dir / "spiece.model",
+                fs::copy_options::overwrite_existing);
+  for (const auto& [from, to] : {std::pair(ClipDir(), clip_dir), std::pair(T5Dir(), t5_dir)}) {
+    auto config = nlohmann::json::parse(ReadFile(from + "/tokenizer_config.json"));
+    config.erase("added_tokens_decoder");
+    WriteFile(to / "tokenizer_config.json", config.dump());
+  }
+  auto clip = ClipTokenizer::Load(clip_dir.string());
+  ASSERT_TRUE(clip.ok()) << clip.status();
+  auto t5 = T5Tokenizer::Load(t5_dir.string());
+  ASSERT_TRUE(t5.ok()) << t5.status();
+  EXPECT_EQ((*t5)->vocab_size(), t5_->vocab_size());
+  for (const std::string s : {"a red fox <|endoftext|> x <|STARTOFTEXT|>",
+                              "</s> <pad> <unk> <extra_id_0> <extra_id_99> <extra_id_100>"}) {
+    EXPECT_EQ((*clip)->Encode(s)->ids, clip_->Encode(s)->ids) << s;
+    EXPECT_EQ((*t5)->Encode(s, 32)->ids, t5_->Encode(s, 32)->ids) << s;
+  }
 }
 
 TEST_F(TokenizerTest, ConcurrentEncodesAgree) {

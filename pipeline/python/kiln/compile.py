@@ -97,6 +97,10 @@ def _inductor_configs(key: ak.ArtifactKey, digest: str, options: dict) -> dict:
     }
     configs: dict[str, Any] = {
         "aot_inductor.package_constants_in_so": False,
+        # Without this Inductor inlines small constants (1-D, <= 8 elements, e.g. a final conv's
+        # bias) into the generated code: the export-time values would be baked into a package
+        # that is meant to take every weight at run time.
+        "always_keep_tensor_constants": True,
         "aot_inductor.metadata": metadata,
     }
     if options.get("max_autotune"):
@@ -146,11 +150,18 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
 
     # Constants the package will ask for. Checkpoint tensors come from the model repository at run
     # time; anything else (non-persistent buffers, lifted constants) ships in constants.safetensors.
+    # Only constants the graph uses are listed: the C++ loader insists that the package asks for
+    # every one of them (none baked into its code).
     checkpoint_names = set(module.state_dict().keys())
+    sig = ep.graph_signature
+    placeholder_to_fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                          **sig.inputs_to_lifted_tensor_constants}
+    used = {placeholder_to_fqn[n.name] for n in ep.graph.nodes
+            if n.op == "placeholder" and n.users and n.name in placeholder_to_fqn}
     constants: dict[str, dict] = {}
     extra: dict[str, torch.Tensor] = {}
     for name, tensor in list(ep.state_dict.items()) + list(ep.constants.items()):
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or name not in used:
             continue
         source = "checkpoint" if name in checkpoint_names else "package"
         constants[name] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),

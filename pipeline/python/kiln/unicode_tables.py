@@ -9,8 +9,9 @@ follows the reference's Unicode versions rather than whatever version some other
   canonical decomposition,  the NFC normalizer (unicode-normalization tables); decomposition
   combining classes,        structure from unicodedata, every value checked against (or, for
   composition               the combining classes, measured from) the reference
-  grapheme classes          Extend/SpacingMark/ZWJ, Prepend, Control from the `regex` module,
-                            checked against the Precompiled (SentencePiece charsmap) normalizer
+  grapheme classes          which code points join the grapheme before / after them, measured
+                            on the Precompiled (SentencePiece charsmap) normalizer; Control
+                            from the `regex` module, checked on every charsmap key
 
 Before writing, the generator replays the C++ algorithms (NFC, lowercase, the Precompiled
 normalizer's grapheme rule) in Python on the emitted tables and checks them against the reference
@@ -60,7 +61,8 @@ def _matching(pattern: str) -> set[int]:
     """Code points that the reference's regex engine matches with `pattern` (one char each)."""
     text = "".join(map(chr, CODE_POINTS))
     unmatched = set()
-    for _, (a, b) in pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text):
+    split = pre_tokenizers.Split(Regex(pattern), behavior="removed")
+    for _, (a, b) in split.pre_tokenize_str(text):
         unmatched.update(range(a, b))
     return {CODE_POINTS[i] for i in range(len(CODE_POINTS)) if i not in unmatched}
 
@@ -215,7 +217,8 @@ class Nfc:
     def _pair(self, a: int, b: int) -> int | None:
         if 0x1100 <= a < 0x1113 and 0x1161 <= b < 0x1176:
             return HANGUL_FIRST + ((a - 0x1100) * 21 + b - 0x1161) * 28
-        if HANGUL_FIRST <= a <= HANGUL_LAST and (a - HANGUL_FIRST) % 28 == 0 and 0x11A7 < b < 0x11C3:
+        if (HANGUL_FIRST <= a <= HANGUL_LAST and (a - HANGUL_FIRST) % 28 == 0
+                and 0x11A7 < b < 0x11C3):
             return a + b - 0x11A7
         return self.compose.get((a, b))
 
@@ -425,7 +428,8 @@ def generate() -> str:
     _check("nfd-then-nfc (decomposing code points)",
            [nfc(ref_nfd[c]) for c in sorted(decomp)], nfc_of([ref_nfd[c] for c in sorted(decomp)]),
            [ref_nfd[c] for c in sorted(decomp)])
-    bases = [chr(c) for c in sorted(decomp)] + [chr(a) for a, _ in decomp.values()] + list("aeiouAZ")
+    bases = [chr(c) for c in sorted(decomp)] + [chr(a) for a, _ in decomp.values()]
+    bases += list("aeiouAZ")
     bases += [chr(c) for c in range(0x1100, 0x1113)] + [chr(c) for c in range(0xAC00, 0xAC40)]
     marks = [chr(c) for c in sorted(ccc)] + [chr(c) for c in range(0x1161, 0x1176)]
     marks += [chr(c) for c in range(0x11A8, 0x11C3)] + [chr(b) for _, b in decomp.values() if b]

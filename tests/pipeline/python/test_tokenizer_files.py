@@ -1,7 +1,8 @@
 """kiln.tokenizer_files: byte-identical output on every run, the files transformers loads the way
 FluxPipeline does, and the conventions (ids, configs) the C++ tokenizers and make_tiny rely on.
 
-Run: PYTHONPATH=pipeline/python .venv/bin/python -m pytest -q tests/pipeline/python/test_tokenizer_files.py
+Run: PYTHONPATH=pipeline/python .venv/bin/python -m pytest -q \
+       tests/pipeline/python/test_tokenizer_files.py
 """
 from __future__ import annotations
 

@@ -1,0 +1,155 @@
+// The guards around AOTI packages: metadata checked before loading (device, torch version, key),
+// constants (missing, misshaped, wrong dtype), inputs (shape, dtype, contiguity), Run() before
+// constants, and corrupt packages in the store. Uses the flux-tiny fixtures made by
+// scripts/test.sh (the text_encoder package: small and quick to load).
+#include <filesystem>
+
+#include "cache/local_disk_store.h"
+#include "gtest/gtest.h"
+#include "pipeline/aoti_package.h"
+#include "pipeline/flux_pipeline.h"
+#include "pipeline/weights.h"
+#include "tests/pipeline/test_support.h"
+
+namespace kiln::pipeline {
+namespace {
+namespace fs = std::filesystem;
+using kiln::testing::EnvOrEmpty;
+
+std::string TinyRepo() { return EnvOrEmpty("KILN_TESTDATA") + "/flux-tiny"; }
+std::string TinyPackages() { return EnvOrEmpty("KILN_TESTDATA") + "/packages"; }
+
+class AotiPackageTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fs::exists(TinyPackages())) << "run via scripts/test.sh (fixtures)";
+    PipelineOptions opts;
+    opts.model_dir = TinyRepo();
+    opts.package_dir = TinyPackages();
+    opts.allow_compile = false;
+    auto p = FluxPipeline::Create(opts);
+    ASSERT_TRUE(p.ok()) << p.status();
+    key_ = (*p)->KeyFor("text_encoder", 0, 0);
+    // A private copy of the store, so tampering never touches the shared fixtures.
+    root_ = tmp_.Join("packages");
+    fs::create_directories(root_);
+    fs::copy(TinyPackages() + "/" + key_.Digest(), root_ + "/" + key_.Digest(),
+             fs::copy_options::recursive);
+  }
+
+  absl::StatusOr<std::unique_ptr<AotiPackage>> LoadCopy() {
+    cache::LocalDiskStore store(root_);
+    auto located = store.Find(key_);
+    if (!located.ok()) return located.status();
+    located_ = *located;
+    return AotiPackage::Load(*located, c10::kCPU);
+  }
+
+  std::unordered_map<std::string, at::Tensor> Weights(const AotiPackage& pkg) {
+    auto w = ComponentWeights::Open(TinyRepo() + "/text_encoder", "model", c10::kCPU);
+    EXPECT_TRUE(w.ok()) << w.status();
+    auto c = (*w)->Gather(pkg, located_.extra_constants_path);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? *c : std::unordered_map<std::string, at::Tensor>{};
+  }
+
+  kiln::testing::TempDir tmp_;
+  std::string root_;
+  cache::ArtifactKey key_;
+  cache::LocatedPackage located_;
+};
+
+TEST_F(AotiPackageTest, RunsWithValidInputsAndRejectsBadOnes) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  at::Tensor ids = torch::zeros({1, 77}, torch::kLong);
+
+  // Before constants: refused instead of the runtime's segfault.
+  auto early = (*pkg)->Run({ids});
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kFailedPrecondition) << early.status();
+
+  ASSERT_TRUE((*pkg)->LoadConstants(Weights(**pkg)).ok());
+  auto ok = (*pkg)->Run({ids});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ((*ok)[0].size(0), 1);
+
+  auto shape = (*pkg)->Run({torch::zeros({1, 76}, torch::kLong)});
+  EXPECT_EQ(shape.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(shape.status().message().find("shape [1, 76], expected [1, 77]"), std::string::npos)
+      << shape.status();
+  auto dtype = (*pkg)->Run({torch::zeros({1, 77}, torch::kInt)});
+  EXPECT_EQ(dtype.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(dtype.status().message().find("dtype int32, expected int64"), std::string::npos)
+      << dtype.status();
+  at::Tensor strided = torch::zeros({1, 154}, torch::kLong).slice(1, 0, 154, 2);
+  ASSERT_FALSE(strided.is_contiguous());
+  auto contig = (*pkg)->Run({strided});
+  EXPECT_EQ(contig.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(contig.status().message().find("not contiguous"), std::string::npos) << contig.status();
+  auto count = (*pkg)->Run({ids, ids});
+  EXPECT_EQ(count.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(AotiPackageTest, MissingAndMisshapedWeightsAreNamed) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  auto weights = Weights(**pkg);
+  ASSERT_FALSE(weights.empty());
+
+  auto missing = weights;
+  missing.erase("text_model.final_layer_norm.weight");
+  auto s = (*pkg)->LoadConstants(missing);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(s.message().find("text_model.final_layer_norm.weight"), std::string::npos) << s;
+
+  auto misshaped = weights;
+  misshaped["text_model.final_layer_norm.weight"] = torch::zeros({3});
+  s = (*pkg)->LoadConstants(misshaped);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("text_model.final_layer_norm.weight"), std::string::npos) << s;
+
+  auto wrong_dtype = weights;
+  wrong_dtype["text_model.final_layer_norm.weight"] =
+      weights["text_model.final_layer_norm.weight"].to(torch::kDouble);
+  s = (*pkg)->LoadConstants(wrong_dtype);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("dtype float64"), std::string::npos) << s;
+}
+
+TEST_F(AotiPackageTest, PackageFromAnotherTorchVersionIsRefusedBeforeLoading) {
+  auto r = kiln::testing::RunPython("tests/pipeline/tamper_package.py",
+                                    {root_ + "/" + key_.Digest(), "kiln.torch_version=2.9.0+cpu"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto pkg = LoadCopy();
+  EXPECT_EQ(pkg.status().code(), absl::StatusCode::kFailedPrecondition) << pkg.status();
+  EXPECT_NE(pkg.status().message().find("2.9.0+cpu"), std::string::npos) << pkg.status();
+}
+
+TEST_F(AotiPackageTest, PackageForAnotherDeviceIsRefusedBeforeLoading) {
+  auto r = kiln::testing::RunPython("tests/pipeline/tamper_package.py",
+                                    {root_ + "/" + key_.Digest(), "AOTI_DEVICE_KEY=cuda"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  auto pkg = LoadCopy();
+  EXPECT_EQ(pkg.status().code(), absl::StatusCode::kFailedPrecondition) << pkg.status();
+  EXPECT_NE(pkg.status().message().find("built for device 'cuda'"), std::string::npos)
+      << pkg.status();
+}
+
+TEST_F(AotiPackageTest, CorruptPackageIsRefusedAndQuarantined) {
+  const std::string pt2 = root_ + "/" + key_.Digest() + "/model.pt2";
+  {
+    std::fstream f(pt2, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(1000);
+    f.put('\x5a');
+  }
+  cache::LocalDiskStore store(root_);
+  auto located = store.Find(key_);
+  EXPECT_EQ(located.status().code(), absl::StatusCode::kDataLoss) << located.status();
+  EXPECT_FALSE(fs::exists(root_ + "/" + key_.Digest()));
+  EXPECT_TRUE(fs::exists(root_ + "/quarantine"));
+  // Gone from the store: the next lookup is a plain miss, so the caller recompiles.
+  EXPECT_EQ(store.Find(key_).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace kiln::pipeline
