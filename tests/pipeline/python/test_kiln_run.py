@@ -1,0 +1,186 @@
+"""kiln-run end to end on the flux-tiny fixtures made by scripts/test.sh: determinism, package
+reuse, and clear errors (exit status 2, no crash) for bad input of every kind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+
+import pytest
+
+TESTDATA = os.environ.get("KILN_TESTDATA", "")
+BIN = os.environ.get("KILN_BIN", "")
+pytestmark = pytest.mark.skipif(
+    not (TESTDATA and os.path.isdir(os.path.join(TESTDATA, "packages"))),
+    reason="needs the fixtures made by scripts/test.sh")
+
+REPO = os.path.join(TESTDATA, "flux-tiny")
+PACKAGES = os.path.join(TESTDATA, "packages")
+FIXTURE_ARGS = ["--prompt", "a lighthouse on a cliff at dusk", "--width", "256", "--height", "256",
+                "--steps", "4", "--seed", "7"]
+
+
+def kiln_run(*args: str, model: str = REPO, packages: str = PACKAGES, compile_: bool = False):
+    argv = [os.path.join(BIN, "kiln-run"), "--model", model, "--package_dir", packages, "--json",
+            *args]
+    if not compile_:
+        argv.append("--nocompile")
+    return subprocess.run(argv, capture_output=True, text=False, timeout=300)
+
+
+def ok_json(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return json.loads(proc.stdout)
+
+
+def test_same_seed_same_bytes_and_second_run_compiles_nothing(tmp_path):
+    first = json.load(open(os.path.join(TESTDATA, "first.json")))
+    assert set(first["packages"].values()) == {"compiled"}, first
+    assert first["seconds"]["compile"] > 0
+    out = tmp_path / "again.png"
+    again = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(out)))
+    assert again["packages"] == {c: "found" for c in
+                                 ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")}
+    assert again["seconds"]["compile"] == 0
+    assert out.read_bytes() == open(os.path.join(TESTDATA, "first.png"), "rb").read()
+    for phase in ("weights", "package_load", "text_encoding", "denoise", "decode", "total"):
+        assert again["seconds"][phase] > 0, phase
+
+
+def test_different_seed_or_prompt_changes_the_image(tmp_path):
+    ref = open(os.path.join(TESTDATA, "first.png"), "rb").read()
+    args = list(FIXTURE_ARGS)
+    args[args.index("--seed") + 1] = "8"
+    ok_json(kiln_run(*args, "--out", str(tmp_path / "seed8.png")))
+    assert (tmp_path / "seed8.png").read_bytes() != ref
+    args = list(FIXTURE_ARGS)
+    args[1] = "a cat asleep on a red chair"
+    ok_json(kiln_run(*args, "--out", str(tmp_path / "cat.png")))
+    assert (tmp_path / "cat.png").read_bytes() != ref
+
+
+def test_png_is_a_valid_image_of_the_requested_size():
+    from PIL import Image
+    with Image.open(os.path.join(TESTDATA, "first.png")) as im:
+        assert im.size == (256, 256) and im.mode == "RGB"
+        lo, hi = im.convert("L").getextrema()
+        assert hi > lo  # not a flat image
+
+
+def test_resolution_outside_the_buckets_lists_the_allowed_ones(tmp_path):
+    proc = kiln_run(*FIXTURE_ARGS[:2], "--width", "640", "--height", "480",
+                    "--out", str(tmp_path / "x.png"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "640x480 is not one of the compiled buckets" in err
+    assert "256x256" in err and "1024x1024" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_overlong_prompt_is_truncated_with_a_warning(tmp_path):
+    prompt = " ".join(["a quiet harbour with fishing boats at sunrise"] * 80)
+    proc = kiln_run("--prompt", prompt, "--width", "256", "--height", "256", "--steps", "1",
+                    "--out", str(tmp_path / "long.png"))
+    result = ok_json(proc)
+    warnings = " ".join(result["warnings"])
+    assert "truncated to 77 CLIP tokens" in warnings
+    assert "truncated to 512 T5 tokens" in warnings
+    assert b"warning: prompt truncated" in proc.stderr
+
+
+def test_prompt_that_is_not_utf8_is_refused(tmp_path):
+    argv = [os.path.join(BIN, "kiln-run"), "--model", REPO, "--package_dir", PACKAGES,
+            "--nocompile", "--width", "256", "--height", "256", "--out", str(tmp_path / "x.png"),
+            b"--prompt=caf\xe9 \xff".decode("latin-1")]
+    proc = subprocess.run([a.encode("latin-1") for a in argv], capture_output=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert b"not valid UTF-8 at byte offset 3" in proc.stderr
+
+
+def _repo_copy(tmp_path) -> str:
+    dst = str(tmp_path / "repo")
+    shutil.copytree(REPO, dst)
+    return dst
+
+
+def _rewrite_header(path: str, edit) -> None:
+    data = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("damage, expect", [
+    ("truncate", b"transformer"),
+    ("garbage_header", b"diffusion_pytorch_model.safetensors"),
+    ("missing_tensor", b"proj_out.weight"),
+    ("misshaped_tensor", b"proj_out.weight"),
+])
+def test_damaged_weights_give_a_clear_error(tmp_path, damage, expect):
+    repo = _repo_copy(tmp_path)
+    path = os.path.join(repo, "transformer", "diffusion_pytorch_model.safetensors")
+    if damage == "truncate":
+        size = os.path.getsize(path)
+        with open(path, "r+b") as f:
+            f.truncate(size - 1000)
+    elif damage == "garbage_header":
+        data = bytearray(open(path, "rb").read())
+        data[8:40] = b"\x00not json at all\x00" * 2
+        open(path, "wb").write(bytes(data))
+    elif damage == "missing_tensor":
+        _rewrite_header(path, lambda h: h.pop("proj_out.weight"))
+    elif damage == "misshaped_tensor":
+        def swap(h):
+            h["proj_out.weight"]["shape"] = list(reversed(h["proj_out.weight"]["shape"]))
+        _rewrite_header(path, swap)
+    proc = kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "x.png"), model=repo)
+    assert proc.returncode in (1, 2), proc  # an error status, not a signal
+    assert b"kiln-run: error:" in proc.stderr and expect in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_not_a_model_repository(tmp_path):
+    proc = kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "x.png"), model=str(tmp_path))
+    assert proc.returncode == 2
+    assert b"not a diffusers model repository" in proc.stderr
+
+
+def test_corrupt_package_is_quarantined_and_rebuilt(tmp_path):
+    """A package that fails its digest check is never loaded: it is quarantined and recompiled."""
+    packages = str(tmp_path / "packages")
+    shutil.copytree(PACKAGES, packages)
+    manifests = [json.load(open(os.path.join(packages, d, "manifest.json")))
+                 for d in os.listdir(packages) if os.path.isdir(os.path.join(packages, d))]
+    clip = next(m for m in manifests if m["key"]["component"] == "text_encoder")
+    pt2 = os.path.join(packages, clip["digest"], "model.pt2")
+    with open(pt2, "r+b") as f:
+        f.seek(4096)
+        f.write(b"\xde\xad\xbe\xef")
+    result = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "x.png"), packages=packages,
+                              compile_=True))
+    assert result["packages"]["text_encoder"] == "compiled"
+    assert result["packages"]["transformer"] == "found"
+    assert any("corrupt" in w for w in result["warnings"])
+    assert os.listdir(os.path.join(packages, "quarantine"))
+    assert (tmp_path / "x.png").read_bytes() == open(os.path.join(TESTDATA, "first.png"), "rb").read()
+
+
+def test_kiln_compile_rejects_bad_arguments(tmp_path):
+    compile_ = os.path.join(BIN, "kiln-compile")
+    bad = subprocess.run([compile_, "--model", REPO, "--component", "transformer",
+                          "--height", "250", "--width", "256", "--text-len", "512",
+                          "--out-root", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--height 250" in bad.stderr
+    missing = subprocess.run([compile_, "--model", str(tmp_path), "--component", "vae_decoder",
+                              "--height", "256", "--width", "256", "--out-root", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "cannot read the vae_decoder config" in missing.stderr
+    fp8 = subprocess.run([compile_, "--model", REPO, "--component", "vae_decoder", "--precision",
+                          "fp8", "--height", "256", "--width", "256", "--out-root", str(tmp_path),
+                          "--print-key"], capture_output=True, text=True)
+    assert fp8.returncode == 2 and "fp8 needs a cuda target" in fp8.stderr
