@@ -96,6 +96,7 @@ int main(int argc, char** argv) {
         {"seconds",
          {{"weights", s.weights},
           {"package_load", s.package_load},
+          {"fetch", s.fetch},
           {"compile", s.compile},
           {"text_encoding", s.text_encoding},
           {"denoise", s.denoise},

@@ -148,8 +148,7 @@ class FluxPipeline::Impl {
   int text_len = 512;
   int latent_channels = 16;
   int vae_scale = 8;
-  std::unique_ptr<cache::LocalDiskStore> store;
-  std::unique_ptr<cache::PackageCompiler> compiler;
+  std::shared_ptr<cache::PackageProvider> provider;
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded;        // by key digest
 
@@ -186,26 +185,14 @@ class FluxPipeline::Impl {
       r->packages[component] = "resident";
       return it->second.get();
     }
+    auto provided = provider->Get(key, options.model_dir);
+    if (!provided.ok()) return provided.status();
+    if (!provided->warning.empty()) r->warnings.push_back(provided->warning);
+    r->seconds.compile += provided->compile_seconds;
+    r->seconds.fetch += provided->fetch_seconds;
+    const std::string provenance = provided->provenance == "local" ? "found" : provided->provenance;
+    const cache::LocatedPackage* found = &provided->package;
     auto t = Clock::now();
-    auto found = store->Find(key);
-    std::string provenance = "found";
-    if (!found.ok()) {
-      if (!absl::IsNotFound(found.status()) && !absl::IsDataLoss(found.status())) return found.status();
-      if (absl::IsDataLoss(found.status())) r->warnings.push_back(std::string(found.status().message()));
-      if (!options.allow_compile) {
-        return absl::NotFoundError(absl::StrCat(found.status().message(), " and compiling is disabled"));
-      }
-      std::cerr << "kiln: compiling " << component << " package (" << digest.substr(0, 12)
-                << ") with kiln-compile; this happens once per key\n";
-      auto tc = Clock::now();
-      cache::CompileRequest req{options.model_dir, key, options.compile_options, options.package_dir};
-      if (auto s = compiler->Compile(req); !s.ok()) return s;
-      r->seconds.compile += Since(tc);
-      found = store->Find(key);
-      if (!found.ok()) return found.status();
-      provenance = "compiled";
-      t = Clock::now();
-    }
     auto pkg = AotiPackage::Load(*found, device);
     if (!pkg.ok()) return pkg.status();
     r->seconds.package_load += Since(t);
@@ -307,12 +294,20 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
     return absl::FailedPreconditionError("device cuda: this kiln build links a CPU-only LibTorch");
 #endif
   }
-  std::error_code ec;
-  fs::create_directories(options.package_dir, ec);
-  if (ec) return absl::PermissionDeniedError(absl::StrCat("package_dir ", options.package_dir, ": ", ec.message()));
-  impl->store = std::make_unique<cache::LocalDiskStore>(options.package_dir);
-  impl->compiler = std::make_unique<cache::SubprocessCompiler>(
-      options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path);
+  impl->provider = options.provider;
+  if (!impl->provider) {
+    std::error_code ec;
+    fs::create_directories(options.package_dir, ec);
+    if (ec) return absl::PermissionDeniedError(absl::StrCat("package_dir ", options.package_dir, ": ", ec.message()));
+    std::unique_ptr<cache::PackageCompiler> compiler;
+    if (options.allow_compile) {
+      compiler = std::make_unique<cache::SubprocessCompiler>(
+          options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path);
+    }
+    impl->provider = std::make_shared<cache::TieredPackageProvider>(
+        std::make_unique<cache::LocalDiskStore>(options.package_dir), std::move(compiler),
+        options.compile_options);
+  }
   return std::unique_ptr<FluxPipeline>(new FluxPipeline(std::move(impl)));
 }
 
@@ -322,7 +317,27 @@ cache::ArtifactKey FluxPipeline::KeyFor(const std::string& component, int width,
 
 int FluxPipeline::text_len() const { return impl_->text_len; }
 
-absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req) {
+const PipelineOptions& FluxPipeline::options() const { return impl_->options; }
+
+std::vector<std::string> FluxPipeline::DigestsFor(int width, int height) const {
+  std::vector<std::string> out;
+  for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
+    out.push_back(KeyFor(c, width, height).Digest());
+  }
+  return out;
+}
+
+std::vector<std::string> FluxPipeline::LoadedDigests() const {
+  std::vector<std::string> out;
+  for (const auto& [digest, pkg] : impl_->loaded) out.push_back(digest);
+  return out;
+}
+
+absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req,
+                                                      const ProgressFn& progress) {
+  auto report = [&](const char* phase, int step) {
+    if (progress) progress(phase, step, req.steps);
+  };
   if (auto s = req.Validate(); !s.ok()) return s;
   Impl& m = *impl_;
   bool allowed = false;
@@ -355,6 +370,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
                                       t5_ids->dropped, " dropped), as the reference pipeline does"));
   }
 
+  report("preparing", 0);
   std::map<std::string, AotiPackage*> pkgs;
   for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
     auto p = m.Ensure(c, req.width, req.height, &r);
@@ -367,6 +383,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     const at::ScalarType act = m.options.precision == "fp32" ? at::kFloat : at::kBFloat16;
     const auto ids_opts = torch::TensorOptions().dtype(at::kLong);
 
+    report("text_encoding", 0);
     auto t = Clock::now();
     at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
     at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
@@ -377,6 +394,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     SyncDevice(m.device);
     r.seconds.text_encoding = Since(t);
 
+    report("denoising", 0);
     // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
     t = Clock::now();
     const int64_t lh = req.height / m.vae_scale, lw = req.width / m.vae_scale;
@@ -398,10 +416,12 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
       auto v = m.RunOne(pkgs["transformer"], {latents.to(act), txt_act, pooled_act, step_t, guidance});
       if (!v.ok()) return v.status();
       latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
+      report("denoising", i + 1);  // host-side count: the device may still be working
     }
     SyncDevice(m.device);
     r.seconds.denoise = Since(t);
 
+    report("decoding", req.steps);
     t = Clock::now();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
     auto image = m.RunOne(pkgs["vae_decoder"], {z});

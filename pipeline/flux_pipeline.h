@@ -11,6 +11,7 @@
 // Thread-compatible: one Generate() at a time.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -19,6 +20,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cache/artifact_key.h"
+#include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::pipeline {
@@ -44,9 +46,17 @@ struct PipelineOptions {
   int max_sequence_length = 512;  // T5 tokens; capped by tokenizer_2's model_max_length
   bool allow_compile = true;      // false: a missing package is an error
   nlohmann::json compile_options = cache::DefaultCompileOptions();
+  // Where packages come from. Null: a TieredPackageProvider over package_dir that compiles with
+  // compiler_path when allow_compile (kiln-run). A node passes one with the shared tier.
+  std::shared_ptr<cache::PackageProvider> provider;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
+
+// Called from Generate()'s thread at phase changes and after every denoising step (the step
+// count is known on the host without waiting for the device). phase: "preparing",
+// "text_encoding", "denoising", "decoding".
+using ProgressFn = std::function<void(const std::string& phase, int step, int total_steps)>;
 
 struct GenerateRequest {
   std::string prompt;    // UTF-8
@@ -62,6 +72,7 @@ struct GenerateRequest {
 struct PhaseSeconds {
   double weights = 0;        // reading weights and moving them to the device
   double package_load = 0;   // verifying and loading packages
+  double fetch = 0;          // copying packages from the shared tier
   double compile = 0;        // kiln-compile on package misses
   double text_encoding = 0;  // tokenizers + text encoders
   double denoise = 0;        // the whole denoise loop
@@ -74,8 +85,9 @@ struct GenerateResult {
   int width = 0;
   int height = 0;
   PhaseSeconds seconds;
-  // component → "compiled" (built on a miss in this call), "found" (loaded from the package
-  // directory in this call) or "resident" (already loaded by an earlier call).
+  // component → "compiled" (built on a miss in this call), "found" (loaded from the local
+  // package directory in this call), "shared" (fetched from the shared tier in this call) or
+  // "resident" (already loaded by an earlier call).
   std::map<std::string, std::string> packages;
   std::vector<std::string> warnings;  // e.g. prompt truncation
 };
@@ -86,11 +98,17 @@ class FluxPipeline {
   static absl::StatusOr<std::unique_ptr<FluxPipeline>> Create(const PipelineOptions& options);
   ~FluxPipeline();
 
-  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request);
+  absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
+                                          const ProgressFn& progress = nullptr);
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;
   int text_len() const;
+  // Digests of the four packages a job of this size needs (text encoders, transformer, VAE).
+  std::vector<std::string> DigestsFor(int width, int height) const;
+  // Digests of the packages loaded in memory now.
+  std::vector<std::string> LoadedDigests() const;
+  const PipelineOptions& options() const;
 
  private:
   class Impl;

@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libabsl-dev libprotobuf-dev protobuf-compiler
   libsentencepiece-dev sentencepiece
   libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
+  libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
   python3-venv
 )
 
@@ -34,8 +35,9 @@ fi
 stamp=.venv/.kiln-requirements
 if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
   echo "[setup] installing Python packages from requirements.txt (torch 2.13.0 CPU build)"
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  # (pip's notes about unreachable extra index locations are noise here and filtered out)
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored" >&2)
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored" >&2)
   cp requirements.txt "$stamp"
 else
   echo "[setup] Python packages: all present"
