@@ -304,9 +304,17 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
       compiler = std::make_unique<cache::SubprocessCompiler>(
           options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path);
     }
-    impl->provider = std::make_shared<cache::TieredPackageProvider>(
-        std::make_unique<cache::LocalDiskStore>(options.package_dir), std::move(compiler),
-        options.compile_options);
+    cache::LocalDiskStoreOptions local_options;
+    local_options.root = options.package_dir;
+    auto local = cache::LocalDiskStore::Open(local_options, /*registry=*/nullptr);
+    if (!local.ok()) return local.status();
+    cache::TieredOptions tiered;
+    tiered.compile_options = options.compile_options;
+    auto provider = cache::TieredPackageProvider::Create(*std::move(local), /*shared=*/nullptr,
+                                                         std::move(compiler), std::move(tiered),
+                                                         /*registry=*/nullptr);
+    if (!provider.ok()) return provider.status();
+    impl->provider = *std::move(provider);
   }
   return std::unique_ptr<FluxPipeline>(new FluxPipeline(std::move(impl)));
 }
@@ -406,13 +414,16 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     at::Tensor noise = at::randn({1, m.latent_channels, lh, lw}, gen, torch::TensorOptions().dtype(at::kFloat));
     at::Tensor latents = Pack(noise).to(m.device);  // float32 state
     // All per-step inputs are made before the loop: one host→device copy, no syncs inside.
-    std::vector<float> t_host(req.steps);
-    for (int i = 0; i < req.steps; ++i) t_host[i] = FluxModelTimestep(*schedule, i);
-    at::Tensor t_dev = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat)).to(m.device);
+    // One row of 4 floats per step: each step's [1] timestep view then starts 16-byte aligned,
+    // as AOTI's kernels assume (a misaligned input costs a copy per call).
+    std::vector<float> t_host(req.steps * 4, 0.0f);
+    for (int i = 0; i < req.steps; ++i) t_host[i * 4] = FluxModelTimestep(*schedule, i);
+    at::Tensor t_dev = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
+                           .view({req.steps, 4}).to(m.device);
     at::Tensor guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
     at::Tensor txt_act = txt->to(act), pooled_act = pooled->to(act);
     for (int i = 0; i < req.steps; ++i) {
-      at::Tensor step_t = t_dev.narrow(0, i, 1);
+      at::Tensor step_t = t_dev.select(0, i).narrow(0, 0, 1);
       auto v = m.RunOne(pkgs["transformer"], {latents.to(act), txt_act, pooled_act, step_t, guidance});
       if (!v.ok()) return v.status();
       latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
