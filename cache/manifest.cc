@@ -39,9 +39,18 @@ absl::StatusOr<PackageManifest> PackageManifest::FromJson(const nlohmann::json& 
     m.package_bytes = pkg.at("bytes").get<int64_t>();
     m.extra_constants = j.value("extra_constants", "");
     for (const auto& [fqn, c] : j.at("constants").items()) {
-      m.constants[fqn] = ConstantSpec{c.at("shape").get<std::vector<int64_t>>(),
-                                      c.at("dtype").get<std::string>(),
-                                      c.at("source").get<std::string>()};
+      ConstantSpec spec{c.at("shape").get<std::vector<int64_t>>(),
+                        c.at("dtype").get<std::string>(), c.at("source").get<std::string>(), {}};
+      if (auto d = c.find("derive"); d != c.end()) {
+        spec.derive.op = d->at("op").get<std::string>();
+        spec.derive.sources = d->at("from").get<std::vector<std::string>>();
+        if (spec.derive.op.empty() || spec.derive.sources.empty() || spec.source != "checkpoint") {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "manifest: constant '", fqn, "': derive needs an op, at least one source and "
+              "source \"checkpoint\""));
+        }
+      }
+      m.constants[fqn] = std::move(spec);
     }
     auto inputs = ParseSpecs(j.at("inputs"));
     if (!inputs.ok()) return inputs.status();

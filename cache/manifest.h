@@ -22,12 +22,21 @@ struct TensorSpec {
   std::string dtype;
 };
 
+// How a checkpoint constant that is not a checkpoint tensor as it is (a fused QKV weight, an fp8
+// weight or its scale) is computed from checkpoint tensors when the weights are loaded
+// (manifest `"derive": {"op": ..., "from": [...]}`; the ops are pipeline/weights.h's).
+struct ConstantDerivation {
+  std::string op;                    // "concat0", "fp8_rowwise", ...; "" = not derived
+  std::vector<std::string> sources;  // checkpoint names, concatenated on dim 0 in this order
+};
+
 struct ConstantSpec {
   std::vector<int64_t> shape;
   std::string dtype;
   // "checkpoint": supplied from the model repository; "package": shipped beside the package in
   // extra_constants (non-persistent buffers such as RoPE tables).
   std::string source;
+  ConstantDerivation derive;  // op empty: the checkpoint tensor named by the FQN itself
 };
 
 struct PackageManifest {

@@ -1,49 +1,385 @@
 #include "cache/package_provider.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <iostream>
+#include <optional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "cache/lease_heartbeat.h"
+#include "metrics/metrics_server.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
 
 namespace kiln::cache {
 namespace {
+
 double Since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
+
+std::string DefaultNodeId() {
+  char host[256] = {0};
+  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "unknown");
+  return absl::StrCat(host, ":", ::getpid());
+}
+
+void AddWarning(ProvidedPackage* out, const std::string& w) {
+  out->warning = out->warning.empty() ? w : absl::StrCat(out->warning, "; ", w);
+}
+
 }  // namespace
 
+// The cache component's metrics, created from the registry it was given.
+struct TieredPackageProvider::Metrics {
+  explicit Metrics(prometheus::Registry* registry) {
+    if (registry == nullptr) {
+      owned = std::make_shared<prometheus::Registry>();
+      registry = owned.get();
+    }
+    requests = &prometheus::BuildCounter()
+                    .Name("kiln_artifact_requests_total")
+                    .Help("Package lookups per cache tier (local, shared, compile) and result "
+                          "(hit, miss, corrupt, error). For tier=compile, hit = compiled.")
+                    .Register(*registry);
+    for (const char* tier : {"local", "shared", "compile"}) {
+      for (const char* result : {"hit", "miss", "corrupt", "error"}) Request(tier, result);
+    }
+    auto& compiles = prometheus::BuildCounter()
+                         .Name("kiln_artifact_compiles_total")
+                         .Help("Package compiles run by this process, by result")
+                         .Register(*registry);
+    compiles_ok = &compiles.Add({{"result", "ok"}});
+    compiles_error = &compiles.Add({{"result", "error"}});
+    compile_seconds = &prometheus::BuildHistogram()
+                           .Name("kiln_artifact_compile_seconds")
+                           .Help("Wall time of successful package compiles")
+                           .Register(*registry)
+                           .Add({}, metrics::DurationBuckets());
+    fetch_bytes = &prometheus::BuildCounter()
+                       .Name("kiln_artifact_fetch_bytes_total")
+                       .Help("Bytes copied from the shared tier to node-local disk")
+                       .Register(*registry)
+                       .Add({});
+    fetch_seconds = &prometheus::BuildHistogram()
+                         .Name("kiln_artifact_fetch_seconds")
+                         .Help("Wall time of package fetches from the shared tier (copy + verify)")
+                         .Register(*registry)
+                         .Add({}, metrics::DurationBuckets());
+    lease_waits = &prometheus::BuildCounter()
+                       .Name("kiln_artifact_lease_waits_total")
+                       .Help("Lookups that waited for another node's compile of the same key")
+                       .Register(*registry)
+                       .Add({});
+    lease_takeovers = &prometheus::BuildCounter()
+                           .Name("kiln_artifact_lease_takeovers_total")
+                           .Help("Expired compile leases (crashed or hung holder) taken over")
+                           .Register(*registry)
+                           .Add({});
+    auto& publishes = prometheus::BuildCounter()
+                          .Name("kiln_artifact_publishes_total")
+                          .Help("Compiled packages published to the shared tier, by result")
+                          .Register(*registry);
+    publishes_ok = &publishes.Add({{"result", "ok"}});
+    publishes_error = &publishes.Add({{"result", "error"}});
+  }
+
+  prometheus::Counter& Request(const std::string& tier, const std::string& result) {
+    return requests->Add({{"tier", tier}, {"result", result}});
+  }
+
+  std::shared_ptr<prometheus::Registry> owned;  // only when no registry was passed in
+  prometheus::Family<prometheus::Counter>* requests;
+  prometheus::Counter* compiles_ok;
+  prometheus::Counter* compiles_error;
+  prometheus::Histogram* compile_seconds;
+  prometheus::Counter* fetch_bytes;
+  prometheus::Histogram* fetch_seconds;
+  prometheus::Counter* lease_waits;
+  prometheus::Counter* lease_takeovers;
+  prometheus::Counter* publishes_ok;
+  prometheus::Counter* publishes_error;
+};
+
+absl::Status TieredOptions::Validate() const {
+  if (!compile_options.is_object()) {
+    return absl::InvalidArgumentError("tiered provider: compile_options must be a JSON object");
+  }
+  if (lease_ttl_ms <= 0) {
+    return absl::InvalidArgumentError("tiered provider: lease_ttl_ms must be > 0");
+  }
+  if (lease_renew_ms < 0 || lease_renew_ms >= lease_ttl_ms) {
+    return absl::InvalidArgumentError(
+        "tiered provider: lease_renew_ms must be >= 0 (0 = ttl/3) and < lease_ttl_ms");
+  }
+  if (max_wait_ms < 0) return absl::InvalidArgumentError("tiered provider: max_wait_ms must be >= 0");
+  if (poll_initial_ms <= 0) {
+    return absl::InvalidArgumentError("tiered provider: poll_initial_ms must be > 0");
+  }
+  if (poll_max_ms < poll_initial_ms) {
+    return absl::InvalidArgumentError("tiered provider: poll_max_ms must be >= poll_initial_ms");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<TieredPackageProvider>> TieredPackageProvider::Create(
+    std::unique_ptr<LocalDiskStore> local, std::unique_ptr<ArtifactStore> shared,
+    std::unique_ptr<PackageCompiler> compiler, TieredOptions options,
+    prometheus::Registry* registry) {
+  if (local == nullptr) return absl::InvalidArgumentError("tiered provider: local store is null");
+  if (auto s = options.Validate(); !s.ok()) return s;
+  return std::unique_ptr<TieredPackageProvider>(new TieredPackageProvider(
+      std::move(local), std::move(shared), std::move(compiler), std::move(options), registry));
+}
+
 TieredPackageProvider::TieredPackageProvider(std::unique_ptr<LocalDiskStore> local,
+                                             std::unique_ptr<ArtifactStore> shared,
                                              std::unique_ptr<PackageCompiler> compiler,
-                                             nlohmann::json compile_options)
+                                             TieredOptions options,
+                                             prometheus::Registry* registry)
     : local_(std::move(local)),
+      shared_(std::move(shared)),
       compiler_(std::move(compiler)),
-      compile_options_(std::move(compile_options)) {}
+      options_(std::move(options)),
+      node_id_(options_.node_id.empty() ? DefaultNodeId() : options_.node_id),
+      clock_(options_.clock),
+      metrics_(std::make_unique<Metrics>(registry)) {
+  if (clock_ == nullptr) {
+    owned_clock_ = std::make_unique<SystemClock>();
+    clock_ = owned_clock_.get();
+  }
+}
+
+TieredPackageProvider::~TieredPackageProvider() = default;
+
+std::shared_ptr<TieredPackageProvider::Flight> TieredPackageProvider::JoinFlight(
+    const std::string& digest) {
+  absl::MutexLock l(&flights_mu_);
+  auto& f = flights_[digest];
+  if (f == nullptr) f = std::make_shared<Flight>();
+  ++f->users;
+  return f;
+}
+
+void TieredPackageProvider::LeaveFlight(const std::string& digest) {
+  absl::MutexLock l(&flights_mu_);
+  auto it = flights_.find(digest);
+  if (it != flights_.end() && --it->second->users == 0) flights_.erase(it);
+}
 
 absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const ArtifactKey& key,
                                                            const std::string& model_dir) {
+  if (auto s = key.Validate(); !s.ok()) return s;
+  const std::string digest = key.Digest();
+  // Same digest, same process: one lookup at a time; the next one finds the result locally.
+  std::shared_ptr<Flight> flight = JoinFlight(digest);
+  absl::MutexLock flight_lock(&flight->mu);
+  struct Leave {
+    TieredPackageProvider* p;
+    const std::string& d;
+    ~Leave() { p->LeaveFlight(d); }
+  } leave{this, digest};
+
   ProvidedPackage out;
+  out.pin = local_->Pin(digest);
   auto found = local_->Find(key);
   if (found.ok()) {
+    metrics_->Request("local", "hit").Increment();
     out.package = *std::move(found);
     out.provenance = "local";
     return out;
   }
-  if (!absl::IsNotFound(found.status()) && !absl::IsDataLoss(found.status())) return found.status();
-  if (absl::IsDataLoss(found.status())) out.warning = std::string(found.status().message());
-  if (compiler_ == nullptr) {
-    return absl::NotFoundError(absl::StrCat(found.status().message(), " and compiling is disabled"));
+  if (absl::IsNotFound(found.status())) {
+    metrics_->Request("local", "miss").Increment();
+  } else if (absl::IsDataLoss(found.status())) {
+    metrics_->Request("local", "corrupt").Increment();
+    AddWarning(&out, std::string(found.status().message()));
+  } else {
+    metrics_->Request("local", "error").Increment();
+    return found.status();
   }
-  std::cerr << "kiln: compiling " << key.component << " package (" << key.Digest().substr(0, 12)
-            << ") with kiln-compile; this happens once per key\n";
+  if (shared_ != nullptr && FetchFromShared(key, &out)) return out;
+  return CompileOrWait(key, model_dir, std::move(out));
+}
+
+bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPackage* out) {
   const auto t = std::chrono::steady_clock::now();
-  if (auto s = compiler_->Compile({model_dir, key, compile_options_, local_->root()}); !s.ok()) {
-    return s;
+  auto fetched = shared_->Fetch(key, *local_);
+  if (fetched.ok()) {
+    const double secs = Since(t);
+    metrics_->Request("shared", "hit").Increment();
+    metrics_->fetch_bytes->Increment(static_cast<double>(fetched->bytes));
+    metrics_->fetch_seconds->Observe(secs);
+    out->package = std::move(fetched->package);
+    out->provenance = "shared";
+    out->fetch_seconds += secs;
+    return true;
   }
-  out.compile_seconds = Since(t);
-  found = local_->Find(key);
-  if (!found.ok()) return found.status();
+  if (absl::IsNotFound(fetched.status())) {
+    metrics_->Request("shared", "miss").Increment();
+  } else if (absl::IsDataLoss(fetched.status())) {
+    metrics_->Request("shared", "corrupt").Increment();
+    std::cerr << "kiln: " << fetched.status().message() << "; rebuilding it\n";
+    AddWarning(out, std::string(fetched.status().message()));
+  } else {
+    metrics_->Request("shared", "error").Increment();
+    std::cerr << "kiln: fetching " << key.Digest().substr(0, 12) << " from "
+              << shared_->Describe() << ": " << fetched.status() << "\n";
+    AddWarning(out, absl::StrCat(shared_->Describe(), " unavailable: ", fetched.status().message()));
+  }
+  return false;
+}
+
+absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const ArtifactKey& key,
+                                                                     const std::string& model_dir,
+                                                                     ProvidedPackage out) {
+  const std::string digest = key.Digest();
+  if (compiler_ == nullptr) {
+    return absl::NotFoundError(absl::StrCat(
+        "no package for ", key.component, " (", digest, ") on local disk",
+        shared_ != nullptr ? absl::StrCat(" or in ", shared_->Describe()) : std::string(),
+        ", and compiling is disabled"));
+  }
+  if (shared_ == nullptr) return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+
+  const LeaseRequest request{node_id_, options_.lease_ttl_ms};
+  const int64_t deadline_ms = clock_->NowMs() + options_.max_wait_ms;
+  int64_t pause_ms = options_.poll_initial_ms;
+  std::optional<std::chrono::steady_clock::time_point> wait_start;
+  auto finish_wait = [&] {
+    if (wait_start) out.wait_seconds = Since(*wait_start);
+  };
+  while (true) {
+    auto lease = shared_->TryAcquireLease(digest, request);
+    if (lease.ok()) {
+      if ((*lease)->took_over()) {
+        metrics_->lease_takeovers->Increment();
+        AddWarning(&out, "took over an expired compile lease (its holder crashed or hung)");
+      }
+      finish_wait();
+      // The holder we waited for may have published and released between our last look and the
+      // acquisition; then there is nothing to compile.
+      auto has = shared_->Has(digest);
+      if (has.ok() && *has && FetchFromShared(key, &out)) return out;  // lease released on return
+      return CompileAndPublish(key, model_dir, lease->get(), std::move(out));
+    }
+    if (absl::IsUnimplemented(lease.status())) {
+      return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+    }
+    if (!absl::IsAlreadyExists(lease.status())) {
+      // No single-flight without the lease directory, but compiling is still safe: publishing
+      // is atomic, so the worst case is the same package compiled on two nodes.
+      metrics_->Request("shared", "error").Increment();
+      std::cerr << "kiln: compile lease for " << digest.substr(0, 12)
+                << " unavailable, compiling without it: " << lease.status() << "\n";
+      AddWarning(&out, absl::StrCat("compile lease unavailable: ", lease.status().message()));
+      finish_wait();
+      return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+    }
+    if (!wait_start) {
+      wait_start = std::chrono::steady_clock::now();
+      metrics_->lease_waits->Increment();
+      std::cerr << "kiln: waiting for another node to compile " << key.component << " ("
+                << digest.substr(0, 12) << "): " << lease.status().message() << "\n";
+    }
+    const int64_t left_ms = deadline_ms - clock_->NowMs();
+    if (left_ms <= 0) {
+      metrics_->Request("compile", "error").Increment();
+      return absl::DeadlineExceededError(absl::StrCat(
+          "waited ", options_.max_wait_ms, " ms for another node's compile of ", key.component,
+          " (", digest, "): ", lease.status().message()));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::min(pause_ms, left_ms)));
+    pause_ms = std::min(pause_ms * 2, options_.poll_max_ms);
+    auto has = shared_->Has(digest);
+    if (has.ok() && *has && FetchFromShared(key, &out)) {
+      finish_wait();
+      return out;
+    }
+    // Not there yet, or the holder published a corrupt copy (quarantined by the fetch): go round;
+    // once the holder releases or its lease lapses, this node compiles.
+  }
+}
+
+absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
+    const ArtifactKey& key, const std::string& model_dir, CompileLease* lease,
+    ProvidedPackage out) {
+  const std::string digest = key.Digest();
+  auto release = [&] {
+    if (lease == nullptr) return;
+    if (auto s = lease->Release(); !s.ok()) {
+      std::cerr << "kiln: releasing compile lease for " << digest.substr(0, 12) << ": " << s << "\n";
+    }
+  };
+  std::cerr << "kiln: compiling " << key.component << " package (" << digest.substr(0, 12)
+            << ") with kiln-compile; this happens once per key"
+            << (shared_ != nullptr ? " in the cluster" : "") << "\n";
+  const auto t = std::chrono::steady_clock::now();
+  absl::Status compiled;
+  absl::Status heartbeat = absl::OkStatus();
+  {
+    std::optional<LeaseHeartbeat> renewer;
+    if (lease != nullptr) {
+      const int64_t every =
+          options_.lease_renew_ms > 0 ? options_.lease_renew_ms : options_.lease_ttl_ms / 3;
+      renewer.emplace(*lease, std::chrono::milliseconds(std::max<int64_t>(every, 1)));
+    }
+    compiled = compiler_->Compile({model_dir, key, options_.compile_options, local_->root()});
+    if (renewer) heartbeat = renewer->Stop();
+  }
+  const double secs = Since(t);
+  if (!compiled.ok()) {
+    metrics_->compiles_error->Increment();
+    metrics_->Request("compile", "error").Increment();
+    release();
+    return compiled;
+  }
+  auto found = local_->Find(key);
+  if (!found.ok()) {
+    metrics_->compiles_error->Increment();
+    release();
+    if (absl::IsDataLoss(found.status())) {
+      metrics_->Request("compile", "corrupt").Increment();
+      return absl::DataLossError(
+          absl::StrCat("the compiler's package failed verification: ", found.status().message()));
+    }
+    metrics_->Request("compile", "error").Increment();
+    if (absl::IsNotFound(found.status())) {
+      return absl::InternalError(absl::StrCat("the compiler reported success but left no package: ",
+                                              found.status().message()));
+    }
+    return found.status();
+  }
+  metrics_->compiles_ok->Increment();
+  metrics_->compile_seconds->Observe(secs);
+  metrics_->Request("compile", "hit").Increment();
+  local_->Admit(digest);
   out.package = *std::move(found);
   out.provenance = "compiled";
+  out.compile_seconds = secs;
+  if (absl::IsAborted(heartbeat)) {
+    AddWarning(&out, absl::StrCat("compile lease lost during the compile (", heartbeat.message(),
+                                  "); another node may have compiled it too"));
+  }
+  if (shared_ != nullptr) {
+    // Publish before releasing: a waiter that finds the lease gone must find the package.
+    if (auto s = shared_->Publish(out.package); s.ok()) {
+      metrics_->publishes_ok->Increment();
+    } else {
+      metrics_->publishes_error->Increment();
+      std::cerr << "kiln: publishing " << digest.substr(0, 12) << " to " << shared_->Describe()
+                << ": " << s << "\n";
+      AddWarning(&out, absl::StrCat("could not publish to ", shared_->Describe(), ": ",
+                                    s.message()));
+    }
+  }
+  release();
   return out;
 }
 

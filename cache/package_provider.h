@@ -1,25 +1,49 @@
 // PackageProvider: the package for an artifact key, from the nearest tier that holds it.
-// TieredPackageProvider walks node-local disk → shared tier (optional) → compile (optional), and
-// reports where the package came from and what it cost. The pipeline asks it for every package;
-// a node gives it the cluster's shared store, kiln-run only a local directory and a compiler.
+// TieredPackageProvider walks node-local disk → shared store (optional; fetched into local disk)
+// → compile (optional) under the shared store's cluster-wide compile lease, then publishes what
+// it compiled to the shared store; if another node holds the lease it waits for that node's
+// package instead. It reports where the package came from and what it cost, and counts every step
+// in kiln_artifact_* metrics. The pipeline asks it for every package; a node gives it the
+// cluster's shared store, kiln-run only a local directory and a compiler.
+//
+// Threads: Get() may be called from any number of threads. Calls for the same digest are
+// serialized within the process (the second finds the first's result on local disk); calls for
+// different digests run in parallel. While compiling under a lease one LeaseHeartbeat thread per
+// compile renews it.
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "cache/artifact_key.h"
+#include "cache/artifact_store.h"
 #include "cache/compiler.h"
 #include "cache/local_disk_store.h"
+#include "common/clock.h"
+#include "nlohmann/json.hpp"
+
+namespace prometheus {
+class Registry;
+}
 
 namespace kiln::cache {
 
 struct ProvidedPackage {
   LocatedPackage package;    // always in the node-local store, verified
   std::string provenance;    // "local", "shared" or "compiled"
-  double fetch_seconds = 0;  // copying from the shared tier
+  double fetch_seconds = 0;  // copying from the shared tier (and verifying the copy)
   double compile_seconds = 0;
+  double wait_seconds = 0;   // waiting for another node's compile of this key
   std::string warning;       // e.g. a corrupt copy was quarantined on the way
+  // Keeps the package from being evicted from local disk while this lives: hold it until the
+  // package is loaded. Must not outlive the provider.
+  std::shared_ptr<PackagePin> pin;
 };
 
 class PackageProvider {
@@ -32,20 +56,83 @@ class PackageProvider {
   virtual bool can_compile() const = 0;
 };
 
+struct TieredOptions {
+  // Passed to the compiler (kiln-compile --compile-options); must be a JSON object.
+  nlohmann::json compile_options = DefaultCompileOptions();
+  // Compile-lease holder name, shown to waiting nodes. "" = "<hostname>:<pid>".
+  std::string node_id;
+  int64_t lease_ttl_ms = 600'000;   // a compile lease lapses this long after its last renewal (ms)
+  int64_t lease_renew_ms = 0;       // renewal interval while compiling (ms); 0 = lease_ttl_ms / 3
+  // Longest wait for another node's compile before Get() gives up with DeadlineExceeded (ms).
+  int64_t max_wait_ms = 1'800'000;
+  int64_t poll_initial_ms = 100;    // first pause between polls of the shared store (ms); doubles
+  int64_t poll_max_ms = 5'000;      // longest pause between polls (ms)
+  // Measures the wait deadline (NowMs). Null: the system clock. Must outlive the provider.
+  const Clock* clock = nullptr;
+
+  // InvalidArgument naming the bad field.
+  absl::Status Validate() const;
+};
+
 class TieredPackageProvider : public PackageProvider {
  public:
-  // `compiler` may be null: a miss is then NotFound.
-  TieredPackageProvider(std::unique_ptr<LocalDiskStore> local,
-                        std::unique_ptr<PackageCompiler> compiler,
-                        nlohmann::json compile_options);
+  // `local` is required. `shared` may be null (no shared tier: no fetch, no publish, no lease).
+  // `compiler` may be null: a miss in every tier is then NotFound. `registry` may be null (the
+  // metrics are then kept but not exposed). InvalidArgument for bad options or a null `local`.
+  static absl::StatusOr<std::unique_ptr<TieredPackageProvider>> Create(
+      std::unique_ptr<LocalDiskStore> local, std::unique_ptr<ArtifactStore> shared,
+      std::unique_ptr<PackageCompiler> compiler, TieredOptions options,
+      prometheus::Registry* registry);
+  ~TieredPackageProvider() override;
+
+  // OK: the verified package in the local store (provenance says from where).
+  // NotFound: no tier holds it and compiling is disabled. DeadlineExceeded: another node held the
+  // compile lease for longer than max_wait_ms. Compiler errors as the compiler returns them
+  // (InvalidArgument, FailedPrecondition, Internal). Local I/O errors as they come.
+  // Shared-store trouble (unreachable, corrupt copies, a failed publish) is not an error: it is
+  // counted, logged, put in `warning`, and the provider falls through to the next tier.
   absl::StatusOr<ProvidedPackage> Get(const ArtifactKey& key, const std::string& model_dir) override;
   bool can_compile() const override { return compiler_ != nullptr; }
   LocalDiskStore& local() { return *local_; }
+  ArtifactStore* shared() { return shared_.get(); }  // null if none
 
  private:
-  std::unique_ptr<LocalDiskStore> local_;
-  std::unique_ptr<PackageCompiler> compiler_;
-  nlohmann::json compile_options_;
+  struct Metrics;
+  struct Flight {
+    absl::Mutex mu;
+    int users = 0;  // guarded by flights_mu_
+  };
+  TieredPackageProvider(std::unique_ptr<LocalDiskStore> local,
+                        std::unique_ptr<ArtifactStore> shared,
+                        std::unique_ptr<PackageCompiler> compiler, TieredOptions options,
+                        prometheus::Registry* registry);
+
+  // Fetches from the shared store into local disk. True if `out` now holds the package; false on
+  // a miss or a handled failure (counted, logged, added to out->warning).
+  bool FetchFromShared(const ArtifactKey& key, ProvidedPackage* out);
+  // Compiles under the shared store's lease, or waits for the lease holder's package.
+  absl::StatusOr<ProvidedPackage> CompileOrWait(const ArtifactKey& key,
+                                                const std::string& model_dir,
+                                                ProvidedPackage out);
+  // Compiles into local disk (renewing `lease` if given), publishes to the shared store, then
+  // releases `lease`.
+  absl::StatusOr<ProvidedPackage> CompileAndPublish(const ArtifactKey& key,
+                                                    const std::string& model_dir,
+                                                    CompileLease* lease, ProvidedPackage out);
+  std::shared_ptr<Flight> JoinFlight(const std::string& digest);
+  void LeaveFlight(const std::string& digest);
+
+  const std::unique_ptr<LocalDiskStore> local_;
+  const std::unique_ptr<ArtifactStore> shared_;
+  const std::unique_ptr<PackageCompiler> compiler_;
+  const TieredOptions options_;
+  const std::string node_id_;
+  const Clock* clock_;
+  std::unique_ptr<Clock> owned_clock_;
+  std::unique_ptr<Metrics> metrics_;
+
+  absl::Mutex flights_mu_;
+  std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(flights_mu_);
 };
 
 }  // namespace kiln::cache
