@@ -156,7 +156,9 @@ class FluxPipeline::Impl {
     cache::ArtifactKey k;
     k.architecture = cache::ArchitectureDigest(configs.at(component));
     k.component = component;
-    k.precision = options.precision;
+    // fp8 means fp8 linears in the transformer; the other components run bf16 math, so they
+    // share the bf16 packages instead of compiling identical ones under fp8 keys.
+    k.precision = (options.precision == "fp8" && component != "transformer") ? "bf16" : options.precision;
     k.bucket = b;
     k.compile = cache::CompileOptionsDigest(options.compile_options);
     k.target = target;

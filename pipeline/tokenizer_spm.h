@@ -1,9 +1,8 @@
-// Reads a SentencePiece model file with the SentencePiece library, for T5Tokenizer
-// (tokenizer_t5.h). Kept in a translation unit of its own, free of Abseil: the library's header
-// declares its own absl::string_view, which clashes with Abseil's. Errors are therefore plain
-// strings here; T5Tokenizer turns them into a Status.
-//
-// Threads: a pure function; any thread may call it.
+// Reads a SentencePiece model file (spiece.model: a serialized sentencepiece.ModelProto) with a
+// small protobuf wire-format reader of our own. kiln encodes with its own unigram implementation
+// (tokenizer_t5.cc) and needs only the pieces, their scores and types, and the normalizer bytes,
+// so it does not link libsentencepiece (whose Debian build carries its own copy of protobuf and
+// clashes with the libprotobuf that the wire protocol uses in the same process).
 #pragma once
 
 #include <string>
@@ -16,10 +15,11 @@ struct SpmModelData {
   std::vector<float> scores;        // by id
   std::vector<bool> control;        // by id: a control or the unknown piece
   int unk_id = -1;
-  std::string serialized_proto;  // the ModelProto, for the fields the API does not expose
+  std::string serialized_proto;  // the ModelProto, for the fields not extracted here
 };
 
-// Loads the model at `path` into *out. False with *error set if the library rejects it.
+// false with `error` set when the file cannot be read or is not a well-formed model (no pieces,
+// a truncated field, no unknown piece, a repeated piece).
 bool ReadSpmModel(const std::string& path, SpmModelData* out, std::string* error);
 
 }  // namespace kiln::pipeline

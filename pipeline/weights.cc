@@ -1,5 +1,7 @@
 #include "pipeline/weights.h"
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -31,6 +33,28 @@ std::vector<std::string> Aliases(const std::string& fqn) {
   if (fqn == "shared.weight") return {fqn, "encoder.embed_tokens.weight"};  // T5 tied embedding
   if (fqn == "encoder.embed_tokens.weight") return {fqn, "shared.weight"};
   return {fqn};
+}
+
+constexpr double kFp8Max = 448.0;     // largest finite float8_e4m3fn
+constexpr double kScaleEps = 1e-12;   // amax floor: an all-zero row gets a tiny scale, not 0 / 0
+
+// Row-wise e4m3 quantization of the dim-0 concatenation of `sources` (2-D, on the device), in
+// float32: {q float8_e4m3fn [out, in], scale float32 [1, out]}. Division by a tensor, not by a
+// scalar: CUDA computes `x / scalar` as `x * (1 / scalar)`, which would differ from the CPU and
+// from kiln.models.quant by an ulp.
+std::pair<at::Tensor, at::Tensor> Fp8Rowwise(const std::vector<at::Tensor>& sources) {
+  std::vector<at::Tensor> f32;
+  for (const auto& s : sources) f32.push_back(s.to(at::kFloat));
+  at::Tensor w = at::cat(f32, 0);
+  at::Tensor amax = w.abs().amax({1}, /*keepdim=*/true).clamp_min(kScaleEps);
+  at::Tensor scale = amax.div(at::full_like(amax, kFp8Max));
+  at::Tensor q = w.div(scale).clamp(-kFp8Max, kFp8Max).to(at::kFloat8_e4m3fn);
+  return {q.contiguous(), scale.reshape({1, -1}).contiguous()};
+}
+
+std::string DerivationKey(const std::string& op, const std::vector<std::string>& sources,
+                          const std::string& dtype) {
+  return absl::StrCat(op, "(", absl::StrJoin(sources, ", "), ") -> ", dtype);
 }
 
 }  // namespace
@@ -67,19 +91,121 @@ absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::Open(const s
 
 absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Gather(
     const AotiPackage& package, const std::string& extra_constants_path) {
+  return Gather(package.constant_fqns(), package.manifest(), extra_constants_path);
+}
+
+absl::StatusOr<at::Tensor> ComponentWeights::Derive(const std::string& component,
+                                                    const std::string& fqn,
+                                                    const cache::ConstantSpec& spec,
+                                                    at::ScalarType dtype,
+                                                    std::vector<std::string>* missing) {
+  const auto& d = spec.derive;
+  const std::string what = absl::StrCat(component, " weight '", fqn, "' = ", d.op, "(",
+                                        absl::StrJoin(d.sources, ", "), ")");
+  auto check_shape = [&](const at::Tensor& t) -> absl::StatusOr<at::Tensor> {
+    if (t.sizes() != at::IntArrayRef(spec.shape)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, " from ", dir_, ": shape ",
+                                                     ShapeString(t.sizes().vec()),
+                                                     ", the package expects ",
+                                                     ShapeString(spec.shape)));
+    }
+    return t;
+  };
+  if (auto it = derived_.find(DerivationKey(d.op, d.sources, spec.dtype)); it != derived_.end()) {
+    return check_shape(it->second);
+  }
+  const bool fp8 = d.op == "fp8_rowwise" || d.op == "fp8_rowwise_scale";
+  if (!fp8 && d.op != "concat0") {
+    return absl::UnimplementedError(absl::StrCat(what, ": unknown derivation op '", d.op,
+                                                 "' (this build knows concat0, fp8_rowwise, "
+                                                 "fp8_rowwise_scale)"));
+  }
+  const at::ScalarType want = d.op == "fp8_rowwise" ? at::kFloat8_e4m3fn : at::kFloat;
+  if (fp8 && dtype != want) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", d.op, " makes ", DtypeName(want),
+                                                   ", the manifest says ", spec.dtype));
+  }
+  std::vector<const TensorView*> views;
+  bool complete = true;
+  for (const auto& source : d.sources) {
+    const TensorView* view = nullptr;
+    for (const auto& name : Aliases(source)) {
+      if ((view = set_->Find(name)) != nullptr) break;
+    }
+    if (view == nullptr) {
+      missing->push_back(absl::StrCat(source, " (for ", fqn, ")"));
+      complete = false;
+    }
+    views.push_back(view);
+  }
+  if (!complete) return at::Tensor();
+  // Sources concatenate on dim 0: same rank, same trailing sizes; fp8 ops take matrices.
+  for (const TensorView* v : views) {
+    const auto& first = views.front()->shape;
+    const bool fits = !v->shape.empty() && v->shape.size() == first.size() &&
+                      std::equal(v->shape.begin() + 1, v->shape.end(), first.begin() + 1) &&
+                      (!fp8 || v->shape.size() == 2);
+    if (!fits) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " in ", dir_, ": source '", v->name, "' has shape ", ShapeString(v->shape),
+          ", '", views.front()->name, "' ", ShapeString(first), "; ", d.op, " needs ",
+          fp8 ? "matrices" : "tensors", " with equal sizes after dim 0"));
+    }
+  }
+  at::Tensor result;
+  try {
+    std::vector<at::Tensor> sources;
+    for (const TensorView* v : views) {
+      auto host = TensorFromView(*v);
+      if (!host.ok()) return host.status();
+      // To the device as stored (no conversion on the host); the op runs there. On the CPU this
+      // is the mmap'd view itself, which the ops below only read.
+      sources.push_back(host->to(device_, host->scalar_type()));
+      bytes_read_ += v->nbytes;
+    }
+    if (d.op == "concat0") {
+      for (auto& t : sources) t = t.to(dtype);
+      result = at::cat(sources, 0).contiguous();
+      derived_[DerivationKey(d.op, d.sources, spec.dtype)] = result;
+    } else {
+      auto [q, scale] = Fp8Rowwise(sources);
+      derived_[DerivationKey("fp8_rowwise", d.sources, "float8_e4m3fn")] = q;
+      derived_[DerivationKey("fp8_rowwise_scale", d.sources, "float32")] = scale;
+      result = d.op == "fp8_rowwise" ? q : scale;
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
+  }
+  return check_shape(result);
+}
+
+absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Gather(
+    const std::vector<std::string>& fqns, const cache::PackageManifest& manifest,
+    const std::string& extra_constants_path) {
   std::unique_ptr<SafetensorsFile> extra;
   if (!extra_constants_path.empty()) {
     auto f = SafetensorsFile::Open(extra_constants_path);
     if (!f.ok()) return f.status();
     extra = *std::move(f);
   }
+  const std::string& component = manifest.key.component;
   std::unordered_map<std::string, at::Tensor> out;
   std::vector<std::string> missing;
-  const auto& manifest = package.manifest();
-  for (const auto& fqn : package.constant_fqns()) {
-    const auto& spec = manifest.constants.at(fqn);
+  for (const auto& fqn : fqns) {
+    auto spec_it = manifest.constants.find(fqn);
+    if (spec_it == manifest.constants.end()) {
+      return absl::DataLossError(absl::StrCat(component, ": constant '", fqn,
+                                              "' is not described by the package manifest"));
+    }
+    const auto& spec = spec_it->second;
     auto dtype = DtypeFromName(spec.dtype);
     if (!dtype.ok()) return dtype.status();
+    if (spec.source == "checkpoint" && !spec.derive.op.empty()) {
+      auto t = Derive(component, fqn, spec, *dtype, &missing);
+      if (!t.ok()) return t.status();
+      if (t->defined()) out[fqn] = *t;
+      continue;
+    }
     auto key = std::make_pair(fqn, spec.dtype);
     if (auto it = cache_.find(key); it != cache_.end() && spec.source == "checkpoint") {
       out[fqn] = it->second;
@@ -102,7 +228,7 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Ga
     }
     if (view->shape != spec.shape) {
       return absl::InvalidArgumentError(absl::StrCat(
-          manifest.key.component, " weight '", fqn, "' in ", origin, ": shape ", ShapeString(view->shape),
+          component, " weight '", fqn, "' in ", origin, ": shape ", ShapeString(view->shape),
           ", the package expects ", ShapeString(spec.shape)));
     }
     auto host = TensorFromView(*view);
@@ -118,7 +244,7 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Ga
     out[fqn] = t;
   }
   if (!missing.empty()) {
-    return absl::NotFoundError(absl::StrCat(manifest.key.component, ": ", missing.size(),
+    return absl::NotFoundError(absl::StrCat(component, ": ", missing.size(),
                                             " weight(s) missing from ", dir_, ": ",
                                             absl::StrJoin(missing, ", ")));
   }

@@ -2,6 +2,17 @@
 // file or sharded) turned into device tensors for an AOTI package's user-managed constants.
 // Each tensor is read from the mmap'd file once per (FQN, dtype) and shared by every package of
 // the component (all shape buckets use the same weights).
+//
+// Derived constants. A manifest constant with a derivation (cache::ConstantDerivation, manifest
+// `"derive": {"op": ..., "from": [checkpoint names]}`) is computed from its sources on the device
+// (a GPU node quantizes on the GPU), once per (derivation, dtype), then shared like the others.
+// Every op first concatenates its sources along dim 0:
+//   concat0            sources cast to the constant's dtype (fused QKV weights and biases);
+//   fp8_rowwise        in float32, per output row r: scale[r] = max(amax(|w[r, :]|), 1e-12) / 448,
+//                      q = (w / scale).clamp(-448, 448) as float8_e4m3fn [out, in];
+//   fp8_rowwise_scale  that scale, float32 [1, out] (torch._scaled_mm's scale_b).
+// All steps are exactly rounded, so the bytes equal kiln.models.quant's (Python) on any device.
+// Not thread-safe: one caller at a time.
 #pragma once
 
 #include <torch/torch.h>
@@ -10,8 +21,10 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "absl/status/statusor.h"
+#include "cache/manifest.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/safetensors.h"
 
@@ -31,12 +44,21 @@ class ComponentWeights {
   static std::string FolderFor(const std::string& component);
   static std::string StemFor(const std::string& component);
 
-  // FQN → device tensor for every constant `package` needs, converted to the dtype its manifest
-  // records. Checkpoint constants come from this folder (T5's tied embedding is found under
-  // either of its names); package constants from `extra_constants_path`. NotFound lists every
-  // missing name; InvalidArgument names a misshaped tensor and the file it came from.
+  // Gather(package.constant_fqns(), package.manifest(), extra_constants_path).
   absl::StatusOr<std::unordered_map<std::string, at::Tensor>> Gather(
       const AotiPackage& package, const std::string& extra_constants_path);
+
+  // FQN → device tensor for each of `fqns`, as `manifest.constants` describes it (shape, dtype).
+  // Checkpoint constants come from this folder (T5's tied embedding is found under either of its
+  // names), derived ones are computed from their checkpoint sources (see above), package
+  // constants come from `extra_constants_path`. NotFound lists every missing name (a derived
+  // constant's missing sources with the constant that needs them); InvalidArgument names a
+  // misshaped tensor and where it came from, or a derivation whose sources or dtype do not fit
+  // its op; Unimplemented for an op this build does not know; DataLoss for an FQN the manifest
+  // does not describe.
+  absl::StatusOr<std::unordered_map<std::string, at::Tensor>> Gather(
+      const std::vector<std::string>& fqns, const cache::PackageManifest& manifest,
+      const std::string& extra_constants_path);
 
   uint64_t bytes_read() const { return bytes_read_; }
 
@@ -46,7 +68,14 @@ class ComponentWeights {
   c10::Device device_ = c10::kCPU;
   std::unique_ptr<WeightSet> set_;
   std::map<std::pair<std::string, std::string>, at::Tensor> cache_;  // (fqn, dtype) → tensor
+  // The derived constant `fqn` (spec.derive set) in `dtype`, from the cache or computed; an
+  // undefined tensor when sources are missing (their names appended to `missing`).
+  absl::StatusOr<at::Tensor> Derive(const std::string& component, const std::string& fqn,
+                                    const cache::ConstantSpec& spec, at::ScalarType dtype,
+                                    std::vector<std::string>* missing);
+
   uint64_t bytes_read_ = 0;
+  std::map<std::string, at::Tensor> derived_;  // "op(sources) -> dtype" → tensor
 };
 
 }  // namespace kiln::pipeline

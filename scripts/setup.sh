@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential cmake ninja-build pkg-config
   libabsl-dev libprotobuf-dev protobuf-compiler
-  libsentencepiece-dev sentencepiece
   libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
   python3-venv

@@ -37,6 +37,7 @@ if has build; then
     || { tail -40 "$OUT/configure.log"; exit 1; }
   cmake --build "$WORK/build" -j"$(nproc)" --target kiln-run pipeline_tokenizer_test \
     pipeline_safetensors_test pipeline_scheduler_test pipeline_png_test cache_artifact_key_test \
+    pipeline_weights_test \
     > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
   log "built in $(( $(date +%s) - start )) s"
 fi
@@ -56,7 +57,7 @@ if has tiny; then
     cmp "$OUT/tiny-$prec-1.png" "$OUT/tiny-$prec-2.png" && log "tiny $prec: same seed, same bytes"
   done
   log "C++ tests on the GPU host (fixtures: flux-tiny cuda packages are not CPU fixtures; running the fixture-free ones)"
-  (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key" --output-on-failure > "$OUT/ctest.log" 2>&1) \
+  (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" --output-on-failure > "$OUT/ctest.log" 2>&1) \
     && log "ctest passed" || { log "ctest FAILED"; grep -E "Failed|SEGFAULT|FAILED" "$OUT/ctest.log" | head;
       cuda-gdb -batch -ex run -ex bt --args "$WORK/build/tests/pipeline_png_test" > "$OUT/gdb.log" 2>&1 || true
       grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40; }

@@ -2,8 +2,12 @@
 eagerly (kiln.components, weights from the repository) on seeded inputs and saves the inputs and
 outputs as safetensors ("input.0", ..., "output.0").
 
-    ref_component.py REPO COMPONENT WIDTH HEIGHT TEXT_LEN OUT.safetensors
+    ref_component.py REPO COMPONENT WIDTH HEIGHT TEXT_LEN OUT.safetensors [COMPILE_OPTIONS_JSON]
+
+COMPILE_OPTIONS_JSON: the package's compile options; the model options among them (fuse_qkv)
+build the same model the package was compiled from.
 """
+import json
 import sys
 
 import torch
@@ -16,10 +20,12 @@ from kiln import components
 def main() -> None:
     repo, component, width, height, text_len, out = sys.argv[1:7]
     width, height, text_len = int(width), int(height), int(text_len)
+    options = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {}
     config = components.read_component_config(repo, component)
     bucket = kc.component_bucket(component, config, batch=1, height=height, width=width,
                                  text_len=text_len)
-    module, example = components.build(config, component, "fp32", bucket, device="cpu")
+    module, example = components.build(config, component, "fp32", bucket, device="cpu",
+                                      compile_options=options)
     components.load_weights(module, repo, component)
     module.eval()
     g = torch.Generator().manual_seed(1234)

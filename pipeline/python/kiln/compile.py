@@ -8,6 +8,16 @@ Writes PACKAGES/<digest>/model.pt2 and PACKAGES/<digest>/manifest.json, where <d
 artifact key's SHA-256 (kiln/artifact_key.py). The directory appears atomically (built under a
 temporary name, fsynced, renamed). Prints one JSON object (the manifest) on stdout.
 `--print-key` prints the key and its digest without compiling.
+
+Compile options (--compile-options, a JSON object; every key optional, all false by default):
+  max_autotune  Inductor autotuning (longer compiles, faster kernels on GPUs)
+  fuse_qkv      transformer: one fused QKV projection per attention stream
+Their canonical JSON is part of the artifact key, so the C++ pipeline must pass the same object.
+
+Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "package"}; a checkpoint
+constant that is not a checkpoint tensor as it is (fused QKV, fp8 weight or scale) also has
+`"derive": {"op": "concat0" | "fp8_rowwise" | "fp8_rowwise_scale", "from": [checkpoint names]}`
+(kiln/models/quant.py), computed by the loader when the weights are read.
 Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure.
 """
 from __future__ import annotations
@@ -65,9 +75,28 @@ def component_bucket(component: str, config: dict, batch: int, height: int, widt
     raise UsageError(f"unknown component {component!r}; expected one of {ak.COMPONENTS}")
 
 
+# Known compile options and their types; anything else is refused (a misspelt option would
+# silently compile the default model under a different key).
+COMPILE_OPTIONS = {"max_autotune": bool, "fuse_qkv": bool}
+
+
+def check_compile_options(options: Any) -> None:
+    """UsageError unless `options` is a JSON object of known options with values of their type."""
+    if not isinstance(options, dict):
+        raise UsageError("--compile-options must be a JSON object")
+    for name, value in options.items():
+        if name not in COMPILE_OPTIONS:
+            raise UsageError(f"--compile-options: unknown option {name!r} (known: "
+                             f"{', '.join(sorted(COMPILE_OPTIONS))})")
+        if not isinstance(value, COMPILE_OPTIONS[name]):
+            raise UsageError(f"--compile-options: {name} must be true or false, got "
+                             f"{json.dumps(value)}")
+
+
 def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,
              compile_options: dict) -> tuple[ak.ArtifactKey, dict]:
     from kiln import components
+    check_compile_options(compile_options)
     if component not in ak.COMPONENTS:
         raise UsageError(f"--component {component!r} is not one of {', '.join(ak.COMPONENTS)}")
     try:
@@ -125,6 +154,40 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def constant_table(module, ep) -> tuple[dict[str, dict], dict]:
+    """The manifest's `constants` for the exported program `ep` of `module`, and the tensors that
+    ship in constants.safetensors.
+
+    Checkpoint tensors come from the model repository at run time ("source": "checkpoint", with
+    "derive" when the loader computes them from checkpoint tensors: kiln/models/quant.py);
+    anything else (non-persistent buffers, lifted constants) ships beside the package
+    ("source": "package"). Only constants the graph uses are listed: the C++ loader insists that
+    the package asks for every one of them (none baked into its code)."""
+    import torch
+    from kiln import components
+
+    checkpoint_names = set(module.state_dict().keys())
+    derived = components.derivations(module)
+    sig = ep.graph_signature
+    placeholder_to_fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
+                          **sig.inputs_to_lifted_tensor_constants}
+    used = {placeholder_to_fqn[n.name] for n in ep.graph.nodes
+            if n.op == "placeholder" and n.users and n.name in placeholder_to_fqn}
+    constants: dict[str, dict] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for name, tensor in list(ep.state_dict.items()) + list(ep.constants.items()):
+        if not isinstance(tensor, torch.Tensor) or name not in used:
+            continue
+        source = "checkpoint" if name in checkpoint_names else "package"
+        constants[name] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
+                           "source": source}
+        if source == "checkpoint" and name in derived:
+            constants[name]["derive"] = derived[name].to_json()
+        if source == "package":
+            extra[name] = tensor.detach().to("cpu").contiguous()
+    return constants, extra
+
+
 def compile_package(model: str, component: str, precision: str, bucket_args: dict, target: str,
                     compile_options: dict, out_root: str) -> dict:
     import torch
@@ -142,32 +205,13 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         raise UsageError(f"--target {target} needs a CUDA device and none is visible")
     t0 = time.monotonic()
     module, example_inputs = components.build(config, component, precision, key.bucket,
-                                              device=device)
+                                              device=device, compile_options=compile_options)
     module.eval()
     with torch.no_grad():
         ep = torch.export.export(module, tuple(example_inputs), strict=False)
     export_seconds = time.monotonic() - t0
 
-    # Constants the package will ask for. Checkpoint tensors come from the model repository at run
-    # time; anything else (non-persistent buffers, lifted constants) ships in constants.safetensors.
-    # Only constants the graph uses are listed: the C++ loader insists that the package asks for
-    # every one of them (none baked into its code).
-    checkpoint_names = set(module.state_dict().keys())
-    sig = ep.graph_signature
-    placeholder_to_fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers,
-                          **sig.inputs_to_lifted_tensor_constants}
-    used = {placeholder_to_fqn[n.name] for n in ep.graph.nodes
-            if n.op == "placeholder" and n.users and n.name in placeholder_to_fqn}
-    constants: dict[str, dict] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for name, tensor in list(ep.state_dict.items()) + list(ep.constants.items()):
-        if not isinstance(tensor, torch.Tensor) or name not in used:
-            continue
-        source = "checkpoint" if name in checkpoint_names else "package"
-        constants[name] = {"shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype),
-                           "source": source}
-        if source == "package":
-            extra[name] = tensor.detach().to("cpu").contiguous()
+    constants, extra = constant_table(module, ep)
 
     os.makedirs(out_root, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=out_root)
@@ -248,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = (json.loads(args.compile_options) if args.compile_options
                    else ak.default_compile_options())
-        if not isinstance(options, dict):
-            raise UsageError("--compile-options must be a JSON object")
         bucket_args = {"batch": args.batch, "height": args.height, "width": args.width,
                        "text_len": args.text_len}
         if args.component in ("transformer", "vae_decoder"):

@@ -7,9 +7,20 @@ exports, so its state_dict keys are the checkpoint names with no wrapper prefix.
 
     module, example_inputs = build(config, "transformer", "bf16", bucket, device="cuda")
     load_weights(module, repo_dir, "transformer")       # only to run it eagerly; export needs none
+
+Precision fp8 applies to the transformer only: its block linears become e4m3 Fp8Linear
+(kiln.models.quant) with bf16 activations. The other components of an fp8 pipeline run bf16 math;
+their packages are compiled under precision "fp8" keys (the C++ pipeline uses one precision for
+every component) and are otherwise identical to the bf16 ones.
+
+Compile options that shape the model (kiln-compile --compile-options): `fuse_qkv` (bool, default
+false) fuses the transformer's attention projections (see kiln.models.flux). Parameters that are
+not checkpoint tensors as they are (fused, fp8) are derived at weight-load time: `derivations()`
+says how, and load_weights / the C++ loader compute them from the checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Iterable
@@ -20,6 +31,7 @@ from torch import nn
 from kiln import artifact_key as ak
 from kiln.models.clip import ClipTextModel
 from kiln.models.flux import FluxTransformer
+from kiln.models.quant import Derive, derive, derivations, fp8_rowwise
 from kiln.models.t5 import T5Encoder
 from kiln.models.vae import VaeDecoder, downscale_factor
 
@@ -90,8 +102,9 @@ class FluxTransformerExport(FluxTransformer):
     -> (velocity act [B, S, in_channels],). The RoPE ids and tables are built in the graph from
     the bucket's static sizes; guidance is ignored by configs without guidance_embeds."""
 
-    def __init__(self, config: dict, bucket: ak.Bucket):
-        super().__init__(config)
+    def __init__(self, config: dict, bucket: ak.Bucket, fuse_qkv: bool = False,
+                 fp8: bool = False):
+        super().__init__(config, fuse_qkv=fuse_qkv, fp8=fp8)
         self.rows = bucket.height // PIXELS_PER_TOKEN
         self.cols = bucket.width // PIXELS_PER_TOKEN
         self.text_len = bucket.text_len
@@ -200,14 +213,34 @@ def output_spec(config: dict, component: str, precision: str, bucket: ak.Bucket
 # Building.
 
 
-def _construct(config: dict, component: str, bucket: ak.Bucket) -> nn.Module:
+# Compile options that change the model built (the others only change how it is compiled).
+MODEL_OPTIONS = {"fuse_qkv": False}
+
+
+def _construct(config: dict, component: str, precision: str, bucket: ak.Bucket,
+               options: dict) -> nn.Module:
     if component == "text_encoder":
         return ClipPooledExport(config)
     if component == "text_encoder_2":
         return T5Export(config)
     if component == "transformer":
-        return FluxTransformerExport(config, bucket)
+        return FluxTransformerExport(config, bucket, fuse_qkv=bool(options["fuse_qkv"]),
+                                     fp8=precision == "fp8")
     return VaeDecoderExport(config)
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """module.to(dtype) for floating parameters and buffers, except those a submodule lists in
+    KEEP_DTYPE (an Fp8Linear's float8 weight and float32 scale)."""
+    for sub in module.modules():
+        keep = getattr(sub, "KEEP_DTYPE", ())
+        for table in (sub._parameters, sub._buffers):
+            for name, t in table.items():
+                if t is None or name in keep or not t.is_floating_point() or t.dtype == dtype:
+                    continue
+                cast = t.detach().to(dtype)
+                table[name] = nn.Parameter(cast, requires_grad=False) \
+                    if isinstance(t, nn.Parameter) else cast
 
 
 def _example_inputs(specs: list[tuple[str, list[int], torch.dtype]], component: str,
@@ -227,26 +260,42 @@ def _example_inputs(specs: list[tuple[str, list[int], torch.dtype]], component: 
     return tuple(out)
 
 
+def model_options(compile_options: dict | None) -> dict:
+    """The model-shaping options (MODEL_OPTIONS) of a compile-options dict, defaults filled in.
+    ValueError for a model option of the wrong type."""
+    out = dict(MODEL_OPTIONS)
+    for name in MODEL_OPTIONS:
+        if compile_options and name in compile_options:
+            value = compile_options[name]
+            if not isinstance(value, bool):
+                raise ValueError(f"compile option {name!r} must be true or false, got {value!r}")
+            out[name] = value
+    return out
+
+
 def build(config: dict, component: str, precision: str, bucket: ak.Bucket, device="cpu",
-          materialize: str = "empty") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+          materialize: str = "empty", compile_options: dict | None = None
+          ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The export wrapper of `component` for `config`, in eval mode with parameters in the
-    precision's activation dtype, and example inputs of the bucket's exact shapes and dtypes.
+    precision's activation dtype (fp8 weights and their scales excepted), and example inputs of
+    the bucket's exact shapes and dtypes. `compile_options` may hold model options
+    (MODEL_OPTIONS, e.g. {"fuse_qkv": true}); other keys are ignored here.
 
     The module is constructed on the meta device and cast there, so even flux-dev costs nothing
     until materialised. materialize="empty": parameters are allocated uninitialised on `device`
     (call load_weights before running it); "meta": parameters and example inputs stay on meta.
-    Raises ValueError for a bad component, precision or bucket, NotImplementedError for fp8.
+    Raises ValueError for a bad component, precision, bucket or model option, or for fp8 with a
+    transformer whose linear sizes are not multiples of 16.
     """
     _check_component(component)
-    if precision == "fp8":
-        raise NotImplementedError("fp8 components (e4m3 linears) are not implemented yet")
     act = activation_dtype(precision)
+    options = model_options(compile_options)
     if materialize not in ("empty", "meta"):
         raise ValueError(f"materialize {materialize!r} is not 'empty' or 'meta'")
     specs = _input_shapes(config, component, precision, bucket)
     with torch.device("meta"):
-        module = _construct(config, component, bucket)
-    module = module.to(dtype=act)
+        module = _construct(config, component, precision, bucket, options)
+    _cast(module, act)
     target = torch.device("meta") if materialize == "meta" else torch.device(device)
     if target.type != "meta":
         module = module.to_empty(device=target)
@@ -298,52 +347,84 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def load_weights(module: nn.Module, repo_dir: str, component: str) -> None:
     """Fills every parameter of `module` (from build) from the component's safetensors in the
-    repository, cast to the parameter's dtype and device. Checkpoint tensors the module does not
-    use are ignored (VAE encoder, CLIP position_ids, ...). Raises WeightsError naming every
-    missing tensor, or a tensor whose shape differs; FileNotFoundError without weight files."""
+    repository, cast to the parameter's dtype and device. Derived parameters (fused QKV, fp8
+    weights and scales: `derivations(module)`) are computed from their checkpoint sources with
+    kiln.models.quant.derive, as the C++ loader does. Checkpoint tensors the module does not use
+    are ignored (VAE encoder, CLIP position_ids, ...). Raises WeightsError naming every missing
+    tensor (and what needed it), or a tensor whose shape differs; FileNotFoundError without weight
+    files."""
     from safetensors import safe_open
 
     files = weight_files(repo_dir, component)
     wanted = module.state_dict(keep_vars=True)
+    derived = derivations(module)
     available: dict[str, str] = {}  # checkpoint name -> file
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
                 available.setdefault(key, path)
     aliases = _aliases(module)
-    source: dict[str, str] = {}  # module name -> checkpoint name
+    sources: dict[str, list[str]] = {}  # module name -> checkpoint names it is made of
     missing = []
     for name in wanted:
-        for candidate in (name, *aliases.get(name, ())):
-            if candidate in available:
-                source[name] = candidate
-                break
-        else:
-            missing.append(name)
+        found = []
+        for wanted_source in (derived[name].sources if name in derived else (name,)):
+            for candidate in (wanted_source, *aliases.get(wanted_source, ())):
+                if candidate in available:
+                    found.append(candidate)
+                    break
+            else:
+                missing.append(wanted_source if name not in derived
+                               else f"{wanted_source} (for {name})")
+        sources[name] = found
     if missing:
         shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20
                                            else "")
         raise WeightsError(f"{component}: checkpoint in {os.path.dirname(files[0])} lacks "
                            f"{len(missing)} tensor(s): {shown}")
 
-    by_file: dict[str, list[str]] = {}
-    for name, ckpt in source.items():
-        by_file.setdefault(available[ckpt], []).append(name)
-    with torch.no_grad():
-        for path in files:
-            names = by_file.get(path, [])
-            if not names:
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        handles = {path: stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+                   for path in files}
+
+        def read(ckpt: str) -> torch.Tensor:
+            return handles[available[ckpt]].get_tensor(ckpt)
+
+        # An fp8 weight and its scale come from one quantization: the second is kept here
+        # until its parameter is filled.
+        pending: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        rules = set(derived.values())
+        for name, dest in wanted.items():
+            if name not in derived:
+                _load_one(module, name, dest, read(sources[name][0]),
+                          f"checkpoint tensor {sources[name][0]}", component)
                 continue
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in names:
-                    _load_one(module, name, wanted[name], f.get_tensor(source[name]),
-                              source[name], component)
+            rule = derived[name]
+            srcs = tuple(sources[name])
+            what = f"{rule.op} of {', '.join(srcs)}"
+            try:
+                value = pending.pop((rule.op, rule.sources), None)
+                if value is None and rule.op in ("fp8_rowwise", "fp8_rowwise_scale"):
+                    q, scale = fp8_rowwise([read(c) for c in srcs])
+                    both = {"fp8_rowwise": q, "fp8_rowwise_scale": scale}
+                    value = both.pop(rule.op)
+                    ((other_op, other),) = both.items()
+                    if Derive(other_op, rule.sources) in rules:
+                        pending[(other_op, rule.sources)] = other
+                elif value is None:
+                    value = derive(rule.op, [read(c) for c in srcs], dest.dtype)
+                if value.dtype != dest.dtype:
+                    raise ValueError(f"{rule.op} makes {value.dtype}, the parameter is "
+                                     f"{dest.dtype}")
+            except (RuntimeError, ValueError) as e:
+                raise WeightsError(f"{component}: {name} = {what}: {e}") from e
+            _load_one(module, name, dest, value, what, component)
 
 
 def _load_one(module: nn.Module, name: str, dest: torch.Tensor, value: torch.Tensor,
-              ckpt_name: str, component: str) -> None:
+              what: str, component: str) -> None:
     if tuple(value.shape) != tuple(dest.shape):
-        raise WeightsError(f"{component}: checkpoint tensor {ckpt_name} has shape "
+        raise WeightsError(f"{component}: {what} has shape "
                            f"{list(value.shape)}, the model's {name} {list(dest.shape)}")
     if dest.is_meta:
         _assign(module, name, value.to(dest.dtype))

@@ -8,6 +8,16 @@ graph from static sizes, so an exported package asks for checkpoint tensors and 
 Numerics follow diffusers: timestep and guidance are cast to the activation dtype and multiplied by
 1000 before the sinusoidal embedding (as the reference pipelines do), RoPE angles are computed in
 float64 and applied in float32, attention is F.scaled_dot_product_attention.
+
+Two build options change the parameters a package asks for, never the checkpoint
+(kiln.models.quant declares how they are derived at weight-load time):
+  fuse_qkv  the attention projections of each block become one Linear: `attn.to_qkv` (image or
+            single stream) and `attn.add_qkv_proj` (text stream), each the dim-0 concatenation of
+            the checkpoint's q, k, v weights and biases;
+  fp8       the linears inside transformer_blocks and single_transformer_blocks (attention
+            projections, to_out, to_add_out, ff, ff_context, proj_mlp, proj_out) are Fp8Linear;
+            the AdaLN modulation linears (norm1.linear, norm1_context.linear, norm.linear), the
+            embedders and the output layers stay in the activation dtype.
 """
 from __future__ import annotations
 
@@ -16,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kiln.models.quant import make_linear
 
 ROPE_THETA = 10000.0
 TIME_PROJ_DIM = 256  # sinusoidal channels of the timestep / guidance embedding
@@ -148,16 +160,17 @@ class GeluMLP(nn.Module):
     """FeedForward(activation "gelu-approximate"): net.0.proj -> GELU(tanh) -> net.2."""
 
     class _Proj(nn.Module):
-        def __init__(self, dim: int, inner: int):
+        def __init__(self, dim: int, inner: int, fp8: bool):
             super().__init__()
-            self.proj = nn.Linear(dim, inner)
+            self.proj = make_linear(fp8)(dim, inner)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return F.gelu(self.proj(x), approximate="tanh")
 
-    def __init__(self, dim: int, inner: int):
+    def __init__(self, dim: int, inner: int, fp8: bool = False):
         super().__init__()
-        self.net = nn.ModuleList([self._Proj(dim, inner), nn.Identity(), nn.Linear(inner, dim)])
+        self.net = nn.ModuleList([self._Proj(dim, inner, fp8), nn.Identity(),
+                                  make_linear(fp8)(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))
@@ -166,6 +179,11 @@ class GeluMLP(nn.Module):
 def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[B, N, H*D] -> [B, N, H, D]."""
     return x.unflatten(-1, (-1, head_dim))
+
+
+def _qkv_names(q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
+    return {"weight": (f"{q}.weight", f"{k}.weight", f"{v}.weight"),
+            "bias": (f"{q}.bias", f"{k}.bias", f"{v}.bias")}
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -179,70 +197,116 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class JointAttention(nn.Module):
-    """Attention of a double-stream block: image (to_*) and text (add_*) streams attend jointly."""
+    """Attention of a double-stream block: image (to_*) and text (add_*) streams attend jointly.
+    fuse_qkv: one `to_qkv` and one `add_qkv_proj` projection instead of three each."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, fuse_qkv: bool = False,
+                 fp8: bool = False):
         super().__init__()
         inner = heads * head_dim
+        linear = make_linear(fp8)
         self.head_dim = head_dim
+        self.fuse_qkv = fuse_qkv
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
-        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
+        if fuse_qkv:
+            self.to_qkv = linear(dim, 3 * inner)
+        else:
+            self.to_q = linear(dim, inner)
+            self.to_k = linear(dim, inner)
+            self.to_v = linear(dim, inner)
+        self.to_out = nn.ModuleList([linear(inner, dim)])
         self.norm_added_q = RMSNorm(head_dim)
         self.norm_added_k = RMSNorm(head_dim)
-        self.add_q_proj = nn.Linear(dim, inner)
-        self.add_k_proj = nn.Linear(dim, inner)
-        self.add_v_proj = nn.Linear(dim, inner)
-        self.to_add_out = nn.Linear(inner, dim)
+        if fuse_qkv:
+            self.add_qkv_proj = linear(dim, 3 * inner)
+        else:
+            self.add_q_proj = linear(dim, inner)
+            self.add_k_proj = linear(dim, inner)
+            self.add_v_proj = linear(dim, inner)
+        self.to_add_out = linear(inner, dim)
+
+    def fused_parameters(self) -> dict[str, tuple[str, ...]]:
+        if not self.fuse_qkv:
+            return {}
+        out = {f"to_qkv.{n}": s for n, s in _qkv_names("to_q", "to_k", "to_v").items()}
+        out.update({f"add_qkv_proj.{n}": s for n, s in
+                    _qkv_names("add_q_proj", "add_k_proj", "add_v_proj").items()})
+        return out
+
+    def _img_qkv(self, img: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fuse_qkv:
+            return self.to_qkv(img).chunk(3, dim=-1)
+        return self.to_q(img), self.to_k(img), self.to_v(img)
+
+    def _txt_qkv(self, txt: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fuse_qkv:
+            return self.add_qkv_proj(txt).chunk(3, dim=-1)
+        return self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.head_dim
-        q = torch.cat([self.norm_added_q(_split_heads(self.add_q_proj(txt), d)),
-                       self.norm_q(_split_heads(self.to_q(img), d))], dim=1)
-        k = torch.cat([self.norm_added_k(_split_heads(self.add_k_proj(txt), d)),
-                       self.norm_k(_split_heads(self.to_k(img), d))], dim=1)
-        v = torch.cat([_split_heads(self.add_v_proj(txt), d),
-                       _split_heads(self.to_v(img), d)], dim=1)
+        iq, ik, iv = self._img_qkv(img)
+        tq, tk, tv = self._txt_qkv(txt)
+        q = torch.cat([self.norm_added_q(_split_heads(tq, d)),
+                       self.norm_q(_split_heads(iq, d))], dim=1)
+        k = torch.cat([self.norm_added_k(_split_heads(tk, d)),
+                       self.norm_k(_split_heads(ik, d))], dim=1)
+        v = torch.cat([_split_heads(tv, d), _split_heads(iv, d)], dim=1)
         out = _attention(q, k, v, rope)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
 
 class SelfAttention(nn.Module):
-    """Attention of a single-stream block: QKV only, the output projection is the block's."""
+    """Attention of a single-stream block: QKV only, the output projection is the block's.
+    fuse_qkv: one `to_qkv` projection instead of three."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, fuse_qkv: bool = False,
+                 fp8: bool = False):
         super().__init__()
         inner = heads * head_dim
+        linear = make_linear(fp8)
         self.head_dim = head_dim
+        self.fuse_qkv = fuse_qkv
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
-        self.to_q = nn.Linear(dim, inner)
-        self.to_k = nn.Linear(dim, inner)
-        self.to_v = nn.Linear(dim, inner)
+        if fuse_qkv:
+            self.to_qkv = linear(dim, 3 * inner)
+        else:
+            self.to_q = linear(dim, inner)
+            self.to_k = linear(dim, inner)
+            self.to_v = linear(dim, inner)
+
+    def fused_parameters(self) -> dict[str, tuple[str, ...]]:
+        if not self.fuse_qkv:
+            return {}
+        return {f"to_qkv.{n}": s for n, s in _qkv_names("to_q", "to_k", "to_v").items()}
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         d = self.head_dim
-        q = self.norm_q(_split_heads(self.to_q(x), d))
-        k = self.norm_k(_split_heads(self.to_k(x), d))
-        v = _split_heads(self.to_v(x), d)
+        if self.fuse_qkv:
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q = self.norm_q(_split_heads(q, d))
+        k = self.norm_k(_split_heads(k, d))
+        v = _split_heads(v, d)
         return _attention(q, k, v, rope)
 
 
 class DoubleStreamBlock(nn.Module):
     """Separate weights for image and text streams, joint attention, AdaLN-Zero gating."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, fuse_qkv: bool = False,
+                 fp8: bool = False):
         super().__init__()
         self.norm1 = AdaModulation(dim, 6)
         self.norm1_context = AdaModulation(dim, 6)
-        self.attn = JointAttention(dim, heads, head_dim)
-        self.ff = GeluMLP(dim, MLP_RATIO * dim)
-        self.ff_context = GeluMLP(dim, MLP_RATIO * dim)
+        self.attn = JointAttention(dim, heads, head_dim, fuse_qkv, fp8)
+        self.ff = GeluMLP(dim, MLP_RATIO * dim, fp8)
+        self.ff_context = GeluMLP(dim, MLP_RATIO * dim, fp8)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,12 +324,14 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """One stream over [text; image]: attention and MLP in parallel, one fused output projection."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, fuse_qkv: bool = False,
+                 fp8: bool = False):
         super().__init__()
+        linear = make_linear(fp8)
         self.norm = AdaModulation(dim, 3)
-        self.proj_mlp = nn.Linear(dim, MLP_RATIO * dim)
-        self.attn = SelfAttention(dim, heads, head_dim)
-        self.proj_out = nn.Linear(dim + MLP_RATIO * dim, dim)
+        self.proj_mlp = linear(dim, MLP_RATIO * dim)
+        self.attn = SelfAttention(dim, heads, head_dim, fuse_qkv, fp8)
+        self.proj_out = linear(dim + MLP_RATIO * dim, dim)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -293,9 +359,10 @@ class OutputNorm(nn.Module):
 
 class FluxTransformer(nn.Module):
     """FluxTransformer2DModel. forward takes the packed latents and the rotary tables of
-    [text; image] tokens; `components` builds those tables from the bucket."""
+    [text; image] tokens; `components` builds those tables from the bucket. fuse_qkv and fp8:
+    see the module docstring (fp8 needs every block width to be a multiple of 16)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, fuse_qkv: bool = False, fp8: bool = False):
         super().__init__()
         if int(config.get("patch_size", 1)) != 1:
             raise ValueError(f"flux transformer: patch_size {config['patch_size']} is not 1")
@@ -313,9 +380,10 @@ class FluxTransformer(nn.Module):
         self.context_embedder = nn.Linear(int(config["joint_attention_dim"]), dim)
         self.x_embedder = nn.Linear(in_channels, dim)
         self.transformer_blocks = nn.ModuleList(
-            DoubleStreamBlock(dim, heads, head_dim) for _ in range(int(config["num_layers"])))
+            DoubleStreamBlock(dim, heads, head_dim, fuse_qkv, fp8)
+            for _ in range(int(config["num_layers"])))
         self.single_transformer_blocks = nn.ModuleList(
-            SingleStreamBlock(dim, heads, head_dim)
+            SingleStreamBlock(dim, heads, head_dim, fuse_qkv, fp8)
             for _ in range(int(config["num_single_layers"])))
         self.norm_out = OutputNorm(dim)
         self.proj_out = nn.Linear(dim, out_channels)

@@ -1,0 +1,927 @@
+#include "coordinator/coordinator.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "common/wire.h"
+#include "coordinator/placement.h"
+
+namespace kiln::coordinator {
+namespace {
+
+using kiln::v1::JobInfo;
+using kiln::v1::JobState;
+using kiln::v1::NodeState;
+
+constexpr char kRequeuedPrefix[] = "waiting: requeued";
+
+std::string StateName(JobState s) {
+  switch (s) {
+    case kiln::v1::JOB_STATE_QUEUED:
+      return "queued";
+    case kiln::v1::JOB_STATE_RUNNING:
+      return "running";
+    case kiln::v1::JOB_STATE_SUCCEEDED:
+      return "succeeded";
+    case kiln::v1::JOB_STATE_FAILED:
+      return "failed";
+    case kiln::v1::JOB_STATE_CANCELLED:
+      return "cancelled";
+    default:
+      return "unknown";
+  }
+}
+
+bool IsRetryableNodeError(const std::string& code) {
+  return code == "UNAVAILABLE" || code == "RESOURCE_EXHAUSTED" || code == "ABORTED";
+}
+
+bool IsLive(NodeState s) {
+  return s == kiln::v1::NODE_STATE_READY || s == kiln::v1::NODE_STATE_DRAINING;
+}
+
+template <typename Repeated>
+bool SameList(const Repeated& a, const Repeated& b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+}  // namespace
+
+absl::Status CoordinatorOptions::Validate() const {
+  if (heartbeat_interval_ms < 10 || heartbeat_interval_ms > 3'600'000) {
+    return InvalidField("heartbeat_interval_ms",
+                        absl::StrCat(heartbeat_interval_ms, " is not in 10..3600000"));
+  }
+  if (dead_after_missed_heartbeats < 1) {
+    return InvalidField("dead_after_missed_heartbeats",
+                        absl::StrCat(dead_after_missed_heartbeats, " is less than 1"));
+  }
+  if (max_attempts < 1) return InvalidField("max_attempts", "must be at least 1");
+  if (max_jobs_per_node < 1) {
+    return InvalidField("max_jobs_per_node", absl::StrCat(max_jobs_per_node, " is less than 1"));
+  }
+  if (limits.max_image_side < 16) {
+    return InvalidField("limits.max_image_side",
+                        absl::StrCat(limits.max_image_side, " is less than 16"));
+  }
+  if (limits.max_steps < 1) return InvalidField("limits.max_steps", "must be at least 1");
+  if (limits.max_prompt_bytes < 1) {
+    return InvalidField("limits.max_prompt_bytes", "must be at least 1");
+  }
+  if (max_pending_waits < 1) return InvalidField("max_pending_waits", "must be at least 1");
+  if (max_queued_jobs < 1) return InvalidField("max_queued_jobs", "must be at least 1");
+  if (max_nodes < 1) return InvalidField("max_nodes", "must be at least 1");
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const CoordinatorOptions& options,
+                                                                 JobStore& store,
+                                                                 const Clock& clock,
+                                                                 CoordinatorMetrics& metrics,
+                                                                 EventLog log) {
+  if (auto s = options.Validate(); !s.ok()) return s;
+  std::unique_ptr<Coordinator> c(new Coordinator(options, store, clock, metrics, std::move(log)));
+  if (auto s = c->Recover(); !s.ok()) return s;
+  return c;
+}
+
+Coordinator::Coordinator(const CoordinatorOptions& options, JobStore& store, const Clock& clock,
+                         CoordinatorMetrics& metrics, EventLog log)
+    : options_(options), store_(store), clock_(clock), metrics_(metrics), log_(std::move(log)) {
+  next_heartbeat_ms_ = clock_.NowMs();
+  UpdateNodeGauges();
+  metrics_.queue_depth.Set(0);
+}
+
+absl::Status Coordinator::Recover() {
+  // Jobs that were running were ahead of the queued ones: they go first.
+  auto running = store_.List(kiln::v1::JOB_STATE_RUNNING);
+  if (!running.ok()) return running.status();
+  auto queued = store_.List(kiln::v1::JOB_STATE_QUEUED);
+  if (!queued.ok()) return queued.status();
+  for (const auto* jobs : {&*running, &*queued}) {
+    for (const JobInfo& info : *jobs) {
+      const std::string& id = info.spec().job_id();
+      if (info.state() == kiln::v1::JOB_STATE_RUNNING) {
+        auto s = store_.Update(id, [](JobInfo& j) {
+          j.set_state(kiln::v1::JOB_STATE_QUEUED);
+          j.clear_node_id();
+          j.set_error(absl::StrCat(kRequeuedPrefix, " after a coordinator restart"));
+          return absl::OkStatus();
+        });
+        if (!s.ok()) return s.status();
+      }
+      ActiveJob job;
+      job.spec = info.spec();
+      job.seq = next_seq_++;
+      job.submitted_ms = job.enqueued_ms = clock_.NowMs();
+      job.attempt = info.attempts();
+      job.waiting_reason = info.state() == kiln::v1::JOB_STATE_RUNNING
+                               ? absl::StrCat(kRequeuedPrefix, " after a coordinator restart")
+                               : info.error();
+      Enqueue(id, active_[id] = std::move(job));
+    }
+  }
+  if (!queue_.empty()) Log(absl::StrCat("recovered ", queue_.size(), " unfinished jobs"));
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client requests
+
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitRequest& request) {
+  const kiln::v1::JobSpec& spec = request.spec();
+  auto reject = [this](absl::Status s) {
+    metrics_.submissions_rejected.Increment();
+    return s;
+  };
+  if (auto s = ValidateJobSpec(spec, options_.limits); !s.ok()) return reject(s);
+
+  auto duplicate = [&](const JobInfo& existing) -> absl::StatusOr<kiln::v1::JobReply> {
+    const std::string diff = FirstDifference(existing.spec(), spec);
+    if (!diff.empty()) {
+      return reject(FieldError(absl::StatusCode::kAlreadyExists, "spec.job_id",
+                               absl::StrCat("job ", spec.job_id(),
+                                            " already exists with a different spec (", diff,
+                                            " differs)")));
+    }
+    metrics_.submissions_duplicate.Increment();
+    kiln::v1::JobReply reply;
+    *reply.mutable_job() = existing;
+    reply.mutable_job()->clear_png();
+    reply.set_created(false);
+    reply.set_final(true);
+    return reply;
+  };
+
+  auto existing = store_.Get(spec.job_id());
+  if (existing.ok()) return duplicate(*existing);
+  if (!absl::IsNotFound(existing.status())) return reject(existing.status());
+
+  if (known_models_.count(spec.model()) == 0) {
+    return reject(FieldError(
+        absl::StatusCode::kFailedPrecondition, "spec.model",
+        absl::StrCat("no node serves model ", spec.model(), " (no node has registered it)")));
+  }
+  const int64_t now_unix = clock_.UnixMs();
+  if (spec.deadline_unix_ms() > 0 && spec.deadline_unix_ms() <= now_unix) {
+    return reject(InvalidField("spec.deadline_unix_ms",
+                               absl::StrCat(spec.deadline_unix_ms(), " is in the past (now ",
+                                            now_unix, ")")));
+  }
+  if (queue_.size() >= options_.max_queued_jobs) {
+    return reject(absl::ResourceExhaustedError(
+        absl::StrCat("the queue is full (", queue_.size(), " jobs); try again later")));
+  }
+
+  JobInfo job;
+  *job.mutable_spec() = spec;
+  job.set_state(kiln::v1::JOB_STATE_QUEUED);
+  job.set_total_steps(spec.steps());
+  job.set_submitted_unix_ms(now_unix);
+  auto created = store_.Create(job);
+  if (!created.ok()) return reject(created.status());
+  if (!created->created) return duplicate(created->job);  // another writer got there first
+
+  metrics_.submissions_created.Increment();
+  ActiveJob active;
+  active.spec = spec;
+  active.seq = next_seq_++;
+  active.submitted_ms = active.enqueued_ms = clock_.NowMs();
+  Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
+  PlaceJobs();
+
+  auto now = store_.Get(spec.job_id());
+  if (!now.ok()) return now.status();
+  kiln::v1::JobReply reply;
+  *reply.mutable_job() = std::move(*now);
+  reply.mutable_job()->clear_png();
+  reply.set_created(true);
+  reply.set_final(true);
+  return reply;
+}
+
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Status(const kiln::v1::StatusRequest& request) {
+  if (auto s = ValidateId("job_id", request.job_id()); !s.ok()) return s;
+  auto job = store_.Get(request.job_id());
+  if (!job.ok()) return job.status();
+  kiln::v1::JobReply reply;
+  *reply.mutable_job() = std::move(*job);
+  if (!request.include_png()) reply.mutable_job()->clear_png();
+  reply.set_final(true);
+  return reply;
+}
+
+absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
+    const kiln::v1::WaitRequest& request, const ReplyTo& reply_to) {
+  if (auto s = ValidateId("job_id", request.job_id()); !s.ok()) return s;
+  auto job = store_.Get(request.job_id());
+  if (!job.ok()) return job.status();
+  kiln::v1::JobReply reply;
+  if (IsTerminal(job->state()) || request.timeout_ms() == 0) {
+    *reply.mutable_job() = std::move(*job);
+    if (!request.include_png()) reply.mutable_job()->clear_png();
+    reply.set_final(true);
+    return std::optional<kiln::v1::JobReply>(std::move(reply));
+  }
+  if (waits_.size() >= options_.max_pending_waits) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "too many pending waits (", waits_.size(), "); poll with timeout_ms 0 or retry later"));
+  }
+  const uint64_t id = next_wait_id_++;
+  PendingWait wait;
+  wait.job_id = request.job_id();
+  wait.reply_to = reply_to;
+  wait.deadline_ms = clock_.NowMs() + request.timeout_ms();
+  wait.include_png = request.include_png();
+  wait.stream = request.stream_progress();
+  waits_by_job_.emplace(wait.job_id, id);
+  waits_by_deadline_.emplace(wait.deadline_ms, id);
+  waits_.emplace(id, std::move(wait));
+  if (!request.stream_progress()) return std::optional<kiln::v1::JobReply>();
+  *reply.mutable_job() = std::move(*job);
+  reply.mutable_job()->clear_png();
+  reply.set_final(false);
+  return std::optional<kiln::v1::JobReply>(std::move(reply));
+}
+
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Cancel(const kiln::v1::CancelRequest& request) {
+  const std::string& id = request.job_id();
+  if (auto s = ValidateId("job_id", id); !s.ok()) return s;
+  auto job = store_.Get(id);
+  if (!job.ok()) return job.status();
+  switch (job->state()) {
+    case kiln::v1::JOB_STATE_SUCCEEDED:
+    case kiln::v1::JOB_STATE_FAILED:
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", id, " already ", StateName(job->state()), "; nothing to cancel"));
+    case kiln::v1::JOB_STATE_CANCELLED:
+      break;
+    default: {
+      auto it = active_.find(id);
+      const std::string node_id = it == active_.end() ? "" : it->second.node_id;
+      if (!node_id.empty()) {
+        kiln::v1::Envelope env;
+        env.mutable_cancel_job()->set_job_id(id);
+        SendToNode(node_id, std::move(env));
+        Finish(id, kiln::v1::JOB_STATE_CANCELLED,
+               absl::StrCat("CANCELLED: cancelled by a client while running on ", node_id));
+      } else {
+        Finish(id, kiln::v1::JOB_STATE_CANCELLED, "CANCELLED: cancelled by a client");
+      }
+      job = store_.Get(id);
+      if (!job.ok()) return job.status();
+    }
+  }
+  kiln::v1::JobReply reply;
+  *reply.mutable_job() = std::move(*job);
+  reply.mutable_job()->clear_png();
+  reply.set_final(true);
+  return reply;
+}
+
+kiln::v1::ListNodesReply Coordinator::ListNodes() const {
+  kiln::v1::ListNodesReply reply;
+  for (const auto& [id, node] : nodes_) *reply.add_nodes() = NodeStatusOf(node);
+  return reply;
+}
+
+absl::StatusOr<kiln::v1::DrainReply> Coordinator::Drain(const kiln::v1::DrainRequest& request) {
+  if (auto s = ValidateId("node_id", request.node_id()); !s.ok()) return s;
+  NodeRecord* node = FindNode(request.node_id());
+  if (node == nullptr) {
+    return absl::NotFoundError(absl::StrCat("node ", request.node_id(), " not found"));
+  }
+  if (!IsLive(node->state)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("node ", request.node_id(), " is ",
+                     node->state == kiln::v1::NODE_STATE_DEAD ? "dead" : "gone (deregistered)"));
+  }
+  if (node->state != kiln::v1::NODE_STATE_DRAINING) {
+    node->state = kiln::v1::NODE_STATE_DRAINING;
+    UpdateNodeGauges();
+    Log(absl::StrCat("node ", request.node_id(), " draining (", node->jobs.size(),
+                     " job(s) still running)"));
+  }
+  kiln::v1::DrainReply reply;
+  *reply.mutable_node() = NodeStatusOf(*node);
+  return reply;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node messages
+
+absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
+    const std::string& node_id, const kiln::v1::RegisterNode& message) {
+  if (auto s = ValidateId("node identity", node_id); !s.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(s.message(), " (set the DEALER's routing id to the node id)"));
+  }
+  kiln::v1::NodeInfo info = message.info();
+  if (info.node_id().empty()) info.set_node_id(node_id);
+  if (info.node_id() != node_id) {
+    return InvalidField("register_node.info.node_id",
+                        absl::StrCat("'", info.node_id(), "' differs from the socket identity '",
+                                     node_id, "'"));
+  }
+  const std::string& kind = info.device().kind();
+  if (kind != "cpu" && kind != "cuda") {
+    return InvalidField("register_node.info.device.kind",
+                        absl::StrCat("'", kind, "' is not cpu or cuda"));
+  }
+  if (info.models().empty()) {
+    return InvalidField("register_node.info.models", "a node must serve at least one model");
+  }
+  for (const auto& model : info.models()) {
+    if (auto s = ValidateModelName("register_node.info.models", model); !s.ok()) return s;
+  }
+
+  NodeRecord* node = FindNode(node_id);
+  const bool again = node != nullptr;
+  if (node == nullptr) {
+    MakeRoomForNode();
+    if (nodes_.size() >= options_.max_nodes) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("node table full (", nodes_.size(), " live nodes)"));
+    }
+    node = &nodes_[node_id];
+  }
+  // A live node that registers again (it reconnected, or restarted under the same id) keeps its
+  // assignments for now: a node that reconnected still runs them, and the heartbeats that follow
+  // say which ones it really holds (Heartbeat requeues the others). A DEAD or LEFT node's jobs
+  // were requeued when it was declared so.
+  node->info = std::move(info);
+  node->state = kiln::v1::NODE_STATE_READY;
+  node->last_seen_ms = clock_.NowMs();
+  node->last_seen_unix_ms = clock_.UnixMs();
+  for (const auto& model : node->info.models()) known_models_.insert(model);
+  UpdateNodeGauges();
+  const auto& device = node->info.device();
+  Log(absl::StrCat("node ", node_id, again ? " registered again" : " registered", " (",
+                   device.kind(), device.name().empty() ? "" : " ", device.name(),
+                   device.mig_profile().empty() ? "" : " MIG ", device.mig_profile(),
+                   "; models ", absl::StrJoin(node->info.models(), ","), "; ",
+                   node->info.loaded_packages_size(), " packages loaded, ",
+                   node->info.packages_size(), " on disk",
+                   node->info.can_compile() ? "; can compile" : "", ")"));
+  placement_dirty_ = true;
+  PlaceJobs();
+  kiln::v1::RegisterAck ack;
+  ack.set_heartbeat_interval_ms(static_cast<uint32_t>(options_.heartbeat_interval_ms));
+  return ack;
+}
+
+absl::Status Coordinator::Heartbeat(const std::string& node_id,
+                                    const kiln::v1::Heartbeat& message) {
+  auto live = LiveNode(node_id);
+  if (!live.ok()) return live.status();
+  NodeRecord& node = **live;
+  kiln::v1::NodeInfo& info = node.info;
+  // loaded_packages and packages are snapshots; package_sets entries add to what the node
+  // declared at registration.
+  bool changed = !SameList(info.loaded_packages(), message.loaded_packages()) ||
+                 !SameList(info.packages(), message.packages());
+  *info.mutable_loaded_packages() = message.loaded_packages();
+  *info.mutable_packages() = message.packages();
+  for (const auto& [key, set] : message.package_sets()) {
+    kiln::v1::PackageSet& mine = (*info.mutable_package_sets())[key];
+    if (SameList(mine.digests(), set.digests())) continue;
+    mine = set;
+    changed = true;
+  }
+  if (changed) placement_dirty_ = true;
+
+  // Reconcile what the node says it runs with what it was given.
+  const std::set<std::string> running(message.running_jobs().begin(),
+                                      message.running_jobs().end());
+  const int64_t grace = options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
+  const std::set<std::string> assigned = node.jobs;
+  for (const auto& job_id : assigned) {
+    if (running.count(job_id)) continue;
+    auto it = active_.find(job_id);
+    if (it != active_.end() && clock_.NowMs() - it->second.assigned_ms <= grace) continue;
+    RequeueOrFail(job_id, "UNAVAILABLE",
+                  absl::StrCat("node ", node_id, " stopped reporting it"));
+  }
+  for (const auto& job_id : running) {
+    if (node.jobs.count(job_id)) continue;
+    // Work nobody is waiting for (it was requeued, or cancelled and released): stop it.
+    kiln::v1::Envelope env;
+    env.mutable_cancel_job()->set_job_id(job_id);
+    SendToNode(node_id, std::move(env));
+  }
+  PlaceJobs();
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::Progress(const std::string& node_id,
+                                   const kiln::v1::JobProgress& message) {
+  auto live = LiveNode(node_id);
+  if (!live.ok()) return live.status();
+  auto it = active_.find(message.job_id());
+  if (it == active_.end() || it->second.node_id != node_id) {
+    metrics_.stale_progress.Increment();
+    return absl::OkStatus();
+  }
+  if (it->second.cancelled) return absl::OkStatus();
+  auto job = store_.Update(message.job_id(), [&](JobInfo& j) {
+    j.set_step(message.step());
+    if (message.total_steps() > 0) j.set_total_steps(message.total_steps());
+    return absl::OkStatus();
+  });
+  if (!job.ok()) return job.status();
+  NotifyWaiters(*job, /*final=*/false);
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::Result(const std::string& node_id, const kiln::v1::JobResult& message) {
+  auto live = LiveNode(node_id);
+  if (!live.ok()) {
+    // Its jobs were requeued when it was declared dead or left: whatever it sends is stale.
+    metrics_.stale_results.Increment();
+    return live.status();
+  }
+  NodeRecord& node = **live;
+  const std::string& job_id = message.job_id();
+  auto it = active_.find(job_id);
+  // A success from the assignee counts whatever attempt it reports (the same spec and seed give
+  // the same image; a node that was reassigned a job it was still running reports the first
+  // attempt). A failure counts only for the attempt it names (0: unspecified).
+  if (it == active_.end() || it->second.node_id != node_id ||
+      (!message.ok() && message.attempt() != 0 && message.attempt() != it->second.attempt)) {
+    metrics_.stale_results.Increment();
+    Log(absl::StrCat("ignored a stale result for job ", job_id, " from node ", node_id,
+                     " (attempt ", message.attempt(), "; the job is no longer assigned to it)"));
+    return absl::OkStatus();
+  }
+  ActiveJob& job = it->second;
+  node.jobs_done++;
+  const double run_seconds = SecondsSince(job.assigned_ms);
+  metrics_.run_seconds.Observe(run_seconds);
+  if (job.cancelled) {
+    ReleaseFromNode(job_id, job);
+    active_.erase(it);
+    PlaceJobs();
+    return absl::OkStatus();
+  }
+  auto fill = [&](JobInfo& j) {
+    j.set_run_seconds(run_seconds);
+    *j.mutable_packages() = message.packages();
+    *j.mutable_cold_start() = message.cold_start();
+  };
+  if (message.ok()) {
+    Finish(job_id, kiln::v1::JOB_STATE_SUCCEEDED, "", [&](JobInfo& j) {
+      fill(j);
+      j.set_png(message.png());
+      j.set_step(j.total_steps());
+    });
+  } else {
+    const std::string code = message.error_code().empty() ? "UNKNOWN" : message.error_code();
+    if (IsRetryableNodeError(code)) {
+      RequeueOrFail(job_id, code,
+                    absl::StrCat("node ", node_id, " failed it: ", code, ": ", message.error()));
+    } else {
+      Finish(job_id, kiln::v1::JOB_STATE_FAILED,
+             absl::StrCat(code, ": ", message.error(), " (on node ", node_id, ")"), fill);
+    }
+  }
+  PlaceJobs();
+  return absl::OkStatus();
+}
+
+absl::Status Coordinator::Deregister(const std::string& node_id,
+                                     const kiln::v1::Deregister& message) {
+  auto live = LiveNode(node_id);
+  if (!live.ok()) return live.status();
+  Log(absl::StrCat("node ", node_id, " deregistered",
+                   message.reason().empty() ? "" : absl::StrCat(": ", message.reason())));
+  NodeLost(**live, kiln::v1::NODE_STATE_LEFT, "left");
+  PlaceJobs();
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+
+void Coordinator::Tick() {
+  const int64_t now = clock_.NowMs();
+  if (now >= next_heartbeat_ms_) {
+    next_heartbeat_ms_ = now + options_.heartbeat_interval_ms;
+    for (const auto& [id, node] : nodes_) {
+      if (!IsLive(node.state)) continue;
+      kiln::v1::Envelope env;
+      auto* hb = env.mutable_heartbeat();
+      for (const auto& job_id : node.jobs) hb->add_running_jobs(job_id);
+      SendToNode(id, std::move(env));
+    }
+  }
+
+  const int64_t dead_after = options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
+  for (auto& [id, node] : nodes_) {
+    if (!IsLive(node.state) || now - node.last_seen_ms <= dead_after) continue;
+    Log(absl::StrCat("node ", id, " is dead (nothing heard for ", now - node.last_seen_ms,
+                     " ms)"));
+    NodeLost(node, kiln::v1::NODE_STATE_DEAD, "died");
+  }
+
+  const int64_t now_unix = clock_.UnixMs();
+  while (!deadlines_.empty() && deadlines_.begin()->first <= now_unix) {
+    const auto [deadline, job_id] = *deadlines_.begin();
+    deadlines_.erase(deadlines_.begin());
+    auto it = active_.find(job_id);
+    if (it == active_.end() || !it->second.node_id.empty()) continue;  // only queued jobs
+    Finish(job_id, kiln::v1::JOB_STATE_FAILED,
+           absl::StrCat("DEADLINE_EXCEEDED: not started before its deadline (", deadline,
+                        " unix ms)"));
+  }
+
+  while (!waits_by_deadline_.empty() && waits_by_deadline_.begin()->first <= now) {
+    const uint64_t id = waits_by_deadline_.begin()->second;
+    const PendingWait& wait = waits_.at(id);
+    auto job = store_.Get(wait.job_id);
+    Outgoing out;
+    out.socket = Outgoing::Socket::kClient;
+    out.peer = wait.reply_to.peer;
+    out.envelope = job.ok() ? JobReplyEnvelope(wait.reply_to.request_id, std::move(*job),
+                                               wait.include_png, /*final=*/true)
+                            : ErrorEnvelope(job.status(), wait.reply_to.request_id);
+    outgoing_.push_back(std::move(out));
+    EraseWait(id);
+  }
+  PlaceJobs();
+}
+
+std::vector<Outgoing> Coordinator::TakeOutgoing() {
+  std::vector<Outgoing> out;
+  out.swap(outgoing_);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue and placement
+
+void Coordinator::Enqueue(const std::string& job_id, ActiveJob& job) {
+  job.node_id.clear();
+  queue_.emplace(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id);
+  if (job.spec.deadline_unix_ms() > 0) deadlines_.emplace(job.spec.deadline_unix_ms(), job_id);
+  metrics_.queue_depth.Set(static_cast<double>(queue_.size()));
+  placement_dirty_ = true;
+}
+
+void Coordinator::Dequeue(const std::string& job_id, const ActiveJob& job) {
+  queue_.erase(QueueKey(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id));
+  if (job.spec.deadline_unix_ms() > 0) deadlines_.erase({job.spec.deadline_unix_ms(), job_id});
+  metrics_.queue_depth.Set(static_cast<double>(queue_.size()));
+}
+
+void Coordinator::PlaceJobs() {
+  if (!placement_dirty_) return;
+  placement_dirty_ = false;
+  if (queue_.empty()) return;
+  std::vector<NodeRecord*> free;
+  for (auto& [id, node] : nodes_) {
+    if (node.state == kiln::v1::NODE_STATE_READY &&
+        static_cast<int>(node.jobs.size()) < options_.max_jobs_per_node) {
+      free.push_back(&node);
+    }
+  }
+  if (free.empty()) return;
+  const int64_t now_unix = clock_.UnixMs();
+  const std::vector<QueueKey> order(queue_.begin(), queue_.end());
+  std::vector<Candidate> candidates;
+  for (const auto& key : order) {
+    if (free.empty()) break;
+    const std::string& job_id = std::get<2>(key);
+    auto it = active_.find(job_id);
+    if (it == active_.end()) continue;
+    ActiveJob& job = it->second;
+    if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
+    candidates.clear();
+    for (const NodeRecord* node : free) {
+      candidates.push_back({&node->info, static_cast<int>(node->jobs.size()),
+                            node->last_assigned_ms});
+    }
+    const int chosen = ChooseNode(candidates, job.spec);
+    if (chosen < 0) {
+      UpdateWaitingReason(job_id, job);
+      continue;
+    }
+    NodeRecord& node = *free[chosen];
+    if (!Assign(job_id, job, node)) {
+      placement_dirty_ = true;  // the store refused; try again on the next event
+      break;
+    }
+    if (static_cast<int>(node.jobs.size()) >= options_.max_jobs_per_node) {
+      free.erase(free.begin() + chosen);
+    }
+  }
+}
+
+bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node) {
+  const std::string& node_id = node.info.node_id();
+  const Warmth warmth = WarmthFor(node.info, job.spec);
+  auto updated = store_.Update(job_id, [&](JobInfo& j) {
+    j.set_state(kiln::v1::JOB_STATE_RUNNING);
+    j.set_node_id(node_id);
+    j.set_attempts(j.attempts() + 1);
+    j.set_step(0);
+    j.set_total_steps(job.spec.steps());
+    j.clear_error();
+    j.set_queue_seconds(SecondsSince(job.submitted_ms));
+    return absl::OkStatus();
+  });
+  if (!updated.ok()) {
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("cannot assign job ", job_id, ": job store: ", updated.status().message()));
+    return false;
+  }
+  Dequeue(job_id, job);
+  metrics_.queue_seconds.Observe(SecondsSince(job.enqueued_ms));
+  job.node_id = node_id;
+  job.attempt = updated->attempts();
+  job.assigned_ms = clock_.NowMs();
+  job.waiting_reason.clear();
+  node.jobs.insert(job_id);
+  node.last_assigned_ms = job.assigned_ms;
+
+  kiln::v1::Envelope env;
+  *env.mutable_assign()->mutable_spec() = job.spec;
+  env.mutable_assign()->set_attempt(job.attempt);
+  SendToNode(node_id, std::move(env));
+  Log(absl::StrCat("job ", job_id, " assigned to node ", node_id, " (attempt ", job.attempt,
+                   ", packages ", WarmthName(warmth), ")"));
+  NotifyWaiters(*updated, /*final=*/false);
+  return true;
+}
+
+void Coordinator::UpdateWaitingReason(const std::string& job_id, ActiveJob& job) {
+  if (absl::StartsWith(job.waiting_reason, kRequeuedPrefix)) return;  // kept until assigned
+  std::vector<std::string> why;
+  bool capable = false;
+  int ready = 0;
+  for (const auto& [id, node] : nodes_) {
+    if (node.state != kiln::v1::NODE_STATE_READY) continue;
+    ++ready;
+    absl::Status s = CheckCapable(node.info, job.spec);
+    if (s.ok()) {
+      capable = true;
+      break;
+    }
+    if (why.size() < 3) why.emplace_back(s.message());
+  }
+  std::string reason;
+  if (!capable) {
+    reason = ready == 0 ? "waiting: no node is ready"
+                        : absl::StrCat("waiting: no ready node can run it (",
+                                       absl::StrJoin(why, "; "), ready > 3 ? "; ..." : "", ")");
+  }
+  if (reason == job.waiting_reason) return;
+  job.waiting_reason = reason;
+  auto s = store_.Update(job_id, [&](JobInfo& j) {
+    j.set_error(reason);
+    return absl::OkStatus();
+  });
+  if (!s.ok()) {
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("job store: ", s.status().message()));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transitions
+
+void Coordinator::RequeueOrFail(const std::string& job_id, const std::string& code,
+                                const std::string& why) {
+  auto it = active_.find(job_id);
+  if (it == active_.end()) return;
+  ActiveJob& job = it->second;
+  ReleaseFromNode(job_id, job);
+  if (job.cancelled) {  // already CANCELLED in the store; only the slot was held
+    active_.erase(it);
+    return;
+  }
+  if (job.attempt >= options_.max_attempts) {
+    Finish(job_id, kiln::v1::JOB_STATE_FAILED,
+           absl::StrCat(code, ": ", why, " (", job.attempt, " attempts)"));
+    return;
+  }
+  metrics_.jobs_requeued.Increment();
+  job.waiting_reason = absl::StrCat(kRequeuedPrefix, " after ", why, " (attempt ", job.attempt,
+                                    " of ", options_.max_attempts, ")");
+  Log(absl::StrCat("job ", job_id, " requeued: ", why, " (attempt ", job.attempt, " of ",
+                   options_.max_attempts, ")"));
+  auto updated = store_.Update(job_id, [&](JobInfo& j) {
+    j.set_state(kiln::v1::JOB_STATE_QUEUED);
+    j.clear_node_id();
+    j.set_step(0);
+    j.set_error(job.waiting_reason);
+    return absl::OkStatus();
+  });
+  job.enqueued_ms = clock_.NowMs();
+  Enqueue(job_id, job);
+  if (updated.ok()) {
+    NotifyWaiters(*updated, /*final=*/false);
+  } else {
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("job store: ", updated.status().message()));
+  }
+}
+
+void Coordinator::Finish(const std::string& job_id, JobState state, const std::string& error,
+                         const std::function<void(JobInfo&)>& mutate) {
+  auto it = active_.find(job_id);
+  std::string node_id;
+  if (it != active_.end()) {
+    if (it->second.node_id.empty()) Dequeue(job_id, it->second);
+    node_id = it->second.node_id;
+  }
+  auto updated = store_.Update(job_id, [&](JobInfo& j) {
+    j.set_state(state);
+    j.set_error(error);
+    j.set_finished_unix_ms(clock_.UnixMs());
+    if (mutate) mutate(j);
+    return absl::OkStatus();
+  });
+  switch (state) {
+    case kiln::v1::JOB_STATE_SUCCEEDED:
+      metrics_.jobs_succeeded.Increment();
+      break;
+    case kiln::v1::JOB_STATE_CANCELLED:
+      metrics_.jobs_cancelled.Increment();
+      break;
+    default:
+      metrics_.jobs_failed.Increment();
+  }
+  if (updated.ok()) {
+    if (state == kiln::v1::JOB_STATE_SUCCEEDED) {
+      Log(absl::StrFormat("job %s succeeded on node %s (queued %.3f s, ran %.3f s, %d-byte PNG)",
+                          job_id, updated->node_id(), updated->queue_seconds(),
+                          updated->run_seconds(), updated->png().size()));
+    } else {
+      Log(absl::StrCat("job ", job_id, " ", StateName(state), ": ", error));
+    }
+    NotifyWaiters(*updated, /*final=*/true);
+  } else {
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("job ", job_id, " ", StateName(state), " (", error,
+                     ") but the job store refused it: ", updated.status().message()));
+  }
+  if (it == active_.end()) return;
+  if (state == kiln::v1::JOB_STATE_CANCELLED && !node_id.empty()) {
+    it->second.cancelled = true;  // the node's slot stays taken until it lets go of the job
+  } else {
+    ReleaseFromNode(job_id, it->second);
+    active_.erase(it);
+  }
+}
+
+void Coordinator::ReleaseFromNode(const std::string& job_id, ActiveJob& job) {
+  if (job.node_id.empty()) return;
+  if (NodeRecord* node = FindNode(job.node_id)) node->jobs.erase(job_id);
+  job.node_id.clear();
+  placement_dirty_ = true;
+}
+
+void Coordinator::NodeLost(NodeRecord& node, NodeState new_state, const std::string& why) {
+  node.state = new_state;
+  UpdateNodeGauges();
+  const std::set<std::string> jobs = node.jobs;
+  for (const auto& job_id : jobs) {
+    RequeueOrFail(job_id, "UNAVAILABLE",
+                  absl::StrCat("node ", node.info.node_id(), " ", why, " while running it"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waits
+
+void Coordinator::NotifyWaiters(const JobInfo& job, bool final) {
+  auto [begin, end] = waits_by_job_.equal_range(job.spec().job_id());
+  std::vector<uint64_t> ids;
+  for (auto it = begin; it != end; ++it) ids.push_back(it->second);
+  for (uint64_t id : ids) {
+    const PendingWait& wait = waits_.at(id);
+    if (!final && !wait.stream) continue;
+    Outgoing out;
+    out.socket = Outgoing::Socket::kClient;
+    out.peer = wait.reply_to.peer;
+    out.envelope =
+        JobReplyEnvelope(wait.reply_to.request_id, job, final && wait.include_png, final);
+    outgoing_.push_back(std::move(out));
+    if (final) EraseWait(id);
+  }
+}
+
+void Coordinator::EraseWait(uint64_t id) {
+  auto it = waits_.find(id);
+  if (it == waits_.end()) return;
+  waits_by_deadline_.erase({it->second.deadline_ms, id});
+  auto [begin, end] = waits_by_job_.equal_range(it->second.job_id);
+  for (auto j = begin; j != end; ++j) {
+    if (j->second == id) {
+      waits_by_job_.erase(j);
+      break;
+    }
+  }
+  waits_.erase(it);
+}
+
+kiln::v1::Envelope Coordinator::JobReplyEnvelope(const std::string& request_id, JobInfo job,
+                                                 bool include_png, bool final) const {
+  kiln::v1::Envelope env;
+  env.set_request_id(request_id);
+  auto* reply = env.mutable_job();
+  if (!include_png) job.clear_png();
+  *reply->mutable_job() = std::move(job);
+  reply->set_final(final);
+  return env;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes
+
+Coordinator::NodeRecord* Coordinator::FindNode(const std::string& node_id) {
+  auto it = nodes_.find(node_id);
+  return it == nodes_.end() ? nullptr : &it->second;
+}
+
+absl::StatusOr<Coordinator::NodeRecord*> Coordinator::LiveNode(const std::string& node_id) {
+  NodeRecord* node = FindNode(node_id);
+  if (node == nullptr || !IsLive(node->state)) {
+    const char* why = node == nullptr                               ? "is not registered"
+                      : node->state == kiln::v1::NODE_STATE_DEAD ? "was declared dead"
+                                                                    : "has deregistered";
+    return absl::FailedPreconditionError(
+        absl::StrCat("node ", node_id, " ", why, "; send RegisterNode"));
+  }
+  node->last_seen_ms = clock_.NowMs();
+  node->last_seen_unix_ms = clock_.UnixMs();
+  return node;
+}
+
+kiln::v1::NodeStatus Coordinator::NodeStatusOf(const NodeRecord& node) const {
+  kiln::v1::NodeStatus status;
+  *status.mutable_info() = node.info;
+  status.set_state(node.state);
+  for (const auto& job_id : node.jobs) status.add_running_jobs(job_id);
+  status.set_queued_jobs(0);  // v1 queues jobs at the coordinator, not per node
+  status.set_last_seen_unix_ms(node.last_seen_unix_ms);
+  status.set_jobs_done(node.jobs_done);
+  return status;
+}
+
+void Coordinator::MakeRoomForNode() {
+  while (nodes_.size() >= options_.max_nodes) {
+    auto oldest = nodes_.end();
+    for (auto it = nodes_.begin(); it != nodes_.end(); ++it) {
+      if (IsLive(it->second.state)) continue;
+      if (oldest == nodes_.end() || it->second.last_seen_ms < oldest->second.last_seen_ms) {
+        oldest = it;
+      }
+    }
+    if (oldest == nodes_.end()) return;
+    nodes_.erase(oldest);
+  }
+  UpdateNodeGauges();
+}
+
+void Coordinator::UpdateNodeGauges() {
+  int ready = 0, draining = 0, dead = 0, left = 0;
+  for (const auto& [id, node] : nodes_) {
+    switch (node.state) {
+      case kiln::v1::NODE_STATE_READY:
+        ++ready;
+        break;
+      case kiln::v1::NODE_STATE_DRAINING:
+        ++draining;
+        break;
+      case kiln::v1::NODE_STATE_DEAD:
+        ++dead;
+        break;
+      default:
+        ++left;
+    }
+  }
+  metrics_.nodes_ready.Set(ready);
+  metrics_.nodes_draining.Set(draining);
+  metrics_.nodes_dead.Set(dead);
+  metrics_.nodes_left.Set(left);
+}
+
+void Coordinator::SendToNode(const std::string& node_id, kiln::v1::Envelope env) {
+  Outgoing out;
+  out.socket = Outgoing::Socket::kNode;
+  out.peer = node_id;
+  out.envelope = std::move(env);
+  outgoing_.push_back(std::move(out));
+}
+
+void Coordinator::Log(const std::string& line) {
+  if (log_) log_(line);
+}
+
+}  // namespace kiln::coordinator

@@ -1,0 +1,232 @@
+// Coordinator: kiln's job queue, node table and placement, as a plain class. No sockets and no
+// threads: CoordinatorServer (or a test) calls it with decoded messages, and it reads time only
+// from the injected Clock. Replies to a request are return values; everything else it has to say
+// (AssignJob / CancelJob / Heartbeat to nodes, Wait replies and progress to clients) is queued as
+// Outgoing messages that the caller collects with TakeOutgoing() after each call and sends.
+//
+// Job lifecycle: Submit → QUEUED → (placed) RUNNING → SUCCEEDED | FAILED, or CANCELLED at any
+// point before it finishes. A RUNNING job whose node dies (no message for
+// dead_after_missed_heartbeats intervals), deregisters, stops listing it in its heartbeats (e.g.
+// restarted under the same id), or fails it with a retryable code (UNAVAILABLE,
+// RESOURCE_EXHAUSTED, ABORTED) goes
+// back to the queue; once it has been assigned max_attempts times it FAILS with that reason.
+// A QUEUED job whose deadline passes FAILS with DEADLINE_EXCEEDED.
+//
+// JobInfo.error holds "<CODE>: <why>" for FAILED and CANCELLED jobs, and "waiting: <why>" for a
+// QUEUED job that is waiting for something other than a free node (requeued after a node loss,
+// or no ready node can run it). Clients must look at JobInfo.state, not at whether error is set.
+//
+// Thread-compatible: one thread calls it (the server's poll thread).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/clock.h"
+#include "common/proto/kiln.pb.h"
+#include "coordinator/coordinator_metrics.h"
+#include "coordinator/job_store.h"
+#include "coordinator/validation.h"
+
+namespace kiln::coordinator {
+
+struct CoordinatorOptions {
+  int64_t heartbeat_interval_ms = 1000;  // ms; told to nodes in RegisterAck, and how often the
+                                         // coordinator heartbeats each node
+  int dead_after_missed_heartbeats = 3;  // intervals of silence after which a node is dead; also
+                                         // how long a node may omit an assigned job from its
+                                         // heartbeats before the job counts as lost
+  uint32_t max_attempts = 3;             // assignments per job; a job lost more often fails
+  int max_jobs_per_node = 1;             // concurrent assignments per node (v1 nodes run one)
+  SpecLimits limits;                     // what Submit accepts
+  size_t max_pending_waits = 10000;      // Wait requests held at once; more: RESOURCE_EXHAUSTED
+  size_t max_queued_jobs = 100000;       // jobs waiting for a node; more: RESOURCE_EXHAUSTED
+  size_t max_nodes = 1024;               // node table size; DEAD/LEFT entries are evicted first
+
+  // InvalidArgument naming the bad field.
+  absl::Status Validate() const;
+};
+
+// Where an asynchronous reply to a client goes. `peer` is opaque to the coordinator (the
+// transport's return address); `request_id` is echoed in each reply.
+struct ReplyTo {
+  std::string peer;
+  std::string request_id;
+};
+
+// A message the coordinator wants sent.
+struct Outgoing {
+  enum class Socket { kNode, kClient };
+  Socket socket = Socket::kNode;
+  std::string peer;  // kNode: the node id; kClient: ReplyTo::peer
+  kiln::v1::Envelope envelope;
+};
+
+// Receives one human-readable line per notable event (node registered/dead, job done/failed).
+using EventLog = std::function<void(const std::string& line)>;
+
+class Coordinator {
+ public:
+  // Validates `options` and rebuilds the queue from `store` (QUEUED jobs, and RUNNING ones, whose
+  // nodes are unknown after a restart, are queued again). The references must outlive it.
+  static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options,
+                                                             JobStore& store, const Clock& clock,
+                                                             CoordinatorMetrics& metrics,
+                                                             EventLog log = nullptr);
+
+  // ---- Client requests. Errors carry the most specific code; INVALID_ARGUMENT ones name the
+  // field (ErrorField(status)).
+
+  // InvalidArgument for a bad field (or a deadline already past); AlreadyExists when job_id
+  // exists with a different spec; FailedPrecondition when no node ever registered the model. A
+  // repeated job_id with the same spec returns the existing job with created=false.
+  absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::SubmitRequest& request);
+  // NotFound for an unknown job. The PNG only when include_png.
+  absl::StatusOr<kiln::v1::JobReply> Status(const kiln::v1::StatusRequest& request);
+  // A reply to send now: final when the job is finished or timeout_ms is 0; not final (the
+  // current state) when stream_progress is set. nullopt: nothing now. While the wait is pending,
+  // replies go to `reply_to` as Outgoing: non-final ones on every state change and progress event
+  // when stream_progress is set, then a final one when the job finishes or the timeout passes.
+  // NotFound for an unknown job; ResourceExhausted when max_pending_waits are pending.
+  absl::StatusOr<std::optional<kiln::v1::JobReply>> Wait(const kiln::v1::WaitRequest& request,
+                                                         const ReplyTo& reply_to);
+  // QUEUED → CANCELLED at once; RUNNING → CancelJob to its node and CANCELLED (the node's
+  // slot is freed when it reports back or is found gone). Cancelling a CANCELLED job returns it;
+  // a SUCCEEDED or FAILED one is FailedPrecondition. NotFound for an unknown job.
+  absl::StatusOr<kiln::v1::JobReply> Cancel(const kiln::v1::CancelRequest& request);
+  kiln::v1::ListNodesReply ListNodes() const;
+  // The node takes no new jobs (NODE_STATE_DRAINING); its running job finishes. Idempotent.
+  // NotFound for an unknown node; FailedPrecondition for a dead or departed one.
+  absl::StatusOr<kiln::v1::DrainReply> Drain(const kiln::v1::DrainRequest& request);
+
+  // ---- Node messages. `node_id` is the sender's routing identity. An error is answered to the
+  // node with an ErrorReply; FailedPrecondition "not registered" tells it to register again.
+
+  // Adds or refreshes the node (READY). A node that registers again keeps its assignments until
+  // a heartbeat shows it no longer runs them. InvalidArgument naming the field for a bad
+  // NodeInfo; ResourceExhausted when the node table is full of live nodes.
+  absl::StatusOr<kiln::v1::RegisterAck> RegisterNode(const std::string& node_id,
+                                                     const kiln::v1::RegisterNode& message);
+  absl::Status Heartbeat(const std::string& node_id, const kiln::v1::Heartbeat& message);
+  absl::Status Progress(const std::string& node_id, const kiln::v1::JobProgress& message);
+  // A result from a node that no longer holds the job (or a failure for another attempt) is
+  // ignored, counted in kiln_node_stale_messages_total and OK.
+  absl::Status Result(const std::string& node_id, const kiln::v1::JobResult& message);
+  absl::Status Deregister(const std::string& node_id, const kiln::v1::Deregister& message);
+
+  // Time-driven work, due at clock.NowMs(): heartbeats to nodes, dead nodes, queued jobs past
+  // their deadline, wait timeouts. Call it often (every few tens of ms); it is cheap when idle.
+  void Tick();
+
+  // Messages produced since the last call, in order.
+  std::vector<Outgoing> TakeOutgoing();
+
+  const CoordinatorOptions& options() const { return options_; }
+  size_t queue_depth() const { return queue_.size(); }
+  size_t pending_waits() const { return waits_.size(); }
+
+ private:
+  struct NodeRecord {
+    kiln::v1::NodeInfo info;
+    kiln::v1::NodeState state = kiln::v1::NODE_STATE_READY;
+    int64_t last_seen_ms = 0;       // monotonic
+    int64_t last_seen_unix_ms = 0;
+    int64_t last_assigned_ms = 0;   // monotonic; 0 = never
+    uint32_t jobs_done = 0;
+    std::set<std::string> jobs;     // assigned to it and not yet released
+  };
+  // The in-memory side of a job that is queued, running, or cancelled while still on a node.
+  struct ActiveJob {
+    kiln::v1::JobSpec spec;
+    uint64_t seq = 0;               // submit order, for the queue
+    int64_t submitted_ms = 0;       // monotonic
+    int64_t enqueued_ms = 0;        // monotonic: submit or last requeue
+    int64_t assigned_ms = 0;        // monotonic: last assignment
+    std::string node_id;            // assignee while running; "" while queued
+    uint32_t attempt = 0;           // attempt number of the current assignment
+    bool cancelled = false;         // cancelled while on node_id; the slot is still taken
+    std::string waiting_reason;     // last "waiting: ..." written to the store
+  };
+  // Queue order: higher priority first, then submit order.
+  using QueueKey = std::tuple<int64_t, uint64_t, std::string>;  // (-priority, seq, job_id)
+  struct PendingWait {
+    std::string job_id;
+    ReplyTo reply_to;
+    int64_t deadline_ms = 0;  // monotonic
+    bool include_png = false;
+    bool stream = false;
+  };
+
+  Coordinator(const CoordinatorOptions& options, JobStore& store, const Clock& clock,
+              CoordinatorMetrics& metrics, EventLog log);
+  absl::Status Recover();
+
+  // Queue and placement. PlaceJobs() does nothing unless placement_dirty_.
+  void Enqueue(const std::string& job_id, ActiveJob& job);
+  void Dequeue(const std::string& job_id, const ActiveJob& job);
+  void PlaceJobs();
+  bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node);
+  void UpdateWaitingReason(const std::string& job_id, ActiveJob& job);
+
+  // Transitions.
+  // Frees `job_id` from its node and requeues it, or after max_attempts fails it with
+  // "<code>: <why> (<n> attempts)".
+  void RequeueOrFail(const std::string& job_id, const std::string& code, const std::string& why);
+  // Ends a job (SUCCEEDED, FAILED or CANCELLED) and answers its waits. `mutate` fills in the
+  // outcome. Keeps the ActiveJob only if it was cancelled while a node still runs it.
+  void Finish(const std::string& job_id, kiln::v1::JobState state, const std::string& error,
+              const std::function<void(kiln::v1::JobInfo&)>& mutate = nullptr);
+  void ReleaseFromNode(const std::string& job_id, ActiveJob& job);
+  void NodeLost(NodeRecord& node, kiln::v1::NodeState new_state, const std::string& why);
+
+  // Waits.
+  void NotifyWaiters(const kiln::v1::JobInfo& job, bool final);
+  void EraseWait(uint64_t id);
+  kiln::v1::Envelope JobReplyEnvelope(const std::string& request_id, kiln::v1::JobInfo job,
+                                      bool include_png, bool final) const;
+
+  // Nodes.
+  NodeRecord* FindNode(const std::string& node_id);
+  absl::StatusOr<NodeRecord*> LiveNode(const std::string& node_id);
+  kiln::v1::NodeStatus NodeStatusOf(const NodeRecord& node) const;
+  void MakeRoomForNode();
+  void UpdateNodeGauges();
+
+  void SendToNode(const std::string& node_id, kiln::v1::Envelope env);
+  void Log(const std::string& line);
+  double SecondsSince(int64_t ms) const { return (clock_.NowMs() - ms) / 1000.0; }
+
+  const CoordinatorOptions options_;
+  JobStore& store_;
+  const Clock& clock_;
+  CoordinatorMetrics& metrics_;
+  EventLog log_;
+
+  std::map<std::string, NodeRecord> nodes_;                 // by node id, for stable listings
+  std::set<std::string> known_models_;                      // every model a node ever registered
+  absl::flat_hash_map<std::string, ActiveJob> active_;     // by job id
+  std::set<QueueKey> queue_;
+  std::set<std::pair<int64_t, std::string>> deadlines_;     // (deadline unix ms, job id), queued
+  uint64_t next_seq_ = 0;
+  int64_t next_heartbeat_ms_ = 0;
+  bool placement_dirty_ = false;  // something changed that may let a queued job be placed
+
+  std::map<uint64_t, PendingWait> waits_;
+  std::multimap<std::string, uint64_t> waits_by_job_;
+  std::set<std::pair<int64_t, uint64_t>> waits_by_deadline_;
+  uint64_t next_wait_id_ = 1;
+
+  std::vector<Outgoing> outgoing_;
+};
+
+}  // namespace kiln::coordinator

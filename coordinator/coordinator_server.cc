@@ -1,0 +1,414 @@
+#include "coordinator/coordinator_server.h"
+
+#include <cerrno>
+#include <chrono>
+#include <exception>
+#include <iterator>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/wire.h"
+#include "coordinator/validation.h"
+#include "zmq.hpp"
+#include "zmq_addon.hpp"
+
+namespace kiln::coordinator {
+namespace {
+
+enum class Side { kClient, kNode };
+
+const char* SideName(Side side) { return side == Side::kClient ? "client" : "node"; }
+
+// How to answer a peer: its ROUTER identity, and whether it sent a REQ-style empty delimiter.
+struct Route {
+  std::string identity;
+  bool delimiter = false;
+};
+
+// ReplyTo::peer for the Coordinator: the route packed into one opaque string.
+std::string PackRoute(const Route& r) { return (r.delimiter ? "R" : "D") + r.identity; }
+Route UnpackRoute(const std::string& peer) {
+  if (peer.empty()) return {};
+  return Route{peer.substr(1), peer[0] == 'R'};
+}
+
+int64_t SteadyMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string BodyName(const kiln::v1::Envelope& env) {
+  const auto* field = env.GetDescriptor()->FindFieldByNumber(env.body_case());
+  return field ? field->name() : absl::StrCat("field ", static_cast<int>(env.body_case()));
+}
+
+}  // namespace
+
+struct CoordinatorServer::Sockets {
+  zmq::context_t context{1};
+  zmq::socket_t client{context, zmq::socket_type::router};
+  zmq::socket_t node{context, zmq::socket_type::router};
+  // Rate limit for protocol-error log lines (they are always counted).
+  int64_t last_error_log_ms = 0;
+  int64_t errors_not_logged = 0;
+
+  zmq::socket_t& socket(Side side) { return side == Side::kClient ? client : node; }
+};
+
+namespace {
+
+// The per-message work of the poll thread: decode, call the coordinator, send.
+class ServerLoop {
+ public:
+  ServerLoop(const CoordinatorServerOptions& options, Coordinator& coordinator,
+             CoordinatorMetrics& metrics, const EventLog& log,
+             CoordinatorServer::Sockets& sockets)
+      : options_(options),
+        coordinator_(coordinator),
+        metrics_(metrics),
+        log_(log),
+        sockets_(sockets) {}
+
+  // Reads up to max_batch messages from `side`, handling each.
+  void Read(Side side) {
+    zmq::socket_t& socket = sockets_.socket(side);
+    for (int i = 0; i < options_.max_batch; ++i) {
+      std::vector<zmq::message_t> parts;
+      zmq::recv_result_t received;
+      try {
+        received = zmq::recv_multipart(socket, std::back_inserter(parts),
+                                       zmq::recv_flags::dontwait);
+      } catch (const zmq::error_t& e) {
+        metrics_.internal_errors.Increment();
+        Log(absl::StrCat("receive on the ", SideName(side), " socket failed: ", e.what()));
+        return;
+      }
+      if (!received) return;  // nothing more for now
+      try {
+        Handle(side, parts);
+      } catch (const std::exception& e) {
+        // A bug or memory exhaustion while handling one message must not take the loop down.
+        metrics_.internal_errors.Increment();
+        Log(absl::StrCat("internal error handling a ", SideName(side), " message: ", e.what()));
+      }
+      Flush();
+    }
+  }
+
+  void Tick() {
+    coordinator_.Tick();
+    Flush();
+  }
+
+  // Sends everything the coordinator queued.
+  void Flush() {
+    for (Outgoing& out : coordinator_.TakeOutgoing()) {
+      const std::string payload = kiln::Encode(std::move(out.envelope));
+      if (out.socket == Outgoing::Socket::kNode) {
+        Send(Side::kNode, Route{out.peer, false}, payload);
+      } else {
+        Send(Side::kClient, UnpackRoute(out.peer), payload);
+      }
+    }
+  }
+
+ private:
+  void Handle(Side side, std::vector<zmq::message_t>& parts) {
+    if (parts.size() < 2) return;  // a ROUTER always adds the identity; nothing to answer
+    Route route;
+    route.identity = parts[0].to_string();
+    route.delimiter = parts.size() >= 3 && parts[1].size() == 0;
+    const size_t expected = route.delimiter ? 3 : 2;
+    if (parts.size() != expected) {
+      ProtocolError(side, route, "frames",
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "expected one message frame after the routing envelope, got ",
+                        parts.size() - (route.delimiter ? 2 : 1), " frames")),
+                    "");
+      return;
+    }
+    const zmq::message_t& payload = parts[expected - 1];
+    if (payload.size() == 0) {
+      ProtocolError(side, route, "empty", absl::InvalidArgumentError("empty message frame"), "");
+      return;
+    }
+    auto env = kiln::Decode(payload.to_string_view());
+    if (!env.ok()) {
+      // Say which way it was wrong, and echo request_id when the bytes parse at all.
+      kiln::v1::Envelope probe;
+      const bool parsed = probe.ParseFromArray(payload.data(), static_cast<int>(payload.size()));
+      const char* reason = !parsed                                           ? "malformed"
+                           : probe.protocol_version() != kiln::kProtocolVersion ? "version"
+                                                                               : "no_body";
+      ProtocolError(side, route, reason, env.status(), parsed ? probe.request_id() : "");
+      return;
+    }
+    if (side == Side::kClient) {
+      HandleClient(route, *env);
+    } else {
+      HandleNode(route, *env);
+    }
+  }
+
+  void HandleClient(const Route& route, const kiln::v1::Envelope& env) {
+    const std::string& rid = env.request_id();
+    using E = kiln::v1::Envelope;
+    switch (env.body_case()) {
+      case E::kSubmit:
+        return Answer(route, rid, coordinator_.Submit(env.submit()),
+                      [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
+      case E::kStatus:
+        return Answer(route, rid, coordinator_.Status(env.status()),
+                      [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
+      case E::kWait: {
+        auto reply = coordinator_.Wait(env.wait(), ReplyTo{PackRoute(route), rid});
+        if (reply.ok() && !reply->has_value()) return;  // answered later
+        return Answer(route, rid, reply, [](E& out, std::optional<kiln::v1::JobReply> r) {
+          *out.mutable_job() = std::move(*r);
+        });
+      }
+      case E::kCancel:
+        return Answer(route, rid, coordinator_.Cancel(env.cancel()),
+                      [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
+      case E::kListNodes:
+        return Answer(route, rid,
+                      absl::StatusOr<kiln::v1::ListNodesReply>(coordinator_.ListNodes()),
+                      [](E& out, kiln::v1::ListNodesReply r) {
+                        *out.mutable_nodes() = std::move(r);
+                      });
+      case E::kDrain:
+        return Answer(route, rid, coordinator_.Drain(env.drain()),
+                      [](E& out, kiln::v1::DrainReply r) {
+                        *out.mutable_drain_reply() = std::move(r);
+                      });
+      default:
+        return ProtocolError(Side::kClient, route, "unexpected",
+                             absl::UnimplementedError(absl::StrCat(
+                                 "message type ", BodyName(env),
+                                 " is not accepted on the client socket")),
+                             rid);
+    }
+  }
+
+  void HandleNode(const Route& route, const kiln::v1::Envelope& env) {
+    const std::string& rid = env.request_id();
+    const std::string& node_id = route.identity;
+    using E = kiln::v1::Envelope;
+    absl::Status status;
+    switch (env.body_case()) {
+      case E::kRegisterNode: {
+        auto ack = coordinator_.RegisterNode(node_id, env.register_node());
+        if (!ack.ok()) return NodeRefused(route, ack.status(), rid);
+        kiln::v1::Envelope out;
+        out.set_request_id(rid);
+        *out.mutable_register_ack() = *ack;
+        return Send(Side::kNode, route, kiln::Encode(std::move(out)));
+      }
+      case E::kHeartbeat:
+        status = coordinator_.Heartbeat(node_id, env.heartbeat());
+        break;
+      case E::kProgress:
+        status = coordinator_.Progress(node_id, env.progress());
+        break;
+      case E::kResult:
+        status = coordinator_.Result(node_id, env.result());
+        break;
+      case E::kDeregister:
+        status = coordinator_.Deregister(node_id, env.deregister());
+        break;
+      default:
+        return ProtocolError(Side::kNode, route, "unexpected",
+                             absl::UnimplementedError(absl::StrCat(
+                                 "message type ", BodyName(env),
+                                 " is not accepted on the node socket")),
+                             rid);
+    }
+    if (!status.ok()) NodeRefused(route, status, rid);
+  }
+
+  // A node message the coordinator refused: answered and counted as a protocol error.
+  void NodeRefused(const Route& route, const absl::Status& status, const std::string& rid) {
+    ProtocolError(Side::kNode, route,
+                  absl::IsFailedPrecondition(status) ? "unregistered" : "rejected", status, rid);
+  }
+
+  template <typename T, typename Set>
+  void Answer(const Route& route, const std::string& rid, absl::StatusOr<T> result, Set set) {
+    kiln::v1::Envelope out;
+    if (result.ok()) {
+      out.set_request_id(rid);
+      set(out, std::move(*result));
+    } else {
+      out = kiln::ErrorEnvelope(result.status(), rid, ErrorField(result.status()));
+    }
+    Send(Side::kClient, route, kiln::Encode(std::move(out)));
+  }
+
+  void ProtocolError(Side side, const Route& route, const std::string& reason,
+                     const absl::Status& status, const std::string& rid) {
+    metrics_.CountProtocolError(SideName(side), reason);
+    Send(side, route, kiln::Encode(kiln::ErrorEnvelope(status, rid, ErrorField(status))));
+    const int64_t now = SteadyMs();
+    if (now - sockets_.last_error_log_ms < 1000) {
+      ++sockets_.errors_not_logged;
+      return;
+    }
+    sockets_.last_error_log_ms = now;
+    std::string more;
+    if (sockets_.errors_not_logged > 0) {
+      more = absl::StrCat(" (", sockets_.errors_not_logged, " more since the last such line)");
+    }
+    sockets_.errors_not_logged = 0;
+    Log(absl::StrCat("protocol error on the ", SideName(side), " socket (", reason, "): ",
+                     status.message(), more));
+  }
+
+  void Send(Side side, const Route& route, const std::string& payload) {
+    zmq::socket_t& socket = sockets_.socket(side);
+    try {
+      // A ROUTER drops what it cannot route or queue instead of blocking (no ROUTER_MANDATORY).
+      constexpr auto kMore = zmq::send_flags::sndmore | zmq::send_flags::dontwait;
+      socket.send(zmq::buffer(route.identity), kMore);
+      if (route.delimiter) socket.send(zmq::message_t(), kMore);
+      socket.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      metrics_.send_errors.Increment();
+      Log(absl::StrCat("send on the ", SideName(side), " socket failed: ", e.what()));
+    }
+  }
+
+  void Log(const std::string& line) {
+    if (log_) log_(line);
+  }
+
+  const CoordinatorServerOptions& options_;
+  Coordinator& coordinator_;
+  CoordinatorMetrics& metrics_;
+  const EventLog& log_;
+  CoordinatorServer::Sockets& sockets_;
+};
+
+}  // namespace
+
+absl::Status CoordinatorServerOptions::Validate() const {
+  if (client_endpoint.empty()) return InvalidField("client_endpoint", "must not be empty");
+  if (node_endpoint.empty()) return InvalidField("node_endpoint", "must not be empty");
+  if (client_endpoint == node_endpoint && !absl::EndsWith(client_endpoint, ":0") &&
+      !absl::EndsWith(client_endpoint, ":*")) {
+    return InvalidField("node_endpoint", "must differ from client_endpoint");
+  }
+  if (max_message_bytes < 1024) {
+    return InvalidField("max_message_bytes", absl::StrCat(max_message_bytes, " is below 1024"));
+  }
+  if (tick_interval_ms < 1 || tick_interval_ms > 1000) {
+    return InvalidField("tick_interval_ms", absl::StrCat(tick_interval_ms, " is not in 1..1000"));
+  }
+  if (max_batch < 1) return InvalidField("max_batch", "must be at least 1");
+  if (send_high_water_mark < 0) {
+    return InvalidField("send_high_water_mark", "must not be negative (0 = no limit)");
+  }
+  return absl::OkStatus();
+}
+
+std::string BindableEndpoint(const std::string& endpoint) {
+  if (absl::StartsWith(endpoint, "tcp://") && absl::EndsWith(endpoint, ":0")) {
+    return endpoint.substr(0, endpoint.size() - 1) + "*";
+  }
+  return endpoint;
+}
+
+std::string ConnectableEndpoint(const std::string& endpoint) {
+  for (const char* any : {"tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"}) {
+    if (absl::StartsWith(endpoint, any)) {
+      return absl::StrCat("tcp://127.0.0.1:", endpoint.substr(std::string(any).size()));
+    }
+  }
+  return endpoint;
+}
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    const CoordinatorServerOptions& options, Coordinator& coordinator,
+    CoordinatorMetrics& metrics, EventLog log) {
+  if (auto s = options.Validate(); !s.ok()) return s;
+  std::unique_ptr<CoordinatorServer> server(
+      new CoordinatorServer(options, coordinator, metrics, std::move(log)));
+  try {
+    server->sockets_ = std::make_unique<Sockets>();
+  } catch (const zmq::error_t& e) {
+    return absl::InternalError(absl::StrCat("cannot create ZeroMQ sockets: ", e.what()));
+  }
+  Sockets& s = *server->sockets_;
+  for (auto [side, endpoint, bound] :
+       {std::make_tuple(Side::kClient, options.client_endpoint, &server->client_endpoint_),
+        std::make_tuple(Side::kNode, options.node_endpoint, &server->node_endpoint_)}) {
+    zmq::socket_t& socket = s.socket(side);
+    try {
+      socket.set(zmq::sockopt::linger, 0);
+      socket.set(zmq::sockopt::maxmsgsize, options.max_message_bytes);
+      socket.set(zmq::sockopt::sndhwm, options.send_high_water_mark);
+      // A restarted node reconnects with its id before the old connection times out.
+      if (side == Side::kNode) socket.set(zmq::sockopt::router_handover, 1);
+    } catch (const zmq::error_t& e) {
+      return absl::InternalError(absl::StrCat("socket options: ", e.what()));
+    }
+    try {
+      socket.bind(BindableEndpoint(endpoint));
+      *bound = socket.get(zmq::sockopt::last_endpoint);
+    } catch (const zmq::error_t& e) {
+      return absl::UnavailableError(absl::StrCat("cannot bind the ", SideName(side),
+                                                 " socket to ", endpoint, ": ", e.what()));
+    }
+  }
+  server->thread_ = std::thread(&CoordinatorServer::Loop, server.get());
+  return server;
+}
+
+CoordinatorServer::CoordinatorServer(const CoordinatorServerOptions& options,
+                                     Coordinator& coordinator, CoordinatorMetrics& metrics,
+                                     EventLog log)
+    : options_(options), coordinator_(coordinator), metrics_(metrics), log_(std::move(log)) {}
+
+CoordinatorServer::~CoordinatorServer() { Stop(); }
+
+void CoordinatorServer::Stop() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+  sockets_.reset();
+}
+
+void CoordinatorServer::Loop() {
+  ServerLoop loop(options_, coordinator_, metrics_, log_, *sockets_);
+  zmq_pollitem_t items[2] = {
+      {sockets_->client.handle(), 0, ZMQ_POLLIN, 0},
+      {sockets_->node.handle(), 0, ZMQ_POLLIN, 0},
+  };
+  int64_t next_tick_ms = 0;
+  while (!stop_.load()) {
+    try {
+      zmq::poll(items, 2, std::chrono::milliseconds(options_.tick_interval_ms));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EINTR) continue;
+      metrics_.internal_errors.Increment();
+      if (log_) log_(absl::StrCat("poll failed: ", e.what()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(options_.tick_interval_ms));
+      continue;
+    }
+    if (items[0].revents & ZMQ_POLLIN) loop.Read(Side::kClient);
+    if (items[1].revents & ZMQ_POLLIN) loop.Read(Side::kNode);
+    const int64_t now = SteadyMs();
+    if (now >= next_tick_ms) {
+      next_tick_ms = now + options_.tick_interval_ms;
+      try {
+        loop.Tick();
+      } catch (const std::exception& e) {
+        metrics_.internal_errors.Increment();
+        if (log_) log_(absl::StrCat("internal error in Tick: ", e.what()));
+      }
+    }
+  }
+}
+
+}  // namespace kiln::coordinator

@@ -1,0 +1,1090 @@
+// Coordinator logic without sockets: a FakeClock, an InMemoryJobStore and a private Prometheus
+// registry. Nodes and clients are played by calling the Coordinator's methods directly and by
+// reading what it queues in TakeOutgoing().
+#include "coordinator/coordinator.h"
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "common/clock.h"
+#include "coordinator/job_store.h"
+#include "coordinator/validation.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prometheus/registry.h"
+
+namespace kiln::coordinator {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+using ::testing::StartsWith;
+using kiln::v1::JobInfo;
+using kiln::v1::JobSpec;
+using kiln::v1::NodeInfo;
+
+constexpr char kModel[] = "flux-tiny";
+constexpr char kSetKey[] = "flux-tiny/fp32/256x256";
+
+JobSpec Spec(const std::string& id, int32_t priority = 0) {
+  JobSpec spec;
+  spec.set_job_id(id);
+  spec.set_model(kModel);
+  spec.set_prompt("a lighthouse on a cliff at dusk");
+  spec.set_width(256);
+  spec.set_height(256);
+  spec.set_steps(4);
+  spec.set_seed(7);
+  spec.set_priority(priority);
+  return spec;
+}
+
+NodeInfo Node(const std::string& id, const std::string& kind = "cpu", bool can_compile = true) {
+  NodeInfo info;
+  info.set_node_id(id);
+  info.mutable_device()->set_kind(kind);
+  if (kind == "cuda") info.mutable_device()->set_compute_capability("9.0");
+  info.add_models(kModel);
+  info.set_can_compile(can_compile);
+  return info;
+}
+
+// Declares that jobs of kSetKey need packages d1 and d2.
+void DeclareSet(NodeInfo& info, const std::string& key = kSetKey) {
+  auto& set = (*info.mutable_package_sets())[key];
+  set.add_digests("d1");
+  set.add_digests("d2");
+}
+
+class CoordinatorTest : public ::testing::Test {
+ protected:
+  CoordinatorTest() : metrics_(registry_) { Make(CoordinatorOptions{}); }
+
+  void Make(CoordinatorOptions options) {
+    coordinator_.reset();
+    auto c = Coordinator::Create(options, store_, clock_, metrics_,
+                                 [this](const std::string& line) { log_.push_back(line); });
+    ASSERT_TRUE(c.ok()) << c.status();
+    coordinator_ = std::move(*c);
+  }
+
+  Coordinator& c() { return *coordinator_; }
+
+  void Register(const NodeInfo& info) {
+    kiln::v1::RegisterNode m;
+    *m.mutable_info() = info;
+    auto ack = c().RegisterNode(info.node_id(), m);
+    ASSERT_TRUE(ack.ok()) << ack.status();
+    EXPECT_EQ(ack->heartbeat_interval_ms(), c().options().heartbeat_interval_ms);
+  }
+
+  absl::StatusOr<kiln::v1::JobReply> Submit(const JobSpec& spec) {
+    kiln::v1::SubmitRequest r;
+    *r.mutable_spec() = spec;
+    return c().Submit(r);
+  }
+  void MustSubmit(const JobSpec& spec) {
+    auto r = Submit(spec);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->created());
+  }
+
+  JobInfo Job(const std::string& id) {
+    auto j = store_.Get(id);
+    EXPECT_TRUE(j.ok()) << j.status();
+    return j.ok() ? *j : JobInfo();
+  }
+
+  void Beat(const std::string& node_id, std::vector<std::string> running = {}) {
+    kiln::v1::Heartbeat hb;
+    for (auto& j : running) hb.add_running_jobs(j);
+    ASSERT_TRUE(c().Heartbeat(node_id, hb).ok());
+  }
+
+  absl::Status Result(const std::string& node_id, const std::string& job_id, bool ok = true,
+                      uint32_t attempt = 0, const std::string& code = "") {
+    kiln::v1::JobResult r;
+    r.set_job_id(job_id);
+    r.set_ok(ok);
+    r.set_attempt(attempt);
+    if (ok) {
+      r.set_png(std::string("\x89PNG fake", 9));
+      r.set_run_seconds(0.5);
+      (*r.mutable_packages())["transformer"] = "local";
+    } else {
+      r.set_error_code(code);
+      r.set_error("it broke");
+    }
+    return c().Result(node_id, r);
+  }
+
+  // (node, job, attempt) of every AssignJob queued since the last call; other messages are kept
+  // in `others_`.
+  std::vector<std::tuple<std::string, std::string, uint32_t>> Assigned() {
+    std::vector<std::tuple<std::string, std::string, uint32_t>> out;
+    for (auto& o : c().TakeOutgoing()) {
+      if (o.socket == Outgoing::Socket::kNode && o.envelope.has_assign()) {
+        out.emplace_back(o.peer, o.envelope.assign().spec().job_id(),
+                         o.envelope.assign().attempt());
+      } else {
+        others_.push_back(std::move(o));
+      }
+    }
+    return out;
+  }
+  std::vector<Outgoing> Others() {
+    Assigned();
+    return std::exchange(others_, {});
+  }
+  // The replies to clients among Others().
+  std::vector<Outgoing> ClientReplies() {
+    std::vector<Outgoing> out;
+    for (auto& o : Others()) {
+      if (o.socket == Outgoing::Socket::kClient) out.push_back(std::move(o));
+    }
+    return out;
+  }
+
+  // Advances the clock in heartbeat-sized steps, keeping `alive` nodes alive (each reports
+  // the jobs the coordinator assigned to it).
+  void Advance(int64_t ms, const std::vector<std::string>& alive = {}) {
+    const int64_t step = c().options().heartbeat_interval_ms;
+    while (ms > 0) {
+      const int64_t d = std::min(ms, step);
+      clock_.AdvanceMs(d);
+      ms -= d;
+      for (const auto& n : alive) Beat(n, RunningOn(n));
+      c().Tick();
+    }
+  }
+
+  std::vector<std::string> RunningOn(const std::string& node_id) {
+    const auto nodes = c().ListNodes();
+    for (const auto& n : nodes.nodes()) {
+      if (n.info().node_id() == node_id) {
+        return {n.running_jobs().begin(), n.running_jobs().end()};
+      }
+    }
+    return {};
+  }
+  kiln::v1::NodeState StateOf(const std::string& node_id) {
+    const auto nodes = c().ListNodes();
+    for (const auto& n : nodes.nodes()) {
+      if (n.info().node_id() == node_id) return n.state();
+    }
+    return kiln::v1::NODE_STATE_UNSPECIFIED;
+  }
+  bool Logged(const std::string& needle) {
+    for (const auto& l : log_) {
+      if (absl::StrContains(l, needle)) return true;
+    }
+    return false;
+  }
+
+  FakeClock clock_;
+  InMemoryJobStore store_;
+  prometheus::Registry registry_;
+  CoordinatorMetrics metrics_;
+  std::vector<std::string> log_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::vector<Outgoing> others_;
+};
+
+// ---- Submit validation
+
+struct BadField {
+  std::string name;
+  std::function<void(JobSpec&)> mutate;
+  std::string field;
+  std::string message;  // expected substring
+};
+
+TEST_F(CoordinatorTest, EveryBadFieldIsNamed) {
+  Register(Node("n1"));
+  const std::vector<BadField> cases = {
+      {"empty id", [](JobSpec& s) { s.set_job_id(""); }, "spec.job_id", "must not be empty"},
+      {"id charset", [](JobSpec& s) { s.set_job_id("a b"); }, "spec.job_id", "byte 0x20"},
+      {"id length", [](JobSpec& s) { s.set_job_id(std::string(129, 'a')); }, "spec.job_id",
+       "129 characters"},
+      {"empty model", [](JobSpec& s) { s.set_model(""); }, "spec.model", "must not be empty"},
+      {"model charset", [](JobSpec& s) { s.set_model("flux tiny"); }, "spec.model", "0x20"},
+      {"empty prompt", [](JobSpec& s) { s.set_prompt(""); }, "spec.prompt", "must not be empty"},
+      {"long prompt", [](JobSpec& s) { s.set_prompt(std::string(10001, 'x')); }, "spec.prompt",
+       "10001 bytes"},
+      {"bad utf8", [](JobSpec& s) { s.set_prompt("ok \xC3\x28"); }, "spec.prompt",
+       "not valid UTF-8 at byte 3"},
+      {"overlong utf8", [](JobSpec& s) { s.set_prompt("\xC0\xAF"); }, "spec.prompt", "UTF-8"},
+      {"width 300", [](JobSpec& s) { s.set_width(300); }, "spec.width",
+       "300 is not a multiple of 16"},
+      {"width 0", [](JobSpec& s) { s.set_width(0); }, "spec.width", "must be set"},
+      {"width huge", [](JobSpec& s) { s.set_width(8192); }, "spec.width", "more than 4096"},
+      {"height", [](JobSpec& s) { s.set_height(100); }, "spec.height", "100 is not a multiple"},
+      {"steps 0", [](JobSpec& s) { s.set_steps(0); }, "spec.steps", "0 is not in 1..1000"},
+      {"steps 1001", [](JobSpec& s) { s.set_steps(1001); }, "spec.steps", "1001"},
+      {"guidance <0", [](JobSpec& s) { s.set_guidance(-1); }, "spec.guidance", "not in 0..100"},
+      {"guidance >100", [](JobSpec& s) { s.set_guidance(100.5f); }, "spec.guidance", "100.5"},
+      {"guidance NaN",
+       [](JobSpec& s) { s.set_guidance(std::numeric_limits<float>::quiet_NaN()); },
+       "spec.guidance", "not in 0..100"},
+      {"precision", [](JobSpec& s) { s.set_precision("fp16"); }, "spec.precision", "'fp16'"},
+      {"deadline <0", [](JobSpec& s) { s.set_deadline_unix_ms(-5); }, "spec.deadline_unix_ms",
+       "negative"},
+      {"deadline past",
+       [this](JobSpec& s) { s.set_deadline_unix_ms(clock_.UnixMs() - 1); },
+       "spec.deadline_unix_ms", "in the past"},
+  };
+  for (const auto& tc : cases) {
+    JobSpec spec = Spec("job-1");
+    tc.mutate(spec);
+    auto r = Submit(spec);
+    ASSERT_FALSE(r.ok()) << tc.name;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << tc.name;
+    EXPECT_EQ(ErrorField(r.status()), tc.field) << tc.name;
+    EXPECT_THAT(std::string(r.status().message()), StartsWith(tc.field + ": ")) << tc.name;
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr(tc.message)) << tc.name;
+  }
+  EXPECT_EQ(metrics_.submissions_rejected.Value(), cases.size());
+  EXPECT_EQ(metrics_.submissions_created.Value(), 0);
+
+  // The exact wording promised in the issue.
+  JobSpec spec = Spec("job-1");
+  spec.set_width(300);
+  EXPECT_EQ(Submit(spec).status().message(), "spec.width: 300 is not a multiple of 16");
+  // Every field at its limit is fine.
+  spec = Spec(std::string(128, 'z'));
+  spec.set_job_id("A-z_0.9:" + std::string(120, 'q'));
+  spec.set_prompt(std::string(10000, 'p'));
+  spec.set_width(4096);
+  spec.set_height(16);
+  spec.set_steps(1000);
+  spec.set_guidance(100);
+  spec.set_precision("bf16");
+  spec.set_seed(std::numeric_limits<uint64_t>::max());
+  spec.set_priority(std::numeric_limits<int32_t>::min());
+  spec.set_deadline_unix_ms(clock_.UnixMs() + 1);
+  EXPECT_TRUE(Submit(spec).ok());
+}
+
+TEST_F(CoordinatorTest, ModelNoNodeEverServedIsRejectedButAKnownModelQueues) {
+  auto r = Submit(Spec("j1"));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ErrorField(r.status()), "spec.model");
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("no node serves model flux-tiny"));
+
+  Register(Node("n1"));
+  ASSERT_TRUE(c().Deregister("n1", {}).ok());
+  // The model was registered once: the job waits for a node instead of being refused.
+  auto queued = Submit(Spec("j1"));
+  ASSERT_TRUE(queued.ok()) << queued.status();
+  EXPECT_EQ(queued->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  Register(Node("n2"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 1u)));
+}
+
+TEST_F(CoordinatorTest, RepeatedJobIdReturnsTheSameJob) {
+  Register(Node("n1"));
+  auto first = Submit(Spec("j1"));
+  ASSERT_TRUE(first.ok());
+  EXPECT_TRUE(first->created());
+  EXPECT_EQ(first->job().state(), kiln::v1::JOB_STATE_RUNNING);  // placed at once
+  auto again = Submit(Spec("j1"));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->created());
+  EXPECT_EQ(again->job().spec().job_id(), "j1");
+  EXPECT_EQ(again->job().submitted_unix_ms(), first->job().submitted_unix_ms());
+  EXPECT_EQ(again->job().attempts(), 1u);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));  // only once
+
+  JobSpec other = Spec("j1");
+  other.set_prompt("a different prompt");
+  auto clash = Submit(other);
+  EXPECT_EQ(clash.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(ErrorField(clash.status()), "spec.job_id");
+  EXPECT_THAT(std::string(clash.status().message()), HasSubstr("job j1 already exists"));
+  EXPECT_THAT(std::string(clash.status().message()), HasSubstr("spec.prompt differs"));
+
+  // Still the same job after it finished (and the PNG is not in a Submit reply).
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  auto done = Submit(Spec("j1"));
+  ASSERT_TRUE(done.ok());
+  EXPECT_EQ(done->job().state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(done->job().png().empty());
+
+  EXPECT_EQ(metrics_.submissions_created.Value(), 1);
+  EXPECT_EQ(metrics_.submissions_duplicate.Value(), 2);
+  EXPECT_EQ(metrics_.submissions_rejected.Value(), 1);
+}
+
+// ---- Placement
+
+TEST_F(CoordinatorTest, PrefersLoadedThenLocalDiskThenCompile) {
+  NodeInfo cold = Node("a-cold");  // sorts first: preference must beat the id tie-break
+  DeclareSet(cold);
+  NodeInfo local = Node("b-local");
+  DeclareSet(local);
+  local.add_packages("d1");
+  local.add_packages("d2");
+  NodeInfo loaded = Node("c-loaded");
+  DeclareSet(loaded);
+  loaded.add_loaded_packages("d1");
+  loaded.add_loaded_packages("d2");
+  for (const auto& n : {cold, local, loaded}) Register(n);
+  EXPECT_THAT(Assigned(), IsEmpty());
+
+  for (const char* id : {"j1", "j2", "j3", "j4"}) {
+    JobSpec spec = Spec(id);
+    spec.set_precision("fp32");
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-loaded", "j1", 1u),
+                                      std::make_tuple("b-local", "j2", 1u),
+                                      std::make_tuple("a-cold", "j3", 1u)));
+  EXPECT_EQ(Job("j4").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(c().queue_depth(), 1u);
+  EXPECT_EQ(metrics_.queue_depth.Value(), 1);
+  EXPECT_TRUE(Logged("job j1 assigned to node c-loaded (attempt 1, packages loaded)"));
+  EXPECT_TRUE(Logged("job j2 assigned to node b-local (attempt 1, packages local)"));
+}
+
+TEST_F(CoordinatorTest, PartlyLoadedCountsAsLocalDisk) {
+  NodeInfo mixed = Node("a");
+  DeclareSet(mixed);
+  mixed.add_loaded_packages("d1");
+  mixed.add_packages("d2");
+  NodeInfo loaded = Node("b");
+  DeclareSet(loaded);
+  loaded.add_loaded_packages("d1");
+  loaded.add_loaded_packages("d2");
+  Register(mixed);
+  Register(loaded);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("fp32");
+  MustSubmit(spec);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b", "j1", 1u)));
+}
+
+TEST_F(CoordinatorTest, DefaultPrecisionUsesTheNodesDeclaredSetThenItsDeviceDefault) {
+  // Job precision "": node "x" declares what its default needs under "flux-tiny//256x256";
+  // node "y" declares nothing for "" but is a cpu node, whose default is fp32.
+  NodeInfo x = Node("x");
+  DeclareSet(x, "flux-tiny//256x256");
+  x.add_packages("d1");
+  x.add_packages("d2");
+  NodeInfo y = Node("y");
+  DeclareSet(y, "flux-tiny/fp32/256x256");
+  y.add_loaded_packages("d1");
+  y.add_loaded_packages("d2");
+  NodeInfo z = Node("a-z");  // cold
+  Register(z);
+  Register(x);
+  Register(y);
+  MustSubmit(Spec("j1"));  // precision ""
+  MustSubmit(Spec("j2"));
+  MustSubmit(Spec("j3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("y", "j1", 1u),
+                                      std::make_tuple("x", "j2", 1u),
+                                      std::make_tuple("a-z", "j3", 1u)));
+}
+
+TEST_F(CoordinatorTest, IneligibleNodesAreSkippedAndTheReasonIsShown) {
+  NodeInfo no_compile = Node("n1", "cpu", /*can_compile=*/false);
+  Register(no_compile);
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  JobInfo j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_THAT(j.error(), StartsWith("waiting: no ready node can run it"));
+  EXPECT_THAT(j.error(), HasSubstr("n1 does not hold the packages"));
+  EXPECT_THAT(j.error(), HasSubstr("cannot compile"));
+
+  // The node gets the packages on disk (heartbeat): now it is eligible.
+  kiln::v1::Heartbeat hb;
+  hb.add_packages("d1");
+  hb.add_packages("d2");
+  (*hb.mutable_package_sets())["flux-tiny//256x256"].add_digests("d1");
+  (*hb.mutable_package_sets())["flux-tiny//256x256"].add_digests("d2");
+  ASSERT_TRUE(c().Heartbeat("n1", hb).ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  EXPECT_EQ(Job("j1").error(), "");
+}
+
+TEST_F(CoordinatorTest, DeclaredPackageSetsSayWhichSizesAndPrecisionsANodeServes) {
+  NodeInfo small = Node("a-small", "cuda");  // serves flux-tiny fp32 at 256x256 only
+  DeclareSet(small);
+  small.add_loaded_packages("d1");
+  small.add_loaded_packages("d2");
+  Register(small);
+  JobSpec big = Spec("big");
+  big.set_width(512);
+  MustSubmit(big);
+  JobSpec bf16 = Spec("bf16");
+  bf16.set_precision("bf16");
+  MustSubmit(bf16);
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_THAT(Job("big").error(),
+              HasSubstr("a-small does not serve flux-tiny at 512x256 (it serves fp32 256x256)"));
+  EXPECT_THAT(Job("bf16").error(), HasSubstr("a-small does not serve flux-tiny bf16 at 256x256"));
+  // Precision "": the node's default; the one precision it declares at that size is used for
+  // warmth even though a cuda device usually defaults to bf16.
+  MustSubmit(Spec("default"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-small", "default", 1u)));
+  EXPECT_TRUE(Logged("job default assigned to node a-small (attempt 1, packages loaded)"));
+  // A node that declares nothing for the model takes any size (cold, it can compile).
+  Register(Node("b-any"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-any", "big", 1u)));
+}
+
+TEST_F(CoordinatorTest, Fp8NeedsARecentCudaDevice) {
+  Register(Node("cpu-node"));
+  NodeInfo ampere = Node("ampere", "cuda");
+  ampere.mutable_device()->set_compute_capability("8.0");
+  Register(ampere);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("fp8");
+  MustSubmit(spec);
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_THAT(Job("j1").error(), HasSubstr("cpu-node has a cpu device, which cannot run fp8"));
+  EXPECT_THAT(Job("j1").error(), HasSubstr("ampere has compute capability 8.0"));
+  Register(Node("hopper", "cuda"));  // 9.0
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("hopper", "j1", 1u)));
+  // A node that does not serve the model is never chosen.
+  NodeInfo other = Node("aaa-other");  // would win the id tie-break if it were eligible
+  other.clear_models();
+  other.add_models("flux-dev");
+  Register(other);
+  MustSubmit(Spec("j2"));  // not fp8: the 8.0 card may run it
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("ampere", "j2", 1u)));
+}
+
+TEST_F(CoordinatorTest, LeastLoadedWinsAmongEquallyWarmNodes) {
+  CoordinatorOptions o;
+  o.max_jobs_per_node = 2;
+  Make(o);
+  Register(Node("a"));
+  Register(Node("b"));
+  for (const char* id : {"j1", "j2", "j3", "j4", "j5"}) MustSubmit(Spec(id));
+  // j1 → a (tie: id); j2 → b (a has 1); j3 → a (tie: a idle longer); j4 → b; j5 waits.
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j1", 1u),
+                                      std::make_tuple("b", "j2", 1u),
+                                      std::make_tuple("a", "j3", 1u),
+                                      std::make_tuple("b", "j4", 1u)));
+  ASSERT_TRUE(Result("b", "j2").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b", "j5", 1u)));
+  ASSERT_TRUE(Result("a", "j1").ok());
+  ASSERT_TRUE(Result("a", "j3").ok());
+  MustSubmit(Spec("j6"));  // a has 0 jobs, b has 2 (full)
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j6", 1u)));
+}
+
+TEST_F(CoordinatorTest, WarmthBeatsLoad) {
+  CoordinatorOptions o;
+  o.max_jobs_per_node = 2;
+  Make(o);
+  NodeInfo warm = Node("warm");
+  DeclareSet(warm);
+  warm.add_loaded_packages("d1");
+  warm.add_loaded_packages("d2");
+  Register(Node("cold"));
+  Register(warm);
+  for (const char* id : {"j1", "j2"}) {
+    JobSpec spec = Spec(id);
+    spec.set_precision("fp32");
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("warm", "j1", 1u),
+                                      std::make_tuple("warm", "j2", 1u)));
+}
+
+TEST_F(CoordinatorTest, HigherPriorityFirstThenSubmitOrder) {
+  Register(Node("n1"));
+  MustSubmit(Spec("busy"));
+  MustSubmit(Spec("low-a", 0));
+  MustSubmit(Spec("high-b", 5));
+  MustSubmit(Spec("low-c", 0));
+  MustSubmit(Spec("high-d", 5));
+  MustSubmit(Spec("neg-e", -3));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "busy", 1u)));
+  std::vector<std::string> order;
+  std::string running = "busy";
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(Result("n1", running).ok());
+    auto a = Assigned();
+    ASSERT_EQ(a.size(), 1u);
+    running = std::get<1>(a[0]);
+    order.push_back(running);
+  }
+  EXPECT_THAT(order, ElementsAre("high-b", "high-d", "low-a", "low-c", "neg-e"));
+}
+
+// ---- Node failures
+
+TEST_F(CoordinatorTest, DeadNodesJobIsRequeuedAndCompletesElsewhere) {
+  Register(Node("n1"));
+  Register(Node("n2"));
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+
+  // n2 keeps heartbeating, n1 falls silent: dead after 3 intervals (3000 ms), not before.
+  Advance(3000, {"n2"});
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_READY);
+  Advance(1000, {"n2"});
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_DEAD);
+  EXPECT_TRUE(Logged("node n1 is dead"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 2u)));
+  JobInfo j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(j.node_id(), "n2");
+  EXPECT_EQ(j.attempts(), 2u);
+  EXPECT_EQ(metrics_.jobs_requeued.Value(), 1);
+  EXPECT_EQ(metrics_.nodes_dead.Value(), 1);
+  EXPECT_EQ(metrics_.nodes_ready.Value(), 1);
+
+  ASSERT_TRUE(Result("n2", "j1", true, 2).ok());
+  j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(j.node_id(), "n2");
+  EXPECT_EQ(j.png(), std::string("\x89PNG fake", 9));
+  EXPECT_EQ(j.step(), 4u);
+  EXPECT_EQ(j.packages().at("transformer"), "local");
+  EXPECT_GT(j.finished_unix_ms(), 0);
+  EXPECT_EQ(metrics_.jobs_succeeded.Value(), 1);
+  EXPECT_EQ(metrics_.run_seconds.Collect().histogram.sample_count, 1u);
+  EXPECT_EQ(metrics_.queue_seconds.Collect().histogram.sample_count, 2u);  // two assignments
+
+  // The dead node's messages are refused until it registers again.
+  kiln::v1::Heartbeat hb;
+  EXPECT_EQ(c().Heartbeat("n1", hb).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, LateResultFromAFormerAssigneeIsIgnoredAndCounted) {
+  Register(Node("n1"));
+  Register(Node("n2"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+  Advance(4000, {"n2"});  // n1 dies; j1 → n2
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 2u)));
+
+  // From the dead node: refused (it must register again) and counted.
+  EXPECT_EQ(Result("n1", "j1", true, 1).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(metrics_.stale_results.Value(), 1);
+  // From the same node once it is back: ignored, counted.
+  Register(Node("n1"));
+  EXPECT_TRUE(Result("n1", "j1", true, 1).ok());
+  EXPECT_EQ(metrics_.stale_results.Value(), 2);
+  EXPECT_TRUE(Logged("ignored a stale result for job j1 from node n1"));
+  // A failure from the assignee for another attempt: ignored too.
+  EXPECT_TRUE(Result("n2", "j1", false, 1, "INTERNAL").ok());
+  EXPECT_EQ(metrics_.stale_results.Value(), 3);
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Job("j1").node_id(), "n2");
+  // Stale progress is ignored as well.
+  kiln::v1::JobProgress p;
+  p.set_job_id("j1");
+  p.set_step(3);
+  EXPECT_TRUE(c().Progress("n1", p).ok());
+  EXPECT_EQ(Job("j1").step(), 0u);
+  EXPECT_EQ(metrics_.stale_progress.Value(), 1);
+
+  // A success from the assignee counts whatever attempt it names (a node that was given a job
+  // again while still running it reports the attempt it started).
+  ASSERT_TRUE(Result("n2", "j1", true, 1).ok());
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(metrics_.stale_results.Value(), 3);
+}
+
+TEST_F(CoordinatorTest, AfterMaxAttemptsTheJobFailsWithTheReason) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  for (uint32_t attempt = 1; attempt <= 3; ++attempt) {
+    EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", attempt)));
+    Advance(4000);  // n1 dies
+    EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_DEAD);
+    if (attempt < 3) {
+      EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);
+      EXPECT_EQ(Job("j1").error(),
+                absl::StrCat("waiting: requeued after node n1 died while running it (attempt ",
+                             attempt, " of 3)"));
+      Register(Node("n1"));  // it comes back
+    }
+  }
+  JobInfo j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(j.error(), "UNAVAILABLE: node n1 died while running it (3 attempts)");
+  EXPECT_EQ(j.attempts(), 3u);
+  EXPECT_EQ(metrics_.jobs_failed.Value(), 1);
+  EXPECT_EQ(metrics_.jobs_requeued.Value(), 2);
+  EXPECT_TRUE(Logged("job j1 failed: UNAVAILABLE: node n1 died while running it (3 attempts)"));
+}
+
+TEST_F(CoordinatorTest, RegisteringAgainKeepsJobsUntilHeartbeatsSayOtherwise) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+  // Reconnected: it still runs j1, as its heartbeats say.
+  Register(Node("n1"));
+  EXPECT_TRUE(Logged("node n1 registered again"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  clock_.AdvanceMs(3500);
+  Beat("n1", {"j1"});
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_RUNNING);
+  // Restarted under the same id: its heartbeats no longer list j1 → requeued and placed again.
+  Register(Node("n1"));
+  Beat("n1", {});
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 2u)));
+  EXPECT_THAT(Job("j1").error(), IsEmpty());
+  EXPECT_TRUE(Logged("job j1 requeued: node n1 stopped reporting it (attempt 1 of 3)"));
+}
+
+TEST_F(CoordinatorTest, LeavingGivesUpTheNodesJobs) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+
+  ASSERT_TRUE(c().Deregister("n1", [] {
+                  kiln::v1::Deregister d;
+                  d.set_reason("SIGTERM");
+                  return d;
+                }())
+                  .ok());
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_LEFT);
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(Job("j1").error(),
+            "waiting: requeued after node n1 left while running it (attempt 1 of 3)");
+  EXPECT_EQ(metrics_.nodes_left.Value(), 1);
+}
+
+TEST_F(CoordinatorTest, RetryableNodeFailureRequeuesOthersFail) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+  ASSERT_TRUE(Result("n1", "j1", false, 1, "RESOURCE_EXHAUSTED").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 2u)));
+  ASSERT_TRUE(Result("n1", "j1", false, 2, "INVALID_ARGUMENT").ok());
+  JobInfo j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(j.error(), "INVALID_ARGUMENT: it broke (on node n1)");
+  EXPECT_GT(j.run_seconds(), -1);
+}
+
+TEST_F(CoordinatorTest, HeartbeatsReconcileRunningJobs) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+  // A heartbeat sent before the AssignJob arrived does not list j1: within the grace period.
+  Beat("n1", {});
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_RUNNING);
+  // Still not listed 3 intervals later: the assignment was lost → requeued (and placed again).
+  clock_.AdvanceMs(3001);
+  Beat("n1", {});
+  EXPECT_EQ(metrics_.jobs_requeued.Value(), 1);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 2u)));
+  // A job the node runs but does not hold (e.g. from before a requeue): told to stop.
+  Beat("n1", {"j1", "ghost"});
+  auto others = Others();
+  ASSERT_EQ(others.size(), 1u);
+  EXPECT_EQ(others[0].peer, "n1");
+  EXPECT_EQ(others[0].envelope.cancel_job().job_id(), "ghost");
+}
+
+TEST_F(CoordinatorTest, CoordinatorHeartbeatsLiveNodes) {
+  Register(Node("n1"));
+  Register(Node("n2"));
+  ASSERT_TRUE(c().Deregister("n2", {}).ok());
+  MustSubmit(Spec("j1"));
+  Assigned();
+  c().Tick();
+  auto others = Others();
+  ASSERT_EQ(others.size(), 1u);
+  EXPECT_EQ(others[0].peer, "n1");
+  ASSERT_TRUE(others[0].envelope.has_heartbeat());
+  EXPECT_THAT(others[0].envelope.heartbeat().running_jobs(), ElementsAre("j1"));
+  clock_.AdvanceMs(500);
+  Beat("n1", {"j1"});
+  c().Tick();
+  EXPECT_THAT(Others(), IsEmpty());  // not due yet
+  clock_.AdvanceMs(500);
+  c().Tick();
+  EXPECT_EQ(Others().size(), 1u);
+}
+
+// ---- Client operations
+
+TEST_F(CoordinatorTest, CancelQueuedAndRunning) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  MustSubmit(Spec("j2"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+
+  kiln::v1::CancelRequest cancel;
+  cancel.set_job_id("j2");
+  auto r = c().Cancel(cancel);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->job().state(), kiln::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(r->job().error(), "CANCELLED: cancelled by a client");
+  EXPECT_EQ(c().queue_depth(), 0u);
+  EXPECT_THAT(Others(), IsEmpty());  // nothing to tell a node
+  ASSERT_TRUE(c().Cancel(cancel).ok());  // idempotent
+
+  cancel.set_job_id("j1");
+  r = c().Cancel(cancel);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->job().state(), kiln::v1::JOB_STATE_CANCELLED);
+  EXPECT_EQ(r->job().error(), "CANCELLED: cancelled by a client while running on n1");
+  auto others = Others();
+  ASSERT_EQ(others.size(), 1u);
+  EXPECT_EQ(others[0].peer, "n1");
+  EXPECT_EQ(others[0].envelope.cancel_job().job_id(), "j1");
+  EXPECT_EQ(metrics_.jobs_cancelled.Value(), 2);
+
+  // n1 is still winding j1 down: a new job waits until n1 reports back.
+  MustSubmit(Spec("j3"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  ASSERT_TRUE(Result("n1", "j1", false, 1, "CANCELLED").ok());
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_CANCELLED);  // the late result changes nothing
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j3", 1u)));
+
+  ASSERT_TRUE(Result("n1", "j3").ok());
+  cancel.set_job_id("j3");
+  EXPECT_EQ(c().Cancel(cancel).status().code(), absl::StatusCode::kFailedPrecondition);
+  cancel.set_job_id("nope");
+  EXPECT_EQ(c().Cancel(cancel).status().code(), absl::StatusCode::kNotFound);
+  cancel.set_job_id("");
+  EXPECT_EQ(c().Cancel(cancel).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(CoordinatorTest, DrainStopsNewWorkButLetsTheRunningJobFinish) {
+  Register(Node("n1"));
+  Register(Node("n2"));
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  kiln::v1::DrainRequest drain;
+  drain.set_node_id("n1");
+  auto r = c().Drain(drain);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node().state(), kiln::v1::NODE_STATE_DRAINING);
+  EXPECT_THAT(r->node().running_jobs(), ElementsAre("j1"));
+  EXPECT_TRUE(c().Drain(drain).ok());  // idempotent
+  EXPECT_EQ(metrics_.nodes_draining.Value(), 1);
+
+  MustSubmit(Spec("j2"));
+  MustSubmit(Spec("j3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j2", 1u)));
+  ASSERT_TRUE(Result("n1", "j1").ok());  // the draining node's result is accepted
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_THAT(Assigned(), IsEmpty());  // ... but it gets nothing new
+  EXPECT_EQ(Job("j3").state(), kiln::v1::JOB_STATE_QUEUED);
+  // A draining node that stays silent still dies.
+  Advance(4000, {"n2"});
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_DEAD);
+  EXPECT_EQ(c().Drain(drain).status().code(), absl::StatusCode::kFailedPrecondition);
+  drain.set_node_id("n9");
+  EXPECT_EQ(c().Drain(drain).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorTest, QueuedJobPastItsDeadlineFails) {
+  Register(Node("n1"));
+  MustSubmit(Spec("busy"));
+  JobSpec spec = Spec("j1");
+  spec.set_deadline_unix_ms(clock_.UnixMs() + 2500);
+  MustSubmit(spec);
+  JobSpec later = Spec("j2");
+  later.set_deadline_unix_ms(clock_.UnixMs() + 60000);
+  MustSubmit(later);
+  Advance(2000, {"n1"});
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);
+  Advance(1000, {"n1"});
+  JobInfo j = Job("j1");
+  EXPECT_EQ(j.state(), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_THAT(j.error(), StartsWith("DEADLINE_EXCEEDED: not started before its deadline"));
+  EXPECT_EQ(c().queue_depth(), 1u);
+  // A job that started before its deadline is not stopped by it.
+  ASSERT_TRUE(Result("n1", "busy").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "busy", 1u),
+                                      std::make_tuple("n1", "j2", 1u)));
+}
+
+TEST_F(CoordinatorTest, StatusIncludesThePngOnlyWhenAsked) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  kiln::v1::StatusRequest req;
+  req.set_job_id("j1");
+  auto r = c().Status(req);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->job().state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_TRUE(r->job().png().empty());
+  req.set_include_png(true);
+  EXPECT_EQ(c().Status(req)->job().png(), std::string("\x89PNG fake", 9));
+  req.set_job_id("nope");
+  EXPECT_EQ(c().Status(req).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorTest, WaitAnswersOnCompletionOnTimeoutAndStreamsProgress) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  MustSubmit(Spec("j2"));
+  Assigned();
+
+  kiln::v1::WaitRequest w;
+  w.set_job_id("j1");
+  w.set_timeout_ms(10000);
+  w.set_include_png(true);
+  auto r = c().Wait(w, ReplyTo{"client-a", "r1"});
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(r->has_value());  // answered later
+  w.set_include_png(false);
+  w.set_stream_progress(true);
+  r = c().Wait(w, ReplyTo{"client-b", "r2"});
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_FALSE((*r)->final());  // the current state, more to come
+  EXPECT_EQ((*r)->job().state(), kiln::v1::JOB_STATE_RUNNING);
+  kiln::v1::WaitRequest w2;
+  w2.set_job_id("j2");
+  w2.set_timeout_ms(1500);
+  ASSERT_TRUE(c().Wait(w2, ReplyTo{"client-c", "r3"}).ok());
+  EXPECT_EQ(c().pending_waits(), 3u);
+
+  // Progress goes only to the streaming waiter.
+  kiln::v1::JobProgress p;
+  p.set_job_id("j1");
+  p.set_step(2);
+  p.set_total_steps(4);
+  ASSERT_TRUE(c().Progress("n1", p).ok());
+  auto out = ClientReplies();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].socket, Outgoing::Socket::kClient);
+  EXPECT_EQ(out[0].peer, "client-b");
+  EXPECT_EQ(out[0].envelope.request_id(), "r2");
+  EXPECT_FALSE(out[0].envelope.job().final());
+  EXPECT_EQ(out[0].envelope.job().job().step(), 2u);
+  EXPECT_EQ(Job("j1").step(), 2u);
+
+  // j2's wait times out with its current state.
+  Advance(1000, {"n1"});
+  EXPECT_THAT(ClientReplies(), IsEmpty());
+  Advance(1000, {"n1"});
+  out = ClientReplies();
+  ASSERT_EQ(out.size(), 1u);
+  EXPECT_EQ(out[0].peer, "client-c");
+  EXPECT_TRUE(out[0].envelope.job().final());
+  EXPECT_EQ(out[0].envelope.job().job().state(), kiln::v1::JOB_STATE_QUEUED);
+
+  // j1 finishes: both j1 waiters get a final reply; the PNG only where asked.
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  out = ClientReplies();
+  ASSERT_EQ(out.size(), 2u);
+  for (const auto& o : out) {
+    EXPECT_TRUE(o.envelope.job().final());
+    EXPECT_EQ(o.envelope.job().job().state(), kiln::v1::JOB_STATE_SUCCEEDED);
+    EXPECT_EQ(o.envelope.job().job().png().empty(), o.peer == "client-b") << o.peer;
+  }
+  EXPECT_EQ(c().pending_waits(), 0u);
+
+  // A finished job, or timeout 0: answered at once.
+  w.set_stream_progress(false);
+  w.set_include_png(true);
+  r = c().Wait(w, ReplyTo{"client-a", "r4"});
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_TRUE((*r)->final());
+  EXPECT_FALSE((*r)->job().png().empty());
+  w2.set_timeout_ms(0);
+  r = c().Wait(w2, ReplyTo{"client-a", "r5"});
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_TRUE((*r)->final());
+  w2.set_job_id("nope");
+  EXPECT_EQ(c().Wait(w2, ReplyTo{}).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(CoordinatorTest, WaitStreamsRequeuesAndPendingWaitsAreBounded) {
+  CoordinatorOptions o;
+  o.max_pending_waits = 2;
+  Make(o);
+  Register(Node("n1"));
+  Register(Node("n2"));
+  MustSubmit(Spec("j1"));
+  Assigned();
+  kiln::v1::WaitRequest w;
+  w.set_job_id("j1");
+  w.set_timeout_ms(60000);
+  w.set_stream_progress(true);
+  ASSERT_TRUE(c().Wait(w, ReplyTo{"a", "1"}).ok());
+  ASSERT_TRUE(c().Wait(w, ReplyTo{"b", "2"}).ok());
+  EXPECT_EQ(c().Wait(w, ReplyTo{"c", "3"}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  Advance(4000, {"n2"});  // n1 dies: streaming waiters see QUEUED then RUNNING on n2
+  std::vector<std::string> seen;
+  for (const auto& out : Others()) {
+    if (out.socket != Outgoing::Socket::kClient || out.peer != "a") continue;
+    const auto& job = out.envelope.job().job();
+    seen.push_back(absl::StrCat(kiln::v1::JobState_Name(job.state()), "@", job.node_id()));
+  }
+  EXPECT_THAT(seen, ElementsAre("JOB_STATE_QUEUED@", "JOB_STATE_RUNNING@n2"));
+}
+
+TEST_F(CoordinatorTest, ListNodesShowsEveryNode) {
+  Register(Node("n2"));
+  NodeInfo gpu = Node("n1", "cuda");
+  gpu.mutable_device()->set_name("NVIDIA H100 80GB HBM3");
+  gpu.mutable_device()->set_mig_profile("3g.40gb");
+  Register(gpu);
+  MustSubmit(Spec("j1"));
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  auto nodes = c().ListNodes();
+  ASSERT_EQ(nodes.nodes_size(), 2);
+  EXPECT_EQ(nodes.nodes(0).info().node_id(), "n1");
+  EXPECT_EQ(nodes.nodes(0).info().device().mig_profile(), "3g.40gb");
+  EXPECT_EQ(nodes.nodes(0).jobs_done(), 1u);
+  EXPECT_EQ(nodes.nodes(0).state(), kiln::v1::NODE_STATE_READY);
+  EXPECT_EQ(nodes.nodes(0).last_seen_unix_ms(), clock_.UnixMs());
+  EXPECT_TRUE(Logged("node n1 registered (cuda NVIDIA H100 80GB HBM3 MIG 3g.40gb"));
+}
+
+TEST_F(CoordinatorTest, BadRegistrationsAreRefused) {
+  kiln::v1::RegisterNode m;
+  *m.mutable_info() = Node("n1");
+  auto r = c().RegisterNode("n2", m);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ErrorField(r.status()), "register_node.info.node_id");
+  r = c().RegisterNode(std::string("\0abcd", 5), m);  // a DEALER without a routing id
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("routing id"));
+  m.mutable_info()->mutable_device()->set_kind("tpu");
+  r = c().RegisterNode("n1", m);
+  EXPECT_EQ(ErrorField(r.status()), "register_node.info.device.kind");
+  *m.mutable_info() = Node("n1");
+  m.mutable_info()->clear_models();
+  EXPECT_EQ(ErrorField(c().RegisterNode("n1", m).status()), "register_node.info.models");
+  // node_id may be left empty: the socket identity is the node id.
+  *m.mutable_info() = Node("");
+  ASSERT_TRUE(c().RegisterNode("n3", m).ok());
+  EXPECT_EQ(c().ListNodes().nodes(0).info().node_id(), "n3");
+  // Messages from a node that never registered.
+  EXPECT_EQ(c().Heartbeat("stranger", {}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c().Progress("stranger", {}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c().Deregister("stranger", {}).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, NodeTableIsBoundedAndEvictsDeadNodesFirst) {
+  CoordinatorOptions o;
+  o.max_nodes = 2;
+  Make(o);
+  Register(Node("n1"));
+  Register(Node("n2"));
+  kiln::v1::RegisterNode m;
+  *m.mutable_info() = Node("n3");
+  EXPECT_EQ(c().RegisterNode("n3", m).status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(c().Deregister("n1", {}).ok());
+  ASSERT_TRUE(c().RegisterNode("n3", m).ok());
+  auto nodes = c().ListNodes();
+  ASSERT_EQ(nodes.nodes_size(), 2);
+  EXPECT_EQ(nodes.nodes(0).info().node_id(), "n2");
+  EXPECT_EQ(nodes.nodes(1).info().node_id(), "n3");
+}
+
+TEST_F(CoordinatorTest, RecoversUnfinishedJobsFromTheStore) {
+  JobInfo running;
+  *running.mutable_spec() = Spec("was-running");
+  running.set_state(kiln::v1::JOB_STATE_RUNNING);
+  running.set_node_id("old-node");
+  running.set_attempts(1);
+  ASSERT_TRUE(store_.Put(running).ok());
+  JobInfo queued;
+  *queued.mutable_spec() = Spec("was-queued");
+  queued.set_state(kiln::v1::JOB_STATE_QUEUED);
+  ASSERT_TRUE(store_.Put(queued).ok());
+  Make(CoordinatorOptions{});
+  EXPECT_EQ(c().queue_depth(), 2u);
+  EXPECT_EQ(Job("was-running").state(), kiln::v1::JOB_STATE_QUEUED);
+  Register(Node("n1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "was-running", 2u)));
+}
+
+// A JobStore that fails on demand, as a Redis-backed one may.
+class FlakyStore : public JobStore {
+ public:
+  bool fail_reads = false;
+  bool fail_creates = false;
+  bool fail_updates = false;
+  absl::StatusOr<CreateResult> Create(const JobInfo& job) override {
+    if (fail_creates) return absl::UnavailableError("store down");
+    return inner_.Create(job);
+  }
+  absl::StatusOr<JobInfo> Get(const std::string& id) const override {
+    if (fail_reads) return absl::UnavailableError("store down");
+    return inner_.Get(id);
+  }
+  absl::Status Put(const JobInfo& job) override { return inner_.Put(job); }
+  absl::StatusOr<JobInfo> Update(
+      const std::string& id, const std::function<absl::Status(JobInfo&)>& mutate) override {
+    if (fail_updates) return absl::UnavailableError("store down");
+    return inner_.Update(id, mutate);
+  }
+  absl::StatusOr<std::vector<JobInfo>> List(kiln::v1::JobState state) const override {
+    if (fail_reads) return absl::UnavailableError("store down");
+    return inner_.List(state);
+  }
+
+ private:
+  InMemoryJobStore inner_;
+};
+
+TEST_F(CoordinatorTest, StoreFailuresAreReportedCountedAndRetried) {
+  FlakyStore store;
+  store.fail_reads = true;
+  EXPECT_EQ(Coordinator::Create(CoordinatorOptions{}, store, clock_, metrics_).status().code(),
+            absl::StatusCode::kUnavailable);  // cannot recover the queue
+  store.fail_reads = false;
+  auto created = Coordinator::Create(CoordinatorOptions{}, store, clock_, metrics_);
+  ASSERT_TRUE(created.ok());
+  Coordinator& c = **created;
+  kiln::v1::RegisterNode reg;
+  *reg.mutable_info() = Node("n1");
+  ASSERT_TRUE(c.RegisterNode("n1", reg).ok());
+  kiln::v1::SubmitRequest submit;
+  *submit.mutable_spec() = Spec("j1");
+
+  store.fail_reads = true;
+  EXPECT_EQ(c.Submit(submit).status().code(), absl::StatusCode::kUnavailable);
+  store.fail_reads = false;
+  store.fail_creates = true;
+  EXPECT_EQ(c.Submit(submit).status().code(), absl::StatusCode::kUnavailable);
+  store.fail_creates = false;
+  EXPECT_EQ(metrics_.submissions_rejected.Value(), 2);
+
+  // Accepted, but the assignment cannot be written: the job stays queued and nothing is sent.
+  store.fail_updates = true;
+  auto reply = c.Submit(submit);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(metrics_.store_errors.Value(), 1);
+  for (const auto& out : c.TakeOutgoing()) EXPECT_FALSE(out.envelope.has_assign());
+  // The store is back: the next event places it.
+  store.fail_updates = false;
+  ASSERT_TRUE(c.Heartbeat("n1", {}).ok());
+  auto outgoing = c.TakeOutgoing();
+  ASSERT_EQ(outgoing.size(), 1u);
+  EXPECT_EQ(outgoing[0].envelope.assign().spec().job_id(), "j1");
+}
+
+TEST_F(CoordinatorTest, OptionsAreValidated) {
+  CoordinatorOptions o;
+  o.heartbeat_interval_ms = 0;
+  EXPECT_EQ(ErrorField(o.Validate()), "heartbeat_interval_ms");
+  o = {};
+  o.max_attempts = 0;
+  EXPECT_EQ(ErrorField(o.Validate()), "max_attempts");
+  o = {};
+  o.max_jobs_per_node = 0;
+  EXPECT_EQ(ErrorField(o.Validate()), "max_jobs_per_node");
+  auto created = Coordinator::Create(o, store_, clock_, metrics_);
+  EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kiln::coordinator

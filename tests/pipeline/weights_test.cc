@@ -1,0 +1,242 @@
+// ComponentWeights::Gather without a compiled package: load-time derived constants (concat0,
+// fp8_rowwise, fp8_rowwise_scale) against kiln.models.quant's Python results byte for byte,
+// their cache, and every error (missing source named, misshaped result, op/dtype mismatch,
+// unknown op, sources that do not concatenate, undescribed FQN); plus the manifest's "derive"
+// parsing. Fixtures come from tests/pipeline/ref_derive.py. The CUDA case runs where a GPU is
+// visible (it checks that a GPU node quantizes to the same bytes) and skips elsewhere.
+#include <cstring>
+#include <functional>
+#include <memory>
+
+#include "cache/manifest.h"
+#include "gtest/gtest.h"
+#include "pipeline/aoti_package.h"
+#include "pipeline/weights.h"
+#include "tests/pipeline/test_support.h"
+
+namespace kiln::pipeline {
+namespace {
+
+using kiln::testing::HavePython;
+using kiln::testing::ReadFileOrDie;
+using kiln::testing::RunPython;
+
+// A manifest around `constants` (the manifest's "constants" object), parsed as the runtime does.
+absl::StatusOr<cache::PackageManifest> Manifest(const nlohmann::json& constants) {
+  cache::ArtifactKey key;
+  key.architecture = std::string(64, 'a');
+  key.component = "transformer";
+  key.precision = "fp8";
+  key.bucket = {1, 256, 256, 512};
+  key.compile = std::string(64, 'c');
+  key.target = "cuda:sm_90";
+  key.toolchain.torch = "2.13.0";
+  nlohmann::json j = {{"format", 1},
+                      {"digest", key.Digest()},
+                      {"key", key.ToJson()},
+                      {"package", {{"file", "model.pt2"}, {"sha256", "0"}, {"bytes", 1}}},
+                      {"constants", constants},
+                      {"inputs", nlohmann::json::array()},
+                      {"outputs", nlohmann::json::array()}};
+  return cache::PackageManifest::FromJson(j);
+}
+
+std::vector<std::string> Keys(const nlohmann::json& constants) {
+  std::vector<std::string> out;
+  for (const auto& [k, v] : constants.items()) out.push_back(k);
+  return out;
+}
+
+// Same dtype, shape and bytes.
+void ExpectIdentical(const std::string& name, const at::Tensor& got, const at::Tensor& want) {
+  at::Tensor g = got.cpu().contiguous();
+  ASSERT_EQ(g.scalar_type(), want.scalar_type()) << name;
+  ASSERT_EQ(g.sizes(), want.sizes()) << name;
+  EXPECT_EQ(std::memcmp(g.data_ptr(), want.data_ptr(), want.nbytes()), 0)
+      << name << ": bytes differ from Python's";
+}
+
+class WeightsTest : public ::testing::Test {
+ protected:
+  // The fixtures are made once for the suite (one Python start).
+  static void SetUpTestSuite() {
+    if (!HavePython()) return;
+    tmp_ = std::make_unique<kiln::testing::TempDir>();
+    auto py = RunPython("tests/pipeline/ref_derive.py", {tmp_->path()});
+    if (!py.ok()) {
+      setup_error_ = py.status().ToString();
+      return;
+    }
+    constants_ = nlohmann::json::parse(ReadFileOrDie(tmp_->Join("constants.json")));
+    auto expected = SafetensorsFile::Open(tmp_->Join("expected.safetensors"));
+    if (!expected.ok()) {
+      setup_error_ = expected.status().ToString();
+      return;
+    }
+    expected_ = *std::move(expected);
+  }
+  static void TearDownTestSuite() {
+    expected_.reset();
+    tmp_.reset();
+  }
+
+  void SetUp() override {
+    if (!HavePython()) GTEST_SKIP() << "needs KILN_PYTHON and KILN_SOURCE (run via ctest)";
+    ASSERT_TRUE(setup_error_.empty()) << setup_error_;
+  }
+
+  absl::StatusOr<std::unique_ptr<ComponentWeights>> Open(const c10::Device& device) {
+    return ComponentWeights::Open(tmp_->Join("ckpt"), "model", device);
+  }
+
+  at::Tensor Expected(const std::string& name) {
+    const TensorView* v = expected_->Find(name);
+    EXPECT_NE(v, nullptr) << name;
+    return v == nullptr ? at::Tensor() : TensorFromView(*v)->clone();
+  }
+
+  // Gather of `constants` with one spec edited by `edit`; returns the status.
+  absl::Status GatherEdited(const std::string& fqn,
+                            const std::function<void(nlohmann::json&)>& edit) {
+    nlohmann::json c = constants_;
+    edit(c[fqn]);
+    auto m = Manifest(c);
+    if (!m.ok()) return m.status();
+    auto w = Open(c10::kCPU);
+    if (!w.ok()) return w.status();
+    return (*w)->Gather({fqn}, *m, "").status();
+  }
+
+  void ExpectMatchesPython(const c10::Device& device) {
+    auto m = Manifest(constants_);
+    ASSERT_TRUE(m.ok()) << m.status();
+    auto w = Open(device);
+    ASSERT_TRUE(w.ok()) << w.status();
+    auto got = (*w)->Gather(Keys(constants_), *m, "");
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_EQ(got->size(), constants_.size());
+    for (const auto& [name, t] : *got) {
+      EXPECT_EQ(t.device().type(), device.type()) << name;
+      EXPECT_TRUE(t.is_contiguous()) << name;
+      ExpectIdentical(name, t, Expected(name));
+    }
+  }
+
+  static inline std::unique_ptr<kiln::testing::TempDir> tmp_;
+  static inline nlohmann::json constants_;
+  static inline std::unique_ptr<SafetensorsFile> expected_;
+  static inline std::string setup_error_;
+};
+
+TEST_F(WeightsTest, ManifestCarriesDerivations) {
+  auto m = Manifest(constants_);
+  ASSERT_TRUE(m.ok()) << m.status();
+  const auto& fused = m->constants.at("attn.to_qkv.weight");
+  EXPECT_EQ(fused.derive.op, "fp8_rowwise");
+  EXPECT_EQ(fused.derive.sources,
+            (std::vector<std::string>{"attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"}));
+  EXPECT_EQ(fused.dtype, "float8_e4m3fn");
+  EXPECT_EQ(fused.source, "checkpoint");
+  // A constant without "derive" (every constant of older manifests) is the checkpoint tensor.
+  EXPECT_TRUE(m->constants.at("attn.to_k.bias").derive.op.empty());
+  EXPECT_TRUE(m->constants.at("attn.to_k.bias").derive.sources.empty());
+
+  for (const auto& bad : {nlohmann::json{{"op", "concat0"}, {"from", nlohmann::json::array()}},
+                          nlohmann::json{{"op", ""}, {"from", {"attn.to_q.weight"}}},
+                          nlohmann::json{{"op", "concat0"}, {"from", "attn.to_q.weight"}},
+                          nlohmann::json{{"from", {"attn.to_q.weight"}}}}) {
+    nlohmann::json c = constants_;
+    c["attn.fused_f32.weight"]["derive"] = bad;
+    auto r = Manifest(c);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad.dump();
+  }
+  nlohmann::json c = constants_;
+  c["attn.fused_f32.weight"]["source"] = "package";
+  auto r = Manifest(c);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << r.status();
+}
+
+TEST_F(WeightsTest, DerivedConstantsEqualPythonByteForByte) { ExpectMatchesPython(c10::kCPU); }
+
+TEST_F(WeightsTest, DerivedConstantsEqualPythonByteForByteOnCuda) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  ExpectMatchesPython(c10::Device(c10::kCUDA, 0));
+}
+
+TEST_F(WeightsTest, DerivedConstantsAreCachedAndShared) {
+  auto m = Manifest(constants_);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto w = Open(c10::kCPU);
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto first = (*w)->Gather({"attn.to_qkv.weight"}, *m, "");
+  ASSERT_TRUE(first.ok()) << first.status();
+  const uint64_t read = (*w)->bytes_read();
+  EXPECT_EQ(read, 32 * 48 * 4 + 16 * 48 * 2 + 16 * 48 * 2);  // q f32, k bf16, v f16
+  // The scale comes with the weight (one quantization); a second package gets the same tensors.
+  auto second = (*w)->Gather({"attn.to_qkv.weight_scale", "attn.to_qkv.weight"}, *m, "");
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*w)->bytes_read(), read);
+  EXPECT_EQ(second->at("attn.to_qkv.weight").data_ptr(),
+            first->at("attn.to_qkv.weight").data_ptr());
+  ExpectIdentical("attn.to_qkv.weight_scale", second->at("attn.to_qkv.weight_scale"),
+                  Expected("attn.to_qkv.weight_scale"));
+}
+
+TEST_F(WeightsTest, MissingSourceIsNamedWithTheConstantThatNeedsIt) {
+  auto s = GatherEdited("attn.to_qkv.weight", [](nlohmann::json& spec) {
+    spec["derive"]["from"] = {"attn.to_q.weight", "attn.nope.weight", "attn.to_v.weight"};
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_NE(s.message().find("attn.nope.weight (for attn.to_qkv.weight)"), std::string::npos) << s;
+}
+
+TEST_F(WeightsTest, ResultShapeIsCheckedAgainstTheManifest) {
+  auto s = GatherEdited("attn.to_qkv.bias",
+                        [](nlohmann::json& spec) { spec["shape"] = {48}; });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("shape [64], the package expects [48]"), std::string::npos) << s;
+}
+
+TEST_F(WeightsTest, OpAndDtypeMustAgree) {
+  auto s = GatherEdited("attn.to_q.weight",
+                        [](nlohmann::json& spec) { spec["dtype"] = "bfloat16"; });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("fp8_rowwise makes float8_e4m3fn"), std::string::npos) << s;
+  s = GatherEdited("attn.to_q.weight_scale",
+                   [](nlohmann::json& spec) { spec["dtype"] = "bfloat16"; });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+}
+
+TEST_F(WeightsTest, UnknownOpIsUnimplemented) {
+  auto s = GatherEdited("attn.fused_f32.weight",
+                        [](nlohmann::json& spec) { spec["derive"]["op"] = "int4_groupwise"; });
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  EXPECT_NE(s.message().find("int4_groupwise"), std::string::npos) << s;
+}
+
+TEST_F(WeightsTest, SourcesThatDoNotConcatenateAreRefused) {
+  // A weight and a bias: different ranks.
+  auto s = GatherEdited("attn.fused_f32.weight", [](nlohmann::json& spec) {
+    spec["derive"]["from"] = {"attn.to_q.weight", "attn.to_k.bias"};
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("attn.to_k.bias"), std::string::npos) << s;
+  // fp8 of vectors.
+  s = GatherEdited("attn.to_qkv.weight_scale", [](nlohmann::json& spec) {
+    spec["derive"]["from"] = {"attn.to_q.bias"};
+  });
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("needs matrices"), std::string::npos) << s;
+}
+
+TEST_F(WeightsTest, UndescribedFqnIsDataLoss) {
+  auto m = Manifest(constants_);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto w = Open(c10::kCPU);
+  ASSERT_TRUE(w.ok()) << w.status();
+  auto r = (*w)->Gather({"attn.to_out.0.weight"}, *m, "");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+}
+
+}  // namespace
+}  // namespace kiln::pipeline
