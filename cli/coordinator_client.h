@@ -1,0 +1,78 @@
+// CoordinatorClient: the client side of kiln's wire protocol (common/proto/kiln.proto), one
+// request at a time over a ZeroMQ DEALER socket. Every call is bounded in time: a coordinator that
+// does not answer within the request timeout (plus the wait the request itself asks for) gives
+// DeadlineExceeded ("coordinator at X did not answer within Ns"), never a hang. An ErrorReply
+// becomes a Status with the reply's code; its field is kept as a payload (ErrorField()).
+//
+// Used by the `kiln` commands and by `kiln up` to poll ListNodes. Thread-compatible: one thread
+// uses an instance (a ZeroMQ socket belongs to one thread).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/proto/kiln.pb.h"
+
+namespace kiln::cli {
+
+struct ClientOptions {
+  std::string endpoint;            // coordinator's client endpoint, e.g. "tcp://127.0.0.1:5555"
+  int request_timeout_ms = 10000;  // a reply may take this long beyond the wait a request asks for
+
+  // InvalidArgument naming the field.
+  absl::Status Validate() const;
+};
+
+// Receives each streamed progress reply of a Wait (not the final one).
+using ProgressFn = std::function<void(const kiln::v1::JobInfo&)>;
+
+class CoordinatorClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const ClientOptions& options);
+  ~CoordinatorClient();
+  CoordinatorClient(const CoordinatorClient&) = delete;
+  CoordinatorClient& operator=(const CoordinatorClient&) = delete;
+
+  // Reply.created is false when spec.job_id already existed (idempotent resubmission).
+  absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::JobSpec& spec);
+  absl::StatusOr<kiln::v1::JobInfo> Status(const std::string& job_id, bool include_png);
+  // One Wait request: the coordinator answers when the job is finished or after `timeout_ms`
+  // with its current state. With `on_progress`, asks for streamed progress and calls it for each.
+  absl::StatusOr<kiln::v1::JobInfo> Wait(const std::string& job_id, uint32_t timeout_ms,
+                                         bool include_png, const ProgressFn& on_progress = nullptr);
+  absl::StatusOr<kiln::v1::JobInfo> Cancel(const std::string& job_id);
+  absl::StatusOr<kiln::v1::ListNodesReply> ListNodes();
+  absl::StatusOr<kiln::v1::NodeStatus> Drain(const std::string& node_id);
+
+  const std::string& endpoint() const { return options_.endpoint; }
+
+ private:
+  struct Socket;
+  CoordinatorClient(const ClientOptions& options, std::unique_ptr<Socket> socket);
+  // Sends `request`, returns the first reply to it that `is_final` accepts; the others go to
+  // `on_partial`. `extra_ms` is added to the request timeout (the wait the request asks for).
+  absl::StatusOr<kiln::v1::Envelope> Call(
+      kiln::v1::Envelope request, int64_t extra_ms,
+      const std::function<bool(const kiln::v1::Envelope&)>& is_final,
+      const std::function<void(const kiln::v1::Envelope&)>& on_partial);
+
+  ClientOptions options_;
+  std::unique_ptr<Socket> socket_;
+  uint64_t next_request_ = 1;
+};
+
+// True for SUCCEEDED, FAILED and CANCELLED.
+bool IsTerminal(kiln::v1::JobState state);
+
+// The ErrorReply.field carried by a Status made from an ErrorReply ("" if none).
+std::string ErrorField(const absl::Status& status);
+// True if `status` was made from a coordinator's ErrorReply.
+bool FromCoordinator(const absl::Status& status);
+// The Status for an ErrorReply: code from its name, message as sent, field as a payload.
+absl::Status StatusFromErrorReply(const kiln::v1::ErrorReply& error);
+
+}  // namespace kiln::cli

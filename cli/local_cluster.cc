@@ -1,0 +1,518 @@
+#include "cli/local_cluster.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "cli/coordinator_client.h"
+#include "cli/process.h"
+#include "nlohmann/json.hpp"
+
+namespace kiln::cli {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr char kCoordinatorExe[] = "kiln-coordinator";
+constexpr char kNodeExe[] = "kiln-node";
+constexpr int kPollMs = 100;
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+int64_t SteadyMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+std::string Absolute(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::absolute(path, ec);
+  return ec ? path : p.lexically_normal().string();
+}
+
+absl::Status MakeDirs(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot create ", dir, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+void RemoveFile(const std::string& path) {
+  std::error_code ec;
+  fs::remove(path, ec);
+}
+
+absl::Status WithLog(const absl::Status& status, const std::string& log_path) {
+  std::string tail = TailOfFile(log_path, 1500);
+  if (tail.empty()) return status;
+  return absl::Status(status.code(),
+                      absl::StrCat(status.message(), "\n--- last lines of ", log_path, " ---\n",
+                                   tail, tail.back() == '\n' ? "" : "\n", "---"));
+}
+
+// Waits until `path` holds a JSON object written by process `pid` (kiln-coordinator's endpoints
+// file, kiln-node's status file). Fails early, with its log, if the process exits first.
+absl::StatusOr<json> WaitForJsonFile(const std::string& path, pid_t pid, const std::string& exe,
+                                     const std::string& what, int timeout_ms,
+                                     const std::string& log_path) {
+  const int64_t deadline = SteadyMs() + timeout_ms;
+  while (true) {
+    std::ifstream in(path);
+    if (in) {
+      std::stringstream text;
+      text << in.rdbuf();
+      json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+      if (!j.is_discarded() && j.is_object()) return j;  // else partly written: read again
+    }
+    if (!ProcessAlive(pid, exe)) {
+      return WithLog(
+          absl::UnavailableError(absl::StrCat(what, " (pid ", pid, ") exited before it was ready")),
+          log_path);
+    }
+    if (SteadyMs() > deadline) {
+      return WithLog(
+          absl::DeadlineExceededError(absl::StrFormat("%s (pid %d) did not write %s within %ds",
+                                                      what, pid, path, timeout_ms / 1000)),
+          log_path);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(kPollMs));
+  }
+}
+
+std::string JsonString(const json& j, const char* key) {
+  auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : "";
+}
+
+absl::Status CheckBinary(const std::string& bin_dir, const char* exe) {
+  const std::string path = bin_dir + "/" + exe;
+  if (access(path.c_str(), X_OK) != 0) {
+    return absl::NotFoundError(absl::StrCat(
+        exe, " not found in ", bin_dir,
+        " (build it with `make build`, or point --bin-dir at the directory holding it)"));
+  }
+  return absl::OkStatus();
+}
+
+std::string ModelsFlag(const std::map<std::string, std::string>& models) {
+  std::vector<std::string> parts;
+  for (const auto& [name, dir] : models) parts.push_back(name + "=" + dir);
+  return absl::StrJoin(parts, ",");
+}
+
+NodeProcess NewNode(const ClusterState& state, const std::string& node_id) {
+  NodeProcess n;
+  n.node_id = node_id;
+  const std::string dir = state.state_dir + "/nodes/" + node_id;
+  n.package_dir = dir + "/packages";
+  n.status_file = dir + "/status.json";
+  n.log = state.state_dir + "/logs/" + node_id + ".log";
+  return n;
+}
+
+std::vector<std::string> NodeArgv(const std::string& bin_dir, const ClusterState& state,
+                                  const NodeProcess& node) {
+  std::vector<std::string> argv = {bin_dir + "/" + kNodeExe,
+                                   "--coordinator=" + state.coordinator.node_endpoint,
+                                   "--node_id=" + node.node_id,
+                                   "--models=" + ModelsFlag(state.models),
+                                   "--device=" + state.device,
+                                   "--precision=" + state.precision,
+                                   "--package_dir=" + node.package_dir,
+                                   "--shared_cache=" + state.shared_cache,
+                                   "--metrics=127.0.0.1:0",
+                                   "--status_file=" + node.status_file};
+  if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
+  if (!state.compile) argv.push_back("--no_compile");
+  return argv;
+}
+
+// Starts one node process (not yet waited for).
+absl::Status SpawnNode(const std::string& bin_dir, const ClusterState& state, NodeProcess* node,
+                       bool die_with_parent) {
+  if (auto s = MakeDirs(node->package_dir); !s.ok()) return s;
+  RemoveFile(node->status_file);
+  std::ofstream(node->log, std::ios::app)
+      << "=== kiln: starting " << node->node_id << " at unix ms " << UnixMs() << " ===\n";
+  SpawnOptions spawn;
+  spawn.argv = NodeArgv(bin_dir, state, *node);
+  spawn.log_path = node->log;
+  spawn.die_with_parent = die_with_parent;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  node->pid = *pid;
+  node->state = "up";
+  node->metrics_url.clear();
+  return absl::OkStatus();
+}
+
+// Waits for the node's status file, then for the coordinator to list it READY.
+absl::Status WaitNodeReady(CoordinatorClient& client, NodeProcess* node, int timeout_ms) {
+  const int64_t start = SteadyMs();
+  auto status =
+      WaitForJsonFile(node->status_file, node->pid, kNodeExe, node->node_id, timeout_ms, node->log);
+  if (!status.ok()) return status.status();
+  node->metrics_url = JsonString(*status, "metrics_url");
+  while (true) {
+    auto nodes = client.ListNodes();
+    if (nodes.ok()) {
+      for (const auto& n : nodes->nodes()) {
+        if (n.info().node_id() == node->node_id && n.state() == kiln::v1::NODE_STATE_READY) {
+          if (node->metrics_url.empty()) node->metrics_url = n.info().metrics_url();
+          return absl::OkStatus();
+        }
+      }
+    }
+    if (!ProcessAlive(node->pid, kNodeExe)) {
+      return WithLog(
+          absl::UnavailableError(absl::StrCat(node->node_id, " (pid ", node->pid, ") exited")),
+          node->log);
+    }
+    if (SteadyMs() - start > timeout_ms) {
+      return WithLog(absl::DeadlineExceededError(absl::StrFormat(
+                         "%s did not register with the coordinator within %ds%s", node->node_id,
+                         timeout_ms / 1000,
+                         nodes.ok() ? "" : absl::StrCat(" (", nodes.status().message(), ")"))),
+                     node->log);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(kPollMs));
+  }
+}
+
+absl::StatusOr<std::unique_ptr<CoordinatorClient>> ClientFor(const ClusterState& state) {
+  ClientOptions options;
+  options.endpoint = state.coordinator.client_endpoint;
+  options.request_timeout_ms = 5000;
+  return CoordinatorClient::Connect(options);
+}
+
+// Stops every live process of `state` (nodes first), updates `state` in place.
+void StopAll(ClusterState& state, int grace_ms, std::ostream& log) {
+  std::vector<NodeProcess*> live;
+  for (auto& n : state.nodes) {
+    if (n.pid > 0 && ProcessAlive(n.pid, kNodeExe)) {
+      (void)SignalProcess(n.pid, SIGTERM, kNodeExe);
+      live.push_back(&n);
+    } else if (n.pid > 0) {
+      n.state = n.state == "up" ? "exited" : n.state;
+      n.pid = 0;
+    }
+  }
+  if (!live.empty()) {
+    std::vector<std::string> ids;
+    for (auto* n : live) ids.push_back(n->node_id);
+    log << "kiln: stopping " << absl::StrJoin(ids, ", ")
+        << " (SIGTERM; each finishes its running job)\n";
+  }
+  const int64_t start = SteadyMs();
+  for (auto* n : live) {
+    const int64_t left = std::max<int64_t>(0, grace_ms - (SteadyMs() - start));
+    if (!WaitGone(n->pid, static_cast<int>(left), kNodeExe)) {
+      log << "kiln: " << n->node_id << " (pid " << n->pid << ") still running after "
+          << grace_ms / 1000 << "s: SIGKILL\n";
+      (void)SignalProcess(n->pid, SIGKILL, kNodeExe);
+      WaitGone(n->pid, 5000, kNodeExe);
+    }
+    n->pid = 0;
+    n->state = "stopped";
+  }
+  if (state.coordinator.pid > 0) {
+    if (ProcessAlive(state.coordinator.pid, kCoordinatorExe)) {
+      log << "kiln: stopping the coordinator (pid " << state.coordinator.pid << ")\n";
+      if (!StopProcess(state.coordinator.pid, grace_ms, kCoordinatorExe)) {
+        log << "kiln: the coordinator did not exit within " << grace_ms / 1000 << "s: killed\n";
+      }
+    }
+    state.coordinator.pid = 0;
+  }
+  state.state = "down";
+  state.supervisor_pid = 0;
+  state.stopped_unix_ms = UnixMs();
+}
+
+bool AnyAlive(const ClusterState& state) {
+  if (ProcessAlive(state.coordinator.pid, kCoordinatorExe)) return true;
+  for (const auto& n : state.nodes) {
+    if (ProcessAlive(n.pid, kNodeExe)) return true;
+  }
+  return false;
+}
+
+int NextNodeNumber(const ClusterState& state) {
+  int next = 1;
+  for (const auto& n : state.nodes) {
+    int k = 0;
+    if (n.node_id.rfind("node-", 0) == 0 && absl::SimpleAtoi(n.node_id.substr(5), &k)) {
+      next = std::max(next, k + 1);
+    }
+  }
+  return next;
+}
+
+}  // namespace
+
+absl::Status UpOptions::Validate() const {
+  if (state_dir.empty()) return absl::InvalidArgumentError("state_dir: empty");
+  if (nodes < 1 || nodes > 64) {
+    return absl::InvalidArgumentError(absl::StrCat("nodes: ", nodes, " is outside 1..64"));
+  }
+  if (models.empty()) {
+    return absl::InvalidArgumentError("models: at least one NAME=DIR is required");
+  }
+  for (const auto& [name, dir] : models) {
+    if (name.empty() || dir.empty()) {
+      return absl::InvalidArgumentError("models: each entry must be NAME=DIR");
+    }
+    if (!fs::exists(dir + "/model_index.json")) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("models: ", dir, " (model ", name,
+                       ") is not a diffusers model repository (no model_index.json)"));
+    }
+  }
+  if (device.empty()) return absl::InvalidArgumentError("device: empty");
+  if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
+  if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
+  if (start_timeout_ms <= 0) return absl::InvalidArgumentError("start_timeout_ms: not positive");
+  return absl::OkStatus();
+}
+
+std::string DefaultBinDir() {
+  std::error_code ec;
+  fs::path self = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? "." : self.parent_path().string();
+}
+
+absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream& log) {
+  if (auto s = options.Validate(); !s.ok()) return s;
+  const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
+  for (const char* exe : {kCoordinatorExe, kNodeExe}) {
+    if (auto s = CheckBinary(bin_dir, exe); !s.ok()) return s;
+  }
+  ClusterState state;
+  state.state_dir = Absolute(options.state_dir);
+  state.shared_cache = state.state_dir + "/shared-cache";
+  for (const auto& [name, dir] : options.models) state.models[name] = Absolute(dir);
+  state.device = options.device;
+  state.precision = options.precision;
+  state.heartbeat_ms = options.heartbeat_ms;
+  state.compile = options.compile;
+  state.detached = options.detach;
+  state.supervisor_pid = options.detach ? 0 : getpid();
+  state.started_unix_ms = UnixMs();
+  state.state = "starting";
+  for (const auto& dir : {state.state_dir + "/logs", state.shared_cache}) {
+    if (auto s = MakeDirs(dir); !s.ok()) return s;
+  }
+  auto lock = StateLock::Acquire(state.state_dir);
+  if (!lock.ok()) return lock.status();
+  if (auto old = LoadClusterState(state.state_dir); old.ok() && AnyAlive(*old)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("a cluster is already running in ", state.state_dir, " (coordinator pid ",
+                     old->coordinator.pid, ", clients at ", old->coordinator.client_endpoint,
+                     "); stop it first with `kiln down --state-dir ", state.state_dir, "`"));
+  }
+
+  // Coordinator: bind free ports, report them in its endpoints file.
+  auto& coord = state.coordinator;
+  coord.log = state.state_dir + "/logs/coordinator.log";
+  const std::string endpoints_file = state.state_dir + "/coordinator.json";
+  RemoveFile(endpoints_file);
+  std::ofstream(coord.log, std::ios::app)
+      << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
+  SpawnOptions spawn;
+  spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
+                "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0",
+                "--endpoints_file=" + endpoints_file};
+  if (options.heartbeat_ms > 0) {
+    spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
+  }
+  if (options.max_attempts > 0) {
+    spawn.argv.push_back(absl::StrCat("--max_attempts=", options.max_attempts));
+  }
+  spawn.log_path = coord.log;
+  spawn.die_with_parent = !options.detach;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  coord.pid = *pid;
+
+  auto fail = [&](absl::Status status) -> absl::Status {
+    log << "kiln: start failed; stopping what was started\n";
+    StopAll(state, 10000, log);
+    (void)SaveClusterState(state);
+    return status;
+  };
+  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
+  auto endpoints = WaitForJsonFile(endpoints_file, coord.pid, kCoordinatorExe, "kiln-coordinator",
+                                   options.start_timeout_ms, coord.log);
+  if (!endpoints.ok()) return fail(endpoints.status());
+  coord.client_endpoint = JsonString(*endpoints, "client_endpoint");
+  coord.node_endpoint = JsonString(*endpoints, "node_endpoint");
+  coord.metrics_url = JsonString(*endpoints, "metrics_url");
+  if (coord.client_endpoint.empty() || coord.node_endpoint.empty()) {
+    return fail(absl::InternalError(absl::StrCat(
+        endpoints_file, " lacks client_endpoint or node_endpoint: ", endpoints->dump())));
+  }
+  log << "kiln: coordinator up (pid " << coord.pid << ", clients at " << coord.client_endpoint
+      << ")\n";
+  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
+
+  // Nodes: start them all, then wait for each to register.
+  for (int i = 1; i <= options.nodes; ++i) {
+    state.nodes.push_back(NewNode(state, absl::StrCat("node-", i)));
+    if (auto s = SpawnNode(bin_dir, state, &state.nodes.back(), !options.detach); !s.ok()) {
+      return fail(s);
+    }
+  }
+  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
+  auto client = ClientFor(state);
+  if (!client.ok()) return fail(client.status());
+  for (auto& node : state.nodes) {
+    if (auto s = WaitNodeReady(**client, &node, options.start_timeout_ms); !s.ok()) {
+      return fail(s);
+    }
+    log << "kiln: " << node.node_id << " registered (pid " << node.pid << ")\n";
+  }
+  state.state = "up";
+  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
+  return state;
+}
+
+absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log) {
+  const std::string state_dir = Absolute(options.state_dir);
+  const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
+  if (auto s = CheckBinary(bin_dir, kNodeExe); !s.ok()) return s;
+  if (!fs::exists(ClusterFilePath(state_dir))) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no local cluster in ", state_dir, " (start one with `kiln up`)"));
+  }
+  auto lock = StateLock::Acquire(state_dir);
+  if (!lock.ok()) return lock.status();
+  auto state = LoadClusterState(state_dir);
+  if (!state.ok()) return state.status();
+  if (state->state != "up" || !ProcessAlive(state->coordinator.pid, kCoordinatorExe)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the cluster in ", state_dir, " is not running (start it with `kiln up`)"));
+  }
+  const std::string node_id =
+      options.node_id.empty() ? absl::StrCat("node-", NextNodeNumber(*state)) : options.node_id;
+  for (const auto& n : state->nodes) {
+    if (n.node_id == node_id && ProcessAlive(n.pid, kNodeExe)) {
+      return absl::AlreadyExistsError(
+          absl::StrCat(node_id, " is already running (pid ", n.pid, ")"));
+    }
+  }
+  NodeProcess node = NewNode(*state, node_id);
+  if (options.fresh) {
+    std::error_code ec;
+    fs::remove_all(node.package_dir, ec);
+    if (ec) {
+      return absl::InternalError(
+          absl::StrCat("cannot empty ", node.package_dir, ": ", ec.message()));
+    }
+  }
+  // Not tied to this short-lived process: the node lives until `kiln down`.
+  if (auto s = SpawnNode(bin_dir, *state, &node, /*die_with_parent=*/false); !s.ok()) return s;
+  auto client = ClientFor(*state);
+  absl::Status ready =
+      client.ok() ? WaitNodeReady(**client, &node, options.start_timeout_ms) : client.status();
+  if (!ready.ok()) {
+    StopProcess(node.pid, 5000, kNodeExe);
+    return ready;
+  }
+  auto& nodes = state->nodes;
+  nodes.erase(std::remove_if(nodes.begin(), nodes.end(),
+                             [&](const NodeProcess& n) { return n.node_id == node_id; }),
+              nodes.end());
+  nodes.push_back(node);
+  if (auto s = SaveClusterState(*state); !s.ok()) return s;
+  log << "kiln: " << node_id << " registered (pid " << node.pid << ")\n";
+  return node;
+}
+
+absl::Status StopCluster(const DownOptions& options, std::ostream& log) {
+  const std::string state_dir = Absolute(options.state_dir);
+  if (!fs::exists(ClusterFilePath(state_dir))) {
+    return absl::NotFoundError(absl::StrCat("no local cluster in ", state_dir));
+  }
+  auto lock = StateLock::Acquire(state_dir);
+  if (!lock.ok()) return lock.status();
+  auto state = LoadClusterState(state_dir);
+  if (!state.ok()) return state.status();
+  if (!AnyAlive(*state)) {
+    log << "kiln: no cluster is running in " << state_dir << "\n";
+  }
+  StopAll(*state, options.grace_ms, log);
+  return SaveClusterState(*state);
+}
+
+void BlockShutdownSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&set, sig);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
+absl::Status SuperviseCluster(const std::string& state_dir_in, std::ostream& log) {
+  const std::string state_dir = Absolute(state_dir_in);
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&set, sig);
+  std::set<std::string> reported;
+  while (true) {
+    timespec wait = {0, 500 * 1000 * 1000};
+    const int sig = sigtimedwait(&set, nullptr, &wait);
+    if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP) {
+      log << "\nkiln: " << (sig == SIGINT ? "interrupted" : "terminated")
+          << "; stopping the cluster\n";
+      DownOptions down;
+      down.state_dir = state_dir;
+      return StopCluster(down, log);
+    }
+    auto lock = StateLock::Acquire(state_dir);
+    if (!lock.ok()) continue;
+    auto state = LoadClusterState(state_dir);
+    if (!state.ok()) return state.status();
+    if (state->state == "down") {
+      log << "kiln: the cluster was stopped (kiln down)\n";
+      return absl::OkStatus();
+    }
+    bool changed = false;
+    for (auto& n : state->nodes) {
+      if (n.state == "up" && n.pid > 0 && !ProcessAlive(n.pid, kNodeExe)) {
+        log << "kiln: " << n.node_id << " (pid " << n.pid << ") exited; its log: " << n.log << "\n";
+        n.state = "exited";
+        n.pid = 0;
+        changed = true;
+      }
+    }
+    if (!ProcessAlive(state->coordinator.pid, kCoordinatorExe)) {
+      const std::string log_path = state->coordinator.log;
+      state->coordinator.pid = 0;
+      StopAll(*state, 30000, log);
+      (void)SaveClusterState(*state);
+      return WithLog(absl::UnavailableError("the coordinator exited; the cluster is down"),
+                     log_path);
+    }
+    if (changed) (void)SaveClusterState(*state);
+  }
+}
+
+}  // namespace kiln::cli

@@ -1,0 +1,83 @@
+// A local cluster on this machine: one kiln-coordinator and N kiln-node child processes sharing
+// one package cache, all described by STATE/cluster.json (cli/cluster_state.h). This is what
+// `kiln up`, `kiln add-node` and `kiln down` do; the commands only parse flags and print.
+//
+// Layout of the state directory:
+//   STATE/cluster.json                 every endpoint, metrics URL and pid
+//   STATE/coordinator.json             written by kiln-coordinator once bound
+//   STATE/shared-cache/                the shared package tier (every node)
+//   STATE/nodes/<id>/packages/         one node's local package tier
+//   STATE/nodes/<id>/status.json       written by kiln-node once registered
+//   STATE/logs/<coordinator|id>.log    each process's stdout and stderr
+//
+// Called from the main thread of `kiln`. Progress lines go to the `log` stream given.
+#pragma once
+
+#include <map>
+#include <ostream>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cli/cluster_state.h"
+
+namespace kiln::cli {
+
+struct UpOptions {
+  std::string state_dir = ".kiln/cluster";
+  int nodes = 1;                              // kiln-node processes to start, >= 1
+  std::map<std::string, std::string> models;  // name → model directory; at least one
+  std::string device = "cpu";                 // every node's device
+  std::string precision = "fp32";             // every node's default precision
+  int heartbeat_ms = 0;                       // 0: the coordinator's default
+  int max_attempts = 0;                       // 0: the coordinator's default
+  bool compile = true;                        // nodes may compile packages no tier holds
+  bool detach = false;                        // false: children die with this process
+  int start_timeout_ms = 60000;               // per process, until bound / registered
+  std::string bin_dir;                        // holds kiln-coordinator and kiln-node
+
+  // InvalidArgument naming the bad field.
+  absl::Status Validate() const;
+};
+
+struct AddNodeOptions {
+  std::string state_dir = ".kiln/cluster";
+  std::string node_id;  // "" → node-<next number>
+  bool fresh = false;   // empty the node's local package directory first
+  int start_timeout_ms = 60000;
+  std::string bin_dir;
+};
+
+struct DownOptions {
+  std::string state_dir = ".kiln/cluster";
+  int grace_ms = 120000;  // per process: SIGTERM → exit, else SIGKILL
+};
+
+// The directory holding this `kiln` executable (where kiln-coordinator and kiln-node are built).
+std::string DefaultBinDir();
+
+// Starts the coordinator, then the nodes; returns once every node is READY in ListNodes and
+// cluster.json says "up". FailedPrecondition if a cluster is already running in the state
+// directory; NotFound if a binary is missing; on any failure whatever was started is stopped
+// and the error carries the tail of the failing process's log.
+absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream& log);
+
+// Starts one more node in the running cluster and records it in cluster.json.
+absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log);
+
+// SIGTERM to every node (each finishes its running job), then to the coordinator; SIGKILL for
+// whatever outlives the grace period. Marks cluster.json "down". NotFound without cluster.json;
+// OK (and says so) when the cluster is already down.
+absl::Status StopCluster(const DownOptions& options, std::ostream& log);
+
+// Foreground `kiln up`: blocks until SIGINT, SIGTERM or SIGHUP (then stops the cluster and
+// returns OK) or until the coordinator dies (stops the nodes and returns the error). A node that
+// exits is reported and marked "exited". The caller must have called BlockShutdownSignals()
+// before starting the cluster.
+absl::Status SuperviseCluster(const std::string& state_dir, std::ostream& log);
+
+// Blocks SIGINT, SIGTERM, SIGHUP and SIGCHLD in the calling thread (and every thread it creates
+// afterwards) so SuperviseCluster can take them synchronously. Call before any thread exists.
+void BlockShutdownSignals();
+
+}  // namespace kiln::cli
