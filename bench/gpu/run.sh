@@ -62,4 +62,24 @@ if has tiny; then
       cuda-gdb -batch -ex run -ex bt --args "$WORK/build/tests/pipeline_png_test" > "$OUT/gdb.log" 2>&1 || true
       grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40; }
 fi
+if has devweights; then
+  log "flux-dev with synthetic bf16 weights (generated on the GPU) in $WORK/flux-dev"
+  $PY -m kiln.make_synthetic "$WORK/flux-dev" --config flux-dev --device cuda --dtype bf16 \
+    > "$OUT/devweights.json" 2> "$OUT/devweights.err" || { tail -20 "$OUT/devweights.err"; exit 1; }
+  log "weights: $(cat "$OUT/devweights.json")"
+  du -sh "$WORK/flux-dev"/* | sed 's/^/    /'
+fi
+
+if has dev; then
+  for prec in ${DEV_PRECISIONS:-bf16}; do
+    for spec in "first 4" "again 28"; do
+      set -- $spec
+      "$BIN/kiln-run" --model "$WORK/flux-dev" --package_dir "$WORK/packages-dev" --device cuda \
+        --precision $prec --prompt "a lighthouse on a cliff at dusk" --width 1024 --height 1024 \
+        --steps $2 --seed 7 --out "$OUT/dev-$prec-$1.png" --json \
+        > "$OUT/dev-$prec-$1.json" 2> "$OUT/dev-$prec-$1.err" || { tail -30 "$OUT/dev-$prec-$1.err"; exit 1; }
+      log "flux-dev 1024x1024 $prec $1 ($2 steps): $(cat "$OUT/dev-$prec-$1.json")"
+    done
+  done
+fi
 log "done; outputs in $OUT"

@@ -1,0 +1,218 @@
+// kiln-node: one GPU (or MIG slice, or CPU) serving jobs for a kiln coordinator.
+//   kiln-node --coordinator tcp://HOST:PORT --model flux-tiny=DIR [--model other=DIR2] [flags]
+// Exit status: 0 after a graceful stop (SIGTERM/SIGINT: the running job finishes and its result
+// is sent, then the node deregisters), 2 bad flags or an unusable model/device, 1 other failure.
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "metrics/metrics_server.h"
+#include "nlohmann/json.hpp"
+#include "node/device_probe.h"
+#include "node/node_agent.h"
+
+ABSL_FLAG(std::string, coordinator, "",
+          "the coordinator's node endpoint, tcp://HOST:PORT (required)");
+ABSL_FLAG(std::string, node_id, "", "node id (default: HOSTNAME-PID)");
+ABSL_FLAG(std::vector<std::string>, model, {},
+          "NAME=DIR of a served model (diffusers layout); repeatable, or comma-separated");
+ABSL_FLAG(std::vector<std::string>, models, {}, "same as --model");
+ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, precision, "fp32", "default precision for jobs that name none");
+ABSL_FLAG(std::vector<std::string>, precisions, {},
+          "precisions served (comma-separated; default: --precision only)");
+ABSL_FLAG(std::string, package_dir, "",
+          "node-local package directory (default: $KILN_PACKAGE_DIR, else .kiln/packages)");
+ABSL_FLAG(int64_t, package_dir_max_bytes, 0,
+          "evict least-recently-used packages beyond this many bytes (0: unbounded)");
+ABSL_FLAG(std::string, shared_cache, "", "shared package cache directory (\"\": none)");
+ABSL_FLAG(std::string, resolutions, "",
+          "allowed WIDTHxHEIGHT buckets, comma-separated (default: the pipeline's)");
+ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: any)");
+ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
+ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
+ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
+ABSL_FLAG(std::string, status_file, "",
+          "after registering, write {node_id, metrics_url, pid} here (atomically)");
+
+namespace {
+
+int BadInput(const std::string& message) {
+  std::cerr << "kiln-node: error: " << message << "\n";
+  return 2;
+}
+
+int Fail(const absl::Status& s) {
+  std::cerr << "kiln-node: error: " << s.message() << "\n";
+  const bool bad_input = absl::IsInvalidArgument(s) || absl::IsNotFound(s) ||
+                         absl::IsFailedPrecondition(s) || absl::IsOutOfRange(s);
+  return bad_input ? 2 : 1;
+}
+
+// absl flags keep only the last occurrence of a flag: join every --model/--models value into one
+// comma-separated --model so that the flag is repeatable.
+std::vector<std::string> JoinModelFlags(int argc, char** argv) {
+  std::vector<std::string> args, values;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    bool taken = false;
+    for (const std::string name : {"--model", "--models", "-model", "-models"}) {
+      if (a == name && i + 1 < argc) {
+        values.push_back(argv[++i]);
+        taken = true;
+      } else if (a.rfind(name + "=", 0) == 0) {
+        values.push_back(a.substr(name.size() + 1));
+        taken = true;
+      }
+      if (taken) break;
+    }
+    if (!taken) args.push_back(a);
+  }
+  if (!values.empty()) {
+    std::string joined;
+    for (const auto& v : values) joined += (joined.empty() ? "" : ",") + v;
+    args.push_back("--model=" + joined);
+  }
+  return args;
+}
+
+absl::Status WriteStatusFile(const std::string& path, const nlohmann::json& j) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump() << "\n";
+    out.flush();
+    if (!out) return absl::UnavailableError(absl::StrCat("status file ", tmp, ": cannot write"));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::UnavailableError(absl::StrCat("status file ", path, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
+  std::vector<std::string> joined = JoinModelFlags(argc, argv);
+  std::vector<char*> args;
+  for (auto& a : joined) args.push_back(a.data());
+  std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  if (rest.size() > 1) return BadInput(absl::StrCat("unexpected argument '", rest[1], "'"));
+
+  kiln::node::NodeOptions options;
+  options.coordinator = absl::GetFlag(FLAGS_coordinator);
+  if (options.coordinator.empty()) return BadInput("--coordinator is required");
+  char host[256] = {};
+  gethostname(host, sizeof(host) - 1);
+  options.hostname = host;
+  options.node_id = absl::GetFlag(FLAGS_node_id);
+  if (options.node_id.empty()) options.node_id = absl::StrCat(host, "-", getpid());
+  std::vector<std::string> models = absl::GetFlag(FLAGS_model);
+  for (const auto& m : absl::GetFlag(FLAGS_models)) models.push_back(m);
+  if (models.empty()) return BadInput("at least one --model NAME=DIR is required");
+  for (const auto& m : models) {
+    const auto eq = m.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == m.size()) {
+      return BadInput(absl::StrCat("--model '", m, "': want NAME=DIR"));
+    }
+    const std::string name = m.substr(0, eq);
+    if (options.models.count(name)) {
+      return BadInput(absl::StrCat("--model ", name, ": given twice"));
+    }
+    options.models[name] = m.substr(eq + 1);
+  }
+  options.device = absl::GetFlag(FLAGS_device);
+  options.precision = absl::GetFlag(FLAGS_precision);
+  options.precisions = absl::GetFlag(FLAGS_precisions);
+  options.package_dir = absl::GetFlag(FLAGS_package_dir);
+  if (options.package_dir.empty()) {
+    const char* env = std::getenv("KILN_PACKAGE_DIR");
+    options.package_dir = env && *env ? env : ".kiln/packages";
+  }
+  options.package_dir_max_bytes = absl::GetFlag(FLAGS_package_dir_max_bytes);
+  options.shared_cache_dir = absl::GetFlag(FLAGS_shared_cache);
+  if (!absl::GetFlag(FLAGS_resolutions).empty()) {
+    auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
+    if (!r.ok()) return BadInput(absl::StrCat("--resolutions: ", r.status().message()));
+    options.resolutions = *r;
+  }
+  options.link.heartbeat_interval_ms = absl::GetFlag(FLAGS_heartbeat_ms);
+  options.allow_compile = !absl::GetFlag(FLAGS_no_compile);
+  options.compiler_path = absl::GetFlag(FLAGS_compiler);
+  if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
+
+  // SIGTERM/SIGINT are taken synchronously by this thread (sigtimedwait below): block them
+  // before any thread starts, so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  kiln::node::ProbeOptions probe;
+  probe.device = options.device;
+  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) probe.cuda_visible_devices = v;
+  auto device = kiln::node::ProbeDevice(probe);
+  if (!device.ok()) return Fail(device.status());
+  options.device_info = *device;
+
+  auto metrics = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
+  if (!metrics.ok()) return Fail(metrics.status());
+  options.metrics_url = (*metrics)->url();
+
+  auto agent = kiln::node::NodeAgent::Create(options, (*metrics)->registry());
+  if (!agent.ok()) return Fail(agent.status());
+  std::cerr << "kiln-node: " << options.node_id << " on " << device->kind()
+            << (device->name().empty() ? "" : " (" + device->name() + ")")
+            << (device->mig_profile().empty() ? "" : " MIG " + device->mig_profile())
+            << "; metrics " << options.metrics_url << std::endl;
+  if (auto s = (*agent)->Start(); !s.ok()) return Fail(s);
+
+  const std::string status_file = absl::GetFlag(FLAGS_status_file);
+  bool status_written = false, stopping = false;
+  while (!(*agent)->done()) {
+    const timespec tick = {0, 100 * 1000 * 1000};
+    const int sig = sigtimedwait(&signals, nullptr, &tick);
+    if (sig == SIGTERM || sig == SIGINT) {
+      if (!stopping) {
+        std::cerr << "kiln-node: " << strsignal(sig)
+                  << ": finishing the current job, then deregistering" << std::endl;
+      }
+      stopping = true;
+      (*agent)->Stop();
+    }
+    if (!status_written && !status_file.empty() && (*agent)->registered_once()) {
+      nlohmann::json j = {{"node_id", options.node_id},
+                          {"metrics_url", options.metrics_url},
+                          {"pid", getpid()}};
+      if (auto s = WriteStatusFile(status_file, j); !s.ok()) {
+        std::cerr << "kiln-node: warning: " << s.message() << "\n";
+      }
+      status_written = true;
+    }
+  }
+  (*agent)->Wait();
+  const absl::Status s = (*agent)->status();
+  if (!s.ok()) {
+    std::cerr << "kiln-node: error: " << s.message() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,97 @@
+// What a node serves and how a job's spec becomes a pipeline request.
+//
+// A `Generator` is one model at one precision (FluxPipeline in production, a fake in tests). The
+// `ModelCatalog` holds one per served (model, precision), the allowed resolutions and the
+// default precision, and turns a wire JobSpec into a `JobPlan` — or an InvalidArgument whose
+// message starts with the offending field ("spec.width: ..."), so a bad job is answered with a
+// clear error result instead of reaching the pipeline.
+//
+// Threads: the catalog's structure is fixed after construction; Plan(), PackageSets() and the
+// accessors may be called from any thread. A Generator's Generate() and LoadedDigests() belong
+// to the node's one worker thread; DigestsFor() is const and thread-safe.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/proto/kiln.pb.h"
+#include "pipeline/flux_pipeline.h"
+
+namespace kiln::node {
+
+class Generator {
+ public:
+  virtual ~Generator() = default;
+  // Runs one job; `progress` as pipeline::ProgressFn. Worker thread only.
+  virtual absl::StatusOr<pipeline::GenerateResult> Generate(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) = 0;
+  // Digests of the packages a job of this size needs. Cheap, thread-safe.
+  virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
+  // Digests of the packages loaded now. Worker thread only.
+  virtual std::vector<std::string> LoadedDigests() const = 0;
+};
+
+// A Generator over a FluxPipeline (created by the caller; FluxPipeline::Create reads configs and
+// tokenizers only, weights and packages load on the first Generate()).
+class PipelineGenerator : public Generator {
+ public:
+  explicit PipelineGenerator(std::unique_ptr<pipeline::FluxPipeline> pipeline)
+      : pipeline_(std::move(pipeline)) {}
+  absl::StatusOr<pipeline::GenerateResult> Generate(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    return pipeline_->Generate(request, progress);
+  }
+  std::vector<std::string> DigestsFor(int width, int height) const override {
+    return pipeline_->DigestsFor(width, height);
+  }
+  std::vector<std::string> LoadedDigests() const override { return pipeline_->LoadedDigests(); }
+
+ private:
+  std::unique_ptr<pipeline::FluxPipeline> pipeline_;
+};
+
+// A job ready for the worker.
+struct JobPlan {
+  Generator* generator = nullptr;  // owned by the catalog
+  std::string model;
+  std::string precision;  // resolved: never ""
+  pipeline::GenerateRequest request;
+};
+
+class ModelCatalog {
+ public:
+  // `default_precision`: for jobs whose spec.precision is "".
+  ModelCatalog(std::string default_precision, std::vector<pipeline::Resolution> resolutions)
+      : default_precision_(std::move(default_precision)), resolutions_(std::move(resolutions)) {}
+
+  void Add(const std::string& model, const std::string& precision,
+           std::unique_ptr<Generator> generator);
+
+  // Checks `spec` field by field and maps it: guidance 0 → 3.5 (the model default), precision
+  // "" → the default precision. InvalidArgument whose message starts with the field name
+  // (spec.job_id, spec.model, spec.precision, spec.prompt, spec.width, spec.height, spec.steps,
+  // spec.guidance). Deadlines are checked when the job starts (the worker), not here.
+  absl::StatusOr<JobPlan> Plan(const kiln::v1::JobSpec& spec) const;
+
+  // "<model>/<precision>/<W>x<H>" → digests, for every served model × precision × resolution.
+  std::map<std::string, std::vector<std::string>> PackageSets() const;
+
+  std::vector<std::string> models() const;  // sorted
+  std::vector<Generator*> generators() const;
+  const std::string& default_precision() const { return default_precision_; }
+  const std::vector<pipeline::Resolution>& resolutions() const { return resolutions_; }
+
+ private:
+  std::string default_precision_;
+  std::vector<pipeline::Resolution> resolutions_;
+  // model → precision → generator.
+  std::map<std::string, std::map<std::string, std::unique_ptr<Generator>>> generators_;
+};
+
+// Field name prefix of a Plan() error ("spec.width"), "" when there is none.
+std::string ErrorField(const absl::Status& status);
+
+}  // namespace kiln::node

@@ -1,0 +1,45 @@
+// The node's Prometheus metrics, created from the registry main's MetricsServer owns (passed in;
+// no global registry). prometheus-cpp metrics are thread-safe; the references stay valid for the
+// registry's lifetime, which must outlast this object.
+//
+//   kiln_cold_start_seconds{phase}        histogram; phase = weights|package_load|fetch|compile|
+//                                         total, observed once per job that had to get ready
+//   kiln_node_jobs_total{outcome}         counter; succeeded|failed|cancelled|rejected
+//   kiln_node_job_seconds                 histogram; wall time of jobs that ran (generate + PNG)
+//   kiln_node_step_seconds                histogram; wall time between denoising steps
+//   kiln_protocol_errors_total{socket}    counter; socket="coordinator": bad or unexpected frames
+//   kiln_node_reconnects_total            counter; coordinator declared dead, socket reopened
+//   kiln_node_info{node_id,device,name,mig_profile}  gauge = 1
+#pragma once
+
+#include <string>
+
+#include "common/proto/kiln.pb.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace kiln::node {
+
+struct NodeMetrics {
+  NodeMetrics(prometheus::Registry& registry, const std::string& node_id,
+              const std::string& device, const kiln::v1::DeviceInfo& info);
+
+  prometheus::Histogram& cold_weights;
+  prometheus::Histogram& cold_package_load;
+  prometheus::Histogram& cold_fetch;
+  prometheus::Histogram& cold_compile;
+  prometheus::Histogram& cold_total;
+  prometheus::Counter& jobs_succeeded;
+  prometheus::Counter& jobs_failed;
+  prometheus::Counter& jobs_cancelled;
+  prometheus::Counter& jobs_rejected;  // never ran: invalid spec, deadline passed, shutting down
+  prometheus::Histogram& job_seconds;
+  prometheus::Histogram& step_seconds;
+  prometheus::Counter& protocol_errors;
+  prometheus::Counter& reconnects;
+  prometheus::Gauge& info;
+};
+
+}  // namespace kiln::node

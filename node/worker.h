@@ -1,0 +1,105 @@
+// The node's worker: one thread that runs assigned jobs one at a time, in arrival order.
+//
+// For each job it checks the deadline, calls Generator::Generate with a progress callback that
+// queues a JobProgress per pipeline event and times each denoising step, encodes the PNG, and
+// queues the JobResult (ok, or error_code + error) with run time, package provenance and cold
+// start. Everything it produces goes to the Outbox; it never touches a socket.
+//
+// Cancelling the running job: FluxPipeline has no abort call and its ProgressFn returns nothing,
+// so the progress callback unwinds out of Generate() by throwing a private type (not a
+// std::exception, so the pipeline's own catch does not turn it into an error) right after the
+// step that was running when the cancel arrived; the worker catches it and reports CANCELLED.
+// Pipeline state is RAII throughout, so unwinding leaves it ready for the next job. A job
+// cancelled while queued is dropped and reported CANCELLED at once.
+//
+// Threads: Start()/Shutdown() by the owner; Enqueue, Cancel, TakeQueued, ActiveJobIds,
+// LoadedPackages and idle() from any thread (the node's I/O thread); the worker thread is owned
+// and joined by this object.
+#pragma once
+
+#include <atomic>
+#include <deque>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "common/clock.h"
+#include "common/proto/kiln.pb.h"
+#include "node/catalog.h"
+#include "node/node_metrics.h"
+#include "node/outbox.h"
+
+namespace kiln::node {
+
+struct Job {
+  kiln::v1::JobSpec spec;
+  uint32_t attempt = 0;  // AssignJob.attempt, echoed in the result
+  JobPlan plan;          // from ModelCatalog::Plan(spec)
+};
+
+// An Envelope holding JobResult{job_id, ok=false, error_code=code name, error=message, attempt}.
+kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
+                               const absl::Status& status);
+
+// ColdStart from the pipeline's phase seconds; total = weights + package_load + fetch + compile.
+kiln::v1::ColdStart ColdStartOf(const pipeline::PhaseSeconds& s);
+
+class Worker {
+ public:
+  // All references must outlive the worker.
+  Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics, const Clock& clock);
+  ~Worker();  // Shutdown(/*cancel_running=*/true)
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  void Start();
+  // Stops taking jobs and joins the thread once the running job (if any) is done; with
+  // `cancel_running` that job is cancelled first. Jobs still queued are dropped without a
+  // result (graceful stops take them with TakeQueued() first). Idempotent.
+  void Shutdown(bool cancel_running);
+
+  // Queues a job. False (and nothing queued) when a job with this id is queued or running: the
+  // coordinator re-sent an assignment the node already has.
+  bool Enqueue(Job job);
+
+  enum class CancelOutcome {
+    kNotFound,  // not queued, not running (finished already, or never assigned)
+    kDequeued,  // was queued: dropped, CANCELLED result queued
+    kStopping,  // is running: stops after its current step, then a CANCELLED result
+  };
+  CancelOutcome Cancel(const std::string& job_id);
+
+  // Removes and returns every job not yet started (graceful shutdown answers them).
+  std::vector<Job> TakeQueued();
+
+  // The running job's id first, then the queued ones in order.
+  std::vector<std::string> ActiveJobIds() const;
+  // Digests loaded in memory, as of the end of the last job.
+  std::vector<std::string> LoadedPackages() const;
+  // Nothing running and nothing queued.
+  bool idle() const;
+
+ private:
+  void Loop();
+  // Runs one job; returns its JobResult envelope (queued by Loop()).
+  kiln::v1::Envelope Run(const Job& job);
+
+  const ModelCatalog& catalog_;
+  Outbox& outbox_;
+  NodeMetrics& metrics_;
+  const Clock& clock_;
+  std::atomic<bool> cancel_running_{false};  // read by the progress callback on the worker thread
+
+  mutable absl::Mutex mu_;
+  std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
+  std::string running_ ABSL_GUARDED_BY(mu_);  // id of the running job, "" when none
+  std::vector<std::string> loaded_ ABSL_GUARDED_BY(mu_);
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+
+  std::thread thread_;  // runs Loop(); joined by Shutdown()
+};
+
+}  // namespace kiln::node

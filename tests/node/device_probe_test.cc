@@ -1,0 +1,449 @@
+// Device probe against a hand-written fake NVML function table (no GPU or driver needed): whole
+// GPUs, MIG slices picked by CUDA_VISIBLE_DEVICES or by a MIG-enabled GPU, the profile name from
+// NVML or computed, older drivers without the newer entry points, and no driver at all.
+#include "node/device_probe.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kiln::node {
+namespace {
+
+using ::testing::HasSubstr;
+
+struct FakeDevice {
+  std::string name;
+  std::string uuid;
+  unsigned long long memory = 0;
+  int cc_major = 9, cc_minor = 0;
+  unsigned cores = 0;  // 0 = NOT_SUPPORTED
+  // GPU only:
+  bool mig_enabled = false;
+  std::vector<std::unique_ptr<FakeDevice>> migs;  // by MIG index; null = hole
+  // MIG device only:
+  FakeDevice* parent = nullptr;
+  unsigned gi_id = 0;
+  unsigned gi_profile_id = 0;
+  nvml::DeviceAttributes attrs{};
+  bool memory_supported = true;
+};
+
+struct FakeProfile {
+  unsigned id;
+  unsigned slices;
+  unsigned sms;
+  unsigned long long memory_mb;
+  std::string name;  // as GpuInstanceProfileInfo_v2 reports it
+};
+
+// The fake NVML's whole state; the C function pointers below read it.
+struct FakeNvml {
+  std::vector<std::unique_ptr<FakeDevice>> gpus;
+  std::vector<FakeProfile> profiles;  // by NVML profile index
+  bool parent_memory_denied = false;  // MIG mode without privileges
+} g;
+
+FakeDevice* D(nvml::Device d) { return reinterpret_cast<FakeDevice*>(d); }
+nvml::Device H(FakeDevice* d) { return reinterpret_cast<nvml::Device>(d); }
+nvml::GpuInstance GI(FakeDevice* mig) { return reinterpret_cast<nvml::GpuInstance>(mig); }
+
+void CopyOut(const std::string& s, char* buf, unsigned len) {
+  std::strncpy(buf, s.c_str(), len - 1);
+  buf[len - 1] = 0;
+}
+
+nvml::Return Init() { return nvml::kSuccess; }
+const char* ErrorString(nvml::Return r) {
+  return r == nvml::kErrorNotFound ? "Not Found" : "Error";
+}
+nvml::Return Count(unsigned* n) {
+  *n = static_cast<unsigned>(g.gpus.size());
+  return nvml::kSuccess;
+}
+nvml::Return ByIndex(unsigned i, nvml::Device* d) {
+  if (i >= g.gpus.size()) return nvml::kErrorInvalidArgument;
+  *d = H(g.gpus[i].get());
+  return nvml::kSuccess;
+}
+nvml::Return Name(nvml::Device d, char* buf, unsigned len) {
+  CopyOut(D(d)->name, buf, len);
+  return nvml::kSuccess;
+}
+nvml::Return Uuid(nvml::Device d, char* buf, unsigned len) {
+  CopyOut(D(d)->uuid, buf, len);
+  return nvml::kSuccess;
+}
+nvml::Return Memory(nvml::Device d, nvml::Memory* m) {
+  FakeDevice* f = D(d);
+  if (!f->memory_supported || (f->parent == nullptr && f->mig_enabled && g.parent_memory_denied)) {
+    return nvml::kErrorNoPermission;
+  }
+  *m = {f->memory, f->memory, 0};
+  return nvml::kSuccess;
+}
+nvml::Return Cc(nvml::Device d, int* major, int* minor) {
+  *major = D(d)->cc_major;
+  *minor = D(d)->cc_minor;
+  return nvml::kSuccess;
+}
+nvml::Return Cores(nvml::Device d, unsigned* n) {
+  if (D(d)->cores == 0) return nvml::kErrorNotSupported;
+  *n = D(d)->cores;
+  return nvml::kSuccess;
+}
+nvml::Return MigMode(nvml::Device d, unsigned* current, unsigned* pending) {
+  if (D(d)->parent != nullptr) return nvml::kErrorNotSupported;
+  *current = *pending = D(d)->mig_enabled ? nvml::kMigEnable : nvml::kMigDisable;
+  return nvml::kSuccess;
+}
+nvml::Return MaxMig(nvml::Device d, unsigned* n) {
+  *n = D(d)->mig_enabled ? 7 : 0;
+  return nvml::kSuccess;
+}
+nvml::Return MigByIndex(nvml::Device d, unsigned i, nvml::Device* out) {
+  FakeDevice* f = D(d);
+  if (i >= f->migs.size() || f->migs[i] == nullptr) return nvml::kErrorNotFound;
+  *out = H(f->migs[i].get());
+  return nvml::kSuccess;
+}
+nvml::Return IsMig(nvml::Device d, unsigned* is) {
+  *is = D(d)->parent != nullptr;
+  return nvml::kSuccess;
+}
+nvml::Return Parent(nvml::Device d, nvml::Device* out) {
+  if (D(d)->parent == nullptr) return nvml::kErrorInvalidArgument;
+  *out = H(D(d)->parent);
+  return nvml::kSuccess;
+}
+nvml::Return GiId(nvml::Device d, unsigned* id) {
+  *id = D(d)->gi_id;
+  return nvml::kSuccess;
+}
+nvml::Return GiById(nvml::Device gpu, unsigned id, nvml::GpuInstance* gi) {
+  for (auto& m : D(gpu)->migs) {
+    if (m && m->gi_id == id) {
+      *gi = GI(m.get());
+      return nvml::kSuccess;
+    }
+  }
+  return nvml::kErrorNotFound;
+}
+nvml::Return GiInfo(nvml::GpuInstance gi, nvml::GpuInstanceInfo* info) {
+  FakeDevice* m = reinterpret_cast<FakeDevice*>(gi);
+  *info = {H(m->parent), m->gi_id, m->gi_profile_id, {0, 0}};
+  return nvml::kSuccess;
+}
+nvml::Return ProfileV(nvml::Device, unsigned p, nvml::GpuInstanceProfileInfoV2* v) {
+  if (v->version != nvml::kGpuInstanceProfileInfoV2Version) return nvml::kErrorInvalidArgument;
+  if (p >= g.profiles.size()) return nvml::kErrorInvalidArgument;
+  const FakeProfile& f = g.profiles[p];
+  v->id = f.id;
+  v->slice_count = f.slices;
+  v->multiprocessor_count = f.sms;
+  v->memory_size_mb = f.memory_mb;
+  CopyOut(f.name, v->name, sizeof(v->name));
+  return nvml::kSuccess;
+}
+nvml::Return ProfileV1(nvml::Device, unsigned p, nvml::GpuInstanceProfileInfo* v) {
+  if (p >= g.profiles.size()) return nvml::kErrorInvalidArgument;
+  const FakeProfile& f = g.profiles[p];
+  v->id = f.id;
+  v->slice_count = f.slices;
+  v->multiprocessor_count = f.sms;
+  v->memory_size_mb = f.memory_mb;
+  return nvml::kSuccess;
+}
+nvml::Return Attributes(nvml::Device d, nvml::DeviceAttributes* a) {
+  if (D(d)->parent == nullptr) return nvml::kErrorNotSupported;
+  *a = D(d)->attrs;
+  return nvml::kSuccess;
+}
+
+nvml::Api FullApi() {
+  nvml::Api api;
+  api.init = Init;
+  api.error_string = ErrorString;
+  api.device_get_count = Count;
+  api.device_get_handle_by_index = ByIndex;
+  api.device_get_name = Name;
+  api.device_get_uuid = Uuid;
+  api.device_get_memory_info = Memory;
+  api.device_get_cuda_compute_capability = Cc;
+  api.device_get_num_gpu_cores = Cores;
+  api.device_get_mig_mode = MigMode;
+  api.device_get_max_mig_device_count = MaxMig;
+  api.device_get_mig_device_handle_by_index = MigByIndex;
+  api.device_is_mig_device_handle = IsMig;
+  api.device_get_device_handle_from_mig_device_handle = Parent;
+  api.device_get_gpu_instance_id = GiId;
+  api.device_get_gpu_instance_by_id = GiById;
+  api.gpu_instance_get_info = GiInfo;
+  api.device_get_gpu_instance_profile_info = ProfileV1;
+  api.device_get_gpu_instance_profile_info_v = ProfileV;
+  api.device_get_attributes = Attributes;
+  return api;
+}
+
+constexpr unsigned long long kH100Memory = 85520809984ull;  // what NVML reports for an H100 80GB
+constexpr char kH100[] = "NVIDIA H100 80GB HBM3";
+
+std::unique_ptr<FakeDevice> WholeH100(const std::string& uuid) {
+  auto d = std::make_unique<FakeDevice>();
+  d->name = kH100;
+  d->uuid = uuid;
+  d->memory = kH100Memory;
+  d->cores = 16896;  // 132 SMs x 128
+  return d;
+}
+
+std::unique_ptr<FakeDevice> Mig(FakeDevice* parent, const std::string& uuid, unsigned gi_id,
+                                unsigned profile_id, unsigned g_slices, unsigned c_slices,
+                                unsigned sms, unsigned long long mb) {
+  auto m = std::make_unique<FakeDevice>();
+  m->name = std::string(kH100) + " MIG";
+  m->uuid = uuid;
+  m->parent = parent;
+  m->gi_id = gi_id;
+  m->gi_profile_id = profile_id;
+  m->memory = (mb - 512) << 20;  // a slice reports a little less than its profile
+  m->attrs.multiprocessor_count = sms;
+  m->attrs.gpu_instance_slice_count = g_slices;
+  m->attrs.compute_instance_slice_count = c_slices;
+  m->attrs.memory_size_mb = mb;
+  return m;
+}
+
+class DeviceProbeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    g = FakeNvml();
+    // H100 MIG profiles as NVML numbers them (profile index → id, slices, SMs, MB).
+    g.profiles = {{19, 1, 16, 9984, "MIG 1g.10gb"},
+                  {14, 2, 32, 20096, "MIG 2g.20gb"},
+                  {9, 3, 60, 40448, "MIG 3g.40gb"},
+                  {5, 4, 64, 40448, "MIG 4g.40gb"},
+                  {0, 7, 132, 80896, "MIG 7g.80gb"}};
+    g.gpus.push_back(WholeH100("GPU-aaaaaaaa-0000-0000-0000-000000000000"));
+    auto gpu1 = WholeH100("GPU-bbbbbbbb-0000-0000-0000-000000000001");
+    gpu1->mig_enabled = true;
+    FakeDevice* p = gpu1.get();
+    gpu1->migs.push_back(Mig(p, "MIG-11111111-0000-0000-0000-000000000000", 2, 9, 3, 3, 60, 40448));
+    gpu1->migs.push_back(nullptr);  // a hole in the MIG index space
+    gpu1->migs.push_back(Mig(p, "MIG-22222222-0000-0000-0000-000000000000", 9, 19, 1, 1, 16, 9984));
+    // A 1c.3g compute instance: 1 of its GPU instance's 3 slices, 16 of its SMs.
+    gpu1->migs.push_back(Mig(p, "MIG-33333333-0000-0000-0000-000000000000", 1, 9, 3, 1, 16, 40448));
+    g.gpus.push_back(std::move(gpu1));
+    api_ = FullApi();
+  }
+
+  absl::StatusOr<kiln::v1::DeviceInfo> Probe(const std::string& device,
+                                             std::optional<std::string> visible = std::nullopt) {
+    ProbeOptions o;
+    o.device = device;
+    o.cuda_visible_devices = std::move(visible);
+    return ProbeDevice(o, &api_);
+  }
+
+  nvml::Api api_;
+};
+
+TEST_F(DeviceProbeTest, WholeGpu) {
+  auto info = Probe("cuda:0");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->kind(), "cuda");
+  EXPECT_EQ(info->name(), kH100);
+  EXPECT_EQ(info->uuid(), "GPU-aaaaaaaa-0000-0000-0000-000000000000");
+  EXPECT_EQ(info->memory_bytes(), kH100Memory);
+  EXPECT_EQ(info->compute_capability(), "9.0");
+  EXPECT_EQ(info->sm_count(), 132u);
+  EXPECT_EQ(info->mig_profile(), "");
+  EXPECT_EQ(Probe("cuda")->uuid(), info->uuid());
+}
+
+TEST_F(DeviceProbeTest, CoreCountsBecomeSmCountsPerArchitecture) {
+  g.gpus[0]->cc_major = 8;
+  g.gpus[0]->cc_minor = 0;
+  g.gpus[0]->cores = 6912;  // A100: 108 SMs x 64
+  EXPECT_EQ(Probe("cuda:0")->sm_count(), 108u);
+  g.gpus[0]->cc_minor = 9;
+  g.gpus[0]->cores = 18176;  // L40S: 142 SMs x 128
+  EXPECT_EQ(Probe("cuda:0")->sm_count(), 142u);
+  g.gpus[0]->cores = 0;  // driver does not say
+  auto info = Probe("cuda:0");
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->sm_count(), 0u);
+  EXPECT_EQ(info->name(), kH100);
+}
+
+TEST_F(DeviceProbeTest, MigSliceByUuidInCudaVisibleDevices) {
+  auto info = Probe("cuda:0", "MIG-22222222-0000-0000-0000-000000000000");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->kind(), "cuda");
+  EXPECT_EQ(info->name(), kH100);  // the card's name, not the slice's
+  EXPECT_EQ(info->uuid(), "MIG-22222222-0000-0000-0000-000000000000");
+  EXPECT_EQ(info->mig_profile(), "1g.10gb");
+  EXPECT_EQ(info->sm_count(), 16u);
+  EXPECT_EQ(info->memory_bytes(), (9984ull - 512) << 20);
+  EXPECT_EQ(info->compute_capability(), "9.0");
+}
+
+TEST_F(DeviceProbeTest, SecondVisibleEntryIsCudaOne) {
+  const std::string visible = "GPU-aaaa, MIG-11111111-0000-0000-0000-000000000000";
+  auto info = Probe("cuda:1", visible);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->mig_profile(), "3g.40gb");
+  EXPECT_EQ(info->sm_count(), 60u);
+  auto first = Probe("cuda:0", visible);  // a UUID prefix names a whole GPU
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->uuid(), "GPU-aaaaaaaa-0000-0000-0000-000000000000");
+  EXPECT_EQ(first->mig_profile(), "");
+  auto none = Probe("cuda:2", visible);
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(none.status().message(), HasSubstr("only 2 device(s)"));
+}
+
+TEST_F(DeviceProbeTest, ComputeInstanceSmallerThanItsGpuInstance) {
+  auto info = Probe("cuda:0", "MIG-33333333-0000-0000-0000-000000000000");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->mig_profile(), "1c.3g.40gb");
+  EXPECT_EQ(info->sm_count(), 16u);  // the compute instance's SMs, not the GPU instance's 60
+}
+
+TEST_F(DeviceProbeTest, MigEnabledGpuByIndexStandsForItsFirstSlice) {
+  auto info = Probe("cuda:1");  // no CUDA_VISIBLE_DEVICES: NVML index 1
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->uuid(), "MIG-11111111-0000-0000-0000-000000000000");
+  EXPECT_EQ(info->mig_profile(), "3g.40gb");
+  auto by_index = Probe("cuda:0", "1");
+  ASSERT_TRUE(by_index.ok());
+  EXPECT_EQ(by_index->uuid(), info->uuid());
+}
+
+TEST_F(DeviceProbeTest, ProfileNameComputedWhenTheDriverHasNoV2Info) {
+  api_.device_get_gpu_instance_profile_info_v = nullptr;  // older driver
+  auto info = Probe("cuda:0", "MIG-22222222-0000-0000-0000-000000000000");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->mig_profile(), "1g.10gb");
+  EXPECT_EQ(info->sm_count(), 16u);
+  // Without privileges for the card's memory the size is rounded from the slice alone.
+  g.parent_memory_denied = true;
+  EXPECT_EQ(Probe("cuda:0", "MIG-11111111-0000-0000-0000-000000000000")->mig_profile(),
+            "3g.40gb");
+}
+
+TEST_F(DeviceProbeTest, SliceWithoutAttributesUsesTheProfile) {
+  api_.device_get_attributes = nullptr;
+  auto info = Probe("cuda:0", "MIG-11111111-0000-0000-0000-000000000000");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->mig_profile(), "3g.40gb");
+  EXPECT_EQ(info->sm_count(), 60u);
+  g.gpus[1]->migs[0]->memory_supported = false;
+  EXPECT_EQ(Probe("cuda:0", "MIG-11111111-0000-0000-0000-000000000000")->memory_bytes(),
+            40448ull << 20);
+}
+
+TEST_F(DeviceProbeTest, MissingDevicesAreNotFound) {
+  EXPECT_EQ(Probe("cuda:5").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(Probe("cuda:5").status().message(), HasSubstr("NVML sees 2 GPU(s)"));
+  EXPECT_EQ(Probe("cuda:0", "MIG-99999999").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Probe("cuda:0", "GPU-ffff").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(Probe("cuda:0", "").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(Probe("cuda:0", "").status().message(), HasSubstr("CUDA_VISIBLE_DEVICES is empty"));
+  EXPECT_EQ(Probe("cuda:0", "banana").status().code(), absl::StatusCode::kInvalidArgument);
+  g.gpus[1]->migs.clear();
+  EXPECT_THAT(Probe("cuda:1").status().message(), HasSubstr("no MIG device configured"));
+}
+
+TEST_F(DeviceProbeTest, NoDriverAndBadDeviceStrings) {
+  ProbeOptions o;
+  o.device = "cuda";
+  auto s = ProbeDevice(o, nullptr).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("--device cpu"));
+  o.device = "gpu0";
+  EXPECT_EQ(ProbeDevice(o, &api_).status().code(), absl::StatusCode::kInvalidArgument);
+  o.device = "cuda:-1";
+  EXPECT_EQ(ProbeDevice(o, &api_).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(DeviceProbeTest, CpuNeedsNoNvml) {
+  ProbeOptions o;
+  o.device = "cpu";
+  auto info = ProbeDevice(o, nullptr);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->kind(), "cpu");
+  EXPECT_FALSE(info->name().empty());
+  EXPECT_GT(info->memory_bytes(), 0u);
+  EXPECT_EQ(info->sm_count(), 0u);
+  EXPECT_EQ(info->mig_profile(), "");
+  // The loading overload does not touch NVML for a CPU either.
+  auto loaded = ProbeDevice(o);
+  ASSERT_TRUE(loaded.ok());
+  EXPECT_EQ(loaded->kind(), "cpu");
+}
+
+TEST(MigProfileNameTest, MatchesNvidiaSmiNames) {
+  EXPECT_EQ(MigProfileName(1, 1, 9984, kH100Memory), "1g.10gb");
+  EXPECT_EQ(MigProfileName(2, 2, 20096, kH100Memory), "2g.20gb");
+  EXPECT_EQ(MigProfileName(3, 3, 40448, kH100Memory), "3g.40gb");
+  EXPECT_EQ(MigProfileName(7, 7, 80896, kH100Memory), "7g.80gb");
+  EXPECT_EQ(MigProfileName(3, 1, 40448, kH100Memory), "1c.3g.40gb");
+  EXPECT_EQ(MigProfileName(1, 1, 4864, 40960ull << 20), "1g.5gb");    // A100 40GB
+  EXPECT_EQ(MigProfileName(1, 1, 16896, 143771ull << 20), "1g.18gb");  // H200 141GB
+  EXPECT_EQ(MigProfileName(1, 1, 9984, 0), "1g.10gb");  // card memory unknown
+}
+
+// The real NVML through dlopen, where a driver is installed (the GPU test host): the probe of
+// cuda:0 must agree with nvidia-smi. Skips cleanly where there is no driver.
+TEST(RealNvmlTest, ProbeOfCuda0AgreesWithNvidiaSmi) {
+  auto api = nvml::Load();
+  if (!api.ok()) GTEST_SKIP() << api.status();
+  ProbeOptions o;
+  o.device = "cuda:0";
+  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) o.cuda_visible_devices = v;
+  auto info = ProbeDevice(o, *api);
+  ASSERT_TRUE(info.ok()) << info.status();
+  std::cout << "probed cuda:0: " << info->ShortDebugString() << std::endl;
+  EXPECT_EQ(info->kind(), "cuda");
+  EXPECT_FALSE(info->name().empty());
+  EXPECT_TRUE(info->uuid().rfind("GPU-", 0) == 0 || info->uuid().rfind("MIG-", 0) == 0);
+  EXPECT_GT(info->memory_bytes(), 0u);
+  EXPECT_GT(info->sm_count(), 0u);
+  EXPECT_NE(info->compute_capability().find('.'), std::string::npos);
+  if (!info->mig_profile().empty()) return;  // nvidia-smi's --query-gpu describes whole GPUs
+  const std::string cmd = "nvidia-smi --format=csv,noheader,nounits -i " + info->uuid() +
+                          " --query-gpu=name,memory.total,compute_cap 2>/dev/null";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) GTEST_SKIP() << "no nvidia-smi";
+  char line[512] = {};
+  const bool got = std::fgets(line, sizeof(line), p) != nullptr;
+  pclose(p);
+  if (!got) GTEST_SKIP() << "nvidia-smi printed nothing";
+  std::vector<std::string> cols;
+  for (absl::string_view c : absl::StrSplit(absl::StripAsciiWhitespace(line), ',')) {
+    cols.emplace_back(absl::StripAsciiWhitespace(c));
+  }
+  ASSERT_EQ(cols.size(), 3u) << line;
+  std::cout << "nvidia-smi: " << line;
+  EXPECT_EQ(info->name(), cols[0]);
+  EXPECT_EQ(info->memory_bytes() >> 20, std::stoull(cols[1]));  // MiB
+  EXPECT_EQ(info->compute_capability(), cols[2]);
+}
+
+TEST(ToolchainTest, ReportsTheBuildsTorch) {
+  const auto t = BuildToolchain();
+  EXPECT_FALSE(t.torch().empty());
+}
+
+}  // namespace
+}  // namespace kiln::node

@@ -1,0 +1,77 @@
+// Fakes shared by the node tests: a Generator that reports progress like FluxPipeline (phase
+// events, one "denoising" event per step) and returns a small image, with hooks to slow steps
+// down, fail, or wait for the test at a given step.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "node/catalog.h"
+
+namespace kiln::node::testing {
+
+class FakeGenerator : public Generator {
+ public:
+  explicit FakeGenerator(std::string tag = "m") : tag_(std::move(tag)) {}
+
+  absl::StatusOr<pipeline::GenerateResult> Generate(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    calls++;
+    last_request = request;
+    if (!fail.ok()) return fail;
+    pipeline::GenerateResult r;
+    const bool cold = !loaded_;
+    if (progress) progress("preparing", 0, request.steps);
+    if (progress) progress("text_encoding", 0, request.steps);
+    if (progress) progress("denoising", 0, request.steps);
+    for (int i = 0; i < request.steps; ++i) {
+      if (on_step) on_step(i + 1);
+      std::this_thread::sleep_for(step_time);
+      if (progress) progress("denoising", i + 1, request.steps);
+    }
+    if (progress) progress("decoding", request.steps, request.steps);
+    loaded_ = true;
+    r.width = request.width;
+    r.height = request.height;
+    r.rgb.assign(static_cast<size_t>(request.width) * request.height * 3,
+                 static_cast<uint8_t>(request.seed));
+    if (cold) {
+      r.seconds.weights = 0.5;
+      r.seconds.package_load = 0.25;
+      r.seconds.fetch = 0.125;
+      r.seconds.compile = 2;
+    }
+    r.seconds.total = 3;
+    for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
+      r.packages[c] = cold ? "found" : "resident";
+    }
+    r.packages["transformer"] = cold ? "compiled" : "resident";
+    return r;
+  }
+  std::vector<std::string> DigestsFor(int width, int height) const override {
+    return {absl::StrCat(tag_, "-te-", width, "x", height),
+            absl::StrCat(tag_, "-dit-", width, "x", height)};
+  }
+  std::vector<std::string> LoadedDigests() const override {
+    if (!loaded_) return {};
+    return {absl::StrCat(tag_, "-loaded")};
+  }
+
+  std::atomic<int> calls{0};
+  pipeline::GenerateRequest last_request;
+  absl::Status fail = absl::OkStatus();
+  std::chrono::milliseconds step_time{0};
+  std::function<void(int step)> on_step;  // called before each step runs, on the worker thread
+
+ private:
+  std::string tag_;
+  bool loaded_ = false;
+};
+
+}  // namespace kiln::node::testing

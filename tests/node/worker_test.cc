@@ -1,0 +1,244 @@
+// The worker without sockets: a fake generator, the Outbox, a FakeClock and a private registry.
+// Progress for every step, the result (PNG, provenance, cold start, attempt), metrics, cancel of
+// a running job after its current step and of a queued job, duplicates, deadlines, errors.
+#include "node/worker.h"
+
+#include <chrono>
+#include <thread>
+
+#include "absl/synchronization/notification.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "pipeline/png.h"
+#include "tests/node/node_test_support.h"
+
+namespace kiln::node {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+class WorkerTest : public ::testing::Test {
+ protected:
+  WorkerTest()
+      : catalog_("fp32", {{64, 32}}),
+        outbox_(*Outbox::Create()),
+        metrics_(registry_, "node-t", "cpu", kiln::v1::DeviceInfo()) {
+    auto gen = std::make_unique<testing::FakeGenerator>();
+    gen_ = gen.get();
+    catalog_.Add("tiny", "fp32", std::move(gen));
+    worker_ = std::make_unique<Worker>(catalog_, *outbox_, metrics_, clock_);
+    worker_->Start();
+  }
+
+  Job MakeJob(const std::string& id, int steps, uint32_t attempt = 1) {
+    Job job;
+    job.spec.set_job_id(id);
+    job.spec.set_model("tiny");
+    job.spec.set_prompt("p");
+    job.spec.set_width(64);
+    job.spec.set_height(32);
+    job.spec.set_steps(steps);
+    job.spec.set_seed(9);
+    job.attempt = attempt;
+    auto plan = catalog_.Plan(job.spec);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    job.plan = *plan;
+    return job;
+  }
+
+  // Collects outbox messages until the result of `job_id` arrives; progress goes to `progress`.
+  kiln::v1::JobResult WaitResult(const std::string& job_id,
+                                 std::vector<kiln::v1::JobProgress>* progress = nullptr) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      for (auto& env : outbox_->Drain()) {
+        if (env.has_progress() && progress) progress->push_back(env.progress());
+        if (env.has_result() && env.result().job_id() == job_id) {
+          pending_.push_back(env.result());
+        } else if (env.has_result()) {
+          pending_.push_back(env.result());
+          continue;
+        }
+      }
+      for (auto it = pending_.begin(); it != pending_.end(); ++it) {
+        if (it->job_id() == job_id) {
+          auto r = *it;
+          pending_.erase(it);
+          return r;
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    ADD_FAILURE() << "no result for " << job_id;
+    return {};
+  }
+
+  prometheus::Registry registry_;
+  FakeClock clock_;
+  ModelCatalog catalog_;
+  std::unique_ptr<Outbox> outbox_;
+  NodeMetrics metrics_;
+  testing::FakeGenerator* gen_;
+  std::unique_ptr<Worker> worker_;
+  std::vector<kiln::v1::JobResult> pending_;
+};
+
+TEST_F(WorkerTest, RunsAJobWithProgressForEveryStepThenAWarmOne) {
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j1", 3, /*attempt=*/2)));
+  std::vector<kiln::v1::JobProgress> progress;
+  const auto r = WaitResult("j1", &progress);
+  ASSERT_TRUE(r.ok()) << r.error();
+  std::vector<std::string> events;
+  for (const auto& p : progress) {
+    EXPECT_EQ(p.job_id(), "j1");
+    EXPECT_EQ(p.total_steps(), 3u);
+    events.push_back(absl::StrCat(p.phase(), ":", p.step()));
+  }
+  EXPECT_THAT(events, ElementsAre("preparing:0", "text_encoding:0", "denoising:0", "denoising:1",
+                                  "denoising:2", "denoising:3", "decoding:3"));
+  const std::vector<uint8_t> rgb(64 * 32 * 3, 9);
+  EXPECT_EQ(r.png(), *pipeline::EncodePng(rgb.data(), 64, 32));
+  EXPECT_EQ(r.attempt(), 2u);
+  EXPECT_GT(r.run_seconds(), 0);
+  EXPECT_EQ(r.packages().at("text_encoder"), "local");  // the pipeline's "found"
+  EXPECT_EQ(r.packages().at("transformer"), "compiled");
+  EXPECT_DOUBLE_EQ(r.cold_start().weights_seconds(), 0.5);
+  EXPECT_DOUBLE_EQ(r.cold_start().package_load_seconds(), 0.25);
+  EXPECT_DOUBLE_EQ(r.cold_start().fetch_seconds(), 0.125);
+  EXPECT_DOUBLE_EQ(r.cold_start().compile_seconds(), 2);
+  EXPECT_DOUBLE_EQ(r.cold_start().total_seconds(), 2.875);
+  EXPECT_EQ(gen_->last_request.seed, 9u);
+
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j2", 2)));
+  const auto warm = WaitResult("j2");
+  ASSERT_TRUE(warm.ok());
+  EXPECT_EQ(warm.packages().at("transformer"), "resident");
+  EXPECT_DOUBLE_EQ(warm.cold_start().total_seconds(), 0);
+  EXPECT_THAT(worker_->LoadedPackages(), ElementsAre("m-loaded"));
+  EXPECT_TRUE(worker_->idle());
+  EXPECT_TRUE(worker_->ActiveJobIds().empty());
+
+  EXPECT_EQ(metrics_.jobs_succeeded.Value(), 2);
+  EXPECT_EQ(metrics_.cold_total.Collect().histogram.sample_count, 1u);  // warm jobs not observed
+  EXPECT_DOUBLE_EQ(metrics_.cold_compile.Collect().histogram.sample_sum, 2);
+  EXPECT_EQ(metrics_.step_seconds.Collect().histogram.sample_count, 5u);
+  EXPECT_EQ(metrics_.job_seconds.Collect().histogram.sample_count, 2u);
+}
+
+TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {
+  gen_->on_step = [this](int step) {
+    if (step == 3) EXPECT_EQ(worker_->Cancel("long"), Worker::CancelOutcome::kStopping);
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("long", 100)));
+  std::vector<kiln::v1::JobProgress> progress;
+  const auto r = WaitResult("long", &progress);
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(r.error_code(), "CANCELLED");
+  EXPECT_EQ(r.error(), "cancelled by the coordinator after step 3 of 100");
+  ASSERT_FALSE(progress.empty());
+  EXPECT_EQ(progress.back().step(), 3u);
+  EXPECT_EQ(metrics_.jobs_cancelled.Value(), 1);
+  // The generator is usable again.
+  gen_->on_step = nullptr;
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("next", 2)));
+  EXPECT_TRUE(WaitResult("next").ok());
+  EXPECT_EQ(worker_->Cancel("next"), Worker::CancelOutcome::kNotFound);
+}
+
+TEST_F(WorkerTest, QueuedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("first", 2)));
+  started.WaitForNotification();
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("first", 2)));  // running
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("second", 2)));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("third", 2, /*attempt=*/4)));
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("second", 2)));  // queued
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first", "second", "third"));
+  EXPECT_FALSE(worker_->idle());
+
+  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
+  const auto cancelled = WaitResult("second");
+  EXPECT_EQ(cancelled.error_code(), "CANCELLED");
+  EXPECT_THAT(cancelled.error(), HasSubstr("before it started"));
+  auto taken = worker_->TakeQueued();
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0].spec.job_id(), "third");
+  EXPECT_EQ(taken[0].attempt, 4u);
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
+
+  release.Notify();
+  EXPECT_TRUE(WaitResult("first").ok());
+  EXPECT_EQ(gen_->calls, 1);
+}
+
+TEST_F(WorkerTest, AJobPastItsDeadlineIsNotRun) {
+  Job job = MakeJob("late", 2);
+  job.spec.set_deadline_unix_ms(clock_.UnixMs() - 1);
+  ASSERT_TRUE(worker_->Enqueue(std::move(job)));
+  const auto r = WaitResult("late");
+  EXPECT_EQ(r.error_code(), "DEADLINE_EXCEEDED");
+  EXPECT_THAT(r.error(), HasSubstr("spec.deadline_unix_ms"));
+  EXPECT_EQ(gen_->calls, 0);
+  EXPECT_EQ(metrics_.jobs_rejected.Value(), 1);
+
+  Job in_time = MakeJob("in-time", 2);
+  in_time.spec.set_deadline_unix_ms(clock_.UnixMs() + 1000);
+  ASSERT_TRUE(worker_->Enqueue(std::move(in_time)));
+  EXPECT_TRUE(WaitResult("in-time").ok());
+}
+
+TEST_F(WorkerTest, GeneratorErrorsBecomeErrorResultsWithTheirCode) {
+  gen_->fail = absl::FailedPreconditionError("package abc: compiled by torch 2.0");
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("bad", 2, /*attempt=*/3)));
+  const auto r = WaitResult("bad");
+  EXPECT_FALSE(r.ok());
+  EXPECT_EQ(r.error_code(), "FAILED_PRECONDITION");
+  EXPECT_EQ(r.error(), "package abc: compiled by torch 2.0");
+  EXPECT_EQ(r.attempt(), 3u);
+  EXPECT_TRUE(r.png().empty());
+  EXPECT_EQ(metrics_.jobs_failed.Value(), 1);
+}
+
+TEST_F(WorkerTest, ShutdownWithCancelStopsARunningJob) {
+  gen_->step_time = std::chrono::milliseconds(5);
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("endless", 1000)));
+  while (gen_->calls == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const auto t0 = std::chrono::steady_clock::now();
+  worker_->Shutdown(/*cancel_running=*/true);
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  EXPECT_EQ(WaitResult("endless").error_code(), "CANCELLED");
+  worker_->Shutdown(/*cancel_running=*/true);  // idempotent
+}
+
+TEST(ColdStartOfTest, TotalIsTheSumOfTheReadinessPhases) {
+  pipeline::PhaseSeconds s;
+  s.weights = 1;
+  s.package_load = 2;
+  s.fetch = 4;
+  s.compile = 8;
+  s.denoise = 100;  // not part of a cold start
+  s.total = 200;
+  const auto c = ColdStartOf(s);
+  EXPECT_DOUBLE_EQ(c.total_seconds(), 15);
+  EXPECT_DOUBLE_EQ(c.fetch_seconds(), 4);
+}
+
+TEST(ErrorResultTest, CarriesCodeMessageAndAttempt) {
+  const auto env = ErrorResult("j", 5, absl::UnavailableError("node is shutting down"));
+  ASSERT_TRUE(env.has_result());
+  EXPECT_EQ(env.result().job_id(), "j");
+  EXPECT_FALSE(env.result().ok());
+  EXPECT_EQ(env.result().error_code(), "UNAVAILABLE");
+  EXPECT_EQ(env.result().error(), "node is shutting down");
+  EXPECT_EQ(env.result().attempt(), 5u);
+}
+
+}  // namespace
+}  // namespace kiln::node
