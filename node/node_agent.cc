@@ -313,6 +313,11 @@ absl::Status NodeAgent::IoLoop() {
     if (socket_ && (items[1].revents & ZMQ_POLLIN)) Receive();
 
     if (link_.HeartbeatDue()) {
+      // Results the worker finished since the top of the loop go out first: its running list no
+      // longer names those jobs, and a heartbeat without them (and without their results) would
+      // make the coordinator requeue a job that is done.
+      for (auto& env : outbox_->Drain()) Route(std::move(env));
+      FlushResults();
       Send(HeartbeatMessage());
       link_.OnHeartbeatSent();
     }
@@ -522,6 +527,10 @@ kiln::v1::Envelope NodeAgent::HeartbeatMessage() const {
   kiln::v1::Envelope env;
   auto* hb = env.mutable_heartbeat();
   for (const auto& id : worker_->ActiveJobIds()) hb->add_running_jobs(id);
+  // A job whose result is waiting to be delivered (e.g. during a reconnect) is still ours.
+  for (const auto& r : results_) {
+    if (r.has_result()) hb->add_running_jobs(r.result().job_id());
+  }
   for (const auto& d : worker_->LoadedPackages()) hb->add_loaded_packages(d);
   for (const auto& d : ListPackageDigests(options_.package_dir)) hb->add_packages(d);
   return env;
