@@ -1,5 +1,7 @@
 #include "cache/package_dir.h"
 
+#include "common/files.h"
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/random.h>
@@ -286,8 +288,7 @@ int64_t DirBytes(const std::string& dir) {
 }
 
 void RemoveTree(const std::string& path) {
-  std::error_code ec;
-  fs::remove_all(path, ec);
+  (void)kiln::RemoveTree(path);  // not std::filesystem: see common/files.h
 }
 
 absl::Status FsyncDir(const std::string& dir) {

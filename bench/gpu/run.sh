@@ -9,7 +9,7 @@
 # /tmp/kiln-gpu (build tree, models, packages).
 set -euo pipefail
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
-STAGES=${2:-build,tiny}
+STAGES=${2:-build,tests,tiny}
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 WORK=${KILN_GPU_WORK:-/tmp/kiln-gpu}
@@ -56,12 +56,15 @@ if has tiny; then
     done
     cmp "$OUT/tiny-$prec-1.png" "$OUT/tiny-$prec-2.png" && log "tiny $prec: same seed, same bytes"
   done
-  log "C++ tests on the GPU host (fixtures: flux-tiny cuda packages are not CPU fixtures; running the fixture-free ones)"
+fi
+if has tests; then
+  log "C++ tests on the GPU host (the fixture-free ones; weights_test runs its CUDA case here)"
   (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" --output-on-failure > "$OUT/ctest.log" 2>&1) \
     && log "ctest passed" || { log "ctest FAILED"; grep -E "Failed|SEGFAULT|FAILED" "$OUT/ctest.log" | head;
       cuda-gdb -batch -ex run -ex bt --args "$WORK/build/tests/pipeline_png_test" > "$OUT/gdb.log" 2>&1 || true
       grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40; }
 fi
+
 if has devweights; then
   log "flux-dev with synthetic bf16 weights (generated on the GPU) in $WORK/flux-dev"
   $PY -m kiln.make_synthetic "$WORK/flux-dev" --config flux-dev --device cuda --dtype bf16 \

@@ -14,6 +14,7 @@
 #include "common/wire.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "common/files.h"
 #include "tests/node/node_test_support.h"
 
 namespace kiln::node {
@@ -257,7 +258,7 @@ TEST(NodeOptionsTest, ValidateNamesTheField) {
 
 TEST(ListPackageDigestsTest, OnlyPublishedPackages) {
   const std::string root = ::testing::TempDir() + "/list_digests";
-  std::filesystem::remove_all(root);
+  (void)kiln::RemoveTree(root);
   const std::string a(64, 'a'), b(64, 'b');
   std::filesystem::create_directories(root + "/" + a);
   std::ofstream(root + "/" + a + "/manifest.json") << "{}";

@@ -17,6 +17,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 
 namespace kiln::testing {
 
@@ -29,8 +30,7 @@ class TempDir {
     if (mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
   }
   ~TempDir() {
-    std::error_code ec;
-    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+    if (!path_.empty()) (void)kiln::RemoveTree(path_);  // not std::filesystem: common/files.h
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;

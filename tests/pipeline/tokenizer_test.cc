@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/files.h"
+
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -77,7 +79,7 @@ class TokenizerTest : public ::testing::Test {
     delete t5_;
     clip_ = nullptr;
     t5_ = nullptr;
-    if (!dir_.empty()) fs::remove_all(dir_);
+    if (!dir_.empty()) (void)kiln::RemoveTree(dir_);
   }
 
   void SetUp() override {
