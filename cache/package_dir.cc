@@ -44,26 +44,7 @@ absl::Status ErrnoStatus(int err, const std::string& what) {
 
 namespace {
 
-// Closes a file descriptor on scope exit.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-  // Closes now and reports a failed close (NFS reports write errors there).
-  int Close() {
-    int rc = ::close(fd_);
-    fd_ = -1;
-    return rc;
-  }
-
- private:
-  int fd_;
-};
+using Fd = kiln::UniqueFd;
 
 absl::Status CopyFile(const std::string& from, const std::string& to, int64_t* bytes) {
   Fd in(::open(from.c_str(), O_RDONLY | O_CLOEXEC));

@@ -1,6 +1,7 @@
 #include "common/files.h"
 
 #include <ftw.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -24,6 +25,16 @@ int RemoveEntry(const char* path, const struct stat*, int, struct FTW*) {
 }
 
 }  // namespace
+
+UniqueFd::~UniqueFd() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+int UniqueFd::Close() {
+  const int rc = fd_ >= 0 ? ::close(fd_) : 0;
+  fd_ = -1;
+  return rc;
+}
 
 absl::Status RemoveTree(const std::string& path) {
   struct stat st;

@@ -1,5 +1,7 @@
 #include "pipeline/safetensors.h"
 
+#include "common/files.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -41,20 +43,7 @@ constexpr const char* kUnsupportedDTypes[] = {"F8_E8M0", "F6_E2M3", "F6_E3M2", "
 // absl::StrCat takes absl::string_view, which Debian's Abseil does not alias to std::string_view.
 absl::string_view Sv(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
-// An open file descriptor, closed on scope exit.
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
+using Fd = kiln::UniqueFd;
 
 // A non-negative JSON integer, as safetensors' shapes and offsets are (u64 in the Rust reader).
 bool AsUnsigned(const nlohmann::json& j, uint64_t* out) {
