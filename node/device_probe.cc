@@ -14,14 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 
-// Declared in pipeline/aoti_package.h, which includes LibTorch; only pipeline/ may see LibTorch
-// headers, so the node repeats the three torch-free declarations (a signature change there is a
-// link error here, never a silent mismatch).
-namespace kiln::pipeline {
-const char* BuildTorchVersion();
-const char* BuildCudaVersion();
-const char* BuildTritonVersion();
-}  // namespace kiln::pipeline
+#include "pipeline/toolchain.h"
 
 namespace kiln::node {
 namespace {

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cache/local_disk_store.h"
+#include "pipeline/toolchain.h"
 
 namespace torch::inductor {
 class AOTIModelPackageLoader;
@@ -32,11 +33,6 @@ namespace kiln::pipeline {
 absl::StatusOr<at::ScalarType> DtypeFromName(const std::string& name);
 std::string DtypeName(at::ScalarType t);
 
-// The torch version kiln was built against (torch.__version__ of the build's Python, e.g.
-// "2.13.0+cpu"); packages must have been compiled by the same version.
-const char* BuildTorchVersion();
-const char* BuildCudaVersion();    // "" for CPU builds
-const char* BuildTritonVersion();  // "" when triton is not installed
 
 // Reads the package's metadata without loading its code and checks that it was compiled for
 // `device`'s type, by the torch version this binary links, for the manifest's key.
