@@ -9,9 +9,12 @@ artifact key's SHA-256 (kiln/artifact_key.py). The directory appears atomically 
 temporary name, fsynced, renamed). Prints one JSON object (the manifest) on stdout.
 `--print-key` prints the key and its digest without compiling.
 
-Compile options (--compile-options, a JSON object; every key optional, all false by default):
+Compile options (--compile-options, a JSON object; every key optional; defaults in
+kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOptions):
   max_autotune  Inductor autotuning (longer compiles, faster kernels on GPUs)
   fuse_qkv      transformer: one fused QKV projection per attention stream
+  attention     transformer: "sdpa" (PyTorch chooses), "cudnn", "flash" or "efficient" (that
+                fused CUDA kernel; CPU targets always use sdpa)
 Their canonical JSON is part of the artifact key, so the C++ pipeline must pass the same object.
 
 Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "package"}; a checkpoint
@@ -75,9 +78,10 @@ def component_bucket(component: str, config: dict, batch: int, height: int, widt
     raise UsageError(f"unknown component {component!r}; expected one of {ak.COMPONENTS}")
 
 
-# Known compile options and their types; anything else is refused (a misspelt option would
-# silently compile the default model under a different key).
-COMPILE_OPTIONS = {"max_autotune": bool, "fuse_qkv": bool}
+# Known compile options and their types or allowed values; anything else is refused (a misspelt
+# option would silently compile the default model under a different key).
+COMPILE_OPTIONS = {"max_autotune": bool, "fuse_qkv": bool,
+                   "attention": ("sdpa", "cudnn", "flash", "efficient")}
 
 
 def check_compile_options(options: Any) -> None:
@@ -88,7 +92,12 @@ def check_compile_options(options: Any) -> None:
         if name not in COMPILE_OPTIONS:
             raise UsageError(f"--compile-options: unknown option {name!r} (known: "
                              f"{', '.join(sorted(COMPILE_OPTIONS))})")
-        if not isinstance(value, COMPILE_OPTIONS[name]):
+        allowed = COMPILE_OPTIONS[name]
+        if isinstance(allowed, tuple):
+            if value not in allowed:
+                raise UsageError(f"--compile-options: {name} must be one of "
+                                 f"{', '.join(allowed)}, got {json.dumps(value)}")
+        elif not isinstance(value, allowed):
             raise UsageError(f"--compile-options: {name} must be true or false, got "
                              f"{json.dumps(value)}")
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from kiln import artifact_key as ak
 from kiln.models.clip import ClipTextModel
-from kiln.models.flux import FluxTransformer
+from kiln.models.flux import ATTENTION_BACKENDS, FluxTransformer
 from kiln.models.quant import Derive, derive, derivations, fp8_rowwise
 from kiln.models.t5 import T5Encoder
 from kiln.models.vae import VaeDecoder, downscale_factor
@@ -103,8 +103,8 @@ class FluxTransformerExport(FluxTransformer):
     the bucket's static sizes; guidance is ignored by configs without guidance_embeds."""
 
     def __init__(self, config: dict, bucket: ak.Bucket, fuse_qkv: bool = False,
-                 fp8: bool = False):
-        super().__init__(config, fuse_qkv=fuse_qkv, fp8=fp8)
+                 fp8: bool = False, attention: str = "sdpa"):
+        super().__init__(config, fuse_qkv=fuse_qkv, fp8=fp8, attention=attention)
         self.rows = bucket.height // PIXELS_PER_TOKEN
         self.cols = bucket.width // PIXELS_PER_TOKEN
         self.text_len = bucket.text_len
@@ -214,7 +214,9 @@ def output_spec(config: dict, component: str, precision: str, bucket: ak.Bucket
 
 
 # Compile options that change the model built (the others only change how it is compiled).
-MODEL_OPTIONS = {"fuse_qkv": False}
+MODEL_OPTIONS = {"fuse_qkv": False, "attention": "sdpa"}
+# Allowed values of each model option (a type, or a tuple of allowed values).
+MODEL_OPTION_VALUES = {"fuse_qkv": bool, "attention": ATTENTION_BACKENDS}
 
 
 def _construct(config: dict, component: str, precision: str, bucket: ak.Bucket,
@@ -225,7 +227,7 @@ def _construct(config: dict, component: str, precision: str, bucket: ak.Bucket,
         return T5Export(config)
     if component == "transformer":
         return FluxTransformerExport(config, bucket, fuse_qkv=bool(options["fuse_qkv"]),
-                                     fp8=precision == "fp8")
+                                     fp8=precision == "fp8", attention=options["attention"])
     return VaeDecoderExport(config)
 
 
@@ -267,8 +269,12 @@ def model_options(compile_options: dict | None) -> dict:
     for name in MODEL_OPTIONS:
         if compile_options and name in compile_options:
             value = compile_options[name]
-            if not isinstance(value, bool):
+            allowed = MODEL_OPTION_VALUES[name]
+            if allowed is bool and not isinstance(value, bool):
                 raise ValueError(f"compile option {name!r} must be true or false, got {value!r}")
+            if isinstance(allowed, tuple) and value not in allowed:
+                raise ValueError(f"compile option {name!r} must be one of "
+                                 f"{', '.join(allowed)}, got {value!r}")
             out[name] = value
     return out
 
@@ -387,8 +393,11 @@ def load_weights(module: nn.Module, repo_dir: str, component: str) -> None:
         handles = {path: stack.enter_context(safe_open(path, framework="pt", device="cpu"))
                    for path in files}
 
-        def read(ckpt: str) -> torch.Tensor:
-            return handles[available[ckpt]].get_tensor(ckpt)
+        def read(ckpt: str, device: torch.device | None = None) -> torch.Tensor:
+            t = handles[available[ckpt]].get_tensor(ckpt)
+            # Derivations run where the parameter lives (the ops are exactly rounded, so the
+            # bytes do not depend on the device; a GPU quantizes flux-dev in seconds).
+            return t if device is None or device.type == "meta" else t.to(device)
 
         # An fp8 weight and its scale come from one quantization: the second is kept here
         # until its parameter is filled.
@@ -405,14 +414,14 @@ def load_weights(module: nn.Module, repo_dir: str, component: str) -> None:
             try:
                 value = pending.pop((rule.op, rule.sources), None)
                 if value is None and rule.op in ("fp8_rowwise", "fp8_rowwise_scale"):
-                    q, scale = fp8_rowwise([read(c) for c in srcs])
+                    q, scale = fp8_rowwise([read(c, dest.device) for c in srcs])
                     both = {"fp8_rowwise": q, "fp8_rowwise_scale": scale}
                     value = both.pop(rule.op)
                     ((other_op, other),) = both.items()
                     if Derive(other_op, rule.sources) in rules:
                         pending[(other_op, rule.sources)] = other
                 elif value is None:
-                    value = derive(rule.op, [read(c) for c in srcs], dest.dtype)
+                    value = derive(rule.op, [read(c, dest.device) for c in srcs], dest.dtype)
                 if value.dtype != dest.dtype:
                     raise ValueError(f"{rule.op} makes {value.dtype}, the parameter is "
                                      f"{dest.dtype}")

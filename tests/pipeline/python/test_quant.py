@@ -204,10 +204,13 @@ def test_other_components_build_bf16_math_under_fp8():
 
 
 def test_model_options_are_checked():
-    assert C.model_options(None) == {"fuse_qkv": False}
-    assert C.model_options({"fuse_qkv": True, "max_autotune": True}) == {"fuse_qkv": True}
+    assert C.model_options(None) == {"fuse_qkv": False, "attention": "sdpa"}
+    assert C.model_options({"fuse_qkv": True, "max_autotune": True, "attention": "cudnn"}) == \
+        {"fuse_qkv": True, "attention": "cudnn"}
     with pytest.raises(ValueError, match="fuse_qkv"):
         C.model_options({"fuse_qkv": 1})
+    with pytest.raises(ValueError, match="attention.*cudnn, flash"):
+        C.model_options({"attention": "xformers"})
 
 
 def test_kiln_compile_refuses_unknown_or_mistyped_options(tiny_repo, capsys):
@@ -221,6 +224,11 @@ def test_kiln_compile_refuses_unknown_or_mistyped_options(tiny_repo, capsys):
     assert "unknown option 'fuse_qvk'" in capsys.readouterr().err
     assert kc.main(base + ["--compile-options", '{"fuse_qkv": "yes"}']) == 2
     assert "fuse_qkv must be true or false" in capsys.readouterr().err
+    assert kc.main(base + ["--compile-options", '{"attention": "fa3"}']) == 2
+    assert 'attention must be one of sdpa, cudnn, flash, efficient, got "fa3"' in \
+        capsys.readouterr().err
+    assert kc.main(base + ["--compile-options", '{"attention": "cudnn"}']) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] not in (fused,)
     # fp8 packages are CUDA-only: the key refuses a cpu target.
     assert kc.main(base + ["--precision", "fp8"]) == 2
     assert "fp8 needs a cuda target" in capsys.readouterr().err
@@ -361,3 +369,20 @@ def test_load_weights_names_the_missing_source_of_a_derived_parameter(tiny_repo,
         C.load_weights(module, str(repo), "transformer")
     assert "single_transformer_blocks.0.attn.to_k.weight (for " \
         "single_transformer_blocks.0.attn.to_qkv.weight)" in str(e.value)
+
+
+def test_attention_backend_option_builds_the_same_function_on_cpu(tiny_repo):
+    """Every attention choice is a build option of the same function: on the CPU each one runs
+    F.scaled_dot_product_attention, so the outputs are identical (the CUDA kernels are compared
+    on the GPU host by bench/gpu/baselines.py)."""
+    outs = {}
+    for backend in ("sdpa", "cudnn", "flash", "efficient"):
+        cfg = C.read_component_config(tiny_repo, "transformer")
+        module, example = C.build(cfg, "transformer", "fp32", BUCKET,
+                                  compile_options={"attention": backend})
+        C.load_weights(module, tiny_repo, "transformer")
+        assert {m.attention for m in module.modules() if hasattr(m, "fuse_qkv")} == {backend}
+        with torch.no_grad():
+            outs[backend] = module(*example)[0]
+    for backend, out in outs.items():
+        assert torch.equal(out, outs["sdpa"]), backend

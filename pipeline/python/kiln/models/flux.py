@@ -186,13 +186,34 @@ def _qkv_names(q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
             "bias": (f"{q}.bias", f"{k}.bias", f"{v}.bias")}
 
 
+# Attention kernels a model can be built with (build option `attention`): "sdpa" lets
+# F.scaled_dot_product_attention choose at trace time; the others name one fused CUDA kernel,
+# called as its aten op so that torch.export and torch.compile keep exactly that kernel. On a CPU
+# tensor every choice is "sdpa" (the CPU has one fused kernel).
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient")
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
+         ) -> torch.Tensor:
+    """Non-causal attention of q, k, v [B, H, N, D] with the kernel `backend`."""
+    if backend == "sdpa" or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v)
+    if backend == "cudnn":
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, False)[0]
+    if backend == "flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[0]
+    if backend == "efficient":
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, False)[0]
+    raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
     """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q = apply_rope(q, *rope)
     k = apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = sdpa(q, k, v, backend)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -207,6 +228,7 @@ class JointAttention(nn.Module):
         linear = make_linear(fp8)
         self.head_dim = head_dim
         self.fuse_qkv = fuse_qkv
+        self.attention = "sdpa"  # FluxTransformer sets its build option
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
         if fuse_qkv:
@@ -254,7 +276,7 @@ class JointAttention(nn.Module):
         k = torch.cat([self.norm_added_k(_split_heads(tk, d)),
                        self.norm_k(_split_heads(ik, d))], dim=1)
         v = torch.cat([_split_heads(tv, d), _split_heads(iv, d)], dim=1)
-        out = _attention(q, k, v, rope)
+        out = _attention(q, k, v, rope, self.attention)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -270,6 +292,7 @@ class SelfAttention(nn.Module):
         linear = make_linear(fp8)
         self.head_dim = head_dim
         self.fuse_qkv = fuse_qkv
+        self.attention = "sdpa"  # FluxTransformer sets its build option
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
         if fuse_qkv:
@@ -293,7 +316,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(_split_heads(q, d))
         k = self.norm_k(_split_heads(k, d))
         v = _split_heads(v, d)
-        return _attention(q, k, v, rope)
+        return _attention(q, k, v, rope, self.attention)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -362,8 +385,12 @@ class FluxTransformer(nn.Module):
     [text; image] tokens; `components` builds those tables from the bucket. fuse_qkv and fp8:
     see the module docstring (fp8 needs every block width to be a multiple of 16)."""
 
-    def __init__(self, config: dict, fuse_qkv: bool = False, fp8: bool = False):
+    def __init__(self, config: dict, fuse_qkv: bool = False, fp8: bool = False,
+                 attention: str = "sdpa"):
         super().__init__()
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"flux transformer: attention {attention!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         if int(config.get("patch_size", 1)) != 1:
             raise ValueError(f"flux transformer: patch_size {config['patch_size']} is not 1")
         heads = int(config["num_attention_heads"])
@@ -387,6 +414,9 @@ class FluxTransformer(nn.Module):
             for _ in range(int(config["num_single_layers"])))
         self.norm_out = OutputNorm(dim)
         self.proj_out = nn.Linear(dim, out_channels)
+        for module in self.modules():
+            if isinstance(module, (JointAttention, SelfAttention)):
+                module.attention = attention
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor,
