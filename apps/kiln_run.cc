@@ -1,5 +1,6 @@
 // kiln-run: one prompt → one PNG in a single process, on the local package directory.
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
+//            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
 #include <cstdio>
 #include <cstdlib>
@@ -31,6 +32,15 @@ ABSL_FLAG(std::string, resolutions, "", "allowed WIDTHxHEIGHT buckets, comma-sep
 ABSL_FLAG(int, max_sequence_length, 512, "T5 text length in tokens (capped by the tokenizer)");
 ABSL_FLAG(bool, compile, true, "compile missing packages (--nocompile: fail instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-run)");
+ABSL_FLAG(std::string, shared_dir, "",
+          "shared package store (a directory every node sees): packages missing locally are "
+          "fetched from it, compiled ones published to it, one compile per key cluster-wide");
+ABSL_FLAG(std::string, compile_options, "",
+          "JSON object of compile options (default: kiln's defaults; see kiln-compile)");
+ABSL_FLAG(bool, cuda_graphs, true, "cuda: replay the transformer step as a CUDA graph");
+ABSL_FLAG(bool, profile_steps, false,
+          "cuda: time each denoising step with device events and fail on any host sync inside "
+          "the loop (reported under denoise_profile with --json)");
 
 namespace {
 
@@ -64,6 +74,15 @@ int main(int argc, char** argv) {
     options.resolutions = *r;
   }
   if (options.model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  options.profile_steps = absl::GetFlag(FLAGS_profile_steps);
+  if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
+    options.compile_options = nlohmann::json::parse(co, nullptr, /*allow_exceptions=*/false);
+    if (!options.compile_options.is_object()) {
+      return Fail(absl::InvalidArgumentError("--compile_options: not a JSON object"));
+    }
+  }
+  options.shared_dir = absl::GetFlag(FLAGS_shared_dir);
 
   kiln::pipeline::GenerateRequest req;
   req.prompt = absl::GetFlag(FLAGS_prompt);
@@ -98,13 +117,20 @@ int main(int argc, char** argv) {
           {"package_load", s.package_load},
           {"fetch", s.fetch},
           {"compile", s.compile},
+          {"graph_capture", s.graph_capture},
           {"text_encoding", s.text_encoding},
           {"denoise", s.denoise},
           {"decode", s.decode},
           {"total", s.total}}},
         {"packages", result->packages},
         {"warnings", result->warnings},
+        {"compile_options", options.compile_options},
+        {"weight_bytes", result->weight_bytes},
     };
+    const auto& p = result->denoise_profile;
+    j["denoise_profile"] = {{"cuda_graph", p.cuda_graph}, {"sync_checked", p.sync_checked},
+                            {"step_ms", p.step_ms}, {"span_ms", p.span_ms},
+                            {"idle_fraction", p.idle_fraction}};
     std::cout << j.dump() << std::endl;
   } else {
     std::cout << out << "\n";

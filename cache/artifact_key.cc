@@ -104,6 +104,9 @@ std::string CompileOptionsDigest(const nlohmann::json& options) {
   return Sha256Hex(CanonicalJson(options));
 }
 
-nlohmann::json DefaultCompileOptions() { return {{"max_autotune", false}}; }
+// Twin of kiln.artifact_key.default_compile_options (where the choice is explained).
+nlohmann::json DefaultCompileOptions() {
+  return {{"attention", "cudnn"}, {"max_autotune", false}};
+}
 
 }  // namespace kiln::cache

@@ -118,7 +118,7 @@ absl::StatusOr<std::unique_ptr<AotiPackage>> AotiPackage::Load(const cache::Loca
   p->device_ = device;
   try {
     p->loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-        pkg.package_path, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
+        pkg.package_path, "model", /*run_single_threaded=*/device.is_cuda(), /*num_runners=*/1,
         device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
     p->fqns_ = p->loader_->get_constant_fqns();
   } catch (const std::exception& e) {
@@ -180,6 +180,11 @@ absl::Status AotiPackage::LoadConstants(
 }
 
 absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::Tensor>& inputs) {
+  return RunOn(inputs, nullptr);
+}
+
+absl::StatusOr<std::vector<at::Tensor>> AotiPackage::RunOn(const std::vector<at::Tensor>& inputs,
+                                                           void* cuda_stream) {
   if (!constants_loaded_) {
     return absl::FailedPreconditionError(
         absl::StrCat(manifest_.key.component, ": Run() before LoadConstants()"));
@@ -197,7 +202,7 @@ absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::T
     }
   }
   try {
-    return loader_->run(inputs);
+    return loader_->run(inputs, cuda_stream);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(manifest_.key.component, ": run failed: ", e.what()));
   }

@@ -56,6 +56,12 @@ class AotiPackage {
   absl::Status LoadConstants(const std::unordered_map<std::string, at::Tensor>& constants);
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
+  // Run() on the CUDA stream `cuda_stream` (a cudaStream_t; null: the current stream). CUDA
+  // packages are loaded in the runtime's single-threaded mode, which neither waits on nor records
+  // events of earlier runs, so a run can be captured into a CUDA graph (pipeline/cuda_graph.h).
+  absl::StatusOr<std::vector<at::Tensor>> RunOn(const std::vector<at::Tensor>& inputs,
+                                                void* cuda_stream);
+  const c10::Device& device() const { return device_; }
 
  private:
   AotiPackage() = default;

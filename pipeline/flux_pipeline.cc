@@ -6,6 +6,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <future>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -13,7 +14,9 @@
 #include "absl/strings/str_split.h"
 #include "cache/compiler.h"
 #include "cache/local_disk_store.h"
+#include "cache/shared_fs_store.h"
 #include "pipeline/aoti_package.h"
+#include "pipeline/cuda_graph.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/tokenizer_clip.h"
 #include "pipeline/tokenizer_t5.h"
@@ -151,6 +154,7 @@ class FluxPipeline::Impl {
   std::shared_ptr<cache::PackageProvider> provider;
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded;        // by key digest
+  std::map<std::string, std::unique_ptr<PackageGraph>> graphs;       // by key digest
 
   cache::ArtifactKey KeyFor(const std::string& component, const cache::Bucket& b) const {
     cache::ArtifactKey k;
@@ -179,19 +183,51 @@ class FluxPipeline::Impl {
     return {1, height, width, 0};
   }
 
-  absl::StatusOr<AotiPackage*> Ensure(const std::string& component, int width, int height,
-                                      GenerateResult* r) {
-    const cache::ArtifactKey key = KeyFor(component, BucketFor(component, width, height));
-    const std::string digest = key.Digest();
-    if (auto it = loaded.find(digest); it != loaded.end()) {
-      r->packages[component] = "resident";
-      return it->second.get();
+  // Finds the packages of `components` that are not loaded yet, all at once (each on its own
+  // thread: compiles of different components run in parallel), then loads them one by one with
+  // their weights. Fills `out` with every component's package.
+  absl::Status EnsureAll(const std::vector<std::string>& components, int width, int height,
+                         GenerateResult* r, std::map<std::string, AotiPackage*>* out) {
+    std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
+    std::map<std::string, std::string> digests;
+    const auto t = Clock::now();
+    for (const auto& c : components) {
+      const cache::ArtifactKey key = KeyFor(c, BucketFor(c, width, height));
+      if (auto it = loaded.find(key.Digest()); it != loaded.end()) {
+        r->packages[c] = "resident";
+        (*out)[c] = it->second.get();
+        continue;
+      }
+      digests[c] = key.Digest();
+      pending[c] = std::async(std::launch::async, [this, key] {
+        return provider->Get(key, options.model_dir);
+      });
     }
-    auto provided = provider->Get(key, options.model_dir);
+    std::map<std::string, absl::StatusOr<cache::ProvidedPackage>> provided;
+    for (auto& [c, f] : pending) provided.emplace(c, f.get());  // every thread joins first
+    const double wall = Since(t);
+    bool compiled = false, fetched = false;
+    for (auto& [c, p] : provided) {
+      if (!p.ok()) return p.status();
+      compiled |= p->provenance == "compiled";
+      fetched |= p->provenance == "shared";
+    }
+    if (compiled) r->seconds.compile += wall;
+    else if (fetched) r->seconds.fetch += wall;
+    for (auto& [c, p] : provided) {
+      auto pkg = Ensure(c, digests[c], *std::move(p), r);
+      if (!pkg.ok()) return pkg.status();
+      (*out)[c] = *pkg;
+    }
+    return absl::OkStatus();
+  }
+
+  // Loads one found package and hands it its weights (read once per component).
+  absl::StatusOr<AotiPackage*> Ensure(const std::string& component, const std::string& digest,
+                                      absl::StatusOr<cache::ProvidedPackage> provided,
+                                      GenerateResult* r) {
     if (!provided.ok()) return provided.status();
     if (!provided->warning.empty()) r->warnings.push_back(provided->warning);
-    r->seconds.compile += provided->compile_seconds;
-    r->seconds.fetch += provided->fetch_seconds;
     const std::string provenance = provided->provenance == "local" ? "found" : provided->provenance;
     const cache::LocatedPackage* found = &provided->package;
     auto t = Clock::now();
@@ -208,11 +244,13 @@ class FluxPipeline::Impl {
       if (!opened.ok()) return opened.status();
       cw = *std::move(opened);
     }
+    const uint64_t read_before = cw->bytes_read();
     auto constants = cw->Gather(**pkg, found->extra_constants_path);
     if (!constants.ok()) return constants.status();
     if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return s;
     SyncDevice(device);
     r->seconds.weights += Since(t);
+    r->weight_bytes += cw->bytes_read() - read_before;
     r->packages[component] = provenance;
     AotiPackage* raw = pkg->get();
     loaded[digest] = *std::move(pkg);
@@ -312,7 +350,15 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
     if (!local.ok()) return local.status();
     cache::TieredOptions tiered;
     tiered.compile_options = options.compile_options;
-    auto provider = cache::TieredPackageProvider::Create(*std::move(local), /*shared=*/nullptr,
+    std::unique_ptr<cache::ArtifactStore> shared;
+    if (!options.shared_dir.empty()) {
+      cache::SharedFsStoreOptions shared_options;
+      shared_options.root = options.shared_dir;
+      auto store = cache::SharedFsStore::Open(shared_options);
+      if (!store.ok()) return store.status();
+      shared = *std::move(store);
+    }
+    auto provider = cache::TieredPackageProvider::Create(*std::move(local), std::move(shared),
                                                          std::move(compiler), std::move(tiered),
                                                          /*registry=*/nullptr);
     if (!provider.ok()) return provider.status();
@@ -382,10 +428,10 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
 
   report("preparing", 0);
   std::map<std::string, AotiPackage*> pkgs;
-  for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
-    auto p = m.Ensure(c, req.width, req.height, &r);
-    if (!p.ok()) return p.status();
-    pkgs[c] = *p;
+  if (auto s = m.EnsureAll({"text_encoder", "text_encoder_2", "transformer", "vae_decoder"},
+                           req.width, req.height, &r, &pkgs);
+      !s.ok()) {
+    return s;
   }
 
   try {
@@ -404,7 +450,6 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     SyncDevice(m.device);
     r.seconds.text_encoding = Since(t);
 
-    report("denoising", 0);
     // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
     t = Clock::now();
     const int64_t lh = req.height / m.vae_scale, lw = req.width / m.vae_scale;
@@ -424,12 +469,68 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
                            .view({req.steps, 4}).to(m.device);
     at::Tensor guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
     at::Tensor txt_act = txt->to(act), pooled_act = pooled->to(act);
-    for (int i = 0; i < req.steps; ++i) {
-      at::Tensor step_t = t_dev.select(0, i).narrow(0, 0, 1);
-      auto v = m.RunOne(pkgs["transformer"], {latents.to(act), txt_act, pooled_act, step_t, guidance});
-      if (!v.ok()) return v.status();
-      latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
-      report("denoising", i + 1);  // host-side count: the device may still be working
+    auto step_inputs = [&](int i) -> std::vector<at::Tensor> {
+      return {latents.to(act), txt_act, pooled_act, t_dev.select(0, i).narrow(0, 0, 1), guidance};
+    };
+    // The transformer step as a CUDA graph: captured once per bucket, its static inputs refilled
+    // here (this request's text embeddings) and before every replay (latents, timestep).
+    PackageGraph* graph = nullptr;
+    if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
+      const std::string digest = pkgs["transformer"]->manifest().digest;
+      auto& slot = m.graphs[digest];
+      if (!slot) {
+        SyncDevice(m.device);
+        const auto tc = Clock::now();
+        auto captured = PackageGraph::Capture(pkgs["transformer"], step_inputs(0));
+        if (captured.ok()) {
+          slot = *std::move(captured);
+        } else {
+          m.graphs.erase(digest);
+          r.warnings.push_back(absl::StrCat(captured.status().message(),
+                                            "; denoising without a CUDA graph"));
+        }
+        SyncDevice(m.device);
+        r.seconds.graph_capture = Since(tc);
+      }
+      if (auto it = m.graphs.find(digest); it != m.graphs.end()) graph = it->second.get();
+    }
+    if (graph) {
+      graph->inputs()[1].copy_(txt_act);
+      graph->inputs()[2].copy_(pooled_act);
+      graph->inputs()[4].copy_(guidance);
+    }
+    r.denoise_profile.cuda_graph = graph != nullptr;
+    report("denoising", 0);
+    t = Clock::now();
+    {
+      std::unique_ptr<StepProfiler> profiler;
+      if (m.options.profile_steps) profiler = std::make_unique<StepProfiler>(m.device);
+      for (int i = 0; i < req.steps; ++i) {
+        if (profiler) profiler->BeginStep();
+        absl::StatusOr<at::Tensor> v;
+        if (graph) {
+          graph->inputs()[0].copy_(latents);
+          graph->inputs()[3].copy_(t_dev.select(0, i).narrow(0, 0, 1));
+          auto outs = graph->Replay();
+          if (!outs.ok()) return outs.status();
+          v = (*outs)[0];
+        } else {
+          v = m.RunOne(pkgs["transformer"], step_inputs(i));
+        }
+        if (!v.ok()) return v.status();
+        latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
+        if (profiler) profiler->EndStep();
+        report("denoising", i + 1);  // host-side count: the device may still be working
+      }
+      if (profiler) {
+        profiler->Disarm();
+        SyncDevice(m.device);
+        auto p = profiler->Finish();
+        r.denoise_profile.sync_checked = p.sync_checked;
+        r.denoise_profile.step_ms = std::move(p.step_ms);
+        r.denoise_profile.span_ms = p.span_ms;
+        r.denoise_profile.idle_fraction = p.idle_fraction;
+      }
     }
     SyncDevice(m.device);
     r.seconds.denoise = Since(t);

@@ -39,6 +39,9 @@ std::string FormatResolutions(const std::vector<Resolution>& list);
 struct PipelineOptions {
   std::string model_dir;                       // diffusers-layout repository (required)
   std::string package_dir = ".kiln/packages";  // local package directory (created if missing)
+  // Shared package store ("" = none): misses are fetched from it, compiles published to it under
+  // its cluster-wide compile lease. Used only when `provider` is null.
+  std::string shared_dir;
   std::string compiler_path;                   // kiln-compile; "" = beside the running binary
   std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N"
   std::string precision = "fp32";              // fp32 | bf16 | fp8 (fp8: cuda only)
@@ -46,8 +49,15 @@ struct PipelineOptions {
   int max_sequence_length = 512;  // T5 tokens; capped by tokenizer_2's model_max_length
   bool allow_compile = true;      // false: a missing package is an error
   nlohmann::json compile_options = cache::DefaultCompileOptions();
-  // Where packages come from. Null: a TieredPackageProvider over package_dir that compiles with
-  // compiler_path when allow_compile (kiln-run). A node passes one with the shared tier.
+  // CUDA: capture the transformer step once per bucket as a CUDA graph and replay it (falls back
+  // to plain runs, with a warning, if capture fails). Ignored on the CPU.
+  bool cuda_graphs = true;
+  // CUDA: time every denoising step with device events and run the loop with LibTorch's
+  // synchronization check set to error (any host sync inside the loop fails the job). Fills
+  // GenerateResult::denoise_profile. For benchmarks; costs nothing measurable.
+  bool profile_steps = false;
+  // Where packages come from. Null: a TieredPackageProvider over package_dir (and shared_dir)
+  // that compiles with compiler_path when allow_compile (kiln-run). A node passes its own.
   std::shared_ptr<cache::PackageProvider> provider;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
@@ -72,8 +82,11 @@ struct GenerateRequest {
 struct PhaseSeconds {
   double weights = 0;        // reading weights and moving them to the device
   double package_load = 0;   // verifying and loading packages
+  // Finding packages runs for all components at once; these two are the wall time of that
+  // phase, counted as compile if any package was compiled, else as fetch if any was fetched.
   double fetch = 0;          // copying packages from the shared tier
-  double compile = 0;        // kiln-compile on package misses
+  double compile = 0;        // kiln-compile on package misses (components compile in parallel)
+  double graph_capture = 0;  // CUDA graph warm-up + capture of the transformer step (once)
   double text_encoding = 0;  // tokenizers + text encoders
   double denoise = 0;        // the whole denoise loop
   double decode = 0;         // VAE decode + conversion to bytes
@@ -90,6 +103,15 @@ struct GenerateResult {
   // "resident" (already loaded by an earlier call).
   std::map<std::string, std::string> packages;
   std::vector<std::string> warnings;  // e.g. prompt truncation
+  uint64_t weight_bytes = 0;  // checkpoint bytes read for the packages loaded in this call
+  // How the denoise loop ran; step timings only with PipelineOptions::profile_steps on CUDA.
+  struct DenoiseProfile {
+    bool cuda_graph = false;     // steps replayed a captured graph
+    bool sync_checked = false;   // the loop ran with host syncs turned into errors
+    std::vector<double> step_ms; // device time of each step (events around the step's work)
+    double span_ms = 0;          // device time from the first step's start to the last's end
+    double idle_fraction = 0;    // 1 - sum(step_ms) / span_ms: the GPU idle between steps
+  } denoise_profile;
 };
 
 class FluxPipeline {

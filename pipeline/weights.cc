@@ -80,6 +80,9 @@ absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::Open(const s
                                                                          const c10::Device& device) {
   SafetensorsOptions opts;
   opts.sequential = true;
+  // The weights go to the device right after Open: start the kernel reading the whole checkpoint
+  // now, so disk reads run ahead of the per-tensor uploads instead of page-faulting one by one.
+  opts.will_need = true;
   auto set = WeightSet::OpenDir(dir, stem, opts);
   if (!set.ok()) return set.status();
   std::unique_ptr<ComponentWeights> w(new ComponentWeights());

@@ -1,19 +1,45 @@
 #!/usr/bin/env bash
-# One invocation on the GPU test host: build kiln against the host's torch (CUDA), run the
-# GPU-labelled checks and the benchmarks, write OUTDIR/bench.json and logs, print a table last.
+# One invocation on the GPU test host: build kiln against the host's torch (CUDA), run the GPU
+# checks and the benchmark of issue 4 side by side, write OUTDIR/bench.json and logs, print a
+# table last (DEST = OUTDIR). Everything at one bucket (default 1024x1024, T5 512 tokens), bf16 and fp8.
 #
-#   bench/gpu/run.sh OUTDIR [STAGES]     STAGES: comma list, default "build,tiny"
+#   bench/gpu/run.sh OUTDIR [STAGES]
 #
-# The host has no package registry: the Debian libraries travel unpacked in .device-deps/
-# (../shared/fetch-debs.sh; see bench/README.md). Everything it writes stays under OUTDIR and
-# /tmp/kiln-gpu (build tree, models, packages).
-set -euo pipefail
-OUT=$(mkdir -p "$1" && cd "$1" && pwd)
-STAGES=${2:-build,tests,tiny}
+# STAGES (comma list; default all of them, in this order):
+#   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release)
+#   weights    flux-dev repository with synthetic seeded bf16 weights, generated on the GPU
+#              (runs while `build` compiles)
+#   tiny       flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives the same bytes
+#              as plain runs, the denoise loop has no host sync (sync check armed)
+#   cold       cold start with packages compiled on a miss: kiln-run bf16 and fp8 as two fresh
+#              processes on empty local and shared package stores (compiles run concurrently;
+#              each process compiles its missing components in parallel; bf16 and fp8 share the
+#              text encoders and VAE through the shared store's compile lease)
+#   baselines  bench/gpu/baselines.py: attention kernels; eager and regional torch.compile, bf16
+#              and fp8, on the same weights and inputs; torch.compile cold start in a fresh
+#              process with an empty and then a warm Inductor cache
+#   kiln       kiln-bench bf16 and fp8 on those inputs: plain and CUDA-graph step times, errors
+#              against eager, peak memory, kernel-class profile
+#   warm       cold start with packages found in the shared store (fresh local store, page cache
+#              dropped first where the host allows: weight read throughput from disk), then the
+#              28-step end-to-end latency in a fresh process, bf16 and fp8
+#
+# BUCKET=WxH (default 1024x1024) measures another bucket; packages are reused within the run
+# (the shared store under $KILN_GPU_WORK). The host has no package registry: the Debian libraries
+# travel unpacked in .device-deps/ (see bench/README.md).
+set -uo pipefail
+DEST=$(mkdir -p "$1" && cd "$1" && pwd)
+STAGES=${2:-build,weights,tiny,cold,baselines,kiln,warm}
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 WORK=${KILN_GPU_WORK:-/tmp/kiln-gpu}
-mkdir -p "$WORK"
+BUCKET=${BUCKET:-1024x1024}
+W=${BUCKET%x*} H=${BUCKET#*x}
+# Everything is written under $OUT and packed at the end into DEST: bench.json, table.txt and
+# run-files.tgz (the device tool returns at most 8 files).
+OUT=$WORK/run-out
+rm -rf "$OUT"
+mkdir -p "$WORK" "$OUT/logs"
 DEPS=$ROOT/.device-deps
 PY=${PYTHON:-python3}
 export LD_LIBRARY_PATH=$DEPS/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -22,67 +48,144 @@ export PKG_CONFIG_SYSROOT_DIR=$DEPS
 export PKG_CONFIG_PATH=$DEPS/usr/lib/x86_64-linux-gnu/pkgconfig:$DEPS/usr/share/pkgconfig
 export PYTHONPATH=$ROOT/pipeline/python${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+BIN=$WORK/build/bin
+MODEL=$WORK/flux-dev
+SHARED=$WORK/shared
+PROMPT="a lighthouse on a cliff at dusk"
+FAILED=()
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
 log() { echo "[gpu $(date +%H:%M:%S)] $*"; }
+fail() { log "FAILED: $*"; FAILED+=("$1"); }
+now() { date +%s.%N; }
+# kiln-run on flux-dev; writes $OUT/<name>.json (+ wall seconds from exec to exit in .wall).
+kiln_run() {
+  local name=$1; shift
+  local t0; t0=$(now)
+  "$BIN/kiln-run" --model "$MODEL" --device cuda --prompt "$PROMPT" --width "$W" --height "$H" \
+    --steps 28 --seed 7 --resolutions "$BUCKET" --out "$OUT/logs/$name.png" --json "$@" \
+    > "$OUT/$name.json" 2> "$OUT/logs/$name.err"
+  local rc=$?
+  awk "BEGIN{print $(now) - $t0}" > "$OUT/$name.wall"
+  if [ $rc -ne 0 ]; then tail -20 "$OUT/logs/$name.err"; fail "$name"; return 1; fi
+  log "$name: $(cat "$OUT/$name.wall") s wall: $(head -c 600 "$OUT/$name.json")"
+}
 
-log "host: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
+log "host: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null || echo no-gpu)"
 log "torch: $($PY -c 'import torch;print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))')"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/logs/gpu.txt" 2>&1
+
+if has weights && { [ ! -f "$MODEL/transformer/diffusion_pytorch_model.safetensors" ] ||
+                    [ ! -f "$MODEL/text_encoder_2/model.safetensors" ]; }; then
+  log "flux-dev with synthetic bf16 weights (generated on the GPU) in $MODEL (background)"
+  ( $PY -m kiln.make_synthetic "$MODEL" --config flux-dev --device cuda --dtype bf16 \
+      > "$OUT/devweights.json" 2> "$OUT/logs/devweights.err" ) &
+  WEIGHTS_PID=$!
+fi
 
 if has build; then
   log "configure + build (Release) in $WORK/build"
   start=$(date +%s)
-  cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKILN_PYTHON="$(command -v $PY)" \
-    -DCMAKE_PREFIX_PATH="$($PY -c 'import torch.utils;print(torch.utils.cmake_prefix_path)');$DEPS/usr" \
-    -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0 > "$OUT/configure.log" 2>&1 \
-    || { tail -40 "$OUT/configure.log"; exit 1; }
-  cmake --build "$WORK/build" -j"$(nproc)" --target kiln-run pipeline_tokenizer_test \
-    pipeline_safetensors_test pipeline_scheduler_test pipeline_png_test cache_artifact_key_test \
-    pipeline_weights_test \
-    > "$OUT/build.log" 2>&1 || { grep -E "error|Error" "$OUT/build.log" | head -40; exit 1; }
+  { cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKILN_PYTHON="$(command -v $PY)" \
+      -DCMAKE_PREFIX_PATH="$($PY -c 'import torch.utils;print(torch.utils.cmake_prefix_path)');$DEPS/usr" \
+      -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0 > "$OUT/logs/configure.log" 2>&1 &&
+    cmake --build "$WORK/build" -j"$(nproc)" --target kiln-run kiln-bench pipeline_tokenizer_test \
+      pipeline_safetensors_test pipeline_scheduler_test pipeline_png_test cache_artifact_key_test \
+      pipeline_weights_test > "$OUT/logs/build.log" 2>&1; } \
+    || { grep -E "error|Error" "$OUT/logs/build.log" "$OUT/logs/configure.log" | head -40; fail build; }
   log "built in $(( $(date +%s) - start )) s"
+  (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" \
+     --output-on-failure > "$OUT/logs/ctest.log" 2>&1) && log "ctest passed" \
+    || { grep -E "Failed|SEGFAULT|FAILED" "$OUT/logs/ctest.log" | head; fail ctest; }
 fi
-BIN=$WORK/build/bin
 
 if has tiny; then
-  log "flux-tiny on cuda: kiln-run bf16 and fp32, compile then reuse"
-  rm -rf "$WORK/flux-tiny" && $PY -m kiln.make_tiny "$WORK/flux-tiny" --seed 0 > /dev/null
-  for prec in bf16 fp32; do
-    for run in 1 2; do
-      "$BIN/kiln-run" --model "$WORK/flux-tiny" --package_dir "$WORK/packages-tiny" --device cuda \
-        --precision $prec --prompt "a lighthouse on a cliff at dusk" --width 256 --height 256 \
-        --steps 4 --seed 7 --out "$OUT/tiny-$prec-$run.png" --json > "$OUT/tiny-$prec-$run.json" 2> "$OUT/tiny-$prec-$run.err" \
-        || { cat "$OUT/tiny-$prec-$run.err"; exit 1; }
-      log "tiny $prec run $run: $(cat "$OUT/tiny-$prec-$run.json")"
-    done
-    cmp "$OUT/tiny-$prec-1.png" "$OUT/tiny-$prec-2.png" && log "tiny $prec: same seed, same bytes"
+  log "flux-tiny on cuda: compile, then plain vs CUDA-graph runs, sync check armed"
+  rm -rf "$WORK/flux-tiny" "$WORK/packages-tiny"
+  $PY -m kiln.make_tiny "$WORK/flux-tiny" --seed 0 > /dev/null
+  for v in graph:--cuda_graphs plain:--nocuda_graphs graph2:--cuda_graphs; do
+    "$BIN/kiln-run" --model "$WORK/flux-tiny" --package_dir "$WORK/packages-tiny" --device cuda \
+      --precision bf16 --prompt "$PROMPT" --width 256 --height 256 --steps 4 --seed 7 \
+      --profile_steps "${v#*:}" --out "$OUT/logs/tiny-${v%%:*}.png" --json \
+      > "$OUT/tiny-${v%%:*}.json" 2> "$OUT/logs/tiny-${v%%:*}.err" \
+      || { tail -20 "$OUT/logs/tiny-${v%%:*}.err"; fail "tiny-${v%%:*}"; }
   done
-fi
-if has tests; then
-  log "C++ tests on the GPU host (the fixture-free ones; weights_test runs its CUDA case here)"
-  (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" --output-on-failure > "$OUT/ctest.log" 2>&1) \
-    && log "ctest passed" || { log "ctest FAILED"; grep -E "Failed|SEGFAULT|FAILED" "$OUT/ctest.log" | head;
-      cuda-gdb -batch -ex run -ex bt --args "$WORK/build/tests/pipeline_png_test" > "$OUT/gdb.log" 2>&1 || true
-      grep -A25 "SIGSEGV" "$OUT/gdb.log" | head -40; }
+  if cmp -s "$OUT/logs/tiny-graph.png" "$OUT/logs/tiny-plain.png" && \
+     cmp -s "$OUT/logs/tiny-graph.png" "$OUT/logs/tiny-graph2.png"; then
+    log "tiny: graph replay, plain runs and a second process give the same bytes"
+  else
+    fail "tiny-graph-equals-plain"
+  fi
+  log "tiny graph run: $(head -c 500 "$OUT/tiny-graph.json")"
 fi
 
-if has devweights; then
-  log "flux-dev with synthetic bf16 weights (generated on the GPU) in $WORK/flux-dev"
-  $PY -m kiln.make_synthetic "$WORK/flux-dev" --config flux-dev --device cuda --dtype bf16 \
-    > "$OUT/devweights.json" 2> "$OUT/devweights.err" || { tail -20 "$OUT/devweights.err"; exit 1; }
+if [ -n "${WEIGHTS_PID:-}" ]; then
+  wait "$WEIGHTS_PID" || { tail -20 "$OUT/logs/devweights.err"; fail weights; }
   log "weights: $(cat "$OUT/devweights.json")"
-  du -sh "$WORK/flux-dev"/* | sed 's/^/    /'
 fi
 
-if has dev; then
-  for prec in ${DEV_PRECISIONS:-bf16}; do
-    for spec in "first 4" "again 28"; do
-      set -- $spec
-      "$BIN/kiln-run" --model "$WORK/flux-dev" --package_dir "$WORK/packages-dev" --device cuda \
-        --precision $prec --prompt "a lighthouse on a cliff at dusk" --width 1024 --height 1024 \
-        --steps $2 --seed 7 --out "$OUT/dev-$prec-$1.png" --json \
-        > "$OUT/dev-$prec-$1.json" 2> "$OUT/dev-$prec-$1.err" || { tail -30 "$OUT/dev-$prec-$1.err"; exit 1; }
-      log "flux-dev 1024x1024 $prec $1 ($2 steps): $(cat "$OUT/dev-$prec-$1.json")"
-    done
+if has cold; then
+  log "cold start, packages compiled on a miss (bf16 and fp8 concurrently, empty stores)"
+  rm -rf "$SHARED" "$WORK"/local-*
+  kiln_run cold-compiled-bf16 --precision bf16 --package_dir "$WORK/local-a-bf16" \
+    --shared_dir "$SHARED" --profile_steps &
+  p1=$!
+  sleep 2
+  kiln_run cold-compiled-fp8 --precision fp8 --package_dir "$WORK/local-a-fp8" \
+    --shared_dir "$SHARED" --profile_steps &
+  p2=$!
+  wait $p1 || FAILED+=(cold-compiled-bf16)
+  wait $p2 || FAILED+=(cold-compiled-fp8)
+fi
+
+if has baselines; then
+  log "baselines: torch.compile cold start in fresh processes (empty, then warm Inductor cache)"
+  rm -rf "$WORK/inductor-cache"
+  for c in empty warm; do
+    TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache $PY bench/gpu/baselines.py --cold-start \
+      --model "$MODEL" --out "$OUT/baselines" --height "$H" --width "$W" \
+      > "$OUT/torch-compile-cold-$c.json" 2> "$OUT/logs/torch-compile-cold-$c.err" \
+      || { tail -20 "$OUT/logs/torch-compile-cold-$c.err"; fail "torch-compile-cold-$c"; }
+    log "torch.compile fresh process, $c cache: $(cat "$OUT/torch-compile-cold-$c.json")"
+  done
+  log "baselines: attention kernels, eager and regional torch.compile, bf16 and fp8"
+  TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache $PY bench/gpu/baselines.py --model "$MODEL" \
+    --out "$WORK/baselines" --height "$H" --width "$W" --attention-bench --profile --iters 10 \
+    > "$OUT/logs/baselines.log" 2>&1 || { tail -30 "$OUT/logs/baselines.log"; fail baselines; }
+  cp "$WORK/baselines/baselines.json" "$OUT/baselines.json" 2>/dev/null
+  grep '^{' "$OUT/logs/baselines.log" | cut -c1-400
+fi
+
+if has kiln; then
+  FLOP=$($PY -c "import json;print(json.load(open('$OUT/baselines.json'))['flop_per_step']['total'])" 2>/dev/null || echo 0)
+  for prec in bf16 fp8; do
+    log "kiln-bench $prec"
+    "$BIN/kiln-bench" --model "$MODEL" --package_dir "$WORK/local-a-$prec" --precision $prec \
+      --width "$W" --height "$H" --inputs "$WORK/baselines/inputs.safetensors" --flop "$FLOP" \
+      --reference "$WORK/baselines/ref-eager-bf16.safetensors,$WORK/baselines/ref-eager-$prec.safetensors" \
+      --iters 20 > "$OUT/kiln-bench-$prec.json" 2> "$OUT/logs/kiln-bench-$prec.err" \
+      || { tail -20 "$OUT/logs/kiln-bench-$prec.err"; fail "kiln-bench-$prec"; }
+    log "kiln-bench $prec: $(head -c 700 "$OUT/kiln-bench-$prec.json")"
   done
 fi
+
+if has warm; then
+  for prec in bf16 fp8; do
+    sync
+    if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then DROPPED=1; else DROPPED=0; fi
+    echo "$DROPPED" > "$OUT/page-cache-dropped-$prec"
+    log "cold start, packages in the shared store ($prec; page cache dropped: $DROPPED)"
+    rm -rf "$WORK/local-b-$prec"
+    kiln_run "cold-shared-$prec" --precision $prec --package_dir "$WORK/local-b-$prec" \
+      --shared_dir "$SHARED" --nocompile
+    log "end to end, 28 steps, fresh process, packages local ($prec)"
+    kiln_run "e2e-$prec" --precision $prec --package_dir "$WORK/local-b-$prec" --nocompile \
+      --profile_steps
+  done
+fi
+
+$PY bench/gpu/summarize.py "$OUT" > "$OUT/table.txt" || fail summarize
+cp "$OUT/bench.json" "$OUT/table.txt" "$DEST/" 2>/dev/null
+tar czf "$DEST/run-files.tgz" --exclude='*.png' -C "$OUT" . && cp "$OUT/logs/tiny-graph.png" "$DEST/" 2>/dev/null
+cat "$OUT/table.txt"
+if [ ${#FAILED[@]} -gt 0 ]; then log "failed stages: ${FAILED[*]}"; exit 1; fi
 log "done; outputs in $OUT"

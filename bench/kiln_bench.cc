@@ -1,0 +1,280 @@
+// kiln-bench: the kiln side of the transformer benchmark (bench/gpu/run.sh). Loads the
+// transformer package of one bucket exactly as the pipeline does (package from the local store,
+// weights from the repository, derived constants on the device), feeds it the inputs that
+// bench/gpu/baselines.py wrote, and prints one JSON object:
+//   - per-step ms (CUDA events around one call, median after warm-up) run plainly and replayed
+//     as a CUDA graph, TFLOP/s from --flop;
+//   - relative error ||out - ref|| / ||ref|| against each --reference (eager PyTorch outputs);
+//   - weights read and derived (bytes, seconds), package load seconds, peak GPU memory;
+//   - GPU time per kernel class of one plain call (LibTorch's Kineto profiler; kernels inside a
+//     graph replay are not visible to it).
+//
+//   kiln-bench --model DIR --package_dir DIR --precision bf16|fp8 --inputs inputs.safetensors
+//       [--reference a.safetensors,b.safetensors] [--width 1024 --height 1024] [--iters 20]
+// Exit status: 0 ok, 2 bad input, 1 other failure.
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "cache/local_disk_store.h"
+#include "cache/package_provider.h"
+#include "nlohmann/json.hpp"
+#include "pipeline/aoti_package.h"
+#include "pipeline/cuda_graph.h"
+#include "pipeline/flux_pipeline.h"
+#include "pipeline/safetensors.h"
+#include "pipeline/weights.h"
+
+ABSL_FLAG(std::string, model, "", "diffusers-layout model repository (required)");
+ABSL_FLAG(std::string, package_dir, "", "local package directory holding the package (required)");
+ABSL_FLAG(std::string, precision, "bf16", "bf16 or fp8");
+ABSL_FLAG(std::string, compile_options, "", "JSON compile options of the package (default: kiln's)");
+ABSL_FLAG(std::string, inputs, "", "safetensors with the transformer inputs (baselines.py)");
+ABSL_FLAG(std::string, reference, "", "comma-separated safetensors, each with a 'sample' output");
+ABSL_FLAG(int, width, 1024, "image width in pixels");
+ABSL_FLAG(int, height, 1024, "image height in pixels");
+ABSL_FLAG(int, iters, 20, "timed calls per variant");
+ABSL_FLAG(double, flop, 0, "FLOP of one call (for TFLOP/s)");
+ABSL_FLAG(bool, profile, true, "GPU time per kernel class of one plain call");
+
+namespace {
+
+using kiln::pipeline::AotiPackage;
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+int Fail(const absl::Status& s) {
+  std::cerr << "kiln-bench: error: " << s.message() << "\n";
+  return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
+}
+
+absl::StatusOr<std::map<std::string, at::Tensor>> ReadTensors(const std::string& path) {
+  auto file = kiln::pipeline::SafetensorsFile::Open(path);
+  if (!file.ok()) return file.status();
+  std::map<std::string, at::Tensor> out;
+  for (const auto& view : (*file)->tensors()) {
+    auto t = kiln::pipeline::TensorFromView(view);
+    if (!t.ok()) return t.status();
+    out[view.name] = t->clone();  // own the bytes: the file closes on return
+  }
+  return out;
+}
+
+// Median, min, max of `iters` timed calls of fn (CUDA events on the current stream).
+template <typename Fn>
+nlohmann::json TimeMs(Fn fn, int iters, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) fn();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<std::pair<at::cuda::CUDAEvent, at::cuda::CUDAEvent>> ev(iters);
+  for (int i = 0; i < iters; ++i) {
+    ev[i].first = at::cuda::CUDAEvent(cudaEventDefault);
+    ev[i].second = at::cuda::CUDAEvent(cudaEventDefault);
+  }
+  for (int i = 0; i < iters; ++i) {
+    ev[i].first.record(stream);
+    fn();
+    ev[i].second.record(stream);
+  }
+  stream.synchronize();
+  std::vector<double> ms;
+  for (auto& [a, b] : ev) ms.push_back(a.elapsed_time(b));
+  std::vector<double> sorted = ms;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted.size() % 2 ? sorted[sorted.size() / 2]
+                                          : (sorted[sorted.size() / 2 - 1] + sorted[sorted.size() / 2]) / 2;
+  return {{"median", median}, {"min", sorted.front()}, {"max", sorted.back()}, {"n", iters}};
+}
+
+double RelErr(const at::Tensor& out, const at::Tensor& ref) {
+  auto o = out.to(at::kDouble).cpu(), r = ref.to(at::kDouble).cpu();
+  return (o - r).norm().item<double>() / r.norm().item<double>();
+}
+
+std::string KernelClass(const std::string& name) {
+  std::string n = name;
+  std::transform(n.begin(), n.end(), n.begin(), ::tolower);
+  auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
+  if (n.rfind("triton", 0) == 0) return "fused elementwise/reduction (Triton)";
+  if ((has("flash") || has("fmha") || has("cudnn") || has("attention") || has("sdpa")) && !has("gemm"))
+    return "attention";
+  if (has("gemm") || has("cutlass") || has("sm90_xmma") || has("nvjet") || has("matmul"))
+    return "matmul";
+  return "other";
+}
+
+template <typename Fn>
+nlohmann::json Profile(Fn fn, int iters = 3) {
+  namespace prof = torch::autograd::profiler;
+  using torch::profiler::impl::ActivityType;
+  using torch::profiler::impl::ProfilerConfig;
+  using torch::profiler::impl::ProfilerState;
+  fn();
+  c10::cuda::getCurrentCUDAStream().synchronize();
+  const ProfilerConfig config(ProfilerState::KINETO);
+  const std::set<ActivityType> activities{ActivityType::CUDA};
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+  for (int i = 0; i < iters; ++i) fn();
+  c10::cuda::getCurrentCUDAStream().synchronize();
+  auto result = prof::disableProfiler();
+  std::map<std::string, double> classes, kernels;
+  for (const auto& e : result->events()) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    const double ms = e.durationNs() / 1e6 / iters;
+    classes[KernelClass(e.name())] += ms;
+    kernels[e.name().substr(0, 120)] += ms;
+  }
+  std::vector<std::pair<std::string, double>> top(kernels.begin(), kernels.end());
+  std::sort(top.begin(), top.end(), [](auto& a, auto& b) { return a.second > b.second; });
+  if (top.size() > 12) top.resize(12);
+  return {{"ms_per_call_by_class", classes}, {"top_kernels_ms", top}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const std::string model = absl::GetFlag(FLAGS_model);
+  const std::string package_dir = absl::GetFlag(FLAGS_package_dir);
+  if (model.empty() || package_dir.empty() || absl::GetFlag(FLAGS_inputs).empty()) {
+    return Fail(absl::InvalidArgumentError("--model, --package_dir and --inputs are required"));
+  }
+  if (!torch::cuda::is_available()) return Fail(absl::FailedPreconditionError("no CUDA device"));
+  const c10::Device device(c10::kCUDA, 0);
+  const int width = absl::GetFlag(FLAGS_width), height = absl::GetFlag(FLAGS_height);
+
+  // The package: the key the pipeline would use, from the local store (no compiling here).
+  kiln::cache::LocalDiskStoreOptions local_options;
+  local_options.root = package_dir;
+  auto local = kiln::cache::LocalDiskStore::Open(local_options, nullptr);
+  if (!local.ok()) return Fail(local.status());
+  kiln::pipeline::PipelineOptions po;
+  po.model_dir = model;
+  po.package_dir = package_dir;
+  po.device = "cuda";
+  po.precision = absl::GetFlag(FLAGS_precision);
+  po.allow_compile = false;
+  po.resolutions = {{width, height}};
+  if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
+    po.compile_options = nlohmann::json::parse(co, nullptr, false);
+    if (!po.compile_options.is_object()) {
+      return Fail(absl::InvalidArgumentError("--compile_options: not a JSON object"));
+    }
+  }
+  kiln::cache::TieredOptions tiered;
+  tiered.compile_options = po.compile_options;
+  auto provider = kiln::cache::TieredPackageProvider::Create(*std::move(local), nullptr, nullptr,
+                                                             tiered, nullptr);
+  if (!provider.ok()) return Fail(provider.status());
+  std::shared_ptr<kiln::cache::PackageProvider> shared_provider = *std::move(provider);
+  po.provider = shared_provider;
+  auto pipeline = kiln::pipeline::FluxPipeline::Create(po);
+  if (!pipeline.ok()) return Fail(pipeline.status());
+  const auto key = (*pipeline)->KeyFor("transformer", width, height);
+  auto found = shared_provider->Get(key, model);
+  if (!found.ok()) return Fail(found.status());
+
+  nlohmann::json report = {{"precision", po.precision},
+                           {"compile_options", po.compile_options},
+                           {"digest", key.Digest()},
+                           {"bucket", {width, height}}};
+  try {
+    torch::NoGradGuard no_grad;
+    auto t = Clock::now();
+    auto pkg = AotiPackage::Load(found->package, device);
+    if (!pkg.ok()) return Fail(pkg.status());
+    report["package_load_s"] = Since(t);
+
+    t = Clock::now();
+    auto weights = kiln::pipeline::ComponentWeights::Open(
+        model + "/" + kiln::pipeline::ComponentWeights::FolderFor("transformer"),
+        kiln::pipeline::ComponentWeights::StemFor("transformer"), device);
+    if (!weights.ok()) return Fail(weights.status());
+    auto constants = (*weights)->Gather(**pkg, found->package.extra_constants_path);
+    if (!constants.ok()) return Fail(constants.status());
+    if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return Fail(s);
+    c10::cuda::getCurrentCUDAStream().synchronize();
+    report["weights"] = {{"seconds", Since(t)}, {"bytes_read", (*weights)->bytes_read()}};
+    constants->clear();
+
+    auto host = ReadTensors(absl::GetFlag(FLAGS_inputs));
+    if (!host.ok()) return Fail(host.status());
+    std::vector<at::Tensor> inputs;
+    for (const auto& spec : (*pkg)->manifest().inputs) {
+      auto it = host->find(spec.name);
+      if (it == host->end()) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat("--inputs lacks '", spec.name, "'")));
+      }
+      inputs.push_back(it->second.to(device).contiguous());
+    }
+    at::Tensor out_plain;
+    auto plain = [&] {
+      auto o = (*pkg)->Run(inputs);
+      if (!o.ok()) throw std::runtime_error(std::string(o.status().message()));
+      out_plain = (*o)[0];
+    };
+    const int iters = absl::GetFlag(FLAGS_iters);
+    const double flop = absl::GetFlag(FLAGS_flop);
+    auto add_tflops = [&](nlohmann::json j) {
+      if (flop > 0) j["tflops"] = flop / (j["median"].get<double>() * 1e-3) / 1e12;
+      return j;
+    };
+    report["step_ms_plain"] = add_tflops(TimeMs(plain, iters));
+    at::Tensor ref_out = out_plain.clone();
+
+    t = Clock::now();
+    auto graph = kiln::pipeline::PackageGraph::Capture(pkg->get(), inputs);
+    if (!graph.ok()) return Fail(graph.status());
+    c10::cuda::getCurrentCUDAStream().synchronize();
+    report["graph_capture_s"] = Since(t);
+    at::Tensor out_graph;
+    auto replay = [&] {
+      auto o = (*graph)->Replay();
+      if (!o.ok()) throw std::runtime_error(std::string(o.status().message()));
+      out_graph = (*o)[0];
+    };
+    report["step_ms_graph"] = add_tflops(TimeMs(replay, iters));
+    report["graph_equals_plain"] = at::equal(out_graph, ref_out);
+
+    nlohmann::json errors = nlohmann::json::object();
+    for (const auto& path : absl::StrSplit(absl::GetFlag(FLAGS_reference), ',', absl::SkipEmpty())) {
+      auto ref = ReadTensors(std::string(path));
+      if (!ref.ok()) return Fail(ref.status());
+      if (!ref->count("sample")) return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": no 'sample'")));
+      errors[std::string(path)] = RelErr(out_graph, ref->at("sample"));
+    }
+    report["rel_err"] = errors;
+    report["finite"] = at::isfinite(out_graph).all().item<bool>();
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(0);
+    report["peak_gpu_bytes"] = stats.allocated_bytes[0].peak;
+    report["peak_gpu_reserved_bytes"] = stats.reserved_bytes[0].peak;
+    if (absl::GetFlag(FLAGS_profile)) {
+      try {
+        report["profile_plain"] = Profile(plain);
+      } catch (const std::exception& e) {
+        report["profile_plain"] = {{"error", e.what()}};
+      }
+    }
+  } catch (const std::exception& e) {
+    return Fail(absl::InternalError(e.what()));
+  }
+  std::cout << report.dump() << std::endl;
+  return 0;
+}
