@@ -2,6 +2,7 @@
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
 //            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -54,6 +55,10 @@ int Fail(const absl::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const auto t_main = std::chrono::steady_clock::now();
+  auto since_main = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_main).count();
+  };
   absl::SetProgramUsageMessage("kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
   absl::ParseCommandLine(argc, argv);
   kiln::pipeline::PipelineOptions options;
@@ -95,13 +100,16 @@ int main(int argc, char** argv) {
 
   auto pipeline = kiln::pipeline::FluxPipeline::Create(options);
   if (!pipeline.ok()) return Fail(pipeline.status());
+  const double created = since_main();
   auto result = (*pipeline)->Generate(req);
   if (!result.ok()) return Fail(result.status());
+  const double generated = since_main();
   for (const auto& w : result->warnings) std::cerr << "kiln-run: warning: " << w << "\n";
   if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
       !s.ok()) {
     return Fail(s);
   }
+  const double written = since_main();
   if (absl::GetFlag(FLAGS_json)) {
     const auto& s = result->seconds;
     nlohmann::json j = {
@@ -127,6 +135,10 @@ int main(int argc, char** argv) {
         {"compile_options", options.compile_options},
         {"weight_bytes", result->weight_bytes},
     };
+    // Seconds since main() began: the pipeline created (configs, tokenizers), the image
+    // generated (Generate(), phases above), the PNG written.
+    j["process"] = {{"pipeline_created_s", created}, {"generated_s", generated},
+                    {"png_written_s", written}};
     const auto& p = result->denoise_profile;
     j["denoise_profile"] = {{"cuda_graph", p.cuda_graph}, {"sync_checked", p.sync_checked},
                             {"step_ms", p.step_ms}, {"span_ms", p.span_ms},

@@ -5,12 +5,12 @@
 #
 #   bench/gpu/run.sh OUTDIR [STAGES]
 #
-# STAGES (comma list; default all of them, in this order):
+# STAGES (comma list; default build,weights,cold,baselines,kiln,warm, in this order; ~9 min):
 #   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release)
 #   weights    flux-dev repository with synthetic seeded bf16 weights, generated on the GPU
 #              (runs while `build` compiles)
-#   tiny       flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives the same bytes
-#              as plain runs, the denoise loop has no host sync (sync check armed)
+#   tiny       (on request) flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives
+#              the same bytes as plain runs and a second process, sync check armed
 #   cold       cold start with packages compiled on a miss: kiln-run bf16 and fp8 as two fresh
 #              processes on empty local and shared package stores (compiles run concurrently;
 #              each process compiles its missing components in parallel; bf16 and fp8 share the
@@ -22,14 +22,17 @@
 #              against eager, peak memory, kernel-class profile
 #   warm       cold start with packages found in the shared store (fresh local store, page cache
 #              dropped first where the host allows: weight read throughput from disk), then the
-#              28-step end-to-end latency in a fresh process, bf16 and fp8
+#              28-step end-to-end latency in a fresh process, bf16 and fp8; the disk's own read
+#              rate (dd, 1 and 4 streams) as the ceiling for the weight read
+# On request only: autotune (max_autotune packages against this run's, AUTOTUNE_PRECISIONS) and
+# buckets (BUCKETS, default "512x512 768x768", bf16: compiled, found, and without CUDA graph).
 #
 # BUCKET=WxH (default 1024x1024) measures another bucket; packages are reused within the run
 # (the shared store under $KILN_GPU_WORK). The host has no package registry: the Debian libraries
 # travel unpacked in .device-deps/ (see bench/README.md).
 set -uo pipefail
 DEST=$(mkdir -p "$1" && cd "$1" && pwd)
-STAGES=${2:-build,weights,tiny,cold,baselines,kiln,warm}
+STAGES=${2:-build,weights,cold,baselines,kiln,warm}
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 WORK=${KILN_GPU_WORK:-/tmp/kiln-gpu}
@@ -168,18 +171,69 @@ if has kiln; then
   done
 fi
 
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; }
+
 if has warm; then
+  log "disk read ceiling: dd of the transformer checkpoint, page cache dropped (1 and 4 streams)"
+  CK=$MODEL/transformer/diffusion_pytorch_model.safetensors
+  if drop_caches; then
+    t0=$(now); dd if="$CK" of=/dev/null bs=64M count=96 2>/dev/null; t1=$(now)
+    drop_caches
+    t2=$(now)
+    for i in 0 1 2 3; do dd if="$CK" of=/dev/null bs=64M count=24 skip=$((i * 24)) 2>/dev/null & done
+    wait; t3=$(now)
+    awk "BEGIN{printf \"{\\\"one_stream_GBps\\\": %.2f, \\\"four_streams_GBps\\\": %.2f, \\\"bytes\\\": %.0f}\", 6.442450944/($t1-$t0), 6.442450944/($t3-$t2), 6442450944}" > "$OUT/disk-read.json"
+    log "disk: $(cat "$OUT/disk-read.json")"
+  else
+    log "disk: cannot drop the page cache here; no cold-disk figures"
+  fi
   for prec in bf16 fp8; do
-    sync
-    if echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; then DROPPED=1; else DROPPED=0; fi
+    if drop_caches; then DROPPED=1; else DROPPED=0; fi
     echo "$DROPPED" > "$OUT/page-cache-dropped-$prec"
     log "cold start, packages in the shared store ($prec; page cache dropped: $DROPPED)"
     rm -rf "$WORK/local-b-$prec"
     kiln_run "cold-shared-$prec" --precision $prec --package_dir "$WORK/local-b-$prec" \
       --shared_dir "$SHARED" --nocompile
+    log "cold start, packages in the shared store ($prec; page cache warm)"
+    rm -rf "$WORK/local-b-$prec"
+    kiln_run "cold-sharedwarm-$prec" --precision $prec --package_dir "$WORK/local-b-$prec" \
+      --shared_dir "$SHARED" --nocompile
     log "end to end, 28 steps, fresh process, packages local ($prec)"
     kiln_run "e2e-$prec" --precision $prec --package_dir "$WORK/local-b-$prec" --nocompile \
       --profile_steps
+  done
+fi
+
+# On request (not in the default list): Inductor autotuning, measured against the default
+# packages of this run (needs the cold, baselines and kiln stages' outputs in $WORK).
+if has autotune; then
+  AT='{"attention":"cudnn","max_autotune":true}'
+  for prec in ${AUTOTUNE_PRECISIONS:-bf16 fp8}; do
+    log "autotune: compiling the $prec transformer with $AT"
+    t0=$(now)
+    timeout "${AUTOTUNE_TIMEOUT:-400}" "$BIN/kiln-compile" --model "$MODEL" --component transformer \
+      --precision $prec --height "$H" --width "$W" --text-len 512 --target cuda:sm_90 \
+      --compile-options "$AT" --out-root "$WORK/local-at-$prec" > "$OUT/logs/autotune-$prec.manifest" \
+      2> "$OUT/logs/autotune-$prec.err" || { tail -5 "$OUT/logs/autotune-$prec.err"; fail "autotune-compile-$prec"; continue; }
+    log "autotune $prec compiled in $(awk "BEGIN{print $(now) - $t0}") s"
+    "$BIN/kiln-bench" --model "$MODEL" --package_dir "$WORK/local-at-$prec" --precision $prec \
+      --width "$W" --height "$H" --inputs "$WORK/baselines/inputs.safetensors" --compile_options "$AT" \
+      --reference "$WORK/baselines/ref-eager-bf16.safetensors,$WORK/baselines/ref-eager-$prec.safetensors" \
+      --iters 20 > "$OUT/kiln-bench-autotune-$prec.json" 2> "$OUT/logs/kiln-bench-autotune-$prec.err" \
+      || { tail -20 "$OUT/logs/kiln-bench-autotune-$prec.err"; fail "kiln-bench-autotune-$prec"; }
+    log "autotune $prec: $(head -c 600 "$OUT/kiln-bench-autotune-$prec.json")"
+  done
+fi
+
+# On request: other buckets (BUCKETS, default 512x512 768x768), bf16, compiled on a miss into
+# the shared store, then generated again with the packages found (step times, graph on/off).
+if has buckets; then
+  for b in ${BUCKETS:-512x512 768x768}; do
+    for run in compiled found nograph; do
+      flag=--cuda_graphs; [ $run = nograph ] && flag=--nocuda_graphs
+      BUCKET=$b W=${b%x*} H=${b#*x} kiln_run "bucket-$b-$run" --precision bf16 \
+        --package_dir "$WORK/local-a-bf16" --shared_dir "$SHARED" --profile_steps $flag
+    done
   done
 fi
 
