@@ -7,6 +7,7 @@
 #include "cache/local_disk_store.h"
 #include "gtest/gtest.h"
 #include "pipeline/aoti_package.h"
+#include "pipeline/cuda_graph.h"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline/weights.h"
 #include "tests/pipeline/test_support.h"
@@ -149,6 +150,24 @@ TEST_F(AotiPackageTest, CorruptPackageIsRefusedAndQuarantined) {
   EXPECT_TRUE(fs::exists(root_ + "/quarantine"));
   // Gone from the store: the next lookup is a plain miss, so the caller recompiles.
   EXPECT_EQ(store.Find(key_).status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(AotiPackageTest, CudaGraphCaptureRefusesCpuPackagesAndProfilerIsInertOnCpu) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  ASSERT_TRUE((*pkg)->LoadConstants(Weights(**pkg)).ok());
+  auto graph = PackageGraph::Capture(pkg->get(), {torch::zeros({1, 77}, torch::kLong)});
+  EXPECT_EQ(graph.status().code(), absl::StatusCode::kFailedPrecondition) << graph.status();
+  EXPECT_NE(graph.status().message().find("CUDA graphs need a CUDA package"), std::string::npos);
+
+  StepProfiler profiler(c10::kCPU);
+  profiler.BeginStep();
+  auto out = (*pkg)->Run({torch::zeros({1, 77}, torch::kLong)});  // no sync check on the CPU
+  ASSERT_TRUE(out.ok()) << out.status();
+  profiler.EndStep();
+  const auto r = profiler.Finish();
+  EXPECT_FALSE(r.sync_checked);
+  EXPECT_TRUE(r.step_ms.empty());
 }
 
 }  // namespace

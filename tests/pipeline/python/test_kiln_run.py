@@ -184,3 +184,36 @@ def test_kiln_compile_rejects_bad_arguments(tmp_path):
                           "fp8", "--height", "256", "--width", "256", "--out-root", str(tmp_path),
                           "--print-key"], capture_output=True, text=True)
     assert fp8.returncode == 2 and "fp8 needs a cuda target" in fp8.stderr
+
+
+def test_shared_store_serves_a_fresh_node_without_compiling(tmp_path):
+    """A fresh local directory and an empty shared store: every component is compiled (in
+    parallel) and published; a second fresh local directory then gets all four from the shared
+    store, compiles nothing and makes the same bytes as the fixture run."""
+    shared = str(tmp_path / "shared")
+    first = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "a.png"), "--shared_dir",
+                             shared, packages=str(tmp_path / "local-a"), compile_=True))
+    assert set(first["packages"].values()) == {"compiled"}, first
+    assert first["compile_options"] == {"attention": "cudnn", "max_autotune": False}
+    second = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "b.png"), "--shared_dir",
+                              shared, packages=str(tmp_path / "local-b")))
+    assert set(second["packages"].values()) == {"shared"}, second
+    assert second["seconds"]["compile"] == 0 and second["seconds"]["fetch"] > 0
+    ref = open(os.path.join(TESTDATA, "first.png"), "rb").read()
+    assert (tmp_path / "a.png").read_bytes() == ref
+    assert (tmp_path / "b.png").read_bytes() == ref
+    process = second["process"]
+    assert 0 < process["pipeline_created_s"] <= process["generated_s"] <= process["png_written_s"]
+    # On the CPU there is no CUDA graph and no step profile, and the JSON says so.
+    assert second["denoise_profile"]["cuda_graph"] is False
+    assert second["denoise_profile"]["step_ms"] == []
+
+
+def test_bad_compile_options_are_refused(tmp_path):
+    bad = kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "x.png"), "--compile_options", "{oops")
+    assert bad.returncode == 2 and b"--compile_options: not a JSON object" in bad.stderr
+    # Well-formed but unknown: kiln-compile names the option (compile needed: fresh directory).
+    unknown = kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "y.png"), "--compile_options",
+                       '{"fuse_qvk": true}', packages=str(tmp_path / "local"), compile_=True)
+    assert unknown.returncode != 0
+    assert b"unknown option 'fuse_qvk'" in unknown.stderr, unknown.stderr
