@@ -223,13 +223,6 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
   const uint64_t data_start = 8 + header_len;
   const uint64_t data_size = size - data_start;
 
-  if (options.sequential) ::madvise(map, size, MADV_SEQUENTIAL);
-  if (options.will_need && data_size > 0) {
-    // madvise wants a page-aligned start: round the data section's start down.
-    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
-    const uint64_t start = data_start / page * page;
-    ::madvise(static_cast<char*>(map) + start, size - start, MADV_WILLNEED);
-  }
 
   nlohmann::json header;
   try {
@@ -279,11 +272,30 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
     file->tensor_bytes_ += e.view.nbytes;
     file->tensors_.push_back(std::move(e.view));
   }
+  // Only a valid file is worth reading ahead.
+  if (options.prefetch && data_size > 0) file->StartPrefetch();
   return file;
 }
 
 SafetensorsFile::~SafetensorsFile() {
+  stop_prefetch_ = true;
+  if (prefetch_.joinable()) prefetch_.join();
   if (map_ != nullptr) ::munmap(map_, map_size_);
+}
+
+void SafetensorsFile::StartPrefetch() {
+  prefetch_ = std::thread([this] {
+    constexpr size_t kChunk = 16 << 20;
+    std::vector<char> buf(kChunk);
+    Fd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+    if (fd.get() < 0) return;  // best effort: the mapping still serves every read
+    ::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+    for (off_t off = 0; !stop_prefetch_;) {
+      const ssize_t n = ::pread(fd.get(), buf.data(), kChunk, off);
+      if (n <= 0) break;
+      off += n;
+    }
+  });
 }
 
 const TensorView* SafetensorsFile::Find(std::string_view name) const {

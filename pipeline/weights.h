@@ -17,11 +17,9 @@
 
 #include <torch/torch.h>
 
-#include <atomic>
 #include <map>
 #include <memory>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -63,16 +61,9 @@ class ComponentWeights {
       const std::string& extra_constants_path);
 
   uint64_t bytes_read() const { return bytes_read_; }
-  ~ComponentWeights();
 
  private:
   ComponentWeights() = default;
-  // Reads every checkpoint file front to back with large pread()s on a background thread, so
-  // the page cache fills at the disk's sequential rate while Gather() uploads tensors (which
-  // otherwise page-fault the mapping in small pieces). Stops early on destruction.
-  void StartPrefetch();
-  std::thread prefetch_;
-  std::atomic<bool> stop_prefetch_{false};
   std::string dir_;
   c10::Device device_ = c10::kCPU;
   std::unique_ptr<WeightSet> set_;

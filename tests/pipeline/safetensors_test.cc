@@ -94,8 +94,7 @@ nlohmann::json* SafetensorsPythonTest::manifest_ = nullptr;
 TEST_F(SafetensorsPythonTest, EveryDtypeMatchesWhatPythonWrote) {
   for (bool hints : {false, true}) {
     SafetensorsOptions options;
-    options.sequential = hints;
-    options.will_need = hints;
+    options.prefetch = hints;
     auto file = SafetensorsFile::Open(dir_->Join("all_dtypes.safetensors"), options);
     ASSERT_TRUE(file.ok()) << file.status();
     const SafetensorsFile& f = **file;
