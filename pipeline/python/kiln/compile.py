@@ -78,28 +78,21 @@ def component_bucket(component: str, config: dict, batch: int, height: int, widt
     raise UsageError(f"unknown component {component!r}; expected one of {ak.COMPONENTS}")
 
 
-# Known compile options and their types or allowed values; anything else is refused (a misspelt
-# option would silently compile the default model under a different key).
-COMPILE_OPTIONS = {"max_autotune": bool, "fuse_qkv": bool,
-                   "attention": ("sdpa", "cudnn", "flash", "efficient")}
-
-
 def check_compile_options(options: Any) -> None:
-    """UsageError unless `options` is a JSON object of known options with values of their type."""
+    """UsageError unless `options` is a JSON object of known options (the model options of
+    kiln.components plus how Inductor compiles) with allowed values; anything else is refused (a
+    misspelt option would silently compile the default model under a different key)."""
+    from kiln import components
+    known = {"max_autotune": bool, **components.MODEL_OPTION_VALUES}
     if not isinstance(options, dict):
         raise UsageError("--compile-options must be a JSON object")
     for name, value in options.items():
-        if name not in COMPILE_OPTIONS:
+        if name not in known:
             raise UsageError(f"--compile-options: unknown option {name!r} (known: "
-                             f"{', '.join(sorted(COMPILE_OPTIONS))})")
-        allowed = COMPILE_OPTIONS[name]
-        if isinstance(allowed, tuple):
-            if value not in allowed:
-                raise UsageError(f"--compile-options: {name} must be one of "
-                                 f"{', '.join(allowed)}, got {json.dumps(value)}")
-        elif not isinstance(value, allowed):
-            raise UsageError(f"--compile-options: {name} must be true or false, got "
-                             f"{json.dumps(value)}")
+                             f"{', '.join(sorted(known))})")
+        error = components.option_value_error(name, value, known[name])
+        if error:
+            raise UsageError(f"--compile-options: {error}")
 
 
 def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,

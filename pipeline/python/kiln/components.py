@@ -219,6 +219,17 @@ MODEL_OPTIONS = {"fuse_qkv": False, "attention": "sdpa"}
 MODEL_OPTION_VALUES = {"fuse_qkv": bool, "attention": ATTENTION_BACKENDS}
 
 
+def option_value_error(name: str, value, allowed) -> str | None:
+    """Why `value` is not an allowed value of the option `name` (`allowed`: a type or a tuple of
+    values), or None. kiln-compile checks every compile option with it."""
+    if isinstance(allowed, tuple):
+        if value not in allowed:
+            return f"{name} must be one of {', '.join(allowed)}, got {json.dumps(value)}"
+    elif allowed is bool and not isinstance(value, bool):
+        return f"{name} must be true or false, got {json.dumps(value)}"
+    return None
+
+
 def _construct(config: dict, component: str, precision: str, bucket: ak.Bucket,
                options: dict) -> nn.Module:
     if component == "text_encoder":
@@ -269,12 +280,9 @@ def model_options(compile_options: dict | None) -> dict:
     for name in MODEL_OPTIONS:
         if compile_options and name in compile_options:
             value = compile_options[name]
-            allowed = MODEL_OPTION_VALUES[name]
-            if allowed is bool and not isinstance(value, bool):
-                raise ValueError(f"compile option {name!r} must be true or false, got {value!r}")
-            if isinstance(allowed, tuple) and value not in allowed:
-                raise ValueError(f"compile option {name!r} must be one of "
-                                 f"{', '.join(allowed)}, got {value!r}")
+            error = option_value_error(name, value, MODEL_OPTION_VALUES[name])
+            if error:
+                raise ValueError(f"compile option {error}")
             out[name] = value
     return out
 
