@@ -82,10 +82,9 @@ int main(int argc, char** argv) {
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   options.profile_steps = absl::GetFlag(FLAGS_profile_steps);
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
-    options.compile_options = nlohmann::json::parse(co, nullptr, /*allow_exceptions=*/false);
-    if (!options.compile_options.is_object()) {
-      return Fail(absl::InvalidArgumentError("--compile_options: not a JSON object"));
-    }
+    auto parsed = kiln::pipeline::ParseCompileOptions(co);
+    if (!parsed.ok()) return Fail(parsed.status());
+    options.compile_options = *std::move(parsed);
   }
   options.shared_dir = absl::GetFlag(FLAGS_shared_dir);
 

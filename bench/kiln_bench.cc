@@ -31,7 +31,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "cache/local_disk_store.h"
-#include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
@@ -161,10 +160,6 @@ int main(int argc, char** argv) {
   const int width = absl::GetFlag(FLAGS_width), height = absl::GetFlag(FLAGS_height);
 
   // The package: the key the pipeline would use, from the local store (no compiling here).
-  kiln::cache::LocalDiskStoreOptions local_options;
-  local_options.root = package_dir;
-  auto local = kiln::cache::LocalDiskStore::Open(local_options, nullptr);
-  if (!local.ok()) return Fail(local.status());
   kiln::pipeline::PipelineOptions po;
   po.model_dir = model;
   po.package_dir = package_dir;
@@ -173,22 +168,14 @@ int main(int argc, char** argv) {
   po.allow_compile = false;
   po.resolutions = {{width, height}};
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
-    po.compile_options = nlohmann::json::parse(co, nullptr, false);
-    if (!po.compile_options.is_object()) {
-      return Fail(absl::InvalidArgumentError("--compile_options: not a JSON object"));
-    }
+    auto parsed = kiln::pipeline::ParseCompileOptions(co);
+    if (!parsed.ok()) return Fail(parsed.status());
+    po.compile_options = *std::move(parsed);
   }
-  kiln::cache::TieredOptions tiered;
-  tiered.compile_options = po.compile_options;
-  auto provider = kiln::cache::TieredPackageProvider::Create(*std::move(local), nullptr, nullptr,
-                                                             tiered, nullptr);
-  if (!provider.ok()) return Fail(provider.status());
-  std::shared_ptr<kiln::cache::PackageProvider> shared_provider = *std::move(provider);
-  po.provider = shared_provider;
   auto pipeline = kiln::pipeline::FluxPipeline::Create(po);
   if (!pipeline.ok()) return Fail(pipeline.status());
   const auto key = (*pipeline)->KeyFor("transformer", width, height);
-  auto found = shared_provider->Get(key, model);
+  auto found = kiln::cache::LocalDiskStore(package_dir).Find(key);
   if (!found.ok()) return Fail(found.status());
 
   nlohmann::json report = {{"precision", po.precision},
@@ -198,7 +185,7 @@ int main(int argc, char** argv) {
   try {
     torch::NoGradGuard no_grad;
     auto t = Clock::now();
-    auto pkg = AotiPackage::Load(found->package, device);
+    auto pkg = AotiPackage::Load(*found, device);
     if (!pkg.ok()) return Fail(pkg.status());
     report["package_load_s"] = Since(t);
 
@@ -207,7 +194,7 @@ int main(int argc, char** argv) {
         model + "/" + kiln::pipeline::ComponentWeights::FolderFor("transformer"),
         kiln::pipeline::ComponentWeights::StemFor("transformer"), device);
     if (!weights.ok()) return Fail(weights.status());
-    auto constants = (*weights)->Gather(**pkg, found->package.extra_constants_path);
+    auto constants = (*weights)->Gather(**pkg, found->extra_constants_path);
     if (!constants.ok()) return Fail(constants.status());
     if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return Fail(s);
     c10::cuda::getCurrentCUDAStream().synchronize();

@@ -110,6 +110,12 @@ std::string FormatResolutions(const std::vector<Resolution>& list) {
   });
 }
 
+absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return absl::InvalidArgumentError("--compile_options: not a JSON object");
+  return j;
+}
+
 absl::Status PipelineOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir: required");
   if (package_dir.empty()) return absl::InvalidArgumentError("package_dir: required");

@@ -36,6 +36,10 @@ std::vector<Resolution> DefaultResolutions();
 absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text);
 std::string FormatResolutions(const std::vector<Resolution>& list);
 
+// A --compile_options flag: a JSON object (checked by kiln-compile when it compiles).
+// InvalidArgument if `text` is not a JSON object.
+absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text);
+
 struct PipelineOptions {
   std::string model_dir;                       // diffusers-layout repository (required)
   std::string package_dir = ".kiln/packages";  // local package directory (created if missing)
