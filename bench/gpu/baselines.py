@@ -295,7 +295,8 @@ def main() -> int:
                     run["profile"] = profile(lambda: module(*inputs))
                 report["runs"][name] = run
                 print(json.dumps({name: run}), flush=True)
-                torch._dynamo.reset() if mode == "compile" else None
+                if mode == "compile":
+                    torch._dynamo.reset()
         del module, eager_out
         gc.collect()
         torch.cuda.empty_cache()

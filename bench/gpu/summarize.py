@@ -38,6 +38,20 @@ def fmt(v, digits=1):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
 
+def kiln_rows(kb: dict, prec: str, label: str) -> list[dict]:
+    """Per-step rows of one kiln-bench report: the plain calls (with their profile) and the
+    CUDA-graph replays; the error is the one against the eager bf16 reference."""
+    err = next((v for k, v in (kb.get("rel_err") or {}).items() if "ref-eager-bf16" in k), None)
+    rows = []
+    for key, suffix in (("step_ms_plain", ""), ("step_ms_graph", " + CUDA graph")):
+        rows.append({"variant": f"{label}{suffix} {prec}", "precision": prec,
+                     "ms": kb[key]["median"], "tflops": kb[key].get("tflops"), "err_bf16": err,
+                     "peak_gb": kb.get("peak_gpu_bytes", 0) / 1e9,
+                     "profile": (kb.get("profile_plain") or {}).get("ms_per_call_by_class")
+                     if key == "step_ms_plain" else None})
+    return rows
+
+
 def main(out: str) -> int:
     missing: list[str] = []
     report: dict = {"files": sorted(os.path.basename(p) for p in glob.glob(f"{out}/*.json"))}
@@ -70,31 +84,14 @@ def main(out: str) -> int:
                          "err_bf16": r.get("rel_err_vs_eager_bf16"),
                          "peak_gb": r["peak_gpu_bytes"] / 1e9,
                          "profile": (r.get("profile") or {}).get("ms_per_call_by_class")})
-        kb = load(out, f"kiln-bench-{prec}.json")
-        if kb is None:
-            missing.append(f"kiln-bench {prec}")
-            continue
-        errs = list((kb.get("rel_err") or {}).values())
-        for key, label in (("step_ms_plain", "kiln AOTI"), ("step_ms_graph", "kiln AOTI + CUDA graph")):
-            rows.append({"variant": f"{label} {prec}", "precision": prec,
-                         "ms": kb[key]["median"], "tflops": kb[key].get("tflops"),
-                         "err_bf16": errs[0] if errs else None,
-                         "peak_gb": kb.get("peak_gpu_bytes", 0) / 1e9,
-                         "profile": (kb.get("profile_plain") or {}).get("ms_per_call_by_class")
-                         if key == "step_ms_plain" else None})
-        report[f"kiln_bench_{prec}"] = kb
-        at = load(out, f"kiln-bench-autotune-{prec}.json")
-        if at:
-            errs = list((at.get("rel_err") or {}).values())
-            for key, label in (("step_ms_plain", "kiln AOTI autotuned"),
-                               ("step_ms_graph", "kiln AOTI autotuned + CUDA graph")):
-                rows.append({"variant": f"{label} {prec}", "precision": prec,
-                             "ms": at[key]["median"], "tflops": at[key].get("tflops"),
-                             "err_bf16": errs[0] if errs else None,
-                             "peak_gb": at.get("peak_gpu_bytes", 0) / 1e9,
-                             "profile": (at.get("profile_plain") or {}).get("ms_per_call_by_class")
-                             if key == "step_ms_plain" else None})
-            report[f"kiln_bench_autotune_{prec}"] = at
+        for name, label in (("kiln-bench", "kiln AOTI"), ("kiln-bench-autotune", "kiln AOTI autotuned")):
+            kb = load(out, f"{name}-{prec}.json")
+            if kb is None:
+                if name == "kiln-bench":  # autotune runs only on request
+                    missing.append(f"kiln-bench {prec}")
+                continue
+            rows += kiln_rows(kb, prec, label)
+            report[f"{name.replace('-', '_')}_{prec}"] = kb
     report["per_step"] = rows
 
     # End to end and cold start.
