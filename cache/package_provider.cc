@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cache/lease_heartbeat.h"
+#include "cache/shared_fs_store.h"
 #include "metrics/metrics_server.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -381,6 +382,28 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
   }
   release();
   return out;
+}
+
+absl::StatusOr<std::unique_ptr<TieredPackageProvider>> OpenTieredProvider(
+    TieredProviderConfig config, prometheus::Registry* registry) {
+  auto local = LocalDiskStore::Open(config.local, registry);
+  if (!local.ok()) return local.status();
+  std::unique_ptr<ArtifactStore> shared;
+  if (!config.shared_root.empty()) {
+    SharedFsStoreOptions shared_options;
+    shared_options.root = config.shared_root;
+    shared_options.host = config.shared_host;
+    shared_options.clock = config.tiered.clock;
+    auto store = SharedFsStore::Open(shared_options);
+    if (!store.ok()) return store.status();
+    shared = *std::move(store);
+  }
+  std::unique_ptr<PackageCompiler> compiler;
+  if (!config.compiler_path.empty()) {
+    compiler = std::make_unique<SubprocessCompiler>(config.compiler_path);
+  }
+  return TieredPackageProvider::Create(*std::move(local), std::move(shared), std::move(compiler),
+                                       std::move(config.tiered), registry);
 }
 
 }  // namespace kiln::cache

@@ -135,4 +135,18 @@ class TieredPackageProvider : public PackageProvider {
   std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(flights_mu_);
 };
 
+// The tiers as kiln-run and a node build them: node-local disk, an optional shared directory,
+// an optional kiln-compile.
+struct TieredProviderConfig {
+  LocalDiskStoreOptions local;  // root required
+  std::string shared_root;      // "" = no shared tier
+  std::string shared_host;      // host written into compile leases ("" = gethostname())
+  std::string compiler_path;    // kiln-compile executable; "" = never compile (a miss is NotFound)
+  TieredOptions tiered;         // its clock is the shared store's too
+};
+
+// Opens the stores and the compiler and makes the provider; errors as the stores report them.
+absl::StatusOr<std::unique_ptr<TieredPackageProvider>> OpenTieredProvider(
+    TieredProviderConfig config, prometheus::Registry* registry);
+
 }  // namespace kiln::cache

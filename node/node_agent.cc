@@ -12,11 +12,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "cache/compiler.h"
-#include "cache/local_disk_store.h"
 #include "cache/package_dir.h"
 #include "cache/package_provider.h"
-#include "cache/shared_fs_store.h"
 #include "common/wire.h"
 #include "node/device_probe.h"
 
@@ -131,32 +128,19 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeOptions options
   if (options.models.empty()) return absl::InvalidArgumentError("models: at least one is required");
   if (options.hostname.empty()) options.hostname = HostName();
   // One provider for every pipeline (thread-safe; the worker runs one Generate() at a time).
-  cache::LocalDiskStoreOptions local_options;
-  local_options.root = options.package_dir;
-  local_options.max_bytes = options.package_dir_max_bytes;
-  local_options.clock = clock;
-  auto local = cache::LocalDiskStore::Open(local_options, &registry);
-  if (!local.ok()) return local.status();
-  std::unique_ptr<cache::ArtifactStore> shared;
-  if (!options.shared_cache_dir.empty()) {
-    cache::SharedFsStoreOptions shared_options;
-    shared_options.root = options.shared_cache_dir;
-    shared_options.host = options.hostname;
-    shared_options.clock = clock;
-    auto store = cache::SharedFsStore::Open(shared_options);
-    if (!store.ok()) return store.status();
-    shared = *std::move(store);
-  }
-  std::unique_ptr<cache::PackageCompiler> compiler;
+  cache::TieredProviderConfig config;
+  config.local.root = options.package_dir;
+  config.local.max_bytes = options.package_dir_max_bytes;
+  config.local.clock = clock;
+  config.shared_root = options.shared_cache_dir;
+  config.shared_host = options.hostname;
   if (options.allow_compile) {
-    compiler = std::make_unique<cache::SubprocessCompiler>(
-        options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path);
+    config.compiler_path =
+        options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path;
   }
-  cache::TieredOptions tiered;
-  tiered.node_id = options.node_id;
-  tiered.clock = clock;
-  auto provider = cache::TieredPackageProvider::Create(
-      *std::move(local), std::move(shared), std::move(compiler), std::move(tiered), &registry);
+  config.tiered.node_id = options.node_id;
+  config.tiered.clock = clock;
+  auto provider = cache::OpenTieredProvider(std::move(config), &registry);
   if (!provider.ok()) return provider.status();
   std::shared_ptr<cache::PackageProvider> shared_provider = *std::move(provider);
 

@@ -12,9 +12,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
-#include "cache/compiler.h"
-#include "cache/local_disk_store.h"
-#include "cache/shared_fs_store.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
 #include "pipeline/scheduler.h"
@@ -345,28 +342,15 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
     std::error_code ec;
     fs::create_directories(options.package_dir, ec);
     if (ec) return absl::PermissionDeniedError(absl::StrCat("package_dir ", options.package_dir, ": ", ec.message()));
-    std::unique_ptr<cache::PackageCompiler> compiler;
+    cache::TieredProviderConfig config;
+    config.local.root = options.package_dir;
+    config.shared_root = options.shared_dir;
     if (options.allow_compile) {
-      compiler = std::make_unique<cache::SubprocessCompiler>(
-          options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path);
+      config.compiler_path =
+          options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path;
     }
-    cache::LocalDiskStoreOptions local_options;
-    local_options.root = options.package_dir;
-    auto local = cache::LocalDiskStore::Open(local_options, /*registry=*/nullptr);
-    if (!local.ok()) return local.status();
-    cache::TieredOptions tiered;
-    tiered.compile_options = options.compile_options;
-    std::unique_ptr<cache::ArtifactStore> shared;
-    if (!options.shared_dir.empty()) {
-      cache::SharedFsStoreOptions shared_options;
-      shared_options.root = options.shared_dir;
-      auto store = cache::SharedFsStore::Open(shared_options);
-      if (!store.ok()) return store.status();
-      shared = *std::move(store);
-    }
-    auto provider = cache::TieredPackageProvider::Create(*std::move(local), std::move(shared),
-                                                         std::move(compiler), std::move(tiered),
-                                                         /*registry=*/nullptr);
+    config.tiered.compile_options = options.compile_options;
+    auto provider = cache::OpenTieredProvider(std::move(config), /*registry=*/nullptr);
     if (!provider.ok()) return provider.status();
     impl->provider = *std::move(provider);
   }
