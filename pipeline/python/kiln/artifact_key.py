@@ -31,8 +31,8 @@ def architecture_digest(config: dict) -> str:
 
 def default_compile_options() -> dict:
     """kiln's compile options unless told otherwise (cache::DefaultCompileOptions is the C++
-    twin). Chosen by bench/gpu on an H100 (bench/README.md): cuDNN attention (665 TFLOP/s at
-    flux-dev's shape, against 337 for flash and 167 for efficient); fused QKV and autotuning
+    twin). Chosen by bench/gpu on an H100 (bench/README.md): cuDNN attention (660 TFLOP/s at
+    flux-dev's shape, against 330 for flash and 163 for efficient, in the recorded run); fused QKV and autotuning
     left off where they did not pay."""
     return {"attention": "cudnn", "max_autotune": False}
 
