@@ -157,7 +157,7 @@ class FluxPipeline::Impl {
   std::shared_ptr<cache::PackageProvider> provider;
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded;        // by key digest
-  std::map<std::string, std::unique_ptr<PackageGraph>> graphs;       // by key digest
+  std::map<std::string, std::unique_ptr<PackageGraph>> graphs;       // by key digest; null: capture failed
 
   cache::ArtifactKey KeyFor(const std::string& component, const cache::Bucket& b) const {
     cache::ArtifactKey k;
@@ -466,23 +466,22 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     // here (this request's text embeddings) and before every replay (latents, timestep).
     PackageGraph* graph = nullptr;
     if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
-      const std::string digest = pkgs["transformer"]->manifest().digest;
-      auto& slot = m.graphs[digest];
-      if (!slot) {
+      // A null entry: capture failed for this bucket once; it runs plainly from then on.
+      auto [slot, fresh] = m.graphs.try_emplace(pkgs["transformer"]->manifest().digest);
+      if (fresh) {
         SyncDevice(m.device);
         const auto tc = Clock::now();
         auto captured = PackageGraph::Capture(pkgs["transformer"], step_inputs(0));
         if (captured.ok()) {
-          slot = *std::move(captured);
+          slot->second = *std::move(captured);
         } else {
-          m.graphs.erase(digest);
           r.warnings.push_back(absl::StrCat(captured.status().message(),
-                                            "; denoising without a CUDA graph"));
+                                            "; denoising this bucket without a CUDA graph"));
         }
         SyncDevice(m.device);
         r.seconds.graph_capture = Since(tc);
       }
-      if (auto it = m.graphs.find(digest); it != m.graphs.end()) graph = it->second.get();
+      graph = slot->second.get();
     }
     if (graph) {
       graph->inputs()[1].copy_(txt_act);
