@@ -44,12 +44,37 @@ fi
 deploy/container/base.sh
 base=${KILN_BASE_IMAGE:-localhost/kiln-base:bookworm}
 
-# This machine's pip configuration, so that the build finds the same wheels as setup.sh does.
-volumes=()
-if [ -f /etc/pip.conf ]; then
-  volumes+=(--volume /etc/pip.conf:/etc/pip.conf:ro)
-  for d in $(grep -oE '(file://)?/[^ ]+' /etc/pip.conf | sed 's|^file://||' | sort -u); do
-    [ -d "$d" ] && volumes+=(--volume "$d:$d:ro")
+# This machine's pip configuration (`pip config list`: its files and PIP_* variables), so that the
+# build finds the same wheels as setup.sh does: written to a pip.conf mounted at /etc/pip.conf,
+# with every local file or directory it names (CA bundle, wheel directories, file:// indexes,
+# constraints) mounted read-only under /mnt/host. Mounts are not stored in the image's layers.
+pip_conf=$(mktemp /var/tmp/kiln-image-pip.XXXXXX.conf)
+trap 'rm -f "$pip_conf"' EXIT
+volumes=(--volume "$pip_conf:/etc/pip.conf:ro")
+if [ -x .venv/bin/pip ]; then
+  for path in $(.venv/bin/python - "$pip_conf" <<'PY'
+import os, re, subprocess, sys
+out = subprocess.run([".venv/bin/pip", "config", "list"], capture_output=True, text=True).stdout
+conf, paths = {}, set()
+for line in out.splitlines():
+    m = re.match(r"^(?:global|:env:)\.([a-z-]+)='(.*)'$", line)
+    if m:
+        conf.setdefault(m[1], m[2])
+def inside(token):
+    prefix = "file://" if token.startswith("file://") else ""
+    path = token[len(prefix):]
+    if path.startswith("/") and os.path.exists(path):
+        paths.add(path)
+        return prefix + "/mnt/host" + path
+    return token
+with open(sys.argv[1], "w") as f:
+    f.write("[global]\n")
+    for key, value in conf.items():
+        f.write(f"{key} = {' '.join(inside(t) for t in value.split())}\n")
+print("\n".join(sorted(paths)))
+PY
+  ); do
+    volumes+=(--volume "$path:/mnt/host$path:ro")
   done
 fi
 ccache_dir=${KILN_IMAGE_CCACHE:-/var/cache/kiln-image/ccache}
@@ -78,6 +103,7 @@ py=${KILN_PYTHON:-.venv/bin/python}
 ctr=$(podman create "localhost/kiln-node:$tag")
 mnt=$(podman mount "$ctr")
 cleanup() {
+  rm -f "$pip_conf"
   umount "$mnt/proc" "$mnt/dev" 2>/dev/null || true
   podman umount "$ctr" >/dev/null 2>&1 || true
   podman rm -f "$ctr" >/dev/null 2>&1 || true
