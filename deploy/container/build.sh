@@ -64,7 +64,8 @@ def inside(token):
     prefix = "file://" if token.startswith("file://") else ""
     path = token[len(prefix):]
     if path.startswith("/") and os.path.exists(path):
-        paths.add(path)
+        # A file:// index (DIR/simple) may link its files as ../../files/...: mount DIR.
+        paths.add(os.path.dirname(path.rstrip("/")) if prefix else path)
         return prefix + "/mnt/host" + path
     return token
 with open(sys.argv[1], "w") as f:
