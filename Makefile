@@ -3,7 +3,7 @@ BUILD_DIR ?= build
 BUILD_TYPE ?= RelWithDebInfo
 PY := $(CURDIR)/.venv/bin/python
 
-.PHONY: all setup configure build test demo clean
+.PHONY: all setup configure build test demo image clean
 
 all: build
 
@@ -27,6 +27,11 @@ test: build
 
 demo: build
 	@scripts/demo.sh $(BUILD_DIR)
+
+# Container images (deploy/container): VARIANT=cpu (default here) or cuda. Not part of `make test`.
+VARIANT ?= cpu
+image: setup
+	@deploy/container/build.sh --variant $(VARIANT)
 
 clean:
 	rm -rf $(BUILD_DIR)
