@@ -52,13 +52,15 @@ pip_conf=$(mktemp /var/tmp/kiln-image-pip.XXXXXX.conf)
 trap 'rm -f "$pip_conf"' EXIT
 volumes=(--volume "$pip_conf:/etc/pip.conf:ro")
 if [ -x .venv/bin/pip ]; then
-  for path in $(.venv/bin/python - "$pip_conf" <<'PY'
+  for path in $(.venv/bin/python - "$pip_conf" "$variant" <<'PY'
 import os, re, subprocess, sys
 out = subprocess.run([".venv/bin/pip", "config", "list"], capture_output=True, text=True).stdout
 conf, paths = {}, set()
 for line in out.splitlines():
     m = re.match(r"^(?:global|:env:)\.([a-z-]+)='(.*)'$", line)
-    if m:
+    # For the CUDA variant, local wheel sources are left out: they hold torch's +cpu build,
+    # which pip would prefer to PyPI's CUDA build of the same version.
+    if m and not (sys.argv[2] == "cuda" and m[1] in ("find-links", "extra-index-url")):
         conf.setdefault(m[1], m[2])
 def inside(token):
     prefix = "file://" if token.startswith("file://") else ""
