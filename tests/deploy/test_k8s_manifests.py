@@ -303,6 +303,12 @@ def test_services_pdbs_and_monitors_select_pods_and_name_their_ports(rendered) -
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
             for w in hits:
                 assert endpoint["port"] in container_ports(w), (w["metadata"]["name"], endpoint)
+    for policy in by_kind(rendered, "NetworkPolicy"):
+        assert any(selects(policy["spec"]["podSelector"], labels) for _, labels in pods)
+        for rule in policy["spec"]["ingress"]:
+            sources = {w["metadata"]["name"] for w, labels in pods
+                       if any(selects(f["podSelector"], labels) for f in rule["from"])}
+            assert sources == {"kiln-coordinator", "kiln-node"}, sources
     for w in workloads(rendered):
         assert selects(w["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
 
