@@ -107,13 +107,16 @@ ctr=$(podman create "localhost/kiln-node:$tag")
 mnt=$(podman mount "$ctr")
 cleanup() {
   rm -f "$pip_conf"
-  umount "$mnt/proc" "$mnt/dev" 2>/dev/null || true
+  umount "$mnt/proc" 2>/dev/null || true
+  umount -R "$mnt/dev" 2>/dev/null || true
   podman umount "$ctr" >/dev/null 2>&1 || true
   podman rm -f "$ctr" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 mount -t proc proc "$mnt/proc"
-mount --bind /dev "$mnt/dev"
+# /dev with its submounts (/dev/shm: the compile workers' semaphores), not propagating back.
+mount --rbind /dev "$mnt/dev"
+mount --make-rslave "$mnt/dev"
 in_image() { chroot --userspec=10001:10001 "$mnt" env HOME=/var/lib/kiln PATH=/usr/local/bin:/usr/bin:/bin "$@"; }
 if in_image kiln --version >/dev/null 2>&1; then in_image kiln --version; else
   echo "[image] (kiln has no --version yet) kiln --help:"; in_image kiln --help | head -3; fi
