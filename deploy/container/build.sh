@@ -122,7 +122,8 @@ if in_image kiln --version >/dev/null 2>&1; then in_image kiln --version; else
   echo "[image] (kiln has no --version yet) kiln --help:"; in_image kiln --help | head -3; fi
 # (absl's --helpfull exits 1; what counts is that the binaries load and list their flags)
 for exe in kiln-coordinator kiln-node; do
-  in_image "$exe" --helpfull 2>&1 | grep -q -- "--metrics" || { echo "[image] $exe does not run"; exit 1; }
+  help=$(in_image "$exe" --helpfull 2>&1 || true)
+  grep -q -- "--metrics" <<<"$help" || { echo "[image] $exe does not run: $help" | head -5; exit 1; }
   echo "[image] $exe loads and lists its flags"
 done
 PYTHONPATH=pipeline/python "$py" -m kiln.make_tiny "$mnt/tmp/flux-tiny" --seed 0 >/dev/null
