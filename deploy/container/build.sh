@@ -135,4 +135,12 @@ in_image kiln-run --model /tmp/flux-tiny --package_dir /tmp/packages \
 echo "[image] kiln-run in the image: $(( $(date +%s) - start )) s; $(head -c 300 "$log_dir/kiln-run.json")"
 mkdir -p out
 cp "$mnt/tmp/check.png" "out/image-check-$tag.png"
+# The same job as `make test`'s first fixture: the same bytes are expected from the same torch.
+if [ -f build/testdata/first.png ]; then
+  if cmp -s build/testdata/first.png "out/image-check-$tag.png"; then
+    echo "[image] the PNG is byte-identical to build/testdata/first.png (make test's fixture)"
+  else
+    echo "[image] note: the PNG differs from build/testdata/first.png (make test's fixture)"
+  fi
+fi
 echo "[image] ok: out/image-check-$tag.png (logs in $log_dir)"
