@@ -7,9 +7,14 @@ given to kiln-coordinator and kiln-node exists or is a flag named as being added
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import jsonschema
@@ -469,3 +474,73 @@ def test_the_python_render_equals_kubectl_kustomize(directory: Path) -> None:
     key = lambda o: (o["kind"], o["metadata"]["name"])  # noqa: E731
     theirs = sorted((d for d in yaml.safe_load_all(r.stdout) if d), key=key)
     assert sorted(render(directory), key=key) == theirs
+
+
+def manifest_args(executable: str) -> list[str]:
+    """The args the gpu overlay gives EXECUTABLE as the kubelet passes them ($(VAR) expanded
+    from the container's env; a pod name for metadata.name), less the flags still being added,
+    with fixed ports on every interface moved to free loopback ports (tests use ephemeral
+    ports)."""
+    (container,) = one(render(K8S / "overlays" / "gpu"), "Deployment",
+                       executable)["spec"]["template"]["spec"]["containers"]
+    env = {}
+    for e in container.get("env", []):
+        field = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        env[e["name"]] = e["value"] if "value" in e else \
+            {"metadata.name": f"{executable}-5d8c7b9f6-x2x7q"}[field]
+    out = []
+    for arg in container["args"]:
+        arg = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+        name, _, value = arg[2:].partition("=")
+        if name in PENDING_FLAGS[executable]:
+            continue
+        value = re.sub(r"0\.0\.0\.0:\d+", "127.0.0.1:0", value)
+        out.append(f"--{name}={value}")
+    return out
+
+
+def kiln_bin(executable: str) -> Path:
+    path = Path(os.environ.get("KILN_BIN", ROOT / "build" / "bin")) / executable
+    if not path.exists():
+        pytest.skip(f"{path} is not built")
+    return path
+
+
+def test_the_coordinator_runs_with_the_manifest_flags(tmp_path: Path) -> None:
+    """kiln-coordinator starts and serves with the flags of its manifest (the Redis flag aside)
+    and stops cleanly on SIGTERM, as Kubernetes stops it."""
+    endpoints = tmp_path / "endpoints.json"
+    args = manifest_args("kiln-coordinator") + [f"--endpoints_file={endpoints}"]
+    proc = subprocess.Popen([str(kiln_bin("kiln-coordinator")), *args],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not endpoints.exists():
+            assert proc.poll() is None, f"exited {proc.returncode}: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no endpoints file after 30 s"
+            time.sleep(0.05)
+        metrics_url = json.loads(endpoints.read_text())["metrics_url"]
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:
+            assert b"kiln_queue_depth" in r.read()  # what the autoscalers query
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, proc.stderr.read()
+
+
+def test_the_node_accepts_the_manifest_flags(tmp_path: Path) -> None:
+    """kiln-node parses and validates every flag of its manifest (the ones being added aside);
+    without a GPU it then stops at the device, with a message that is not about a flag."""
+    args = [re.sub(r"=/var/lib/kiln/packages$", f"={tmp_path}/packages", a)
+            for a in manifest_args("kiln-node")]
+    proc = subprocess.Popen([str(kiln_bin("kiln-node")), *args], stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # a GPU here: it is running, so the flags were taken
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        return
+    for bad in ("Unknown command line flag", "Illegal value", "error: --"):
+        assert bad not in err, err
+    assert proc.returncode == 2 and "device" in err, err
