@@ -3,7 +3,8 @@ Kubernetes OpenAPI schemas of a pinned version (kubernetes-validate, strict: unk
 errors), the KEDA and Prometheus-operator ones against a schema of the fields kiln uses, written
 here from those projects' reference documentation — and the objects agree with each other and
 with kiln's executables (selectors match pods, probes and monitors name real ports, every flag
-given to kiln-coordinator and kiln-node exists or is a flag named as being added)."""
+given to kiln-coordinator and kiln-node exists or is a flag named as being added, and the built
+executables run with those flags)."""
 from __future__ import annotations
 
 import copy
