@@ -8,12 +8,13 @@
 # No image registry is reachable on kiln's development machines, so the base image is made here
 # (base.sh: debootstrap + podman import) and the build runs with `--isolation chroot`. `podman
 # run` does not work on these machines (cgroups), so the check mounts the image (`podman mount`)
-# and runs in it with chroot: `kiln --version` (or `kiln --help` while --version does not exist),
-# `kiln-coordinator --help`, and `kiln-run` on a seeded flux-tiny model, which compiles every
-# package with the image's own PyTorch and C++ compiler and writes a PNG.
+# and runs in it with chroot, as user kiln: `kiln --version` (or `kiln --help` while --version
+# does not exist), `kiln-coordinator --helpfull`, `kiln-node --helpfull`, and `kiln-run` on a
+# seeded flux-tiny model, which compiles every package with the image's own PyTorch and C++
+# compiler and writes a PNG (compared with `make test`'s fixture when there is one).
 # The default variant is cpu (what this machine can run); pip inside the build uses this
-# machine's pip configuration when it has one (/etc/pip.conf and the local wheel directories it
-# names are mounted read-only), which is where torch==VERSION+cpu comes from here.
+# machine's pip configuration (`pip config list`; the local files and wheel directories it names
+# are mounted read-only), which is where torch==VERSION+cpu comes from here.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
