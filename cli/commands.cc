@@ -22,6 +22,7 @@
 #include "cli/format.h"
 #include "cli/local_cluster.h"
 #include "common/clock.h"
+#include "common/log.h"
 #include "common/status.h"
 #include "common/wire.h"
 #include "nlohmann/json.hpp"
@@ -473,7 +474,20 @@ void PrintError(std::ostream& err, const absl::Status& status) {
   }
 }
 
-int Run(const std::vector<std::string>& args, Io& io) {
+int Run(const std::vector<std::string>& argv, Io& io) {
+  std::vector<std::string> args = argv;
+  // The process log (common/log.h) of `kiln` itself; what `kiln` prints for people (results,
+  // progress, errors) goes to io.out / io.err as before.
+  LogOptions log_options;
+  log_options.program = "kiln";
+  auto log_format = TakeLogFormat(&args);
+  if (!log_format.ok()) return UsageError(io, log_format.status(), nullptr);
+  if (!log_format->empty()) {
+    auto format = ParseLogFormat(*log_format);
+    if (!format.ok()) return UsageError(io, format.status(), nullptr);
+    log_options.format = *format;
+  }
+  ConfigureLogging(std::move(log_options));
   if (args.empty()) {
     io.err << Usage();
     return kExitUsage;

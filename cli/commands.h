@@ -32,7 +32,8 @@ struct Io {
   bool err_is_terminal = false;  // draw the progress bar in place
 };
 
-// Runs `kiln ARGS...` (args exclude argv[0]); returns the exit status.
+// Runs `kiln ARGS...` (args exclude argv[0]); returns the exit status. A leading
+// `--log-format text|json` configures the process log (common/log.h) first.
 int Run(const std::vector<std::string>& args, Io& io);
 
 // The process entry point: real streams and environment.

@@ -15,7 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/job_spec.h"
+#include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 #include "common/status.h"
 
@@ -67,7 +67,7 @@ class CoordinatorClient {
   uint64_t next_request_ = 1;
 };
 
-// True for SUCCEEDED, FAILED and CANCELLED (common/job_spec.h).
+// True for SUCCEEDED, FAILED and CANCELLED (common/job_state.h).
 using kiln::IsTerminal;
 
 // The ErrorReply.field carried by a Status made from an ErrorReply ("" if none): the shared

@@ -6,14 +6,14 @@
 #include <ostream>
 #include <string>
 
-#include "common/job_spec.h"
+#include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cli {
 
 // "QUEUED", "RUNNING", "SUCCEEDED", ... and "READY", "DRAINING", "DEAD", "LEFT": the proto's
-// names (common/job_spec.h).
+// names (common/job_state.h).
 using kiln::JobStateName;
 using kiln::NodeStateName;
 

@@ -1,6 +1,6 @@
 // The job vocabulary every component shares: what a valid JobSpec is (limits, the id and model
-// name charsets), the precisions and what each needs of a device, and the job and node state
-// names. The coordinator checks a whole spec on Submit, the node checks it again before it plans
+// name charsets) and the precisions and what each needs of a device (the job and node state
+// names are in common/job_state.h). The coordinator checks a whole spec on Submit, the node checks it again before it plans
 // a job (plus what only it knows: whether it serves the model, precision and size), the pipeline
 // checks its GenerateRequest with the same field checks, and the artifact key and placement ask
 // the same precision rules. Every error is a FieldError (common/status.h) naming the field:
@@ -13,7 +13,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
-#include "common/proto/kiln.pb.h"
+
+// Not including common/proto/kiln.pb.h: this header is also read by code that sees LibTorch's
+// headers (the pipeline, the artifact key), whose bundled protobuf headers clash with Debian's.
+namespace kiln::v1 {
+class JobSpec;
+}  // namespace kiln::v1
 
 namespace kiln {
 
@@ -85,13 +90,5 @@ absl::Status CheckDeviceRuns(absl::string_view precision, const DeviceCaps& devi
 
 // The precision a device runs when a job names none: cpu → fp32, cuda → bf16.
 std::string DefaultPrecisionFor(const DeviceCaps& device);
-
-// State names: the proto's enum names without their prefix ("QUEUED", "RUNNING", "SUCCEEDED",
-// "FAILED", "CANCELLED"; "READY", "DRAINING", "DEAD", "LEFT"); "UNSPECIFIED" for 0 and for values
-// this build does not know.
-std::string JobStateName(kiln::v1::JobState state);
-std::string NodeStateName(kiln::v1::NodeState state);
-// SUCCEEDED, FAILED and CANCELLED: the job will not change again.
-bool IsTerminal(kiln::v1::JobState state);
 
 }  // namespace kiln

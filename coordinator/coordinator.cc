@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "common/job_spec.h"
+#include "common/job_state.h"
 #include "common/log.h"
 #include "common/wire.h"
 #include "coordinator/placement.h"

@@ -1,10 +1,11 @@
-// common/job_spec.h: the spec's field checks, ids, precisions and device needs, state names.
+// common/job_spec.h: the spec's field checks, ids, precisions and device needs.
 #include "common/job_spec.h"
 
 #include <cmath>
 #include <functional>
 #include <limits>
 
+#include "common/proto/kiln.pb.h"
 #include "common/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -143,24 +144,6 @@ TEST(PrecisionTest, ComputeCapabilityAndDefaults) {
   EXPECT_EQ(ParseComputeCapability("x.y"), -1);
   EXPECT_EQ(DefaultPrecisionFor(CapsOfDevice("cpu")), "fp32");
   EXPECT_EQ(DefaultPrecisionFor(CapsOfDevice("cuda:0")), "bf16");
-}
-
-TEST(StateNameTest, ProtoNamesWithoutPrefix) {
-  EXPECT_EQ(JobStateName(kiln::v1::JOB_STATE_QUEUED), "QUEUED");
-  EXPECT_EQ(JobStateName(kiln::v1::JOB_STATE_CANCELLED), "CANCELLED");
-  EXPECT_EQ(JobStateName(kiln::v1::JOB_STATE_UNSPECIFIED), "UNSPECIFIED");
-  EXPECT_EQ(JobStateName(static_cast<kiln::v1::JobState>(99)), "UNSPECIFIED");
-  EXPECT_EQ(NodeStateName(kiln::v1::NODE_STATE_DRAINING), "DRAINING");
-  EXPECT_EQ(NodeStateName(kiln::v1::NODE_STATE_LEFT), "LEFT");
-  EXPECT_EQ(NodeStateName(static_cast<kiln::v1::NodeState>(42)), "UNSPECIFIED");
-}
-
-TEST(StateNameTest, TerminalStates) {
-  EXPECT_FALSE(IsTerminal(kiln::v1::JOB_STATE_QUEUED));
-  EXPECT_FALSE(IsTerminal(kiln::v1::JOB_STATE_RUNNING));
-  EXPECT_TRUE(IsTerminal(kiln::v1::JOB_STATE_SUCCEEDED));
-  EXPECT_TRUE(IsTerminal(kiln::v1::JOB_STATE_FAILED));
-  EXPECT_TRUE(IsTerminal(kiln::v1::JOB_STATE_CANCELLED));
 }
 
 }  // namespace
