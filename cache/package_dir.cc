@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/clock.h"
 #include "common/hash.h"
 #include "common/log.h"
 
@@ -241,10 +242,8 @@ absl::StatusOr<std::string> QuarantinePackageDir(const std::string& root, const 
   std::error_code ec;
   fs::create_directories(qdir, ec);
   if (ec) return ErrnoStatus(ec.value(), absl::StrCat("create ", qdir));
-  const auto unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count();
-  const std::string dest = absl::StrCat(qdir, "/", digest, "-", unix_ms, "-", RandomToken(3));
+  const std::string dest =
+      absl::StrCat(qdir, "/", digest, "-", kiln::UnixMs(), "-", RandomToken(3));
   const std::string src = absl::StrCat(root, "/", digest);
   if (::rename(src.c_str(), dest.c_str()) != 0) {
     return ErrnoStatus(errno, absl::StrCat("quarantine ", src));

@@ -27,20 +27,6 @@ Logger& TheLogger() {
   return *logger;
 }
 
-const char* UpperName(LogLevel level) {
-  switch (level) {
-    case LogLevel::kDebug:
-      return "DEBUG";
-    case LogLevel::kInfo:
-      return "INFO";
-    case LogLevel::kWarning:
-      return "WARNING";
-    case LogLevel::kError:
-      return "ERROR";
-  }
-  return "INFO";
-}
-
 void WriteStderr(const std::string& line) {
   const std::string text = line + "\n";
   std::fwrite(text.data(), 1, text.size(), stderr);
@@ -91,8 +77,8 @@ std::string FormatLogLine(LogFormat format, absl::Time time, LogLevel level,
                               {"msg", std::string(message)}};
     return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
   }
-  std::string line = absl::StrCat(stamp, " ", UpperName(level), " ", program, " ", component,
-                                  ": ", message);
+  std::string line = absl::StrCat(stamp, " ", absl::AsciiStrToUpper(LogLevelName(level)), " ",
+                                  program, " ", component, ": ", message);
   // One event, one line: a multi-line message keeps its lines together.
   for (char& c : line) {
     if (c == '\n' || c == '\r') c = ' ';
