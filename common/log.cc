@@ -1,5 +1,6 @@
 #include "common/log.h"
 
+#include <errno.h>  // program_invocation_short_name
 #include <unistd.h>
 
 #include <cstdio>
@@ -20,10 +21,20 @@ namespace {
 struct Logger {
   std::mutex mu;
   LogOptions options;  // guarded by mu
+  std::string program;  // options.program, or the executable's name; guarded by mu
 };
 
+std::string ProgramName(const LogOptions& options) {
+  // glibc's short name of argv[0]: right even before (or without) ConfigureLogging.
+  return options.program.empty() ? std::string(program_invocation_short_name) : options.program;
+}
+
 Logger& TheLogger() {
-  static Logger* logger = new Logger;
+  static Logger* logger = [] {
+    auto* l = new Logger;
+    l->program = ProgramName(l->options);
+    return l;
+  }();
   return *logger;
 }
 
@@ -60,6 +71,7 @@ void ConfigureLogging(LogOptions options) {
   Logger& logger = TheLogger();
   std::lock_guard<std::mutex> lock(logger.mu);
   logger.options = std::move(options);
+  logger.program = ProgramName(logger.options);
 }
 
 std::string FormatLogLine(LogFormat format, absl::Time time, LogLevel level,
@@ -92,7 +104,7 @@ void Log(LogLevel level, absl::string_view component, absl::string_view message)
   const LogOptions& o = logger.options;
   if (level < o.min_level) return;
   const std::string line =
-      FormatLogLine(o.format, absl::Now(), level, o.program, component, message);
+      FormatLogLine(o.format, absl::Now(), level, logger.program, component, message);
   if (o.sink) {
     o.sink(line);
   } else {

@@ -36,7 +36,7 @@ absl::StatusOr<LogFormat> ParseLogFormat(absl::string_view text);
 using LogSink = std::function<void(const std::string& line)>;
 
 struct LogOptions {
-  std::string program = "kiln";           // e.g. "kiln-node"; shown on every line
+  std::string program;                    // e.g. "kiln-node"; "" = the executable's file name
   LogFormat format = LogFormat::kText;
   LogLevel min_level = LogLevel::kInfo;   // lines below it are dropped
   LogSink sink;                           // null: stderr (tests capture lines here)

@@ -100,6 +100,19 @@ TEST_F(LogTest, LineLoggerRoutesThroughTheProcessLog) {
   EXPECT_EQ(j["msg"], "node n1 registered");
 }
 
+TEST_F(LogTest, ProgramDefaultsToTheExecutablesName) {
+  LogOptions o;
+  o.sink = [this](const std::string& line) {
+    std::lock_guard<std::mutex> lock(mu_);
+    lines_.push_back(line);
+  };
+  ConfigureLogging(std::move(o));
+  LogInfo("c", "m");
+  const auto lines = Lines();
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_THAT(lines[0], MatchesRegex(".*Z INFO common_log_test c: m"));
+}
+
 TEST_F(LogTest, ThreadsWriteWholeLines) {
   Capture(LogFormat::kJson);
   std::vector<std::thread> threads;
