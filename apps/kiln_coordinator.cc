@@ -2,12 +2,12 @@
 //   kiln-coordinator [--client_endpoint tcp://127.0.0.1:7700]
 //                    [--node_endpoint tcp://127.0.0.1:7701] [--metrics 127.0.0.1:9400]
 //                    [--endpoints_file PATH] [--heartbeat_ms 1000] [--max_attempts 3]
+//                    [--log_format text|json]
 // Port 0 picks a free port; --endpoints_file then tells the chosen ones. Runs until SIGTERM or
 // SIGINT. Exit status: 0 after a clean shutdown, 2 bad flags, 1 other failure (e.g. cannot bind).
 #include <signal.h>
 #include <unistd.h>
 
-#include <iostream>
 #include <memory>
 #include <string>
 
@@ -16,6 +16,9 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "common/clock.h"
+#include "common/log.h"
+#include "common/log_flags.h"
+#include "common/status.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/coordinator_server.h"
@@ -40,8 +43,8 @@ ABSL_FLAG(int64_t, max_message_bytes, 64 << 20,
 namespace {
 
 int Fail(const absl::Status& s) {
-  std::cerr << "kiln-coordinator: error: " << s.message() << "\n";
-  return absl::IsInvalidArgument(s) ? 2 : 1;
+  kiln::LogError("main", s.message());
+  return kiln::ExitCodeFor(s);
 }
 
 }  // namespace
@@ -50,6 +53,7 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("kiln-coordinator [--client_endpoint E] [--node_endpoint E] "
                                "[--metrics HOST:PORT] [--endpoints_file PATH]");
   absl::ParseCommandLine(argc, argv);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-coordinator"); !s.ok()) return Fail(s);
 
   // Block the stop signals before any thread starts, so every thread inherits the mask and
   // main receives them in sigwait below.
@@ -70,7 +74,7 @@ int main(int argc, char** argv) {
   server_options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   if (auto s = server_options.Validate(); !s.ok()) return Fail(s);
 
-  const kiln::coordinator::EventLog log = kiln::coordinator::StderrLog("kiln-coordinator");
+  const kiln::coordinator::EventLog log = kiln::LineLogger("coordinator");
   auto metrics_server = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
   if (!metrics_server.ok()) return Fail(metrics_server.status());
   kiln::coordinator::CoordinatorMetrics metrics((*metrics_server)->registry());

@@ -6,6 +6,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/hash.h"
+#include "common/job_spec.h"
+#include "common/status.h"
 
 namespace kiln::cache {
 namespace {
@@ -22,29 +24,28 @@ bool IsHexDigest(const std::string& s) {
 
 }  // namespace
 
+// Errors are FieldErrors naming "artifact_key.<field>", like every other field error.
 absl::Status ArtifactKey::Validate() const {
   if (!IsHexDigest(architecture))
-    return absl::InvalidArgumentError("artifact key: architecture must be a sha256 hex digest");
+    return InvalidField("artifact_key.architecture", "must be a sha256 hex digest");
   if (!OneOf(component, kComponents))
-    return absl::InvalidArgumentError(absl::StrCat("artifact key: component '", component,
-                                                   "' is not one of ",
-                                                   absl::StrJoin(kComponents, ", ")));
-  if (!OneOf(precision, kPrecisions))
-    return absl::InvalidArgumentError(absl::StrCat("artifact key: precision '", precision,
-                                                   "' is not one of ",
-                                                   absl::StrJoin(kPrecisions, ", ")));
-  if (bucket.batch < 1) return absl::InvalidArgumentError("artifact key: bucket.batch must be >= 1");
+    return InvalidField("artifact_key.component", absl::StrCat("'", component, "' is not one of ",
+                                                               absl::StrJoin(kComponents, ", ")));
+  if (auto s = ValidatePrecision("artifact_key.precision", precision); !s.ok()) return s;
+  if (bucket.batch < 1) return InvalidField("artifact_key.bucket.batch", "must be >= 1");
   if (bucket.height < 0 || bucket.width < 0 || bucket.text_len < 0)
-    return absl::InvalidArgumentError("artifact key: bucket sizes must be >= 0");
+    return InvalidField("artifact_key.bucket", "sizes must be >= 0");
   if (!IsHexDigest(compile))
-    return absl::InvalidArgumentError("artifact key: compile must be a sha256 hex digest");
+    return InvalidField("artifact_key.compile", "must be a sha256 hex digest");
   if (target != "cpu" && !absl::StartsWith(target, "cuda:sm_"))
-    return absl::InvalidArgumentError(
-        absl::StrCat("artifact key: target '", target, "' is neither cpu nor cuda:sm_XX"));
-  if (precision == "fp8" && target == "cpu")
-    return absl::InvalidArgumentError("artifact key: precision fp8 needs a cuda target");
-  if (toolchain.torch.empty())
-    return absl::InvalidArgumentError("artifact key: toolchain.torch is empty");
+    return InvalidField("artifact_key.target",
+                        absl::StrCat("'", target, "' is neither cpu nor cuda:sm_XX"));
+  // The precision's needs (common/job_spec.h): fp8 needs a cuda target of sm_89 or newer.
+  if (auto s = CheckDeviceRuns(precision, CapsOfDevice(target)); !s.ok()) {
+    return InvalidField("artifact_key.precision",
+                        absl::StrCat(s.message(), " (target ", target, ")"));
+  }
+  if (toolchain.torch.empty()) return InvalidField("artifact_key.toolchain.torch", "is empty");
   return absl::OkStatus();
 }
 
@@ -83,7 +84,7 @@ absl::StatusOr<ArtifactKey> ArtifactKey::FromJson(const nlohmann::json& j) {
     k.toolchain.cuda = t.at("cuda").get<std::string>();
     k.toolchain.triton = t.at("triton").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("artifact key: ", e.what()));
+    return InvalidField("artifact_key", e.what());
   }
   if (auto s = k.Validate(); !s.ok()) return s;
   return k;

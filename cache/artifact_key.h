@@ -1,4 +1,4 @@
-// The artifact key: what a compiled package depends on (../shared/DESIGN.md "The artifact key").
+// The artifact key: what a compiled package depends on (docs/architecture.md, "The artifact key").
 // Its canonical JSON is hashed with SHA-256 to address the package in every cache tier. The Python
 // side (pipeline/python/kiln/artifact_key.py, used by kiln-compile) computes the same digest; a
 // cross-language test keeps the two in step.
@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/job_spec.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cache {
@@ -41,7 +42,8 @@ struct ArtifactKey {
   std::string target;   // "cpu" or "cuda:sm_<major><minor>", e.g. "cuda:sm_90"
   Toolchain toolchain;
 
-  // InvalidArgument naming the bad field.
+  // InvalidArgument naming the bad field ("artifact_key.precision: ..."), also for a precision
+  // the target cannot run (fp8 on cpu or below sm_89).
   absl::Status Validate() const;
   nlohmann::json ToJson() const;
   static absl::StatusOr<ArtifactKey> FromJson(const nlohmann::json& j);
@@ -52,8 +54,9 @@ struct ArtifactKey {
 // Components, named as the diffusers repository folders their weights come from.
 inline const std::vector<std::string> kComponents = {"text_encoder", "text_encoder_2",
                                                      "transformer", "vae_decoder"};
-// Compute precisions: fp32, bf16, and fp8 (e4m3 linears, bf16 activations; CUDA only).
-inline const std::vector<std::string> kPrecisions = {"fp32", "bf16", "fp8"};
+// Compute precisions (common/job_spec.h): fp32, bf16, fp8 (e4m3 linears, bf16 activations;
+// CUDA sm_89+ only).
+using kiln::kPrecisions;
 
 // Digest of a component config with the keys that do not change the computation removed
 // (keys starting with "_", "transformers_version", "torch_dtype").

@@ -1,8 +1,8 @@
 #include "cache/lease_heartbeat.h"
 
-#include <iostream>
 
 #include "absl/time/time.h"
+#include "common/log.h"
 
 namespace kiln::cache {
 
@@ -41,8 +41,8 @@ void LeaseHeartbeat::Run() {
       result_ = absl::OkStatus();
       continue;
     }
-    std::cerr << "kiln: renewing compile lease for " << lease_.digest().substr(0, 12) << ": " << s
-              << "\n";
+    kiln::LogWarning("cache", absl::StrCat("renewing compile lease for ",
+                                           lease_.digest().substr(0, 12), ": ", s.ToString()));
     result_ = s;
     if (absl::IsAborted(s) || absl::IsFailedPrecondition(s)) return;  // lost or released
   }

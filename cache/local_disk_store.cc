@@ -10,7 +10,6 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
-#include <iostream>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -18,6 +17,7 @@
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/registry.h"
+#include "common/log.h"
 
 namespace kiln::cache {
 namespace fs = std::filesystem;
@@ -281,13 +281,14 @@ void LocalDiskStore::EnforceBound(const std::string& keep) {
       ::unlink(absl::StrCat(root_, "/", kLastUsedDir, "/", e.name).c_str());
       total -= e.bytes;
       if (evictions_ != nullptr) evictions_->Increment();
-      std::cerr << "kiln: evicted package " << e.name << " (" << e.bytes << " bytes) from "
-                << root_ << " to stay under " << max_bytes_ << " bytes\n";
+      kiln::LogInfo("cache", absl::StrCat("evicted package ", e.name, " (", e.bytes,
+                                          " bytes) from ", root_, " to stay under ", max_bytes_,
+                                          " bytes"));
     }
     if (total > max_bytes_) {
-      std::cerr << "kiln: local store " << root_ << " holds " << total
-                << " bytes of pinned or just-added packages, over its bound of " << max_bytes_
-                << "\n";
+      kiln::LogWarning("cache", absl::StrCat("local store ", root_, " holds ", total,
+                                             " bytes of pinned or just-added packages, over its",
+                                             " bound of ", max_bytes_));
     }
   }
   if (bytes_gauge_ != nullptr) bytes_gauge_->Set(static_cast<double>(total));

@@ -13,11 +13,12 @@
 #include <chrono>
 #include <cstring>
 #include <filesystem>
-#include <iostream>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/clock.h"
 #include "common/hash.h"
+#include "common/log.h"
 
 namespace kiln::cache {
 namespace fs = std::filesystem;
@@ -241,15 +242,13 @@ absl::StatusOr<std::string> QuarantinePackageDir(const std::string& root, const 
   std::error_code ec;
   fs::create_directories(qdir, ec);
   if (ec) return ErrnoStatus(ec.value(), absl::StrCat("create ", qdir));
-  const auto unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count();
-  const std::string dest = absl::StrCat(qdir, "/", digest, "-", unix_ms, "-", RandomToken(3));
+  const std::string dest =
+      absl::StrCat(qdir, "/", digest, "-", kiln::UnixMs(), "-", RandomToken(3));
   const std::string src = absl::StrCat(root, "/", digest);
   if (::rename(src.c_str(), dest.c_str()) != 0) {
     return ErrnoStatus(errno, absl::StrCat("quarantine ", src));
   }
-  std::cerr << "kiln: quarantined package " << src << " to " << dest << ": " << reason << "\n";
+  kiln::LogWarning("cache", absl::StrCat("quarantined package ", src, " to ", dest, ": ", reason));
   return dest;
 }
 
@@ -270,16 +269,6 @@ int64_t DirBytes(const std::string& dir) {
 
 void RemoveTree(const std::string& path) {
   (void)kiln::RemoveTree(path);  // not std::filesystem: see common/files.h
-}
-
-absl::Status FsyncDir(const std::string& dir) {
-  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) return ErrnoStatus(errno, absl::StrCat("open ", dir));
-  // Some filesystems (and NFS clients) refuse fsync on a directory; the rename is still atomic.
-  if (::fsync(fd.get()) != 0 && errno != EINVAL && errno != EROFS) {
-    return ErrnoStatus(errno, absl::StrCat("fsync ", dir));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace kiln::cache

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "cache/artifact_key.h"
 #include "cache/manifest.h"
+#include "common/files.h"
 
 namespace kiln::cache {
 
@@ -77,7 +78,7 @@ void RemoveTree(const std::string& path);
 // full), Unavailable (EIO, stale NFS handle, timeout), Internal otherwise. `what` names the call.
 absl::Status ErrnoStatus(int err, const std::string& what);
 
-// fsync of a directory, so that renames and creations in it are durable.
-absl::Status FsyncDir(const std::string& dir);
+// fsync of a directory (common/files.h), so that renames and creations in it are durable.
+using kiln::FsyncDir;
 
 }  // namespace kiln::cache

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <iostream>
 #include <optional>
 #include <thread>
 
@@ -17,6 +16,7 @@
 #include "prometheus/family.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
+#include "common/log.h"
 
 namespace kiln::cache {
 namespace {
@@ -226,12 +226,12 @@ bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPack
     metrics_->Request("shared", "miss").Increment();
   } else if (absl::IsDataLoss(fetched.status())) {
     metrics_->Request("shared", "corrupt").Increment();
-    std::cerr << "kiln: " << fetched.status().message() << "; rebuilding it\n";
+    kiln::LogWarning("cache", absl::StrCat(fetched.status().message(), "; rebuilding it"));
     AddWarning(out, std::string(fetched.status().message()));
   } else {
     metrics_->Request("shared", "error").Increment();
-    std::cerr << "kiln: fetching " << key.Digest().substr(0, 12) << " from "
-              << shared_->Describe() << ": " << fetched.status() << "\n";
+    kiln::LogWarning("cache", absl::StrCat("fetching ", key.Digest().substr(0, 12), " from ",
+                                           shared_->Describe(), ": ", fetched.status().ToString()));
     AddWarning(out, absl::StrCat(shared_->Describe(), " unavailable: ", fetched.status().message()));
   }
   return false;
@@ -277,8 +277,9 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
       // No single-flight without the lease directory, but compiling is still safe: publishing
       // is atomic, so the worst case is the same package compiled on two nodes.
       metrics_->Request("shared", "error").Increment();
-      std::cerr << "kiln: compile lease for " << digest.substr(0, 12)
-                << " unavailable, compiling without it: " << lease.status() << "\n";
+      kiln::LogWarning("cache", absl::StrCat("compile lease for ", digest.substr(0, 12),
+                                             " unavailable, compiling without it: ",
+                                             lease.status().ToString()));
       AddWarning(&out, absl::StrCat("compile lease unavailable: ", lease.status().message()));
       finish_wait();
       return CompileAndPublish(key, model_dir, nullptr, std::move(out));
@@ -286,8 +287,9 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
     if (!wait_start) {
       wait_start = std::chrono::steady_clock::now();
       metrics_->lease_waits->Increment();
-      std::cerr << "kiln: waiting for another node to compile " << key.component << " ("
-                << digest.substr(0, 12) << "): " << lease.status().message() << "\n";
+      kiln::LogInfo("cache", absl::StrCat("waiting for another node to compile ", key.component,
+                                          " (", digest.substr(0, 12), "): ",
+                                          lease.status().message()));
     }
     const int64_t left_ms = deadline_ms - clock_->NowMs();
     if (left_ms <= 0) {
@@ -315,12 +317,14 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
   auto release = [&] {
     if (lease == nullptr) return;
     if (auto s = lease->Release(); !s.ok()) {
-      std::cerr << "kiln: releasing compile lease for " << digest.substr(0, 12) << ": " << s << "\n";
+      kiln::LogWarning("cache", absl::StrCat("releasing compile lease for ", digest.substr(0, 12),
+                                             ": ", s.ToString()));
     }
   };
-  std::cerr << "kiln: compiling " << key.component << " package (" << digest.substr(0, 12)
-            << ") with kiln-compile; this happens once per key"
-            << (shared_ != nullptr ? " in the cluster" : "") << "\n";
+  kiln::LogInfo("cache", absl::StrCat("compiling ", key.component, " package (",
+                                      digest.substr(0, 12),
+                                      ") with kiln-compile; this happens once per key",
+                                      (shared_ != nullptr ? " in the cluster" : "")));
   const auto t = std::chrono::steady_clock::now();
   absl::Status compiled;
   absl::Status heartbeat = absl::OkStatus();
@@ -374,8 +378,8 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
       metrics_->publishes_ok->Increment();
     } else {
       metrics_->publishes_error->Increment();
-      std::cerr << "kiln: publishing " << digest.substr(0, 12) << " to " << shared_->Describe()
-                << ": " << s << "\n";
+      kiln::LogWarning("cache", absl::StrCat("publishing ", digest.substr(0, 12), " to ",
+                                             shared_->Describe(), ": ", s.ToString()));
       AddWarning(&out, absl::StrCat("could not publish to ", shared_->Describe(), ": ",
                                     s.message()));
     }

@@ -7,12 +7,12 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <iostream>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/package_dir.h"
+#include "common/log.h"
 
 namespace kiln::cache {
 namespace fs = std::filesystem;
@@ -103,7 +103,8 @@ absl::StatusOr<bool> RemoveLeaseIfToken(const std::string& path, const std::stri
   // Put the successor back. If yet another lease was created meanwhile (EEXIST), the successor
   // has lost its lease; it finds out on its next renewal.
   if (::link(aside.c_str(), path.c_str()) != 0 && errno != EEXIST) {
-    std::cerr << "kiln: could not restore lease " << path << ": " << std::strerror(errno) << "\n";
+    kiln::LogError("cache", absl::StrCat("could not restore lease ", path, ": ",
+                                         std::strerror(errno)));
   }
   ::unlink(aside.c_str());
   return false;
@@ -126,7 +127,7 @@ class FsCompileLease : public CompileLease {
         info_(std::move(info)) {}
   ~FsCompileLease() override {
     if (auto s = Release(); !s.ok()) {
-      std::cerr << "kiln: releasing lease " << path_ << ": " << s << "\n";
+      kiln::LogWarning("cache", absl::StrCat("releasing lease ", path_, ": ", s.ToString()));
     }
   }
 
@@ -298,8 +299,8 @@ absl::Status SharedFsStore::Publish(const LocatedPackage& package) {
   auto published = PublishStaged(staged->path, root_, digest);
   if (!published.ok()) return published.status();
   if (*published) {
-    std::cerr << "kiln: published package " << digest << " (" << staged->bytes << " bytes) to "
-              << Describe() << "\n";
+    kiln::LogInfo("cache", absl::StrCat("published package ", digest, " (", staged->bytes,
+                                        " bytes) to ", Describe()));
   }
   return absl::OkStatus();
 }
@@ -353,9 +354,10 @@ absl::StatusOr<std::unique_ptr<CompileLease>> SharedFsStore::TryAcquireLease(
     if (!replaced.ok()) return replaced.status();
     if (*replaced) {
       (void)FsyncDir(leases_dir_);
-      std::cerr << "kiln: took over expired compile lease for " << digest.substr(0, 12) << " of "
-                << (cur.ok() ? DescribeLease(*cur) : std::string("an unreadable lease file"))
-                << "\n";
+      kiln::LogWarning("cache", absl::StrCat("took over expired compile lease for ",
+                                             digest.substr(0, 12), " of ",
+                                             cur.ok() ? DescribeLease(*cur)
+                                                      : std::string("an unreadable lease file")));
       return std::unique_ptr<CompileLease>(std::make_unique<FsCompileLease>(
           path, leases_dir_, clock_, std::move(info), request.ttl_ms, /*took_over=*/true));
     }
@@ -433,7 +435,8 @@ absl::StatusOr<bool> SharedFsStore::ReplaceExpiredLease(const std::string& path,
   }
   if (!replaced) discard();
   if (auto r = RemoveLeaseIfToken(break_path, lock.token, nullptr); !r.ok()) {
-    std::cerr << "kiln: removing break lock " << break_path << ": " << r.status() << "\n";
+    kiln::LogWarning("cache", absl::StrCat("removing break lock ", break_path, ": ",
+                                           r.status().ToString()));
   }
   if (!status.ok()) return status;
   return replaced;

@@ -270,10 +270,28 @@ absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& arg
   return cl;
 }
 
+absl::StatusOr<std::string> TakeLogFormat(std::vector<std::string>* args) {
+  std::string value;
+  while (!args->empty()) {
+    const std::string& a = (*args)[0];
+    if (a == "--log-format" || a == "--log_format") {
+      if (args->size() < 2) return absl::InvalidArgumentError("--log-format: needs text or json");
+      value = (*args)[1];
+      args->erase(args->begin(), args->begin() + 2);
+    } else if (a.rfind("--log-format=", 0) == 0 || a.rfind("--log_format=", 0) == 0) {
+      value = a.substr(a.find('=') + 1);
+      args->erase(args->begin());
+    } else {
+      break;
+    }
+  }
+  return value;
+}
+
 std::string Usage() {
   std::string s =
       "kiln: run and use a kiln image-generation cluster\n\n"
-      "usage: kiln COMMAND [flags]\n\ncommands:\n";
+      "usage: kiln [--log-format text|json] COMMAND [flags]\n\ncommands:\n";
   for (const auto& c : Commands()) {
     std::string head = c.name + (c.positional.empty() ? "" : " " + c.positional);
     s += absl::StrCat("  ", head, Pad(head, 18), c.summary, "\n");

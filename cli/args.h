@@ -57,6 +57,11 @@ struct CommandLine {
 // missing value or a wrong number of positional arguments; the message says which.
 absl::StatusOr<CommandLine> ParseCommandLine(const std::vector<std::string>& args);
 
+// Global options stand before the command: `kiln --log-format json up ...`. Removes the leading
+// `--log-format VALUE` / `--log-format=VALUE` (also `--log_format`) from `args` and returns its
+// value, "" when there is none. InvalidArgument naming --log-format when the value is missing.
+absl::StatusOr<std::string> TakeLogFormat(std::vector<std::string>* args);
+
 // `kiln help` text, and the usage of one command.
 std::string Usage();
 std::string CommandUsage(const CommandSpec& spec);

@@ -145,42 +145,6 @@ absl::Status SaveClusterState(const ClusterState& state) {
   return WriteFileAtomically(ClusterFilePath(state.state_dir), state.ToJson().dump(2) + "\n");
 }
 
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
-  int fd = open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Errno(absl::StrCat("cannot create ", tmp));
-  size_t done = 0;
-  while (done < contents.size()) {
-    ssize_t n = write(fd, contents.data() + done, contents.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      auto s = Errno(absl::StrCat("cannot write ", tmp));
-      close(fd);
-      unlink(tmp.c_str());
-      return s;
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (fsync(fd) != 0 || close(fd) != 0) {
-    auto s = Errno(absl::StrCat("cannot flush ", tmp));
-    unlink(tmp.c_str());
-    return s;
-  }
-  if (rename(tmp.c_str(), path.c_str()) != 0) {
-    auto s = Errno(absl::StrCat("cannot rename ", tmp, " to ", path));
-    unlink(tmp.c_str());
-    return s;
-  }
-  const auto slash = path.find_last_of('/');
-  const std::string dir = slash == std::string::npos ? "." : path.substr(0, slash);
-  int dfd = open(dir.empty() ? "/" : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    fsync(dfd);
-    close(dfd);
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<std::unique_ptr<StateLock>> StateLock::Acquire(const std::string& state_dir,
                                                               int timeout_ms) {
   const std::string path = state_dir + "/.lock";

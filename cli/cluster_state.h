@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/files.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cli {
@@ -66,8 +67,9 @@ absl::StatusOr<ClusterState> LoadClusterState(const std::string& state_dir);
 // Writes STATE/cluster.json atomically (temporary file, fsync, rename, fsync of the directory).
 absl::Status SaveClusterState(const ClusterState& state);
 
-// Writes `contents` to `path` atomically (same steps). Used for cluster.json and PNGs.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
+// Writes `contents` to `path` atomically (same steps; common/files.h). Used for cluster.json and
+// PNGs.
+using kiln::WriteFileAtomically;
 
 // An exclusive flock on STATE/.lock, released on destruction. Serialises `up`, `add-node` and
 // `down` of one state directory.

@@ -21,6 +21,9 @@
 #include "cli/coordinator_client.h"
 #include "cli/format.h"
 #include "cli/local_cluster.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "common/status.h"
 #include "common/wire.h"
 #include "nlohmann/json.hpp"
 
@@ -34,18 +37,6 @@ constexpr char kDefaultStateDir[] = ".kiln/cluster";
 // A long wait is a series of Wait requests of this length, so a coordinator that dies is
 // noticed within one chunk plus the request timeout.
 constexpr uint32_t kWaitChunkMs = 15000;
-
-int64_t SteadyMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-int64_t UnixMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 // Usage errors say how to get help.
 int UsageError(Io& io, const absl::Status& status, const CommandSpec* spec) {
@@ -463,19 +454,9 @@ int CmdHelp(const CommandLine& cl, Io& io) {
 }  // namespace
 
 int ExitCodeFor(const absl::Status& status) {
-  // A coordinator error that names a field is about the request: bad input.
-  if (FromCoordinator(status) && !ErrorField(status).empty()) return kExitUsage;
-  switch (status.code()) {
-    case absl::StatusCode::kOk:
-      return kExitOk;
-    case absl::StatusCode::kInvalidArgument:
-    case absl::StatusCode::kNotFound:
-    case absl::StatusCode::kAlreadyExists:
-    case absl::StatusCode::kOutOfRange:
-      return kExitUsage;
-    default:
-      return kExitFailure;
-  }
+  // The shared policy (common/status.h), for commands against a running system: an error that
+  // names a field is bad input; FAILED_PRECONDITION (the cluster is down, the job finished) is not.
+  return kiln::ExitCodeFor(status, ExitContext::kCommand);
 }
 
 void PrintError(std::ostream& err, const absl::Status& status) {
@@ -493,7 +474,20 @@ void PrintError(std::ostream& err, const absl::Status& status) {
   }
 }
 
-int Run(const std::vector<std::string>& args, Io& io) {
+int Run(const std::vector<std::string>& argv, Io& io) {
+  std::vector<std::string> args = argv;
+  // The process log (common/log.h) of `kiln` itself; what `kiln` prints for people (results,
+  // progress, errors) goes to io.out / io.err as before.
+  LogOptions log_options;
+  log_options.program = "kiln";
+  auto log_format = TakeLogFormat(&args);
+  if (!log_format.ok()) return UsageError(io, log_format.status(), nullptr);
+  if (!log_format->empty()) {
+    auto format = ParseLogFormat(*log_format);
+    if (!format.ok()) return UsageError(io, format.status(), nullptr);
+    log_options.format = *format;
+  }
+  ConfigureLogging(std::move(log_options));
   if (args.empty()) {
     io.err << Usage();
     return kExitUsage;

@@ -2,9 +2,9 @@
 // cluster (cli/local_cluster.h) or the coordinator (cli/coordinator_client.h), print the result.
 // apps/kiln.cc calls Main(); tests call Run() with their own streams and environment.
 //
-// Exit status: 0 ok; 2 bad input or usage (including a coordinator error that names a field, or
-// whose code is INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS or OUT_OF_RANGE); 3 the job failed
-// or was cancelled; 1 anything else.
+// Exit status (kiln::ExitCodeFor with ExitContext::kCommand, common/status.h): 0 ok; 2 bad input
+// or usage (an error that names a field, or whose code is INVALID_ARGUMENT, NOT_FOUND,
+// ALREADY_EXISTS or OUT_OF_RANGE); 3 the job failed or was cancelled; 1 anything else.
 #pragma once
 
 #include <functional>
@@ -13,12 +13,14 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/status.h"
 
 namespace kiln::cli {
 
-inline constexpr int kExitOk = 0;
-inline constexpr int kExitFailure = 1;
-inline constexpr int kExitUsage = 2;
+// 0, 1 and 2 are the shared exit codes (common/status.h); 3 is the CLI's own.
+inline constexpr int kExitOk = kiln::kExitOk;
+inline constexpr int kExitFailure = kiln::kExitFailure;
+inline constexpr int kExitUsage = kiln::kExitBadInput;
 inline constexpr int kExitJobFailed = 3;
 
 // What one invocation may touch besides the filesystem and the network.
@@ -30,7 +32,8 @@ struct Io {
   bool err_is_terminal = false;  // draw the progress bar in place
 };
 
-// Runs `kiln ARGS...` (args exclude argv[0]); returns the exit status.
+// Runs `kiln ARGS...` (args exclude argv[0]); returns the exit status. A leading
+// `--log-format text|json` configures the process log (common/log.h) first.
 int Run(const std::vector<std::string>& args, Io& io);
 
 // The process entry point: real streams and environment.

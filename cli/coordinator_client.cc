@@ -9,20 +9,14 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/clock.h"
 #include "common/wire.h"
 #include "zmq.hpp"
 
 namespace kiln::cli {
 namespace {
 
-constexpr char kFieldPayload[] = "type.kiln.dev/ErrorReply.field";
 constexpr char kCodePayload[] = "type.kiln.dev/ErrorReply.code";
-
-int64_t NowMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 absl::Status UnexpectedReply(const kiln::v1::Envelope& env, const char* wanted) {
   return absl::InternalError(absl::StrCat("coordinator sent an unexpected reply (body case ",
@@ -49,16 +43,6 @@ absl::Status ClientOptions::Validate() const {
   return absl::OkStatus();
 }
 
-bool IsTerminal(kiln::v1::JobState state) {
-  return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
-         state == kiln::v1::JOB_STATE_CANCELLED;
-}
-
-std::string ErrorField(const absl::Status& status) {
-  auto field = status.GetPayload(kFieldPayload);
-  return field ? std::string(*field) : "";
-}
-
 bool FromCoordinator(const absl::Status& status) {
   return status.GetPayload(kCodePayload).has_value();
 }
@@ -68,8 +52,7 @@ absl::Status StatusFromErrorReply(const kiln::v1::ErrorReply& error) {
   if (code == absl::StatusCode::kOk) code = absl::StatusCode::kUnknown;
   absl::Status status(code, error.message().empty() ? error.code() : error.message());
   status.SetPayload(kCodePayload, absl::Cord(error.code()));
-  if (!error.field().empty()) status.SetPayload(kFieldPayload, absl::Cord(error.field()));
-  return status;
+  return WithField(std::move(status), error.field());
 }
 
 absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Connect(
@@ -99,7 +82,7 @@ absl::StatusOr<kiln::v1::Envelope> CoordinatorClient::Call(
   request.set_request_id(request_id);
   const std::string frame = Encode(std::move(request));
   const int64_t budget_ms = options_.request_timeout_ms + extra_ms;
-  const int64_t deadline = NowMs() + budget_ms;
+  const int64_t deadline = SteadyMs() + budget_ms;
   auto timed_out = [&] {
     return absl::DeadlineExceededError(
         absl::StrFormat("coordinator at %s did not answer within %.0fs (is it running?)",
@@ -109,7 +92,7 @@ absl::StatusOr<kiln::v1::Envelope> CoordinatorClient::Call(
     zmq::pollitem_t out_item{socket_->socket.handle(), 0, ZMQ_POLLOUT, 0};
     // A DEALER with no connected peer blocks on send; wait for the connection up to the deadline.
     while (true) {
-      const int64_t left = deadline - NowMs();
+      const int64_t left = deadline - SteadyMs();
       if (left <= 0) return timed_out();
       zmq::poll(&out_item, 1, std::chrono::milliseconds(std::min<int64_t>(left, 100)));
       if (out_item.revents & ZMQ_POLLOUT) break;
@@ -117,7 +100,7 @@ absl::StatusOr<kiln::v1::Envelope> CoordinatorClient::Call(
     if (!socket_->socket.send(zmq::buffer(frame), zmq::send_flags::dontwait)) return timed_out();
     zmq::pollitem_t in_item{socket_->socket.handle(), 0, ZMQ_POLLIN, 0};
     while (true) {
-      const int64_t left = deadline - NowMs();
+      const int64_t left = deadline - SteadyMs();
       if (left <= 0) return timed_out();
       zmq::poll(&in_item, 1, std::chrono::milliseconds(left));
       if (!(in_item.revents & ZMQ_POLLIN)) continue;

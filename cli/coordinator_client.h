@@ -15,7 +15,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
+#include "common/status.h"
 
 namespace kiln::cli {
 
@@ -65,11 +67,12 @@ class CoordinatorClient {
   uint64_t next_request_ = 1;
 };
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsTerminal(kiln::v1::JobState state);
+// True for SUCCEEDED, FAILED and CANCELLED (common/job_state.h).
+using kiln::IsTerminal;
 
-// The ErrorReply.field carried by a Status made from an ErrorReply ("" if none).
-std::string ErrorField(const absl::Status& status);
+// The ErrorReply.field carried by a Status made from an ErrorReply ("" if none): the shared
+// field payload of common/status.h.
+using kiln::ErrorField;
 // True if `status` was made from a coordinator's ErrorReply.
 bool FromCoordinator(const absl::Status& status);
 // The Status for an ErrorReply: code from its name, message as sent, field as a payload.

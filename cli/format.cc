@@ -32,38 +32,6 @@ std::string DeviceText(const kiln::v1::DeviceInfo& d) {
 
 }  // namespace
 
-std::string JobStateName(kiln::v1::JobState state) {
-  switch (state) {
-    case kiln::v1::JOB_STATE_QUEUED:
-      return "QUEUED";
-    case kiln::v1::JOB_STATE_RUNNING:
-      return "RUNNING";
-    case kiln::v1::JOB_STATE_SUCCEEDED:
-      return "SUCCEEDED";
-    case kiln::v1::JOB_STATE_FAILED:
-      return "FAILED";
-    case kiln::v1::JOB_STATE_CANCELLED:
-      return "CANCELLED";
-    default:
-      return "UNSPECIFIED";
-  }
-}
-
-std::string NodeStateName(kiln::v1::NodeState state) {
-  switch (state) {
-    case kiln::v1::NODE_STATE_READY:
-      return "READY";
-    case kiln::v1::NODE_STATE_DRAINING:
-      return "DRAINING";
-    case kiln::v1::NODE_STATE_DEAD:
-      return "DEAD";
-    case kiln::v1::NODE_STATE_LEFT:
-      return "LEFT";
-    default:
-      return "UNSPECIFIED";
-  }
-}
-
 json JobToJson(const kiln::v1::JobInfo& job) {
   const auto& spec = job.spec();
   const auto& cs = job.cold_start();

@@ -6,14 +6,16 @@
 #include <ostream>
 #include <string>
 
+#include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cli {
 
-// "QUEUED", "RUNNING", "SUCCEEDED", ... and "READY", "DRAINING", "DEAD", "LEFT".
-std::string JobStateName(kiln::v1::JobState state);
-std::string NodeStateName(kiln::v1::NodeState state);
+// "QUEUED", "RUNNING", "SUCCEEDED", ... and "READY", "DRAINING", "DEAD", "LEFT": the proto's
+// names (common/job_state.h).
+using kiln::JobStateName;
+using kiln::NodeStateName;
 
 // The job as one JSON object (never the PNG bytes; png_bytes gives their size):
 // {job_id, state, node_id, attempts, step, total_steps, error, queue_seconds, run_seconds,

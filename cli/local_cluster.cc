@@ -18,6 +18,8 @@
 #include "absl/strings/str_join.h"
 #include "cli/coordinator_client.h"
 #include "cli/process.h"
+#include "common/clock.h"
+#include "common/files.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cli {
@@ -29,18 +31,6 @@ using nlohmann::json;
 constexpr char kCoordinatorExe[] = "kiln-coordinator";
 constexpr char kNodeExe[] = "kiln-node";
 constexpr int kPollMs = 100;
-
-int64_t UnixMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-int64_t SteadyMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 std::string Absolute(const std::string& path) {
   std::error_code ec;
@@ -294,11 +284,7 @@ absl::Status UpOptions::Validate() const {
   return absl::OkStatus();
 }
 
-std::string DefaultBinDir() {
-  std::error_code ec;
-  fs::path self = fs::read_symlink("/proc/self/exe", ec);
-  return ec ? "." : self.parent_path().string();
-}
+std::string DefaultBinDir() { return kiln::ExecutableDir(); }
 
 absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream& log) {
   if (auto s = options.Validate(); !s.ok()) return s;

@@ -7,6 +7,20 @@
 
 namespace kiln {
 
+// Milliseconds on the monotonic clock: for deadlines and durations in code that has no Clock
+// injected (process mains, the CLI, socket loops).
+inline int64_t SteadyMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+// Milliseconds since the Unix epoch (timestamps shown to people or stored).
+inline int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
 class Clock {
  public:
   virtual ~Clock() = default;
@@ -18,16 +32,8 @@ class Clock {
 
 class SystemClock : public Clock {
  public:
-  int64_t NowMs() const override {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  }
-  int64_t UnixMs() const override {
-    return std::chrono::duration_cast<std::chrono::milliseconds>(
-               std::chrono::system_clock::now().time_since_epoch())
-        .count();
-  }
+  int64_t NowMs() const override { return SteadyMs(); }
+  int64_t UnixMs() const override { return kiln::UnixMs(); }
 };
 
 // A clock that moves only when told to. Thread-safe.

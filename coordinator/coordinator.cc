@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <utility>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/job_state.h"
+#include "common/log.h"
 #include "common/wire.h"
 #include "coordinator/placement.h"
 
@@ -19,22 +22,8 @@ using kiln::v1::NodeState;
 
 constexpr char kRequeuedPrefix[] = "waiting: requeued";
 
-std::string StateName(JobState s) {
-  switch (s) {
-    case kiln::v1::JOB_STATE_QUEUED:
-      return "queued";
-    case kiln::v1::JOB_STATE_RUNNING:
-      return "running";
-    case kiln::v1::JOB_STATE_SUCCEEDED:
-      return "succeeded";
-    case kiln::v1::JOB_STATE_FAILED:
-      return "failed";
-    case kiln::v1::JOB_STATE_CANCELLED:
-      return "cancelled";
-    default:
-      return "unknown";
-  }
-}
+// "queued", "succeeded", ...: the state name for messages to people.
+std::string StateName(JobState s) { return absl::AsciiStrToLower(kiln::JobStateName(s)); }
 
 bool IsRetryableNodeError(const std::string& code) {
   return code == "UNAVAILABLE" || code == "RESOURCE_EXHAUSTED" || code == "ABORTED";
@@ -91,7 +80,11 @@ absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(const Coordinat
 
 Coordinator::Coordinator(const CoordinatorOptions& options, JobStore& store, const Clock& clock,
                          CoordinatorMetrics& metrics, EventLog log)
-    : options_(options), store_(store), clock_(clock), metrics_(metrics), log_(std::move(log)) {
+    : options_(options),
+      store_(store),
+      clock_(clock),
+      metrics_(metrics),
+      log_(log ? std::move(log) : kiln::LineLogger("coordinator")) {
   next_heartbeat_ms_ = clock_.NowMs();
   UpdateNodeGauges();
   metrics_.queue_depth.Set(0);

@@ -73,6 +73,7 @@ struct Outgoing {
 };
 
 // Receives one human-readable line per notable event (node registered/dead, job done/failed).
+// Null: the process log (common/log.h, component "coordinator"); tests pass one to capture lines.
 using EventLog = std::function<void(const std::string& line)>;
 
 class Coordinator {

@@ -9,6 +9,8 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/clock.h"
+#include "common/log.h"
 #include "common/wire.h"
 #include "coordinator/validation.h"
 #include "zmq.hpp"
@@ -34,11 +36,6 @@ Route UnpackRoute(const std::string& peer) {
   return Route{peer.substr(1), peer[0] == 'R'};
 }
 
-int64_t SteadyMs() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 std::string BodyName(const kiln::v1::Envelope& env) {
   const auto* field = env.GetDescriptor()->FindFieldByNumber(env.body_case());
@@ -369,7 +366,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
 CoordinatorServer::CoordinatorServer(const CoordinatorServerOptions& options,
                                      Coordinator& coordinator, CoordinatorMetrics& metrics,
                                      EventLog log)
-    : options_(options), coordinator_(coordinator), metrics_(metrics), log_(std::move(log)) {}
+    : options_(options),
+      coordinator_(coordinator),
+      metrics_(metrics),
+      log_(log ? std::move(log) : kiln::LineLogger("coordinator")) {}
 
 CoordinatorServer::~CoordinatorServer() { Stop(); }
 

@@ -6,11 +6,6 @@
 
 namespace kiln::coordinator {
 
-bool IsTerminal(kiln::v1::JobState state) {
-  return state == kiln::v1::JOB_STATE_SUCCEEDED || state == kiln::v1::JOB_STATE_FAILED ||
-         state == kiln::v1::JOB_STATE_CANCELLED;
-}
-
 absl::StatusOr<JobStore::CreateResult> InMemoryJobStore::Create(const kiln::v1::JobInfo& job) {
   const std::string& id = job.spec().job_id();
   if (id.empty()) return absl::InvalidArgumentError("job store: empty job_id");

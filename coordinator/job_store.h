@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 
 namespace kiln::coordinator {
@@ -44,8 +45,8 @@ class JobStore {
   virtual absl::StatusOr<std::vector<kiln::v1::JobInfo>> List(kiln::v1::JobState state) const = 0;
 };
 
-// True for SUCCEEDED, FAILED and CANCELLED.
-bool IsTerminal(kiln::v1::JobState state);
+// True for SUCCEEDED, FAILED and CANCELLED (common/job_state.h).
+using kiln::IsTerminal;
 
 // A JobStore in process memory. Keeps at most `max_finished_jobs` finished jobs (with their
 // PNGs): beyond that the oldest finished ones are forgotten (their ids can then be reused).

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/job_spec.h"
 
 namespace kiln::coordinator {
 namespace {
@@ -15,15 +16,12 @@ bool Contains(const google::protobuf::RepeatedPtrField<std::string>& list, const
   return std::find(list.begin(), list.end(), s) != list.end();
 }
 
-// Compute capability "major.minor" as major*10+minor, or -1 when unknown.
-int ComputeCapability(const std::string& cc) {
-  std::vector<std::string> parts = absl::StrSplit(cc, '.');
-  int major = 0, minor = 0;
-  if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &major) ||
-      !absl::SimpleAtoi(parts[1], &minor)) {
-    return -1;
-  }
-  return major * 10 + minor;
+// The device as the shared precision rules see it (common/job_spec.h).
+kiln::DeviceCaps CapsOf(const kiln::v1::DeviceInfo& device) {
+  kiln::DeviceCaps caps;
+  caps.cuda = device.kind() == "cuda";
+  caps.compute_capability = kiln::ParseComputeCapability(device.compute_capability());
+  return caps;
 }
 
 }  // namespace
@@ -46,7 +44,10 @@ std::string PackageSetKey(absl::string_view model, absl::string_view precision, 
 }
 
 std::string DefaultPrecision(const kiln::v1::DeviceInfo& device) {
-  return device.kind() == "cpu" ? "fp32" : "bf16";
+  // Only a cpu device runs fp32 by default; any other kind counts as an accelerator.
+  kiln::DeviceCaps caps;
+  caps.cuda = device.kind() != "cpu";
+  return kiln::DefaultPrecisionFor(caps);
 }
 
 bool ParsePackageSetKey(absl::string_view key, std::string* model, std::string* precision,
@@ -134,19 +135,17 @@ absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpe
           d.all.size() > shown.size() ? ", ..." : "", ")"));
     }
   }
-  if (spec.precision() == "fp8") {
+  if (const kiln::DeviceCaps caps = CapsOf(node.device());
+      !kiln::CheckDeviceRuns(spec.precision(), caps).ok()) {
     const auto& device = node.device();
-    if (device.kind() != "cuda") {
+    if (!caps.cuda) {
       return absl::FailedPreconditionError(
           absl::StrCat(id, " has a ", device.kind().empty() ? "cpu" : device.kind(),
-                       " device, which cannot run fp8"));
+                       " device, which cannot run ", spec.precision()));
     }
-    const int cc = ComputeCapability(device.compute_capability());
-    if (cc >= 0 && cc < 89) {
-      return absl::FailedPreconditionError(absl::StrCat(id, " has compute capability ",
-                                                        device.compute_capability(),
-                                                        "; fp8 needs 8.9 or newer"));
-    }
+    return absl::FailedPreconditionError(
+        absl::StrCat(id, " has compute capability ", device.compute_capability(), "; ",
+                     kiln::CheckDeviceRuns(spec.precision(), caps).message()));
   }
   if (!node.can_compile() && WarmthFor(node, spec) == Warmth::kCold) {
     return absl::FailedPreconditionError(absl::StrCat(

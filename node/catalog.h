@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/proto/kiln.pb.h"
+#include "common/status.h"
 #include "pipeline/flux_pipeline.h"
 
 namespace kiln::node {
@@ -70,10 +71,11 @@ class ModelCatalog {
   void Add(const std::string& model, const std::string& precision,
            std::unique_ptr<Generator> generator);
 
-  // Checks `spec` field by field and maps it: guidance 0 → 3.5 (the model default), precision
-  // "" → the default precision. InvalidArgument whose message starts with the field name
-  // (spec.job_id, spec.model, spec.precision, spec.prompt, spec.width, spec.height, spec.steps,
-  // spec.guidance). Deadlines are checked when the job starts (the worker), not here.
+  // Checks `spec` and maps it: guidance 0 → 3.5 (the model default), precision "" → the default
+  // precision. The spec's own rules are the shared ones (kiln::ValidateJobSpec, as the
+  // coordinator checks them); on top, only what this node serves: the model, the precision and
+  // the size (one of resolutions()). Errors are InvalidArgument FieldErrors naming the field
+  // ("spec.width: ..."). Deadlines are checked when the job starts (the worker), not here.
   absl::StatusOr<JobPlan> Plan(const kiln::v1::JobSpec& spec) const;
 
   // "<model>/<precision>/<W>x<H>" → digests, for every served model × precision × resolution.
@@ -91,7 +93,7 @@ class ModelCatalog {
   std::map<std::string, std::map<std::string, std::unique_ptr<Generator>>> generators_;
 };
 
-// Field name prefix of a Plan() error ("spec.width"), "" when there is none.
-std::string ErrorField(const absl::Status& status);
+// The field a Plan() error names ("spec.width"), "" when none (common/status.h).
+using kiln::ErrorField;
 
 }  // namespace kiln::node

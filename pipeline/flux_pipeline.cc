@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/job_spec.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
 #include "pipeline/scheduler.h"
@@ -133,12 +134,13 @@ absl::Status PipelineOptions::Validate() const {
   return absl::OkStatus();
 }
 
+// The same field checks as a JobSpec's (common/job_spec.h), named by this struct's fields. The
+// prompt is not checked here: the tokenizers take any bytes, truncating what is too long.
 absl::Status GenerateRequest::Validate() const {
-  if (width <= 0 || width % 16) return absl::InvalidArgumentError(absl::StrCat("width ", width, ": must be a positive multiple of 16"));
-  if (height <= 0 || height % 16) return absl::InvalidArgumentError(absl::StrCat("height ", height, ": must be a positive multiple of 16"));
-  if (steps < 1 || steps > 1000) return absl::InvalidArgumentError(absl::StrCat("steps ", steps, ": must be in [1, 1000]"));
-  if (!(guidance >= 0 && guidance <= 100)) return absl::InvalidArgumentError(absl::StrCat("guidance ", guidance, ": must be in [0, 100]"));
-  return absl::OkStatus();
+  if (auto s = ValidateImageSide("width", width); !s.ok()) return s;
+  if (auto s = ValidateImageSide("height", height); !s.ok()) return s;
+  if (auto s = ValidateSteps("steps", steps); !s.ok()) return s;
+  return ValidateGuidance("guidance", guidance);
 }
 
 class FluxPipeline::Impl {

@@ -1,19 +1,14 @@
 #include "pipeline/png.h"
 
-#include <fcntl.h>
 #include <png.h>
-#include <unistd.h>
 #include <zlib.h>
 
-#include <atomic>
-#include <cerrno>
-#include <chrono>
 #include <cstdio>
-#include <filesystem>
 #include <new>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/files.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -75,34 +70,6 @@ struct PngWriteStructs {
   ~PngWriteStructs() { png_destroy_write_struct(&png, &info); }
 };
 
-absl::Status WriteAll(int fd, const std::string& bytes) {
-  size_t done = 0;
-  while (done < bytes.size()) {
-    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::ErrnoToStatus(errno, "write");
-    }
-    done += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-
-// Creates a new file beside `path` for writing, with a name no other writer uses.
-absl::StatusOr<std::pair<int, std::string>> CreateTemp(const std::string& path) {
-  static std::atomic<uint64_t> counter{0};
-  for (int attempt = 0;; ++attempt) {
-    const auto now = std::chrono::steady_clock::now().time_since_epoch().count();
-    std::string tmp = absl::StrCat(path, ".tmp.", ::getpid(), ".", counter.fetch_add(1), ".",
-                                   static_cast<uint64_t>(now) % 1000000007);
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd >= 0) return std::make_pair(fd, tmp);
-    if (errno != EEXIST || attempt >= 100) {
-      return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", tmp));
-    }
-  }
-}
-
 }  // namespace
 
 absl::Status PngOptions::Validate() const {
@@ -140,31 +107,7 @@ absl::Status WritePng(const std::string& path, const uint8_t* rgb, int width, in
                       const PngOptions& options) {
   absl::StatusOr<std::string> bytes = EncodePng(rgb, width, height, options);
   if (!bytes.ok()) return bytes.status();
-  auto created = CreateTemp(path);
-  if (!created.ok()) return created.status();
-  const int fd = created->first;
-  const std::string& tmp = created->second;
-
-  absl::Status s = WriteAll(fd, *bytes);
-  if (s.ok() && ::fsync(fd) != 0) s = absl::ErrnoToStatus(errno, "fsync");
-  const int close_rc = ::close(fd);
-  if (s.ok() && close_rc != 0) s = absl::ErrnoToStatus(errno, "close");
-  if (s.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) s = absl::ErrnoToStatus(errno, "rename");
-  if (!s.ok()) {
-    ::unlink(tmp.c_str());
-    return absl::Status(s.code(), absl::StrCat("writing ", path, " (via ", tmp, "): ",
-                                               s.message()));
-  }
-  // Make the rename itself durable.
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dir_fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("open folder ", dir));
-  int rc = ::fsync(dir_fd);
-  int err = errno;
-  ::close(dir_fd);
-  if (rc != 0) return absl::ErrnoToStatus(err, absl::StrCat("fsync folder ", dir));
-  return absl::OkStatus();
+  return WriteFileAtomically(path, *bytes);  // common/files.h
 }
 
 }  // namespace kiln::pipeline

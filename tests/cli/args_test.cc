@@ -93,5 +93,21 @@ TEST(Usage, ListsEveryCommandAndItsFlags) {
   EXPECT_THAT(CommandUsage(*FindCommand("up")), HasSubstr("--models NAME=DIR"));
 }
 
+TEST(TakeLogFormat, OnlyBeforeTheCommand) {
+  std::vector<std::string> args = {"--log-format", "json", "--log_format=text", "nodes", "--json"};
+  auto v = TakeLogFormat(&args);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(*v, "text");  // the last one wins
+  EXPECT_EQ(args, (std::vector<std::string>{"nodes", "--json"}));
+
+  // After the command it is the command's business (a prompt may be "--log-format").
+  args = {"submit", "--prompt", "--log-format"};
+  EXPECT_EQ(*TakeLogFormat(&args), "");
+  EXPECT_EQ(args.size(), 3u);
+
+  args = {"--log-format"};
+  EXPECT_EQ(TakeLogFormat(&args).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace kiln::cli

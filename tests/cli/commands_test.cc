@@ -279,6 +279,20 @@ TEST(Usage, BadFlagsExitTwoWithoutTalkingToAnyone) {
   EXPECT_THAT(r.err, HasSubstr("--models NAME=DIR is required"));
 }
 
+TEST(Usage, LogFormatIsAGlobalOptionBeforeTheCommand) {
+  auto r = RunKiln({"--log-format", "json", "help"});
+  EXPECT_EQ(r.code, 0);
+  EXPECT_THAT(r.out, HasSubstr("generate"));
+  r = RunKiln({"--log_format=text", "help"});
+  EXPECT_EQ(r.code, 0);
+  r = RunKiln({"--log-format", "yaml", "help"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--log_format: 'yaml' is not one of text, json"));
+  r = RunKiln({"--log-format"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--log-format: needs text or json"));
+}
+
 TEST(Down, WithoutAClusterSaysSo) {
   auto r = RunKiln({"down", "--state-dir", TempDir()});
   EXPECT_EQ(r.code, 2);

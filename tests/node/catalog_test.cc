@@ -123,7 +123,8 @@ TEST_F(CatalogTest, PackageSetsCoverEveryModelPrecisionAndResolution) {
 }
 
 TEST(ErrorFieldTest, OnlyForSpecFieldErrors) {
-  EXPECT_EQ(ErrorField(absl::InvalidArgumentError("spec.width: no")), "spec.width");
+  // The field travels as a payload of the status (kiln::FieldError), not parsed from the text.
+  EXPECT_EQ(ErrorField(kiln::InvalidField("spec.width", "no")), "spec.width");
   EXPECT_EQ(ErrorField(absl::InvalidArgumentError("resolution 7x7: no")), "");
   EXPECT_EQ(ErrorField(absl::NotFoundError("spec.width: no")), "");
   EXPECT_EQ(ErrorField(absl::OkStatus()), "");
