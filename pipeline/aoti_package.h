@@ -20,7 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "cache/local_disk_store.h"
+#include "cache/package.h"
 #include "pipeline/toolchain.h"
 
 namespace torch::inductor {
