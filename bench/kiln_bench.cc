@@ -1,7 +1,7 @@
 // kiln-bench: the kiln side of the transformer benchmark (bench/gpu/run.sh). Loads the
-// transformer package of one bucket exactly as the pipeline does (package from the local store,
-// weights from the repository, derived constants on the device), feeds it the inputs that
-// bench/gpu/baselines.py wrote, and prints one JSON object:
+// transformer package of one bucket exactly as the pipeline does (package from a provider over
+// the local store that never compiles, weights from the repository, derived constants on the
+// device), feeds it the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
 //   - per-step ms (CUDA events around one call, median after warm-up) run plainly and replayed
 //     as a CUDA graph, TFLOP/s from --flop;
 //   - relative error ||out - ref|| / ||ref|| against each --reference (eager PyTorch outputs);

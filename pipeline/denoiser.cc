@@ -1,16 +1,6 @@
 #include "pipeline/denoiser.h"
 
 namespace kiln::pipeline {
-namespace {
-
-absl::StatusOr<at::Tensor> FirstOutput(absl::StatusOr<std::vector<at::Tensor>> outputs) {
-  if (!outputs.ok()) return outputs.status();
-  if (outputs->empty()) return absl::InternalError("package returned no outputs");
-  return (*outputs)[0];
-}
-
-}  // namespace
-
 absl::Status PlainDenoiser::Prepare(const DenoiseConditioning& conditioning) {
   conditioning_ = conditioning;
   return absl::OkStatus();
@@ -18,8 +8,8 @@ absl::Status PlainDenoiser::Prepare(const DenoiseConditioning& conditioning) {
 
 absl::StatusOr<at::Tensor> PlainDenoiser::Velocity(const at::Tensor& latents,
                                                    const at::Tensor& timestep) {
-  return FirstOutput(transformer_.Run({latents.to(act_), conditioning_.text, conditioning_.pooled,
-                                       timestep, conditioning_.guidance}));
+  return transformer_.RunFirst({latents.to(act_), conditioning_.text, conditioning_.pooled,
+                               timestep, conditioning_.guidance});
 }
 
 absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> CudaGraphDenoiser::Capture(
@@ -43,7 +33,10 @@ absl::StatusOr<at::Tensor> CudaGraphDenoiser::Velocity(const at::Tensor& latents
                                                        const at::Tensor& timestep) {
   graph_->inputs()[0].copy_(latents);
   graph_->inputs()[3].copy_(timestep);
-  return FirstOutput(graph_->Replay());
+  auto outputs = graph_->Replay();
+  if (!outputs.ok()) return outputs.status();
+  if (outputs->empty()) return absl::InternalError("transformer: CUDA graph has no outputs");
+  return (*outputs)[0];
 }
 
 absl::Status RunDenoiseLoop(Denoiser& denoiser, const DenoiseSchedule& schedule,

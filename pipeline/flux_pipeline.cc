@@ -93,13 +93,6 @@ class FluxPipeline::Impl {
   // By transformer key digest; null: capture failed for that bucket once, it runs plainly from
   // then on.
   std::map<std::string, std::unique_ptr<CudaGraphDenoiser>> graphs;
-
-  absl::StatusOr<at::Tensor> RunOne(AotiPackage* p, const std::vector<at::Tensor>& in) {
-    auto out = p->Run(in);
-    if (!out.ok()) return out.status();
-    if (out->empty()) return absl::InternalError("package returned no outputs");
-    return (*out)[0];
-  }
 };
 
 FluxPipeline::FluxPipeline(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -254,9 +247,9 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     auto t = Clock::now();
     at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
     at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
-    auto pooled = m.RunOne((*pkgs)["text_encoder"], {clip_in});
+    auto pooled = (*pkgs)["text_encoder"]->RunFirst({clip_in});
     if (!pooled.ok()) return pooled.status();
-    auto txt = m.RunOne((*pkgs)["text_encoder_2"], {t5_in});
+    auto txt = (*pkgs)["text_encoder_2"]->RunFirst({t5_in});
     if (!txt.ok()) return txt.status();
     SyncDevice(m.device);
     r.seconds.text_encoding = Since(t);
@@ -330,7 +323,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     report("decoding", req.steps);
     t = Clock::now();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
-    auto image = m.RunOne((*pkgs)["vae_decoder"], {z});
+    auto image = (*pkgs)["vae_decoder"]->RunFirst({z});
     if (!image.ok()) return image.status();
     at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
                            .permute({0, 2, 3, 1}).contiguous().cpu();
