@@ -1,10 +1,13 @@
-// kiln-run: one prompt → one PNG in a single process, on the local package directory.
+// kiln-run: one prompt → one PNG in a single process, on the local package directory. It builds
+// the package provider (local directory, optional shared directory, kiln-compile beside it) and
+// hands it to the pipeline.
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
 //            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <string>
 
@@ -12,6 +15,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
+#include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline/png.h"
@@ -45,6 +49,12 @@ ABSL_FLAG(bool, profile_steps, false,
 
 namespace {
 
+std::string ExecutableDir() {
+  std::error_code ec;
+  auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string(".") : p.parent_path().string();
+}
+
 int Fail(const absl::Status& s) {
   std::cerr << "kiln-run: error: " << s.message() << "\n";
   const bool bad_input = absl::IsInvalidArgument(s) || absl::IsNotFound(s) ||
@@ -66,12 +76,18 @@ int main(int argc, char** argv) {
   options.device = absl::GetFlag(FLAGS_device);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.max_sequence_length = absl::GetFlag(FLAGS_max_sequence_length);
-  options.allow_compile = absl::GetFlag(FLAGS_compile);
-  options.compiler_path = absl::GetFlag(FLAGS_compiler);
-  options.package_dir = absl::GetFlag(FLAGS_package_dir);
-  if (options.package_dir.empty()) {
+  // The provider: the local package directory, the shared store if given, kiln-compile.
+  kiln::cache::TieredProviderConfig provider_config;
+  provider_config.local.root = absl::GetFlag(FLAGS_package_dir);
+  if (provider_config.local.root.empty()) {
     const char* env = std::getenv("KILN_PACKAGE_DIR");
-    options.package_dir = env && *env ? env : ".kiln/packages";
+    provider_config.local.root = env && *env ? env : ".kiln/packages";
+  }
+  provider_config.shared_root = absl::GetFlag(FLAGS_shared_dir);
+  if (absl::GetFlag(FLAGS_compile)) {
+    provider_config.compiler_path = absl::GetFlag(FLAGS_compiler).empty()
+                                        ? ExecutableDir() + "/kiln-compile"
+                                        : absl::GetFlag(FLAGS_compiler);
   }
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
     auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
@@ -86,7 +102,6 @@ int main(int argc, char** argv) {
     if (!parsed.ok()) return Fail(parsed.status());
     options.compile_options = *std::move(parsed);
   }
-  options.shared_dir = absl::GetFlag(FLAGS_shared_dir);
 
   kiln::pipeline::GenerateRequest req;
   req.prompt = absl::GetFlag(FLAGS_prompt);
@@ -97,7 +112,10 @@ int main(int argc, char** argv) {
   req.guidance = absl::GetFlag(FLAGS_guidance);
   const std::string out = absl::GetFlag(FLAGS_out);
 
-  auto pipeline = kiln::pipeline::FluxPipeline::Create(options);
+  if (auto s = options.Validate(); !s.ok()) return Fail(s);
+  auto provider = kiln::cache::OpenTieredProvider(std::move(provider_config), /*registry=*/nullptr);
+  if (!provider.ok()) return Fail(provider.status());
+  auto pipeline = kiln::pipeline::FluxPipeline::Create(options, *std::move(provider));
   if (!pipeline.ok()) return Fail(pipeline.status());
   const double created = since_main();
   auto result = (*pipeline)->Generate(req);

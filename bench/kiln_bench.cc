@@ -1,7 +1,7 @@
 // kiln-bench: the kiln side of the transformer benchmark (bench/gpu/run.sh). Loads the
-// transformer package of one bucket exactly as the pipeline does (package from the local store,
-// weights from the repository, derived constants on the device), feeds it the inputs that
-// bench/gpu/baselines.py wrote, and prints one JSON object:
+// transformer package of one bucket exactly as the pipeline does (package from a provider over
+// the local store that never compiles, weights from the repository, derived constants on the
+// device), feeds it the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
 //   - per-step ms (CUDA events around one call, median after warm-up) run plainly and replayed
 //     as a CUDA graph, TFLOP/s from --flop;
 //   - relative error ||out - ref|| / ||ref|| against each --reference (eager PyTorch outputs);
@@ -30,7 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "cache/local_disk_store.h"
+#include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
@@ -160,23 +160,27 @@ int main(int argc, char** argv) {
   const int width = absl::GetFlag(FLAGS_width), height = absl::GetFlag(FLAGS_height);
 
   // The package: the key the pipeline would use, from the local store (no compiling here).
+  kiln::cache::TieredProviderConfig provider_config;
+  provider_config.local.root = package_dir;
+  auto provider = kiln::cache::OpenTieredProvider(std::move(provider_config), nullptr);
+  if (!provider.ok()) return Fail(provider.status());
+  std::shared_ptr<kiln::cache::PackageProvider> packages = *std::move(provider);
   kiln::pipeline::PipelineOptions po;
   po.model_dir = model;
-  po.package_dir = package_dir;
   po.device = "cuda";
   po.precision = absl::GetFlag(FLAGS_precision);
-  po.allow_compile = false;
   po.resolutions = {{width, height}};
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
     auto parsed = kiln::pipeline::ParseCompileOptions(co);
     if (!parsed.ok()) return Fail(parsed.status());
     po.compile_options = *std::move(parsed);
   }
-  auto pipeline = kiln::pipeline::FluxPipeline::Create(po);
+  auto pipeline = kiln::pipeline::FluxPipeline::Create(po, packages);
   if (!pipeline.ok()) return Fail(pipeline.status());
   const auto key = (*pipeline)->KeyFor("transformer", width, height);
-  auto found = kiln::cache::LocalDiskStore(package_dir).Find(key);
-  if (!found.ok()) return Fail(found.status());
+  auto provided = packages->Get({key, model, po.compile_options});
+  if (!provided.ok()) return Fail(provided.status());
+  const kiln::cache::LocatedPackage* found = &provided->package;
 
   nlohmann::json report = {{"precision", po.precision},
                            {"compile_options", po.compile_options},

@@ -26,8 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "cache/artifact_key.h"
-#include "cache/manifest.h"
-#include "cache/package_dir.h"
+#include "cache/package.h"
 #include "common/clock.h"
 
 namespace prometheus {

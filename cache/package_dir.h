@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cache/artifact_key.h"
-#include "cache/manifest.h"
+#include "cache/package.h"
 #include "common/files.h"
 
 namespace kiln::cache {
@@ -21,13 +21,6 @@ inline constexpr char kManifestFile[] = "manifest.json";
 inline constexpr char kQuarantineDir[] = "quarantine";
 // Prefix of directories being staged in a root (kiln-compile uses the same one).
 inline constexpr char kStagingPrefix[] = ".tmp-";
-
-struct LocatedPackage {
-  PackageManifest manifest;
-  std::string dir;                    // ROOT/<digest>
-  std::string package_path;           // dir/model.pt2
-  std::string extra_constants_path;   // dir/constants.safetensors or ""
-};
 
 // True if `name` is a lower-case hex SHA-256 (the name of a package directory).
 bool IsDigest(const std::string& name);

@@ -109,9 +109,6 @@ struct TieredPackageProvider::Metrics {
 };
 
 absl::Status TieredOptions::Validate() const {
-  if (!compile_options.is_object()) {
-    return absl::InvalidArgumentError("tiered provider: compile_options must be a JSON object");
-  }
   if (lease_ttl_ms <= 0) {
     return absl::InvalidArgumentError("tiered provider: lease_ttl_ms must be > 0");
   }
@@ -174,9 +171,12 @@ void TieredPackageProvider::LeaveFlight(const std::string& digest) {
   if (it != flights_.end() && --it->second->users == 0) flights_.erase(it);
 }
 
-absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const ArtifactKey& key,
-                                                           const std::string& model_dir) {
+absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const PackageRequest& request) {
+  const ArtifactKey& key = request.key;
   if (auto s = key.Validate(); !s.ok()) return s;
+  if (!request.compile_options.is_object()) {
+    return absl::InvalidArgumentError("package request: compile_options must be a JSON object");
+  }
   const std::string digest = key.Digest();
   // Same digest, same process: one lookup at a time; the next one finds the result locally.
   std::shared_ptr<Flight> flight = JoinFlight(digest);
@@ -206,7 +206,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const ArtifactKey& ke
     return found.status();
   }
   if (shared_ != nullptr && FetchFromShared(key, &out)) return out;
-  return CompileOrWait(key, model_dir, std::move(out));
+  return CompileOrWait(request, std::move(out));
 }
 
 bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPackage* out) {
@@ -237,9 +237,9 @@ bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPack
   return false;
 }
 
-absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const ArtifactKey& key,
-                                                                     const std::string& model_dir,
+absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const PackageRequest& req,
                                                                      ProvidedPackage out) {
+  const ArtifactKey& key = req.key;
   const std::string digest = key.Digest();
   if (compiler_ == nullptr) {
     return absl::NotFoundError(absl::StrCat(
@@ -247,7 +247,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
         shared_ != nullptr ? absl::StrCat(" or in ", shared_->Describe()) : std::string(),
         ", and compiling is disabled"));
   }
-  if (shared_ == nullptr) return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+  if (shared_ == nullptr) return CompileAndPublish(req, nullptr, std::move(out));
 
   const LeaseRequest request{node_id_, options_.lease_ttl_ms};
   const int64_t deadline_ms = clock_->NowMs() + options_.max_wait_ms;
@@ -268,10 +268,10 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
       // acquisition; then there is nothing to compile.
       auto has = shared_->Has(digest);
       if (has.ok() && *has && FetchFromShared(key, &out)) return out;  // lease released on return
-      return CompileAndPublish(key, model_dir, lease->get(), std::move(out));
+      return CompileAndPublish(req, lease->get(), std::move(out));
     }
     if (absl::IsUnimplemented(lease.status())) {
-      return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+      return CompileAndPublish(req, nullptr, std::move(out));
     }
     if (!absl::IsAlreadyExists(lease.status())) {
       // No single-flight without the lease directory, but compiling is still safe: publishing
@@ -282,7 +282,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
                                              lease.status().ToString()));
       AddWarning(&out, absl::StrCat("compile lease unavailable: ", lease.status().message()));
       finish_wait();
-      return CompileAndPublish(key, model_dir, nullptr, std::move(out));
+      return CompileAndPublish(req, nullptr, std::move(out));
     }
     if (!wait_start) {
       wait_start = std::chrono::steady_clock::now();
@@ -311,8 +311,8 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Artif
 }
 
 absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
-    const ArtifactKey& key, const std::string& model_dir, CompileLease* lease,
-    ProvidedPackage out) {
+    const PackageRequest& req, CompileLease* lease, ProvidedPackage out) {
+  const ArtifactKey& key = req.key;
   const std::string digest = key.Digest();
   auto release = [&] {
     if (lease == nullptr) return;
@@ -335,7 +335,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
           options_.lease_renew_ms > 0 ? options_.lease_renew_ms : options_.lease_ttl_ms / 3;
       renewer.emplace(*lease, std::chrono::milliseconds(std::max<int64_t>(every, 1)));
     }
-    compiled = compiler_->Compile({model_dir, key, options_.compile_options, local_->root()});
+    compiled = compiler_->Compile({req.model_dir, key, req.compile_options, local_->root()});
     if (renewer) heartbeat = renewer->Stop();
   }
   const double secs = Since(t);

@@ -46,19 +46,26 @@ struct ProvidedPackage {
   std::shared_ptr<PackagePin> pin;
 };
 
+// One package, and what it takes to build it if no tier holds it. The compile options travel with
+// the request (the pipeline that computed key.compile from them owns them), so a provider never
+// holds a second copy that could disagree with the key.
+struct PackageRequest {
+  ArtifactKey key;
+  std::string model_dir;  // diffusers-layout repository to compile from on a miss
+  // Passed to the compiler (kiln-compile --compile-options); must be a JSON object, and
+  // key.compile its CompileOptionsDigest (the compiler checks the whole key's digest).
+  nlohmann::json compile_options = DefaultCompileOptions();
+};
+
 class PackageProvider {
  public:
   virtual ~PackageProvider() = default;
-  // `model_dir` is the repository to compile from on a miss.
-  virtual absl::StatusOr<ProvidedPackage> Get(const ArtifactKey& key,
-                                              const std::string& model_dir) = 0;
+  virtual absl::StatusOr<ProvidedPackage> Get(const PackageRequest& request) = 0;
   // True if Get() may compile (a node advertises it).
   virtual bool can_compile() const = 0;
 };
 
 struct TieredOptions {
-  // Passed to the compiler (kiln-compile --compile-options); must be a JSON object.
-  nlohmann::json compile_options = DefaultCompileOptions();
   // Compile-lease holder name, shown to waiting nodes. "" = "<hostname>:<pid>".
   std::string node_id;
   int64_t lease_ttl_ms = 600'000;   // a compile lease lapses this long after its last renewal (ms)
@@ -86,12 +93,13 @@ class TieredPackageProvider : public PackageProvider {
   ~TieredPackageProvider() override;
 
   // OK: the verified package in the local store (provenance says from where).
+  // InvalidArgument: a bad key, or compile_options not a JSON object.
   // NotFound: no tier holds it and compiling is disabled. DeadlineExceeded: another node held the
   // compile lease for longer than max_wait_ms. Compiler errors as the compiler returns them
   // (InvalidArgument, FailedPrecondition, Internal). Local I/O errors as they come.
   // Shared-store trouble (unreachable, corrupt copies, a failed publish) is not an error: it is
   // counted, logged, put in `warning`, and the provider falls through to the next tier.
-  absl::StatusOr<ProvidedPackage> Get(const ArtifactKey& key, const std::string& model_dir) override;
+  absl::StatusOr<ProvidedPackage> Get(const PackageRequest& request) override;
   bool can_compile() const override { return compiler_ != nullptr; }
   LocalDiskStore& local() { return *local_; }
   ArtifactStore* shared() { return shared_.get(); }  // null if none
@@ -110,14 +118,12 @@ class TieredPackageProvider : public PackageProvider {
   // Fetches from the shared store into local disk. True if `out` now holds the package; false on
   // a miss or a handled failure (counted, logged, added to out->warning).
   bool FetchFromShared(const ArtifactKey& key, ProvidedPackage* out);
-  // Compiles under the shared store's lease, or waits for the lease holder's package.
-  absl::StatusOr<ProvidedPackage> CompileOrWait(const ArtifactKey& key,
-                                                const std::string& model_dir,
+  // Compiles `req` under the shared store's lease, or waits for the lease holder's package.
+  absl::StatusOr<ProvidedPackage> CompileOrWait(const PackageRequest& req,
                                                 ProvidedPackage out);
   // Compiles into local disk (renewing `lease` if given), publishes to the shared store, then
   // releases `lease`.
-  absl::StatusOr<ProvidedPackage> CompileAndPublish(const ArtifactKey& key,
-                                                    const std::string& model_dir,
+  absl::StatusOr<ProvidedPackage> CompileAndPublish(const PackageRequest& req,
                                                     CompileLease* lease, ProvidedPackage out);
   std::shared_ptr<Flight> JoinFlight(const std::string& digest);
   void LeaveFlight(const std::string& digest);

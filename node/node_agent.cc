@@ -151,14 +151,10 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(NodeOptions options
     for (const auto& precision : precisions) {
       pipeline::PipelineOptions po;
       po.model_dir = dir;
-      po.package_dir = options.package_dir;
-      po.compiler_path = options.compiler_path;
       po.device = options.device;
       po.precision = precision;
       po.resolutions = options.resolutions;
-      po.allow_compile = options.allow_compile;
-      po.provider = shared_provider;
-      auto p = pipeline::FluxPipeline::Create(po);
+      auto p = pipeline::FluxPipeline::Create(po, shared_provider);
       if (!p.ok()) {
         return absl::Status(p.status().code(),
                             absl::StrCat("model ", name, " (", dir, ", ", precision,

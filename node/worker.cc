@@ -18,15 +18,6 @@ double Since(SteadyClock::time_point t) {
   return std::chrono::duration<double>(SteadyClock::now() - t).count();
 }
 
-// Thrown from the progress callback to unwind out of Generate() when the job is cancelled.
-// Deliberately not a std::exception: the pipeline catches those and would report an error.
-struct JobCancelled {
-  int step = 0;
-};
-
-// The wire's provenance names (JobInfo.packages): the pipeline says "found" for the local disk.
-std::string WireProvenance(const std::string& p) { return p == "found" ? "local" : p; }
-
 }  // namespace
 
 kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
@@ -63,7 +54,7 @@ void Worker::Shutdown(bool cancel_running) {
   {
     absl::MutexLock lock(&mu_);
     shutting_down_ = true;
-    if (cancel_running && !running_.empty()) cancel_running_ = true;
+    if (cancel_running && !running_.empty()) cancel_.Cancel();
   }
   if (thread_.joinable()) thread_.join();
 }
@@ -82,7 +73,7 @@ bool Worker::Enqueue(Job job) {
 Worker::CancelOutcome Worker::Cancel(const std::string& job_id) {
   absl::MutexLock lock(&mu_);
   if (!running_.empty() && running_ == job_id) {
-    cancel_running_ = true;
+    cancel_.Cancel();
     return CancelOutcome::kStopping;
   }
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
@@ -136,7 +127,7 @@ void Worker::Loop() {
       job = std::move(queue_.front());
       queue_.pop_front();
       running_ = job.spec.job_id();
-      cancel_running_ = false;
+      cancel_.Reset();
     }
     kiln::v1::Envelope result = Run(job);
     // Loaded packages change only inside Generate(), i.e. on this thread.
@@ -165,6 +156,7 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
   const auto start = SteadyClock::now();
   auto last_step = start;
   int last_step_index = -1;
+  int reported_step = 0;  // the step of the last progress event: where a cancel stops the job
   auto progress = [&](const std::string& phase, int step, int total) {
     kiln::v1::Envelope env;
     auto* p = env.mutable_progress();
@@ -173,6 +165,7 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
     p->set_total_steps(static_cast<uint32_t>(total));
     p->set_phase(phase);
     outbox_.Push(std::move(env));
+    reported_step = step;
     if (phase == "denoising") {
       const auto now = SteadyClock::now();
       if (last_step_index >= 0 && step == last_step_index + 1) {
@@ -181,29 +174,26 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
       last_step = now;
       last_step_index = step;
     }
-    if (cancel_running_.load()) throw JobCancelled{step};
   };
 
+  pipeline::GenerateRequest request = job.plan.request;
+  request.cancel = &cancel_;
   absl::StatusOr<pipeline::GenerateResult> result = absl::UnknownError("not run");
-  bool unwound = false;
-  int cancelled_at = 0;
   try {
-    result = job.plan.generator->Generate(job.plan.request, progress);
-  } catch (const JobCancelled& c) {
-    unwound = true;
-    cancelled_at = c.step;
+    result = job.plan.generator->Generate(request, progress);
   } catch (const std::exception& e) {
     result = absl::InternalError(absl::StrCat("generate: ", e.what()));
   }
-  // A cancel that arrived after the last progress event still wins: the coordinator has
+  // A cancel that arrived after the pipeline's last check still wins: the coordinator has
   // already told its client the job is cancelled.
-  if (unwound || cancel_running_.load()) {
+  if (cancel_.cancelled()) {
     metrics_.jobs_cancelled.Increment();
     return ErrorResult(
         id, job.attempt,
-        absl::CancelledError(unwound ? absl::StrCat("cancelled by the coordinator after step ",
-                                                    cancelled_at, " of ", job.plan.request.steps)
-                                     : "cancelled by the coordinator"));
+        absl::CancelledError(absl::IsCancelled(result.status())
+                                 ? absl::StrCat("cancelled by the coordinator after step ",
+                                                reported_step, " of ", request.steps)
+                                 : "cancelled by the coordinator"));
   }
   if (!result.ok()) {
     std::cerr << "kiln-node: job " << id << " failed: " << result.status() << "\n";
@@ -225,7 +215,7 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
   r->set_run_seconds(run_seconds);
   r->set_attempt(job.attempt);
   for (const auto& [component, provenance] : result->packages) {
-    (*r->mutable_packages())[component] = WireProvenance(provenance);
+    (*r->mutable_packages())[component] = provenance;
   }
   *r->mutable_cold_start() = ColdStartOf(result->seconds);
 

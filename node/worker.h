@@ -5,11 +5,9 @@
 // queues the JobResult (ok, or error_code + error) with run time, package provenance and cold
 // start. Everything it produces goes to the Outbox; it never touches a socket.
 //
-// Cancelling the running job: FluxPipeline has no abort call and its ProgressFn returns nothing,
-// so the progress callback unwinds out of Generate() by throwing a private type (not a
-// std::exception, so the pipeline's own catch does not turn it into an error) right after the
-// step that was running when the cancel arrived; the worker catches it and reports CANCELLED.
-// Pipeline state is RAII throughout, so unwinding leaves it ready for the next job. A job
+// Cancelling the running job: the worker sets the pipeline::CancelToken it passes in the job's
+// request; Generate() stops after the step that was running when the cancel arrived and returns
+// CancelledError, reported as CANCELLED "cancelled by the coordinator after step K of N". A job
 // cancelled while queued is dropped and reported CANCELLED at once.
 //
 // Threads: Start()/Shutdown() by the owner; Enqueue, Cancel, TakeQueued, ActiveJobIds,
@@ -17,7 +15,6 @@
 // and joined by this object.
 #pragma once
 
-#include <atomic>
 #include <deque>
 #include <string>
 #include <thread>
@@ -31,6 +28,7 @@
 #include "node/catalog.h"
 #include "node/node_metrics.h"
 #include "node/outbox.h"
+#include "pipeline/cancel_token.h"
 
 namespace kiln::node {
 
@@ -91,7 +89,7 @@ class Worker {
   Outbox& outbox_;
   NodeMetrics& metrics_;
   const Clock& clock_;
-  std::atomic<bool> cancel_running_{false};  // read by the progress callback on the worker thread
+  pipeline::CancelToken cancel_;  // the running job's; reset when a job starts
 
   mutable absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);

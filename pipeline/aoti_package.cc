@@ -183,6 +183,15 @@ absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::T
   return RunOn(inputs, nullptr);
 }
 
+absl::StatusOr<at::Tensor> AotiPackage::RunFirst(const std::vector<at::Tensor>& inputs) {
+  auto outputs = Run(inputs);
+  if (!outputs.ok()) return outputs.status();
+  if (outputs->empty()) {
+    return absl::InternalError(absl::StrCat(manifest_.key.component, ": package returned no outputs"));
+  }
+  return (*outputs)[0];
+}
+
 absl::StatusOr<std::vector<at::Tensor>> AotiPackage::RunOn(const std::vector<at::Tensor>& inputs,
                                                            void* cuda_stream) {
   if (!constants_loaded_) {

@@ -20,7 +20,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "cache/local_disk_store.h"
+#include "cache/package.h"
 #include "pipeline/toolchain.h"
 
 namespace torch::inductor {
@@ -56,6 +56,8 @@ class AotiPackage {
   absl::Status LoadConstants(const std::unordered_map<std::string, at::Tensor>& constants);
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
+  // Run()'s first output (every kiln component has one); Internal if the package returned none.
+  absl::StatusOr<at::Tensor> RunFirst(const std::vector<at::Tensor>& inputs);
   // Run() on the CUDA stream `cuda_stream` (a cudaStream_t; null: the current stream). CUDA
   // packages are loaded in the runtime's single-threaded mode, which neither waits on nor records
   // events of earlier runs, so a run can be captured into a CUDA graph (pipeline/cuda_graph.h).

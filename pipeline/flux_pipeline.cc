@@ -1,24 +1,18 @@
 #include "pipeline/flux_pipeline.h"
 
 #include <torch/torch.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
-#include <fstream>
-#include <future>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
-#include "absl/strings/str_split.h"
 #include "common/job_spec.h"
-#include "pipeline/aoti_package.h"
-#include "pipeline/cuda_graph.h"
+#include "pipeline/denoiser.h"
+#include "pipeline/json_file.h"
+#include "pipeline/package_loader.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/tokenizer_clip.h"
 #include "pipeline/tokenizer_t5.h"
-#include "pipeline/weights.h"
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -33,38 +27,12 @@ double Since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
 
-absl::StatusOr<nlohmann::json> ReadJson(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
-  }
-  return j;
-}
-
 absl::StatusOr<int> IntField(const nlohmann::json& j, const std::string& name,
                              const std::string& where) {
   if (!j.contains(name) || !j[name].is_number_integer()) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": integer field '", name, "' missing"));
   }
   return j[name].get<int>();
-}
-
-std::string ExecutableDir() {
-  std::error_code ec;
-  auto p = fs::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : p.parent_path().string();
-}
-
-// Waits for queued device work so that phase timings are honest. Only at phase boundaries, never
-// inside the denoise loop.
-void SyncDevice(const c10::Device& d) {
-#ifdef KILN_WITH_CUDA
-  if (d.is_cuda()) at::cuda::getCurrentCUDAStream(d.index()).synchronize();
-#else
-  (void)d;
-#endif
 }
 
 // [B, C, h, w] latents → [B, (h/2)(w/2), 4C] packed 2×2 patches (Flux's _pack_latents).
@@ -80,34 +48,6 @@ at::Tensor Unpack(const at::Tensor& x, int64_t c, int64_t h, int64_t w) {
 
 }  // namespace
 
-std::vector<Resolution> DefaultResolutions() {
-  return {{256, 256},  {512, 512},   {768, 768},   {1024, 1024}, {1024, 768},
-          {768, 1024}, {1152, 896},  {896, 1152},  {1344, 768},  {768, 1344}};
-}
-
-absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text) {
-  std::vector<Resolution> out;
-  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
-    std::vector<std::string> wh = absl::StrSplit(item, 'x');
-    Resolution r;
-    if (wh.size() != 2 || !absl::SimpleAtoi(wh[0], &r.width) ||
-        !absl::SimpleAtoi(wh[1], &r.height) || r.width <= 0 || r.height <= 0 || r.width % 16 ||
-        r.height % 16) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "resolution '", item, "': expected WIDTHxHEIGHT, positive multiples of 16"));
-    }
-    out.push_back(r);
-  }
-  if (out.empty()) return absl::InvalidArgumentError("no resolutions given");
-  return out;
-}
-
-std::string FormatResolutions(const std::vector<Resolution>& list) {
-  return absl::StrJoin(list, ", ", [](std::string* out, const Resolution& r) {
-    absl::StrAppend(out, r.width, "x", r.height);
-  });
-}
-
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object()) return absl::InvalidArgumentError("--compile_options: not a JSON object");
@@ -116,7 +56,6 @@ absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text) {
 
 absl::Status PipelineOptions::Validate() const {
   if (model_dir.empty()) return absl::InvalidArgumentError("model_dir: required");
-  if (package_dir.empty()) return absl::InvalidArgumentError("package_dir: required");
   if (device != "cpu" && device != "cuda" && device.rfind("cuda:", 0) != 0) {
     return absl::InvalidArgumentError(absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
   }
@@ -147,148 +86,39 @@ class FluxPipeline::Impl {
  public:
   PipelineOptions options;
   c10::Device device = c10::kCPU;
-  std::string target;
-  std::map<std::string, nlohmann::json> configs;  // by component
   SchedulerConfig scheduler;
   std::unique_ptr<ClipTokenizer> clip_tokenizer;
   std::unique_ptr<T5Tokenizer> t5_tokenizer;
-  int clip_len = 77;
-  int text_len = 512;
   int latent_channels = 16;
-  int vae_scale = 8;
-  std::shared_ptr<cache::PackageProvider> provider;
-  std::map<std::string, std::unique_ptr<ComponentWeights>> weights;  // by component
-  std::map<std::string, std::unique_ptr<AotiPackage>> loaded;        // by key digest
-  std::map<std::string, std::unique_ptr<PackageGraph>> graphs;       // by key digest; null: capture failed
-
-  cache::ArtifactKey KeyFor(const std::string& component, const cache::Bucket& b) const {
-    cache::ArtifactKey k;
-    k.architecture = cache::ArchitectureDigest(configs.at(component));
-    k.component = component;
-    // fp8 means fp8 linears in the transformer; the other components run bf16 math, so they
-    // share the bf16 packages instead of compiling identical ones under fp8 keys.
-    k.precision = (options.precision == "fp8" && component != "transformer") ? "bf16" : options.precision;
-    k.bucket = b;
-    k.compile = cache::CompileOptionsDigest(options.compile_options);
-    k.target = target;
-    k.toolchain.torch = BuildTorchVersion();
-    if (target != "cpu") {
-      k.toolchain.cuda = BuildCudaVersion();
-      k.toolchain.triton = BuildTritonVersion();
-    }
-    return k;
-  }
-
-  // Bucket fields each component's package depends on; must match component_bucket() in
-  // pipeline/python/kiln/compile.py.
-  cache::Bucket BucketFor(const std::string& component, int width, int height) const {
-    if (component == "text_encoder") return {1, 0, 0, clip_len};
-    if (component == "text_encoder_2") return {1, 0, 0, text_len};
-    if (component == "transformer") return {1, height, width, text_len};
-    return {1, height, width, 0};
-  }
-
-  // Finds the packages of `components` that are not loaded yet, all at once (each on its own
-  // thread: compiles of different components run in parallel), then loads them one by one with
-  // their weights. Fills `out` with every component's package.
-  absl::Status EnsureAll(const std::vector<std::string>& components, int width, int height,
-                         GenerateResult* r, std::map<std::string, AotiPackage*>* out) {
-    std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
-    std::map<std::string, std::string> digests;
-    const auto t = Clock::now();
-    for (const auto& c : components) {
-      const cache::ArtifactKey key = KeyFor(c, BucketFor(c, width, height));
-      if (auto it = loaded.find(key.Digest()); it != loaded.end()) {
-        r->packages[c] = "resident";
-        (*out)[c] = it->second.get();
-        continue;
-      }
-      digests[c] = key.Digest();
-      pending[c] = std::async(std::launch::async, [this, key] {
-        return provider->Get(key, options.model_dir);
-      });
-    }
-    std::map<std::string, absl::StatusOr<cache::ProvidedPackage>> provided;
-    for (auto& [c, f] : pending) provided.emplace(c, f.get());  // every thread joins first
-    const double wall = Since(t);
-    bool compiled = false, fetched = false;
-    for (auto& [c, p] : provided) {
-      if (!p.ok()) return p.status();
-      compiled |= p->provenance == "compiled";
-      fetched |= p->provenance == "shared";
-    }
-    if (compiled) r->seconds.compile += wall;
-    else if (fetched) r->seconds.fetch += wall;
-    for (auto& [c, p] : provided) {
-      auto pkg = Ensure(c, digests[c], *std::move(p), r);
-      if (!pkg.ok()) return pkg.status();
-      (*out)[c] = *pkg;
-    }
-    return absl::OkStatus();
-  }
-
-  // Loads one found package and hands it its weights (read once per component).
-  absl::StatusOr<AotiPackage*> Ensure(const std::string& component, const std::string& digest,
-                                      absl::StatusOr<cache::ProvidedPackage> provided,
-                                      GenerateResult* r) {
-    if (!provided.ok()) return provided.status();
-    if (!provided->warning.empty()) r->warnings.push_back(provided->warning);
-    const std::string provenance = provided->provenance == "local" ? "found" : provided->provenance;
-    const cache::LocatedPackage* found = &provided->package;
-    auto t = Clock::now();
-    auto pkg = AotiPackage::Load(*found, device);
-    if (!pkg.ok()) return pkg.status();
-    r->seconds.package_load += Since(t);
-
-    t = Clock::now();
-    auto& cw = weights[component];
-    if (!cw) {
-      auto opened = ComponentWeights::Open(
-          options.model_dir + "/" + ComponentWeights::FolderFor(component),
-          ComponentWeights::StemFor(component), device);
-      if (!opened.ok()) return opened.status();
-      cw = *std::move(opened);
-    }
-    const uint64_t read_before = cw->bytes_read();
-    auto constants = cw->Gather(**pkg, found->extra_constants_path);
-    if (!constants.ok()) return constants.status();
-    if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return s;
-    SyncDevice(device);
-    r->seconds.weights += Since(t);
-    r->weight_bytes += cw->bytes_read() - read_before;
-    r->packages[component] = provenance;
-    AotiPackage* raw = pkg->get();
-    loaded[digest] = *std::move(pkg);
-    return raw;
-  }
-
-  absl::StatusOr<at::Tensor> RunOne(AotiPackage* p, const std::vector<at::Tensor>& in) {
-    auto out = p->Run(in);
-    if (!out.ok()) return out.status();
-    if (out->empty()) return absl::InternalError("package returned no outputs");
-    return (*out)[0];
-  }
+  std::unique_ptr<KeyPolicy> keys;
+  std::unique_ptr<PackageLoader> packages;
+  // By transformer key digest; null: capture failed for that bucket once, it runs plainly from
+  // then on.
+  std::map<std::string, std::unique_ptr<CudaGraphDenoiser>> graphs;
 };
 
 FluxPipeline::FluxPipeline(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 FluxPipeline::~FluxPipeline() = default;
 
-absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const PipelineOptions& options) {
+absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
+    const PipelineOptions& options, std::shared_ptr<cache::PackageProvider> provider) {
   if (auto s = options.Validate(); !s.ok()) return s;
+  if (provider == nullptr) return absl::InvalidArgumentError("provider: required");
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   const std::string& dir = options.model_dir;
   if (!fs::exists(dir + "/model_index.json")) {
     return absl::NotFoundError(absl::StrCat(dir, " is not a diffusers model repository (no model_index.json)"));
   }
+  KeyPolicyOptions key_options;
   for (const auto& [component, path] :
        std::vector<std::pair<std::string, std::string>>{{"transformer", "transformer/config.json"},
                                                         {"vae_decoder", "vae/config.json"},
                                                         {"text_encoder", "text_encoder/config.json"},
                                                         {"text_encoder_2", "text_encoder_2/config.json"}}) {
-    auto j = ReadJson(dir + "/" + path);
+    auto j = ReadJsonObject(dir + "/" + path);
     if (!j.ok()) return j.status();
-    impl->configs[component] = *std::move(j);
+    key_options.configs[component] = *std::move(j);
   }
   auto sched = SchedulerConfig::FromJsonFile(dir + "/scheduler/scheduler_config.json");
   if (!sched.ok()) return sched.status();
@@ -300,23 +130,23 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
   if (!t5.ok()) return t5.status();
   impl->t5_tokenizer = *std::move(t5);
 
-  auto clip_len = IntField(impl->configs["text_encoder"], "max_position_embeddings", "text_encoder/config.json");
+  auto clip_len = IntField(key_options.configs["text_encoder"], "max_position_embeddings", "text_encoder/config.json");
   if (!clip_len.ok()) return clip_len.status();
-  impl->clip_len = *clip_len;
+  key_options.clip_len = *clip_len;
   int t5_max = options.max_sequence_length;
-  if (auto tc = ReadJson(dir + "/tokenizer_2/tokenizer_config.json"); tc.ok() && tc->contains("model_max_length") &&
-                                                                      (*tc)["model_max_length"].is_number_integer()) {
+  if (auto tc = ReadJsonObject(dir + "/tokenizer_2/tokenizer_config.json");
+      tc.ok() && tc->contains("model_max_length") && (*tc)["model_max_length"].is_number_integer()) {
     t5_max = std::min<int64_t>(t5_max, (*tc)["model_max_length"].get<int64_t>());
   }
-  impl->text_len = t5_max;
-  auto in_ch = IntField(impl->configs["transformer"], "in_channels", "transformer/config.json");
+  key_options.text_len = t5_max;
+  auto in_ch = IntField(key_options.configs["transformer"], "in_channels", "transformer/config.json");
   if (!in_ch.ok()) return in_ch.status();
   impl->latent_channels = *in_ch / 4;
-  const auto& vae = impl->configs["vae_decoder"];
+  const auto& vae = key_options.configs["vae_decoder"];
   if (!vae.contains("block_out_channels") || !vae["block_out_channels"].is_array()) {
     return absl::InvalidArgumentError("vae/config.json: block_out_channels missing");
   }
-  impl->vae_scale = 1 << (vae["block_out_channels"].size() - 1);
+  key_options.vae_scale = 1 << (vae["block_out_channels"].size() - 1);
   if (vae.value("latent_channels", 0) != impl->latent_channels) {
     return absl::InvalidArgumentError(absl::StrCat("vae/config.json: latent_channels ", vae.value("latent_channels", 0),
                                                    " does not match transformer in_channels/4 = ", impl->latent_channels));
@@ -328,57 +158,40 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(const Pipelin
     return absl::InvalidArgumentError(absl::StrCat("device '", options.device, "': ", e.what()));
   }
   if (impl->device.is_cpu()) {
-    impl->target = "cpu";
+    key_options.target = "cpu";
   } else {
 #ifdef KILN_WITH_CUDA
     if (!torch::cuda::is_available()) return absl::FailedPreconditionError("device cuda: no CUDA device visible");
     if (!impl->device.has_index()) impl->device = c10::Device(c10::kCUDA, 0);
     auto* props = at::cuda::getDeviceProperties(impl->device.index());
-    impl->target = absl::StrCat("cuda:sm_", props->major, props->minor);
+    key_options.target = absl::StrCat("cuda:sm_", props->major, props->minor);
 #else
     return absl::FailedPreconditionError("device cuda: this kiln build links a CPU-only LibTorch");
 #endif
   }
-  impl->provider = options.provider;
-  if (!impl->provider) {
-    std::error_code ec;
-    fs::create_directories(options.package_dir, ec);
-    if (ec) return absl::PermissionDeniedError(absl::StrCat("package_dir ", options.package_dir, ": ", ec.message()));
-    cache::TieredProviderConfig config;
-    config.local.root = options.package_dir;
-    config.shared_root = options.shared_dir;
-    if (options.allow_compile) {
-      config.compiler_path =
-          options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path;
-    }
-    config.tiered.compile_options = options.compile_options;
-    auto provider = cache::OpenTieredProvider(std::move(config), /*registry=*/nullptr);
-    if (!provider.ok()) return provider.status();
-    impl->provider = *std::move(provider);
-  }
+  key_options.precision = options.precision;
+  key_options.compile_options = options.compile_options;
+  key_options.resolutions = options.resolutions;
+  impl->keys = std::make_unique<KeyPolicy>(std::move(key_options));
+  impl->packages = std::make_unique<PackageLoader>(std::move(provider), options.model_dir,
+                                                   options.compile_options, impl->device);
   return std::unique_ptr<FluxPipeline>(new FluxPipeline(std::move(impl)));
 }
 
 cache::ArtifactKey FluxPipeline::KeyFor(const std::string& component, int width, int height) const {
-  return impl_->KeyFor(component, impl_->BucketFor(component, width, height));
+  return impl_->keys->KeyFor(component, width, height);
 }
 
-int FluxPipeline::text_len() const { return impl_->text_len; }
+int FluxPipeline::text_len() const { return impl_->keys->options().text_len; }
 
 const PipelineOptions& FluxPipeline::options() const { return impl_->options; }
 
 std::vector<std::string> FluxPipeline::DigestsFor(int width, int height) const {
-  std::vector<std::string> out;
-  for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
-    out.push_back(KeyFor(c, width, height).Digest());
-  }
-  return out;
+  return impl_->keys->DigestsFor(width, height);
 }
 
 std::vector<std::string> FluxPipeline::LoadedDigests() const {
-  std::vector<std::string> out;
-  for (const auto& [digest, pkg] : impl_->loaded) out.push_back(digest);
-  return out;
+  return impl_->packages->LoadedDigests();
 }
 
 absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req,
@@ -386,94 +199,94 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   auto report = [&](const char* phase, int step) {
     if (progress) progress(phase, step, req.steps);
   };
+  auto cancelled = [&] { return req.cancel != nullptr && req.cancel->cancelled(); };
   if (auto s = req.Validate(); !s.ok()) return s;
   Impl& m = *impl_;
-  bool allowed = false;
-  for (const auto& r : m.options.resolutions) allowed |= (r.width == req.width && r.height == req.height);
-  if (!allowed) {
-    return absl::InvalidArgumentError(absl::StrCat("resolution ", req.width, "x", req.height,
-                                                   " is not one of the compiled buckets: ",
-                                                   FormatResolutions(m.options.resolutions)));
-  }
-  if (req.width % (m.vae_scale * 2) || req.height % (m.vae_scale * 2)) {
-    return absl::InvalidArgumentError(absl::StrCat("resolution ", req.width, "x", req.height,
-                                                   ": must be a multiple of ", m.vae_scale * 2));
-  }
+  if (auto s = m.keys->CheckResolution(req.width, req.height); !s.ok()) return s;
+  const int clip_len = m.keys->options().clip_len, text_len = m.keys->options().text_len;
+  const int vae_scale = m.keys->options().vae_scale;
   const auto t_total = Clock::now();
   GenerateResult r;
   r.width = req.width;
   r.height = req.height;
 
   // Tokenize first: bad prompts fail before any heavy work.
-  auto clip_ids = m.clip_tokenizer->Encode(req.prompt, m.clip_len);
+  auto clip_ids = m.clip_tokenizer->Encode(req.prompt, clip_len);
   if (!clip_ids.ok()) return absl::InvalidArgumentError(absl::StrCat("prompt: ", clip_ids.status().message()));
-  auto t5_ids = m.t5_tokenizer->Encode(req.prompt, m.text_len);
+  auto t5_ids = m.t5_tokenizer->Encode(req.prompt, text_len);
   if (!t5_ids.ok()) return absl::InvalidArgumentError(absl::StrCat("prompt: ", t5_ids.status().message()));
   if (clip_ids->truncated) {
-    r.warnings.push_back(absl::StrCat("prompt truncated to ", m.clip_len, " CLIP tokens (",
+    r.warnings.push_back(absl::StrCat("prompt truncated to ", clip_len, " CLIP tokens (",
                                       clip_ids->dropped, " dropped), as the reference pipeline does"));
   }
   if (t5_ids->truncated) {
-    r.warnings.push_back(absl::StrCat("prompt truncated to ", m.text_len, " T5 tokens (",
+    r.warnings.push_back(absl::StrCat("prompt truncated to ", text_len, " T5 tokens (",
                                       t5_ids->dropped, " dropped), as the reference pipeline does"));
   }
 
   report("preparing", 0);
-  std::map<std::string, AotiPackage*> pkgs;
-  if (auto s = m.EnsureAll({"text_encoder", "text_encoder_2", "transformer", "vae_decoder"},
-                           req.width, req.height, &r, &pkgs);
-      !s.ok()) {
-    return s;
-  }
+  std::map<std::string, cache::ArtifactKey> keys;
+  for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
+  LoadReport loaded;
+  auto pkgs = m.packages->EnsureAll(keys, &loaded);
+  r.warnings.insert(r.warnings.end(), loaded.warnings.begin(), loaded.warnings.end());
+  if (!pkgs.ok()) return pkgs.status();
+  r.seconds.fetch = loaded.fetch_seconds;
+  r.seconds.compile = loaded.compile_seconds;
+  r.seconds.package_load = loaded.package_load_seconds;
+  r.seconds.weights = loaded.weights_seconds;
+  r.weight_bytes = loaded.weight_bytes;
+  r.packages = std::move(loaded.packages);
+  AotiPackage* transformer = (*pkgs)["transformer"];
 
   try {
     torch::NoGradGuard no_grad;
     const at::ScalarType act = m.options.precision == "fp32" ? at::kFloat : at::kBFloat16;
     const auto ids_opts = torch::TensorOptions().dtype(at::kLong);
 
+    if (cancelled()) return CancelledAfterStep(0, req.steps);
     report("text_encoding", 0);
     auto t = Clock::now();
     at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
     at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
-    auto pooled = m.RunOne(pkgs["text_encoder"], {clip_in});
+    auto pooled = (*pkgs)["text_encoder"]->RunFirst({clip_in});
     if (!pooled.ok()) return pooled.status();
-    auto txt = m.RunOne(pkgs["text_encoder_2"], {t5_in});
+    auto txt = (*pkgs)["text_encoder_2"]->RunFirst({t5_in});
     if (!txt.ok()) return txt.status();
     SyncDevice(m.device);
     r.seconds.text_encoding = Since(t);
 
     // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
     t = Clock::now();
-    const int64_t lh = req.height / m.vae_scale, lw = req.width / m.vae_scale;
+    const int64_t lh = req.height / vae_scale, lw = req.width / vae_scale;
     const int64_t seq = (lh / 2) * (lw / 2);
-    auto schedule = MakeFluxSchedule(m.scheduler, req.steps, static_cast<int>(seq));
-    if (!schedule.ok()) return schedule.status();
-    const auto& sigmas = schedule->sigmas;
+    auto flux_schedule = MakeFluxSchedule(m.scheduler, req.steps, static_cast<int>(seq));
+    if (!flux_schedule.ok()) return flux_schedule.status();
     auto gen = at::detail::createCPUGenerator(req.seed);
     at::Tensor noise = at::randn({1, m.latent_channels, lh, lw}, gen, torch::TensorOptions().dtype(at::kFloat));
     at::Tensor latents = Pack(noise).to(m.device);  // float32 state
     // All per-step inputs are made before the loop: one host→device copy, no syncs inside.
-    // One row of 4 floats per step: each step's [1] timestep view then starts 16-byte aligned,
-    // as AOTI's kernels assume (a misaligned input costs a copy per call).
+    DenoiseSchedule schedule;
+    schedule.sigmas = flux_schedule->sigmas;
     std::vector<float> t_host(req.steps * 4, 0.0f);
-    for (int i = 0; i < req.steps; ++i) t_host[i * 4] = FluxModelTimestep(*schedule, i);
-    at::Tensor t_dev = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
-                           .view({req.steps, 4}).to(m.device);
-    at::Tensor guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
-    at::Tensor txt_act = txt->to(act), pooled_act = pooled->to(act);
-    auto step_inputs = [&](int i) -> std::vector<at::Tensor> {
-      return {latents.to(act), txt_act, pooled_act, t_dev.select(0, i).narrow(0, 0, 1), guidance};
-    };
-    // The transformer step as a CUDA graph: captured once per bucket, its static inputs refilled
-    // here (this request's text embeddings) and before every replay (latents, timestep).
-    PackageGraph* graph = nullptr;
+    for (int i = 0; i < req.steps; ++i) t_host[i * 4] = FluxModelTimestep(*flux_schedule, i);
+    schedule.timesteps = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
+                             .view({req.steps, 4}).to(m.device);
+    DenoiseConditioning conditioning;
+    conditioning.guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
+    conditioning.text = txt->to(act);
+    conditioning.pooled = pooled->to(act);
+
+    // The transformer step: a CUDA graph captured once per bucket where possible, else plain runs.
+    PlainDenoiser plain(*transformer, act);
+    Denoiser* denoiser = &plain;
     if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
-      // A null entry: capture failed for this bucket once; it runs plainly from then on.
-      auto [slot, fresh] = m.graphs.try_emplace(pkgs["transformer"]->manifest().digest);
+      auto [slot, fresh] = m.graphs.try_emplace(transformer->manifest().digest);
       if (fresh) {
         SyncDevice(m.device);
         const auto tc = Clock::now();
-        auto captured = PackageGraph::Capture(pkgs["transformer"], step_inputs(0));
+        auto captured = CudaGraphDenoiser::Capture(*transformer, act, conditioning, latents,
+                                                   schedule.timesteps.select(0, 0).narrow(0, 0, 1));
         if (captured.ok()) {
           slot->second = *std::move(captured);
         } else {
@@ -483,36 +296,18 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
         SyncDevice(m.device);
         r.seconds.graph_capture = Since(tc);
       }
-      graph = slot->second.get();
+      if (slot->second) denoiser = slot->second.get();
     }
-    if (graph) {
-      graph->inputs()[1].copy_(txt_act);
-      graph->inputs()[2].copy_(pooled_act);
-      graph->inputs()[4].copy_(guidance);
-    }
-    r.denoise_profile.cuda_graph = graph != nullptr;
+    if (auto s = denoiser->Prepare(conditioning); !s.ok()) return s;
+    r.denoise_profile.cuda_graph = denoiser->cuda_graph();
     report("denoising", 0);
     t = Clock::now();
     {
       std::unique_ptr<StepProfiler> profiler;
       if (m.options.profile_steps) profiler = std::make_unique<StepProfiler>(m.device);
-      for (int i = 0; i < req.steps; ++i) {
-        if (profiler) profiler->BeginStep();
-        absl::StatusOr<at::Tensor> v;
-        if (graph) {
-          graph->inputs()[0].copy_(latents);
-          graph->inputs()[3].copy_(t_dev.select(0, i).narrow(0, 0, 1));
-          auto outs = graph->Replay();
-          if (!outs.ok()) return outs.status();
-          v = (*outs)[0];
-        } else {
-          v = m.RunOne(pkgs["transformer"], step_inputs(i));
-        }
-        if (!v.ok()) return v.status();
-        latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
-        if (profiler) profiler->EndStep();
-        report("denoising", i + 1);  // host-side count: the device may still be working
-      }
+      auto s = RunDenoiseLoop(*denoiser, schedule, latents, req.cancel,
+                              [&](int step) { report("denoising", step); }, profiler.get());
+      if (!s.ok()) return s;
       if (profiler) {
         profiler->Disarm();
         SyncDevice(m.device);
@@ -526,10 +321,11 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     SyncDevice(m.device);
     r.seconds.denoise = Since(t);
 
+    if (cancelled()) return CancelledAfterStep(req.steps, req.steps);
     report("decoding", req.steps);
     t = Clock::now();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
-    auto image = m.RunOne(pkgs["vae_decoder"], {z});
+    auto image = (*pkgs)["vae_decoder"]->RunFirst({z});
     if (!image.ok()) return image.status();
     at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
                            .permute({0, 2, 3, 1}).contiguous().cpu();

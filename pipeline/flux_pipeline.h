@@ -5,9 +5,12 @@
 //   tokenize (CLIP BPE, T5 SentencePiece) → text_encoder, text_encoder_2 → denoise loop
 //   (flow-matching Euler, state on the device, no host sync inside) → vae_decoder → RGB bytes
 //
-// Packages are found in the local package directory by artifact key, or compiled into it with
-// kiln-compile on a miss. Weights are read once per component (mmap'd safetensors) and shared by
-// every shape bucket. Phase timings and per-component package provenance are reported per call.
+// Its parts: KeyPolicy (key_policy.h: served sizes, buckets, artifact keys), PackageLoader
+// (package_loader.h: packages from the PackageProvider it is given — it knows nothing about
+// where they come from — loaded with their weights, read once per component and shared by every
+// bucket), Denoiser (denoiser.h: the transformer step, plain or as a CUDA graph, and the Euler
+// loop). Phase timings and per-component package provenance are reported per call; a
+// CancelToken in the request stops it between steps.
 // Thread-compatible: one Generate() at a time.
 #pragma once
 
@@ -22,36 +25,23 @@
 #include "cache/artifact_key.h"
 #include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
+#include "pipeline/cancel_token.h"
+#include "pipeline/key_policy.h"
 
 namespace kiln::pipeline {
-
-struct Resolution {
-  int width = 0;   // pixels
-  int height = 0;  // pixels
-};
-
-// The image sizes packages are compiled for unless told otherwise.
-std::vector<Resolution> DefaultResolutions();
-// "256x256,512x512" ⇄ list. InvalidArgument naming the bad entry.
-absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text);
-std::string FormatResolutions(const std::vector<Resolution>& list);
 
 // A --compile_options flag: a JSON object (checked by kiln-compile when it compiles).
 // InvalidArgument if `text` is not a JSON object.
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text);
 
 struct PipelineOptions {
-  std::string model_dir;                       // diffusers-layout repository (required)
-  std::string package_dir = ".kiln/packages";  // local package directory (created if missing)
-  // Shared package store ("" = none): misses are fetched from it, compiles published to it under
-  // its cluster-wide compile lease. Used only when `provider` is null.
-  std::string shared_dir;
-  std::string compiler_path;                   // kiln-compile; "" = beside the running binary
-  std::string device = "cpu";                  // "cpu", "cuda" or "cuda:N"
-  std::string precision = "fp32";              // fp32 | bf16 | fp8 (fp8: cuda only)
+  std::string model_dir;           // diffusers-layout repository (required)
+  std::string device = "cpu";      // "cpu", "cuda" or "cuda:N"
+  std::string precision = "fp32";  // fp32 | bf16 | fp8 (fp8: cuda only)
   std::vector<Resolution> resolutions = DefaultResolutions();  // allowed buckets
   int max_sequence_length = 512;  // T5 tokens; capped by tokenizer_2's model_max_length
-  bool allow_compile = true;      // false: a missing package is an error
+  // The one copy of the compile options: part of every artifact key, and sent with each package
+  // request to the provider, which passes them to kiln-compile on a miss.
   nlohmann::json compile_options = cache::DefaultCompileOptions();
   // CUDA: capture the transformer step once per bucket as a CUDA graph and replay it (falls back
   // to plain runs, with a warning, if capture fails). Ignored on the CPU.
@@ -60,9 +50,6 @@ struct PipelineOptions {
   // synchronization check set to error (any host sync inside the loop fails the job). Fills
   // GenerateResult::denoise_profile. For benchmarks; costs nothing measurable.
   bool profile_steps = false;
-  // Where packages come from. Null: a TieredPackageProvider over package_dir (and shared_dir)
-  // that compiles with compiler_path when allow_compile (kiln-run). A node passes its own.
-  std::shared_ptr<cache::PackageProvider> provider;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
@@ -79,6 +66,10 @@ struct GenerateRequest {
   int steps = 28;        // denoising steps, 1..1000
   uint64_t seed = 0;     // noise seed; same seed → same image
   double guidance = 3.5; // distilled guidance scale (guidance-embedding models)
+  // Checked at phase boundaries and between denoising steps (null: never cancelled); when set,
+  // Generate() returns CancelledError "cancelled after step K of N". Not owned; must outlive
+  // the call.
+  const CancelToken* cancel = nullptr;
 
   absl::Status Validate() const;
 };
@@ -102,9 +93,9 @@ struct GenerateResult {
   int width = 0;
   int height = 0;
   PhaseSeconds seconds;
-  // component → "compiled" (built on a miss in this call), "found" (loaded from the local
-  // package directory in this call), "shared" (fetched from the shared tier in this call) or
-  // "resident" (already loaded by an earlier call).
+  // component → the wire's provenance (JobInfo.packages): "compiled" (built on a miss in this
+  // call), "local" (loaded from the node-local package directory in this call), "shared" (fetched
+  // from the shared tier in this call) or "resident" (already loaded by an earlier call).
   std::map<std::string, std::string> packages;
   std::vector<std::string> warnings;  // e.g. prompt truncation
   uint64_t weight_bytes = 0;  // checkpoint bytes read for the packages loaded in this call
@@ -120,8 +111,11 @@ struct GenerateResult {
 
 class FluxPipeline {
  public:
-  // Reads the repository's configs and tokenizers; loads nothing heavy yet.
-  static absl::StatusOr<std::unique_ptr<FluxPipeline>> Create(const PipelineOptions& options);
+  // Reads the repository's configs and tokenizers; loads nothing heavy yet. Every package comes
+  // from `provider` (required; shared by the pipelines of a node, thread-safe).
+  // InvalidArgument naming the bad option, NotFound for a missing repository file.
+  static absl::StatusOr<std::unique_ptr<FluxPipeline>> Create(
+      const PipelineOptions& options, std::shared_ptr<cache::PackageProvider> provider);
   ~FluxPipeline();
 
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,

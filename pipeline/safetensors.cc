@@ -10,14 +10,13 @@
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
-#include <fstream>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
+#include "pipeline/json_file.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -352,19 +351,9 @@ absl::StatusOr<std::unique_ptr<WeightSet>> WeightSet::OpenDir(const std::string&
   if (IsRegularFile(single)) {
     set = OpenFiles({single}, options);
   } else if (IsRegularFile(index_path)) {
-    nlohmann::json index;
-    {
-      std::ifstream in(index_path);
-      std::stringstream text;
-      text << in.rdbuf();
-      if (!in) return absl::InternalError(absl::StrCat("cannot read ", index_path));
-      try {
-        index = nlohmann::json::parse(text.str());
-      } catch (const nlohmann::json::exception& e) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(index_path, ": not valid JSON: ", e.what()));
-      }
-    }
+    auto read = ReadJsonFile(index_path);
+    if (!read.ok()) return read.status();
+    const nlohmann::json& index = *read;
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object()) {
       return absl::InvalidArgumentError(
           absl::StrCat(index_path, ": no \"weight_map\" object"));

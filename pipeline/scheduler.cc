@@ -1,12 +1,10 @@
 #include "pipeline/scheduler.h"
 
-#include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/json_file.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -130,18 +128,9 @@ absl::StatusOr<SchedulerConfig> SchedulerConfig::FromJson(const nlohmann::json& 
 }
 
 absl::StatusOr<SchedulerConfig> SchedulerConfig::FromJsonFile(const std::string& path) {
-  errno = 0;
-  std::ifstream in(path);
-  if (!in) return absl::ErrnoToStatus(errno != 0 ? errno : EIO, absl::StrCat("cannot open ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(text.str());
-  } catch (const nlohmann::json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON: ", e.what()));
-  }
-  auto config = FromJson(j);
+  auto j = ReadJsonFile(path);
+  if (!j.ok()) return j.status();
+  auto config = FromJson(*j);
   if (!config.ok()) {
     return absl::Status(config.status().code(),
                         absl::StrCat(path, ": ", config.status().message()));

@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "pipeline/json_file.h"
 #include "pipeline/tokenizer_unicode.h"
 
 namespace kiln::pipeline {

@@ -1,8 +1,6 @@
 #include "pipeline/tokenizer_common.h"
 
 #include <algorithm>
-#include <fstream>
-#include <sstream>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -55,16 +53,6 @@ absl::StatusOr<TokenizeResult> FinishEncoding(const std::vector<int64_t>& conten
   r.dropped = static_cast<int>(content.size() - kept);
   r.ids.resize(max_length, pad_id);
   return r;
-}
-
-absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open"));
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  nlohmann::json j = nlohmann::json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, ": not valid JSON"));
-  return j;
 }
 
 std::optional<std::string> TokenContent(const nlohmann::json& config, const std::string& field) {

@@ -51,9 +51,6 @@ absl::StatusOr<TokenizeResult> FinishEncoding(const std::vector<int64_t>& conten
                                               std::optional<int64_t> bos_id, int64_t eos_id,
                                               int64_t pad_id, int max_length);
 
-// Parses a JSON file. NotFound if it cannot be opened, InvalidArgument if it is not JSON.
-absl::StatusOr<nlohmann::json> ReadJsonFile(const std::string& path);
-
 // The content of a special-token field of tokenizer_config.json / special_tokens_map.json, which
 // is either a string or an AddedToken object {"content": ...}; nullopt if absent or null.
 std::optional<std::string> TokenContent(const nlohmann::json& config, const std::string& field);

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "pipeline/json_file.h"
 #include "pipeline/tokenizer_spm.h"
 #include "pipeline/tokenizer_unicode.h"
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "cache/manifest.h"
+#include "cache/package.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/safetensors.h"
 

@@ -115,7 +115,7 @@ TEST(TieredProviderTest, LocalHit) {
   auto node = MakeNode(Spec(tmp.Join("local"), tmp.Join("shared")));
   const ArtifactKey key = MakeKey();
   PublishFakePackage(tmp.Join("local"), key);
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "local");
   EXPECT_EQ(got->package.dir, tmp.Join("local/") + key.Digest());
@@ -131,7 +131,7 @@ TEST(TieredProviderTest, SharedHitIsFetchedIntoLocalAndVerified) {
   const ArtifactKey key = MakeKey();
   PublishFakePackage(tmp.Join("shared"), key, 20'000);
 
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "shared");
   EXPECT_EQ(got->package.dir, tmp.Join("local/") + key.Digest());
@@ -145,7 +145,7 @@ TEST(TieredProviderTest, SharedHitIsFetchedIntoLocalAndVerified) {
   EXPECT_GE(node->Counter("kiln_artifact_fetch_bytes_total"), 20'000);
   EXPECT_EQ(HistogramCount(*node->registry, "kiln_artifact_fetch_seconds"), 1);
 
-  auto again = node->provider->Get(key, kModelDir);
+  auto again = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(again->provenance, "local");
   EXPECT_EQ(node->Requests("local", "hit"), 1);
@@ -155,7 +155,7 @@ TEST(TieredProviderTest, MissCompilesOncePublishesAndReleasesTheLease) {
   TempDir tmp;
   auto a = MakeNode(Spec(tmp.Join("a"), tmp.Join("shared")));
   const ArtifactKey key = MakeKey();
-  auto got = a->provider->Get(key, kModelDir);
+  auto got = a->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_EQ(a->compiler->calls(), 1);
@@ -172,7 +172,7 @@ TEST(TieredProviderTest, MissCompilesOncePublishesAndReleasesTheLease) {
 
   // A fresh node finds it in the shared store and compiles nothing.
   auto b = MakeNode(Spec(tmp.Join("b"), tmp.Join("shared")));
-  auto fresh = b->provider->Get(key, kModelDir);
+  auto fresh = b->provider->Get({key, kModelDir});
   ASSERT_TRUE(fresh.ok()) << fresh.status();
   EXPECT_EQ(fresh->provenance, "shared");
   EXPECT_EQ(b->compiler->calls(), 0);
@@ -181,7 +181,7 @@ TEST(TieredProviderTest, MissCompilesOncePublishesAndReleasesTheLease) {
 TEST(TieredProviderTest, WithoutASharedStoreCompilesLocally) {
   TempDir tmp;
   auto node = MakeNode(Spec(tmp.Join("local"), ""));
-  auto got = node->provider->Get(MakeKey(), kModelDir);
+  auto got = node->provider->Get({MakeKey(), kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_EQ(node->compiler->calls(), 1);
@@ -197,7 +197,7 @@ TEST(TieredProviderTest, CorruptSharedCopyIsRefusedQuarantinedRebuiltAndRepublis
   const std::string good = ReadFileOrDie(shared_dir + "/model.pt2");
   CorruptFile(shared_dir + "/model.pt2");
 
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_THAT(got->warning, HasSubstr("corrupt"));
@@ -210,7 +210,7 @@ TEST(TieredProviderTest, CorruptSharedCopyIsRefusedQuarantinedRebuiltAndRepublis
   EXPECT_EQ(node->Counter("kiln_artifact_publishes_total", {{"result", "ok"}}), 1);
 
   auto other = MakeNode(Spec(tmp.Join("other"), tmp.Join("shared")));
-  auto fetched = other->provider->Get(key, kModelDir);
+  auto fetched = other->provider->Get({key, kModelDir});
   ASSERT_TRUE(fetched.ok()) << fetched.status();
   EXPECT_EQ(fetched->provenance, "shared");
 }
@@ -223,7 +223,7 @@ TEST(TieredProviderTest, CorruptLocalCopyIsQuarantinedAndRefetchedFromShared) {
   PublishFakePackage(tmp.Join("local"), key);
   CorruptFile(tmp.Join("local/") + key.Digest() + "/model.pt2");
 
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "shared");
   EXPECT_THAT(got->warning, HasSubstr("quarantined"));
@@ -240,7 +240,7 @@ TEST(TieredProviderTest, MissEverywhereWithoutACompilerIsNotFound) {
   spec.compile = false;
   auto node = MakeNode(spec);
   EXPECT_FALSE(node->provider->can_compile());
-  auto got = node->provider->Get(MakeKey(), kModelDir);
+  auto got = node->provider->Get({MakeKey(), kModelDir});
   EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(got.status().message(), HasSubstr("compiling is disabled"));
 }
@@ -251,7 +251,7 @@ TEST(TieredProviderTest, CompilerErrorsPropagateAndReleaseTheLease) {
   spec.compiler.fail = absl::FailedPreconditionError("toolchain mismatch");
   auto node = MakeNode(spec);
   const ArtifactKey key = MakeKey();
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   EXPECT_EQ(got.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_FALSE(fs::exists(tmp.Join("shared/leases/") + key.Digest() + ".lease"));
   EXPECT_EQ(node->Counter("kiln_artifact_compiles_total", {{"result", "error"}}), 1);
@@ -264,7 +264,7 @@ TEST(TieredProviderTest, CorruptCompilerOutputIsDataLoss) {
   spec.compiler.write_corrupt = true;
   auto node = MakeNode(spec);
   const ArtifactKey key = MakeKey();
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   EXPECT_EQ(got.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_FALSE(fs::exists(tmp.Join("shared/") + key.Digest()));  // nothing published
   EXPECT_EQ(node->Requests("compile", "corrupt"), 1);
@@ -275,7 +275,7 @@ TEST(TieredProviderTest, InvalidKeyAndOptionsAreInvalidArgument) {
   auto node = MakeNode(Spec(tmp.Join("local"), ""));
   ArtifactKey bad = MakeKey();
   bad.component = "unet";
-  EXPECT_EQ(node->provider->Get(bad, kModelDir).status().code(),
+  EXPECT_EQ(node->provider->Get({bad, kModelDir}).status().code(),
             absl::StatusCode::kInvalidArgument);
 
   auto local = [&] { return std::make_unique<LocalDiskStore>(tmp.Join("x")); };
@@ -284,10 +284,10 @@ TEST(TieredProviderTest, InvalidKeyAndOptionsAreInvalidArgument) {
   auto p = TieredPackageProvider::Create(local(), nullptr, nullptr, o, nullptr);
   EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(p.status().message(), HasSubstr("lease_renew_ms"));
-  o = TieredOptions();
-  o.compile_options = "fast";
-  p = TieredPackageProvider::Create(local(), nullptr, nullptr, o, nullptr);
-  EXPECT_THAT(p.status().message(), HasSubstr("compile_options"));
+  PackageRequest fast{MakeKey(), kModelDir, "fast"};
+  auto got = node->provider->Get(fast);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(got.status().message(), HasSubstr("compile_options"));
   p = TieredPackageProvider::Create(nullptr, nullptr, nullptr, TieredOptions(), nullptr);
   EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(TieredPackageProvider::Create(local(), nullptr, nullptr, TieredOptions(), nullptr).ok());
@@ -322,7 +322,7 @@ TEST(TieredProviderTest, ThreadsOnOneNodeCompileOnce) {
   std::atomic<int> ok{0};
   for (int i = 0; i < 4; ++i) {
     threads.emplace_back([&] {
-      auto got = node->provider->Get(key, kModelDir);
+      auto got = node->provider->Get({key, kModelDir});
       EXPECT_TRUE(got.ok()) << got.status();
       if (got.ok() && fs::exists(got->package.package_path)) ++ok;
     });
@@ -348,7 +348,7 @@ TEST(TieredProviderTest, TwoNodesRacingCompileOnce) {
   std::vector<std::thread> threads;
   for (int i = 0; i < 2; ++i) {
     threads.emplace_back([&, i] {
-      auto got = nodes[i]->provider->Get(key, kModelDir);
+      auto got = nodes[i]->provider->Get({key, kModelDir});
       ASSERT_TRUE(got.ok()) << got.status();
       EXPECT_TRUE(fs::exists(got->package.package_path));
       provenance[i] = got->provenance;
@@ -374,7 +374,7 @@ TEST(TieredProviderTest, StaleLeaseOfACrashedHolderIsTakenOverAndCompiledOnce) {
   LeaseInfo stale{key.Digest(), "crashed-node", 99999, "gone-host", clock.UnixMs() - 1000, "t0"};
   WriteFileOrDie(tmp.Join("shared/leases/") + key.Digest() + ".lease", stale.ToJson().dump());
 
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_THAT(got->warning, HasSubstr("took over"));
@@ -399,13 +399,13 @@ TEST(TieredProviderTest, LongCompileRenewsItsLeaseSoOthersWait) {
   const ArtifactKey key = MakeKey();
 
   std::thread slow([&] {
-    auto got = a->provider->Get(key, kModelDir);
+    auto got = a->provider->Get({key, kModelDir});
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_EQ(got->provenance, "compiled");
     EXPECT_TRUE(got->warning.empty()) << got->warning;
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  auto got = b->provider->Get(key, kModelDir);
+  auto got = b->provider->Get({key, kModelDir});
   slow.join();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "shared");
@@ -428,7 +428,7 @@ TEST(TieredProviderTest, WaitingIsBoundedByMaxWait) {
   auto lease = (*store)->TryAcquireLease(key.Digest(), {"stuck-node", 60'000});
   ASSERT_TRUE(lease.ok());
 
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   EXPECT_EQ(got.status().code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(got.status().message(), HasSubstr("stuck-node"));
   EXPECT_EQ(node->compiler->calls(), 0);
@@ -444,10 +444,10 @@ TEST(TieredProviderTest, HolderThatFailsReleasesAndAWaiterCompiles) {
   auto b = MakeNode(Spec(tmp.Join("b"), tmp.Join("shared")));
   const ArtifactKey key = MakeKey();
   std::thread failing([&] {
-    EXPECT_EQ(a->provider->Get(key, kModelDir).status().code(), absl::StatusCode::kInternal);
+    EXPECT_EQ(a->provider->Get({key, kModelDir}).status().code(), absl::StatusCode::kInternal);
   });
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  auto got = b->provider->Get(key, kModelDir);
+  auto got = b->provider->Get({key, kModelDir});
   failing.join();
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
@@ -468,11 +468,11 @@ TEST(TieredProviderTest, LocalBoundEvictsOldestButNotAPackageInUse) {
   spec.max_bytes = 2 * entry + entry / 2;
   auto node = MakeNode(spec);
 
-  auto in_use = node->provider->Get(k1, kModelDir);  // held, as the pipeline holds it while loading
+  auto in_use = node->provider->Get({k1, kModelDir});  // held, as the pipeline holds it while loading
   ASSERT_TRUE(in_use.ok());
   for (const auto& k : {k2, k3, k4}) {
     clock.AdvanceMs(1000);
-    auto got = node->provider->Get(k, kModelDir);
+    auto got = node->provider->Get({k, kModelDir});
     ASSERT_TRUE(got.ok()) << got.status();
     EXPECT_EQ(got->provenance, "shared");
   }
@@ -487,7 +487,7 @@ TEST(TieredProviderTest, LocalBoundEvictsOldestButNotAPackageInUse) {
   in_use = absl::NotFoundError("released");  // drops the pin
   EXPECT_FALSE(local.IsPinned(k1.Digest()));
   clock.AdvanceMs(1000);
-  ASSERT_TRUE(node->provider->Get(k2, kModelDir).ok());
+  ASSERT_TRUE(node->provider->Get({k2, kModelDir}).ok());
   EXPECT_FALSE(fs::exists(local.DirFor(k1.Digest())));
   EXPECT_EQ(node->compiler->calls(), 0);
 }
@@ -545,7 +545,7 @@ TEST(CrossProcessHelper, Run) {
     spec.compiler.counter_file = EnvOrEmpty("KILN_COUNTER");
     auto node = MakeNode(spec);
     ASSERT_TRUE(WaitForFile(EnvOrEmpty("KILN_GO"), std::chrono::seconds(20)));
-    auto got = node->provider->Get(key, kModelDir);
+    auto got = node->provider->Get({key, kModelDir});
     ASSERT_TRUE(got.ok()) << got.status();
     ASSERT_TRUE(fs::exists(got->package.package_path));
     WriteFileOrDie(EnvOrEmpty("KILN_RESULT"), got->provenance);
@@ -607,7 +607,7 @@ TEST(CrossProcessTest, LeaseOfAKilledCompilerLapsesAndIsTakenOver) {
   EXPECT_EQ((*store)->ReadLease(key.Digest())->holder, "doomed-node");
 
   auto node = MakeNode(Spec(tmp.Join("local"), tmp.Join("shared")));
-  auto got = node->provider->Get(key, kModelDir);
+  auto got = node->provider->Get({key, kModelDir});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_EQ(node->compiler->calls(), 1);

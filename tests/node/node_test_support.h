@@ -1,6 +1,7 @@
 // Fakes shared by the node tests: a Generator that reports progress like FluxPipeline (phase
-// events, one "denoising" event per step) and returns a small image, with hooks to slow steps
-// down, fail, or wait for the test at a given step.
+// events, one "denoising" event per step), stops at its request's cancel token between steps as
+// FluxPipeline does, and returns a small image, with hooks to slow steps down, fail, or wait for
+// the test at a given step.
 #pragma once
 
 #include <atomic>
@@ -30,11 +31,14 @@ class FakeGenerator : public Generator {
     if (progress) progress("preparing", 0, request.steps);
     if (progress) progress("text_encoding", 0, request.steps);
     if (progress) progress("denoising", 0, request.steps);
+    auto cancelled = [&] { return request.cancel != nullptr && request.cancel->cancelled(); };
     for (int i = 0; i < request.steps; ++i) {
+      if (cancelled()) return pipeline::CancelledAfterStep(i, request.steps);
       if (on_step) on_step(i + 1);
       std::this_thread::sleep_for(step_time);
       if (progress) progress("denoising", i + 1, request.steps);
     }
+    if (cancelled()) return pipeline::CancelledAfterStep(request.steps, request.steps);
     if (progress) progress("decoding", request.steps, request.steps);
     loaded_ = true;
     r.width = request.width;
@@ -49,7 +53,7 @@ class FakeGenerator : public Generator {
     }
     r.seconds.total = 3;
     for (const char* c : {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}) {
-      r.packages[c] = cold ? "found" : "resident";
+      r.packages[c] = cold ? "local" : "resident";
     }
     r.packages["transformer"] = cold ? "compiled" : "resident";
     return r;

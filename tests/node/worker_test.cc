@@ -101,7 +101,7 @@ TEST_F(WorkerTest, RunsAJobWithProgressForEveryStepThenAWarmOne) {
   EXPECT_EQ(r.png(), *pipeline::EncodePng(rgb.data(), 64, 32));
   EXPECT_EQ(r.attempt(), 2u);
   EXPECT_GT(r.run_seconds(), 0);
-  EXPECT_EQ(r.packages().at("text_encoder"), "local");  // the pipeline's "found"
+  EXPECT_EQ(r.packages().at("text_encoder"), "local");
   EXPECT_EQ(r.packages().at("transformer"), "compiled");
   EXPECT_DOUBLE_EQ(r.cold_start().weights_seconds(), 0.5);
   EXPECT_DOUBLE_EQ(r.cold_start().package_load_seconds(), 0.25);

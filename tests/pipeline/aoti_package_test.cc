@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "cache/local_disk_store.h"
+#include "cache/package_provider.h"
 #include "gtest/gtest.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
@@ -19,6 +20,14 @@ using kiln::testing::EnvOrEmpty;
 
 std::string TinyRepo() { return EnvOrEmpty("KILN_TESTDATA") + "/flux-tiny"; }
 std::string TinyPackages() { return EnvOrEmpty("KILN_TESTDATA") + "/packages"; }
+// The fixtures' package directory as the only tier, never compiling.
+std::shared_ptr<cache::PackageProvider> TinyProvider() {
+  cache::TieredProviderConfig config;
+  config.local.root = TinyPackages();
+  auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
+  EXPECT_TRUE(provider.ok()) << provider.status();
+  return provider.ok() ? std::shared_ptr<cache::PackageProvider>(*std::move(provider)) : nullptr;
+}
 
 class AotiPackageTest : public ::testing::Test {
  protected:
@@ -26,9 +35,7 @@ class AotiPackageTest : public ::testing::Test {
     ASSERT_TRUE(fs::exists(TinyPackages())) << "run via scripts/test.sh (fixtures)";
     PipelineOptions opts;
     opts.model_dir = TinyRepo();
-    opts.package_dir = TinyPackages();
-    opts.allow_compile = false;
-    auto p = FluxPipeline::Create(opts);
+    auto p = FluxPipeline::Create(opts, TinyProvider());
     ASSERT_TRUE(p.ok()) << p.status();
     key_ = (*p)->KeyFor("text_encoder", 0, 0);
     // A private copy of the store, so tampering never touches the shared fixtures.

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cache/local_disk_store.h"
+#include "cache/package_provider.h"
 #include "gtest/gtest.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/flux_pipeline.h"
@@ -70,10 +71,12 @@ void ExpectParity(const std::string& component, const cache::ArtifactKey& key, i
 absl::StatusOr<std::unique_ptr<FluxPipeline>> TinyPipeline(const nlohmann::json& options) {
   PipelineOptions opts;
   opts.model_dir = TinyRepo();
-  opts.package_dir = TinyPackages();
-  opts.allow_compile = false;
   opts.compile_options = options;
-  return FluxPipeline::Create(opts);
+  cache::TieredProviderConfig config;  // the fixtures' packages only, never compiling
+  config.local.root = TinyPackages();
+  auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
+  if (!provider.ok()) return provider.status();
+  return FluxPipeline::Create(opts, *std::move(provider));
 }
 
 class ComponentParityTest : public ::testing::TestWithParam<std::string> {};

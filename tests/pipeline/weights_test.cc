@@ -8,7 +8,7 @@
 #include <functional>
 #include <memory>
 
-#include "cache/manifest.h"
+#include "cache/package.h"
 #include "gtest/gtest.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/weights.h"

@@ -41,7 +41,7 @@ def test_same_seed_same_bytes_and_second_run_compiles_nothing(tmp_path):
     assert first["seconds"]["compile"] > 0
     out = tmp_path / "again.png"
     again = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(out)))
-    assert again["packages"] == {c: "found" for c in
+    assert again["packages"] == {c: "local" for c in
                                  ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")}
     assert again["seconds"]["compile"] == 0
     assert out.read_bytes() == open(os.path.join(TESTDATA, "first.png"), "rb").read()
@@ -164,7 +164,7 @@ def test_corrupt_package_is_quarantined_and_rebuilt(tmp_path):
     result = ok_json(kiln_run(*FIXTURE_ARGS, "--out", str(tmp_path / "x.png"), packages=packages,
                               compile_=True))
     assert result["packages"]["text_encoder"] == "compiled"
-    assert result["packages"]["transformer"] == "found"
+    assert result["packages"]["transformer"] == "local"
     assert any("corrupt" in w for w in result["warnings"])
     assert os.listdir(os.path.join(packages, "quarantine"))
     assert (tmp_path / "x.png").read_bytes() == open(os.path.join(TESTDATA, "first.png"), "rb").read()

@@ -1,4 +1,4 @@
-#include "cache/manifest.h"
+#include "cache/package.h"
 
 #include <fstream>
 

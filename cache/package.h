@@ -1,6 +1,7 @@
-// The manifest that sits beside each compiled package (written by kiln-compile,
-// pipeline/python/kiln/compile.py): the artifact key, the package's digest and size, what the
-// package expects (constants, inputs, outputs) and how it was built.
+// A compiled package as the cache hands it out: its manifest (written beside the package by
+// kiln-compile, pipeline/python/kiln/compile.py: the artifact key, the package's digest and size,
+// what the package expects — constants, inputs, outputs — and how it was built) and where it lies
+// on the node-local disk. Public: the pipeline loads packages from these types.
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,15 @@ struct PackageManifest {
   // InvalidArgument naming the missing or malformed field; also checks digest == key.Digest().
   static absl::StatusOr<PackageManifest> FromJson(const nlohmann::json& j);
   static absl::StatusOr<PackageManifest> FromFile(const std::string& path);
+};
+
+// A verified package in a node-local store (what LocalDiskStore::Find and a PackageProvider
+// return): ROOT/<digest>/{model.pt2, manifest.json[, constants.safetensors]}.
+struct LocatedPackage {
+  PackageManifest manifest;
+  std::string dir;                    // ROOT/<digest>
+  std::string package_path;           // dir/model.pt2
+  std::string extra_constants_path;   // dir/constants.safetensors or ""
 };
 
 }  // namespace kiln::cache

@@ -1,0 +1,103 @@
+// The denoise loop and the transformer step it repeats.
+//
+// A `Denoiser` answers one question per step: the model's velocity at the current latents and
+// timestep, given the request's conditioning. `PlainDenoiser` runs the transformer package;
+// `CudaGraphDenoiser` replays a CUDA graph captured from it (pipeline/cuda_graph.h), its static
+// inputs refilled per request (Prepare) and per step (Velocity). `RunDenoiseLoop` is the
+// flow-matching Euler loop around any Denoiser: state in float32 on the device, no host sync,
+// the cancel token checked between steps. Tests drive the loop with a fake Denoiser on the CPU.
+//
+// Threads: a Denoiser and the loop run on the caller's (Generate()'s) thread.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "pipeline/aoti_package.h"
+#include "pipeline/cancel_token.h"
+#include "pipeline/cuda_graph.h"
+
+namespace kiln::pipeline {
+
+// A request's conditioning: the transformer's inputs other than latents and timestep, on the
+// device.
+struct DenoiseConditioning {
+  at::Tensor text;      // act [1, L, joint_attention_dim]: T5's last hidden state
+  at::Tensor pooled;    // act [1, pooled_projection_dim]: CLIP's pooled output
+  at::Tensor guidance;  // float32 [1]: the guidance scale
+};
+
+class Denoiser {
+ public:
+  virtual ~Denoiser() = default;
+  // Takes this request's conditioning; called once per request, before its first Velocity().
+  virtual absl::Status Prepare(const DenoiseConditioning& conditioning) = 0;
+  // The velocity at `latents` (float32 [1, S, C], the loop's state) and `timestep` (float32 [1],
+  // on the device). The result may be a buffer that the next call overwrites.
+  virtual absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
+                                              const at::Tensor& timestep) = 0;
+  // True if steps replay a captured CUDA graph.
+  virtual bool cuda_graph() const = 0;
+};
+
+// Runs the transformer package every step. `transformer` must outlive this.
+class PlainDenoiser : public Denoiser {
+ public:
+  // `act`: the activation dtype the package takes (latents are cast to it each step).
+  PlainDenoiser(AotiPackage& transformer, at::ScalarType act)
+      : transformer_(transformer), act_(act) {}
+  absl::Status Prepare(const DenoiseConditioning& conditioning) override;
+  absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
+                                      const at::Tensor& timestep) override;
+  bool cuda_graph() const override { return false; }
+
+ private:
+  AotiPackage& transformer_;
+  const at::ScalarType act_;
+  DenoiseConditioning conditioning_;
+};
+
+// Replays the transformer step captured as a CUDA graph. Captured once per bucket and reused by
+// every request of that bucket. `transformer` must outlive this.
+class CudaGraphDenoiser : public Denoiser {
+ public:
+  // Captures `transformer` (CUDA, constants loaded) on one step's inputs: `latents` and
+  // `timestep` as Velocity() takes them, `conditioning` as Prepare() does. As
+  // PackageGraph::Capture: FailedPrecondition for a CPU package, Unimplemented without CUDA,
+  // Internal if capture fails (the caller may fall back to a PlainDenoiser).
+  static absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> Capture(
+      AotiPackage& transformer, at::ScalarType act, const DenoiseConditioning& conditioning,
+      const at::Tensor& latents, const at::Tensor& timestep);
+  absl::Status Prepare(const DenoiseConditioning& conditioning) override;
+  absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
+                                      const at::Tensor& timestep) override;
+  bool cuda_graph() const override { return true; }
+
+ private:
+  explicit CudaGraphDenoiser(std::unique_ptr<PackageGraph> graph) : graph_(std::move(graph)) {}
+  std::unique_ptr<PackageGraph> graph_;
+};
+
+struct DenoiseSchedule {
+  std::vector<double> sigmas;  // steps + 1 (scheduler.h's FluxSchedule::sigmas)
+  // float32 [steps, 4] on the device: row i's first value is step i's model timestep (one
+  // 16-byte row per step, so each step's [1] view starts aligned, as AOTI's kernels assume).
+  at::Tensor timesteps;
+};
+
+// The flow-matching Euler loop: for i in [0, steps), latents += (sigmas[i+1] - sigmas[i]) *
+// velocity(latents, timesteps[i]), in float32, in place. Before each step it checks `cancel`
+// (nullable): CancelledAfterStep(i, steps). After each step it calls `on_step(i + 1)` (nullable;
+// a host-side count, the device may still be working). `profiler` (nullable) brackets each step.
+// A Velocity() error is returned as it is and ends the loop.
+absl::Status RunDenoiseLoop(Denoiser& denoiser, const DenoiseSchedule& schedule,
+                            const at::Tensor& latents, const CancelToken* cancel,
+                            const std::function<void(int step)>& on_step,
+                            StepProfiler* profiler);
+
+}  // namespace kiln::pipeline

@@ -1,0 +1,93 @@
+#include "pipeline/key_policy.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "pipeline/toolchain.h"
+
+namespace kiln::pipeline {
+
+std::vector<Resolution> DefaultResolutions() {
+  return {{256, 256},  {512, 512},   {768, 768},   {1024, 1024}, {1024, 768},
+          {768, 1024}, {1152, 896},  {896, 1152},  {1344, 768},  {768, 1344}};
+}
+
+absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text) {
+  std::vector<Resolution> out;
+  for (absl::string_view item : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    std::vector<std::string> wh = absl::StrSplit(item, 'x');
+    Resolution r;
+    if (wh.size() != 2 || !absl::SimpleAtoi(wh[0], &r.width) ||
+        !absl::SimpleAtoi(wh[1], &r.height) || r.width <= 0 || r.height <= 0 || r.width % 16 ||
+        r.height % 16) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resolution '", item, "': expected WIDTHxHEIGHT, positive multiples of 16"));
+    }
+    out.push_back(r);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("no resolutions given");
+  return out;
+}
+
+std::string FormatResolutions(const std::vector<Resolution>& list) {
+  return absl::StrJoin(list, ", ", [](std::string* out, const Resolution& r) {
+    absl::StrAppend(out, r.width, "x", r.height);
+  });
+}
+
+const std::vector<std::string>& FluxComponents() {
+  static const auto* components = new std::vector<std::string>{
+      "text_encoder", "text_encoder_2", "transformer", "vae_decoder"};
+  return *components;
+}
+
+absl::Status KeyPolicy::CheckResolution(int width, int height) const {
+  bool allowed = false;
+  for (const auto& r : options_.resolutions) allowed |= (r.width == width && r.height == height);
+  if (!allowed) {
+    return absl::InvalidArgumentError(absl::StrCat("resolution ", width, "x", height,
+                                                   " is not one of the compiled buckets: ",
+                                                   FormatResolutions(options_.resolutions)));
+  }
+  const int patch = options_.vae_scale * 2;
+  if (width % patch || height % patch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("resolution ", width, "x", height, ": must be a multiple of ", patch));
+  }
+  return absl::OkStatus();
+}
+
+cache::Bucket KeyPolicy::BucketFor(const std::string& component, int width, int height) const {
+  if (component == "text_encoder") return {1, 0, 0, options_.clip_len};
+  if (component == "text_encoder_2") return {1, 0, 0, options_.text_len};
+  if (component == "transformer") return {1, height, width, options_.text_len};
+  return {1, height, width, 0};
+}
+
+cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, int height) const {
+  cache::ArtifactKey k;
+  k.architecture = cache::ArchitectureDigest(options_.configs.at(component));
+  k.component = component;
+  // fp8 means fp8 linears in the transformer; the other components run bf16 math, so they
+  // share the bf16 packages instead of compiling identical ones under fp8 keys.
+  k.precision = (options_.precision == "fp8" && component != "transformer") ? "bf16"
+                                                                           : options_.precision;
+  k.bucket = BucketFor(component, width, height);
+  k.compile = cache::CompileOptionsDigest(options_.compile_options);
+  k.target = options_.target;
+  k.toolchain.torch = BuildTorchVersion();
+  if (options_.target != "cpu") {
+    k.toolchain.cuda = BuildCudaVersion();
+    k.toolchain.triton = BuildTritonVersion();
+  }
+  return k;
+}
+
+std::vector<std::string> KeyPolicy::DigestsFor(int width, int height) const {
+  std::vector<std::string> out;
+  for (const auto& c : FluxComponents()) out.push_back(KeyFor(c, width, height).Digest());
+  return out;
+}
+
+}  // namespace kiln::pipeline

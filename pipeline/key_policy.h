@@ -1,0 +1,65 @@
+// KeyPolicy: which package each component of a job needs. The bucket rules (the image sizes a
+// pipeline serves, and which bucket fields each component's package depends on) and the artifact
+// key built from them (architecture, precision, compile options, target, toolchain). LibTorch-free
+// and immutable after construction: thread-safe.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/artifact_key.h"
+#include "nlohmann/json.hpp"
+
+namespace kiln::pipeline {
+
+struct Resolution {
+  int width = 0;   // pixels
+  int height = 0;  // pixels
+};
+
+// The image sizes packages are compiled for unless told otherwise.
+std::vector<Resolution> DefaultResolutions();
+// "256x256,512x512" ⇄ list. InvalidArgument naming the bad entry.
+absl::StatusOr<std::vector<Resolution>> ParseResolutions(const std::string& text);
+std::string FormatResolutions(const std::vector<Resolution>& list);
+
+// The components of a Flux pipeline, in the order a job runs them.
+const std::vector<std::string>& FluxComponents();
+
+struct KeyPolicyOptions {
+  // Component → its config.json (the architecture digest's input); one per FluxComponents().
+  std::map<std::string, nlohmann::json> configs;
+  std::string precision = "fp32";  // the pipeline's: fp32 | bf16 | fp8
+  nlohmann::json compile_options;  // passed to kiln-compile; its digest is part of the key
+  std::string target = "cpu";      // "cpu" or "cuda:sm_<major><minor>"
+  std::vector<Resolution> resolutions;  // image sizes served
+  int clip_len = 77;   // CLIP tokens (text_encoder bucket)
+  int text_len = 512;  // T5 tokens (text_encoder_2 and transformer buckets)
+  int vae_scale = 8;   // image pixels per latent pixel
+};
+
+class KeyPolicy {
+ public:
+  explicit KeyPolicy(KeyPolicyOptions options) : options_(std::move(options)) {}
+
+  // OK if a width×height image is one of the served resolutions and packs into 2×2 latent
+  // patches; InvalidArgument naming the resolution otherwise.
+  absl::Status CheckResolution(int width, int height) const;
+  // Bucket fields `component`'s package depends on; must match component_bucket() in
+  // pipeline/python/kiln/compile.py.
+  cache::Bucket BucketFor(const std::string& component, int width, int height) const;
+  // The artifact key of `component` for a width×height image (0×0 for the text encoders).
+  cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;
+  // Digests of every component's package for a width×height image, in FluxComponents() order.
+  std::vector<std::string> DigestsFor(int width, int height) const;
+
+  const KeyPolicyOptions& options() const { return options_; }
+
+ private:
+  KeyPolicyOptions options_;
+};
+
+}  // namespace kiln::pipeline

@@ -1,0 +1,119 @@
+#include "pipeline/package_loader.h"
+
+#include <chrono>
+#include <future>
+
+#ifdef KILN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace kiln::pipeline {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Since(Clock::time_point t) {
+  return std::chrono::duration<double>(Clock::now() - t).count();
+}
+
+}  // namespace
+
+void SyncDevice(const c10::Device& d) {
+#ifdef KILN_WITH_CUDA
+  if (d.is_cuda()) at::cuda::getCurrentCUDAStream(d.index()).synchronize();
+#else
+  (void)d;
+#endif
+}
+
+PackageLoader::PackageLoader(std::shared_ptr<cache::PackageProvider> provider,
+                             std::string model_dir, nlohmann::json compile_options,
+                             c10::Device device)
+    : provider_(std::move(provider)),
+      model_dir_(std::move(model_dir)),
+      compile_options_(std::move(compile_options)),
+      device_(device) {}
+
+PackageLoader::~PackageLoader() = default;
+
+absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
+    const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report) {
+  std::map<std::string, AotiPackage*> out;
+  std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
+  std::map<std::string, std::string> digests;
+  const auto t = Clock::now();
+  for (const auto& [component, key] : keys) {
+    const std::string digest = key.Digest();
+    if (auto it = loaded_.find(digest); it != loaded_.end()) {
+      report->packages[component] = "resident";
+      out[component] = it->second.get();
+      continue;
+    }
+    digests[component] = digest;
+    cache::PackageRequest request{key, model_dir_, compile_options_};
+    pending[component] = std::async(std::launch::async, [this, request = std::move(request)] {
+      return provider_->Get(request);
+    });
+  }
+  std::map<std::string, absl::StatusOr<cache::ProvidedPackage>> provided;
+  for (auto& [c, f] : pending) provided.emplace(c, f.get());  // every thread joins first
+  const double wall = Since(t);
+  bool compiled = false, fetched = false;
+  for (auto& [c, p] : provided) {
+    if (!p.ok()) return p.status();
+    compiled |= p->provenance == "compiled";
+    fetched |= p->provenance == "shared";
+  }
+  if (compiled) {
+    report->compile_seconds += wall;
+  } else if (fetched) {
+    report->fetch_seconds += wall;
+  }
+  for (auto& [c, p] : provided) {
+    auto pkg = Load(c, digests[c], *std::move(p), report);
+    if (!pkg.ok()) return pkg.status();
+    out[c] = *pkg;
+  }
+  return out;
+}
+
+absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
+                                                 const std::string& digest,
+                                                 cache::ProvidedPackage provided,
+                                                 LoadReport* report) {
+  // `provided.pin` keeps the package on local disk until this returns.
+  if (!provided.warning.empty()) report->warnings.push_back(provided.warning);
+  const cache::LocatedPackage& found = provided.package;
+  auto t = Clock::now();
+  auto pkg = AotiPackage::Load(found, device_);
+  if (!pkg.ok()) return pkg.status();
+  report->package_load_seconds += Since(t);
+
+  t = Clock::now();
+  auto& cw = weights_[component];
+  if (!cw) {
+    auto opened =
+        ComponentWeights::Open(model_dir_ + "/" + ComponentWeights::FolderFor(component),
+                               ComponentWeights::StemFor(component), device_);
+    if (!opened.ok()) return opened.status();
+    cw = *std::move(opened);
+  }
+  const uint64_t read_before = cw->bytes_read();
+  auto constants = cw->Gather(**pkg, found.extra_constants_path);
+  if (!constants.ok()) return constants.status();
+  if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return s;
+  SyncDevice(device_);
+  report->weights_seconds += Since(t);
+  report->weight_bytes += cw->bytes_read() - read_before;
+  report->packages[component] = provided.provenance;
+  AotiPackage* raw = pkg->get();
+  loaded_[digest] = *std::move(pkg);
+  return raw;
+}
+
+std::vector<std::string> PackageLoader::LoadedDigests() const {
+  std::vector<std::string> out;
+  for (const auto& [digest, pkg] : loaded_) out.push_back(digest);
+  return out;
+}
+
+}  // namespace kiln::pipeline

@@ -1,0 +1,77 @@
+// PackageLoader: gets a pipeline's packages from its PackageProvider and keeps them loaded, with
+// their weights. It knows nothing about where packages come from: it asks the provider for each
+// key (with the compile options that key was computed from) and loads what comes back.
+//
+// Used by FluxPipeline on its Generate() thread; not thread-safe (one EnsureAll() at a time).
+// Internally it asks for the missing packages of a job all at once, one thread each, so a cold
+// start compiles its components in parallel; the provider is thread-safe.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "cache/artifact_key.h"
+#include "cache/package_provider.h"
+#include "nlohmann/json.hpp"
+#include "pipeline/aoti_package.h"
+#include "pipeline/weights.h"
+
+namespace kiln::pipeline {
+
+// What one EnsureAll() did.
+struct LoadReport {
+  // Finding packages runs for all components at once; its wall time counts as compile if any
+  // package was compiled, else as fetch if any was fetched from the shared tier.
+  double fetch_seconds = 0;
+  double compile_seconds = 0;
+  double package_load_seconds = 0;  // verifying and loading packages
+  double weights_seconds = 0;       // reading weights and moving them to the device
+  uint64_t weight_bytes = 0;        // checkpoint bytes read
+  // component → the wire's provenance: "local", "shared" or "compiled" (the provider's word for
+  // where the package came from in this call), or "resident" (already loaded).
+  std::map<std::string, std::string> packages;
+  std::vector<std::string> warnings;  // the provider's (e.g. a corrupt copy quarantined)
+};
+
+class PackageLoader {
+ public:
+  // Packages are compiled from (and weights read from) `model_dir`, with `compile_options`, and
+  // loaded on `device`.
+  PackageLoader(std::shared_ptr<cache::PackageProvider> provider, std::string model_dir,
+                nlohmann::json compile_options, c10::Device device);
+  ~PackageLoader();
+
+  // The loaded package of each component of `keys` (component → key): those not loaded yet are
+  // fetched from the provider together, then loaded one by one with their weights (read once
+  // per component, shared by every bucket). The first error is returned as the provider, the
+  // package or the weights report it.
+  absl::StatusOr<std::map<std::string, AotiPackage*>> EnsureAll(
+      const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report);
+
+  // Digests of the packages loaded now.
+  std::vector<std::string> LoadedDigests() const;
+
+ private:
+  // Loads one provided package and hands it its weights.
+  absl::StatusOr<AotiPackage*> Load(const std::string& component, const std::string& digest,
+                                    cache::ProvidedPackage provided, LoadReport* report);
+
+  const std::shared_ptr<cache::PackageProvider> provider_;
+  const std::string model_dir_;
+  const nlohmann::json compile_options_;
+  const c10::Device device_;
+  std::map<std::string, std::unique_ptr<ComponentWeights>> weights_;  // by component
+  std::map<std::string, std::unique_ptr<AotiPackage>> loaded_;        // by key digest
+};
+
+// Waits for queued device work so that phase timings are honest. Only at phase boundaries, never
+// inside the denoise loop.
+void SyncDevice(const c10::Device& device);
+
+}  // namespace kiln::pipeline

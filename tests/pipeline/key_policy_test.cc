@@ -1,0 +1,124 @@
+// Tests of KeyPolicy (pipeline/key_policy.h): which resolutions a pipeline serves, the bucket
+// each component's package depends on, and the artifact keys built from them (fp8's shared bf16
+// packages, the compile options' digest, target and toolchain). No LibTorch work, no fixtures.
+#include "pipeline/key_policy.h"
+
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "pipeline/toolchain.h"
+
+namespace kiln::pipeline {
+namespace {
+
+using ::testing::HasSubstr;
+
+KeyPolicyOptions Options(const std::string& precision = "fp32",
+                         const std::string& target = "cpu") {
+  KeyPolicyOptions o;
+  for (const auto& c : FluxComponents()) o.configs[c] = {{"_class_name", c}, {"width", 8}};
+  o.precision = precision;
+  o.compile_options = cache::DefaultCompileOptions();
+  o.target = target;
+  o.resolutions = {{256, 256}, {512, 256}};
+  o.clip_len = 77;
+  o.text_len = 64;
+  o.vae_scale = 8;
+  return o;
+}
+
+TEST(KeyPolicyTest, OnlyServedResolutionsThatPackIntoPatches) {
+  KeyPolicy policy(Options());
+  EXPECT_TRUE(policy.CheckResolution(256, 256).ok());
+  EXPECT_TRUE(policy.CheckResolution(512, 256).ok());
+  auto s = policy.CheckResolution(256, 512);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("resolution 256x512 is not one of the compiled buckets: "
+                                     "256x256, 512x256"));
+
+  KeyPolicyOptions coarse = Options();
+  coarse.vae_scale = 16;  // 2x2 patches of 16-pixel latents: multiples of 32
+  coarse.resolutions = {{272, 256}};
+  s = KeyPolicy(coarse).CheckResolution(272, 256);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("must be a multiple of 32"));
+}
+
+TEST(KeyPolicyTest, EachComponentDependsOnItsOwnBucketFields) {
+  KeyPolicy policy(Options());
+  auto b = policy.BucketFor("text_encoder", 512, 256);
+  EXPECT_EQ(b.height, 0);
+  EXPECT_EQ(b.width, 0);
+  EXPECT_EQ(b.text_len, 77);
+  b = policy.BucketFor("text_encoder_2", 512, 256);
+  EXPECT_EQ(b.width, 0);
+  EXPECT_EQ(b.text_len, 64);
+  b = policy.BucketFor("transformer", 512, 256);
+  EXPECT_EQ(b.width, 512);
+  EXPECT_EQ(b.height, 256);
+  EXPECT_EQ(b.text_len, 64);
+  b = policy.BucketFor("vae_decoder", 512, 256);
+  EXPECT_EQ(b.width, 512);
+  EXPECT_EQ(b.height, 256);
+  EXPECT_EQ(b.text_len, 0);
+  EXPECT_EQ(policy.BucketFor("transformer", 256, 256).batch, 1);
+
+  // Text encoders are shared by every size; the transformer and the VAE are not.
+  const auto small = policy.DigestsFor(256, 256), wide = policy.DigestsFor(512, 256);
+  ASSERT_EQ(small.size(), 4u);
+  EXPECT_EQ(std::set<std::string>(small.begin(), small.end()).size(), 4u);
+  EXPECT_EQ(small[0], wide[0]);
+  EXPECT_EQ(small[1], wide[1]);
+  EXPECT_NE(small[2], wide[2]);
+  EXPECT_NE(small[3], wide[3]);
+  EXPECT_EQ(small[2], policy.KeyFor("transformer", 256, 256).Digest());
+}
+
+TEST(KeyPolicyTest, Fp8TransformerSharesTheBf16PackagesOfTheOtherComponents) {
+  KeyPolicy fp8(Options("fp8", "cuda:sm_90")), bf16(Options("bf16", "cuda:sm_90"));
+  EXPECT_EQ(fp8.KeyFor("transformer", 256, 256).precision, "fp8");
+  for (const char* c : {"text_encoder", "text_encoder_2", "vae_decoder"}) {
+    EXPECT_EQ(fp8.KeyFor(c, 256, 256).precision, "bf16") << c;
+    EXPECT_EQ(fp8.KeyFor(c, 256, 256).Digest(), bf16.KeyFor(c, 256, 256).Digest()) << c;
+  }
+  EXPECT_NE(fp8.KeyFor("transformer", 256, 256).Digest(),
+            bf16.KeyFor("transformer", 256, 256).Digest());
+}
+
+TEST(KeyPolicyTest, KeysCarryCompileOptionsTargetAndToolchain) {
+  KeyPolicyOptions o = Options();
+  const cache::ArtifactKey cpu = KeyPolicy(o).KeyFor("transformer", 256, 256);
+  EXPECT_TRUE(cpu.Validate().ok()) << cpu.Validate();
+  EXPECT_EQ(cpu.compile, cache::CompileOptionsDigest(o.compile_options));
+  EXPECT_EQ(cpu.architecture, cache::ArchitectureDigest(o.configs["transformer"]));
+  EXPECT_EQ(cpu.target, "cpu");
+  EXPECT_EQ(cpu.toolchain.torch, BuildTorchVersion());
+  EXPECT_EQ(cpu.toolchain.cuda, "");
+  EXPECT_EQ(cpu.toolchain.triton, "");
+
+  o.compile_options["fuse_qkv"] = true;
+  const cache::ArtifactKey fused = KeyPolicy(o).KeyFor("transformer", 256, 256);
+  EXPECT_EQ(fused.compile, cache::CompileOptionsDigest(o.compile_options));
+  EXPECT_NE(fused.Digest(), cpu.Digest());
+
+  const cache::ArtifactKey gpu = KeyPolicy(Options("bf16", "cuda:sm_90")).KeyFor("vae_decoder", 256, 256);
+  EXPECT_EQ(gpu.target, "cuda:sm_90");
+  EXPECT_EQ(gpu.toolchain.cuda, BuildCudaVersion());
+  EXPECT_EQ(gpu.toolchain.triton, BuildTritonVersion());
+}
+
+TEST(KeyPolicyTest, ResolutionListsParseAndFormat) {
+  auto r = ParseResolutions("256x256, 512x768");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(FormatResolutions(*r), "256x256, 512x768");
+  auto bad = ParseResolutions("256x256,100x100");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("resolution '100x100'"));
+  EXPECT_EQ(ParseResolutions(" , ").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kiln::pipeline
