@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "cache/local_disk_store.h"
 #include "common/wire.h"
 #include "node/device_probe.h"
 #include "node/worker.h"

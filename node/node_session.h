@@ -35,7 +35,6 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "cache/local_disk_store.h"
 #include "common/clock.h"
 #include "common/proto/kiln.pb.h"
 #include "node/catalog.h"
@@ -44,6 +43,10 @@
 #include "node/node_metrics.h"
 #include "node/node_options.h"
 #include "node/outbox.h"
+
+namespace kiln::cache {
+class LocalDiskStore;
+}  // namespace kiln::cache
 
 namespace kiln::node {
 

@@ -12,6 +12,7 @@
 #include <optional>
 #include <thread>
 
+#include "cache/local_disk_store.h"
 #include "common/files.h"
 #include "common/wire.h"
 #include "gmock/gmock.h"
