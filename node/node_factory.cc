@@ -1,7 +1,5 @@
 #include "node/node_factory.h"
 
-#include <unistd.h>
-
 #include <filesystem>
 #include <utility>
 #include <vector>
@@ -19,12 +17,6 @@ std::string ExecutableDir() {
   std::error_code ec;
   auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
   return ec ? std::string(".") : p.parent_path().string();
-}
-
-std::string HostName() {
-  char buf[256] = {};
-  if (gethostname(buf, sizeof(buf) - 1) != 0) return "unknown";
-  return buf;
 }
 
 }  // namespace
@@ -55,14 +47,13 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
                                                            const Clock* clock) {
   if (auto s = options.Validate(); !s.ok()) return s;
   if (options.models.empty()) return absl::InvalidArgumentError("models: at least one is required");
-  if (options.hostname.empty()) options.hostname = HostName();
   // One provider for every pipeline (thread-safe; the worker runs one Generate() at a time).
   cache::TieredProviderConfig config;
   config.local.root = options.package_dir;
   config.local.max_bytes = options.package_dir_max_bytes;
   config.local.clock = clock;
   config.shared_root = options.shared_cache_dir;
-  config.shared_host = options.hostname;
+  config.shared_host = options.hostname;  // "" = gethostname(), as NodeAgent advertises
   if (options.allow_compile) {
     config.compiler_path =
         options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path;
