@@ -21,10 +21,9 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "metrics/metrics_server.h"
 #include "nlohmann/json.hpp"
-#include "node/device_probe.h"
-#include "node/node_agent.h"
+#include "node/node_factory.h"
+#include "pipeline/flux_pipeline.h"
 
 ABSL_FLAG(std::string, coordinator, "",
           "the coordinator's node endpoint, tcp://HOST:PORT (required)");
@@ -47,6 +46,9 @@ ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
+ABSL_FLAG(std::string, compile_options, "",
+          "JSON object handed to kiln-compile and part of every package key (default: kiln's "
+          "defaults); give every node of a cluster the same");
 ABSL_FLAG(std::string, status_file, "",
           "after registering, write {node_id, metrics_url, pid} here (atomically)");
 
@@ -116,7 +118,8 @@ int main(int argc, char** argv) {
   std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
   if (rest.size() > 1) return BadInput(absl::StrCat("unexpected argument '", rest[1], "'"));
 
-  kiln::node::NodeOptions options;
+  kiln::node::NodeProcessOptions process;
+  kiln::node::NodeOptions& options = process.node;
   options.coordinator = absl::GetFlag(FLAGS_coordinator);
   if (options.coordinator.empty()) return BadInput("--coordinator is required");
   char host[256] = {};
@@ -153,10 +156,17 @@ int main(int argc, char** argv) {
     if (!r.ok()) return BadInput(absl::StrCat("--resolutions: ", r.status().message()));
     options.resolutions = *r;
   }
+  if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
+    auto parsed = kiln::pipeline::ParseCompileOptions(co);
+    if (!parsed.ok()) return BadInput(std::string(parsed.status().message()));
+    options.compile_options = *std::move(parsed);
+  }
   options.link.heartbeat_interval_ms = absl::GetFlag(FLAGS_heartbeat_ms);
   options.allow_compile = !absl::GetFlag(FLAGS_no_compile);
   options.compiler_path = absl::GetFlag(FLAGS_compiler);
   if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
+  process.metrics_address = absl::GetFlag(FLAGS_metrics);
+  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) process.cuda_visible_devices = v;
 
   // SIGTERM/SIGINT are taken synchronously by this thread (sigtimedwait below): block them
   // before any thread starts, so that every thread inherits the mask.
@@ -166,28 +176,20 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  kiln::node::ProbeOptions probe;
-  probe.device = options.device;
-  if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) probe.cuda_visible_devices = v;
-  auto device = kiln::node::ProbeDevice(probe);
-  if (!device.ok()) return Fail(device.status());
-  options.device_info = *device;
-
-  auto metrics = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
-  if (!metrics.ok()) return Fail(metrics.status());
-  options.metrics_url = (*metrics)->url();
-
-  auto agent = kiln::node::NodeAgent::Create(options, (*metrics)->registry());
-  if (!agent.ok()) return Fail(agent.status());
-  std::cerr << "kiln-node: " << options.node_id << " on " << device->kind()
-            << (device->name().empty() ? "" : " (" + device->name() + ")")
-            << (device->mig_profile().empty() ? "" : " MIG " + device->mig_profile())
-            << "; metrics " << options.metrics_url << std::endl;
-  if (auto s = (*agent)->Start(); !s.ok()) return Fail(s);
+  auto node = kiln::node::CreateNodeProcess(std::move(process));
+  if (!node.ok()) return Fail(node.status());
+  kiln::node::NodeAgent& agent = *node->agent;
+  const kiln::node::NodeOptions& running = agent.options();
+  const kiln::v1::DeviceInfo& device = running.device_info;
+  std::cerr << "kiln-node: " << running.node_id << " on " << device.kind()
+            << (device.name().empty() ? "" : " (" + device.name() + ")")
+            << (device.mig_profile().empty() ? "" : " MIG " + device.mig_profile())
+            << "; metrics " << running.metrics_url << std::endl;
+  if (auto s = agent.Start(); !s.ok()) return Fail(s);
 
   const std::string status_file = absl::GetFlag(FLAGS_status_file);
   bool status_written = false, stopping = false;
-  while (!(*agent)->done()) {
+  while (!agent.done()) {
     const timespec tick = {0, 100 * 1000 * 1000};
     const int sig = sigtimedwait(&signals, nullptr, &tick);
     if (sig == SIGTERM || sig == SIGINT) {
@@ -196,11 +198,11 @@ int main(int argc, char** argv) {
                   << ": finishing the current job, then deregistering" << std::endl;
       }
       stopping = true;
-      (*agent)->Stop();
+      agent.Stop();
     }
-    if (!status_written && !status_file.empty() && (*agent)->registered_once()) {
-      nlohmann::json j = {{"node_id", options.node_id},
-                          {"metrics_url", options.metrics_url},
+    if (!status_written && !status_file.empty() && agent.registered_once()) {
+      nlohmann::json j = {{"node_id", running.node_id},
+                          {"metrics_url", running.metrics_url},
                           {"pid", getpid()}};
       if (auto s = WriteStatusFile(status_file, j); !s.ok()) {
         std::cerr << "kiln-node: warning: " << s.message() << "\n";
@@ -208,8 +210,8 @@ int main(int argc, char** argv) {
       status_written = true;
     }
   }
-  (*agent)->Wait();
-  const absl::Status s = (*agent)->status();
+  agent.Wait();
+  const absl::Status s = agent.status();
   if (!s.ok()) {
     std::cerr << "kiln-node: error: " << s.message() << "\n";
     return 1;

@@ -69,6 +69,9 @@ std::vector<CommandSpec> MakeCommands() {
         {"max-attempts", true, "N",
          "times a job is assigned before it fails (default: the coordinator's)"},
         {"no-compile", false, "", "nodes never compile (every package must be cached)"},
+        {"compile-options", true, "JSON",
+         "compile options (a JSON object) for every node, also those added later "
+         "(default: kiln's)"},
         {"start-timeout", true, "SECONDS",
          "how long to wait for every process to come up (default 60)"},
         {"bin-dir", true, "DIR", "where kiln-coordinator and kiln-node are (default: beside kiln)"},

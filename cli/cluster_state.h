@@ -47,6 +47,7 @@ struct ClusterState {
   std::string precision = "fp32";
   int heartbeat_ms = 0;  // 0: the coordinator's default
   bool compile = true;   // nodes may compile missing packages
+  std::string compile_options;  // JSON object given to every node (--compile_options); "" = default
   bool detached = false;
   int supervisor_pid = 0;  // the foreground `kiln up`, 0 when detached
   int64_t started_unix_ms = 0;

@@ -375,6 +375,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.device = cl.Get("device", "cpu");
   options.precision = cl.Get("precision", "fp32");
   options.compile = !cl.Has("no-compile");
+  options.compile_options = cl.Get("compile-options");
   options.detach = cl.Has("detach");
   options.bin_dir = cl.Get("bin-dir");
   if (auto s = options.Validate(); !s.ok()) return UsageError(io, s, cl.spec);

@@ -132,6 +132,7 @@ std::vector<std::string> NodeArgv(const std::string& bin_dir, const ClusterState
                                    "--status_file=" + node.status_file};
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (!state.compile) argv.push_back("--no_compile");
+  if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);
   return argv;
 }
 
@@ -281,6 +282,10 @@ absl::Status UpOptions::Validate() const {
   if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
   if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
   if (start_timeout_ms <= 0) return absl::InvalidArgumentError("start_timeout_ms: not positive");
+  if (!compile_options.empty() &&
+      !json::parse(compile_options, nullptr, /*allow_exceptions=*/false).is_object()) {
+    return absl::InvalidArgumentError("compile_options: not a JSON object");
+  }
   return absl::OkStatus();
 }
 
@@ -300,6 +305,7 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.precision = options.precision;
   state.heartbeat_ms = options.heartbeat_ms;
   state.compile = options.compile;
+  state.compile_options = options.compile_options;
   state.detached = options.detach;
   state.supervisor_pid = options.detach ? 0 : getpid();
   state.started_unix_ms = UnixMs();

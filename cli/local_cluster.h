@@ -32,6 +32,7 @@ struct UpOptions {
   int heartbeat_ms = 0;                       // 0: the coordinator's default
   int max_attempts = 0;                       // 0: the coordinator's default
   bool compile = true;                        // nodes may compile packages no tier holds
+  std::string compile_options;                // every node's --compile_options JSON; "" = default
   bool detach = false;                        // false: children die with this process
   int start_timeout_ms = 60000;               // per process, until bound / registered
   std::string bin_dir;                        // holds kiln-coordinator and kiln-node

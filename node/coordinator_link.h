@@ -1,8 +1,8 @@
 // The node's view of its coordinator connection, as plain logic driven by an injected clock
 // (no sockets): when to connect, when to heartbeat, when the coordinator counts as dead, and the
-// reconnect backoff. The I/O thread asks it and does the socket work.
+// reconnect backoff. NodeSession asks it and has the channel do the socket work.
 //
-//   kDisconnected --(connect due; the I/O thread connects, sends RegisterNode)--> kRegistering
+//   kDisconnected --(connect due; the session connects, sends RegisterNode)--> kRegistering
 //   kRegistering  --(RegisterAck)--> kRegistered
 //   kRegistered   --(coordinator says "not registered"; RegisterNode sent again)--> kRegistering
 //   kRegistering / kRegistered --(nothing heard for missed_heartbeats intervals)--> kDisconnected

@@ -26,17 +26,12 @@
 #include "common/clock.h"
 #include "common/proto/kiln.pb.h"
 #include "node/catalog.h"
+#include "node/job_runner.h"
 #include "node/node_metrics.h"
 #include "node/outbox.h"
 #include "pipeline/cancel_token.h"
 
 namespace kiln::node {
-
-struct Job {
-  kiln::v1::JobSpec spec;
-  uint32_t attempt = 0;  // AssignJob.attempt, echoed in the result
-  JobPlan plan;          // from ModelCatalog::Plan(spec)
-};
 
 // An Envelope holding JobResult{job_id, ok=false, error_code=code name, error=message, attempt}.
 kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
@@ -45,11 +40,11 @@ kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
 // ColdStart from the pipeline's phase seconds; total = weights + package_load + fetch + compile.
 kiln::v1::ColdStart ColdStartOf(const pipeline::PhaseSeconds& s);
 
-class Worker {
+class Worker : public JobRunner {
  public:
   // All references must outlive the worker.
   Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics, const Clock& clock);
-  ~Worker();  // Shutdown(/*cancel_running=*/true)
+  ~Worker() override;  // Shutdown(/*cancel_running=*/true)
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
 
@@ -59,26 +54,13 @@ class Worker {
   // result (graceful stops take them with TakeQueued() first). Idempotent.
   void Shutdown(bool cancel_running);
 
-  // Queues a job. False (and nothing queued) when a job with this id is queued or running: the
-  // coordinator re-sent an assignment the node already has.
-  bool Enqueue(Job job);
-
-  enum class CancelOutcome {
-    kNotFound,  // not queued, not running (finished already, or never assigned)
-    kDequeued,  // was queued: dropped, CANCELLED result queued
-    kStopping,  // is running: stops after its current step, then a CANCELLED result
-  };
-  CancelOutcome Cancel(const std::string& job_id);
-
-  // Removes and returns every job not yet started (graceful shutdown answers them).
-  std::vector<Job> TakeQueued();
-
-  // The running job's id first, then the queued ones in order.
-  std::vector<std::string> ActiveJobIds() const;
-  // Digests loaded in memory, as of the end of the last job.
-  std::vector<std::string> LoadedPackages() const;
-  // Nothing running and nothing queued.
-  bool idle() const;
+  // JobRunner (node/job_runner.h states the contracts).
+  bool Enqueue(Job job) override;
+  CancelOutcome Cancel(const std::string& job_id) override;
+  std::vector<Job> TakeQueued() override;
+  std::vector<std::string> ActiveJobIds() const override;
+  std::vector<std::string> LoadedPackages() const override;
+  bool idle() const override;
 
  private:
   void Loop();

@@ -26,6 +26,7 @@ ClusterState Sample(const std::string& dir) {
   s.state_dir = dir;
   s.shared_cache = dir + "/shared-cache";
   s.models = {{"flux-tiny", "/models/flux-tiny"}};
+  s.compile_options = R"({"mode":"default"})";
   s.coordinator = {123, "tcp://127.0.0.1:4000", "tcp://127.0.0.1:4001",
                    "http://127.0.0.1:4002/metrics", dir + "/logs/coordinator.log"};
   NodeProcess n;
@@ -47,6 +48,7 @@ TEST(ClusterState, RoundTripsThroughTheFile) {
   EXPECT_EQ(back->coordinator.client_endpoint, "tcp://127.0.0.1:4000");
   ASSERT_EQ(back->nodes.size(), 1u);
   EXPECT_EQ(back->nodes[0].pid, 124);
+  EXPECT_EQ(back->compile_options, R"({"mode":"default"})");  // added nodes get the same
   // Scripts read the client endpoint at the top level.
   EXPECT_EQ(s.ToJson()["client_endpoint"], "tcp://127.0.0.1:4000");
   // No temporary file is left behind.

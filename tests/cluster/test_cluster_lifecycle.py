@@ -129,3 +129,32 @@ def test_up_needs_a_model_repository(tmp_path):
                 str(tmp_path / "state"))
     assert proc.returncode == 2
     assert "not a diffusers model repository" in proc.stderr
+
+
+def _cmdline(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+def test_up_passes_compile_options_to_every_node_also_added_ones(tmp_path):
+    state_dir = str(tmp_path / "state")
+    options = json.dumps({"attention": "cudnn", "max_autotune": False})  # kiln's defaults
+    cluster = start_cluster(state_dir, nodes=1, seed_cache=False,
+                            extra=("--compile-options", options))
+    try:
+        assert cluster.state()["compile_options"] == options
+        cluster.kiln("add-node", check=True)
+        nodes = cluster.state()["nodes"]
+        assert [n["node_id"] for n in nodes] == ["node-1", "node-2"]
+        for n in nodes:
+            assert f"--compile_options={options}" in _cmdline(n["pid"]), n
+    finally:
+        stop_cluster(cluster)
+
+
+def test_up_refuses_compile_options_that_are_not_a_json_object(tmp_path):
+    proc = kiln("up", "--detach", "--models", f"flux-tiny={MODEL}", "--compile-options", "[1]",
+                "--state-dir", str(tmp_path / "state"))
+    assert proc.returncode == 2
+    assert "compile_options" in proc.stderr
+    assert not os.path.exists(str(tmp_path / "state" / "cluster.json"))

@@ -5,8 +5,8 @@ Covers: the RegisterNode contents and the status file; a job's progress for ever
 byte-identical to kiln-run's (the fixture $KILN_TESTDATA/first.png); field-specific errors for bad
 jobs; garbage frames answered, counted and survived; cancel; SIGTERM mid-job (the job finishes, its
 result goes out, a job assigned meanwhile is refused UNAVAILABLE, Deregister follows, exit 0);
-coordinator silence (reconnect, re-register, the running job's result delivered afterwards); bad
-flags (exit 2).
+coordinator silence (reconnect, re-register, the running job's result delivered afterwards);
+--compile_options in the advertised package keys; bad flags (exit 2).
 
 Needs $KILN_BIN/kiln-node and the fixtures scripts/test.sh makes in $KILN_TESTDATA.
 """
@@ -442,6 +442,21 @@ def test_no_ack_means_retrying_with_backoff(coordinator, node_factory):
     assert node.proc.poll() is None
 
 
+def test_compile_options_are_part_of_the_advertised_package_keys(coordinator, node_factory):
+    default = json.dumps({"attention": "cudnn", "max_autotune": False})  # kiln's defaults
+    changed = json.dumps({"attention": "cudnn", "max_autotune": True})
+    node_factory()
+    _, plain = coordinator.register()
+    node_factory(f"--compile_options={default}", node_id="node-b")
+    _, same = coordinator.register()
+    node_factory(f"--compile_options={changed}", node_id="node-c")
+    _, other = coordinator.register()
+    key = "flux-tiny/fp32/256x256"
+    assert sorted(plain.package_sets[key].digests) == package_digests(PACKAGES)
+    assert list(same.package_sets[key].digests) == list(plain.package_sets[key].digests)
+    assert not set(other.package_sets[key].digests) & set(plain.package_sets[key].digests)
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--coordinator is required"),
     (["--coordinator=tcp://127.0.0.1:1"], "--model"),
@@ -452,6 +467,10 @@ def test_no_ack_means_retrying_with_backoff(coordinator, node_factory):
      "resolutions"),
     (["--coordinator=tcp://127.0.0.1:1", "--model=flux-tiny=/nonexistent"], "flux-tiny"),
     (["--coordinator=localhost:1", f"--model=flux-tiny={MODEL}"], "coordinator"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--compile_options=[1]"],
+     "--compile_options"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--compile_options={"],
+     "--compile_options"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(args, message, tmp_path):
     proc = subprocess.run([NODE, f"--package_dir={tmp_path}", *args], capture_output=True,

@@ -1,0 +1,84 @@
+#include "node/node_options.h"
+
+#include <algorithm>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "cache/artifact_key.h"
+#include "node/device_probe.h"
+
+namespace kiln::node {
+namespace {
+
+bool ValidNodeId(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (char c : id) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != ':' &&
+        c != '-') {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::Status NodeOptions::Validate() const {
+  if (!ValidNodeId(node_id)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("node_id '", node_id, "': want 1..128 characters of [A-Za-z0-9._:-]"));
+  }
+  if (coordinator.rfind("tcp://", 0) != 0 && coordinator.rfind("ipc://", 0) != 0 &&
+      coordinator.rfind("inproc://", 0) != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("coordinator '", coordinator, "': want tcp://HOST:PORT"));
+  }
+  for (const auto& [name, dir] : models) {
+    if (name.empty() || name.find('/') != std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("models: bad model name '", name, "'"));
+    }
+    if (dir.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("models: ", name, " has no directory"));
+    }
+  }
+  if (device != "cpu" && !CudaOrdinal(device).ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device '", device, "': want cpu, cuda or cuda:N"));
+  }
+  auto check_precision = [&](const std::string& p, const char* field) -> absl::Status {
+    if (std::find(cache::kPrecisions.begin(), cache::kPrecisions.end(), p) ==
+        cache::kPrecisions.end()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, " '", p, "': want ",
+                                                     absl::StrJoin(cache::kPrecisions, ", ")));
+    }
+    if (p == "fp8" && device == "cpu") {
+      return absl::InvalidArgumentError(absl::StrCat(field, " fp8: needs a cuda device"));
+    }
+    return absl::OkStatus();
+  };
+  if (auto s = check_precision(precision, "precision"); !s.ok()) return s;
+  for (const auto& p : precisions) {
+    if (auto s = check_precision(p, "precisions"); !s.ok()) return s;
+  }
+  if (!precisions.empty() &&
+      std::find(precisions.begin(), precisions.end(), precision) == precisions.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("precision '", precision, "': must be one of the served precisions"));
+  }
+  if (resolutions.empty()) return absl::InvalidArgumentError("resolutions: empty");
+  if (package_dir.empty()) return absl::InvalidArgumentError("package_dir: required");
+  if (!compile_options.is_object()) {
+    return absl::InvalidArgumentError("compile_options: not a JSON object");
+  }
+  if (auto s = link.Validate(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("link.", s.message()));
+  }
+  if (package_dir_max_bytes < 0) {
+    return absl::InvalidArgumentError("package_dir_max_bytes: must be >= 0");
+  }
+  if (drain_timeout_ms < 0) return absl::InvalidArgumentError("drain_timeout_ms: must be >= 0");
+  return absl::OkStatus();
+}
+
+}  // namespace kiln::node

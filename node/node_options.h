@@ -1,0 +1,44 @@
+// NodeOptions: everything a kiln node is told (by kiln-node's flags, or a test). The factory
+// (node/node_factory.h) builds the node's provider and pipelines from it, NodeSession its
+// registration and link, NodeAgent its socket.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/proto/kiln.pb.h"
+#include "node/coordinator_link.h"
+#include "nlohmann/json.hpp"
+#include "pipeline/flux_pipeline.h"
+
+namespace kiln::node {
+
+struct NodeOptions {
+  std::string node_id;      // routing identity and NodeInfo.node_id: 1..128 of [A-Za-z0-9._:-]
+  std::string coordinator;  // the coordinator's node socket: "tcp://HOST:PORT" (ipc://, inproc://)
+  std::map<std::string, std::string> models;  // served model name → diffusers-layout repository
+  std::string device = "cpu";                 // pipeline device: "cpu", "cuda", "cuda:N"
+  std::string precision = "fp32";             // for jobs whose precision is ""
+  std::vector<std::string> precisions;        // served precisions; empty = {precision}
+  std::vector<pipeline::Resolution> resolutions = pipeline::DefaultResolutions();  // allowed
+  std::string package_dir = ".kiln/packages";  // node-local package directory (created)
+  int64_t package_dir_max_bytes = 0;           // LRU bound on package_dir in bytes; 0 = none
+  std::string shared_cache_dir;                // shared package tier; "" = none
+  bool allow_compile = true;                   // false: a package no tier holds fails the job
+  std::string compiler_path;  // kiln-compile; "" = beside the running binary
+  // Handed to kiln-compile and part of every artifact key (a JSON object); the same on every
+  // node of a cluster, or nodes build and look for different packages.
+  nlohmann::json compile_options = cache::DefaultCompileOptions();
+  LinkOptions link;           // heartbeat interval, dead-after count, reconnect backoff
+  int64_t drain_timeout_ms = 30000;  // after Stop(): how long results wait for a coordinator
+  kiln::v1::DeviceInfo device_info;  // from ProbeDevice(); kind filled from device if ""
+  std::string metrics_url;           // advertised in NodeInfo; "" = none
+  std::string hostname;              // advertised; "" = gethostname()
+
+  absl::Status Validate() const;  // InvalidArgument naming the field
+};
+
+}  // namespace kiln::node
