@@ -177,10 +177,11 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
     return reply;
   };
 
-  // A store that cannot be reached: nothing was stored, and the client is told so (UNAVAILABLE),
-  // never acknowledged.
+  // A store that cannot be reached, or that refuses this coordinator's writes (fenced: another
+  // coordinator leads now): nothing was stored, and the client is told so with UNAVAILABLE (try
+  // again, or elsewhere), never acknowledged.
   auto unavailable = [&](const absl::Status& s) {
-    if (!absl::IsUnavailable(s)) return reject(s);
+    if (!absl::IsUnavailable(s) && !absl::IsFailedPrecondition(s)) return reject(s);
     return reject(absl::UnavailableError(absl::StrCat(
         "job ", spec.job_id(), " was not accepted: ", s.message(), "; submit it again later")));
   };

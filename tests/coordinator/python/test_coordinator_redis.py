@@ -4,7 +4,7 @@ and clients reconnect to a restarted or taken-over coordinator, and fake nodes i
 behave like kiln-node towards a coordinator (register again when told they are unknown, keep
 running their job, list it in heartbeats, deliver its result).
 
-- kill -9 of the coordinator with jobs queued and running, then a restart: every job completes,
+- kill -9 of the coordinator with 50 jobs queued and running, then a restart: every job completes,
   and each result is applied exactly once;
 - kill -9 of the leader with a standby: the standby takes over (the time is measured and
   printed) and every job completes exactly once;
@@ -269,7 +269,7 @@ def test_kill9_with_jobs_queued_and_running_then_restart(pb, redis, tmp_path):
     for n in nodes:
         n.start()
     client = Client(pb, ctx, first.client_endpoint)
-    ids = [f"job-{i:02d}" for i in range(30)]
+    ids = [f"job-{i:02d}" for i in range(50)]
     second = None
     try:
         time.sleep(0.5)  # the nodes register
@@ -365,6 +365,8 @@ def test_a_paused_leader_is_fenced_when_it_wakes(pb, redis, tmp_path):
         wait_until(lambda: "stepping down" in old.logs(), 10, "old leader stepping down")
         if reply is not None:
             assert reply.WhichOneof("body") == "error", reply
+            assert reply.error.code == "UNAVAILABLE", reply
+            assert "was not accepted" in reply.error.message, reply
         fenced = "fenced" in old.logs()
         assert new_client.state("to-old-leader") is None  # NOT_FOUND: never stored
         assert new_client.state("running-on-old") != pb.JOB_STATE_SUCCEEDED
@@ -413,3 +415,13 @@ def test_redis_outage_refuses_submits_and_recovers(pb, redis, tmp_path):
         node.stop()
         ctx.destroy(linger=0)
         assert c.stop() == 0, c.logs()
+
+
+def test_bad_redis_flags_exit_2(tmp_path):
+    for flags in (["--redis", "/not/a/url"], ["--redis", "redis://127.0.0.1:6379/x"],
+                  ["--redis", "redis://127.0.0.1:6379/0", "--lease_ttl_ms", "10"],
+                  ["--redis", "redis://127.0.0.1:6379/0", "--retention_s", "0"]):
+        proc = subprocess.run([str(COORDINATOR), "--metrics", "127.0.0.1:0", *flags],
+                              capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert "error" in proc.stderr
