@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
   kiln::SystemClock clock;
   const std::string metrics_url = (*metrics_server)->url();
 
-  // Serves `store` until a stop signal; with `lease`, only while it leads (see the file comment).
+  // Recovers a Coordinator from `store`, binds its server and writes the endpoints file.
   auto serve = [&](kiln::coordinator::JobStore& store) -> absl::StatusOr<
                    std::pair<std::unique_ptr<kiln::coordinator::Coordinator>,
                              std::unique_ptr<kiln::coordinator::CoordinatorServer>>> {

@@ -49,11 +49,6 @@ def redis_url(tmp_path):
     proc.wait()
 
 
-def redis_cli(port: int, *args: str) -> str:
-    return subprocess.run(["redis-cli", "-p", str(port), "--no-raw", *args], capture_output=True,
-                          text=True, check=True).stdout
-
-
 def redis_raw(port: int, *args: str) -> bytes:
     return subprocess.run(["redis-cli", "-p", str(port), "--raw", *args], capture_output=True,
                           check=True).stdout
@@ -76,7 +71,8 @@ def kiln_run(tmp_path, name: str, url: str) -> dict:
 def test_redis_shared_tier_compiles_once_fetches_and_rebuilds_corrupt_blobs(tmp_path, redis_url):
     url, port = redis_url
     results: dict[str, dict] = {}
-    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, kiln_run(tmp_path, n, url)))
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, kiln_run(tmp_path, n,
+                                                                                  url)))
                for n in ("a", "b")]
     for t in threads:
         t.start()
@@ -88,7 +84,7 @@ def test_redis_shared_tier_compiles_once_fetches_and_rebuilds_corrupt_blobs(tmp_
     assert provenance.count("compiled") == len(COMPONENTS), provenance
     assert provenance.count("shared") == len(COMPONENTS), provenance
     assert results["a"]["png_bytes"] == results["b"]["png_bytes"]
-    digests = redis_cli(port, "SMEMBERS", "kiln:cache:index").split()
+    digests = redis_raw(port, "SMEMBERS", "kiln:cache:index").decode().split()
     assert len(digests) == len(COMPONENTS), digests
 
     fresh = kiln_run(tmp_path, "fresh", url)
@@ -98,7 +94,6 @@ def test_redis_shared_tier_compiles_once_fetches_and_rebuilds_corrupt_blobs(tmp_
     # Corrupt one byte of the transformer's package in Redis.
     target = None
     for d in digests:
-        d = d.strip('"')
         upload = redis_raw(port, "HGET", f"kiln:cache:pkg:{d}", "upload").decode().strip()
         manifest = json.loads(redis_raw(port, "GET",
                                         f"kiln:cache:blob:{d}:{upload}:manifest.json:0"))
@@ -106,13 +101,13 @@ def test_redis_shared_tier_compiles_once_fetches_and_rebuilds_corrupt_blobs(tmp_
             target = (d, upload)
     assert target, "no transformer package in Redis"
     d, upload = target
-    redis_cli(port, "SETRANGE", f"kiln:cache:blob:{d}:{upload}:model.pt2:0", "100", "XXXX")
+    redis_raw(port, "SETRANGE", f"kiln:cache:blob:{d}:{upload}:model.pt2:0", "100", "XXXX")
 
     rebuilt = kiln_run(tmp_path, "rebuilt", url)
     assert rebuilt["packages"]["transformer"] == "compiled", rebuilt["packages"]
     assert {rebuilt["packages"][c] for c in COMPONENTS - {"transformer"}} == {"shared"}
     assert any("corrupt" in w for w in rebuilt["warnings"]), rebuilt["warnings"]
-    assert d in redis_cli(port, "LRANGE", "kiln:cache:corrupt", "0", "-1")
+    assert d in redis_raw(port, "LRANGE", "kiln:cache:corrupt", "0", "-1").decode()
     assert rebuilt["png_bytes"] == results["a"]["png_bytes"]
     # Republished: the next fresh process fetches everything again.
     again = kiln_run(tmp_path, "again", url)
