@@ -3,11 +3,20 @@
 //                    [--node_endpoint tcp://127.0.0.1:7701] [--metrics 127.0.0.1:9400]
 //                    [--endpoints_file PATH] [--heartbeat_ms 1000] [--max_attempts 3]
 //                    [--log_format text|json]
-// Port 0 picks a free port; --endpoints_file then tells the chosen ones. Runs until SIGTERM or
-// SIGINT. Exit status: 0 after a clean shutdown, 2 bad flags, 1 other failure (e.g. cannot bind).
+//                    [--redis redis://HOST:PORT/DB [--lease_ttl_ms 3000] [--retention_s 86400]
+//                     [--redis_prefix kiln]]
+// Without --redis, jobs live in memory (local mode). With --redis, jobs and results live in Redis
+// and the process runs active/standby: it binds nothing until it holds the leader lease, then
+// rebuilds its queue from Redis and serves; it steps down (and waits as a standby again) if it
+// loses the lease. Port 0 picks a free port; --endpoints_file then tells the chosen ones (written
+// once it serves). Runs until SIGTERM or SIGINT. Exit status: 0 after a clean shutdown, 2 bad
+// flags, 1 other failure (e.g. cannot bind in local mode).
 #include <signal.h>
 #include <unistd.h>
 
+#include <time.h>
+
+#include <iostream>
 #include <memory>
 #include <string>
 
@@ -23,7 +32,9 @@
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/coordinator_server.h"
 #include "coordinator/job_store.h"
+#include "coordinator/leader_lease.h"
 #include "coordinator/process_support.h"
+#include "coordinator/redis_job_store.h"
 #include "metrics/metrics_server.h"
 
 ABSL_FLAG(std::string, client_endpoint, "tcp://127.0.0.1:7700",
@@ -39,6 +50,16 @@ ABSL_FLAG(int, max_attempts, 3, "assignments per job before a node loss fails it
 ABSL_FLAG(int, max_jobs_per_node, 1, "jobs a node runs at once");
 ABSL_FLAG(int64_t, max_message_bytes, 64 << 20,
           "largest inbound message in bytes; a peer sending more is disconnected");
+ABSL_FLAG(std::string, redis, "",
+          "redis://HOST:PORT/DB: keep jobs and results in Redis and run active/standby with the "
+          "other coordinators on it (empty: jobs in memory)");
+ABSL_FLAG(int64_t, lease_ttl_ms, 3000,
+          "with --redis: leader lease lifetime in ms; a standby takes over within about "
+          "1.25 x this after the leader dies");
+ABSL_FLAG(int64_t, retention_s, 24 * 3600,
+          "with --redis: seconds a finished job and its PNG are kept in Redis");
+ABSL_FLAG(std::string, redis_prefix, "kiln",
+          "with --redis: prefix of every key (one kiln cluster per prefix)");
 
 namespace {
 
@@ -78,30 +99,132 @@ int main(int argc, char** argv) {
   auto metrics_server = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
   if (!metrics_server.ok()) return Fail(metrics_server.status());
   kiln::coordinator::CoordinatorMetrics metrics((*metrics_server)->registry());
-  kiln::coordinator::InMemoryJobStore store;
   kiln::SystemClock clock;
-  auto coordinator = kiln::coordinator::Coordinator::Create(options, store, clock, metrics, log);
-  if (!coordinator.ok()) return Fail(coordinator.status());
-  auto server =
-      kiln::coordinator::CoordinatorServer::Start(server_options, **coordinator, metrics, log);
-  if (!server.ok()) return Fail(server.status());
+  const std::string metrics_url = (*metrics_server)->url();
 
-  kiln::coordinator::EndpointsFile endpoints;
-  endpoints.client_endpoint = kiln::coordinator::ConnectableEndpoint((*server)->client_endpoint());
-  endpoints.node_endpoint = kiln::coordinator::ConnectableEndpoint((*server)->node_endpoint());
-  endpoints.metrics_url = (*metrics_server)->url();
-  endpoints.pid = static_cast<int>(getpid());
-  if (const std::string path = absl::GetFlag(FLAGS_endpoints_file); !path.empty()) {
-    if (auto s = kiln::coordinator::WriteEndpointsFile(path, endpoints); !s.ok()) return Fail(s);
+  // Recovers a Coordinator from `store`, binds its server and writes the endpoints file.
+  auto serve = [&](kiln::coordinator::JobStore& store) -> absl::StatusOr<
+                   std::pair<std::unique_ptr<kiln::coordinator::Coordinator>,
+                             std::unique_ptr<kiln::coordinator::CoordinatorServer>>> {
+    auto coordinator = kiln::coordinator::Coordinator::Create(options, store, clock, metrics, log);
+    if (!coordinator.ok()) return coordinator.status();
+    auto server =
+        kiln::coordinator::CoordinatorServer::Start(server_options, **coordinator, metrics, log);
+    if (!server.ok()) return server.status();
+    kiln::coordinator::EndpointsFile endpoints;
+    endpoints.client_endpoint =
+        kiln::coordinator::ConnectableEndpoint((*server)->client_endpoint());
+    endpoints.node_endpoint = kiln::coordinator::ConnectableEndpoint((*server)->node_endpoint());
+    endpoints.metrics_url = metrics_url;
+    endpoints.pid = static_cast<int>(getpid());
+    if (const std::string path = absl::GetFlag(FLAGS_endpoints_file); !path.empty()) {
+      if (auto s = kiln::coordinator::WriteEndpointsFile(path, endpoints); !s.ok()) return s;
+    }
+    log(absl::StrCat("serving clients on ", endpoints.client_endpoint, ", nodes on ",
+                     endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url, " (pid ",
+                     endpoints.pid, ")"));
+    return std::make_pair(std::move(*coordinator), std::move(*server));
+  };
+
+  if (absl::GetFlag(FLAGS_redis).empty()) {
+    kiln::coordinator::InMemoryJobStore store;
+    auto serving = serve(store);
+    if (!serving.ok()) return Fail(serving.status());
+    int signal = 0;
+    sigwait(&stop_signals, &signal);
+    log(absl::StrCat("stopping (", signal == SIGTERM ? "SIGTERM" : "SIGINT", ")"));
+    serving->second->Stop();
+    log("stopped");
+    return 0;
   }
-  log(absl::StrCat("serving clients on ", endpoints.client_endpoint, ", nodes on ",
-                   endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url, " (pid ",
-                   endpoints.pid, ")"));
 
+  // Cluster mode.
+  auto redis_options = kiln::redis::ParseRedisUrl(absl::GetFlag(FLAGS_redis));
+  if (!redis_options.ok()) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--redis: ", redis_options.status().message())));
+  }
+  kiln::coordinator::RedisJobStoreOptions store_options;
+  store_options.key_prefix = absl::GetFlag(FLAGS_redis_prefix);
+  store_options.retention_ms = absl::GetFlag(FLAGS_retention_s) * 1000;
+  store_options.log = log;
+  kiln::coordinator::LeaderLeaseOptions lease_options;
+  lease_options.key_prefix = store_options.key_prefix;
+  lease_options.ttl_ms = absl::GetFlag(FLAGS_lease_ttl_ms);
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  lease_options.holder = absl::StrCat(host, " pid ", getpid(), " (clients ",
+                                      server_options.client_endpoint, ")");
+  kiln::redis::RedisOptions store_redis = *redis_options;
+  store_redis.client_name = "job_store";
+  kiln::redis::RedisOptions lease_redis = *redis_options;
+  lease_redis.client_name = "leader_lease";
+  auto store = kiln::coordinator::RedisJobStore::Create(store_options, store_redis, clock,
+                                                        (*metrics_server)->registry());
+  if (!store.ok()) return Fail(store.status());
+  auto lease = kiln::coordinator::LeaderLease::Create(lease_options, lease_redis,
+                                                      (*metrics_server)->registry());
+  if (!lease.ok()) return Fail(lease.status());
+  log(absl::StrCat("cluster mode: jobs in ", redis_options->Url(), " (prefix ",
+                   store_options.key_prefix, "), lease ttl ", lease_options.ttl_ms,
+                   " ms; metrics on ", metrics_url));
+
+  std::unique_ptr<kiln::coordinator::Coordinator> coordinator;
+  std::unique_ptr<kiln::coordinator::CoordinatorServer> server;
+  std::string last_note;  // the last standby/outage line, so each is logged once
+  auto note = [&](const std::string& line) {
+    if (line != last_note) log(line);
+    last_note = line;
+  };
+  auto step_down = [&]() {
+    if (server != nullptr) server->Stop();
+    server.reset();
+    coordinator.reset();
+    (*store)->SetFencingToken(0);
+  };
+  const int64_t interval_ms = lease_options.interval_ms();
   int signal = 0;
-  sigwait(&stop_signals, &signal);
+  while (true) {
+    if (!(*lease)->is_leader()) {
+      auto acquired = (*lease)->TryAcquire();
+      if (!acquired.ok()) {
+        note(absl::StrCat("standby: cannot reach Redis (", acquired.status().message(), ")"));
+      } else if (!*acquired) {
+        note(absl::StrCat("standby; leader is ", (*lease)->holder()));
+      } else {
+        (*store)->SetFencingToken((*lease)->token());
+        log(absl::StrCat("leading (fencing token ", (*lease)->token(), ")"));
+        last_note.clear();
+      }
+    } else {
+      auto renewed = (*lease)->Renew();
+      if (absl::IsAborted(renewed)) {
+        log(absl::StrCat("stepping down: ", renewed.message()));
+        step_down();
+      } else if (!renewed.ok()) {
+        note(absl::StrCat("cannot renew the leader lease (", renewed.message(),
+                          "); serving on: fencing protects the store"));
+      }
+    }
+    if ((*lease)->is_leader() && server == nullptr) {
+      // Recover and bind; retried every interval while it fails (Redis down, or a paused old
+      // leader still holding the port).
+      auto serving = serve(**store);
+      if (serving.ok()) {
+        coordinator = std::move(serving->first);
+        server = std::move(serving->second);
+        last_note.clear();
+      } else {
+        note(absl::StrCat("leading but cannot serve yet: ", serving.status().message()));
+      }
+    }
+    timespec wait{interval_ms / 1000, (interval_ms % 1000) * 1000000};
+    signal = sigtimedwait(&stop_signals, nullptr, &wait);
+    if (signal == SIGTERM || signal == SIGINT) break;
+  }
   log(absl::StrCat("stopping (", signal == SIGTERM ? "SIGTERM" : "SIGINT", ")"));
-  (*server)->Stop();
+  step_down();
+  (void)(*lease)->Release();
   log("stopped");
   return 0;
 }

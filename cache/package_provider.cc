@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cache/lease_heartbeat.h"
+#include "cache/redis_artifact_store.h"
 #include "cache/shared_fs_store.h"
 #include "metrics/metrics_server.h"
 #include "prometheus/counter.h"
@@ -393,7 +394,15 @@ absl::StatusOr<std::unique_ptr<TieredPackageProvider>> OpenTieredProvider(
   auto local = LocalDiskStore::Open(config.local, registry);
   if (!local.ok()) return local.status();
   std::unique_ptr<ArtifactStore> shared;
-  if (!config.shared_root.empty()) {
+  if (redis::IsRedisUrl(config.shared_root)) {
+    RedisArtifactStoreOptions shared_options;
+    shared_options.url = config.shared_root;
+    shared_options.host = config.shared_host;
+    shared_options.clock = config.tiered.clock;
+    auto store = RedisArtifactStore::Open(shared_options, registry);
+    if (!store.ok()) return store.status();
+    shared = *std::move(store);
+  } else if (!config.shared_root.empty()) {
     SharedFsStoreOptions shared_options;
     shared_options.root = config.shared_root;
     shared_options.host = config.shared_host;

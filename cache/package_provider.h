@@ -145,7 +145,7 @@ class TieredPackageProvider : public PackageProvider {
 // an optional kiln-compile.
 struct TieredProviderConfig {
   LocalDiskStoreOptions local;  // root required
-  std::string shared_root;      // "" = no shared tier
+  std::string shared_root;      // "" = no shared tier; a directory, or redis://HOST:PORT/DB
   std::string shared_host;      // host written into compile leases ("" = gethostname())
   std::string compiler_path;    // kiln-compile executable; "" = never compile (a miss is NotFound)
   TieredOptions tiered;         // its clock is the shared store's too

@@ -96,31 +96,50 @@ absl::Status Coordinator::Recover() {
   if (!running.ok()) return running.status();
   auto queued = store_.List(kiln::v1::JOB_STATE_QUEUED);
   if (!queued.ok()) return queued.status();
+  size_t kept = 0;
   for (const auto* jobs : {&*running, &*queued}) {
     for (const JobInfo& info : *jobs) {
       const std::string& id = info.spec().job_id();
-      if (info.state() == kiln::v1::JOB_STATE_RUNNING) {
-        auto s = store_.Update(id, [](JobInfo& j) {
-          j.set_state(kiln::v1::JOB_STATE_QUEUED);
-          j.clear_node_id();
-          j.set_error(absl::StrCat(kRequeuedPrefix, " after a coordinator restart"));
-          return absl::OkStatus();
-        });
-        if (!s.ok()) return s.status();
-      }
+      if (active_.count(id)) continue;  // listed twice (its state changed between the lists)
       ActiveJob job;
       job.spec = info.spec();
       job.seq = next_seq_++;
       job.submitted_ms = job.enqueued_ms = clock_.NowMs();
       job.attempt = info.attempts();
-      job.waiting_reason = info.state() == kiln::v1::JOB_STATE_RUNNING
-                               ? absl::StrCat(kRequeuedPrefix, " after a coordinator restart")
-                               : info.error();
+      known_models_.insert(info.spec().model());
+      if (info.state() == kiln::v1::JOB_STATE_RUNNING && !info.node_id().empty()) {
+        // It may still be running: its node keeps it if it comes back and lists it within the
+        // grace (RegisterNode claims it, Heartbeat reconciles); else Tick requeues it.
+        job.node_id = info.node_id();
+        job.assigned_ms = clock_.NowMs();
+        unclaimed_[info.node_id()].insert(id);
+        active_[id] = std::move(job);
+        ++kept;
+        continue;
+      }
+      job.waiting_reason = info.error();
       Enqueue(id, active_[id] = std::move(job));
     }
   }
-  if (!queue_.empty()) Log(absl::StrCat("recovered ", queue_.size(), " unfinished jobs"));
+  unclaimed_deadline_ms_ =
+      clock_.NowMs() + options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
+  if (!active_.empty()) {
+    Log(absl::StrCat("recovered ", active_.size(), " unfinished jobs (", queue_.size(),
+                     " queued, ", kept, " running: kept on their nodes if they come back)"));
+  }
   return absl::OkStatus();
+}
+
+void Coordinator::RequeueUnclaimed() {
+  const auto unclaimed = std::move(unclaimed_);
+  unclaimed_.clear();
+  for (const auto& [node_id, jobs] : unclaimed) {
+    for (const auto& job_id : jobs) {
+      RequeueOrFail(job_id, "UNAVAILABLE",
+                    absl::StrCat("node ", node_id,
+                                 " did not come back after a coordinator restart"));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,9 +170,20 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
     return reply;
   };
 
+  // A store that cannot be reached, or that refuses this coordinator's writes (fenced: another
+  // coordinator leads now): nothing was stored, and the client is told so with UNAVAILABLE (try
+  // again, or elsewhere), never acknowledged.
+  auto unavailable = [&](const absl::Status& s) {
+    if (!absl::IsUnavailable(s) && !absl::IsFailedPrecondition(s)) return reject(s);
+    return reject(absl::UnavailableError(absl::StrCat(
+        "job ", spec.job_id(), " was not accepted: ", s.message(), "; submit it again later")));
+  };
   auto existing = store_.Get(spec.job_id());
-  if (existing.ok()) return duplicate(*existing);
-  if (!absl::IsNotFound(existing.status())) return reject(existing.status());
+  if (existing.ok()) {
+    Adopt(*existing);
+    return duplicate(*existing);
+  }
+  if (!absl::IsNotFound(existing.status())) return unavailable(existing.status());
 
   if (known_models_.count(spec.model()) == 0) {
     return reject(FieldError(
@@ -177,8 +207,11 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   job.set_total_steps(spec.steps());
   job.set_submitted_unix_ms(now_unix);
   auto created = store_.Create(job);
-  if (!created.ok()) return reject(created.status());
-  if (!created->created) return duplicate(created->job);  // another writer got there first
+  if (!created.ok()) return unavailable(created.status());
+  if (!created->created) {  // stored by an earlier attempt whose reply was lost, or another writer
+    Adopt(created->job);
+    return duplicate(created->job);
+  }
 
   metrics_.submissions_created.Increment();
   ActiveJob active;
@@ -196,6 +229,19 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   reply.set_created(true);
   reply.set_final(true);
   return reply;
+}
+
+void Coordinator::Adopt(const JobInfo& job) {
+  const std::string& id = job.spec().job_id();
+  if (job.state() != kiln::v1::JOB_STATE_QUEUED || active_.count(id)) return;
+  ActiveJob active;
+  active.spec = job.spec();
+  active.seq = next_seq_++;
+  active.submitted_ms = active.enqueued_ms = clock_.NowMs();
+  active.attempt = job.attempts();
+  active.waiting_reason = job.error();
+  Enqueue(id, active_[id] = std::move(active));
+  PlaceJobs();
 }
 
 absl::StatusOr<kiln::v1::JobReply> Coordinator::Status(const kiln::v1::StatusRequest& request) {
@@ -349,6 +395,17 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   // were requeued when it was declared so.
   node->info = std::move(info);
   node->state = kiln::v1::NODE_STATE_READY;
+  if (auto claimed = unclaimed_.find(node_id); claimed != unclaimed_.end()) {
+    // Jobs it ran before a coordinator restart: assigned to it again; its heartbeats must list
+    // them within the usual grace, counted from now.
+    for (const auto& job_id : claimed->second) {
+      auto it = active_.find(job_id);
+      if (it == active_.end() || it->second.node_id != node_id) continue;
+      it->second.assigned_ms = clock_.NowMs();
+      node->jobs.insert(job_id);
+    }
+    unclaimed_.erase(claimed);
+  }
   node->last_seen_ms = clock_.NowMs();
   node->last_seen_unix_ms = clock_.UnixMs();
   for (const auto& model : node->info.models()) known_models_.insert(model);
@@ -432,13 +489,31 @@ absl::Status Coordinator::Progress(const std::string& node_id,
 }
 
 absl::Status Coordinator::Result(const std::string& node_id, const kiln::v1::JobResult& message) {
+  const std::string& job_id = message.job_id();
+  if (FindNode(node_id) == nullptr) {
+    // After a coordinator restart a node may deliver a result before it registers again: a job
+    // recovered as running on it is accepted.
+    auto claimed = unclaimed_.find(node_id);
+    if (claimed != unclaimed_.end() && claimed->second.count(job_id) && message.ok()) {
+      auto s = ApplyResult(nullptr, node_id, message);
+      if (active_.count(job_id) == 0) {  // applied (else the store refused: still unclaimed)
+        claimed->second.erase(job_id);
+        if (claimed->second.empty()) unclaimed_.erase(claimed);
+      }
+      return s;
+    }
+  }
   auto live = LiveNode(node_id);
   if (!live.ok()) {
     // Its jobs were requeued when it was declared dead or left: whatever it sends is stale.
     metrics_.stale_results.Increment();
     return live.status();
   }
-  NodeRecord& node = **live;
+  return ApplyResult(*live, node_id, message);
+}
+
+absl::Status Coordinator::ApplyResult(NodeRecord* node, const std::string& node_id,
+                                      const kiln::v1::JobResult& message) {
   const std::string& job_id = message.job_id();
   auto it = active_.find(job_id);
   // A success from the assignee counts whatever attempt it reports (the same spec and seed give
@@ -452,7 +527,7 @@ absl::Status Coordinator::Result(const std::string& node_id, const kiln::v1::Job
     return absl::OkStatus();
   }
   ActiveJob& job = it->second;
-  node.jobs_done++;
+  if (node != nullptr) node->jobs_done++;
   const double run_seconds = SecondsSince(job.assigned_ms);
   metrics_.run_seconds.Observe(run_seconds);
   if (job.cancelled) {
@@ -467,6 +542,8 @@ absl::Status Coordinator::Result(const std::string& node_id, const kiln::v1::Job
     *j.mutable_cold_start() = message.cold_start();
   };
   if (message.ok()) {
+    // If the store refuses the result (Redis unreachable) the job stays assigned: the node no
+    // longer lists it, so it is requeued after the grace and runs again rather than being lost.
     Finish(job_id, kiln::v1::JOB_STATE_SUCCEEDED, "", [&](JobInfo& j) {
       fill(j);
       j.set_png(message.png());
@@ -512,6 +589,8 @@ void Coordinator::Tick() {
       SendToNode(id, std::move(env));
     }
   }
+
+  if (!unclaimed_.empty() && now >= unclaimed_deadline_ms_) RequeueUnclaimed();
 
   const int64_t dead_after = options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
   for (auto& [id, node] : nodes_) {
@@ -724,14 +803,11 @@ void Coordinator::RequeueOrFail(const std::string& job_id, const std::string& co
   }
 }
 
-void Coordinator::Finish(const std::string& job_id, JobState state, const std::string& error,
+bool Coordinator::Finish(const std::string& job_id, JobState state, const std::string& error,
                          const std::function<void(JobInfo&)>& mutate) {
   auto it = active_.find(job_id);
   std::string node_id;
-  if (it != active_.end()) {
-    if (it->second.node_id.empty()) Dequeue(job_id, it->second);
-    node_id = it->second.node_id;
-  }
+  if (it != active_.end()) node_id = it->second.node_id;
   auto updated = store_.Update(job_id, [&](JobInfo& j) {
     j.set_state(state);
     j.set_error(error);
@@ -739,6 +815,15 @@ void Coordinator::Finish(const std::string& job_id, JobState state, const std::s
     if (mutate) mutate(j);
     return absl::OkStatus();
   });
+  if (!updated.ok()) {
+    // Nothing changed in the store, so nothing changes here either: a queued job stays queued,
+    // a running one stays on its node (and is requeued if the node lets go of it).
+    metrics_.store_errors.Increment();
+    Log(absl::StrCat("job ", job_id, " ", StateName(state), " (", error,
+                     ") but the job store refused it: ", updated.status().message()));
+    return false;
+  }
+  if (it != active_.end() && node_id.empty()) Dequeue(job_id, it->second);
   switch (state) {
     case kiln::v1::JOB_STATE_SUCCEEDED:
       metrics_.jobs_succeeded.Increment();
@@ -749,27 +834,22 @@ void Coordinator::Finish(const std::string& job_id, JobState state, const std::s
     default:
       metrics_.jobs_failed.Increment();
   }
-  if (updated.ok()) {
-    if (state == kiln::v1::JOB_STATE_SUCCEEDED) {
-      Log(absl::StrFormat("job %s succeeded on node %s (queued %.3f s, ran %.3f s, %d-byte PNG)",
-                          job_id, updated->node_id(), updated->queue_seconds(),
-                          updated->run_seconds(), updated->png().size()));
-    } else {
-      Log(absl::StrCat("job ", job_id, " ", StateName(state), ": ", error));
-    }
-    NotifyWaiters(*updated, /*final=*/true);
+  if (state == kiln::v1::JOB_STATE_SUCCEEDED) {
+    Log(absl::StrFormat("job %s succeeded on node %s (queued %.3f s, ran %.3f s, %d-byte PNG)",
+                        job_id, updated->node_id(), updated->queue_seconds(),
+                        updated->run_seconds(), updated->png().size()));
   } else {
-    metrics_.store_errors.Increment();
-    Log(absl::StrCat("job ", job_id, " ", StateName(state), " (", error,
-                     ") but the job store refused it: ", updated.status().message()));
+    Log(absl::StrCat("job ", job_id, " ", StateName(state), ": ", error));
   }
-  if (it == active_.end()) return;
+  NotifyWaiters(*updated, /*final=*/true);
+  if (it == active_.end()) return true;
   if (state == kiln::v1::JOB_STATE_CANCELLED && !node_id.empty()) {
     it->second.cancelled = true;  // the node's slot stays taken until it lets go of the job
   } else {
     ReleaseFromNode(job_id, it->second);
     active_.erase(it);
   }
+  return true;
 }
 
 void Coordinator::ReleaseFromNode(const std::string& job_id, ActiveJob& job) {

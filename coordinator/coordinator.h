@@ -78,8 +78,11 @@ using EventLog = std::function<void(const std::string& line)>;
 
 class Coordinator {
  public:
-  // Validates `options` and rebuilds the queue from `store` (QUEUED jobs, and RUNNING ones, whose
-  // nodes are unknown after a restart, are queued again). The references must outlive it.
+  // Validates `options` and rebuilds the queue and assignments from `store`: QUEUED jobs are
+  // queued again; RUNNING ones stay assigned to their node, which keeps them if it registers again
+  // and lists them in its heartbeats within dead_after_missed_heartbeats intervals (its result is
+  // accepted, even one sent before it registers again); otherwise they are requeued. The
+  // references must outlive it.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options,
                                                              JobStore& store, const Clock& clock,
                                                              CoordinatorMetrics& metrics,
@@ -171,6 +174,9 @@ class Coordinator {
   Coordinator(const CoordinatorOptions& options, JobStore& store, const Clock& clock,
               CoordinatorMetrics& metrics, EventLog log);
   absl::Status Recover();
+  // Queues a QUEUED job the store holds but this coordinator does not (a Create whose reply was
+  // lost during a Redis outage, then submitted again).
+  void Adopt(const kiln::v1::JobInfo& job);
 
   // Queue and placement. PlaceJobs() does nothing unless placement_dirty_.
   void Enqueue(const std::string& job_id, ActiveJob& job);
@@ -185,9 +191,15 @@ class Coordinator {
   void RequeueOrFail(const std::string& job_id, const std::string& code, const std::string& why);
   // Ends a job (SUCCEEDED, FAILED or CANCELLED) and answers its waits. `mutate` fills in the
   // outcome. Keeps the ActiveJob only if it was cancelled while a node still runs it.
-  void Finish(const std::string& job_id, kiln::v1::JobState state, const std::string& error,
+  // False (nothing changed, logged and counted) when the store refused the write.
+  bool Finish(const std::string& job_id, kiln::v1::JobState state, const std::string& error,
               const std::function<void(kiln::v1::JobInfo&)>& mutate = nullptr);
   void ReleaseFromNode(const std::string& job_id, ActiveJob& job);
+  // A result from `node_id` (null `node`: not registered again yet after a restart).
+  absl::Status ApplyResult(NodeRecord* node, const std::string& node_id,
+                           const kiln::v1::JobResult& message);
+  // Requeues (or fails) the recovered running jobs whose nodes did not register in time.
+  void RequeueUnclaimed();
   void NodeLost(NodeRecord& node, kiln::v1::NodeState new_state, const std::string& why);
 
   // Waits.
@@ -218,6 +230,10 @@ class Coordinator {
   absl::flat_hash_map<std::string, ActiveJob> active_;     // by job id
   std::set<QueueKey> queue_;
   std::set<std::pair<int64_t, std::string>> deadlines_;     // (deadline unix ms, job id), queued
+  // Recovered RUNNING jobs (Create with a store) by the node they ran on, until that node
+  // registers again (it claims them) or unclaimed_deadline_ms_ passes (they are requeued).
+  std::map<std::string, std::set<std::string>> unclaimed_;
+  int64_t unclaimed_deadline_ms_ = 0;  // monotonic
   uint64_t next_seq_ = 0;
   int64_t next_heartbeat_ms_ = 0;
   bool placement_dirty_ = false;  // something changed that may let a queued job be placed

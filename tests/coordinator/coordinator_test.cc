@@ -999,10 +999,66 @@ TEST_F(CoordinatorTest, RecoversUnfinishedJobsFromTheStore) {
   queued.set_state(kiln::v1::JOB_STATE_QUEUED);
   ASSERT_TRUE(store_.Put(queued).ok());
   Make(CoordinatorOptions{});
-  EXPECT_EQ(c().queue_depth(), 2u);
-  EXPECT_EQ(Job("was-running").state(), kiln::v1::JOB_STATE_QUEUED);
+  // The running job stays on old-node for now; the queued one is placed.
+  EXPECT_EQ(c().queue_depth(), 1u);
+  EXPECT_EQ(Job("was-running").state(), kiln::v1::JOB_STATE_RUNNING);
   Register(Node("n1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "was-queued", 1u)));
+  // old-node never comes back: after the grace the job is requeued and runs elsewhere.
+  ASSERT_TRUE(Result("n1", "was-queued").ok());
+  Advance(3 * c().options().heartbeat_interval_ms + 1, {"n1"});
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "was-running", 2u)));
+  EXPECT_THAT(Job("was-running").error(), IsEmpty());
+}
+
+TEST_F(CoordinatorTest, ANodeThatComesBackAfterARestartKeepsItsJob) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  MustSubmit(Spec("j2"));  // queued behind it
+  Make(CoordinatorOptions{});  // the coordinator restarts on the same store
+  EXPECT_EQ(c().queue_depth(), 1u);
+  // n1 is unknown to the new coordinator: its heartbeat is refused, it registers again, lists
+  // j1 and keeps it.
+  kiln::v1::Heartbeat hb;
+  hb.add_running_jobs("j1");
+  EXPECT_EQ(c().Heartbeat("n1", hb).code(), absl::StatusCode::kFailedPrecondition);
+  Register(Node("n1"));
+  Advance(5 * c().options().heartbeat_interval_ms, {"n1"});
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_THAT(RunningOn("n1"), ElementsAre("j1"));
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(Job("j1").attempts(), 1u);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j2", 1u)));
+}
+
+TEST_F(CoordinatorTest, AResultSentBeforeRegisteringAgainIsAccepted) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  Make(CoordinatorOptions{});
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(Job("j1").png(), std::string("\x89PNG fake", 9));
+  // A second copy of it is stale.
+  Register(Node("n1"));
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  EXPECT_EQ(metrics_.stale_results.Value(), 1);
+  EXPECT_EQ(metrics_.jobs_succeeded.Value(), 1);
+}
+
+TEST_F(CoordinatorTest, AQueuedJobStoredByALostReplyIsAdoptedOnResubmit) {
+  Register(Node("n1"));
+  Register(Node("n2"));
+  JobInfo stored;  // what a Create whose reply was lost left behind
+  *stored.mutable_spec() = Spec("lost-reply");
+  stored.set_state(kiln::v1::JOB_STATE_QUEUED);
+  ASSERT_TRUE(store_.Put(stored).ok());
+  auto r = Submit(Spec("lost-reply"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->created());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "lost-reply", 1u)));
 }
 
 // A JobStore that fails on demand, as a Redis-backed one may.
@@ -1070,6 +1126,39 @@ TEST_F(CoordinatorTest, StoreFailuresAreReportedCountedAndRetried) {
   auto outgoing = c.TakeOutgoing();
   ASSERT_EQ(outgoing.size(), 1u);
   EXPECT_EQ(outgoing[0].envelope.assign().spec().job_id(), "j1");
+
+  // Submits while the store is down are refused with a message that says so.
+  store.fail_reads = true;
+  *submit.mutable_spec() = Spec("j2");
+  auto refused = c.Submit(submit);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("was not accepted"));
+  store.fail_reads = false;
+
+  // A result the store refuses leaves the job on its node; when the node lets go of it, it is
+  // requeued and runs again: its result is applied once.
+  store.fail_updates = true;
+  kiln::v1::JobResult result;
+  result.set_job_id("j1");
+  result.set_ok(true);
+  result.set_png("png");
+  ASSERT_TRUE(c.Result("n1", result).ok());
+  store.fail_updates = false;
+  EXPECT_EQ(store.Get("j1")->state(), kiln::v1::JOB_STATE_RUNNING);
+  for (int i = 0; i < 5; ++i) {
+    clock_.AdvanceMs(c.options().heartbeat_interval_ms);
+    ASSERT_TRUE(c.Heartbeat("n1", {}).ok());
+    c.Tick();
+  }
+  bool reassigned = false;
+  for (const auto& out : c.TakeOutgoing()) {
+    reassigned |= out.envelope.has_assign() && out.envelope.assign().spec().job_id() == "j1";
+  }
+  EXPECT_TRUE(reassigned);
+  result.set_attempt(2);
+  ASSERT_TRUE(c.Result("n1", result).ok());
+  EXPECT_EQ(store.Get("j1")->state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_EQ(metrics_.jobs_succeeded.Value(), 1);
 }
 
 TEST_F(CoordinatorTest, OptionsAreValidated) {
