@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -21,6 +22,7 @@
 #include "coordinator/coordinator_server.h"
 #include "coordinator/job_store.h"
 #include "coordinator/process_support.h"
+#include "coordinator/status_board.h"
 #include "metrics/metrics_server.h"
 
 ABSL_FLAG(std::string, client_endpoint, "tcp://127.0.0.1:7700",
@@ -78,6 +80,14 @@ int main(int argc, char** argv) {
   kiln::SystemClock clock;
   auto coordinator = kiln::coordinator::Coordinator::Create(options, store, clock, metrics, log);
   if (!coordinator.ok()) return Fail(coordinator.status());
+  // /sd, /status/ and /readyz on the metrics port, fed from the poll thread.
+  kiln::coordinator::StatusBoard board({}, clock, metrics);
+  board.Install(**metrics_server);
+  // Stop the web server (its threads read the board) before the board goes, on every return.
+  absl::Cleanup stop_http = [&metrics_server] { metrics_server->reset(); };
+  server_options.after_tick = [&board, &store](const kiln::coordinator::Coordinator& c) {
+    board.MaybeRefresh(c, store);
+  };
   auto server =
       kiln::coordinator::CoordinatorServer::Start(server_options, **coordinator, metrics, log);
   if (!server.ok()) return Fail(server.status());
@@ -91,7 +101,8 @@ int main(int argc, char** argv) {
     if (auto s = kiln::coordinator::WriteEndpointsFile(path, endpoints); !s.ok()) return Fail(s);
   }
   log(absl::StrCat("serving clients on ", endpoints.client_endpoint, ", nodes on ",
-                   endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url, " (pid ",
+                   endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url,
+                   ", status page on ", (*metrics_server)->base_url(), "/status/ (pid ",
                    endpoints.pid, ")"));
 
   int signal = 0;

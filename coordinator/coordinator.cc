@@ -641,6 +641,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   }
   Dequeue(job_id, job);
   metrics_.queue_seconds.Observe(SecondsSince(job.enqueued_ms));
+  metrics_.ObserveQueueWait(job.spec, SecondsSince(job.enqueued_ms));
   job.node_id = node_id;
   job.attempt = updated->attempts();
   job.assigned_ms = clock_.NowMs();
@@ -757,6 +758,7 @@ void Coordinator::Finish(const std::string& job_id, JobState state, const std::s
       metrics_.jobs_failed.Increment();
   }
   if (updated.ok()) {
+    metrics_.ObserveFinished(*updated);
     if (state == kiln::v1::JOB_STATE_SUCCEEDED) {
       Log(absl::StrFormat("job %s succeeded on node %s (queued %.3f s, ran %.3f s, %d-byte PNG)",
                           job_id, updated->node_id(), updated->queue_seconds(),
