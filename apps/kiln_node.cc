@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -24,6 +26,8 @@
 #include "metrics/metrics_server.h"
 #include "nlohmann/json.hpp"
 #include "node/device_probe.h"
+#include "node/gpu_telemetry.h"
+#include "node/health.h"
 #include "node/node_agent.h"
 
 ABSL_FLAG(std::string, coordinator, "",
@@ -47,6 +51,8 @@ ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
+ABSL_FLAG(int, gpu_telemetry_interval_ms, 1000,
+          "cuda nodes: sample the GPU through NVML every this many ms (0: off)");
 ABSL_FLAG(std::string, status_file, "",
           "after registering, write {node_id, metrics_url, pid} here (atomically)");
 
@@ -179,6 +185,16 @@ int main(int argc, char** argv) {
 
   auto agent = kiln::node::NodeAgent::Create(options, (*metrics)->registry());
   if (!agent.ok()) return Fail(agent.status());
+  auto telemetry = kiln::node::StartGpuTelemetry(absl::GetFlag(FLAGS_gpu_telemetry_interval_ms),
+                                                 options.node_id, *device, (*metrics)->registry());
+  if (!telemetry.ok()) return Fail(telemetry.status());
+  std::atomic<bool> draining{false};  // /readyz: registered and not stopping
+  (*metrics)->SetReadiness([&agent = **agent, &draining] {
+    return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done());
+  });
+  absl::Cleanup unready = [&metrics] {  // before the agent goes, on every return
+    (*metrics)->SetReadiness([] { return absl::UnavailableError("stopped"); });
+  };
   std::cerr << "kiln-node: " << options.node_id << " on " << device->kind()
             << (device->name().empty() ? "" : " (" + device->name() + ")")
             << (device->mig_profile().empty() ? "" : " MIG " + device->mig_profile())
@@ -196,6 +212,7 @@ int main(int argc, char** argv) {
                   << ": finishing the current job, then deregistering" << std::endl;
       }
       stopping = true;
+      draining = true;
       (*agent)->Stop();
     }
     if (!status_written && !status_file.empty() && (*agent)->registered_once()) {
