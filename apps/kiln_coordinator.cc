@@ -20,6 +20,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -35,6 +36,7 @@
 #include "coordinator/leader_lease.h"
 #include "coordinator/process_support.h"
 #include "coordinator/redis_job_store.h"
+#include "coordinator/status_board.h"
 #include "metrics/metrics_server.h"
 
 ABSL_FLAG(std::string, client_endpoint, "tcp://127.0.0.1:7700",
@@ -101,6 +103,12 @@ int main(int argc, char** argv) {
   kiln::coordinator::CoordinatorMetrics metrics((*metrics_server)->registry());
   kiln::SystemClock clock;
   const std::string metrics_url = (*metrics_server)->url();
+  // /sd, /status/ and /readyz on the metrics port, fed from the serving poll thread (a standby
+  // refreshes nothing, so its /readyz turns false after stale_after_ms).
+  kiln::coordinator::StatusBoard board({}, clock, metrics);
+  board.Install(**metrics_server);
+  // Stop the web server (its threads read the board) before the board goes, on every return.
+  absl::Cleanup stop_http = [&metrics_server] { metrics_server->reset(); };
 
   // Recovers a Coordinator from `store`, binds its server and writes the endpoints file.
   auto serve = [&](kiln::coordinator::JobStore& store) -> absl::StatusOr<
@@ -108,8 +116,12 @@ int main(int argc, char** argv) {
                              std::unique_ptr<kiln::coordinator::CoordinatorServer>>> {
     auto coordinator = kiln::coordinator::Coordinator::Create(options, store, clock, metrics, log);
     if (!coordinator.ok()) return coordinator.status();
+    kiln::coordinator::CoordinatorServerOptions serving_options = server_options;
+    serving_options.after_tick = [&board, &store](const kiln::coordinator::Coordinator& c) {
+      board.MaybeRefresh(c, store);
+    };
     auto server =
-        kiln::coordinator::CoordinatorServer::Start(server_options, **coordinator, metrics, log);
+        kiln::coordinator::CoordinatorServer::Start(serving_options, **coordinator, metrics, log);
     if (!server.ok()) return server.status();
     kiln::coordinator::EndpointsFile endpoints;
     endpoints.client_endpoint =
@@ -121,7 +133,8 @@ int main(int argc, char** argv) {
       if (auto s = kiln::coordinator::WriteEndpointsFile(path, endpoints); !s.ok()) return s;
     }
     log(absl::StrCat("serving clients on ", endpoints.client_endpoint, ", nodes on ",
-                     endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url, " (pid ",
+                     endpoints.node_endpoint, ", metrics on ", endpoints.metrics_url,
+                     ", status page on ", (*metrics_server)->base_url(), "/status/ (pid ",
                      endpoints.pid, ")"));
     return std::make_pair(std::move(*coordinator), std::move(*server));
   };

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -22,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
+#include "node/health.h"
 #include "node/node_factory.h"
 #include "pipeline/flux_pipeline.h"
 
@@ -49,6 +52,8 @@ ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside k
 ABSL_FLAG(std::string, compile_options, "",
           "JSON object handed to kiln-compile and part of every package key (default: kiln's "
           "defaults); give every node of a cluster the same");
+ABSL_FLAG(int, gpu_telemetry_interval_ms, 1000,
+          "cuda nodes: sample the GPU through NVML every this many ms (0: off)");
 ABSL_FLAG(std::string, status_file, "",
           "after registering, write {node_id, metrics_url, pid} here (atomically)");
 
@@ -167,6 +172,7 @@ int main(int argc, char** argv) {
   if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
   process.metrics_address = absl::GetFlag(FLAGS_metrics);
   if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) process.cuda_visible_devices = v;
+  process.gpu_telemetry_interval_ms = absl::GetFlag(FLAGS_gpu_telemetry_interval_ms);
 
   // SIGTERM/SIGINT are taken synchronously by this thread (sigtimedwait below): block them
   // before any thread starts, so that every thread inherits the mask.
@@ -185,6 +191,13 @@ int main(int argc, char** argv) {
             << (device.name().empty() ? "" : " (" + device.name() + ")")
             << (device.mig_profile().empty() ? "" : " MIG " + device.mig_profile())
             << "; metrics " << running.metrics_url << std::endl;
+  std::atomic<bool> draining{false};  // /readyz: registered and not stopping
+  node->metrics->SetReadiness([&agent, &draining] {
+    return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done());
+  });
+  absl::Cleanup unready = [&node] {  // before the agent goes, on every return
+    node->metrics->SetReadiness([] { return absl::UnavailableError("stopped"); });
+  };
   if (auto s = agent.Start(); !s.ok()) return Fail(s);
 
   const std::string status_file = absl::GetFlag(FLAGS_status_file);
@@ -198,6 +211,7 @@ int main(int argc, char** argv) {
                   << ": finishing the current job, then deregistering" << std::endl;
       }
       stopping = true;
+      draining = true;
       agent.Stop();
     }
     if (!status_written && !status_file.empty() && agent.registered_once()) {

@@ -350,6 +350,11 @@ std::string ClusterSummary(const ClusterState& s) {
     out += absl::StrFormat("  %-12s pid %-7d metrics %s  packages %s\n", n.node_id, n.pid,
                            n.metrics_url, n.package_dir);
   }
+  // The coordinator serves its status page and Prometheus service discovery beside /metrics.
+  std::string base = s.coordinator.metrics_url;
+  if (absl::EndsWith(base, "/metrics")) base.resize(base.size() - std::string("/metrics").size());
+  out += absl::StrFormat("  status page  %s/status/\n  prometheus   service discovery %s/sd\n", base,
+                         base);
   out += absl::StrFormat("  shared cache %s\n  state        %s (logs in %s/logs)\n", s.shared_cache,
                          ClusterFilePath(s.state_dir), s.state_dir);
   return out;

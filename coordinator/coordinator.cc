@@ -713,6 +713,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   }
   Dequeue(job_id, job);
   metrics_.queue_seconds.Observe(SecondsSince(job.enqueued_ms));
+  metrics_.ObserveQueueWait(job.spec, SecondsSince(job.enqueued_ms));
   job.node_id = node_id;
   job.attempt = updated->attempts();
   job.assigned_ms = clock_.NowMs();
@@ -834,6 +835,7 @@ bool Coordinator::Finish(const std::string& job_id, JobState state, const std::s
     default:
       metrics_.jobs_failed.Increment();
   }
+  metrics_.ObserveFinished(*updated);
   if (state == kiln::v1::JOB_STATE_SUCCEEDED) {
     Log(absl::StrFormat("job %s succeeded on node %s (queued %.3f s, ran %.3f s, %d-byte PNG)",
                         job_id, updated->node_id(), updated->queue_seconds(),

@@ -1,5 +1,9 @@
 #include "coordinator/coordinator_metrics.h"
 
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
 #include "metrics/metrics_server.h"
 
 namespace kiln::coordinator {
@@ -64,12 +68,144 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
       internal_errors(
           Counters(r, "kiln_coordinator_errors_total", "").Add({{"kind", "internal"}})),
       protocol_errors(Counters(r, "kiln_protocol_errors_total",
-                               "Frames answered with an ErrorReply, by socket and reason")) {
+                               "Frames answered with an ErrorReply, by socket and reason")),
+      queue_wait_(prometheus::BuildHistogram()
+                      .Name("kiln_job_queue_wait_seconds")
+                      .Help("Seconds a job waited in the queue (enqueue to assignment), by "
+                            "priority class (high > 0, normal 0, low < 0)")
+                      .Register(r)),
+      latency_(prometheus::BuildHistogram()
+                   .Name("kiln_job_latency_seconds")
+                   .Help("Seconds from submit to result of succeeded jobs, by model, precision "
+                         "and resolution bucket (longest side rounded up)")
+                   .Register(r)),
+      run_(prometheus::BuildHistogram()
+               .Name("kiln_job_run_seconds")
+               .Help("Seconds from assignment to result of succeeded jobs (device time per "
+                     "image, cold start included), by model, precision and resolution bucket")
+               .Register(r)),
+      cold_start_(prometheus::BuildHistogram()
+                      .Name("kiln_job_cold_start_seconds")
+                      .Help("Seconds succeeded jobs' nodes spent getting ready, by phase (jobs "
+                            "that found everything warm are not observed)")
+                      .Register(r)),
+      packages_(Counters(r, "kiln_job_packages_total",
+                         "Packages succeeded jobs used, by where each came from (resident in "
+                         "memory, local disk, shared cache, compiled)")),
+      failures_(Counters(r, "kiln_job_failures_total",
+                         "Jobs that failed, by the status code of the failure")),
+      node_busy_(Gauges(r, "kiln_node_busy",
+                        "1 while a live node runs a job, 0 while it is idle, by node")) {
+  for (const char* priority : {"high", "normal", "low"}) {
+    queue_wait_.Add({{"priority", priority}}, metrics::DurationBuckets());
+  }
+  for (const char* source : {"resident", "local", "shared", "compiled"}) {
+    packages_.Add({{"source", source}});
+  }
   for (const char* socket : {"client", "node"}) {
     for (const char* reason :
          {"malformed", "version", "no_body", "empty", "frames", "unexpected"}) {
       protocol_errors.Add({{"socket", socket}, {"reason", reason}});
     }
+  }
+}
+
+std::string CoordinatorMetrics::ResolutionBucket(uint32_t width, uint32_t height) {
+  const uint32_t side = std::max(width, height);
+  for (uint32_t bucket : {256u, 512u, 768u, 1024u, 1536u, 2048u}) {
+    if (side <= bucket) return std::to_string(bucket);
+  }
+  return "4096";
+}
+
+std::string CoordinatorMetrics::PrecisionLabel(const std::string& precision) {
+  if (precision == "fp32" || precision == "bf16" || precision == "fp8") return precision;
+  return "default";
+}
+
+std::string CoordinatorMetrics::PriorityLabel(int32_t priority) {
+  return priority > 0 ? "high" : priority < 0 ? "low" : "normal";
+}
+
+std::string CoordinatorMetrics::FailureReason(const std::string& error) {
+  // JobInfo.error is "<CODE>: why"; the code is one of absl's status code names.
+  const std::string code = error.substr(0, error.find(':'));
+  for (int c = 1; c <= 16; ++c) {
+    if (code == absl::StatusCodeToString(static_cast<absl::StatusCode>(c))) return code;
+  }
+  return "OTHER";
+}
+
+std::string CoordinatorMetrics::ModelLabel(const std::string& model) {
+  absl::MutexLock lock(&mu_);
+  if (models_.contains(model)) return model;
+  if (models_.size() >= kMaxModelLabels) return "other";
+  models_[model] = true;
+  return model;
+}
+
+void CoordinatorMetrics::ObserveQueueWait(const kiln::v1::JobSpec& spec, double seconds) {
+  queue_wait_.Add({{"priority", PriorityLabel(spec.priority())}}, metrics::DurationBuckets())
+      .Observe(seconds);
+}
+
+void CoordinatorMetrics::SetFinishedListener(
+    std::function<void(const kiln::v1::JobInfo&)> listener) {
+  absl::MutexLock lock(&mu_);
+  finished_listener_ = std::move(listener);
+}
+
+void CoordinatorMetrics::ObserveFinished(const kiln::v1::JobInfo& job) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (finished_listener_) finished_listener_(job);
+  }
+  if (job.state() == kiln::v1::JOB_STATE_FAILED) {
+    failures_.Add({{"reason", FailureReason(job.error())}}).Increment();
+    return;
+  }
+  if (job.state() != kiln::v1::JOB_STATE_SUCCEEDED) return;
+  const kiln::v1::JobSpec& spec = job.spec();
+  const prometheus::Labels labels = {{"model", ModelLabel(spec.model())},
+                                     {"precision", PrecisionLabel(spec.precision())},
+                                     {"resolution", ResolutionBucket(spec.width(), spec.height())}};
+  double latency = job.queue_seconds() + job.run_seconds();
+  if (job.submitted_unix_ms() > 0 && job.finished_unix_ms() >= job.submitted_unix_ms()) {
+    latency = (job.finished_unix_ms() - job.submitted_unix_ms()) / 1000.0;
+  }
+  latency_.Add(labels, metrics::DurationBuckets()).Observe(latency);
+  run_.Add(labels, metrics::DurationBuckets()).Observe(job.run_seconds());
+  const kiln::v1::ColdStart& cold = job.cold_start();
+  if (cold.total_seconds() > 0) {
+    const std::pair<const char*, double> phases[] = {
+        {"weights", cold.weights_seconds()}, {"package_load", cold.package_load_seconds()},
+        {"compile", cold.compile_seconds()}, {"fetch", cold.fetch_seconds()},
+        {"total", cold.total_seconds()}};
+    for (const auto& [phase, seconds] : phases) {
+      cold_start_.Add({{"phase", phase}}, metrics::DurationBuckets()).Observe(seconds);
+    }
+  }
+  for (const auto& [component, source] : job.packages()) {
+    const bool known = source == "resident" || source == "local" || source == "shared" ||
+                       source == "compiled";
+    packages_.Add({{"source", known ? source : "other"}}).Increment();
+  }
+}
+
+void CoordinatorMetrics::SetNodeBusy(const std::map<std::string, bool>& busy) {
+  absl::MutexLock lock(&mu_);
+  for (auto it = busy_gauges_.begin(); it != busy_gauges_.end();) {
+    if (busy.count(it->first) == 0) {
+      node_busy_.Remove(it->second);
+      it = busy_gauges_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (const auto& [node, is_busy] : busy) {
+    prometheus::Gauge*& g = busy_gauges_[node];
+    if (g == nullptr) g = &node_busy_.Add({{"node", node}});
+    g->Set(is_busy ? 1 : 0);
   }
 }
 

@@ -4,10 +4,13 @@
 // from the server's poll thread, the exposer reads them from its own.
 #pragma once
 
+#include <functional>
+#include <map>
 #include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
+#include "common/proto/kiln.pb.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -59,6 +62,52 @@ struct CoordinatorMetrics {
   // message the coordinator refused, e.g. a bad RegisterNode).
   void CountProtocolError(const std::string& socket, const std::string& reason);
   prometheus::Family<prometheus::Counter>& protocol_errors;
+
+  // ---- Per-job figures, labelled by what the job asked for. Every label set is bounded:
+  //   model       the first kMaxModelLabels model names seen, then "other"
+  //   precision   fp32 | bf16 | fp8 | default (the node's)
+  //   resolution  the job's longest side rounded up to 256 | 512 | 768 | 1024 | 1536 | 2048 |
+  //               4096 (the bucket, not the exact size)
+  //   priority    high (> 0) | normal (0) | low (< 0)
+  //   reason      the failure's status code name (UNAVAILABLE, DEADLINE_EXCEEDED, ...)
+  //   source      resident | local | shared | compiled | other (where a component's package came
+  //               from, JobResult.packages)
+  // kiln_job_queue_wait_seconds{priority}: enqueue → assignment (histogram).
+  void ObserveQueueWait(const kiln::v1::JobSpec& spec, double seconds);
+  // A job reached a final state (the store's record of it). Succeeded jobs observe
+  // kiln_job_latency_seconds{model,precision,resolution} (submit → result) and
+  // kiln_job_run_seconds{model,precision,resolution} (assignment → result: the device-seconds an
+  // image took), kiln_job_cold_start_seconds{phase} when the node had to get ready and
+  // kiln_job_packages_total{source} per component; failed ones count
+  // kiln_job_failures_total{reason}.
+  // Also tells the finished-job listener, if one is set (the status board's list of recent jobs).
+  void ObserveFinished(const kiln::v1::JobInfo& job);
+  void SetFinishedListener(std::function<void(const kiln::v1::JobInfo&)> listener);
+
+  // kiln_node_busy{node}: 1 while a live (ready or draining) node runs a job, 0 while it is idle;
+  // nodes not in `busy` lose their series. Set by the status board's snapshot.
+  void SetNodeBusy(const std::map<std::string, bool>& busy);
+
+  static constexpr size_t kMaxModelLabels = 32;
+  static std::string ResolutionBucket(uint32_t width, uint32_t height);
+  static std::string PrecisionLabel(const std::string& precision);
+  static std::string PriorityLabel(int32_t priority);
+  static std::string FailureReason(const std::string& error);
+
+ private:
+  std::string ModelLabel(const std::string& model);
+
+  prometheus::Family<prometheus::Histogram>& queue_wait_;
+  prometheus::Family<prometheus::Histogram>& latency_;
+  prometheus::Family<prometheus::Histogram>& run_;
+  prometheus::Family<prometheus::Histogram>& cold_start_;
+  prometheus::Family<prometheus::Counter>& packages_;
+  prometheus::Family<prometheus::Counter>& failures_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, bool> models_ ABSL_GUARDED_BY(mu_);
+  prometheus::Family<prometheus::Gauge>& node_busy_;
+  std::function<void(const kiln::v1::JobInfo&)> finished_listener_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, prometheus::Gauge*> busy_gauges_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kiln::coordinator

@@ -95,9 +95,10 @@ class ServerLoop {
     }
   }
 
-  void Tick() {
+  void Tick(const std::function<void(const Coordinator&)>& after_tick) {
     coordinator_.Tick();
     Flush();
+    if (after_tick) after_tick(coordinator_);
   }
 
   // Sends everything the coordinator queued.
@@ -402,7 +403,7 @@ void CoordinatorServer::Loop() {
     if (now >= next_tick_ms) {
       next_tick_ms = now + options_.tick_interval_ms;
       try {
-        loop.Tick();
+        loop.Tick(options_.after_tick);
       } catch (const std::exception& e) {
         metrics_.internal_errors.Increment();
         if (log_) log_(absl::StrCat("internal error in Tick: ", e.what()));

@@ -19,6 +19,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -39,6 +40,9 @@ struct CoordinatorServerOptions {
   int tick_interval_ms = 20;             // ms between Coordinator::Tick calls (poll timeout)
   int max_batch = 256;                   // messages read per socket per loop turn (fairness)
   int send_high_water_mark = 10000;      // messages queued per peer before sends are dropped
+  // Called on the poll thread after every Coordinator::Tick, with the coordinator (read-only);
+  // e.g. the status page's snapshot (coordinator/status_board.h). Null: none.
+  std::function<void(const Coordinator&)> after_tick;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;

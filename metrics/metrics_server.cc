@@ -1,11 +1,61 @@
 #include "metrics/metrics_server.h"
 
 #include <exception>
+#include <string>
+#include <utility>
 
+#include "CivetServer.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "prometheus/exposer.h"
+#include "prometheus/gauge.h"
+#include "prometheus/text_serializer.h"
+
+#ifndef KILN_VERSION
+#define KILN_VERSION "0.0.0"
+#endif
+#ifndef KILN_GIT_COMMIT
+#define KILN_GIT_COMMIT "unknown"
+#endif
+#ifndef KILN_BUILD_TORCH_VERSION
+#define KILN_BUILD_TORCH_VERSION ""
+#endif
+#ifndef KILN_BUILD_CUDA_VERSION
+#define KILN_BUILD_CUDA_VERSION ""
+#endif
 
 namespace kiln::metrics {
+
+// The one civetweb handler: every GET goes through MetricsServer::Serve.
+class MetricsServer::Dispatcher : public CivetHandler {
+ public:
+  explicit Dispatcher(MetricsServer& owner) : owner_(owner) {}
+
+  bool handleGet(CivetServer*, mg_connection* conn) override {
+    const mg_request_info* req = mg_get_request_info(conn);
+    const std::string path = req->local_uri ? req->local_uri : "/";
+    const std::string query = req->query_string ? req->query_string : "";
+    HttpResponse r;
+    try {
+      r = owner_.Serve(path, query);
+    } catch (const std::exception& e) {  // a handler bug must not take the process down
+      r = {500, "text/plain; charset=utf-8", absl::StrCat("internal error: ", e.what(), "\n")};
+    }
+    mg_response_header_start(conn, r.status);
+    mg_response_header_add(conn, "Content-Type", r.content_type.c_str(), -1);
+    mg_response_header_add(conn, "Content-Length", std::to_string(r.body.size()).c_str(), -1);
+    mg_response_header_add(conn, "Cache-Control", "no-store", -1);
+    mg_response_header_add(conn, "Access-Control-Allow-Origin", "*", -1);
+    mg_response_header_send(conn);
+    if (req->request_method == nullptr || std::string(req->request_method) != "HEAD") {
+      mg_write(conn, r.body.data(), r.body.size());
+    }
+    return true;
+  }
+  bool handleHead(CivetServer* s, mg_connection* conn) override { return handleGet(s, conn); }
+
+ private:
+  MetricsServer& owner_;
+};
 
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& bind) {
   auto colon = bind.rfind(':');
@@ -14,25 +64,91 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
   }
   std::unique_ptr<MetricsServer> s(new MetricsServer());
   s->registry_ = std::make_shared<prometheus::Registry>();
+  const BuildInfo& build = ThisBuild();
+  prometheus::BuildGauge()
+      .Name("kiln_build_info")
+      .Help("Always 1; labels describe the kiln build this process runs")
+      .Register(*s->registry_)
+      .Add({{"version", build.version},
+            {"git_commit", build.git_commit},
+            {"torch", build.torch},
+            {"cuda", build.cuda}})
+      .Set(1);
+  s->dispatcher_ = std::make_unique<Dispatcher>(*s);
   try {
-    s->exposer_ = std::make_unique<prometheus::Exposer>(bind);
+    // Few threads: scrapes, probes and a status page are light and rare.
+    const std::vector<std::string> options = {"listening_ports", bind, "num_threads", "4"};
+    s->server_ = std::make_unique<CivetServer>(options);
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ", e.what()));
   }
-  s->exposer_->RegisterCollectable(s->registry_);
-  auto ports = s->exposer_->GetListeningPorts();
+  s->server_->addHandler("/", s->dispatcher_.get());
+  auto ports = s->server_->getListeningPorts();
   if (ports.empty()) return absl::UnavailableError(absl::StrCat("metrics: not listening on ", bind));
   s->port_ = ports.front();
   std::string host = bind.substr(0, colon);
-  if (host == "0.0.0.0" || host.empty()) host = "127.0.0.1";
-  s->url_ = absl::StrCat("http://", host, ":", s->port_, "/metrics");
+  if (host == "0.0.0.0" || host.empty() || host == "*") host = "127.0.0.1";
+  s->base_url_ = absl::StrCat("http://", host, ":", s->port_);
+  s->url_ = absl::StrCat(s->base_url_, "/metrics");
   return s;
 }
 
-MetricsServer::~MetricsServer() = default;
+MetricsServer::~MetricsServer() {
+  // Join civetweb's threads before the handlers and the registry they read go away.
+  if (server_) server_->close();
+  server_.reset();
+}
+
+void MetricsServer::SetReadiness(std::function<absl::Status()> ready) {
+  absl::MutexLock lock(&mu_);
+  ready_ = std::move(ready);
+}
+
+void MetricsServer::Handle(const std::string& path, HttpHandler handler) {
+  absl::MutexLock lock(&mu_);
+  handlers_[path] = std::move(handler);
+}
+
+HttpResponse MetricsServer::Serve(const std::string& path, const std::string& query) {
+  if (path == "/metrics") {
+    return {200, "text/plain; version=0.0.4; charset=utf-8",
+            prometheus::TextSerializer().Serialize(registry_->Collect())};
+  }
+  if (path == "/healthz") return {200, "text/plain; charset=utf-8", "ok\n"};
+  HttpHandler handler;
+  {
+    absl::MutexLock lock(&mu_);
+    // Longest registered path that is `path` itself or a folder ("…/") above it.
+    for (const auto& [route, h] : handlers_) {
+      const bool match = route == path || (absl::EndsWith(route, "/") &&
+                                           absl::StartsWith(path, route));
+      if (match) handler = h;  // std::map order: a longer match of the same prefix comes later
+    }
+  }
+  if (path == "/readyz") {
+    // Called under mu_, so that SetReadiness() waits for a call in flight: a process may then
+    // destroy what its old callback read.
+    absl::Status s;
+    {
+      absl::MutexLock lock(&mu_);
+      s = ready_ ? ready_() : absl::OkStatus();
+    }
+    if (s.ok()) return {200, "text/plain; charset=utf-8", "ready\n"};
+    return {503, "text/plain; charset=utf-8", absl::StrCat("not ready: ", s.message(), "\n")};
+  }
+  if (handler) return handler(path, query);
+  return {404, "text/plain; charset=utf-8",
+          absl::StrCat("not found: ", path, " (try /metrics, /healthz, /readyz)\n")};
+}
 
 std::vector<double> DurationBuckets() {
   return {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800};
+}
+
+const BuildInfo& ThisBuild() {
+  static const BuildInfo info{KILN_VERSION, KILN_GIT_COMMIT, KILN_BUILD_TORCH_VERSION,
+                              KILN_BUILD_CUDA_VERSION};
+  return info;
 }
 
 }  // namespace kiln::metrics

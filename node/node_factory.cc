@@ -35,6 +35,10 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   if (!metrics.ok()) return metrics.status();
   process.metrics = *std::move(metrics);
   options.node.metrics_url = process.metrics->url();
+  auto telemetry = StartGpuTelemetry(options.gpu_telemetry_interval_ms, options.node.node_id,
+                                     options.node.device_info, process.metrics->registry());
+  if (!telemetry.ok()) return telemetry.status();
+  process.telemetry = *std::move(telemetry);
 
   auto agent = CreateNodeAgent(std::move(options.node), process.metrics->registry());
   if (!agent.ok()) return agent.status();

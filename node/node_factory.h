@@ -18,6 +18,7 @@
 #include "absl/status/statusor.h"
 #include "common/clock.h"
 #include "metrics/metrics_server.h"
+#include "node/gpu_telemetry.h"
 #include "node/node_agent.h"
 #include "node/node_options.h"
 #include "prometheus/registry.h"
@@ -29,12 +30,15 @@ struct NodeProcessOptions {
   std::string metrics_address = "127.0.0.1:0";  // HOST:PORT to serve /metrics on (port 0: any)
   // CUDA_VISIBLE_DEVICES as the process sees it (main reads the environment); nullopt = unset.
   std::optional<std::string> cuda_visible_devices;
+  // cuda nodes: sample the GPU (or MIG slice) through NVML every this many ms; 0 = off.
+  int gpu_telemetry_interval_ms = 1000;
 };
 
 // A node process's long-lived parts. Members are destroyed in reverse order: the agent (whose
 // metrics live in the server's registry) before the metrics server.
 struct NodeProcess {
   std::unique_ptr<metrics::MetricsServer> metrics;
+  std::unique_ptr<GpuTelemetry> telemetry;  // null on cpu nodes or with telemetry off
   std::unique_ptr<NodeAgent> agent;
 };
 

@@ -45,6 +45,22 @@ absl::StatusOr<const Api*> LoadOnce() {
   Resolve(lib, "nvmlDeviceGetGpuInstanceProfileInfo", &api.device_get_gpu_instance_profile_info);
   Resolve(lib, "nvmlDeviceGetGpuInstanceProfileInfoV", &api.device_get_gpu_instance_profile_info_v);
   Resolve(lib, "nvmlDeviceGetAttributes_v2", &api.device_get_attributes);
+  Resolve(lib, "nvmlDeviceGetUtilizationRates", &api.device_get_utilization_rates);
+  Resolve(lib, "nvmlDeviceGetPowerUsage", &api.device_get_power_usage);
+  Resolve(lib, "nvmlDeviceGetTemperature", &api.device_get_temperature);
+  Resolve(lib, "nvmlDeviceGetClockInfo", &api.device_get_clock_info);
+  Resolve(lib, "nvmlDeviceGetCurrentClocksEventReasons",
+          &api.device_get_current_clocks_event_reasons);
+  if (api.device_get_current_clocks_event_reasons == nullptr) {
+    Resolve(lib, "nvmlDeviceGetCurrentClocksThrottleReasons",
+            &api.device_get_current_clocks_event_reasons);
+  }
+  Resolve(lib, "nvmlDeviceGetTotalEccErrors", &api.device_get_total_ecc_errors);
+  Resolve(lib, "nvmlGpmQueryDeviceSupport", &api.gpm_query_device_support);
+  Resolve(lib, "nvmlGpmSampleAlloc", &api.gpm_sample_alloc);
+  Resolve(lib, "nvmlGpmSampleFree", &api.gpm_sample_free);
+  Resolve(lib, "nvmlGpmMigSampleGet", &api.gpm_mig_sample_get);
+  Resolve(lib, "nvmlGpmMetricsGet", &api.gpm_metrics_get);
   if (api.init == nullptr || api.device_get_handle_by_index == nullptr ||
       api.device_get_count == nullptr) {
     return absl::FailedPreconditionError(

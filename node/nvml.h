@@ -103,6 +103,66 @@ struct DeviceAttributes {
   unsigned long long memory_size_mb;
 };
 
+// nvmlUtilization_t: percent of the last sample period (1/6 s to 1 s, by product) in which a
+// kernel ran (gpu) / device memory was read or written (memory).
+struct Utilization {
+  unsigned int gpu;
+  unsigned int memory;
+};
+
+inline constexpr unsigned int kTemperatureGpu = 0;  // NVML_TEMPERATURE_GPU
+inline constexpr unsigned int kClockSm = 1;         // NVML_CLOCK_SM
+inline constexpr unsigned int kMemoryErrorCorrected = 0;    // NVML_MEMORY_ERROR_TYPE_CORRECTED
+inline constexpr unsigned int kMemoryErrorUncorrected = 1;  // NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+inline constexpr unsigned int kVolatileEcc = 0;             // NVML_VOLATILE_ECC (since boot)
+
+// nvmlClocksEventReasons (formerly nvmlClocksThrottleReasons) bits.
+inline constexpr unsigned long long kClocksEventGpuIdle = 0x1;
+inline constexpr unsigned long long kClocksEventApplicationsClocksSetting = 0x2;
+inline constexpr unsigned long long kClocksEventSwPowerCap = 0x4;
+inline constexpr unsigned long long kClocksEventHwSlowdown = 0x8;
+inline constexpr unsigned long long kClocksEventSyncBoost = 0x10;
+inline constexpr unsigned long long kClocksEventSwThermalSlowdown = 0x20;
+inline constexpr unsigned long long kClocksEventHwThermalSlowdown = 0x40;
+inline constexpr unsigned long long kClocksEventHwPowerBrakeSlowdown = 0x80;
+inline constexpr unsigned long long kClocksEventDisplayClockSetting = 0x100;
+
+// GPU Performance Monitoring (GPM, Hopper and later): counters sampled twice, metrics computed
+// over the interval between the samples. For MIG, nvmlGpmMigSampleGet samples one GPU instance.
+struct GpmSampleOpaque;
+using GpmSample = GpmSampleOpaque*;  // nvmlGpmSample_t
+inline constexpr unsigned int kGpmSupportVersion = 1;      // NVML_GPM_SUPPORT_VERSION
+inline constexpr unsigned int kGpmMetricsGetVersion = 1;   // NVML_GPM_METRICS_GET_VERSION
+inline constexpr unsigned int kGpmMetricSmUtil = 2;        // NVML_GPM_METRIC_SM_UTIL, percent
+inline constexpr unsigned int kGpmMetricDramBwUtil = 10;   // NVML_GPM_METRIC_DRAM_BW_UTIL, percent
+// nvmlGpmSupport_t.
+struct GpmSupport {
+  unsigned int version;
+  unsigned int is_supported_device;
+};
+// nvmlGpmMetric_t.
+struct GpmMetric {
+  unsigned int metric_id;
+  Return nvml_return;
+  double value;
+  struct {
+    char* short_name;
+    char* long_name;
+    char* unit;
+  } metric_info;
+};
+static_assert(sizeof(GpmMetric) == 40, "nvmlGpmMetric_t layout");
+// nvmlGpmMetricsGet_t. NVML declares metrics[NVML_GPM_METRIC_MAX] and reads/writes only the first
+// num_metrics entries, so a shorter array at the end of the struct is ABI-compatible.
+inline constexpr int kGpmMaxMetrics = 8;
+struct GpmMetricsGet {
+  unsigned int version;
+  unsigned int num_metrics;
+  GpmSample sample1;
+  GpmSample sample2;
+  GpmMetric metrics[kGpmMaxMetrics];
+};
+
 inline constexpr unsigned int kMigDisable = 0;  // NVML_DEVICE_MIG_DISABLE
 inline constexpr unsigned int kMigEnable = 1;   // NVML_DEVICE_MIG_ENABLE
 inline constexpr int kDeviceUuidV2BufferSize = 96;  // NVML_DEVICE_UUID_V2_BUFFER_SIZE
@@ -133,6 +193,23 @@ struct Api {
   Return (*device_get_gpu_instance_profile_info_v)(Device, unsigned int,
                                                    GpuInstanceProfileInfoV2*) = nullptr;
   Return (*device_get_attributes)(Device, DeviceAttributes*) = nullptr;  // ..._v2
+
+  // Telemetry (node/gpu_telemetry.h); each may be null on an older driver.
+  Return (*device_get_utilization_rates)(Device, Utilization*) = nullptr;
+  Return (*device_get_power_usage)(Device, unsigned int*) = nullptr;  // milliwatts
+  Return (*device_get_temperature)(Device, unsigned int, unsigned int*) = nullptr;  // celsius
+  Return (*device_get_clock_info)(Device, unsigned int, unsigned int*) = nullptr;   // MHz
+  // nvmlDeviceGetCurrentClocksEventReasons, else (older drivers) ...ClocksThrottleReasons.
+  Return (*device_get_current_clocks_event_reasons)(Device, unsigned long long*) = nullptr;
+  // nvmlDeviceGetTotalEccErrors(device, error type, counter type, count).
+  Return (*device_get_total_ecc_errors)(Device, unsigned int, unsigned int,
+                                        unsigned long long*) = nullptr;
+  Return (*gpm_query_device_support)(Device, GpmSupport*) = nullptr;  // nvmlGpmQueryDeviceSupport
+  Return (*gpm_sample_alloc)(GpmSample*) = nullptr;                    // nvmlGpmSampleAlloc
+  Return (*gpm_sample_free)(GpmSample) = nullptr;                      // nvmlGpmSampleFree
+  // nvmlGpmMigSampleGet(parent GPU, GPU instance id, sample).
+  Return (*gpm_mig_sample_get)(Device, unsigned int, GpmSample) = nullptr;
+  Return (*gpm_metrics_get)(GpmMetricsGet*) = nullptr;  // nvmlGpmMetricsGet
 };
 
 // Opens libnvidia-ml.so.1 (once per process; the library stays loaded), resolves the table and

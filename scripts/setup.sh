@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libabsl-dev libprotobuf-dev protobuf-compiler
   libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
+  prometheus chromium
   python3-venv
 )
 
