@@ -28,7 +28,8 @@
 # buckets (BUCKETS, default "512x512 768x768", bf16: compiled, found, and without CUDA graph).
 #
 # Issue 13 (fp8 attention), each list fitting one 10-minute call on the H200 host:
-#   weights,fp8            bench/gpu/fp8_bench.py (FP8_PARTS, default attention,gemm,block,step):
+#   weights,fp8            bench/gpu/fp8_bench.py (FP8_PARTS, default attention,gemm,block,step;
+#                          "sweep" first tries the kernel's launch configurations):
 #                          kiln's fp8 attention kernel against cuDNN bf16 at every bucket, fp8
 #                          GEMM forms, AOTI compile of one block of each type, and eager and
 #                          regional torch.compile steps for bf16, fp8 and fp8 + fp8 attention;
@@ -171,22 +172,14 @@ if has baselines; then
   grep '^{' "$OUT/logs/baselines.log" | cut -c1-400
 fi
 
-if has fp8; then
-  log "fp8_bench.py (${FP8_PARTS:-attention,gemm,block,step})"
-  TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache $PY bench/gpu/fp8_bench.py --model "$MODEL" \
-    --out "$WORK/fp8" --height "$H" --width "$W" --parts "${FP8_PARTS:-attention,gemm,block,step}" \
-    > "$OUT/logs/fp8.log" 2>&1 || { grep -v Warning "$OUT/logs/fp8.log" | tail -30; fail fp8; }
-  cp "$WORK/fp8/fp8.json" "$OUT/fp8.json" 2>/dev/null
-  cp "$WORK/fp8/fp8.json" "$WORK/fp8"/*.safetensors "$DEST/" 2>/dev/null
-fi
-
 # precision:attention -> package tag (local-a-<tag>) and compile options of each variant.
 VARIANTS=${VARIANTS:-bf16:cudnn fp8:cudnn fp8:fp8}
 tag_of() { local p=${1%:*} a=${1#*:}; [ "$a" = fp8 ] && echo "$p-attn" || echo "$p"; }
 options_of() { echo "{\"attention\":\"${1#*:}\",\"max_autotune\":false}"; }
 
 if has compile; then
-  log "kiln-compile of the transformer on a miss, all of: $VARIANTS (concurrently)"
+  # In the background: the fp8 stage (GPU timings) runs meanwhile; waited for below.
+  log "kiln-compile of the transformer on a miss, all of: $VARIANTS (concurrently, background)"
   pids=()
   for v in $VARIANTS; do
     tag=$(tag_of "$v")
@@ -202,6 +195,18 @@ if has compile; then
       exit $rc ) &
     pids+=($!)
   done
+fi
+
+if has fp8; then
+  log "fp8_bench.py (${FP8_PARTS:-attention,gemm,block,step})"
+  TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache $PY bench/gpu/fp8_bench.py --model "$MODEL" \
+    --out "$WORK/fp8" --height "$H" --width "$W" --parts "${FP8_PARTS:-attention,gemm,block,step}" \
+    > "$OUT/logs/fp8.log" 2>&1 || { grep -v Warning "$OUT/logs/fp8.log" | tail -30; fail fp8; }
+  cp "$WORK/fp8/fp8.json" "$OUT/fp8.json" 2>/dev/null
+  cp "$WORK/fp8/fp8.json" "$WORK/fp8"/*.safetensors "$DEST/" 2>/dev/null
+fi
+
+if has compile; then
   i=0
   for v in $VARIANTS; do
     tag=$(tag_of "$v")
