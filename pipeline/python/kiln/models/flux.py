@@ -196,11 +196,12 @@ def _qkv_names(q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
 ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "fp8")
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
-         ) -> torch.Tensor:
-    """Non-causal attention of q, k, v [B, H, N, D] with the kernel `backend`."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+         qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Non-causal attention of q, k, v [B, H, N, D] with the kernel `backend`. `qk_bounds`
+    (fp8 only): bounds of |q| and |k| that fix their fp8 scales (fp8_sdpa)."""
     if backend == "fp8":
-        return fp8_sdpa(q, k, v)
+        return fp8_sdpa(q, k, v, *(qk_bounds or (None, None)))
     if backend == "sdpa" or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "cudnn":
@@ -212,13 +213,22 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
 
 
+def rms_rope_bound(norms: list[RMSNorm], head_dim: int) -> torch.Tensor:
+    """A bound of |x| for x = RoPE(RMSNorm(.)) through any of `norms`: |RMSNorm(y)_i| <=
+    sqrt(D) * |w_i| (y_i^2 <= sum y^2), and a rotation keeps each channel pair's norm, which is
+    at most sqrt(D) * max|w|. A function of the weights alone: no pass over the activations."""
+    w = torch.stack([n.weight.abs().amax() for n in norms]).amax()
+    return w.float() * math.sqrt(head_dim)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa",
+               qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q = apply_rope(q, *rope)
     k = apply_rope(k, *rope)
-    out = sdpa(q, k, v, backend)
+    out = sdpa(q, k, v, backend, qk_bounds)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -281,7 +291,11 @@ class JointAttention(nn.Module):
         k = torch.cat([self.norm_added_k(_split_heads(tk, d)),
                        self.norm_k(_split_heads(ik, d))], dim=1)
         v = torch.cat([_split_heads(tv, d), _split_heads(iv, d)], dim=1)
-        out = _attention(q, k, v, rope, self.attention)
+        bounds = None
+        if self.attention == "fp8":
+            bounds = (rms_rope_bound([self.norm_q, self.norm_added_q], d),
+                      rms_rope_bound([self.norm_k, self.norm_added_k], d))
+        out = _attention(q, k, v, rope, self.attention, bounds)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -327,7 +341,10 @@ class SelfAttention(nn.Module):
         q = self.norm_q(_split_heads(q, d))
         k = self.norm_k(_split_heads(k, d))
         v = _split_heads(v, d)
-        return _attention(q, k, v, rope, self.attention)
+        bounds = None
+        if self.attention == "fp8":
+            bounds = (rms_rope_bound([self.norm_q], d), rms_rope_bound([self.norm_k], d))
+        return _attention(q, k, v, rope, self.attention, bounds)
 
 
 class DoubleStreamBlock(nn.Module):

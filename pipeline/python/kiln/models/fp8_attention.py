@@ -8,7 +8,9 @@ compile options, so such a package has its own artifact key.
 
 The function, for q, k, v [B, H, N, D] in the activation dtype (non-causal, no mask):
   1. each head's q, k and v is quantized tensor-wise (per batch row and head):
-     scale = max(amax(|x|), 1e-12) / 448, x8 = e4m3(x / scale) (quantize_heads); v is written
+     scale = max(amax(|x|), 1e-12) / 448, x8 = e4m3(x / scale) (quantize_heads); for the
+     transformer's q and k the scale comes from a bound known from the QK-norm weights instead
+     (kiln.models.flux.rms_rope_bound), so their quantization needs no pass of its own; v is written
      transposed, [B, H, D, N], because Hopper's fp8 tensor-core instruction (wgmma) wants both
      operands of P @ V contiguous along the reduced dimension;
   2. the kernel walks K and V in blocks of BLOCK_N keys for each block of BLOCK_M queries:
@@ -48,12 +50,21 @@ except ImportError:  # pragma: no cover - depends on the installed torch
 CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 
 
-def quantize_heads(x: torch.Tensor, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_heads(x: torch.Tensor, transpose: bool = False, bound: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, scale) for x [B, H, N, D]: scale float32 [B, H] = max(amax(|x[b, h]|), eps) / 448 and
     x8 = e4m3(x / scale), [B, H, N, D] contiguous, or [B, H, D, N] contiguous with `transpose`.
-    Division by a tensor (not by a scalar) keeps CPU and GPU rounding identical."""
+    With `bound` (a 0-d tensor >= every |x|, known without reading x), every head's scale is
+    bound / 448 instead: the cast is then elementwise and fuses into the kernel producing x
+    (e4m3 is a floating-point format: a looser scale costs no relative precision until values
+    fall under its smallest normal, 2^-6 of the scale). Division by a tensor (not by a scalar)
+    keeps CPU and GPU rounding identical."""
     xf = x.float()
-    amax = xf.abs().amax(dim=(-2, -1)).clamp(min=SCALE_EPS)
+    if bound is None:
+        amax = xf.abs().amax(dim=(-2, -1))
+    else:
+        amax = bound.float().expand(x.shape[:2])
+    amax = amax.clamp(min=SCALE_EPS)
     scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xf / scale[:, :, None, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     if transpose:
@@ -189,11 +200,14 @@ def check_shapes(q: torch.Tensor) -> None:
                          f"multiple of 16 and at most 256")
 
 
-def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention of q, k, v [B, H, N, D] through fp8: quantize each head, run
+def fp8_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             q_bound: torch.Tensor | None = None, k_bound: torch.Tensor | None = None
+             ) -> torch.Tensor:
+    """Non-causal attention of q, k, v [B, H, N, D] through fp8: quantize each head (q and k
+    with the scales their bounds give, when given: see quantize_heads), run
     kiln::fp8_attention; returns the activation dtype of q."""
     check_shapes(q)
-    q8, qs = quantize_heads(q)
-    k8, ks = quantize_heads(k)
+    q8, qs = quantize_heads(q, bound=q_bound)
+    k8, ks = quantize_heads(k, bound=k_bound)
     vt8, vs = quantize_heads(v, transpose=True)
     return fp8_attention(q8, k8, vt8, qs, ks, vs).to(q.dtype)
