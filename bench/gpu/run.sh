@@ -6,7 +6,8 @@
 #   bench/gpu/run.sh OUTDIR [STAGES]
 #
 # STAGES (comma list; default build,weights,cold,baselines,kiln,warm, in this order; ~9 min):
-#   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release)
+#   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release); runs
+#              those tests unless CTEST=0 (46 s on the H200 host)
 #   weights    flux-dev repository with synthetic seeded bf16 weights, generated on the GPU
 #              (runs while `build` compiles)
 #   tiny       (on request) flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives
@@ -110,9 +111,11 @@ if has build; then
       pipeline_weights_test > "$OUT/logs/build.log" 2>&1; } \
     || { grep -E "error|Error" "$OUT/logs/build.log" "$OUT/logs/configure.log" | head -40; fail build; }
   log "built in $(( $(date +%s) - start )) s"
-  (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" \
-     --output-on-failure > "$OUT/logs/ctest.log" 2>&1) && log "ctest passed" \
-    || { grep -E "Failed|SEGFAULT|FAILED" "$OUT/logs/ctest.log" | head; fail ctest; }
+  if [ "${CTEST:-1}" = 1 ]; then
+    (cd "$WORK/build" && ctest -R "tokenizer|safetensors|scheduler|png|artifact_key|weights" \
+       --output-on-failure > "$OUT/logs/ctest.log" 2>&1) && log "ctest passed" \
+      || { grep -E "Failed|SEGFAULT|FAILED" "$OUT/logs/ctest.log" | head; fail ctest; }
+  fi
 fi
 
 if has tiny; then
