@@ -14,7 +14,9 @@ kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOpti
   max_autotune  Inductor autotuning (longer compiles, faster kernels on GPUs)
   fuse_qkv      transformer: one fused QKV projection per attention stream
   attention     transformer: "sdpa" (PyTorch chooses), "cudnn", "flash" or "efficient" (that
-                fused CUDA kernel; CPU targets always use sdpa)
+                fused CUDA kernel; CPU targets always use sdpa), or "fp8" (kiln's Triton e4m3
+                kernel, kiln/models/fp8_attention.py, compiled into the package; precision fp8
+                only)
 Their canonical JSON is part of the artifact key, so the C++ pipeline must pass the same object.
 
 Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "package"}; a checkpoint
@@ -99,6 +101,9 @@ def make_key(model: str, component: str, precision: str, bucket_args: dict, targ
              compile_options: dict) -> tuple[ak.ArtifactKey, dict]:
     from kiln import components
     check_compile_options(compile_options)
+    error = components.precision_option_error(precision, compile_options)
+    if error:
+        raise UsageError(f"--compile-options: {error}")
     if component not in ak.COMPONENTS:
         raise UsageError(f"--component {component!r} is not one of {', '.join(ak.COMPONENTS)}")
     try:

@@ -14,7 +14,9 @@ their packages are compiled under precision "fp8" keys (the C++ pipeline uses on
 every component) and are otherwise identical to the bf16 ones.
 
 Compile options that shape the model (kiln-compile --compile-options): `fuse_qkv` (bool, default
-false) fuses the transformer's attention projections (see kiln.models.flux). Parameters that are
+false) fuses the transformer's attention projections (see kiln.models.flux); `attention` picks the
+attention kernel, "fp8" being kiln's own e4m3 kernel (kiln.models.fp8_attention), allowed with
+precision fp8 only. Parameters that are
 not checkpoint tensors as they are (fused, fp8) are derived at weight-load time: `derivations()`
 says how, and load_weights / the C++ loader compute them from the checkpoint.
 """
@@ -273,6 +275,14 @@ def _example_inputs(specs: list[tuple[str, list[int], torch.dtype]], component: 
     return tuple(out)
 
 
+def precision_option_error(precision: str, options: dict) -> str | None:
+    """Why the model options `options` cannot be built at `precision`, or None: kiln's fp8
+    attention kernel (attention "fp8") belongs to the fp8 precision."""
+    if options.get("attention") == "fp8" and precision != "fp8":
+        return f"compile option attention \"fp8\" needs precision fp8, not {precision}"
+    return None
+
+
 def model_options(compile_options: dict | None) -> dict:
     """The model-shaping options (MODEL_OPTIONS) of a compile-options dict, defaults filled in.
     ValueError for a model option of the wrong type."""
@@ -304,6 +314,9 @@ def build(config: dict, component: str, precision: str, bucket: ak.Bucket, devic
     _check_component(component)
     act = activation_dtype(precision)
     options = model_options(compile_options)
+    error = precision_option_error(precision, options)
+    if error:
+        raise ValueError(error)
     if materialize not in ("empty", "meta"):
         raise ValueError(f"materialize {materialize!r} is not 'empty' or 'meta'")
     specs = _input_shapes(config, component, precision, bucket)

@@ -225,7 +225,7 @@ def test_kiln_compile_refuses_unknown_or_mistyped_options(tiny_repo, capsys):
     assert kc.main(base + ["--compile-options", '{"fuse_qkv": "yes"}']) == 2
     assert "fuse_qkv must be true or false" in capsys.readouterr().err
     assert kc.main(base + ["--compile-options", '{"attention": "fa3"}']) == 2
-    assert 'attention must be one of sdpa, cudnn, flash, efficient, got "fa3"' in \
+    assert 'attention must be one of sdpa, cudnn, flash, efficient, fp8, got "fa3"' in \
         capsys.readouterr().err
     assert kc.main(base + ["--compile-options", '{"attention": "cudnn"}']) == 0
     assert json.loads(capsys.readouterr().out)["digest"] not in (fused,)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.models.quant import make_linear
+from kiln.models.fp8_attention import fp8_sdpa
+from kiln.models.quant import linears_on, make_linear
 
 ROPE_THETA = 10000.0
 TIME_PROJ_DIM = 256  # sinusoidal channels of the timestep / guidance embedding
@@ -187,15 +188,20 @@ def _qkv_names(q: str, k: str, v: str) -> dict[str, tuple[str, ...]]:
 
 
 # Attention kernels a model can be built with (build option `attention`): "sdpa" lets
-# F.scaled_dot_product_attention choose at trace time; the others name one fused CUDA kernel,
-# called as its aten op so that torch.export and torch.compile keep exactly that kernel. On a CPU
-# tensor every choice is "sdpa" (the CPU has one fused kernel).
-ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient")
+# F.scaled_dot_product_attention choose at trace time; "cudnn", "flash" and "efficient" name one
+# fused CUDA kernel, called as its aten op so that torch.export and torch.compile keep exactly
+# that kernel; on a CPU tensor each of these is "sdpa" (the CPU has one fused kernel). "fp8" is
+# kiln's own e4m3 kernel (kiln.models.fp8_attention, the fp8 precision only): q, k, v quantized
+# per head; on a CPU tensor its reference computes the same function.
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "flash", "efficient", "fp8")
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
-         ) -> torch.Tensor:
-    """Non-causal attention of q, k, v [B, H, N, D] with the kernel `backend`."""
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa",
+         qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Non-causal attention of q, k, v [B, H, N, D] with the kernel `backend`. `qk_bounds`
+    (fp8 only): bounds of |q| and |k| that fix their fp8 scales (fp8_sdpa)."""
+    if backend == "fp8":
+        return fp8_sdpa(q, k, v, *(qk_bounds or (None, None)))
     if backend == "sdpa" or not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "cudnn":
@@ -207,13 +213,22 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa
     raise ValueError(f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}")
 
 
+def rms_rope_bound(norms: list[RMSNorm], head_dim: int) -> torch.Tensor:
+    """A bound of |x| for x = RoPE(RMSNorm(.)) through any of `norms`: |RMSNorm(y)_i| <=
+    sqrt(D) * |w_i| (y_i^2 <= sum y^2), and a rotation keeps each channel pair's norm, which is
+    at most sqrt(D) * max|w|. A function of the weights alone: no pass over the activations."""
+    w = torch.stack([n.weight.abs().amax() for n in norms]).amax()
+    return w.float() * math.sqrt(head_dim)
+
+
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa") -> torch.Tensor:
+               rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa",
+               qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D]."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q = apply_rope(q, *rope)
     k = apply_rope(k, *rope)
-    out = sdpa(q, k, v, backend)
+    out = sdpa(q, k, v, backend, qk_bounds)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -259,12 +274,12 @@ class JointAttention(nn.Module):
     def _img_qkv(self, img: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fuse_qkv:
             return self.to_qkv(img).chunk(3, dim=-1)
-        return self.to_q(img), self.to_k(img), self.to_v(img)
+        return tuple(linears_on(img, (self.to_q, self.to_k, self.to_v)))
 
     def _txt_qkv(self, txt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fuse_qkv:
             return self.add_qkv_proj(txt).chunk(3, dim=-1)
-        return self.add_q_proj(txt), self.add_k_proj(txt), self.add_v_proj(txt)
+        return tuple(linears_on(txt, (self.add_q_proj, self.add_k_proj, self.add_v_proj)))
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +291,11 @@ class JointAttention(nn.Module):
         k = torch.cat([self.norm_added_k(_split_heads(tk, d)),
                        self.norm_k(_split_heads(ik, d))], dim=1)
         v = torch.cat([_split_heads(tv, d), _split_heads(iv, d)], dim=1)
-        out = _attention(q, k, v, rope, self.attention)
+        bounds = None
+        if self.attention == "fp8":
+            bounds = (rms_rope_bound([self.norm_q, self.norm_added_q], d),
+                      rms_rope_bound([self.norm_k, self.norm_added_k], d))
+        out = _attention(q, k, v, rope, self.attention, bounds)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -307,16 +326,25 @@ class SelfAttention(nn.Module):
             return {}
         return {f"to_qkv.{n}": s for n, s in _qkv_names("to_q", "to_k", "to_v").items()}
 
+    def qkv_linears(self) -> tuple[nn.Module, ...]:
+        """The projections of the input, in order: (to_qkv,) or (to_q, to_k, to_v)."""
+        return (self.to_qkv,) if self.fuse_qkv else (self.to_q, self.to_k, self.to_v)
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.attend(linears_on(x, self.qkv_linears()), rope)
+
+    def attend(self, projected: list[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor]
+               ) -> torch.Tensor:
+        """Attention of the outputs of qkv_linears() (one fused or three tensors)."""
         d = self.head_dim
-        if self.fuse_qkv:
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        q, k, v = projected[0].chunk(3, dim=-1) if self.fuse_qkv else projected
         q = self.norm_q(_split_heads(q, d))
         k = self.norm_k(_split_heads(k, d))
         v = _split_heads(v, d)
-        return _attention(q, k, v, rope, self.attention)
+        bounds = None
+        if self.attention == "fp8":
+            bounds = (rms_rope_bound([self.norm_q], d), rms_rope_bound([self.norm_k], d))
+        return _attention(q, k, v, rope, self.attention, bounds)
 
 
 class DoubleStreamBlock(nn.Module):
@@ -360,8 +388,10 @@ class SingleStreamBlock(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
         h = modulate(x, shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        out = self.proj_out(torch.cat([self.attn(h, rope), mlp], dim=-1))
+        # One input for the attention projections and the MLP: fp8 quantizes it once.
+        *qkv, mlp = linears_on(h, self.attn.qkv_linears() + (self.proj_mlp,))
+        mlp = F.gelu(mlp, approximate="tanh")
+        out = self.proj_out(torch.cat([self.attn.attend(qkv, rope), mlp], dim=-1))
         return x + gate[:, None] * out
 
 

@@ -136,11 +136,13 @@ class Fp8Linear(nn.Module):
                 "weight_scale": ("fp8_rowwise_scale", "weight")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        xf = x2.to(torch.float32)
-        scale_a = _amax_scale(xf)
-        xq = (xf / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        xq, scale_a = quantize_rows(x)
+        return self.forward_quantized(xq, scale_a, x.shape[:-1])
+
+    def forward_quantized(self, xq: torch.Tensor, scale_a: torch.Tensor, lead: torch.Size
+                          ) -> torch.Tensor:
+        """The linear of an input already quantized by quantize_rows (xq [M, in], scale_a
+        [M, 1]); `lead` is the input's shape without its last dim."""
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)
         y = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale,
                              bias=bias, out_dtype=torch.bfloat16)
@@ -149,6 +151,25 @@ class Fp8Linear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " \
                f"bias={self.bias is not None}, e4m3 row-wise"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fp8Linear's activation quantization of x [..., K]: (xq float8_e4m3fn [M, K], scale_a
+    float32 [M, 1]) over the M = prod(lead) rows, scale_a = max(amax(|row|), eps) / 448."""
+    xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    scale_a = _amax_scale(xf)
+    return (xf / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale_a
+
+
+def linears_on(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """[linear(x) for linear in linears], with one quantization of x shared by all of them when
+    they are all Fp8Linear (same result as quantizing for each: the quantization is a function
+    of x alone). The producer of x (norm + modulation) then fuses with a single amax + cast
+    instead of one per consumer."""
+    if len(linears) > 1 and all(isinstance(m, Fp8Linear) for m in linears):
+        xq, scale_a = quantize_rows(x)
+        return [m.forward_quantized(xq, scale_a, x.shape[:-1]) for m in linears]
+    return [m(x) for m in linears]
 
 
 def make_linear(fp8: bool):
