@@ -1,6 +1,8 @@
 #include "coordinator/coordinator.h"
 
 #include <algorithm>
+#include <functional>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/ascii.h"
@@ -64,6 +66,10 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_pending_waits < 1) return InvalidField("max_pending_waits", "must be at least 1");
   if (max_queued_jobs < 1) return InvalidField("max_queued_jobs", "must be at least 1");
   if (max_nodes < 1) return InvalidField("max_nodes", "must be at least 1");
+  if (auto s = costs.Validate(); !s.ok()) {
+    return WithField(absl::InvalidArgumentError(absl::StrCat("costs.", s.message())),
+                     absl::StrCat("costs.", ErrorField(s)));
+  }
   return absl::OkStatus();
 }
 
@@ -84,7 +90,8 @@ Coordinator::Coordinator(const CoordinatorOptions& options, JobStore& store, con
       store_(store),
       clock_(clock),
       metrics_(metrics),
-      log_(log ? std::move(log) : kiln::LineLogger("coordinator")) {
+      log_(log ? std::move(log) : kiln::LineLogger("coordinator")),
+      costs_(options.costs) {
   next_heartbeat_ms_ = clock_.NowMs();
   UpdateNodeGauges();
   metrics_.queue_depth.Set(0);
@@ -395,6 +402,8 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   // were requeued when it was declared so.
   node->info = std::move(info);
   node->state = kiln::v1::NODE_STATE_READY;
+  node->device_class = DeviceClass(node->info.device());
+  index_.Update(node->info);
   if (auto claimed = unclaimed_.find(node_id); claimed != unclaimed_.end()) {
     // Jobs it ran before a coordinator restart: assigned to it again; its heartbeats must list
     // them within the usual grace, counted from now.
@@ -443,7 +452,10 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
     mine = set;
     changed = true;
   }
-  if (changed) placement_dirty_ = true;
+  if (changed) {
+    index_.Update(info);
+    placement_dirty_ = true;
+  }
 
   // Reconcile what the node says it runs with what it was given.
   const std::set<std::string> running(message.running_jobs().begin(),
@@ -529,6 +541,9 @@ absl::Status Coordinator::ApplyResult(NodeRecord* node, const std::string& node_
   ActiveJob& job = it->second;
   if (node != nullptr) node->jobs_done++;
   const double run_seconds = SecondsSince(job.assigned_ms);
+  if (node != nullptr && message.ok() && !job.cancelled) {
+    costs_.Observe(node_id, node->info.device(), job.spec, message, run_seconds);
+  }
   metrics_.run_seconds.Observe(run_seconds);
   if (job.cancelled) {
     ReleaseFromNode(job_id, job);
@@ -591,6 +606,11 @@ void Coordinator::Tick() {
   }
 
   if (!unclaimed_.empty() && now >= unclaimed_deadline_ms_) RequeueUnclaimed();
+  if (jobs_held_ && now >= next_held_pass_ms_) {
+    // Jobs kept for busy nodes: look again as the nodes' expected finish times pass.
+    next_held_pass_ms_ = now + options_.heartbeat_interval_ms;
+    placement_dirty_ = true;
+  }
 
   const int64_t dead_after = options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
   for (auto& [id, node] : nodes_) {
@@ -638,6 +658,10 @@ std::vector<Outgoing> Coordinator::TakeOutgoing() {
 
 void Coordinator::Enqueue(const std::string& job_id, ActiveJob& job) {
   job.node_id.clear();
+  if (job.kind.empty()) {
+    job.kind = PackageSetKey(job.spec.model(), job.spec.precision(), job.spec.width(),
+                             job.spec.height());
+  }
   queue_.emplace(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id);
   if (job.spec.deadline_unix_ms() > 0) deadlines_.emplace(job.spec.deadline_unix_ms(), job_id);
   metrics_.queue_depth.Set(static_cast<double>(queue_.size()));
@@ -653,47 +677,172 @@ void Coordinator::Dequeue(const std::string& job_id, const ActiveJob& job) {
 void Coordinator::PlaceJobs() {
   if (!placement_dirty_) return;
   placement_dirty_ = false;
+  jobs_held_ = false;
   if (queue_.empty()) return;
-  std::vector<NodeRecord*> free;
+  const int64_t now = clock_.NowMs();
+  const double floor_s = costs_.options().overrun_floor_seconds;
+
+  // The READY nodes as this pass sees them: when each slot frees (seconds from now, a min-heap),
+  // and a version that changes whenever a job is given to or kept for the node.
+  struct PassNode {
+    NodeRecord* node = nullptr;
+    std::vector<double> slots;
+    int free = 0;
+    uint32_t version = 0;
+    double avail() const { return slots.front(); }
+  };
+  std::vector<PassNode> pass;
+  absl::flat_hash_map<absl::string_view, size_t> by_id;
+  int free_total = 0;
   for (auto& [id, node] : nodes_) {
-    if (node.state == kiln::v1::NODE_STATE_READY &&
-        static_cast<int>(node.jobs.size()) < options_.max_jobs_per_node) {
-      free.push_back(&node);
+    if (node.state != kiln::v1::NODE_STATE_READY) continue;
+    PassNode p;
+    p.node = &node;
+    p.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
+    p.slots.assign(p.free, 0.0);
+    for (const auto& job_id : node.jobs) {
+      auto it = active_.find(job_id);
+      double end_ms = 0;
+      if (it != active_.end()) {
+        end_ms = it->second.expected_end_ms > 0
+                     ? it->second.expected_end_ms
+                     : it->second.assigned_ms +
+                           1000 * costs_.RunSeconds(node.info.device(), it->second.spec);
+      }
+      p.slots.push_back(std::max(floor_s, (end_ms - now) / 1000.0));
     }
+    std::sort(p.slots.begin(), p.slots.end());
+    p.slots.resize(std::max<size_t>(1, std::min<size_t>(p.slots.size(),
+                                                        options_.max_jobs_per_node)));
+    free_total += p.free;
+    by_id.emplace(id, pass.size());
+    pass.push_back(std::move(p));
   }
-  if (free.empty()) return;
+  if (free_total == 0) return;
+  auto reserve = [&](PassNode& p, double seconds) {
+    std::pop_heap(p.slots.begin(), p.slots.end(), std::greater<>());
+    p.slots.back() += seconds;
+    std::push_heap(p.slots.begin(), p.slots.end(), std::greater<>());
+    ++p.version;
+  };
+  for (PassNode& p : pass) std::make_heap(p.slots.begin(), p.slots.end(), std::greater<>());
+
+  // Per job kind met in this pass: its capable READY nodes in heaps by device class, ordered by
+  // (ready in: slot wait + cold start, active jobs, last assignment, node id).
+  struct HeapEntry {
+    double ready_s = 0;
+    int active = 0;
+    int64_t last_assigned_ms = 0;
+    const std::string* id = nullptr;
+    size_t node = 0;  // into pass
+    uint32_t version = 0;
+    double cold_s = 0;
+    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, *id); }
+  };
+  auto later = [](const HeapEntry& a, const HeapEntry& b) { return a.Key() > b.Key(); };
+  struct Group {
+    CostModel::RunEstimate run;
+    std::vector<HeapEntry> heap;
+  };
+  struct KindState {
+    std::vector<Group> groups;
+    std::optional<std::string> no_node_reason;  // computed when no READY node can run it
+  };
+  absl::flat_hash_map<std::string, KindState> kinds;
+  auto fill = [&](HeapEntry& e) {
+    const PassNode& p = pass[e.node];
+    e.ready_s = p.avail() + e.cold_s;
+    e.active = static_cast<int>(p.node->jobs.size());
+    e.last_assigned_ms = p.node->last_assigned_ms;
+    e.version = p.version;
+  };
+  auto build = [&](const ActiveJob& job, KindState& state) {
+    const auto& capable = index_.Capable(job.kind, job.spec);
+    bool shared = costs_.InSharedStore(job.kind);
+    for (const auto& entry : capable) shared = shared || entry.warmth != Warmth::kCold;
+    absl::flat_hash_map<absl::string_view, size_t> group_of;
+    for (const auto& entry : capable) {
+      auto it = by_id.find(entry.node_id);
+      if (it == by_id.end()) continue;
+      const NodeRecord& node = *pass[it->second].node;
+      ColdTier tier = entry.warmth == Warmth::kLoaded      ? ColdTier::kResident
+                      : entry.warmth == Warmth::kLocalDisk ? ColdTier::kLocalDisk
+                      : shared                             ? ColdTier::kSharedStore
+                                                           : ColdTier::kCompile;
+      auto [g, inserted] = group_of.try_emplace(node.device_class, state.groups.size());
+      if (inserted) {
+        state.groups.push_back({costs_.Run(node.device_class, node.info.device(), job.kind,
+                                           job.spec.width(), job.spec.height()),
+                                {}});
+      }
+      HeapEntry e;
+      e.id = &node.info.node_id();
+      e.node = it->second;
+      e.cold_s = costs_.ColdStartSeconds(node.info.node_id(), node.device_class, tier);
+      fill(e);
+      state.groups[g->second].heap.push_back(e);
+    }
+    for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
+  };
+
   const int64_t now_unix = clock_.UnixMs();
   const std::vector<QueueKey> order(queue_.begin(), queue_.end());
-  std::vector<Candidate> candidates;
   for (const auto& key : order) {
-    if (free.empty()) break;
+    if (free_total == 0) break;
     const std::string& job_id = std::get<2>(key);
     auto it = active_.find(job_id);
     if (it == active_.end()) continue;
     ActiveJob& job = it->second;
     if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
-    candidates.clear();
-    for (const NodeRecord* node : free) {
-      candidates.push_back({&node->info, static_cast<int>(node->jobs.size()),
-                            node->last_assigned_ms});
+    auto [kind_it, inserted] = kinds.try_emplace(job.kind);
+    KindState& state = kind_it->second;
+    if (inserted) build(job, state);
+
+    // The node where this job is expected to finish first: the top of each class's heap.
+    Group* best_group = nullptr;
+    std::tuple<double, int, int64_t, absl::string_view> best_key;
+    for (Group& g : state.groups) {
+      while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
+        std::pop_heap(g.heap.begin(), g.heap.end(), later);
+        fill(g.heap.back());
+        std::push_heap(g.heap.begin(), g.heap.end(), later);
+      }
+      if (g.heap.empty()) continue;
+      const HeapEntry& top = g.heap.front();
+      auto k = std::make_tuple(top.ready_s + g.run.For(job.spec.steps()), top.active,
+                               top.last_assigned_ms, absl::string_view(*top.id));
+      if (best_group == nullptr || k < best_key) {
+        best_group = &g;
+        best_key = k;
+      }
     }
-    const int chosen = ChooseNode(candidates, job.spec);
-    if (chosen < 0) {
-      UpdateWaitingReason(job_id, job);
+    if (best_group == nullptr) {
+      if (!state.no_node_reason) state.no_node_reason = WaitingReasonFor(job.spec);
+      SetWaitingReason(job_id, job, *state.no_node_reason);
       continue;
     }
-    NodeRecord& node = *free[chosen];
-    if (!Assign(job_id, job, node)) {
+    SetWaitingReason(job_id, job, "");
+    const HeapEntry& top = best_group->heap.front();
+    PassNode& p = pass[top.node];
+    const double cost = top.cold_s + best_group->run.For(job.spec.steps());
+    if (p.free == 0) {
+      // Expected to finish sooner by waiting for this busy node than anywhere free now.
+      reserve(p, cost);
+      jobs_held_ = true;
+      continue;
+    }
+    if (!Assign(job_id, job, *p.node, cost)) {
       placement_dirty_ = true;  // the store refused; try again on the next event
       break;
     }
-    if (static_cast<int>(node.jobs.size()) >= options_.max_jobs_per_node) {
-      free.erase(free.begin() + chosen);
-    }
+    reserve(p, cost);
+    --p.free;
+    --free_total;
   }
 }
 
-bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node) {
+bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node,
+                         double expected_s) {
   const std::string& node_id = node.info.node_id();
   const Warmth warmth = WarmthFor(node.info, job.spec);
   auto updated = store_.Update(job_id, [&](JobInfo& j) {
@@ -717,6 +866,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   job.node_id = node_id;
   job.attempt = updated->attempts();
   job.assigned_ms = clock_.NowMs();
+  job.expected_end_ms = job.assigned_ms + static_cast<int64_t>(1000 * expected_s);
   job.waiting_reason.clear();
   node.jobs.insert(job_id);
   node.last_assigned_ms = job.assigned_ms;
@@ -726,32 +876,30 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   env.mutable_assign()->set_attempt(job.attempt);
   SendToNode(node_id, std::move(env));
   Log(absl::StrCat("job ", job_id, " assigned to node ", node_id, " (attempt ", job.attempt,
-                   ", packages ", WarmthName(warmth), ")"));
+                   ", packages ", WarmthName(warmth),
+                   absl::StrFormat(", expected %.1f s", expected_s), ")"));
   NotifyWaiters(*updated, /*final=*/false);
   return true;
 }
 
-void Coordinator::UpdateWaitingReason(const std::string& job_id, ActiveJob& job) {
-  if (absl::StartsWith(job.waiting_reason, kRequeuedPrefix)) return;  // kept until assigned
+std::string Coordinator::WaitingReasonFor(const kiln::v1::JobSpec& spec) const {
   std::vector<std::string> why;
-  bool capable = false;
   int ready = 0;
   for (const auto& [id, node] : nodes_) {
     if (node.state != kiln::v1::NODE_STATE_READY) continue;
     ++ready;
-    absl::Status s = CheckCapable(node.info, job.spec);
-    if (s.ok()) {
-      capable = true;
-      break;
-    }
+    absl::Status s = CheckCapable(node.info, spec);
+    if (s.ok()) return "";
     if (why.size() < 3) why.emplace_back(s.message());
   }
-  std::string reason;
-  if (!capable) {
-    reason = ready == 0 ? "waiting: no node is ready"
-                        : absl::StrCat("waiting: no ready node can run it (",
-                                       absl::StrJoin(why, "; "), ready > 3 ? "; ..." : "", ")");
-  }
+  return ready == 0 ? "waiting: no node is ready"
+                    : absl::StrCat("waiting: no ready node can run it (", absl::StrJoin(why, "; "),
+                                   ready > 3 ? "; ..." : "", ")");
+}
+
+void Coordinator::SetWaitingReason(const std::string& job_id, ActiveJob& job,
+                                   const std::string& reason) {
+  if (absl::StartsWith(job.waiting_reason, kRequeuedPrefix)) return;  // kept until assigned
   if (reason == job.waiting_reason) return;
   job.waiting_reason = reason;
   auto s = store_.Update(job_id, [&](JobInfo& j) {
@@ -959,6 +1107,8 @@ void Coordinator::MakeRoomForNode() {
       }
     }
     if (oldest == nodes_.end()) return;
+    index_.Remove(oldest->first);
+    costs_.ForgetNode(oldest->first);
     nodes_.erase(oldest);
   }
   UpdateNodeGauges();

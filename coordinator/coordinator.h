@@ -36,6 +36,7 @@
 #include "common/proto/kiln.pb.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
+#include "coordinator/placement.h"
 #include "coordinator/validation.h"
 
 namespace kiln::coordinator {
@@ -52,6 +53,7 @@ struct CoordinatorOptions {
   size_t max_pending_waits = 10000;      // Wait requests held at once; more: RESOURCE_EXHAUSTED
   size_t max_queued_jobs = 100000;       // jobs waiting for a node; more: RESOURCE_EXHAUSTED
   size_t max_nodes = 1024;               // node table size; DEAD/LEFT entries are evicted first
+  CostModelOptions costs;                // priors of placement's expected run and cold-start times
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -136,6 +138,8 @@ class Coordinator {
   std::vector<Outgoing> TakeOutgoing();
 
   const CoordinatorOptions& options() const { return options_; }
+  // What placement has learned (run times per device class and job kind, cold starts per node).
+  const CostModel& costs() const { return costs_; }
   size_t queue_depth() const { return queue_.size(); }
   size_t pending_waits() const { return waits_.size(); }
 
@@ -148,6 +152,7 @@ class Coordinator {
     int64_t last_assigned_ms = 0;   // monotonic; 0 = never
     uint32_t jobs_done = 0;
     std::set<std::string> jobs;     // assigned to it and not yet released
+    std::string device_class;       // DeviceClass(info.device()): whose run times it shares
   };
   // The in-memory side of a job that is queued, running, or cancelled while still on a node.
   struct ActiveJob {
@@ -160,6 +165,8 @@ class Coordinator {
     uint32_t attempt = 0;           // attempt number of the current assignment
     bool cancelled = false;         // cancelled while on node_id; the slot is still taken
     std::string waiting_reason;     // last "waiting: ..." written to the store
+    std::string kind;               // PackageSetKey of the spec: what placement indexes by
+    int64_t expected_end_ms = 0;    // monotonic: assigned_ms + expected cold start and run
   };
   // Queue order: higher priority first, then submit order.
   using QueueKey = std::tuple<int64_t, uint64_t, std::string>;  // (-priority, seq, job_id)
@@ -178,12 +185,22 @@ class Coordinator {
   // lost during a Redis outage, then submitted again).
   void Adopt(const kiln::v1::JobInfo& job);
 
-  // Queue and placement. PlaceJobs() does nothing unless placement_dirty_.
+  // Queue and placement. PlaceJobs() does nothing unless placement_dirty_. It walks the queue in
+  // order and gives each job the READY node where it is expected to finish first (the node's
+  // wait for a slot + the job's cold start there + its run time on that device class); a job
+  // whose best node is busy stays queued and that node's expected wait grows by it, so the jobs
+  // behind it see the node as it will be. Nodes are found through index_ by job kind and kept
+  // per device class in heaps ordered by (wait + cold start), so placing one job costs
+  // O(device classes × log nodes) after the first job of its kind in the pass.
   void Enqueue(const std::string& job_id, ActiveJob& job);
   void Dequeue(const std::string& job_id, const ActiveJob& job);
   void PlaceJobs();
-  bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node);
-  void UpdateWaitingReason(const std::string& job_id, ActiveJob& job);
+  bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node, double expected_s);
+  // Writes `reason` ("" or "waiting: ...") as the job's error unless it was requeued.
+  void SetWaitingReason(const std::string& job_id, ActiveJob& job, const std::string& reason);
+  // Why no ready node can run `spec`: "waiting: no node is ready" or "waiting: no ready node can
+  // run it (...)"; "" when a ready node can.
+  std::string WaitingReasonFor(const kiln::v1::JobSpec& spec) const;
 
   // Transitions.
   // Frees `job_id` from its node and requeues it, or after max_attempts fails it with
@@ -237,6 +254,10 @@ class Coordinator {
   uint64_t next_seq_ = 0;
   int64_t next_heartbeat_ms_ = 0;
   bool placement_dirty_ = false;  // something changed that may let a queued job be placed
+  bool jobs_held_ = false;        // the last pass kept a job queued for a busy node
+  int64_t next_held_pass_ms_ = 0; // monotonic: when Tick runs a pass again for held jobs
+  CostModel costs_;
+  NodeIndex index_;
 
   std::map<uint64_t, PendingWait> waits_;
   std::multimap<std::string, uint64_t> waits_by_job_;

@@ -1,6 +1,7 @@
 #include "coordinator/placement.h"
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "absl/strings/numbers.h"
@@ -8,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "common/job_spec.h"
+#include "common/status.h"
 
 namespace kiln::coordinator {
 namespace {
@@ -171,6 +173,230 @@ int ChooseNode(const std::vector<Candidate>& candidates, const kiln::v1::JobSpec
     }
   }
   return best;
+}
+
+}  // namespace kiln::coordinator
+
+namespace kiln::coordinator {
+
+// ---------------------------------------------------------------------------------------------
+// Expected finish time
+
+const char* ColdTierName(ColdTier t) {
+  switch (t) {
+    case ColdTier::kResident:
+      return "resident";
+    case ColdTier::kLocalDisk:
+      return "local";
+    case ColdTier::kSharedStore:
+      return "shared";
+    case ColdTier::kCompile:
+      break;
+  }
+  return "compiled";
+}
+
+ColdTier ColdTierOfResult(const kiln::v1::JobResult& result) {
+  ColdTier tier = ColdTier::kResident;
+  for (const auto& [component, where] : result.packages()) {
+    ColdTier t = ColdTier::kResident;
+    if (where == "compiled") {
+      t = ColdTier::kCompile;
+    } else if (where == "shared") {
+      t = ColdTier::kSharedStore;
+    } else if (where == "local") {
+      t = ColdTier::kLocalDisk;
+    }
+    tier = std::max(tier, t);
+  }
+  return tier;
+}
+
+std::string DeviceClass(const kiln::v1::DeviceInfo& device) {
+  std::string name = device.name().empty() ? device.kind() : device.name();
+  if (name.empty()) name = "cpu";
+  if (!device.mig_profile().empty()) absl::StrAppend(&name, " MIG ", device.mig_profile());
+  return name;
+}
+
+absl::Status CostModelOptions::Validate() const {
+  auto positive = [](double v) { return v > 0 && v < 1e9; };
+  auto non_negative = [](double v) { return v >= 0 && v < 1e9; };
+  if (!positive(prior_step_seconds)) {
+    return kiln::InvalidField("prior_step_seconds", "must be positive");
+  }
+  if (!non_negative(prior_job_seconds)) {
+    return kiln::InvalidField("prior_job_seconds", "must not be negative");
+  }
+  if (!positive(cpu_factor)) return kiln::InvalidField("cpu_factor", "must be positive");
+  if (!non_negative(prior_local_seconds)) {
+    return kiln::InvalidField("prior_local_seconds", "must not be negative");
+  }
+  if (!non_negative(prior_shared_seconds)) {
+    return kiln::InvalidField("prior_shared_seconds", "must not be negative");
+  }
+  if (!non_negative(prior_compile_seconds)) {
+    return kiln::InvalidField("prior_compile_seconds", "must not be negative");
+  }
+  if (!(learning_rate > 0 && learning_rate <= 1)) {
+    return kiln::InvalidField("learning_rate", "must be in (0, 1]");
+  }
+  if (!non_negative(overrun_floor_seconds)) {
+    return kiln::InvalidField("overrun_floor_seconds", "must not be negative");
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+double Megapixels(uint32_t width, uint32_t height) {
+  return static_cast<double>(width) * height / 1e6;
+}
+
+// The prior seconds per step on `device`, before any correction learned for its class.
+double PriorStepSeconds(const CostModelOptions& o, const kiln::v1::DeviceInfo& device,
+                        uint32_t width, uint32_t height) {
+  double factor = 1;
+  if (device.kind() == "cpu" || device.kind().empty()) {
+    factor = o.cpu_factor;
+  } else if (device.sm_count() > 0 && o.reference_sm_count > 0) {
+    factor = static_cast<double>(o.reference_sm_count) / device.sm_count();
+  }
+  return o.prior_step_seconds * Megapixels(width, height) * factor;
+}
+
+std::string ColdKey(absl::string_view who, ColdTier tier) {
+  return absl::StrCat(who, "|", static_cast<int>(tier));
+}
+
+}  // namespace
+
+void CostModel::Add(Average& a, double x) const {
+  a.value = a.count == 0 ? x : a.value + options_.learning_rate * (x - a.value);
+  ++a.count;
+}
+
+void CostModel::Observe(const std::string& node_id, const kiln::v1::DeviceInfo& device,
+                        const kiln::v1::JobSpec& spec, const kiln::v1::JobResult& result,
+                        double measured_run_seconds) {
+  if (!result.ok()) return;
+  const std::string key =
+      PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height());
+  shared_[key] = true;
+  const std::string cls = DeviceClass(device);
+  const double total = result.run_seconds() > 0 ? result.run_seconds() : measured_run_seconds;
+  const double cold = std::max(0.0, result.cold_start().total_seconds());
+  const double warm = std::max(0.0, total - cold);
+  if (spec.steps() > 0 && std::isfinite(warm)) {
+    const double per_step = warm / spec.steps();
+    Add(step_seconds_[absl::StrCat(cls, "|", key)], per_step);
+    const double prior = PriorStepSeconds(options_, device, spec.width(), spec.height()) +
+                         options_.prior_job_seconds / spec.steps();
+    if (prior > 0) Add(class_factor_[cls], per_step / prior);
+  }
+  const ColdTier tier = ColdTierOfResult(result);
+  if (tier != ColdTier::kResident && std::isfinite(cold)) {
+    Add(node_cold_[ColdKey(node_id, tier)], cold);
+    Add(class_cold_[ColdKey(cls, tier)], cold);
+  }
+}
+
+CostModel::RunEstimate CostModel::Run(const std::string& device_class,
+                                      const kiln::v1::DeviceInfo& device, const std::string& key,
+                                      uint32_t width, uint32_t height) const {
+  RunEstimate r;
+  if (auto it = step_seconds_.find(absl::StrCat(device_class, "|", key));
+      it != step_seconds_.end()) {
+    r.step_seconds = it->second.value;
+    return r;
+  }
+  double factor = 1;
+  if (auto it = class_factor_.find(device_class); it != class_factor_.end()) {
+    factor = it->second.value;
+  }
+  r.step_seconds = PriorStepSeconds(options_, device, width, height) * factor;
+  r.fixed_seconds = options_.prior_job_seconds * factor;
+  return r;
+}
+
+double CostModel::RunSeconds(const kiln::v1::DeviceInfo& device,
+                             const kiln::v1::JobSpec& spec) const {
+  return Run(DeviceClass(device), device,
+             PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height()),
+             spec.width(), spec.height())
+      .For(spec.steps());
+}
+
+double CostModel::ColdStartSeconds(const std::string& node_id, const std::string& device_class,
+                                   ColdTier tier) const {
+  if (tier == ColdTier::kResident) return 0;
+  if (auto it = node_cold_.find(ColdKey(node_id, tier)); it != node_cold_.end()) {
+    return it->second.value;
+  }
+  if (auto it = class_cold_.find(ColdKey(device_class, tier)); it != class_cold_.end()) {
+    return it->second.value;
+  }
+  switch (tier) {
+    case ColdTier::kLocalDisk:
+      return options_.prior_local_seconds;
+    case ColdTier::kSharedStore:
+      return options_.prior_shared_seconds;
+    default:
+      return options_.prior_compile_seconds;
+  }
+}
+
+void CostModel::ForgetNode(const std::string& node_id) {
+  for (ColdTier t : {ColdTier::kLocalDisk, ColdTier::kSharedStore, ColdTier::kCompile}) {
+    node_cold_.erase(ColdKey(node_id, t));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// NodeIndex
+
+void NodeIndex::Refresh(Kind& kind, const kiln::v1::NodeInfo& info) {
+  auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), info.node_id(),
+                             [](const Entry& e, const std::string& id) { return e.node_id < id; });
+  const bool present = it != kind.nodes.end() && it->node_id == info.node_id();
+  if (!CheckCapable(info, kind.spec).ok()) {
+    if (present) kind.nodes.erase(it);
+    return;
+  }
+  const Warmth warmth = WarmthFor(info, kind.spec);
+  if (present) {
+    it->warmth = warmth;
+  } else {
+    kind.nodes.insert(it, Entry{info.node_id(), warmth});
+  }
+}
+
+void NodeIndex::Update(const kiln::v1::NodeInfo& info) {
+  const kiln::v1::NodeInfo& mine = nodes_[info.node_id()] = info;
+  for (auto& [key, kind] : kinds_) Refresh(kind, mine);
+}
+
+void NodeIndex::Remove(const std::string& node_id) {
+  if (nodes_.erase(node_id) == 0) return;
+  for (auto& [key, kind] : kinds_) {
+    auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), node_id,
+                               [](const Entry& e, const std::string& id) { return e.node_id < id; });
+    if (it != kind.nodes.end() && it->node_id == node_id) kind.nodes.erase(it);
+  }
+}
+
+const std::vector<NodeIndex::Entry>& NodeIndex::Capable(const std::string& key,
+                                                        const kiln::v1::JobSpec& spec) {
+  auto [it, inserted] = kinds_.try_emplace(key);
+  Kind& kind = it->second;
+  if (inserted) {
+    kind.spec.set_model(spec.model());
+    kind.spec.set_precision(spec.precision());
+    kind.spec.set_width(spec.width());
+    kind.spec.set_height(spec.height());
+    for (const auto& [id, info] : nodes_) Refresh(kind, info);
+  }
+  return kind.nodes;
 }
 
 }  // namespace kiln::coordinator

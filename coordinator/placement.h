@@ -1,5 +1,9 @@
-// Placement v1: which nodes can run a job, and which of them should. Pure functions of the
-// node table and the job, so they are tested without a coordinator. Thread-safe (no state).
+// Placement: which nodes can run a job (pure functions of the node table and the job), what a
+// job would cost on each (CostModel, learned from finished jobs), and an index of which nodes
+// can run which kind of job (NodeIndex), so that the Coordinator's placement pass looks only at
+// the nodes that serve a job's (model, precision, size) and scales with the fleet, not with
+// queued jobs × nodes. The functions are thread-safe (no state); CostModel and NodeIndex are
+// thread-compatible (the Coordinator's thread).
 //
 // Eligible: the node is READY with a free slot, serves the job's model, serves its precision and
 // size (see below), its device can run the precision (a cpu device cannot run fp8; a cuda device
@@ -19,10 +23,11 @@
 
 #include <cstdint>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "common/proto/kiln.pb.h"
 
 namespace kiln::coordinator {
@@ -59,8 +64,122 @@ struct Candidate {
   int64_t last_assigned_ms = 0;   // monotonic ms of its last assignment (0: never)
 };
 
-// Index into `candidates` of the best one for `spec` among those CheckCapable accepts, or -1.
-// The caller passes only READY nodes with a free slot.
+// Index into `candidates` of the best one for `spec` among those CheckCapable accepts, or -1,
+// by the fixed preference alone (loaded > local disk > cold, then fewest active jobs, idle
+// longest, node id): what the expected-finish policy reduces to among equal devices with no
+// queue. The Coordinator places with CostModel and NodeIndex; this is kept for callers that
+// have no costs. The caller passes only READY nodes with a free slot.
 int ChooseNode(const std::vector<Candidate>& candidates, const kiln::v1::JobSpec& spec);
+
+// ---- Expected finish time
+
+// What a job would cost a node before it can start denoising, cheapest first: its packages are
+// loaded (resident), on its local disk, in the shared store (fetched), or must be compiled.
+enum class ColdTier { kResident = 0, kLocalDisk = 1, kSharedStore = 2, kCompile = 3 };
+const char* ColdTierName(ColdTier t);  // "resident", "local", "shared", "compiled" (the wire's)
+// The tier a finished job paid, from JobResult.packages (component → the wire's words): the most
+// expensive component's.
+ColdTier ColdTierOfResult(const kiln::v1::JobResult& result);
+// The class of device whose run times are learned together: the device name, with " MIG
+// <profile>" for a MIG slice (e.g. "NVIDIA H100 80GB HBM3 MIG 3g.40gb"); the kind when unnamed.
+std::string DeviceClass(const kiln::v1::DeviceInfo& device);
+
+struct CostModelOptions {
+  // Prior run time before a (device class, model, precision, size) has been seen: seconds per
+  // denoising step of a 1-megapixel image on a reference GPU of reference_sm_count SMs, scaled
+  // by the job's pixels and by reference_sm_count / the device's SMs.
+  double prior_step_seconds = 0.25;   // s per step at 1 MP on the reference GPU (H100 bf16 ~0.2)
+  double prior_job_seconds = 1.0;     // s per job besides the steps (text encoders, VAE)
+  uint32_t reference_sm_count = 132;  // SMs of the reference GPU (H100 SXM); 0 SMs: reference
+  double cpu_factor = 200;            // a cpu device's run time over the reference GPU's
+  // Prior cold starts before a node has reported one of the tier (seconds).
+  double prior_local_seconds = 5;     // load packages and weights from local disk
+  double prior_shared_seconds = 20;   // fetch from the shared store, then load
+  double prior_compile_seconds = 180; // compile, then load
+  double learning_rate = 0.3;         // weight of each new observation in the moving averages
+  // Seconds still counted for a running job that has outlived its expected run time.
+  double overrun_floor_seconds = 1;
+
+  // InvalidArgument naming the bad field.
+  absl::Status Validate() const;
+};
+
+// Expected run and cold-start times, learned from finished jobs (exponential moving averages):
+// run time per denoising step per (device class, model, precision, size), cold start per (node,
+// tier) and per (device class, tier), and which job kinds the shared store holds (a job of the
+// kind succeeded somewhere, so its packages were published). Priors before any observation.
+class CostModel {
+ public:
+  explicit CostModel(const CostModelOptions& options = {}) : options_(options) {}
+
+  // A successful result of `spec` on a node with `device`. Run time = run_seconds − cold start
+  // total (the coordinator's measure when the node reports none).
+  void Observe(const std::string& node_id, const kiln::v1::DeviceInfo& device,
+               const kiln::v1::JobSpec& spec, const kiln::v1::JobResult& result,
+               double measured_run_seconds);
+  // Expected run time once the packages are loaded: fixed + per_step × steps.
+  struct RunEstimate {
+    double fixed_seconds = 0;
+    double step_seconds = 0;
+    double For(uint32_t steps) const { return fixed_seconds + step_seconds * steps; }
+  };
+  // For jobs of kind `key` (PackageSetKey) of `width`×`height` on a `device` of `device_class`
+  // (DeviceClass(device)): learned, else the prior scaled by what the class has shown so far.
+  RunEstimate Run(const std::string& device_class, const kiln::v1::DeviceInfo& device,
+                  const std::string& key, uint32_t width, uint32_t height) const;
+  // Seconds `spec` runs on `device` once its packages are loaded.
+  double RunSeconds(const kiln::v1::DeviceInfo& device, const kiln::v1::JobSpec& spec) const;
+  // Seconds node `node_id` (of `device_class`) needs to make a job of tier `tier` ready.
+  double ColdStartSeconds(const std::string& node_id, const std::string& device_class,
+                          ColdTier tier) const;
+  // Whether a job of kind `key` has succeeded anywhere (its packages are in the shared store).
+  bool InSharedStore(const std::string& key) const { return shared_.contains(key); }
+  void ForgetNode(const std::string& node_id);
+
+  const CostModelOptions& options() const { return options_; }
+
+ private:
+  struct Average {
+    double value = 0;
+    uint64_t count = 0;
+  };
+  void Add(Average& a, double x) const;
+
+  CostModelOptions options_;
+  absl::flat_hash_map<std::string, Average> step_seconds_;      // "<class>|<key>"
+  absl::flat_hash_map<std::string, Average> class_factor_;      // class: observed / prior
+  absl::flat_hash_map<std::string, Average> node_cold_;         // "<node>|<tier>"
+  absl::flat_hash_map<std::string, Average> class_cold_;        // "<class>|<tier>"
+  absl::flat_hash_map<std::string, bool> shared_;               // job kinds in the shared store
+};
+
+// Which nodes can run jobs of each kind (PackageSetKey of the spec), and how warm each is for it,
+// kept per kind as nodes register and change, so a placement pass reads a list instead of
+// checking every node. A kind's list is built on first use (one CheckCapable per node) and then
+// kept up to date by Update/Remove (one check per cached kind). Node state and load are not
+// here: the pass reads them from the node table.
+class NodeIndex {
+ public:
+  struct Entry {
+    std::string node_id;
+    Warmth warmth = Warmth::kCold;
+  };
+  // `info` is new or changed (registration, a heartbeat with new packages).
+  void Update(const kiln::v1::NodeInfo& info);
+  void Remove(const std::string& node_id);
+  // The nodes that can run jobs like `spec` (sorted by node id). `key` is PackageSetKey(spec).
+  const std::vector<Entry>& Capable(const std::string& key, const kiln::v1::JobSpec& spec);
+  size_t kinds() const { return kinds_.size(); }
+
+ private:
+  struct Kind {
+    kiln::v1::JobSpec spec;  // model, precision, width, height of the kind
+    std::vector<Entry> nodes;
+  };
+  static void Refresh(Kind& kind, const kiln::v1::NodeInfo& info);
+
+  absl::flat_hash_map<std::string, kiln::v1::NodeInfo> nodes_;  // a copy of every node updated
+  absl::flat_hash_map<std::string, Kind> kinds_;
+};
 
 }  // namespace kiln::coordinator
