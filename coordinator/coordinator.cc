@@ -67,7 +67,7 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_queued_jobs < 1) return InvalidField("max_queued_jobs", "must be at least 1");
   if (max_nodes < 1) return InvalidField("max_nodes", "must be at least 1");
   if (auto s = costs.Validate(); !s.ok()) {
-    return WithField(absl::InvalidArgumentError(absl::StrCat("costs.", s.message())),
+    return kiln::WithField(absl::InvalidArgumentError(absl::StrCat("costs.", s.message())),
                      absl::StrCat("costs.", ErrorField(s)));
   }
   return absl::OkStatus();
@@ -876,8 +876,8 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   env.mutable_assign()->set_attempt(job.attempt);
   SendToNode(node_id, std::move(env));
   Log(absl::StrCat("job ", job_id, " assigned to node ", node_id, " (attempt ", job.attempt,
-                   ", packages ", WarmthName(warmth),
-                   absl::StrFormat(", expected %.1f s", expected_s), ")"));
+                   ", packages ", WarmthName(warmth), ")",
+                   absl::StrFormat("; expected to take %.1f s", expected_s)));
   NotifyWaiters(*updated, /*final=*/false);
   return true;
 }

@@ -323,7 +323,16 @@ TEST_F(CoordinatorTest, RepeatedJobIdReturnsTheSameJob) {
 
 // ---- Placement
 
+// Jobs whose run time dwarfs every cold start: each goes to the warmest free node rather than
+// waiting for a busy one.
+CoordinatorOptions LongJobs() {
+  CoordinatorOptions o;
+  o.costs.prior_job_seconds = 10'000;
+  return o;
+}
+
 TEST_F(CoordinatorTest, PrefersLoadedThenLocalDiskThenCompile) {
+  Make(LongJobs());
   NodeInfo cold = Node("a-cold");  // sorts first: preference must beat the id tie-break
   DeclareSet(cold);
   NodeInfo local = Node("b-local");
@@ -372,6 +381,7 @@ TEST_F(CoordinatorTest, PartlyLoadedCountsAsLocalDisk) {
 TEST_F(CoordinatorTest, DefaultPrecisionUsesTheNodesDeclaredSetThenItsDeviceDefault) {
   // Job precision "": node "x" declares what its default needs under "flux-tiny//256x256";
   // node "y" declares nothing for "" but is a cpu node, whose default is fp32.
+  Make(LongJobs());
   NodeInfo x = Node("x");
   DeclareSet(x, "flux-tiny//256x256");
   x.add_packages("d1");
@@ -499,6 +509,127 @@ TEST_F(CoordinatorTest, WarmthBeatsLoad) {
   }
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("warm", "j1", 1u),
                                       std::make_tuple("warm", "j2", 1u)));
+}
+
+// ---- Placement by expected finish time
+
+kiln::v1::JobResult Finished(const std::string& job_id, double run_seconds, double cold_seconds,
+                             const std::string& where) {
+  kiln::v1::JobResult r;
+  r.set_job_id(job_id);
+  r.set_ok(true);
+  r.set_png(std::string("\x89PNG fake", 9));
+  r.set_run_seconds(run_seconds);
+  r.mutable_cold_start()->set_total_seconds(cold_seconds);
+  (*r.mutable_packages())["transformer"] = where;
+  return r;
+}
+
+NodeInfo Gpu(const std::string& id, const std::string& name, uint32_t sms,
+             const std::string& mig = "") {
+  NodeInfo info = Node(id, "cuda");
+  info.mutable_device()->set_name(name);
+  info.mutable_device()->set_sm_count(sms);
+  info.mutable_device()->set_mig_profile(mig);
+  DeclareSet(info, "flux-tiny/bf16/256x256");
+  return info;
+}
+
+JobSpec Bf16(const std::string& id) {
+  JobSpec spec = Spec(id);
+  spec.set_precision("bf16");
+  return spec;
+}
+
+TEST_F(CoordinatorTest, AJobWaitsForABusyWarmNodeThatWillFinishItSooner) {
+  NodeInfo warm = Gpu("b-warm", "H100", 132);
+  warm.add_loaded_packages("d1");
+  warm.add_loaded_packages("d2");
+  Register(Gpu("a-cold", "H100", 132));  // would have to compile (prior 180 s)
+  Register(warm);
+  MustSubmit(Bf16("j1"));
+  MustSubmit(Bf16("j2"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j1", 1u)));
+  EXPECT_EQ(Job("j2").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(Job("j2").error(), "");  // not stuck: waiting for a node
+  clock_.AdvanceMs(2000);
+  ASSERT_TRUE(c().Result("b-warm", Finished("j1", 2, 0, "resident")).ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j2", 1u)));
+  EXPECT_TRUE(Logged("job j2 assigned to node b-warm (attempt 1, packages loaded); expected to "
+                     "take 2.0 s"));
+}
+
+TEST_F(CoordinatorTest, ALongQueueSpillsOntoColdNodesWhenWaitingCostsMore) {
+  NodeInfo warm = Gpu("b-warm", "H100", 132);
+  warm.add_loaded_packages("d1");
+  warm.add_loaded_packages("d2");
+  Register(Gpu("a-cold", "H100", 132));
+  Register(warm);
+  MustSubmit(Bf16("j1"));
+  ASSERT_TRUE(c().Result("b-warm", Finished("j1", 8, 0, "resident")).ok());  // 8 s a job
+  Assigned();
+  // j3 and j4 finish sooner behind j2 on b-warm (16 s, 24 s) than on a-cold, which fetches
+  // from the shared store first (prior 20 s + 8 s); j5 does not (32 s).
+  for (int i = 2; i <= 5; ++i) MustSubmit(Bf16("j" + std::to_string(i)));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j2", 1u),
+                                      std::make_tuple("a-cold", "j5", 1u)));
+}
+
+TEST_F(CoordinatorTest, LearnedRunTimesPickTheFasterDeviceClass) {
+  NodeInfo mig = Gpu("a-mig", "H100", 132, "3g.40gb");  // claims full SMs: the prior ties
+  NodeInfo h200 = Gpu("b-h200", "H200", 132);
+  for (NodeInfo* n : {&mig, &h200}) {
+    n->add_loaded_packages("d1");
+    n->add_loaded_packages("d2");
+  }
+  Register(mig);
+  Register(h200);
+  MustSubmit(Bf16("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-mig", "j1", 1u)));  // tie: node id
+  ASSERT_TRUE(c().Result("a-mig", Finished("j1", 8, 0, "resident")).ok());
+  MustSubmit(Bf16("j2"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-h200", "j2", 1u)));  // prior < 8 s
+  ASSERT_TRUE(c().Result("b-h200", Finished("j2", 2, 0, "resident")).ok());
+  // Both free and warm: the class that ran it in 2 s, not 8.
+  MustSubmit(Bf16("j3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-h200", "j3", 1u)));
+  // While b-h200 runs j3 (2 s), j4 waits for it rather than take 8 s on the slice.
+  MustSubmit(Bf16("j4"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_NEAR(c().costs().RunSeconds(h200.device(), Bf16("j")), 2, 1e-9);
+  // Learned cold starts per node: a-mig fetched from the shared store in 3 s.
+  ASSERT_TRUE(c().Result("b-h200", Finished("j3", 2, 0, "resident")).ok());
+  Assigned();
+  EXPECT_NEAR(c().costs().ColdStartSeconds("a-mig", "H100 MIG 3g.40gb",
+                                           ColdTier::kSharedStore),
+              c().options().costs.prior_shared_seconds, 1e-9);
+}
+
+TEST_F(CoordinatorTest, HeldJobsAreLookedAtAgainWhenTheirNodeOverruns) {
+  NodeInfo warm = Gpu("b-warm", "H100", 132);
+  warm.add_loaded_packages("d1");
+  warm.add_loaded_packages("d2");
+  Register(Gpu("a-cold", "H100", 132));
+  Register(warm);
+  MustSubmit(Bf16("j1"));
+  MustSubmit(Bf16("j2"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j1", 1u)));
+  // j1 runs far past its expected time: b-warm's wait is counted from now on as the overrun
+  // floor, so j2 keeps waiting for it...
+  for (int i = 0; i < 60; ++i) {
+    clock_.AdvanceMs(1000);
+    kiln::v1::Heartbeat hb;  // still warm, still running j1
+    hb.add_running_jobs("j1");
+    hb.add_loaded_packages("d1");
+    hb.add_loaded_packages("d2");
+    ASSERT_TRUE(c().Heartbeat("b-warm", hb).ok());
+    Beat("a-cold");
+    c().Tick();
+  }
+  EXPECT_THAT(Assigned(), IsEmpty());
+  // ...until b-warm is declared dead: then j1 goes to a-cold and j2 waits behind it.
+  Advance(5'000, {"a-cold"});
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-cold", "j1", 2u)));
 }
 
 TEST_F(CoordinatorTest, HigherPriorityFirstThenSubmitOrder) {

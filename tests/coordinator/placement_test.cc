@@ -1,5 +1,7 @@
-// Placement v1 as pure functions: package sets, warmth, capability, choice.
+// Placement: package sets, warmth, capability, choice; the cost model and the node index.
 #include "coordinator/placement.h"
+
+#include "common/status.h"
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -112,6 +114,138 @@ TEST(PlacementTest, ChooseNodeOrder) {
   cands[1].last_assigned_ms = 50;
   EXPECT_EQ(ChooseNode(cands, Spec()), 0);  // node id
   EXPECT_EQ(ChooseNode({{&c, 0, 0}}, Spec()), -1);
+}
+
+// ---- Expected finish time
+
+kiln::v1::JobResult Done(double run_seconds, double cold_seconds, const std::string& where) {
+  kiln::v1::JobResult r;
+  r.set_ok(true);
+  r.set_run_seconds(run_seconds);
+  r.mutable_cold_start()->set_total_seconds(cold_seconds);
+  (*r.mutable_packages())["transformer"] = where;
+  (*r.mutable_packages())["vae_decoder"] = "resident";
+  return r;
+}
+
+kiln::v1::DeviceInfo Gpu(const std::string& name, uint32_t sms, const std::string& mig = "") {
+  kiln::v1::DeviceInfo d;
+  d.set_kind("cuda");
+  d.set_name(name);
+  d.set_sm_count(sms);
+  d.set_mig_profile(mig);
+  d.set_compute_capability("9.0");
+  return d;
+}
+
+TEST(CostModelTest, TiersAndClasses) {
+  EXPECT_EQ(ColdTierOfResult(Done(1, 0, "resident")), ColdTier::kResident);
+  EXPECT_EQ(ColdTierOfResult(Done(1, 0, "shared")), ColdTier::kSharedStore);
+  EXPECT_EQ(ColdTierOfResult(Done(1, 0, "compiled")), ColdTier::kCompile);
+  EXPECT_STREQ(ColdTierName(ColdTier::kCompile), "compiled");
+  EXPECT_EQ(DeviceClass(Gpu("H100", 132, "3g.40gb")), "H100 MIG 3g.40gb");
+  EXPECT_EQ(DeviceClass(kiln::v1::DeviceInfo()), "cpu");
+}
+
+TEST(CostModelTest, PriorScalesWithPixelsStepsAndSms) {
+  CostModelOptions o;
+  o.prior_job_seconds = 0;
+  CostModel costs(o);
+  kiln::v1::JobSpec spec = Spec("bf16");
+  spec.set_width(1000);
+  spec.set_height(1000);
+  spec.set_steps(10);
+  const double full = costs.RunSeconds(Gpu("H100", 132), spec);
+  EXPECT_NEAR(full, o.prior_step_seconds * 10, 1e-9);
+  EXPECT_NEAR(costs.RunSeconds(Gpu("H100", 66, "3g.40gb"), spec), full * 132 / 66.0, 1e-9);
+  spec.set_steps(20);
+  EXPECT_NEAR(costs.RunSeconds(Gpu("H100", 132), spec), 2 * full, 1e-9);
+  EXPECT_GT(costs.RunSeconds(kiln::v1::DeviceInfo(), spec), 100 * full);
+}
+
+TEST(CostModelTest, LearnsRunTimePerStepAndColdStartPerNode) {
+  CostModelOptions o;
+  o.learning_rate = 0.5;
+  CostModel costs(o);
+  const auto h200 = Gpu("H200", 132);
+  kiln::v1::JobSpec spec = Spec("bf16");
+  spec.set_steps(10);
+  // 12 s in all, 2 of them fetching from the shared store: 1 s per step once warm.
+  costs.Observe("n1", h200, spec, Done(12, 2, "shared"), 12);
+  EXPECT_NEAR(costs.RunSeconds(h200, spec), 10, 1e-9);
+  spec.set_steps(20);
+  EXPECT_NEAR(costs.RunSeconds(h200, spec), 20, 1e-9);
+  costs.Observe("n1", h200, spec, Done(40, 0, "resident"), 40);  // 2 s per step: average 1.5
+  EXPECT_NEAR(costs.RunSeconds(h200, spec), 30, 1e-9);
+  EXPECT_NEAR(costs.ColdStartSeconds("n1", "H200", ColdTier::kSharedStore), 2, 1e-9);
+  // Another node of the class: the class's figure; of another class: the prior.
+  EXPECT_NEAR(costs.ColdStartSeconds("n2", "H200", ColdTier::kSharedStore), 2, 1e-9);
+  EXPECT_NEAR(costs.ColdStartSeconds("n3", "H100", ColdTier::kSharedStore),
+              o.prior_shared_seconds, 1e-9);
+  EXPECT_EQ(costs.ColdStartSeconds("n1", "H200", ColdTier::kResident), 0);
+  EXPECT_NEAR(costs.ColdStartSeconds("n1", "H200", ColdTier::kCompile), o.prior_compile_seconds,
+              1e-9);
+  const std::string key = PackageSetKey("flux-tiny", "bf16", 512, 256);
+  EXPECT_TRUE(costs.InSharedStore(key));
+  EXPECT_FALSE(costs.InSharedStore(PackageSetKey("flux-tiny", "fp8", 512, 256)));
+  // A failed job teaches nothing.
+  kiln::v1::JobResult failed = Done(1000, 0, "resident");
+  failed.set_ok(false);
+  costs.Observe("n1", h200, spec, failed, 1000);
+  EXPECT_NEAR(costs.RunSeconds(h200, spec), 30, 1e-9);
+}
+
+TEST(CostModelTest, UnseenKindOnASeenClassIsCorrected) {
+  CostModelOptions o;
+  CostModel costs(o);
+  const auto h100 = Gpu("H100", 132);
+  kiln::v1::JobSpec a = Spec("bf16");
+  a.set_steps(10);
+  const double prior = costs.RunSeconds(h100, a);
+  costs.Observe("n1", h100, a, Done(prior * 2, 0, "resident"), prior * 2);  // twice as slow
+  kiln::v1::JobSpec b = a;
+  b.set_width(1024);
+  b.set_height(1024);
+  CostModel fresh(o);
+  EXPECT_NEAR(costs.RunSeconds(h100, b), 2 * fresh.RunSeconds(h100, b), 1e-6);
+}
+
+TEST(CostModelTest, OptionsNameTheBadField) {
+  CostModelOptions o;
+  o.learning_rate = 0;
+  EXPECT_EQ(kiln::ErrorField(o.Validate()), "learning_rate");
+  o = CostModelOptions();
+  o.prior_compile_seconds = -1;
+  EXPECT_EQ(kiln::ErrorField(o.Validate()), "prior_compile_seconds");
+  EXPECT_TRUE(CostModelOptions().Validate().ok());
+}
+
+TEST(NodeIndexTest, KeepsCapableNodesPerKindAsNodesChange) {
+  NodeIndex index;
+  auto a = Node("a"), b = Node("b");
+  b.set_can_compile(false);  // capable only where it holds the packages
+  auto& set = (*b.mutable_package_sets())["flux-tiny/fp32/512x256"];
+  set.add_digests("d1");
+  index.Update(a);
+  index.Update(b);
+  const std::string key = PackageSetKey("flux-tiny", "fp32", 512, 256);
+  auto ids = [&] {
+    std::vector<std::string> out;
+    for (const auto& e : index.Capable(key, Spec("fp32"))) {
+      out.push_back(e.node_id + ":" + WarmthName(e.warmth));
+    }
+    return out;
+  };
+  EXPECT_THAT(ids(), ::testing::ElementsAre("a:cold"));
+  b.add_loaded_packages("d1");
+  index.Update(b);  // a kind already cached is kept up to date
+  EXPECT_THAT(ids(), ::testing::ElementsAre("a:cold", "b:loaded"));
+  a.clear_models();
+  index.Update(a);
+  EXPECT_THAT(ids(), ::testing::ElementsAre("b:loaded"));
+  index.Remove("b");
+  EXPECT_THAT(ids(), ::testing::IsEmpty());
+  EXPECT_EQ(index.kinds(), 1u);
 }
 
 }  // namespace
