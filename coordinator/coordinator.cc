@@ -796,7 +796,7 @@ void Coordinator::PlaceJobs() {
     if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
     auto [kind_it, inserted] = kinds.try_emplace(job.kind);
     KindState& state = kind_it->second;
-    if (inserted) build(job, state);
+    if (inserted && options_.placement == PlacementPolicy::kExpectedFinish) build(job, state);
 
     // The node where this job is expected to finish first: the top of each class's heap.
     Group* best_group = nullptr;
@@ -816,15 +816,62 @@ void Coordinator::PlaceJobs() {
         best_key = k;
       }
     }
+    if (options_.placement != PlacementPolicy::kExpectedFinish) {
+      // Baselines: a free capable node by a fixed rule, no costs.
+      NodeRecord* chosen = nullptr;
+      auto better = [&](NodeRecord* a, NodeRecord* b, Warmth wa, Warmth wb) {
+        const auto ka = std::make_tuple(a->jobs.size(), a->last_assigned_ms, a->info.node_id());
+        const auto kb = std::make_tuple(b->jobs.size(), b->last_assigned_ms, b->info.node_id());
+        if (options_.placement == PlacementPolicy::kWarmthFirst && wa != wb) return wa > wb;
+        if (options_.placement == PlacementPolicy::kRoundRobin) {
+          // The first id after the last one given a job, wrapping around.
+          const bool a_after = a->info.node_id() > round_robin_last_;
+          const bool b_after = b->info.node_id() > round_robin_last_;
+          if (a_after != b_after) return a_after;
+          return a->info.node_id() < b->info.node_id();
+        }
+        return ka < kb;
+      };
+      Warmth chosen_warmth = Warmth::kCold;
+      bool any = false;
+      for (const auto& entry : index_.Capable(job.kind, job.spec)) {
+        auto n = by_id.find(entry.node_id);
+        if (n == by_id.end()) continue;
+        any = true;
+        if (pass[n->second].free == 0) continue;
+        NodeRecord* node = pass[n->second].node;
+        if (chosen == nullptr || better(node, chosen, entry.warmth, chosen_warmth)) {
+          chosen = node;
+          chosen_warmth = entry.warmth;
+        }
+      }
+      if (!any) {
+        if (!state.no_node_reason) state.no_node_reason = WaitingReasonFor(job.spec);
+        SetWaitingReason(job_id, job, *state.no_node_reason);
+        continue;
+      }
+      SetWaitingReason(job_id, job, "");
+      if (chosen == nullptr) continue;
+      PassNode& p = pass[by_id.at(chosen->info.node_id())];
+      if (!Assign(job_id, job, *chosen, costs_.RunSeconds(chosen->info.device(), job.spec))) {
+        placement_dirty_ = true;
+        break;
+      }
+      round_robin_last_ = chosen->info.node_id();
+      --p.free;
+      --free_total;
+      continue;
+    }
     if (best_group == nullptr) {
       if (!state.no_node_reason) state.no_node_reason = WaitingReasonFor(job.spec);
       SetWaitingReason(job_id, job, *state.no_node_reason);
       continue;
     }
     SetWaitingReason(job_id, job, "");
-    const HeapEntry& top = best_group->heap.front();
+    HeapEntry& top = best_group->heap.front();
     PassNode& p = pass[top.node];
     const double cost = top.cold_s + best_group->run.For(job.spec.steps());
+    top.cold_s = 0;  // the next job of this kind there finds the packages loaded
     if (p.free == 0) {
       // Expected to finish sooner by waiting for this busy node than anywhere free now.
       reserve(p, cost);

@@ -54,6 +54,7 @@ struct CoordinatorOptions {
   size_t max_queued_jobs = 100000;       // jobs waiting for a node; more: RESOURCE_EXHAUSTED
   size_t max_nodes = 1024;               // node table size; DEAD/LEFT entries are evicted first
   CostModelOptions costs;                // priors of placement's expected run and cold-start times
+  PlacementPolicy placement = PlacementPolicy::kExpectedFinish;  // others: baselines for bench/
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -258,6 +259,7 @@ class Coordinator {
   int64_t next_held_pass_ms_ = 0; // monotonic: when Tick runs a pass again for held jobs
   CostModel costs_;
   NodeIndex index_;
+  std::string round_robin_last_;  // kRoundRobin: the node id given the last job
 
   std::map<uint64_t, PendingWait> waits_;
   std::multimap<std::string, uint64_t> waits_by_job_;

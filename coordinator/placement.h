@@ -73,6 +73,15 @@ int ChooseNode(const std::vector<Candidate>& candidates, const kiln::v1::JobSpec
 
 // ---- Expected finish time
 
+// How the Coordinator chooses among nodes. kExpectedFinish is the policy; the others are
+// baselines for bench/ (kWarmthFirst is ChooseNode's fixed preference, placement v1).
+enum class PlacementPolicy {
+  kExpectedFinish,  // lowest slot wait + cold start + run time; may wait for a busy node
+  kWarmthFirst,     // free nodes only: loaded > local disk > cold, then least busy
+  kLeastBusy,       // free nodes only: fewest active jobs, then idle longest
+  kRoundRobin,      // free nodes only: the next capable node after the last one given a job
+};
+
 // What a job would cost a node before it can start denoising, cheapest first: its packages are
 // loaded (resident), on its local disk, in the shared store (fetched), or must be compiled.
 enum class ColdTier { kResident = 0, kLocalDisk = 1, kSharedStore = 2, kCompile = 3 };
