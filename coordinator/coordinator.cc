@@ -1,6 +1,7 @@
 #include "coordinator/coordinator.h"
 
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <optional>
 #include <utility>
@@ -66,6 +67,7 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_pending_waits < 1) return InvalidField("max_pending_waits", "must be at least 1");
   if (max_queued_jobs < 1) return InvalidField("max_queued_jobs", "must be at least 1");
   if (max_nodes < 1) return InvalidField("max_nodes", "must be at least 1");
+  if (placement_lookahead < 1) return InvalidField("placement_lookahead", "must be at least 1");
   if (auto s = costs.Validate(); !s.ok()) {
     return kiln::WithField(absl::InvalidArgumentError(absl::StrCat("costs.", s.message())),
                      absl::StrCat("costs.", ErrorField(s)));
@@ -679,6 +681,16 @@ void Coordinator::PlaceJobs() {
   placement_dirty_ = false;
   jobs_held_ = false;
   if (queue_.empty()) return;
+  // Cheap when no slot is free (a Submit while the fleet is busy).
+  bool any_free = false;
+  for (const auto& [id, node] : nodes_) {
+    if (node.state == kiln::v1::NODE_STATE_READY &&
+        static_cast<int>(node.jobs.size()) < options_.max_jobs_per_node) {
+      any_free = true;
+      break;
+    }
+  }
+  if (!any_free) return;
   const int64_t now = clock_.NowMs();
   const double floor_s = costs_.options().overrun_floor_seconds;
 
@@ -687,17 +699,23 @@ void Coordinator::PlaceJobs() {
   struct PassNode {
     NodeRecord* node = nullptr;
     std::vector<double> slots;
+    std::optional<std::array<double, 4>> cold;  // CostModel::ColdStarts, when first needed
+    size_t cls = 0;                             // device class, numbered in this pass
     int free = 0;
     uint32_t version = 0;
     double avail() const { return slots.front(); }
   };
   std::vector<PassNode> pass;
-  absl::flat_hash_map<absl::string_view, size_t> by_id;
+  std::vector<int> by_slot(index_.slot_count(), -1);  // NodeIndex slot → index into pass
+  absl::flat_hash_map<absl::string_view, size_t> classes;
   int free_total = 0;
   for (auto& [id, node] : nodes_) {
     if (node.state != kiln::v1::NODE_STATE_READY) continue;
+    const int slot = index_.Slot(id);
+    if (slot < 0) continue;
     PassNode p;
     p.node = &node;
+    p.cls = classes.try_emplace(node.device_class, classes.size()).first->second;
     p.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
     p.slots.assign(p.free, 0.0);
     for (const auto& job_id : node.jobs) {
@@ -715,7 +733,7 @@ void Coordinator::PlaceJobs() {
     p.slots.resize(std::max<size_t>(1, std::min<size_t>(p.slots.size(),
                                                         options_.max_jobs_per_node)));
     free_total += p.free;
-    by_id.emplace(id, pass.size());
+    by_slot[slot] = static_cast<int>(pass.size());
     pass.push_back(std::move(p));
   }
   if (free_total == 0) return;
@@ -760,36 +778,43 @@ void Coordinator::PlaceJobs() {
     const auto& capable = index_.Capable(job.kind, job.spec);
     bool shared = costs_.InSharedStore(job.kind);
     for (const auto& entry : capable) shared = shared || entry.warmth != Warmth::kCold;
-    absl::flat_hash_map<absl::string_view, size_t> group_of;
+    std::vector<int> group_of(classes.size(), -1);
     for (const auto& entry : capable) {
-      auto it = by_id.find(entry.node_id);
-      if (it == by_id.end()) continue;
-      const NodeRecord& node = *pass[it->second].node;
+      const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
+      if (pi < 0) continue;
+      PassNode& p = pass[pi];
+      const NodeRecord& node = *p.node;
       ColdTier tier = entry.warmth == Warmth::kLoaded      ? ColdTier::kResident
                       : entry.warmth == Warmth::kLocalDisk ? ColdTier::kLocalDisk
                       : shared                             ? ColdTier::kSharedStore
                                                            : ColdTier::kCompile;
-      auto [g, inserted] = group_of.try_emplace(node.device_class, state.groups.size());
-      if (inserted) {
+      if (group_of[p.cls] < 0) {
+        group_of[p.cls] = static_cast<int>(state.groups.size());
         state.groups.push_back({costs_.Run(node.device_class, node.info.device(), job.kind,
                                            job.spec.width(), job.spec.height()),
                                 {}});
       }
       HeapEntry e;
       e.id = &node.info.node_id();
-      e.node = it->second;
-      e.cold_s = costs_.ColdStartSeconds(node.info.node_id(), node.device_class, tier);
+      e.node = static_cast<size_t>(pi);
+      if (!p.cold) p.cold = costs_.ColdStarts(node.info.node_id(), node.device_class);
+      e.cold_s = (*p.cold)[static_cast<int>(tier)];
       fill(e);
-      state.groups[g->second].heap.push_back(e);
+      state.groups[group_of[p.cls]].heap.push_back(e);
     }
     for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
   };
 
   const int64_t now_unix = clock_.UnixMs();
-  const std::vector<QueueKey> order(queue_.begin(), queue_.end());
-  for (const auto& key : order) {
-    if (free_total == 0) break;
-    const std::string& job_id = std::get<2>(key);
+  // Assign() erases the job's own queue entry only: step past it first.
+  size_t examined = 0;
+  for (auto q = queue_.begin(); q != queue_.end() && free_total > 0;) {
+    if (examined++ == options_.placement_lookahead) {
+      jobs_held_ = true;  // the jobs behind are looked at again once these move
+      break;
+    }
+    const std::string job_id = std::get<2>(*q);
+    ++q;
     auto it = active_.find(job_id);
     if (it == active_.end()) continue;
     ActiveJob& job = it->second;
@@ -834,15 +859,17 @@ void Coordinator::PlaceJobs() {
       };
       Warmth chosen_warmth = Warmth::kCold;
       bool any = false;
+      int chosen_pass = -1;
       for (const auto& entry : index_.Capable(job.kind, job.spec)) {
-        auto n = by_id.find(entry.node_id);
-        if (n == by_id.end()) continue;
+        const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
+        if (pi < 0) continue;
         any = true;
-        if (pass[n->second].free == 0) continue;
-        NodeRecord* node = pass[n->second].node;
+        if (pass[pi].free == 0) continue;
+        NodeRecord* node = pass[pi].node;
         if (chosen == nullptr || better(node, chosen, entry.warmth, chosen_warmth)) {
           chosen = node;
           chosen_warmth = entry.warmth;
+          chosen_pass = pi;
         }
       }
       if (!any) {
@@ -852,7 +879,7 @@ void Coordinator::PlaceJobs() {
       }
       SetWaitingReason(job_id, job, "");
       if (chosen == nullptr) continue;
-      PassNode& p = pass[by_id.at(chosen->info.node_id())];
+      PassNode& p = pass[chosen_pass];
       if (!Assign(job_id, job, *chosen, costs_.RunSeconds(chosen->info.device(), job.spec))) {
         placement_dirty_ = true;
         break;

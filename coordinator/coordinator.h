@@ -55,6 +55,8 @@ struct CoordinatorOptions {
   size_t max_nodes = 1024;               // node table size; DEAD/LEFT entries are evicted first
   CostModelOptions costs;                // priors of placement's expected run and cold-start times
   PlacementPolicy placement = PlacementPolicy::kExpectedFinish;  // others: baselines for bench/
+  size_t placement_lookahead = 512;      // queued jobs one placement pass looks at, at most (the
+                                         // head of the queue; bounds a pass at a deep queue)
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;

@@ -265,9 +265,6 @@ double PriorStepSeconds(const CostModelOptions& o, const kiln::v1::DeviceInfo& d
   return o.prior_step_seconds * Megapixels(width, height) * factor;
 }
 
-std::string ColdKey(absl::string_view who, ColdTier tier) {
-  return absl::StrCat(who, "|", static_cast<int>(tier));
-}
 
 }  // namespace
 
@@ -296,8 +293,8 @@ void CostModel::Observe(const std::string& node_id, const kiln::v1::DeviceInfo& 
   }
   const ColdTier tier = ColdTierOfResult(result);
   if (tier != ColdTier::kResident && std::isfinite(cold)) {
-    Add(node_cold_[ColdKey(node_id, tier)], cold);
-    Add(class_cold_[ColdKey(cls, tier)], cold);
+    Add(node_cold_[node_id][static_cast<int>(tier)], cold);
+    Add(class_cold_[cls][static_cast<int>(tier)], cold);
   }
 }
 
@@ -329,33 +326,33 @@ double CostModel::RunSeconds(const kiln::v1::DeviceInfo& device,
 
 double CostModel::ColdStartSeconds(const std::string& node_id, const std::string& device_class,
                                    ColdTier tier) const {
-  if (tier == ColdTier::kResident) return 0;
-  if (auto it = node_cold_.find(ColdKey(node_id, tier)); it != node_cold_.end()) {
-    return it->second.value;
-  }
-  if (auto it = class_cold_.find(ColdKey(device_class, tier)); it != class_cold_.end()) {
-    return it->second.value;
-  }
-  switch (tier) {
-    case ColdTier::kLocalDisk:
-      return options_.prior_local_seconds;
-    case ColdTier::kSharedStore:
-      return options_.prior_shared_seconds;
-    default:
-      return options_.prior_compile_seconds;
-  }
+  return ColdStarts(node_id, device_class)[static_cast<int>(tier)];
 }
 
-void CostModel::ForgetNode(const std::string& node_id) {
-  for (ColdTier t : {ColdTier::kLocalDisk, ColdTier::kSharedStore, ColdTier::kCompile}) {
-    node_cold_.erase(ColdKey(node_id, t));
+std::array<double, 4> CostModel::ColdStarts(const std::string& node_id,
+                                            const std::string& device_class) const {
+  std::array<double, 4> out = {0, options_.prior_local_seconds, options_.prior_shared_seconds,
+                               options_.prior_compile_seconds};
+  const TierAverages* by_node = nullptr;
+  const TierAverages* by_class = nullptr;
+  if (auto it = node_cold_.find(node_id); it != node_cold_.end()) by_node = &it->second;
+  if (auto it = class_cold_.find(device_class); it != class_cold_.end()) by_class = &it->second;
+  for (int t = 1; t < 4; ++t) {
+    if (by_node != nullptr && (*by_node)[t].count > 0) {
+      out[t] = (*by_node)[t].value;
+    } else if (by_class != nullptr && (*by_class)[t].count > 0) {
+      out[t] = (*by_class)[t].value;
+    }
   }
+  return out;
 }
+
+void CostModel::ForgetNode(const std::string& node_id) { node_cold_.erase(node_id); }
 
 // ---------------------------------------------------------------------------------------------
 // NodeIndex
 
-void NodeIndex::Refresh(Kind& kind, const kiln::v1::NodeInfo& info) {
+void NodeIndex::Refresh(Kind& kind, const kiln::v1::NodeInfo& info, uint32_t slot) {
   auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), info.node_id(),
                              [](const Entry& e, const std::string& id) { return e.node_id < id; });
   const bool present = it != kind.nodes.end() && it->node_id == info.node_id();
@@ -366,23 +363,42 @@ void NodeIndex::Refresh(Kind& kind, const kiln::v1::NodeInfo& info) {
   const Warmth warmth = WarmthFor(info, kind.spec);
   if (present) {
     it->warmth = warmth;
+    it->slot = slot;
   } else {
-    kind.nodes.insert(it, Entry{info.node_id(), warmth});
+    kind.nodes.insert(it, Entry{info.node_id(), slot, warmth});
   }
 }
 
 void NodeIndex::Update(const kiln::v1::NodeInfo& info) {
-  const kiln::v1::NodeInfo& mine = nodes_[info.node_id()] = info;
-  for (auto& [key, kind] : kinds_) Refresh(kind, mine);
+  auto [it, inserted] = nodes_.try_emplace(info.node_id());
+  Node& node = it->second;
+  if (inserted) {
+    if (free_slots_.empty()) {
+      node.slot = slot_count_++;
+    } else {
+      node.slot = free_slots_.back();
+      free_slots_.pop_back();
+    }
+  }
+  node.info = info;
+  for (auto& [key, kind] : kinds_) Refresh(kind, node.info, node.slot);
 }
 
 void NodeIndex::Remove(const std::string& node_id) {
-  if (nodes_.erase(node_id) == 0) return;
+  auto node = nodes_.find(node_id);
+  if (node == nodes_.end()) return;
+  free_slots_.push_back(node->second.slot);
+  nodes_.erase(node);
   for (auto& [key, kind] : kinds_) {
     auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), node_id,
                                [](const Entry& e, const std::string& id) { return e.node_id < id; });
     if (it != kind.nodes.end() && it->node_id == node_id) kind.nodes.erase(it);
   }
+}
+
+int NodeIndex::Slot(const std::string& node_id) const {
+  auto it = nodes_.find(node_id);
+  return it == nodes_.end() ? -1 : static_cast<int>(it->second.slot);
 }
 
 const std::vector<NodeIndex::Entry>& NodeIndex::Capable(const std::string& key,
@@ -394,7 +410,7 @@ const std::vector<NodeIndex::Entry>& NodeIndex::Capable(const std::string& key,
     kind.spec.set_precision(spec.precision());
     kind.spec.set_width(spec.width());
     kind.spec.set_height(spec.height());
-    for (const auto& [id, info] : nodes_) Refresh(kind, info);
+    for (const auto& [id, node] : nodes_) Refresh(kind, node.info, node.slot);
   }
   return kind.nodes;
 }

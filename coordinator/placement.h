@@ -21,6 +21,7 @@
 // fp32, cuda: bf16), else the only one declared at that size.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -141,6 +142,9 @@ class CostModel {
   // Seconds node `node_id` (of `device_class`) needs to make a job of tier `tier` ready.
   double ColdStartSeconds(const std::string& node_id, const std::string& device_class,
                           ColdTier tier) const;
+  // ColdStartSeconds of every tier (indexed by ColdTier), with one lookup per map.
+  std::array<double, 4> ColdStarts(const std::string& node_id,
+                                   const std::string& device_class) const;
   // Whether a job of kind `key` has succeeded anywhere (its packages are in the shared store).
   bool InSharedStore(const std::string& key) const { return shared_.contains(key); }
   void ForgetNode(const std::string& node_id);
@@ -157,8 +161,9 @@ class CostModel {
   CostModelOptions options_;
   absl::flat_hash_map<std::string, Average> step_seconds_;      // "<class>|<key>"
   absl::flat_hash_map<std::string, Average> class_factor_;      // class: observed / prior
-  absl::flat_hash_map<std::string, Average> node_cold_;         // "<node>|<tier>"
-  absl::flat_hash_map<std::string, Average> class_cold_;        // "<class>|<tier>"
+  using TierAverages = std::array<Average, 4>;                  // by ColdTier
+  absl::flat_hash_map<std::string, TierAverages> node_cold_;    // by node id
+  absl::flat_hash_map<std::string, TierAverages> class_cold_;   // by device class
   absl::flat_hash_map<std::string, bool> shared_;               // job kinds in the shared store
 };
 
@@ -171,6 +176,7 @@ class NodeIndex {
  public:
   struct Entry {
     std::string node_id;
+    uint32_t slot = 0;  // the node's dense number, Slot(node_id)
     Warmth warmth = Warmth::kCold;
   };
   // `info` is new or changed (registration, a heartbeat with new packages).
@@ -179,15 +185,25 @@ class NodeIndex {
   // The nodes that can run jobs like `spec` (sorted by node id). `key` is PackageSetKey(spec).
   const std::vector<Entry>& Capable(const std::string& key, const kiln::v1::JobSpec& spec);
   size_t kinds() const { return kinds_.size(); }
+  // A dense number for each node updated and not removed (reused after Remove), so a pass can
+  // keep per-node state in a vector; -1 for an unknown node. Slots are below slot_count().
+  int Slot(const std::string& node_id) const;
+  size_t slot_count() const { return slot_count_; }
 
  private:
   struct Kind {
     kiln::v1::JobSpec spec;  // model, precision, width, height of the kind
     std::vector<Entry> nodes;
   };
-  static void Refresh(Kind& kind, const kiln::v1::NodeInfo& info);
+  static void Refresh(Kind& kind, const kiln::v1::NodeInfo& info, uint32_t slot);
+  struct Node {
+    kiln::v1::NodeInfo info;  // a copy
+    uint32_t slot = 0;
+  };
 
-  absl::flat_hash_map<std::string, kiln::v1::NodeInfo> nodes_;  // a copy of every node updated
+  absl::flat_hash_map<std::string, Node> nodes_;  // every node updated and not removed
+  std::vector<uint32_t> free_slots_;
+  uint32_t slot_count_ = 0;
   absl::flat_hash_map<std::string, Kind> kinds_;
 };
 
