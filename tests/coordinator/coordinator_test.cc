@@ -1304,6 +1304,39 @@ TEST_F(CoordinatorTest, OptionsAreValidated) {
   EXPECT_EQ(ErrorField(o.Validate()), "max_jobs_per_node");
   auto created = Coordinator::Create(o, store_, clock_, metrics_);
   EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument);
+  o = {};
+  o.placement_lookahead = 0;
+  EXPECT_EQ(ErrorField(o.Validate()), "placement_lookahead");
+  o = {};
+  o.costs.learning_rate = 2;
+  EXPECT_EQ(ErrorField(o.Validate()), "costs.learning_rate");
+  EXPECT_THAT(std::string(o.Validate().message()), StartsWith("costs.learning_rate: "));
+}
+
+TEST_F(CoordinatorTest, RoundRobinBaselineTakesTheNextFreeNode) {
+  CoordinatorOptions o = LongJobs();
+  o.placement = PlacementPolicy::kRoundRobin;
+  Make(o);
+  for (const char* n : {"a", "b", "c"}) Register(Node(n));
+  for (const char* id : {"j1", "j2", "j3", "j4"}) MustSubmit(Spec(id));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j1", 1u),
+                                      std::make_tuple("b", "j2", 1u),
+                                      std::make_tuple("c", "j3", 1u)));
+  ASSERT_TRUE(Result("a", "j1").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j4", 1u)));  // wraps around
+}
+
+TEST_F(CoordinatorTest, LeastBusyBaselineIgnoresCosts) {
+  CoordinatorOptions o;
+  o.placement = PlacementPolicy::kLeastBusy;
+  o.max_jobs_per_node = 2;
+  Make(o);
+  Register(Node("a"));
+  Register(Node("b"));
+  for (const char* id : {"k1", "k2", "k3"}) MustSubmit(Spec(id));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "k1", 1u),
+                                      std::make_tuple("b", "k2", 1u),
+                                      std::make_tuple("a", "k3", 1u)));
 }
 
 }  // namespace
