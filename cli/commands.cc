@@ -34,8 +34,9 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr char kDefaultStateDir[] = ".kiln/cluster";
-// A long wait is a series of Wait requests of this length, so a coordinator that dies is
-// noticed within one chunk plus the request timeout.
+// A long wait is a series of Wait requests of this length. A coordinator that dies mid-wait is
+// noticed at once (its connection closes) or after one chunk plus the request timeout (a host
+// that vanished); the client then retries the wait on the next endpoint.
 constexpr uint32_t kWaitChunkMs = 15000;
 
 // Usage errors say how to get help.
@@ -82,9 +83,18 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const CommandLine& cl
   if (*timeout_s <= 0) {
     return absl::InvalidArgumentError("--request-timeout: must be positive");
   }
+  auto retry_for_s = cl.GetDouble("retry-for", 60);
+  if (!retry_for_s.ok()) return retry_for_s.status();
+  if (*retry_for_s < 0) return absl::InvalidArgumentError("--retry-for: must be >= 0");
   ClientOptions options;
   options.endpoint = *endpoint;
   options.request_timeout_ms = static_cast<int>(*timeout_s * 1000);
+  options.failover.retry_for_ms = static_cast<int64_t>(*retry_for_s * 1000);
+  // A note per retry, so a failover or restart is visible but not an error.
+  options.on_retry = [&io](const absl::Status& error, const std::string& next, int64_t delay_ms) {
+    io.err << absl::StrFormat("kiln: %s; retrying on %s in %.1fs\n", error.message(), next,
+                              delay_ms / 1000.0);
+  };
   return CoordinatorClient::Connect(options);
 }
 
@@ -399,7 +409,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   }
   if (options.detach) return kExitOk;
   io.err << "kiln: running in the foreground; Ctrl-C (or `kiln down`) stops the cluster\n";
-  auto s = SuperviseCluster(options.state_dir, io.err);
+  auto s = SuperviseCluster(options, io.err);
   if (!s.ok()) return Fail(io, s);
   io.err << "kiln: cluster stopped\n";
   return kExitOk;
@@ -462,6 +472,9 @@ int CmdHelp(const CommandLine& cl, Io& io) {
 int ExitCodeFor(const absl::Status& status) {
   // The shared policy (common/status.h), for commands against a running system: an error that
   // names a field is bad input; FAILED_PRECONDITION (the cluster is down, the job finished) is not.
+  // The coordinator's NOT_FOUND (no such job or node) is its own answer, not a mistake in the
+  // command line.
+  if (absl::IsNotFound(status) && FromCoordinator(status)) return kExitNotFound;
   return kiln::ExitCodeFor(status, ExitContext::kCommand);
 }
 

@@ -7,17 +7,20 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "cli/coordinator_client.h"
 #include "cli/process.h"
+#include "cli/restart_backoff.h"
 #include "common/clock.h"
 #include "common/files.h"
 #include "nlohmann/json.hpp"
@@ -118,6 +121,62 @@ NodeProcess NewNode(const ClusterState& state, const std::string& node_id) {
   return n;
 }
 
+// "http://127.0.0.1:PORT/metrics" → "127.0.0.1:PORT" (the --metrics flag that binds it again).
+std::string MetricsAddress(const std::string& url) {
+  std::string address = url;
+  if (absl::StartsWith(address, "http://")) address = address.substr(7);
+  if (const size_t slash = address.find('/'); slash != std::string::npos) address.resize(slash);
+  return address;
+}
+
+// Starts the coordinator and waits for its endpoints file; fills state->coordinator (pid first,
+// then `save` is called so a failure during the wait still leaves the pid in cluster.json).
+// `reuse_endpoints`: bind the endpoints state->coordinator records (a restart: nodes and clients
+// know them); else free loopback ports.
+absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& options,
+                              bool reuse_endpoints, int timeout_ms, ClusterState* state,
+                              const std::function<absl::Status()>& save) {
+  auto& coord = state->coordinator;
+  coord.log = state->state_dir + "/logs/coordinator.log";
+  const std::string endpoints_file = state->state_dir + "/coordinator.json";
+  RemoveFile(endpoints_file);
+  std::ofstream(coord.log, std::ios::app)
+      << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
+  SpawnOptions spawn;
+  if (reuse_endpoints) {
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=" + coord.client_endpoint,
+                  "--node_endpoint=" + coord.node_endpoint,
+                  "--metrics=" + MetricsAddress(coord.metrics_url)};
+  } else {
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
+                  "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0"};
+  }
+  spawn.argv.push_back("--endpoints_file=" + endpoints_file);
+  if (options.heartbeat_ms > 0) {
+    spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
+  }
+  if (options.max_attempts > 0) {
+    spawn.argv.push_back(absl::StrCat("--max_attempts=", options.max_attempts));
+  }
+  spawn.log_path = coord.log;
+  spawn.die_with_parent = !options.detach;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  coord.pid = *pid;
+  if (auto s = save(); !s.ok()) return s;
+  auto endpoints = WaitForJsonFile(endpoints_file, coord.pid, kCoordinatorExe, "kiln-coordinator",
+                                   timeout_ms, coord.log);
+  if (!endpoints.ok()) return endpoints.status();
+  coord.client_endpoint = JsonString(*endpoints, "client_endpoint");
+  coord.node_endpoint = JsonString(*endpoints, "node_endpoint");
+  coord.metrics_url = JsonString(*endpoints, "metrics_url");
+  if (coord.client_endpoint.empty() || coord.node_endpoint.empty()) {
+    return absl::InternalError(absl::StrCat(
+        endpoints_file, " lacks client_endpoint or node_endpoint: ", endpoints->dump()));
+  }
+  return absl::OkStatus();
+}
+
 std::vector<std::string> NodeArgv(const std::string& bin_dir, const ClusterState& state,
                                   const NodeProcess& node) {
   std::vector<std::string> argv = {bin_dir + "/" + kNodeExe,
@@ -192,6 +251,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> ClientFor(const ClusterState&
   ClientOptions options;
   options.endpoint = state.coordinator.client_endpoint;
   options.request_timeout_ms = 5000;
+  options.failover.retry_for_ms = 0;  // the callers poll in their own loops
   return CoordinatorClient::Connect(options);
 }
 
@@ -322,48 +382,21 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
                      "); stop it first with `kiln down --state-dir ", state.state_dir, "`"));
   }
 
-  // Coordinator: bind free ports, report them in its endpoints file.
-  auto& coord = state.coordinator;
-  coord.log = state.state_dir + "/logs/coordinator.log";
-  const std::string endpoints_file = state.state_dir + "/coordinator.json";
-  RemoveFile(endpoints_file);
-  std::ofstream(coord.log, std::ios::app)
-      << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
-  SpawnOptions spawn;
-  spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
-                "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0",
-                "--endpoints_file=" + endpoints_file};
-  if (options.heartbeat_ms > 0) {
-    spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
-  }
-  if (options.max_attempts > 0) {
-    spawn.argv.push_back(absl::StrCat("--max_attempts=", options.max_attempts));
-  }
-  spawn.log_path = coord.log;
-  spawn.die_with_parent = !options.detach;
-  auto pid = Spawn(spawn);
-  if (!pid.ok()) return pid.status();
-  coord.pid = *pid;
-
   auto fail = [&](absl::Status status) -> absl::Status {
     log << "kiln: start failed; stopping what was started\n";
     StopAll(state, 10000, log);
     (void)SaveClusterState(state);
     return status;
   };
-  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
-  auto endpoints = WaitForJsonFile(endpoints_file, coord.pid, kCoordinatorExe, "kiln-coordinator",
-                                   options.start_timeout_ms, coord.log);
-  if (!endpoints.ok()) return fail(endpoints.status());
-  coord.client_endpoint = JsonString(*endpoints, "client_endpoint");
-  coord.node_endpoint = JsonString(*endpoints, "node_endpoint");
-  coord.metrics_url = JsonString(*endpoints, "metrics_url");
-  if (coord.client_endpoint.empty() || coord.node_endpoint.empty()) {
-    return fail(absl::InternalError(absl::StrCat(
-        endpoints_file, " lacks client_endpoint or node_endpoint: ", endpoints->dump())));
+  if (auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/false,
+                                options.start_timeout_ms, &state, [&] {
+                                  return SaveClusterState(state);
+                                });
+      !s.ok()) {
+    return fail(s);
   }
-  log << "kiln: coordinator up (pid " << coord.pid << ", clients at " << coord.client_endpoint
-      << ")\n";
+  log << "kiln: coordinator up (pid " << state.coordinator.pid << ", clients at "
+      << state.coordinator.client_endpoint << ")\n";
   if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
 
   // Nodes: start them all, then wait for each to register.
@@ -462,14 +495,21 @@ void BlockShutdownSignals() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-absl::Status SuperviseCluster(const std::string& state_dir_in, std::ostream& log) {
-  const std::string state_dir = Absolute(state_dir_in);
+absl::Status SuperviseCluster(const UpOptions& options, std::ostream& log) {
+  const std::string state_dir = Absolute(options.state_dir);
+  const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
   sigset_t set;
   sigemptyset(&set);
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&set, sig);
-  std::set<std::string> reported;
+  // Per child ("coordinator" or a node id): its backoff, when it (re)started, when it restarts.
+  struct Child {
+    RestartBackoff backoff;
+    int64_t started_ms = SteadyMs();
+    int64_t restart_at_ms = -1;  // >= 0: dead, restart then
+  };
+  std::map<std::string, Child> children;
   while (true) {
-    timespec wait = {0, 500 * 1000 * 1000};
+    timespec wait = {0, 200 * 1000 * 1000};
     const int sig = sigtimedwait(&set, nullptr, &wait);
     if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP) {
       log << "\nkiln: " << (sig == SIGINT ? "interrupted" : "terminated")
@@ -486,22 +526,65 @@ absl::Status SuperviseCluster(const std::string& state_dir_in, std::ostream& log
       log << "kiln: the cluster was stopped (kiln down)\n";
       return absl::OkStatus();
     }
+    const int64_t now = SteadyMs();
     bool changed = false;
-    for (auto& n : state->nodes) {
-      if (n.state == "up" && n.pid > 0 && !ProcessAlive(n.pid, kNodeExe)) {
-        log << "kiln: " << n.node_id << " (pid " << n.pid << ") exited; its log: " << n.log << "\n";
-        n.state = "exited";
-        n.pid = 0;
-        changed = true;
+    // A dead child is restarted after its backoff; the restarted pid goes into cluster.json, so
+    // `kiln down` and client commands follow it.
+    auto due = [&](const std::string& name, bool alive, const std::string& what, int pid,
+                   const std::string& log_path) {
+      Child& child = children[name];
+      if (alive) return false;
+      if (child.restart_at_ms < 0) {
+        const int64_t delay = child.backoff.OnExit(child.started_ms, now);
+        child.restart_at_ms = now + delay;
+        log << absl::StrFormat("kiln: %s (pid %d) exited; restarting it in %.1fs (its log: %s)\n",
+                               what, pid, delay / 1000.0, log_path);
       }
+      if (now < child.restart_at_ms) return false;
+      child.restart_at_ms = -1;
+      child.started_ms = now;
+      return true;
+    };
+    auto& coord = state->coordinator;
+    if (due("coordinator", coord.pid > 0 && ProcessAlive(coord.pid, kCoordinatorExe),
+            "the coordinator", coord.pid, coord.log)) {
+      // Same endpoints: the nodes and clients reconnect to them on their own.
+      auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/true, 15000, &*state,
+                                [] { return absl::OkStatus(); });
+      if (s.ok()) {
+        log << "kiln: coordinator restarted (pid " << coord.pid << ", clients at "
+            << coord.client_endpoint << ")\n";
+      } else {
+        log << "kiln: restarting the coordinator failed: " << s.message() << "\n";
+        if (coord.pid > 0) StopProcess(coord.pid, 1000, kCoordinatorExe);
+        coord.pid = 0;
+      }
+      changed = true;
     }
-    if (!ProcessAlive(state->coordinator.pid, kCoordinatorExe)) {
-      const std::string log_path = state->coordinator.log;
-      state->coordinator.pid = 0;
-      StopAll(*state, 30000, log);
-      (void)SaveClusterState(*state);
-      return WithLog(absl::UnavailableError("the coordinator exited; the cluster is down"),
-                     log_path);
+    for (auto& n : state->nodes) {
+      if (n.state == "stopped") continue;  // stopped on purpose
+      if (!due(n.node_id, n.pid > 0 && ProcessAlive(n.pid, kNodeExe), n.node_id, n.pid, n.log)) {
+        // A restarted node writes its status file once registered: record its metrics URL.
+        if (n.metrics_url.empty() && n.pid > 0) {
+          std::ifstream in(n.status_file);
+          std::stringstream text;
+          text << in.rdbuf();
+          json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+          if (!j.is_discarded() && j.is_object() && !JsonString(j, "metrics_url").empty()) {
+            n.metrics_url = JsonString(j, "metrics_url");
+            changed = true;
+          }
+        }
+        continue;
+      }
+      if (auto s = SpawnNode(bin_dir, *state, &n, /*die_with_parent=*/true); s.ok()) {
+        log << "kiln: " << n.node_id << " restarted (pid " << n.pid << ")\n";
+      } else {
+        log << "kiln: restarting " << n.node_id << " failed: " << s.message() << "\n";
+        n.pid = 0;
+        n.state = "exited";
+      }
+      changed = true;
     }
     if (changed) (void)SaveClusterState(*state);
   }

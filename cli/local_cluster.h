@@ -72,10 +72,12 @@ absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream&
 absl::Status StopCluster(const DownOptions& options, std::ostream& log);
 
 // Foreground `kiln up`: blocks until SIGINT, SIGTERM or SIGHUP (then stops the cluster and
-// returns OK) or until the coordinator dies (stops the nodes and returns the error). A node that
-// exits is reported and marked "exited". The caller must have called BlockShutdownSignals()
-// before starting the cluster.
-absl::Status SuperviseCluster(const std::string& state_dir, std::ostream& log);
+// returns OK) or until `kiln down` marks the cluster down. A coordinator or node that dies is
+// restarted with backoff (cli/restart_backoff.h): the coordinator on the endpoints it had (the
+// nodes and clients reconnect to them), a node with its id and package directory; cluster.json
+// follows each new pid. `options` are the ones the cluster was started with. The caller must
+// have called BlockShutdownSignals() before starting the cluster.
+absl::Status SuperviseCluster(const UpOptions& options, std::ostream& log);
 
 // Blocks SIGINT, SIGTERM, SIGHUP and SIGCHLD in the calling thread (and every thread it creates
 // afterwards) so SuperviseCluster can take them synchronously. Call before any thread exists.
