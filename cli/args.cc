@@ -78,6 +78,10 @@ std::vector<CommandSpec> MakeCommands() {
         {"start-timeout", true, "SECONDS",
          "how long to wait for every process to come up (default 60)"},
         {"bin-dir", true, "DIR", "where kiln-coordinator and kiln-node are (default: beside kiln)"},
+        {"redis", true, "URL|local",
+         "cluster mode: jobs in Redis (redis://HOST:PORT/DB), also the nodes' shared package "
+         "cache; `local` starts a redis-server (AOF, appendfsync always) under the state "
+         "directory (default: jobs in memory)"},
         kJson}});
   c.push_back({"down",
                "",

@@ -365,6 +365,12 @@ std::string ClusterSummary(const ClusterState& s) {
   if (absl::EndsWith(base, "/metrics")) base.resize(base.size() - std::string("/metrics").size());
   out += absl::StrFormat("  status page  %s/status/\n  prometheus   service discovery %s/sd\n", base,
                          base);
+  if (!s.redis_url.empty()) {
+    out += absl::StrFormat("  redis        %s%s\n", s.redis_url,
+                           s.redis.pid > 0 ? absl::StrFormat(" (pid %d, AOF in %s)", s.redis.pid,
+                                                             s.redis.dir)
+                                           : std::string(""));
+  }
   out += absl::StrFormat("  shared cache %s\n  state        %s (logs in %s/logs)\n", s.shared_cache,
                          ClusterFilePath(s.state_dir), s.state_dir);
   return out;
@@ -393,6 +399,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.compile_options = cl.Get("compile-options");
   options.detach = cl.Has("detach");
   options.bin_dir = cl.Get("bin-dir");
+  options.redis = cl.Get("redis");
   if (auto s = options.Validate(); !s.ok()) return UsageError(io, s, cl.spec);
   // Foreground: take Ctrl-C synchronously; block before any thread (ZeroMQ's) exists.
   if (!options.detach) BlockShutdownSignals();

@@ -1,10 +1,16 @@
 #include "cli/local_cluster.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -18,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cli/coordinator_client.h"
 #include "cli/process.h"
 #include "cli/restart_backoff.h"
@@ -33,6 +40,7 @@ using nlohmann::json;
 
 constexpr char kCoordinatorExe[] = "kiln-coordinator";
 constexpr char kNodeExe[] = "kiln-node";
+constexpr char kRedisExe[] = "redis-server";
 constexpr int kPollMs = 100;
 
 std::string Absolute(const std::string& path) {
@@ -121,6 +129,104 @@ NodeProcess NewNode(const ClusterState& state, const std::string& node_id) {
   return n;
 }
 
+// The absolute path of `exe` on $PATH; NotFound naming the Debian package otherwise.
+absl::StatusOr<std::string> FindOnPath(const std::string& exe, const std::string& package) {
+  const char* path = std::getenv("PATH");
+  for (absl::string_view dir : absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
+    if (dir.empty()) continue;
+    const std::string candidate = absl::StrCat(dir, "/", exe);
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return absl::NotFoundError(
+      absl::StrCat(exe, " is not on PATH (Debian: apt-get install ", package, ")"));
+}
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+absl::StatusOr<int> FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  int port = -1;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  if (port < 0) return absl::InternalError(absl::StrCat("bind: ", std::strerror(errno)));
+  return port;
+}
+
+// True when a Redis on 127.0.0.1:`port` answers PING.
+bool RedisAnswers(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  timeval timeout{0, 200 * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  bool pong = false;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const char ping[] = "PING\r\n";
+    char reply[8] = {};
+    if (write(fd, ping, sizeof(ping) - 1) == static_cast<ssize_t>(sizeof(ping) - 1)) {
+      pong = read(fd, reply, sizeof(reply)) >= 5 && std::strncmp(reply, "+PONG", 5) == 0;
+    }
+  }
+  close(fd);
+  return pong;
+}
+
+// `--redis local`: starts redis-server on 127.0.0.1 (state->redis.port, or a free port when 0)
+// with its AOF under STATE/redis, and waits until it answers PING. A restart reuses port and
+// directory, so the AOF brings every job back.
+absl::Status StartRedis(bool die_with_parent, int timeout_ms, ClusterState* state) {
+  auto exe = FindOnPath(kRedisExe, "redis-server");
+  if (!exe.ok()) return exe.status();
+  RedisProcess& redis = state->redis;
+  redis.dir = state->state_dir + "/redis";
+  redis.log = state->state_dir + "/logs/redis.log";
+  if (auto s = MakeDirs(redis.dir); !s.ok()) return s;
+  if (redis.port == 0) {
+    auto port = FreeLoopbackPort();
+    if (!port.ok()) return port.status();
+    redis.port = *port;
+  }
+  SpawnOptions spawn;
+  // set-proc-title no: the command line stays "redis-server ...", which is how ProcessAlive
+  // recognises it.
+  spawn.argv = {*exe, "--port", absl::StrCat(redis.port), "--bind", "127.0.0.1", "--dir",
+                redis.dir, "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--set-proc-title", "no"};
+  spawn.log_path = redis.log;
+  spawn.die_with_parent = die_with_parent;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  redis.pid = *pid;
+  const int64_t deadline = SteadyMs() + timeout_ms;
+  while (!RedisAnswers(redis.port)) {
+    if (!ProcessAlive(redis.pid, kRedisExe)) {
+      return WithLog(absl::UnavailableError(absl::StrCat("redis-server (pid ", redis.pid,
+                                                         ") exited before it answered")),
+                     redis.log);
+    }
+    if (SteadyMs() > deadline) {
+      return WithLog(absl::DeadlineExceededError(absl::StrFormat(
+                         "redis-server (pid %d) did not answer on 127.0.0.1:%d within %ds",
+                         redis.pid, redis.port, timeout_ms / 1000)),
+                     redis.log);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(kPollMs));
+  }
+  state->redis_url = absl::StrCat("redis://127.0.0.1:", redis.port, "/0");
+  return absl::OkStatus();
+}
+
 // "http://127.0.0.1:PORT/metrics" → "127.0.0.1:PORT" (the --metrics flag that binds it again).
 std::string MetricsAddress(const std::string& url) {
   std::string address = url;
@@ -152,6 +258,7 @@ absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& optio
                   "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0"};
   }
   spawn.argv.push_back("--endpoints_file=" + endpoints_file);
+  if (!state->redis_url.empty()) spawn.argv.push_back("--redis=" + state->redis_url);
   if (options.heartbeat_ms > 0) {
     spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
   }
@@ -294,6 +401,15 @@ void StopAll(ClusterState& state, int grace_ms, std::ostream& log) {
     }
     state.coordinator.pid = 0;
   }
+  if (state.redis.pid > 0) {
+    if (ProcessAlive(state.redis.pid, kRedisExe)) {
+      log << "kiln: stopping redis-server (pid " << state.redis.pid << ")\n";
+      if (!StopProcess(state.redis.pid, grace_ms, kRedisExe)) {
+        log << "kiln: redis-server did not exit within " << grace_ms / 1000 << "s: killed\n";
+      }
+    }
+    state.redis.pid = 0;
+  }
   state.state = "down";
   state.supervisor_pid = 0;
   state.stopped_unix_ms = UnixMs();
@@ -301,6 +417,7 @@ void StopAll(ClusterState& state, int grace_ms, std::ostream& log) {
 
 bool AnyAlive(const ClusterState& state) {
   if (ProcessAlive(state.coordinator.pid, kCoordinatorExe)) return true;
+  if (ProcessAlive(state.redis.pid, kRedisExe)) return true;
   for (const auto& n : state.nodes) {
     if (ProcessAlive(n.pid, kNodeExe)) return true;
   }
@@ -338,6 +455,10 @@ absl::Status UpOptions::Validate() const {
                        ") is not a diffusers model repository (no model_index.json)"));
     }
   }
+  if (!redis.empty() && redis != "local" && !absl::StartsWith(redis, "redis://")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redis: '", redis, "' is neither redis://HOST:PORT/DB nor local"));
+  }
   if (device.empty()) return absl::InvalidArgumentError("device: empty");
   if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
   if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
@@ -359,7 +480,10 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   }
   ClusterState state;
   state.state_dir = Absolute(options.state_dir);
-  state.shared_cache = state.state_dir + "/shared-cache";
+  const bool local_redis = options.redis == "local";
+  state.redis_url = local_redis ? "" : options.redis;
+  state.shared_cache =
+      options.redis.empty() ? state.state_dir + "/shared-cache" : state.redis_url;  // redis: below
   for (const auto& [name, dir] : options.models) state.models[name] = Absolute(dir);
   state.device = options.device;
   state.precision = options.precision;
@@ -370,8 +494,9 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.supervisor_pid = options.detach ? 0 : getpid();
   state.started_unix_ms = UnixMs();
   state.state = "starting";
-  for (const auto& dir : {state.state_dir + "/logs", state.shared_cache}) {
-    if (auto s = MakeDirs(dir); !s.ok()) return s;
+  if (auto s = MakeDirs(state.state_dir + "/logs"); !s.ok()) return s;
+  if (options.redis.empty()) {
+    if (auto s = MakeDirs(state.shared_cache); !s.ok()) return s;
   }
   auto lock = StateLock::Acquire(state.state_dir);
   if (!lock.ok()) return lock.status();
@@ -388,6 +513,14 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
     (void)SaveClusterState(state);
     return status;
   };
+  if (local_redis) {
+    auto started = StartRedis(!options.detach, options.start_timeout_ms, &state);
+    (void)SaveClusterState(state);
+    if (!started.ok()) return fail(started);
+    state.shared_cache = state.redis_url;
+    log << "kiln: redis-server up (pid " << state.redis.pid << ", " << state.redis_url
+        << ", AOF in " << state.redis.dir << ")\n";
+  }
   if (auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/false,
                                 options.start_timeout_ms, &state, [&] {
                                   return SaveClusterState(state);
@@ -545,6 +678,21 @@ absl::Status SuperviseCluster(const UpOptions& options, std::ostream& log) {
       child.started_ms = now;
       return true;
     };
+    auto& redis = state->redis;
+    if (redis.pid > 0 || redis.port > 0) {
+      if (due("redis", redis.pid > 0 && ProcessAlive(redis.pid, kRedisExe), "redis-server",
+              redis.pid, redis.log)) {
+        // Same port and directory: the AOF brings every job back.
+        if (auto s = StartRedis(/*die_with_parent=*/true, 15000, &*state); s.ok()) {
+          log << "kiln: redis-server restarted (pid " << redis.pid << ")\n";
+        } else {
+          log << "kiln: restarting redis-server failed: " << s.message() << "\n";
+          if (redis.pid > 0) StopProcess(redis.pid, 1000, kRedisExe);
+          redis.pid = 0;
+        }
+        changed = true;
+      }
+    }
     auto& coord = state->coordinator;
     if (due("coordinator", coord.pid > 0 && ProcessAlive(coord.pid, kCoordinatorExe),
             "the coordinator", coord.pid, coord.log)) {

@@ -9,6 +9,7 @@
 //   STATE/nodes/<id>/packages/         one node's local package tier
 //   STATE/nodes/<id>/status.json       written by kiln-node once registered
 //   STATE/logs/<coordinator|id>.log    each process's stdout and stderr
+//   STATE/redis/                       `--redis local`: redis-server's AOF (logs/redis.log)
 //
 // Called from the main thread of `kiln`. Progress lines go to the `log` stream given.
 #pragma once
@@ -36,6 +37,11 @@ struct UpOptions {
   bool detach = false;                        // false: children die with this process
   int start_timeout_ms = 60000;               // per process, until bound / registered
   std::string bin_dir;                        // holds kiln-coordinator and kiln-node
+  // Cluster mode: "" keeps jobs in the coordinator's memory; "redis://HOST:PORT/DB" runs the
+  // coordinator with --redis and the nodes with that Redis as their shared package tier;
+  // "local" does the same with a redis-server started under STATE/redis (AOF, appendfsync
+  // always), supervised like the others and stopped by `kiln down`.
+  std::string redis;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -66,8 +72,8 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
 // Starts one more node in the running cluster and records it in cluster.json.
 absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log);
 
-// SIGTERM to every node (each finishes its running job), then to the coordinator; SIGKILL for
-// whatever outlives the grace period. Marks cluster.json "down". NotFound without cluster.json;
+// SIGTERM to every node (each finishes its running job), then to the coordinator, then to the
+// redis-server of `--redis local`; SIGKILL for whatever outlives the grace period. Marks cluster.json "down". NotFound without cluster.json;
 // OK (and says so) when the cluster is already down.
 absl::Status StopCluster(const DownOptions& options, std::ostream& log);
 

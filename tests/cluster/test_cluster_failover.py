@@ -1,0 +1,282 @@
+"""Clients and nodes given every coordinator endpoint carry on through a failover or a restart,
+and a foreground `kiln up` restarts the children that die. Real processes throughout: a
+redis-server started here (ephemeral port, AOF with appendfsync always), kiln-coordinator --redis
+on fixed loopback ports, kiln-node, and the `kiln` CLI.
+
+- `kiln generate --coordinator A,B` with a kiln-node given both node endpoints: kill -9 of the
+  leader A mid-job; the standby B takes over, the node rotates to it and delivers, and generate
+  exits 0 with the reference image;
+- `kiln wait` outlives a coordinator restart (down for several seconds, then back on its ports):
+  it retries instead of failing, and the job finishes;
+- foreground `kiln up`: kill -9 of the coordinator and of a node; both are restarted, cluster.json
+  follows the new pids, the node registers again, and Ctrl-C leaves nothing running."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_support import (BIN, MODEL, Cluster, kiln, pid_alive, processes_mentioning,
+                             requires_cluster, seed_shared_cache, stop_cluster, wait_until)
+
+pytestmark = [
+    requires_cluster,
+    pytest.mark.skipif(shutil.which("redis-server") is None,
+                       reason="redis-server is not installed (Debian: redis-server)"),
+]
+
+HEARTBEAT_MS = 200
+LEASE_TTL_MS = 2000
+PROMPT = "a lighthouse on a cliff at dusk"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """redis-server on an ephemeral loopback port, AOF with appendfsync always."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "redis"
+        self.dir.mkdir()
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.dir), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--logfile", str(self.dir / "redis.log")])
+
+        def pong() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    return s.recv(16).startswith(b"+PONG")
+            except OSError:
+                return False
+
+        wait_until(pong, 10, "redis-server to answer PING", interval=0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Coordinator:
+    """kiln-coordinator --redis on fixed ports (a restart binds the same ones)."""
+
+    def __init__(self, root: Path, name: str, redis: Redis, client_port: int, node_port: int):
+        self.root, self.name, self.redis = root, name, redis
+        self.client_endpoint = f"tcp://127.0.0.1:{client_port}"
+        self.node_endpoint = f"tcp://127.0.0.1:{node_port}"
+        self.endpoints_file = root / f"{name}.json"
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        if self.endpoints_file.exists():
+            self.endpoints_file.unlink()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(BIN, "kiln-coordinator"), "--client_endpoint", self.client_endpoint,
+                 "--node_endpoint", self.node_endpoint, "--metrics", "127.0.0.1:0",
+                 "--heartbeat_ms", str(HEARTBEAT_MS), "--endpoints_file",
+                 str(self.endpoints_file), "--redis", self.redis.url, "--lease_ttl_ms",
+                 str(LEASE_TTL_MS)],
+                stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_serving(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.endpoints_file.exists() or self.proc.poll() is not None, timeout,
+                   f"{self.name} to serve")
+        assert self.proc.poll() is None, self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_node(root: Path, node_id: str, coordinators: str, shared: str) -> subprocess.Popen:
+    package_dir = root / node_id / "packages"
+    package_dir.mkdir(parents=True)
+    log = open(root / f"{node_id}.log", "ab")
+    return subprocess.Popen(
+        [os.path.join(BIN, "kiln-node"), "--coordinator", coordinators, "--node_id", node_id,
+         "--models", f"flux-tiny={MODEL}", "--device", "cpu", "--precision", "fp32",
+         "--package_dir", str(package_dir), "--shared_cache", shared, "--metrics",
+         "127.0.0.1:0", "--heartbeat_ms", str(HEARTBEAT_MS), "--no_compile"],
+        stdout=log, stderr=subprocess.STDOUT)
+
+
+def job_info(coordinators: str, job_id: str) -> dict | None:
+    proc = kiln("status", job_id, "--json", "--coordinator", coordinators, "--retry-for", "0",
+                "--request-timeout", "2")
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+@pytest.fixture
+def redis(tmp_path):
+    r = Redis(tmp_path)
+    yield r
+    r.stop()
+
+
+def test_generate_and_node_carry_on_through_a_leader_kill(tmp_path, redis, references):
+    shared = str(tmp_path / "shared-cache")
+    seed_shared_cache(shared)
+    a = Coordinator(tmp_path, "a", redis, free_port(), free_port())
+    a.wait_serving()
+    b = Coordinator(tmp_path, "b", redis, free_port(), free_port())  # standby: binds nothing
+    clients = f"{a.client_endpoint},{b.client_endpoint}"
+    node = start_node(tmp_path, "node-1", f"{a.node_endpoint},{b.node_endpoint}", shared)
+    generate = None
+    try:
+        seed, steps, job_id = 11, 30, "through-failover"
+        out = tmp_path / "out.png"
+        generate = subprocess.Popen(
+            [os.path.join(BIN, "kiln"), "generate", "--coordinator", clients, "--prompt", PROMPT,
+             "--seed", str(seed), "--steps", str(steps), "--job-id", job_id, "--out", str(out),
+             "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def denoising():
+            info = job_info(a.client_endpoint, job_id)
+            return info if info and info["state"] == "RUNNING" and info["step"] >= 1 else None
+
+        wait_until(denoising, 120, "the job to start denoising", interval=0.05)
+        killed_at = time.monotonic()
+        a.kill()
+        stdout, stderr = generate.communicate(timeout=240)
+        assert generate.returncode == 0, stderr
+        print(f"generate finished {time.monotonic() - killed_at:.1f}s after the leader's kill -9")
+        assert "retrying on" in stderr, stderr  # a note, not an error
+        assert stdout.strip() == str(out)
+        assert out.read_bytes() == references(PROMPT, seed, steps)
+        # The node went over to the new leader on its own.
+        nodes = json.loads(kiln("nodes", "--json", "--coordinator", clients,
+                                check=True).stdout)["nodes"]
+        assert [(n["node_id"], n["state"]) for n in nodes] == [("node-1", "READY")]
+        assert node.poll() is None
+        assert b.proc.poll() is None
+    finally:
+        if generate and generate.poll() is None:
+            generate.kill()
+        node.terminate()
+        node.wait(timeout=30)
+        a.stop()
+        b.stop()
+
+
+def test_wait_outlives_a_coordinator_restart(tmp_path, redis):
+    shared = str(tmp_path / "shared-cache")
+    seed_shared_cache(shared)
+    c = Coordinator(tmp_path, "c", redis, free_port(), free_port())
+    c.wait_serving()
+    node = None
+    waiter = None
+    try:
+        job_id = "waits-through-restart"
+        kiln("submit", "--coordinator", c.client_endpoint, "--prompt", PROMPT, "--steps", "1",
+             "--job-id", job_id, check=True)  # no node yet: it stays queued
+        waiter = subprocess.Popen(
+            [os.path.join(BIN, "kiln"), "wait", job_id, "--coordinator", c.client_endpoint,
+             "--json", "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+        c.kill()
+        time.sleep(6)  # down longer than a request timeout's worth of silence would allow today
+        assert waiter.poll() is None, waiter.communicate()
+        c.start()
+        c.wait_serving()
+        node = start_node(tmp_path, "node-1", c.node_endpoint, shared)
+        stdout, stderr = waiter.communicate(timeout=180)
+        assert waiter.returncode == 0, stderr
+        assert json.loads(stdout)["state"] == "SUCCEEDED"
+        assert "retrying on " + c.client_endpoint in stderr
+    finally:
+        if waiter and waiter.poll() is None:
+            waiter.kill()
+        if node:
+            node.terminate()
+            node.wait(timeout=30)
+        c.stop()
+
+
+def test_foreground_up_restarts_what_dies(tmp_path):
+    state_dir = str(tmp_path / "state")
+    seed_shared_cache(os.path.join(state_dir, "shared-cache"))
+    proc = subprocess.Popen([os.path.join(BIN, "kiln"), "up", "--nodes", "1", "--models",
+                             f"flux-tiny={MODEL}", "--state-dir", state_dir, "--heartbeat-ms",
+                             "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cluster = Cluster(state_dir)
+    try:
+        wait_until(lambda: os.path.exists(os.path.join(state_dir, "cluster.json"))
+                   and cluster.state()["state"] == "up", 90, "the cluster to come up")
+        before = cluster.state()
+        old_coordinator = before["coordinator"]["pid"]
+        os.kill(old_coordinator, signal.SIGKILL)
+
+        def new_coordinator():
+            pid = cluster.state()["coordinator"]["pid"]
+            return pid if pid not in (0, old_coordinator) and pid_alive(pid) else None
+
+        pid = wait_until(new_coordinator, 60, "the coordinator to be restarted")
+        state = cluster.state()
+        # Same endpoints: the node and clients find it where it was.
+        assert state["coordinator"]["client_endpoint"] == before["coordinator"]["client_endpoint"]
+        assert state["coordinator"]["node_endpoint"] == before["coordinator"]["node_endpoint"]
+
+        def node_ready():
+            proc_nodes = cluster.kiln("nodes", "--json")
+            if proc_nodes.returncode != 0:
+                return False
+            nodes = json.loads(proc_nodes.stdout)["nodes"]
+            return [(n["node_id"], n["state"]) for n in nodes] == [("node-1", "READY")]
+
+        wait_until(node_ready, 60, "node-1 to register with the restarted coordinator")
+        out = tmp_path / "after-restart.png"
+        cluster.kiln("generate", "--prompt", PROMPT, "--steps", "1", "--out", str(out),
+                     "--no-progress", check=True)
+
+        old_node = cluster.node("node-1")["pid"]
+        os.kill(old_node, signal.SIGKILL)
+
+        def new_node():
+            n = cluster.node("node-1")
+            return n["pid"] not in (0, old_node) and pid_alive(n["pid"]) and n["state"] == "up"
+
+        wait_until(new_node, 60, "node-1 to be restarted")
+        wait_until(node_ready, 60, "the restarted node-1 to register")
+
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        assert "the coordinator (pid %d) exited; restarting it" % old_coordinator in err
+        assert "coordinator restarted (pid %d" % pid in err
+        assert "node-1 restarted" in err
+        assert cluster.state()["state"] == "down"
+        assert processes_mentioning(state_dir) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_cluster(cluster)
