@@ -9,7 +9,11 @@ on fixed loopback ports, kiln-node, and the `kiln` CLI.
 - `kiln wait` outlives a coordinator restart (down for several seconds, then back on its ports):
   it retries instead of failing, and the job finishes;
 - foreground `kiln up`: kill -9 of the coordinator and of a node; both are restarted, cluster.json
-  follows the new pids, the node registers again, and Ctrl-C leaves nothing running."""
+  follows the new pids, the node registers again, and Ctrl-C leaves nothing running;
+- `kiln up --redis local`: a supervised redis-server with AOF under the state directory; a job
+  finished before `kiln down` is still there after the next `kiln up --redis local`;
+- --advertise: bound to 0.0.0.0, the endpoints file, the node's registered metrics URL and
+  service discovery carry the advertised host, and those addresses answer."""
 from __future__ import annotations
 
 import json
@@ -19,6 +23,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -280,3 +285,109 @@ def test_foreground_up_restarts_what_dies(tmp_path):
         if proc.poll() is None:
             proc.kill()
         stop_cluster(cluster)
+
+
+def test_up_with_local_redis_keeps_jobs_across_down_and_up(tmp_path):
+    """`kiln up --redis local`: a redis-server with AOF under the state directory, the
+    coordinator on it, the nodes using it as their shared cache; `kiln down` stops it too, and
+    a later `kiln up --redis local` finds the finished job again."""
+    state_dir = str(tmp_path / "state")
+    # Nothing to compile: node-1's local package tier holds the fixture packages.
+    seed_shared_cache(os.path.join(state_dir, "nodes", "node-1", "packages"))
+    args = ("up", "--detach", "--nodes", "1", "--models", f"flux-tiny={MODEL}", "--state-dir",
+            state_dir, "--heartbeat-ms", "300", "--redis", "local")
+    up = kiln(*args, timeout=180)
+    cluster = Cluster(state_dir, up.stdout)
+    try:
+        assert up.returncode == 0, up.stderr
+        state = cluster.state()
+        redis = state["redis"]
+        assert pid_alive(redis["pid"]) and redis["dir"] == os.path.join(state_dir, "redis")
+        assert state["redis_url"] == f"redis://127.0.0.1:{redis['port']}/0"
+        assert state["shared_cache"] == state["redis_url"]
+        assert "redis        " + state["redis_url"] in up.stdout
+        cmdline = open(f"/proc/{state['coordinator']['pid']}/cmdline").read().split("\0")
+        assert "--redis=" + state["redis_url"] in cmdline
+        node_cmdline = open(f"/proc/{state['nodes'][0]['pid']}/cmdline").read().split("\0")
+        assert "--shared_cache=" + state["redis_url"] in node_cmdline
+        out = tmp_path / "kept.png"
+        cluster.kiln("generate", "--prompt", PROMPT, "--steps", "1", "--job-id", "kept",
+                     "--out", str(out), "--no-progress", check=True)
+        assert os.listdir(os.path.join(state_dir, "redis")), "no AOF under STATE/redis"
+
+        down = cluster.down()
+        assert down.returncode == 0, down.stderr
+        assert "stopping redis-server" in down.stderr
+        assert not pid_alive(redis["pid"])
+        assert processes_mentioning(state_dir) == []
+
+        again = kiln(*args, timeout=180)
+        assert again.returncode == 0, again.stderr
+        info = json.loads(cluster.kiln("status", "kept", "--json", check=True).stdout)
+        assert info["state"] == "SUCCEEDED"  # from the AOF, through a new coordinator
+    finally:
+        stop_cluster(cluster)
+        state = cluster.state()
+        if state["redis"]["pid"] and pid_alive(state["redis"]["pid"]):
+            os.kill(state["redis"]["pid"], signal.SIGKILL)
+
+
+def test_advertised_addresses_reach_the_processes(tmp_path):
+    """Bound to every interface, advertised as other loopback addresses (127.0.0.2 for the
+    coordinator, 127.0.0.3 for the node: reachable, and unlike what was bound): the endpoints
+    file, the node's registered metrics URL and service discovery carry them, and they answer."""
+    endpoints_file = tmp_path / "coordinator.json"
+    log = open(tmp_path / "coordinator.log", "ab")
+    coordinator = subprocess.Popen(
+        [os.path.join(BIN, "kiln-coordinator"), "--client_endpoint", "tcp://0.0.0.0:0",
+         "--node_endpoint", "tcp://0.0.0.0:0", "--metrics", "0.0.0.0:0", "--advertise",
+         "127.0.0.2", "--endpoints_file", str(endpoints_file), "--heartbeat_ms",
+         str(HEARTBEAT_MS)],
+        stdout=log, stderr=subprocess.STDOUT)
+    node = None
+    try:
+        wait_until(endpoints_file.exists, 30, "the endpoints file")
+        endpoints = json.loads(endpoints_file.read_text())
+        assert endpoints["client_endpoint"].startswith("tcp://127.0.0.2:")
+        assert endpoints["node_endpoint"].startswith("tcp://127.0.0.2:")
+        assert endpoints["metrics_url"].startswith("http://127.0.0.2:")
+        with urllib.request.urlopen(endpoints["metrics_url"], timeout=10) as r:
+            assert "kiln_nodes" in r.read().decode()
+
+        package_dir = tmp_path / "node-a" / "packages"
+        package_dir.mkdir(parents=True)
+        node = subprocess.Popen(
+            [os.path.join(BIN, "kiln-node"), "--coordinator", endpoints["node_endpoint"],
+             "--node_id", "node-a", "--models", f"flux-tiny={MODEL}", "--package_dir",
+             str(package_dir), "--metrics", "0.0.0.0:0", "--advertise", "127.0.0.3",
+             "--heartbeat_ms", str(HEARTBEAT_MS), "--no_compile"],
+            stdout=open(tmp_path / "node-a.log", "ab"), stderr=subprocess.STDOUT)
+
+        def registered():
+            proc = kiln("nodes", "--json", "--coordinator", endpoints["client_endpoint"])
+            nodes = json.loads(proc.stdout)["nodes"] if proc.returncode == 0 else []
+            return nodes[0] if nodes else None
+
+        info = wait_until(registered, 60, "node-a to register")
+        assert info["metrics_url"].startswith("http://127.0.0.3:"), info
+        with urllib.request.urlopen(info["metrics_url"], timeout=10) as r:
+            assert "kiln_node" in r.read().decode()
+        sd_url = endpoints["metrics_url"].rsplit("/metrics", 1)[0] + "/sd"
+
+        def discovered():
+            with urllib.request.urlopen(sd_url, timeout=10) as r:
+                return "127.0.0.3:" in r.read().decode()
+
+        wait_until(discovered, 30, "service discovery to list node-a at 127.0.0.3")
+
+        bad = subprocess.run([os.path.join(BIN, "kiln-node"), "--coordinator",
+                              endpoints["node_endpoint"], "--models", f"flux-tiny={MODEL}",
+                              "--advertise", "http://127.0.0.3"],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and "--advertise" in bad.stderr, bad.stderr
+    finally:
+        if node:
+            node.terminate()
+            node.wait(timeout=30)
+        coordinator.terminate()
+        coordinator.wait(timeout=30)
