@@ -120,15 +120,16 @@ class Coordinator:
                 self.kill()
 
 
-def start_node(root: Path, node_id: str, coordinators: str, shared: str) -> subprocess.Popen:
+def start_node(root: Path, node_id: str, coordinators: str) -> subprocess.Popen:
+    """kiln-node with the fixture packages in its local package tier (nothing to compile)."""
     package_dir = root / node_id / "packages"
-    package_dir.mkdir(parents=True)
+    seed_shared_cache(str(package_dir))
     log = open(root / f"{node_id}.log", "ab")
     return subprocess.Popen(
         [os.path.join(BIN, "kiln-node"), "--coordinator", coordinators, "--node_id", node_id,
          "--models", f"flux-tiny={MODEL}", "--device", "cpu", "--precision", "fp32",
-         "--package_dir", str(package_dir), "--shared_cache", shared, "--metrics",
-         "127.0.0.1:0", "--heartbeat_ms", str(HEARTBEAT_MS), "--no_compile"],
+         "--package_dir", str(package_dir), "--metrics", "127.0.0.1:0", "--heartbeat_ms",
+         str(HEARTBEAT_MS), "--no_compile"],
         stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -146,13 +147,11 @@ def redis(tmp_path):
 
 
 def test_generate_and_node_carry_on_through_a_leader_kill(tmp_path, redis, references):
-    shared = str(tmp_path / "shared-cache")
-    seed_shared_cache(shared)
     a = Coordinator(tmp_path, "a", redis, free_port(), free_port())
     a.wait_serving()
     b = Coordinator(tmp_path, "b", redis, free_port(), free_port())  # standby: binds nothing
     clients = f"{a.client_endpoint},{b.client_endpoint}"
-    node = start_node(tmp_path, "node-1", f"{a.node_endpoint},{b.node_endpoint}", shared)
+    node = start_node(tmp_path, "node-1", f"{a.node_endpoint},{b.node_endpoint}")
     generate = None
     try:
         seed, steps, job_id = 11, 30, "through-failover"
@@ -191,38 +190,41 @@ def test_generate_and_node_carry_on_through_a_leader_kill(tmp_path, redis, refer
         b.stop()
 
 
-def test_wait_outlives_a_coordinator_restart(tmp_path, redis):
-    shared = str(tmp_path / "shared-cache")
-    seed_shared_cache(shared)
+def test_wait_outlives_a_coordinator_restart(tmp_path, redis, references):
     c = Coordinator(tmp_path, "c", redis, free_port(), free_port())
     c.wait_serving()
-    node = None
+    node = start_node(tmp_path, "node-1", c.node_endpoint)
     waiter = None
     try:
-        job_id = "waits-through-restart"
-        kiln("submit", "--coordinator", c.client_endpoint, "--prompt", PROMPT, "--steps", "1",
-             "--job-id", job_id, check=True)  # no node yet: it stays queued
+        wait_until(lambda: (job_info(c.client_endpoint, "x") is None and
+                            '"READY"' in kiln("nodes", "--json", "--coordinator",
+                                              c.client_endpoint).stdout),
+                   60, "node-1 to register")
+        seed, steps, job_id = 5, 30, "waits-through-restart"
+        kiln("submit", "--coordinator", c.client_endpoint, "--prompt", PROMPT, "--seed",
+             str(seed), "--steps", str(steps), "--job-id", job_id, check=True)
+        out = tmp_path / "out.png"
         waiter = subprocess.Popen(
             [os.path.join(BIN, "kiln"), "wait", job_id, "--coordinator", c.client_endpoint,
-             "--json", "--no-progress"],
+             "--json", "--no-progress", "--out", str(out)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(1)
+        wait_until(lambda: (job_info(c.client_endpoint, job_id) or {}).get("state") == "RUNNING",
+                   120, "the job to run")
         c.kill()
-        time.sleep(6)  # down longer than a request timeout's worth of silence would allow today
+        time.sleep(6)  # down for a while; the node keeps running the job
         assert waiter.poll() is None, waiter.communicate()
         c.start()
         c.wait_serving()
-        node = start_node(tmp_path, "node-1", c.node_endpoint, shared)
         stdout, stderr = waiter.communicate(timeout=180)
         assert waiter.returncode == 0, stderr
         assert json.loads(stdout)["state"] == "SUCCEEDED"
         assert "retrying on " + c.client_endpoint in stderr
+        assert out.read_bytes() == references(PROMPT, seed, steps)
     finally:
         if waiter and waiter.poll() is None:
             waiter.kill()
-        if node:
-            node.terminate()
-            node.wait(timeout=30)
+        node.terminate()
+        node.wait(timeout=30)
         c.stop()
 
 
