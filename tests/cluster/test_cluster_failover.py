@@ -154,6 +154,9 @@ def test_generate_and_node_carry_on_through_a_leader_kill(tmp_path, redis, refer
     node = start_node(tmp_path, "node-1", f"{a.node_endpoint},{b.node_endpoint}")
     generate = None
     try:
+        wait_until(lambda: '"READY"' in kiln("nodes", "--json", "--coordinator",
+                                             a.client_endpoint).stdout,
+                   60, "node-1 to register")
         seed, steps, job_id = 11, 30, "through-failover"
         out = tmp_path / "out.png"
         generate = subprocess.Popen(
@@ -196,9 +199,8 @@ def test_wait_outlives_a_coordinator_restart(tmp_path, redis, references):
     node = start_node(tmp_path, "node-1", c.node_endpoint)
     waiter = None
     try:
-        wait_until(lambda: (job_info(c.client_endpoint, "x") is None and
-                            '"READY"' in kiln("nodes", "--json", "--coordinator",
-                                              c.client_endpoint).stdout),
+        wait_until(lambda: '"READY"' in kiln("nodes", "--json", "--coordinator",
+                                             c.client_endpoint).stdout,
                    60, "node-1 to register")
         seed, steps, job_id = 5, 30, "waits-through-restart"
         kiln("submit", "--coordinator", c.client_endpoint, "--prompt", PROMPT, "--seed",
