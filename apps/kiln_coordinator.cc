@@ -25,6 +25,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "common/advertise.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/log_flags.h"
@@ -45,6 +46,9 @@ ABSL_FLAG(std::string, node_endpoint, "tcp://127.0.0.1:7701",
           "ZeroMQ endpoint for nodes (ROUTER); port 0 picks a free port");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:9400",
           "HOST:PORT serving Prometheus /metrics; port 0 picks a free port");
+ABSL_FLAG(std::string, advertise, "",
+          "host other machines reach this coordinator at; the endpoints file and log carry it "
+          "instead of the bound address (\"\": 127.0.0.1 for 0.0.0.0)");
 ABSL_FLAG(std::string, endpoints_file, "",
           "after binding, write the bound endpoints, metrics URL and pid here as JSON (atomic)");
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval in ms (a node is dead after 3 missed)");
@@ -91,6 +95,8 @@ int main(int argc, char** argv) {
   options.max_attempts = static_cast<uint32_t>(std::max(0, absl::GetFlag(FLAGS_max_attempts)));
   options.max_jobs_per_node = absl::GetFlag(FLAGS_max_jobs_per_node);
   if (auto s = options.Validate(); !s.ok()) return Fail(s);
+  const std::string advertise = absl::GetFlag(FLAGS_advertise);
+  if (auto s = kiln::ValidateAdvertiseHost(advertise, "--advertise"); !s.ok()) return Fail(s);
   kiln::coordinator::CoordinatorServerOptions server_options;
   server_options.client_endpoint = absl::GetFlag(FLAGS_client_endpoint);
   server_options.node_endpoint = absl::GetFlag(FLAGS_node_endpoint);
@@ -123,11 +129,8 @@ int main(int argc, char** argv) {
     auto server =
         kiln::coordinator::CoordinatorServer::Start(serving_options, **coordinator, metrics, log);
     if (!server.ok()) return server.status();
-    kiln::coordinator::EndpointsFile endpoints;
-    endpoints.client_endpoint =
-        kiln::coordinator::ConnectableEndpoint((*server)->client_endpoint());
-    endpoints.node_endpoint = kiln::coordinator::ConnectableEndpoint((*server)->node_endpoint());
-    endpoints.metrics_url = metrics_url;
+    kiln::coordinator::EndpointsFile endpoints = kiln::coordinator::AdvertisedEndpoints(
+        (*server)->client_endpoint(), (*server)->node_endpoint(), metrics_url, advertise);
     endpoints.pid = static_cast<int>(getpid());
     if (const std::string path = absl::GetFlag(FLAGS_endpoints_file); !path.empty()) {
       if (auto s = kiln::coordinator::WriteEndpointsFile(path, endpoints); !s.ok()) return s;

@@ -23,13 +23,15 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/advertise.h"
 #include "nlohmann/json.hpp"
 #include "node/health.h"
 #include "node/node_factory.h"
 #include "pipeline/flux_pipeline.h"
 
 ABSL_FLAG(std::string, coordinator, "",
-          "the coordinator's node endpoint, tcp://HOST:PORT (required)");
+          "the coordinator's node endpoint, tcp://HOST:PORT, or every coordinator's as a comma "
+          "list (tried in turn) (required)");
 ABSL_FLAG(std::string, node_id, "", "node id (default: HOSTNAME-PID)");
 ABSL_FLAG(std::vector<std::string>, model, {},
           "NAME=DIR of a served model (diffusers layout); repeatable, or comma-separated");
@@ -46,6 +48,8 @@ ABSL_FLAG(std::string, shared_cache, "", "shared package cache directory (\"\": 
 ABSL_FLAG(std::string, resolutions, "",
           "allowed WIDTHxHEIGHT buckets, comma-separated (default: the pipeline's)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: any)");
+ABSL_FLAG(std::string, advertise, "",
+          "host other machines reach this node at; its registered metrics URL carries it");
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
@@ -171,6 +175,10 @@ int main(int argc, char** argv) {
   options.compiler_path = absl::GetFlag(FLAGS_compiler);
   if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
   process.metrics_address = absl::GetFlag(FLAGS_metrics);
+  process.advertise_host = absl::GetFlag(FLAGS_advertise);
+  if (auto s = kiln::ValidateAdvertiseHost(process.advertise_host, "--advertise"); !s.ok()) {
+    return BadInput(std::string(s.message()));
+  }
   if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) process.cuda_visible_devices = v;
   process.gpu_telemetry_interval_ms = absl::GetFlag(FLAGS_gpu_telemetry_interval_ms);
 

@@ -15,12 +15,15 @@ namespace {
 
 std::vector<FlagSpec> ClientFlags() {
   return {
-      {"coordinator", true, "ENDPOINT",
-       "coordinator client endpoint, e.g. tcp://127.0.0.1:5555 (else $KILN_COORDINATOR, else "
-       "STATE/cluster.json)"},
+      {"coordinator", true, "ENDPOINT[,ENDPOINT]",
+       "coordinator client endpoint(s), e.g. tcp://127.0.0.1:5555, or every coordinator's as a "
+       "comma list (else $KILN_COORDINATOR, else STATE/cluster.json)"},
       {"state-dir", true, "DIR", "local cluster state directory (default .kiln/cluster)"},
       {"request-timeout", true, "SECONDS",
        "how long the coordinator may take to answer a request (default 10)"},
+      {"retry-for", true, "SECONDS",
+       "keep retrying an unanswered request on the next coordinator for this long; 0 = never "
+       "(default 60)"},
   };
 }
 
@@ -75,6 +78,10 @@ std::vector<CommandSpec> MakeCommands() {
         {"start-timeout", true, "SECONDS",
          "how long to wait for every process to come up (default 60)"},
         {"bin-dir", true, "DIR", "where kiln-coordinator and kiln-node are (default: beside kiln)"},
+        {"redis", true, "URL|local",
+         "cluster mode: jobs in Redis (redis://HOST:PORT/DB), also the nodes' shared package "
+         "cache; `local` starts a redis-server (AOF, appendfsync always) under the state "
+         "directory (default: jobs in memory)"},
         kJson}});
   c.push_back({"down",
                "",

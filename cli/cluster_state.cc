@@ -46,6 +46,7 @@ json ClusterState::ToJson() const {
   j["state"] = state;
   j["state_dir"] = state_dir;
   j["shared_cache"] = shared_cache;
+  j["redis_url"] = redis_url;
   j["models"] = models;
   j["device"] = device;
   j["precision"] = precision;
@@ -64,6 +65,7 @@ json ClusterState::ToJson() const {
                       {"node_endpoint", coordinator.node_endpoint},
                       {"metrics_url", coordinator.metrics_url},
                       {"log", coordinator.log}};
+  j["redis"] = {{"pid", redis.pid}, {"port", redis.port}, {"dir", redis.dir}, {"log", redis.log}};
   j["nodes"] = json::array();
   for (const auto& n : nodes) {
     j["nodes"].push_back({{"node_id", n.node_id},
@@ -84,6 +86,7 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
   for (auto st :
        {Read(j, "version", &s.version, top), Read(j, "state", &s.state, top),
         Read(j, "state_dir", &s.state_dir, top), Read(j, "shared_cache", &s.shared_cache, top),
+        Read(j, "redis_url", &s.redis_url, top),
         Read(j, "models", &s.models, top), Read(j, "device", &s.device, top),
         Read(j, "precision", &s.precision, top), Read(j, "heartbeat_ms", &s.heartbeat_ms, top),
         Read(j, "compile", &s.compile, top), Read(j, "compile_options", &s.compile_options, top),
@@ -106,6 +109,14 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
                   Read(*c, "metrics_url", &s.coordinator.metrics_url, cw),
                   Read(*c, "log", &s.coordinator.log, cw)}) {
     if (!st.ok()) return st;
+  }
+  if (auto r = j.find("redis"); r != j.end() && !r->is_null()) {
+    if (!r->is_object()) return absl::InvalidArgumentError("redis: not an object");
+    const std::string rw = "redis.";
+    for (auto st : {Read(*r, "pid", &s.redis.pid, rw), Read(*r, "port", &s.redis.port, rw),
+                    Read(*r, "dir", &s.redis.dir, rw), Read(*r, "log", &s.redis.log, rw)}) {
+      if (!st.ok()) return st;
+    }
   }
   auto nodes = j.find("nodes");
   if (nodes != j.end()) {

@@ -27,6 +27,14 @@ struct CoordinatorProcess {
   std::string log;              // STATE/logs/coordinator.log
 };
 
+// `kiln up --redis local`: the redis-server the cluster runs (AOF, appendfsync always).
+struct RedisProcess {
+  int pid = 0;           // 0 once stopped, or when kiln started none
+  int port = 0;          // on 127.0.0.1
+  std::string dir;       // STATE/redis: the AOF files
+  std::string log;       // STATE/logs/redis.log
+};
+
 struct NodeProcess {
   std::string node_id;  // "node-1", ...
   int pid = 0;          // 0 once stopped
@@ -41,7 +49,9 @@ struct ClusterState {
   int version = kClusterStateVersion;
   std::string state = "up";  // "up" or "down"
   std::string state_dir;     // absolute
-  std::string shared_cache;  // STATE/shared-cache: the shared package tier of every node
+  // The shared package tier of every node: STATE/shared-cache, or in cluster mode the Redis URL.
+  std::string shared_cache;
+  std::string redis_url;  // cluster mode: every coordinator's --redis ("" = jobs in memory)
   std::map<std::string, std::string> models;  // name → absolute model directory
   std::string device = "cpu";
   std::string precision = "fp32";
@@ -53,6 +63,7 @@ struct ClusterState {
   int64_t started_unix_ms = 0;
   int64_t stopped_unix_ms = 0;
   CoordinatorProcess coordinator;
+  RedisProcess redis;  // pid 0 unless `kiln up --redis local`
   std::vector<NodeProcess> nodes;
 
   nlohmann::json ToJson() const;

@@ -34,8 +34,9 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr char kDefaultStateDir[] = ".kiln/cluster";
-// A long wait is a series of Wait requests of this length, so a coordinator that dies is
-// noticed within one chunk plus the request timeout.
+// A long wait is a series of Wait requests of this length. A coordinator that dies mid-wait is
+// noticed at once (its connection closes) or after one chunk plus the request timeout (a host
+// that vanished); the client then retries the wait on the next endpoint.
 constexpr uint32_t kWaitChunkMs = 15000;
 
 // Usage errors say how to get help.
@@ -82,9 +83,18 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const CommandLine& cl
   if (*timeout_s <= 0) {
     return absl::InvalidArgumentError("--request-timeout: must be positive");
   }
+  auto retry_for_s = cl.GetDouble("retry-for", 60);
+  if (!retry_for_s.ok()) return retry_for_s.status();
+  if (*retry_for_s < 0) return absl::InvalidArgumentError("--retry-for: must be >= 0");
   ClientOptions options;
   options.endpoint = *endpoint;
   options.request_timeout_ms = static_cast<int>(*timeout_s * 1000);
+  options.failover.retry_for_ms = static_cast<int64_t>(*retry_for_s * 1000);
+  // A note per retry, so a failover or restart is visible but not an error.
+  options.on_retry = [&io](const absl::Status& error, const std::string& next, int64_t delay_ms) {
+    io.err << absl::StrFormat("kiln: %s; retrying on %s in %.1fs\n", error.message(), next,
+                              delay_ms / 1000.0);
+  };
   return CoordinatorClient::Connect(options);
 }
 
@@ -355,6 +365,12 @@ std::string ClusterSummary(const ClusterState& s) {
   if (absl::EndsWith(base, "/metrics")) base.resize(base.size() - std::string("/metrics").size());
   out += absl::StrFormat("  status page  %s/status/\n  prometheus   service discovery %s/sd\n", base,
                          base);
+  if (!s.redis_url.empty()) {
+    out += absl::StrFormat("  redis        %s%s\n", s.redis_url,
+                           s.redis.pid > 0 ? absl::StrFormat(" (pid %d, AOF in %s)", s.redis.pid,
+                                                             s.redis.dir)
+                                           : std::string(""));
+  }
   out += absl::StrFormat("  shared cache %s\n  state        %s (logs in %s/logs)\n", s.shared_cache,
                          ClusterFilePath(s.state_dir), s.state_dir);
   return out;
@@ -383,6 +399,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.compile_options = cl.Get("compile-options");
   options.detach = cl.Has("detach");
   options.bin_dir = cl.Get("bin-dir");
+  options.redis = cl.Get("redis");
   if (auto s = options.Validate(); !s.ok()) return UsageError(io, s, cl.spec);
   // Foreground: take Ctrl-C synchronously; block before any thread (ZeroMQ's) exists.
   if (!options.detach) BlockShutdownSignals();
@@ -399,7 +416,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   }
   if (options.detach) return kExitOk;
   io.err << "kiln: running in the foreground; Ctrl-C (or `kiln down`) stops the cluster\n";
-  auto s = SuperviseCluster(options.state_dir, io.err);
+  auto s = SuperviseCluster(options, io.err);
   if (!s.ok()) return Fail(io, s);
   io.err << "kiln: cluster stopped\n";
   return kExitOk;
@@ -462,6 +479,9 @@ int CmdHelp(const CommandLine& cl, Io& io) {
 int ExitCodeFor(const absl::Status& status) {
   // The shared policy (common/status.h), for commands against a running system: an error that
   // names a field is bad input; FAILED_PRECONDITION (the cluster is down, the job finished) is not.
+  // The coordinator's NOT_FOUND (no such job or node) is its own answer, not a mistake in the
+  // command line.
+  if (absl::IsNotFound(status) && FromCoordinator(status)) return kExitNotFound;
   return kiln::ExitCodeFor(status, ExitContext::kCommand);
 }
 

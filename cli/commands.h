@@ -4,7 +4,9 @@
 //
 // Exit status (kiln::ExitCodeFor with ExitContext::kCommand, common/status.h): 0 ok; 2 bad input
 // or usage (an error that names a field, or whose code is INVALID_ARGUMENT, NOT_FOUND,
-// ALREADY_EXISTS or OUT_OF_RANGE); 3 the job failed or was cancelled; 1 anything else.
+// ALREADY_EXISTS or OUT_OF_RANGE); 3 the job failed or was cancelled; 4 the coordinator answered
+// NOT_FOUND (it knows no such job or node); 1 anything else (a coordinator that stayed
+// unreachable through every retry).
 #pragma once
 
 #include <functional>
@@ -17,11 +19,12 @@
 
 namespace kiln::cli {
 
-// 0, 1 and 2 are the shared exit codes (common/status.h); 3 is the CLI's own.
+// 0, 1 and 2 are the shared exit codes (common/status.h); 3 and 4 are the CLI's own.
 inline constexpr int kExitOk = kiln::kExitOk;
 inline constexpr int kExitFailure = kiln::kExitFailure;
 inline constexpr int kExitUsage = kiln::kExitBadInput;
 inline constexpr int kExitJobFailed = 3;
+inline constexpr int kExitNotFound = 4;
 
 // What one invocation may touch besides the filesystem and the network.
 struct Io {

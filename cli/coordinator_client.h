@@ -4,6 +4,14 @@
 // DeadlineExceeded ("coordinator at X did not answer within Ns"), never a hang. An ErrorReply
 // becomes a Status with the reply's code; its field is kept as a payload (ErrorField()).
 //
+// Several coordinators (an active one and its standbys, or one that restarts): the endpoint may be
+// a comma list. A try that gets no answer (nothing listening within connect_timeout_ms: a standby
+// binds nothing until it leads; the connection closed mid-request: the coordinator died; no reply
+// within the timeout) or an UNAVAILABLE reply is retried on the next endpoint with backoff
+// (cli/failover.h) for up to FailoverOptions.retry_for_ms, then the last error is returned.
+// Retrying is safe: a submit is idempotent by job id, the other requests only read or are
+// idempotent (cancel, drain).
+//
 // Used by the `kiln` commands and by `kiln up` to poll ListNodes. Thread-compatible: one thread
 // uses an instance (a ZeroMQ socket belongs to one thread).
 #pragma once
@@ -15,15 +23,25 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "cli/failover.h"
+#include "common/clock.h"
 #include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 #include "common/status.h"
 
 namespace kiln::cli {
 
+// Called before each retry: what failed, the endpoint tried next and the delay before it (ms).
+using RetryFn =
+    std::function<void(const absl::Status& error, const std::string& next, int64_t delay_ms)>;
+
 struct ClientOptions {
-  std::string endpoint;            // coordinator's client endpoint, e.g. "tcp://127.0.0.1:5555"
+  // The coordinators' client endpoints, one or a comma list: "tcp://A:5555,tcp://B:5555".
+  std::string endpoint;
   int request_timeout_ms = 10000;  // a reply may take this long beyond the wait a request asks for
+  int connect_timeout_ms = 2000;   // a try with no connection after this long moves on (ms)
+  FailoverOptions failover;        // retries across the endpoints; retry_for_ms 0: one try only
+  RetryFn on_retry = nullptr;      // told of each retry (the CLI prints a note); may be null
 
   // InvalidArgument naming the field.
   absl::Status Validate() const;
@@ -50,22 +68,36 @@ class CoordinatorClient {
   absl::StatusOr<kiln::v1::ListNodesReply> ListNodes();
   absl::StatusOr<kiln::v1::NodeStatus> Drain(const std::string& node_id);
 
-  const std::string& endpoint() const { return options_.endpoint; }
+  // The endpoint the next request goes to (the one that answered last).
+  const std::string& endpoint() const { return failover_.endpoint(); }
 
  private:
   struct Socket;
-  CoordinatorClient(const ClientOptions& options, std::unique_ptr<Socket> socket);
-  // Sends `request`, returns the first reply to it that `is_final` accepts; the others go to
-  // `on_partial`. `extra_ms` is added to the request timeout (the wait the request asks for).
+  explicit CoordinatorClient(const ClientOptions& options);
+  // Opens a fresh socket to failover_.endpoint().
+  absl::Status Reconnect();
+  // Call with retries across the endpoints (see the file comment).
   absl::StatusOr<kiln::v1::Envelope> Call(
+      const kiln::v1::Envelope& request, int64_t extra_ms,
+      const std::function<bool(const kiln::v1::Envelope&)>& is_final,
+      const std::function<void(const kiln::v1::Envelope&)>& on_partial);
+  // Sends `request` once, returns the first reply to it that `is_final` accepts; the others go to
+  // `on_partial`. `extra_ms` is added to the request timeout (the wait the request asks for).
+  absl::StatusOr<kiln::v1::Envelope> CallOnce(
       kiln::v1::Envelope request, int64_t extra_ms,
       const std::function<bool(const kiln::v1::Envelope&)>& is_final,
       const std::function<void(const kiln::v1::Envelope&)>& on_partial);
 
   ClientOptions options_;
+  SystemClock clock_;
+  Failover failover_;
   std::unique_ptr<Socket> socket_;
   uint64_t next_request_ = 1;
 };
+
+// Worth retrying on another endpoint: no answer (DeadlineExceeded or Unavailable from the client
+// itself) or UNAVAILABLE from a coordinator.
+bool Retryable(const absl::Status& status);
 
 // True for SUCCEEDED, FAILED and CANCELLED (common/job_state.h).
 using kiln::IsTerminal;

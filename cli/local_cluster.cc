@@ -1,23 +1,33 @@
 #include "cli/local_cluster.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <sstream>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cli/coordinator_client.h"
 #include "cli/process.h"
+#include "cli/restart_backoff.h"
 #include "common/clock.h"
 #include "common/files.h"
 #include "nlohmann/json.hpp"
@@ -30,6 +40,7 @@ using nlohmann::json;
 
 constexpr char kCoordinatorExe[] = "kiln-coordinator";
 constexpr char kNodeExe[] = "kiln-node";
+constexpr char kRedisExe[] = "redis-server";
 constexpr int kPollMs = 100;
 
 std::string Absolute(const std::string& path) {
@@ -118,6 +129,161 @@ NodeProcess NewNode(const ClusterState& state, const std::string& node_id) {
   return n;
 }
 
+// The absolute path of `exe` on $PATH; NotFound naming the Debian package otherwise.
+absl::StatusOr<std::string> FindOnPath(const std::string& exe, const std::string& package) {
+  const char* path = std::getenv("PATH");
+  for (absl::string_view dir : absl::StrSplit(path ? path : "/usr/bin:/bin", ':')) {
+    if (dir.empty()) continue;
+    const std::string candidate = absl::StrCat(dir, "/", exe);
+    if (access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return absl::NotFoundError(
+      absl::StrCat(exe, " is not on PATH (Debian: apt-get install ", package, ")"));
+}
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+absl::StatusOr<int> FreeLoopbackPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return absl::InternalError(absl::StrCat("socket: ", std::strerror(errno)));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  int port = -1;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  close(fd);
+  if (port < 0) return absl::InternalError(absl::StrCat("bind: ", std::strerror(errno)));
+  return port;
+}
+
+// True when a Redis on 127.0.0.1:`port` answers PING.
+bool RedisAnswers(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  timeval timeout{0, 200 * 1000};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  bool pong = false;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const char ping[] = "PING\r\n";
+    char reply[8] = {};
+    if (write(fd, ping, sizeof(ping) - 1) == static_cast<ssize_t>(sizeof(ping) - 1)) {
+      pong = read(fd, reply, sizeof(reply)) >= 5 && std::strncmp(reply, "+PONG", 5) == 0;
+    }
+  }
+  close(fd);
+  return pong;
+}
+
+// `--redis local`: starts redis-server on 127.0.0.1 (state->redis.port, or a free port when 0)
+// with its AOF under STATE/redis, and waits until it answers PING. A restart reuses port and
+// directory, so the AOF brings every job back.
+absl::Status StartRedis(bool die_with_parent, int timeout_ms, ClusterState* state) {
+  auto exe = FindOnPath(kRedisExe, "redis-server");
+  if (!exe.ok()) return exe.status();
+  RedisProcess& redis = state->redis;
+  redis.dir = state->state_dir + "/redis";
+  redis.log = state->state_dir + "/logs/redis.log";
+  if (auto s = MakeDirs(redis.dir); !s.ok()) return s;
+  if (redis.port == 0) {
+    auto port = FreeLoopbackPort();
+    if (!port.ok()) return port.status();
+    redis.port = *port;
+  }
+  SpawnOptions spawn;
+  // set-proc-title no: the command line stays "redis-server ...", which is how ProcessAlive
+  // recognises it.
+  spawn.argv = {*exe, "--port", absl::StrCat(redis.port), "--bind", "127.0.0.1", "--dir",
+                redis.dir, "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                "--set-proc-title", "no"};
+  spawn.log_path = redis.log;
+  spawn.die_with_parent = die_with_parent;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  redis.pid = *pid;
+  const int64_t deadline = SteadyMs() + timeout_ms;
+  while (!RedisAnswers(redis.port)) {
+    if (!ProcessAlive(redis.pid, kRedisExe)) {
+      return WithLog(absl::UnavailableError(absl::StrCat("redis-server (pid ", redis.pid,
+                                                         ") exited before it answered")),
+                     redis.log);
+    }
+    if (SteadyMs() > deadline) {
+      return WithLog(absl::DeadlineExceededError(absl::StrFormat(
+                         "redis-server (pid %d) did not answer on 127.0.0.1:%d within %ds",
+                         redis.pid, redis.port, timeout_ms / 1000)),
+                     redis.log);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(kPollMs));
+  }
+  state->redis_url = absl::StrCat("redis://127.0.0.1:", redis.port, "/0");
+  return absl::OkStatus();
+}
+
+// "http://127.0.0.1:PORT/metrics" → "127.0.0.1:PORT" (the --metrics flag that binds it again).
+std::string MetricsAddress(const std::string& url) {
+  std::string address = url;
+  if (absl::StartsWith(address, "http://")) address = address.substr(7);
+  if (const size_t slash = address.find('/'); slash != std::string::npos) address.resize(slash);
+  return address;
+}
+
+// Starts the coordinator and waits for its endpoints file; fills state->coordinator (pid first,
+// then `save` is called so a failure during the wait still leaves the pid in cluster.json).
+// `reuse_endpoints`: bind the endpoints state->coordinator records (a restart: nodes and clients
+// know them); else free loopback ports.
+absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& options,
+                              bool reuse_endpoints, int timeout_ms, ClusterState* state,
+                              const std::function<absl::Status()>& save) {
+  auto& coord = state->coordinator;
+  coord.log = state->state_dir + "/logs/coordinator.log";
+  const std::string endpoints_file = state->state_dir + "/coordinator.json";
+  RemoveFile(endpoints_file);
+  std::ofstream(coord.log, std::ios::app)
+      << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
+  SpawnOptions spawn;
+  if (reuse_endpoints) {
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=" + coord.client_endpoint,
+                  "--node_endpoint=" + coord.node_endpoint,
+                  "--metrics=" + MetricsAddress(coord.metrics_url)};
+  } else {
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
+                  "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0"};
+  }
+  spawn.argv.push_back("--endpoints_file=" + endpoints_file);
+  if (!state->redis_url.empty()) spawn.argv.push_back("--redis=" + state->redis_url);
+  if (options.heartbeat_ms > 0) {
+    spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
+  }
+  if (options.max_attempts > 0) {
+    spawn.argv.push_back(absl::StrCat("--max_attempts=", options.max_attempts));
+  }
+  spawn.log_path = coord.log;
+  spawn.die_with_parent = !options.detach;
+  auto pid = Spawn(spawn);
+  if (!pid.ok()) return pid.status();
+  coord.pid = *pid;
+  if (auto s = save(); !s.ok()) return s;
+  auto endpoints = WaitForJsonFile(endpoints_file, coord.pid, kCoordinatorExe, "kiln-coordinator",
+                                   timeout_ms, coord.log);
+  if (!endpoints.ok()) return endpoints.status();
+  coord.client_endpoint = JsonString(*endpoints, "client_endpoint");
+  coord.node_endpoint = JsonString(*endpoints, "node_endpoint");
+  coord.metrics_url = JsonString(*endpoints, "metrics_url");
+  if (coord.client_endpoint.empty() || coord.node_endpoint.empty()) {
+    return absl::InternalError(absl::StrCat(
+        endpoints_file, " lacks client_endpoint or node_endpoint: ", endpoints->dump()));
+  }
+  return absl::OkStatus();
+}
+
 std::vector<std::string> NodeArgv(const std::string& bin_dir, const ClusterState& state,
                                   const NodeProcess& node) {
   std::vector<std::string> argv = {bin_dir + "/" + kNodeExe,
@@ -192,6 +358,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> ClientFor(const ClusterState&
   ClientOptions options;
   options.endpoint = state.coordinator.client_endpoint;
   options.request_timeout_ms = 5000;
+  options.failover.retry_for_ms = 0;  // the callers poll in their own loops
   return CoordinatorClient::Connect(options);
 }
 
@@ -234,6 +401,15 @@ void StopAll(ClusterState& state, int grace_ms, std::ostream& log) {
     }
     state.coordinator.pid = 0;
   }
+  if (state.redis.pid > 0) {
+    if (ProcessAlive(state.redis.pid, kRedisExe)) {
+      log << "kiln: stopping redis-server (pid " << state.redis.pid << ")\n";
+      if (!StopProcess(state.redis.pid, grace_ms, kRedisExe)) {
+        log << "kiln: redis-server did not exit within " << grace_ms / 1000 << "s: killed\n";
+      }
+    }
+    state.redis.pid = 0;
+  }
   state.state = "down";
   state.supervisor_pid = 0;
   state.stopped_unix_ms = UnixMs();
@@ -241,6 +417,7 @@ void StopAll(ClusterState& state, int grace_ms, std::ostream& log) {
 
 bool AnyAlive(const ClusterState& state) {
   if (ProcessAlive(state.coordinator.pid, kCoordinatorExe)) return true;
+  if (ProcessAlive(state.redis.pid, kRedisExe)) return true;
   for (const auto& n : state.nodes) {
     if (ProcessAlive(n.pid, kNodeExe)) return true;
   }
@@ -278,6 +455,10 @@ absl::Status UpOptions::Validate() const {
                        ") is not a diffusers model repository (no model_index.json)"));
     }
   }
+  if (!redis.empty() && redis != "local" && !absl::StartsWith(redis, "redis://")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("redis: '", redis, "' is neither redis://HOST:PORT/DB nor local"));
+  }
   if (device.empty()) return absl::InvalidArgumentError("device: empty");
   if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
   if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
@@ -299,7 +480,10 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   }
   ClusterState state;
   state.state_dir = Absolute(options.state_dir);
-  state.shared_cache = state.state_dir + "/shared-cache";
+  const bool local_redis = options.redis == "local";
+  state.redis_url = local_redis ? "" : options.redis;
+  state.shared_cache =
+      options.redis.empty() ? state.state_dir + "/shared-cache" : state.redis_url;  // redis: below
   for (const auto& [name, dir] : options.models) state.models[name] = Absolute(dir);
   state.device = options.device;
   state.precision = options.precision;
@@ -310,8 +494,9 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.supervisor_pid = options.detach ? 0 : getpid();
   state.started_unix_ms = UnixMs();
   state.state = "starting";
-  for (const auto& dir : {state.state_dir + "/logs", state.shared_cache}) {
-    if (auto s = MakeDirs(dir); !s.ok()) return s;
+  if (auto s = MakeDirs(state.state_dir + "/logs"); !s.ok()) return s;
+  if (options.redis.empty()) {
+    if (auto s = MakeDirs(state.shared_cache); !s.ok()) return s;
   }
   auto lock = StateLock::Acquire(state.state_dir);
   if (!lock.ok()) return lock.status();
@@ -322,48 +507,29 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
                      "); stop it first with `kiln down --state-dir ", state.state_dir, "`"));
   }
 
-  // Coordinator: bind free ports, report them in its endpoints file.
-  auto& coord = state.coordinator;
-  coord.log = state.state_dir + "/logs/coordinator.log";
-  const std::string endpoints_file = state.state_dir + "/coordinator.json";
-  RemoveFile(endpoints_file);
-  std::ofstream(coord.log, std::ios::app)
-      << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
-  SpawnOptions spawn;
-  spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
-                "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0",
-                "--endpoints_file=" + endpoints_file};
-  if (options.heartbeat_ms > 0) {
-    spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
-  }
-  if (options.max_attempts > 0) {
-    spawn.argv.push_back(absl::StrCat("--max_attempts=", options.max_attempts));
-  }
-  spawn.log_path = coord.log;
-  spawn.die_with_parent = !options.detach;
-  auto pid = Spawn(spawn);
-  if (!pid.ok()) return pid.status();
-  coord.pid = *pid;
-
   auto fail = [&](absl::Status status) -> absl::Status {
     log << "kiln: start failed; stopping what was started\n";
     StopAll(state, 10000, log);
     (void)SaveClusterState(state);
     return status;
   };
-  if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
-  auto endpoints = WaitForJsonFile(endpoints_file, coord.pid, kCoordinatorExe, "kiln-coordinator",
-                                   options.start_timeout_ms, coord.log);
-  if (!endpoints.ok()) return fail(endpoints.status());
-  coord.client_endpoint = JsonString(*endpoints, "client_endpoint");
-  coord.node_endpoint = JsonString(*endpoints, "node_endpoint");
-  coord.metrics_url = JsonString(*endpoints, "metrics_url");
-  if (coord.client_endpoint.empty() || coord.node_endpoint.empty()) {
-    return fail(absl::InternalError(absl::StrCat(
-        endpoints_file, " lacks client_endpoint or node_endpoint: ", endpoints->dump())));
+  if (local_redis) {
+    auto started = StartRedis(!options.detach, options.start_timeout_ms, &state);
+    (void)SaveClusterState(state);
+    if (!started.ok()) return fail(started);
+    state.shared_cache = state.redis_url;
+    log << "kiln: redis-server up (pid " << state.redis.pid << ", " << state.redis_url
+        << ", AOF in " << state.redis.dir << ")\n";
   }
-  log << "kiln: coordinator up (pid " << coord.pid << ", clients at " << coord.client_endpoint
-      << ")\n";
+  if (auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/false,
+                                options.start_timeout_ms, &state, [&] {
+                                  return SaveClusterState(state);
+                                });
+      !s.ok()) {
+    return fail(s);
+  }
+  log << "kiln: coordinator up (pid " << state.coordinator.pid << ", clients at "
+      << state.coordinator.client_endpoint << ")\n";
   if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
 
   // Nodes: start them all, then wait for each to register.
@@ -462,14 +628,21 @@ void BlockShutdownSignals() {
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
-absl::Status SuperviseCluster(const std::string& state_dir_in, std::ostream& log) {
-  const std::string state_dir = Absolute(state_dir_in);
+absl::Status SuperviseCluster(const UpOptions& options, std::ostream& log) {
+  const std::string state_dir = Absolute(options.state_dir);
+  const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
   sigset_t set;
   sigemptyset(&set);
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGCHLD}) sigaddset(&set, sig);
-  std::set<std::string> reported;
+  // Per child ("coordinator" or a node id): its backoff, when it (re)started, when it restarts.
+  struct Child {
+    RestartBackoff backoff;
+    int64_t started_ms = SteadyMs();
+    int64_t restart_at_ms = -1;  // >= 0: dead, restart then
+  };
+  std::map<std::string, Child> children;
   while (true) {
-    timespec wait = {0, 500 * 1000 * 1000};
+    timespec wait = {0, 200 * 1000 * 1000};
     const int sig = sigtimedwait(&set, nullptr, &wait);
     if (sig == SIGINT || sig == SIGTERM || sig == SIGHUP) {
       log << "\nkiln: " << (sig == SIGINT ? "interrupted" : "terminated")
@@ -486,22 +659,80 @@ absl::Status SuperviseCluster(const std::string& state_dir_in, std::ostream& log
       log << "kiln: the cluster was stopped (kiln down)\n";
       return absl::OkStatus();
     }
+    const int64_t now = SteadyMs();
     bool changed = false;
-    for (auto& n : state->nodes) {
-      if (n.state == "up" && n.pid > 0 && !ProcessAlive(n.pid, kNodeExe)) {
-        log << "kiln: " << n.node_id << " (pid " << n.pid << ") exited; its log: " << n.log << "\n";
-        n.state = "exited";
-        n.pid = 0;
+    // A dead child is restarted after its backoff; the restarted pid goes into cluster.json, so
+    // `kiln down` and client commands follow it.
+    auto due = [&](const std::string& name, bool alive, const std::string& what, int pid,
+                   const std::string& log_path) {
+      Child& child = children[name];
+      if (alive) return false;
+      if (child.restart_at_ms < 0) {
+        const int64_t delay = child.backoff.OnExit(child.started_ms, now);
+        child.restart_at_ms = now + delay;
+        log << absl::StrFormat("kiln: %s (pid %d) exited; restarting it in %.1fs (its log: %s)\n",
+                               what, pid, delay / 1000.0, log_path);
+      }
+      if (now < child.restart_at_ms) return false;
+      child.restart_at_ms = -1;
+      child.started_ms = now;
+      return true;
+    };
+    auto& redis = state->redis;
+    if (redis.pid > 0 || redis.port > 0) {
+      if (due("redis", redis.pid > 0 && ProcessAlive(redis.pid, kRedisExe), "redis-server",
+              redis.pid, redis.log)) {
+        // Same port and directory: the AOF brings every job back.
+        if (auto s = StartRedis(/*die_with_parent=*/true, 15000, &*state); s.ok()) {
+          log << "kiln: redis-server restarted (pid " << redis.pid << ")\n";
+        } else {
+          log << "kiln: restarting redis-server failed: " << s.message() << "\n";
+          if (redis.pid > 0) StopProcess(redis.pid, 1000, kRedisExe);
+          redis.pid = 0;
+        }
         changed = true;
       }
     }
-    if (!ProcessAlive(state->coordinator.pid, kCoordinatorExe)) {
-      const std::string log_path = state->coordinator.log;
-      state->coordinator.pid = 0;
-      StopAll(*state, 30000, log);
-      (void)SaveClusterState(*state);
-      return WithLog(absl::UnavailableError("the coordinator exited; the cluster is down"),
-                     log_path);
+    auto& coord = state->coordinator;
+    if (due("coordinator", coord.pid > 0 && ProcessAlive(coord.pid, kCoordinatorExe),
+            "the coordinator", coord.pid, coord.log)) {
+      // Same endpoints: the nodes and clients reconnect to them on their own.
+      auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/true, 15000, &*state,
+                                [] { return absl::OkStatus(); });
+      if (s.ok()) {
+        log << "kiln: coordinator restarted (pid " << coord.pid << ", clients at "
+            << coord.client_endpoint << ")\n";
+      } else {
+        log << "kiln: restarting the coordinator failed: " << s.message() << "\n";
+        if (coord.pid > 0) StopProcess(coord.pid, 1000, kCoordinatorExe);
+        coord.pid = 0;
+      }
+      changed = true;
+    }
+    for (auto& n : state->nodes) {
+      if (n.state == "stopped") continue;  // stopped on purpose
+      if (!due(n.node_id, n.pid > 0 && ProcessAlive(n.pid, kNodeExe), n.node_id, n.pid, n.log)) {
+        // A restarted node writes its status file once registered: record its metrics URL.
+        if (n.metrics_url.empty() && n.pid > 0) {
+          std::ifstream in(n.status_file);
+          std::stringstream text;
+          text << in.rdbuf();
+          json j = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+          if (!j.is_discarded() && j.is_object() && !JsonString(j, "metrics_url").empty()) {
+            n.metrics_url = JsonString(j, "metrics_url");
+            changed = true;
+          }
+        }
+        continue;
+      }
+      if (auto s = SpawnNode(bin_dir, *state, &n, /*die_with_parent=*/true); s.ok()) {
+        log << "kiln: " << n.node_id << " restarted (pid " << n.pid << ")\n";
+      } else {
+        log << "kiln: restarting " << n.node_id << " failed: " << s.message() << "\n";
+        n.pid = 0;
+        n.state = "exited";
+      }
+      changed = true;
     }
     if (changed) (void)SaveClusterState(*state);
   }

@@ -9,6 +9,7 @@
 //   STATE/nodes/<id>/packages/         one node's local package tier
 //   STATE/nodes/<id>/status.json       written by kiln-node once registered
 //   STATE/logs/<coordinator|id>.log    each process's stdout and stderr
+//   STATE/redis/                       `--redis local`: redis-server's AOF (logs/redis.log)
 //
 // Called from the main thread of `kiln`. Progress lines go to the `log` stream given.
 #pragma once
@@ -36,6 +37,11 @@ struct UpOptions {
   bool detach = false;                        // false: children die with this process
   int start_timeout_ms = 60000;               // per process, until bound / registered
   std::string bin_dir;                        // holds kiln-coordinator and kiln-node
+  // Cluster mode: "" keeps jobs in the coordinator's memory; "redis://HOST:PORT/DB" runs the
+  // coordinator with --redis and the nodes with that Redis as their shared package tier;
+  // "local" does the same with a redis-server started under STATE/redis (AOF, appendfsync
+  // always), supervised like the others and stopped by `kiln down`.
+  std::string redis;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -66,16 +72,18 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
 // Starts one more node in the running cluster and records it in cluster.json.
 absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log);
 
-// SIGTERM to every node (each finishes its running job), then to the coordinator; SIGKILL for
-// whatever outlives the grace period. Marks cluster.json "down". NotFound without cluster.json;
+// SIGTERM to every node (each finishes its running job), then to the coordinator, then to the
+// redis-server of `--redis local`; SIGKILL for whatever outlives the grace period. Marks cluster.json "down". NotFound without cluster.json;
 // OK (and says so) when the cluster is already down.
 absl::Status StopCluster(const DownOptions& options, std::ostream& log);
 
 // Foreground `kiln up`: blocks until SIGINT, SIGTERM or SIGHUP (then stops the cluster and
-// returns OK) or until the coordinator dies (stops the nodes and returns the error). A node that
-// exits is reported and marked "exited". The caller must have called BlockShutdownSignals()
-// before starting the cluster.
-absl::Status SuperviseCluster(const std::string& state_dir, std::ostream& log);
+// returns OK) or until `kiln down` marks the cluster down. A coordinator or node that dies is
+// restarted with backoff (cli/restart_backoff.h): the coordinator on the endpoints it had (the
+// nodes and clients reconnect to them), a node with its id and package directory; cluster.json
+// follows each new pid. `options` are the ones the cluster was started with. The caller must
+// have called BlockShutdownSignals() before starting the cluster.
+absl::Status SuperviseCluster(const UpOptions& options, std::ostream& log);
 
 // Blocks SIGINT, SIGTERM, SIGHUP and SIGCHLD in the calling thread (and every thread it creates
 // afterwards) so SuperviseCluster can take them synchronously. Call before any thread exists.

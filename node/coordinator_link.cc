@@ -1,6 +1,10 @@
 #include "node/coordinator_link.h"
 
 #include <algorithm>
+#include <utility>
+
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 
 namespace kiln::node {
 
@@ -16,9 +20,20 @@ absl::Status LinkOptions::Validate() const {
   return absl::OkStatus();
 }
 
-CoordinatorLink::CoordinatorLink(const LinkOptions& options, const Clock& clock)
+std::vector<std::string> SplitEndpoints(absl::string_view list) {
+  std::vector<std::string> endpoints;
+  for (absl::string_view part : absl::StrSplit(list, ',')) {
+    part = absl::StripAsciiWhitespace(part);
+    if (!part.empty()) endpoints.emplace_back(part);
+  }
+  return endpoints;
+}
+
+CoordinatorLink::CoordinatorLink(const LinkOptions& options, const Clock& clock,
+                                 std::vector<std::string> endpoints)
     : options_(options),
       clock_(clock),
+      endpoints_(std::move(endpoints)),
       interval_ms_(options.heartbeat_interval_ms),
       backoff_ms_(options.backoff_initial_ms),
       connect_at_ms_(clock.NowMs()) {}
@@ -53,10 +68,18 @@ bool CoordinatorLink::PeerDead() const {
          clock_.NowMs() - last_heard_ms_ >= options_.missed_heartbeats * interval_ms_;
 }
 
+int64_t CoordinatorLink::next_backoff_ms() const {
+  // Moving on within a round is quick; starting the next round waits the grown backoff.
+  return current_ + 1 < endpoints_.size() ? options_.backoff_initial_ms : backoff_ms_;
+}
+
 void CoordinatorLink::OnDisconnected() {
   state_ = State::kDisconnected;
-  connect_at_ms_ = clock_.NowMs() + backoff_ms_;
-  backoff_ms_ = std::min(backoff_ms_ * 2, options_.backoff_max_ms);
+  connect_at_ms_ = clock_.NowMs() + next_backoff_ms();
+  if (++current_ == endpoints_.size()) {
+    current_ = 0;
+    backoff_ms_ = std::min(backoff_ms_ * 2, options_.backoff_max_ms);
+  }
 }
 
 int64_t CoordinatorLink::MsUntilNextEvent() const {

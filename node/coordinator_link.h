@@ -10,12 +10,21 @@
 // Reconnect delays double from backoff_initial_ms up to backoff_max_ms and start over once a
 // registration succeeds. The first connection is immediate.
 //
+// Several coordinator endpoints (an active and its standbys): every disconnect moves on to the
+// next endpoint, so a coordinator that stays silent (a standby binds nothing until it leads, a
+// dead one answers nothing) is left for the next. Within one round of the endpoints the next one
+// is tried after backoff_initial_ms; the delay doubles once per full round without a
+// registration.
+//
 // Threads: thread-compatible; owned by the node's I/O thread.
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "common/clock.h"
 
 namespace kiln::node {
@@ -29,17 +38,25 @@ struct LinkOptions {
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
 
+// "tcp://A:5556,tcp://B:5556" → its endpoints, in order, blanks dropped.
+std::vector<std::string> SplitEndpoints(absl::string_view list);
+
 class CoordinatorLink {
  public:
   enum class State { kDisconnected, kRegistering, kRegistered };
 
-  CoordinatorLink(const LinkOptions& options, const Clock& clock);
+  // `endpoints` must not be empty: the coordinator endpoints, tried in turn from the first.
+  CoordinatorLink(const LinkOptions& options, const Clock& clock,
+                  std::vector<std::string> endpoints);
 
   State state() const { return state_; }
   bool registered() const { return state_ == State::kRegistered; }
   int64_t heartbeat_interval_ms() const { return interval_ms_; }
   // Delay the next reconnect will wait (for logs and tests).
-  int64_t next_backoff_ms() const { return backoff_ms_; }
+  int64_t next_backoff_ms() const;
+  // The endpoint to connect to next (while disconnected) or connected to now.
+  const std::string& endpoint() const { return endpoints_[current_]; }
+  const std::vector<std::string>& endpoints() const { return endpoints_; }
 
   // Disconnected and the backoff has passed.
   bool ShouldConnect() const;
@@ -55,7 +72,8 @@ class CoordinatorLink {
   void OnHeartbeatSent();
   // Connected (registering or registered) and silent for missed_heartbeats intervals.
   bool PeerDead() const;
-  // The socket was closed (dead peer, refused registration): schedule the next connect.
+  // The socket was closed (dead peer, refused registration): move on to the next endpoint and
+  // schedule the connect.
   void OnDisconnected();
   // Milliseconds until one of the predicates above may change on its own (poll timeout), >= 0.
   int64_t MsUntilNextEvent() const;
@@ -63,9 +81,11 @@ class CoordinatorLink {
  private:
   LinkOptions options_;
   const Clock& clock_;
+  const std::vector<std::string> endpoints_;
+  size_t current_ = 0;  // index into endpoints_
   State state_ = State::kDisconnected;
   int64_t interval_ms_;
-  int64_t backoff_ms_;
+  int64_t backoff_ms_;  // the delay after a full round of endpoints without a registration
   int64_t connect_at_ms_;  // kDisconnected: connect when NowMs() reaches this
   int64_t last_heard_ms_ = 0;
   int64_t last_heartbeat_ms_ = 0;

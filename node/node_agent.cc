@@ -31,15 +31,14 @@ std::string HostName() {
 // zmq::error_t from connect/close propagates to IoMain (fatal); sends never block.
 class NodeAgent::Channel : public CoordinatorChannel {
  public:
-  Channel(std::string node_id, std::string endpoint)
-      : node_id_(std::move(node_id)), endpoint_(std::move(endpoint)) {}
+  explicit Channel(std::string node_id) : node_id_(std::move(node_id)) {}
 
-  void Connect() override {
+  void Connect(const std::string& endpoint) override {
     Close(0);
     socket_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::dealer);
     socket_->set(zmq::sockopt::routing_id, node_id_);
     socket_->set(zmq::sockopt::linger, 0);
-    socket_->connect(endpoint_);
+    socket_->connect(endpoint);
   }
   void Disconnect() override { Close(0); }
   bool Send(const kiln::v1::Envelope& env) override {
@@ -62,7 +61,6 @@ class NodeAgent::Channel : public CoordinatorChannel {
 
  private:
   const std::string node_id_;
-  const std::string endpoint_;
   zmq::context_t context_{1};
   std::unique_ptr<zmq::socket_t> socket_;
 };
@@ -87,8 +85,7 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   agent->worker_ =
       std::make_unique<Worker>(*agent->catalog_, *agent->outbox_, agent->metrics_, agent->clock_);
   try {
-    agent->channel_ = std::make_unique<Channel>(agent->options_.node_id,
-                                                agent->options_.coordinator);
+    agent->channel_ = std::make_unique<Channel>(agent->options_.node_id);
   } catch (const zmq::error_t& e) {
     return absl::InternalError(absl::StrCat("zeromq context: ", e.what()));
   }

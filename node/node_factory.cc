@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cache/package_provider.h"
+#include "common/advertise.h"
 #include "node/catalog.h"
 #include "node/device_probe.h"
 #include "pipeline/flux_pipeline.h"
@@ -34,7 +35,7 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   auto metrics = metrics::MetricsServer::Start(options.metrics_address);
   if (!metrics.ok()) return metrics.status();
   process.metrics = *std::move(metrics);
-  options.node.metrics_url = process.metrics->url();
+  options.node.metrics_url = WithHost(process.metrics->url(), options.advertise_host);
   auto telemetry = StartGpuTelemetry(options.gpu_telemetry_interval_ms, options.node.node_id,
                                      options.node.device_info, process.metrics->registry());
   if (!telemetry.ok()) return telemetry.status();

@@ -28,6 +28,9 @@ namespace kiln::node {
 struct NodeProcessOptions {
   NodeOptions node;  // device_info and metrics_url are filled in by CreateNodeProcess
   std::string metrics_address = "127.0.0.1:0";  // HOST:PORT to serve /metrics on (port 0: any)
+  // Host other machines reach this node at: the registered metrics URL carries it instead of the
+  // bound address ("": as bound, 127.0.0.1 for 0.0.0.0).
+  std::string advertise_host;
   // CUDA_VISIBLE_DEVICES as the process sees it (main reads the environment); nullopt = unset.
   std::optional<std::string> cuda_visible_devices;
   // cuda nodes: sample the GPU (or MIG slice) through NVML every this many ms; 0 = off.

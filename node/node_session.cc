@@ -34,7 +34,7 @@ NodeSession::NodeSession(const NodeOptions& options, const ModelCatalog& catalog
       channel_(channel),
       log_(std::move(log)),
       package_sets_(catalog.PackageSets()),
-      link_(options.link, clock) {}
+      link_(options.link, clock, SplitEndpoints(options.coordinator)) {}
 
 void NodeSession::Log(const std::string& line) const {
   if (log_) log_(line);
@@ -71,7 +71,7 @@ void NodeSession::Tick() {
     link_.OnHeartbeatSent();
   }
   if (link_.PeerDead()) {
-    Log(absl::StrCat("coordinator ", options_.coordinator, " silent for ",
+    Log(absl::StrCat("coordinator ", link_.endpoint(), " silent for ",
                      options_.link.missed_heartbeats, " heartbeat intervals; reconnecting in ",
                      link_.next_backoff_ms(), " ms"));
     metrics_.reconnects.Increment();
@@ -81,10 +81,10 @@ void NodeSession::Tick() {
 }
 
 void NodeSession::Connect() {
-  channel_.Connect();
+  channel_.Connect(link_.endpoint());
   channel_.Send(RegisterMessage());
   link_.OnRegisterSent();
-  Log(absl::StrCat("registering with ", options_.coordinator, " as ", options_.node_id));
+  Log(absl::StrCat("registering with ", link_.endpoint(), " as ", options_.node_id));
 }
 
 void NodeSession::FinishDrain() {

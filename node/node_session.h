@@ -6,7 +6,8 @@
 // What it owns:
 //  - the link state (CoordinatorLink): connect and send RegisterNode, wait for RegisterAck,
 //    heartbeat, declare the coordinator dead after LinkOptions.missed_heartbeats silent intervals,
-//    close and reconnect with backoff, register again (also when the coordinator answers
+//    close and reconnect with backoff to the next of NodeOptions.coordinator's endpoints (a comma
+//    list: an active coordinator and its standbys), register again (also when the coordinator answers
 //    FAILED_PRECONDITION "not registered", or refuses a registration).
 //  - the results outbox: JobResults wait here until a registered coordinator has taken them
 //    (a result leaves only once the channel accepted it), across reconnects. Results go out
@@ -55,8 +56,8 @@ namespace kiln::node {
 class CoordinatorChannel {
  public:
   virtual ~CoordinatorChannel() = default;
-  // Opens a fresh connection (the previous one is closed).
-  virtual void Connect() = 0;
+  // Opens a fresh connection to `endpoint` (the previous one is closed).
+  virtual void Connect(const std::string& endpoint) = 0;
   // Closes the connection and drops whatever it still queues.
   virtual void Disconnect() = 0;
   // Queues `env` for the coordinator without blocking. False when nothing is connected or the

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
   prometheus chromium
+  iproute2
   python3-venv
 )
 

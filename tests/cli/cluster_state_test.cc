@@ -35,6 +35,8 @@ ClusterState Sample(const std::string& dir) {
   n.metrics_url = "http://127.0.0.1:4003/metrics";
   n.package_dir = dir + "/nodes/node-1/packages";
   s.nodes.push_back(n);
+  s.redis_url = "redis://127.0.0.1:4005/0";
+  s.redis = {125, 4005, dir + "/redis", dir + "/logs/redis.log"};
   return s;
 }
 
@@ -49,6 +51,9 @@ TEST(ClusterState, RoundTripsThroughTheFile) {
   ASSERT_EQ(back->nodes.size(), 1u);
   EXPECT_EQ(back->nodes[0].pid, 124);
   EXPECT_EQ(back->compile_options, R"({"mode":"default"})");  // added nodes get the same
+  EXPECT_EQ(back->redis_url, "redis://127.0.0.1:4005/0");
+  EXPECT_EQ(back->redis.pid, 125);
+  EXPECT_EQ(back->redis.port, 4005);
   // Scripts read the client endpoint at the top level.
   EXPECT_EQ(s.ToJson()["client_endpoint"], "tcp://127.0.0.1:4000");
   // No temporary file is left behind.
@@ -72,6 +77,11 @@ TEST(ClusterState, ErrorsNameTheField) {
   auto s = LoadClusterState(dir);
   EXPECT_TRUE(absl::IsInvalidArgument(s.status()));
   EXPECT_THAT(s.status().message(), HasSubstr("nodes[0].pid"));
+
+  j = Sample(dir).ToJson();
+  j["redis"]["port"] = "six";
+  std::ofstream(ClusterFilePath(dir)) << j.dump();
+  EXPECT_THAT(LoadClusterState(dir).status().message(), HasSubstr("redis.port"));
 
   std::ofstream(ClusterFilePath(dir)) << "{ not json";
   EXPECT_THAT(LoadClusterState(dir).status().message(), HasSubstr("not JSON"));

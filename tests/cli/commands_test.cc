@@ -171,7 +171,7 @@ TEST(Submit, AFieldNamedInTheMessageIsSaidOnceAndAnyFieldErrorIsBadInput) {
             "kiln: error: FAILED_PRECONDITION (field spec.model): no node serves model nope\n");
 }
 
-TEST(Status, UnknownJobIsBadInputAndOtherErrorsAreFailures) {
+TEST(Status, UnknownJobIsNotFoundAndOtherErrorsAreFailures) {
   FakeCoordinator fake([](const kiln::v1::Envelope& req) {
     if (req.status().job_id() == "nope") {
       return std::vector<kiln::v1::Envelope>{ErrorEnvelope("NOT_FOUND", "job_id", "no job 'nope'")};
@@ -179,9 +179,9 @@ TEST(Status, UnknownJobIsBadInputAndOtherErrorsAreFailures) {
     return std::vector<kiln::v1::Envelope>{ErrorEnvelope("UNAVAILABLE", "", "shutting down")};
   });
   auto r = RunKiln({"status", "nope", "--coordinator", fake.endpoint()});
-  EXPECT_EQ(r.code, 2);
+  EXPECT_EQ(r.code, kExitNotFound);
   EXPECT_THAT(r.err, HasSubstr("NOT_FOUND (field job_id): no job 'nope'"));
-  r = RunKiln({"status", "other", "--coordinator", fake.endpoint()});
+  r = RunKiln({"status", "other", "--coordinator", fake.endpoint(), "--retry-for", "0"});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("kiln: error: UNAVAILABLE: shutting down"));
 }
@@ -211,10 +211,18 @@ TEST(Coordinator, FoundFromFlagThenEnvThenStateDir) {
 
   // The flag wins over everything (this endpoint answers nothing).
   r = RunKiln({"submit", "--prompt", "x", "--state-dir", dir, "--coordinator", "tcp://127.0.0.1:1",
-               "--request-timeout", "0.3"},
+               "--request-timeout", "0.3", "--retry-for", "0"},
               {{"KILN_COORDINATOR", coordinator.endpoint()}});
   EXPECT_EQ(r.code, 1);
-  EXPECT_THAT(r.err, HasSubstr("coordinator at tcp://127.0.0.1:1 did not answer within"));
+  EXPECT_THAT(r.err, HasSubstr("no coordinator is listening at tcp://127.0.0.1:1"));
+
+  // Every coordinator's endpoint: the first binds nothing (a standby), the second answers; the
+  // retry is a note, not an error.
+  r = RunKiln({"submit", "--prompt", "x", "--job-id", "via-second", "--coordinator",
+               "tcp://127.0.0.1:1," + coordinator.endpoint()});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "via-second\n");
+  EXPECT_THAT(r.err, HasSubstr("retrying on " + coordinator.endpoint()));
 
   // A cluster that is down says so.
   state.state = "down";

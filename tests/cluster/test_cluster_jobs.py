@@ -117,10 +117,11 @@ def test_repeated_job_id_returns_the_same_job(cluster, tmp_path):
 
 
 def test_status_and_wait_of_unknown_job(cluster):
+    # Exit 4: the coordinator knows no such job (not a mistake in the command line, exit 2).
     proc = cluster.kiln("status", "no-such-job")
-    assert proc.returncode == 2 and "NOT_FOUND" in proc.stderr
+    assert proc.returncode == 4 and "NOT_FOUND" in proc.stderr
     proc = cluster.kiln("wait", "no-such-job", "--timeout", "1")
-    assert proc.returncode == 2 and "NOT_FOUND" in proc.stderr
+    assert proc.returncode == 4 and "NOT_FOUND" in proc.stderr
 
 
 def test_python_client_example_end_to_end(cluster, tmp_path, references):

@@ -12,7 +12,7 @@ using State = CoordinatorLink::State;
 
 TEST(CoordinatorLinkTest, RegistersHeartbeatsAndDetectsSilence) {
   FakeClock clock;
-  CoordinatorLink link(LinkOptions{}, clock);
+  CoordinatorLink link(LinkOptions{}, clock, {"tcp://a:1"});
   EXPECT_EQ(link.state(), State::kDisconnected);
   EXPECT_TRUE(link.ShouldConnect());  // the first connection is immediate
   EXPECT_EQ(link.MsUntilNextEvent(), 0);
@@ -50,7 +50,7 @@ TEST(CoordinatorLinkTest, ZeroIntervalInAckKeepsOurs) {
   FakeClock clock;
   LinkOptions o;
   o.heartbeat_interval_ms = 250;
-  CoordinatorLink link(o, clock);
+  CoordinatorLink link(o, clock, {"tcp://a:1"});
   link.OnRegisterSent();
   link.OnRegistered(0);
   EXPECT_EQ(link.heartbeat_interval_ms(), 250);
@@ -58,7 +58,7 @@ TEST(CoordinatorLinkTest, ZeroIntervalInAckKeepsOurs) {
 
 TEST(CoordinatorLinkTest, BackoffDoublesToTheCapAndResetsAfterRegistering) {
   FakeClock clock;
-  CoordinatorLink link(LinkOptions{}, clock);
+  CoordinatorLink link(LinkOptions{}, clock, {"tcp://a:1"});
   std::vector<int64_t> delays;
   for (int i = 0; i < 9; ++i) {
     ASSERT_TRUE(link.ShouldConnect());
@@ -80,7 +80,7 @@ TEST(CoordinatorLinkTest, BackoffDoublesToTheCapAndResetsAfterRegistering) {
 
 TEST(CoordinatorLinkTest, ReRegisteringOnTheOpenSocket) {
   FakeClock clock;
-  CoordinatorLink link(LinkOptions{}, clock);
+  CoordinatorLink link(LinkOptions{}, clock, {"tcp://a:1"});
   link.OnRegisterSent();
   link.OnRegistered(1000);
   clock.AdvanceMs(2500);
@@ -89,6 +89,43 @@ TEST(CoordinatorLinkTest, ReRegisteringOnTheOpenSocket) {
   EXPECT_FALSE(link.HeartbeatDue());
   clock.AdvanceMs(2999);
   EXPECT_FALSE(link.PeerDead());  // the silence clock restarted with the request
+}
+
+TEST(CoordinatorLinkTest, RotatesThroughEndpointsAndBacksOffPerRound) {
+  FakeClock clock;
+  CoordinatorLink link(LinkOptions{}, clock, SplitEndpoints("tcp://a:1,tcp://b:1,,tcp://c:1"));
+  ASSERT_EQ(link.endpoints(), (std::vector<std::string>{"tcp://a:1", "tcp://b:1", "tcp://c:1"}));
+  std::vector<std::string> tried;
+  std::vector<int64_t> delays;
+  for (int i = 0; i < 7; ++i) {
+    ASSERT_TRUE(link.ShouldConnect());
+    tried.push_back(link.endpoint());
+    link.OnRegisterSent();
+    clock.AdvanceMs(3000);  // no answer (a standby binds nothing)
+    ASSERT_TRUE(link.PeerDead());
+    link.OnDisconnected();
+    const int64_t start = clock.NowMs();
+    while (!link.ShouldConnect()) clock.AdvanceMs(link.MsUntilNextEvent());
+    delays.push_back(clock.NowMs() - start);
+  }
+  EXPECT_EQ(tried, (std::vector<std::string>{"tcp://a:1", "tcp://b:1", "tcp://c:1", "tcp://a:1",
+                                             "tcp://b:1", "tcp://c:1", "tcp://a:1"}));
+  // Quick within a round; the round's delay doubles: 100, 200, 400.
+  EXPECT_EQ(delays, (std::vector<int64_t>{100, 100, 100, 100, 100, 200, 100}));
+  // Registered with b, then b dies: c next, and the backoff has started over.
+  link.OnRegisterSent();
+  link.OnRegistered(1000);
+  EXPECT_EQ(link.endpoint(), "tcp://b:1");
+  clock.AdvanceMs(3000);
+  link.OnDisconnected();
+  EXPECT_EQ(link.endpoint(), "tcp://c:1");
+  EXPECT_EQ(link.MsUntilNextEvent(), 100);
+}
+
+TEST(CoordinatorLinkTest, SplitEndpointsDropsBlanks) {
+  EXPECT_EQ(SplitEndpoints(" tcp://a:1 , tcp://b:2,"),
+            (std::vector<std::string>{"tcp://a:1", "tcp://b:2"}));
+  EXPECT_TRUE(SplitEndpoints("").empty());
 }
 
 TEST(LinkOptionsTest, ValidateNamesTheField) {

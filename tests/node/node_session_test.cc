@@ -31,9 +31,10 @@ using Body = kiln::v1::Envelope::BodyCase;
 // Records what the session sends; `accept` = false plays a full send queue.
 class FakeChannel : public CoordinatorChannel {
  public:
-  void Connect() override {
+  void Connect(const std::string& endpoint) override {
     ++connects;
     connected = true;
+    endpoints.push_back(endpoint);
   }
   void Disconnect() override {
     ++disconnects;
@@ -65,6 +66,8 @@ class FakeChannel : public CoordinatorChannel {
   }
 
   int connects = 0;
+
+  std::vector<std::string> endpoints;  // each Connect's, in order
   int disconnects = 0;
   bool connected = false;
   bool accept = true;
@@ -404,6 +407,54 @@ TEST_F(NodeSessionTest, SilenceMeansReconnectWithDoublingBackoff) {
   EXPECT_EQ(channel_.disconnects, 2);
   EXPECT_EQ(session_->MsUntilNextEvent(), 200);
   EXPECT_EQ(CounterValue(registry_, "kiln_node_reconnects_total"), 2);
+}
+
+TEST_F(NodeSessionTest, SilenceMovesOnToTheNextCoordinatorEndpoint) {
+  options_.coordinator = "tcp://10.0.0.1:5556, tcp://10.0.0.2:5556";
+  StartWithFakeRunner();
+  Register();  // with the first
+  ASSERT_EQ(channel_.endpoints, (std::vector<std::string>{"tcp://10.0.0.1:5556"}));
+  // The active one dies: silent for 3 intervals, then the standby's endpoint, quickly.
+  clock_.AdvanceMs(300);
+  session_->Tick();
+  EXPECT_EQ(channel_.disconnects, 1);
+  EXPECT_EQ(session_->MsUntilNextEvent(), 100);
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  EXPECT_EQ(channel_.endpoints.back(), "tcp://10.0.0.2:5556");
+  ASSERT_EQ(channel_.Take(Body::kRegisterNode).size(), 1u);
+  // The standby does not lead yet (binds nothing, so no answer): back to the first.
+  clock_.AdvanceMs(300);
+  session_->Tick();
+  EXPECT_EQ(channel_.disconnects, 2);
+  EXPECT_EQ(session_->MsUntilNextEvent(), 100);
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  EXPECT_EQ(channel_.endpoints.back(), "tcp://10.0.0.1:5556");
+  // Still silent: a full round without a registration doubles the delay.
+  clock_.AdvanceMs(300);
+  session_->Tick();
+  EXPECT_EQ(session_->MsUntilNextEvent(), 100);
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  EXPECT_EQ(channel_.endpoints.back(), "tcp://10.0.0.2:5556");
+  clock_.AdvanceMs(300);
+  session_->Tick();
+  EXPECT_EQ(session_->MsUntilNextEvent(), 200);
+  clock_.AdvanceMs(200);
+  session_->Tick();
+  EXPECT_EQ(channel_.endpoints.back(), "tcp://10.0.0.1:5556");
+  clock_.AdvanceMs(300);
+  session_->Tick();
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  EXPECT_EQ(channel_.endpoints.back(), "tcp://10.0.0.2:5556");
+  // Now it leads and answers: registered there, heartbeats follow.
+  channel_.Take(Body::kRegisterNode);
+  session_->OnMessage(Ack());
+  EXPECT_TRUE(session_->link().registered());
+  EXPECT_EQ(session_->link().endpoint(), "tcp://10.0.0.2:5556");
+  EXPECT_EQ(channel_.connects, 6);
 }
 
 TEST_F(NodeSessionTest, ResultsWaitForARegisteredCoordinatorAndPrecedeHeartbeats) {
