@@ -24,6 +24,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "common/version.h"
 #include "common/wire.h"
 #include "nlohmann/json.hpp"
 
@@ -497,6 +498,24 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (args.empty()) {
     io.err << Usage();
     return kExitUsage;
+  }
+  // --help and --version answer on stdout with status 0, like every kiln executable
+  // (common/flags.h); `kiln COMMAND --help` shows that command's usage.
+  if (args[0] == "--help" || args[0] == "-h") {
+    io.out << Usage();
+    return kExitOk;
+  }
+  if (args[0] == "--version") {
+    io.out << VersionText("kiln");
+    return kExitOk;
+  }
+  if (const CommandSpec* spec = FindCommand(args[0]); spec != nullptr) {
+    for (size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
+      if (args[i] == "--help" || args[i] == "-h") {
+        io.out << CommandUsage(*spec);
+        return kExitOk;
+      }
+    }
   }
   auto cl = ParseCommandLine(args);
   if (!cl.ok()) {
