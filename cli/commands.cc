@@ -379,6 +379,9 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.start_timeout_ms = static_cast<int>(*start_timeout * 1000);
   options.models = *models;
   options.device = cl.Get("device", "cpu");
+  if (cl.Has("gpus")) {
+    options.gpus = absl::StrSplit(cl.Get("gpus"), ',', absl::SkipWhitespace());
+  }
   options.precision = cl.Get("precision", "fp32");
   options.compile = !cl.Has("no-compile");
   options.compile_options = cl.Get("compile-options");
