@@ -125,7 +125,7 @@ std::string FlagsHelpText(absl::string_view usage) {
             [](const auto* a, const auto* b) { return a->Name() < b->Name(); });
   std::string text = absl::StrCat("usage: ", usage, "\n\nflags ('-' and '_' alike in names):\n");
   for (const absl::CommandLineFlag* flag : flags) {
-    std::string name = flag->Name();
+    std::string name(flag->Name());
     std::replace(name.begin(), name.end(), '_', '-');
     absl::StrAppend(&text, "  --", name, "  ", flag->Help(), " (default: \"",
                     flag->DefaultValue(), "\")\n");
