@@ -44,7 +44,6 @@ json JobToJson(const kiln::v1::JobInfo& job) {
       {"attempts", job.attempts()},
       {"step", job.step()},
       {"total_steps", job.total_steps()},
-      {"phase", job.phase()},
       {"error", job.error()},
       {"queue_seconds", job.queue_seconds()},
       {"run_seconds", job.run_seconds()},
@@ -163,12 +162,6 @@ std::string FormatNodesTable(const kiln::v1::ListNodesReply& nodes, int64_t now_
   return s;
 }
 
-std::string PhaseText(const std::string& phase) {
-  if (phase == "preparing") return "preparing (packages, weights)";
-  if (phase == "text_encoding") return "encoding text";
-  return phase;
-}
-
 ProgressBar::ProgressBar(std::ostream& out, bool is_terminal, std::string job_id)
     : out_(out), terminal_(is_terminal), job_id_(std::move(job_id)) {}
 
@@ -176,10 +169,6 @@ void ProgressBar::Update(const kiln::v1::JobInfo& job) {
   const uint32_t total = job.total_steps() > 0 ? job.total_steps() : job.spec().steps();
   const uint32_t step = std::min(job.step(), total);
   std::string where = job.node_id().empty() ? "" : " on " + job.node_id();
-  // What a running job does now: "preparing" (packages, weights) can take a minute on a cold node.
-  if (job.state() == kiln::v1::JOB_STATE_RUNNING && !job.phase().empty()) {
-    where = absl::StrCat(", ", PhaseText(job.phase()), where);
-  }
   if (job.attempts() > 1) where += absl::StrCat(" (attempt ", job.attempts(), ")");
   if (terminal_) {
     constexpr int kWidth = 30;
@@ -198,8 +187,7 @@ void ProgressBar::Update(const kiln::v1::JobInfo& job) {
     return;
   }
   const int quarter = total > 0 ? static_cast<int>(4 * step / total) : 0;
-  if (job.state() == last_state_ && job.node_id() == last_node_ && quarter == last_quarter_ &&
-      job.phase() == last_phase_) {
+  if (job.state() == last_state_ && job.node_id() == last_node_ && quarter == last_quarter_) {
     return;
   }
   out_ << absl::StrFormat("%s: %s%s, %u/%u steps\n", job_id_, JobStateName(job.state()), where,
@@ -208,7 +196,6 @@ void ProgressBar::Update(const kiln::v1::JobInfo& job) {
   last_state_ = job.state();
   last_node_ = job.node_id();
   last_quarter_ = quarter;
-  last_phase_ = job.phase();
 }
 
 void ProgressBar::Finish() {

@@ -481,7 +481,6 @@ absl::Status Coordinator::Progress(const std::string& node_id,
   auto job = store_.Update(message.job_id(), [&](JobInfo& j) {
     j.set_step(message.step());
     if (message.total_steps() > 0) j.set_total_steps(message.total_steps());
-    if (!message.phase().empty()) j.set_phase(message.phase());
     return absl::OkStatus();
   });
   if (!job.ok()) return job.status();

@@ -855,7 +855,6 @@ TEST_F(CoordinatorTest, WaitAnswersOnCompletionOnTimeoutAndStreamsProgress) {
   p.set_job_id("j1");
   p.set_step(2);
   p.set_total_steps(4);
-  p.set_phase("denoising");
   ASSERT_TRUE(c().Progress("n1", p).ok());
   auto out = ClientReplies();
   ASSERT_EQ(out.size(), 1u);
@@ -865,9 +864,6 @@ TEST_F(CoordinatorTest, WaitAnswersOnCompletionOnTimeoutAndStreamsProgress) {
   EXPECT_FALSE(out[0].envelope.job().final());
   EXPECT_EQ(out[0].envelope.job().job().step(), 2u);
   EXPECT_EQ(Job("j1").step(), 2u);
-  // The node's phase is carried into JobInfo, for the waiter and the store.
-  EXPECT_EQ(out[0].envelope.job().job().phase(), "denoising");
-  EXPECT_EQ(Job("j1").phase(), "denoising");
 
   // j2's wait times out with its current state.
   Advance(1000, {"n1"});
