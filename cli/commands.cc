@@ -251,7 +251,8 @@ int CmdSubmit(const CommandLine& cl, Io& io) {
 int CmdStatus(const CommandLine& cl, Io& io) {
   auto client = Connect(cl, io);
   if (!client.ok()) return Fail(io, client.status());
-  auto job = (*client)->Status(cl.positional[0], /*include_png=*/cl.Has("out"));
+  // --json reports png_bytes, the image's real size: ask for the image to count it.
+  auto job = (*client)->Status(cl.positional[0], /*include_png=*/cl.Has("out") || cl.Has("json"));
   if (!job.ok()) return Fail(io, job.status());
   if (cl.Has("out") && job->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
     return ReportFinishedJob(*job, cl, io, /*path_only=*/false) == kExitOk ? kExitOk : kExitFailure;

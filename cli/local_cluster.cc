@@ -283,6 +283,10 @@ absl::Status UpOptions::Validate() const {
     if (name.empty() || dir.empty()) {
       return absl::InvalidArgumentError("models: each entry must be NAME=DIR");
     }
+    if (!fs::is_directory(dir)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("models: ", dir, " (model ", name, ") does not exist"));
+    }
     if (!fs::exists(dir + "/model_index.json")) {
       return absl::InvalidArgumentError(
           absl::StrCat("models: ", dir, " (model ", name,

@@ -90,3 +90,12 @@ def test_run_reads_dashed_flags():
                "32")
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "unknown flag" not in proc.stderr
+    assert "model directory /nonexistent/flux does not exist" in proc.stderr
+
+
+def test_up_reports_a_missing_model_directory_as_missing(tmp_path):
+    proc = run("kiln", "up", "--detach", "--models", "flux-tiny=/nonexistent/flux", "--state-dir",
+               str(tmp_path / "state"))
+    assert proc.returncode == 2, proc.stderr
+    assert "/nonexistent/flux (model flux-tiny) does not exist" in proc.stderr
+    assert "not a diffusers model repository" not in proc.stderr
