@@ -51,6 +51,9 @@ def test_sigterm_to_nodes_under_load_loses_no_job(tmp_path):
             waited = cluster.kiln("wait", job_id, "--timeout", "300", "--json", timeout=400)
             assert waited.returncode == 0, f"{job_id}: {waited.stderr}"
             assert json.loads(waited.stdout)["state"] == "SUCCEEDED", waited.stdout
+        # kiln status --json reports the image's real size (it said 0 before).
+        status = json.loads(cluster.kiln("status", jobs[0], "--json", check=True).stdout)
+        assert status["png_bytes"] > 100, status
         wait_until(lambda: not any(pid_alive(p) for p in pids), 60, "the drained nodes to exit")
         nodes = {n["node_id"]: n["state"]
                  for n in json.loads(cluster.kiln("nodes", "--json", check=True).stdout)["nodes"]}
