@@ -1,7 +1,7 @@
 // The coordinator's Prometheus metrics, created from a registry passed in (the process's
 // metrics::MetricsServer registry in kiln-coordinator, a private prometheus::Registry in tests).
 // Every metric is thread-safe (prometheus-cpp); Coordinator and CoordinatorServer update them
-// from the server's poll thread, the exposer reads them from its own.
+// from the server's poll thread, the metrics server's HTTP threads read them.
 #pragma once
 
 #include <array>

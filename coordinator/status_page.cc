@@ -46,7 +46,7 @@ const std::string& StatusPageHtml() {
 <script>
 "use strict";
 const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ({"&":"&amp;","<":"&lt;",">":"&gt;",'"':"&quot;","'":"&#39;"}[c]));
-const secs = v => (v ? Number(v).toFixed(2) : "");
+const secs = v => (typeof v === "number" ? v.toFixed(2) : "");
 const gib = b => (b / 1073741824).toFixed(1) + " GiB";
 const bar = r => `<span class="bar"><span style="width:${Math.round(r * 100)}%"></span></span> ${Math.round(r * 100)}%`;
 const gpu = {};  // node id -> {util, used, total}
@@ -98,8 +98,10 @@ async function refresh() {
     `<td>${esc(j.job_id)}</td><td class="state ${esc(j.state)}">${esc(j.state)}` +
     `${j.error ? `<div class="muted">${esc(j.error)}</div>` : ""}</td>` +
     `<td>${esc(j.model)} ${esc(j.precision)}</td><td>${j.width}x${j.height}</td><td>${esc(j.node_id)}</td>` +
-    `<td>${j.total_steps ? `${j.step}/${j.total_steps}` : ""}</td><td>${secs(j.queue_seconds)}</td>` +
-    `<td>${secs(j.run_seconds)}</td><td>${secs(j.cold_start_seconds)}</td>` +
+    `<td>${j.total_steps ? `${j.step}/${j.total_steps}` : ""}</td>` +
+    `<td>${j.node_id ? secs(j.queue_seconds) : ""}</td>` +
+    `<td>${["queued", "running"].includes(j.state) ? "" : secs(j.run_seconds)}</td>` +
+    `<td>${j.cold_start_seconds ? secs(j.cold_start_seconds) : ""}</td>` +
     `<td class="muted">${esc(j.prompt)}</td></tr>`));
   document.body.dataset.loaded = "1";
 }

@@ -287,8 +287,10 @@ def test_kill9_with_jobs_queued_and_running_then_restart(pb, redis, tmp_path):
                          second.logs()), second.logs()
         wait_all_succeeded(pb, client, ids, 60)
         counts = succeeded_lines(first, second)
-        assert sorted(counts) == ids
-        assert set(counts.values()) == {1}, counts  # each result applied exactly once
+        assert set(counts.values()) == {1}, counts  # no result applied twice
+        # kill -9 may land between a result's write to Redis and its log line: at most that one
+        # job has no line (it is SUCCEEDED in Redis, checked above).
+        assert len(set(ids) - set(counts)) <= 1, sorted(set(ids) - set(counts))
         # Submitting again after the restart is idempotent.
         again = client.submit(ids[0])
         assert again.job.created is False and again.job.job.state == pb.JOB_STATE_SUCCEEDED
@@ -330,7 +332,8 @@ def test_standby_takes_over_when_the_leader_is_killed(pb, redis, tmp_path):
         assert takeover < 5.0
         wait_all_succeeded(pb, client, ids, 60)
         counts = succeeded_lines(leader, standby)
-        assert sorted(counts) == ids and set(counts.values()) == {1}, counts
+        assert set(counts.values()) == {1}, counts  # no result applied twice
+        assert len(set(ids) - set(counts)) <= 1, counts  # see the restart test
         assert metric(metrics_url(standby), "kiln_coordinator_leader") == 1
     finally:
         for n in nodes:
