@@ -63,9 +63,10 @@ def test_sigterm_to_nodes_under_load_loses_no_job(tmp_path):
         # Drained: one ready node left, nothing queued.
         def drained_signal():
             page = cluster.metrics()
-            return page if metric(page, "kiln_scaling_nodes", state="ready", **MODEL) == 1 \
-                else None
-        page = wait_until(drained_signal, 30, "the scaling signal to show one ready node")
+            ready = metric(page, "kiln_scaling_nodes", state="ready", **MODEL)
+            busy = metric(page, "kiln_scaling_nodes", state="busy", **MODEL)
+            return page if ready == 1 and busy == 0 else None
+        page = wait_until(drained_signal, 30, "the scaling signal to show one idle node")
         assert metric(page, "kiln_scaling_queued_jobs", **MODEL) == 0
         assert metric(page, "kiln_scaling_wait_seconds", **MODEL) == 0
     finally:
