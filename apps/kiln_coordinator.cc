@@ -19,6 +19,7 @@
 #include <iostream>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/flags/flag.h"
@@ -27,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/advertise.h"
 #include "common/clock.h"
+#include "common/flags.h"
 #include "common/log.h"
 #include "common/log_flags.h"
 #include "common/status.h"
@@ -77,9 +79,13 @@ int Fail(const absl::Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage("kiln-coordinator [--client_endpoint E] [--node_endpoint E] "
-                               "[--metrics HOST:PORT] [--endpoints_file PATH]");
-  absl::ParseCommandLine(argc, argv);
+  const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
+      argc, argv, "kiln-coordinator",
+      "kiln-coordinator [--client-endpoint E] [--node-endpoint E] [--metrics HOST:PORT] "
+      "[--endpoints-file PATH] [--redis redis://HOST:PORT/DB] [flags]");
+  if (rest.size() > 1) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+  }
   if (auto s = kiln::InitLoggingFromFlags("kiln-coordinator"); !s.ok()) return Fail(s);
 
   // Block the stop signals before any thread starts, so every thread inherits the mask and

@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/advertise.h"
+#include "common/flags.h"
 #include "nlohmann/json.hpp"
 #include "node/health.h"
 #include "node/node_factory.h"
@@ -119,12 +120,10 @@ absl::Status WriteStatusFile(const std::string& path, const nlohmann::json& j) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
   std::vector<std::string> joined = JoinModelFlags(argc, argv);
-  std::vector<char*> args;
-  for (auto& a : joined) args.push_back(a.data());
-  std::vector<char*> rest = absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
+      joined, "kiln-node",
+      "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
   if (rest.size() > 1) return BadInput(absl::StrCat("unexpected argument '", rest[1], "'"));
 
   kiln::node::NodeProcessOptions process;

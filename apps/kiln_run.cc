@@ -10,12 +10,15 @@
 #include <filesystem>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "cache/package_provider.h"
+#include "common/flags.h"
+#include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline/png.h"
@@ -69,8 +72,12 @@ int main(int argc, char** argv) {
   auto since_main = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_main).count();
   };
-  absl::SetProgramUsageMessage("kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
-  absl::ParseCommandLine(argc, argv);
+  const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
+      argc, argv, "kiln-run", "kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
+  if (rest.size() > 1) {
+    std::cerr << "kiln-run: error: unexpected argument '" << rest[1] << "'\n";
+    return kiln::kExitBadInput;
+  }
   kiln::pipeline::PipelineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.device = absl::GetFlag(FLAGS_device);

@@ -32,6 +32,7 @@
 #include "absl/strings/str_split.h"
 #include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
+#include "common/flags.h"
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
 #include "pipeline/flux_pipeline.h"
@@ -149,7 +150,8 @@ nlohmann::json Profile(Fn fn, int iters = 3) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::ParseCommandLine(argc, argv);
+  kiln::ParseFlagsOrExit(argc, argv, "kiln-bench",
+                         "kiln-bench --model DIR --package-dir DIR --inputs FILE [flags]");
   const std::string model = absl::GetFlag(FLAGS_model);
   const std::string package_dir = absl::GetFlag(FLAGS_package_dir);
   if (model.empty() || package_dir.empty() || absl::GetFlag(FLAGS_inputs).empty()) {

@@ -67,6 +67,9 @@ std::vector<CommandSpec> MakeCommands() {
          "return once the cluster is up (else stay in the "
          "foreground; Ctrl-C brings it down)"},
         {"device", true, "DEVICE", "cpu, cuda or cuda:N (default cpu)"},
+        {"gpus", true, "LIST",
+         "with --device cuda: one node per GPU index or MIG UUID, comma-separated "
+         "(each node sees only its GPU)"},
         {"precision", true, "P", "the nodes' default precision (default fp32)"},
         {"heartbeat-ms", true, "MS", "heartbeat interval (default: the coordinator's)"},
         {"max-attempts", true, "N",

@@ -74,7 +74,8 @@ json ClusterState::ToJson() const {
                           {"metrics_url", n.metrics_url},
                           {"package_dir", n.package_dir},
                           {"status_file", n.status_file},
-                          {"log", n.log}});
+                          {"log", n.log},
+                          {"gpu", n.gpu}});
   }
   return j;
 }
@@ -129,7 +130,8 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
       for (auto st : {Read(nj, "node_id", &n.node_id, nw), Read(nj, "pid", &n.pid, nw),
                       Read(nj, "state", &n.state, nw), Read(nj, "metrics_url", &n.metrics_url, nw),
                       Read(nj, "package_dir", &n.package_dir, nw),
-                      Read(nj, "status_file", &n.status_file, nw), Read(nj, "log", &n.log, nw)}) {
+                      Read(nj, "status_file", &n.status_file, nw), Read(nj, "log", &n.log, nw),
+                      Read(nj, "gpu", &n.gpu, nw)}) {
         if (!st.ok()) return st;
       }
       if (n.node_id.empty()) return absl::InvalidArgumentError(nw + "node_id: missing");

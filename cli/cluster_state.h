@@ -43,6 +43,9 @@ struct NodeProcess {
   std::string status_file;   // STATE/nodes/<id>/status.json, written by kiln-node
   std::string log;           // STATE/logs/<id>.log
   std::string state = "up";  // "up", "stopped", "exited" (found dead)
+  // `kiln up --gpus`: the GPU index or MIG UUID this node is given (CUDA_VISIBLE_DEVICES, and
+  // --device cuda:0); "" for a node on the cluster's device.
+  std::string gpu;
 };
 
 struct ClusterState {

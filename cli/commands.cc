@@ -24,6 +24,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "common/version.h"
 #include "common/wire.h"
 #include "nlohmann/json.hpp"
 
@@ -260,7 +261,8 @@ int CmdSubmit(const CommandLine& cl, Io& io) {
 int CmdStatus(const CommandLine& cl, Io& io) {
   auto client = Connect(cl, io);
   if (!client.ok()) return Fail(io, client.status());
-  auto job = (*client)->Status(cl.positional[0], /*include_png=*/cl.Has("out"));
+  // --json reports png_bytes, the image's real size: ask for the image to count it.
+  auto job = (*client)->Status(cl.positional[0], /*include_png=*/cl.Has("out") || cl.Has("json"));
   if (!job.ok()) return Fail(io, job.status());
   if (cl.Has("out") && job->state() == kiln::v1::JOB_STATE_SUCCEEDED) {
     return ReportFinishedJob(*job, cl, io, /*path_only=*/false) == kExitOk ? kExitOk : kExitFailure;
@@ -394,6 +396,9 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.start_timeout_ms = static_cast<int>(*start_timeout * 1000);
   options.models = *models;
   options.device = cl.Get("device", "cpu");
+  if (cl.Has("gpus")) {
+    options.gpus = absl::StrSplit(cl.Get("gpus"), ',', absl::SkipWhitespace());
+  }
   options.precision = cl.Get("precision", "fp32");
   options.compile = !cl.Has("no-compile");
   options.compile_options = cl.Get("compile-options");
@@ -517,6 +522,24 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (args.empty()) {
     io.err << Usage();
     return kExitUsage;
+  }
+  // --help and --version answer on stdout with status 0, like every kiln executable
+  // (common/flags.h); `kiln COMMAND --help` shows that command's usage.
+  if (args[0] == "--help" || args[0] == "-h") {
+    io.out << Usage();
+    return kExitOk;
+  }
+  if (args[0] == "--version") {
+    io.out << VersionText("kiln");
+    return kExitOk;
+  }
+  if (const CommandSpec* spec = FindCommand(args[0]); spec != nullptr) {
+    for (size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
+      if (args[i] == "--help" || args[i] == "-h") {
+        io.out << CommandUsage(*spec);
+        return kExitOk;
+      }
+    }
   }
   auto cl = ParseCommandLine(args);
   if (!cl.ok()) {

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -284,23 +285,30 @@ absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& optio
   return absl::OkStatus();
 }
 
-std::vector<std::string> NodeArgv(const std::string& bin_dir, const ClusterState& state,
-                                  const NodeProcess& node) {
-  std::vector<std::string> argv = {bin_dir + "/" + kNodeExe,
-                                   "--coordinator=" + state.coordinator.node_endpoint,
-                                   "--node_id=" + node.node_id,
-                                   "--models=" + ModelsFlag(state.models),
-                                   "--device=" + state.device,
-                                   "--precision=" + state.precision,
-                                   "--package_dir=" + node.package_dir,
-                                   "--shared_cache=" + state.shared_cache,
-                                   "--metrics=127.0.0.1:0",
-                                   "--status_file=" + node.status_file};
+}  // namespace
+
+NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
+                         const NodeProcess& node) {
+  NodeLaunch launch;
+  if (!node.gpu.empty()) launch.env["CUDA_VISIBLE_DEVICES"] = node.gpu;
+  std::vector<std::string>& argv = launch.argv;
+  argv = {bin_dir + "/" + kNodeExe,
+          "--coordinator=" + state.coordinator.node_endpoint,
+          "--node_id=" + node.node_id,
+          "--models=" + ModelsFlag(state.models),
+          "--device=" + (node.gpu.empty() ? state.device : std::string("cuda:0")),
+          "--precision=" + state.precision,
+          "--package_dir=" + node.package_dir,
+          "--shared_cache=" + state.shared_cache,
+          "--metrics=127.0.0.1:0",
+          "--status_file=" + node.status_file};
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (!state.compile) argv.push_back("--no_compile");
   if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);
-  return argv;
+  return launch;
 }
+
+namespace {
 
 // Starts one node process (not yet waited for).
 absl::Status SpawnNode(const std::string& bin_dir, const ClusterState& state, NodeProcess* node,
@@ -310,7 +318,9 @@ absl::Status SpawnNode(const std::string& bin_dir, const ClusterState& state, No
   std::ofstream(node->log, std::ios::app)
       << "=== kiln: starting " << node->node_id << " at unix ms " << UnixMs() << " ===\n";
   SpawnOptions spawn;
-  spawn.argv = NodeArgv(bin_dir, state, *node);
+  NodeLaunch launch = NodeLaunchFor(bin_dir, state, *node);
+  spawn.argv = std::move(launch.argv);
+  spawn.env = std::move(launch.env);
   spawn.log_path = node->log;
   spawn.die_with_parent = die_with_parent;
   auto pid = Spawn(spawn);
@@ -449,6 +459,10 @@ absl::Status UpOptions::Validate() const {
     if (name.empty() || dir.empty()) {
       return absl::InvalidArgumentError("models: each entry must be NAME=DIR");
     }
+    if (!fs::is_directory(dir)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("models: ", dir, " (model ", name, ") does not exist"));
+    }
     if (!fs::exists(dir + "/model_index.json")) {
       return absl::InvalidArgumentError(
           absl::StrCat("models: ", dir, " (model ", name,
@@ -460,6 +474,27 @@ absl::Status UpOptions::Validate() const {
         absl::StrCat("redis: '", redis, "' is neither redis://HOST:PORT/DB nor local"));
   }
   if (device.empty()) return absl::InvalidArgumentError("device: empty");
+  if (!gpus.empty()) {
+    if (device != "cuda") {
+      return absl::InvalidArgumentError("gpus: needs device cuda (each node gets one GPU)");
+    }
+    if (nodes != 1 && nodes != static_cast<int>(gpus.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "nodes: ", nodes, " nodes for ", gpus.size(), " GPUs (--gpus starts one node per GPU)"));
+    }
+    std::set<std::string> seen;
+    for (const std::string& g : gpus) {
+      const bool index = !g.empty() && std::all_of(g.begin(), g.end(), ::isdigit);
+      const bool uuid = absl::StartsWith(g, "MIG-") || absl::StartsWith(g, "GPU-");
+      if (!index && !uuid) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "gpus: '", g, "' is neither a GPU index nor a GPU-/MIG- UUID"));
+      }
+      if (!seen.insert(g).second) {
+        return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " twice"));
+      }
+    }
+  }
   if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
   if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
   if (start_timeout_ms <= 0) return absl::InvalidArgumentError("start_timeout_ms: not positive");
@@ -533,8 +568,10 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
 
   // Nodes: start them all, then wait for each to register.
-  for (int i = 1; i <= options.nodes; ++i) {
+  const int node_count = options.gpus.empty() ? options.nodes : static_cast<int>(options.gpus.size());
+  for (int i = 1; i <= node_count; ++i) {
     state.nodes.push_back(NewNode(state, absl::StrCat("node-", i)));
+    if (!options.gpus.empty()) state.nodes.back().gpu = options.gpus[i - 1];
     if (auto s = SpawnNode(bin_dir, state, &state.nodes.back(), !options.detach); !s.ok()) {
       return fail(s);
     }

@@ -17,6 +17,7 @@
 #include <map>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -29,6 +30,10 @@ struct UpOptions {
   int nodes = 1;                              // kiln-node processes to start, >= 1
   std::map<std::string, std::string> models;  // name → model directory; at least one
   std::string device = "cpu";                 // every node's device
+  // One node per entry, each given that GPU alone: a CUDA index ("0") or a MIG instance UUID
+  // ("MIG-..."), as CUDA_VISIBLE_DEVICES takes them. Needs device "cuda"; then `nodes` is the
+  // number of entries (a `nodes` other than 1 must match it).
+  std::vector<std::string> gpus;
   std::string precision = "fp32";             // every node's default precision
   int heartbeat_ms = 0;                       // 0: the coordinator's default
   int max_attempts = 0;                       // 0: the coordinator's default
@@ -59,6 +64,15 @@ struct DownOptions {
   std::string state_dir = ".kiln/cluster";
   int grace_ms = 120000;  // per process: SIGTERM → exit, else SIGKILL
 };
+
+// How a node process is started: its argv and what it adds to the environment. A node with a
+// `gpu` gets CUDA_VISIBLE_DEVICES=<gpu> and --device=cuda:0 (the one device it sees).
+struct NodeLaunch {
+  std::vector<std::string> argv;
+  std::map<std::string, std::string> env;
+};
+NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
+                         const NodeProcess& node);
 
 // The directory holding this `kiln` executable (where kiln-coordinator and kiln-node are built).
 std::string DefaultBinDir();

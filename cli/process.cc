@@ -44,6 +44,16 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
   if (pipe2(report, O_CLOEXEC) != 0) {
     return absl::InternalError(absl::StrCat("pipe: ", std::strerror(errno)));
   }
+  // The child's environment, built before fork (setenv is not async-signal-safe).
+  std::vector<std::string> env_storage;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    if (options.env.count(entry.substr(0, entry.find('='))) == 0) env_storage.push_back(entry);
+  }
+  for (const auto& [name, value] : options.env) env_storage.push_back(name + "=" + value);
+  std::vector<char*> envp;
+  for (auto& e : env_storage) envp.push_back(e.data());
+  envp.push_back(nullptr);
   std::vector<char*> args;
   for (const auto& a : options.argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
@@ -80,7 +90,7 @@ absl::StatusOr<pid_t> Spawn(const SpawnOptions& options) {
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     signal(SIGPIPE, SIG_DFL);
-    execv(args[0], args.data());
+    execve(args[0], args.data(), envp.data());
     fail(5);
   }
   close(report[1]);

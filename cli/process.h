@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,8 @@ struct SpawnOptions {
   // SIGTERM the child if this process dies (PR_SET_PDEATHSIG): a foreground `kiln up` that is
   // killed outright still takes its cluster down.
   bool die_with_parent = false;
+  // Set in the child's environment on top of this process's ("CUDA_VISIBLE_DEVICES" → "1").
+  std::map<std::string, std::string> env;
 };
 
 // Starts the child. NotFound if the executable cannot be run; the error says which.

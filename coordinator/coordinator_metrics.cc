@@ -95,7 +95,14 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
       failures_(Counters(r, "kiln_job_failures_total",
                          "Jobs that failed, by the status code of the failure")),
       node_busy_(Gauges(r, "kiln_node_busy",
-                        "1 while a live node runs a job, 0 while it is idle, by node")) {
+                        "1 while a live node runs a job, 0 while it is idle, by node")),
+      scaling_queued_(Gauges(r, "kiln_scaling_queued_jobs",
+                             "jobs queued at the coordinator, by model and precision")),
+      scaling_wait_(Gauges(r, "kiln_scaling_wait_seconds",
+                           "estimated wait of the next job, by model and precision")),
+      scaling_nodes_(Gauges(r, "kiln_scaling_nodes",
+                            "ready nodes that serve a model and precision, and the busy ones "
+                            "among them (state=ready|busy)")) {
   for (const char* priority : {"high", "normal", "low"}) {
     queue_wait_.Add({{"priority", priority}}, metrics::DurationBuckets());
   }
@@ -138,6 +145,10 @@ std::string CoordinatorMetrics::FailureReason(const std::string& error) {
 
 std::string CoordinatorMetrics::ModelLabel(const std::string& model) {
   absl::MutexLock lock(&mu_);
+  return ModelLabelLocked(model);
+}
+
+std::string CoordinatorMetrics::ModelLabelLocked(const std::string& model) {
   if (models_.contains(model)) return model;
   if (models_.size() >= kMaxModelLabels) return "other";
   models_[model] = true;
@@ -206,6 +217,46 @@ void CoordinatorMetrics::SetNodeBusy(const std::map<std::string, bool>& busy) {
     prometheus::Gauge*& g = busy_gauges_[node];
     if (g == nullptr) g = &node_busy_.Add({{"node", node}});
     g->Set(is_busy ? 1 : 0);
+  }
+}
+
+void CoordinatorMetrics::SetScalingSignal(const std::vector<ScalingRow>& rows) {
+  absl::MutexLock lock(&mu_);
+  std::map<std::pair<std::string, std::string>, ScalingRow> merged;  // "other" models merge
+  for (const ScalingRow& row : rows) {
+    ScalingRow& m = merged[{ModelLabelLocked(row.model), row.precision}];
+    m.queued += row.queued;
+    m.wait_seconds = std::max(m.wait_seconds, row.wait_seconds);
+    m.nodes_ready += row.nodes_ready;
+    m.nodes_busy += row.nodes_busy;
+  }
+  // Series of a (model, precision) that has no row any more are removed, not left at their last
+  // value.
+  for (auto it = scaling_gauges_.begin(); it != scaling_gauges_.end();) {
+    if (merged.count(it->first) > 0) {
+      ++it;
+      continue;
+    }
+    scaling_queued_.Remove(it->second[0]);
+    scaling_wait_.Remove(it->second[1]);
+    scaling_nodes_.Remove(it->second[2]);
+    scaling_nodes_.Remove(it->second[3]);
+    it = scaling_gauges_.erase(it);
+  }
+  for (const auto& [key, row] : merged) {
+    std::array<prometheus::Gauge*, 4>& g = scaling_gauges_[key];
+    if (g[0] == nullptr) {
+      const prometheus::Labels labels = {{"model", key.first}, {"precision", key.second}};
+      prometheus::Labels ready = labels, busy = labels;
+      ready["state"] = "ready";
+      busy["state"] = "busy";
+      g = {&scaling_queued_.Add(labels), &scaling_wait_.Add(labels), &scaling_nodes_.Add(ready),
+           &scaling_nodes_.Add(busy)};
+    }
+    g[0]->Set(row.queued);
+    g[1]->Set(row.wait_seconds);
+    g[2]->Set(row.nodes_ready);
+    g[3]->Set(row.nodes_busy);
   }
 }
 

@@ -4,13 +4,17 @@
 // from the server's poll thread, the metrics server's HTTP threads read them.
 #pragma once
 
+#include <array>
 #include <functional>
 #include <map>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/synchronization/mutex.h"
 #include "common/proto/kiln.pb.h"
+#include "coordinator/scaling_signal.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -88,6 +92,12 @@ struct CoordinatorMetrics {
   // nodes not in `busy` lose their series. Set by the status board's snapshot.
   void SetNodeBusy(const std::map<std::string, bool>& busy);
 
+  // The autoscaling signal (coordinator/scaling_signal.h), one series per model and precision
+  // (model bounded like the per-job figures): kiln_scaling_queued_jobs{model,precision},
+  // kiln_scaling_wait_seconds{model,precision}, kiln_scaling_nodes{model,precision,state=
+  // ready|busy}. Pairs without a row lose their series. Set by the status board's snapshot.
+  void SetScalingSignal(const std::vector<ScalingRow>& rows);
+
   static constexpr size_t kMaxModelLabels = 32;
   static std::string ResolutionBucket(uint32_t width, uint32_t height);
   static std::string PrecisionLabel(const std::string& precision);
@@ -96,6 +106,7 @@ struct CoordinatorMetrics {
 
  private:
   std::string ModelLabel(const std::string& model);
+  std::string ModelLabelLocked(const std::string& model) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   prometheus::Family<prometheus::Histogram>& queue_wait_;
   prometheus::Family<prometheus::Histogram>& latency_;
@@ -108,6 +119,12 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& node_busy_;
   std::function<void(const kiln::v1::JobInfo&)> finished_listener_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, prometheus::Gauge*> busy_gauges_ ABSL_GUARDED_BY(mu_);
+  prometheus::Family<prometheus::Gauge>& scaling_queued_;
+  prometheus::Family<prometheus::Gauge>& scaling_wait_;
+  prometheus::Family<prometheus::Gauge>& scaling_nodes_;
+  // (model label, precision) → queued, wait, nodes ready, nodes busy.
+  std::map<std::pair<std::string, std::string>, std::array<prometheus::Gauge*, 4>> scaling_gauges_
+      ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace kiln::coordinator

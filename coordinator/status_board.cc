@@ -87,6 +87,7 @@ StatusBoard::StatusBoard(const StatusBoardOptions& options, const Clock& clock,
     recent_ids_.erase(std::remove(recent_ids_.begin(), recent_ids_.end(), id), recent_ids_.end());
     recent_ids_.push_front(id);
     if (recent_ids_.size() > options_.recent_jobs) recent_ids_.pop_back();
+    scaling_.ObserveFinished(job);
   });
 }
 
@@ -158,6 +159,11 @@ void StatusBoard::Refresh(const Coordinator& coordinator, const JobStore& store)
   };
   read(kiln::v1::JOB_STATE_QUEUED, &queued);
   read(kiln::v1::JOB_STATE_RUNNING, &running);
+  if (snap->store.ok()) {
+    std::vector<kiln::v1::JobSpec> queued_specs;
+    for (const auto& j : queued) queued_specs.push_back(j.spec());
+    metrics_.SetScalingSignal(scaling_.Compute(nodes, queued_specs));
+  }
   std::deque<std::string> recent_ids;
   {
     absl::MutexLock lock(&recent_mu_);

@@ -14,7 +14,8 @@
 // The Coordinator may only be touched by the server's poll thread, so that thread calls
 // MaybeRefresh() after each tick (CoordinatorServerOptions::after_tick); every refresh_ms it
 // copies what the pages show into an immutable snapshot that the HTTP threads read under mu_.
-// It also sets the fleet gauges kiln_node_busy{node} (CoordinatorMetrics::SetNodeBusy).
+// It also sets the fleet gauges kiln_node_busy{node} (CoordinatorMetrics::SetNodeBusy) and the
+// autoscaling signal kiln_scaling_* (ScalingSignal, CoordinatorMetrics::SetScalingSignal).
 // Recent finished jobs are the ones the coordinator finished since this board was created (it
 // listens through CoordinatorMetrics::SetFinishedListener and reads them back from the store),
 // so listing the store's finished jobs, PNGs and all, is never needed.
@@ -32,6 +33,7 @@
 #include "coordinator/coordinator.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/job_store.h"
+#include "coordinator/scaling_signal.h"
 #include "metrics/metrics_server.h"
 
 namespace kiln::coordinator {
@@ -78,6 +80,7 @@ class StatusBoard {
   const Clock& clock_;
   CoordinatorMetrics& metrics_;
   int64_t last_refresh_ms_ = -1;  // poll thread only
+  ScalingSignal scaling_;         // fed by the finished-job listener, read by Refresh
 
   absl::Mutex recent_mu_;
   std::deque<std::string> recent_ids_ ABSL_GUARDED_BY(recent_mu_);  // newest first

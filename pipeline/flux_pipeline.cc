@@ -107,6 +107,9 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   const std::string& dir = options.model_dir;
+  if (!fs::is_directory(dir)) {
+    return absl::NotFoundError(absl::StrCat("model directory ", dir, " does not exist"));
+  }
   if (!fs::exists(dir + "/model_index.json")) {
     return absl::NotFoundError(absl::StrCat(dir, " is not a diffusers model repository (no model_index.json)"));
   }

@@ -62,7 +62,10 @@ class KilnError(Exception):
     """An ErrorReply from the coordinator: code ("INVALID_ARGUMENT", ...), field, message."""
 
     def __init__(self, code: str, field: str, message: str):
-        super().__init__(f"{code}" + (f" (field {field})" if field else "") + f": {message}")
+        # The coordinator's message often starts with the field already: say it once, as the
+        # kiln CLI does ("INVALID_ARGUMENT (field spec.width): 300 is not a multiple of 16").
+        shown = message.removeprefix(f"{field}: ") if field else message
+        super().__init__(f"{code}" + (f" (field {field})" if field else "") + f": {shown}")
         self.code, self.field, self.message = code, field, message
 
 
@@ -128,6 +131,13 @@ class KilnClient:
                 return job
 
 
+def exit_code_for(error: KilnError) -> int:
+    """The kiln CLI's policy (kiln::ExitCodeFor in common/status.h, for commands): 2 for bad
+    input, an error that names a field or one of these codes; 1 for anything else."""
+    bad_input = ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE")
+    return 2 if error.field or error.code in bad_input else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator", default=os.environ.get("KILN_COORDINATOR"),
@@ -162,8 +172,7 @@ def main() -> int:
         job = client.generate(spec, on_progress=show)
     except KilnError as e:
         print(f"\nerror: {e}", file=sys.stderr)
-        return 2 if e.code in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS",
-                               "OUT_OF_RANGE") else 1
+        return exit_code_for(e)
     except TimeoutError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1

@@ -47,6 +47,22 @@ TEST(Spawn, RunsInItsOwnSessionWithOutputInTheLog) {
   EXPECT_FALSE(ProcessAlive(*pid));
 }
 
+TEST(Spawn, AddsTheGivenEnvironment) {
+  const std::string log = TempDir() + "/env.log";
+  setenv("KILN_TEST_KEPT", "kept", 1);
+  setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3", 1);
+  SpawnOptions o;
+  o.argv = {"/bin/sh", "-c", "echo \"cvd=$CUDA_VISIBLE_DEVICES kept=$KILN_TEST_KEPT\""};
+  o.log_path = log;
+  o.env = {{"CUDA_VISIBLE_DEVICES", "MIG-4f1c"}};
+  auto pid = Spawn(o);
+  ASSERT_TRUE(pid.ok()) << pid.status();
+  EXPECT_TRUE(WaitGone(*pid, 5000));
+  EXPECT_THAT(TailOfFile(log), HasSubstr("cvd=MIG-4f1c kept=kept\n"));
+  unsetenv("CUDA_VISIBLE_DEVICES");
+  unsetenv("KILN_TEST_KEPT");
+}
+
 TEST(StopProcess, KillsWhatIgnoresSigterm) {
   SpawnOptions o;
   o.argv = {"/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"};

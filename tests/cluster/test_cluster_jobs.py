@@ -146,6 +146,17 @@ def test_python_client_example_end_to_end(cluster, tmp_path, references):
         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert bad.returncode == 2
     assert "INVALID_ARGUMENT (field spec.width)" in bad.stderr
+    assert bad.stderr.count("spec.width") == 1, bad.stderr  # the field is said once
+    # Its exit codes are the CLI's, also for an error other than INVALID_ARGUMENT.
+    for flags in (["--model", "no-such-model"], ["--job-id", "python-1", "--seed", "12"]):
+        py = subprocess.run(
+            [PYTHON, os.path.join(SOURCE, "deploy", "examples", "python_client.py"),
+             "--coordinator", cluster.client_endpoint, "--prompt", "x", "--steps", "1", *flags,
+             "--out", str(tmp_path / "other.png")],
+            capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        cli = cluster.kiln("generate", "--prompt", "x", "--steps", "1", *flags, "--out",
+                           str(tmp_path / "other-cli.png"))
+        assert py.returncode == cli.returncode != 0, (flags, py.stderr, cli.stderr)
 
 
 def test_raw_protocol_from_req_and_dealer_sockets(cluster, kiln_pb2):

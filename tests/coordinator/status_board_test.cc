@@ -221,6 +221,47 @@ TEST_F(StatusBoardTest, BusyGaugesFollowLiveNodes) {
   EXPECT_TRUE(Value(registry_, "kiln_node_busy", {{"node", "n1"}}));
 }
 
+TEST_F(StatusBoardTest, ScalingSignalPerModelAndPrecision) {
+  // Nothing registered: no series at all.
+  board_.Refresh(*coordinator_, store_);
+  EXPECT_FALSE(Value(registry_, "kiln_scaling_queued_jobs", {{"model", "flux-tiny"}}));
+
+  Register("n1", "cpu", "http://127.0.0.1:1/metrics");
+  const std::map<std::string, std::string> tiny = {{"model", "flux-tiny"},
+                                                   {"precision", "default"}};
+  auto with = [&](const std::string& state) {
+    auto labels = tiny;
+    labels["state"] = state;
+    return labels;
+  };
+  board_.Refresh(*coordinator_, store_);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_queued_jobs", tiny), 0);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_nodes", with("ready")), 1);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_nodes", with("busy")), 0);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_wait_seconds", tiny), 0);
+
+  // One job runs 2 s: the estimate of a queued job's wait follows the run time.
+  Submit("j1");
+  clock_.AdvanceMs(2000);
+  Finish("n1", "j1", true);
+  Submit("j2");  // runs on n1
+  Submit("j3");  // queued
+  Submit("j4");  // queued
+  board_.Refresh(*coordinator_, store_);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_queued_jobs", tiny), 2);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_nodes", with("ready")), 1);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_nodes", with("busy")), 1);
+  // The next job waits for the running one and the two queued: 3 rounds of 2 s on one node.
+  EXPECT_DOUBLE_EQ(*Value(registry_, "kiln_scaling_wait_seconds", tiny), 6.0);
+
+  // The node leaves: the model's series stay (jobs still queue) with no ready node.
+  ASSERT_TRUE(coordinator_->Deregister("n1", {}).ok());
+  coordinator_->TakeOutgoing();
+  board_.Refresh(*coordinator_, store_);
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_queued_jobs", tiny), 3);  // j2 requeued
+  EXPECT_EQ(*Value(registry_, "kiln_scaling_nodes", with("ready")), 0);
+}
+
 TEST_F(StatusBoardTest, JobMetricsCarryBoundedLabels) {
   Register("n1", "cuda", "http://127.0.0.1:1/metrics");
   Submit("big", 1008, "bf16", 5);

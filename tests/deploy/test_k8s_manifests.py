@@ -329,7 +329,8 @@ def test_autoscalers_target_the_node_deployment(rendered: list[Obj]) -> None:
     for s in by_kind(rendered, "ScaledObject"):
         (trigger,) = s["spec"]["triggers"]
         assert trigger["type"] == "prometheus"
-        assert "kiln_queue_depth" in trigger["metadata"]["query"]
+        assert "kiln_scaling_queued_jobs" in trigger["metadata"]["query"]
+        assert "kiln_scaling_nodes" in trigger["metadata"]["query"]
         assert 1 <= s["spec"]["minReplicaCount"] < s["spec"]["maxReplicaCount"]
 
 

@@ -1,0 +1,97 @@
+// `kiln up --gpus`: which nodes a GPU list makes and what each node process is started with
+// (its CUDA_VISIBLE_DEVICES and --device), without starting processes; and the option checks.
+#include "cli/local_cluster.h"
+
+#include <stdlib.h>
+
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kiln::cli {
+namespace {
+
+using ::testing::Contains;
+using ::testing::HasSubstr;
+
+// Options that pass every check but the GPU ones: a directory that looks like a model.
+UpOptions GpuOptions(std::vector<std::string> gpus) {
+  static const std::string model = [] {
+    std::string dir = ::testing::TempDir() + "/kiln_gpus_model_XXXXXX";
+    EXPECT_NE(mkdtemp(dir.data()), nullptr);
+    std::ofstream(dir + "/model_index.json") << "{}\n";
+    return dir;
+  }();
+  UpOptions o;
+  o.models = {{"flux", model}};
+  o.device = "cuda";
+  o.gpus = std::move(gpus);
+  return o;
+}
+
+absl::Status ValidateGpus(const UpOptions& o) { return o.Validate(); }
+
+TEST(NodeLaunchFor, AGpuNodeSeesOnlyItsGpu) {
+  ClusterState state;
+  state.device = "cuda";
+  state.coordinator.node_endpoint = "tcp://127.0.0.1:7701";
+  state.models = {{"flux", "/m/flux"}};
+  NodeProcess node;
+  node.node_id = "node-2";
+  node.gpu = "1";
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_EQ(launch.argv[0], "/bin/kiln-node");
+  EXPECT_THAT(launch.argv, Contains("--device=cuda:0"));
+  EXPECT_THAT(launch.argv, Contains("--node_id=node-2"));
+  ASSERT_EQ(launch.env.count("CUDA_VISIBLE_DEVICES"), 1u);
+  EXPECT_EQ(launch.env.at("CUDA_VISIBLE_DEVICES"), "1");
+
+  node.gpu = "MIG-4f1c2d3e-0000-1111-2222-333344445555";
+  launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_EQ(launch.env.at("CUDA_VISIBLE_DEVICES"), node.gpu);
+  EXPECT_THAT(launch.argv, Contains("--device=cuda:0"));
+}
+
+TEST(NodeLaunchFor, ANodeWithoutGpuKeepsTheClusterDevice) {
+  ClusterState state;
+  state.device = "cuda:1";
+  NodeProcess node;
+  node.node_id = "node-1";
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--device=cuda:1"));
+  EXPECT_TRUE(launch.env.empty());
+}
+
+TEST(UpOptionsGpus, OneNodePerDistinctGpuOnCuda) {
+  EXPECT_TRUE(ValidateGpus(GpuOptions({"0", "1", "MIG-abc", "GPU-def"})).ok());
+  UpOptions cpu = GpuOptions({"0"});
+  cpu.device = "cpu";
+  EXPECT_THAT(std::string(ValidateGpus(cpu).message()), HasSubstr("gpus: needs device cuda"));
+  EXPECT_THAT(std::string(ValidateGpus(GpuOptions({"0", "0"})).message()),
+              HasSubstr("gpus: 0 twice"));
+  EXPECT_THAT(std::string(ValidateGpus(GpuOptions({"cuda:1"})).message()),
+              HasSubstr("gpus: 'cuda:1'"));
+  UpOptions mismatch = GpuOptions({"0", "1"});
+  mismatch.nodes = 3;
+  EXPECT_THAT(std::string(ValidateGpus(mismatch).message()), HasSubstr("nodes: 3 nodes for 2"));
+  mismatch.nodes = 2;
+  EXPECT_TRUE(ValidateGpus(mismatch).ok());
+}
+
+TEST(ClusterStateGpu, SurvivesTheStateFile) {
+  ClusterState state;
+  NodeProcess node;
+  node.node_id = "node-1";
+  node.gpu = "MIG-abc";
+  state.nodes.push_back(node);
+  auto back = ClusterState::FromJson(state.ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->nodes.size(), 1u);
+  EXPECT_EQ(back->nodes[0].gpu, "MIG-abc");
+}
+
+}  // namespace
+}  // namespace kiln::cli
