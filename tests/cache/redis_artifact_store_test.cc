@@ -136,7 +136,7 @@ TEST_F(RedisArtifactStoreTest, ACorruptBlobIsRefusedCountedAndRebuilt) {
   keys = store->client().Command({"KEYS", "kiln:cache:blob:*:model.pt2:0"});
   ASSERT_TRUE(store->client().Command({"SETRANGE", keys->elements[0].str, "3", "XX"}).ok());
   auto node = MakeNode(tmp_.Join("c"), "c");
-  auto got = node->provider->Get(key, "/nonexistent/model");
+  auto got = node->provider->Get({key, "/nonexistent/model"});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
   EXPECT_EQ(node->compiler->calls(), 1);
@@ -209,7 +209,7 @@ TEST_F(RedisArtifactStoreTest, TwoNodesRacingCompileOnce) {
   std::vector<std::thread> threads;
   for (int i = 0; i < 2; ++i) {
     threads.emplace_back([&, i] {
-      auto got = nodes[i]->provider->Get(key, "/nonexistent/model");
+      auto got = nodes[i]->provider->Get({key, "/nonexistent/model"});
       ASSERT_TRUE(got.ok()) << got.status();
       provenance[i] = got->provenance;
     });
@@ -230,7 +230,7 @@ TEST_F(RedisArtifactStoreTest, ARedisThatIsDownIsUnavailableAndNodesStillCompile
   EXPECT_EQ(store->TryAcquireLease(key.Digest(), {"a", 500}).status().code(),
             absl::StatusCode::kUnavailable);
   auto node = MakeNode(tmp_.Join("b"), "b");
-  auto got = node->provider->Get(key, "/nonexistent/model");
+  auto got = node->provider->Get({key, "/nonexistent/model"});
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->provenance, "compiled");
 }
