@@ -3,9 +3,19 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "cache/package_dir.h"
 #include "common/log.h"
 
 namespace kiln::cache {
+
+absl::Status CheckLeaseRequest(const std::string& digest, const LeaseRequest& request) {
+  if (!IsDigest(digest)) {
+    return absl::InvalidArgumentError(absl::StrCat("lease: '", digest, "' is not a digest"));
+  }
+  if (request.holder.empty()) return absl::InvalidArgumentError("lease: holder is empty");
+  if (request.ttl_ms <= 0) return absl::InvalidArgumentError("lease: ttl_ms must be > 0");
+  return absl::OkStatus();
+}
 
 HeldLease::HeldLease(std::string name, LeaseInfo info, const Clock* clock, int64_t ttl_ms,
                      bool took_over)

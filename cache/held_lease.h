@@ -18,6 +18,10 @@
 
 namespace kiln::cache {
 
+// What every store's TryAcquireLease checks first: InvalidArgument unless `digest` is a digest,
+// the holder is named and the ttl is positive.
+absl::Status CheckLeaseRequest(const std::string& digest, const LeaseRequest& request);
+
 class HeldLease : public CompileLease {
  public:
   const std::string& digest() const final { return digest_; }

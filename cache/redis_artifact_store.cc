@@ -387,11 +387,7 @@ absl::Status RedisArtifactStore::Publish(const LocatedPackage& package) {
 
 absl::StatusOr<std::unique_ptr<CompileLease>> RedisArtifactStore::TryAcquireLease(
     const std::string& digest, const LeaseRequest& request) {
-  if (!IsDigest(digest)) {
-    return absl::InvalidArgumentError(absl::StrCat("lease: '", digest, "' is not a digest"));
-  }
-  if (request.holder.empty()) return absl::InvalidArgumentError("lease: holder is empty");
-  if (request.ttl_ms <= 0) return absl::InvalidArgumentError("lease: ttl_ms must be > 0");
+  if (auto s = CheckLeaseRequest(digest, request); !s.ok()) return s;
   LeaseInfo info{digest, request.holder, static_cast<int64_t>(::getpid()), host_,
                  clock_->UnixMs() + request.ttl_ms, RandomToken()};
   const std::string held = absl::StrCat(options_.key_prefix, ":lease-held:", digest);

@@ -262,11 +262,7 @@ absl::StatusOr<LeaseInfo> SharedFsStore::ReadLease(const std::string& digest) co
 
 absl::StatusOr<std::unique_ptr<CompileLease>> SharedFsStore::TryAcquireLease(
     const std::string& digest, const LeaseRequest& request) {
-  if (!IsDigest(digest)) {
-    return absl::InvalidArgumentError(absl::StrCat("lease: '", digest, "' is not a digest"));
-  }
-  if (request.holder.empty()) return absl::InvalidArgumentError("lease: holder is empty");
-  if (request.ttl_ms <= 0) return absl::InvalidArgumentError("lease: ttl_ms must be > 0");
+  if (auto s = CheckLeaseRequest(digest, request); !s.ok()) return s;
   std::error_code ec;
   fs::create_directories(leases_dir_, ec);
   if (ec) return ErrnoStatus(ec.value(), absl::StrCat("shared store: create ", leases_dir_));
