@@ -2,17 +2,13 @@
 //   kiln-node --coordinator tcp://HOST:PORT --model flux-tiny=DIR [--model other=DIR2] [flags]
 // Exit status: 0 after a graceful stop (SIGTERM/SIGINT: the running job finishes and its result
 // is sent, then the node deregisters), 2 bad flags or an unusable model/device, 1 other failure.
+// Logs go to stderr (common/log.h), one timestamped line per event; --log_format json for JSON.
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
-#include <cerrno>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
-#include <iostream>
 #include <string>
 #include <vector>
 
@@ -25,6 +21,10 @@
 #include "absl/strings/str_split.h"
 #include "common/advertise.h"
 #include "common/flags.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "common/log_flags.h"
+#include "common/status.h"
 #include "nlohmann/json.hpp"
 #include "node/health.h"
 #include "node/node_factory.h"
@@ -65,15 +65,13 @@ ABSL_FLAG(std::string, status_file, "",
 namespace {
 
 int BadInput(const std::string& message) {
-  std::cerr << "kiln-node: error: " << message << "\n";
-  return 2;
+  kiln::LogError("main", message);
+  return kiln::kExitBadInput;
 }
 
 int Fail(const absl::Status& s) {
-  std::cerr << "kiln-node: error: " << s.message() << "\n";
-  const bool bad_input = absl::IsInvalidArgument(s) || absl::IsNotFound(s) ||
-                         absl::IsFailedPrecondition(s) || absl::IsOutOfRange(s);
-  return bad_input ? 2 : 1;
+  kiln::LogError("main", s.message());
+  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
 }
 
 // absl flags keep only the last occurrence of a flag: join every --model/--models value into one
@@ -103,20 +101,6 @@ std::vector<std::string> JoinModelFlags(int argc, char** argv) {
   return args;
 }
 
-absl::Status WriteStatusFile(const std::string& path, const nlohmann::json& j) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << j.dump() << "\n";
-    out.flush();
-    if (!out) return absl::UnavailableError(absl::StrCat("status file ", tmp, ": cannot write"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return absl::UnavailableError(absl::StrCat("status file ", path, ": ", ec.message()));
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -124,6 +108,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       joined, "kiln-node",
       "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
+  if (auto s = kiln::InitLoggingFromFlags("kiln-node"); !s.ok()) return Fail(s);
   if (rest.size() > 1) return BadInput(absl::StrCat("unexpected argument '", rest[1], "'"));
 
   kiln::node::NodeProcessOptions process;
@@ -194,10 +179,11 @@ int main(int argc, char** argv) {
   kiln::node::NodeAgent& agent = *node->agent;
   const kiln::node::NodeOptions& running = agent.options();
   const kiln::v1::DeviceInfo& device = running.device_info;
-  std::cerr << "kiln-node: " << running.node_id << " on " << device.kind()
-            << (device.name().empty() ? "" : " (" + device.name() + ")")
-            << (device.mig_profile().empty() ? "" : " MIG " + device.mig_profile())
-            << "; metrics " << running.metrics_url << std::endl;
+  kiln::LogInfo("main",
+                absl::StrCat(running.node_id, " on ", device.kind(),
+                             device.name().empty() ? "" : " (" + device.name() + ")",
+                             device.mig_profile().empty() ? "" : " MIG " + device.mig_profile(),
+                             "; metrics ", running.metrics_url));
   std::atomic<bool> draining{false};  // /readyz: registered and not stopping
   node->metrics->SetReadiness([&agent, &draining] {
     return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done());
@@ -214,8 +200,8 @@ int main(int argc, char** argv) {
     const int sig = sigtimedwait(&signals, nullptr, &tick);
     if (sig == SIGTERM || sig == SIGINT) {
       if (!stopping) {
-        std::cerr << "kiln-node: " << strsignal(sig)
-                  << ": finishing the current job, then deregistering" << std::endl;
+        kiln::LogInfo("main", absl::StrCat(strsignal(sig),
+                                           ": finishing the current job, then deregistering"));
       }
       stopping = true;
       draining = true;
@@ -225,8 +211,8 @@ int main(int argc, char** argv) {
       nlohmann::json j = {{"node_id", running.node_id},
                           {"metrics_url", running.metrics_url},
                           {"pid", getpid()}};
-      if (auto s = WriteStatusFile(status_file, j); !s.ok()) {
-        std::cerr << "kiln-node: warning: " << s.message() << "\n";
+      if (auto s = kiln::WriteFileAtomically(status_file, j.dump() + "\n"); !s.ok()) {
+        kiln::LogWarning("main", absl::StrCat("status file: ", s.message()));
       }
       status_written = true;
     }
@@ -234,8 +220,8 @@ int main(int argc, char** argv) {
   agent.Wait();
   const absl::Status s = agent.status();
   if (!s.ok()) {
-    std::cerr << "kiln-node: error: " << s.message() << "\n";
-    return 1;
+    kiln::LogError("main", s.message());
+    return kiln::kExitFailure;  // the node ran and failed: not its flags
   }
-  return 0;
+  return kiln::kExitOk;
 }

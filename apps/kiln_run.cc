@@ -4,10 +4,8 @@
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
 //            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
-#include <chrono>
-#include <cstdio>
+// Logs (errors, warnings) go to stderr (common/log.h); --log_format json for JSON lines.
 #include <cstdlib>
-#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -16,9 +14,14 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "cache/package_provider.h"
 #include "common/flags.h"
+#include "common/files.h"
+#include "common/log.h"
+#include "common/log_flags.h"
 #include "common/status.h"
+#include "common/stopwatch.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline/png.h"
@@ -52,31 +55,21 @@ ABSL_FLAG(bool, profile_steps, false,
 
 namespace {
 
-std::string ExecutableDir() {
-  std::error_code ec;
-  auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : p.parent_path().string();
-}
-
 int Fail(const absl::Status& s) {
-  std::cerr << "kiln-run: error: " << s.message() << "\n";
-  const bool bad_input = absl::IsInvalidArgument(s) || absl::IsNotFound(s) ||
-                         absl::IsFailedPrecondition(s) || absl::IsOutOfRange(s);
-  return bad_input ? 2 : 1;
+  kiln::LogError("main", s.message());
+  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const auto t_main = std::chrono::steady_clock::now();
-  auto since_main = [&] {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_main).count();
-  };
+  const kiln::SteadyTime t_main = kiln::SteadyNow();
+  auto since_main = [&] { return kiln::SecondsSince(t_main); };
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-run", "kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
+  if (auto s = kiln::InitLoggingFromFlags("kiln-run"); !s.ok()) return Fail(s);
   if (rest.size() > 1) {
-    std::cerr << "kiln-run: error: unexpected argument '" << rest[1] << "'\n";
-    return kiln::kExitBadInput;
+    return Fail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
   }
   kiln::pipeline::PipelineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
@@ -93,7 +86,7 @@ int main(int argc, char** argv) {
   provider_config.shared_root = absl::GetFlag(FLAGS_shared_dir);
   if (absl::GetFlag(FLAGS_compile)) {
     provider_config.compiler_path = absl::GetFlag(FLAGS_compiler).empty()
-                                        ? ExecutableDir() + "/kiln-compile"
+                                        ? kiln::ExecutableDir() + "/kiln-compile"
                                         : absl::GetFlag(FLAGS_compiler);
   }
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
@@ -128,7 +121,7 @@ int main(int argc, char** argv) {
   auto result = (*pipeline)->Generate(req);
   if (!result.ok()) return Fail(result.status());
   const double generated = since_main();
-  for (const auto& w : result->warnings) std::cerr << "kiln-run: warning: " << w << "\n";
+  for (const auto& w : result->warnings) kiln::LogWarning("main", w);
   if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
       !s.ok()) {
     return Fail(s);
@@ -171,5 +164,5 @@ int main(int argc, char** argv) {
   } else {
     std::cout << out << "\n";
   }
-  return 0;
+  return kiln::kExitOk;
 }

@@ -19,7 +19,6 @@
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <chrono>
 #include <iostream>
 #include <map>
 #include <string>
@@ -31,6 +30,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "cache/package_provider.h"
+#include "common/log.h"
+#include "common/log_flags.h"
+#include "common/status.h"
+#include "common/stopwatch.h"
 #include "nlohmann/json.hpp"
 #include "common/flags.h"
 #include "pipeline/aoti_package.h"
@@ -54,15 +57,10 @@ ABSL_FLAG(bool, profile, true, "GPU time per kernel class of one plain call");
 namespace {
 
 using kiln::pipeline::AotiPackage;
-using Clock = std::chrono::steady_clock;
-
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 
 int Fail(const absl::Status& s) {
-  std::cerr << "kiln-bench: error: " << s.message() << "\n";
-  return absl::IsInvalidArgument(s) || absl::IsNotFound(s) ? 2 : 1;
+  kiln::LogError("main", s.message());
+  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
 }
 
 absl::StatusOr<std::map<std::string, at::Tensor>> ReadTensors(const std::string& path) {
@@ -152,6 +150,7 @@ nlohmann::json Profile(Fn fn, int iters = 3) {
 int main(int argc, char** argv) {
   kiln::ParseFlagsOrExit(argc, argv, "kiln-bench",
                          "kiln-bench --model DIR --package-dir DIR --inputs FILE [flags]");
+  if (auto s = kiln::InitLoggingFromFlags("kiln-bench"); !s.ok()) return Fail(s);
   const std::string model = absl::GetFlag(FLAGS_model);
   const std::string package_dir = absl::GetFlag(FLAGS_package_dir);
   if (model.empty() || package_dir.empty() || absl::GetFlag(FLAGS_inputs).empty()) {
@@ -190,12 +189,12 @@ int main(int argc, char** argv) {
                            {"bucket", {width, height}}};
   try {
     torch::NoGradGuard no_grad;
-    auto t = Clock::now();
+    auto t = kiln::SteadyNow();
     auto pkg = AotiPackage::Load(*found, device);
     if (!pkg.ok()) return Fail(pkg.status());
-    report["package_load_s"] = Since(t);
+    report["package_load_s"] = kiln::SecondsSince(t);
 
-    t = Clock::now();
+    t = kiln::SteadyNow();
     auto weights = kiln::pipeline::ComponentWeights::Open(
         model + "/" + kiln::pipeline::ComponentWeights::FolderFor("transformer"),
         kiln::pipeline::ComponentWeights::StemFor("transformer"), device);
@@ -204,7 +203,8 @@ int main(int argc, char** argv) {
     if (!constants.ok()) return Fail(constants.status());
     if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return Fail(s);
     c10::cuda::getCurrentCUDAStream().synchronize();
-    report["weights"] = {{"seconds", Since(t)}, {"bytes_read", (*weights)->bytes_read()}};
+    report["weights"] = {{"seconds", kiln::SecondsSince(t)},
+                         {"bytes_read", (*weights)->bytes_read()}};
     constants->clear();
 
     auto host = ReadTensors(absl::GetFlag(FLAGS_inputs));
@@ -232,11 +232,11 @@ int main(int argc, char** argv) {
     report["step_ms_plain"] = add_tflops(TimeMs(plain, iters));
     at::Tensor ref_out = out_plain.clone();
 
-    t = Clock::now();
+    t = kiln::SteadyNow();
     auto graph = kiln::pipeline::PackageGraph::Capture(pkg->get(), inputs);
     if (!graph.ok()) return Fail(graph.status());
     c10::cuda::getCurrentCUDAStream().synchronize();
-    report["graph_capture_s"] = Since(t);
+    report["graph_capture_s"] = kiln::SecondsSince(t);
     at::Tensor out_graph;
     auto replay = [&] {
       auto o = (*graph)->Replay();
@@ -269,5 +269,5 @@ int main(int argc, char** argv) {
     return Fail(absl::InternalError(e.what()));
   }
   std::cout << report.dump() << std::endl;
-  return 0;
+  return kiln::kExitOk;
 }

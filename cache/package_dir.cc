@@ -43,6 +43,17 @@ absl::Status ErrnoStatus(int err, const std::string& what) {
   }
 }
 
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& path) {
+  size_t off = 0;
+  while (off < data.size()) {
+    const ssize_t n = ::write(fd, data.data() + off, data.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoStatus(errno, absl::StrCat("write ", path));
+    off += static_cast<size_t>(n);
+  }
+  return absl::OkStatus();
+}
+
 namespace {
 
 using Fd = kiln::UniqueFd;
@@ -60,13 +71,9 @@ absl::Status CopyFile(const std::string& from, const std::string& to, int64_t* b
       return ErrnoStatus(errno, absl::StrCat("read ", from));
     }
     if (n == 0) break;
-    for (ssize_t off = 0; off < n;) {
-      ssize_t w = ::write(out.get(), buf.data() + off, static_cast<size_t>(n - off));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return ErrnoStatus(errno, absl::StrCat("write ", to));
-      }
-      off += w;
+    if (auto s = WriteAll(out.get(), absl::string_view(buf.data(), static_cast<size_t>(n)), to);
+        !s.ok()) {
+      return s;
     }
     *bytes += n;
   }
@@ -86,6 +93,12 @@ bool IsDigest(const std::string& s) {
   return s.size() == 64 && std::all_of(s.begin(), s.end(), [](char c) {
            return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
          });
+}
+
+std::string HostName() {
+  char buf[256] = {0};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "unknown-host";
+  return buf;
 }
 
 std::string RandomToken(int bytes) {

@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "cache/artifact_key.h"
 #include "cache/package.h"
 #include "common/files.h"
@@ -27,6 +28,9 @@ bool IsDigest(const std::string& name);
 
 // Random lower-case hex of 2*bytes characters, for unique temporary names.
 std::string RandomToken(int bytes = 8);
+
+// This machine's host name (gethostname), "unknown-host" if it cannot be read: who holds a lease.
+std::string HostName();
 
 // Checks that `dir` holds the package for `key`: manifest parses and is for key.Digest(), the
 // package file has the manifest's size and SHA-256, declared extra constants exist.
@@ -70,6 +74,9 @@ void RemoveTree(const std::string& path);
 // A Status for a failed system call: NotFound (ENOENT), PermissionDenied, ResourceExhausted (disk
 // full), Unavailable (EIO, stale NFS handle, timeout), Internal otherwise. `what` names the call.
 absl::Status ErrnoStatus(int err, const std::string& what);
+
+// Writes all of `data` to `fd` (retrying short writes and EINTR); ErrnoStatus naming `path`.
+absl::Status WriteAll(int fd, absl::string_view data, const std::string& path);
 
 // fsync of a directory (common/files.h), so that renames and creations in it are durable.
 using kiln::FsyncDir;

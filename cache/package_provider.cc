@@ -3,15 +3,15 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
 #include <optional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "cache/lease_heartbeat.h"
+#include "cache/package_dir.h"
 #include "cache/redis_artifact_store.h"
 #include "cache/shared_fs_store.h"
+#include "common/stopwatch.h"
 #include "metrics/metrics_server.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -22,14 +22,8 @@
 namespace kiln::cache {
 namespace {
 
-double Since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
 std::string DefaultNodeId() {
-  char host[256] = {0};
-  if (::gethostname(host, sizeof(host) - 1) != 0) std::snprintf(host, sizeof(host), "unknown");
-  return absl::StrCat(host, ":", ::getpid());
+  return absl::StrCat(HostName(), ":", ::getpid());
 }
 
 void AddWarning(ProvidedPackage* out, const std::string& w) {
@@ -211,10 +205,10 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const PackageRequest&
 }
 
 bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPackage* out) {
-  const auto t = std::chrono::steady_clock::now();
+  const auto t = SteadyNow();
   auto fetched = shared_->Fetch(key, *local_);
   if (fetched.ok()) {
-    const double secs = Since(t);
+    const double secs = SecondsSince(t);
     metrics_->Request("shared", "hit").Increment();
     metrics_->fetch_bytes->Increment(static_cast<double>(fetched->bytes));
     metrics_->fetch_seconds->Observe(secs);
@@ -253,9 +247,9 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
   const LeaseRequest request{node_id_, options_.lease_ttl_ms};
   const int64_t deadline_ms = clock_->NowMs() + options_.max_wait_ms;
   int64_t pause_ms = options_.poll_initial_ms;
-  std::optional<std::chrono::steady_clock::time_point> wait_start;
+  std::optional<SteadyTime> wait_start;
   auto finish_wait = [&] {
-    if (wait_start) out.wait_seconds = Since(*wait_start);
+    if (wait_start) out.wait_seconds = SecondsSince(*wait_start);
   };
   while (true) {
     auto lease = shared_->TryAcquireLease(digest, request);
@@ -286,7 +280,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
       return CompileAndPublish(req, nullptr, std::move(out));
     }
     if (!wait_start) {
-      wait_start = std::chrono::steady_clock::now();
+      wait_start = SteadyNow();
       metrics_->lease_waits->Increment();
       kiln::LogInfo("cache", absl::StrCat("waiting for another node to compile ", key.component,
                                           " (", digest.substr(0, 12), "): ",
@@ -326,7 +320,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
                                       digest.substr(0, 12),
                                       ") with kiln-compile; this happens once per key",
                                       (shared_ != nullptr ? " in the cluster" : "")));
-  const auto t = std::chrono::steady_clock::now();
+  const auto t = SteadyNow();
   absl::Status compiled;
   absl::Status heartbeat = absl::OkStatus();
   {
@@ -339,7 +333,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
     compiled = compiler_->Compile({req.model_dir, key, req.compile_options, local_->root()});
     if (renewer) heartbeat = renewer->Stop();
   }
-  const double secs = Since(t);
+  const double secs = SecondsSince(t);
   if (!compiled.ok()) {
     metrics_->compiles_error->Increment();
     metrics_->Request("compile", "error").Increment();

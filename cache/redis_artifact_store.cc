@@ -6,27 +6,20 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <iostream>
 #include <utility>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "cache/held_lease.h"
 #include "cache/package_dir.h"
 #include "common/hash.h"
+#include "common/log.h"
 #include "nlohmann/json.hpp"
 #include "prometheus/family.h"
 
 namespace kiln::cache {
 namespace {
-
-std::string HostName() {
-  char buf[256] = {0};
-  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "unknown-host";
-  return buf;
-}
 
 // KEYS: pkg, index. ARGV: 1 digest, 2 files JSON, 3 upload, 4 published ms, 5.. chunk keys.
 // 1: published; 0: an entry existed (the caller deletes its chunks).
@@ -89,18 +82,6 @@ end
 return 0
 )lua";
 
-const redis::Script& Script(const char* source) {
-  // One Script per source text, for the process's lifetime.
-  static absl::Mutex mu(absl::kConstInit);
-  static auto* scripts = new std::vector<std::pair<const char*, redis::Script*>>();
-  absl::MutexLock lock(&mu);
-  for (const auto& [src, script] : *scripts) {
-    if (src == source) return *script;
-  }
-  scripts->emplace_back(source, new redis::Script(source));
-  return *scripts->back().second;
-}
-
 struct FileEntry {
   std::string name;
   int64_t bytes = 0;
@@ -130,80 +111,41 @@ absl::StatusOr<std::vector<std::string>> PackageFiles(const std::string& dir) {
   return out;
 }
 
-absl::Status WriteAll(int fd, const std::string& data, const std::string& path) {
-  size_t off = 0;
-  while (off < data.size()) {
-    ssize_t n = ::write(fd, data.data() + off, data.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return ErrnoStatus(errno, absl::StrCat("write ", path));
-    off += static_cast<size_t>(n);
-  }
-  return absl::OkStatus();
-}
-
-class RedisCompileLease : public CompileLease {
+// A lease key whose value starts with the holder's token; Redis expires it (PX = the ttl).
+class RedisCompileLease : public HeldLease {
  public:
   RedisCompileLease(redis::RedisClient& client, std::string lease_key, std::string held_key,
                     const Clock* clock, LeaseInfo info, int64_t ttl_ms, bool took_over)
-      : client_(client),
+      : HeldLease(lease_key, std::move(info), clock, ttl_ms, took_over),
+        client_(client),
         lease_key_(std::move(lease_key)),
         held_key_(std::move(held_key)),
-        clock_(clock),
-        ttl_ms_(ttl_ms),
-        took_over_(took_over),
-        info_(std::move(info)) {}
-  ~RedisCompileLease() override {
-    if (auto s = Release(); !s.ok()) {
-      std::cerr << "kiln: releasing lease " << lease_key_ << ": " << s << "\n";
-    }
-  }
-  const std::string& digest() const override { return info_.digest; }
-  bool took_over() const override { return took_over_; }
-  LeaseInfo info() const override {
-    absl::MutexLock l(&mu_);
-    return info_;
-  }
-
-  absl::Status Renew() override {
-    absl::MutexLock l(&mu_);
-    if (released_) return absl::FailedPreconditionError(absl::StrCat(lease_key_, " released"));
-    if (lost_) return absl::AbortedError(absl::StrCat("lease ", lease_key_, " was lost"));
-    auto r = client_.Eval(Script(kRenewScript), {lease_key_},
-                          {info_.token + " ", std::to_string(ttl_ms_)});
-    if (!r.ok()) return r.status();
-    if (r->integer != 1) {
-      lost_ = true;
-      return absl::AbortedError(absl::StrCat("compile lease for ", info_.digest,
-                                             " expired or was taken over"));
-    }
-    info_.expires_unix_ms = clock_->UnixMs() + ttl_ms_;
-    return absl::OkStatus();
-  }
-
-  absl::Status Release() override {
-    absl::MutexLock l(&mu_);
-    if (released_ || lost_) {
-      released_ = true;
-      return absl::OkStatus();
-    }
-    auto r = client_.Eval(Script(kReleaseScript), {lease_key_, held_key_},
-                          {info_.token + " ", info_.token});
-    if (!r.ok()) return r.status();  // it expires on its own
-    released_ = true;
-    return absl::OkStatus();
-  }
+        ttl_ms_(ttl_ms) {}
+  ~RedisCompileLease() override { ReleaseOrLog(); }
 
  private:
+  absl::Status RenewHeld(const LeaseInfo& info, int64_t) override {
+    auto r = client_.Eval(redis::ScriptFor<kRenewScript>(), {lease_key_},
+                          {info.token + " ", std::to_string(ttl_ms_)});
+    if (!r.ok()) return r.status();
+    if (r->integer != 1) {
+      return absl::AbortedError(absl::StrCat("compile lease for ", info.digest,
+                                             " expired or was taken over"));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status ReleaseHeld(const LeaseInfo& info) override {
+    return client_
+        .Eval(redis::ScriptFor<kReleaseScript>(), {lease_key_, held_key_},
+              {info.token + " ", info.token})
+        .status();
+  }
+
   redis::RedisClient& client_;
   const std::string lease_key_;
   const std::string held_key_;
-  const Clock* clock_;
   const int64_t ttl_ms_;
-  const bool took_over_;
-  mutable absl::Mutex mu_;
-  LeaseInfo info_ ABSL_GUARDED_BY(mu_);
-  bool released_ ABSL_GUARDED_BY(mu_) = false;
-  bool lost_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace
@@ -284,11 +226,11 @@ absl::Status RedisArtifactStore::RefuseCorrupt(const std::string& digest,
   corrupt_.Increment();
   const std::string p = options_.key_prefix;
   auto removed = client_->Eval(
-      Script(kRemoveScript), {PackageKey(digest), p + ":index", p + ":corrupt"},
+      redis::ScriptFor<kRemoveScript>(), {PackageKey(digest), p + ":index", p + ":corrupt"},
       {digest, upload, absl::StrCat(digest, " ", clock_->UnixMs(), " ", reason),
        absl::StrCat(p, ":blob:", digest, ":", upload, ":")});
-  std::cerr << "kiln: refused corrupt package " << digest << " in " << Describe() << ": "
-            << reason << "\n";
+  kiln::LogWarning("cache", absl::StrCat("refused corrupt package ", digest, " in ", Describe(),
+                                         ": ", reason));
   return absl::DataLossError(absl::StrCat(
       "copy of ", digest, " in ", Describe(), " is corrupt (", reason, ")",
       removed.ok() ? "; removed from the index, to be rebuilt"
@@ -429,11 +371,12 @@ absl::Status RedisArtifactStore::Publish(const LocatedPackage& package) {
   std::vector<std::string> args = {digest, index.dump(), upload,
                                    std::to_string(clock_->UnixMs())};
   args.insert(args.end(), chunk_keys.begin(), chunk_keys.end());
-  auto published = client_->Eval(Script(kPublishScript), {PackageKey(digest), p + ":index"}, args);
+  auto published =
+      client_->Eval(redis::ScriptFor<kPublishScript>(), {PackageKey(digest), p + ":index"}, args);
   if (!published.ok()) return published.status();
   if (published->integer == 1) {
-    std::cerr << "kiln: published package " << digest << " (" << total << " bytes) to "
-              << Describe() << "\n";
+    kiln::LogInfo("cache", absl::StrCat("published package ", digest, " (", total, " bytes) to ",
+                                        Describe()));
   } else {
     std::vector<std::string> del = {"DEL"};
     del.insert(del.end(), chunk_keys.begin(), chunk_keys.end());
@@ -444,15 +387,11 @@ absl::Status RedisArtifactStore::Publish(const LocatedPackage& package) {
 
 absl::StatusOr<std::unique_ptr<CompileLease>> RedisArtifactStore::TryAcquireLease(
     const std::string& digest, const LeaseRequest& request) {
-  if (!IsDigest(digest)) {
-    return absl::InvalidArgumentError(absl::StrCat("lease: '", digest, "' is not a digest"));
-  }
-  if (request.holder.empty()) return absl::InvalidArgumentError("lease: holder is empty");
-  if (request.ttl_ms <= 0) return absl::InvalidArgumentError("lease: ttl_ms must be > 0");
+  if (auto s = CheckLeaseRequest(digest, request); !s.ok()) return s;
   LeaseInfo info{digest, request.holder, static_cast<int64_t>(::getpid()), host_,
                  clock_->UnixMs() + request.ttl_ms, RandomToken()};
   const std::string held = absl::StrCat(options_.key_prefix, ":lease-held:", digest);
-  auto r = client_->Eval(Script(kAcquireScript), {LeaseKey(digest), held},
+  auto r = client_->Eval(redis::ScriptFor<kAcquireScript>(), {LeaseKey(digest), held},
                          {info.token, info.token + " " + info.ToJson().dump(),
                           std::to_string(request.ttl_ms)});
   if (!r.ok()) return r.status();
@@ -462,8 +401,8 @@ absl::StatusOr<std::unique_ptr<CompileLease>> RedisArtifactStore::TryAcquireLeas
   if (r->elements[0].integer == 1) {
     const bool took_over = r->elements[1].integer == 1;
     if (took_over) {
-      std::cerr << "kiln: took over the expired compile lease for " << digest.substr(0, 12)
-                << " in " << Describe() << "\n";
+      kiln::LogWarning("cache", absl::StrCat("took over the expired compile lease for ",
+                                             digest.substr(0, 12), " in ", Describe()));
     }
     return std::unique_ptr<CompileLease>(std::make_unique<RedisCompileLease>(
         *client_, LeaseKey(digest), held, clock_, std::move(info), request.ttl_ms, took_over));

@@ -8,9 +8,8 @@
 #include <cstring>
 #include <filesystem>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "cache/held_lease.h"
 #include "cache/package_dir.h"
 #include "common/log.h"
 
@@ -21,12 +20,6 @@ namespace {
 constexpr char kLeasesDir[] = "leases";
 // How long a takeover may hold a lease's break lock before another waiter may break that (ms).
 constexpr int64_t kBreakLockMs = 30'000;
-
-std::string HostName() {
-  char buf[256] = {0};
-  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "unknown-host";
-  return buf;
-}
 
 // NotFound if missing, DataLoss if not a lease document, other codes on I/O errors.
 absl::StatusOr<LeaseInfo> ReadLeaseFile(const std::string& path) {
@@ -61,18 +54,10 @@ absl::StatusOr<std::string> WriteLeaseTemp(const std::string& dir, const LeaseIn
   const std::string path = absl::StrCat(dir, "/.", info.digest, ".", RandomToken(), ".tmp");
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoStatus(errno, absl::StrCat("create ", path));
-  const std::string text = info.ToJson().dump() + "\n";
-  size_t off = 0;
-  while (off < text.size()) {
-    ssize_t n = ::write(fd, text.data() + off, text.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      auto s = ErrnoStatus(errno, absl::StrCat("write ", path));
-      ::close(fd);
-      ::unlink(path.c_str());
-      return s;
-    }
-    off += static_cast<size_t>(n);
+  if (auto s = WriteAll(fd, info.ToJson().dump() + "\n", path); !s.ok()) {
+    ::close(fd);
+    ::unlink(path.c_str());
+    return s;
   }
   if (::fsync(fd) != 0 || ::close(fd) != 0) {
     auto s = ErrnoStatus(errno, absl::StrCat("fsync ", path));
@@ -115,49 +100,32 @@ std::string DescribeLease(const LeaseInfo& l) {
                       l.expires_unix_ms, ")");
 }
 
-class FsCompileLease : public CompileLease {
+// A lease file in the store's leases directory, replaced by rename on every renewal.
+class FsCompileLease : public HeldLease {
  public:
   FsCompileLease(std::string path, std::string dir, const Clock* clock, LeaseInfo info,
                  int64_t ttl_ms, bool took_over)
-      : path_(std::move(path)),
-        dir_(std::move(dir)),
-        clock_(clock),
-        ttl_ms_(ttl_ms),
-        took_over_(took_over),
-        info_(std::move(info)) {}
-  ~FsCompileLease() override {
-    if (auto s = Release(); !s.ok()) {
-      kiln::LogWarning("cache", absl::StrCat("releasing lease ", path_, ": ", s.ToString()));
-    }
-  }
+      : HeldLease(path, std::move(info), clock, ttl_ms, took_over),
+        path_(std::move(path)),
+        dir_(std::move(dir)) {}
+  ~FsCompileLease() override { ReleaseOrLog(); }
 
-  const std::string& digest() const override { return info_.digest; }
-  bool took_over() const override { return took_over_; }
-  LeaseInfo info() const override {
-    absl::MutexLock l(&mu_);
-    return info_;
-  }
-
-  absl::Status Renew() override {
-    absl::MutexLock l(&mu_);
-    if (released_) return absl::FailedPreconditionError(absl::StrCat("lease ", path_, " released"));
-    if (lost_) return absl::AbortedError(absl::StrCat("lease ", path_, " was lost"));
-    if (clock_->UnixMs() >= info_.expires_unix_ms) {
+ private:
+  absl::Status RenewHeld(const LeaseInfo& info, int64_t new_expiry_unix_ms) override {
+    if (clock().UnixMs() >= info.expires_unix_ms) {
       // A waiter may be replacing it right now; rewriting it could undo that takeover.
-      lost_ = true;
-      return absl::AbortedError(absl::StrCat("lease for ", info_.digest,
+      return absl::AbortedError(absl::StrCat("lease for ", info.digest,
                                              " expired before it was renewed"));
     }
     auto cur = ReadLeaseFile(path_);
-    if (absl::IsNotFound(cur.status()) || (cur.ok() && cur->token != info_.token)) {
-      lost_ = true;
+    if (absl::IsNotFound(cur.status()) || (cur.ok() && cur->token != info.token)) {
       return absl::AbortedError(absl::StrCat(
-          "lease for ", info_.digest, " was taken over",
+          "lease for ", info.digest, " was taken over",
           cur.ok() ? absl::StrCat(" by ", DescribeLease(*cur)) : std::string(" (lease file gone)")));
     }
     if (!cur.ok() && !absl::IsDataLoss(cur.status())) return cur.status();
-    LeaseInfo next = info_;
-    next.expires_unix_ms = clock_->UnixMs() + ttl_ms_;
+    LeaseInfo next = info;
+    next.expires_unix_ms = new_expiry_unix_ms;
     auto tmp = WriteLeaseTemp(dir_, next);
     if (!tmp.ok()) return tmp.status();
     if (::rename(tmp->c_str(), path_.c_str()) != 0) {
@@ -165,32 +133,15 @@ class FsCompileLease : public CompileLease {
       ::unlink(tmp->c_str());
       return s;
     }
-    info_ = next;
     return absl::OkStatus();
   }
 
-  absl::Status Release() override {
-    absl::MutexLock l(&mu_);
-    if (released_ || lost_) {
-      released_ = true;
-      return absl::OkStatus();
-    }
-    auto removed = RemoveLeaseIfToken(path_, info_.token, nullptr);
-    if (!removed.ok()) return removed.status();
-    released_ = true;
-    return absl::OkStatus();
+  absl::Status ReleaseHeld(const LeaseInfo& info) override {
+    return RemoveLeaseIfToken(path_, info.token, nullptr).status();
   }
 
- private:
   const std::string path_;
   const std::string dir_;
-  const Clock* clock_;
-  const int64_t ttl_ms_;
-  const bool took_over_;
-  mutable absl::Mutex mu_;
-  LeaseInfo info_ ABSL_GUARDED_BY(mu_);
-  bool released_ ABSL_GUARDED_BY(mu_) = false;
-  bool lost_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 }  // namespace
@@ -311,11 +262,7 @@ absl::StatusOr<LeaseInfo> SharedFsStore::ReadLease(const std::string& digest) co
 
 absl::StatusOr<std::unique_ptr<CompileLease>> SharedFsStore::TryAcquireLease(
     const std::string& digest, const LeaseRequest& request) {
-  if (!IsDigest(digest)) {
-    return absl::InvalidArgumentError(absl::StrCat("lease: '", digest, "' is not a digest"));
-  }
-  if (request.holder.empty()) return absl::InvalidArgumentError("lease: holder is empty");
-  if (request.ttl_ms <= 0) return absl::InvalidArgumentError("lease: ttl_ms must be > 0");
+  if (auto s = CheckLeaseRequest(digest, request); !s.ok()) return s;
   std::error_code ec;
   fs::create_directories(leases_dir_, ec);
   if (ec) return ErrnoStatus(ec.value(), absl::StrCat("shared store: create ", leases_dir_));

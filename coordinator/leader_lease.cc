@@ -42,19 +42,6 @@ end
 return 0
 )lua";
 
-const redis::Script& AcquireScript() {
-  static const redis::Script* s = new redis::Script(kAcquireScript);
-  return *s;
-}
-const redis::Script& RenewScript() {
-  static const redis::Script* s = new redis::Script(kRenewScript);
-  return *s;
-}
-const redis::Script& ReleaseScript() {
-  static const redis::Script* s = new redis::Script(kReleaseScript);
-  return *s;
-}
-
 prometheus::Counter& LeadershipCounter(prometheus::Registry& registry, const char* event) {
   return prometheus::BuildCounter()
       .Name("kiln_coordinator_leadership_total")
@@ -109,7 +96,7 @@ LeaderLease::~LeaderLease() {
 
 absl::StatusOr<bool> LeaderLease::TryAcquire() {
   const std::string p = options_.key_prefix;
-  auto reply = client_->Eval(AcquireScript(), {p + ":leader", p + ":fence"},
+  auto reply = client_->Eval(redis::ScriptFor<kAcquireScript>(), {p + ":leader", p + ":fence"},
                              {options_.holder, std::to_string(options_.ttl_ms)});
   if (!reply.ok()) return reply.status();
   if (reply->type != redis::Reply::Type::kArray || reply->elements.size() != 2) {
@@ -132,7 +119,7 @@ absl::Status LeaderLease::Renew() {
   const int64_t token = token_.load();
   if (token == 0) return absl::AbortedError("leader lease: not held");
   const std::string p = options_.key_prefix;
-  auto reply = client_->Eval(RenewScript(), {p + ":leader", p + ":fence"},
+  auto reply = client_->Eval(redis::ScriptFor<kRenewScript>(), {p + ":leader", p + ":fence"},
                              {std::to_string(token), options_.holder,
                               std::to_string(options_.ttl_ms)});
   if (!reply.ok()) return reply.status();
@@ -145,7 +132,8 @@ absl::Status LeaderLease::Renew() {
 absl::Status LeaderLease::Release() {
   const int64_t token = token_.load();
   if (token == 0) return absl::OkStatus();
-  auto reply = client_->Eval(ReleaseScript(), {options_.key_prefix + ":leader"},
+  auto reply = client_->Eval(redis::ScriptFor<kReleaseScript>(),
+                             {options_.key_prefix + ":leader"},
                              {std::to_string(token), options_.holder});
   token_.store(0);
   leader_gauge_.Set(0);

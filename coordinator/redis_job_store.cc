@@ -83,15 +83,6 @@ end
 return out
 )lua";
 
-const redis::Script& WriteScript() {
-  static const redis::Script* script = new redis::Script(kWriteScript);
-  return *script;
-}
-const redis::Script& ListScript() {
-  static const redis::Script* script = new redis::Script(kListScript);
-  return *script;
-}
-
 prometheus::Counter& ErrorCounter(prometheus::Registry& registry, const char* kind) {
   return prometheus::BuildCounter()
       .Name("kiln_job_store_errors_total")
@@ -195,8 +186,8 @@ absl::StatusOr<redis::Reply> RedisJobStore::Write(const std::string& mode,
                  kiln::v1::JOB_STATE_CANCELLED}) {
     args.push_back(std::to_string(static_cast<int>(s)));
   }
-  auto reply = client_->Eval(WriteScript(), {FenceKey(), JobKey(id), p + ":seq", p + ":expiry"},
-                             args);
+  auto reply = client_->Eval(redis::ScriptFor<kWriteScript>(),
+                             {FenceKey(), JobKey(id), p + ":seq", p + ":expiry"}, args);
   if (!reply.ok()) return Count(reply.status());
   if (reply->type != redis::Reply::Type::kArray || reply->elements.empty() ||
       reply->elements[0].type != redis::Reply::Type::kInteger) {
@@ -273,7 +264,8 @@ absl::StatusOr<std::vector<kiln::v1::JobInfo>> RedisJobStore::List(
     kiln::v1::JobState state) const {
   const std::string p = options_.key_prefix;
   auto reply = client_->Eval(
-      ListScript(), {absl::StrCat(p, ":state:", static_cast<int>(state))}, {p + ":job:"});
+      redis::ScriptFor<kListScript>(), {absl::StrCat(p, ":state:", static_cast<int>(state))},
+      {p + ":job:"});
   if (!reply.ok()) return Count(reply.status());
   if (reply->type != redis::Reply::Type::kArray || reply->elements.size() % 2 != 0) {
     return Count(absl::InternalError("job store: unexpected reply from the list script"));

@@ -93,7 +93,4 @@ class ModelCatalog {
   std::map<std::string, std::map<std::string, std::unique_ptr<Generator>>> generators_;
 };
 
-// The field a Plan() error names ("spec.width"), "" when none (common/status.h).
-using kiln::ErrorField;
-
 }  // namespace kiln::node

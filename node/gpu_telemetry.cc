@@ -1,12 +1,12 @@
 #include "node/gpu_telemetry.h"
 
 #include <cstring>
-#include <iostream>
 #include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/log.h"
 #include "node/device_probe.h"
 
 namespace kiln::node {
@@ -161,8 +161,9 @@ bool GpuTelemetry::Check(nvml::Return r, const std::string& call) {
   errors_.Add({{"node", options_.node_id}, {"call", call}}).Increment();
   if (!logged_[call]) {
     logged_[call] = true;  // once per call: a broken call fails every second
-    std::cerr << "kiln-node: gpu telemetry: " << call << " failed: " << nvml::ErrorText(nvml_, r)
-              << " (counted in kiln_gpu_telemetry_errors_total; sampling goes on)" << std::endl;
+    LogWarning("gpu_telemetry",
+               absl::StrCat(call, " failed: ", nvml::ErrorText(nvml_, r),
+                            " (counted in kiln_gpu_telemetry_errors_total; sampling goes on)"));
   }
   return false;
 }

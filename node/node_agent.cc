@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <iostream>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
 #include "common/wire.h"
 
 namespace kiln::node {
@@ -17,7 +17,7 @@ namespace {
 constexpr int64_t kMaxPollMs = 200;        // upper bound on one poll: Stop/abort are also woken
 constexpr int kDeregisterLingerMs = 2000;  // how long a closing socket may flush Deregister
 
-void Log(const std::string& line) { std::cerr << "kiln-node: " << line << std::endl; }
+constexpr char kComponent[] = "node";
 
 std::string HostName() {
   char buf[256] = {};
@@ -46,7 +46,7 @@ class NodeAgent::Channel : public CoordinatorChannel {
     const std::string bytes = Encode(env);
     // dontwait: a DEALER blocks when its queue is full; the I/O thread must never block.
     auto sent = socket_->send(zmq::buffer(bytes), zmq::send_flags::dontwait);
-    if (!sent) Log("send queue to the coordinator is full; message dropped");
+    if (!sent) LogWarning(kComponent, "send queue to the coordinator is full; message dropped");
     return sent.has_value();
   }
 
@@ -91,7 +91,7 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   }
   agent->session_ = std::make_unique<NodeSession>(
       agent->options_, *agent->catalog_, *agent->worker_, *agent->outbox_, agent->packages_.get(),
-      agent->metrics_, agent->clock_, *agent->channel_, Log);
+      agent->metrics_, agent->clock_, *agent->channel_, LineLogger(kComponent));
   return agent;
 }
 
@@ -146,9 +146,9 @@ void NodeAgent::IoMain() {
     // Linger only to flush a Deregister; anything else queued is for a coordinator that is gone.
     channel_->Close(session_->deregistered() ? kDeregisterLingerMs : 0);
   } catch (const zmq::error_t& e) {
-    Log(absl::StrCat("closing the socket: ", e.what()));
+    LogWarning(kComponent, absl::StrCat("closing the socket: ", e.what()));
   }
-  if (!s.ok()) Log(absl::StrCat("stopped: ", s.ToString()));
+  if (!s.ok()) LogError(kComponent, absl::StrCat("stopped: ", s.ToString()));
   {
     absl::MutexLock lock(&mu_);
     status_ = s;

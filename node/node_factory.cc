@@ -1,27 +1,17 @@
 #include "node/node_factory.h"
 
-#include <filesystem>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "cache/package_provider.h"
 #include "common/advertise.h"
+#include "common/files.h"
 #include "node/catalog.h"
 #include "node/device_probe.h"
 #include "pipeline/flux_pipeline.h"
 
 namespace kiln::node {
-namespace {
-
-std::string ExecutableDir() {
-  std::error_code ec;
-  auto p = std::filesystem::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string(".") : p.parent_path().string();
-}
-
-}  // namespace
-
 absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   if (auto s = options.node.Validate(); !s.ok()) return s;
   ProbeOptions probe;

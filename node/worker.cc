@@ -3,22 +3,15 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
-#include <iostream>
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/stopwatch.h"
 #include "common/wire.h"
 #include "pipeline/png.h"
 
 namespace kiln::node {
-namespace {
-
-using SteadyClock = std::chrono::steady_clock;
-double Since(SteadyClock::time_point t) {
-  return std::chrono::duration<double>(SteadyClock::now() - t).count();
-}
-
-}  // namespace
 
 kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
                                const absl::Status& status) {
@@ -153,7 +146,7 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
                            "spec.deadline_unix_ms: the job was not started by its deadline ",
                            job.spec.deadline_unix_ms())));
   }
-  const auto start = SteadyClock::now();
+  const SteadyTime start = SteadyNow();
   auto last_step = start;
   int last_step_index = -1;
   int reported_step = 0;  // the step of the last progress event: where a cancel stops the job
@@ -167,7 +160,7 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
     outbox_.Push(std::move(env));
     reported_step = step;
     if (phase == "denoising") {
-      const auto now = SteadyClock::now();
+      const SteadyTime now = SteadyNow();
       if (last_step_index >= 0 && step == last_step_index + 1) {
         metrics_.step_seconds.Observe(std::chrono::duration<double>(now - last_step).count());
       }
@@ -196,17 +189,17 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
                                  : "cancelled by the coordinator"));
   }
   if (!result.ok()) {
-    std::cerr << "kiln-node: job " << id << " failed: " << result.status() << "\n";
+    LogWarning("node", absl::StrCat("job ", id, " failed: ", result.status().ToString()));
     metrics_.jobs_failed.Increment();
     return ErrorResult(id, job.attempt, result.status());
   }
-  for (const auto& w : result->warnings) std::cerr << "kiln-node: job " << id << ": " << w << "\n";
+  for (const auto& w : result->warnings) LogWarning("node", absl::StrCat("job ", id, ": ", w));
   auto png = pipeline::EncodePng(result->rgb.data(), result->width, result->height);
   if (!png.ok()) {
     metrics_.jobs_failed.Increment();
     return ErrorResult(id, job.attempt, png.status());
   }
-  const double run_seconds = Since(start);
+  const double run_seconds = SecondsSince(start);
   kiln::v1::Envelope env;
   auto* r = env.mutable_result();
   r->set_job_id(id);

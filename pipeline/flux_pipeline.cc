@@ -2,11 +2,11 @@
 
 #include <torch/torch.h>
 
-#include <chrono>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
+#include "common/stopwatch.h"
 #include "pipeline/denoiser.h"
 #include "pipeline/json_file.h"
 #include "pipeline/package_loader.h"
@@ -21,11 +21,6 @@
 namespace kiln::pipeline {
 namespace fs = std::filesystem;
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
 
 absl::StatusOr<int> IntField(const nlohmann::json& j, const std::string& name,
                              const std::string& where) {
@@ -208,7 +203,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   if (auto s = m.keys->CheckResolution(req.width, req.height); !s.ok()) return s;
   const int clip_len = m.keys->options().clip_len, text_len = m.keys->options().text_len;
   const int vae_scale = m.keys->options().vae_scale;
-  const auto t_total = Clock::now();
+  const auto t_total = SteadyNow();
   GenerateResult r;
   r.width = req.width;
   r.height = req.height;
@@ -249,7 +244,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
 
     if (cancelled()) return CancelledAfterStep(0, req.steps);
     report("text_encoding", 0);
-    auto t = Clock::now();
+    auto t = SteadyNow();
     at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
     at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
     auto pooled = (*pkgs)["text_encoder"]->RunFirst({clip_in});
@@ -257,10 +252,10 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     auto txt = (*pkgs)["text_encoder_2"]->RunFirst({t5_in});
     if (!txt.ok()) return txt.status();
     SyncDevice(m.device);
-    r.seconds.text_encoding = Since(t);
+    r.seconds.text_encoding = SecondsSince(t);
 
     // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
-    t = Clock::now();
+    t = SteadyNow();
     const int64_t lh = req.height / vae_scale, lw = req.width / vae_scale;
     const int64_t seq = (lh / 2) * (lw / 2);
     auto flux_schedule = MakeFluxSchedule(m.scheduler, req.steps, static_cast<int>(seq));
@@ -287,7 +282,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
       auto [slot, fresh] = m.graphs.try_emplace(transformer->manifest().digest);
       if (fresh) {
         SyncDevice(m.device);
-        const auto tc = Clock::now();
+        const auto tc = SteadyNow();
         auto captured = CudaGraphDenoiser::Capture(*transformer, act, conditioning, latents,
                                                    schedule.timesteps.select(0, 0).narrow(0, 0, 1));
         if (captured.ok()) {
@@ -297,14 +292,14 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
                                             "; denoising this bucket without a CUDA graph"));
         }
         SyncDevice(m.device);
-        r.seconds.graph_capture = Since(tc);
+        r.seconds.graph_capture = SecondsSince(tc);
       }
       if (slot->second) denoiser = slot->second.get();
     }
     if (auto s = denoiser->Prepare(conditioning); !s.ok()) return s;
     r.denoise_profile.cuda_graph = denoiser->cuda_graph();
     report("denoising", 0);
-    t = Clock::now();
+    t = SteadyNow();
     {
       std::unique_ptr<StepProfiler> profiler;
       if (m.options.profile_steps) profiler = std::make_unique<StepProfiler>(m.device);
@@ -322,22 +317,22 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
       }
     }
     SyncDevice(m.device);
-    r.seconds.denoise = Since(t);
+    r.seconds.denoise = SecondsSince(t);
 
     if (cancelled()) return CancelledAfterStep(req.steps, req.steps);
     report("decoding", req.steps);
-    t = Clock::now();
+    t = SteadyNow();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
     auto image = (*pkgs)["vae_decoder"]->RunFirst({z});
     if (!image.ok()) return image.status();
     at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
                            .permute({0, 2, 3, 1}).contiguous().cpu();
     r.rgb.assign(bytes.data_ptr<uint8_t>(), bytes.data_ptr<uint8_t>() + bytes.numel());
-    r.seconds.decode = Since(t);
+    r.seconds.decode = SecondsSince(t);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("generate: ", e.what()));
   }
-  r.seconds.total = Since(t_total);
+  r.seconds.total = SecondsSince(t_total);
   return r;
 }
 

@@ -1,22 +1,14 @@
 #include "pipeline/package_loader.h"
 
-#include <chrono>
 #include <future>
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #endif
 
+#include "common/stopwatch.h"
+
 namespace kiln::pipeline {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) {
-  return std::chrono::duration<double>(Clock::now() - t).count();
-}
-
-}  // namespace
-
 void SyncDevice(const c10::Device& d) {
 #ifdef KILN_WITH_CUDA
   if (d.is_cuda()) at::cuda::getCurrentCUDAStream(d.index()).synchronize();
@@ -40,7 +32,7 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
   std::map<std::string, AotiPackage*> out;
   std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
   std::map<std::string, std::string> digests;
-  const auto t = Clock::now();
+  const auto t = SteadyNow();
   for (const auto& [component, key] : keys) {
     const std::string digest = key.Digest();
     if (auto it = loaded_.find(digest); it != loaded_.end()) {
@@ -56,7 +48,7 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
   }
   std::map<std::string, absl::StatusOr<cache::ProvidedPackage>> provided;
   for (auto& [c, f] : pending) provided.emplace(c, f.get());  // every thread joins first
-  const double wall = Since(t);
+  const double wall = SecondsSince(t);
   bool compiled = false, fetched = false;
   for (auto& [c, p] : provided) {
     if (!p.ok()) return p.status();
@@ -83,12 +75,12 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
   // `provided.pin` keeps the package on local disk until this returns.
   if (!provided.warning.empty()) report->warnings.push_back(provided.warning);
   const cache::LocatedPackage& found = provided.package;
-  auto t = Clock::now();
+  auto t = SteadyNow();
   auto pkg = AotiPackage::Load(found, device_);
   if (!pkg.ok()) return pkg.status();
-  report->package_load_seconds += Since(t);
+  report->package_load_seconds += SecondsSince(t);
 
-  t = Clock::now();
+  t = SteadyNow();
   auto& cw = weights_[component];
   if (!cw) {
     auto opened =
@@ -102,7 +94,7 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
   if (!constants.ok()) return constants.status();
   if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return s;
   SyncDevice(device_);
-  report->weights_seconds += Since(t);
+  report->weights_seconds += SecondsSince(t);
   report->weight_bytes += cw->bytes_read() - read_before;
   report->packages[component] = provided.provenance;
   AotiPackage* raw = pkg->get();

@@ -83,6 +83,15 @@ class Script {
   mutable std::string sha_ ABSL_GUARDED_BY(mu_);  // "" until loaded
 };
 
+// The Script of a source text held in a constant (`constexpr char kSource[] = R"lua(...)lua";`):
+// redis::ScriptFor<kSource>() creates it on first use and keeps it for the process's lifetime
+// (never destroyed, so any thread may use it until exit). Thread-safe.
+template <const char* kSource>
+const Script& ScriptFor() {
+  static const Script* script = new Script(kSource);
+  return *script;
+}
+
 class RedisClient {
  public:
   // Validates `options`; does not connect (the first command does). Metrics go to `registry`

@@ -6,7 +6,8 @@ byte-identical to kiln-run's (the fixture $KILN_TESTDATA/first.png); field-speci
 jobs; garbage frames answered, counted and survived; cancel; SIGTERM mid-job (the job finishes, its
 result goes out, a job assigned meanwhile is refused UNAVAILABLE, Deregister follows, exit 0);
 coordinator silence (reconnect, re-register, the running job's result delivered afterwards);
---compile_options in the advertised package keys; bad flags (exit 2).
+--compile_options in the advertised package keys; bad flags (exit 2); log lines (common/log.h:
+timestamped, one JSON object each with --log_format json).
 
 Needs $KILN_BIN/kiln-node and the fixtures scripts/test.sh makes in $KILN_TESTDATA.
 """
@@ -477,6 +478,29 @@ def test_bad_flags_exit_2_with_a_clear_message(args, message, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ERROR kiln-node main: ",
+                     proc.stderr, re.M), proc.stderr
+
+
+def test_log_format_json_makes_every_line_of_a_running_node_one_json_object(
+        coordinator, node_factory):
+    node = node_factory("--log_format=json")
+    coordinator.register()
+    node.status()
+    node.proc.send_signal(signal.SIGTERM)
+    coordinator.expect("deregister", timeout=30)
+    assert node.wait() == 0, node.output()
+    events = [json.loads(line) for line in node.output().splitlines()]  # every line parses
+    for e in events:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e
+        assert e["program"] == "kiln-node" and e["pid"] == node.proc.pid, e
+        assert e["level"] in ("info", "warning"), e
+    said = [(e["component"], e["msg"]) for e in events]
+    # main (start-up, the signal), the protocol session (registered, deregistered).
+    assert any(c == "main" and "metrics http://" in m for c, m in said), said
+    assert any(c == "node" and m.startswith("registered; heartbeat every") for c, m in said), said
+    assert any(c == "main" and "finishing the current job" in m for c, m in said), said
+    assert any(c == "node" and m == "deregistered; exiting" for c, m in said), said
 
 
 def test_cuda_without_a_driver_is_a_clear_error(tmp_path):
