@@ -321,7 +321,7 @@ def test_health_endpoints_through_a_nodes_and_the_coordinators_life(observed, tm
     assert http(f"{url}/readyz")[0] == 200
     cluster.kiln("drain", "node-1", check=True)  # the long job goes to node-2
     job = threading.Thread(target=cluster.kiln, args=(
-        "generate", "--prompt", "a long one", "--steps", "120", "--out", str(tmp_path / "long.png")),
+        "generate", "--prompt", "a long one", "--steps", "1000", "--out", str(tmp_path / "long.png")),
         kwargs={"timeout": 600})
     job.start()
     wait_until(lambda: metric(http(f"{url}/metrics")[2].decode(), "kiln_node_step_seconds_count")
