@@ -70,7 +70,7 @@ std::vector<CommandSpec> MakeCommands() {
         {"gpus", true, "LIST",
          "with --device cuda: one node per GPU index or MIG UUID, comma-separated "
          "(each node sees only its GPU)"},
-        {"precision", true, "P", "the nodes' default precision (default fp32)"},
+        {"precision", true, "P[,P...]", "the nodes' precision (default fp32); a list: the nodes serve each, the first is their default"},
         {"heartbeat-ms", true, "MS", "heartbeat interval (default: the coordinator's)"},
         {"max-attempts", true, "N",
          "times a job is assigned before it fails (default: the coordinator's)"},

@@ -297,11 +297,13 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
           "--node_id=" + node.node_id,
           "--models=" + ModelsFlag(state.models),
           "--device=" + (node.gpu.empty() ? state.device : std::string("cuda:0")),
-          "--precision=" + state.precision,
+          // "bf16,fp8": the first is the nodes' default, and they serve every one listed.
+          "--precision=" + state.precision.substr(0, state.precision.find(',')),
           "--package_dir=" + node.package_dir,
           "--shared_cache=" + state.shared_cache,
           "--metrics=127.0.0.1:0",
           "--status_file=" + node.status_file};
+  if (state.precision.find(',') != std::string::npos) argv.push_back("--precisions=" + state.precision);
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (!state.compile) argv.push_back("--no_compile");
   if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);

@@ -6,8 +6,8 @@
 #   bench/gpu/run.sh OUTDIR [STAGES]
 #
 # STAGES (comma list; default build,weights,cold,baselines,kiln,warm, in this order; ~9 min):
-#   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release); runs
-#              those tests unless CTEST=0 (46 s on the H200 host)
+#   build      configure + build kiln-run, kiln-bench and the GPU-relevant tests (Release; or the
+#              targets in BUILD_TARGETS); runs those tests unless CTEST=0 (46 s on the H200 host)
 #   weights    flux-dev repository with synthetic seeded bf16 weights, generated on the GPU
 #              (runs while `build` compiles)
 #   tiny       (on request) flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives
@@ -106,9 +106,9 @@ if has build; then
   { cmake -S . -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKILN_PYTHON="$(command -v $PY)" \
       -DCMAKE_PREFIX_PATH="$($PY -c 'import torch.utils;print(torch.utils.cmake_prefix_path)');$DEPS/usr" \
       -DCMAKE_CUDA_ARCHITECTURES=90 -DTORCH_CUDA_ARCH_LIST=9.0 > "$OUT/logs/configure.log" 2>&1 &&
-    cmake --build "$WORK/build" -j"$(nproc)" --target kiln-run kiln-bench pipeline_tokenizer_test \
-      pipeline_safetensors_test pipeline_scheduler_test pipeline_png_test cache_artifact_key_test \
-      pipeline_weights_test > "$OUT/logs/build.log" 2>&1; } \
+    cmake --build "$WORK/build" -j"$(nproc)" --target ${BUILD_TARGETS:-kiln-run kiln-bench \
+      pipeline_tokenizer_test pipeline_safetensors_test pipeline_scheduler_test pipeline_png_test \
+      cache_artifact_key_test pipeline_weights_test} > "$OUT/logs/build.log" 2>&1; } \
     || { grep -E "error|Error" "$OUT/logs/build.log" "$OUT/logs/configure.log" | head -40; fail build; }
   log "built in $(( $(date +%s) - start )) s"
   if [ "${CTEST:-1}" = 1 ]; then

@@ -65,6 +65,21 @@ TEST(NodeLaunchFor, ANodeWithoutGpuKeepsTheClusterDevice) {
   EXPECT_TRUE(launch.env.empty());
 }
 
+TEST(NodeLaunchFor, APrecisionListIsServedWithTheFirstAsDefault) {
+  ClusterState state;
+  state.precision = "bf16,fp8";
+  NodeProcess node;
+  node.node_id = "node-1";
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--precision=bf16"));
+  EXPECT_THAT(launch.argv, Contains("--precisions=bf16,fp8"));
+
+  state.precision = "fp32";
+  launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--precision=fp32"));
+  for (const std::string& a : launch.argv) EXPECT_EQ(a.rfind("--precisions", 0), std::string::npos) << a;
+}
+
 TEST(UpOptionsGpus, OneNodePerDistinctGpuOnCuda) {
   EXPECT_TRUE(ValidateGpus(GpuOptions({"0", "1", "MIG-abc", "GPU-def"})).ok());
   UpOptions cpu = GpuOptions({"0"});
