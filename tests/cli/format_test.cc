@@ -51,6 +51,29 @@ TEST(ProgressBarTest, TerminalLineShowsThePhase) {
   EXPECT_THAT(out2.str(), Not(HasSubstr("decoding")));
 }
 
+TEST(ProgressBarTest, AQueuedJobSaysWhyItWaits) {
+  std::ostringstream out;
+  ProgressBar bar(out, /*is_terminal=*/false, "j1");
+  kiln::v1::JobInfo job = Running("queued", 0);
+  job.set_state(kiln::v1::JOB_STATE_QUEUED);
+  job.clear_node_id();
+  job.set_error("waiting: the nodes that can run it are busy");
+  bar.Update(job);
+  job.set_error("waiting: the nodes that can run it are draining (node-1)");  // a new line
+  bar.Update(job);
+  EXPECT_EQ(out.str(),
+            "j1: QUEUED, waiting: the nodes that can run it are busy, 0/8 steps\n"
+            "j1: QUEUED, waiting: the nodes that can run it are draining (node-1), 0/8 steps\n");
+}
+
+TEST(FormatJobTest, ShowsThePhaseOfAnUnfinishedJob) {
+  EXPECT_THAT(FormatJob(Running("loading weights transformer", 0)),
+              HasSubstr("phase      loading weights transformer\n"));
+  kiln::v1::JobInfo done = Running("", 8);
+  done.set_state(kiln::v1::JOB_STATE_SUCCEEDED);
+  EXPECT_THAT(FormatJob(done), Not(HasSubstr("phase")));
+}
+
 TEST(JobToJsonTest, CarriesThePhase) {
   EXPECT_EQ(JobToJson(Running("decoding", 8))["phase"], "decoding");
 }
