@@ -97,8 +97,8 @@ def test_remove_node_refuses_running_jobs_unless_forced(tmp_path):
         wait_until(lambda: not pid_alive(pid1), 30, "node-1 to exit")
         # No node is left: the job waits for one rather than failing.
         job = _job(cluster, job_id)
-        assert job["state"] == "QUEUED", job
-        assert job["error"].startswith("waiting: no node has registered yet"), job
+        assert job["state"] == "QUEUED" and job["phase"] == "queued", job
+        assert job["error"] == "waiting: requeued after node node-1 was removed (attempt 1 of 3)"
 
         # Unknown nodes: NOT_FOUND (exit 4).
         assert cluster.kiln("remove-node", "nope", timeout=60).returncode == 4
