@@ -130,6 +130,15 @@ std::vector<CommandSpec> MakeCommands() {
   c.push_back({"nodes", "", 0, 0, "list the cluster's nodes", Concat({ClientFlags(), {kJson}})});
   c.push_back({"drain", "NODE", 1, 1, "stop placing jobs on a node (its running job finishes)",
                Concat({ClientFlags(), {kJson}})});
+  c.push_back({"uncordon", "NODE", 1, 1, "place jobs on a drained node again",
+               Concat({ClientFlags(), {kJson}})});
+  c.push_back({"remove-node", "NODE", 1, 1,
+               "forget a node (a local cluster's node is also stopped and leaves cluster.json)",
+               Concat({ClientFlags(),
+                       {{"force", false, "", "remove it even while jobs run on it: they are requeued"},
+                        {"timeout", true, "SECONDS",
+                         "local node: wait this long for it to exit before SIGKILL (default 120)"},
+                        kJson}})});
   c.push_back({"help", "[COMMAND]", 0, 1, "show this help, or one command's", {}});
   return c;
 }

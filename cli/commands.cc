@@ -331,6 +331,57 @@ int CmdDrain(const CommandLine& cl, Io& io) {
   return kExitOk;
 }
 
+int CmdUncordon(const CommandLine& cl, Io& io) {
+  auto client = Connect(cl, io);
+  if (!client.ok()) return Fail(io, client.status());
+  auto node = (*client)->Uncordon(cl.positional[0]);
+  if (!node.ok()) return Fail(io, node.status());
+  if (cl.Has("json")) {
+    io.out << NodeToJson(*node).dump() << "\n";
+  } else {
+    io.out << node->info().node_id() << " " << NodeStateName(node->state()) << "\n";
+  }
+  return kExitOk;
+}
+
+int CmdRemoveNode(const CommandLine& cl, Io& io) {
+  RemoveNodeOptions options;
+  options.state_dir = StateDir(cl);
+  options.node_id = cl.positional[0];
+  options.force = cl.Has("force");
+  auto timeout = cl.GetDouble("timeout", 120);
+  if (!timeout.ok()) return UsageError(io, timeout.status(), cl.spec);
+  options.grace_ms = static_cast<int>(*timeout * 1000);
+  auto client = Connect(cl, io);
+  if (!client.ok()) return Fail(io, client.status());
+  auto removed = RemoveNode(options, **client, io.err);
+  if (!removed.ok()) return Fail(io, removed.status());
+  const bool known = !removed->node.info().node_id().empty();
+  if (cl.Has("json")) {
+    json j = {{"node_id", options.node_id},
+              {"node", known ? NodeToJson(removed->node) : json(nullptr)},
+              {"requeued_jobs", removed->requeued_jobs},
+              {"local", removed->local},
+              {"stopped_pid", removed->stopped_pid}};
+    io.out << j.dump() << "\n";
+  } else {
+    io.out << options.node_id << " removed";
+    if (removed->stopped_pid > 0) io.out << " (process " << removed->stopped_pid << " stopped)";
+    if (!removed->requeued_jobs.empty()) {
+      io.out << "; requeued " << absl::StrJoin(removed->requeued_jobs, ", ");
+    }
+    io.out << "\n";
+  }
+  const auto state = removed->node.state();
+  if (!removed->local &&
+      (state == kiln::v1::NODE_STATE_READY || state == kiln::v1::NODE_STATE_DRAINING)) {
+    io.err << "kiln: note: " << options.node_id
+           << " was live; if its process still runs it registers again at its next heartbeat "
+              "(stop it first)\n";
+  }
+  return kExitOk;
+}
+
 absl::StatusOr<std::map<std::string, std::string>> ParseModels(
     const std::vector<std::string>& values) {
   std::map<std::string, std::string> models;
@@ -557,6 +608,8 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (name == "cancel") return CmdCancel(*cl, io);
   if (name == "nodes") return CmdNodes(*cl, io);
   if (name == "drain") return CmdDrain(*cl, io);
+  if (name == "uncordon") return CmdUncordon(*cl, io);
+  if (name == "remove-node") return CmdRemoveNode(*cl, io);
   return CmdHelp(*cl, io);
 }
 

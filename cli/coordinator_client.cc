@@ -304,4 +304,26 @@ absl::StatusOr<kiln::v1::NodeStatus> CoordinatorClient::Drain(const std::string&
   return env->drain_reply().node();
 }
 
+absl::StatusOr<kiln::v1::NodeStatus> CoordinatorClient::Uncordon(const std::string& node_id) {
+  kiln::v1::Envelope req;
+  req.mutable_uncordon()->set_node_id(node_id);
+  auto env = Call(
+      std::move(req), 0, [](const auto&) { return true; }, nullptr);
+  if (!env.ok()) return env.status();
+  if (!env->has_uncordon_reply()) return UnexpectedReply(*env, "UncordonReply");
+  return env->uncordon_reply().node();
+}
+
+absl::StatusOr<kiln::v1::RemoveNodeReply> CoordinatorClient::RemoveNode(const std::string& node_id,
+                                                                        bool force) {
+  kiln::v1::Envelope req;
+  req.mutable_remove_node()->set_node_id(node_id);
+  req.mutable_remove_node()->set_force(force);
+  auto env = Call(
+      std::move(req), 0, [](const auto&) { return true; }, nullptr);
+  if (!env.ok()) return env.status();
+  if (!env->has_remove_node_reply()) return UnexpectedReply(*env, "RemoveNodeReply");
+  return env->remove_node_reply();
+}
+
 }  // namespace kiln::cli

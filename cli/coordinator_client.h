@@ -10,7 +10,8 @@
 // within the timeout) or an UNAVAILABLE reply is retried on the next endpoint with backoff
 // (cli/failover.h) for up to FailoverOptions.retry_for_ms, then the last error is returned.
 // Retrying is safe: a submit is idempotent by job id, the other requests only read or are
-// idempotent (cancel, drain).
+// idempotent (cancel, drain, uncordon); a remove-node retried after its reply was lost answers
+// NOT_FOUND.
 //
 // Used by the `kiln` commands and by `kiln up` to poll ListNodes. Thread-compatible: one thread
 // uses an instance (a ZeroMQ socket belongs to one thread).
@@ -67,6 +68,8 @@ class CoordinatorClient {
   absl::StatusOr<kiln::v1::JobInfo> Cancel(const std::string& job_id);
   absl::StatusOr<kiln::v1::ListNodesReply> ListNodes();
   absl::StatusOr<kiln::v1::NodeStatus> Drain(const std::string& node_id);
+  absl::StatusOr<kiln::v1::NodeStatus> Uncordon(const std::string& node_id);
+  absl::StatusOr<kiln::v1::RemoveNodeReply> RemoveNode(const std::string& node_id, bool force);
 
   // The endpoint the next request goes to (the one that answered last).
   const std::string& endpoint() const { return failover_.endpoint(); }

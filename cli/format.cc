@@ -4,9 +4,11 @@
 #include <map>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/job_state.h"
 
 namespace kiln::cli {
 namespace {
@@ -44,6 +46,7 @@ json JobToJson(const kiln::v1::JobInfo& job) {
       {"attempts", job.attempts()},
       {"step", job.step()},
       {"total_steps", job.total_steps()},
+      {"phase", job.phase()},
       {"error", job.error()},
       {"queue_seconds", job.queue_seconds()},
       {"run_seconds", job.run_seconds()},
@@ -82,6 +85,9 @@ std::string FormatJob(const kiln::v1::JobInfo& job) {
       spec.height(), spec.steps(), spec.seed(),
       spec.precision().empty() ? "" : ", " + spec.precision(),
       spec.prompt().size() > 60 ? spec.prompt().substr(0, 57) + "..." : spec.prompt());
+  if (!job.phase().empty() && !IsTerminal(job.state())) {
+    absl::StrAppend(&s, "phase      ", PhaseText(job.phase()), "\n");
+  }
   if (job.total_steps() > 0 && job.state() == kiln::v1::JOB_STATE_RUNNING) {
     absl::StrAppendFormat(&s, "progress   %u/%u steps\n", job.step(), job.total_steps());
   }
@@ -162,6 +168,13 @@ std::string FormatNodesTable(const kiln::v1::ListNodesReply& nodes, int64_t now_
   return s;
 }
 
+std::string PhaseText(const std::string& phase) {
+  if (phase == "preparing") return "preparing (packages, weights)";
+  if (phase == "text_encoding") return "encoding text";
+  if (phase == "assigned") return "assigned, starting";
+  return phase;
+}
+
 ProgressBar::ProgressBar(std::ostream& out, bool is_terminal, std::string job_id)
     : out_(out), terminal_(is_terminal), job_id_(std::move(job_id)) {}
 
@@ -169,7 +182,15 @@ void ProgressBar::Update(const kiln::v1::JobInfo& job) {
   const uint32_t total = job.total_steps() > 0 ? job.total_steps() : job.spec().steps();
   const uint32_t step = std::min(job.step(), total);
   std::string where = job.node_id().empty() ? "" : " on " + job.node_id();
+  // What a running job does now: "preparing" (packages, weights) can take a minute on a cold node.
+  if (job.state() == kiln::v1::JOB_STATE_RUNNING && !job.phase().empty()) {
+    where = absl::StrCat(", ", PhaseText(job.phase()), where);
+  }
   if (job.attempts() > 1) where += absl::StrCat(" (attempt ", job.attempts(), ")");
+  // Why a queued job is not running yet ("waiting: the nodes that can run it are busy").
+  if (job.state() == kiln::v1::JOB_STATE_QUEUED && absl::StartsWith(job.error(), "waiting")) {
+    where += absl::StrCat(", ", job.error());
+  }
   if (terminal_) {
     constexpr int kWidth = 30;
     const int filled = total > 0 ? static_cast<int>(kWidth * step / total) : 0;
@@ -187,15 +208,18 @@ void ProgressBar::Update(const kiln::v1::JobInfo& job) {
     return;
   }
   const int quarter = total > 0 ? static_cast<int>(4 * step / total) : 0;
-  if (job.state() == last_state_ && job.node_id() == last_node_ && quarter == last_quarter_) {
+  if (job.state() == last_state_ && job.node_id() == last_node_ && quarter == last_quarter_ &&
+      job.phase() == last_phase_ && where == last_where_) {
     return;
   }
   out_ << absl::StrFormat("%s: %s%s, %u/%u steps\n", job_id_, JobStateName(job.state()), where,
                           step, total)
        << std::flush;
+  last_where_ = where;
   last_state_ = job.state();
   last_node_ = job.node_id();
   last_quarter_ = quarter;
+  last_phase_ = job.phase();
 }
 
 void ProgressBar::Finish() {

@@ -18,7 +18,7 @@ using kiln::JobStateName;
 using kiln::NodeStateName;
 
 // The job as one JSON object (never the PNG bytes; png_bytes gives their size):
-// {job_id, state, node_id, attempts, step, total_steps, error, queue_seconds, run_seconds,
+// {job_id, state, node_id, attempts, step, total_steps, phase, error, queue_seconds, run_seconds,
 //  cold_start{weights,package_load,compile,fetch,total}, packages{component: provenance},
 //  submitted_unix_ms, finished_unix_ms, png_bytes, spec{model, prompt, width, height, steps,
 //  guidance, seed, precision, priority}}.
@@ -32,8 +32,15 @@ std::string FormatJob(const kiln::v1::JobInfo& job);
 std::string FormatNodesTable(const kiln::v1::ListNodesReply& nodes, int64_t now_unix_ms);
 nlohmann::json NodeToJson(const kiln::v1::NodeStatus& node);
 
+// A job's phase in words for people: "preparing" → "preparing (packages, weights)",
+// "text_encoding" → "encoding text", "assigned" → "assigned, starting"; others ("queued",
+// "fetching transformer", "compiling vae", "loading weights", "denoising", ...) as they are.
+std::string PhaseText(const std::string& phase);
+
 // Progress on a stream (stderr): on a terminal one line redrawn in place with a bar of steps;
-// elsewhere one line per state change and per quarter of the steps, so logs stay readable.
+// elsewhere one line per state change, phase change, waiting-reason change and quarter of the
+// steps, so logs stay readable. A running job's phase (JobInfo.phase) is shown beside its
+// steps; a queued job's waiting reason (JobInfo.error "waiting: ...") likewise.
 class ProgressBar {
  public:
   ProgressBar(std::ostream& out, bool is_terminal, std::string job_id);
@@ -48,6 +55,8 @@ class ProgressBar {
   std::string job_id_;
   std::string last_line_;
   int last_quarter_ = -1;
+  std::string last_phase_;
+  std::string last_where_;
   kiln::v1::JobState last_state_ = kiln::v1::JOB_STATE_UNSPECIFIED;
   std::string last_node_;
   bool drawn_ = false;

@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -642,6 +644,68 @@ absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream&
   if (auto s = SaveClusterState(*state); !s.ok()) return s;
   log << "kiln: " << node_id << " registered (pid " << node.pid << ")\n";
   return node;
+}
+
+absl::StatusOr<RemovedNode> RemoveNode(const RemoveNodeOptions& options, CoordinatorClient& client,
+                                       std::ostream& log) {
+  const std::string state_dir = Absolute(options.state_dir);
+  const std::string& id = options.node_id;
+  RemovedNode removed;
+  std::unique_ptr<StateLock> lock;
+  std::optional<ClusterState> state;
+  if (fs::exists(ClusterFilePath(state_dir))) {
+    auto acquired = StateLock::Acquire(state_dir);
+    if (!acquired.ok()) return acquired.status();
+    lock = std::move(*acquired);
+    auto loaded = LoadClusterState(state_dir);
+    if (!loaded.ok()) return loaded.status();
+    state = std::move(*loaded);
+  }
+  auto local = state ? std::find_if(state->nodes.begin(), state->nodes.end(),
+                                    [&](const NodeProcess& n) { return n.node_id == id; })
+                     : std::vector<NodeProcess>::iterator();
+  removed.local = state && local != state->nodes.end();
+  if (removed.local) {
+    // Refuse before touching the process when the coordinator would refuse (running jobs).
+    auto nodes = client.ListNodes();
+    if (!nodes.ok()) return nodes.status();
+    for (const auto& n : nodes->nodes()) {
+      if (n.info().node_id() != id) continue;
+      if (!options.force && !n.running_jobs().empty()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "node ", id, " is running ", n.running_jobs_size(), " job(s) (",
+            absl::StrJoin(n.running_jobs(), ", "),
+            "); drain it and wait for them, or pass --force to requeue them"));
+      }
+      if (n.state() == kiln::v1::NODE_STATE_READY) (void)client.Drain(id);  // no new jobs
+    }
+    const NodeProcess process = *local;
+    state->nodes.erase(local);
+    if (auto s = SaveClusterState(*state); !s.ok()) return s;
+    if (process.pid > 0 && ProcessAlive(process.pid, kNodeExe)) {
+      removed.stopped_pid = process.pid;
+      if (options.force) {
+        log << "kiln: stopping " << id << " (pid " << process.pid << ", SIGKILL: --force)\n";
+        (void)SignalProcess(process.pid, SIGKILL, kNodeExe);
+        WaitGone(process.pid, 5000, kNodeExe);
+      } else {
+        log << "kiln: stopping " << id << " (pid " << process.pid << ", SIGTERM)\n";
+        if (!StopProcess(process.pid, options.grace_ms, kNodeExe)) {
+          log << "kiln: " << id << " did not exit within " << options.grace_ms / 1000
+              << "s: killed\n";
+        }
+      }
+    }
+  }
+  auto reply = client.RemoveNode(id, options.force);
+  if (!reply.ok()) {
+    // A local node the coordinator never saw (or already forgot): removing it locally is enough.
+    if (removed.local && absl::IsNotFound(reply.status())) return removed;
+    return reply.status();
+  }
+  removed.node = reply->node();
+  removed.requeued_jobs.assign(reply->requeued_jobs().begin(), reply->requeued_jobs().end());
+  return removed;
 }
 
 absl::Status StopCluster(const DownOptions& options, std::ostream& log) {

@@ -1,6 +1,6 @@
 // A local cluster on this machine: one kiln-coordinator and N kiln-node child processes sharing
 // one package cache, all described by STATE/cluster.json (cli/cluster_state.h). This is what
-// `kiln up`, `kiln add-node` and `kiln down` do; the commands only parse flags and print.
+// `kiln up`, `kiln add-node`, `kiln remove-node` and `kiln down` do; the commands only parse flags and print.
 //
 // Layout of the state directory:
 //   STATE/cluster.json                 every endpoint, metrics URL and pid
@@ -22,6 +22,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cli/cluster_state.h"
+#include "cli/coordinator_client.h"
+#include "common/proto/kiln.pb.h"
 
 namespace kiln::cli {
 
@@ -59,6 +61,30 @@ struct AddNodeOptions {
   int start_timeout_ms = 60000;
   std::string bin_dir;
 };
+
+struct RemoveNodeOptions {
+  std::string state_dir = ".kiln/cluster";
+  std::string node_id;
+  bool force = false;     // remove it while jobs run on it: they are requeued
+  int grace_ms = 120000;  // without force: SIGTERM → exit, else SIGKILL
+};
+
+// What `kiln remove-node` did.
+struct RemovedNode {
+  kiln::v1::NodeStatus node;               // the coordinator's entry as it was ("" id: none)
+  std::vector<std::string> requeued_jobs;  // with force: the jobs taken off it
+  bool local = false;                      // it was a process of the local cluster
+  int stopped_pid = 0;                     // the process stopped (0: none was running)
+};
+
+// Removes a node from the coordinator's table (RemoveNodeRequest). When the node is a process of
+// the local cluster in `state_dir` it is first drained, taken out of cluster.json (a foreground
+// `kiln up` does not restart it) and stopped: SIGTERM (it deregisters), or with force SIGKILL
+// (its jobs are requeued). FailedPrecondition, with nothing changed, while jobs run on it and
+// force is not set. NotFound when neither the coordinator nor the local cluster knows it. A node
+// that is not local and still runs registers again at its next heartbeat: stop it first.
+absl::StatusOr<RemovedNode> RemoveNode(const RemoveNodeOptions& options, CoordinatorClient& client,
+                                       std::ostream& log);
 
 struct DownOptions {
   std::string state_dir = ".kiln/cluster";

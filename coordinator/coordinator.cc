@@ -24,6 +24,8 @@ using kiln::v1::JobState;
 using kiln::v1::NodeState;
 
 constexpr char kRequeuedPrefix[] = "waiting: requeued";
+// A queued job whose best node (or every capable one) has no free slot now.
+constexpr char kBusyReason[] = "waiting: the nodes that can run it are busy";
 
 // "queued", "succeeded", ...: the state name for messages to people.
 std::string StateName(JobState s) { return absl::AsciiStrToLower(kiln::JobStateName(s)); }
@@ -115,7 +117,6 @@ absl::Status Coordinator::Recover() {
       job.seq = next_seq_++;
       job.submitted_ms = job.enqueued_ms = clock_.NowMs();
       job.attempt = info.attempts();
-      known_models_.insert(info.spec().model());
       if (info.state() == kiln::v1::JOB_STATE_RUNNING && !info.node_id().empty()) {
         // It may still be running: its node keeps it if it comes back and lists it within the
         // grace (RegisterNode claims it, Heartbeat reconciles); else Tick requeues it.
@@ -194,10 +195,14 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   }
   if (!absl::IsNotFound(existing.status())) return unavailable(existing.status());
 
-  if (known_models_.count(spec.model()) == 0) {
-    return reject(FieldError(
-        absl::StatusCode::kFailedPrecondition, "spec.model",
-        absl::StrCat("no node serves model ", spec.model(), " (no node has registered it)")));
+  if (auto s = CheckServable(spec); !s.ok()) {
+    metrics_.submissions_unservable.Increment();
+    const bool model_listed = std::any_of(nodes_.begin(), nodes_.end(), [&](const auto& n) {
+      const auto& models = n.second.info.models();
+      return n.second.state != kiln::v1::NODE_STATE_LEFT &&
+             std::find(models.begin(), models.end(), spec.model()) != models.end();
+    });
+    return reject(model_listed ? s : FieldError(s.code(), "spec.model", s.message()));
   }
   const int64_t now_unix = clock_.UnixMs();
   if (spec.deadline_unix_ms() > 0 && spec.deadline_unix_ms() <= now_unix) {
@@ -215,6 +220,7 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   job.set_state(kiln::v1::JOB_STATE_QUEUED);
   job.set_total_steps(spec.steps());
   job.set_submitted_unix_ms(now_unix);
+  job.set_phase("queued");
   auto created = store_.Create(job);
   if (!created.ok()) return unavailable(created.status());
   if (!created->created) {  // stored by an earlier attempt whose reply was lost, or another writer
@@ -229,6 +235,13 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   active.submitted_ms = active.enqueued_ms = clock_.NowMs();
   Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
   PlaceJobs();
+  if (auto it = active_.find(spec.job_id());
+      !placement_dirty_ && it != active_.end() && it->second.node_id.empty() &&
+      it->second.waiting_reason.empty()) {
+    // Not placed, and the pass said nothing (it stops early when no node has a free slot; a
+    // pass the store interrupted runs again on the next event).
+    SetWaitingReason(spec.job_id(), it->second, WaitingReasonFor(spec));
+  }
 
   auto now = store_.Get(spec.job_id());
   if (!now.ok()) return now.status();
@@ -354,9 +367,91 @@ absl::StatusOr<kiln::v1::DrainReply> Coordinator::Drain(const kiln::v1::DrainReq
     UpdateNodeGauges();
     Log(absl::StrCat("node ", request.node_id(), " draining (", node->jobs.size(),
                      " job(s) still running)"));
+    RefreshWaitingReasons();
   }
   kiln::v1::DrainReply reply;
   *reply.mutable_node() = NodeStatusOf(*node);
+  return reply;
+}
+
+absl::StatusOr<kiln::v1::UncordonReply> Coordinator::Uncordon(
+    const kiln::v1::UncordonRequest& request) {
+  if (auto s = ValidateId("node_id", request.node_id()); !s.ok()) return s;
+  NodeRecord* node = FindNode(request.node_id());
+  if (node == nullptr) {
+    return absl::NotFoundError(absl::StrCat("node ", request.node_id(), " not found"));
+  }
+  if (!IsLive(node->state)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("node ", request.node_id(), " is ",
+                     node->state == kiln::v1::NODE_STATE_DEAD ? "dead" : "gone (deregistered)"));
+  }
+  if (node->state == kiln::v1::NODE_STATE_DRAINING) {
+    node->state = kiln::v1::NODE_STATE_READY;
+    UpdateNodeGauges();
+    Log(absl::StrCat("node ", request.node_id(), " uncordoned: it takes jobs again"));
+    placement_dirty_ = true;
+    PlaceJobs();
+  }
+  kiln::v1::UncordonReply reply;
+  *reply.mutable_node() = NodeStatusOf(*node);
+  return reply;
+}
+
+absl::StatusOr<kiln::v1::RemoveNodeReply> Coordinator::RemoveNode(
+    const kiln::v1::RemoveNodeRequest& request) {
+  const std::string& id = request.node_id();
+  if (auto s = ValidateId("node_id", id); !s.ok()) return s;
+  NodeRecord* node = FindNode(id);
+  if (node == nullptr) return absl::NotFoundError(absl::StrCat("node ", id, " not found"));
+  // Jobs cancelled while on it hold its slot only; they are not work to protect.
+  std::vector<std::string> running;
+  for (const auto& job_id : node->jobs) {
+    auto it = active_.find(job_id);
+    if (it != active_.end() && !it->second.cancelled) running.push_back(job_id);
+  }
+  if (!running.empty() && !request.force()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "node ", id, " is running ", running.size(), " job(s) (", absl::StrJoin(running, ", "),
+        "); drain it and wait for them, or force the removal to requeue them"));
+  }
+  kiln::v1::RemoveNodeReply reply;
+  *reply.mutable_node() = NodeStatusOf(*node);
+  const std::set<std::string> jobs = node->jobs;
+  for (const auto& job_id : jobs) {
+    if (IsLive(node->state)) {
+      kiln::v1::Envelope env;
+      env.mutable_cancel_job()->set_job_id(job_id);
+      SendToNode(id, std::move(env));
+    }
+    auto it = active_.find(job_id);
+    const bool cancelled = it != active_.end() && it->second.cancelled;
+    RequeueOrFail(job_id, "UNAVAILABLE", absl::StrCat("node ", id, " was removed"));
+    if (!cancelled) reply.add_requeued_jobs(job_id);
+  }
+  // Recovered jobs it never claimed: requeued now rather than at the claim deadline.
+  if (auto claimed = unclaimed_.find(id); claimed != unclaimed_.end()) {
+    const std::set<std::string> unclaimed = claimed->second;
+    unclaimed_.erase(claimed);
+    for (const auto& job_id : unclaimed) {
+      auto it = active_.find(job_id);
+      if (it == active_.end() || it->second.node_id != id) continue;
+      RequeueOrFail(job_id, "UNAVAILABLE", absl::StrCat("node ", id, " was removed"));
+      reply.add_requeued_jobs(job_id);
+    }
+  }
+  Log(absl::StrCat("node ", id, " removed from the node table",
+                   reply.requeued_jobs().empty()
+                       ? ""
+                       : absl::StrCat("; requeued ", absl::StrJoin(reply.requeued_jobs(), ", "))));
+  index_.Remove(id);
+  costs_.ForgetNode(id);
+  nodes_.erase(id);
+  UpdateNodeGauges();
+  placement_dirty_ = true;
+  FailUnservableQueued();
+  RefreshWaitingReasons();
+  PlaceJobs();
   return reply;
 }
 
@@ -419,7 +514,6 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   }
   node->last_seen_ms = clock_.NowMs();
   node->last_seen_unix_ms = clock_.UnixMs();
-  for (const auto& model : node->info.models()) known_models_.insert(model);
   UpdateNodeGauges();
   const auto& device = node->info.device();
   Log(absl::StrCat("node ", node_id, again ? " registered again" : " registered", " (",
@@ -495,6 +589,7 @@ absl::Status Coordinator::Progress(const std::string& node_id,
   auto job = store_.Update(message.job_id(), [&](JobInfo& j) {
     j.set_step(message.step());
     if (message.total_steps() > 0) j.set_total_steps(message.total_steps());
+    if (!message.phase().empty()) j.set_phase(message.phase());
     return absl::OkStatus();
   });
   if (!job.ok()) return job.status();
@@ -587,6 +682,8 @@ absl::Status Coordinator::Deregister(const std::string& node_id,
   Log(absl::StrCat("node ", node_id, " deregistered",
                    message.reason().empty() ? "" : absl::StrCat(": ", message.reason())));
   NodeLost(**live, kiln::v1::NODE_STATE_LEFT, "left");
+  FailUnservableQueued();
+  RefreshWaitingReasons();
   PlaceJobs();
   return absl::OkStatus();
 }
@@ -615,12 +712,15 @@ void Coordinator::Tick() {
   }
 
   const int64_t dead_after = options_.heartbeat_interval_ms * options_.dead_after_missed_heartbeats;
+  bool any_died = false;
   for (auto& [id, node] : nodes_) {
     if (!IsLive(node.state) || now - node.last_seen_ms <= dead_after) continue;
     Log(absl::StrCat("node ", id, " is dead (nothing heard for ", now - node.last_seen_ms,
                      " ms)"));
     NodeLost(node, kiln::v1::NODE_STATE_DEAD, "died");
+    any_died = true;
   }
+  if (any_died) RefreshWaitingReasons();
 
   const int64_t now_unix = clock_.UnixMs();
   while (!deadlines_.empty() && deadlines_.begin()->first <= now_unix) {
@@ -877,8 +977,11 @@ void Coordinator::PlaceJobs() {
         SetWaitingReason(job_id, job, *state.no_node_reason);
         continue;
       }
+      if (chosen == nullptr) {
+        SetWaitingReason(job_id, job, kBusyReason);
+        continue;
+      }
       SetWaitingReason(job_id, job, "");
-      if (chosen == nullptr) continue;
       PassNode& p = pass[chosen_pass];
       if (!Assign(job_id, job, *chosen, costs_.RunSeconds(chosen->info.device(), job.spec))) {
         placement_dirty_ = true;
@@ -894,11 +997,11 @@ void Coordinator::PlaceJobs() {
       SetWaitingReason(job_id, job, *state.no_node_reason);
       continue;
     }
-    SetWaitingReason(job_id, job, "");
     HeapEntry& top = best_group->heap.front();
     PassNode& p = pass[top.node];
     const double cost = top.cold_s + best_group->run.For(job.spec.steps());
     top.cold_s = 0;  // the next job of this kind there finds the packages loaded
+    SetWaitingReason(job_id, job, p.free == 0 ? kBusyReason : "");
     if (p.free == 0) {
       // Expected to finish sooner by waiting for this busy node than anywhere free now.
       reserve(p, cost);
@@ -926,6 +1029,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
     j.set_step(0);
     j.set_total_steps(job.spec.steps());
     j.clear_error();
+    j.set_phase("assigned");
     j.set_queue_seconds(SecondsSince(job.submitted_ms));
     return absl::OkStatus();
   });
@@ -957,18 +1061,95 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
 }
 
 std::string Coordinator::WaitingReasonFor(const kiln::v1::JobSpec& spec) const {
-  std::vector<std::string> why;
-  int ready = 0;
+  std::vector<std::string> why, draining, dead;
+  int ready = 0, registered = 0;
   for (const auto& [id, node] : nodes_) {
-    if (node.state != kiln::v1::NODE_STATE_READY) continue;
-    ++ready;
+    if (node.state == kiln::v1::NODE_STATE_LEFT) continue;
+    ++registered;
     absl::Status s = CheckCapable(node.info, spec);
-    if (s.ok()) return "";
+    if (node.state != kiln::v1::NODE_STATE_READY) {
+      if (!s.ok()) continue;
+      auto& list = node.state == kiln::v1::NODE_STATE_DRAINING ? draining : dead;
+      if (list.size() < 3) list.push_back(id);
+      continue;
+    }
+    ++ready;
+    if (s.ok()) return kBusyReason;
     if (why.size() < 3) why.emplace_back(s.message());
+  }
+  if (registered == 0) {
+    return "waiting: no node has registered yet (it runs when one that serves it does)";
+  }
+  if (!draining.empty() || !dead.empty()) {
+    std::string s = "waiting: the nodes that can run it are ";
+    if (!draining.empty()) absl::StrAppend(&s, "draining (", absl::StrJoin(draining, ", "), ")");
+    if (!draining.empty() && !dead.empty()) absl::StrAppend(&s, " or ");
+    if (!dead.empty()) absl::StrAppend(&s, "dead (", absl::StrJoin(dead, ", "), ")");
+    return s;
   }
   return ready == 0 ? "waiting: no node is ready"
                     : absl::StrCat("waiting: no ready node can run it (", absl::StrJoin(why, "; "),
                                    ready > 3 ? "; ..." : "", ")");
+}
+
+void Coordinator::RefreshWaitingReasons() {
+  absl::flat_hash_map<std::string, std::string> by_kind;  // WaitingReasonFor, once per kind
+  size_t examined = 0;
+  for (const auto& [priority, seq, job_id] : queue_) {
+    if (examined++ == options_.placement_lookahead) break;
+    auto it = active_.find(job_id);
+    if (it == active_.end() || !it->second.node_id.empty()) continue;
+    auto [reason, fresh] = by_kind.try_emplace(it->second.kind);
+    if (fresh) reason->second = WaitingReasonFor(it->second.spec);
+    SetWaitingReason(job_id, it->second, reason->second);
+  }
+}
+
+std::vector<const kiln::v1::NodeInfo*> Coordinator::RegisteredNodes() const {
+  std::vector<const kiln::v1::NodeInfo*> nodes;
+  for (const auto& [id, node] : nodes_) {
+    if (node.state != kiln::v1::NODE_STATE_LEFT) nodes.push_back(&node.info);
+  }
+  return nodes;
+}
+
+absl::Status Coordinator::CheckServable(const kiln::v1::JobSpec& spec) {
+  const std::vector<const kiln::v1::NodeInfo*> registered = RegisteredNodes();
+  if (registered.empty()) return absl::OkStatus();  // waits for the first node
+  // The index answers for kinds already seen; it is consulted only for a model some registered
+  // node lists, so that unservable submissions do not add kinds to it.
+  const bool model_listed =
+      std::any_of(registered.begin(), registered.end(), [&](const kiln::v1::NodeInfo* n) {
+        return std::find(n->models().begin(), n->models().end(), spec.model()) !=
+               n->models().end();
+      });
+  if (model_listed) {
+    const std::string kind =
+        PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height());
+    for (const auto& entry : index_.Capable(kind, spec)) {
+      auto it = nodes_.find(entry.node_id);
+      if (it != nodes_.end() && it->second.state != kiln::v1::NODE_STATE_LEFT) {
+        return absl::OkStatus();
+      }
+    }
+  }
+  return CheckAnyServes(registered, spec);
+}
+
+void Coordinator::FailUnservableQueued() {
+  if (RegisteredNodes().empty()) return;  // scaled to zero: the jobs wait for nodes
+  std::vector<std::pair<std::string, std::string>> unservable;  // (job id, why)
+  for (const auto& [priority, seq, job_id] : queue_) {
+    auto it = active_.find(job_id);
+    if (it == active_.end() || !it->second.node_id.empty()) continue;
+    if (absl::Status s = CheckServable(it->second.spec); !s.ok()) {
+      unservable.emplace_back(job_id, std::string(s.message()));
+    }
+  }
+  for (const auto& [job_id, why] : unservable) {
+    metrics_.submissions_unservable.Increment();
+    Finish(job_id, kiln::v1::JOB_STATE_FAILED, absl::StrCat("FAILED_PRECONDITION: ", why));
+  }
 }
 
 void Coordinator::SetWaitingReason(const std::string& job_id, ActiveJob& job,
@@ -983,7 +1164,9 @@ void Coordinator::SetWaitingReason(const std::string& job_id, ActiveJob& job,
   if (!s.ok()) {
     metrics_.store_errors.Increment();
     Log(absl::StrCat("job store: ", s.status().message()));
+    return;
   }
+  NotifyWaiters(*s, /*final=*/false);  // streamed to clients that wait with progress
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1014,6 +1197,7 @@ void Coordinator::RequeueOrFail(const std::string& job_id, const std::string& co
     j.clear_node_id();
     j.set_step(0);
     j.set_error(job.waiting_reason);
+    j.set_phase("queued");
     return absl::OkStatus();
   });
   job.enqueued_ms = clock_.NowMs();
@@ -1035,6 +1219,7 @@ bool Coordinator::Finish(const std::string& job_id, JobState state, const std::s
     j.set_state(state);
     j.set_error(error);
     j.set_finished_unix_ms(clock_.UnixMs());
+    j.clear_phase();
     if (mutate) mutate(j);
     return absl::OkStatus();
   });

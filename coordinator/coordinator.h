@@ -13,8 +13,11 @@
 // A QUEUED job whose deadline passes FAILS with DEADLINE_EXCEEDED.
 //
 // JobInfo.error holds "<CODE>: <why>" for FAILED and CANCELLED jobs, and "waiting: <why>" for a
-// QUEUED job that is waiting for something other than a free node (requeued after a node loss,
-// or no ready node can run it). Clients must look at JobInfo.state, not at whether error is set.
+// QUEUED job that is not placed at once (the nodes that can run it are busy, draining or dead,
+// no node has registered yet, or it was requeued after a node loss); a change of the reason is
+// streamed to clients that wait with stream_progress. Clients must look at JobInfo.state, not
+// at whether error is set. JobInfo.phase says what the job does now: "queued", "assigned", then
+// the node's JobProgress.phase.
 //
 // Thread-compatible: one thread calls it (the server's poll thread).
 #pragma once
@@ -97,8 +100,13 @@ class Coordinator {
   // field (ErrorField(status)).
 
   // InvalidArgument for a bad field (or a deadline already past); AlreadyExists when job_id
-  // exists with a different spec; FailedPrecondition when no node ever registered the model. A
-  // repeated job_id with the same spec returns the existing job with created=false.
+  // exists with a different spec; FailedPrecondition when no registered node could ever run it
+  // (CheckAnyServes: the message names what is missing and what the cluster serves). A node is
+  // registered while it is in the node table and has not deregistered: READY, DRAINING, or DEAD
+  // (a dead node may come back; `remove-node` forgets it). With no registered node at all (a
+  // cluster starting, or scaled to zero) the job is accepted and waits ("waiting: no node has
+  // registered yet"). A repeated job_id with the same spec returns the existing job with
+  // created=false.
   absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::SubmitRequest& request);
   // NotFound for an unknown job. The PNG only when include_png.
   absl::StatusOr<kiln::v1::JobReply> Status(const kiln::v1::StatusRequest& request);
@@ -117,6 +125,16 @@ class Coordinator {
   // The node takes no new jobs (NODE_STATE_DRAINING); its running job finishes. Idempotent.
   // NotFound for an unknown node; FailedPrecondition for a dead or departed one.
   absl::StatusOr<kiln::v1::DrainReply> Drain(const kiln::v1::DrainRequest& request);
+  // Undoes Drain: a DRAINING node is READY again and placement runs. Idempotent. NotFound for an
+  // unknown node; FailedPrecondition for a dead or departed one.
+  absl::StatusOr<kiln::v1::UncordonReply> Uncordon(const kiln::v1::UncordonRequest& request);
+  // Forgets a node (any state): it leaves the node table, the placement index and the cost
+  // model. FailedPrecondition while jobs run on it, unless force: then they are requeued (an
+  // attempt each, as after a node loss) and the node is told to cancel them. Queued jobs that
+  // no registered node can run any more then fail (as after Deregister). A node process still
+  // running is told "not registered" at its next message and registers again. NotFound for an
+  // unknown node.
+  absl::StatusOr<kiln::v1::RemoveNodeReply> RemoveNode(const kiln::v1::RemoveNodeRequest& request);
 
   // ---- Node messages. `node_id` is the sender's routing identity. An error is answered to the
   // node with an ErrorReply; FailedPrecondition "not registered" tells it to register again.
@@ -201,9 +219,22 @@ class Coordinator {
   bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node, double expected_s);
   // Writes `reason` ("" or "waiting: ...") as the job's error unless it was requeued.
   void SetWaitingReason(const std::string& job_id, ActiveJob& job, const std::string& reason);
-  // Why no ready node can run `spec`: "waiting: no node is ready" or "waiting: no ready node can
-  // run it (...)"; "" when a ready node can.
+  // Why no ready node can run `spec`: "waiting: no node has registered yet", "waiting: the
+  // nodes that can run it are draining (n1) or dead (n2)", "waiting: no node is ready",
+  // "waiting: no ready node can run it (...)", or when a ready node can: "waiting: the nodes
+  // that can run it are busy".
   std::string WaitingReasonFor(const kiln::v1::JobSpec& spec) const;
+  // Rewrites the waiting reason of the queued jobs a placement pass looks at (when nodes change
+  // state in ways a pass may not notice: a pass stops early when no node has a free slot).
+  void RefreshWaitingReasons();
+  // The registered nodes (in the table and not LEFT), whose capabilities Submit checks.
+  std::vector<const kiln::v1::NodeInfo*> RegisteredNodes() const;
+  // OK when some registered node could run `spec` (NodeIndex::Capable, else CheckServes), or
+  // none is registered; else CheckAnyServes's FailedPrecondition.
+  absl::Status CheckServable(const kiln::v1::JobSpec& spec);
+  // After a node left the registered set (deregistered, removed): fails the queued jobs that no
+  // registered node can run any more with FAILED_PRECONDITION.
+  void FailUnservableQueued();
 
   // Transitions.
   // Frees `job_id` from its node and requeues it, or after max_attempts fails it with
@@ -246,7 +277,6 @@ class Coordinator {
   EventLog log_;
 
   std::map<std::string, NodeRecord> nodes_;                 // by node id, for stable listings
-  std::set<std::string> known_models_;                      // every model a node ever registered
   absl::flat_hash_map<std::string, ActiveJob> active_;     // by job id
   std::set<QueueKey> queue_;
   std::set<std::pair<int64_t, std::string>> deadlines_;     // (deadline unix ms, job id), queued

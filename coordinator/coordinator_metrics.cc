@@ -55,6 +55,11 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
           Counters(r, "kiln_job_submissions_total", "").Add({{"result", "duplicate"}})),
       submissions_rejected(
           Counters(r, "kiln_job_submissions_total", "").Add({{"result", "rejected"}})),
+      submissions_unservable(
+          Counters(r, "kiln_jobs_unservable_total",
+                   "Jobs no registered node could run: refused at submit, or failed from the "
+                   "queue after a node deregistered or was removed")
+              .Add({})),
       stale_results(Counters(r, "kiln_node_stale_messages_total",
                              "Node messages about a job the node no longer holds (ignored)")
                         .Add({{"type", "result"}})),

@@ -48,6 +48,9 @@ struct CoordinatorMetrics {
   prometheus::Counter& submissions_created;
   prometheus::Counter& submissions_duplicate;
   prometheus::Counter& submissions_rejected;
+  // kiln_jobs_unservable_total: jobs no registered node could run, refused by Submit with
+  // FAILED_PRECONDITION or failed from the queue after a node deregistered or was removed.
+  prometheus::Counter& submissions_unservable;
   // kiln_node_stale_messages_total{type}: progress or results from a node that no longer holds
   // the job (late after a requeue, or for an unknown job); ignored.
   prometheus::Counter& stale_results;

@@ -182,6 +182,16 @@ class ServerLoop {
                       [](E& out, kiln::v1::DrainReply r) {
                         *out.mutable_drain_reply() = std::move(r);
                       });
+      case E::kUncordon:
+        return Answer(route, rid, coordinator_.Uncordon(env.uncordon()),
+                      [](E& out, kiln::v1::UncordonReply r) {
+                        *out.mutable_uncordon_reply() = std::move(r);
+                      });
+      case E::kRemoveNode:
+        return Answer(route, rid, coordinator_.RemoveNode(env.remove_node()),
+                      [](E& out, kiln::v1::RemoveNodeReply r) {
+                        *out.mutable_remove_node_reply() = std::move(r);
+                      });
       default:
         return ProtocolError(Side::kClient, route, "unexpected",
                              absl::UnimplementedError(absl::StrCat(

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <set>
 #include <tuple>
+#include <utility>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -117,7 +120,105 @@ Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) 
   return all_loaded ? Warmth::kLoaded : Warmth::kLocalDisk;
 }
 
+namespace {
+
+// Whether `node` declares that it serves spec's model, precision and size (device and packages
+// aside): it lists the model and either declares no set for it or one at the job's precision
+// (any, for precision "") and size.
+bool DeclaresServed(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
+  if (!Contains(node.models(), spec.model())) return false;
+  const Declared d = DeclaredFor(node, spec);
+  if (!d.model) return true;
+  return spec.precision().empty()
+             ? !d.at_size.empty()
+             : std::find(d.at_size.begin(), d.at_size.end(), spec.precision()) != d.at_size.end();
+}
+
+// "320x320" parsed into (pixels, width) for ordering sizes; (0, 0) if it does not parse.
+std::pair<uint64_t, uint32_t> SizeOrder(absl::string_view size) {
+  std::pair<absl::string_view, absl::string_view> wh = absl::StrSplit(size, 'x');
+  uint32_t w = 0, h = 0;
+  if (!absl::SimpleAtoi(wh.first, &w) || !absl::SimpleAtoi(wh.second, &h)) return {0, 0};
+  return {static_cast<uint64_t>(w) * h, w};
+}
+
+}  // namespace
+
+std::string DescribeServed(const std::vector<const kiln::v1::NodeInfo*>& nodes) {
+  // model → precision → sizes; precision "*" for a node that declares no set for the model.
+  std::map<std::string, std::map<std::string, std::set<std::string>>> served;
+  std::string model, precision, size;
+  for (const kiln::v1::NodeInfo* node : nodes) {
+    std::set<std::string> declared;
+    for (const auto& [key, set] : node->package_sets()) {
+      if (!ParsePackageSetKey(key, &model, &precision, &size)) continue;
+      if (!Contains(node->models(), model)) continue;
+      declared.insert(model);
+      served[model][precision.empty() ? "default" : precision].insert(size);
+    }
+    for (const auto& m : node->models()) {
+      if (!declared.count(m)) served[m]["*"];
+    }
+  }
+  std::vector<std::string> entries;
+  for (const auto& [m, precisions] : served) {
+    for (const auto& [p, sizes] : precisions) {
+      if (p == "*") {
+        entries.push_back(absl::StrCat(m, " at any precision and size"));
+        continue;
+      }
+      std::vector<std::string> ordered(sizes.begin(), sizes.end());
+      std::sort(ordered.begin(), ordered.end(), [](const std::string& a, const std::string& b) {
+        return SizeOrder(a) < SizeOrder(b);
+      });
+      entries.push_back(absl::StrCat(m, " ", p, " at ", absl::StrJoin(ordered, ", ")));
+    }
+  }
+  constexpr size_t kShown = 8;
+  if (entries.size() > kShown) {
+    entries.resize(kShown);
+    entries.push_back("...");
+  }
+  return entries.empty() ? "nothing" : absl::StrJoin(entries, "; ");
+}
+
+absl::Status CheckAnyServes(const std::vector<const kiln::v1::NodeInfo*>& nodes,
+                             const kiln::v1::JobSpec& spec) {
+  std::vector<std::string> why;  // CheckServes of the nodes that declare the job's kind
+  bool model = false, declared = false;
+  for (const kiln::v1::NodeInfo* node : nodes) {
+    absl::Status s = CheckServes(*node, spec);
+    if (s.ok()) return s;
+    model = model || Contains(node->models(), spec.model());
+    if (!DeclaresServed(*node, spec)) continue;
+    declared = true;
+    if (why.size() < 3) why.emplace_back(s.message());
+  }
+  const std::string what =
+      !model ? absl::StrCat("model ", spec.model())
+             : absl::StrCat(spec.precision().empty() ? "" : "precision ", spec.precision(),
+                            spec.precision().empty() ? "" : " at ", spec.width(), "x",
+                            spec.height(), " for model ", spec.model());
+  std::string headline =
+      declared ? absl::StrCat("no registered node can run ", what, " (", absl::StrJoin(why, "; "),
+                              ")")
+               : absl::StrCat("no registered node serves ", what);
+  return absl::FailedPreconditionError(
+      absl::StrCat(headline, "; the cluster serves: ", DescribeServed(nodes)));
+}
+
 absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
+  if (absl::Status s = CheckServes(node, spec); !s.ok()) return s;
+  if (!node.can_compile() && WarmthFor(node, spec) == Warmth::kCold) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        node.node_id(), " does not hold the packages for ",
+        PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height()),
+        " and cannot compile"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckServes(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
   const std::string& id = node.node_id();
   if (!Contains(node.models(), spec.model())) {
     return absl::FailedPreconditionError(absl::StrCat(id, " does not serve model ", spec.model()));
@@ -148,12 +249,6 @@ absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpe
     return absl::FailedPreconditionError(
         absl::StrCat(id, " has compute capability ", device.compute_capability(), "; ",
                      kiln::CheckDeviceRuns(spec.precision(), caps).message()));
-  }
-  if (!node.can_compile() && WarmthFor(node, spec) == Warmth::kCold) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        id, " does not hold the packages for ",
-        PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height()),
-        " and cannot compile"));
   }
   return absl::OkStatus();
 }

@@ -57,6 +57,23 @@ Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 // OK if `node`'s declared capabilities can run `spec` (ignores its state and load); otherwise
 // FailedPrecondition saying why, e.g. "n1 does not serve model flux-dev".
 absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
+// CheckCapable without what may change while the node runs (whether it holds the packages when
+// it cannot compile): OK if the node could ever run `spec` — it serves the model, the precision
+// and size, and its device runs the precision.
+absl::Status CheckServes(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
+
+// What `nodes` serve, for messages: per model and precision the sizes their package sets
+// declare, e.g. "flux-tiny fp32 at 256x256, 512x512"; a node that declares no set for a model
+// adds "flux-dev at any precision and size". Entries are joined with "; ", at most 8 shown.
+std::string DescribeServed(const std::vector<const kiln::v1::NodeInfo*>& nodes);
+
+// OK if one of `nodes` could ever run `spec` (CheckServes). Otherwise FailedPrecondition naming
+// what is missing and what the nodes serve, e.g. "no registered node serves precision bf16 at
+// 320x320 for model flux-tiny; the cluster serves: flux-tiny fp32 at 256x256, 512x512". When a
+// node declares the job's kind but its device cannot run it, the message says "can run" and
+// gives the nodes' reasons. An empty `nodes` is FailedPrecondition too.
+absl::Status CheckAnyServes(const std::vector<const kiln::v1::NodeInfo*>& nodes,
+                             const kiln::v1::JobSpec& spec);
 
 // One node as placement sees it.
 struct Candidate {

@@ -194,7 +194,7 @@ std::vector<std::string> FluxPipeline::LoadedDigests() const {
 
 absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req,
                                                       const ProgressFn& progress) {
-  auto report = [&](const char* phase, int step) {
+  auto report = [&](const std::string& phase, int step) {
     if (progress) progress(phase, step, req.steps);
   };
   auto cancelled = [&] { return req.cancel != nullptr && req.cancel->cancelled(); };
@@ -226,7 +226,8 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   std::map<std::string, cache::ArtifactKey> keys;
   for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
   LoadReport loaded;
-  auto pkgs = m.packages->EnsureAll(keys, &loaded);
+  auto pkgs = m.packages->EnsureAll(keys, &loaded,
+                                    [&](const std::string& phase) { report(phase, 0); });
   r.warnings.insert(r.warnings.end(), loaded.warnings.begin(), loaded.warnings.end());
   if (!pkgs.ok()) return pkgs.status();
   r.seconds.fetch = loaded.fetch_seconds;

@@ -55,8 +55,10 @@ struct PipelineOptions {
 };
 
 // Called from Generate()'s thread at phase changes and after every denoising step (the step
-// count is known on the host without waiting for the device). phase: "preparing",
-// "text_encoding", "denoising", "decoding".
+// count is known on the host without waiting for the device). phase: "preparing", then while
+// packages are not loaded "fetching or compiling <components>", "loading package <component>",
+// "loading weights <component>" (PackageLoader::EnsureAll), then "text_encoding", "denoising",
+// "decoding".
 using ProgressFn = std::function<void(const std::string& phase, int step, int total_steps)>;
 
 struct GenerateRequest {

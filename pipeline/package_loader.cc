@@ -1,11 +1,15 @@
 #include "pipeline/package_loader.h"
 
 #include <future>
+#include <string>
+#include <vector>
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #endif
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/stopwatch.h"
 
 namespace kiln::pipeline {
@@ -28,7 +32,8 @@ PackageLoader::PackageLoader(std::shared_ptr<cache::PackageProvider> provider,
 PackageLoader::~PackageLoader() = default;
 
 absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
-    const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report) {
+    const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report,
+    const std::function<void(const std::string&)>& on_phase) {
   std::map<std::string, AotiPackage*> out;
   std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
   std::map<std::string, std::string> digests;
@@ -46,6 +51,11 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
       return provider_->Get(request);
     });
   }
+  if (on_phase && !pending.empty()) {
+    std::vector<std::string> names;
+    for (const auto& [c, f] : pending) names.push_back(c);
+    on_phase(absl::StrCat("fetching or compiling ", absl::StrJoin(names, ", ")));
+  }
   std::map<std::string, absl::StatusOr<cache::ProvidedPackage>> provided;
   for (auto& [c, f] : pending) provided.emplace(c, f.get());  // every thread joins first
   const double wall = SecondsSince(t);
@@ -61,7 +71,7 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
     report->fetch_seconds += wall;
   }
   for (auto& [c, p] : provided) {
-    auto pkg = Load(c, digests[c], *std::move(p), report);
+    auto pkg = Load(c, digests[c], *std::move(p), report, on_phase);
     if (!pkg.ok()) return pkg.status();
     out[c] = *pkg;
   }
@@ -71,15 +81,18 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
 absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
                                                  const std::string& digest,
                                                  cache::ProvidedPackage provided,
-                                                 LoadReport* report) {
+                                                 LoadReport* report,
+                                                 const std::function<void(const std::string&)>& on_phase) {
   // `provided.pin` keeps the package on local disk until this returns.
   if (!provided.warning.empty()) report->warnings.push_back(provided.warning);
   const cache::LocatedPackage& found = provided.package;
+  if (on_phase) on_phase(absl::StrCat("loading package ", component));
   auto t = SteadyNow();
   auto pkg = AotiPackage::Load(found, device_);
   if (!pkg.ok()) return pkg.status();
   report->package_load_seconds += SecondsSince(t);
 
+  if (on_phase) on_phase(absl::StrCat("loading weights ", component));
   t = SteadyNow();
   auto& cw = weights_[component];
   if (!cw) {

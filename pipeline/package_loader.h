@@ -10,6 +10,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -50,9 +51,13 @@ class PackageLoader {
   // The loaded package of each component of `keys` (component → key): those not loaded yet are
   // fetched from the provider together, then loaded one by one with their weights (read once
   // per component, shared by every bucket). The first error is returned as the provider, the
-  // package or the weights report it.
+  // package or the weights report it. `on_phase` (may be null) hears what it does, for a job's
+  // progress: "fetching or compiling <components>" (the provider takes each from local disk, the
+  // shared tier or a compile; which one shows in LoadReport::packages afterwards), then per
+  // component "loading package <component>" and "loading weights <component>".
   absl::StatusOr<std::map<std::string, AotiPackage*>> EnsureAll(
-      const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report);
+      const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report,
+      const std::function<void(const std::string& phase)>& on_phase = nullptr);
 
   // Digests of the packages loaded now.
   std::vector<std::string> LoadedDigests() const;
@@ -60,7 +65,8 @@ class PackageLoader {
  private:
   // Loads one provided package and hands it its weights.
   absl::StatusOr<AotiPackage*> Load(const std::string& component, const std::string& digest,
-                                    cache::ProvidedPackage provided, LoadReport* report);
+                                    cache::ProvidedPackage provided, LoadReport* report,
+                                    const std::function<void(const std::string&)>& on_phase);
 
   const std::shared_ptr<cache::PackageProvider> provider_;
   const std::string model_dir_;

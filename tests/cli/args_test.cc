@@ -87,7 +87,7 @@ TEST(CommandLine, TypedValuesAreChecked) {
 TEST(Usage, ListsEveryCommandAndItsFlags) {
   const std::string usage = Usage();
   for (const char* c : {"up", "down", "add-node", "generate", "submit", "status", "wait", "cancel",
-                        "nodes", "drain"}) {
+                        "nodes", "drain", "uncordon", "remove-node"}) {
     EXPECT_THAT(usage, HasSubstr(std::string("  ") + c)) << c;
   }
   EXPECT_THAT(CommandUsage(*FindCommand("up")), HasSubstr("--models NAME=DIR"));

@@ -270,6 +270,45 @@ TEST(Nodes, TableAndJson) {
   EXPECT_EQ(j["nodes"][0]["jobs_done"], 12);
 }
 
+TEST(Nodes, UncordonAndRemoveNodeSendTheirRequests) {
+  FakeCoordinator fake([](const kiln::v1::Envelope& req) {
+    kiln::v1::Envelope env;
+    env.set_request_id(req.request_id());
+    if (req.has_uncordon()) {
+      auto* n = env.mutable_uncordon_reply()->mutable_node();
+      n->mutable_info()->set_node_id(req.uncordon().node_id());
+      n->set_state(kiln::v1::NODE_STATE_READY);
+    } else if (req.has_remove_node() && !req.remove_node().force()) {
+      return std::vector<kiln::v1::Envelope>{ErrorEnvelope(
+          "FAILED_PRECONDITION", "", "node node-1 is running 1 job(s) (job-9); drain it")};
+    } else if (req.has_remove_node()) {
+      auto* reply = env.mutable_remove_node_reply();
+      reply->mutable_node()->mutable_info()->set_node_id(req.remove_node().node_id());
+      reply->mutable_node()->set_state(kiln::v1::NODE_STATE_READY);
+      reply->add_requeued_jobs("job-9");
+    }
+    return std::vector<kiln::v1::Envelope>{env};
+  });
+  const std::string none = ::testing::TempDir() + "/no-local-cluster";
+  auto r = RunKiln({"uncordon", "node-1", "--coordinator", fake.endpoint()});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "node-1 READY\n");
+  r = RunKiln({"remove-node", "node-1", "--coordinator", fake.endpoint(), "--state-dir", none});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_THAT(r.err, HasSubstr("is running 1 job(s) (job-9)"));
+  r = RunKiln({"remove-node", "node-1", "--force", "--coordinator", fake.endpoint(),
+               "--state-dir", none});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "node-1 removed; requeued job-9\n");
+  // Not a local node, and it was live: its process would register again.
+  EXPECT_THAT(r.err, HasSubstr("registers again at its next heartbeat"));
+  const auto requests = fake.requests();
+  ASSERT_EQ(requests.size(), 3u);
+  EXPECT_EQ(requests[0].uncordon().node_id(), "node-1");
+  EXPECT_FALSE(requests[1].remove_node().force());
+  EXPECT_TRUE(requests[2].remove_node().force());
+}
+
 TEST(Usage, BadFlagsExitTwoWithoutTalkingToAnyone) {
   auto r = RunKiln({"generate", "--prompt", "x"});
   EXPECT_EQ(r.code, 2);

@@ -80,8 +80,10 @@ def load_generator():
 
 
 def submit_expiring_job(kiln_pb2, endpoint: str) -> str:
-    """Submits an fp8 job no CPU node can run, with a deadline 1.5 s away: it fails with
-    DEADLINE_EXCEEDED (a failure the dashboards' failure panels must show)."""
+    """Submits a job with a deadline 1.5 s away while every node is drained: it fails with
+    DEADLINE_EXCEEDED (a failure the dashboards' failure panels must show). (A job no registered
+    node could run, such as fp8 on CPU nodes, is refused at submit and never counted as a
+    failure.)"""
     import zmq
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -92,7 +94,7 @@ def submit_expiring_job(kiln_pb2, endpoint: str) -> str:
         job_id = f"obs-expire-{uuid.uuid4().hex[:8]}"
         spec = env.submit.spec
         spec.job_id, spec.model, spec.prompt = job_id, "flux-tiny", "never runs"
-        spec.width, spec.height, spec.steps, spec.precision = 256, 256, 1, "fp8"
+        spec.width, spec.height, spec.steps = 256, 256, 1
         spec.deadline_unix_ms = int(time.time() * 1000) + 1500
         sock.send(env.SerializeToString())
         assert sock.poll(10000), "no reply to Submit"
@@ -150,14 +152,18 @@ def observed(tmp_path_factory, kiln_pb2):
         threads = [threading.Thread(target=generate, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint)
         for t in threads:
             t.join()
         for i, proc in results.items():
             assert proc.returncode == 0, f"job {i}: {proc.stderr}"
         assert len(results) == 4
+        for node in ("node-1", "node-2"):
+            cluster.kiln("drain", node, check=True)
+        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint)
         wait_until(lambda: metric(cluster.metrics(), "kiln_job_failures_total",
-                                  reason="DEADLINE_EXCEEDED") >= 1, 30, "the fp8 job expiring")
+                                  reason="DEADLINE_EXCEEDED") >= 1, 30, "the job expiring")
+        for node in ("node-1", "node-2"):
+            cluster.kiln("uncordon", node, check=True)
         time.sleep(4)  # a few more scrapes after the last job
         yield {"cluster": cluster, "api": api, "targets": targets, "root": root,
                "failed_job": failed_job}

@@ -271,20 +271,274 @@ TEST_F(CoordinatorTest, EveryBadFieldIsNamed) {
   EXPECT_TRUE(Submit(spec).ok());
 }
 
-TEST_F(CoordinatorTest, ModelNoNodeEverServedIsRejectedButAKnownModelQueues) {
+TEST_F(CoordinatorTest, WithNoRegisteredNodeAJobWaitsAndSaysWhy) {
+  // A cluster starting (or scaled to zero): nothing to judge the job by, so it waits.
   auto r = Submit(Spec("j1"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(r->job().phase(), "queued");
+  EXPECT_THAT(r->job().error(), StartsWith("waiting: no node has registered yet"));
+  Register(Node("n1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  EXPECT_EQ(Job("j1").phase(), "assigned");
+}
+
+TEST_F(CoordinatorTest, ModelNoRegisteredNodeServesIsRejectedNamingWhatTheClusterServes) {
+  Register(Node("n1"));
+  JobSpec spec = Spec("j1");
+  spec.set_model("flux-dev");
+  auto r = Submit(spec);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(ErrorField(r.status()), "spec.model");
-  EXPECT_THAT(std::string(r.status().message()), HasSubstr("no node serves model flux-tiny"));
+  EXPECT_EQ(r.status().message(),
+            "spec.model: no registered node serves model flux-dev; the cluster serves: flux-tiny "
+            "at any precision and size");
+  // Nothing was stored.
+  EXPECT_EQ(store_.Get("j1").status().code(), absl::StatusCode::kNotFound);
 
+  // A model that only a departed node served is refused too, once another node is registered.
+  NodeInfo dev = Node("n2");
+  dev.clear_models();
+  dev.add_models("flux-dev");
+  Register(dev);
+  ASSERT_TRUE(c().Deregister("n2", {}).ok());
+  EXPECT_EQ(Submit(spec).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, PrecisionOrSizeNoRegisteredNodeServesFailsAtOnce) {
+  NodeInfo n1 = Node("n1");
+  DeclareSet(n1, "flux-tiny/fp32/256x256");
+  DeclareSet(n1, "flux-tiny/fp32/512x512");
+  Register(n1);
+  NodeInfo n2 = Node("n2");
+  DeclareSet(n2, "flux-tiny/fp32/512x512");
+  Register(n2);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("bf16");
+  spec.set_width(320);
+  spec.set_height(320);
+  auto r = Submit(spec);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(r.status().message(),
+            "no registered node serves precision bf16 at 320x320 for model flux-tiny; the "
+            "cluster serves: flux-tiny fp32 at 256x256, 512x512");
+  // fp32 at 320x320: the size is what is missing.
+  spec.set_precision("fp32");
+  r = Submit(spec);
+  EXPECT_THAT(std::string(r.status().message()),
+              StartsWith("no registered node serves precision fp32 at 320x320 for model "
+                         "flux-tiny;"));
+  // A served kind is accepted.
+  spec.set_width(512);
+  spec.set_height(512);
+  EXPECT_TRUE(Submit(spec).ok());
+  EXPECT_GE(metrics_.submissions_unservable.Value(), 2.0);
+}
+
+TEST_F(CoordinatorTest, Fp8WithoutAnSm89GpuFailsAtOnceWithTheDevicesReason) {
+  Register(Node("cpu-1"));
+  NodeInfo ampere = Node("a100", "cuda");
+  ampere.mutable_device()->set_compute_capability("8.0");
+  Register(ampere);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("fp8");
+  auto r = Submit(spec);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string message(r.status().message());
+  EXPECT_THAT(message, StartsWith("no registered node can run precision fp8 at 256x256 for "
+                                  "model flux-tiny ("));
+  EXPECT_THAT(message, HasSubstr("a100 has compute capability 8.0"));
+  EXPECT_THAT(message, HasSubstr("cpu-1 has a cpu device, which cannot run fp8"));
+  // An H100 joins: fp8 is accepted and placed there.
+  Register(Node("h100", "cuda"));
+  EXPECT_TRUE(Submit(spec).ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("h100", "j1", 1u)));
+}
+
+TEST_F(CoordinatorTest, AJobForBusyOrDrainingNodesWaitsAndItsReasonIsStreamed) {
   Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  ASSERT_EQ(Assigned().size(), 1u);
+  // j2 waits for the busy node: accepted, with the reason.
+  auto r = Submit(Spec("j2"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(r->job().error(), "waiting: the nodes that can run it are busy");
+
+  kiln::v1::WaitRequest wait;
+  wait.set_job_id("j2");
+  wait.set_timeout_ms(60000);
+  wait.set_stream_progress(true);
+  ASSERT_TRUE(c().Wait(wait, ReplyTo{"client", "w"}).ok());
+  kiln::v1::DrainRequest drain;
+  drain.set_node_id("n1");
+  ASSERT_TRUE(c().Drain(drain).ok());
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  // The node is drained and free: the reason changes and the waiting client is told.
+  bool streamed = false;
+  for (const auto& o : ClientReplies()) {
+    if (o.envelope.job().job().error() == "waiting: the nodes that can run it are draining (n1)") {
+      EXPECT_FALSE(o.envelope.job().final());
+      streamed = true;
+    }
+  }
+  EXPECT_TRUE(streamed);
+  EXPECT_EQ(Job("j2").state(), kiln::v1::JOB_STATE_QUEUED);
+  // A job submitted now is accepted too: a draining node is registered.
+  auto j3 = Submit(Spec("j3"));
+  ASSERT_TRUE(j3.ok()) << j3.status();
+  EXPECT_EQ(j3->job().error(), "waiting: the nodes that can run it are draining (n1)");
+}
+
+TEST_F(CoordinatorTest, QueuedJobsNobodyCanServeAfterANodeLeavesFail) {
+  Register(Node("n1"));
+  NodeInfo big = Node("big");
+  DeclareSet(big, "flux-tiny/fp32/512x512");
+  Register(big);
+  // Keep both busy so the jobs stay queued.
+  MustSubmit(Spec("busy-1"));
+  JobSpec busy2 = Spec("busy-2");
+  busy2.set_width(512);
+  busy2.set_height(512);
+  MustSubmit(busy2);
+  ASSERT_EQ(Assigned().size(), 2u);
+  JobSpec only_n1 = Spec("small");  // 256x256: n1 only (big declares 512x512 alone)
+  MustSubmit(only_n1);
+  JobSpec either = Spec("large");
+  either.set_width(512);
+  either.set_height(512);
+  MustSubmit(either);
+
   ASSERT_TRUE(c().Deregister("n1", {}).ok());
-  // The model was registered once: the job waits for a node instead of being refused.
-  auto queued = Submit(Spec("j1"));
-  ASSERT_TRUE(queued.ok()) << queued.status();
-  EXPECT_EQ(queued->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  const JobInfo small = Job("small");
+  EXPECT_EQ(small.state(), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(small.error(),
+            "FAILED_PRECONDITION: no registered node serves 256x256 for model flux-tiny; the "
+            "cluster serves: flux-tiny fp32 at 512x512");
+  EXPECT_EQ(Job("busy-1").state(), kiln::v1::JOB_STATE_FAILED);  // requeued from n1, then failed
+  EXPECT_EQ(Job("large").state(), kiln::v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorTest, WhenTheLastNodeLeavesQueuedJobsWait) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  MustSubmit(Spec("j2"));
+  ASSERT_EQ(Assigned().size(), 1u);
+  ASSERT_TRUE(c().Deregister("n1", {}).ok());  // scaled to zero: nothing to judge by
+  EXPECT_EQ(Job("j2").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);  // requeued
+}
+
+TEST_F(CoordinatorTest, UncordonUndoesADrain) {
+  Register(Node("n1"));
+  kiln::v1::DrainRequest drain;
+  drain.set_node_id("n1");
+  ASSERT_TRUE(c().Drain(drain).ok());
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  kiln::v1::UncordonRequest uncordon;
+  uncordon.set_node_id("n1");
+  auto r = c().Uncordon(uncordon);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->node().state(), kiln::v1::NODE_STATE_READY);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  EXPECT_TRUE(c().Uncordon(uncordon).ok());  // idempotent
+  EXPECT_TRUE(Logged("node n1 uncordoned"));
+
+  uncordon.set_node_id("nope");
+  EXPECT_EQ(c().Uncordon(uncordon).status().code(), absl::StatusCode::kNotFound);
+  uncordon.set_node_id("bad id");
+  EXPECT_EQ(c().Uncordon(uncordon).status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(c().Deregister("n1", {}).ok());
+  uncordon.set_node_id("n1");
+  EXPECT_EQ(c().Uncordon(uncordon).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(CoordinatorTest, RemoveNodeRefusesWhileJobsRunUnlessForced) {
+  Register(Node("n1"));
   Register(Node("n2"));
-  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 1u)));
+  MustSubmit(Spec("j1"));
+  ASSERT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+
+  kiln::v1::RemoveNodeRequest remove;
+  remove.set_node_id("n1");
+  auto refused = c().RemoveNode(remove);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("running 1 job(s) (j1)"));
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_READY);
+
+  remove.set_force(true);
+  auto removed = c().RemoveNode(remove);
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(removed->node().info().node_id(), "n1");
+  EXPECT_THAT(removed->requeued_jobs(), ElementsAre("j1"));
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_UNSPECIFIED);  // gone from ListNodes
+  // n1 was told to stop j1, and j1 runs on n2 now.
+  bool cancel_sent = false;
+  auto assigned = Assigned();
+  for (const auto& o : others_) {
+    cancel_sent = cancel_sent || (o.peer == "n1" && o.envelope.cancel_job().job_id() == "j1");
+  }
+  EXPECT_TRUE(cancel_sent);
+  EXPECT_THAT(assigned, ElementsAre(std::make_tuple("n2", "j1", 2u)));
+  // n1 is forgotten: its messages are refused until it registers again.
+  EXPECT_EQ(c().Heartbeat("n1", {}).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c().RemoveNode(remove).status().code(), absl::StatusCode::kNotFound);
+  Register(Node("n1"));
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_READY);
+}
+
+TEST_F(CoordinatorTest, RemovingANodeFailsQueuedJobsNobodyElseCanRun) {
+  NodeInfo dev = Node("dev");
+  dev.clear_models();
+  dev.add_models("flux-dev");
+  Register(dev);
+  Register(Node("tiny"));
+  JobSpec spec = Spec("j1");
+  spec.set_model("flux-dev");
+  kiln::v1::DrainRequest drain;
+  drain.set_node_id("dev");
+  ASSERT_TRUE(c().Drain(drain).ok());
+  MustSubmit(spec);  // waits for the draining node
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);
+  kiln::v1::RemoveNodeRequest remove;
+  remove.set_node_id("dev");
+  ASSERT_TRUE(c().RemoveNode(remove).ok());
+  const JobInfo j1 = Job("j1");
+  EXPECT_EQ(j1.state(), kiln::v1::JOB_STATE_FAILED);
+  EXPECT_EQ(j1.error(),
+            "FAILED_PRECONDITION: no registered node serves model flux-dev; the cluster serves: "
+            "flux-tiny at any precision and size");
+  EXPECT_EQ(metrics_.submissions_unservable.Value(), 1);
+  EXPECT_TRUE(j1.phase().empty());
+}
+
+TEST_F(CoordinatorTest, PhaseFollowsTheJob) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  ASSERT_EQ(Assigned().size(), 1u);
+  EXPECT_EQ(Job("j1").phase(), "assigned");
+  kiln::v1::JobProgress p;
+  p.set_job_id("j1");
+  p.set_phase("compiling transformer");
+  ASSERT_TRUE(c().Progress("n1", p).ok());
+  EXPECT_EQ(Job("j1").phase(), "compiling transformer");
+  p.set_phase("");  // a progress event without a phase keeps the last one
+  p.set_step(1);
+  ASSERT_TRUE(c().Progress("n1", p).ok());
+  EXPECT_EQ(Job("j1").phase(), "compiling transformer");
+  // Requeued (and the node drained, so that it stays queued): queued again.
+  kiln::v1::DrainRequest drain;
+  drain.set_node_id("n1");
+  ASSERT_TRUE(c().Drain(drain).ok());
+  ASSERT_TRUE(Result("n1", "j1", false, 1, "UNAVAILABLE").ok());
+  EXPECT_EQ(Job("j1").phase(), "queued");
+  kiln::v1::UncordonRequest uncordon;
+  uncordon.set_node_id("n1");
+  ASSERT_TRUE(c().Uncordon(uncordon).ok());
+  ASSERT_EQ(Assigned().size(), 1u);
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  EXPECT_TRUE(Job("j1").phase().empty());
 }
 
 TEST_F(CoordinatorTest, RepeatedJobIdReturnsTheSameJob) {
@@ -430,16 +684,16 @@ TEST_F(CoordinatorTest, DeclaredPackageSetsSayWhichSizesAndPrecisionsANodeServes
   small.add_loaded_packages("d1");
   small.add_loaded_packages("d2");
   Register(small);
+  // Kinds no registered node serves are refused at once, naming what the cluster serves.
   JobSpec big = Spec("big");
   big.set_width(512);
-  MustSubmit(big);
+  EXPECT_EQ(Submit(big).status().message(),
+            "no registered node serves 512x256 for model flux-tiny; the cluster serves: "
+            "flux-tiny fp32 at 256x256");
   JobSpec bf16 = Spec("bf16");
   bf16.set_precision("bf16");
-  MustSubmit(bf16);
+  EXPECT_EQ(Submit(bf16).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(Assigned(), IsEmpty());
-  EXPECT_THAT(Job("big").error(),
-              HasSubstr("a-small does not serve flux-tiny at 512x256 (it serves fp32 256x256)"));
-  EXPECT_THAT(Job("bf16").error(), HasSubstr("a-small does not serve flux-tiny bf16 at 256x256"));
   // Precision "": the node's default; the one precision it declares at that size is used for
   // warmth even though a cuda device usually defaults to bf16.
   MustSubmit(Spec("default"));
@@ -447,6 +701,7 @@ TEST_F(CoordinatorTest, DeclaredPackageSetsSayWhichSizesAndPrecisionsANodeServes
   EXPECT_TRUE(Logged("job default assigned to node a-small (attempt 1, packages loaded)"));
   // A node that declares nothing for the model takes any size (cold, it can compile).
   Register(Node("b-any"));
+  MustSubmit(big);
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-any", "big", 1u)));
 }
 
@@ -457,11 +712,14 @@ TEST_F(CoordinatorTest, Fp8NeedsARecentCudaDevice) {
   Register(ampere);
   JobSpec spec = Spec("j1");
   spec.set_precision("fp8");
-  MustSubmit(spec);
-  EXPECT_THAT(Assigned(), IsEmpty());
-  EXPECT_THAT(Job("j1").error(), HasSubstr("cpu-node has a cpu device, which cannot run fp8"));
-  EXPECT_THAT(Job("j1").error(), HasSubstr("ampere has compute capability 8.0"));
+  auto refused = Submit(spec);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("cpu-node has a cpu device, which cannot run fp8"));
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("ampere has compute capability 8.0"));
   Register(Node("hopper", "cuda"));  // 9.0
+  MustSubmit(spec);
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("hopper", "j1", 1u)));
   // A node that does not serve the model is never chosen.
   NodeInfo other = Node("aaa-other");  // would win the id tie-break if it were eligible
@@ -551,7 +809,7 @@ TEST_F(CoordinatorTest, AJobWaitsForABusyWarmNodeThatWillFinishItSooner) {
   MustSubmit(Bf16("j2"));
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j1", 1u)));
   EXPECT_EQ(Job("j2").state(), kiln::v1::JOB_STATE_QUEUED);
-  EXPECT_EQ(Job("j2").error(), "");  // not stuck: waiting for a node
+  EXPECT_EQ(Job("j2").error(), "waiting: the nodes that can run it are busy");
   clock_.AdvanceMs(2000);
   ASSERT_TRUE(c().Result("b-warm", Finished("j1", 2, 0, "resident")).ok());
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j2", 1u)));
@@ -986,6 +1244,7 @@ TEST_F(CoordinatorTest, WaitAnswersOnCompletionOnTimeoutAndStreamsProgress) {
   p.set_job_id("j1");
   p.set_step(2);
   p.set_total_steps(4);
+  p.set_phase("denoising");
   ASSERT_TRUE(c().Progress("n1", p).ok());
   auto out = ClientReplies();
   ASSERT_EQ(out.size(), 1u);
@@ -995,6 +1254,9 @@ TEST_F(CoordinatorTest, WaitAnswersOnCompletionOnTimeoutAndStreamsProgress) {
   EXPECT_FALSE(out[0].envelope.job().final());
   EXPECT_EQ(out[0].envelope.job().job().step(), 2u);
   EXPECT_EQ(Job("j1").step(), 2u);
+  // The node's phase is carried into JobInfo, for the waiter and the store.
+  EXPECT_EQ(out[0].envelope.job().job().phase(), "denoising");
+  EXPECT_EQ(Job("j1").phase(), "denoising");
 
   // j2's wait times out with its current state.
   Advance(1000, {"n1"});

@@ -85,6 +85,40 @@ TEST(PlacementTest, DeclaredSetsLimitSizesAndPrecisions) {
   EXPECT_TRUE(CheckCapable(n, dev).ok());
 }
 
+TEST(PlacementTest, DescribeServedMergesNodesAndOrdersSizesByPixels) {
+  kiln::v1::NodeInfo a = Node("a");
+  (*a.mutable_package_sets())["flux-tiny/fp32/1024x1024"].add_digests("d");
+  (*a.mutable_package_sets())["flux-tiny/fp32/512x512"].add_digests("d");
+  kiln::v1::NodeInfo b = Node("b", "cuda");
+  (*b.mutable_package_sets())["flux-tiny/bf16/256x256"].add_digests("d");
+  (*b.mutable_package_sets())["flux-tiny/fp32/512x512"].add_digests("d");
+  b.add_models("flux-dev");  // no set declared: any size
+  EXPECT_EQ(DescribeServed({&a, &b}),
+            "flux-dev at any precision and size; flux-tiny bf16 at 256x256; flux-tiny fp32 at "
+            "512x512, 1024x1024");
+  EXPECT_EQ(DescribeServed({}), "nothing");
+}
+
+TEST(PlacementTest, CheckAnyServesNamesWhatIsMissing) {
+  kiln::v1::NodeInfo a = Node("a");
+  (*a.mutable_package_sets())["flux-tiny/fp32/512x256"].add_digests("d");
+  EXPECT_TRUE(CheckAnyServes({&a}, Spec("fp32")).ok());
+  EXPECT_TRUE(CheckAnyServes({&a}, Spec("")).ok());
+  absl::Status s = CheckAnyServes({&a}, Spec("bf16"));
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.message(),
+            "no registered node serves precision bf16 at 512x256 for model flux-tiny; the "
+            "cluster serves: flux-tiny fp32 at 512x256");
+  EXPECT_EQ(CheckAnyServes({}, Spec("")).code(), absl::StatusCode::kFailedPrecondition);
+  // Packages a node lacks and cannot compile may still arrive: it serves the job, though it
+  // cannot run it now.
+  kiln::v1::NodeInfo b = Node("b");
+  b.set_can_compile(false);
+  EXPECT_FALSE(CheckCapable(b, Spec("fp32")).ok());
+  EXPECT_TRUE(CheckServes(b, Spec("fp32")).ok());
+  EXPECT_TRUE(CheckAnyServes({&b}, Spec("fp32")).ok());
+}
+
 TEST(PlacementTest, CapabilityReasons) {
   auto cpu = Node("c");
   EXPECT_TRUE(CheckCapable(cpu, Spec("fp32")).ok());

@@ -313,14 +313,18 @@ def test_invalid_submit_names_the_field_and_resubmit_is_idempotent(pb, coordinat
         assert reply.error.code == "INVALID_ARGUMENT", bad
         assert reply.error.field == field, bad
 
-    reply = submit(spec(pb, "job-1"))
-    assert reply.error.code == "FAILED_PRECONDITION"  # no node ever served flux-tiny
-    assert "no node serves model flux-tiny" in reply.error.message
-
     node = FakeNode(pb, coordinator.ctx, coordinator.node_endpoint, "fake-0", hang=True)
     node.start()
     try:
         assert node.registered.wait(5), coordinator.logs()
+        # A model no registered node serves fails at once, naming what the cluster serves.
+        nobody = spec(pb, "job-0")
+        nobody.model = "nobody"
+        reply = submit(nobody)
+        assert reply.error.code == "FAILED_PRECONDITION", reply
+        assert reply.error.field == "spec.model"
+        assert reply.error.message.startswith("spec.model: no registered node serves model nobody; "
+                                              "the cluster serves: flux-tiny"), reply
         first = submit(spec(pb, "job-1"), "a")
         assert first.WhichOneof("body") == "job", first
         assert first.job.created

@@ -274,7 +274,12 @@ def test_registers_runs_a_job_byte_identical_to_kiln_run_and_deregisters(coordin
     progress = [e.progress for e in seen if e is not None and e.WhichOneof("body") == "progress"]
     assert all(p.job_id == "job-1" and p.total_steps == 4 for p in progress)
     assert [p.step for p in progress if p.phase == "denoising"] == [0, 1, 2, 3, 4]
-    assert [p.phase for p in progress][:2] == ["preparing", "text_encoding"]
+    # A cold start says what it does: the packages to get, then each package and its weights.
+    phases = [p.phase for p in progress]
+    assert phases[:2] == ["preparing", "fetching or compiling " + ", ".join(sorted(COMPONENTS))]
+    for c in COMPONENTS:
+        assert phases.index("loading package " + c) < phases.index("loading weights " + c)
+    assert phases.index("text_encoding") > phases.index("loading weights " + COMPONENTS[-1])
     assert progress[-1].phase == "decoding"
 
     # Heartbeats now report what is warm, and the same job again is warm (no cold start).
