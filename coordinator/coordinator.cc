@@ -342,6 +342,17 @@ void Coordinator::EnqueueCreated(const kiln::v1::JobSpec& spec) {
   Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
 }
 
+std::vector<kiln::v1::JobSpec> Coordinator::QueuedSpecs(size_t max) const {
+  std::vector<kiln::v1::JobSpec> out;
+  out.reserve(max > 0 ? std::min(max, queue_.size()) : queue_.size());
+  for (const auto& key : queue_) {
+    if (max > 0 && out.size() >= max) break;
+    auto it = active_.find(std::get<2>(key));
+    if (it != active_.end()) out.push_back(it->second.spec);
+  }
+  return out;
+}
+
 void Coordinator::Adopt(const JobInfo& job) {
   const std::string& id = job.spec().job_id();
   if (job.state() != kiln::v1::JOB_STATE_QUEUED || active_.count(id)) return;
@@ -853,11 +864,13 @@ void Coordinator::PlaceJobs() {
     double ready_s = 0;
     int active = 0;
     int64_t last_assigned_ms = 0;
-    const std::string* id = nullptr;
+    // The node's place in the kind's capable list, which NodeIndex sorts by node id: the last
+    // tie-break without comparing strings (the heaps are per kind, so ranks compare within one).
+    uint32_t rank = 0;
     size_t node = 0;  // into pass
     uint32_t version = 0;
     double cold_s = 0;
-    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, *id); }
+    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, rank); }
   };
   auto later = [](const HeapEntry& a, const HeapEntry& b) { return a.Key() > b.Key(); };
   struct Group {
@@ -881,7 +894,8 @@ void Coordinator::PlaceJobs() {
     bool shared = costs_.InSharedStore(job.kind);
     for (const auto& entry : capable) shared = shared || entry.warmth != Warmth::kCold;
     std::vector<int> group_of(classes.size(), -1);
-    for (const auto& entry : capable) {
+    for (uint32_t rank = 0; rank < capable.size(); ++rank) {
+      const auto& entry = capable[rank];
       const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
       if (pi < 0) continue;
       PassNode& p = pass[pi];
@@ -897,7 +911,7 @@ void Coordinator::PlaceJobs() {
                                 {}});
       }
       HeapEntry e;
-      e.id = &node.info.node_id();
+      e.rank = rank;
       e.node = static_cast<size_t>(pi);
       if (!p.cold) p.cold = costs_.ColdStarts(node.info.node_id(), node.device_class);
       e.cold_s = (*p.cold)[static_cast<int>(tier)];
@@ -927,7 +941,7 @@ void Coordinator::PlaceJobs() {
 
     // The node where this job is expected to finish first: the top of each class's heap.
     Group* best_group = nullptr;
-    std::tuple<double, int, int64_t, absl::string_view> best_key;
+    std::tuple<double, int, int64_t, uint32_t> best_key;
     for (Group& g : state.groups) {
       while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
         std::pop_heap(g.heap.begin(), g.heap.end(), later);
@@ -937,7 +951,7 @@ void Coordinator::PlaceJobs() {
       if (g.heap.empty()) continue;
       const HeapEntry& top = g.heap.front();
       auto k = std::make_tuple(top.ready_s + g.run.For(job.spec.steps()), top.active,
-                               top.last_assigned_ms, absl::string_view(*top.id));
+                               top.last_assigned_ms, top.rank);
       if (best_group == nullptr || k < best_key) {
         best_group = &g;
         best_key = k;

@@ -151,6 +151,10 @@ class Coordinator {
   // What placement has learned (run times per device class and job kind, cold starts per node).
   const CostModel& costs() const { return costs_; }
   size_t queue_depth() const { return queue_.size(); }
+  // The queued jobs' specs in queue order (priority, then submit order), from memory: what the
+  // status board reads instead of listing every queued job in the store each second. At most
+  // `max` when max > 0.
+  std::vector<kiln::v1::JobSpec> QueuedSpecs(size_t max = 0) const;
   size_t pending_waits() const { return waits_.size(); }
 
  private:
