@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from cluster_support import kiln, requires_cluster, start_cluster, stop_cluster
+from cluster_support import MODEL, kiln, requires_cluster, start_cluster, stop_cluster, wait_until
 
 pytestmark = requires_cluster
 
@@ -48,9 +48,11 @@ def test_up_advertise_reaches_every_process_at_the_advertised_host(tmp_path):
         assert node["metrics_url"].startswith(f"http://{HOST}:"), node
         assert "kiln_artifact_requests_total" in _get(node["metrics_url"])
         # The node registered its advertised metrics URL; the CLI reaches the coordinator at HOST.
-        sd = json.loads(_get(coord["metrics_url"].replace("/metrics", "/sd")))
-        assert [t for entry in sd for t in entry["targets"]] == [
-            node["metrics_url"].split("//")[1].split("/")[0]], sd
+        # (the status board's snapshot is refreshed once a second)
+        target = node["metrics_url"].split("//")[1].split("/")[0]
+        sd_url = coord["metrics_url"].replace("/metrics", "/sd")
+        wait_until(lambda: [t for entry in json.loads(_get(sd_url)) for t in entry["targets"]]
+                   == [target], 10, f"{target} in {sd_url}")
         nodes = json.loads(cluster.kiln("nodes", "--json", check=True).stdout)["nodes"]
         assert [(n["node_id"], n["state"]) for n in nodes] == [("node-1", "READY")]
     finally:
@@ -58,7 +60,8 @@ def test_up_advertise_reaches_every_process_at_the_advertised_host(tmp_path):
 
 
 def test_up_refuses_a_bad_advertise_host(tmp_path):
-    proc = kiln("up", "--detach", "--nodes", "1", "--models", "flux-tiny=/nonexistent",
+    proc = kiln("up", "--detach", "--nodes", "1", "--models", f"flux-tiny={MODEL}",
                 "--state-dir", str(tmp_path / "state"), "--advertise", "tcp://10.0.0.1:5")
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "advertise" in proc.stderr, proc.stderr
+    assert not (tmp_path / "state" / "cluster.json").exists()
