@@ -1,12 +1,12 @@
 """Submits/s and status/s through one kiln-coordinator on loopback, from several client processes.
 
     .venv/bin/python bench/submit_bench.py [--bin build/bin] [--clients 4] [--seconds 10]
-        [--stores memory,always,everysec]
+        [--stores memory,always,everysec] [--window 1]
 
 For each store it starts a kiln-coordinator (memory: in-memory store; always / everysec: a
 redis-server started here on an ephemeral port with AOF and that appendfsync, and the coordinator
 on --redis), registers one node for the model (it then falls silent: jobs stay queued, which is
-what Submit costs), and runs `clients` processes, each a DEALER with one request outstanding:
+what Submit costs), and runs `clients` processes, each a DEALER with `window` requests outstanding (default one):
 Submit for `seconds`, then Status of the jobs it submitted for `seconds`. Prints requests/s and
 p50/p99 latency (client send to reply) per store and phase. Needs protoc, pyzmq, protobuf.
 """
@@ -100,7 +100,8 @@ def register_node(pb, endpoint: str) -> None:
     ctx.destroy(linger=0)
 
 
-def client(pb_dir: str, endpoint: str, index: int, seconds: float, start_at: float, out) -> None:
+def client(pb_dir: str, endpoint: str, index: int, seconds: float, start_at: float, window: int,
+           out) -> None:
     sys.path.insert(0, pb_dir)
     pb = importlib.import_module("kiln_pb2")
     ctx = zmq.Context()
@@ -116,8 +117,12 @@ def client(pb_dir: str, endpoint: str, index: int, seconds: float, start_at: flo
         errors = 0
         end = time.perf_counter() + seconds
         n = 0
-        while time.perf_counter() < end:
+        sent: dict[str, tuple[float, str]] = {}  # request_id → (send time, job id)
+
+        def send() -> None:
+            nonlocal n
             env = pb.Envelope(protocol_version=1, request_id=str(n))
+            job_id = ""
             if phase == "submit":
                 job_id = f"c{index}-{n}"
                 s = env.submit.spec
@@ -126,19 +131,42 @@ def client(pb_dir: str, endpoint: str, index: int, seconds: float, start_at: flo
             else:
                 env.status.job_id = ids[n % len(ids)]
             data = env.SerializeToString()
-            t0 = time.perf_counter()
+            sent[str(n)] = (time.perf_counter(), job_id)
             sock.send(data)
+            n += 1
+
+        # `window` requests outstanding: each reply sends the next until time is up.
+        for _ in range(window):
+            send()
+        while sent:
             reply = pb.Envelope()
             reply.ParseFromString(sock.recv_multipart()[-1])
+            t0, job_id = sent.pop(reply.request_id)
             lat.append(time.perf_counter() - t0)
             if reply.WhichOneof("body") != "job":
                 errors += 1
             elif phase == "submit":
                 ids.append(job_id)
-            n += 1
+            if time.perf_counter() < end:
+                send()
         result[phase] = {"latencies": lat, "errors": errors}
     out.put(result)
     ctx.destroy(linger=0)
+
+
+def fsync_ms(directory: Path, n: int = 50) -> tuple[float, float]:
+    """p50 and p99 ms of a 100-byte append + fsync in `directory`: what one AOF fsync costs on
+    this disk now (with `appendfsync always` every write waits for one)."""
+    lat = []
+    with open(directory / "fsync-probe", "ab") as f:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f.write(b"x" * 100)
+            f.flush()
+            os.fsync(f.fileno())
+            lat.append(time.perf_counter() - t0)
+    os.unlink(directory / "fsync-probe")
+    return 1000 * percentile(lat, 0.5), 1000 * percentile(lat, 0.99)
 
 
 def percentile(v: list[float], p: float) -> float:
@@ -152,6 +180,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--stores", default="memory,always,everysec")
+    ap.add_argument("--window", type=int, default=1,
+                    help="requests each client keeps outstanding (pipelined on its DEALER)")
     args = ap.parse_args()
     binary = Path(args.bin) / "kiln-coordinator"
     with tempfile.TemporaryDirectory() as tmpname:
@@ -160,7 +190,8 @@ def main() -> int:
         pb_dir.mkdir()
         pb = load_pb(pb_dir)
         print(f"{'store':<18} {'phase':<7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'errors':>7}  ({args.clients} client processes, {args.seconds:.0f} s each)")
+              f"{'errors':>7}  ({args.clients} client processes x {args.window} outstanding, "
+              f"{args.seconds:.0f} s each)")
         for store in args.stores.split(","):
             redis = None
             extra: list[str] = []
@@ -170,13 +201,16 @@ def main() -> int:
                     continue
                 redis, url = start_redis(tmp, store)
                 extra = ["--redis", url]
+                p50, p99 = fsync_ms(tmp)
+                print(f"# fsync of 100 bytes in {tmp} before this run: p50 {p50:.2f} ms, "
+                      f"p99 {p99:.2f} ms", flush=True)
             coord, info = start_coordinator(binary, tmp, f"coordinator-{store}", extra)
             try:
                 register_node(pb, info["node_endpoint"])
                 q = mp.Queue()
                 start_at = time.time() + 1.0
                 procs = [mp.Process(target=client, args=(str(pb_dir), info["client_endpoint"], i,
-                                                         args.seconds, start_at, q))
+                                                         args.seconds, start_at, args.window, q))
                          for i in range(args.clients)]
                 for p in procs:
                     p.start()

@@ -81,6 +81,9 @@ std::vector<CommandSpec> MakeCommands() {
         {"start-timeout", true, "SECONDS",
          "how long to wait for every process to come up (default 60)"},
         {"bin-dir", true, "DIR", "where kiln-coordinator and kiln-node are (default: beside kiln)"},
+        {"advertise", true, "HOST",
+         "a host name or IPv4 address other hosts reach this one at: the coordinator and the "
+         "nodes bind every interface and advertise HOST (default: 127.0.0.1 only)"},
         {"redis", true, "URL|local",
          "cluster mode: jobs in Redis (redis://HOST:PORT/DB), also the nodes' shared package "
          "cache; `local` starts a redis-server (AOF, appendfsync always) under the state "

@@ -47,6 +47,7 @@ json ClusterState::ToJson() const {
   j["state_dir"] = state_dir;
   j["shared_cache"] = shared_cache;
   j["redis_url"] = redis_url;
+  j["advertise"] = advertise;
   j["models"] = models;
   j["device"] = device;
   j["precision"] = precision;
@@ -87,7 +88,7 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
   for (auto st :
        {Read(j, "version", &s.version, top), Read(j, "state", &s.state, top),
         Read(j, "state_dir", &s.state_dir, top), Read(j, "shared_cache", &s.shared_cache, top),
-        Read(j, "redis_url", &s.redis_url, top),
+        Read(j, "redis_url", &s.redis_url, top), Read(j, "advertise", &s.advertise, top),
         Read(j, "models", &s.models, top), Read(j, "device", &s.device, top),
         Read(j, "precision", &s.precision, top), Read(j, "heartbeat_ms", &s.heartbeat_ms, top),
         Read(j, "compile", &s.compile, top), Read(j, "compile_options", &s.compile_options, top),

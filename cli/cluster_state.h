@@ -55,6 +55,9 @@ struct ClusterState {
   // The shared package tier of every node: STATE/shared-cache, or in cluster mode the Redis URL.
   std::string shared_cache;
   std::string redis_url;  // cluster mode: every coordinator's --redis ("" = jobs in memory)
+  // `kiln up --advertise HOST`: the coordinator and the nodes bind every interface and advertise
+  // HOST (their --advertise); "" = loopback only.
+  std::string advertise;
   std::map<std::string, std::string> models;  // name → absolute model directory
   std::string device = "cpu";
   std::string precision = "fp32";

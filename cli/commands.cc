@@ -456,6 +456,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.detach = cl.Has("detach");
   options.bin_dir = cl.Get("bin-dir");
   options.redis = cl.Get("redis");
+  options.advertise = cl.Get("advertise");
   if (auto s = options.Validate(); !s.ok()) return UsageError(io, s, cl.spec);
   // Foreground: take Ctrl-C synchronously; block before any thread (ZeroMQ's) exists.
   if (!options.detach) BlockShutdownSignals();

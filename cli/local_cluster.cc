@@ -31,6 +31,7 @@
 #include "cli/coordinator_client.h"
 #include "cli/process.h"
 #include "cli/restart_backoff.h"
+#include "common/advertise.h"
 #include "common/clock.h"
 #include "common/files.h"
 #include "nlohmann/json.hpp"
@@ -252,14 +253,18 @@ absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& optio
   std::ofstream(coord.log, std::ios::app)
       << "=== kiln: starting the coordinator at unix ms " << UnixMs() << " ===\n";
   SpawnOptions spawn;
+  // With an advertise address: bind every interface, tell others HOST.
+  const std::string bind_host = state->advertise.empty() ? "127.0.0.1" : "0.0.0.0";
   if (reuse_endpoints) {
-    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=" + coord.client_endpoint,
-                  "--node_endpoint=" + coord.node_endpoint,
-                  "--metrics=" + MetricsAddress(coord.metrics_url)};
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe,
+                  "--client_endpoint=" + kiln::WithHost(coord.client_endpoint, bind_host),
+                  "--node_endpoint=" + kiln::WithHost(coord.node_endpoint, bind_host),
+                  "--metrics=" + MetricsAddress(kiln::WithHost(coord.metrics_url, bind_host))};
   } else {
-    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://127.0.0.1:0",
-                  "--node_endpoint=tcp://127.0.0.1:0", "--metrics=127.0.0.1:0"};
+    spawn.argv = {bin_dir + "/" + kCoordinatorExe, "--client_endpoint=tcp://" + bind_host + ":0",
+                  "--node_endpoint=tcp://" + bind_host + ":0", "--metrics=" + bind_host + ":0"};
   }
+  if (!state->advertise.empty()) spawn.argv.push_back("--advertise=" + state->advertise);
   spawn.argv.push_back("--endpoints_file=" + endpoints_file);
   if (!state->redis_url.empty()) spawn.argv.push_back("--redis=" + state->redis_url);
   if (options.heartbeat_ms > 0) {
@@ -303,9 +308,10 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
           "--precision=" + state.precision.substr(0, state.precision.find(',')),
           "--package_dir=" + node.package_dir,
           "--shared_cache=" + state.shared_cache,
-          "--metrics=127.0.0.1:0",
+          state.advertise.empty() ? "--metrics=127.0.0.1:0" : "--metrics=0.0.0.0:0",
           "--status_file=" + node.status_file};
   if (state.precision.find(',') != std::string::npos) argv.push_back("--precisions=" + state.precision);
+  if (!state.advertise.empty()) argv.push_back("--advertise=" + state.advertise);
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (!state.compile) argv.push_back("--no_compile");
   if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);
@@ -473,6 +479,7 @@ absl::Status UpOptions::Validate() const {
                        ") is not a diffusers model repository (no model_index.json)"));
     }
   }
+  if (auto s = kiln::ValidateAdvertiseHost(advertise, "advertise"); !s.ok()) return s;
   if (!redis.empty() && redis != "local" && !absl::StartsWith(redis, "redis://")) {
     return absl::InvalidArgumentError(
         absl::StrCat("redis: '", redis, "' is neither redis://HOST:PORT/DB nor local"));
@@ -521,6 +528,7 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.state_dir = Absolute(options.state_dir);
   const bool local_redis = options.redis == "local";
   state.redis_url = local_redis ? "" : options.redis;
+  state.advertise = options.advertise;
   state.shared_cache =
       options.redis.empty() ? state.state_dir + "/shared-cache" : state.redis_url;  // redis: below
   for (const auto& [name, dir] : options.models) state.models[name] = Absolute(dir);

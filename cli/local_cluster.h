@@ -49,6 +49,10 @@ struct UpOptions {
   // "local" does the same with a redis-server started under STATE/redis (AOF, appendfsync
   // always), supervised like the others and stopped by `kiln down`.
   std::string redis;
+  // A host name or IPv4 address other hosts reach this one at: the coordinator and the nodes
+  // bind every interface (0.0.0.0) and advertise HOST in their endpoints, registration and
+  // metrics URLs (their --advertise). "" binds and advertises 127.0.0.1 only.
+  std::string advertise;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;

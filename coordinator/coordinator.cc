@@ -6,6 +6,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -157,83 +158,30 @@ void Coordinator::RequeueUnclaimed() {
 
 absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitRequest& request) {
   const kiln::v1::JobSpec& spec = request.spec();
-  auto reject = [this](absl::Status s) {
-    metrics_.submissions_rejected.Increment();
-    return s;
-  };
-  if (auto s = ValidateJobSpec(spec, options_.limits); !s.ok()) return reject(s);
+  if (auto s = ValidateJobSpec(spec, options_.limits); !s.ok()) return CountRejected(s);
 
-  auto duplicate = [&](const JobInfo& existing) -> absl::StatusOr<kiln::v1::JobReply> {
-    const std::string diff = FirstDifference(existing.spec(), spec);
-    if (!diff.empty()) {
-      return reject(FieldError(absl::StatusCode::kAlreadyExists, "spec.job_id",
-                               absl::StrCat("job ", spec.job_id(),
-                                            " already exists with a different spec (", diff,
-                                            " differs)")));
-    }
-    metrics_.submissions_duplicate.Increment();
-    kiln::v1::JobReply reply;
-    *reply.mutable_job() = existing;
-    reply.mutable_job()->clear_png();
-    reply.set_created(false);
-    reply.set_final(true);
-    return reply;
-  };
-
-  // A store that cannot be reached, or that refuses this coordinator's writes (fenced: another
-  // coordinator leads now): nothing was stored, and the client is told so with UNAVAILABLE (try
-  // again, or elsewhere), never acknowledged.
-  auto unavailable = [&](const absl::Status& s) {
-    if (!absl::IsUnavailable(s) && !absl::IsFailedPrecondition(s)) return reject(s);
-    return reject(absl::UnavailableError(absl::StrCat(
-        "job ", spec.job_id(), " was not accepted: ", s.message(), "; submit it again later")));
-  };
   auto existing = store_.Get(spec.job_id());
   if (existing.ok()) {
     Adopt(*existing);
-    return duplicate(*existing);
+    return DuplicateReply(spec, *existing);
   }
-  if (!absl::IsNotFound(existing.status())) return unavailable(existing.status());
-
-  if (auto s = CheckServable(spec); !s.ok()) {
-    metrics_.submissions_unservable.Increment();
-    const bool model_listed = std::any_of(nodes_.begin(), nodes_.end(), [&](const auto& n) {
-      const auto& models = n.second.info.models();
-      return n.second.state != kiln::v1::NODE_STATE_LEFT &&
-             std::find(models.begin(), models.end(), spec.model()) != models.end();
-    });
-    return reject(model_listed ? s : FieldError(s.code(), "spec.model", s.message()));
-  }
-  const int64_t now_unix = clock_.UnixMs();
-  if (spec.deadline_unix_ms() > 0 && spec.deadline_unix_ms() <= now_unix) {
-    return reject(InvalidField("spec.deadline_unix_ms",
-                               absl::StrCat(spec.deadline_unix_ms(), " is in the past (now ",
-                                            now_unix, ")")));
-  }
-  if (queue_.size() >= options_.max_queued_jobs) {
-    return reject(absl::ResourceExhaustedError(
-        absl::StrCat("the queue is full (", queue_.size(), " jobs); try again later")));
-  }
+  if (!absl::IsNotFound(existing.status())) return NotAccepted(spec, existing.status());
+  if (auto s = Admit(spec, 0); !s.ok()) return CountRejected(s);
 
   JobInfo job;
   *job.mutable_spec() = spec;
   job.set_state(kiln::v1::JOB_STATE_QUEUED);
   job.set_total_steps(spec.steps());
-  job.set_submitted_unix_ms(now_unix);
+  job.set_submitted_unix_ms(clock_.UnixMs());
   job.set_phase("queued");
   auto created = store_.Create(job);
-  if (!created.ok()) return unavailable(created.status());
+  if (!created.ok()) return NotAccepted(spec, created.status());
   if (!created->created) {  // stored by an earlier attempt whose reply was lost, or another writer
     Adopt(created->job);
-    return duplicate(created->job);
+    return DuplicateReply(spec, created->job);
   }
 
-  metrics_.submissions_created.Increment();
-  ActiveJob active;
-  active.spec = spec;
-  active.seq = next_seq_++;
-  active.submitted_ms = active.enqueued_ms = clock_.NowMs();
-  Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
+  EnqueueCreated(spec);
   PlaceJobs();
   if (auto it = active_.find(spec.job_id());
       !placement_dirty_ && it != active_.end() && it->second.node_id.empty() &&
@@ -251,6 +199,178 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   reply.set_created(true);
   reply.set_final(true);
   return reply;
+}
+
+std::vector<absl::StatusOr<kiln::v1::JobReply>> Coordinator::SubmitBatch(
+    const std::vector<const kiln::v1::SubmitRequest*>& requests) {
+  std::vector<absl::StatusOr<kiln::v1::JobReply>> out(
+      requests.size(), absl::InternalError("submit: not handled"));
+  // Valid requests, each job_id once; a job_id repeated within the batch is submitted after the
+  // batch (it then finds the first).
+  std::vector<size_t> valid;
+  std::vector<size_t> repeats;
+  std::vector<std::string> ids;
+  absl::flat_hash_set<std::string> seen;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const kiln::v1::JobSpec& spec = requests[i]->spec();
+    if (auto s = ValidateJobSpec(spec, options_.limits); !s.ok()) {
+      out[i] = CountRejected(s);
+      continue;
+    }
+    if (!seen.insert(spec.job_id()).second) {
+      repeats.push_back(i);
+      continue;
+    }
+    valid.push_back(i);
+    ids.push_back(spec.job_id());
+  }
+
+  // Which exist already (one read), which are admitted, then one write for the new ones.
+  auto existing = store_.GetMany(ids);
+  std::vector<size_t> to_create;
+  std::vector<JobInfo> jobs;
+  const int64_t now_unix = clock_.UnixMs();
+  for (size_t n = 0; n < valid.size(); ++n) {
+    const size_t i = valid[n];
+    const kiln::v1::JobSpec& spec = requests[i]->spec();
+    if (existing[n].ok()) {
+      Adopt(*existing[n]);
+      out[i] = DuplicateReply(spec, *existing[n]);
+      continue;
+    }
+    if (!absl::IsNotFound(existing[n].status())) {
+      out[i] = NotAccepted(spec, existing[n].status());
+      continue;
+    }
+    if (auto s = Admit(spec, to_create.size()); !s.ok()) {
+      out[i] = CountRejected(s);
+      continue;
+    }
+    JobInfo job;
+    *job.mutable_spec() = spec;
+    job.set_state(kiln::v1::JOB_STATE_QUEUED);
+    job.set_total_steps(spec.steps());
+    job.set_submitted_unix_ms(now_unix);
+    job.set_phase("queued");
+    jobs.push_back(std::move(job));
+    to_create.push_back(i);
+  }
+  auto created = store_.CreateMany(jobs);
+  std::vector<size_t> fresh;
+  std::vector<std::string> fresh_ids;
+  for (size_t n = 0; n < to_create.size(); ++n) {
+    const size_t i = to_create[n];
+    const kiln::v1::JobSpec& spec = requests[i]->spec();
+    if (!created[n].ok()) {
+      out[i] = NotAccepted(spec, created[n].status());
+    } else if (!created[n]->created) {
+      Adopt(created[n]->job);
+      out[i] = DuplicateReply(spec, created[n]->job);
+    } else {
+      EnqueueCreated(spec);
+      fresh.push_back(i);
+      fresh_ids.push_back(spec.job_id());
+    }
+  }
+  PlaceJobs();
+  for (const std::string& id : fresh_ids) {
+    if (auto it = active_.find(id); !placement_dirty_ && it != active_.end() &&
+                                    it->second.node_id.empty() && it->second.waiting_reason.empty()) {
+      SetWaitingReason(id, it->second, WaitingReasonFor(it->second.spec));
+    }
+  }
+
+  // The replies show each new job as stored now (it may have been assigned).
+  auto now = store_.GetMany(fresh_ids);
+  for (size_t n = 0; n < fresh.size(); ++n) {
+    if (!now[n].ok()) {
+      out[fresh[n]] = now[n].status();
+      continue;
+    }
+    kiln::v1::JobReply reply;
+    *reply.mutable_job() = std::move(*now[n]);
+    reply.mutable_job()->clear_png();
+    reply.set_created(true);
+    reply.set_final(true);
+    out[fresh[n]] = std::move(reply);
+  }
+  for (size_t i : repeats) out[i] = Submit(*requests[i]);
+  return out;
+}
+
+absl::Status Coordinator::CountRejected(absl::Status s) {
+  metrics_.submissions_rejected.Increment();
+  return s;
+}
+
+absl::StatusOr<kiln::v1::JobReply> Coordinator::DuplicateReply(const kiln::v1::JobSpec& spec,
+                                                               const JobInfo& existing) {
+  const std::string diff = FirstDifference(existing.spec(), spec);
+  if (!diff.empty()) {
+    return CountRejected(FieldError(absl::StatusCode::kAlreadyExists, "spec.job_id",
+                                    absl::StrCat("job ", spec.job_id(),
+                                                 " already exists with a different spec (", diff,
+                                                 " differs)")));
+  }
+  metrics_.submissions_duplicate.Increment();
+  kiln::v1::JobReply reply;
+  *reply.mutable_job() = existing;
+  reply.mutable_job()->clear_png();
+  reply.set_created(false);
+  reply.set_final(true);
+  return reply;
+}
+
+// A store that cannot be reached, or that refuses this coordinator's writes (fenced: another
+// coordinator leads now): nothing was stored, and the client is told so with UNAVAILABLE (try
+// again, or elsewhere), never acknowledged.
+absl::Status Coordinator::NotAccepted(const kiln::v1::JobSpec& spec, const absl::Status& s) {
+  if (!absl::IsUnavailable(s) && !absl::IsFailedPrecondition(s)) return CountRejected(s);
+  return CountRejected(absl::UnavailableError(absl::StrCat(
+      "job ", spec.job_id(), " was not accepted: ", s.message(), "; submit it again later")));
+}
+
+absl::Status Coordinator::Admit(const kiln::v1::JobSpec& spec, size_t pending) {
+  if (auto s = CheckServable(spec); !s.ok()) {
+    metrics_.submissions_unservable.Increment();
+    const bool model_listed = std::any_of(nodes_.begin(), nodes_.end(), [&](const auto& n) {
+      const auto& models = n.second.info.models();
+      return n.second.state != kiln::v1::NODE_STATE_LEFT &&
+             std::find(models.begin(), models.end(), spec.model()) != models.end();
+    });
+    return model_listed ? s : FieldError(s.code(), "spec.model", s.message());
+  }
+  const int64_t now_unix = clock_.UnixMs();
+  if (spec.deadline_unix_ms() > 0 && spec.deadline_unix_ms() <= now_unix) {
+    return InvalidField("spec.deadline_unix_ms",
+                        absl::StrCat(spec.deadline_unix_ms(), " is in the past (now ", now_unix,
+                                     ")"));
+  }
+  if (queue_.size() + pending >= options_.max_queued_jobs) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the queue is full (", queue_.size(), " jobs); try again later"));
+  }
+  return absl::OkStatus();
+}
+
+void Coordinator::EnqueueCreated(const kiln::v1::JobSpec& spec) {
+  metrics_.submissions_created.Increment();
+  ActiveJob active;
+  active.spec = spec;
+  active.seq = next_seq_++;
+  active.submitted_ms = active.enqueued_ms = clock_.NowMs();
+  Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
+}
+
+std::vector<kiln::v1::JobSpec> Coordinator::QueuedSpecs(size_t max) const {
+  std::vector<kiln::v1::JobSpec> out;
+  out.reserve(max > 0 ? std::min(max, queue_.size()) : queue_.size());
+  for (const auto& key : queue_) {
+    if (max > 0 && out.size() >= max) break;
+    auto it = active_.find(std::get<2>(key));
+    if (it != active_.end()) out.push_back(it->second.spec);
+  }
+  return out;
 }
 
 void Coordinator::Adopt(const JobInfo& job) {
@@ -851,11 +971,13 @@ void Coordinator::PlaceJobs() {
     double ready_s = 0;
     int active = 0;
     int64_t last_assigned_ms = 0;
-    const std::string* id = nullptr;
+    // The node's place in the kind's capable list, which NodeIndex sorts by node id: the last
+    // tie-break without comparing strings (the heaps are per kind, so ranks compare within one).
+    uint32_t rank = 0;
     size_t node = 0;  // into pass
     uint32_t version = 0;
     double cold_s = 0;
-    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, *id); }
+    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, rank); }
   };
   auto later = [](const HeapEntry& a, const HeapEntry& b) { return a.Key() > b.Key(); };
   struct Group {
@@ -879,7 +1001,8 @@ void Coordinator::PlaceJobs() {
     bool shared = costs_.InSharedStore(job.kind);
     for (const auto& entry : capable) shared = shared || entry.warmth != Warmth::kCold;
     std::vector<int> group_of(classes.size(), -1);
-    for (const auto& entry : capable) {
+    for (uint32_t rank = 0; rank < capable.size(); ++rank) {
+      const auto& entry = capable[rank];
       const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
       if (pi < 0) continue;
       PassNode& p = pass[pi];
@@ -895,7 +1018,7 @@ void Coordinator::PlaceJobs() {
                                 {}});
       }
       HeapEntry e;
-      e.id = &node.info.node_id();
+      e.rank = rank;
       e.node = static_cast<size_t>(pi);
       if (!p.cold) p.cold = costs_.ColdStarts(node.info.node_id(), node.device_class);
       e.cold_s = (*p.cold)[static_cast<int>(tier)];
@@ -925,7 +1048,7 @@ void Coordinator::PlaceJobs() {
 
     // The node where this job is expected to finish first: the top of each class's heap.
     Group* best_group = nullptr;
-    std::tuple<double, int, int64_t, absl::string_view> best_key;
+    std::tuple<double, int, int64_t, uint32_t> best_key;
     for (Group& g : state.groups) {
       while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
         std::pop_heap(g.heap.begin(), g.heap.end(), later);
@@ -935,7 +1058,7 @@ void Coordinator::PlaceJobs() {
       if (g.heap.empty()) continue;
       const HeapEntry& top = g.heap.front();
       auto k = std::make_tuple(top.ready_s + g.run.For(job.spec.steps()), top.active,
-                               top.last_assigned_ms, absl::string_view(*top.id));
+                               top.last_assigned_ms, top.rank);
       if (best_group == nullptr || k < best_key) {
         best_group = &g;
         best_key = k;

@@ -108,6 +108,13 @@ class Coordinator {
   // registered yet"). A repeated job_id with the same spec returns the existing job with
   // created=false.
   absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::SubmitRequest& request);
+  // Group commit: the replies (in order) that Submit would give each request in turn, with the
+  // new jobs written to the store in one JobStore::CreateMany (RedisJobStore: one script, one
+  // fsync) and one placement pass after. Nothing is acknowledged before the store holds it: a
+  // failed write answers UNAVAILABLE to every request that needed it. The server loop calls this
+  // with the Submits that arrive together.
+  std::vector<absl::StatusOr<kiln::v1::JobReply>> SubmitBatch(
+      const std::vector<const kiln::v1::SubmitRequest*>& requests);
   // NotFound for an unknown job. The PNG only when include_png.
   absl::StatusOr<kiln::v1::JobReply> Status(const kiln::v1::StatusRequest& request);
   // A reply to send now: final when the job is finished or timeout_ms is 0; not final (the
@@ -162,6 +169,10 @@ class Coordinator {
   // What placement has learned (run times per device class and job kind, cold starts per node).
   const CostModel& costs() const { return costs_; }
   size_t queue_depth() const { return queue_.size(); }
+  // The queued jobs' specs in queue order (priority, then submit order), from memory: what the
+  // status board reads instead of listing every queued job in the store each second. At most
+  // `max` when max > 0.
+  std::vector<kiln::v1::JobSpec> QueuedSpecs(size_t max = 0) const;
   size_t pending_waits() const { return waits_.size(); }
 
  private:
@@ -205,6 +216,18 @@ class Coordinator {
   // Queues a QUEUED job the store holds but this coordinator does not (a Create whose reply was
   // lost during a Redis outage, then submitted again).
   void Adopt(const kiln::v1::JobInfo& job);
+  // Submit's pieces, shared with SubmitBatch. DuplicateReply: the reply to a Submit of a job_id
+  // that exists (created=false, or ALREADY_EXISTS naming the first differing field). Admit: the
+  // checks a new job passes before it is stored, with `pending` more jobs about to be queued.
+  // NotAccepted: a store error as the client sees it (UNAVAILABLE when it may try again).
+  // CountRejected: counts a refused Submit and returns its status.
+  absl::StatusOr<kiln::v1::JobReply> DuplicateReply(const kiln::v1::JobSpec& spec,
+                                                    const kiln::v1::JobInfo& existing);
+  absl::Status Admit(const kiln::v1::JobSpec& spec, size_t pending);
+  absl::Status NotAccepted(const kiln::v1::JobSpec& spec, const absl::Status& s);
+  absl::Status CountRejected(absl::Status s);
+  // Queues a job just created in the store.
+  void EnqueueCreated(const kiln::v1::JobSpec& spec);
 
   // Queue and placement. PlaceJobs() does nothing unless placement_dirty_. It walks the queue in
   // order and gives each job the READY node where it is expected to finish first (the node's

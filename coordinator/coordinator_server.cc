@@ -81,9 +81,9 @@ class ServerLoop {
       } catch (const zmq::error_t& e) {
         metrics_.internal_errors.Increment();
         Log(absl::StrCat("receive on the ", SideName(side), " socket failed: ", e.what()));
-        return;
+        break;
       }
-      if (!received) return;  // nothing more for now
+      if (!received) break;  // nothing more for now
       try {
         Handle(side, parts);
       } catch (const std::exception& e) {
@@ -93,6 +93,32 @@ class ServerLoop {
       }
       Flush();
     }
+    SubmitPending();
+  }
+
+  // Group commit: the Submits read in a row are written to the job store together
+  // (Coordinator::SubmitBatch: one script and one fsync in Redis) and answered after that write.
+  // Any other client message first submits those before it, so each client's requests are
+  // answered in the order it sent them.
+  void SubmitPending() {
+    if (pending_.empty()) return;
+    std::vector<const kiln::v1::SubmitRequest*> requests;
+    requests.reserve(pending_.size());
+    for (const PendingSubmit& p : pending_) requests.push_back(&p.envelope.submit());
+    try {
+      auto replies = coordinator_.SubmitBatch(requests);
+      for (size_t i = 0; i < pending_.size(); ++i) {
+        Answer(pending_[i].route, pending_[i].envelope.request_id(), std::move(replies[i]),
+               [](kiln::v1::Envelope& out, kiln::v1::JobReply r) {
+                 *out.mutable_job() = std::move(r);
+               });
+      }
+    } catch (const std::exception& e) {
+      metrics_.internal_errors.Increment();
+      Log(absl::StrCat("internal error handling ", pending_.size(), " submits: ", e.what()));
+    }
+    pending_.clear();
+    Flush();
   }
 
   void Tick(const std::function<void(const Coordinator&)>& after_tick) {
@@ -151,13 +177,15 @@ class ServerLoop {
     }
   }
 
-  void HandleClient(const Route& route, const kiln::v1::Envelope& env) {
-    const std::string& rid = env.request_id();
+  void HandleClient(const Route& route, kiln::v1::Envelope& env) {
     using E = kiln::v1::Envelope;
+    if (env.body_case() == E::kSubmit) {
+      pending_.push_back(PendingSubmit{route, std::move(env)});
+      return;
+    }
+    SubmitPending();
+    const std::string& rid = env.request_id();
     switch (env.body_case()) {
-      case E::kSubmit:
-        return Answer(route, rid, coordinator_.Submit(env.submit()),
-                      [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
       case E::kStatus:
         return Answer(route, rid, coordinator_.Status(env.status()),
                       [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
@@ -292,11 +320,17 @@ class ServerLoop {
     if (log_) log_(line);
   }
 
+  struct PendingSubmit {
+    Route route;
+    kiln::v1::Envelope envelope;
+  };
+
   const CoordinatorServerOptions& options_;
   Coordinator& coordinator_;
   CoordinatorMetrics& metrics_;
   const EventLog& log_;
   CoordinatorServer::Sockets& sockets_;
+  std::vector<PendingSubmit> pending_;  // Submits read but not yet stored (SubmitPending)
 };
 
 }  // namespace

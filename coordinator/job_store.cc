@@ -6,6 +6,22 @@
 
 namespace kiln::coordinator {
 
+std::vector<absl::StatusOr<JobStore::CreateResult>> JobStore::CreateMany(
+    const std::vector<kiln::v1::JobInfo>& jobs) {
+  std::vector<absl::StatusOr<CreateResult>> out;
+  out.reserve(jobs.size());
+  for (const auto& job : jobs) out.push_back(Create(job));
+  return out;
+}
+
+std::vector<absl::StatusOr<kiln::v1::JobInfo>> JobStore::GetMany(
+    const std::vector<std::string>& job_ids) const {
+  std::vector<absl::StatusOr<kiln::v1::JobInfo>> out;
+  out.reserve(job_ids.size());
+  for (const auto& id : job_ids) out.push_back(Get(id));
+  return out;
+}
+
 absl::StatusOr<JobStore::CreateResult> InMemoryJobStore::Create(const kiln::v1::JobInfo& job) {
   const std::string& id = job.spec().job_id();
   if (id.empty()) return absl::InvalidArgumentError("job store: empty job_id");

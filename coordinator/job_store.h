@@ -43,6 +43,16 @@ class JobStore {
       const std::string& job_id, const std::function<absl::Status(kiln::v1::JobInfo&)>& mutate) = 0;
   // Every job in `state`, oldest submission first, without their PNGs.
   virtual absl::StatusOr<std::vector<kiln::v1::JobInfo>> List(kiln::v1::JobState state) const = 0;
+
+  // Group commit: Create for each of `jobs`, in order, as one write where the store can (the
+  // RedisJobStore: one script, so one fsync under `appendfsync always`). One result per job; when
+  // the write as a whole fails (Redis unreachable, fenced) every result carries that error and
+  // nothing was stored. The default calls Create for each.
+  virtual std::vector<absl::StatusOr<CreateResult>> CreateMany(
+      const std::vector<kiln::v1::JobInfo>& jobs);
+  // Get for each id, in order, in one round trip where the store can. The default calls Get.
+  virtual std::vector<absl::StatusOr<kiln::v1::JobInfo>> GetMany(
+      const std::vector<std::string>& job_ids) const;
 };
 
 // True for SUCCEEDED, FAILED and CANCELLED (common/job_state.h).

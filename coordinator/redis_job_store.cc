@@ -83,6 +83,86 @@ end
 return out
 )lua";
 
+// Create for many jobs in one script: one fencing check, one AOF write (one fsync under
+// `appendfsync always`). KEYS: fence, seq, expiry. ARGV: 1 token, 2 job-key prefix, 3 state-set
+// prefix, 4 now unix ms, 5 retention ms, 6 number of terminal state numbers k, 7..6+k those, then
+// per job 5 values: id, info, png, state, terminal (0|1). Returns one entry per job: {0, info,
+// png} found, {1, version} created, {4, message} garbage under its key. Every job is checked
+// before anything is written.
+constexpr char kCreateManyScript[] = R"lua(
+local fence = redis.call('GET', KEYS[1])
+if fence ~= ARGV[1] then
+  return redis.error_reply('FAILED_PRECONDITION fenced: fencing token ' .. ARGV[1] ..
+    ' is not the current one (' .. tostring(fence) .. '); another coordinator leads')
+end
+local k = tonumber(ARGV[6])
+local first = 7 + k
+local types = {}
+for i = first, #ARGV, 5 do
+  types[#types + 1] = redis.call('TYPE', ARGV[2] .. ARGV[i])['ok']
+end
+local out = {}
+local j = 0
+for i = first, #ARGV, 5 do
+  j = j + 1
+  local id = ARGV[i]
+  local key = ARGV[2] .. id
+  local t = types[j]
+  if t == 'hash' then
+    local cur = redis.call('HMGET', key, 'info', 'png')
+    out[j] = {0, cur[1] or '', cur[2] or ''}
+  elseif t ~= 'none' then
+    out[j] = {4, 'job record ' .. key .. ' is a ' .. t .. ', not a kiln job hash'}
+  else
+    local seq = redis.call('INCR', KEYS[2])
+    redis.call('HSET', key, 'info', ARGV[i + 1], 'png', ARGV[i + 2], 'state', ARGV[i + 3],
+      'seq', seq)
+    local ver = redis.call('HINCRBY', key, 'ver', 1)
+    redis.call('ZADD', ARGV[3] .. ARGV[i + 3], seq, id)
+    if ARGV[i + 4] == '1' then
+      redis.call('PEXPIRE', key, ARGV[5])
+      redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) + tonumber(ARGV[5]), id)
+    else
+      redis.call('ZREM', KEYS[3], id)
+    end
+    out[j] = {1, ver}
+    -- A key in a batch twice: the second finds the first.
+    types[j] = 'hash'
+    for m = j + 1, #types do
+      if ARGV[first + (m - 1) * 5] == id then types[m] = 'hash' end
+    end
+  end
+end
+local now = tonumber(ARGV[4])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(gone) do
+  if redis.call('EXISTS', ARGV[2] .. id) == 0 then
+    for i = 7, 6 + k do redis.call('ZREM', ARGV[3] .. ARGV[i], id) end
+  end
+  redis.call('ZREM', KEYS[3], id)
+end
+return out
+)lua";
+
+// Get for many jobs. ARGV: 1 job-key prefix, then the ids. Returns one entry per id: {0} missing,
+// {1, info-or-false, png-or-false, ver-or-false}, {2, type} not a hash.
+constexpr char kGetManyScript[] = R"lua(
+local out = {}
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  local t = redis.call('TYPE', key)['ok']
+  if t == 'none' then
+    out[#out + 1] = {0}
+  elseif t == 'hash' then
+    local cur = redis.call('HMGET', key, 'info', 'png', 'ver')
+    out[#out + 1] = {1, cur[1], cur[2], cur[3]}
+  else
+    out[#out + 1] = {2, t}
+  end
+end
+return out
+)lua";
+
 prometheus::Counter& ErrorCounter(prometheus::Registry& registry, const char* kind) {
   return prometheus::BuildCounter()
       .Name("kiln_job_store_errors_total")
@@ -258,6 +338,132 @@ absl::StatusOr<kiln::v1::JobInfo> RedisJobStore::Update(
   return Count(absl::AbortedError(absl::StrCat("job store: job ", job_id, " changed under ",
                                                options_.max_update_attempts,
                                                " updates in a row")));
+}
+
+std::vector<absl::StatusOr<JobStore::CreateResult>> RedisJobStore::CreateMany(
+    const std::vector<kiln::v1::JobInfo>& jobs) {
+  std::vector<absl::StatusOr<CreateResult>> out(jobs.size(),
+                                                absl::InternalError("job store: not written"));
+  if (jobs.empty()) return out;
+  const std::string p = options_.key_prefix;
+  std::vector<std::string> args = {std::to_string(token_.load()), p + ":job:", p + ":state:",
+                                   std::to_string(clock_.UnixMs()),
+                                   std::to_string(options_.retention_ms), "3"};
+  for (auto s : {kiln::v1::JOB_STATE_SUCCEEDED, kiln::v1::JOB_STATE_FAILED,
+                 kiln::v1::JOB_STATE_CANCELLED}) {
+    args.push_back(std::to_string(static_cast<int>(s)));
+  }
+  std::vector<size_t> sent;  // index in `jobs` of each job in the script
+  sent.reserve(jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const kiln::v1::JobInfo& job = jobs[i];
+    const std::string& id = job.spec().job_id();
+    if (id.empty()) {
+      out[i] = absl::InvalidArgumentError("job store: empty job_id");
+      continue;
+    }
+    kiln::v1::JobInfo info = job;
+    info.clear_png();
+    std::string bytes;
+    if (!info.SerializeToString(&bytes)) {
+      out[i] = Count(absl::InternalError(absl::StrCat("job store: cannot serialize job ", id)));
+      continue;
+    }
+    args.push_back(id);
+    args.push_back(std::move(bytes));
+    args.push_back(job.png());
+    args.push_back(std::to_string(static_cast<int>(job.state())));
+    args.push_back(IsTerminal(job.state()) ? "1" : "0");
+    sent.push_back(i);
+  }
+  if (sent.empty()) return out;
+  auto reply = client_->Eval(redis::ScriptFor<kCreateManyScript>(),
+                             {FenceKey(), p + ":seq", p + ":expiry"}, args);
+  absl::Status failed;
+  if (!reply.ok()) {
+    failed = Count(reply.status());
+  } else if (reply->type != redis::Reply::Type::kArray ||
+             reply->elements.size() != sent.size()) {
+    failed = Count(absl::InternalError("job store: unexpected reply from the create script"));
+  }
+  if (!failed.ok()) {
+    for (size_t i : sent) out[i] = failed;
+    return out;
+  }
+  for (size_t n = 0; n < sent.size(); ++n) {
+    const size_t i = sent[n];
+    const std::string& id = jobs[i].spec().job_id();
+    const redis::Reply& r = reply->elements[n];
+    if (r.type != redis::Reply::Type::kArray || r.elements.empty() ||
+        r.elements[0].type != redis::Reply::Type::kInteger) {
+      out[i] = Count(absl::InternalError("job store: unexpected entry from the create script"));
+      continue;
+    }
+    const int64_t kind = r.elements[0].integer;
+    if (kind == 1) {
+      out[i] = CreateResult{jobs[i], true};
+    } else if (kind == 0 && r.elements.size() == 3) {
+      auto existing = Parse(id, r.elements[1].str, r.elements[2].str);
+      if (existing.ok()) {
+        out[i] = CreateResult{std::move(*existing), false};
+      } else {
+        out[i] = Count(existing.status());
+      }
+    } else if (kind == 4 && r.elements.size() == 2) {
+      out[i] = Count(absl::DataLossError(absl::StrCat("job store: ", r.elements[1].str)));
+    } else {
+      out[i] = Count(absl::InternalError("job store: unexpected entry from the create script"));
+    }
+  }
+  return out;
+}
+
+std::vector<absl::StatusOr<kiln::v1::JobInfo>> RedisJobStore::GetMany(
+    const std::vector<std::string>& job_ids) const {
+  std::vector<absl::StatusOr<kiln::v1::JobInfo>> out;
+  if (job_ids.empty()) return out;
+  std::vector<std::string> args = {options_.key_prefix + ":job:"};
+  args.insert(args.end(), job_ids.begin(), job_ids.end());
+  auto reply = client_->Eval(redis::ScriptFor<kGetManyScript>(), {}, args);
+  absl::Status failed;
+  if (!reply.ok()) {
+    failed = Count(reply.status());
+  } else if (reply->type != redis::Reply::Type::kArray ||
+             reply->elements.size() != job_ids.size()) {
+    failed = Count(absl::InternalError("job store: unexpected reply from the get script"));
+  }
+  if (!failed.ok()) return std::vector<absl::StatusOr<kiln::v1::JobInfo>>(job_ids.size(), failed);
+  out.reserve(job_ids.size());
+  for (size_t i = 0; i < job_ids.size(); ++i) {
+    const std::string& id = job_ids[i];
+    const redis::Reply& r = reply->elements[i];
+    const auto& e = r.elements;
+    if (r.type != redis::Reply::Type::kArray || e.empty() ||
+        e[0].type != redis::Reply::Type::kInteger) {
+      out.push_back(Count(absl::InternalError("job store: unexpected entry from the get script")));
+    } else if (e[0].integer == 0) {
+      out.push_back(absl::NotFoundError(absl::StrCat("job ", id, " not found")));
+    } else if (e[0].integer == 2 && e.size() == 2) {
+      out.push_back(Count(absl::DataLossError(absl::StrCat(
+          "job store: job record ", JobKey(id), " is a ", e[1].str, ", not a kiln job hash"))));
+    } else if (e[0].integer == 1 && e.size() == 4) {
+      // A Lua false (missing field) arrives as nil.
+      if (e[1].is_nil()) {
+        out.push_back(Count(absl::DataLossError(
+            absl::StrCat("job store: the record under ", JobKey(id), " has no job info"))));
+        continue;
+      }
+      auto job = Parse(id, e[1].str, e[2].is_nil() ? "" : e[2].str);
+      if (job.ok()) {
+        out.push_back(std::move(job));
+      } else {
+        out.push_back(Count(job.status()));
+      }
+    } else {
+      out.push_back(Count(absl::InternalError("job store: unexpected entry from the get script")));
+    }
+  }
+  return out;
 }
 
 absl::StatusOr<std::vector<kiln::v1::JobInfo>> RedisJobStore::List(

@@ -13,7 +13,8 @@
 // Every write is one Lua script that first checks that this store's fencing token is P:fence's
 // value: a coordinator that lost its lease (paused, partitioned) and wakes up cannot overwrite
 // anything (FAILED_PRECONDITION "fenced: ..."). Create is atomic (create-if-absent in the script:
-// idempotent across restarts and coordinators); Update is optimistic (read, mutate, write if the
+// idempotent across restarts and coordinators; CreateMany does the same for a whole batch of
+// jobs in one script — the group commit of the coordinator's Submits); Update is optimistic (read, mutate, write if the
 // record's version is unchanged, retried). Errors: UNAVAILABLE while Redis cannot be reached (the
 // write did not happen, or — for a reply lost after the write — is idempotent to retry),
 // FAILED_PRECONDITION when fenced, DATA_LOSS for garbage under P:job:<id>. List skips garbage
@@ -69,6 +70,14 @@ class RedisJobStore : public JobStore {
       const std::string& job_id,
       const std::function<absl::Status(kiln::v1::JobInfo&)>& mutate) override;
   absl::StatusOr<std::vector<kiln::v1::JobInfo>> List(kiln::v1::JobState state) const override;
+  // One script for all of `jobs` (one fencing check, one AOF write and fsync). Per job: created,
+  // found (CreateResult.created = false), DATA_LOSS for garbage under its key, InvalidArgument for
+  // an empty id; UNAVAILABLE / fenced for every job when the script does not run.
+  std::vector<absl::StatusOr<CreateResult>> CreateMany(
+      const std::vector<kiln::v1::JobInfo>& jobs) override;
+  // One read-only script for all ids.
+  std::vector<absl::StatusOr<kiln::v1::JobInfo>> GetMany(
+      const std::vector<std::string>& job_ids) const override;
 
   std::string JobKey(const std::string& job_id) const;
   std::string FenceKey() const { return options_.key_prefix + ":fence"; }

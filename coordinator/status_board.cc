@@ -157,20 +157,30 @@ void StatusBoard::Refresh(const Coordinator& coordinator, const JobStore& store)
     }
     for (auto& j : *jobs) into->push_back(std::move(j));
   };
-  read(kiln::v1::JOB_STATE_QUEUED, &queued);
-  read(kiln::v1::JOB_STATE_RUNNING, &running);
-  if (snap->store.ok()) {
-    std::vector<kiln::v1::JobSpec> queued_specs;
-    for (const auto& j : queued) queued_specs.push_back(j.spec());
-    metrics_.SetScalingSignal(scaling_.Compute(nodes, queued_specs));
+  // Queued jobs from the coordinator's memory (its queue can hold 100,000; listing them all in the
+  // store every second would stall the poll loop), the first `queued_jobs` read from the store.
+  const std::vector<kiln::v1::JobSpec> queued_specs = coordinator.QueuedSpecs();
+  {
+    std::vector<std::string> ids;
+    for (size_t i = 0; i < queued_specs.size() && i < options_.queued_jobs; ++i) {
+      ids.push_back(queued_specs[i].job_id());
+    }
+    for (auto& job : store.GetMany(ids)) {
+      if (job.ok()) {
+        if (job->state() == kiln::v1::JOB_STATE_QUEUED) queued.push_back(std::move(*job));
+      } else if (!absl::IsNotFound(job.status()) && snap->store.ok()) {
+        snap->store = job.status();
+      }
+    }
   }
+  read(kiln::v1::JOB_STATE_RUNNING, &running);
+  if (snap->store.ok()) metrics_.SetScalingSignal(scaling_.Compute(nodes, queued_specs));
   std::deque<std::string> recent_ids;
   {
     absl::MutexLock lock(&recent_mu_);
     recent_ids = recent_ids_;
   }
-  for (const std::string& id : recent_ids) {
-    auto job = store.Get(id);
+  for (auto& job : store.GetMany({recent_ids.begin(), recent_ids.end()})) {
     if (job.ok()) {
       finished.push_back(std::move(*job));
     } else if (!absl::IsNotFound(job.status()) && snap->store.ok()) {

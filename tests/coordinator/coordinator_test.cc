@@ -1483,6 +1483,74 @@ class FlakyStore : public JobStore {
   InMemoryJobStore inner_;
 };
 
+TEST_F(CoordinatorTest, SubmitBatchAnswersAsSubmitsInTurn) {
+  Register(Node("n1"));
+  MustSubmit(Spec("old"));  // takes n1
+  Assigned();
+  JobSpec changed = Spec("old");
+  changed.set_prompt("something else");
+  JobSpec bad = Spec("bad");
+  bad.set_width(17);
+  JobSpec unknown = Spec("unknown");
+  unknown.set_model("no-such-model");
+  std::vector<kiln::v1::SubmitRequest> requests(7);
+  const JobSpec specs[] = {Spec("a"), bad, Spec("old"), changed, unknown, Spec("b"), Spec("a")};
+  std::vector<const kiln::v1::SubmitRequest*> pointers;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    *requests[i].mutable_spec() = specs[i];
+    pointers.push_back(&requests[i]);
+  }
+  auto replies = c().SubmitBatch(pointers);
+  ASSERT_EQ(replies.size(), 7u);
+  ASSERT_TRUE(replies[0].ok()) << replies[0].status();
+  EXPECT_TRUE(replies[0]->created());
+  EXPECT_TRUE(replies[0]->final());
+  EXPECT_EQ(replies[0]->job().state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(replies[1].status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ErrorField(replies[1].status()), "spec.width");
+  ASSERT_TRUE(replies[2].ok());
+  EXPECT_FALSE(replies[2]->created());
+  EXPECT_EQ(replies[2]->job().state(), kiln::v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(replies[3].status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(replies[4].status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(replies[5].ok());
+  EXPECT_TRUE(replies[5]->created());
+  ASSERT_TRUE(replies[6].ok());  // "a" again in the same batch finds the first
+  EXPECT_FALSE(replies[6]->created());
+  EXPECT_EQ(c().queue_depth(), 2u);
+  EXPECT_EQ(metrics_.submissions_created.Value(), 3);
+  EXPECT_EQ(metrics_.submissions_duplicate.Value(), 2);
+  EXPECT_EQ(metrics_.submissions_rejected.Value(), 3);
+  // n1 frees: the batch's jobs run in submit order.
+  ASSERT_TRUE(Result("n1", "old").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "a", 1u)));
+}
+
+TEST_F(CoordinatorTest, SubmitBatchWithTheStoreDownAcceptsNothing) {
+  FlakyStore store;
+  auto created = Coordinator::Create(CoordinatorOptions{}, store, clock_, metrics_);
+  ASSERT_TRUE(created.ok());
+  Coordinator& c = **created;
+  kiln::v1::RegisterNode reg;
+  *reg.mutable_info() = Node("n1");
+  ASSERT_TRUE(c.RegisterNode("n1", reg).ok());
+  std::vector<kiln::v1::SubmitRequest> requests(3);
+  std::vector<const kiln::v1::SubmitRequest*> pointers;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    *requests[i].mutable_spec() = Spec(absl::StrCat("j", i));
+    pointers.push_back(&requests[i]);
+  }
+  store.fail_creates = true;
+  for (const auto& r : c.SubmitBatch(pointers)) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(std::string(r.status().message()), HasSubstr("was not accepted"));
+  }
+  EXPECT_EQ(c.queue_depth(), 0u);
+  for (const auto& out : c.TakeOutgoing()) EXPECT_FALSE(out.envelope.has_assign());
+  store.fail_creates = false;
+  for (const auto& r : c.SubmitBatch(pointers)) EXPECT_TRUE(r.ok()) << r.status();
+}
+
 TEST_F(CoordinatorTest, StoreFailuresAreReportedCountedAndRetried) {
   FlakyStore store;
   store.fail_reads = true;

@@ -217,6 +217,54 @@ TEST_F(RedisJobStoreTest, WritesWithAStaleFencingTokenAreRefused) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(RedisJobStoreTest, CreateManyIsOneWriteWithPerJobOutcomes) {
+  ASSERT_TRUE(store_->Create(MakeJob("old")).ok());
+  ASSERT_TRUE(Raw({"SET", store_->JobKey("garbage"), "x"}).ok());
+  JobInfo old_again = MakeJob("old");
+  old_again.mutable_spec()->set_prompt("other");
+  auto results = store_->CreateMany(
+      {MakeJob("a"), old_again, MakeJob("garbage"), MakeJob(""), MakeJob("b"), MakeJob("a")});
+  ASSERT_EQ(results.size(), 6u);
+  ASSERT_TRUE(results[0].ok()) << results[0].status();
+  EXPECT_TRUE(results[0]->created);
+  ASSERT_TRUE(results[1].ok()) << results[1].status();
+  EXPECT_FALSE(results[1]->created);
+  EXPECT_EQ(results[1]->job.spec().prompt(), "a lighthouse");  // the stored one
+  EXPECT_EQ(results[2].status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(results[3].status().code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(results[4].ok());
+  EXPECT_TRUE(results[4]->created);
+  ASSERT_TRUE(results[5].ok());  // the same id twice in one batch: the second finds the first
+  EXPECT_FALSE(results[5]->created);
+  auto queued = store_->List(kiln::v1::JOB_STATE_QUEUED);
+  ASSERT_TRUE(queued.ok());
+  ASSERT_EQ(queued->size(), 3u);
+  EXPECT_EQ((*queued)[1].spec().job_id(), "a");  // creation order, as Create
+  EXPECT_EQ((*queued)[2].spec().job_id(), "b");
+
+  auto got = store_->GetMany({"a", "nope", "garbage", "old"});
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[0]->spec().job_id(), "a");
+  EXPECT_EQ(got[1].status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(got[2].status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(got[3]->state(), kiln::v1::JOB_STATE_QUEUED);
+
+  // Fenced or unreachable: every job of the batch gets the error, nothing is written.
+  store_->SetFencingToken(lease_->token() + 1);
+  for (const auto& r : store_->CreateMany({MakeJob("c"), MakeJob("d")})) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  }
+  EXPECT_EQ(store_->Get("c").status().code(), absl::StatusCode::kNotFound);
+  store_->SetFencingToken(lease_->token());
+  server_.Kill();
+  for (const auto& r : store_->CreateMany({MakeJob("e"), MakeJob("f")})) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  }
+  for (const auto& r : store_->GetMany({"a", "b"})) {
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  }
+}
+
 TEST_F(RedisJobStoreTest, LeaseRenewalAndRelease) {
   prometheus::Registry b_registry;
   auto b_lease = NewLease("coordinator-b", b_registry);
