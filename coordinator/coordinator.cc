@@ -511,14 +511,13 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
                  !SameList(info.packages(), message.packages());
   *info.mutable_loaded_packages() = message.loaded_packages();
   *info.mutable_packages() = message.packages();
+  int ignored_sets = 0;  // entries past the bounds: ignored, the rest of the heartbeat counts
   for (const auto& [key, set] : message.package_sets()) {
     auto* sets = info.mutable_package_sets();
     if (set.digests_size() > static_cast<int>(options_.max_digests_per_package_set) ||
         (!sets->contains(key) && sets->size() >= options_.max_package_sets_per_node)) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "heartbeat.package_sets: node ", node_id, " would declare more than ",
-          options_.max_package_sets_per_node, " package sets or a set of more than ",
-          options_.max_digests_per_package_set, " digests; the extra entries were ignored"));
+      ++ignored_sets;
+      continue;
     }
     kiln::v1::PackageSet& mine = (*sets)[key];
     if (SameList(mine.digests(), set.digests())) continue;
@@ -550,6 +549,13 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
     SendToNode(node_id, std::move(env));
   }
   PlaceJobs();
+  if (ignored_sets > 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "heartbeat.package_sets: ", ignored_sets, " entries of node ", node_id,
+        " ignored: more than ", options_.max_package_sets_per_node,
+        " package sets per node, or more than ", options_.max_digests_per_package_set,
+        " digests in a set"));
+  }
   return absl::OkStatus();
 }
 
