@@ -79,13 +79,15 @@ def load_generator():
     return module
 
 
-def submit_expiring_job(kiln_pb2, endpoint: str) -> str:
+def submit_expiring_job(kiln_pb2, endpoint: str, cluster=None) -> str:
     """Submits an fp8 job no CPU node can run, with a deadline 1.5 s away: it fails with
     DEADLINE_EXCEEDED (a failure the dashboards' failure panels must show)."""
     import zmq
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if cluster is not None:
+        cluster.apply_keys(sock)
     sock.connect(endpoint)
     try:
         env = kiln_pb2.Envelope(protocol_version=1, request_id="obs-expire")
@@ -150,7 +152,7 @@ def observed(tmp_path_factory, kiln_pb2):
         threads = [threading.Thread(target=generate, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
-        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint)
+        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint, cluster)
         for t in threads:
             t.join()
         for i, proc in results.items():
@@ -298,7 +300,7 @@ def test_health_endpoints_through_a_nodes_and_the_coordinators_life(observed, tm
     lonely = subprocess.Popen(
         [os.path.join(BIN, "kiln-node"), "--coordinator", f"tcp://127.0.0.1:{free_port()}",
          "--model", f"flux-tiny={MODEL}", "--package_dir", str(tmp_path / "pk"),
-         "--node_id", "lonely", "--metrics", "127.0.0.1:0"],
+         "--node_id", "lonely", "--metrics", "127.0.0.1:0", "--insecure_plaintext"],
         stderr=subprocess.PIPE, text=True)
     try:
         url = None
