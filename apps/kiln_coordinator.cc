@@ -79,6 +79,9 @@ ABSL_FLAG(bool, insecure_plaintext, false,
 ABSL_FLAG(int64_t, run_timeout_min_ms, 600000,
           "a running job gets at least this long (ms) before it is requeued for lack of a "
           "result (its timeout is 4x its expected time when that is longer); 0 = no timeout");
+ABSL_FLAG(double, run_timeout_factor, 4.0,
+          "a running job's timeout is this many times its expected cold start + run time (the "
+          "coordinator's cost model), at least --run_timeout_min_ms");
 ABSL_FLAG(std::string, redis, "",
           "redis://HOST:PORT/DB: keep jobs and results in Redis and run active/standby with the "
           "other coordinators on it (empty: jobs in memory)");
@@ -123,6 +126,7 @@ int main(int argc, char** argv) {
   options.max_attempts = static_cast<uint32_t>(std::max(0, absl::GetFlag(FLAGS_max_attempts)));
   options.max_jobs_per_node = absl::GetFlag(FLAGS_max_jobs_per_node);
   options.run_timeout_min_ms = absl::GetFlag(FLAGS_run_timeout_min_ms);
+  options.run_timeout_factor = absl::GetFlag(FLAGS_run_timeout_factor);
   if (options.run_timeout_min_ms == 0) options.run_timeout_factor = 0;
   if (auto s = options.Validate(); !s.ok()) return Fail(s);
   const std::string advertise = absl::GetFlag(FLAGS_advertise);
