@@ -537,6 +537,8 @@ absl::Status UpOptions::Validate() const {
 std::string DefaultBinDir() { return kiln::ExecutableDir(); }
 
 absl::Status ProvisionClusterKeys(const KeyFiles& keys) {
+  std::error_code ec;
+  fs::create_directories(fs::path(keys.dir).parent_path(), ec);  // the state directory
   for (const std::string& dir : {keys.dir, keys.node_dir(), keys.client_dir(), keys.admin_dir()}) {
     if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
       return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", dir));
