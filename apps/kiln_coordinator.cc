@@ -3,12 +3,16 @@
 //                    [--node_endpoint tcp://127.0.0.1:7701] [--metrics 127.0.0.1:9400]
 //                    [--endpoints_file PATH] [--heartbeat_ms 1000] [--max_attempts 3]
 //                    [--log_format text|json]
+//                    (--key coordinator.key --node_keys F --client_keys F [--admin_keys F]
+//                     | --insecure_plaintext)
 //                    [--redis redis://HOST:PORT/DB [--lease_ttl_ms 3000] [--retention_s 86400]
 //                     [--redis_prefix kiln]]
 // Without --redis, jobs live in memory (local mode). With --redis, jobs and results live in Redis
 // and the process runs active/standby: it binds nothing until it holds the leader lease, then
 // rebuilds its queue from Redis and serves; it steps down (and waits as a standby again) if it
-// loses the lease. Port 0 picks a free port; --endpoints_file then tells the chosen ones (written
+// loses the lease. Transport: CURVE with the --key pair; peers are let in by the allowlists
+// (a file of keys or a directory of *.pub files, re-read when they change and on SIGHUP); see
+// docs/security.md. --insecure_plaintext turns authentication off (development only; logged). Port 0 picks a free port; --endpoints_file then tells the chosen ones (written
 // once it serves). Runs until SIGTERM or SIGINT. Exit status: 0 after a clean shutdown, 2 bad
 // flags, 1 other failure (e.g. cannot bind in local mode).
 #include <signal.h>
@@ -28,6 +32,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/advertise.h"
 #include "common/clock.h"
+#include "common/curve_keys.h"
 #include "common/flags.h"
 #include "common/log.h"
 #include "common/log_flags.h"
@@ -58,6 +63,25 @@ ABSL_FLAG(int, max_attempts, 3, "assignments per job before a node loss fails it
 ABSL_FLAG(int, max_jobs_per_node, 1, "jobs a node runs at once");
 ABSL_FLAG(int64_t, max_message_bytes, 64 << 20,
           "largest inbound message in bytes; a peer sending more is disconnected");
+ABSL_FLAG(std::string, key, "",
+          "this coordinator's CURVE key pair (NAME.key from `kiln keys new`); required unless "
+          "--insecure_plaintext");
+ABSL_FLAG(std::string, node_keys, "",
+          "allowlist of node public keys: a file of 'Z85KEY [name]' lines or a directory of "
+          "*.pub files; re-read on change and on SIGHUP");
+ABSL_FLAG(std::string, client_keys, "",
+          "allowlist of client public keys (they see and cancel their own jobs)");
+ABSL_FLAG(std::string, admin_keys, "",
+          "allowlist of admin public keys (every job, drain and other node operations)");
+ABSL_FLAG(bool, insecure_plaintext, false,
+          "no CURVE, no authentication: anyone who reaches the ports is an admin or a node "
+          "(development only)");
+ABSL_FLAG(int64_t, run_timeout_min_ms, 600000,
+          "a running job gets at least this long (ms) before it is requeued for lack of a "
+          "result (its timeout is 4x its expected time when that is longer); 0 = no timeout");
+ABSL_FLAG(double, run_timeout_factor, 4.0,
+          "a running job's timeout is this many times its expected cold start + run time (the "
+          "coordinator's cost model), at least --run_timeout_min_ms");
 ABSL_FLAG(std::string, redis, "",
           "redis://HOST:PORT/DB: keep jobs and results in Redis and run active/standby with the "
           "other coordinators on it (empty: jobs in memory)");
@@ -94,12 +118,16 @@ int main(int argc, char** argv) {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGTERM);
   sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGHUP);  // reload the key allowlists
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   kiln::coordinator::CoordinatorOptions options;
   options.heartbeat_interval_ms = absl::GetFlag(FLAGS_heartbeat_ms);
   options.max_attempts = static_cast<uint32_t>(std::max(0, absl::GetFlag(FLAGS_max_attempts)));
   options.max_jobs_per_node = absl::GetFlag(FLAGS_max_jobs_per_node);
+  options.run_timeout_min_ms = absl::GetFlag(FLAGS_run_timeout_min_ms);
+  options.run_timeout_factor = absl::GetFlag(FLAGS_run_timeout_factor);
+  if (options.run_timeout_min_ms == 0) options.run_timeout_factor = 0;
   if (auto s = options.Validate(); !s.ok()) return Fail(s);
   const std::string advertise = absl::GetFlag(FLAGS_advertise);
   if (auto s = kiln::ValidateAdvertiseHost(advertise, "--advertise"); !s.ok()) return Fail(s);
@@ -107,12 +135,49 @@ int main(int argc, char** argv) {
   server_options.client_endpoint = absl::GetFlag(FLAGS_client_endpoint);
   server_options.node_endpoint = absl::GetFlag(FLAGS_node_endpoint);
   server_options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  if (absl::GetFlag(FLAGS_insecure_plaintext)) {
+    if (!absl::GetFlag(FLAGS_key).empty()) {
+      return Fail(absl::InvalidArgumentError("--key and --insecure_plaintext exclude each other"));
+    }
+    for (int i = 0; i < 3; ++i) {
+      kiln::LogWarning("main",
+                       "INSECURE: --insecure_plaintext: no encryption, no authentication; anyone "
+                       "who reaches the ports can submit, read and cancel every job and act as a "
+                       "node. Development only.");
+    }
+  } else {
+    if (absl::GetFlag(FLAGS_key).empty()) {
+      return Fail(kiln::InvalidField(
+          "key", "required: this coordinator's CURVE key pair (`kiln keys new coordinator`), or "
+                 "--insecure_plaintext for development"));
+    }
+    auto pair = kiln::ReadCurveKeyPair(absl::GetFlag(FLAGS_key));
+    if (!pair.ok()) return Fail(pair.status());
+    server_options.curve_secret_key = pair->secret_key;
+    server_options.auth.allowlists.node_keys = absl::GetFlag(FLAGS_node_keys);
+    server_options.auth.allowlists.client_keys = absl::GetFlag(FLAGS_client_keys);
+    server_options.auth.allowlists.admin_keys = absl::GetFlag(FLAGS_admin_keys);
+    if (server_options.auth.allowlists.node_keys.empty()) {
+      return Fail(kiln::InvalidField("node_keys", "required with --key (who may be a node)"));
+    }
+    if (server_options.auth.allowlists.client_keys.empty() &&
+        server_options.auth.allowlists.admin_keys.empty()) {
+      return Fail(kiln::InvalidField("client_keys", "--client_keys or --admin_keys is required"));
+    }
+    // Fail at start, not at the first handshake, on an unreadable list.
+    if (auto lists = kiln::coordinator::KeyAllowlist::Load(server_options.auth.allowlists);
+        !lists.ok()) {
+      return Fail(lists.status());
+    }
+    kiln::LogInfo("main", absl::StrCat("CURVE on; coordinator public key ", pair->public_key));
+  }
   if (auto s = server_options.Validate(); !s.ok()) return Fail(s);
 
   const kiln::coordinator::EventLog log = kiln::LineLogger("coordinator");
   auto metrics_server = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
   if (!metrics_server.ok()) return Fail(metrics_server.status());
   kiln::coordinator::CoordinatorMetrics metrics((*metrics_server)->registry());
+  server_options.auth_registry = &(*metrics_server)->registry();
   kiln::SystemClock clock;
   const std::string metrics_url = (*metrics_server)->url();
   // /sd, /status/ and /readyz on the metrics port, fed from the serving poll thread (a standby
@@ -153,7 +218,10 @@ int main(int argc, char** argv) {
     auto serving = serve(store);
     if (!serving.ok()) return Fail(serving.status());
     int signal = 0;
-    sigwait(&stop_signals, &signal);
+    while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
+      log("SIGHUP: reloading the key allowlists");
+      serving->second->ReloadKeys();
+    }
     log(absl::StrCat("stopping (", signal == SIGTERM ? "SIGTERM" : "SIGINT", ")"));
     serving->second->Stop();
     log("stopped");
@@ -243,6 +311,10 @@ int main(int argc, char** argv) {
     timespec wait{interval_ms / 1000, (interval_ms % 1000) * 1000000};
     signal = sigtimedwait(&stop_signals, nullptr, &wait);
     if (signal == SIGTERM || signal == SIGINT) break;
+    if (signal == SIGHUP && server != nullptr) {
+      log("SIGHUP: reloading the key allowlists");
+      server->ReloadKeys();
+    }
   }
   log(absl::StrCat("stopping (", signal == SIGTERM ? "SIGTERM" : "SIGINT", ")"));
   step_down();

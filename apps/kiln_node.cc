@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/curve_keys.h"
 #include "common/advertise.h"
 #include "common/flags.h"
 #include "common/files.h"
@@ -34,6 +35,14 @@ ABSL_FLAG(std::string, coordinator, "",
           "the coordinator's node endpoint, tcp://HOST:PORT, or every coordinator's as a comma "
           "list (tried in turn) (required)");
 ABSL_FLAG(std::string, node_id, "", "node id (default: HOSTNAME-PID)");
+ABSL_FLAG(std::string, key, "",
+          "this node's CURVE key pair (NAME.key from `kiln keys new`); its public key must be in "
+          "the coordinator's --node_keys. Required unless --insecure_plaintext");
+ABSL_FLAG(std::string, coordinator_key, "",
+          "the coordinator's CURVE public key (coordinator.pub)");
+ABSL_FLAG(bool, insecure_plaintext, false,
+          "connect without CURVE (the coordinator must run with --insecure_plaintext too; "
+          "development only)");
 ABSL_FLAG(std::vector<std::string>, model, {},
           "NAME=DIR of a served model (diffusers layout); repeatable, or comma-separated");
 ABSL_FLAG(std::vector<std::string>, models, {}, "same as --model");
@@ -115,6 +124,25 @@ int main(int argc, char** argv) {
   kiln::node::NodeOptions& options = process.node;
   options.coordinator = absl::GetFlag(FLAGS_coordinator);
   if (options.coordinator.empty()) return BadInput("--coordinator is required");
+  if (absl::GetFlag(FLAGS_insecure_plaintext)) {
+    if (!absl::GetFlag(FLAGS_key).empty() || !absl::GetFlag(FLAGS_coordinator_key).empty()) {
+      return BadInput("--insecure_plaintext excludes --key and --coordinator_key");
+    }
+    kiln::LogWarning("main",
+                     "INSECURE: --insecure_plaintext: the connection to the coordinator is neither "
+                     "encrypted nor authenticated. Development only.");
+  } else {
+    if (absl::GetFlag(FLAGS_key).empty() || absl::GetFlag(FLAGS_coordinator_key).empty()) {
+      return BadInput(
+          "--key and --coordinator_key are required (CURVE), or --insecure_plaintext for "
+          "development");
+    }
+    auto curve = kiln::LoadCurveClient(absl::GetFlag(FLAGS_key),
+                                       absl::GetFlag(FLAGS_coordinator_key), "--key",
+                                       "--coordinator_key");
+    if (!curve.ok()) return Fail(curve.status());
+    options.curve = *curve;
+  }
   char host[256] = {};
   gethostname(host, sizeof(host) - 1);
   options.hostname = host;

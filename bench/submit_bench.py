@@ -71,7 +71,7 @@ def start_coordinator(binary: Path, tmp: Path, name: str, extra: list[str]):
     proc = subprocess.Popen(
         [str(binary), "--client_endpoint", "tcp://127.0.0.1:0", "--node_endpoint",
          "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0", "--endpoints_file", str(endpoints),
-         "--log_format", "text", *extra], stdout=log, stderr=subprocess.STDOUT)
+         "--log_format", "text", "--insecure_plaintext", *extra], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while not endpoints.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

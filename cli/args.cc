@@ -19,6 +19,14 @@ std::vector<FlagSpec> ClientFlags() {
        "coordinator client endpoint(s), e.g. tcp://127.0.0.1:5555, or every coordinator's as a "
        "comma list (else $KILN_COORDINATOR, else STATE/cluster.json)"},
       {"state-dir", true, "DIR", "local cluster state directory (default .kiln/cluster)"},
+      {"key", true, "FILE",
+       "this client's CURVE key pair, NAME.key from `kiln keys new` (else $KILN_KEY, else the "
+       "local cluster's admin key)"},
+      {"server-key", true, "FILE",
+       "the coordinator's CURVE public key, coordinator.pub (else $KILN_SERVER_KEY, else the "
+       "local cluster's)"},
+      {"insecure-plaintext", false, "",
+       "no CURVE: talk to a coordinator started with --insecure_plaintext"},
       {"request-timeout", true, "SECONDS",
        "how long the coordinator may take to answer a request (default 10)"},
       {"retry-for", true, "SECONDS",
@@ -88,6 +96,8 @@ std::vector<CommandSpec> MakeCommands() {
          "cluster mode: jobs in Redis (redis://HOST:PORT/DB), also the nodes' shared package "
          "cache; `local` starts a redis-server (AOF, appendfsync always) under the state "
          "directory (default: jobs in memory)"},
+        {"insecure-plaintext", false, "",
+         "no keys, no encryption, no authentication (development only)"},
         kJson}});
   c.push_back({"down",
                "",
@@ -142,6 +152,10 @@ std::vector<CommandSpec> MakeCommands() {
                         {"timeout", true, "SECONDS",
                          "local node: wait this long for it to exit before SIGKILL (default 120)"},
                         kJson}})});
+  c.push_back({"keys", "new NAME", 2, 2,
+               "make a CURVE key pair: NAME.key (secret, mode 0600) and NAME.pub",
+               {{"dir", true, "DIR", "where to write them (default .; created 0700)"},
+                {"force", false, "", "overwrite existing files"}}});
   c.push_back({"help", "[COMMAND]", 0, 1, "show this help, or one command's", {}});
   return c;
 }

@@ -54,6 +54,7 @@ json ClusterState::ToJson() const {
   j["heartbeat_ms"] = heartbeat_ms;
   j["compile"] = compile;
   j["compile_options"] = compile_options;
+  j["keys_dir"] = keys_dir;
   j["detached"] = detached;
   j["supervisor_pid"] = supervisor_pid;
   j["started_unix_ms"] = started_unix_ms;
@@ -92,7 +93,7 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
         Read(j, "models", &s.models, top), Read(j, "device", &s.device, top),
         Read(j, "precision", &s.precision, top), Read(j, "heartbeat_ms", &s.heartbeat_ms, top),
         Read(j, "compile", &s.compile, top), Read(j, "compile_options", &s.compile_options, top),
-        Read(j, "detached", &s.detached, top),
+        Read(j, "detached", &s.detached, top), Read(j, "keys_dir", &s.keys_dir, top),
         Read(j, "supervisor_pid", &s.supervisor_pid, top),
         Read(j, "started_unix_ms", &s.started_unix_ms, top),
         Read(j, "stopped_unix_ms", &s.stopped_unix_ms, top)}) {

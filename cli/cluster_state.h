@@ -65,6 +65,9 @@ struct ClusterState {
   bool compile = true;   // nodes may compile missing packages
   std::string compile_options;  // JSON object given to every node (--compile_options); "" = default
   bool detached = false;
+  // CURVE keys of this cluster (cli/local_cluster.h: KeysLayout): STATE/keys; "" = plaintext
+  // (`kiln up --insecure-plaintext`).
+  std::string keys_dir;
   int supervisor_pid = 0;  // the foreground `kiln up`, 0 when detached
   int64_t started_unix_ms = 0;
   int64_t stopped_unix_ms = 0;

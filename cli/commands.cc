@@ -76,6 +76,21 @@ absl::StatusOr<std::string> ResolveCoordinator(const CommandLine& cl, Io& io) {
   return state->coordinator.client_endpoint;
 }
 
+// The client's CURVE keys: --key/--server-key, else $KILN_KEY/$KILN_SERVER_KEY, else the local
+// cluster's admin key when STATE/cluster.json has keys; plaintext with --insecure-plaintext or
+// when none of these exists.
+absl::StatusOr<CurveClient> ResolveCurve(const CommandLine& cl, Io& io) {
+  if (cl.Has("insecure-plaintext")) return CurveClient{};
+  std::string key = cl.Get("key", io.getenv("KILN_KEY"));
+  std::string server = cl.Get("server-key", io.getenv("KILN_SERVER_KEY"));
+  if (key.empty() && server.empty()) {
+    auto state = LoadClusterState(StateDir(cl));
+    if (state.ok() && !state->keys_dir.empty()) return AdminCurveClient(*state);
+    return CurveClient{};
+  }
+  return LoadCurveClient(key, server, "--key", "--server-key");
+}
+
 absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const CommandLine& cl, Io& io) {
   auto endpoint = ResolveCoordinator(cl, io);
   if (!endpoint.ok()) return endpoint.status();
@@ -89,6 +104,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const CommandLine& cl
   if (*retry_for_s < 0) return absl::InvalidArgumentError("--retry-for: must be >= 0");
   ClientOptions options;
   options.endpoint = *endpoint;
+  auto curve = ResolveCurve(cl, io);
+  if (!curve.ok()) return curve.status();
+  options.curve = *curve;
   options.request_timeout_ms = static_cast<int>(*timeout_s * 1000);
   options.failover.retry_for_ms = static_cast<int64_t>(*retry_for_s * 1000);
   // A note per retry, so a failover or restart is visible but not an error.
@@ -314,6 +332,25 @@ int CmdNodes(const CommandLine& cl, Io& io) {
   return kExitOk;
 }
 
+int CmdKeys(const CommandLine& cl, Io& io) {
+  if (cl.positional[0] != "new") {
+    return UsageError(io,
+                      absl::InvalidArgumentError(absl::StrCat(
+                          "unknown keys subcommand '", cl.positional[0], "' (want: new NAME)")),
+                      cl.spec);
+  }
+  const std::string& name = cl.positional[1];
+  const std::string dir = cl.Get("dir", ".");
+  auto pair = NewCurveKeyPair();
+  if (!pair.ok()) return Fail(io, pair.status());
+  if (auto s = WriteCurveKeyFiles(dir, name, *pair, cl.Has("force")); !s.ok()) {
+    return Fail(io, s);
+  }
+  io.out << dir << "/" << name << ".key (secret, 0600)\n"
+         << dir << "/" << name << ".pub  public-key = \"" << pair->public_key << "\"\n";
+  return kExitOk;
+}
+
 int CmdDrain(const CommandLine& cl, Io& io) {
   auto client = Connect(cl, io);
   if (!client.ok()) return Fail(io, client.status());
@@ -457,6 +494,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.bin_dir = cl.Get("bin-dir");
   options.redis = cl.Get("redis");
   options.advertise = cl.Get("advertise");
+  options.insecure_plaintext = cl.Has("insecure-plaintext");
   if (auto s = options.Validate(); !s.ok()) return UsageError(io, s, cl.spec);
   // Foreground: take Ctrl-C synchronously; block before any thread (ZeroMQ's) exists.
   if (!options.detach) BlockShutdownSignals();
@@ -611,6 +649,7 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (name == "drain") return CmdDrain(*cl, io);
   if (name == "uncordon") return CmdUncordon(*cl, io);
   if (name == "remove-node") return CmdRemoveNode(*cl, io);
+  if (name == "keys") return CmdKeys(*cl, io);
   return CmdHelp(*cl, io);
 }
 

@@ -36,6 +36,7 @@ struct CoordinatorClient::Socket {
   zmq::context_t context{1};
   zmq::socket_t socket{context, zmq::socket_type::dealer};
   zmq::socket_t monitor{context, zmq::socket_type::pair};
+  bool handshake_refused = false;  // CURVE: the coordinator refused our key (or we its)
 
   // True when the monitor reported the connection closed (drains every queued event).
   bool Disconnected() {
@@ -47,6 +48,9 @@ struct CoordinatorClient::Socket {
       uint16_t id = 0;
       if (event.size() >= sizeof(id)) std::memcpy(&id, event.data(), sizeof(id));
       if (id == ZMQ_EVENT_DISCONNECTED) closed = true;
+      if (id == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH || id == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) {
+        handshake_refused = true;
+      }
     }
   }
 };
@@ -112,11 +116,13 @@ absl::Status CoordinatorClient::Reconnect() {
     const std::string monitor_address =
         absl::StrCat("inproc://kiln-client-monitor-", getpid(), "-", monitors++);
     if (zmq_socket_monitor(socket->socket.handle(), monitor_address.c_str(),
-                           ZMQ_EVENT_DISCONNECTED) != 0) {
+                           ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH |
+                               ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL) != 0) {
       throw zmq::error_t();
     }
     socket->monitor.set(zmq::sockopt::linger, 0);
     socket->monitor.connect(monitor_address);
+    if (auto s = ApplyCurveClient(socket->socket.handle(), options_.curve); !s.ok()) return s;
     socket->socket.connect(endpoint);
     socket_ = std::move(socket);
   } catch (const zmq::error_t& e) {
@@ -182,6 +188,14 @@ absl::StatusOr<kiln::v1::Envelope> CoordinatorClient::CallOnce(
       }
       zmq::poll(&out_item, 1, std::chrono::milliseconds(std::min<int64_t>(left, 100)));
       if (out_item.revents & ZMQ_POLLOUT) break;
+      (void)socket_->Disconnected();
+      if (socket_->handshake_refused) {
+        return absl::PermissionDeniedError(absl::StrCat(
+            "the coordinator at ", endpoint,
+            " refused this client's CURVE handshake: its key is not in the coordinator's "
+            "allowlists, or --server-key is not the coordinator's public key",
+            options_.curve.enabled() ? "" : " (this client has no key: pass --key)"));
+      }
     }
     if (!socket_->socket.send(zmq::buffer(frame), zmq::send_flags::dontwait)) return timed_out();
     zmq::pollitem_t in_items[] = {{socket_->socket.handle(), 0, ZMQ_POLLIN, 0},

@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "cli/failover.h"
 #include "common/clock.h"
+#include "common/curve_keys.h"
 #include "common/job_state.h"
 #include "common/proto/kiln.pb.h"
 #include "common/status.h"
@@ -43,6 +44,8 @@ struct ClientOptions {
   int connect_timeout_ms = 2000;   // a try with no connection after this long moves on (ms)
   FailoverOptions failover;        // retries across the endpoints; retry_for_ms 0: one try only
   RetryFn on_retry = nullptr;      // told of each retry (the CLI prints a note); may be null
+  CurveClient curve;               // CURVE keys (this client's pair, the coordinator's public
+                                   // key); disabled: plaintext
 
   // InvalidArgument naming the field.
   absl::Status Validate() const;

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -243,6 +244,14 @@ std::string MetricsAddress(const std::string& url) {
 // then `save` is called so a failure during the wait still leaves the pid in cluster.json).
 // `reuse_endpoints`: bind the endpoints state->coordinator records (a restart: nodes and clients
 // know them); else free loopback ports.
+// Flags that give kiln-coordinator its keys and allowlists, or plaintext.
+std::vector<std::string> CoordinatorKeyFlags(const ClusterState& state) {
+  if (state.keys_dir.empty()) return {"--insecure_plaintext"};
+  const KeyFiles keys(state.keys_dir);
+  return {"--key=" + keys.coordinator_key(), "--node_keys=" + keys.node_dir(),
+          "--client_keys=" + keys.client_dir(), "--admin_keys=" + keys.admin_dir()};
+}
+
 absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& options,
                               bool reuse_endpoints, int timeout_ms, ClusterState* state,
                               const std::function<absl::Status()>& save) {
@@ -266,6 +275,7 @@ absl::Status StartCoordinator(const std::string& bin_dir, const UpOptions& optio
   }
   if (!state->advertise.empty()) spawn.argv.push_back("--advertise=" + state->advertise);
   spawn.argv.push_back("--endpoints_file=" + endpoints_file);
+  for (std::string& flag : CoordinatorKeyFlags(*state)) spawn.argv.push_back(std::move(flag));
   if (!state->redis_url.empty()) spawn.argv.push_back("--redis=" + state->redis_url);
   if (options.heartbeat_ms > 0) {
     spawn.argv.push_back(absl::StrCat("--heartbeat_ms=", options.heartbeat_ms));
@@ -315,6 +325,13 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (!state.compile) argv.push_back("--no_compile");
   if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);
+  if (state.keys_dir.empty()) {
+    argv.push_back("--insecure_plaintext");
+  } else {
+    const KeyFiles keys(state.keys_dir);
+    argv.push_back("--key=" + keys.node_key(node.node_id));
+    argv.push_back("--coordinator_key=" + keys.coordinator_pub());
+  }
   return launch;
 }
 
@@ -324,6 +341,15 @@ namespace {
 absl::Status SpawnNode(const std::string& bin_dir, const ClusterState& state, NodeProcess* node,
                        bool die_with_parent) {
   if (auto s = MakeDirs(node->package_dir); !s.ok()) return s;
+  if (!state.keys_dir.empty()) {
+    const KeyFiles keys(state.keys_dir);
+    const std::string pub = keys.node_dir() + "/" + node->node_id + ".pub";
+    const bool is_new = !fs::exists(pub);
+    if (auto s = ProvisionNodeKey(keys, node->node_id); !s.ok()) return s;
+    // The coordinator notices a new allowlist file within a second; SIGHUP makes it re-read at
+    // once, before the node's first handshake (a refused handshake is not retried).
+    if (is_new && state.coordinator.pid > 0) kill(state.coordinator.pid, SIGHUP);
+  }
   RemoveFile(node->status_file);
   std::ofstream(node->log, std::ios::app)
       << "=== kiln: starting " << node->node_id << " at unix ms " << UnixMs() << " ===\n";
@@ -377,6 +403,9 @@ absl::Status WaitNodeReady(CoordinatorClient& client, NodeProcess* node, int tim
 absl::StatusOr<std::unique_ptr<CoordinatorClient>> ClientFor(const ClusterState& state) {
   ClientOptions options;
   options.endpoint = state.coordinator.client_endpoint;
+  auto curve = AdminCurveClient(state);
+  if (!curve.ok()) return curve.status();
+  options.curve = *curve;
   options.request_timeout_ms = 5000;
   options.failover.retry_for_ms = 0;  // the callers poll in their own loops
   return CoordinatorClient::Connect(options);
@@ -518,6 +547,36 @@ absl::Status UpOptions::Validate() const {
 
 std::string DefaultBinDir() { return kiln::ExecutableDir(); }
 
+absl::Status ProvisionClusterKeys(const KeyFiles& keys) {
+  std::error_code ec;
+  fs::create_directories(fs::path(keys.dir).parent_path(), ec);  // the state directory
+  for (const std::string& dir : {keys.dir, keys.node_dir(), keys.client_dir(), keys.admin_dir()}) {
+    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
+      return absl::ErrnoToStatus(errno, absl::StrCat("cannot create ", dir));
+    }
+  }
+  for (auto [dir, name] : {std::pair{keys.dir, "coordinator"}, std::pair{keys.admin_dir(), "admin"}}) {
+    if (fs::exists(absl::StrCat(dir, "/", name, ".key"))) continue;
+    auto pair = NewCurveKeyPair();
+    if (!pair.ok()) return pair.status();
+    if (auto s = WriteCurveKeyFiles(dir, name, *pair, /*overwrite=*/true); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ProvisionNodeKey(const KeyFiles& keys, const std::string& node_id) {
+  if (fs::exists(keys.node_key(node_id))) return absl::OkStatus();
+  auto pair = NewCurveKeyPair();
+  if (!pair.ok()) return pair.status();
+  return WriteCurveKeyFiles(keys.node_dir(), node_id, *pair, /*overwrite=*/true);
+}
+
+absl::StatusOr<CurveClient> AdminCurveClient(const ClusterState& state) {
+  if (state.keys_dir.empty()) return CurveClient{};
+  const KeyFiles keys(state.keys_dir);
+  return LoadCurveClient(keys.admin_key(), keys.coordinator_pub());
+}
+
 absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream& log) {
   if (auto s = options.Validate(); !s.ok()) return s;
   const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
@@ -538,6 +597,13 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.compile = options.compile;
   state.compile_options = options.compile_options;
   state.detached = options.detach;
+  if (!options.insecure_plaintext) {
+    state.keys_dir = state.state_dir + "/keys";
+    if (auto s = ProvisionClusterKeys(KeyFiles(state.keys_dir)); !s.ok()) return s;
+  } else {
+    log << "kiln: WARNING: --insecure-plaintext: no encryption and no authentication; anyone "
+           "who reaches the ports can act as a client (admin) or a node\n";
+  }
   state.supervisor_pid = options.detach ? 0 : getpid();
   state.started_unix_ms = UnixMs();
   state.state = "starting";
@@ -567,6 +633,14 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
     state.shared_cache = state.redis_url;
     log << "kiln: redis-server up (pid " << state.redis.pid << ", " << state.redis_url
         << ", AOF in " << state.redis.dir << ")\n";
+  }
+  if (!state.keys_dir.empty()) {  // the first nodes' keys are in the allowlist from the start
+    const int count = options.gpus.empty() ? options.nodes : static_cast<int>(options.gpus.size());
+    for (int i = 1; i <= count; ++i) {
+      if (auto s = ProvisionNodeKey(KeyFiles(state.keys_dir), absl::StrCat("node-", i)); !s.ok()) {
+        return s;
+      }
+    }
   }
   if (auto s = StartCoordinator(bin_dir, options, /*reuse_endpoints=*/false,
                                 options.start_timeout_ms, &state, [&] {

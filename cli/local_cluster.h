@@ -24,6 +24,7 @@
 #include "cli/cluster_state.h"
 #include "cli/coordinator_client.h"
 #include "common/proto/kiln.pb.h"
+#include "common/curve_keys.h"
 
 namespace kiln::cli {
 
@@ -53,10 +54,38 @@ struct UpOptions {
   // bind every interface (0.0.0.0) and advertise HOST in their endpoints, registration and
   // metrics URLs (their --advertise). "" binds and advertises 127.0.0.1 only.
   std::string advertise;
+  // false: CURVE keys made under STATE/keys (KeyFiles) and used by every process; true: plaintext
+  // (no authentication; development only).
+  bool insecure_plaintext = false;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
 };
+
+// A local cluster's CURVE keys, all under ClusterState.keys_dir (STATE/keys, mode 0700):
+//   coordinator.key / coordinator.pub   the coordinator's pair
+//   nodes/<node id>.key / .pub          one pair per node; nodes/ is the node allowlist
+//   admins/admin.key / .pub             the local user's key; admins/ is the admin allowlist
+//   clients/                            the client allowlist (empty; `kiln keys new NAME --dir
+//                                       STATE/keys/clients` adds a client without a restart)
+struct KeyFiles {
+  explicit KeyFiles(std::string dir) : dir(std::move(dir)) {}
+  std::string dir;
+  std::string coordinator_key() const { return dir + "/coordinator.key"; }
+  std::string coordinator_pub() const { return dir + "/coordinator.pub"; }
+  std::string node_dir() const { return dir + "/nodes"; }
+  std::string node_key(const std::string& node_id) const { return node_dir() + "/" + node_id + ".key"; }
+  std::string client_dir() const { return dir + "/clients"; }
+  std::string admin_dir() const { return dir + "/admins"; }
+  std::string admin_key() const { return admin_dir() + "/admin.key"; }
+};
+// Creates the directories and the coordinator's and admin's pairs that are missing (kept across
+// restarts of the cluster).
+absl::Status ProvisionClusterKeys(const KeyFiles& keys);
+// Creates nodes/<node_id>.key/.pub if missing.
+absl::Status ProvisionNodeKey(const KeyFiles& keys, const std::string& node_id);
+// The admin's client side for `state` (disabled for a plaintext cluster).
+absl::StatusOr<CurveClient> AdminCurveClient(const ClusterState& state);
 
 struct AddNodeOptions {
   std::string state_dir = ".kiln/cluster";

@@ -3,6 +3,8 @@
 #include <errno.h>  // program_invocation_short_name
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <mutex>
 #include <utility>
@@ -10,6 +12,8 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/clock.h"
+#include "google/protobuf/stubs/logging.h"
 #include "common/status.h"
 #include "nlohmann/json.hpp"
 
@@ -68,6 +72,7 @@ absl::StatusOr<LogFormat> ParseLogFormat(absl::string_view text) {
 }
 
 void ConfigureLogging(LogOptions options) {
+  InstallProtobufLogHandler();
   Logger& logger = TheLogger();
   std::lock_guard<std::mutex> lock(logger.mu);
   logger.options = std::move(options);
@@ -117,5 +122,64 @@ std::function<void(const std::string& line)> LineLogger(std::string component, L
     Log(level, component, line);
   };
 }
+
+bool LogRateLimiter::Allow(int64_t now_ms, int64_t* suppressed) {
+  if (last_ms_ >= 0 && now_ms > last_ms_) {
+    tokens_ = std::min(burst_, tokens_ + (now_ms - last_ms_) * per_second_ / 1000.0);
+  }
+  if (last_ms_ < 0 || now_ms > last_ms_) last_ms_ = now_ms;
+  if (tokens_ < 1.0) {
+    ++suppressed_;
+    return false;
+  }
+  tokens_ -= 1.0;
+  *suppressed = suppressed_;
+  suppressed_ = 0;
+  return true;
+}
+
+namespace {
+
+struct ProtobufLogState {
+  std::mutex mu;
+  LogRateLimiter limiter{10, 1};
+  std::atomic<int64_t> lines{0};
+  std::atomic<int64_t> dropped{0};
+};
+
+ProtobufLogState& TheProtobufLogState() {
+  static ProtobufLogState* state = new ProtobufLogState();
+  return *state;
+}
+
+void ProtobufLogHandler(google::protobuf::LogLevel level, const char* filename, int line,
+                        const std::string& message) {
+  ProtobufLogState& state = TheProtobufLogState();
+  state.lines.fetch_add(1);
+  int64_t suppressed = 0;
+  {
+    std::lock_guard<std::mutex> lock(state.mu);
+    if (!state.limiter.Allow(SteadyMs(), &suppressed)) {
+      state.dropped.fetch_add(1);
+      return;
+    }
+  }
+  const LogLevel ours = level >= google::protobuf::LOGLEVEL_ERROR     ? LogLevel::kError
+                        : level == google::protobuf::LOGLEVEL_WARNING ? LogLevel::kWarning
+                                                                      : LogLevel::kInfo;
+  std::string text = absl::StrCat(message, " (", filename ? filename : "?", ":", line, ")");
+  if (suppressed > 0) absl::StrAppend(&text, " [", suppressed, " more protobuf lines dropped]");
+  Log(ours, "protobuf", text);
+}
+
+}  // namespace
+
+void InstallProtobufLogHandler() {
+  static std::once_flag once;
+  std::call_once(once, [] { google::protobuf::SetLogHandler(&ProtobufLogHandler); });
+}
+
+int64_t ProtobufLogLines() { return TheProtobufLogState().lines.load(); }
+int64_t ProtobufLogLinesDropped() { return TheProtobufLogState().dropped.load(); }
 
 }  // namespace kiln

@@ -15,6 +15,7 @@
 // its component name ("cache", "coordinator", ...); it never writes to std::cerr itself.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <string>
 
@@ -66,5 +67,30 @@ inline void LogError(absl::string_view component, absl::string_view message) {
 // an injected line logger (coordinator::EventLog), so their lines reach the one process log.
 std::function<void(const std::string& line)> LineLogger(std::string component,
                                                         LogLevel level = LogLevel::kInfo);
+
+// Lets at most `burst` events through, refilled at `per_second`; what it holds back is counted
+// so the next line let through can say how many were dropped. Thread-compatible (callers lock).
+class LogRateLimiter {
+ public:
+  LogRateLimiter(double burst, double per_second)
+      : burst_(burst), per_second_(per_second), tokens_(burst) {}
+  // True when an event at `now_ms` (monotonic) may be logged; then *suppressed is the number
+  // held back since the last one let through (and is reset).
+  bool Allow(int64_t now_ms, int64_t* suppressed);
+
+ private:
+  double burst_, per_second_, tokens_;
+  int64_t last_ms_ = -1;
+  int64_t suppressed_ = 0;
+};
+
+// Routes libprotobuf's own log lines (e.g. "String field ... contains invalid UTF-8 data", written
+// for every bad frame a peer sends) into the process log as component "protobuf", at most 10 lines
+// at once and one a second after that, with a count of those dropped. Installed by
+// ConfigureLogging; idempotent.
+void InstallProtobufLogHandler();
+// Lines libprotobuf tried to log since the process started, and how many were dropped.
+int64_t ProtobufLogLines();
+int64_t ProtobufLogLinesDropped();
 
 }  // namespace kiln

@@ -71,6 +71,19 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_queued_jobs < 1) return InvalidField("max_queued_jobs", "must be at least 1");
   if (max_nodes < 1) return InvalidField("max_nodes", "must be at least 1");
   if (placement_lookahead < 1) return InvalidField("placement_lookahead", "must be at least 1");
+  if (max_waits_per_client < 1) return InvalidField("max_waits_per_client", "must be at least 1");
+  if (max_queued_jobs_per_client < 1) {
+    return InvalidField("max_queued_jobs_per_client", "must be at least 1");
+  }
+  if (max_wait_timeout_ms < 1) return InvalidField("max_wait_timeout_ms", "must be at least 1");
+  if (max_package_sets_per_node < 1) {
+    return InvalidField("max_package_sets_per_node", "must be at least 1");
+  }
+  if (max_digests_per_package_set < 1) {
+    return InvalidField("max_digests_per_package_set", "must be at least 1");
+  }
+  if (run_timeout_factor < 0) return InvalidField("run_timeout_factor", "must not be negative");
+  if (run_timeout_min_ms < 0) return InvalidField("run_timeout_min_ms", "must not be negative");
   if (auto s = costs.Validate(); !s.ok()) {
     return kiln::WithField(absl::InvalidArgumentError(absl::StrCat("costs.", s.message())),
                      absl::StrCat("costs.", ErrorField(s)));
@@ -118,6 +131,7 @@ absl::Status Coordinator::Recover() {
       job.seq = next_seq_++;
       job.submitted_ms = job.enqueued_ms = clock_.NowMs();
       job.attempt = info.attempts();
+      job.owner = info.owner();
       if (info.state() == kiln::v1::JOB_STATE_RUNNING && !info.node_id().empty()) {
         // It may still be running: its node keeps it if it comes back and lists it within the
         // grace (RegisterNode claims it, Heartbeat reconciles); else Tick requeues it.
@@ -156,17 +170,18 @@ void Coordinator::RequeueUnclaimed() {
 // ---------------------------------------------------------------------------------------------
 // Client requests
 
-absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitRequest& request) {
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitRequest& request,
+                                                       const Caller& caller) {
   const kiln::v1::JobSpec& spec = request.spec();
   if (auto s = ValidateJobSpec(spec, options_.limits); !s.ok()) return CountRejected(s);
 
   auto existing = store_.Get(spec.job_id());
   if (existing.ok()) {
     Adopt(*existing);
-    return DuplicateReply(spec, *existing);
+    return DuplicateReply(spec, *existing, caller);
   }
   if (!absl::IsNotFound(existing.status())) return NotAccepted(spec, existing.status());
-  if (auto s = Admit(spec, 0); !s.ok()) return CountRejected(s);
+  if (auto s = Admit(spec, 0, caller, 0); !s.ok()) return CountRejected(s);
 
   JobInfo job;
   *job.mutable_spec() = spec;
@@ -174,14 +189,15 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
   job.set_total_steps(spec.steps());
   job.set_submitted_unix_ms(clock_.UnixMs());
   job.set_phase("queued");
+  job.set_owner(caller.key);
   auto created = store_.Create(job);
   if (!created.ok()) return NotAccepted(spec, created.status());
   if (!created->created) {  // stored by an earlier attempt whose reply was lost, or another writer
     Adopt(created->job);
-    return DuplicateReply(spec, created->job);
+    return DuplicateReply(spec, created->job, caller);
   }
 
-  EnqueueCreated(spec);
+  EnqueueCreated(spec, caller.key);
   PlaceJobs();
   if (auto it = active_.find(spec.job_id());
       !placement_dirty_ && it != active_.end() && it->second.node_id.empty() &&
@@ -202,7 +218,9 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Submit(const kiln::v1::SubmitReq
 }
 
 std::vector<absl::StatusOr<kiln::v1::JobReply>> Coordinator::SubmitBatch(
-    const std::vector<const kiln::v1::SubmitRequest*>& requests) {
+    const std::vector<const kiln::v1::SubmitRequest*>& requests,
+    const std::vector<Caller>& callers) {
+  auto caller_of = [&](size_t i) -> Caller { return i < callers.size() ? callers[i] : Caller{}; };
   std::vector<absl::StatusOr<kiln::v1::JobReply>> out(
       requests.size(), absl::InternalError("submit: not handled"));
   // Valid requests, each job_id once; a job_id repeated within the batch is submitted after the
@@ -229,29 +247,33 @@ std::vector<absl::StatusOr<kiln::v1::JobReply>> Coordinator::SubmitBatch(
   auto existing = store_.GetMany(ids);
   std::vector<size_t> to_create;
   std::vector<JobInfo> jobs;
+  std::map<std::string, size_t> pending_by_owner;  // new jobs of this batch per client key
   const int64_t now_unix = clock_.UnixMs();
   for (size_t n = 0; n < valid.size(); ++n) {
     const size_t i = valid[n];
     const kiln::v1::JobSpec& spec = requests[i]->spec();
     if (existing[n].ok()) {
       Adopt(*existing[n]);
-      out[i] = DuplicateReply(spec, *existing[n]);
+      out[i] = DuplicateReply(spec, *existing[n], caller_of(i));
       continue;
     }
     if (!absl::IsNotFound(existing[n].status())) {
       out[i] = NotAccepted(spec, existing[n].status());
       continue;
     }
-    if (auto s = Admit(spec, to_create.size()); !s.ok()) {
+    const Caller caller = caller_of(i);
+    if (auto s = Admit(spec, to_create.size(), caller, pending_by_owner[caller.key]); !s.ok()) {
       out[i] = CountRejected(s);
       continue;
     }
+    ++pending_by_owner[caller.key];
     JobInfo job;
     *job.mutable_spec() = spec;
     job.set_state(kiln::v1::JOB_STATE_QUEUED);
     job.set_total_steps(spec.steps());
     job.set_submitted_unix_ms(now_unix);
     job.set_phase("queued");
+    job.set_owner(caller.key);
     jobs.push_back(std::move(job));
     to_create.push_back(i);
   }
@@ -265,9 +287,9 @@ std::vector<absl::StatusOr<kiln::v1::JobReply>> Coordinator::SubmitBatch(
       out[i] = NotAccepted(spec, created[n].status());
     } else if (!created[n]->created) {
       Adopt(created[n]->job);
-      out[i] = DuplicateReply(spec, created[n]->job);
+      out[i] = DuplicateReply(spec, created[n]->job, caller_of(i));
     } else {
-      EnqueueCreated(spec);
+      EnqueueCreated(spec, caller_of(i).key);
       fresh.push_back(i);
       fresh_ids.push_back(spec.job_id());
     }
@@ -294,7 +316,7 @@ std::vector<absl::StatusOr<kiln::v1::JobReply>> Coordinator::SubmitBatch(
     reply.set_final(true);
     out[fresh[n]] = std::move(reply);
   }
-  for (size_t i : repeats) out[i] = Submit(*requests[i]);
+  for (size_t i : repeats) out[i] = Submit(*requests[i], caller_of(i));
   return out;
 }
 
@@ -304,7 +326,9 @@ absl::Status Coordinator::CountRejected(absl::Status s) {
 }
 
 absl::StatusOr<kiln::v1::JobReply> Coordinator::DuplicateReply(const kiln::v1::JobSpec& spec,
-                                                               const JobInfo& existing) {
+                                                               const JobInfo& existing,
+                                                               const Caller& caller) {
+  if (auto s = CheckOwner(caller, existing); !s.ok()) return CountRejected(s);
   const std::string diff = FirstDifference(existing.spec(), spec);
   if (!diff.empty()) {
     return CountRejected(FieldError(absl::StatusCode::kAlreadyExists, "spec.job_id",
@@ -330,7 +354,8 @@ absl::Status Coordinator::NotAccepted(const kiln::v1::JobSpec& spec, const absl:
       "job ", spec.job_id(), " was not accepted: ", s.message(), "; submit it again later")));
 }
 
-absl::Status Coordinator::Admit(const kiln::v1::JobSpec& spec, size_t pending) {
+absl::Status Coordinator::Admit(const kiln::v1::JobSpec& spec, size_t pending,
+                               const Caller& caller, size_t pending_of_caller) {
   if (auto s = CheckServable(spec); !s.ok()) {
     metrics_.submissions_unservable.Increment();
     const bool model_listed = std::any_of(nodes_.begin(), nodes_.end(), [&](const auto& n) {
@@ -350,13 +375,22 @@ absl::Status Coordinator::Admit(const kiln::v1::JobSpec& spec, size_t pending) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the queue is full (", queue_.size(), " jobs); try again later"));
   }
+  if (!caller.key.empty()) {
+    auto it = queued_by_owner_.find(caller.key);
+    const size_t queued = (it == queued_by_owner_.end() ? 0 : it->second) + pending_of_caller;
+    if (queued >= options_.max_queued_jobs_per_client) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "this client has ", queued, " queued jobs (the limit per client); try again later"));
+    }
+  }
   return absl::OkStatus();
 }
 
-void Coordinator::EnqueueCreated(const kiln::v1::JobSpec& spec) {
+void Coordinator::EnqueueCreated(const kiln::v1::JobSpec& spec, const std::string& owner) {
   metrics_.submissions_created.Increment();
   ActiveJob active;
   active.spec = spec;
+  active.owner = owner;
   active.seq = next_seq_++;
   active.submitted_ms = active.enqueued_ms = clock_.NowMs();
   Enqueue(spec.job_id(), active_[spec.job_id()] = std::move(active));
@@ -381,15 +415,18 @@ void Coordinator::Adopt(const JobInfo& job) {
   active.seq = next_seq_++;
   active.submitted_ms = active.enqueued_ms = clock_.NowMs();
   active.attempt = job.attempts();
+  active.owner = job.owner();
   active.waiting_reason = job.error();
   Enqueue(id, active_[id] = std::move(active));
   PlaceJobs();
 }
 
-absl::StatusOr<kiln::v1::JobReply> Coordinator::Status(const kiln::v1::StatusRequest& request) {
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Status(const kiln::v1::StatusRequest& request,
+                                                       const Caller& caller) {
   if (auto s = ValidateId("job_id", request.job_id()); !s.ok()) return s;
   auto job = store_.Get(request.job_id());
   if (!job.ok()) return job.status();
+  if (auto s = CheckOwner(caller, *job); !s.ok()) return s;
   kiln::v1::JobReply reply;
   *reply.mutable_job() = std::move(*job);
   if (!request.include_png()) reply.mutable_job()->clear_png();
@@ -398,10 +435,11 @@ absl::StatusOr<kiln::v1::JobReply> Coordinator::Status(const kiln::v1::StatusReq
 }
 
 absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
-    const kiln::v1::WaitRequest& request, const ReplyTo& reply_to) {
+    const kiln::v1::WaitRequest& request, const ReplyTo& reply_to, const Caller& caller) {
   if (auto s = ValidateId("job_id", request.job_id()); !s.ok()) return s;
   auto job = store_.Get(request.job_id());
   if (!job.ok()) return job.status();
+  if (auto s = CheckOwner(caller, *job); !s.ok()) return s;
   kiln::v1::JobReply reply;
   if (IsTerminal(job->state()) || request.timeout_ms() == 0) {
     *reply.mutable_job() = std::move(*job);
@@ -413,11 +451,31 @@ absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
     return absl::ResourceExhaustedError(absl::StrCat(
         "too many pending waits (", waits_.size(), "); poll with timeout_ms 0 or retry later"));
   }
+  // One client's waits are bounded on their own, so a client that floods waits (or leaves them
+  // behind when it goes away) crowds out only itself: its oldest wait is answered and dropped.
+  const std::string client = caller.key.empty() ? reply_to.peer : caller.key;
+  std::set<uint64_t>& mine = waits_by_client_[client];
+  while (mine.size() >= options_.max_waits_per_client) {
+    const uint64_t oldest = *mine.begin();
+    const PendingWait& old = waits_.at(oldest);
+    auto old_job = store_.Get(old.job_id);
+    Outgoing out;
+    out.socket = Outgoing::Socket::kClient;
+    out.peer = old.reply_to.peer;
+    out.envelope = old_job.ok() ? JobReplyEnvelope(old.reply_to.request_id, std::move(*old_job),
+                                                   old.include_png, /*final=*/true)
+                                : ErrorEnvelope(old_job.status(), old.reply_to.request_id);
+    outgoing_.push_back(std::move(out));
+    EraseWait(oldest);
+  }
   const uint64_t id = next_wait_id_++;
   PendingWait wait;
   wait.job_id = request.job_id();
   wait.reply_to = reply_to;
-  wait.deadline_ms = clock_.NowMs() + request.timeout_ms();
+  wait.client = client;
+  wait.deadline_ms =
+      clock_.NowMs() + std::min<int64_t>(request.timeout_ms(), options_.max_wait_timeout_ms);
+  waits_by_client_[client].insert(id);
   wait.include_png = request.include_png();
   wait.stream = request.stream_progress();
   waits_by_job_.emplace(wait.job_id, id);
@@ -430,11 +488,13 @@ absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
   return std::optional<kiln::v1::JobReply>(std::move(reply));
 }
 
-absl::StatusOr<kiln::v1::JobReply> Coordinator::Cancel(const kiln::v1::CancelRequest& request) {
+absl::StatusOr<kiln::v1::JobReply> Coordinator::Cancel(const kiln::v1::CancelRequest& request,
+                                                       const Caller& caller) {
   const std::string& id = request.job_id();
   if (auto s = ValidateId("job_id", id); !s.ok()) return s;
   auto job = store_.Get(id);
   if (!job.ok()) return job.status();
+  if (auto s = CheckOwner(caller, *job); !s.ok()) return s;
   switch (job->state()) {
     case kiln::v1::JOB_STATE_SUCCEEDED:
     case kiln::v1::JOB_STATE_FAILED:
@@ -602,6 +662,18 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   for (const auto& model : info.models()) {
     if (auto s = ValidateModelName("register_node.info.models", model); !s.ok()) return s;
   }
+  if (info.package_sets_size() > static_cast<int>(options_.max_package_sets_per_node)) {
+    return InvalidField("register_node.info.package_sets",
+                        absl::StrCat(info.package_sets_size(), " sets is more than ",
+                                     options_.max_package_sets_per_node));
+  }
+  for (const auto& [key, set] : info.package_sets()) {
+    if (set.digests_size() > static_cast<int>(options_.max_digests_per_package_set)) {
+      return InvalidField("register_node.info.package_sets",
+                          absl::StrCat("set ", key, " has more than ",
+                                       options_.max_digests_per_package_set, " digests"));
+    }
+  }
 
   NodeRecord* node = FindNode(node_id);
   const bool again = node != nullptr;
@@ -662,8 +734,15 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
                  !SameList(info.packages(), message.packages());
   *info.mutable_loaded_packages() = message.loaded_packages();
   *info.mutable_packages() = message.packages();
+  int ignored_sets = 0;  // entries past the bounds: ignored, the rest of the heartbeat counts
   for (const auto& [key, set] : message.package_sets()) {
-    kiln::v1::PackageSet& mine = (*info.mutable_package_sets())[key];
+    auto* sets = info.mutable_package_sets();
+    if (set.digests_size() > static_cast<int>(options_.max_digests_per_package_set) ||
+        (!sets->contains(key) && sets->size() >= options_.max_package_sets_per_node)) {
+      ++ignored_sets;
+      continue;
+    }
+    kiln::v1::PackageSet& mine = (*sets)[key];
     if (SameList(mine.digests(), set.digests())) continue;
     mine = set;
     changed = true;
@@ -693,6 +772,13 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
     SendToNode(node_id, std::move(env));
   }
   PlaceJobs();
+  if (ignored_sets > 0) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "heartbeat.package_sets: ", ignored_sets, " entries of node ", node_id,
+        " ignored: more than ", options_.max_package_sets_per_node,
+        " package sets per node, or more than ", options_.max_digests_per_package_set,
+        " digests in a set"));
+  }
   return absl::OkStatus();
 }
 
@@ -842,6 +928,11 @@ void Coordinator::Tick() {
   }
   if (any_died) RefreshWaitingReasons();
 
+  if (now >= next_run_timeout_check_ms_) {
+    next_run_timeout_check_ms_ = now + 250;
+    CheckRunTimeouts(now);
+  }
+
   const int64_t now_unix = clock_.UnixMs();
   while (!deadlines_.empty() && deadlines_.begin()->first <= now_unix) {
     const auto [deadline, job_id] = *deadlines_.begin();
@@ -884,14 +975,21 @@ void Coordinator::Enqueue(const std::string& job_id, ActiveJob& job) {
     job.kind = PackageSetKey(job.spec.model(), job.spec.precision(), job.spec.width(),
                              job.spec.height());
   }
-  queue_.emplace(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id);
+  if (queue_.emplace(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id).second &&
+      !job.owner.empty()) {
+    ++queued_by_owner_[job.owner];
+  }
   if (job.spec.deadline_unix_ms() > 0) deadlines_.emplace(job.spec.deadline_unix_ms(), job_id);
   metrics_.queue_depth.Set(static_cast<double>(queue_.size()));
   placement_dirty_ = true;
 }
 
 void Coordinator::Dequeue(const std::string& job_id, const ActiveJob& job) {
-  queue_.erase(QueueKey(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id));
+  if (queue_.erase(QueueKey(-static_cast<int64_t>(job.spec.priority()), job.seq, job_id)) > 0 &&
+      !job.owner.empty()) {
+    auto it = queued_by_owner_.find(job.owner);
+    if (it != queued_by_owner_.end() && --it->second == 0) queued_by_owner_.erase(it);
+  }
   if (job.spec.deadline_unix_ms() > 0) deadlines_.erase({job.spec.deadline_unix_ms(), job_id});
   metrics_.queue_depth.Set(static_cast<double>(queue_.size()));
 }
@@ -1393,6 +1491,11 @@ void Coordinator::ReleaseFromNode(const std::string& job_id, ActiveJob& job) {
 
 void Coordinator::NodeLost(NodeRecord& node, NodeState new_state, const std::string& why) {
   node.state = new_state;
+  // What a gone node held is no use to placement; dropping it bounds the memory of dead entries.
+  node.info.clear_package_sets();
+  node.info.clear_loaded_packages();
+  node.info.clear_packages();
+  index_.Update(node.info);
   UpdateNodeGauges();
   const std::set<std::string> jobs = node.jobs;
   for (const auto& job_id : jobs) {
@@ -1421,10 +1524,59 @@ void Coordinator::NotifyWaiters(const JobInfo& job, bool final) {
   }
 }
 
+absl::Status Coordinator::CheckOwner(const Caller& caller, const JobInfo& job) {
+  if (caller.admin || job.owner() == caller.key) return absl::OkStatus();
+  return absl::PermissionDeniedError(
+      absl::StrCat("job ", job.spec().job_id(), " belongs to another client"));
+}
+
+bool Coordinator::NodeIsLive(const std::string& node_id) const {
+  auto it = nodes_.find(node_id);
+  return it != nodes_.end() && IsLive(it->second.state);
+}
+
+void Coordinator::CheckRunTimeouts(int64_t now) {
+  if (options_.run_timeout_factor <= 0) return;
+  std::vector<std::pair<std::string, std::string>> late;  // (job id, node id)
+  for (const auto& [job_id, job] : active_) {
+    if (job.node_id.empty() || job.cancelled || job.assigned_ms == 0) continue;
+    const int64_t expected = std::max<int64_t>(0, job.expected_end_ms - job.assigned_ms);
+    const int64_t limit = std::max<int64_t>(
+        options_.run_timeout_min_ms, static_cast<int64_t>(options_.run_timeout_factor * expected));
+    if (now - job.assigned_ms > limit) late.emplace_back(job_id, job.node_id);
+  }
+  for (const auto& [job_id, node_id] : late) {
+    auto it = active_.find(job_id);
+    if (it == active_.end()) continue;
+    const int64_t ran = now - it->second.assigned_ms;
+    Log(absl::StrCat("job ", job_id, " has run ", ran, " ms on node ", node_id,
+                     " without a result (past its run timeout); requeued, node marked suspect"));
+    metrics_.run_timeouts.Increment();
+    kiln::v1::Envelope env;
+    env.mutable_cancel_job()->set_job_id(job_id);
+    SendToNode(node_id, std::move(env));
+    if (NodeRecord* node = FindNode(node_id); node != nullptr && IsLive(node->state)) {
+      node->suspect = true;
+      if (node->state == kiln::v1::NODE_STATE_READY) {
+        node->state = kiln::v1::NODE_STATE_DRAINING;
+        UpdateNodeGauges();
+      }
+    }
+    RequeueOrFail(job_id, "DEADLINE_EXCEEDED",
+                  absl::StrCat("no result from node ", node_id, " within its run timeout (",
+                               ran, " ms)"));
+  }
+  if (!late.empty()) PlaceJobs();
+}
+
 void Coordinator::EraseWait(uint64_t id) {
   auto it = waits_.find(id);
   if (it == waits_.end()) return;
   waits_by_deadline_.erase({it->second.deadline_ms, id});
+  if (auto c = waits_by_client_.find(it->second.client); c != waits_by_client_.end()) {
+    c->second.erase(id);
+    if (c->second.empty()) waits_by_client_.erase(c);
+  }
   auto [begin, end] = waits_by_job_.equal_range(it->second.job_id);
   for (auto j = begin; j != end; ++j) {
     if (j->second == id) {

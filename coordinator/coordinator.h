@@ -58,6 +58,17 @@ struct CoordinatorOptions {
   size_t max_nodes = 1024;               // node table size; DEAD/LEFT entries are evicted first
   CostModelOptions costs;                // priors of placement's expected run and cold-start times
   PlacementPolicy placement = PlacementPolicy::kExpectedFinish;  // others: baselines for bench/
+  size_t max_waits_per_client = 1000;   // Wait requests one client (key, or routing id over
+                                         // plaintext) holds at once; more evict its oldest
+  size_t max_queued_jobs_per_client = 10000;  // queued jobs one client key may have
+  int64_t max_wait_timeout_ms = 600000;  // ms; a longer WaitRequest.timeout_ms is cut to this
+  size_t max_package_sets_per_node = 256;     // package_sets entries a node may declare
+  size_t max_digests_per_package_set = 64;    // digests in one package set
+  // Run timeout: a RUNNING job with no result after max(run_timeout_min_ms, run_timeout_factor x
+  // its expected cold start + run time (CostModel)) is requeued and its node marked suspect
+  // (DRAINING: no new jobs until an admin undrains or it registers again). 0: no timeout.
+  double run_timeout_factor = 4.0;
+  int64_t run_timeout_min_ms = 600000;
   size_t placement_lookahead = 512;      // queued jobs one placement pass looks at, at most (the
                                          // head of the queue; bounds a pass at a deep queue)
 
@@ -70,6 +81,13 @@ struct CoordinatorOptions {
 struct ReplyTo {
   std::string peer;
   std::string request_id;
+};
+
+// Who sends a client request, as the transport authenticated it. The default (empty key, admin)
+// is the plaintext development mode: everyone may do everything.
+struct Caller {
+  std::string key;     // the client's CURVE public key (Z85); recorded as JobInfo.owner
+  bool admin = true;   // may read, wait for and cancel every job
 };
 
 // A message the coordinator wants sent.
@@ -106,28 +124,38 @@ class Coordinator {
   // (a dead node may come back; `remove-node` forgets it). With no registered node at all (a
   // cluster starting, or scaled to zero) the job is accepted and waits ("waiting: no node has
   // registered yet"). A repeated job_id with the same spec returns the existing job with
-  // created=false.
-  absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::SubmitRequest& request);
+  // created=false. With a non-admin caller: PermissionDenied when job_id exists and belongs to
+  // another key; ResourceExhausted past max_queued_jobs_per_client.
+  absl::StatusOr<kiln::v1::JobReply> Submit(const kiln::v1::SubmitRequest& request,
+                                            const Caller& caller = {});
   // Group commit: the replies (in order) that Submit would give each request in turn, with the
   // new jobs written to the store in one JobStore::CreateMany (RedisJobStore: one script, one
   // fsync) and one placement pass after. Nothing is acknowledged before the store holds it: a
   // failed write answers UNAVAILABLE to every request that needed it. The server loop calls this
   // with the Submits that arrive together.
+  // callers[i] is request i's caller (missing entries: the default Caller).
   std::vector<absl::StatusOr<kiln::v1::JobReply>> SubmitBatch(
-      const std::vector<const kiln::v1::SubmitRequest*>& requests);
+      const std::vector<const kiln::v1::SubmitRequest*>& requests,
+      const std::vector<Caller>& callers = {});
   // NotFound for an unknown job. The PNG only when include_png.
-  absl::StatusOr<kiln::v1::JobReply> Status(const kiln::v1::StatusRequest& request);
+  // Status, Wait, Cancel: PermissionDenied for a non-admin caller that does not own the job.
+  absl::StatusOr<kiln::v1::JobReply> Status(const kiln::v1::StatusRequest& request,
+                                            const Caller& caller = {});
   // A reply to send now: final when the job is finished or timeout_ms is 0; not final (the
   // current state) when stream_progress is set. nullopt: nothing now. While the wait is pending,
   // replies go to `reply_to` as Outgoing: non-final ones on every state change and progress event
   // when stream_progress is set, then a final one when the job finishes or the timeout passes.
   // NotFound for an unknown job; ResourceExhausted when max_pending_waits are pending.
+  // timeout_ms is capped at max_wait_timeout_ms. A client's wait past max_waits_per_client
+  // evicts its oldest one (answered with the job's current state, final = false).
   absl::StatusOr<std::optional<kiln::v1::JobReply>> Wait(const kiln::v1::WaitRequest& request,
-                                                         const ReplyTo& reply_to);
+                                                         const ReplyTo& reply_to,
+                                                         const Caller& caller = {});
   // QUEUED → CANCELLED at once; RUNNING → CancelJob to its node and CANCELLED (the node's
   // slot is freed when it reports back or is found gone). Cancelling a CANCELLED job returns it;
   // a SUCCEEDED or FAILED one is FailedPrecondition. NotFound for an unknown job.
-  absl::StatusOr<kiln::v1::JobReply> Cancel(const kiln::v1::CancelRequest& request);
+  absl::StatusOr<kiln::v1::JobReply> Cancel(const kiln::v1::CancelRequest& request,
+                                            const Caller& caller = {});
   kiln::v1::ListNodesReply ListNodes() const;
   // The node takes no new jobs (NODE_STATE_DRAINING); its running job finishes. Idempotent.
   // NotFound for an unknown node; FailedPrecondition for a dead or departed one.
@@ -174,6 +202,9 @@ class Coordinator {
   // `max` when max > 0.
   std::vector<kiln::v1::JobSpec> QueuedSpecs(size_t max = 0) const;
   size_t pending_waits() const { return waits_.size(); }
+  // True while `node_id` is registered and READY or DRAINING (the transport keeps a live node's
+  // id bound to the key it registered with).
+  bool NodeIsLive(const std::string& node_id) const;
 
  private:
   struct NodeRecord {
@@ -184,6 +215,7 @@ class Coordinator {
     int64_t last_assigned_ms = 0;   // monotonic; 0 = never
     uint32_t jobs_done = 0;
     std::set<std::string> jobs;     // assigned to it and not yet released
+    bool suspect = false;           // a job of it passed its run timeout (drained for that)
     std::string device_class;       // DeviceClass(info.device()): whose run times it shares
   };
   // The in-memory side of a job that is queued, running, or cancelled while still on a node.
@@ -199,6 +231,7 @@ class Coordinator {
     std::string waiting_reason;     // last "waiting: ..." written to the store
     std::string kind;               // PackageSetKey of the spec: what placement indexes by
     int64_t expected_end_ms = 0;    // monotonic: assigned_ms + expected cold start and run
+    std::string owner;              // JobInfo.owner: the submitting client's key
   };
   // Queue order: higher priority first, then submit order.
   using QueueKey = std::tuple<int64_t, uint64_t, std::string>;  // (-priority, seq, job_id)
@@ -208,6 +241,7 @@ class Coordinator {
     int64_t deadline_ms = 0;  // monotonic
     bool include_png = false;
     bool stream = false;
+    std::string client;       // Caller key, or reply_to.peer over plaintext: whose cap it counts
   };
 
   Coordinator(const CoordinatorOptions& options, JobStore& store, const Clock& clock,
@@ -222,12 +256,14 @@ class Coordinator {
   // NotAccepted: a store error as the client sees it (UNAVAILABLE when it may try again).
   // CountRejected: counts a refused Submit and returns its status.
   absl::StatusOr<kiln::v1::JobReply> DuplicateReply(const kiln::v1::JobSpec& spec,
-                                                    const kiln::v1::JobInfo& existing);
-  absl::Status Admit(const kiln::v1::JobSpec& spec, size_t pending);
+                                                    const kiln::v1::JobInfo& existing,
+                                                    const Caller& caller);
+  absl::Status Admit(const kiln::v1::JobSpec& spec, size_t pending, const Caller& caller,
+                     size_t pending_of_caller);
   absl::Status NotAccepted(const kiln::v1::JobSpec& spec, const absl::Status& s);
   absl::Status CountRejected(absl::Status s);
   // Queues a job just created in the store.
-  void EnqueueCreated(const kiln::v1::JobSpec& spec);
+  void EnqueueCreated(const kiln::v1::JobSpec& spec, const std::string& owner);
 
   // Queue and placement. PlaceJobs() does nothing unless placement_dirty_. It walks the queue in
   // order and gives each job the READY node where it is expected to finish first (the node's
@@ -279,6 +315,10 @@ class Coordinator {
   // Waits.
   void NotifyWaiters(const kiln::v1::JobInfo& job, bool final);
   void EraseWait(uint64_t id);
+  // PermissionDenied unless `caller` is admin or owns `job`.
+  static absl::Status CheckOwner(const Caller& caller, const kiln::v1::JobInfo& job);
+  // Requeues running jobs past their run timeout and marks their nodes suspect.
+  void CheckRunTimeouts(int64_t now);
   kiln::v1::Envelope JobReplyEnvelope(const std::string& request_id, kiln::v1::JobInfo job,
                                       bool include_png, bool final) const;
 
@@ -318,6 +358,9 @@ class Coordinator {
 
   std::map<uint64_t, PendingWait> waits_;
   std::multimap<std::string, uint64_t> waits_by_job_;
+  std::map<std::string, std::set<uint64_t>> waits_by_client_;   // PendingWait.client → ids
+  std::map<std::string, size_t> queued_by_owner_;               // owner key → queued jobs
+  int64_t next_run_timeout_check_ms_ = 0;
   std::set<std::pair<int64_t, uint64_t>> waits_by_deadline_;
   uint64_t next_wait_id_ = 1;
 

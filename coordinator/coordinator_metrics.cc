@@ -72,6 +72,9 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
       send_errors(Counters(r, "kiln_coordinator_errors_total", "").Add({{"kind", "send"}})),
       internal_errors(
           Counters(r, "kiln_coordinator_errors_total", "").Add({{"kind", "internal"}})),
+      run_timeouts(Counters(r, "kiln_job_run_timeouts_total",
+                            "Running jobs requeued after their run timeout (node marked suspect)")
+                       .Add({})),
       protocol_errors(Counters(r, "kiln_protocol_errors_total",
                                "Frames answered with an ErrorReply, by socket and reason")),
       queue_wait_(prometheus::BuildHistogram()

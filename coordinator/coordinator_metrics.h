@@ -61,6 +61,9 @@ struct CoordinatorMetrics {
   prometheus::Counter& store_errors;
   prometheus::Counter& send_errors;
   prometheus::Counter& internal_errors;
+  // kiln_job_run_timeouts_total: running jobs requeued because no result came within their run
+  // timeout (CoordinatorOptions.run_timeout_*); their nodes were marked suspect (drained).
+  prometheus::Counter& run_timeouts;
 
   // kiln_protocol_errors_total{socket="client|node", reason}: frames answered with an
   // ErrorReply because they were not a valid message for that socket. Reasons: "malformed",

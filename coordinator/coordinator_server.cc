@@ -4,12 +4,14 @@
 #include <chrono>
 #include <exception>
 #include <iterator>
+#include <map>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/clock.h"
+#include "common/curve_keys.h"
 #include "common/log.h"
 #include "common/wire.h"
 #include "coordinator/validation.h"
@@ -37,6 +39,24 @@ Route UnpackRoute(const std::string& peer) {
 }
 
 
+// Who may send each client request (the role table). Ownership of a job is checked by the
+// Coordinator (Caller); the table says whether a plain client may try at all.
+enum class Access { kAnyClient, kOwnerOrAdmin, kAdmin };
+Access AccessFor(kiln::v1::Envelope::BodyCase body) {
+  using E = kiln::v1::Envelope;
+  switch (body) {
+    case E::kSubmit:
+    case E::kListNodes:
+      return Access::kAnyClient;
+    case E::kStatus:
+    case E::kWait:
+    case E::kCancel:
+      return Access::kOwnerOrAdmin;
+    default:  // drain, and any request added later, until it is given a row here
+      return Access::kAdmin;
+  }
+}
+
 std::string BodyName(const kiln::v1::Envelope& env) {
   const auto* field = env.GetDescriptor()->FindFieldByNumber(env.body_case());
   return field ? field->name() : absl::StrCat("field ", static_cast<int>(env.body_case()));
@@ -48,6 +68,9 @@ struct CoordinatorServer::Sockets {
   zmq::context_t context{1};
   zmq::socket_t client{context, zmq::socket_type::router};
   zmq::socket_t node{context, zmq::socket_type::router};
+  bool curve = false;                       // both sockets are CURVE servers
+  std::unique_ptr<prometheus::Registry> private_registry;  // auth metrics when none is given
+  std::unique_ptr<ZapAuthenticator> auth;   // declared after the sockets: stopped first
   // Rate limit for protocol-error log lines (they are always counted).
   int64_t last_error_log_ms = 0;
   int64_t errors_not_logged = 0;
@@ -78,6 +101,7 @@ class ServerLoop {
       try {
         received = zmq::recv_multipart(socket, std::back_inserter(parts),
                                        zmq::recv_flags::dontwait);
+        if (received) peer_ = PeerOf(side, parts.back());
       } catch (const zmq::error_t& e) {
         metrics_.internal_errors.Increment();
         Log(absl::StrCat("receive on the ", SideName(side), " socket failed: ", e.what()));
@@ -104,9 +128,14 @@ class ServerLoop {
     if (pending_.empty()) return;
     std::vector<const kiln::v1::SubmitRequest*> requests;
     requests.reserve(pending_.size());
-    for (const PendingSubmit& p : pending_) requests.push_back(&p.envelope.submit());
+    std::vector<Caller> callers;
+    callers.reserve(pending_.size());
+    for (const PendingSubmit& p : pending_) {
+      requests.push_back(&p.envelope.submit());
+      callers.push_back(p.caller);
+    }
     try {
-      auto replies = coordinator_.SubmitBatch(requests);
+      auto replies = coordinator_.SubmitBatch(requests, callers);
       for (size_t i = 0; i < pending_.size(); ++i) {
         Answer(pending_[i].route, pending_[i].envelope.request_id(), std::move(replies[i]),
                [](kiln::v1::Envelope& out, kiln::v1::JobReply r) {
@@ -140,6 +169,15 @@ class ServerLoop {
   }
 
  private:
+  // The authenticated sender of `message` (ZAP User-Id); over plaintext, everyone is trusted.
+  Peer PeerOf(Side side, zmq::message_t& message) const {
+    if (!sockets_.curve) {
+      return Peer{side == Side::kClient ? PeerRole::kAdmin : PeerRole::kNode, ""};
+    }
+    const char* user_id = zmq_msg_gets(message.handle(), "User-Id");
+    return user_id == nullptr ? Peer{} : ParseUserId(user_id);
+  }
+
   void Handle(Side side, std::vector<zmq::message_t>& parts) {
     if (parts.size() < 2) return;  // a ROUTER always adds the identity; nothing to answer
     Route route;
@@ -179,25 +217,37 @@ class ServerLoop {
 
   void HandleClient(const Route& route, kiln::v1::Envelope& env) {
     using E = kiln::v1::Envelope;
+    const std::string& rid = env.request_id();
+    const bool admin = peer_.role == PeerRole::kAdmin;
+    if (!admin && (peer_.role != PeerRole::kClient || AccessFor(env.body_case()) == Access::kAdmin)) {
+      SubmitPending();
+      return ProtocolError(Side::kClient, route, "forbidden",
+                           absl::PermissionDeniedError(absl::StrCat(
+                               BodyName(env), " needs an admin key; this connection's key (",
+                               peer_.key.empty() ? "none" : peer_.key, ") is a ",
+                               PeerRoleName(peer_.role), " key")),
+                           rid);
+    }
+    const Caller caller{peer_.key, admin};
     if (env.body_case() == E::kSubmit) {
-      pending_.push_back(PendingSubmit{route, std::move(env)});
+      // Group commit: stored together with the Submits that arrive in the same poll round.
+      pending_.push_back(PendingSubmit{route, std::move(env), caller});
       return;
     }
     SubmitPending();
-    const std::string& rid = env.request_id();
     switch (env.body_case()) {
       case E::kStatus:
-        return Answer(route, rid, coordinator_.Status(env.status()),
+        return Answer(route, rid, coordinator_.Status(env.status(), caller),
                       [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
       case E::kWait: {
-        auto reply = coordinator_.Wait(env.wait(), ReplyTo{PackRoute(route), rid});
+        auto reply = coordinator_.Wait(env.wait(), ReplyTo{PackRoute(route), rid}, caller);
         if (reply.ok() && !reply->has_value()) return;  // answered later
         return Answer(route, rid, reply, [](E& out, std::optional<kiln::v1::JobReply> r) {
           *out.mutable_job() = std::move(*r);
         });
       }
       case E::kCancel:
-        return Answer(route, rid, coordinator_.Cancel(env.cancel()),
+        return Answer(route, rid, coordinator_.Cancel(env.cancel(), caller),
                       [](E& out, kiln::v1::JobReply r) { *out.mutable_job() = std::move(r); });
       case E::kListNodes:
         return Answer(route, rid,
@@ -234,10 +284,28 @@ class ServerLoop {
     const std::string& node_id = route.identity;
     using E = kiln::v1::Envelope;
     absl::Status status;
+    // A node id belongs to the key that registered it while that node is live.
+    if (sockets_.curve) {
+      auto bound = node_keys_.find(node_id);
+      const bool other_key = bound != node_keys_.end() && bound->second != peer_.key;
+      if (peer_.role != PeerRole::kNode ||
+          (other_key && (env.body_case() != E::kRegisterNode || coordinator_.NodeIsLive(node_id)))) {
+        return ProtocolError(Side::kNode, route, "forbidden",
+                             absl::PermissionDeniedError(absl::StrCat(
+                                 "node id ", node_id,
+                                 " is registered by another node key; this connection's key (",
+                                 peer_.key.empty() ? "none" : peer_.key, ") may not speak for it")),
+                             rid);
+      }
+    }
     switch (env.body_case()) {
       case E::kRegisterNode: {
         auto ack = coordinator_.RegisterNode(node_id, env.register_node());
         if (!ack.ok()) return NodeRefused(route, ack.status(), rid);
+        if (sockets_.curve) {
+          node_keys_[node_id] = peer_.key;
+          if (node_keys_.size() > 4 * coordinator_.options().max_nodes) PruneNodeKeys();
+        }
         kiln::v1::Envelope out;
         out.set_request_id(rid);
         *out.mutable_register_ack() = *ack;
@@ -323,7 +391,15 @@ class ServerLoop {
   struct PendingSubmit {
     Route route;
     kiln::v1::Envelope envelope;
+    Caller caller;
   };
+
+  // Forgets the keys of node ids that are not live (bounds node_keys_ under id churn).
+  void PruneNodeKeys() {
+    for (auto it = node_keys_.begin(); it != node_keys_.end();) {
+      it = coordinator_.NodeIsLive(it->first) ? std::next(it) : node_keys_.erase(it);
+    }
+  }
 
   const CoordinatorServerOptions& options_;
   Coordinator& coordinator_;
@@ -331,6 +407,8 @@ class ServerLoop {
   const EventLog& log_;
   CoordinatorServer::Sockets& sockets_;
   std::vector<PendingSubmit> pending_;  // Submits read but not yet stored (SubmitPending)
+  Peer peer_;                                        // sender of the message being handled
+  std::map<std::string, std::string> node_keys_;     // node id → the key that registered it
 };
 
 }  // namespace
@@ -349,6 +427,14 @@ absl::Status CoordinatorServerOptions::Validate() const {
     return InvalidField("tick_interval_ms", absl::StrCat(tick_interval_ms, " is not in 1..1000"));
   }
   if (max_batch < 1) return InvalidField("max_batch", "must be at least 1");
+  if (!curve_secret_key.empty() && !IsCurveKey(curve_secret_key)) {
+    return InvalidField("curve_secret_key", "not a 40-character Z85 CURVE key");
+  }
+  if (auth.check_interval_ms < 1) return InvalidField("auth.check_interval_ms", "must be >= 1");
+  if (node_heartbeat_interval_ms < 1 || node_heartbeat_timeout_ms < node_heartbeat_interval_ms) {
+    return InvalidField("node_heartbeat_timeout_ms",
+                        "needs node_heartbeat_interval_ms >= 1 and a timeout at least as long");
+  }
   if (send_high_water_mark < 0) {
     return InvalidField("send_high_water_mark", "must not be negative (0 = no limit)");
   }
@@ -383,6 +469,17 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     return absl::InternalError(absl::StrCat("cannot create ZeroMQ sockets: ", e.what()));
   }
   Sockets& s = *server->sockets_;
+  if (!options.curve_secret_key.empty()) {
+    s.curve = true;
+    prometheus::Registry* registry = options.auth_registry;
+    if (registry == nullptr) {
+      s.private_registry = std::make_unique<prometheus::Registry>();
+      registry = s.private_registry.get();
+    }
+    auto auth = ZapAuthenticator::Start(s.context, options.auth, *registry, server->log_);
+    if (!auth.ok()) return auth.status();
+    s.auth = std::move(*auth);
+  }
   for (auto [side, endpoint, bound] :
        {std::make_tuple(Side::kClient, options.client_endpoint, &server->client_endpoint_),
         std::make_tuple(Side::kNode, options.node_endpoint, &server->node_endpoint_)}) {
@@ -391,8 +488,19 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
       socket.set(zmq::sockopt::linger, 0);
       socket.set(zmq::sockopt::maxmsgsize, options.max_message_bytes);
       socket.set(zmq::sockopt::sndhwm, options.send_high_water_mark);
-      // A restarted node reconnects with its id before the old connection times out.
-      if (side == Side::kNode) socket.set(zmq::sockopt::router_handover, 1);
+      if (s.curve) {
+        if (auto st = ApplyCurveServer(socket.handle(), options.curve_secret_key,
+                                       SideName(side));
+            !st.ok()) {
+          return st;
+        }
+      }
+      // No ROUTER_HANDOVER: a second connection with a live node's routing id must not take its
+      // route. ZMTP heartbeats close a vanished node's connection so its id frees up.
+      if (side == Side::kNode) {
+        socket.set(zmq::sockopt::heartbeat_ivl, options.node_heartbeat_interval_ms);
+        socket.set(zmq::sockopt::heartbeat_timeout, options.node_heartbeat_timeout_ms);
+      }
     } catch (const zmq::error_t& e) {
       return absl::InternalError(absl::StrCat("socket options: ", e.what()));
     }
@@ -417,6 +525,10 @@ CoordinatorServer::CoordinatorServer(const CoordinatorServerOptions& options,
       log_(log ? std::move(log) : kiln::LineLogger("coordinator")) {}
 
 CoordinatorServer::~CoordinatorServer() { Stop(); }
+
+void CoordinatorServer::ReloadKeys() {
+  if (sockets_ != nullptr && sockets_->auth != nullptr) sockets_->auth->RequestReload();
+}
 
 void CoordinatorServer::Stop() {
   stop_.store(true);

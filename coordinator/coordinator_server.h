@@ -13,6 +13,21 @@
 // read. Sends never block the loop: a peer that does not read loses messages past the socket's
 // high-water mark (ROUTER semantics).
 //
+// Authentication (docs/security.md): with curve_secret_key set, both sockets are CURVE servers
+// and a ZapAuthenticator (coordinator/zap_authenticator.h) lets in only allowlisted keys. Each
+// message's sender is its authenticated key (ZAP User-Id), not its routing id:
+//   - client requests are checked against a table by request type (AccessFor): any client may
+//     submit and list nodes; status, wait and cancel need the job's owner or an admin key; every
+//     other request (drain, and any added later) needs an admin key. Refusals are
+//     PERMISSION_DENIED, counted as protocol errors with reason "forbidden".
+//   - a node id is bound to the key that registered it while the node is live: a message about
+//     it from another key is refused ("forbidden"), and so is a RegisterNode for a live node id
+//     from another key. ROUTER_HANDOVER is off, so a second connection with a live node's routing
+//     id is not attached at all (libzmq ignores a duplicate routing id); ZMTP heartbeats on the
+//     node socket close a dead node's connection within node_heartbeat_timeout_ms so it can
+//     come back.
+// Without a key (plaintext, development only) everyone is an admin and node ids are not bound.
+//
 // Threads: Start() creates the sockets and the poll thread; after that only the poll thread
 // touches the sockets and the Coordinator, until Stop() (or the destructor) joins it.
 #pragma once
@@ -28,6 +43,7 @@
 #include "absl/status/statusor.h"
 #include "coordinator/coordinator.h"
 #include "coordinator/coordinator_metrics.h"
+#include "coordinator/zap_authenticator.h"
 
 namespace kiln::coordinator {
 
@@ -43,6 +59,12 @@ struct CoordinatorServerOptions {
   // Called on the poll thread after every Coordinator::Tick, with the coordinator (read-only);
   // e.g. the status page's snapshot (coordinator/status_board.h). Null: none.
   std::function<void(const Coordinator&)> after_tick;
+  // CURVE: the coordinator's secret key (Z85). Empty: plaintext, no authentication.
+  std::string curve_secret_key;
+  ZapAuthenticatorOptions auth;              // allowlists (with curve_secret_key)
+  prometheus::Registry* auth_registry = nullptr;  // ZAP metrics go here; null: not exported
+  int node_heartbeat_interval_ms = 1000;    // ms between ZMTP pings on node connections
+  int node_heartbeat_timeout_ms = 5000;     // ms without traffic after which one is closed
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -73,6 +95,8 @@ class CoordinatorServer {
   // The endpoints actually bound, e.g. "tcp://127.0.0.1:41234".
   const std::string& client_endpoint() const { return client_endpoint_; }
   const std::string& node_endpoint() const { return node_endpoint_; }
+  // Re-read the allowlists now (SIGHUP). Nothing over plaintext. Thread-safe.
+  void ReloadKeys();
 
   struct Sockets;  // opaque: the ZeroMQ context and sockets (kept out of this header)
 

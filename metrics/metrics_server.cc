@@ -76,8 +76,14 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
       .Set(1);
   s->dispatcher_ = std::make_unique<Dispatcher>(*s);
   try {
-    // Few threads: scrapes, probes and a status page are light and rare.
-    const std::vector<std::string> options = {"listening_ports", bind, "num_threads", "4"};
+    // Scrapes, probes and a status page are light and rare, but a civetweb worker is held by
+    // each open connection until its request arrives: idle or slow connections (a port scan, a
+    // load balancer's pre-opened sockets) must not starve /metrics. So: more workers than
+    // plausible idle peers, a short limit on waiting for a request, no keep-alive (a scraper
+    // reconnects each time; an idle kept-alive connection would hold a worker too).
+    const std::vector<std::string> options = {
+        "listening_ports", bind,  "num_threads",       "16", "request_timeout_ms", "2000",
+        "enable_keep_alive", "no", "linger_timeout_ms", "0"};
     s->server_ = std::make_unique<CivetServer>(options);
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ", e.what()));

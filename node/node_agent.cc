@@ -31,13 +31,18 @@ std::string HostName() {
 // zmq::error_t from connect/close propagates to IoMain (fatal); sends never block.
 class NodeAgent::Channel : public CoordinatorChannel {
  public:
-  explicit Channel(std::string node_id) : node_id_(std::move(node_id)) {}
+  Channel(std::string node_id, CurveClient curve)
+      : node_id_(std::move(node_id)), curve_(std::move(curve)) {}
 
   void Connect(const std::string& endpoint) override {
     Close(0);
     socket_ = std::make_unique<zmq::socket_t>(context_, zmq::socket_type::dealer);
     socket_->set(zmq::sockopt::routing_id, node_id_);
     socket_->set(zmq::sockopt::linger, 0);
+    // Validated in NodeOptions; a failure here is a bug, reported like other zmq errors.
+    if (auto s = ApplyCurveClient(socket_->handle(), curve_); !s.ok()) {
+      throw zmq::error_t();
+    }
     socket_->connect(endpoint);
   }
   void Disconnect() override { Close(0); }
@@ -61,6 +66,7 @@ class NodeAgent::Channel : public CoordinatorChannel {
 
  private:
   const std::string node_id_;
+  const CurveClient curve_;
   zmq::context_t context_{1};
   std::unique_ptr<zmq::socket_t> socket_;
 };
@@ -85,7 +91,7 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   agent->worker_ =
       std::make_unique<Worker>(*agent->catalog_, *agent->outbox_, agent->metrics_, agent->clock_);
   try {
-    agent->channel_ = std::make_unique<Channel>(agent->options_.node_id);
+    agent->channel_ = std::make_unique<Channel>(agent->options_.node_id, agent->options_.curve);
   } catch (const zmq::error_t& e) {
     return absl::InternalError(absl::StrCat("zeromq context: ", e.what()));
   }

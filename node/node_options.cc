@@ -25,6 +25,10 @@ bool ValidNodeId(const std::string& id) {
 }  // namespace
 
 absl::Status NodeOptions::Validate() const {
+  if (curve.enabled() && (!IsCurveKey(curve.server_public_key) ||
+                          !IsCurveKey(curve.own.public_key) || !IsCurveKey(curve.own.secret_key))) {
+    return absl::InvalidArgumentError("curve: not Z85 CURVE keys");
+  }
   if (!ValidNodeId(node_id)) {
     return absl::InvalidArgumentError(
         absl::StrCat("node_id '", node_id, "': want 1..128 characters of [A-Za-z0-9._:-]"));

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/curve_keys.h"
 #include "common/proto/kiln.pb.h"
 #include "node/coordinator_link.h"
 #include "nlohmann/json.hpp"
@@ -37,6 +38,9 @@ struct NodeOptions {
   kiln::v1::DeviceInfo device_info;  // from ProbeDevice(); kind filled from device if ""
   std::string metrics_url;           // advertised in NodeInfo; "" = none
   std::string hostname;              // advertised; "" = gethostname()
+  // CURVE to the coordinator: this node's key pair and the coordinator's public key (the
+  // node's identity is its key). Disabled (plaintext) when server_public_key is "".
+  CurveClient curve;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import re
 import os
 import shutil
 import signal
@@ -152,8 +153,35 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=10) as r:
             return r.read().decode()
 
+    def apply_keys(self, sock) -> None:
+        """Makes a pyzmq socket a CURVE client with the cluster's admin key (kiln up makes the
+        keys under STATE/keys); nothing for a plaintext cluster."""
+        apply_admin_keys(sock, self.state_dir)
+
     def down(self) -> subprocess.CompletedProcess:
         return self.kiln("down", "--timeout", "30", timeout=120)
+
+
+def read_key_file(path: str) -> dict:
+    """{'public-key': ..., 'secret-key': ...} of a NAME.key / NAME.pub file (`kiln keys new`)."""
+    keys = {}
+    for line in open(path):
+        m = re.match(r'\s*(public-key|secret-key)\s*=\s*"([^"]{40})"', line)
+        if m:
+            keys[m.group(1)] = m.group(2)
+    return keys
+
+
+def apply_admin_keys(sock, state_dir: str) -> None:
+    """CURVE client options from a local cluster's STATE/keys (admin key, coordinator.pub)."""
+    keys_dir = json.load(open(os.path.join(state_dir, "cluster.json"))).get("keys_dir", "")
+    if not keys_dir:
+        return
+    admin = read_key_file(os.path.join(keys_dir, "admins", "admin.key"))
+    server = read_key_file(os.path.join(keys_dir, "coordinator.pub"))
+    sock.curve_serverkey = server["public-key"].encode()
+    sock.curve_publickey = admin["public-key"].encode()
+    sock.curve_secretkey = admin["secret-key"].encode()
 
 
 def start_cluster(state_dir: str, nodes: int, *, seed_cache: bool = True,

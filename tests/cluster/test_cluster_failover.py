@@ -98,7 +98,7 @@ class Coordinator:
                  "--node_endpoint", self.node_endpoint, "--metrics", "127.0.0.1:0",
                  "--heartbeat_ms", str(HEARTBEAT_MS), "--endpoints_file",
                  str(self.endpoints_file), "--redis", self.redis.url, "--lease_ttl_ms",
-                 str(LEASE_TTL_MS)],
+                 str(LEASE_TTL_MS), "--insecure_plaintext"],
                 stdout=log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, timeout: float = 30) -> None:
@@ -129,7 +129,7 @@ def start_node(root: Path, node_id: str, coordinators: str) -> subprocess.Popen:
         [os.path.join(BIN, "kiln-node"), "--coordinator", coordinators, "--node_id", node_id,
          "--models", f"flux-tiny={MODEL}", "--device", "cpu", "--precision", "fp32",
          "--package_dir", str(package_dir), "--metrics", "127.0.0.1:0", "--heartbeat_ms",
-         str(HEARTBEAT_MS), "--no_compile"],
+         str(HEARTBEAT_MS), "--no_compile", "--insecure_plaintext"],
         stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -346,7 +346,7 @@ def test_advertised_addresses_reach_the_processes(tmp_path):
         [os.path.join(BIN, "kiln-coordinator"), "--client_endpoint", "tcp://0.0.0.0:0",
          "--node_endpoint", "tcp://0.0.0.0:0", "--metrics", "0.0.0.0:0", "--advertise",
          "127.0.0.2", "--endpoints_file", str(endpoints_file), "--heartbeat_ms",
-         str(HEARTBEAT_MS)],
+         str(HEARTBEAT_MS), "--insecure_plaintext"],
         stdout=log, stderr=subprocess.STDOUT)
     node = None
     try:
@@ -364,7 +364,7 @@ def test_advertised_addresses_reach_the_processes(tmp_path):
             [os.path.join(BIN, "kiln-node"), "--coordinator", endpoints["node_endpoint"],
              "--node_id", "node-a", "--models", f"flux-tiny={MODEL}", "--package_dir",
              str(package_dir), "--metrics", "0.0.0.0:0", "--advertise", "127.0.0.3",
-             "--heartbeat_ms", str(HEARTBEAT_MS), "--no_compile"],
+             "--heartbeat_ms", str(HEARTBEAT_MS), "--no_compile", "--insecure_plaintext"],
             stdout=open(tmp_path / "node-a.log", "ab"), stderr=subprocess.STDOUT)
 
         def registered():
@@ -386,7 +386,7 @@ def test_advertised_addresses_reach_the_processes(tmp_path):
 
         bad = subprocess.run([os.path.join(BIN, "kiln-node"), "--coordinator",
                               endpoints["node_endpoint"], "--models", f"flux-tiny={MODEL}",
-                              "--advertise", "http://127.0.0.3"],
+                              "--advertise", "http://127.0.0.3", "--insecure_plaintext"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "--advertise" in bad.stderr, bad.stderr
     finally:

@@ -121,7 +121,7 @@ def test_three_hosts_jobs_across_nodes_and_a_cut_link_requeues(hosts, tmp_path: 
               "redis://127.0.0.1:6379/0", "--client_endpoint", "tcp://0.0.0.0:7700",
               "--node_endpoint", "tcp://0.0.0.0:7701", "--metrics", "0.0.0.0:9400",
               "--advertise", "10.231.1.1", "--heartbeat_ms", str(HEARTBEAT_MS),
-              "--endpoints_file", str(endpoints_file))
+              "--endpoints_file", str(endpoints_file), "--insecure_plaintext")
         wait_until(endpoints_file.exists, 60, "the coordinator to serve")
         endpoints = json.loads(endpoints_file.read_text())
         assert endpoints["client_endpoint"] == "tcp://10.231.1.1:7700"
@@ -135,7 +135,7 @@ def test_three_hosts_jobs_across_nodes_and_a_cut_link_requeues(hosts, tmp_path: 
                   f"tcp://10.231.{i}.1:7701", "--node_id", f"node-{h}", "--models",
                   f"flux-tiny={MODEL}", "--package_dir", str(package_dir), "--metrics",
                   "0.0.0.0:9401", "--advertise", f"10.231.{i}.2", "--heartbeat_ms",
-                  str(HEARTBEAT_MS), "--no_compile")
+                  str(HEARTBEAT_MS), "--no_compile", "--insecure_plaintext")
 
         def nodes() -> dict:
             r = hosts.kiln("nodes", "--json", "--coordinator", client, "--retry-for", "0")

@@ -168,6 +168,7 @@ def test_raw_protocol_from_req_and_dealer_sockets(cluster, kiln_pb2):
     req = ctx.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
     req.setsockopt(zmq.RCVTIMEO, 10000)
+    cluster.apply_keys(req)
     req.connect(cluster.client_endpoint)
     try:
         env = pb.Envelope(protocol_version=1, request_id="r1", list_nodes=pb.ListNodesRequest())

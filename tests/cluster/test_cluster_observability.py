@@ -79,7 +79,7 @@ def load_generator():
     return module
 
 
-def submit_expiring_job(kiln_pb2, endpoint: str) -> str:
+def submit_expiring_job(kiln_pb2, endpoint: str, cluster=None) -> str:
     """Submits a job with a deadline 1.5 s away while every node is drained: it fails with
     DEADLINE_EXCEEDED (a failure the dashboards' failure panels must show). (A job no registered
     node could run, such as fp8 on CPU nodes, is refused at submit and never counted as a
@@ -88,6 +88,8 @@ def submit_expiring_job(kiln_pb2, endpoint: str) -> str:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if cluster is not None:
+        cluster.apply_keys(sock)
     sock.connect(endpoint)
     try:
         env = kiln_pb2.Envelope(protocol_version=1, request_id="obs-expire")
@@ -159,7 +161,7 @@ def observed(tmp_path_factory, kiln_pb2):
         assert len(results) == 4
         for node in ("node-1", "node-2"):
             cluster.kiln("drain", node, check=True)
-        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint)
+        failed_job = submit_expiring_job(kiln_pb2, cluster.client_endpoint, cluster)
         wait_until(lambda: metric(cluster.metrics(), "kiln_job_failures_total",
                                   reason="DEADLINE_EXCEEDED") >= 1, 30, "the job expiring")
         for node in ("node-1", "node-2"):
@@ -304,7 +306,7 @@ def test_health_endpoints_through_a_nodes_and_the_coordinators_life(observed, tm
     lonely = subprocess.Popen(
         [os.path.join(BIN, "kiln-node"), "--coordinator", f"tcp://127.0.0.1:{free_port()}",
          "--model", f"flux-tiny={MODEL}", "--package_dir", str(tmp_path / "pk"),
-         "--node_id", "lonely", "--metrics", "127.0.0.1:0"],
+         "--node_id", "lonely", "--metrics", "127.0.0.1:0", "--insecure_plaintext"],
         stderr=subprocess.PIPE, text=True)
     try:
         url = None

@@ -70,7 +70,8 @@ def test_coordinator_runs_with_either_flag_style(style):
         proc = subprocess.Popen(
             [os.path.join(BIN, "kiln-coordinator"), flag("client_endpoint"), "tcp://127.0.0.1:0",
              flag("node_endpoint"), "tcp://127.0.0.1:0", flag("metrics"), "127.0.0.1:0",
-             flag("endpoints_file"), endpoints, flag("heartbeat_ms"), "200"],
+             flag("endpoints_file"), endpoints, flag("heartbeat_ms"), "200",
+             flag("insecure_plaintext")],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.time() + 30

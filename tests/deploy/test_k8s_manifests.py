@@ -508,11 +508,36 @@ def kiln_bin(executable: str) -> Path:
     return path
 
 
+def with_local_keys(args: list[str], tmp_path: Path) -> list[str]:
+    """The manifest's /etc/kiln/... key paths (mounted Secrets) moved under tmp_path, with key
+    pairs made there by `kiln keys new` as the Secrets would hold them: NAME.key for a --key
+    flag, NAME.pub for a --coordinator_key, an allowlist directory with one .pub per list."""
+    out = []
+    for arg in args:
+        name, _, value = arg[2:].partition("=")
+        if value.startswith("/etc/kiln/"):
+            value = str(tmp_path / "etc-kiln" / value[len("/etc/kiln/"):])
+            path = Path(value)
+            if value.endswith((".key", ".pub")):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stem = path.name.rsplit(".", 1)[0]
+                if not (path.parent / f"{stem}.key").exists():
+                    subprocess.run([str(kiln_bin("kiln")), "keys", "new", stem, "--dir",
+                                    str(path.parent)], check=True, capture_output=True)
+            else:  # an allowlist directory
+                path.mkdir(parents=True, exist_ok=True)
+                subprocess.run([str(kiln_bin("kiln")), "keys", "new", "someone", "--dir",
+                                str(path)], check=True, capture_output=True)
+        out.append(f"--{name}={value}")
+    return out
+
+
 def test_the_coordinator_runs_with_the_manifest_flags(tmp_path: Path) -> None:
     """kiln-coordinator starts and serves with the flags of its manifest (the Redis flag aside)
     and stops cleanly on SIGTERM, as Kubernetes stops it."""
     endpoints = tmp_path / "endpoints.json"
-    args = manifest_args("kiln-coordinator") + [f"--endpoints_file={endpoints}"]
+    args = with_local_keys(manifest_args("kiln-coordinator"), tmp_path) + [
+        f"--endpoints_file={endpoints}"]
     proc = subprocess.Popen([str(kiln_bin("kiln-coordinator")), *args],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -533,8 +558,8 @@ def test_the_coordinator_runs_with_the_manifest_flags(tmp_path: Path) -> None:
 def test_the_node_accepts_the_manifest_flags(tmp_path: Path) -> None:
     """kiln-node parses and validates every flag of its manifest (the ones being added aside);
     without a GPU it then stops at the device, with a message that is not about a flag."""
-    args = [re.sub(r"=/var/lib/kiln/packages$", f"={tmp_path}/packages", a)
-            for a in manifest_args("kiln-node")]
+    args = with_local_keys([re.sub(r"=/var/lib/kiln/packages$", f"={tmp_path}/packages", a)
+                            for a in manifest_args("kiln-node")], tmp_path)
     proc = subprocess.Popen([str(kiln_bin("kiln-node")), *args], stderr=subprocess.PIPE,
                             text=True)
     try:

@@ -53,7 +53,7 @@ class Coordinator:
             [str(COORDINATOR), "--client_endpoint", "tcp://127.0.0.1:0",
              "--node_endpoint", "tcp://127.0.0.1:0", "--metrics", "127.0.0.1:0",
              "--heartbeat_ms", str(HEARTBEAT_MS), "--endpoints_file", str(self.endpoints_file),
-             *extra],
+             *(extra if "--key" in " ".join(extra) else ("--insecure_plaintext", *extra))],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while not self.endpoints_file.exists():

@@ -103,7 +103,7 @@ class ClusterCoordinator:
             [str(COORDINATOR), "--client_endpoint", self.client_endpoint, "--node_endpoint",
              self.node_endpoint, "--metrics", "127.0.0.1:0", "--heartbeat_ms", str(HEARTBEAT_MS),
              "--endpoints_file", str(self.endpoints_file), "--redis", redis.url,
-             "--lease_ttl_ms", str(LEASE_TTL_MS)],
+             "--lease_ttl_ms", str(LEASE_TTL_MS), "--insecure_plaintext"],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
@@ -466,7 +466,8 @@ def test_bad_redis_flags_exit_2(tmp_path):
     for flags in (["--redis", "/not/a/url"], ["--redis", "redis://127.0.0.1:6379/x"],
                   ["--redis", "redis://127.0.0.1:6379/0", "--lease_ttl_ms", "10"],
                   ["--redis", "redis://127.0.0.1:6379/0", "--retention_s", "0"]):
-        proc = subprocess.run([str(COORDINATOR), "--metrics", "127.0.0.1:0", *flags],
+        proc = subprocess.run([str(COORDINATOR), "--metrics", "127.0.0.1:0", "--insecure_plaintext",
+                               *flags],
                               capture_output=True, text=True, timeout=20)
         assert proc.returncode == 2, (flags, proc.stderr)
         assert "error" in proc.stderr.lower()

@@ -171,7 +171,7 @@ class Node:
             [NODE, f"--coordinator={endpoint}", f"--node_id={node_id}",
              f"--model=flux-tiny={MODEL}", f"--package_dir={self.packages}",
              "--resolutions=256x256", "--metrics=127.0.0.1:0", f"--heartbeat_ms={heartbeat_ms}",
-             "--no_compile", f"--status_file={self.status_file}", *extra],
+             "--no_compile", f"--status_file={self.status_file}", "--insecure_plaintext", *extra],
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
@@ -479,7 +479,8 @@ def test_compile_options_are_part_of_the_advertised_package_keys(coordinator, no
      "--compile_options"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(args, message, tmp_path):
-    proc = subprocess.run([NODE, f"--package_dir={tmp_path}", *args], capture_output=True,
+    proc = subprocess.run([NODE, f"--package_dir={tmp_path}", "--insecure_plaintext", *args],
+                          capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
@@ -513,7 +514,7 @@ def test_cuda_without_a_driver_is_a_clear_error(tmp_path):
            for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/local/nvidia/lib64")):
         pytest.skip("an NVIDIA driver is installed here")
     proc = subprocess.run([NODE, "--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}",
-                           f"--package_dir={tmp_path}", "--device=cuda"],
+                           f"--package_dir={tmp_path}", "--device=cuda", "--insecure_plaintext"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "NVML" in proc.stderr and "--device cpu" in proc.stderr
