@@ -23,6 +23,9 @@ Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "packag
 constant that is not a checkpoint tensor as it is (fused QKV, fp8 weight or scale) also has
 `"derive": {"op": "concat0" | "fp8_rowwise" | "fp8_rowwise_scale", "from": [checkpoint names]}`
 (kiln/models/quant.py), computed by the loader when the weights are read.
+Manifest `canary`: a small fixed input and the package's output on it with synthetic constants
+(kiln/canary.py: recipe, file canary.safetensors, tolerance per precision); a node recomputes it
+after loading the package and quarantines a package whose output disagrees.
 Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure.
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ import time
 from typing import Any
 
 from kiln import artifact_key as ak
+from kiln import canary
 
 PACKAGE_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
@@ -238,6 +242,9 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         if extra:
             from safetensors.torch import save_file
             save_file(extra, os.path.join(tmp_dir, EXTRA_CONSTANTS_FILE))
+        t2 = time.monotonic()
+        canary_record = canary.record(pkg_path, constants, example_inputs, precision, tmp_dir)
+        canary_record["seconds"] = round(time.monotonic() - t2, 3)
         with open(pkg_path, "rb") as f:
             pkg_sha = ak.sha256_hex(f.read())
         manifest = {
@@ -250,6 +257,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
             "inputs": _specs(components.input_spec(config, component, precision, key.bucket)),
             "outputs": _specs(components.output_spec(config, component, precision, key.bucket)),
             "compile_options": compile_options,
+            "canary": canary_record,
             "export_seconds": round(export_seconds, 3),
             "compile_seconds": round(compile_seconds, 3),
             "built_by": socket.gethostname(),
