@@ -130,6 +130,12 @@ std::vector<CommandSpec> MakeCommands() {
   c.push_back({"nodes", "", 0, 0, "list the cluster's nodes", Concat({ClientFlags(), {kJson}})});
   c.push_back({"drain", "NODE", 1, 1, "stop placing jobs on a node (its running job finishes)",
                Concat({ClientFlags(), {kJson}})});
+  c.push_back({"signing-key", "new KEY | sign KEY DIR | revoke key|package VALUE", 2, 3,
+               "package signing keys: make one, sign a package directory, revoke a key or a "
+               "package in the shared cache",
+               {{"shared-cache", true, "DIR|redis://HOST:PORT/DB",
+                 "revoke: the cluster's shared cache (default: the local cluster's)"},
+                {"state-dir", true, "DIR", "local cluster state directory (default .kiln/cluster)"}}});
   c.push_back({"help", "[COMMAND]", 0, 1, "show this help, or one command's", {}});
   return c;
 }

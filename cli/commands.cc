@@ -19,6 +19,7 @@
 #include "cli/args.h"
 #include "cli/cluster_state.h"
 #include "cli/coordinator_client.h"
+#include "cli/signing_key.h"
 #include "cli/format.h"
 #include "cli/local_cluster.h"
 #include "common/clock.h"
@@ -557,6 +558,7 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (name == "cancel") return CmdCancel(*cl, io);
   if (name == "nodes") return CmdNodes(*cl, io);
   if (name == "drain") return CmdDrain(*cl, io);
+  if (name == "signing-key") return CmdSigningKey(*cl, io);
   return CmdHelp(*cl, io);
 }
 
