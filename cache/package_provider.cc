@@ -231,7 +231,11 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const PackageRequest&
     metrics_->Request("local", "error").Increment();
     return found.status();
   }
-  if (shared_ != nullptr && FetchFromShared(key, revoked, &out)) return out;
+  if (shared_ != nullptr) {
+    if (FetchFromShared(key, revoked, &out)) return out;
+    // A full local disk fails the copy and would fail a compile too: say so now.
+    if (!out.local_disk_error.ok()) return out.local_disk_error;
+  }
   return CompileOrWait(request, revoked, std::move(out));
 }
 
@@ -344,6 +348,10 @@ bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, const Revoca
   }
   if (absl::IsNotFound(fetched.status())) {
     metrics_->Request("shared", "miss").Increment();
+  } else if (absl::IsResourceExhausted(fetched.status())) {
+    // Only writing can run out of space: the node-local copy, not the shared store.
+    metrics_->Request("local", "error").Increment();
+    out->local_disk_error = fetched.status();
   } else if (absl::IsDataLoss(fetched.status())) {
     metrics_->Request("shared", "corrupt").Increment();
     kiln::LogWarning("cache", absl::StrCat(fetched.status().message(), "; rebuilding it"));

@@ -43,6 +43,7 @@ struct ProvidedPackage {
   double compile_seconds = 0;
   double wait_seconds = 0;   // waiting for another node's compile of this key
   std::string warning;       // e.g. a corrupt copy was quarantined on the way
+  absl::Status local_disk_error;  // internal to the provider: local disk full during a fetch
   // Keeps the package from being evicted from local disk while this lives: hold it until the
   // package is loaded. Must not outlive the provider.
   std::shared_ptr<PackagePin> pin;

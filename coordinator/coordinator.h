@@ -156,6 +156,9 @@ class Coordinator {
     uint32_t jobs_done = 0;
     std::set<std::string> jobs;     // assigned to it and not yet released
     std::string device_class;       // DeviceClass(info.device()): whose run times it shares
+    // Heartbeat.unhealthy: why the node takes no job now (its disk is full or read-only); nothing
+    // is placed on it while set. "" = healthy.
+    std::string unhealthy;
   };
   // The in-memory side of a job that is queued, running, or cancelled while still on a node.
   struct ActiveJob {

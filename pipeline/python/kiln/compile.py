@@ -26,12 +26,15 @@ constant that is not a checkpoint tensor as it is (fused QKV, fp8 weight or scal
 Manifest `canary`: a small fixed input and the package's output on it with synthetic constants
 (kiln/canary.py: recipe, file canary.safetensors, tolerance per precision); a node recomputes it
 after loading the package and quarantines a package whose output disagrees.
-Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure.
+Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure, 3 the package
+directory is full (ENOSPC, EDQUOT), 4 it may not be written (EACCES, EPERM, EROFS); for 3 and 4 the
+last line of stderr says so in one line.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import platform
@@ -40,6 +43,7 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 from kiln import artifact_key as ak
@@ -49,6 +53,8 @@ PACKAGE_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
 EXTRA_CONSTANTS_FILE = "constants.safetensors"
 MANIFEST_FORMAT = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class UsageError(Exception):
@@ -335,6 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"kiln-compile: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A full or unwritable package directory: the traceback for the log, then one line that
+        # says what and where; the exit status tells the caller which (cache/compiler.cc).
+        if e.errno not in DISK_FULL + DISK_DENIED:
+            raise
+        traceback.print_exc()
+        print(f"kiln-compile: cannot write packages to {args.out_root}: {e.strerror}"
+              f"{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 3 if e.errno in DISK_FULL else 4
     print(json.dumps(manifest, sort_keys=True))
     return 0
 
