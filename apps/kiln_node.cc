@@ -63,7 +63,7 @@ ABSL_FLAG(std::string, revocation_file, "",
           "extra revocation list (lines 'key HEX' / 'package SHA256'), read before every load");
 ABSL_FLAG(int64_t, disk_check_ms, 5000,
           "probe the package directory (write + fsync + delete) this often; while it fails the "
-          "node is not ready and takes no jobs (0: only after a failed job)");
+          "node is not ready and takes no jobs (ms, > 0; also after every failed job)");
 ABSL_FLAG(std::string, compile_options, "",
           "JSON object handed to kiln-compile and part of every package key (default: kiln's "
           "defaults); give every node of a cluster the same");

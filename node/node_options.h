@@ -36,8 +36,8 @@ struct NodeOptions {
   std::string trusted_keys;
   std::string signing_key;
   std::string revocation_file;
-  // Probe package_dir (write + fsync + delete) this often; while it fails the node is not ready
-  // and takes no jobs (node/disk_health.h). 0 = probe only after a failed job.
+  // Probe package_dir (write + fsync + delete) this often (ms, > 0), and after every failed job;
+  // while it fails the node is not ready and takes no jobs (node/disk_health.h).
   int64_t disk_check_interval_ms = 5000;
   // Handed to kiln-compile and part of every artifact key (a JSON object); the same on every
   // node of a cluster, or nodes build and look for different packages.
