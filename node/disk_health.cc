@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -30,8 +31,8 @@ std::string Remedy(const absl::Status& s) {
 }  // namespace
 
 absl::Status ProbeDisk(const std::string& dir, int64_t bytes) {
-  const std::string path =
-      absl::StrCat(dir, "/.kiln-disk-probe-", ::getpid(), "-", reinterpret_cast<uintptr_t>(&dir));
+  static std::atomic<uint64_t> next{0};  // the periodic thread and a worker may probe at once
+  const std::string path = absl::StrCat(dir, "/.kiln-disk-probe-", ::getpid(), "-", next++);
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return ProbeError(errno, dir, "create a file");
   absl::Status s;

@@ -1,5 +1,6 @@
 #include "pipeline/canary.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"

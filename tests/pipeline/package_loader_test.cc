@@ -125,9 +125,9 @@ TEST_F(PackageLoaderTest, CanaryPassesOnTheRecordPythonMadeAndCatchesAnAlteredOu
 
 TEST_F(PackageLoaderTest, CanaryDisagreeingTwiceFailsTheLoadAsDataLoss) {
   const std::string a = Copy("a");
-  const std::string b = Copy("b");
   AddCanary(a, 0.5);
-  AddCanary(b, 0.5);
+  const std::string b = tmp_.Join("b");
+  fs::copy(a, b, fs::copy_options::recursive);
   auto provider = std::make_shared<ScriptedProvider>(std::deque<std::string>{a, b});
   PackageLoader loader(provider, TinyRepo(), cache::DefaultCompileOptions(), c10::kCPU);
   LoadReport report;

@@ -153,3 +153,23 @@ def test_package_that_verifies_but_does_not_load_is_quarantined_not_kept(tmp_pat
     shutil.copytree(good, vae)
     proc = s.run()
     assert proc.returncode == 0, proc.stderr
+
+
+def test_kiln_signing_key_revoke_writes_the_clusters_list(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    key = str(tmp_path / "k.key")
+    assert kiln("signing-key", "new", key).returncode == 0
+    assert kiln("signing-key", "new", key).returncode != 0  # never overwrites a key
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    public = open(str(tmp_path / "k.pub")).read().split()[0]
+    proc = kiln("signing-key", "revoke", "key", str(tmp_path / "k.pub"), "--shared-cache",
+                str(shared))
+    assert proc.returncode == 0, proc.stderr
+    sha = "ab" * 32
+    assert kiln("signing-key", "revoke", "package", sha, "--shared-cache",
+                str(shared)).returncode == 0
+    assert (shared / "revoked.txt").read_text() == f"key {public}\npackage {sha}\n"
+    bad = kiln("signing-key", "revoke", "package", "nothex", "--shared-cache", str(shared))
+    assert bad.returncode == 2 and "64 hex" in bad.stderr
+
