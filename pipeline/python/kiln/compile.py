@@ -177,6 +177,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def probe_out_root(out_root: str, nbytes: int = 1 << 20) -> None:
+    """Writes, fsyncs and deletes a 1 MiB file in `out_root` before any work: a full or read-only
+    package directory is then an OSError here (exit 3 / 4 with one line), not an abort inside
+    torch's zip writer (which cannot be caught) after minutes of compiling."""
+    os.makedirs(out_root, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=".kiln-compile-probe-", dir=out_root)
+    try:
+        block = memoryview(b"\0" * nbytes)
+        while block:  # a nearly full disk takes a short write first, then ENOSPC
+            block = block[os.write(fd, block):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def constant_table(module, ep) -> tuple[dict[str, dict], dict]:
     """The manifest's `constants` for the exported program `ep` of `module`, and the tensors that
     ship in constants.safetensors.
@@ -223,6 +239,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
             return json.load(f)
 
+    probe_out_root(out_root)
     device = "cpu" if target == "cpu" else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--target {target} needs a CUDA device and none is visible")
