@@ -76,7 +76,11 @@ class NodeAgent {
 
   const NodeOptions& options() const { return options_; }
   // The package directory's health (node/disk_health.h): readiness includes it.
-  absl::Status disk_status() const { return disk_->status(); }
+  // Not OK: the one line people read (what, where, what to do).
+  absl::Status disk_status() const {
+    const absl::Status s = disk_->status();
+    return s.ok() ? s : absl::Status(s.code(), disk_->reason());
+  }
   // "<model>/<precision>/<W>x<H>" → digests, as sent in RegisterNode.
   const std::map<std::string, std::vector<std::string>>& package_sets() const {
     return session_->package_sets();

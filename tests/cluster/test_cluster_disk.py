@@ -41,7 +41,7 @@ def test_full_disk_moves_the_job_to_a_healthy_node(tmp_path, references):
     state_dir = str(tmp_path / "state")
     packages = os.path.join(state_dir, "nodes", "node-1", "packages")
     os.makedirs(packages)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "kiln-test", packages],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "kiln-test", packages],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for node-1's packages: {mounted.stderr.strip()}")
@@ -75,8 +75,9 @@ def test_full_disk_moves_the_job_to_a_healthy_node(tmp_path, references):
         assert "node node-1 takes no jobs" in coord_log
         # A job node-1 took while full failed there with the disk's code, in one line, and was
         # retried elsewhere; the traceback, if any, stays in node-1's log.
-        if "job " in log1 and "failed:" in log1:
-            assert "RESOURCE_EXHAUSTED" in coord_log or "requeued" in coord_log
+        if "failed:" in log1:
+            assert ("requeued: node node-1 failed it: RESOURCE_EXHAUSTED: node node-1: package "
+                    "directory") in coord_log, coord_log
 
         # Space is freed: node-1 is ready again within its probe interval.
         os.remove(os.path.join(packages, "filler"))
