@@ -63,6 +63,16 @@ ABSL_FLAG(std::string, advertise, "",
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
+ABSL_FLAG(std::string, trusted_keys, "",
+          "comma list of .pub files and directories of .pub files: load only packages signed by "
+          "one of these keys (\"\": signatures not checked, development only)");
+ABSL_FLAG(std::string, signing_key, "",
+          "signing key file (kiln signing-key new) to sign the packages this node compiles");
+ABSL_FLAG(std::string, revocation_file, "",
+          "extra revocation list (lines 'key HEX' / 'package SHA256'), read before every load");
+ABSL_FLAG(int64_t, disk_check_ms, 5000,
+          "probe the package directory (write + fsync + delete) this often; while it fails the "
+          "node is not ready and takes no jobs (ms, > 0; also after every failed job)");
 ABSL_FLAG(std::string, compile_options, "",
           "JSON object handed to kiln-compile and part of every package key (default: kiln's "
           "defaults); give every node of a cluster the same");
@@ -185,6 +195,10 @@ int main(int argc, char** argv) {
   options.link.heartbeat_interval_ms = absl::GetFlag(FLAGS_heartbeat_ms);
   options.allow_compile = !absl::GetFlag(FLAGS_no_compile);
   options.compiler_path = absl::GetFlag(FLAGS_compiler);
+  options.trusted_keys = absl::GetFlag(FLAGS_trusted_keys);
+  options.signing_key = absl::GetFlag(FLAGS_signing_key);
+  options.revocation_file = absl::GetFlag(FLAGS_revocation_file);
+  options.disk_check_interval_ms = absl::GetFlag(FLAGS_disk_check_ms);
   if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
   process.metrics_address = absl::GetFlag(FLAGS_metrics);
   process.advertise_host = absl::GetFlag(FLAGS_advertise);
@@ -214,7 +228,8 @@ int main(int argc, char** argv) {
                              "; metrics ", running.metrics_url));
   std::atomic<bool> draining{false};  // /readyz: registered and not stopping
   node->metrics->SetReadiness([&agent, &draining] {
-    return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done());
+    return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done(),
+                                     agent.disk_status());
   });
   absl::Cleanup unready = [&node] {  // before the agent goes, on every return
     node->metrics->SetReadiness([] { return absl::UnavailableError("stopped"); });

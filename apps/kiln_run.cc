@@ -48,6 +48,15 @@ ABSL_FLAG(std::string, shared_dir, "",
           "fetched from it, compiled ones published to it, one compile per key cluster-wide");
 ABSL_FLAG(std::string, compile_options, "",
           "JSON object of compile options (default: kiln's defaults; see kiln-compile)");
+ABSL_FLAG(std::string, trusted_keys, "",
+          "comma list of .pub files and directories of .pub files: load only packages signed by "
+          "one of these keys (\"\": signatures not checked)");
+ABSL_FLAG(std::string, signing_key, "",
+          "signing key file (kiln signing-key new) to sign the packages this run compiles");
+ABSL_FLAG(std::string, revocation_file, "",
+          "revocation list (lines 'key HEX' / 'package SHA256'), read before every load");
+ABSL_FLAG(bool, canary, true,
+          "run each package's canary after loading it (--nocanary: skip; development only)");
 ABSL_FLAG(bool, cuda_graphs, true, "cuda: replay the transformer step as a CUDA graph");
 ABSL_FLAG(bool, profile_steps, false,
           "cuda: time each denoising step with device events and fail on any host sync inside "
@@ -84,6 +93,9 @@ int main(int argc, char** argv) {
     provider_config.local.root = env && *env ? env : ".kiln/packages";
   }
   provider_config.shared_root = absl::GetFlag(FLAGS_shared_dir);
+  provider_config.trusted_keys = absl::GetFlag(FLAGS_trusted_keys);
+  provider_config.signing_key = absl::GetFlag(FLAGS_signing_key);
+  provider_config.tiered.revocation_file = absl::GetFlag(FLAGS_revocation_file);
   if (absl::GetFlag(FLAGS_compile)) {
     provider_config.compiler_path = absl::GetFlag(FLAGS_compiler).empty()
                                         ? kiln::ExecutableDir() + "/kiln-compile"
@@ -96,6 +108,7 @@ int main(int argc, char** argv) {
   }
   if (options.model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
+  options.canary = absl::GetFlag(FLAGS_canary);
   options.profile_steps = absl::GetFlag(FLAGS_profile_steps);
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
     auto parsed = kiln::pipeline::ParseCompileOptions(co);

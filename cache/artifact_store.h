@@ -16,8 +16,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "cache/artifact_key.h"
 #include "cache/local_disk_store.h"
+#include "cache/package_signing.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::cache {
@@ -90,6 +92,25 @@ class ArtifactStore {
   // Unimplemented if the store cannot coordinate compiles (then callers compile without one).
   virtual absl::StatusOr<std::unique_ptr<CompileLease>> TryAcquireLease(
       const std::string& digest, const LeaseRequest& request) = 0;
+
+  // The cluster's revocation list (package_signing.h), read fresh on every call: nodes check it
+  // before every load. A store that keeps none returns an empty list. Unavailable (or another
+  // code) if the store cannot be read: callers then refuse to trust what they cannot check.
+  virtual absl::StatusOr<Revocations> ReadRevocations() const { return Revocations{}; }
+  // Appends one entry ("key <hex>" / "package <hex>") to the revocation list. InvalidArgument for
+  // a malformed entry; Unimplemented if the store keeps no list.
+  virtual absl::Status AddRevocation(const std::string& entry) {
+    (void)entry;
+    return absl::UnimplementedError(absl::StrCat(Describe(), " keeps no revocation list"));
+  }
+  // Takes the stored copy of `digest` out of service (moved to the store's quarantine or removed
+  // and recorded), so it is rebuilt and republished. `reason` is kept for people. NotFound if
+  // there is no such entry (already quarantined by someone else).
+  virtual absl::Status Quarantine(const std::string& digest, const std::string& reason) {
+    (void)digest;
+    (void)reason;
+    return absl::UnimplementedError(absl::StrCat(Describe(), " cannot quarantine"));
+  }
 };
 
 }  // namespace kiln::cache

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/hash.h"
+#include "common/log.h"
 #include "common/subprocess.h"
 
 namespace kiln::cache {
@@ -25,6 +26,17 @@ absl::Status SubprocessCompiler::Compile(const CompileRequest& r) {
       CanonicalJson(r.compile_options), "--out-root", r.out_root};
   auto result = RunProcess(argv, /*echo_stderr=*/false);
   if (!result.ok()) return result.status();
+  if (result->exit_code == 3 || result->exit_code == 4) {
+    // The package directory is full (3) or unwritable (4): one line for the caller, the whole
+    // output for this process's log.
+    kiln::LogWarning("cache", absl::StrCat("kiln-compile for ", r.key.component, ": ",
+                                           result->stderr_text));
+    std::string last = result->stderr_text;
+    while (!last.empty() && last.back() == '\n') last.pop_back();
+    last = last.substr(last.rfind('\n') == std::string::npos ? 0 : last.rfind('\n') + 1);
+    return result->exit_code == 3 ? absl::ResourceExhaustedError(last)
+                                  : absl::UnavailableError(last);
+  }
   if (result->exit_code != 0) {
     auto msg = absl::StrCat("kiln-compile failed for ", r.key.component, " (exit ",
                             result->exit_code, "): ", Tail(result->stderr_text, 2000));

@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <optional>
 #include <thread>
 
@@ -84,6 +87,22 @@ struct TieredPackageProvider::Metrics {
                           .Register(*registry);
     publishes_ok = &publishes.Add({{"result", "ok"}});
     publishes_error = &publishes.Add({{"result", "error"}});
+    refused = &prometheus::BuildCounter()
+                   .Name("kiln_artifact_refused_total")
+                   .Help("Packages refused and quarantined, by reason: unsigned, bad_signature, "
+                         "untrusted, revoked_key, revoked_package (signature checks), "
+                         "unloadable (verified but failed to load), canary (wrong output)")
+                   .Register(*registry);
+    for (const char* r : {"unsigned", "bad_signature", "untrusted", "revoked_key",
+                          "revoked_package", "unloadable", "canary"}) {
+      refused->Add({{"reason", r}});
+    }
+    canary_failures = &prometheus::BuildCounter()
+                           .Name("kiln_artifact_canary_failures_total")
+                           .Help("Loaded packages whose canary output disagreed with the one "
+                                 "recorded at compile time (quarantined)")
+                           .Register(*registry)
+                           .Add({});
   }
 
   prometheus::Counter& Request(const std::string& tier, const std::string& result) {
@@ -101,6 +120,8 @@ struct TieredPackageProvider::Metrics {
   prometheus::Counter* lease_takeovers;
   prometheus::Counter* publishes_ok;
   prometheus::Counter* publishes_error;
+  prometheus::Family<prometheus::Counter>* refused;
+  prometheus::Counter* canary_failures;
 };
 
 absl::Status TieredOptions::Validate() const {
@@ -184,14 +205,24 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const PackageRequest&
 
   ProvidedPackage out;
   out.pin = local_->Pin(digest);
+  Revocations revoked;
+  if (options_.trust != nullptr) {
+    auto current = CurrentRevocations();
+    if (!current.ok()) return current.status();
+    revoked = *std::move(current);
+  }
   auto found = local_->Find(key);
   if (found.ok()) {
-    metrics_->Request("local", "hit").Increment();
-    out.package = *std::move(found);
-    out.provenance = "local";
-    return out;
-  }
-  if (absl::IsNotFound(found.status())) {
+    auto trusted = CheckTrust(*found, revoked, /*in_shared=*/false);
+    if (trusted.ok()) {
+      metrics_->Request("local", "hit").Increment();
+      out.package = *std::move(found);
+      out.provenance = "local";
+      return out;
+    }
+    if (!absl::IsPermissionDenied(trusted)) return trusted;
+    AddWarning(&out, std::string(trusted.message()));
+  } else if (absl::IsNotFound(found.status())) {
     metrics_->Request("local", "miss").Increment();
   } else if (absl::IsDataLoss(found.status())) {
     metrics_->Request("local", "corrupt").Increment();
@@ -200,14 +231,112 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::Get(const PackageRequest&
     metrics_->Request("local", "error").Increment();
     return found.status();
   }
-  if (shared_ != nullptr && FetchFromShared(key, &out)) return out;
-  return CompileOrWait(request, std::move(out));
+  if (shared_ != nullptr) {
+    if (FetchFromShared(key, revoked, &out)) return out;
+    // A full local disk fails the copy and would fail a compile too: say so now.
+    if (!out.local_disk_error.ok()) return out.local_disk_error;
+  }
+  return CompileOrWait(request, revoked, std::move(out));
 }
 
-bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPackage* out) {
+absl::StatusOr<Revocations> TieredPackageProvider::CurrentRevocations() {
+  Revocations out;
+  if (!options_.revocation_file.empty()) {
+    std::string text;
+    if (FILE* f = std::fopen(options_.revocation_file.c_str(), "r")) {
+      char buf[4096];
+      size_t n;
+      while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+      std::fclose(f);
+    } else if (errno != ENOENT) {
+      return absl::UnavailableError(absl::StrCat("cannot read revocations ",
+                                                 options_.revocation_file, ": ",
+                                                 std::strerror(errno)));
+    }
+    auto parsed = Revocations::Parse(text);
+    if (!parsed.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(options_.revocation_file, ": ", parsed.status().message()));
+    }
+    out.Merge(*parsed);
+  }
+  if (shared_ == nullptr) return out;
+  auto shared = shared_->ReadRevocations();
+  absl::MutexLock l(&revocations_mu_);
+  if (shared.ok()) {
+    last_shared_revocations_ = *shared;
+    out.Merge(*shared);
+    return out;
+  }
+  if (!last_shared_revocations_) {
+    return absl::UnavailableError(absl::StrCat(
+        "cannot read the revocation list of ", shared_->Describe(), " (",
+        shared.status().message(), "); refusing to load packages until it can be checked"));
+  }
+  kiln::LogWarning("cache", absl::StrCat("revocation list of ", shared_->Describe(),
+                                         " unreadable, using the last one read: ",
+                                         shared.status().ToString()));
+  out.Merge(*last_shared_revocations_);
+  return out;
+}
+
+absl::Status TieredPackageProvider::CheckTrust(const LocatedPackage& package,
+                                               const Revocations& revoked, bool in_shared) {
+  if (options_.trust == nullptr) return absl::OkStatus();
+  const std::string& digest = package.manifest.digest;
+  auto check = VerifyPackageSignature(package.dir, digest, package.manifest.package_sha256,
+                                      *options_.trust, revoked);
+  if (!check.ok()) return check.status();
+  if (check->ok()) return absl::OkStatus();
+  metrics_->refused->Add({{"reason", RefusalLabel(check->refusal)}}).Increment();
+  const std::string why =
+      absl::StrCat("refused package ", digest.substr(0, 12), " (", package.manifest.key.component,
+                   "): ", check->reason);
+  auto q = QuarantinePackageDir(local_->root(), digest, why);
+  std::string where = q.ok() ? absl::StrCat("quarantined to ", *q) : "already gone";
+  if (in_shared && shared_ != nullptr) {
+    if (auto s = shared_->Quarantine(digest, why); s.ok()) {
+      absl::StrAppend(&where, " and in ", shared_->Describe());
+    } else if (!absl::IsNotFound(s)) {
+      kiln::LogWarning("cache", absl::StrCat("quarantining ", digest.substr(0, 12), " in ",
+                                             shared_->Describe(), ": ", s.ToString()));
+    }
+  }
+  kiln::LogWarning("cache", absl::StrCat(why, "; ", where, "; rebuilding it"));
+  return absl::PermissionDeniedError(why);
+}
+
+absl::Status TieredPackageProvider::Quarantine(const ArtifactKey& key,
+                                               const std::string& reason_label,
+                                               const std::string& why) {
+  const std::string digest = key.Digest();
+  metrics_->refused->Add({{"reason", reason_label}}).Increment();
+  if (reason_label == "canary") metrics_->canary_failures->Increment();
+  const std::string reason = absl::StrCat(reason_label, ": ", why);
+  // QuarantinePackageDir logs each copy it moves; a copy already gone is someone else's work.
+  auto q = QuarantinePackageDir(local_->root(), digest, reason);
+  if (!q.ok() && !absl::IsNotFound(q.status())) return q.status();
+  if (shared_ != nullptr) {
+    if (auto s = shared_->Quarantine(digest, reason); !s.ok() && !absl::IsNotFound(s) &&
+                                                       !absl::IsUnimplemented(s)) {
+      kiln::LogWarning("cache", absl::StrCat("quarantining ", digest.substr(0, 12), " in ",
+                                             shared_->Describe(), ": ", s.ToString()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, const Revocations& revoked,
+                                            ProvidedPackage* out) {
   const auto t = SteadyNow();
   auto fetched = shared_->Fetch(key, *local_);
   if (fetched.ok()) {
+    if (auto trusted = CheckTrust(fetched->package, revoked, /*in_shared=*/true); !trusted.ok()) {
+      metrics_->Request("shared", absl::IsPermissionDenied(trusted) ? "corrupt" : "error")
+          .Increment();
+      AddWarning(out, std::string(trusted.message()));
+      return false;
+    }
     const double secs = SecondsSince(t);
     metrics_->Request("shared", "hit").Increment();
     metrics_->fetch_bytes->Increment(static_cast<double>(fetched->bytes));
@@ -219,6 +348,10 @@ bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPack
   }
   if (absl::IsNotFound(fetched.status())) {
     metrics_->Request("shared", "miss").Increment();
+  } else if (absl::IsResourceExhausted(fetched.status())) {
+    // Only writing can run out of space: the node-local copy, not the shared store.
+    metrics_->Request("local", "error").Increment();
+    out->local_disk_error = fetched.status();
   } else if (absl::IsDataLoss(fetched.status())) {
     metrics_->Request("shared", "corrupt").Increment();
     kiln::LogWarning("cache", absl::StrCat(fetched.status().message(), "; rebuilding it"));
@@ -233,6 +366,7 @@ bool TieredPackageProvider::FetchFromShared(const ArtifactKey& key, ProvidedPack
 }
 
 absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const PackageRequest& req,
+                                                                     const Revocations& revoked,
                                                                      ProvidedPackage out) {
   const ArtifactKey& key = req.key;
   const std::string digest = key.Digest();
@@ -242,7 +376,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
         shared_ != nullptr ? absl::StrCat(" or in ", shared_->Describe()) : std::string(),
         ", and compiling is disabled"));
   }
-  if (shared_ == nullptr) return CompileAndPublish(req, nullptr, std::move(out));
+  if (shared_ == nullptr) return CompileAndPublish(req, nullptr, revoked, std::move(out));
 
   const LeaseRequest request{node_id_, options_.lease_ttl_ms};
   const int64_t deadline_ms = clock_->NowMs() + options_.max_wait_ms;
@@ -262,11 +396,11 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
       // The holder we waited for may have published and released between our last look and the
       // acquisition; then there is nothing to compile.
       auto has = shared_->Has(digest);
-      if (has.ok() && *has && FetchFromShared(key, &out)) return out;  // lease released on return
-      return CompileAndPublish(req, lease->get(), std::move(out));
+      if (has.ok() && *has && FetchFromShared(key, revoked, &out)) return out;  // lease released on return
+      return CompileAndPublish(req, lease->get(), revoked, std::move(out));
     }
     if (absl::IsUnimplemented(lease.status())) {
-      return CompileAndPublish(req, nullptr, std::move(out));
+      return CompileAndPublish(req, nullptr, revoked, std::move(out));
     }
     if (!absl::IsAlreadyExists(lease.status())) {
       // No single-flight without the lease directory, but compiling is still safe: publishing
@@ -277,7 +411,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
                                              lease.status().ToString()));
       AddWarning(&out, absl::StrCat("compile lease unavailable: ", lease.status().message()));
       finish_wait();
-      return CompileAndPublish(req, nullptr, std::move(out));
+      return CompileAndPublish(req, nullptr, revoked, std::move(out));
     }
     if (!wait_start) {
       wait_start = SteadyNow();
@@ -296,7 +430,7 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
     std::this_thread::sleep_for(std::chrono::milliseconds(std::min(pause_ms, left_ms)));
     pause_ms = std::min(pause_ms * 2, options_.poll_max_ms);
     auto has = shared_->Has(digest);
-    if (has.ok() && *has && FetchFromShared(key, &out)) {
+    if (has.ok() && *has && FetchFromShared(key, revoked, &out)) {
       finish_wait();
       return out;
     }
@@ -306,7 +440,8 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileOrWait(const Packa
 }
 
 absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
-    const PackageRequest& req, CompileLease* lease, ProvidedPackage out) {
+    const PackageRequest& req, CompileLease* lease, const Revocations& revoked,
+    ProvidedPackage out) {
   const ArtifactKey& key = req.key;
   const std::string digest = key.Digest();
   auto release = [&] {
@@ -340,6 +475,17 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
     release();
     return compiled;
   }
+  if (options_.signer != nullptr) {
+    // The compiler wrote LOCAL/<digest>; sign it where it lies, before anyone can fetch it.
+    if (auto s = SignPackageDir(absl::StrCat(local_->root(), "/", digest), digest,
+                                *options_.signer);
+        !s.ok()) {
+      metrics_->compiles_error->Increment();
+      metrics_->Request("compile", "error").Increment();
+      release();
+      return s;
+    }
+  }
   auto found = local_->Find(key);
   if (!found.ok()) {
     metrics_->compiles_error->Increment();
@@ -355,6 +501,19 @@ absl::StatusOr<ProvidedPackage> TieredPackageProvider::CompileAndPublish(
                                               found.status().message()));
     }
     return found.status();
+  }
+  if (auto trusted = CheckTrust(*found, revoked, /*in_shared=*/false); !trusted.ok()) {
+    metrics_->compiles_error->Increment();
+    metrics_->Request("compile", "corrupt").Increment();
+    release();
+    if (!absl::IsPermissionDenied(trusted)) return trusted;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "this node compiled ", key.component, " but may not load what it compiled: ",
+        trusted.message(),
+        options_.signer == nullptr
+            ? "; give it a signing key (--signing_key) whose .pub is in the trust set"
+            : "; make it a new signing key (kiln signing-key new) and add its .pub to the trust "
+              "set"));
   }
   metrics_->compiles_ok->Increment();
   metrics_->compile_seconds->Observe(secs);
@@ -404,6 +563,16 @@ absl::StatusOr<std::unique_ptr<TieredPackageProvider>> OpenTieredProvider(
     auto store = SharedFsStore::Open(shared_options);
     if (!store.ok()) return store.status();
     shared = *std::move(store);
+  }
+  if (!config.trusted_keys.empty()) {
+    auto trust = TrustSet::Load(config.trusted_keys);
+    if (!trust.ok()) return trust.status();
+    config.tiered.trust = std::make_shared<const TrustSet>(*std::move(trust));
+  }
+  if (!config.signing_key.empty()) {
+    auto key = SigningKey::Read(config.signing_key);
+    if (!key.ok()) return key.status();
+    config.tiered.signer = std::make_shared<const SigningKey>(*std::move(key));
   }
   std::unique_ptr<PackageCompiler> compiler;
   if (!config.compiler_path.empty()) {

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -25,6 +26,7 @@
 #include "cache/artifact_store.h"
 #include "cache/compiler.h"
 #include "cache/local_disk_store.h"
+#include "cache/package_signing.h"
 #include "common/clock.h"
 #include "nlohmann/json.hpp"
 
@@ -41,6 +43,7 @@ struct ProvidedPackage {
   double compile_seconds = 0;
   double wait_seconds = 0;   // waiting for another node's compile of this key
   std::string warning;       // e.g. a corrupt copy was quarantined on the way
+  absl::Status local_disk_error;  // internal to the provider: local disk full during a fetch
   // Keeps the package from being evicted from local disk while this lives: hold it until the
   // package is loaded. Must not outlive the provider.
   std::shared_ptr<PackagePin> pin;
@@ -63,6 +66,17 @@ class PackageProvider {
   virtual absl::StatusOr<ProvidedPackage> Get(const PackageRequest& request) = 0;
   // True if Get() may compile (a node advertises it).
   virtual bool can_compile() const = 0;
+  // Takes a package that Get() returned out of service because it could not be used: it failed
+  // to load ("unloadable") or its canary disagreed ("canary"). Its local copy (and the shared
+  // tier's, so no other node loads it) is quarantined and counted under `reason_label`; the next
+  // Get() for the key rebuilds or refetches it. `why` is logged. Errors only for I/O trouble.
+  virtual absl::Status Quarantine(const ArtifactKey& key, const std::string& reason_label,
+                                  const std::string& why) {
+    (void)key;
+    (void)reason_label;
+    (void)why;
+    return absl::OkStatus();
+  }
 };
 
 struct TieredOptions {
@@ -76,6 +90,18 @@ struct TieredOptions {
   int64_t poll_max_ms = 5'000;      // longest pause between polls (ms)
   // Measures the wait deadline (NowMs). Null: the system clock. Must outlive the provider.
   const Clock* clock = nullptr;
+  // Package signatures (cache/package_signing.h). With a trust set, Get() returns only packages
+  // signed by one of its keys and revoked by neither the shared store's list nor
+  // `revocation_file`; others are refused, quarantined (locally and in the shared tier) and
+  // counted, and the next tier is tried. Null: signatures are not checked (development only;
+  // callers log it).
+  std::shared_ptr<const TrustSet> trust;
+  // Signs what this provider compiles, before it is verified and published. Null: compiled
+  // packages stay unsigned (refused wherever a trust set is in force).
+  std::shared_ptr<const SigningKey> signer;
+  // More revocations, read on every Get() ("" = none); for kiln-run and clusters without a
+  // shared tier.
+  std::string revocation_file;
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -101,6 +127,8 @@ class TieredPackageProvider : public PackageProvider {
   // counted, logged, put in `warning`, and the provider falls through to the next tier.
   absl::StatusOr<ProvidedPackage> Get(const PackageRequest& request) override;
   bool can_compile() const override { return compiler_ != nullptr; }
+  absl::Status Quarantine(const ArtifactKey& key, const std::string& reason_label,
+                          const std::string& why) override;
   LocalDiskStore& local() { return *local_; }
   ArtifactStore* shared() { return shared_.get(); }  // null if none
 
@@ -117,15 +145,25 @@ class TieredPackageProvider : public PackageProvider {
 
   // Fetches from the shared store into local disk. True if `out` now holds the package; false on
   // a miss or a handled failure (counted, logged, added to out->warning).
-  bool FetchFromShared(const ArtifactKey& key, ProvidedPackage* out);
+  bool FetchFromShared(const ArtifactKey& key, const Revocations& revoked, ProvidedPackage* out);
   // Compiles `req` under the shared store's lease, or waits for the lease holder's package.
   absl::StatusOr<ProvidedPackage> CompileOrWait(const PackageRequest& req,
-                                                ProvidedPackage out);
+                                                const Revocations& revoked, ProvidedPackage out);
   // Compiles into local disk (renewing `lease` if given), publishes to the shared store, then
   // releases `lease`.
   absl::StatusOr<ProvidedPackage> CompileAndPublish(const PackageRequest& req,
-                                                    CompileLease* lease, ProvidedPackage out);
+                                                    CompileLease* lease,
+                                                    const Revocations& revoked,
+                                                    ProvidedPackage out);
   std::shared_ptr<Flight> JoinFlight(const std::string& digest);
+  // The revocations in force now: the shared store's and revocation_file's. If the shared store
+  // cannot be read, the last list read from it (logged); Unavailable if none was ever read.
+  absl::StatusOr<Revocations> CurrentRevocations();
+  // With a trust set: OK if `package` may be loaded. Otherwise it has been quarantined (locally,
+  // and in the shared tier if `in_shared`), counted and logged, and the status is
+  // PermissionDenied saying why. Other codes: I/O errors.
+  absl::Status CheckTrust(const LocatedPackage& package, const Revocations& revoked,
+                          bool in_shared);
   void LeaveFlight(const std::string& digest);
 
   const std::unique_ptr<LocalDiskStore> local_;
@@ -136,6 +174,9 @@ class TieredPackageProvider : public PackageProvider {
   const Clock* clock_;
   std::unique_ptr<Clock> owned_clock_;
   std::unique_ptr<Metrics> metrics_;
+
+  absl::Mutex revocations_mu_;
+  std::optional<Revocations> last_shared_revocations_ ABSL_GUARDED_BY(revocations_mu_);
 
   absl::Mutex flights_mu_;
   std::map<std::string, std::shared_ptr<Flight>> flights_ ABSL_GUARDED_BY(flights_mu_);
@@ -148,6 +189,9 @@ struct TieredProviderConfig {
   std::string shared_root;      // "" = no shared tier; a directory, or redis://HOST:PORT/DB
   std::string shared_host;      // host written into compile leases ("" = gethostname())
   std::string compiler_path;    // kiln-compile executable; "" = never compile (a miss is NotFound)
+  // Comma list of .pub files / directories (TrustSet::Load); "" = signatures not checked.
+  std::string trusted_keys;
+  std::string signing_key;      // signing key file (SigningKey::Read); "" = compiles unsigned
   TieredOptions tiered;         // its clock is the shared store's too
 };
 

@@ -237,6 +237,40 @@ absl::Status RedisArtifactStore::RefuseCorrupt(const std::string& digest,
                    : absl::StrCat("; removing it failed: ", removed.status().message())));
 }
 
+absl::StatusOr<Revocations> RedisArtifactStore::ReadRevocations() const {
+  auto r = client_->Command({"SMEMBERS", options_.key_prefix + ":revoked"});
+  if (!r.ok()) return r.status();
+  std::string text;
+  for (const auto& e : r->elements) absl::StrAppend(&text, e.str, "\n");
+  auto parsed = Revocations::Parse(text);
+  if (!parsed.ok()) {
+    return absl::DataLossError(
+        absl::StrCat(options_.key_prefix, ":revoked: ", parsed.status().message()));
+  }
+  return parsed;
+}
+
+absl::Status RedisArtifactStore::AddRevocation(const std::string& entry) {
+  if (auto s = Revocations::CheckEntry(entry); !s.ok()) return s;
+  auto r = client_->Command({"SADD", options_.key_prefix + ":revoked", entry});
+  return r.ok() ? absl::OkStatus() : r.status();
+}
+
+absl::Status RedisArtifactStore::Quarantine(const std::string& digest, const std::string& reason) {
+  auto upload = client_->Command({"HGET", PackageKey(digest), "upload"});
+  if (!upload.ok()) return upload.status();
+  if (upload->is_nil()) return absl::NotFoundError(absl::StrCat("no ", digest, " in ", Describe()));
+  const std::string p = options_.key_prefix;
+  auto removed = client_->Eval(
+      redis::ScriptFor<kRemoveScript>(), {PackageKey(digest), p + ":index", p + ":corrupt"},
+      {digest, upload->str, absl::StrCat(digest, " ", clock_->UnixMs(), " ", reason),
+       absl::StrCat(p, ":blob:", digest, ":", upload->str, ":")});
+  if (!removed.ok()) return removed.status();
+  kiln::LogWarning("cache", absl::StrCat("quarantined package ", digest, " in ", Describe(),
+                                         ": ", reason));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<FetchResult> RedisArtifactStore::Fetch(const ArtifactKey& key,
                                                       LocalDiskStore& local) {
   const std::string digest = key.Digest();

@@ -14,6 +14,7 @@
 //   P:lease:<digest>                       "<token> <LeaseInfo JSON>", SET NX PX ttl
 //   P:lease-held:<digest>                  token of the last acquisition not released (took_over)
 //   P:corrupt                              list of "<digest> <unix ms> <reason>" (for people)
+//   P:revoked                              set of "key <hex>" / "package <hex>" (package_signing.h)
 //
 // Publish uploads chunks under a fresh upload token with a TTL (a publisher that dies mid-upload
 // leaves nothing that lasts), then one script makes them permanent and writes the index entry
@@ -68,6 +69,11 @@ class RedisArtifactStore : public ArtifactStore {
   absl::Status Publish(const LocatedPackage& package) override;
   absl::StatusOr<std::unique_ptr<CompileLease>> TryAcquireLease(
       const std::string& digest, const LeaseRequest& request) override;
+  // The set P:revoked (members "key <hex>" / "package <hex>").
+  absl::StatusOr<Revocations> ReadRevocations() const override;
+  absl::Status AddRevocation(const std::string& entry) override;
+  // Removes the entry and its chunks and records why in P:corrupt.
+  absl::Status Quarantine(const std::string& digest, const std::string& reason) override;
 
   // Key names, for tools and tests.
   std::string PackageKey(const std::string& digest) const;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "cache/held_lease.h"
 #include "cache/package_dir.h"
+#include "common/files.h"
 #include "common/log.h"
 
 namespace kiln::cache {
@@ -18,6 +19,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr char kLeasesDir[] = "leases";
+constexpr char kRevokedFile[] = "revoked.txt";
 // How long a takeover may hold a lease's break lock before another waiter may break that (ms).
 constexpr int64_t kBreakLockMs = 30'000;
 
@@ -254,6 +256,45 @@ absl::Status SharedFsStore::Publish(const LocatedPackage& package) {
                                         " bytes) to ", Describe()));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<Revocations> SharedFsStore::ReadRevocations() const {
+  const std::string path = absl::StrCat(root_, "/", kRevokedFile);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    if (errno == ENOENT) return Revocations{};
+    return ErrnoStatus(errno, absl::StrCat("shared store: open ", path));
+  }
+  std::string text;
+  char buf[65536];
+  while (true) {
+    const ssize_t n = ::read(fd.get(), buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return ErrnoStatus(errno, absl::StrCat("shared store: read ", path));
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+  }
+  auto parsed = Revocations::Parse(text);
+  if (!parsed.ok()) {
+    return absl::DataLossError(absl::StrCat(path, ": ", parsed.status().message()));
+  }
+  return parsed;
+}
+
+absl::Status SharedFsStore::AddRevocation(const std::string& entry) {
+  if (auto s = Revocations::CheckEntry(entry); !s.ok()) return s;
+  const std::string path = absl::StrCat(root_, "/", kRevokedFile);
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+  if (fd.get() < 0) return ErrnoStatus(errno, absl::StrCat("open ", path));
+  // One write() of a short line with O_APPEND: concurrent writers never interleave.
+  if (auto s = WriteAll(fd.get(), entry + "\n", path); !s.ok()) return s;
+  if (::fsync(fd.get()) != 0) return ErrnoStatus(errno, absl::StrCat("fsync ", path));
+  return absl::OkStatus();
+}
+
+absl::Status SharedFsStore::Quarantine(const std::string& digest, const std::string& reason) {
+  auto q = QuarantinePackageDir(root_, digest, reason);
+  return q.ok() ? absl::OkStatus() : q.status();
 }
 
 absl::StatusOr<LeaseInfo> SharedFsStore::ReadLease(const std::string& digest) const {

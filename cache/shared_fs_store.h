@@ -6,6 +6,7 @@
 //   ROOT/quarantine/<digest>-<unix ms>-<token>/                         corrupt copies, for people
 //   ROOT/leases/<digest>.lease                                          compile leases (JSON)
 //   ROOT/leases/<digest>.lease.break                                    takeover in progress
+//   ROOT/revoked.txt                                                    revoked keys and packages
 //
 // Publishing stages a copy under a temporary name, fsyncs it, verifies it and renames it into
 // place: readers see a whole package or none. Entries are immutable once published.
@@ -57,6 +58,12 @@ class SharedFsStore : public ArtifactStore {
   absl::Status Publish(const LocatedPackage& package) override;
   absl::StatusOr<std::unique_ptr<CompileLease>> TryAcquireLease(
       const std::string& digest, const LeaseRequest& request) override;
+  // ROOT/revoked.txt (package_signing.h's format); no file = nothing revoked.
+  absl::StatusOr<Revocations> ReadRevocations() const override;
+  // Appends a line to ROOT/revoked.txt (O_APPEND, fsynced: safe for concurrent writers).
+  absl::Status AddRevocation(const std::string& entry) override;
+  // Moves ROOT/<digest> to ROOT/quarantine/.
+  absl::Status Quarantine(const std::string& digest, const std::string& reason) override;
 
   // The lease on `digest` as stored (expired or not). NotFound if there is none, DataLoss if the
   // file is not a lease document. For tools and tests.

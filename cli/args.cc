@@ -156,6 +156,12 @@ std::vector<CommandSpec> MakeCommands() {
                "make a CURVE key pair: NAME.key (secret, mode 0600) and NAME.pub",
                {{"dir", true, "DIR", "where to write them (default .; created 0700)"},
                 {"force", false, "", "overwrite existing files"}}});
+  c.push_back({"signing-key", "new KEY | sign KEY DIR | revoke key|package VALUE", 2, 3,
+               "package signing keys: make one, sign a package directory, revoke a key or a "
+               "package in the shared cache",
+               {{"shared-cache", true, "DIR|redis://HOST:PORT/DB",
+                 "revoke: the cluster's shared cache (default: the local cluster's)"},
+                {"state-dir", true, "DIR", "local cluster state directory (default .kiln/cluster)"}}});
   c.push_back({"help", "[COMMAND]", 0, 1, "show this help, or one command's", {}});
   return c;
 }

@@ -19,6 +19,7 @@
 #include "cli/args.h"
 #include "cli/cluster_state.h"
 #include "cli/coordinator_client.h"
+#include "cli/signing_key.h"
 #include "cli/format.h"
 #include "cli/local_cluster.h"
 #include "common/clock.h"
@@ -650,6 +651,7 @@ int Run(const std::vector<std::string>& argv, Io& io) {
   if (name == "uncordon") return CmdUncordon(*cl, io);
   if (name == "remove-node") return CmdRemoveNode(*cl, io);
   if (name == "keys") return CmdKeys(*cl, io);
+  if (name == "signing-key") return CmdSigningKey(*cl, io);
   return CmdHelp(*cl, io);
 }
 

@@ -33,6 +33,7 @@
 #include "cli/process.h"
 #include "cli/restart_backoff.h"
 #include "common/advertise.h"
+#include "cli/signing_key.h"
 #include "common/clock.h"
 #include "common/files.h"
 #include "nlohmann/json.hpp"
@@ -323,6 +324,12 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
   if (state.precision.find(',') != std::string::npos) argv.push_back("--precisions=" + state.precision);
   if (!state.advertise.empty()) argv.push_back("--advertise=" + state.advertise);
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
+  // The cluster's package signing key and trust set (made by kiln up): every node signs what it
+  // compiles and loads only what the cluster signed.
+  if (::access(ClusterSigningKeyPath(state.state_dir).c_str(), R_OK) == 0) {
+    argv.push_back("--signing_key=" + ClusterSigningKeyPath(state.state_dir));
+    argv.push_back("--trusted_keys=" + ClusterTrustDir(state.state_dir));
+  }
   if (!state.compile) argv.push_back("--no_compile");
   if (!state.compile_options.empty()) argv.push_back("--compile_options=" + state.compile_options);
   if (state.keys_dir.empty()) {
@@ -611,6 +618,7 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   if (options.redis.empty()) {
     if (auto s = MakeDirs(state.shared_cache); !s.ok()) return s;
   }
+  if (auto s = EnsureClusterSigningKey(state.state_dir); !s.ok()) return s;
   auto lock = StateLock::Acquire(state.state_dir);
   if (!lock.ok()) return lock.status();
   if (auto old = LoadClusterState(state.state_dir); old.ok() && AnyAlive(*old)) {

@@ -751,6 +751,13 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
     index_.Update(info);
     placement_dirty_ = true;
   }
+  if (message.unhealthy() != node.unhealthy) {
+    Log(message.unhealthy().empty()
+            ? absl::StrCat("node ", node_id, " is healthy again; placing jobs on it")
+            : absl::StrCat("node ", node_id, " takes no jobs: ", message.unhealthy()));
+    node.unhealthy = message.unhealthy();
+    placement_dirty_ = true;
+  }
 
   // Reconcile what the node says it runs with what it was given.
   const std::set<std::string> running(message.running_jobs().begin(),
@@ -1002,7 +1009,7 @@ void Coordinator::PlaceJobs() {
   // Cheap when no slot is free (a Submit while the fleet is busy).
   bool any_free = false;
   for (const auto& [id, node] : nodes_) {
-    if (node.state == kiln::v1::NODE_STATE_READY &&
+    if (node.state == kiln::v1::NODE_STATE_READY && node.unhealthy.empty() &&
         static_cast<int>(node.jobs.size()) < options_.max_jobs_per_node) {
       any_free = true;
       break;
@@ -1028,7 +1035,7 @@ void Coordinator::PlaceJobs() {
   absl::flat_hash_map<absl::string_view, size_t> classes;
   int free_total = 0;
   for (auto& [id, node] : nodes_) {
-    if (node.state != kiln::v1::NODE_STATE_READY) continue;
+    if (node.state != kiln::v1::NODE_STATE_READY || !node.unhealthy.empty()) continue;
     const int slot = index_.Slot(id);
     if (slot < 0) continue;
     PassNode p;
@@ -1288,9 +1295,10 @@ std::string Coordinator::WaitingReasonFor(const kiln::v1::JobSpec& spec) const {
     if (node.state == kiln::v1::NODE_STATE_LEFT) continue;
     ++registered;
     absl::Status s = CheckCapable(node.info, spec);
-    if (node.state != kiln::v1::NODE_STATE_READY) {
+    if (node.state != kiln::v1::NODE_STATE_READY || !node.unhealthy.empty()) {
       if (!s.ok()) continue;
-      auto& list = node.state == kiln::v1::NODE_STATE_DRAINING ? draining : dead;
+      // An unhealthy READY node (its disk check fails) is counted with the draining ones.
+      auto& list = node.state == kiln::v1::NODE_STATE_DEAD ? dead : draining;
       if (list.size() < 3) list.push_back(id);
       continue;
     }

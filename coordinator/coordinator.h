@@ -217,6 +217,9 @@ class Coordinator {
     std::set<std::string> jobs;     // assigned to it and not yet released
     bool suspect = false;           // a job of it passed its run timeout (drained for that)
     std::string device_class;       // DeviceClass(info.device()): whose run times it shares
+    // Heartbeat.unhealthy: why the node takes no job now (its disk is full or read-only); nothing
+    // is placed on it while set. "" = healthy.
+    std::string unhealthy;
   };
   // The in-memory side of a job that is queued, running, or cancelled while still on a node.
   struct ActiveJob {

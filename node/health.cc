@@ -9,4 +9,10 @@ absl::Status NodeReadiness(bool registered, bool draining, bool done) {
   return absl::OkStatus();
 }
 
+absl::Status NodeReadiness(bool registered, bool draining, bool done, const absl::Status& disk) {
+  absl::Status s = NodeReadiness(registered, draining, done);
+  if (!s.ok() || disk.ok()) return s;
+  return absl::UnavailableError(disk.message());
+}
+
 }  // namespace kiln::node

@@ -10,5 +10,7 @@ namespace kiln::node {
 
 // OK when registered and neither draining nor done; else Unavailable saying which.
 absl::Status NodeReadiness(bool registered, bool draining, bool done);
+// The same, and not ready while the package directory cannot be written (`disk` not OK).
+absl::Status NodeReadiness(bool registered, bool draining, bool done, const absl::Status& disk);
 
 }  // namespace kiln::node

@@ -88,8 +88,13 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   std::unique_ptr<NodeAgent> agent(new NodeAgent(std::move(options), std::move(catalog),
                                                  std::move(packages), registry, clock));
   agent->outbox_ = *std::move(outbox);
+  DiskHealthOptions disk;
+  disk.dir = agent->options_.package_dir;
+  disk.interval_ms = agent->options_.disk_check_interval_ms;
+  agent->disk_ = std::make_unique<DiskHealth>(std::move(disk));
   agent->worker_ =
       std::make_unique<Worker>(*agent->catalog_, *agent->outbox_, agent->metrics_, agent->clock_);
+  agent->worker_->set_disk_health(agent->disk_.get(), agent->options_.node_id);
   try {
     agent->channel_ = std::make_unique<Channel>(agent->options_.node_id, agent->options_.curve);
   } catch (const zmq::error_t& e) {
@@ -98,6 +103,7 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   agent->session_ = std::make_unique<NodeSession>(
       agent->options_, *agent->catalog_, *agent->worker_, *agent->outbox_, agent->packages_.get(),
       agent->metrics_, agent->clock_, *agent->channel_, LineLogger(kComponent));
+  agent->session_->set_disk_health(agent->disk_.get());
   return agent;
 }
 
@@ -116,11 +122,13 @@ NodeAgent::~NodeAgent() {
   if (outbox_) outbox_->Wake();
   if (io_thread_.joinable()) io_thread_.join();
   if (worker_) worker_->Shutdown(/*cancel_running=*/true);
+  if (disk_) disk_->Stop();
 }
 
 absl::Status NodeAgent::Start() {
   if (started_) return absl::FailedPreconditionError("NodeAgent::Start: already started");
   started_ = true;
+  disk_->Start();
   worker_->Start();
   io_thread_ = std::thread([this] { IoMain(); });
   return absl::OkStatus();

@@ -33,6 +33,7 @@
 #include "common/clock.h"
 #include "node/catalog.h"
 #include "node/node_metrics.h"
+#include "node/disk_health.h"
 #include "node/node_options.h"
 #include "node/node_session.h"
 #include "node/outbox.h"
@@ -74,6 +75,12 @@ class NodeAgent {
   absl::Status status() const;
 
   const NodeOptions& options() const { return options_; }
+  // The package directory's health (node/disk_health.h): readiness includes it.
+  // Not OK: the one line people read (what, where, what to do).
+  absl::Status disk_status() const {
+    const absl::Status s = disk_->status();
+    return s.ok() ? s : absl::Status(s.code(), disk_->reason());
+  }
   // "<model>/<precision>/<W>x<H>" → digests, as sent in RegisterNode.
   const std::map<std::string, std::vector<std::string>>& package_sets() const {
     return session_->package_sets();
@@ -97,6 +104,7 @@ class NodeAgent {
   std::unique_ptr<ModelCatalog> catalog_;
   std::shared_ptr<const cache::LocalDiskStore> packages_;
   NodeMetrics metrics_;
+  std::unique_ptr<DiskHealth> disk_;       // probes package_dir; its thread joined on destruction
   std::unique_ptr<Outbox> outbox_;
   std::unique_ptr<Worker> worker_;
   std::unique_ptr<Channel> channel_;       // owns the ZeroMQ context and socket

@@ -7,6 +7,7 @@
 #include "cache/package_provider.h"
 #include "common/advertise.h"
 #include "common/files.h"
+#include "common/log.h"
 #include "node/catalog.h"
 #include "node/device_probe.h"
 #include "pipeline/flux_pipeline.h"
@@ -52,6 +53,14 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
   if (options.allow_compile) {
     config.compiler_path =
         options.compiler_path.empty() ? ExecutableDir() + "/kiln-compile" : options.compiler_path;
+  }
+  config.trusted_keys = options.trusted_keys;
+  config.signing_key = options.signing_key;
+  config.tiered.revocation_file = options.revocation_file;
+  if (options.trusted_keys.empty()) {
+    LogWarning("node", "no --trusted_keys: package signatures are NOT checked; any package in "
+                       "the package dirs or the shared cache will be loaded and run (development "
+                       "only; kiln up sets up a cluster signing key)");
   }
   config.tiered.node_id = options.node_id;
   config.tiered.clock = clock;

@@ -30,6 +30,16 @@ struct NodeOptions {
   std::string shared_cache_dir;                // shared package tier; "" = none
   bool allow_compile = true;                   // false: a package no tier holds fails the job
   std::string compiler_path;  // kiln-compile; "" = beside the running binary
+  // Package signatures (cache/package_signing.h): a comma list of .pub files / directories whose
+  // keys this node accepts ("" = signatures not checked: development only, logged loudly), the
+  // key this node signs what it compiles with ("" = unsigned), and a local revocation file read
+  // before every load besides the shared cache's list ("" = none).
+  std::string trusted_keys;
+  std::string signing_key;
+  std::string revocation_file;
+  // Probe package_dir (write + fsync + delete) this often (ms, > 0), and after every failed job;
+  // while it fails the node is not ready and takes no jobs (node/disk_health.h).
+  int64_t disk_check_interval_ms = 5000;
   // Handed to kiln-compile and part of every artifact key (a JSON object); the same on every
   // node of a cluster, or nodes build and look for different packages.
   nlohmann::json compile_options = cache::DefaultCompileOptions();

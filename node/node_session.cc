@@ -67,8 +67,7 @@ void NodeSession::Tick() {
     // make the coordinator requeue a job that is done.
     RouteFromWorker();
     FlushResults();
-    channel_.Send(HeartbeatMessage());
-    link_.OnHeartbeatSent();
+    SendHeartbeat();
   }
   if (link_.PeerDead()) {
     Log(absl::StrCat("coordinator ", link_.endpoint(), " silent for ",
@@ -78,6 +77,13 @@ void NodeSession::Tick() {
     channel_.Disconnect();
     link_.OnDisconnected();
   }
+}
+
+void NodeSession::SendHeartbeat() {
+  kiln::v1::Envelope hb = HeartbeatMessage();
+  const std::string reason = hb.heartbeat().unhealthy();
+  if (channel_.Send(hb)) unhealthy_sent_ = reason;
+  link_.OnHeartbeatSent();
 }
 
 void NodeSession::Connect() {
@@ -161,6 +167,18 @@ void NodeSession::OnAssign(const kiln::v1::AssignJob& assign) {
                             absl::UnavailableError("node is shutting down")));
     return;
   }
+  if (disk_ != nullptr) {
+    if (absl::Status disk = disk_->status(); !disk.ok()) {
+      metrics_.jobs_rejected.Increment();
+      Log(absl::StrCat("job ", spec.job_id(), " refused: ", disk.message()));
+      QueueResult(ErrorResult(
+          spec.job_id(), assign.attempt(),
+          absl::Status(disk.code(), absl::StrCat("node ", options_.node_id, ": ",
+                                                 disk_->reason(),
+                                                 "; the job moves to another node"))));
+      return;
+    }
+  }
   auto plan = catalog_.Plan(spec);
   if (!plan.ok()) {
     Log(absl::StrCat("job ", spec.job_id(), " rejected: ", plan.status().message()));
@@ -209,6 +227,12 @@ void NodeSession::QueueResult(kiln::v1::Envelope env) {
 }
 
 void NodeSession::FlushResults() {
+  // A disk that broke (or healed) is announced before the results it explains, so the
+  // coordinator does not place the requeued job here again.
+  if (disk_ != nullptr && link_.registered() && !results_.empty() &&
+      disk_->reason() != unhealthy_sent_) {
+    SendHeartbeat();
+  }
   while (link_.registered() && !results_.empty()) {
     const std::string id = results_.front().result().job_id();
     const bool ok = results_.front().result().ok();
@@ -269,6 +293,7 @@ kiln::v1::Envelope NodeSession::HeartbeatMessage() const {
   }
   for (const auto& d : jobs_.LoadedPackages()) hb->add_loaded_packages(d);
   for (const auto& d : DiskPackages()) hb->add_packages(d);
+  if (disk_ != nullptr) hb->set_unhealthy(disk_->reason());
   return env;
 }
 

@@ -40,6 +40,7 @@
 #include "common/proto/kiln.pb.h"
 #include "node/catalog.h"
 #include "node/coordinator_link.h"
+#include "node/disk_health.h"
 #include "node/job_runner.h"
 #include "node/node_metrics.h"
 #include "node/node_options.h"
@@ -112,7 +113,14 @@ class NodeSession {
   kiln::v1::Envelope RegisterMessage() const;
   kiln::v1::Envelope HeartbeatMessage() const;
 
+  // The node's disk health (null: not checked; must outlive the session). While its directory
+  // cannot be written, heartbeats carry the reason (the coordinator places nothing here), a
+  // changed reason goes out in a heartbeat before any result, and AssignJob is answered with the
+  // disk's code (the coordinator requeues it elsewhere).
+  void set_disk_health(const DiskHealth* disk) { disk_ = disk; }
+
  private:
+  void SendHeartbeat();
   void Connect();
   void OnAssign(const kiln::v1::AssignJob& assign);
   void OnCancel(const kiln::v1::CancelJob& cancel);
@@ -136,6 +144,9 @@ class NodeSession {
   CoordinatorChannel& channel_;
   NodeLog log_;
   const std::map<std::string, std::vector<std::string>> package_sets_;
+
+  const DiskHealth* disk_ = nullptr;
+  std::string unhealthy_sent_;  // the disk reason of the last heartbeat sent
 
   CoordinatorLink link_;
   std::deque<kiln::v1::Envelope> results_;  // JobResults waiting for a registered coordinator

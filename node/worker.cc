@@ -189,9 +189,11 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
                                  : "cancelled by the coordinator"));
   }
   if (!result.ok()) {
+    // The whole error (a compiler's traceback included) stays in this log; the result carries
+    // one line when the disk is to blame.
     LogWarning("node", absl::StrCat("job ", id, " failed: ", result.status().ToString()));
     metrics_.jobs_failed.Increment();
-    return ErrorResult(id, job.attempt, result.status());
+    return ErrorResult(id, job.attempt, DiskFailure(result.status(), disk_, node_id_));
   }
   for (const auto& w : result->warnings) LogWarning("node", absl::StrCat("job ", id, ": ", w));
   auto png = pipeline::EncodePng(result->rgb.data(), result->width, result->height);

@@ -26,6 +26,7 @@
 #include "common/clock.h"
 #include "common/proto/kiln.pb.h"
 #include "node/catalog.h"
+#include "node/disk_health.h"
 #include "node/job_runner.h"
 #include "node/node_metrics.h"
 #include "node/outbox.h"
@@ -62,6 +63,14 @@ class Worker : public JobRunner {
   std::vector<std::string> LoadedPackages() const override;
   bool idle() const override;
 
+  // The node's disk health (null: not checked): a job that fails while the package directory
+  // cannot be written reports the disk's one-line error and code (node/disk_health.h) instead
+  // of whatever the pipeline saw. Call before Start(); `disk` must outlive the worker.
+  void set_disk_health(DiskHealth* disk, std::string node_id) {
+    disk_ = disk;
+    node_id_ = std::move(node_id);
+  }
+
  private:
   void Loop();
   // Runs one job; returns its JobResult envelope (queued by Loop()).
@@ -71,6 +80,8 @@ class Worker : public JobRunner {
   Outbox& outbox_;
   NodeMetrics& metrics_;
   const Clock& clock_;
+  DiskHealth* disk_ = nullptr;
+  std::string node_id_;
   pipeline::CancelToken cancel_;  // the running job's; reset when a job starts
 
   mutable absl::Mutex mu_;

@@ -172,7 +172,8 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
   key_options.resolutions = options.resolutions;
   impl->keys = std::make_unique<KeyPolicy>(std::move(key_options));
   impl->packages = std::make_unique<PackageLoader>(std::move(provider), options.model_dir,
-                                                   options.compile_options, impl->device);
+                                                   options.compile_options, impl->device,
+                                                   PackageLoaderOptions{options.canary});
   return std::unique_ptr<FluxPipeline>(new FluxPipeline(std::move(impl)));
 }
 

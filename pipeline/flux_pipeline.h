@@ -46,6 +46,9 @@ struct PipelineOptions {
   // CUDA: capture the transformer step once per bucket as a CUDA graph and replay it (falls back
   // to plain runs, with a warning, if capture fails). Ignored on the CPU.
   bool cuda_graphs = true;
+  // Run each package's numerical canary after loading it, before serving (pipeline/canary.h);
+  // a package that disagrees is quarantined and rebuilt once.
+  bool canary = true;
   // CUDA: time every denoising step with device events and run the loop with LibTorch's
   // synchronization check set to error (any host sync inside the loop fails the job). Fills
   // GenerateResult::denoise_profile. For benchmarks; costs nothing measurable.

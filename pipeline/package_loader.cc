@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/stopwatch.h"
+#include "pipeline/canary.h"
 
 namespace kiln::pipeline {
 void SyncDevice(const c10::Device& d) {
@@ -23,11 +24,12 @@ void SyncDevice(const c10::Device& d) {
 
 PackageLoader::PackageLoader(std::shared_ptr<cache::PackageProvider> provider,
                              std::string model_dir, nlohmann::json compile_options,
-                             c10::Device device)
+                             c10::Device device, PackageLoaderOptions options)
     : provider_(std::move(provider)),
       model_dir_(std::move(model_dir)),
       compile_options_(std::move(compile_options)),
-      device_(device) {}
+      device_(device),
+      options_(options) {}
 
 PackageLoader::~PackageLoader() = default;
 
@@ -71,7 +73,25 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
     report->fetch_seconds += wall;
   }
   for (auto& [c, p] : provided) {
-    auto pkg = Load(c, digests[c], *std::move(p), report, on_phase);
+    const cache::ArtifactKey& key = keys.at(c);
+    std::string fault;  // "unloadable" / "canary" when the package itself is at fault
+    auto pkg = Load(c, digests[c], *std::move(p), report, on_phase, &fault);
+    if (!pkg.ok() && !fault.empty()) {
+      // A package that verified but cannot be used would fail every job of this model and size,
+      // here and on every node that fetches it: take it out of every tier and get it once more
+      // (rebuilt or refetched).
+      const std::string why(pkg.status().message());
+      if (auto s = provider_->Quarantine(key, fault, why); !s.ok()) return s;
+      report->warnings.push_back(absl::StrCat("quarantined the ", c, " package (", fault,
+                                              ": ", why, "); rebuilt it"));
+      auto again = provider_->Get(cache::PackageRequest{key, model_dir_, compile_options_});
+      if (!again.ok()) return again.status();
+      std::string second_fault;
+      pkg = Load(c, digests[c], *std::move(again), report, on_phase, &second_fault);
+      if (!pkg.ok() && !second_fault.empty()) {
+        (void)provider_->Quarantine(key, second_fault, std::string(pkg.status().message()));
+      }
+    }
     if (!pkg.ok()) return pkg.status();
     out[c] = *pkg;
   }
@@ -82,14 +102,29 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
                                                  const std::string& digest,
                                                  cache::ProvidedPackage provided,
                                                  LoadReport* report,
-                                                 const std::function<void(const std::string&)>& on_phase) {
+                                                 const std::function<void(const std::string&)>& on_phase,
+                                                 std::string* fault) {
   // `provided.pin` keeps the package on local disk until this returns.
   if (!provided.warning.empty()) report->warnings.push_back(provided.warning);
   const cache::LocatedPackage& found = provided.package;
   if (on_phase) on_phase(absl::StrCat("loading package ", component));
   auto t = SteadyNow();
   auto pkg = AotiPackage::Load(found, device_);
-  if (!pkg.ok()) return pkg.status();
+  if (!pkg.ok()) {
+    // Out of memory or a device gone says nothing about the package; anything else does.
+    if (!absl::IsResourceExhausted(pkg.status()) && !absl::IsUnavailable(pkg.status())) {
+      *fault = "unloadable";
+    }
+    return pkg.status();
+  }
+  if (options_.canary) {
+    auto canary = RunCanary(**pkg, found);
+    if (!canary.ok()) {
+      *fault = absl::IsDataLoss(canary.status()) ? "canary" : "unloadable";
+      return canary.status();
+    }
+    report->canary_seconds += canary->seconds;
+  }
   report->package_load_seconds += SecondsSince(t);
 
   if (on_phase) on_phase(absl::StrCat("loading weights ", component));

@@ -31,7 +31,8 @@ struct LoadReport {
   // package was compiled, else as fetch if any was fetched from the shared tier.
   double fetch_seconds = 0;
   double compile_seconds = 0;
-  double package_load_seconds = 0;  // verifying and loading packages
+  double package_load_seconds = 0;  // verifying and loading packages (canaries included)
+  double canary_seconds = 0;        // running the packages' canaries (pipeline/canary.h)
   double weights_seconds = 0;       // reading weights and moving them to the device
   uint64_t weight_bytes = 0;        // checkpoint bytes read
   // component → the wire's provenance: "local", "shared" or "compiled" (the provider's word for
@@ -40,18 +41,27 @@ struct LoadReport {
   std::vector<std::string> warnings;  // the provider's (e.g. a corrupt copy quarantined)
 };
 
+struct PackageLoaderOptions {
+  // Run each package's canary (pipeline/canary.h) after loading it and before its weights; a
+  // package whose output disagrees is quarantined and rebuilt once.
+  bool canary = true;
+};
+
 class PackageLoader {
  public:
   // Packages are compiled from (and weights read from) `model_dir`, with `compile_options`, and
   // loaded on `device`.
   PackageLoader(std::shared_ptr<cache::PackageProvider> provider, std::string model_dir,
-                nlohmann::json compile_options, c10::Device device);
+                nlohmann::json compile_options, c10::Device device,
+                PackageLoaderOptions options = {});
   ~PackageLoader();
 
   // The loaded package of each component of `keys` (component → key): those not loaded yet are
   // fetched from the provider together, then loaded one by one with their weights (read once
-  // per component, shared by every bucket). The first error is returned as the provider, the
-  // package or the weights report it. `on_phase` (may be null) hears what it does, for a job's
+  // per component, shared by every bucket). A package that fails to load or whose canary
+  // disagrees is quarantined through the provider (PackageProvider::Quarantine) and asked for
+  // once more (rebuilt or refetched). The first error is returned as the provider, the package
+  // or the weights report it. `on_phase` (may be null) hears what it does, for a job's
   // progress: "fetching or compiling <components>" (the provider takes each from local disk, the
   // shared tier or a compile; which one shows in LoadReport::packages afterwards), then per
   // component "loading package <component>" and "loading weights <component>".
@@ -63,15 +73,18 @@ class PackageLoader {
   std::vector<std::string> LoadedDigests() const;
 
  private:
-  // Loads one provided package and hands it its weights.
+  // Loads one provided package, runs its canary and hands it its weights. On an error that is
+  // the package's fault, sets `*fault` to "unloadable" or "canary".
   absl::StatusOr<AotiPackage*> Load(const std::string& component, const std::string& digest,
                                     cache::ProvidedPackage provided, LoadReport* report,
-                                    const std::function<void(const std::string&)>& on_phase);
+                                    const std::function<void(const std::string&)>& on_phase,
+                                    std::string* fault);
 
   const std::shared_ptr<cache::PackageProvider> provider_;
   const std::string model_dir_;
   const nlohmann::json compile_options_;
   const c10::Device device_;
+  const PackageLoaderOptions options_;
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights_;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded_;        // by key digest
 };

@@ -114,12 +114,41 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def cluster_state_dir_of(package_dir: str) -> Optional[str]:
+    """The `kiln up` state directory a package directory belongs to (STATE/shared-cache or
+    STATE/nodes/<id>/packages), or None."""
+    path = os.path.abspath(package_dir)
+    if os.path.basename(path) == "shared-cache":
+        return os.path.dirname(path)
+    parts = path.split(os.sep)
+    if len(parts) >= 4 and parts[-1] == "packages" and parts[-3] == "nodes":
+        return os.sep.join(parts[:-3])
+    return None
+
+
+def sign_with_cluster_key(state_dir: str, package_dirs_: list[str]) -> None:
+    """Signs package directories with the cluster's signing key (made now if `kiln up` has not
+    made it yet): `kiln up` nodes load only packages the cluster signed."""
+    key = os.path.join(state_dir, "keys", "package-signing.key")
+    if not os.path.exists(key):
+        os.makedirs(os.path.dirname(key), exist_ok=True)
+        proc = kiln("signing-key", "new", key, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    for d in package_dirs_:
+        proc = kiln("signing-key", "sign", key, d, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
 def seed_shared_cache(shared: str) -> list[str]:
-    """Copies the fixture packages into a shared cache so nothing needs compiling."""
+    """Copies the fixture packages into a shared cache (or a node's package directory) so nothing
+    needs compiling; inside a `kiln up` state directory they are signed with the cluster's key."""
     os.makedirs(shared, exist_ok=True)
     digests = package_dirs(PACKAGES)
     for d in digests:
         shutil.copytree(os.path.join(PACKAGES, d), os.path.join(shared, d))
+    state_dir = cluster_state_dir_of(shared)
+    if state_dir is not None:
+        sign_with_cluster_key(state_dir, [os.path.join(shared, d) for d in digests])
     return digests
 
 

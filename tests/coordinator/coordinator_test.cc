@@ -1061,6 +1061,33 @@ TEST_F(CoordinatorTest, RetryableNodeFailureRequeuesOthersFail) {
   EXPECT_GT(j.run_seconds(), -1);
 }
 
+TEST_F(CoordinatorTest, NodeWithABrokenDiskGetsNoJobsAndItsFailedJobMovesToAHealthyNode) {
+  Register(Node("n1"));
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u)));
+  Register(Node("n2"));  // busy with nothing
+  // n1's disk fills while it runs j1: its heartbeat says so before the failed result arrives.
+  kiln::v1::Heartbeat hb;
+  hb.add_running_jobs("j1");
+  hb.set_unhealthy("package directory /p: write: No space left on device; free space there");
+  ASSERT_TRUE(c().Heartbeat("n1", hb).ok());
+  EXPECT_TRUE(Logged("node n1 takes no jobs: package directory /p"));
+  ASSERT_TRUE(Result("n1", "j1", false, 1, "RESOURCE_EXHAUSTED").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 2u)));
+  ASSERT_TRUE(Result("n2", "j1").ok());
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_SUCCEEDED);
+  // While n1 says it is unhealthy nothing goes there, even with n2 busy.
+  MustSubmit(Spec("j2"));
+  MustSubmit(Spec("j3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j2", 1u)));
+  // Its disk works again: the next heartbeat clears it and the queued job goes there.
+  hb.Clear();
+  ASSERT_TRUE(c().Heartbeat("n1", hb).ok());
+  c().Tick();
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j3", 1u)));
+  EXPECT_TRUE(Logged("node n1 is healthy again"));
+}
+
 TEST_F(CoordinatorTest, HeartbeatsReconcileRunningJobs) {
   Register(Node("n1"));
   MustSubmit(Spec("j1"));

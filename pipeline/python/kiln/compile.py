@@ -23,12 +23,18 @@ Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "packag
 constant that is not a checkpoint tensor as it is (fused QKV, fp8 weight or scale) also has
 `"derive": {"op": "concat0" | "fp8_rowwise" | "fp8_rowwise_scale", "from": [checkpoint names]}`
 (kiln/models/quant.py), computed by the loader when the weights are read.
-Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure.
+Manifest `canary`: a small fixed input and the package's output on it with synthetic constants
+(kiln/canary.py: recipe, file canary.safetensors, tolerance per precision); a node recomputes it
+after loading the package and quarantines a package whose output disagrees.
+Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure, 3 the package
+directory is full (ENOSPC, EDQUOT), 4 it may not be written (EACCES, EPERM, EROFS); for 3 and 4 the
+last line of stderr says so in one line.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
 import platform
@@ -37,14 +43,18 @@ import socket
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any
 
 from kiln import artifact_key as ak
+from kiln import canary
 
 PACKAGE_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
 EXTRA_CONSTANTS_FILE = "constants.safetensors"
 MANIFEST_FORMAT = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class UsageError(Exception):
@@ -167,6 +177,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def probe_out_root(out_root: str, nbytes: int = 1 << 20) -> None:
+    """Writes, fsyncs and deletes a 1 MiB file in `out_root` before any work: a full or read-only
+    package directory is then an OSError here (exit 3 / 4 with one line), not an abort inside
+    torch's zip writer (which cannot be caught) after minutes of compiling."""
+    os.makedirs(out_root, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=".kiln-compile-probe-", dir=out_root)
+    try:
+        block = memoryview(b"\0" * nbytes)
+        while block:  # a nearly full disk takes a short write first, then ENOSPC
+            block = block[os.write(fd, block):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
 def constant_table(module, ep) -> tuple[dict[str, dict], dict]:
     """The manifest's `constants` for the exported program `ep` of `module`, and the tensors that
     ship in constants.safetensors.
@@ -213,6 +239,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
             return json.load(f)
 
+    probe_out_root(out_root)
     device = "cpu" if target == "cpu" else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--target {target} needs a CUDA device and none is visible")
@@ -238,6 +265,9 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         if extra:
             from safetensors.torch import save_file
             save_file(extra, os.path.join(tmp_dir, EXTRA_CONSTANTS_FILE))
+        t2 = time.monotonic()
+        canary_record = canary.record(pkg_path, constants, example_inputs, precision, tmp_dir)
+        canary_record["seconds"] = round(time.monotonic() - t2, 3)
         with open(pkg_path, "rb") as f:
             pkg_sha = ak.sha256_hex(f.read())
         manifest = {
@@ -250,6 +280,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
             "inputs": _specs(components.input_spec(config, component, precision, key.bucket)),
             "outputs": _specs(components.output_spec(config, component, precision, key.bucket)),
             "compile_options": compile_options,
+            "canary": canary_record,
             "export_seconds": round(export_seconds, 3),
             "compile_seconds": round(compile_seconds, 3),
             "built_by": socket.gethostname(),
@@ -327,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"kiln-compile: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A full or unwritable package directory: the traceback for the log, then one line that
+        # says what and where; the exit status tells the caller which (cache/compiler.cc).
+        if e.errno not in DISK_FULL + DISK_DENIED:
+            raise
+        traceback.print_exc()
+        print(f"kiln-compile: cannot write packages to {args.out_root}: {e.strerror}"
+              f"{f' ({e.filename})' if e.filename else ''}", file=sys.stderr)
+        return 3 if e.errno in DISK_FULL else 4
     print(json.dumps(manifest, sort_keys=True))
     return 0
 
