@@ -111,6 +111,18 @@ def main(root: str) -> None:
         model.normalizer_spec.precompiled_charsmap = charsmap[:4] + b"\0" * 64
         write(root, "t5_tokenizer_fuzz", "cut_charsmap",
               SEP.join([model.SerializeToString(), json.dumps(config).encode(), prompt]))
+        # A hand-made darts-clone trie with one key, "A" -> replacement 0 ("a"): the root's
+        # offset is 1, so "A" (0x41) sits at unit 1 ^ 0x41 = 64 with a leaf; its value unit is
+        # 64 ^ 1 = 65.
+        units = [0] * 66
+        units[0] = 1 << 10
+        units[64] = 1 << 10 | 1 << 8 | 0x41
+        units[65] = 0x80000000
+        trie = b"".join(struct.pack("<I", u) for u in units)
+        for name, replacement in (("one_key_charsmap", b"a\0"), ("bad_utf8_charsmap", b"\xff\0")):
+            model.normalizer_spec.precompiled_charsmap = struct.pack("<I", len(trie)) + trie + replacement
+            write(root, "t5_tokenizer_fuzz", name,
+                  SEP.join([model.SerializeToString(), json.dumps(config).encode(), b"A cAt"]))
 
     enc = "tokenizer_encode_fuzz"
     prompts = ["a lighthouse on a cliff at dusk", "A PHOTO of Ⅻ cats’ “quotes” — ﬁ ß İ Σ",
