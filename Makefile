@@ -3,7 +3,7 @@ BUILD_DIR ?= build
 BUILD_TYPE ?= RelWithDebInfo
 PY := $(CURDIR)/.venv/bin/python
 
-.PHONY: all setup configure build test demo image clean
+.PHONY: all setup configure build test demo image clean fuzz help
 
 all: build
 
@@ -28,10 +28,28 @@ test: build
 demo: build
 	@scripts/demo.sh $(BUILD_DIR)
 
+# libFuzzer targets (tests/fuzz/README.md): builds $(BUILD_DIR)-fuzz with clang (ASan + UBSan, no
+# LibTorch) and runs each target for FUZZ_SECONDS; FUZZ_TARGETS picks some (default: all).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz: setup
+	@tests/fuzz/build.sh $(BUILD_DIR)-fuzz
+	@tests/fuzz/run.sh $(BUILD_DIR)-fuzz $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
 # Container images (deploy/container): VARIANT=cpu (default here) or cuda. Not part of `make test`.
 VARIANT ?= cpu
 image: setup
 	@deploy/container/build.sh --variant $(VARIANT)
 
 clean:
-	rm -rf $(BUILD_DIR)
+	rm -rf $(BUILD_DIR) $(BUILD_DIR)-fuzz
+
+help:
+	@echo "make build   configure and compile (CMake + Ninja) into $(BUILD_DIR)"
+	@echo "make test    build, then fixtures, ctest, pytest, and the sanitizer build's tests +"
+	@echo "             fuzz smoke in $(BUILD_DIR)-fuzz (KILN_TEST_SANITIZE=0 skips that step)"
+	@echo "make demo    build, then the demo (scripts/demo.sh)"
+	@echo "make fuzz    ASan + UBSan + libFuzzer build in $(BUILD_DIR)-fuzz, each target run"
+	@echo "             FUZZ_SECONDS (default 60); FUZZ_TARGETS=\"a b\" picks targets"
+	@echo "make image   container image (VARIANT=cpu|cuda)"
+	@echo "make clean   remove $(BUILD_DIR) and $(BUILD_DIR)-fuzz"

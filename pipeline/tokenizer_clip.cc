@@ -180,12 +180,13 @@ absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Load(const std::st
       t.content = value["content"].get<std::string>();
       t.normalized = value.contains("normalized") && value["normalized"].is_boolean() &&
                      value["normalized"].get<bool>();
-      try {
-        t.id = std::stoll(key);
-      } catch (const std::exception&) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(config_path, ": added_tokens_decoder key '", key, "' is not an id"));
+      const std::optional<int64_t> id = ParseTokenId(key);
+      if (!id) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            config_path, ": added_tokens_decoder key '", key, "' is not an id (0..", kMaxTokenId,
+            ")"));
       }
+      t.id = *id;
       added.push_back(std::move(t));
     }
   } else {

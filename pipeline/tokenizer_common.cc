@@ -7,6 +7,17 @@
 
 namespace kiln::pipeline {
 
+std::optional<int64_t> ParseTokenId(std::string_view key) {
+  if (key.empty() || key.size() > 10) return std::nullopt;
+  int64_t id = 0;
+  for (const char c : key) {
+    if (c < '0' || c > '9') return std::nullopt;
+    id = id * 10 + (c - '0');
+  }
+  if (id > kMaxTokenId) return std::nullopt;
+  return id;
+}
+
 std::vector<TextSegment> SplitOnAddedTokens(std::string_view text,
                                             const std::vector<AddedToken>& tokens) {
   std::vector<TextSegment> out;

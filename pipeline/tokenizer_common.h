@@ -51,6 +51,12 @@ absl::StatusOr<TokenizeResult> FinishEncoding(const std::vector<int64_t>& conten
                                               std::optional<int64_t> bos_id, int64_t eos_id,
                                               int64_t pad_id, int max_length);
 
+// The id of an added_tokens_decoder key: decimal digits only, 0..kMaxTokenId; nullopt otherwise
+// (a negative, huge or "12abc" key once became a negative id or overflowed the vocabulary size;
+// a fuzz-target finding, tests/fuzz).
+inline constexpr int64_t kMaxTokenId = 2147483647;
+std::optional<int64_t> ParseTokenId(std::string_view key);
+
 // The content of a special-token field of tokenizer_config.json / special_tokens_map.json, which
 // is either a string or an AddedToken object {"content": ...}; nullopt if absent or null.
 std::optional<std::string> TokenContent(const nlohmann::json& config, const std::string& field);

@@ -17,6 +17,7 @@ namespace {
 
 constexpr std::string_view kMetaspace = "\xE2\x96\x81";  // U+2581, SentencePiece's space
 constexpr double kUnkPenalty = 10.0;  // unknown char score: min piece score - 10 (as HF's)
+constexpr int64_t kMaxExtraIds = 100000;  // sentinel tokens <extra_id_N> a config may ask for
 constexpr size_t kWholeGraphemeBytes = 6;  // graphemes shorter than this are looked up whole
 
 // Minimal protobuf wire-format reader: the first length-delimited field `number` of `message`.
@@ -120,6 +121,14 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
         tok->trie_[i] = u;
       }
       tok->replacements_ = std::string(charsmap->substr(4 + trie_bytes));
+      // Replacements go into the normalized text, which must stay UTF-8 (a fuzz-target finding:
+      // tests/fuzz/corpus/t5_tokenizer_fuzz/bad_utf8_charsmap): refused here rather than failing
+      // every Encode that meets them. ShortestKey also ignores a leaf value pointing into the
+      // middle of a character.
+      if (!unicode::DecodeUtf8(tok->replacements_).ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(model_path, ": malformed charsmap: replacements are not UTF-8"));
+      }
     }
   }
 
@@ -130,12 +139,13 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
   if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
     for (const auto& [key, value] : cfg["added_tokens_decoder"].items()) {
       AddedToken t;
-      try {
-        t.id = std::stoll(key);
-      } catch (const std::exception&) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(config_path, ": added_tokens_decoder key '", key, "' is not an id"));
+      const std::optional<int64_t> id = ParseTokenId(key);
+      if (!id) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            config_path, ": added_tokens_decoder key '", key, "' is not an id (0..", kMaxTokenId,
+            ")"));
       }
+      t.id = *id;
       if (!value.is_object() || !value.contains("content") || !value["content"].is_string()) {
         return absl::InvalidArgumentError(
             absl::StrCat(config_path, ": added_tokens_decoder[", key, "] has no content"));
@@ -149,10 +159,15 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
     for (int id = 0; id < n; ++id) {
       if (sp.control[id]) tok->added_.push_back({tok->pieces_[id], id, false});
     }
-    const int extra = cfg.contains("extra_ids") && cfg["extra_ids"].is_number_integer()
-                          ? cfg["extra_ids"].get<int>()
-                          : 100;
-    for (int i = 0; i < extra; ++i) {
+    const int64_t extra = cfg.contains("extra_ids") && cfg["extra_ids"].is_number_integer()
+                              ? cfg["extra_ids"].get<int64_t>()
+                              : 100;
+    // T5 has 100; a huge count once overflowed the ids (a fuzz-target finding, tests/fuzz).
+    if (extra < 0 || extra > kMaxExtraIds) {
+      return absl::InvalidArgumentError(absl::StrCat(config_path, ": extra_ids ", extra,
+                                                     " is outside 0..", kMaxExtraIds));
+    }
+    for (int64_t i = 0; i < extra; ++i) {
       tok->added_.push_back({absl::StrCat("<extra_id_", i, ">"), n + extra - 1 - i, false});
     }
   }
@@ -200,7 +215,9 @@ const char* T5Tokenizer::ShortestKey(std::string_view bytes) const {
     if (UnitHasLeaf(unit)) {
       if (pos >= trie_.size()) return nullptr;
       const uint32_t value = UnitValue(trie_[pos]);
-      return value < replacements_.size() ? replacements_.c_str() + value : nullptr;
+      if (value >= replacements_.size()) return nullptr;
+      const auto lead = static_cast<unsigned char>(replacements_[value]);
+      return (lead & 0xC0) == 0x80 ? nullptr : replacements_.c_str() + value;
     }
   }
   return nullptr;

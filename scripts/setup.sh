@@ -12,6 +12,7 @@ APT_PACKAGES=(
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
   prometheus chromium
   iproute2
+  clang libclang-rt-14-dev  # the sanitizer + libFuzzer build (tests/fuzz)
   python3-venv
 )
 

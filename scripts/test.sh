@@ -28,4 +28,19 @@ ctest --test-dir "$BUILD" --output-on-failure -j2
 
 echo "[test] Python tests (pytest)"
 "$KILN_PYTHON" -m pytest -q tests
+
+# The LibTorch-free libraries' tests again, built with clang + ASan + UBSan, and every libFuzzer
+# target for a few seconds on its corpus (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips it.
+if [ "${KILN_TEST_SANITIZE:-1}" != 0 ]; then
+  FUZZ_BUILD=$BUILD-fuzz
+  echo "[test] sanitizer build (ASan + UBSan, no LibTorch) in $FUZZ_BUILD"
+  start=$(date +%s)
+  tests/fuzz/build.sh "$FUZZ_BUILD"
+  echo "[test] sanitizer build ready in $(( $(date +%s) - start )) s; its C++ tests (ctest)"
+  start=$(date +%s)
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir "$FUZZ_BUILD" --output-on-failure -j2
+  echo "[test] sanitizer tests passed in $(( $(date +%s) - start )) s; fuzz smoke (${KILN_FUZZ_SMOKE_SECONDS:-3} s per target)"
+  tests/fuzz/run.sh "$FUZZ_BUILD" "${KILN_FUZZ_SMOKE_SECONDS:-3}"
+fi
 echo "[test] all tests passed"
