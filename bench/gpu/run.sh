@@ -177,8 +177,15 @@ fi
 
 # precision:attention -> package tag (local-a-<tag>) and compile options of each variant.
 VARIANTS=${VARIANTS:-bf16:cudnn fp8:cudnn fp8:fp8}
-tag_of() { local p=${1%:*} a=${1#*:}; [ "$a" = fp8 ] && echo "$p-attn" || echo "$p"; }
-options_of() { echo "{\"attention\":\"${1#*:}\",\"max_autotune\":false}"; }
+# A third field "regional" compiles the regional layout (kiln/regional.py: head, double block,
+# single block and tail packages, weights as inputs), e.g. VARIANTS="bf16:cudnn bf16:cudnn:regional".
+prec_of() { echo "${1%%:*}"; }
+attn_of() { local r=${1#*:}; echo "${r%%:*}"; }
+layout_of() { case $1 in *:*:regional) echo regional ;; *) echo whole ;; esac; }
+tag_of() { local p a l; p=$(prec_of "$1") a=$(attn_of "$1") l=$(layout_of "$1")
+  local t=$p; [ "$a" = fp8 ] && t="$p-attn"; [ "$l" = regional ] && t="$t-regional"; echo "$t"; }
+options_of() { local l=""; [ "$(layout_of "$1")" = regional ] && l=',"layout":"regional"'
+  echo "{\"attention\":\"$(attn_of "$1")\",\"max_autotune\":false$l}"; }
 
 if has compile; then
   # In the background: the fp8 stage (GPU timings) runs meanwhile; waited for below.
@@ -189,7 +196,7 @@ if has compile; then
     rm -rf "$WORK/local-a-$tag"
     ( t0=$(now)
       timeout "${COMPILE_TIMEOUT:-420}" "$BIN/kiln-compile" --model "$MODEL" --component transformer \
-        --precision "${v%:*}" --height "$H" --width "$W" --text-len 512 --target cuda:sm_90 \
+        --precision "$(prec_of "$v")" --height "$H" --width "$W" --text-len 512 --target cuda:sm_90 \
         --compile-options "$(options_of "$v")" --out-root "$WORK/local-a-$tag" \
         > "$OUT/logs/compile-$tag.manifest" 2> "$OUT/logs/compile-$tag.err"
       rc=$?
@@ -231,8 +238,21 @@ print(B.flops_per_step(c, ($H // 16) * ($W // 16), 512)['total'])" 2>/dev/null |
   for v in $VARIANTS; do
     tag=$(tag_of "$v")
     [ -d "$WORK/local-a-$tag" ] || continue
+    if [ "$(layout_of "$v")" = regional ]; then
+      # The C++ pipeline does not run regional sets yet: whole-graph against regional through
+      # PyTorch's AOTI loader, same weights and inputs (bench/gpu/regional_bench.py).
+      wtag=${tag%-regional}
+      [ -d "$WORK/local-a-$wtag" ] || { log "regional $tag: no whole-graph $wtag to compare"; continue; }
+      log "regional_bench $tag against $wtag"
+      $PY bench/gpu/regional_bench.py --model "$MODEL" --whole "$WORK/local-a-$wtag" \
+        --regional "$WORK/local-a-$tag" --precision "$(prec_of "$v")" --height "$H" --width "$W" \
+        --iters 20 > "$OUT/regional-bench-$tag.json" 2> "$OUT/logs/regional-bench-$tag.err" \
+        || { tail -20 "$OUT/logs/regional-bench-$tag.err"; fail "regional-bench-$tag"; }
+      log "regional_bench $tag: $(head -c 900 "$OUT/regional-bench-$tag.json")"
+      continue
+    fi
     log "kiln-bench $tag (references in $REFS)"
-    "$BIN/kiln-bench" --model "$MODEL" --package_dir "$WORK/local-a-$tag" --precision "${v%:*}" \
+    "$BIN/kiln-bench" --model "$MODEL" --package_dir "$WORK/local-a-$tag" --precision "$(prec_of "$v")" \
       --compile_options "$(options_of "$v")" \
       --width "$W" --height "$H" --inputs "$REFS/inputs.safetensors" --flop "$FLOP" \
       --reference "$REFS/ref-eager-bf16.safetensors,$REFS/ref-eager-$tag.safetensors" \

@@ -13,6 +13,10 @@ Compile options (--compile-options, a JSON object; every key optional; defaults 
 kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOptions):
   max_autotune  Inductor autotuning (longer compiles, faster kernels on GPUs)
   fuse_qkv      transformer: one fused QKV projection per attention stream
+  layout        transformer: "whole" (one package, the default; absent means whole) or
+                "regional" (one package per region: head, double block, single block, tail, the
+                weights run-time inputs so one package serves every layer: kiln/regional.py). The
+                other components compile the same either way.
   attention     transformer: "sdpa" (PyTorch chooses), "cudnn", "flash" or "efficient" (that
                 fused CUDA kernel; CPU targets always use sdpa), or "fp8" (kiln's Triton e4m3
                 kernel, kiln/models/fp8_attention.py, compiled into the package; precision fp8
@@ -95,7 +99,8 @@ def check_compile_options(options: Any) -> None:
     kiln.components plus how Inductor compiles) with allowed values; anything else is refused (a
     misspelt option would silently compile the default model under a different key)."""
     from kiln import components
-    known = {"max_autotune": bool, **components.MODEL_OPTION_VALUES}
+    from kiln.regional import LAYOUTS
+    known = {"max_autotune": bool, "layout": LAYOUTS, **components.MODEL_OPTION_VALUES}
     if not isinstance(options, dict):
         raise UsageError("--compile-options must be a JSON object")
     for name, value in options.items():
@@ -247,10 +252,15 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
     module, example_inputs = components.build(config, component, precision, key.bucket,
                                               device=device, compile_options=compile_options)
     module.eval()
-    with torch.no_grad():
-        ep = torch.export.export(module, tuple(example_inputs), strict=False)
+    regional = component == "transformer" and compile_options.get("layout") == "regional"
+    if not regional:
+        with torch.no_grad():
+            ep = torch.export.export(module, tuple(example_inputs), strict=False)
     export_seconds = time.monotonic() - t0
 
+    if regional:
+        return _compile_regional(key, digest, config, module, precision, device,
+                                 compile_options, out_root, final_dir, export_seconds)
     constants, extra = constant_table(module, ep)
 
     os.makedirs(out_root, exist_ok=True)
@@ -309,6 +319,77 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
                 return json.load(f)
         _fsync_dir(out_root)
         return manifest
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def _publish(tmp_dir: str, final_dir: str, out_root: str, manifest: dict) -> dict:
+    """Writes the manifest into tmp_dir, fsyncs and renames it to final_dir (or returns the
+    manifest of a concurrent compiler that published first)."""
+    with open(os.path.join(tmp_dir, MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    for name in os.listdir(tmp_dir):
+        with open(os.path.join(tmp_dir, name), "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp_dir)
+    try:
+        os.rename(tmp_dir, final_dir)
+    except OSError:
+        if not os.path.exists(os.path.join(final_dir, MANIFEST_FILE)):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
+            return json.load(f)
+    _fsync_dir(out_root)
+    return manifest
+
+
+def _compile_regional(key, digest: str, config: dict, module, precision: str, device: str,
+                      compile_options: dict, out_root: str, final_dir: str,
+                      export_seconds: float) -> dict:
+    """The regional layout of the transformer (kiln/regional.py): PACKAGES/<digest>/ holds
+    head.pt2, double.pt2, single.pt2, tail.pt2 and a manifest with `layout: "regional"` and a
+    `regions` object (per region: package, inputs, outputs, weights, layer prefixes). No
+    `package` and no `constants`: every weight is a region input."""
+    import torch
+    from kiln import components, regional
+
+    os.makedirs(out_root, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{digest[:12]}-", dir=out_root)
+    try:
+        t0 = time.monotonic()
+        table = regional.compile_regions(
+            module, key.bucket, components.activation_dtype(precision),
+            components._input_shapes(config, "transformer", precision, key.bucket),
+            module.state_dict(), device, tmp_dir, _inductor_configs(key, digest, compile_options))
+        seconds = time.monotonic() - t0
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "digest": digest,
+            "key": key.to_json(),
+            "layout": "regional",
+            "regions": table,
+            "constants": {},
+            "extra_constants": "",
+            "inputs": _specs(components.input_spec(config, "transformer", precision, key.bucket)),
+            "outputs": _specs(components.output_spec(config, "transformer", precision,
+                                                     key.bucket)),
+            "compile_options": compile_options,
+            "export_seconds": round(export_seconds + sum(r["export_seconds"]
+                                                         for r in table.values()), 3),
+            "compile_seconds": round(sum(r["compile_seconds"] for r in table.values()), 3),
+            "total_seconds": round(export_seconds + seconds, 3),
+            "built_by": socket.gethostname(),
+            "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "toolchain": dict(key.toolchain, python=platform.python_version(),
+                              platform=f"{platform.system()}-{platform.machine()}"),
+        }
+        if device == "cuda":
+            props = torch.cuda.get_device_properties(0)
+            manifest["tuned_on"] = {"gpu": props.name, "sm_count": props.multi_processor_count}
+        return _publish(tmp_dir, final_dir, out_root, manifest)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise

@@ -1,0 +1,281 @@
+"""The regional layout of the transformer: one package per region instead of one whole-graph
+package, each region's weights passed as run-time *inputs* (not package constants), so one
+loaded package serves every layer of its type.
+
+Regions, run in this order for one denoising step (`run_regional` is the Python reference loop,
+the C++ pipeline must do the same):
+
+  head    (hidden_states, encoder_hidden_states, pooled_projections, timestep, guidance, *W)
+          -> (img [B,S,D], txt [B,L,D], temb [B,D], rope_cos [L+S,hd], rope_sin [L+S,hd])
+          x/context embedders, time/guidance/text embeddings, the RoPE tables (from the bucket's
+          static sizes); one layer, prefix "".
+  double  (img, txt, temb, rope_cos, rope_sin, *W) -> (img, txt)
+          one DoubleStreamBlock; layers "transformer_blocks.{i}." for i < num_layers.
+  (the loop concatenates x = cat([txt, img], dim=1))
+  single  (x, temb, rope_cos, rope_sin, *W) -> (x,)
+          one SingleStreamBlock; layers "single_transformer_blocks.{i}.".
+  tail    (x, temb, *W) -> (sample [B,S,out],)
+          norm_out + proj_out over the image tokens x[:, L:]; one layer, prefix "".
+
+`*W` are the region's tensors in the order of `Region.weight_names` (names relative to the
+layer: `norm1.linear.weight`, ...); layer i's checkpoint name is `prefix_i + name`. Derived
+tensors (fuse_qkv, fp8 weights and scales) carry the same `derive` rules as whole-graph
+constants, with layer-relative names (kiln.models.quant.derivations of the region's module).
+Each region is exported with torch.func.functional_call over a template module that is not
+registered as a submodule, so the exported program has no parameters at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+from torch import nn
+
+from kiln import artifact_key as ak
+from kiln.models.flux import FluxTransformer, image_ids, rope_tables, text_ids
+from kiln.models.quant import derivations
+
+REGIONS = ("head", "double", "single", "tail")
+LAYOUTS = ("whole", "regional")
+
+
+class _HeadModule(nn.Module):
+    """The head's computation; shares its submodules with the transformer it was made from."""
+
+    def __init__(self, model: FluxTransformer, rows: int, cols: int, text_len: int):
+        super().__init__()
+        self.time_text_embed = model.time_text_embed
+        self.context_embedder = model.context_embedder
+        self.x_embedder = model.x_embedder
+        self.axes_dims = list(model.axes_dims)
+        self.rows, self.cols, self.text_len = rows, cols, text_len
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep,
+                guidance):
+        # As FluxTransformer.forward, term by term (same ops, same rounding).
+        dtype = hidden_states.dtype
+        temb = self.time_text_embed(timestep.to(dtype) * 1000, guidance.to(dtype) * 1000,
+                                    pooled_projections)
+        img = self.x_embedder(hidden_states)
+        txt = self.context_embedder(encoder_hidden_states)
+        ids = torch.cat([text_ids(self.text_len, hidden_states.device),
+                         image_ids(self.rows, self.cols, hidden_states.device)], dim=0)
+        cos, sin = rope_tables(ids, self.axes_dims)
+        return img, txt, temb, cos, sin
+
+
+class _DoubleModule(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, img, txt, temb, cos, sin):
+        return self.block(img, txt, temb, (cos, sin))
+
+
+class _SingleModule(nn.Module):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, temb, cos, sin):
+        return (self.block(x, temb, (cos, sin)),)
+
+
+class _TailModule(nn.Module):
+    def __init__(self, model: FluxTransformer, text_len: int):
+        super().__init__()
+        self.norm_out = model.norm_out
+        self.proj_out = model.proj_out
+        self.text_len = text_len
+
+    def forward(self, x, temb):
+        return (self.proj_out(self.norm_out(x[:, self.text_len:], temb)),)
+
+
+class RegionExport(nn.Module):
+    """forward(*activations, *weights): functional_call of the (unregistered) template with the
+    weights bound to `weight_names`. Exports to a graph whose weights are all user inputs."""
+
+    def __init__(self, template: nn.Module, weight_names: list[str], n_activations: int):
+        super().__init__()
+        object.__setattr__(self, "_template", template)  # not a submodule: no parameters
+        self.weight_names = list(weight_names)
+        self.n_activations = n_activations
+
+    def forward(self, *args):
+        acts = args[:self.n_activations]
+        weights = dict(zip(self.weight_names, args[self.n_activations:]))
+        return tuple(torch.func.functional_call(self._template, weights, acts))
+
+
+@dataclasses.dataclass
+class Region:
+    name: str
+    template: nn.Module          # the computation; its state_dict names are weight_names
+    activations: list[tuple[str, list[int], torch.dtype]]
+    outputs: list[tuple[str, list[int], torch.dtype]]
+    prefixes: list[str]          # one per layer: checkpoint name = prefix + weight name
+
+    @property
+    def weight_names(self) -> list[str]:
+        return list(self.template.state_dict().keys())
+
+    def export_module(self) -> RegionExport:
+        return RegionExport(self.template, self.weight_names, len(self.activations))
+
+    def weight_table(self) -> list[dict]:
+        """Manifest entries of the weight inputs: name, shape, dtype (+ derive, layer-relative)."""
+        derived = derivations(self.template)
+        out = []
+        for name, t in self.template.state_dict().items():
+            entry = {"name": name, "shape": list(t.shape),
+                     "dtype": str(t.dtype).replace("torch.", "")}
+            if name in derived:
+                entry["derive"] = derived[name].to_json()
+            out.append(entry)
+        return out
+
+    def layer_weights(self, state: dict[str, torch.Tensor], layer: int) -> list[torch.Tensor]:
+        """Layer `layer`'s weight inputs, in order, from the whole transformer's state_dict."""
+        p = self.prefixes[layer]
+        return [state[p + n] for n in self.weight_names]
+
+
+def regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
+            head_inputs: list[tuple[str, list[int], torch.dtype]]) -> list[Region]:
+    """The four regions of `model` (a built transformer) for `bucket`; `head_inputs` are the
+    whole-graph transformer's inputs (kiln.components._input_shapes)."""
+    from kiln.components import PIXELS_PER_TOKEN
+    rows, cols = bucket.height // PIXELS_PER_TOKEN, bucket.width // PIXELS_PER_TOKEN
+    b, s, l = bucket.batch, rows * cols, bucket.text_len
+    dim = model.x_embedder.out_features
+    out_ch = model.proj_out.out_features
+    hd = sum(model.axes_dims)
+    f32 = torch.float32
+    img = ("img", [b, s, dim], act)
+    txt = ("txt", [b, l, dim], act)
+    temb = ("temb", [b, dim], act)
+    cos, sin = ("rope_cos", [l + s, hd], f32), ("rope_sin", [l + s, hd], f32)
+    x = ("x", [b, l + s, dim], act)
+    head_in = list(head_inputs)
+    n_double = len(model.transformer_blocks)
+    n_single = len(model.single_transformer_blocks)
+    out = [Region("head", _HeadModule(model, rows, cols, l), head_in, [img, txt, temb, cos, sin],
+                  [""])]
+    if n_double:
+        out.append(Region("double", _DoubleModule(model.transformer_blocks[0]),
+                          [img, txt, temb, cos, sin], [img, txt],
+                          [f"transformer_blocks.{i}.block." for i in range(n_double)]))
+    if n_single:
+        out.append(Region("single", _SingleModule(model.single_transformer_blocks[0]),
+                          [x, temb, cos, sin], [x],
+                          [f"single_transformer_blocks.{i}.block." for i in range(n_single)]))
+    out.append(Region("tail", _TailModule(model, l), [x, temb],
+                      [("sample", [b, s, out_ch], act)], [""]))
+    # The block templates' names carry the wrapper's "block." prefix; layer prefixes above
+    # therefore end in "block." only to be stripped here: checkpoint name = layer prefix + name
+    # without "block.".
+    for r in out:
+        r.prefixes = [p.replace(".block.", ".") for p in r.prefixes]
+    return out
+
+
+def strip_block(name: str) -> str:
+    return name[len("block."):] if name.startswith("block.") else name
+
+
+def checkpoint_name(region: Region, layer: int, weight_name: str) -> str:
+    return region.prefixes[layer] + strip_block(weight_name)
+
+
+def example_inputs(region: Region, state: dict[str, torch.Tensor], device) -> tuple:
+    """Random activations of the region's shapes plus layer 0's weights (export needs values)."""
+    gen = torch.Generator().manual_seed(0)
+    acts = []
+    for name, shape, dtype in region.activations:
+        if name == "timestep":
+            t = torch.full(shape, 0.5, dtype=dtype)
+        elif name == "guidance":
+            t = torch.full(shape, 3.5, dtype=dtype)
+        else:
+            t = torch.randn(shape, generator=gen).to(dtype)
+        acts.append(t.to(device))
+    weights = [state[checkpoint_name(region, 0, n)] for n in region.weight_names]
+    return tuple(acts) + tuple(weights)
+
+
+def run_regional(calls: dict, model_regions: list[Region], state: dict[str, torch.Tensor],
+                 inputs: tuple) -> torch.Tensor:
+    """One transformer evaluation as the loop over layers. `calls[name]` runs region `name`
+    (a loaded package or the eager RegionExport), `state` is the transformer's state_dict
+    (checkpoint names), `inputs` the whole-graph package's five inputs. Returns the sample."""
+    by_name = {r.name: r for r in model_regions}
+
+    def weights(r: Region, i: int) -> list[torch.Tensor]:
+        return [state[checkpoint_name(r, i, n)] for n in r.weight_names]
+
+    head = by_name["head"]
+    img, txt, temb, cos, sin = calls["head"](*inputs, *weights(head, 0))
+    if "double" in by_name:
+        r = by_name["double"]
+        for i in range(len(r.prefixes)):
+            img, txt = calls["double"](img, txt, temb, cos, sin, *weights(r, i))
+    x = torch.cat([txt, img], dim=1)
+    if "single" in by_name:
+        r = by_name["single"]
+        for i in range(len(r.prefixes)):
+            (x,) = calls["single"](x, temb, cos, sin, *weights(r, i))
+    (sample,) = calls["tail"](x, temb, *weights(by_name["tail"], 0))
+    return sample
+
+
+def compile_regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
+                    head_inputs: list, state: dict[str, torch.Tensor], device, out_dir: str,
+                    inductor_configs: dict) -> dict:
+    """Exports and AOTInductor-compiles each region into out_dir/<region>.pt2; returns the
+    manifest's `regions` object (per region: package file/sha256/bytes, activations, outputs,
+    weights, layer prefixes, export/compile seconds)."""
+    from kiln import compile as kc
+    table = {}
+    for r in regions(model, bucket, act, head_inputs):
+        t0 = time.monotonic()
+        module = r.export_module().eval()
+        with torch.no_grad():
+            ep = torch.export.export(module, example_inputs(r, state, device), strict=False)
+        if ep.state_dict or ep.constants:
+            raise RuntimeError(f"region {r.name}: the exported program holds constants "
+                               f"{sorted(list(ep.state_dict) + list(ep.constants))[:5]}; every "
+                               "weight must be an input")
+        t1 = time.monotonic()
+        path = os.path.join(out_dir, f"{r.name}.pt2")
+        configs = dict(inductor_configs)
+        configs["aot_inductor.metadata"] = dict(configs.get("aot_inductor.metadata", {}),
+                                                **{"kiln.region": r.name})
+        torch._inductor.aoti_compile_and_package(ep, package_path=path,
+                                                 inductor_configs=configs)
+        t2 = time.monotonic()
+        with open(path, "rb") as f:
+            sha = ak.sha256_hex(f.read())
+        table[r.name] = {
+            "package": {"file": f"{r.name}.pt2", "sha256": sha, "bytes": os.path.getsize(path)},
+            "inputs": kc._specs(r.activations),
+            "outputs": kc._specs(r.outputs),
+            "weights": [dict(w, name=strip_block(w["name"]),
+                             **({"derive": {"op": w["derive"]["op"],
+                                            "from": [strip_block(s) for s in w["derive"]["from"]]}}
+                                if "derive" in w else {}))
+                        for w in r.weight_table()],
+            "layers": r.prefixes,
+            "export_seconds": round(t1 - t0, 3),
+            "compile_seconds": round(t2 - t1, 3),
+        }
+    return table
+
+
+def load_regions(pkg_dir: str, manifest: dict) -> dict:
+    """{region: callable} of the compiled packages of a regional set (Python's AOTI loader)."""
+    return {name: torch._inductor.aoti_load_package(os.path.join(pkg_dir, entry["package"]["file"]))
+            for name, entry in manifest["regions"].items()}

@@ -1,0 +1,131 @@
+"""The regional layout of the transformer (kiln/regional.py) on flux-tiny, CPU, fp32: eager
+regional loop == eager whole model (byte-identical: the same ops on the same tensors); compiled
+regional packages and the compiled whole-graph package against eager; a second compile of the
+regional set compiles nothing; the artifact key distinguishes the layouts. Compile times of both
+layouts are printed (run with -s to see them), not asserted.
+
+Run: KILN_TESTDATA=... PYTHONPATH=pipeline/python .venv/bin/python -m pytest -q -s \
+         tests/pipeline/python/test_regional.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from kiln import artifact_key as ak
+from kiln import compile as kc
+from kiln import components as C
+from kiln import regional as R
+
+TESTDATA = os.environ.get("KILN_TESTDATA", "")
+REPO = os.path.join(TESTDATA, "flux-tiny")
+# A small bucket keeps the compiles short: 4x4 image tokens, 8 text tokens.
+BUCKET = {"batch": 1, "height": 64, "width": 64, "text_len": 8}
+# Compiled fp32 against eager fp32: Inductor fuses and reorders float32 arithmetic (and its CPU
+# kernels vectorise reductions differently from ATen's), so outputs differ by rounding only. The
+# flux-tiny output has magnitude ~1; 1e-4 absolute is ~1000 ulps of float32 at 1, far below any
+# real error (a wrong weight or a skipped layer moves the output by >1e-1: checked below).
+ATOL = 1e-4
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(REPO, "transformer",
+                                                                "config.json")),
+                                reason="needs KILN_TESTDATA with flux-tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = C.read_component_config(REPO, "transformer")
+    bucket = ak.Bucket(**BUCKET)
+    m, ex = C.build(cfg, "transformer", "fp32", bucket)
+    C.load_weights(m, REPO, "transformer")
+    return cfg, bucket, m, ex
+
+
+def _compile(out_root, layout):
+    options = dict(ak.default_compile_options(), layout=layout)
+    t0 = time.monotonic()
+    manifest = kc.compile_package(REPO, "transformer", "fp32", BUCKET, "cpu", options, out_root)
+    return manifest, time.monotonic() - t0
+
+
+def test_eager_regional_loop_is_the_whole_model(model):
+    cfg, bucket, m, ex = model
+    rs = R.regions(m, bucket, torch.float32, C._input_shapes(cfg, "transformer", "fp32", bucket))
+    assert [r.name for r in rs] == list(R.REGIONS)
+    assert len(rs[1].prefixes) == cfg["num_layers"]
+    assert len(rs[2].prefixes) == cfg["num_single_layers"]
+    with torch.no_grad():
+        whole = m(*ex)[0]
+        calls = {r.name: r.export_module() for r in rs}
+        regional = R.run_regional(calls, rs, m.state_dict(), ex)
+        assert torch.equal(whole, regional)
+        # The loop really uses each layer's weights: layer 1's weights for layer 0 change it.
+        state = dict(m.state_dict())
+        for n in rs[1].weight_names:
+            state[R.checkpoint_name(rs[1], 0, n)] = state[R.checkpoint_name(rs[1], 1, n)]
+        wrong = R.run_regional(calls, rs, state, ex)
+        assert (wrong - whole).abs().max().item() > 1e-1
+
+
+def test_key_distinguishes_layouts(model):
+    cfg = model[0]
+    keys = {}
+    for layout in (None, "whole", "regional"):
+        options = ak.default_compile_options()
+        if layout:
+            options["layout"] = layout
+        key, _ = kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", options)
+        keys[layout] = key.digest()
+    assert keys["regional"] != keys[None] and keys["regional"] != keys["whole"]
+    # Absent layout stays the default's digest (existing keys are unchanged).
+    key, _ = kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", ak.default_compile_options())
+    assert key.digest() == keys[None]
+    with pytest.raises(kc.UsageError, match="layout"):
+        kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", {"layout": "regionl"})
+
+
+def test_compiled_layouts_against_eager(model, tmp_path):
+    cfg, bucket, m, ex = model
+    out_root = str(tmp_path)
+    whole_manifest, whole_s = _compile(out_root, "whole")
+    regional_manifest, regional_s = _compile(out_root, "regional")
+    per_region = ", ".join(f"{n} {e['compile_seconds']:.1f} s"
+                           for n, e in regional_manifest["regions"].items())
+    print(f"\nflux-tiny transformer compile (CPU, fp32, bucket {BUCKET}): whole {whole_s:.1f} s, "
+          f"regional {regional_s:.1f} s ({per_region})")
+    assert regional_manifest["layout"] == "regional"
+    assert whole_manifest["digest"] != regional_manifest["digest"]
+    for entry in regional_manifest["regions"].values():
+        assert os.path.isfile(os.path.join(out_root, regional_manifest["digest"],
+                                           entry["package"]["file"]))
+    assert regional_manifest["regions"]["double"]["layers"] == [
+        f"transformer_blocks.{i}." for i in range(cfg["num_layers"])]
+
+    # A second compile of either layout compiles nothing: the manifest on disk is returned.
+    t0 = time.monotonic()
+    again, _ = _compile(out_root, "regional")
+    assert again == regional_manifest and time.monotonic() - t0 < 5
+
+    with torch.no_grad():
+        eager = m(*ex)[0]
+        whole_pkg = torch._inductor.aoti_load_package(
+            os.path.join(out_root, whole_manifest["digest"], kc.PACKAGE_FILE))
+        state = m.state_dict()
+        whole_pkg.load_constants({n: state[n] for n in whole_manifest["constants"]},
+                                 check_full_update=True, user_managed=True)
+        whole = whole_pkg(*ex)[0]
+        rs = R.regions(m, bucket, torch.float32,
+                       C._input_shapes(cfg, "transformer", "fp32", bucket))
+        calls = R.load_regions(os.path.join(out_root, regional_manifest["digest"]),
+                               regional_manifest)
+        regional = R.run_regional(calls, rs, state, ex)
+    err_whole = (whole - eager).abs().max().item()
+    err_regional = (regional - eager).abs().max().item()
+    err_between = (regional - whole).abs().max().item()
+    print(f"max |diff| vs eager: whole {err_whole:.3g}, regional {err_regional:.3g}; "
+          f"regional vs whole {err_between:.3g} (byte-identical: {torch.equal(whole, regional)})")
+    assert err_whole <= ATOL and err_regional <= ATOL and err_between <= ATOL
