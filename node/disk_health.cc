@@ -1,6 +1,7 @@
 #include "node/disk_health.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -33,7 +34,11 @@ std::string Remedy(const absl::Status& s) {
 absl::Status ProbeDisk(const std::string& dir, int64_t bytes) {
   static std::atomic<uint64_t> next{0};  // the periodic thread and a worker may probe at once
   const std::string path = absl::StrCat(dir, "/.kiln-disk-probe-", ::getpid(), "-", next++);
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0 && errno == ENOENT && ::mkdir(dir.c_str(), 0755) == 0) {
+    // The node owns its package directory (the provider makes it too): a missing one is made.
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  }
   if (fd < 0) return ProbeError(errno, dir, "create a file");
   absl::Status s;
   std::vector<char> block(static_cast<size_t>(std::min<int64_t>(bytes, 1 << 20)), 'k');
