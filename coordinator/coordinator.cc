@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <array>
 #include <functional>
+#include <limits>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -1025,14 +1027,19 @@ void Coordinator::PlaceJobs() {
     NodeRecord* node = nullptr;
     std::vector<double> slots;
     std::optional<std::array<double, 4>> cold;  // CostModel::ColdStarts, when first needed
-    size_t cls = 0;                             // device class, numbered in this pass
+    size_t cls = 0;                             // run-time class, numbered in this pass
+    uint32_t slot = 0;                          // NodeIndex slot
     int free = 0;
     uint32_t version = 0;
+    double avail0 = 0;                          // avail() when the pass began
     double avail() const { return slots.front(); }
   };
   std::vector<PassNode> pass;
   std::vector<int> by_slot(index_.slot_count(), -1);  // NodeIndex slot → index into pass
-  absl::flat_hash_map<absl::string_view, size_t> classes;
+  // Nodes share a run-time estimate when they share device class, kind and SM count (the prior
+  // scales by the SMs). One representative node per class for CostModel::Run.
+  absl::flat_hash_map<std::tuple<absl::string_view, absl::string_view, uint32_t>, size_t> classes;
+  std::vector<const NodeRecord*> class_node;
   int free_total = 0;
   for (auto& [id, node] : nodes_) {
     if (node.state != kiln::v1::NODE_STATE_READY || !node.unhealthy.empty()) continue;
@@ -1040,7 +1047,14 @@ void Coordinator::PlaceJobs() {
     if (slot < 0) continue;
     PassNode p;
     p.node = &node;
-    p.cls = classes.try_emplace(node.device_class, classes.size()).first->second;
+    p.slot = static_cast<uint32_t>(slot);
+    const auto& device = node.info.device();
+    auto [cls, added] = classes.try_emplace(
+        std::make_tuple(absl::string_view(node.device_class), absl::string_view(device.kind()),
+                        device.sm_count()),
+        classes.size());
+    if (added) class_node.push_back(&node);
+    p.cls = cls->second;
     p.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
     p.slots.assign(p.free, 0.0);
     for (const auto& job_id : node.jobs) {
@@ -1057,6 +1071,7 @@ void Coordinator::PlaceJobs() {
     std::sort(p.slots.begin(), p.slots.end());
     p.slots.resize(std::max<size_t>(1, std::min<size_t>(p.slots.size(),
                                                         options_.max_jobs_per_node)));
+    p.avail0 = p.slots.front();
     free_total += p.free;
     by_slot[slot] = static_cast<int>(pass.size());
     pass.push_back(std::move(p));
@@ -1068,21 +1083,26 @@ void Coordinator::PlaceJobs() {
     std::push_heap(p.slots.begin(), p.slots.end(), std::greater<>());
     ++p.version;
   };
-  for (PassNode& p : pass) std::make_heap(p.slots.begin(), p.slots.end(), std::greater<>());
+  // The pass's nodes by when a slot frees at the start of the pass (free nodes first). A pass
+  // only ever makes a node's wait longer, so avail0 in this order bounds the wait of every node
+  // after a point: the scan of a kind stops where no later node can beat the best found.
+  std::vector<uint32_t> order(pass.size());
+  for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+    return std::tie(pass[a].avail0, a) < std::tie(pass[b].avail0, b);
+  });
 
-  // Per job kind met in this pass: its capable READY nodes in heaps by device class, ordered by
-  // (ready in: slot wait + cold start, active jobs, last assignment, node id).
+  // Per job kind met in this pass: its capable READY nodes scanned so far, in heaps by run-time
+  // class, ordered by (ready in: slot wait + cold start, active jobs, last assignment, node id).
   struct HeapEntry {
     double ready_s = 0;
     int active = 0;
     int64_t last_assigned_ms = 0;
-    // The node's place in the kind's capable list, which NodeIndex sorts by node id: the last
-    // tie-break without comparing strings (the heaps are per kind, so ranks compare within one).
-    uint32_t rank = 0;
+    absl::string_view id;
     size_t node = 0;  // into pass
     uint32_t version = 0;
     double cold_s = 0;
-    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, rank); }
+    auto Key() const { return std::make_tuple(ready_s, active, last_assigned_ms, id); }
   };
   auto later = [](const HeapEntry& a, const HeapEntry& b) { return a.Key() > b.Key(); };
   struct Group {
@@ -1090,7 +1110,10 @@ void Coordinator::PlaceJobs() {
     std::vector<HeapEntry> heap;
   };
   struct KindState {
-    std::vector<Group> groups;
+    std::vector<Group> groups;  // by class
+    const NodeIndex::KindNodes* nodes = nullptr;
+    bool shared = false;        // cold nodes fetch from the shared store instead of compiling
+    size_t scanned = 0;         // nodes of `order` looked at so far
     std::optional<std::string> no_node_reason;  // computed when no READY node can run it
   };
   absl::flat_hash_map<std::string, KindState> kinds;
@@ -1101,36 +1124,41 @@ void Coordinator::PlaceJobs() {
     e.last_assigned_ms = p.node->last_assigned_ms;
     e.version = p.version;
   };
-  auto build = [&](const ActiveJob& job, KindState& state) {
-    const auto& capable = index_.Capable(job.kind, job.spec);
-    bool shared = costs_.InSharedStore(job.kind);
-    for (const auto& entry : capable) shared = shared || entry.warmth != Warmth::kCold;
-    std::vector<int> group_of(classes.size(), -1);
-    for (uint32_t rank = 0; rank < capable.size(); ++rank) {
-      const auto& entry = capable[rank];
-      const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
-      if (pi < 0) continue;
-      PassNode& p = pass[pi];
-      const NodeRecord& node = *p.node;
-      ColdTier tier = entry.warmth == Warmth::kLoaded      ? ColdTier::kResident
-                      : entry.warmth == Warmth::kLocalDisk ? ColdTier::kLocalDisk
-                      : shared                             ? ColdTier::kSharedStore
-                                                           : ColdTier::kCompile;
-      if (group_of[p.cls] < 0) {
-        group_of[p.cls] = static_cast<int>(state.groups.size());
-        state.groups.push_back({costs_.Run(node.device_class, node.info.device(), job.kind,
-                                           job.spec.width(), job.spec.height()),
-                                {}});
-      }
-      HeapEntry e;
-      e.rank = rank;
-      e.node = static_cast<size_t>(pi);
-      if (!p.cold) p.cold = costs_.ColdStarts(node.info.node_id(), node.device_class);
-      e.cold_s = (*p.cold)[static_cast<int>(tier)];
-      fill(e);
-      state.groups[group_of[p.cls]].heap.push_back(e);
+  auto init = [&](const ActiveJob& job, KindState& state) {
+    state.nodes = &index_.ForKind(job.kind, job.spec);
+    state.shared = costs_.InSharedStore(job.kind) || state.nodes->warm > 0;
+    state.groups.resize(classes.size());
+    for (size_t c = 0; c < class_node.size(); ++c) {
+      state.groups[c].run = costs_.Run(class_node[c]->device_class, class_node[c]->info.device(),
+                                       job.kind, job.spec.width(), job.spec.height());
     }
+  };
+  // Puts pass node `pi` in the kind's heaps if it can run the kind.
+  auto add = [&](uint32_t pi, KindState& state, bool heapify) {
+    PassNode& p = pass[pi];
+    const int w = state.nodes->WarmthAt(p.slot);
+    if (w < 0) return;
+    const Warmth warmth = static_cast<Warmth>(w);
+    const ColdTier tier = warmth == Warmth::kLoaded      ? ColdTier::kResident
+                          : warmth == Warmth::kLocalDisk ? ColdTier::kLocalDisk
+                          : state.shared                 ? ColdTier::kSharedStore
+                                                         : ColdTier::kCompile;
+    if (!p.cold) p.cold = costs_.ColdStarts(p.node->info.node_id(), p.node->device_class);
+    HeapEntry e;
+    e.id = p.node->info.node_id();
+    e.node = pi;
+    e.cold_s = (*p.cold)[static_cast<int>(tier)];
+    fill(e);
+    auto& heap = state.groups[p.cls].heap;
+    heap.push_back(e);
+    if (heapify) std::push_heap(heap.begin(), heap.end(), later);
+  };
+  // The reference (CoordinatorOptions::placement_full_scan): every capable node in the heaps at
+  // the kind's first job.
+  auto build_all = [&](KindState& state) {
+    for (uint32_t pi = 0; pi < pass.size(); ++pi) add(pi, state, false);
     for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
+    state.scanned = order.size();
   };
 
   const int64_t now_unix = clock_.UnixMs();
@@ -1149,24 +1177,40 @@ void Coordinator::PlaceJobs() {
     if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
     auto [kind_it, inserted] = kinds.try_emplace(job.kind);
     KindState& state = kind_it->second;
-    if (inserted && options_.placement == PlacementPolicy::kExpectedFinish) build(job, state);
+    if (inserted && options_.placement == PlacementPolicy::kExpectedFinish) {
+      init(job, state);
+      if (options_.placement_full_scan) build_all(state);
+    }
 
-    // The node where this job is expected to finish first: the top of each class's heap.
+    // The node where this job is expected to finish first: the top of each class's heap, once
+    // no node not yet scanned can beat it (its key is at least its avail0 + the fastest run).
     Group* best_group = nullptr;
-    std::tuple<double, int, int64_t, uint32_t> best_key;
-    for (Group& g : state.groups) {
-      while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
-        std::pop_heap(g.heap.begin(), g.heap.end(), later);
-        fill(g.heap.back());
-        std::push_heap(g.heap.begin(), g.heap.end(), later);
+    std::tuple<double, int, int64_t, absl::string_view> best_key;
+    while (options_.placement == PlacementPolicy::kExpectedFinish) {
+      best_group = nullptr;
+      double fastest = std::numeric_limits<double>::infinity();
+      for (Group& g : state.groups) {
+        const double run = g.run.For(job.spec.steps());
+        fastest = std::min(fastest, run);
+        while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
+          std::pop_heap(g.heap.begin(), g.heap.end(), later);
+          fill(g.heap.back());
+          std::push_heap(g.heap.begin(), g.heap.end(), later);
+        }
+        if (g.heap.empty()) continue;
+        const HeapEntry& top = g.heap.front();
+        auto k = std::make_tuple(top.ready_s + run, top.active, top.last_assigned_ms, top.id);
+        if (best_group == nullptr || k < best_key) {
+          best_group = &g;
+          best_key = k;
+        }
       }
-      if (g.heap.empty()) continue;
-      const HeapEntry& top = g.heap.front();
-      auto k = std::make_tuple(top.ready_s + g.run.For(job.spec.steps()), top.active,
-                               top.last_assigned_ms, top.rank);
-      if (best_group == nullptr || k < best_key) {
-        best_group = &g;
-        best_key = k;
+      if (state.scanned >= order.size()) break;
+      const double bound = pass[order[state.scanned]].avail0;
+      if (best_group != nullptr && std::get<0>(best_key) < bound + fastest) break;
+      // Scan every node that frees at `bound`, then look again.
+      while (state.scanned < order.size() && pass[order[state.scanned]].avail0 == bound) {
+        add(order[state.scanned++], state, true);
       }
     }
     if (options_.placement != PlacementPolicy::kExpectedFinish) {

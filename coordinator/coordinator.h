@@ -71,6 +71,10 @@ struct CoordinatorOptions {
   int64_t run_timeout_min_ms = 600000;
   size_t placement_lookahead = 512;      // queued jobs one placement pass looks at, at most (the
                                          // head of the queue; bounds a pass at a deep queue)
+  bool placement_full_scan = false;      // each pass puts every capable node of a job kind in
+                                         // its heaps at once (the reference the default scan,
+                                         // which stops where no later node can win, is tested
+                                         // against; same placements, slower at fleet size)
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
@@ -273,8 +277,11 @@ class Coordinator {
   // wait for a slot + the job's cold start there + its run time on that device class); a job
   // whose best node is busy stays queued and that node's expected wait grows by it, so the jobs
   // behind it see the node as it will be. Nodes are found through index_ by job kind and kept
-  // per device class in heaps ordered by (wait + cold start), so placing one job costs
-  // O(device classes × log nodes) after the first job of its kind in the pass.
+  // per run-time class in heaps ordered by (wait + cold start). A kind's heaps are filled
+  // lazily: the pass sorts its READY nodes once by when a slot frees, and each kind scans that
+  // order only until no node further on can beat the best found (its wait alone, plus the
+  // fastest class's run time, is already worse), so a kind costs the nodes near the front, not
+  // every capable node. Placing one job costs O(classes × log scanned) after that.
   void Enqueue(const std::string& job_id, ActiveJob& job);
   void Dequeue(const std::string& job_id, const ActiveJob& job);
   void PlaceJobs();

@@ -134,17 +134,27 @@ class ServerLoop {
       requests.push_back(&p.envelope.submit());
       callers.push_back(p.caller);
     }
+    size_t answered = 0;
     try {
       auto replies = coordinator_.SubmitBatch(requests, callers);
-      for (size_t i = 0; i < pending_.size(); ++i) {
-        Answer(pending_[i].route, pending_[i].envelope.request_id(), std::move(replies[i]),
-               [](kiln::v1::Envelope& out, kiln::v1::JobReply r) {
+      for (; answered < pending_.size(); ++answered) {
+        Answer(pending_[answered].route, pending_[answered].envelope.request_id(),
+               std::move(replies[answered]), [](kiln::v1::Envelope& out, kiln::v1::JobReply r) {
                  *out.mutable_job() = std::move(r);
                });
       }
     } catch (const std::exception& e) {
       metrics_.internal_errors.Increment();
       Log(absl::StrCat("internal error handling ", pending_.size(), " submits: ", e.what()));
+      // Whatever was stored is found again when the client resubmits (idempotent).
+      for (; answered < pending_.size(); ++answered) {
+        Answer(pending_[answered].route, pending_[answered].envelope.request_id(),
+               absl::StatusOr<kiln::v1::JobReply>(absl::InternalError(absl::StrCat(
+                   "internal error while submitting: ", e.what(), "; submit it again"))),
+               [](kiln::v1::Envelope& out, kiln::v1::JobReply r) {
+                 *out.mutable_job() = std::move(r);
+               });
+      }
     }
     pending_.clear();
     Flush();

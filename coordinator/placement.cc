@@ -447,21 +447,36 @@ void CostModel::ForgetNode(const std::string& node_id) { node_cold_.erase(node_i
 // ---------------------------------------------------------------------------------------------
 // NodeIndex
 
-void NodeIndex::Refresh(Kind& kind, const kiln::v1::NodeInfo& info, uint32_t slot) {
+void NodeIndex::Drop(KindNodes& kind, const std::string& node_id) {
+  auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), node_id,
+                             [](const Entry& e, const std::string& id) { return e.node_id < id; });
+  if (it == kind.nodes.end() || it->node_id != node_id) return;
+  if (it->warmth != Warmth::kCold) --kind.warm;
+  if (it->slot < kind.warmth_by_slot.size()) kind.warmth_by_slot[it->slot] = -1;
+  kind.nodes.erase(it);
+}
+
+void NodeIndex::Refresh(Kind& kind_in, const kiln::v1::NodeInfo& info, uint32_t slot) {
+  KindNodes& kind = kind_in.nodes;
+  if (!CheckCapable(info, kind_in.spec).ok()) {
+    Drop(kind, info.node_id());
+    return;
+  }
   auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), info.node_id(),
                              [](const Entry& e, const std::string& id) { return e.node_id < id; });
   const bool present = it != kind.nodes.end() && it->node_id == info.node_id();
-  if (!CheckCapable(info, kind.spec).ok()) {
-    if (present) kind.nodes.erase(it);
-    return;
-  }
-  const Warmth warmth = WarmthFor(info, kind.spec);
+  const Warmth warmth = WarmthFor(info, kind_in.spec);
   if (present) {
+    if (it->warmth != Warmth::kCold) --kind.warm;
+    if (it->slot < kind.warmth_by_slot.size()) kind.warmth_by_slot[it->slot] = -1;
     it->warmth = warmth;
     it->slot = slot;
   } else {
     kind.nodes.insert(it, Entry{info.node_id(), slot, warmth});
   }
+  if (warmth != Warmth::kCold) ++kind.warm;
+  if (slot >= kind.warmth_by_slot.size()) kind.warmth_by_slot.resize(slot + 1, -1);
+  kind.warmth_by_slot[slot] = static_cast<int8_t>(warmth);
 }
 
 void NodeIndex::Update(const kiln::v1::NodeInfo& info) {
@@ -484,11 +499,7 @@ void NodeIndex::Remove(const std::string& node_id) {
   if (node == nodes_.end()) return;
   free_slots_.push_back(node->second.slot);
   nodes_.erase(node);
-  for (auto& [key, kind] : kinds_) {
-    auto it = std::lower_bound(kind.nodes.begin(), kind.nodes.end(), node_id,
-                               [](const Entry& e, const std::string& id) { return e.node_id < id; });
-    if (it != kind.nodes.end() && it->node_id == node_id) kind.nodes.erase(it);
-  }
+  for (auto& [key, kind] : kinds_) Drop(kind.nodes, node_id);
 }
 
 int NodeIndex::Slot(const std::string& node_id) const {
@@ -496,8 +507,8 @@ int NodeIndex::Slot(const std::string& node_id) const {
   return it == nodes_.end() ? -1 : static_cast<int>(it->second.slot);
 }
 
-const std::vector<NodeIndex::Entry>& NodeIndex::Capable(const std::string& key,
-                                                        const kiln::v1::JobSpec& spec) {
+const NodeIndex::KindNodes& NodeIndex::ForKind(const std::string& key,
+                                               const kiln::v1::JobSpec& spec) {
   auto [it, inserted] = kinds_.try_emplace(key);
   Kind& kind = it->second;
   if (inserted) {

@@ -199,8 +199,21 @@ class NodeIndex {
   // `info` is new or changed (registration, a heartbeat with new packages).
   void Update(const kiln::v1::NodeInfo& info);
   void Remove(const std::string& node_id);
-  // The nodes that can run jobs like `spec` (sorted by node id). `key` is PackageSetKey(spec).
-  const std::vector<Entry>& Capable(const std::string& key, const kiln::v1::JobSpec& spec);
+  // The nodes that can run jobs of one kind, as lists kept up to date.
+  struct KindNodes {
+    std::vector<Entry> nodes;            // sorted by node id
+    std::vector<int8_t> warmth_by_slot;  // Warmth of the node in each slot; -1: cannot run it
+    size_t warm = 0;                     // nodes whose warmth is not kCold
+    int WarmthAt(uint32_t slot) const {
+      return slot < warmth_by_slot.size() ? warmth_by_slot[slot] : -1;
+    }
+  };
+  // The nodes that can run jobs like `spec`. `key` is PackageSetKey(spec).
+  const KindNodes& ForKind(const std::string& key, const kiln::v1::JobSpec& spec);
+  // ForKind(key, spec).nodes.
+  const std::vector<Entry>& Capable(const std::string& key, const kiln::v1::JobSpec& spec) {
+    return ForKind(key, spec).nodes;
+  }
   size_t kinds() const { return kinds_.size(); }
   // A dense number for each node updated and not removed (reused after Remove), so a pass can
   // keep per-node state in a vector; -1 for an unknown node. Slots are below slot_count().
@@ -210,8 +223,9 @@ class NodeIndex {
  private:
   struct Kind {
     kiln::v1::JobSpec spec;  // model, precision, width, height of the kind
-    std::vector<Entry> nodes;
+    KindNodes nodes;
   };
+  static void Drop(KindNodes& kind, const std::string& node_id);
   static void Refresh(Kind& kind, const kiln::v1::NodeInfo& info, uint32_t slot);
   struct Node {
     kiln::v1::NodeInfo info;  // a copy

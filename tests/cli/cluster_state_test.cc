@@ -36,6 +36,7 @@ ClusterState Sample(const std::string& dir) {
   n.package_dir = dir + "/nodes/node-1/packages";
   s.nodes.push_back(n);
   s.redis_url = "redis://127.0.0.1:4005/0";
+  s.advertise = "10.0.0.2";
   s.redis = {125, 4005, dir + "/redis", dir + "/logs/redis.log"};
   return s;
 }
@@ -52,6 +53,7 @@ TEST(ClusterState, RoundTripsThroughTheFile) {
   EXPECT_EQ(back->nodes[0].pid, 124);
   EXPECT_EQ(back->compile_options, R"({"mode":"default"})");  // added nodes get the same
   EXPECT_EQ(back->redis_url, "redis://127.0.0.1:4005/0");
+  EXPECT_EQ(back->advertise, "10.0.0.2");
   EXPECT_EQ(back->redis.pid, 125);
   EXPECT_EQ(back->redis.port, 4005);
   // Scripts read the client endpoint at the top level.

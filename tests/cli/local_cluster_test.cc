@@ -16,6 +16,7 @@ namespace {
 
 using ::testing::Contains;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 // Options that pass every check but the GPU ones: a directory that looks like a model.
 UpOptions GpuOptions(std::vector<std::string> gpus) {
@@ -53,6 +54,27 @@ TEST(NodeLaunchFor, AGpuNodeSeesOnlyItsGpu) {
   launch = NodeLaunchFor("/bin", state, node);
   EXPECT_EQ(launch.env.at("CUDA_VISIBLE_DEVICES"), node.gpu);
   EXPECT_THAT(launch.argv, Contains("--device=cuda:0"));
+}
+
+TEST(NodeLaunchFor, AdvertiseBindsEveryInterfaceAndPassesTheHost) {
+  ClusterState state;
+  NodeProcess node;
+  node.node_id = "node-1";
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--metrics=127.0.0.1:0"));
+  EXPECT_THAT(launch.argv, Not(Contains(HasSubstr("--advertise"))));
+  state.advertise = "10.0.0.2";
+  launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--metrics=0.0.0.0:0"));
+  EXPECT_THAT(launch.argv, Contains("--advertise=10.0.0.2"));
+
+  UpOptions o = GpuOptions({});
+  o.device = "cpu";
+  o.advertise = "10.0.0.2";
+  EXPECT_TRUE(o.Validate().ok()) << o.Validate();
+  o.advertise = "tcp://10.0.0.2:5";
+  EXPECT_EQ(o.Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("advertise"));
 }
 
 TEST(NodeLaunchFor, ANodeWithoutGpuKeepsTheClusterDevice) {
