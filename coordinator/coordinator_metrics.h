@@ -69,7 +69,8 @@ struct CoordinatorMetrics {
   // ErrorReply because they were not a valid message for that socket. Reasons: "malformed",
   // "version", "no_body", "empty", "frames", "unexpected" (a body not accepted on that socket),
   // "unregistered" (a node message from a peer that has not registered), "rejected" (a node
-  // message the coordinator refused, e.g. a bad RegisterNode).
+  // message the coordinator refused, e.g. a bad RegisterNode), "forbidden" (the sender's key may
+  // not make that request: role table, another key's node id; docs/security.md).
   void CountProtocolError(const std::string& socket, const std::string& reason);
   prometheus::Family<prometheus::Counter>& protocol_errors;
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -69,14 +70,26 @@ class KilnError(Exception):
         self.code, self.field, self.message = code, field, message
 
 
+def read_key_file(path: str) -> dict:
+    """The `public-key = "..."` / `secret-key = "..."` lines of a NAME.key or NAME.pub file."""
+    with open(path) as f:
+        return dict(re.findall(r'(public-key|secret-key)\s*=\s*"([^"]{40})"', f.read()))
+
+
 class KilnClient:
     """One coordinator connection. Every call gives up after request_timeout_s (plus the wait
     the request itself asks for) with TimeoutError instead of hanging."""
 
-    def __init__(self, endpoint: str, pb: ModuleType, request_timeout_s: float = 10.0):
+    def __init__(self, endpoint: str, pb: ModuleType, request_timeout_s: float = 10.0,
+                 key_file: str | None = None, server_key_file: str | None = None):
         self.endpoint, self.pb, self.request_timeout_s = endpoint, pb, request_timeout_s
         self.socket = zmq.Context.instance().socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if key_file and server_key_file:  # CURVE (docs/security.md): files from `kiln keys new`
+            own, server = read_key_file(key_file), read_key_file(server_key_file)
+            self.socket.curve_serverkey = server["public-key"].encode()
+            self.socket.curve_publickey = own["public-key"].encode()
+            self.socket.curve_secretkey = own["secret-key"].encode()
         self.socket.connect(endpoint)
 
     def close(self) -> None:
@@ -153,6 +166,10 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="where to write the PNG")
     parser.add_argument("--proto", default=DEFAULT_PROTO, help="path of kiln.proto")
     parser.add_argument("--request-timeout", type=float, default=10.0, help="seconds")
+    parser.add_argument("--key", default=os.environ.get("KILN_KEY"),
+                        help="this client's CURVE key pair, NAME.key (or $KILN_KEY)")
+    parser.add_argument("--server-key", default=os.environ.get("KILN_SERVER_KEY"),
+                        help="the coordinator's public key, coordinator.pub (or $KILN_SERVER_KEY)")
     args = parser.parse_args()
     if not args.coordinator:
         parser.error("--coordinator (or $KILN_COORDINATOR) is required")
@@ -161,7 +178,7 @@ def main() -> int:
     spec = pb.JobSpec(job_id=args.job_id or f"py-{uuid.uuid4().hex[:12]}", model=args.model,
                       prompt=args.prompt, width=args.width, height=args.height,
                       steps=args.steps, seed=args.seed, guidance=args.guidance)
-    client = KilnClient(args.coordinator, pb, args.request_timeout)
+    client = KilnClient(args.coordinator, pb, args.request_timeout, args.key, args.server_key)
 
     def show(job) -> None:
         state = pb.JobState.Name(job.state).removeprefix("JOB_STATE_")

@@ -124,13 +124,20 @@ def test_status_and_wait_of_unknown_job(cluster):
     assert proc.returncode == 4 and "NOT_FOUND" in proc.stderr
 
 
+def cluster_key_env(cluster) -> dict:
+    """The environment with $KILN_KEY / $KILN_SERVER_KEY set to the local cluster's admin key."""
+    keys = cluster.state()["keys_dir"]
+    return {**os.environ, "KILN_KEY": os.path.join(keys, "admins", "admin.key"),
+            "KILN_SERVER_KEY": os.path.join(keys, "coordinator.pub")}
+
+
 def test_python_client_example_end_to_end(cluster, tmp_path, references):
     out = tmp_path / "py.png"
     proc = subprocess.run(
         [PYTHON, os.path.join(SOURCE, "deploy", "examples", "python_client.py"),
          "--coordinator", cluster.client_endpoint, "--prompt", PROMPTS[1], "--seed", "11",
          "--steps", "1", "--job-id", "python-1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=cluster_key_env(cluster))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert "python-1: SUCCEEDED" in proc.stderr
@@ -143,7 +150,7 @@ def test_python_client_example_end_to_end(cluster, tmp_path, references):
         [PYTHON, os.path.join(SOURCE, "deploy", "examples", "python_client.py"),
          "--coordinator", cluster.client_endpoint, "--prompt", "x", "--width", "250",
          "--out", str(tmp_path / "bad.png")],
-        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=cluster_key_env(cluster))
     assert bad.returncode == 2
     assert "INVALID_ARGUMENT (field spec.width)" in bad.stderr
     assert bad.stderr.count("spec.width") == 1, bad.stderr  # the field is said once
@@ -153,7 +160,7 @@ def test_python_client_example_end_to_end(cluster, tmp_path, references):
             [PYTHON, os.path.join(SOURCE, "deploy", "examples", "python_client.py"),
              "--coordinator", cluster.client_endpoint, "--prompt", "x", "--steps", "1", *flags,
              "--out", str(tmp_path / "other.png")],
-            capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+            capture_output=True, text=True, timeout=120, cwd=str(tmp_path), env=cluster_key_env(cluster))
         cli = cluster.kiln("generate", "--prompt", "x", "--steps", "1", *flags, "--out",
                            str(tmp_path / "other-cli.png"))
         assert py.returncode == cli.returncode != 0, (flags, py.stderr, cli.stderr)
