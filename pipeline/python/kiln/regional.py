@@ -292,14 +292,16 @@ def compile_regions(spec: dict, out_dir: str, jobs: int | None = None) -> dict:
     """Compiles every region of the transformer `spec` describes ({"model", "precision",
     "bucket": {...}, "options": compile options, "device": "cpu"|"cuda", "inductor_configs"})
     into out_dir; returns the manifest's `regions` object in REGIONS order. With jobs > 1 (default
-    min(4, CPUs), env KILN_REGIONAL_JOBS) each region compiles in its own process
+    min(4, CPUs / 4), env KILN_REGIONAL_JOBS) each region compiles in its own process
     (`python -m kiln.regional`), all at once: a miss costs the slowest region, not the sum."""
     import json
     import subprocess
     import sys
     names = [r.name for r in _build_regions(spec)]
     if jobs is None:
-        jobs = int(os.environ.get("KILN_REGIONAL_JOBS", min(4, os.cpu_count() or 1)))
+        # Four regions at once pay where cores are plenty (the GPU hosts: 16); on a small
+        # machine four torch processes only contend (2 cores: one region after the other).
+        jobs = int(os.environ.get("KILN_REGIONAL_JOBS", min(4, max(1, (os.cpu_count() or 1) // 4))))
     if jobs <= 1:
         return {n: compile_one(spec, n, out_dir) for n in names}
     spec_path = os.path.join(out_dir, ".regional-spec.json")
