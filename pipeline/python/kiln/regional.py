@@ -140,8 +140,7 @@ class Region:
 
     def layer_weights(self, state: dict[str, torch.Tensor], layer: int) -> list[torch.Tensor]:
         """Layer `layer`'s weight inputs, in order, from the whole transformer's state_dict."""
-        p = self.prefixes[layer]
-        return [state[p + n] for n in self.weight_names]
+        return [state[checkpoint_name(self, layer, n)] for n in self.weight_names]
 
 
 def regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
@@ -217,7 +216,7 @@ def run_regional(calls: dict, model_regions: list[Region], state: dict[str, torc
     by_name = {r.name: r for r in model_regions}
 
     def weights(r: Region, i: int) -> list[torch.Tensor]:
-        return [state[checkpoint_name(r, i, n)] for n in r.weight_names]
+        return r.layer_weights(state, i)
 
     head = by_name["head"]
     img, txt, temb, cos, sin = calls["head"](*inputs, *weights(head, 0))
