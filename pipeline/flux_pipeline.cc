@@ -65,6 +65,16 @@ absl::Status PipelineOptions::Validate() const {
     return absl::InvalidArgumentError("max_sequence_length: must be in [1, 4096]");
   }
   if (!compile_options.is_object()) return absl::InvalidArgumentError("compile_options: not an object");
+  // The transformer layout (pipeline/README.md "Regional layout"): kiln-compile builds regional
+  // package sets, this pipeline does not run them yet.
+  if (auto it = compile_options.find("layout"); it != compile_options.end()) {
+    if (*it == "regional") {
+      return absl::UnimplementedError(
+          "compile_options layout \"regional\": this pipeline runs whole-graph transformer packages only "
+          "(kiln-compile builds regional sets; see pipeline/README.md \"Regional layout\")");
+    }
+    if (*it != "whole") return absl::InvalidArgumentError("compile_options layout: expected \"whole\" or \"regional\"");
+  }
   return absl::OkStatus();
 }
 

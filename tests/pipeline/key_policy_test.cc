@@ -3,6 +3,8 @@
 // packages, the compile options' digest, target and toolchain). No LibTorch work, no fixtures.
 #include "pipeline/key_policy.h"
 
+#include "pipeline/flux_pipeline.h"
+
 #include <set>
 #include <string>
 #include <vector>
@@ -122,3 +124,27 @@ TEST(KeyPolicyTest, ResolutionListsParseAndFormat) {
 
 }  // namespace
 }  // namespace kiln::pipeline
+
+TEST(KeyPolicyTest, TheTransformerLayoutIsPartOfTheKey) {
+  KeyPolicyOptions o = Options();
+  const std::string plain = KeyPolicy(o).KeyFor("transformer", 256, 256).Digest();
+  o.compile_options["layout"] = "whole";
+  const std::string whole = KeyPolicy(o).KeyFor("transformer", 256, 256).Digest();
+  o.compile_options["layout"] = "regional";
+  const std::string regional = KeyPolicy(o).KeyFor("transformer", 256, 256).Digest();
+  EXPECT_NE(regional, plain);
+  EXPECT_NE(regional, whole);
+}
+
+TEST(KeyPolicyTest, APipelineRefusesLayoutsItCannotRun) {
+  PipelineOptions p;
+  p.model_dir = "/nonexistent";
+  ASSERT_TRUE(p.Validate().ok()) << p.Validate();
+  p.compile_options["layout"] = "whole";
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  p.compile_options["layout"] = "regional";
+  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("regional"));
+  p.compile_options["layout"] = "regionl";
+  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
+}

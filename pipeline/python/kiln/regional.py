@@ -140,8 +140,7 @@ class Region:
 
     def layer_weights(self, state: dict[str, torch.Tensor], layer: int) -> list[torch.Tensor]:
         """Layer `layer`'s weight inputs, in order, from the whole transformer's state_dict."""
-        p = self.prefixes[layer]
-        return [state[p + n] for n in self.weight_names]
+        return [state[checkpoint_name(self, layer, n)] for n in self.weight_names]
 
 
 def regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
@@ -191,8 +190,9 @@ def checkpoint_name(region: Region, layer: int, weight_name: str) -> str:
     return region.prefixes[layer] + strip_block(weight_name)
 
 
-def example_inputs(region: Region, state: dict[str, torch.Tensor], device) -> tuple:
-    """Random activations of the region's shapes plus layer 0's weights (export needs values)."""
+def example_inputs(region: Region, device) -> tuple:
+    """Random activations of the region's shapes plus uninitialised weights of one layer's
+    shapes on `device` (export needs tensors, not values; the template itself may be on meta)."""
     gen = torch.Generator().manual_seed(0)
     acts = []
     for name, shape, dtype in region.activations:
@@ -203,7 +203,8 @@ def example_inputs(region: Region, state: dict[str, torch.Tensor], device) -> tu
         else:
             t = torch.randn(shape, generator=gen).to(dtype)
         acts.append(t.to(device))
-    weights = [state[checkpoint_name(region, 0, n)] for n in region.weight_names]
+    weights = [torch.empty(t.shape, dtype=t.dtype, device=device)
+               for t in region.template.state_dict().values()]
     return tuple(acts) + tuple(weights)
 
 
@@ -215,7 +216,7 @@ def run_regional(calls: dict, model_regions: list[Region], state: dict[str, torc
     by_name = {r.name: r for r in model_regions}
 
     def weights(r: Region, i: int) -> list[torch.Tensor]:
-        return [state[checkpoint_name(r, i, n)] for n in r.weight_names]
+        return r.layer_weights(state, i)
 
     head = by_name["head"]
     img, txt, temb, cos, sin = calls["head"](*inputs, *weights(head, 0))
@@ -232,50 +233,122 @@ def run_regional(calls: dict, model_regions: list[Region], state: dict[str, torc
     return sample
 
 
-def compile_regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
-                    head_inputs: list, state: dict[str, torch.Tensor], device, out_dir: str,
-                    inductor_configs: dict) -> dict:
-    """Exports and AOTInductor-compiles each region into out_dir/<region>.pt2; returns the
-    manifest's `regions` object (per region: package file/sha256/bytes, activations, outputs,
-    weights, layer prefixes, export/compile seconds)."""
+def _region_entry(r: Region, path: str, export_s: float, compile_s: float) -> dict:
     from kiln import compile as kc
-    table = {}
-    for r in regions(model, bucket, act, head_inputs):
-        t0 = time.monotonic()
-        module = r.export_module().eval()
-        with torch.no_grad():
-            ep = torch.export.export(module, example_inputs(r, state, device), strict=False)
-        if ep.state_dict or ep.constants:
-            raise RuntimeError(f"region {r.name}: the exported program holds constants "
-                               f"{sorted(list(ep.state_dict) + list(ep.constants))[:5]}; every "
-                               "weight must be an input")
-        t1 = time.monotonic()
-        path = os.path.join(out_dir, f"{r.name}.pt2")
-        configs = dict(inductor_configs)
-        configs["aot_inductor.metadata"] = dict(configs.get("aot_inductor.metadata", {}),
-                                                **{"kiln.region": r.name})
-        torch._inductor.aoti_compile_and_package(ep, package_path=path,
-                                                 inductor_configs=configs)
-        t2 = time.monotonic()
-        with open(path, "rb") as f:
-            sha = ak.sha256_hex(f.read())
-        table[r.name] = {
-            "package": {"file": f"{r.name}.pt2", "sha256": sha, "bytes": os.path.getsize(path)},
-            "inputs": kc._specs(r.activations),
-            "outputs": kc._specs(r.outputs),
-            "weights": [dict(w, name=strip_block(w["name"]),
-                             **({"derive": {"op": w["derive"]["op"],
-                                            "from": [strip_block(s) for s in w["derive"]["from"]]}}
-                                if "derive" in w else {}))
-                        for w in r.weight_table()],
-            "layers": r.prefixes,
-            "export_seconds": round(t1 - t0, 3),
-            "compile_seconds": round(t2 - t1, 3),
-        }
-    return table
+    with open(path, "rb") as f:
+        sha = ak.sha256_hex(f.read())
+    return {
+        "package": {"file": os.path.basename(path), "sha256": sha, "bytes": os.path.getsize(path)},
+        "inputs": kc._specs(r.activations),
+        "outputs": kc._specs(r.outputs),
+        "weights": [dict(w, name=strip_block(w["name"]),
+                         **({"derive": {"op": w["derive"]["op"],
+                                        "from": [strip_block(x) for x in w["derive"]["from"]]}}
+                            if "derive" in w else {}))
+                    for w in r.weight_table()],
+        "layers": r.prefixes,
+        "export_seconds": round(export_s, 3),
+        "compile_seconds": round(compile_s, 3),
+    }
+
+
+def _build_regions(spec: dict) -> list[Region]:
+    """The regions of the transformer described by `spec` (model, precision, bucket, options),
+    built on the meta device: the templates are never run with their own parameters."""
+    from kiln import components as C
+    config = C.read_component_config(spec["model"], "transformer")
+    bucket = ak.Bucket(**spec["bucket"])
+    precision = spec["precision"]
+    model, _ = C.build(config, "transformer", precision, bucket, materialize="meta",
+                       compile_options=spec["options"])
+    return regions(model, bucket, C.activation_dtype(precision),
+                   C._input_shapes(config, "transformer", precision, bucket))
+
+
+def compile_one(spec: dict, name: str, out_dir: str) -> dict:
+    """Exports and AOTInductor-compiles region `name` into out_dir/<name>.pt2; its manifest
+    entry."""
+    device = torch.device(spec["device"])
+    (r,) = [r for r in _build_regions(spec) if r.name == name]
+    t0 = time.monotonic()
+    module = r.export_module().eval()
+    with torch.no_grad():
+        ep = torch.export.export(module, example_inputs(r, device), strict=False)
+    if ep.state_dict or ep.constants:
+        raise RuntimeError(f"region {name}: the exported program holds constants "
+                           f"{sorted(list(ep.state_dict) + list(ep.constants))[:5]}; every "
+                           "weight must be an input")
+    t1 = time.monotonic()
+    path = os.path.join(out_dir, f"{name}.pt2")
+    configs = dict(spec["inductor_configs"])
+    configs["aot_inductor.metadata"] = dict(configs.get("aot_inductor.metadata", {}),
+                                            **{"kiln.region": name})
+    torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
+    return _region_entry(r, path, t1 - t0, time.monotonic() - t1)
+
+
+def compile_regions(spec: dict, out_dir: str, jobs: int | None = None) -> dict:
+    """Compiles every region of the transformer `spec` describes ({"model", "precision",
+    "bucket": {...}, "options": compile options, "device": "cpu"|"cuda", "inductor_configs"})
+    into out_dir; returns the manifest's `regions` object in REGIONS order. With jobs > 1 (default
+    min(4, CPUs / 4), env KILN_REGIONAL_JOBS) each region compiles in its own process
+    (`python -m kiln.regional`), all at once: a miss costs the slowest region, not the sum."""
+    import json
+    import subprocess
+    import sys
+    names = [r.name for r in _build_regions(spec)]
+    if jobs is None:
+        # Four regions at once pay where cores are plenty (the GPU hosts: 16); on a small
+        # machine four torch processes only contend (2 cores: one region after the other).
+        jobs = int(os.environ.get("KILN_REGIONAL_JOBS", min(4, max(1, (os.cpu_count() or 1) // 4))))
+    if jobs <= 1:
+        return {n: compile_one(spec, n, out_dir) for n in names}
+    spec_path = os.path.join(out_dir, ".regional-spec.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    procs = {}
+    try:
+        for n in names:
+            procs[n] = subprocess.Popen(
+                [sys.executable, "-m", "kiln.regional", spec_path, n, out_dir],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        table, errors = {}, []
+        for n, proc in procs.items():
+            out, err = proc.communicate()
+            if proc.returncode != 0:
+                errors.append(f"region {n} (exit {proc.returncode}): {err.strip()[-2000:]}")
+                continue
+            table[n] = json.loads(out.strip().splitlines()[-1])
+        if errors:
+            raise RuntimeError("regional compile failed: " + "; ".join(errors))
+        return {n: table[n] for n in names}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        os.unlink(spec_path)
 
 
 def load_regions(pkg_dir: str, manifest: dict) -> dict:
     """{region: callable} of the compiled packages of a regional set (Python's AOTI loader)."""
     return {name: torch._inductor.aoti_load_package(os.path.join(pkg_dir, entry["package"]["file"]))
             for name, entry in manifest["regions"].items()}
+
+
+def _main(argv: list[str]) -> int:
+    """python -m kiln.regional SPEC.json REGION OUT_DIR: one region's compile (compile_regions'
+    worker); prints its manifest entry as one JSON line."""
+    import json
+    import sys
+    if len(argv) != 3:
+        print("usage: python -m kiln.regional SPEC.json REGION OUT_DIR", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        spec = json.load(f)
+    print(json.dumps(compile_one(spec, argv[1], argv[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv[1:]))
