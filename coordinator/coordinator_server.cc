@@ -52,7 +52,10 @@ Access AccessFor(kiln::v1::Envelope::BodyCase body) {
     case E::kWait:
     case E::kCancel:
       return Access::kOwnerOrAdmin;
-    default:  // drain, and any request added later, until it is given a row here
+    case E::kDrain:
+    case E::kUncordon:
+    case E::kRemoveNode:
+    default:  // and any request added later, until it is given a row here
       return Access::kAdmin;
   }
 }

@@ -228,7 +228,14 @@ TEST_F(AuthTest, AClientCannotReadOrCancelAnotherClientsJobButAnAdminCan) {
   auto bob_drain = Call(bob, drain);
   EXPECT_EQ(ErrorCode(bob_drain), "PERMISSION_DENIED");
   EXPECT_THAT(bob_drain->error().message(), HasSubstr("admin"));
-  EXPECT_GE(ProtocolErrors("client", "forbidden"), 1);
+  auto uncordon = Request("un");
+  uncordon.mutable_uncordon()->set_node_id("n1");
+  auto remove = Request("rm");
+  remove.mutable_remove_node()->set_node_id("n1");
+  remove.mutable_remove_node()->set_force(true);
+  EXPECT_EQ(ErrorCode(Call(bob, uncordon)), "PERMISSION_DENIED");
+  EXPECT_EQ(ErrorCode(Call(alice, remove)), "PERMISSION_DENIED");
+  EXPECT_GE(ProtocolErrors("client", "forbidden"), 3);
   EXPECT_EQ(store_.Get("alice-job")->state(), kiln::v1::JOB_STATE_RUNNING);
 
   EXPECT_EQ(ErrorCode(Call(alice, status)), "OK");
@@ -239,6 +246,7 @@ TEST_F(AuthTest, AClientCannotReadOrCancelAnotherClientsJobButAnAdminCan) {
   ASSERT_EQ(ErrorCode(admin_cancel), "OK");
   EXPECT_EQ(admin_cancel->job().job().state(), kiln::v1::JOB_STATE_CANCELLED);
   EXPECT_EQ(ErrorCode(Call(admin, drain)), "OK");
+  EXPECT_EQ(ErrorCode(Call(admin, uncordon)), "OK");
 }
 
 TEST_F(AuthTest, ADealerBorrowingALiveNodesRoutingIdIsRefused) {
