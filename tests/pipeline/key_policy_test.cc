@@ -122,9 +122,6 @@ TEST(KeyPolicyTest, ResolutionListsParseAndFormat) {
   EXPECT_EQ(ParseResolutions(" , ").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-}  // namespace
-}  // namespace kiln::pipeline
-
 TEST(KeyPolicyTest, TheTransformerLayoutIsPartOfTheKey) {
   KeyPolicyOptions o = Options();
   const std::string plain = KeyPolicy(o).KeyFor("transformer", 256, 256).Digest();
@@ -148,3 +145,6 @@ TEST(KeyPolicyTest, APipelineRefusesLayoutsItCannotRun) {
   p.compile_options["layout"] = "regionl";
   EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
 }
+
+}  // namespace
+}  // namespace kiln::pipeline
