@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -813,7 +814,7 @@ void Coordinator::PlaceJobs() {
   // and a version that changes whenever a job is given to or kept for the node.
   struct PassNode {
     NodeRecord* node = nullptr;
-    std::vector<double> slots;
+    absl::InlinedVector<double, 2> slots;
     std::optional<std::array<double, 4>> cold;  // CostModel::ColdStarts, when first needed
     size_t cls = 0;                             // run-time class, numbered in this pass
     uint32_t slot = 0;                          // NodeIndex slot
@@ -823,6 +824,7 @@ void Coordinator::PlaceJobs() {
     double avail() const { return slots.front(); }
   };
   std::vector<PassNode> pass;
+  pass.reserve(nodes_.size());
   std::vector<int> by_slot(index_.slot_count(), -1);  // NodeIndex slot → index into pass
   // Nodes share a run-time estimate when they share device class, kind and SM count (the prior
   // scales by the SMs). One representative node per class for CostModel::Run.
