@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -1025,7 +1026,7 @@ void Coordinator::PlaceJobs() {
   // and a version that changes whenever a job is given to or kept for the node.
   struct PassNode {
     NodeRecord* node = nullptr;
-    std::vector<double> slots;
+    absl::InlinedVector<double, 2> slots;
     std::optional<std::array<double, 4>> cold;  // CostModel::ColdStarts, when first needed
     size_t cls = 0;                             // run-time class, numbered in this pass
     uint32_t slot = 0;                          // NodeIndex slot
@@ -1035,6 +1036,7 @@ void Coordinator::PlaceJobs() {
     double avail() const { return slots.front(); }
   };
   std::vector<PassNode> pass;
+  pass.reserve(nodes_.size());
   std::vector<int> by_slot(index_.slot_count(), -1);  // NodeIndex slot → index into pass
   // Nodes share a run-time estimate when they share device class, kind and SM count (the prior
   // scales by the SMs). One representative node per class for CostModel::Run.
@@ -1083,14 +1085,17 @@ void Coordinator::PlaceJobs() {
     std::push_heap(p.slots.begin(), p.slots.end(), std::greater<>());
     ++p.version;
   };
-  // The pass's nodes by when a slot frees at the start of the pass (free nodes first). A pass
-  // only ever makes a node's wait longer, so avail0 in this order bounds the wait of every node
-  // after a point: the scan of a kind stops where no later node can beat the best found.
-  std::vector<uint32_t> order(pass.size());
-  for (uint32_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
-    return std::tie(pass[a].avail0, a) < std::tie(pass[b].avail0, b);
-  });
+  // The pass's nodes of each class by when a slot frees at the start of the pass (free nodes
+  // first). A pass only ever makes a node's wait longer, so avail0 in this order bounds the
+  // wait of every node after a point: a kind's scan of a class stops where no later node of it
+  // can beat the best found.
+  std::vector<std::vector<uint32_t>> order(class_node.size());
+  for (uint32_t i = 0; i < pass.size(); ++i) order[pass[i].cls].push_back(i);
+  for (auto& o : order) {
+    std::sort(o.begin(), o.end(), [&](uint32_t a, uint32_t b) {
+      return std::tie(pass[a].avail0, a) < std::tie(pass[b].avail0, b);
+    });
+  }
 
   // Per job kind met in this pass: its capable READY nodes scanned so far, in heaps by run-time
   // class, ordered by (ready in: slot wait + cold start, active jobs, last assignment, node id).
@@ -1113,7 +1118,7 @@ void Coordinator::PlaceJobs() {
     std::vector<Group> groups;  // by class
     const NodeIndex::KindNodes* nodes = nullptr;
     bool shared = false;        // cold nodes fetch from the shared store instead of compiling
-    size_t scanned = 0;         // nodes of `order` looked at so far
+    std::vector<size_t> scanned;  // by class: nodes of order[class] looked at so far
     std::optional<std::string> no_node_reason;  // computed when no READY node can run it
   };
   absl::flat_hash_map<std::string, KindState> kinds;
@@ -1128,6 +1133,7 @@ void Coordinator::PlaceJobs() {
     state.nodes = &index_.ForKind(job.kind, job.spec);
     state.shared = costs_.InSharedStore(job.kind) || state.nodes->warm > 0;
     state.groups.resize(classes.size());
+    state.scanned.assign(classes.size(), 0);
     for (size_t c = 0; c < class_node.size(); ++c) {
       state.groups[c].run = costs_.Run(class_node[c]->device_class, class_node[c]->info.device(),
                                        job.kind, job.spec.width(), job.spec.height());
@@ -1158,7 +1164,7 @@ void Coordinator::PlaceJobs() {
   auto build_all = [&](KindState& state) {
     for (uint32_t pi = 0; pi < pass.size(); ++pi) add(pi, state, false);
     for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
-    state.scanned = order.size();
+    for (size_t c = 0; c < order.size(); ++c) state.scanned[c] = order[c].size();
   };
 
   const int64_t now_unix = clock_.UnixMs();
@@ -1183,15 +1189,23 @@ void Coordinator::PlaceJobs() {
     }
 
     // The node where this job is expected to finish first: the top of each class's heap, once
-    // no node not yet scanned can beat it (its key is at least its avail0 + the fastest run).
+    // no node not yet scanned can beat it (its key is at least its avail0 + its class's run).
     Group* best_group = nullptr;
     std::tuple<double, int, int64_t, absl::string_view> best_key;
     while (options_.placement == PlacementPolicy::kExpectedFinish) {
       best_group = nullptr;
-      double fastest = std::numeric_limits<double>::infinity();
-      for (Group& g : state.groups) {
+      int next = -1;  // the class whose next unscanned node could finish soonest
+      double next_bound = 0;
+      for (size_t c = 0; c < state.groups.size(); ++c) {
+        Group& g = state.groups[c];
         const double run = g.run.For(job.spec.steps());
-        fastest = std::min(fastest, run);
+        if (state.scanned[c] < order[c].size()) {
+          const double bound = pass[order[c][state.scanned[c]]].avail0 + run;
+          if (next < 0 || bound < next_bound) {
+            next = static_cast<int>(c);
+            next_bound = bound;
+          }
+        }
         while (!g.heap.empty() && g.heap.front().version != pass[g.heap.front().node].version) {
           std::pop_heap(g.heap.begin(), g.heap.end(), later);
           fill(g.heap.back());
@@ -1205,13 +1219,13 @@ void Coordinator::PlaceJobs() {
           best_key = k;
         }
       }
-      if (state.scanned >= order.size()) break;
-      const double bound = pass[order[state.scanned]].avail0;
-      if (best_group != nullptr && std::get<0>(best_key) < bound + fastest) break;
-      // Scan every node that frees at `bound`, then look again.
-      while (state.scanned < order.size() && pass[order[state.scanned]].avail0 == bound) {
-        add(order[state.scanned++], state, true);
-      }
+      if (next < 0) break;
+      if (best_group != nullptr && std::get<0>(best_key) < next_bound) break;
+      // Scan every node of that class that frees at the same time, then look again.
+      const auto& o = order[next];
+      size_t& i = state.scanned[next];
+      const double avail0 = pass[o[i]].avail0;
+      while (i < o.size() && pass[o[i]].avail0 == avail0) add(o[i++], state, true);
     }
     if (options_.placement != PlacementPolicy::kExpectedFinish) {
       // Baselines: a free capable node by a fixed rule, no costs.

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/node_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "common/proto/kiln.pb.h"
@@ -208,7 +209,8 @@ class NodeIndex {
       return slot < warmth_by_slot.size() ? warmth_by_slot[slot] : -1;
     }
   };
-  // The nodes that can run jobs like `spec`. `key` is PackageSetKey(spec).
+  // The nodes that can run jobs like `spec`. `key` is PackageSetKey(spec). The reference stays
+  // valid until this index is destroyed (kinds are never dropped).
   const KindNodes& ForKind(const std::string& key, const kiln::v1::JobSpec& spec);
   // ForKind(key, spec).nodes.
   const std::vector<Entry>& Capable(const std::string& key, const kiln::v1::JobSpec& spec) {
@@ -235,7 +237,9 @@ class NodeIndex {
   absl::flat_hash_map<std::string, Node> nodes_;  // every node updated and not removed
   std::vector<uint32_t> free_slots_;
   uint32_t slot_count_ = 0;
-  absl::flat_hash_map<std::string, Kind> kinds_;
+  // node_hash_map: ForKind's references stay valid while later kinds are added (a placement
+  // pass holds one per kind it met).
+  absl::node_hash_map<std::string, Kind> kinds_;
 };
 
 }  // namespace kiln::coordinator

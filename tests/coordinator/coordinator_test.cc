@@ -5,12 +5,15 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <memory>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/clock.h"
 #include "coordinator/job_store.h"
 #include "coordinator/validation.h"
@@ -1694,6 +1697,179 @@ TEST_F(CoordinatorTest, LeastBusyBaselineIgnoresCosts) {
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "k1", 1u),
                                       std::make_tuple("b", "k2", 1u),
                                       std::make_tuple("a", "k3", 1u)));
+}
+
+
+// ---- Placement's lazy scan against the reference
+
+// Both coordinators see the same random life of a fleet (nodes of four run-time classes that
+// register, change packages, finish and fail jobs, leave and die; jobs of twelve kinds); one
+// scans each kind's nodes lazily (the default), the other puts every capable node in the heaps
+// at once (placement_full_scan). They must give every job to the same node at every step.
+struct Twin {
+  explicit Twin(CoordinatorOptions options) : metrics(registry) {
+    auto made = Coordinator::Create(options, store, clock, metrics, [](const std::string&) {});
+    EXPECT_TRUE(made.ok()) << made.status();
+    c = std::move(*made);
+  }
+  // (node, job, attempt) of every AssignJob queued since the last call.
+  std::vector<std::tuple<std::string, std::string, uint32_t>> Assigned() {
+    std::vector<std::tuple<std::string, std::string, uint32_t>> out;
+    for (auto& o : c->TakeOutgoing()) {
+      if (o.socket == Outgoing::Socket::kNode && o.envelope.has_assign()) {
+        out.emplace_back(o.peer, o.envelope.assign().spec().job_id(),
+                         o.envelope.assign().attempt());
+      }
+    }
+    return out;
+  }
+  FakeClock clock;
+  InMemoryJobStore store;
+  prometheus::Registry registry;
+  CoordinatorMetrics metrics;
+  std::unique_ptr<Coordinator> c;
+};
+
+TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
+  for (int max_jobs : {1, 2}) {
+    SCOPED_TRACE(absl::StrCat("max_jobs_per_node ", max_jobs));
+    CoordinatorOptions options;
+    options.max_jobs_per_node = max_jobs;
+    options.placement_lookahead = 64;
+    CoordinatorOptions full = options;
+    full.placement_full_scan = true;
+    Twin lazy(options), ref(full);
+    std::mt19937_64 rng(9 + max_jobs);
+    auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
+    const std::vector<std::string> models = {"m1", "m2"};
+    const std::vector<std::string> precisions = {"bf16", "fp8", "fp32"};
+    const std::vector<uint32_t> sizes = {256, 512};
+    struct Device {
+      std::string kind, name, mig;
+      uint32_t sms;
+    };
+    const std::vector<Device> devices = {{"cuda", "NVIDIA H100", "", 132},
+                                         {"cuda", "NVIDIA H200", "", 132},
+                                         {"cuda", "NVIDIA H100", "3g.40gb", 60},
+                                         {"cpu", "", "", 0}};
+    auto digest = [](const std::string& m, const std::string& p, uint32_t size, int part) {
+      return absl::StrCat(m, "-", p, "-", size, "-", part);
+    };
+    // A node's packages, changed by heartbeats.
+    auto random_packages = [&](kiln::v1::Heartbeat& hb) {
+      for (const auto& m : models) {
+        for (const auto& p : precisions) {
+          for (uint32_t size : sizes) {
+            for (int part = 0; part < 2; ++part) {
+              const int r = static_cast<int>(pick(6));
+              if (r == 0) hb.add_loaded_packages(digest(m, p, size, part));
+              if (r <= 1) hb.add_packages(digest(m, p, size, part));
+            }
+          }
+        }
+      }
+    };
+    auto random_node = [&](const std::string& id) {
+      NodeInfo info;
+      info.set_node_id(id);
+      const Device& d = devices[pick(devices.size())];
+      info.mutable_device()->set_kind(d.kind);
+      info.mutable_device()->set_name(d.name);
+      info.mutable_device()->set_mig_profile(d.mig);
+      info.mutable_device()->set_sm_count(d.sms);
+      if (d.kind == "cuda") info.mutable_device()->set_compute_capability("9.0");
+      info.set_can_compile(pick(4) != 0);
+      for (const auto& m : models) {
+        if (pick(5) == 0) continue;
+        info.add_models(m);
+        if (pick(3) == 0) continue;  // declares nothing: serves every kind of m, cold
+        for (const auto& p : precisions) {
+          for (uint32_t size : sizes) {
+            if (pick(3) == 0) continue;
+            auto& set = (*info.mutable_package_sets())[PackageSetKey(m, p, size, size)];
+            set.add_digests(digest(m, p, size, 0));
+            set.add_digests(digest(m, p, size, 1));
+          }
+        }
+      }
+      kiln::v1::Heartbeat hb;
+      random_packages(hb);
+      *info.mutable_loaded_packages() = hb.loaded_packages();
+      *info.mutable_packages() = hb.packages();
+      return info;
+    };
+    std::map<std::string, std::pair<std::string, uint32_t>> running;  // job → (node, attempt)
+    int next_job = 0;
+    size_t assigned = 0;
+    for (int step = 0; step < 4000; ++step) {
+      const std::string node_id = absl::StrCat("n", pick(40));
+      const size_t what = pick(100);
+      auto both = [&](auto&& f) {
+        const absl::Status a = f(*lazy.c);
+        const absl::Status b = f(*ref.c);
+        EXPECT_EQ(a.code(), b.code()) << step;
+      };
+      if (what < 8) {
+        kiln::v1::RegisterNode m;
+        *m.mutable_info() = random_node(node_id);
+        both([&](Coordinator& c) { return c.RegisterNode(node_id, m).status(); });
+      } else if (what < 10) {
+        both([&](Coordinator& c) { return c.Deregister(node_id, kiln::v1::Deregister()); });
+      } else if (what < 30) {
+        kiln::v1::Heartbeat hb;
+        for (const auto& [job, where] : running) {
+          if (where.first == node_id && pick(20) != 0) hb.add_running_jobs(job);
+        }
+        if (pick(3) == 0) random_packages(hb);
+        both([&](Coordinator& c) { return c.Heartbeat(node_id, hb); });
+      } else if (what < 60 && !running.empty()) {
+        auto it = std::next(running.begin(), static_cast<long>(pick(running.size())));
+        kiln::v1::JobResult r;
+        if (pick(8) == 0) {
+          r.set_job_id(it->first);
+          r.set_ok(false);
+          r.set_error_code("INTERNAL");
+          r.set_error("it broke");
+        } else {
+          static const char* kWhere[] = {"resident", "local", "shared", "compiled"};
+          r = Finished(it->first, 1 + static_cast<double>(pick(300)) / 10,
+                       static_cast<double>(pick(200)) / 10, kWhere[pick(4)]);
+        }
+        r.set_attempt(it->second.second);
+        const std::string on = it->second.first;
+        both([&](Coordinator& c) { return c.Result(on, r); });
+        running.erase(it);
+      } else if (what < 90) {
+        JobSpec spec;
+        spec.set_job_id(absl::StrCat("j", next_job++));
+        spec.set_model(models[pick(models.size())]);
+        spec.set_prompt("a lighthouse");
+        const uint32_t size = sizes[pick(sizes.size())];
+        spec.set_width(size);
+        spec.set_height(size);
+        spec.set_steps(1 + static_cast<uint32_t>(pick(30)));
+        spec.set_seed(1);
+        const size_t p = pick(precisions.size() + 1);
+        if (p < precisions.size()) spec.set_precision(precisions[p]);
+        spec.set_priority(static_cast<int32_t>(pick(3)));
+        kiln::v1::SubmitRequest req;
+        *req.mutable_spec() = spec;
+        both([&](Coordinator& c) { return c.Submit(req).status(); });
+      } else {
+        const int64_t ms = static_cast<int64_t>(pick(2500));
+        lazy.clock.AdvanceMs(ms);
+        ref.clock.AdvanceMs(ms);
+        lazy.c->Tick();
+        ref.c->Tick();
+      }
+      const auto a = lazy.Assigned();
+      const auto b = ref.Assigned();
+      ASSERT_EQ(a, b) << "step " << step;
+      for (const auto& [node, job, attempt] : a) running[job] = {node, attempt};
+      assigned += a.size();
+    }
+    EXPECT_GT(assigned, 500u);  // the twins did place jobs
+  }
 }
 
 }  // namespace
