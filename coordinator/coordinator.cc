@@ -547,6 +547,7 @@ absl::StatusOr<kiln::v1::DrainReply> Coordinator::Drain(const kiln::v1::DrainReq
   }
   if (node->state != kiln::v1::NODE_STATE_DRAINING) {
     node->state = kiln::v1::NODE_STATE_DRAINING;
+    MarkPlacementNode(request.node_id());
     UpdateNodeGauges();
     Log(absl::StrCat("node ", request.node_id(), " draining (", node->jobs.size(),
                      " job(s) still running)"));
@@ -571,6 +572,7 @@ absl::StatusOr<kiln::v1::UncordonReply> Coordinator::Uncordon(
   }
   if (node->state == kiln::v1::NODE_STATE_DRAINING) {
     node->state = kiln::v1::NODE_STATE_READY;
+    MarkPlacementNode(request.node_id());
     UpdateNodeGauges();
     Log(absl::StrCat("node ", request.node_id(), " uncordoned: it takes jobs again"));
     placement_dirty_ = true;
@@ -627,6 +629,7 @@ absl::StatusOr<kiln::v1::RemoveNodeReply> Coordinator::RemoveNode(
                    reply.requeued_jobs().empty()
                        ? ""
                        : absl::StrCat("; requeued ", absl::StrJoin(reply.requeued_jobs(), ", "))));
+  MarkPlacementNode(id);
   index_.Remove(id);
   costs_.ForgetNode(id);
   nodes_.erase(id);
@@ -707,6 +710,7 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
     }
     unclaimed_.erase(claimed);
   }
+  MarkPlacementNode(node_id);
   node->last_seen_ms = clock_.NowMs();
   node->last_seen_unix_ms = clock_.UnixMs();
   UpdateNodeGauges();
@@ -759,6 +763,7 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
             ? absl::StrCat("node ", node_id, " is healthy again; placing jobs on it")
             : absl::StrCat("node ", node_id, " takes no jobs: ", message.unhealthy()));
     node.unhealthy = message.unhealthy();
+    MarkPlacementNode(node_id);
     placement_dirty_ = true;
   }
 
@@ -1009,26 +1014,20 @@ void Coordinator::PlaceJobs() {
   placement_dirty_ = false;
   jobs_held_ = false;
   if (queue_.empty()) return;
+  RefreshPlacementView();
   // Cheap when no slot is free (a Submit while the fleet is busy).
-  bool any_free = false;
-  for (const auto& [id, node] : nodes_) {
-    if (node.state == kiln::v1::NODE_STATE_READY && node.unhealthy.empty() &&
-        static_cast<int>(node.jobs.size()) < options_.max_jobs_per_node) {
-      any_free = true;
-      break;
-    }
-  }
-  if (!any_free) return;
+  if (view_free_total_ == 0) return;
   const int64_t now = clock_.NowMs();
   const double floor_s = costs_.options().overrun_floor_seconds;
 
-  // The READY nodes as this pass sees them: when each slot frees (seconds from now, a min-heap),
-  // and a version that changes whenever a job is given to or kept for the node.
+  // The READY nodes this pass looks at, made from view_ when first needed: when each slot frees
+  // (seconds from now, a min-heap), and a version that changes whenever a job is given to or
+  // kept for the node.
   struct PassNode {
     NodeRecord* node = nullptr;
     absl::InlinedVector<double, 2> slots;
     std::optional<std::array<double, 4>> cold;  // CostModel::ColdStarts, when first needed
-    size_t cls = 0;                             // run-time class, numbered in this pass
+    size_t cls = 0;                             // run-time class (view_classes_)
     uint32_t slot = 0;                          // NodeIndex slot
     int free = 0;
     uint32_t version = 0;
@@ -1036,66 +1035,43 @@ void Coordinator::PlaceJobs() {
     double avail() const { return slots.front(); }
   };
   std::vector<PassNode> pass;
-  pass.reserve(nodes_.size());
-  std::vector<int> by_slot(index_.slot_count(), -1);  // NodeIndex slot → index into pass
-  // Nodes share a run-time estimate when they share device class, kind and SM count (the prior
-  // scales by the SMs). One representative node per class for CostModel::Run.
-  absl::flat_hash_map<std::tuple<absl::string_view, absl::string_view, uint32_t>, size_t> classes;
-  std::vector<const NodeRecord*> class_node;
-  int free_total = 0;
-  for (auto& [id, node] : nodes_) {
-    if (node.state != kiln::v1::NODE_STATE_READY || !node.unhealthy.empty()) continue;
-    const int slot = index_.Slot(id);
-    if (slot < 0) continue;
+  pass.reserve(view_.size());  // at most one per slot: references stay valid
+  std::vector<int> by_slot(view_.size(), -1);  // NodeIndex slot → index into pass
+  // The pass node of a slot view_ holds a node for.
+  auto touch = [&](uint32_t slot) -> uint32_t {
+    int& pi = by_slot[slot];
+    if (pi >= 0) return static_cast<uint32_t>(pi);
+    const ViewNode& v = view_[slot];
     PassNode p;
-    p.node = &node;
-    p.slot = static_cast<uint32_t>(slot);
-    const auto& device = node.info.device();
-    auto [cls, added] = classes.try_emplace(
-        std::make_tuple(absl::string_view(node.device_class), absl::string_view(device.kind()),
-                        device.sm_count()),
-        classes.size());
-    if (added) class_node.push_back(&node);
-    p.cls = cls->second;
-    p.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
+    p.node = v.node;
+    p.slot = slot;
+    p.cls = v.cls;
+    p.free = v.free;
     p.slots.assign(p.free, 0.0);
-    for (const auto& job_id : node.jobs) {
-      auto it = active_.find(job_id);
-      double end_ms = 0;
-      if (it != active_.end()) {
-        end_ms = it->second.expected_end_ms > 0
-                     ? it->second.expected_end_ms
-                     : it->second.assigned_ms +
-                           1000 * costs_.RunSeconds(node.info.device(), it->second.spec);
-      }
-      p.slots.push_back(std::max(floor_s, (end_ms - now) / 1000.0));
-    }
+    for (double end_ms : v.ends) p.slots.push_back(std::max(floor_s, (end_ms - now) / 1000.0));
     std::sort(p.slots.begin(), p.slots.end());
     p.slots.resize(std::max<size_t>(1, std::min<size_t>(p.slots.size(),
                                                         options_.max_jobs_per_node)));
     p.avail0 = p.slots.front();
-    free_total += p.free;
-    by_slot[slot] = static_cast<int>(pass.size());
+    pi = static_cast<int>(pass.size());
     pass.push_back(std::move(p));
-  }
-  if (free_total == 0) return;
+    return static_cast<uint32_t>(pi);
+  };
+  int free_total = view_free_total_;
   auto reserve = [&](PassNode& p, double seconds) {
     std::pop_heap(p.slots.begin(), p.slots.end(), std::greater<>());
     p.slots.back() += seconds;
     std::push_heap(p.slots.begin(), p.slots.end(), std::greater<>());
     ++p.version;
   };
-  // The pass's nodes of each class by when a slot frees at the start of the pass (free nodes
-  // first). A pass only ever makes a node's wait longer, so avail0 in this order bounds the
-  // wait of every node after a point: a kind's scan of a class stops where no later node of it
-  // can beat the best found.
-  std::vector<std::vector<uint32_t>> order(class_node.size());
-  for (uint32_t i = 0; i < pass.size(); ++i) order[pass[i].cls].push_back(i);
-  for (auto& o : order) {
-    std::sort(o.begin(), o.end(), [&](uint32_t a, uint32_t b) {
-      return std::tie(pass[a].avail0, a) < std::tie(pass[b].avail0, b);
-    });
-  }
+  // The nodes of each class by when a slot frees (free nodes first; view_ keeps the order in
+  // absolute time, and (end − now) is monotonic in it). A pass only ever makes a node's wait
+  // longer, so avail0 in this order bounds the wait of every node after a point: a kind's scan
+  // of a class stops where no later node of it can beat the best found.
+  const size_t class_count = view_classes_.size();
+  auto order_of = [&](size_t c) -> const std::vector<uint32_t>& {
+    return view_classes_[c].order;
+  };
 
   // Per job kind met in this pass: its capable READY nodes scanned so far, in heaps by run-time
   // class, ordered by (ready in: slot wait + cold start, active jobs, last assignment, node id).
@@ -1132,10 +1108,10 @@ void Coordinator::PlaceJobs() {
   auto init = [&](const ActiveJob& job, KindState& state) {
     state.nodes = &index_.ForKind(job.kind, job.spec);
     state.shared = costs_.InSharedStore(job.kind) || state.nodes->warm > 0;
-    state.groups.resize(classes.size());
-    state.scanned.assign(classes.size(), 0);
-    for (size_t c = 0; c < class_node.size(); ++c) {
-      state.groups[c].run = costs_.Run(class_node[c]->device_class, class_node[c]->info.device(),
+    state.groups.resize(class_count);
+    state.scanned.assign(class_count, 0);
+    for (size_t c = 0; c < class_count; ++c) {
+      state.groups[c].run = costs_.Run(view_classes_[c].device_class, view_classes_[c].device,
                                        job.kind, job.spec.width(), job.spec.height());
     }
   };
@@ -1162,9 +1138,11 @@ void Coordinator::PlaceJobs() {
   // The reference (CoordinatorOptions::placement_full_scan): every capable node in the heaps at
   // the kind's first job.
   auto build_all = [&](KindState& state) {
-    for (uint32_t pi = 0; pi < pass.size(); ++pi) add(pi, state, false);
+    for (size_t c = 0; c < class_count; ++c) {
+      for (uint32_t slot : order_of(c)) add(touch(slot), state, false);
+      state.scanned[c] = order_of(c).size();
+    }
     for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
-    for (size_t c = 0; c < order.size(); ++c) state.scanned[c] = order[c].size();
   };
 
   const int64_t now_unix = clock_.UnixMs();
@@ -1199,8 +1177,8 @@ void Coordinator::PlaceJobs() {
       for (size_t c = 0; c < state.groups.size(); ++c) {
         Group& g = state.groups[c];
         const double run = g.run.For(job.spec.steps());
-        if (state.scanned[c] < order[c].size()) {
-          const double bound = pass[order[c][state.scanned[c]]].avail0 + run;
+        if (state.scanned[c] < order_of(c).size()) {
+          const double bound = pass[touch(order_of(c)[state.scanned[c]])].avail0 + run;
           if (next < 0 || bound < next_bound) {
             next = static_cast<int>(c);
             next_bound = bound;
@@ -1222,10 +1200,10 @@ void Coordinator::PlaceJobs() {
       if (next < 0) break;
       if (best_group != nullptr && std::get<0>(best_key) < next_bound) break;
       // Scan every node of that class that frees at the same time, then look again.
-      const auto& o = order[next];
+      const auto& o = order_of(next);
       size_t& i = state.scanned[next];
-      const double avail0 = pass[o[i]].avail0;
-      while (i < o.size() && pass[o[i]].avail0 == avail0) add(o[i++], state, true);
+      const double avail0 = pass[touch(o[i])].avail0;
+      while (i < o.size() && pass[touch(o[i])].avail0 == avail0) add(touch(o[i++]), state, true);
     }
     if (options_.placement != PlacementPolicy::kExpectedFinish) {
       // Baselines: a free capable node by a fixed rule, no costs.
@@ -1247,8 +1225,8 @@ void Coordinator::PlaceJobs() {
       bool any = false;
       int chosen_pass = -1;
       for (const auto& entry : index_.Capable(job.kind, job.spec)) {
-        const int pi = entry.slot < by_slot.size() ? by_slot[entry.slot] : -1;
-        if (pi < 0) continue;
+        if (entry.slot >= view_.size() || view_[entry.slot].node == nullptr) continue;
+        const int pi = static_cast<int>(touch(entry.slot));
         any = true;
         if (pass[pi].free == 0) continue;
         NodeRecord* node = pass[pi].node;
@@ -1304,6 +1282,91 @@ void Coordinator::PlaceJobs() {
   }
 }
 
+void Coordinator::MarkPlacementNode(const std::string& node_id) {
+  view_marked_.insert(node_id);
+}
+
+void Coordinator::RefreshPlacementView() {
+  if (options_.placement_full_scan) {
+    // The reference: the view made again from the node table.
+    view_.clear();
+    view_slot_.clear();
+    view_volatile_.clear();
+    for (ViewClass& c : view_classes_) c.order.clear();
+    view_free_total_ = 0;
+    view_marked_.clear();
+    for (const auto& [id, node] : nodes_) view_marked_.insert(id);
+  }
+  for (const auto& id : view_volatile_) view_marked_.insert(id);
+  view_volatile_.clear();
+  if (view_marked_.empty()) return;
+  auto before = [this](uint32_t a, uint32_t b) {
+    return std::tie(view_[a].order_key, a) < std::tie(view_[b].order_key, b);
+  };
+  // Out first, then in: a slot freed by one marked node may be taken by another.
+  for (const auto& id : view_marked_) {
+    auto it = view_slot_.find(id);
+    if (it == view_slot_.end()) continue;
+    const uint32_t slot = it->second;
+    auto& order = view_classes_[view_[slot].cls].order;
+    auto pos = std::lower_bound(order.begin(), order.end(), slot, before);
+    if (pos != order.end() && *pos == slot) order.erase(pos);
+    view_free_total_ -= view_[slot].free;
+    view_[slot] = ViewNode();
+    view_slot_.erase(it);
+  }
+  for (const auto& id : view_marked_) {
+    auto it = nodes_.find(id);
+    if (it == nodes_.end()) continue;
+    NodeRecord& node = it->second;
+    if (node.state != kiln::v1::NODE_STATE_READY || !node.unhealthy.empty()) continue;
+    const int index_slot = index_.Slot(id);
+    if (index_slot < 0) continue;
+    const uint32_t slot = static_cast<uint32_t>(index_slot);
+    if (slot >= view_.size()) view_.resize(slot + 1);
+    ViewNode& v = view_[slot];
+    v.node = &node;
+    // Nodes share a run-time estimate when they share device class, kind and SM count (the
+    // prior scales by the SMs).
+    const auto& device = node.info.device();
+    auto [cls, added] = view_class_ids_.try_emplace(
+        absl::StrCat(node.device_class, "|", device.kind(), "|", device.sm_count()),
+        view_classes_.size());
+    if (added) {
+      ViewClass c;
+      c.device_class = node.device_class;
+      c.device = device;
+      view_classes_.push_back(std::move(c));
+    }
+    v.cls = cls->second;
+    v.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
+    for (const auto& job_id : node.jobs) {
+      auto job = active_.find(job_id);
+      double end_ms = 0;
+      if (job != active_.end()) {
+        if (job->second.expected_end_ms > 0) {
+          end_ms = job->second.expected_end_ms;
+        } else {
+          // Recovered or claimed: estimated from what the cost model says now.
+          end_ms = job->second.assigned_ms +
+                   1000 * costs_.RunSeconds(node.info.device(), job->second.spec);
+          v.volatile_end = true;
+        }
+      }
+      v.ends.push_back(end_ms);
+    }
+    v.order_key = v.free > 0 || v.ends.empty()
+                      ? -std::numeric_limits<double>::infinity()
+                      : *std::min_element(v.ends.begin(), v.ends.end());
+    auto& order = view_classes_[v.cls].order;
+    order.insert(std::lower_bound(order.begin(), order.end(), slot, before), slot);
+    view_slot_[id] = slot;
+    view_free_total_ += v.free;
+    if (v.volatile_end) view_volatile_.insert(id);
+  }
+  view_marked_.clear();
+}
+
 bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node,
                          double expected_s) {
   const std::string& node_id = node.info.node_id();
@@ -1334,6 +1397,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   job.waiting_reason.clear();
   node.jobs.insert(job_id);
   node.last_assigned_ms = job.assigned_ms;
+  MarkPlacementNode(node_id);
 
   kiln::v1::Envelope env;
   *env.mutable_assign()->mutable_spec() = job.spec;
@@ -1551,12 +1615,14 @@ bool Coordinator::Finish(const std::string& job_id, JobState state, const std::s
 void Coordinator::ReleaseFromNode(const std::string& job_id, ActiveJob& job) {
   if (job.node_id.empty()) return;
   if (NodeRecord* node = FindNode(job.node_id)) node->jobs.erase(job_id);
+  MarkPlacementNode(job.node_id);
   job.node_id.clear();
   placement_dirty_ = true;
 }
 
 void Coordinator::NodeLost(NodeRecord& node, NodeState new_state, const std::string& why) {
   node.state = new_state;
+  MarkPlacementNode(node.info.node_id());
   // What a gone node held is no use to placement; dropping it bounds the memory of dead entries.
   node.info.clear_package_sets();
   node.info.clear_loaded_packages();
@@ -1625,6 +1691,7 @@ void Coordinator::CheckRunTimeouts(int64_t now) {
       node->suspect = true;
       if (node->state == kiln::v1::NODE_STATE_READY) {
         node->state = kiln::v1::NODE_STATE_DRAINING;
+        MarkPlacementNode(node_id);
         UpdateNodeGauges();
       }
     }
@@ -1707,6 +1774,7 @@ void Coordinator::MakeRoomForNode() {
       }
     }
     if (oldest == nodes_.end()) return;
+    MarkPlacementNode(oldest->first);
     index_.Remove(oldest->first);
     costs_.ForgetNode(oldest->first);
     nodes_.erase(oldest);

@@ -33,6 +33,8 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/container/inlined_vector.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/clock.h"
@@ -285,6 +287,16 @@ class Coordinator {
   void Enqueue(const std::string& job_id, ActiveJob& job);
   void Dequeue(const std::string& job_id, const ActiveJob& job);
   void PlaceJobs();
+  // Placement's view of the READY nodes, kept between passes so that a pass does not walk the
+  // node table: per node (by NodeIndex slot) its run-time class, free slots and its running
+  // jobs' expected ends, and per class the nodes ordered by when a slot frees (free nodes first,
+  // then by the earliest expected end, in absolute time, so the order holds as time passes).
+  // Every change of a node's state, health, registration or jobs marks it
+  // (MarkPlacementNode); a pass re-reads the marked nodes first (RefreshPlacementView). With
+  // placement_full_scan the view is rebuilt from the node table every pass: the reference the
+  // incremental one is tested against.
+  void MarkPlacementNode(const std::string& node_id);
+  void RefreshPlacementView();
   bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node, double expected_s);
   // Writes `reason` ("" or "waiting: ...") as the job's error unless it was requeued.
   void SetWaitingReason(const std::string& job_id, ActiveJob& job, const std::string& reason);
@@ -365,6 +377,26 @@ class Coordinator {
   CostModel costs_;
   NodeIndex index_;
   std::string round_robin_last_;  // kRoundRobin: the node id given the last job
+  struct ViewNode {
+    NodeRecord* node = nullptr;  // null: no READY healthy node in this slot
+    uint32_t cls = 0;            // into view_classes_
+    int free = 0;                // free slots
+    bool volatile_end = false;   // a job's end is estimated from the cost model: re-read each pass
+    absl::InlinedVector<double, 2> ends;  // running jobs' expected ends (monotonic ms)
+    double order_key = 0;        // -inf when free, else the earliest of ends
+  };
+  struct ViewClass {
+    std::string device_class;
+    kiln::v1::DeviceInfo device;   // kind and SM count: what CostModel::Run's prior reads
+    std::vector<uint32_t> order;   // slots by (order_key, slot)
+  };
+  std::vector<ViewNode> view_;                               // by NodeIndex slot
+  std::vector<ViewClass> view_classes_;                      // never shrinks
+  absl::flat_hash_map<std::string, uint32_t> view_class_ids_;  // "class|kind|sms" → index
+  absl::flat_hash_map<std::string, uint32_t> view_slot_;    // node id → slot, nodes in view_
+  absl::flat_hash_set<std::string> view_marked_;            // nodes to re-read
+  absl::flat_hash_set<std::string> view_volatile_;          // nodes re-read every pass
+  int view_free_total_ = 0;
 
   std::map<uint64_t, PendingWait> waits_;
   std::multimap<std::string, uint64_t> waits_by_job_;
