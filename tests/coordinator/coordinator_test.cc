@@ -1730,16 +1730,22 @@ struct Twin {
   std::unique_ptr<Coordinator> c;
 };
 
+// The lazy scan over the placement view kept between passes (updated as nodes register, leave,
+// die, drain, are uncordoned, removed, turn unhealthy, and are given or freed of jobs) against
+// the reference that builds the view and every heap from scratch in every pass.
 TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
-  for (int max_jobs : {1, 2}) {
-    SCOPED_TRACE(absl::StrCat("max_jobs_per_node ", max_jobs));
+  // Busy: the queue is rarely empty. Idle: few submits, so nodes are often free when they are
+  // drained, removed or turn unhealthy (what a stale view would give a job to).
+  for (const auto& [max_jobs, idle] : {std::pair{1, false}, std::pair{2, false}, std::pair{1, true},
+                                       std::pair{2, true}}) {
+    SCOPED_TRACE(absl::StrCat("max_jobs_per_node ", max_jobs, idle ? " idle" : " busy"));
     CoordinatorOptions options;
     options.max_jobs_per_node = max_jobs;
     options.placement_lookahead = 64;
     CoordinatorOptions full = options;
     full.placement_full_scan = true;
     Twin lazy(options), ref(full);
-    std::mt19937_64 rng(9 + max_jobs);
+    std::mt19937_64 rng(9 + max_jobs + (idle ? 100 : 0));
     auto pick = [&](size_t n) { return static_cast<size_t>(rng() % n); };
     const std::vector<std::string> models = {"m1", "m2"};
     const std::vector<std::string> precisions = {"bf16", "fp8", "fp32"};
@@ -1803,7 +1809,7 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
     size_t assigned = 0;
     for (int step = 0; step < 4000; ++step) {
       const std::string node_id = absl::StrCat("n", pick(40));
-      const size_t what = pick(100);
+      const size_t what = pick(112);
       auto both = [&](auto&& f) {
         const absl::Status a = f(*lazy.c);
         const absl::Status b = f(*ref.c);
@@ -1815,6 +1821,36 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
         both([&](Coordinator& c) { return c.RegisterNode(node_id, m).status(); });
       } else if (what < 10) {
         both([&](Coordinator& c) { return c.Deregister(node_id, kiln::v1::Deregister()); });
+      } else if (what >= 100 && what < 103) {
+        kiln::v1::DrainRequest req;
+        req.set_node_id(node_id);
+        both([&](Coordinator& c) { return c.Drain(req).status(); });
+      } else if (what >= 103 && what < 106) {
+        kiln::v1::UncordonRequest req;
+        req.set_node_id(node_id);
+        both([&](Coordinator& c) { return c.Uncordon(req).status(); });
+      } else if (what >= 106 && what < 108) {
+        kiln::v1::RemoveNodeRequest req;
+        req.set_node_id(node_id);
+        req.set_force(pick(2) == 0);
+        both([&](Coordinator& c) { return c.RemoveNode(req).status(); });
+      } else if (what >= 108 && what < 110) {
+        // Its disk turns bad or good again; it keeps reporting every job it runs.
+        kiln::v1::Heartbeat hb;
+        for (const auto& [job, where] : running) {
+          if (where.first == node_id) hb.add_running_jobs(job);
+        }
+        if (pick(2) == 0) hb.set_unhealthy("package directory is full");
+        both([&](Coordinator& c) { return c.Heartbeat(node_id, hb); });
+      } else if (what >= 110) {
+        // Cancel a running job (its slot stays taken until the node reports) or a queued one.
+        kiln::v1::CancelRequest req;
+        if (!running.empty() && pick(2) == 0) {
+          req.set_job_id(std::next(running.begin(), static_cast<long>(pick(running.size())))->first);
+        } else {
+          req.set_job_id(absl::StrCat("j", pick(static_cast<size_t>(next_job) + 1)));
+        }
+        both([&](Coordinator& c) { return c.Cancel(req).status(); });
       } else if (what < 30) {
         kiln::v1::Heartbeat hb;
         for (const auto& [job, where] : running) {
@@ -1839,7 +1875,7 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
         const std::string on = it->second.first;
         both([&](Coordinator& c) { return c.Result(on, r); });
         running.erase(it);
-      } else if (what < 90) {
+      } else if (what < 90 && (!idle || pick(6) == 0)) {
         JobSpec spec;
         spec.set_job_id(absl::StrCat("j", next_job++));
         spec.set_model(models[pick(models.size())]);
@@ -1856,6 +1892,22 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
         *req.mutable_spec() = spec;
         both([&](Coordinator& c) { return c.Submit(req).status(); });
       } else {
+        if (idle) {
+          // Most nodes keep beating (listing what they run), so many stay READY while time
+          // passes; the others die.
+          for (int n = 0; n < 40; ++n) {
+            if (pick(8) == 0) continue;
+            const std::string id = absl::StrCat("n", n);
+            kiln::v1::Heartbeat hb;
+            for (const auto& [job, where] : running) {
+              if (where.first == id) hb.add_running_jobs(job);
+            }
+            both([&](Coordinator& c) {
+              const absl::Status s = c.Heartbeat(id, hb);
+              return s.code() == absl::StatusCode::kFailedPrecondition ? absl::OkStatus() : s;
+            });
+          }
+        }
         const int64_t ms = static_cast<int64_t>(pick(2500));
         lazy.clock.AdvanceMs(ms);
         ref.clock.AdvanceMs(ms);
@@ -1865,10 +1917,11 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
       const auto a = lazy.Assigned();
       const auto b = ref.Assigned();
       ASSERT_EQ(a, b) << "step " << step;
+      ASSERT_EQ(lazy.c->queue_depth(), ref.c->queue_depth()) << "step " << step;
       for (const auto& [node, job, attempt] : a) running[job] = {node, attempt};
       assigned += a.size();
     }
-    EXPECT_GT(assigned, 500u);  // the twins did place jobs
+    EXPECT_GT(assigned, idle ? 200u : 500u);  // the twins did place jobs
   }
 }
 
