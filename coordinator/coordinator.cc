@@ -1094,7 +1094,9 @@ void Coordinator::PlaceJobs() {
     std::vector<Group> groups;  // by class
     const NodeIndex::KindNodes* nodes = nullptr;
     bool shared = false;        // cold nodes fetch from the shared store instead of compiling
-    std::vector<size_t> scanned;  // by class: nodes of order[class] looked at so far
+    // By stream (class × 3 + kStream*): where the scan of the class's order for the nodes of
+    // that warmth stands; the nodes of the stream before it are in the heaps.
+    std::vector<size_t> scanned;
     std::optional<std::string> no_node_reason;  // computed when no READY node can run it
   };
   absl::flat_hash_map<std::string, KindState> kinds;
@@ -1109,7 +1111,7 @@ void Coordinator::PlaceJobs() {
     state.nodes = &index_.ForKind(job.kind, job.spec);
     state.shared = costs_.InSharedStore(job.kind) || state.nodes->warm > 0;
     state.groups.resize(class_count);
-    state.scanned.assign(class_count, 0);
+    state.scanned.assign(3 * class_count, 0);
     for (size_t c = 0; c < class_count; ++c) {
       state.groups[c].run = costs_.Run(view_classes_[c].device_class, view_classes_[c].device,
                                        job.kind, job.spec.width(), job.spec.height());
@@ -1140,9 +1142,25 @@ void Coordinator::PlaceJobs() {
   auto build_all = [&](KindState& state) {
     for (size_t c = 0; c < class_count; ++c) {
       for (uint32_t slot : order_of(c)) add(touch(slot), state, false);
-      state.scanned[c] = order_of(c).size();
+      for (size_t w = 0; w < 3; ++w) state.scanned[3 * c + w] = order_of(c).size();
     }
     for (Group& g : state.groups) std::make_heap(g.heap.begin(), g.heap.end(), later);
+  };
+
+  // A node's stream for a kind: 0 loaded, 1 on local disk, 2 cold; -1 when it cannot run it.
+  auto stream_of = [](const KindState& state, uint32_t slot) {
+    const int w = state.nodes->WarmthAt(slot);
+    return w < 0 ? -1 : 2 - w;
+  };
+  // The least cold start of a stream's tier on any node (CostModel::MinColdStarts, once a pass).
+  std::optional<std::array<double, 4>> min_cold;
+  auto stream_floor = [&](const KindState& state, size_t w) {
+    if (w == 0) return 0.0;
+    if (!min_cold) min_cold = costs_.MinColdStarts();
+    const ColdTier tier = w == 1 ? ColdTier::kLocalDisk
+                          : state.shared ? ColdTier::kSharedStore
+                                         : ColdTier::kCompile;
+    return (*min_cold)[static_cast<int>(tier)];
   };
 
   const int64_t now_unix = clock_.UnixMs();
@@ -1167,20 +1185,28 @@ void Coordinator::PlaceJobs() {
     }
 
     // The node where this job is expected to finish first: the top of each class's heap, once
-    // no node not yet scanned can beat it (its key is at least its avail0 + its class's run).
+    // no node not yet scanned can beat it. A class's nodes are scanned in three streams by
+    // their warmth for the kind (loaded, on local disk, cold), each in the class's order, so an
+    // unscanned node's key is at least its avail0 + the least cold start of its stream's tier
+    // on any node + its class's run: a cold node that frees early is not looked at while a warm
+    // one that frees a little later wins.
     Group* best_group = nullptr;
     std::tuple<double, int, int64_t, absl::string_view> best_key;
     while (options_.placement == PlacementPolicy::kExpectedFinish) {
       best_group = nullptr;
-      int next = -1;  // the class whose next unscanned node could finish soonest
+      int next = -1;  // the stream whose next unscanned node could finish soonest
       double next_bound = 0;
       for (size_t c = 0; c < state.groups.size(); ++c) {
         Group& g = state.groups[c];
         const double run = g.run.For(job.spec.steps());
-        if (state.scanned[c] < order_of(c).size()) {
-          const double bound = pass[touch(order_of(c)[state.scanned[c]])].avail0 + run;
+        const auto& o = order_of(c);
+        for (size_t w = 0; w < 3; ++w) {
+          size_t& i = state.scanned[3 * c + w];
+          while (i < o.size() && stream_of(state, o[i]) != static_cast<int>(w)) ++i;
+          if (i == o.size()) continue;
+          const double bound = (pass[touch(o[i])].avail0 + stream_floor(state, w)) + run;
           if (next < 0 || bound < next_bound) {
-            next = static_cast<int>(c);
+            next = static_cast<int>(3 * c + w);
             next_bound = bound;
           }
         }
@@ -1199,11 +1225,17 @@ void Coordinator::PlaceJobs() {
       }
       if (next < 0) break;
       if (best_group != nullptr && std::get<0>(best_key) < next_bound) break;
-      // Scan every node of that class that frees at the same time, then look again.
-      const auto& o = order_of(next);
+      // Scan every node of that stream that frees at the same time, then look again.
+      const auto& o = order_of(next / 3);
+      const int w = next % 3;
       size_t& i = state.scanned[next];
       const double avail0 = pass[touch(o[i])].avail0;
-      while (i < o.size() && pass[touch(o[i])].avail0 == avail0) add(touch(o[i++]), state, true);
+      for (; i < o.size(); ++i) {
+        if (stream_of(state, o[i]) != w) continue;
+        const uint32_t pi = touch(o[i]);
+        if (pass[pi].avail0 != avail0) break;
+        add(pi, state, true);
+      }
     }
     if (options_.placement != PlacementPolicy::kExpectedFinish) {
       // Baselines: a free capable node by a fixed rule, no costs.

@@ -442,6 +442,19 @@ std::array<double, 4> CostModel::ColdStarts(const std::string& node_id,
   return out;
 }
 
+std::array<double, 4> CostModel::MinColdStarts() const {
+  std::array<double, 4> out = {0, options_.prior_local_seconds, options_.prior_shared_seconds,
+                               options_.prior_compile_seconds};
+  for (const auto* map : {&node_cold_, &class_cold_}) {
+    for (const auto& [id, tiers] : *map) {
+      for (int t = 1; t < 4; ++t) {
+        if (tiers[t].count > 0) out[t] = std::min(out[t], tiers[t].value);
+      }
+    }
+  }
+  return out;
+}
+
 void CostModel::ForgetNode(const std::string& node_id) { node_cold_.erase(node_id); }
 
 // ---------------------------------------------------------------------------------------------

@@ -163,6 +163,9 @@ class CostModel {
   // ColdStartSeconds of every tier (indexed by ColdTier), with one lookup per map.
   std::array<double, 4> ColdStarts(const std::string& node_id,
                                    const std::string& device_class) const;
+  // A lower bound of ColdStarts(node, class) over every node and class (indexed by ColdTier):
+  // the least of the priors and of every learned value. O(nodes).
+  std::array<double, 4> MinColdStarts() const;
   // Whether a job of kind `key` has succeeded anywhere (its packages are in the shared store).
   bool InSharedStore(const std::string& key) const { return shared_.contains(key); }
   void ForgetNode(const std::string& node_id);
