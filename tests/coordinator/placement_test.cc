@@ -1,6 +1,8 @@
 // Placement: package sets, warmth, capability, choice; the cost model and the node index.
 #include "coordinator/placement.h"
 
+#include <array>
+
 #include "common/status.h"
 
 #include "gmock/gmock.h"
@@ -195,6 +197,31 @@ TEST(CostModelTest, PriorScalesWithPixelsStepsAndSms) {
   spec.set_steps(20);
   EXPECT_NEAR(costs.RunSeconds(Gpu("H100", 132), spec), 2 * full, 1e-9);
   EXPECT_GT(costs.RunSeconds(kiln::v1::DeviceInfo(), spec), 100 * full);
+}
+
+// The placement scan's bound: no node's cold start of a tier is below MinColdStarts.
+TEST(CostModelTest, MinColdStartsBoundsEveryNode) {
+  CostModelOptions o;
+  o.learning_rate = 1;
+  CostModel costs(o);
+  EXPECT_EQ(costs.MinColdStarts(), (std::array<double, 4>{0, o.prior_local_seconds,
+                                                          o.prior_shared_seconds,
+                                                          o.prior_compile_seconds}));
+  kiln::v1::JobSpec spec = Spec("bf16");
+  spec.set_steps(10);
+  costs.Observe("n1", Gpu("H200", 132), spec, Done(12, 2, "shared"), 12);
+  costs.Observe("n2", Gpu("H100", 132), spec, Done(400, 300, "compiled"), 400);
+  const auto min = costs.MinColdStarts();
+  EXPECT_EQ(min[static_cast<int>(ColdTier::kSharedStore)], 2);
+  EXPECT_EQ(min[static_cast<int>(ColdTier::kCompile)], o.prior_compile_seconds);  // 300 > prior
+  for (const char* node : {"n1", "n2", "n3"}) {
+    for (const char* cls : {"H200", "H100", "cpu"}) {
+      const auto cold = costs.ColdStarts(node, cls);
+      for (int t = 0; t < 4; ++t) EXPECT_LE(min[t], cold[t]) << node << " " << cls << " " << t;
+    }
+  }
+  costs.ForgetNode("n1");  // the class keeps its figure
+  EXPECT_EQ(costs.MinColdStarts()[static_cast<int>(ColdTier::kSharedStore)], 2);
 }
 
 TEST(CostModelTest, LearnsRunTimePerStepAndColdStartPerNode) {
