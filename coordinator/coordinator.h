@@ -280,10 +280,12 @@ class Coordinator {
   // whose best node is busy stays queued and that node's expected wait grows by it, so the jobs
   // behind it see the node as it will be. Nodes are found through index_ by job kind and kept
   // per run-time class in heaps ordered by (wait + cold start). A kind's heaps are filled
-  // lazily: the pass sorts its READY nodes once by when a slot frees, and each kind scans that
-  // order only until no node further on can beat the best found (its wait alone, plus the
-  // fastest class's run time, is already worse), so a kind costs the nodes near the front, not
-  // every capable node. Placing one job costs O(classes × log scanned) after that.
+  // lazily: each class's READY nodes are kept ordered by when a slot frees (the view below),
+  // and each kind scans that order in three streams by its warmth there (loaded, local disk,
+  // cold) only until no node further on can beat the best found (its wait, plus the least cold
+  // start of the stream's tier, plus the class's run time, is already worse), so a kind costs
+  // the nodes near the front, not every capable node. Placing one job costs
+  // O(classes × log scanned) after that.
   void Enqueue(const std::string& job_id, ActiveJob& job);
   void Dequeue(const std::string& job_id, const ActiveJob& job);
   void PlaceJobs();
