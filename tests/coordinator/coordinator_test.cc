@@ -1849,7 +1849,8 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
         // Cancel a running job (its slot stays taken until the node reports) or a queued one.
         kiln::v1::CancelRequest req;
         if (!running.empty() && pick(2) == 0) {
-          req.set_job_id(std::next(running.begin(), static_cast<long>(pick(running.size())))->first);
+          auto it = std::next(running.begin(), static_cast<long>(pick(running.size())));
+          req.set_job_id(it->first);
         } else {
           req.set_job_id(absl::StrCat("j", pick(static_cast<size_t>(next_job) + 1)));
         }
@@ -1996,7 +1997,8 @@ TEST(PlacementScanTest, RecoveredRunningJobsPlaceLikeTheFullBuild) {
     for (int i = 0; i < 16; ++i) {
       const std::string id = absl::StrCat("n", i);
       kiln::v1::RegisterNode m;
-      *m.mutable_info() = i % 2 ? Gpu(id, "NVIDIA H100", 132) : Gpu(id, "NVIDIA H100", 60, "3g.40gb");
+      *m.mutable_info() =
+          i % 2 ? Gpu(id, "NVIDIA H100", 132) : Gpu(id, "NVIDIA H100", 60, "3g.40gb");
       m.mutable_info()->clear_package_sets();
       both([&](Coordinator& c) { return c.RegisterNode(id, m).status(); });
       heartbeat(id);
