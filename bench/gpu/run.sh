@@ -11,7 +11,8 @@
 #   weights    flux-dev repository with synthetic seeded bf16 weights, generated on the GPU
 #              (runs while `build` compiles)
 #   tiny       (on request) flux-tiny on cuda (bf16): packages compiled, CUDA graph replay gives
-#              the same bytes as plain runs and a second process, sync check armed
+#              the same bytes as plain runs and a second process, sync check armed; the same
+#              for the regional layout (its loop captured as one graph), and regional vs whole
 #   cold       cold start with packages compiled on a miss: kiln-run bf16 and fp8 as two fresh
 #              processes on empty local and shared package stores (compiles run concurrently;
 #              each process compiles its missing components in parallel; bf16 and fp8 share the
@@ -136,6 +137,26 @@ if has tiny; then
     fail "tiny-graph-equals-plain"
   fi
   log "tiny graph run: $(head -c 500 "$OUT/tiny-graph.json")"
+  # The regional layout (pipeline/regional.h): the loop over layers captured as one CUDA graph
+  # must give the plain loop's bytes; against the whole graph, bytes or max |diff| are reported.
+  for v in rgraph:--cuda_graphs rplain:--nocuda_graphs; do
+    "$BIN/kiln-run" --model "$WORK/flux-tiny" --package_dir "$WORK/packages-tiny" --device cuda \
+      --precision bf16 --prompt "$PROMPT" --width 256 --height 256 --steps 4 --seed 7 \
+      --compile_options '{"layout":"regional"}' \
+      --profile_steps "${v#*:}" --out "$OUT/logs/tiny-${v%%:*}.png" --json \
+      > "$OUT/tiny-${v%%:*}.json" 2> "$OUT/logs/tiny-${v%%:*}.err" \
+      || { tail -20 "$OUT/logs/tiny-${v%%:*}.err"; fail "tiny-${v%%:*}"; }
+  done
+  cmp -s "$OUT/logs/tiny-rgraph.png" "$OUT/logs/tiny-rplain.png" \
+    && log "tiny regional: graph replay and plain runs give the same bytes" \
+    || fail "tiny-regional-graph-equals-plain"
+  log "tiny regional vs whole: $($PY -c "
+import numpy as np, sys
+from PIL import Image
+a = np.asarray(Image.open(sys.argv[1]), dtype=np.int16); b = np.asarray(Image.open(sys.argv[2]), dtype=np.int16)
+print('byte-identical' if (a == b).all() else f'max |diff| {abs(a - b).max()}/255, mean {abs(a - b).mean():.4f}')
+" "$OUT/logs/tiny-rgraph.png" "$OUT/logs/tiny-graph.png")"
+  log "tiny regional graph run: $(head -c 500 "$OUT/tiny-rgraph.json")"
 fi
 
 if [ -n "${WEIGHTS_PID:-}" ]; then
