@@ -1,7 +1,8 @@
 // kiln-bench: the kiln side of the transformer benchmark (bench/gpu/run.sh). Loads the
 // transformer package of one bucket exactly as the pipeline does (package from a provider over
 // the local store that never compiles, weights from the repository, derived constants on the
-// device; a regional set, compile option layout "regional", as RegionalTransformer), feeds it the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
+// device; a regional set, compile option layout "regional", as RegionalTransformer), feeds it
+// the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
 //   - per-step ms (CUDA events around one call, median after warm-up) run plainly and replayed
 //     as a CUDA graph, TFLOP/s from --flop;
 //   - relative error ||out - ref|| / ||ref|| against each --reference (eager PyTorch outputs);
@@ -223,13 +224,9 @@ int main(int argc, char** argv) {
     c10::cuda::getCurrentCUDAStream().synchronize();
     report["weights"] = {{"seconds", kiln::SecondsSince(t)},
                          {"bytes_read", (*weights)->bytes_read()}};
-    const kiln::pipeline::GraphRunFn run =
-        regional ? kiln::pipeline::GraphRunFn([&set](const std::vector<at::Tensor>& in, void* stream) {
-                     return set->RunOn(in, stream);
-                   })
-                 : kiln::pipeline::GraphRunFn([&pkg](const std::vector<at::Tensor>& in, void* stream) {
-                     return pkg->RunOn(in, stream);
-                   });
+    const kiln::pipeline::GraphRunFn run = [&](const std::vector<at::Tensor>& in, void* stream) {
+      return regional ? set->RunOn(in, stream) : pkg->RunOn(in, stream);
+    };
 
     auto host = ReadTensors(absl::GetFlag(FLAGS_inputs));
     if (!host.ok()) return Fail(host.status());

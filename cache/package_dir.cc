@@ -146,10 +146,10 @@ absl::StatusOr<LocatedPackage> VerifyPackageDir(const std::string& dir, const Ar
   if (manifest->digest != digest) {
     return corrupt(absl::StrCat("manifest is for key ", manifest->digest, ", not ", digest));
   }
-  LocatedPackage located{*manifest, dir,
-                         manifest->package_file.empty() ? ""
-                                                        : absl::StrCat(dir, "/", manifest->package_file),
-                         ""};
+  LocatedPackage located{*manifest, dir, "", ""};
+  if (!manifest->package_file.empty()) {
+    located.package_path = absl::StrCat(dir, "/", manifest->package_file);
+  }
   if (!manifest->extra_constants.empty()) {
     located.extra_constants_path = absl::StrCat(dir, "/", manifest->extra_constants);
     if (!fs::is_regular_file(located.extra_constants_path)) {
@@ -162,7 +162,8 @@ absl::StatusOr<LocatedPackage> VerifyPackageDir(const std::string& dir, const Ar
     files = {{"", manifest->package_file, manifest->package_sha256, manifest->package_bytes}};
   }
   for (const RegionPackage& f : files) {
-    const std::string what = f.region.empty() ? "package" : absl::StrCat("region ", f.region, " package");
+    const std::string what =
+        f.region.empty() ? "package" : absl::StrCat("region ", f.region, " package");
     const std::string path = absl::StrCat(dir, "/", f.file);
     struct stat st;
     if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {

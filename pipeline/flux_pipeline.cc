@@ -71,7 +71,8 @@ absl::Status PipelineOptions::Validate() const {
   // regional set run as the loop over layers (pipeline/regional.h).
   if (auto it = compile_options.find("layout"); it != compile_options.end()) {
     if (*it != "whole" && *it != "regional") {
-      return absl::InvalidArgumentError("compile_options layout: expected \"whole\" or \"regional\"");
+      return absl::InvalidArgumentError(
+          "compile_options layout: expected \"whole\" or \"regional\"");
     }
   }
   return absl::OkStatus();
@@ -248,11 +249,15 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   r.packages = std::move(loaded.packages);
   // The transformer step: the whole-graph package, or a regional set's loop over layers.
   const LoadedComponent transformer = (*pkgs)["transformer"];
-  const TransformerFn transformer_fn =
-      transformer.regional != nullptr
-          ? TransformerFn([set = transformer.regional](const std::vector<at::Tensor>& inputs,
-                                                       void* stream) { return set->RunOn(inputs, stream); })
-          : TransformerOf(*transformer.package);
+  TransformerFn transformer_fn;
+  if (transformer.regional != nullptr) {
+    transformer_fn = [set = transformer.regional](const std::vector<at::Tensor>& inputs,
+                                                  void* stream) {
+      return set->RunOn(inputs, stream);
+    };
+  } else {
+    transformer_fn = TransformerOf(*transformer.package);
+  }
   const std::string transformer_digest = transformer.regional != nullptr
                                              ? transformer.regional->manifest().digest
                                              : transformer.package->manifest().digest;

@@ -42,7 +42,8 @@ const std::vector<std::string>& FluxComponents() {
   return *components;
 }
 
-nlohmann::json ComponentCompileOptions(const nlohmann::json& options, const std::string& component) {
+nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
+                                       const std::string& component) {
   nlohmann::json out = options;
   if (component != "transformer" && out.is_object()) out.erase("layout");
   return out;
@@ -80,7 +81,8 @@ cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, in
   k.precision = (options_.precision == "fp8" && component != "transformer") ? "bf16"
                                                                            : options_.precision;
   k.bucket = BucketFor(component, width, height);
-  k.compile = cache::CompileOptionsDigest(ComponentCompileOptions(options_.compile_options, component));
+  k.compile =
+      cache::CompileOptionsDigest(ComponentCompileOptions(options_.compile_options, component));
   k.target = options_.target;
   k.toolchain.torch = BuildTorchVersion();
   if (options_.target != "cpu") {

@@ -64,12 +64,12 @@ class PackageLoader {
                 PackageLoaderOptions options = {});
   ~PackageLoader();
 
-  // The loaded package (or regional set) of each component of `keys` (component → key): those not loaded yet are
-  // fetched from the provider together, then loaded one by one with their weights (read once
-  // per component, shared by every bucket). A package that fails to load or whose canary
-  // disagrees is quarantined through the provider (PackageProvider::Quarantine) and asked for
-  // once more (rebuilt or refetched). The first error is returned as the provider, the package
-  // or the weights report it. `on_phase` (may be null) hears what it does, for a job's
+  // The loaded package (or regional set) of each component of `keys` (component → key): those
+  // not loaded yet are fetched from the provider together, then loaded one by one with their
+  // weights (read once per component, shared by every bucket). A package that fails to load or
+  // whose canary disagrees is quarantined through the provider (PackageProvider::Quarantine) and
+  // asked for once more (rebuilt or refetched). The first error is returned as the provider, the
+  // package or the weights report it. `on_phase` (may be null) hears what it does, for a job's
   // progress: "fetching or compiling <components>" (the provider takes each from local disk, the
   // shared tier or a compile; which one shows in LoadReport::packages afterwards), then per
   // component "loading package <component>" and "loading weights <component>".
@@ -92,12 +92,10 @@ class PackageLoader {
 
   // A regional transformer set (RegionalTransformer): its region packages and every layer's
   // weights. `fault` as Load's.
-  absl::StatusOr<LoadedComponent> LoadRegional(const std::string& component,
-                                               const std::string& digest,
-                                               const cache::ProvidedPackage& provided,
-                                               LoadReport* report,
-                                               const std::function<void(const std::string&)>& on_phase,
-                                               std::string* fault);
+  absl::StatusOr<LoadedComponent> LoadRegional(
+      const std::string& component, const std::string& digest,
+      const cache::ProvidedPackage& provided, LoadReport* report,
+      const std::function<void(const std::string&)>& on_phase, std::string* fault);
   // The component's checkpoint, opened once.
   absl::StatusOr<ComponentWeights*> WeightsOf(const std::string& component);
 

@@ -155,7 +155,8 @@ absl::StatusOr<std::vector<at::Tensor>> RegionalTransformer::RunLayer(
 absl::StatusOr<std::vector<at::Tensor>> RegionalTransformer::RunOn(
     const std::vector<at::Tensor>& inputs, void* cuda_stream) {
   if (!weights_loaded_) {
-    return absl::FailedPreconditionError("regional transformer: run before its weights were loaded");
+    return absl::FailedPreconditionError(
+        "regional transformer: run before its weights were loaded");
   }
   if (inputs.size() != manifest_.inputs.size()) {
     return absl::InvalidArgumentError(absl::StrCat("transformer: ", inputs.size(),

@@ -134,7 +134,8 @@ TEST(KeyPolicyTest, TheTransformerLayoutIsPartOfTheKey) {
   // The layout is the transformer's alone: the other components' keys (and the options sent to
   // kiln-compile for them) leave it out, so both layouts share their packages.
   for (const std::string c : {"text_encoder", "text_encoder_2", "vae_decoder"}) {
-    EXPECT_EQ(KeyPolicy(o).KeyFor(c, 256, 256).Digest(), KeyPolicy(Options()).KeyFor(c, 256, 256).Digest())
+    EXPECT_EQ(KeyPolicy(o).KeyFor(c, 256, 256).Digest(),
+              KeyPolicy(Options()).KeyFor(c, 256, 256).Digest())
         << c;
     EXPECT_FALSE(ComponentCompileOptions(o.compile_options, c).contains("layout")) << c;
   }

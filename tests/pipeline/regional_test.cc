@@ -45,7 +45,8 @@ class RegionalTransformerTest : public ::testing::Test {
       (regional ? set_ : whole_) = *found;
     }
     ASSERT_EQ(set_.manifest.layout, "regional");
-    auto w = ComponentWeights::Open(TinyRepo() + "/transformer", "diffusion_pytorch_model", c10::kCPU);
+    auto w = ComponentWeights::Open(TinyRepo() + "/transformer", "diffusion_pytorch_model",
+                                    c10::kCPU);
     ASSERT_TRUE(w.ok()) << w.status();
     weights_ = *std::move(w);
     // The whole-graph transformer's inputs, seeded.
