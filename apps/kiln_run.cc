@@ -47,7 +47,8 @@ ABSL_FLAG(std::string, shared_dir, "",
           "shared package store (a directory every node sees): packages missing locally are "
           "fetched from it, compiled ones published to it, one compile per key cluster-wide");
 ABSL_FLAG(std::string, compile_options, "",
-          "JSON object of compile options (default: kiln's defaults; see kiln-compile)");
+          "JSON object of compile options over kiln's defaults (see kiln-compile), e.g. "
+          "'{\"layout\":\"regional\"}' for the regional transformer layout");
 ABSL_FLAG(std::string, trusted_keys, "",
           "comma list of .pub files and directories of .pub files: load only packages signed by "
           "one of these keys (\"\": signatures not checked)");

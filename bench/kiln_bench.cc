@@ -1,7 +1,8 @@
 // kiln-bench: the kiln side of the transformer benchmark (bench/gpu/run.sh). Loads the
 // transformer package of one bucket exactly as the pipeline does (package from a provider over
 // the local store that never compiles, weights from the repository, derived constants on the
-// device), feeds it the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
+// device; a regional set, compile option layout "regional", as RegionalTransformer), feeds it
+// the inputs that bench/gpu/baselines.py wrote, and prints one JSON object:
 //   - per-step ms (CUDA events around one call, median after warm-up) run plainly and replayed
 //     as a CUDA graph, TFLOP/s from --flop;
 //   - relative error ||out - ref|| / ||ref|| against each --reference (eager PyTorch outputs);
@@ -39,6 +40,7 @@
 #include "pipeline/aoti_package.h"
 #include "pipeline/cuda_graph.h"
 #include "pipeline/flux_pipeline.h"
+#include "pipeline/regional.h"
 #include "pipeline/safetensors.h"
 #include "pipeline/weights.h"
 
@@ -189,9 +191,22 @@ int main(int argc, char** argv) {
                            {"bucket", {width, height}}};
   try {
     torch::NoGradGuard no_grad;
+    // A whole-graph package, or a regional set (compile option layout "regional") run as the
+    // loop over layers; both through one run function, captured whole as one CUDA graph.
+    const bool regional = found->manifest.layout == "regional";
+    report["layout"] = regional ? "regional" : "whole";
     auto t = kiln::SteadyNow();
-    auto pkg = AotiPackage::Load(*found, device);
-    if (!pkg.ok()) return Fail(pkg.status());
+    std::unique_ptr<AotiPackage> pkg;
+    std::unique_ptr<kiln::pipeline::RegionalTransformer> set;
+    if (regional) {
+      auto loaded = kiln::pipeline::RegionalTransformer::Load(*found, device);
+      if (!loaded.ok()) return Fail(loaded.status());
+      set = *std::move(loaded);
+    } else {
+      auto loaded = AotiPackage::Load(*found, device);
+      if (!loaded.ok()) return Fail(loaded.status());
+      pkg = *std::move(loaded);
+    }
     report["package_load_s"] = kiln::SecondsSince(t);
 
     t = kiln::SteadyNow();
@@ -199,18 +214,24 @@ int main(int argc, char** argv) {
         model + "/" + kiln::pipeline::ComponentWeights::FolderFor("transformer"),
         kiln::pipeline::ComponentWeights::StemFor("transformer"), device);
     if (!weights.ok()) return Fail(weights.status());
-    auto constants = (*weights)->Gather(**pkg, found->extra_constants_path);
-    if (!constants.ok()) return Fail(constants.status());
-    if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return Fail(s);
+    if (regional) {
+      if (auto s = set->LoadWeights(**weights); !s.ok()) return Fail(s);
+    } else {
+      auto constants = (*weights)->Gather(*pkg, found->extra_constants_path);
+      if (!constants.ok()) return Fail(constants.status());
+      if (auto s = pkg->LoadConstants(*constants); !s.ok()) return Fail(s);
+    }
     c10::cuda::getCurrentCUDAStream().synchronize();
     report["weights"] = {{"seconds", kiln::SecondsSince(t)},
                          {"bytes_read", (*weights)->bytes_read()}};
-    constants->clear();
+    const kiln::pipeline::GraphRunFn run = [&](const std::vector<at::Tensor>& in, void* stream) {
+      return regional ? set->RunOn(in, stream) : pkg->RunOn(in, stream);
+    };
 
     auto host = ReadTensors(absl::GetFlag(FLAGS_inputs));
     if (!host.ok()) return Fail(host.status());
     std::vector<at::Tensor> inputs;
-    for (const auto& spec : (*pkg)->manifest().inputs) {
+    for (const auto& spec : found->manifest.inputs) {
       auto it = host->find(spec.name);
       if (it == host->end()) {
         return Fail(absl::InvalidArgumentError(absl::StrCat("--inputs lacks '", spec.name, "'")));
@@ -219,7 +240,7 @@ int main(int argc, char** argv) {
     }
     at::Tensor out_plain;
     auto plain = [&] {
-      auto o = (*pkg)->Run(inputs);
+      auto o = run(inputs, nullptr);
       if (!o.ok()) throw std::runtime_error(std::string(o.status().message()));
       out_plain = (*o)[0];
     };
@@ -233,7 +254,7 @@ int main(int argc, char** argv) {
     at::Tensor ref_out = out_plain.clone();
 
     t = kiln::SteadyNow();
-    auto graph = kiln::pipeline::PackageGraph::Capture(pkg->get(), inputs);
+    auto graph = kiln::pipeline::PackageGraph::Capture(device, "transformer", run, inputs);
     if (!graph.ok()) return Fail(graph.status());
     c10::cuda::getCurrentCUDAStream().synchronize();
     report["graph_capture_s"] = kiln::SecondsSince(t);

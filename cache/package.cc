@@ -33,10 +33,26 @@ absl::StatusOr<PackageManifest> PackageManifest::FromJson(const nlohmann::json& 
     if (!key.ok()) return key.status();
     m.key = *key;
     m.digest = j.at("digest").get<std::string>();
-    const auto& pkg = j.at("package");
-    m.package_file = pkg.at("file").get<std::string>();
-    m.package_sha256 = pkg.at("sha256").get<std::string>();
-    m.package_bytes = pkg.at("bytes").get<int64_t>();
+    m.layout = j.value("layout", "whole");
+    if (m.layout == "regional") {
+      for (const auto& [region, entry] : j.at("regions").items()) {
+        const auto& pkg = entry.at("package");
+        m.region_packages.push_back({region, pkg.at("file").get<std::string>(),
+                                     pkg.at("sha256").get<std::string>(),
+                                     pkg.at("bytes").get<int64_t>()});
+      }
+      if (m.region_packages.empty()) {
+        return absl::InvalidArgumentError("manifest: a regional set without regions");
+      }
+    } else if (m.layout == "whole") {
+      const auto& pkg = j.at("package");
+      m.package_file = pkg.at("file").get<std::string>();
+      m.package_sha256 = pkg.at("sha256").get<std::string>();
+      m.package_bytes = pkg.at("bytes").get<int64_t>();
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("manifest: layout '", m.layout, "' (expected whole or regional)"));
+    }
     m.extra_constants = j.value("extra_constants", "");
     for (const auto& [fqn, c] : j.at("constants").items()) {
       ConstantSpec spec{c.at("shape").get<std::vector<int64_t>>(),
@@ -69,8 +85,11 @@ absl::StatusOr<PackageManifest> PackageManifest::FromJson(const nlohmann::json& 
                                                    " does not match its key (", m.key.Digest(),
                                                    ")"));
   }
-  if (m.package_file.empty() || m.package_file.find('/') != std::string::npos ||
-      m.extra_constants.find('/') != std::string::npos) {
+  auto plain = [](const std::string& f) { return !f.empty() && f.find('/') == std::string::npos; };
+  bool names_ok = m.extra_constants.find('/') == std::string::npos &&
+                  (m.layout == "regional" || plain(m.package_file));
+  for (const auto& r : m.region_packages) names_ok &= plain(r.file) && r.file != "manifest.json";
+  if (!names_ok) {
     return absl::InvalidArgumentError("manifest: file names must be plain names in the package dir");
   }
   m.raw = j;

@@ -40,12 +40,25 @@ struct ConstantSpec {
   ConstantDerivation derive;  // op empty: the checkpoint tensor named by the FQN itself
 };
 
+// One package file of a regional set (manifest `regions.<name>.package`).
+struct RegionPackage {
+  std::string region;  // "head", "double", "single", "tail"
+  std::string file;    // relative to the package directory
+  std::string sha256;
+  int64_t bytes = 0;
+};
+
 struct PackageManifest {
   ArtifactKey key;
   std::string digest;          // key.Digest()
-  std::string package_file;    // relative to the package directory
+  // "whole": one package, package_file below. "regional" (a transformer compiled with the
+  // compile option layout "regional", pipeline/README.md): no package_file; one package per
+  // region in region_packages, the rest of the region table (weights, layers) in `raw`.
+  std::string layout = "whole";
+  std::string package_file;    // relative to the package directory ("" for regional sets)
   std::string package_sha256;  // of package_file
   int64_t package_bytes = 0;
+  std::vector<RegionPackage> region_packages;  // regional sets only, by region name
   std::string extra_constants;  // relative file name, "" if none
   std::map<std::string, ConstantSpec> constants;  // by FQN
   std::vector<TensorSpec> inputs;
@@ -65,7 +78,7 @@ struct PackageManifest {
 struct LocatedPackage {
   PackageManifest manifest;
   std::string dir;                    // ROOT/<digest>
-  std::string package_path;           // dir/model.pt2
+  std::string package_path;           // dir/model.pt2 ("" for a regional set: see manifest)
   std::string extra_constants_path;   // dir/constants.safetensors or ""
 };
 

@@ -146,29 +146,40 @@ absl::StatusOr<LocatedPackage> VerifyPackageDir(const std::string& dir, const Ar
   if (manifest->digest != digest) {
     return corrupt(absl::StrCat("manifest is for key ", manifest->digest, ", not ", digest));
   }
-  LocatedPackage located{*manifest, dir, absl::StrCat(dir, "/", manifest->package_file), ""};
+  LocatedPackage located{*manifest, dir, "", ""};
+  if (!manifest->package_file.empty()) {
+    located.package_path = absl::StrCat(dir, "/", manifest->package_file);
+  }
   if (!manifest->extra_constants.empty()) {
     located.extra_constants_path = absl::StrCat(dir, "/", manifest->extra_constants);
     if (!fs::is_regular_file(located.extra_constants_path)) {
       return corrupt(absl::StrCat("extra constants ", manifest->extra_constants, " are missing"));
     }
   }
-  struct stat st;
-  if (::stat(located.package_path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
-    return corrupt(absl::StrCat("package file ", manifest->package_file, " is missing"));
+  // The package file of a whole-graph package, or every region's of a regional set.
+  std::vector<RegionPackage> files = manifest->region_packages;
+  if (manifest->layout != "regional") {
+    files = {{"", manifest->package_file, manifest->package_sha256, manifest->package_bytes}};
   }
-  if (st.st_size != manifest->package_bytes) {
-    return corrupt(absl::StrCat("package is ", st.st_size, " bytes, manifest says ",
-                                manifest->package_bytes));
-  }
-  auto sha = Sha256File(located.package_path);
-  if (!sha.ok()) {
-    if (absl::IsNotFound(sha.status())) return corrupt(std::string(sha.status().message()));
-    return sha.status();
-  }
-  if (*sha != manifest->package_sha256) {
-    return corrupt(
-        absl::StrCat("package sha256 ", *sha, " != manifest ", manifest->package_sha256));
+  for (const RegionPackage& f : files) {
+    const std::string what =
+        f.region.empty() ? "package" : absl::StrCat("region ", f.region, " package");
+    const std::string path = absl::StrCat(dir, "/", f.file);
+    struct stat st;
+    if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+      return corrupt(absl::StrCat(what, " file ", f.file, " is missing"));
+    }
+    if (st.st_size != f.bytes) {
+      return corrupt(absl::StrCat(what, " is ", st.st_size, " bytes, manifest says ", f.bytes));
+    }
+    auto sha = Sha256File(path);
+    if (!sha.ok()) {
+      if (absl::IsNotFound(sha.status())) return corrupt(std::string(sha.status().message()));
+      return sha.status();
+    }
+    if (*sha != f.sha256) {
+      return corrupt(absl::StrCat(what, " sha256 ", *sha, " != manifest ", f.sha256));
+    }
   }
   return located;
 }
@@ -176,7 +187,8 @@ absl::StatusOr<LocatedPackage> VerifyPackageDir(const std::string& dir, const Ar
 LocatedPackage RelocatePackage(const LocatedPackage& p, const std::string& new_dir) {
   LocatedPackage out = p;
   out.dir = new_dir;
-  out.package_path = absl::StrCat(new_dir, "/", p.manifest.package_file);
+  out.package_path =
+      p.manifest.package_file.empty() ? "" : absl::StrCat(new_dir, "/", p.manifest.package_file);
   out.extra_constants_path =
       p.manifest.extra_constants.empty() ? "" : absl::StrCat(new_dir, "/", p.manifest.extra_constants);
   return out;

@@ -31,15 +31,25 @@ PackageGraph::~PackageGraph() = default;
 
 absl::StatusOr<std::unique_ptr<PackageGraph>> PackageGraph::Capture(
     AotiPackage* package, const std::vector<at::Tensor>& example_inputs) {
-  if (!package->device().is_cuda()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(package->manifest().key.component, ": CUDA graphs need a CUDA package"));
+  return Capture(
+      package->device(), package->manifest().key.component,
+      [package](const std::vector<at::Tensor>& inputs, void* stream) {
+        return package->RunOn(inputs, stream);
+      },
+      example_inputs);
+}
+
+absl::StatusOr<std::unique_ptr<PackageGraph>> PackageGraph::Capture(
+    const c10::Device& device, const std::string& what, const GraphRunFn& run,
+    const std::vector<at::Tensor>& example_inputs) {
+  if (!device.is_cuda()) {
+    return absl::FailedPreconditionError(absl::StrCat(what, ": CUDA graphs need a CUDA package"));
   }
 #ifndef KILN_WITH_CUDA
   return absl::UnimplementedError("this kiln build links a LibTorch without CUDA");
 #else
   std::unique_ptr<PackageGraph> g(new PackageGraph());
-  const c10::DeviceIndex index = package->device().index();
+  const c10::DeviceIndex index = device.index();
   try {
     for (const auto& t : example_inputs) g->inputs_.push_back(t.clone());
     auto side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, index);
@@ -50,11 +60,11 @@ absl::StatusOr<std::unique_ptr<PackageGraph>> PackageGraph::Capture(
     {
       c10::cuda::CUDAStreamGuard guard(side);
       // Warm-up: the runtime loads its kernels (and libraries pick algorithms) on first use.
-      auto warm = package->RunOn(g->inputs_, side.stream());
+      auto warm = run(g->inputs_, side.stream());
       if (!warm.ok()) return warm.status();
       side.synchronize();
       g->impl_->graph.capture_begin();
-      auto captured = package->RunOn(g->inputs_, side.stream());
+      auto captured = run(g->inputs_, side.stream());
       g->impl_->graph.capture_end();
       if (!captured.ok()) return captured.status();
       g->impl_->outputs = *std::move(captured);
@@ -64,8 +74,7 @@ absl::StatusOr<std::unique_ptr<PackageGraph>> PackageGraph::Capture(
     captured.record(side);
     captured.block(c10::cuda::getCurrentCUDAStream(index));
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(package->manifest().key.component,
-                                            ": CUDA graph capture failed: ", e.what()));
+    return absl::InternalError(absl::StrCat(what, ": CUDA graph capture failed: ", e.what()));
   }
   return g;
 #endif

@@ -14,13 +14,22 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "pipeline/aoti_package.h"
 
 namespace kiln::pipeline {
+
+// One run of what is captured: `inputs` → outputs, its kernels launched on `cuda_stream` (a
+// cudaStream_t, the capture stream; LibTorch's current stream is the same one while capturing).
+// AotiPackage::RunOn for one package; RegionalTransformer::RunOn for a regional set's loop over
+// layers (several packages and a concatenation, captured as one graph).
+using GraphRunFn = std::function<absl::StatusOr<std::vector<at::Tensor>>(
+    const std::vector<at::Tensor>& inputs, void* cuda_stream)>;
 
 class PackageGraph {
  public:
@@ -29,6 +38,11 @@ class PackageGraph {
   // may fall back to eager runs).
   static absl::StatusOr<std::unique_ptr<PackageGraph>> Capture(
       AotiPackage* package, const std::vector<at::Tensor>& example_inputs);
+  // The same for any run function on `device`; `what` names it in errors. Everything `run` reads
+  // besides its inputs (weights) must keep its address for the life of the graph.
+  static absl::StatusOr<std::unique_ptr<PackageGraph>> Capture(
+      const c10::Device& device, const std::string& what, const GraphRunFn& run,
+      const std::vector<at::Tensor>& example_inputs);
   ~PackageGraph();
 
   std::vector<at::Tensor>& inputs() { return inputs_; }

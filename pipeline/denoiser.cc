@@ -1,6 +1,12 @@
 #include "pipeline/denoiser.h"
 
 namespace kiln::pipeline {
+TransformerFn TransformerOf(AotiPackage& package) {
+  return [&package](const std::vector<at::Tensor>& inputs, void* stream) {
+    return package.RunOn(inputs, stream);
+  };
+}
+
 absl::Status PlainDenoiser::Prepare(const DenoiseConditioning& conditioning) {
   conditioning_ = conditioning;
   return absl::OkStatus();
@@ -8,15 +14,27 @@ absl::Status PlainDenoiser::Prepare(const DenoiseConditioning& conditioning) {
 
 absl::StatusOr<at::Tensor> PlainDenoiser::Velocity(const at::Tensor& latents,
                                                    const at::Tensor& timestep) {
-  return transformer_.RunFirst({latents.to(act_), conditioning_.text, conditioning_.pooled,
-                               timestep, conditioning_.guidance});
+  auto out = transformer_({latents.to(act_), conditioning_.text, conditioning_.pooled, timestep,
+                          conditioning_.guidance},
+                         nullptr);
+  if (!out.ok()) return out.status();
+  if (out->empty()) return absl::InternalError("transformer: returned no outputs");
+  return (*out)[0];
 }
 
 absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> CudaGraphDenoiser::Capture(
     AotiPackage& transformer, at::ScalarType act, const DenoiseConditioning& conditioning,
     const at::Tensor& latents, const at::Tensor& timestep) {
+  return Capture(transformer.device(), transformer.manifest().key.component,
+                 TransformerOf(transformer), act, conditioning, latents, timestep);
+}
+
+absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> CudaGraphDenoiser::Capture(
+    const c10::Device& device, const std::string& what, const TransformerFn& transformer,
+    at::ScalarType act, const DenoiseConditioning& conditioning, const at::Tensor& latents,
+    const at::Tensor& timestep) {
   auto graph = PackageGraph::Capture(
-      &transformer,
+      device, what, transformer,
       {latents.to(act), conditioning.text, conditioning.pooled, timestep, conditioning.guidance});
   if (!graph.ok()) return graph.status();
   return std::unique_ptr<CudaGraphDenoiser>(new CudaGraphDenoiser(*std::move(graph)));

@@ -14,6 +14,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -45,19 +47,29 @@ class Denoiser {
   virtual bool cuda_graph() const = 0;
 };
 
-// Runs the transformer package every step. `transformer` must outlive this.
+// One transformer evaluation: the whole-graph transformer's five inputs (latents in `act`, text,
+// pooled, timestep, guidance) → its outputs, velocity first, run on `cuda_stream` (null: the
+// current stream). A whole-graph package's AotiPackage::RunOn or a regional set's
+// RegionalTransformer::RunOn (pipeline/regional.h).
+using TransformerFn = GraphRunFn;
+// `package`'s RunOn; `package` must outlive the function.
+TransformerFn TransformerOf(AotiPackage& package);
+
+// Runs the transformer every step. What `transformer` runs must outlive this.
 class PlainDenoiser : public Denoiser {
  public:
   // `act`: the activation dtype the package takes (latents are cast to it each step).
   PlainDenoiser(AotiPackage& transformer, at::ScalarType act)
-      : transformer_(transformer), act_(act) {}
+      : PlainDenoiser(TransformerOf(transformer), act) {}
+  PlainDenoiser(TransformerFn transformer, at::ScalarType act)
+      : transformer_(std::move(transformer)), act_(act) {}
   absl::Status Prepare(const DenoiseConditioning& conditioning) override;
   absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
                                       const at::Tensor& timestep) override;
   bool cuda_graph() const override { return false; }
 
  private:
-  AotiPackage& transformer_;
+  TransformerFn transformer_;
   const at::ScalarType act_;
   DenoiseConditioning conditioning_;
 };
@@ -73,6 +85,12 @@ class CudaGraphDenoiser : public Denoiser {
   static absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> Capture(
       AotiPackage& transformer, at::ScalarType act, const DenoiseConditioning& conditioning,
       const at::Tensor& latents, const at::Tensor& timestep);
+  // The same for any transformer function on `device` (a regional set's loop over layers is
+  // captured whole, as one step); `what` names it in errors.
+  static absl::StatusOr<std::unique_ptr<CudaGraphDenoiser>> Capture(
+      const c10::Device& device, const std::string& what, const TransformerFn& transformer,
+      at::ScalarType act, const DenoiseConditioning& conditioning, const at::Tensor& latents,
+      const at::Tensor& timestep);
   absl::Status Prepare(const DenoiseConditioning& conditioning) override;
   absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
                                       const at::Tensor& timestep) override;

@@ -46,7 +46,9 @@ at::Tensor Unpack(const at::Tensor& x, int64_t c, int64_t h, int64_t w) {
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text) {
   nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (!j.is_object()) return absl::InvalidArgumentError("--compile_options: not a JSON object");
-  return j;
+  nlohmann::json merged = cache::DefaultCompileOptions();
+  merged.update(j);
+  return merged;
 }
 
 absl::Status PipelineOptions::Validate() const {
@@ -65,15 +67,13 @@ absl::Status PipelineOptions::Validate() const {
     return absl::InvalidArgumentError("max_sequence_length: must be in [1, 4096]");
   }
   if (!compile_options.is_object()) return absl::InvalidArgumentError("compile_options: not an object");
-  // The transformer layout (pipeline/README.md "Regional layout"): kiln-compile builds regional
-  // package sets, this pipeline does not run them yet.
+  // The transformer layout (pipeline/README.md "Regional layout"): one whole-graph package, or a
+  // regional set run as the loop over layers (pipeline/regional.h).
   if (auto it = compile_options.find("layout"); it != compile_options.end()) {
-    if (*it == "regional") {
-      return absl::UnimplementedError(
-          "compile_options layout \"regional\": this pipeline runs whole-graph transformer packages only "
-          "(kiln-compile builds regional sets; see pipeline/README.md \"Regional layout\")");
+    if (*it != "whole" && *it != "regional") {
+      return absl::InvalidArgumentError(
+          "compile_options layout: expected \"whole\" or \"regional\"");
     }
-    if (*it != "whole") return absl::InvalidArgumentError("compile_options layout: expected \"whole\" or \"regional\"");
   }
   return absl::OkStatus();
 }
@@ -247,7 +247,20 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   r.seconds.weights = loaded.weights_seconds;
   r.weight_bytes = loaded.weight_bytes;
   r.packages = std::move(loaded.packages);
-  AotiPackage* transformer = (*pkgs)["transformer"];
+  // The transformer step: the whole-graph package, or a regional set's loop over layers.
+  const LoadedComponent transformer = (*pkgs)["transformer"];
+  TransformerFn transformer_fn;
+  if (transformer.regional != nullptr) {
+    transformer_fn = [set = transformer.regional](const std::vector<at::Tensor>& inputs,
+                                                  void* stream) {
+      return set->RunOn(inputs, stream);
+    };
+  } else {
+    transformer_fn = TransformerOf(*transformer.package);
+  }
+  const std::string transformer_digest = transformer.regional != nullptr
+                                             ? transformer.regional->manifest().digest
+                                             : transformer.package->manifest().digest;
 
   try {
     torch::NoGradGuard no_grad;
@@ -259,9 +272,9 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     auto t = SteadyNow();
     at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
     at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
-    auto pooled = (*pkgs)["text_encoder"]->RunFirst({clip_in});
+    auto pooled = (*pkgs)["text_encoder"].package->RunFirst({clip_in});
     if (!pooled.ok()) return pooled.status();
-    auto txt = (*pkgs)["text_encoder_2"]->RunFirst({t5_in});
+    auto txt = (*pkgs)["text_encoder_2"].package->RunFirst({t5_in});
     if (!txt.ok()) return txt.status();
     SyncDevice(m.device);
     r.seconds.text_encoding = SecondsSince(t);
@@ -288,14 +301,15 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     conditioning.pooled = pooled->to(act);
 
     // The transformer step: a CUDA graph captured once per bucket where possible, else plain runs.
-    PlainDenoiser plain(*transformer, act);
+    PlainDenoiser plain(transformer_fn, act);
     Denoiser* denoiser = &plain;
     if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
-      auto [slot, fresh] = m.graphs.try_emplace(transformer->manifest().digest);
+      auto [slot, fresh] = m.graphs.try_emplace(transformer_digest);
       if (fresh) {
         SyncDevice(m.device);
         const auto tc = SteadyNow();
-        auto captured = CudaGraphDenoiser::Capture(*transformer, act, conditioning, latents,
+        auto captured = CudaGraphDenoiser::Capture(m.device, "transformer", transformer_fn, act,
+                                                   conditioning, latents,
                                                    schedule.timesteps.select(0, 0).narrow(0, 0, 1));
         if (captured.ok()) {
           slot->second = *std::move(captured);
@@ -335,7 +349,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     report("decoding", req.steps);
     t = SteadyNow();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
-    auto image = (*pkgs)["vae_decoder"]->RunFirst({z});
+    auto image = (*pkgs)["vae_decoder"].package->RunFirst({z});
     if (!image.ok()) return image.status();
     at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
                            .permute({0, 2, 3, 1}).contiguous().cpu();

@@ -30,7 +30,9 @@
 
 namespace kiln::pipeline {
 
-// A --compile_options flag: a JSON object (checked by kiln-compile when it compiles).
+// A --compile_options flag: a JSON object (checked by kiln-compile when it compiles), over the
+// defaults (cache::DefaultCompileOptions): options it does not name keep their default, so
+// '{"layout":"regional"}' keys and compiles as the defaults plus the regional layout.
 // InvalidArgument if `text` is not a JSON object.
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text);
 

@@ -42,6 +42,13 @@ const std::vector<std::string>& FluxComponents() {
   return *components;
 }
 
+nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
+                                       const std::string& component) {
+  nlohmann::json out = options;
+  if (component != "transformer" && out.is_object()) out.erase("layout");
+  return out;
+}
+
 absl::Status KeyPolicy::CheckResolution(int width, int height) const {
   bool allowed = false;
   for (const auto& r : options_.resolutions) allowed |= (r.width == width && r.height == height);
@@ -74,7 +81,8 @@ cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, in
   k.precision = (options_.precision == "fp8" && component != "transformer") ? "bf16"
                                                                            : options_.precision;
   k.bucket = BucketFor(component, width, height);
-  k.compile = cache::CompileOptionsDigest(options_.compile_options);
+  k.compile =
+      cache::CompileOptionsDigest(ComponentCompileOptions(options_.compile_options, component));
   k.target = options_.target;
   k.toolchain.torch = BuildTorchVersion();
   if (options_.target != "cpu") {

@@ -29,6 +29,12 @@ std::string FormatResolutions(const std::vector<Resolution>& list);
 // The components of a Flux pipeline, in the order a job runs them.
 const std::vector<std::string>& FluxComponents();
 
+// The compile options `component`'s package is compiled with and keyed by: the pipeline's, less
+// the transformer-only `layout` for the other components (a regional transformer shares the text
+// encoders and VAE of the whole layout). Twin of kiln.compile.component_compile_options.
+nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
+                                       const std::string& component);
+
 struct KeyPolicyOptions {
   // Component → its config.json (the architecture digest's input); one per FluxComponents().
   std::map<std::string, nlohmann::json> configs;

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "common/stopwatch.h"
 #include "pipeline/canary.h"
+#include "pipeline/key_policy.h"
 
 namespace kiln::pipeline {
 void SyncDevice(const c10::Device& d) {
@@ -33,10 +34,10 @@ PackageLoader::PackageLoader(std::shared_ptr<cache::PackageProvider> provider,
 
 PackageLoader::~PackageLoader() = default;
 
-absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
+absl::StatusOr<std::map<std::string, LoadedComponent>> PackageLoader::EnsureAll(
     const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report,
     const std::function<void(const std::string&)>& on_phase) {
-  std::map<std::string, AotiPackage*> out;
+  std::map<std::string, LoadedComponent> out;
   std::map<std::string, std::future<absl::StatusOr<cache::ProvidedPackage>>> pending;
   std::map<std::string, std::string> digests;
   const auto t = SteadyNow();
@@ -44,11 +45,17 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
     const std::string digest = key.Digest();
     if (auto it = loaded_.find(digest); it != loaded_.end()) {
       report->packages[component] = "resident";
-      out[component] = it->second.get();
+      out[component].package = it->second.get();
+      continue;
+    }
+    if (auto it = regional_.find(digest); it != regional_.end()) {
+      report->packages[component] = "resident";
+      out[component].regional = it->second.get();
       continue;
     }
     digests[component] = digest;
-    cache::PackageRequest request{key, model_dir_, compile_options_};
+    cache::PackageRequest request{key, model_dir_,
+                                  ComponentCompileOptions(compile_options_, component)};
     pending[component] = std::async(std::launch::async, [this, request = std::move(request)] {
       return provider_->Get(request);
     });
@@ -84,7 +91,8 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
       if (auto s = provider_->Quarantine(key, fault, why); !s.ok()) return s;
       report->warnings.push_back(absl::StrCat("quarantined the ", c, " package (", fault,
                                               ": ", why, "); rebuilt it"));
-      auto again = provider_->Get(cache::PackageRequest{key, model_dir_, compile_options_});
+      auto again = provider_->Get(cache::PackageRequest{
+          key, model_dir_, ComponentCompileOptions(compile_options_, c)});
       if (!again.ok()) return again.status();
       std::string second_fault;
       pkg = Load(c, digests[c], *std::move(again), report, on_phase, &second_fault);
@@ -98,7 +106,7 @@ absl::StatusOr<std::map<std::string, AotiPackage*>> PackageLoader::EnsureAll(
   return out;
 }
 
-absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
+absl::StatusOr<LoadedComponent> PackageLoader::Load(const std::string& component,
                                                  const std::string& digest,
                                                  cache::ProvidedPackage provided,
                                                  LoadReport* report,
@@ -109,6 +117,14 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
   const cache::LocatedPackage& found = provided.package;
   if (on_phase) on_phase(absl::StrCat("loading package ", component));
   auto t = SteadyNow();
+  if (found.manifest.layout == "regional") {
+    if (component != "transformer") {
+      *fault = "unloadable";
+      return absl::DataLossError(absl::StrCat("package ", found.dir, ": a regional set for ",
+                                              component, " (only the transformer has regions)"));
+    }
+    return LoadRegional(component, digest, provided, report, on_phase, fault);
+  }
   auto pkg = AotiPackage::Load(found, device_);
   if (!pkg.ok()) {
     // Out of memory or a device gone says nothing about the package; anything else does.
@@ -129,14 +145,9 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
 
   if (on_phase) on_phase(absl::StrCat("loading weights ", component));
   t = SteadyNow();
-  auto& cw = weights_[component];
-  if (!cw) {
-    auto opened =
-        ComponentWeights::Open(model_dir_ + "/" + ComponentWeights::FolderFor(component),
-                               ComponentWeights::StemFor(component), device_);
-    if (!opened.ok()) return opened.status();
-    cw = *std::move(opened);
-  }
+  auto weights = WeightsOf(component);
+  if (!weights.ok()) return weights.status();
+  ComponentWeights* cw = *weights;
   const uint64_t read_before = cw->bytes_read();
   auto constants = cw->Gather(**pkg, found.extra_constants_path);
   if (!constants.ok()) return constants.status();
@@ -145,14 +156,57 @@ absl::StatusOr<AotiPackage*> PackageLoader::Load(const std::string& component,
   report->weights_seconds += SecondsSince(t);
   report->weight_bytes += cw->bytes_read() - read_before;
   report->packages[component] = provided.provenance;
-  AotiPackage* raw = pkg->get();
+  LoadedComponent loaded;
+  loaded.package = pkg->get();
   loaded_[digest] = *std::move(pkg);
-  return raw;
+  return loaded;
+}
+
+absl::StatusOr<ComponentWeights*> PackageLoader::WeightsOf(const std::string& component) {
+  auto& cw = weights_[component];
+  if (!cw) {
+    auto opened =
+        ComponentWeights::Open(model_dir_ + "/" + ComponentWeights::FolderFor(component),
+                               ComponentWeights::StemFor(component), device_);
+    if (!opened.ok()) return opened.status();
+    cw = *std::move(opened);
+  }
+  return cw.get();
+}
+
+absl::StatusOr<LoadedComponent> PackageLoader::LoadRegional(
+    const std::string& component, const std::string& digest,
+    const cache::ProvidedPackage& provided, LoadReport* report,
+    const std::function<void(const std::string&)>& on_phase, std::string* fault) {
+  auto t = SteadyNow();
+  auto set = RegionalTransformer::Load(provided.package, device_);
+  if (!set.ok()) {
+    if (!absl::IsResourceExhausted(set.status()) && !absl::IsUnavailable(set.status())) {
+      *fault = "unloadable";
+    }
+    return set.status();
+  }
+  report->package_load_seconds += SecondsSince(t);
+  if (on_phase) on_phase(absl::StrCat("loading weights ", component));
+  t = SteadyNow();
+  auto weights = WeightsOf(component);
+  if (!weights.ok()) return weights.status();
+  const uint64_t read_before = (*weights)->bytes_read();
+  if (auto s = (*set)->LoadWeights(**weights); !s.ok()) return s;
+  SyncDevice(device_);
+  report->weights_seconds += SecondsSince(t);
+  report->weight_bytes += (*weights)->bytes_read() - read_before;
+  report->packages[component] = provided.provenance;
+  LoadedComponent loaded;
+  loaded.regional = set->get();
+  regional_[digest] = *std::move(set);
+  return loaded;
 }
 
 std::vector<std::string> PackageLoader::LoadedDigests() const {
   std::vector<std::string> out;
   for (const auto& [digest, pkg] : loaded_) out.push_back(digest);
+  for (const auto& [digest, set] : regional_) out.push_back(digest);
   return out;
 }
 

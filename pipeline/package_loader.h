@@ -21,6 +21,7 @@
 #include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/aoti_package.h"
+#include "pipeline/regional.h"
 #include "pipeline/weights.h"
 
 namespace kiln::pipeline {
@@ -41,6 +42,13 @@ struct LoadReport {
   std::vector<std::string> warnings;  // the provider's (e.g. a corrupt copy quarantined)
 };
 
+// A loaded component: a whole-graph package, or for the transformer compiled with layout
+// "regional" its regional set (exactly one of the two is set). Owned by the PackageLoader.
+struct LoadedComponent {
+  AotiPackage* package = nullptr;
+  RegionalTransformer* regional = nullptr;
+};
+
 struct PackageLoaderOptions {
   // Run each package's canary (pipeline/canary.h) after loading it and before its weights; a
   // package whose output disagrees is quarantined and rebuilt once.
@@ -56,16 +64,18 @@ class PackageLoader {
                 PackageLoaderOptions options = {});
   ~PackageLoader();
 
-  // The loaded package of each component of `keys` (component → key): those not loaded yet are
-  // fetched from the provider together, then loaded one by one with their weights (read once
-  // per component, shared by every bucket). A package that fails to load or whose canary
-  // disagrees is quarantined through the provider (PackageProvider::Quarantine) and asked for
-  // once more (rebuilt or refetched). The first error is returned as the provider, the package
-  // or the weights report it. `on_phase` (may be null) hears what it does, for a job's
+  // The loaded package (or regional set) of each component of `keys` (component → key): those
+  // not loaded yet are fetched from the provider together, then loaded one by one with their
+  // weights (read once per component, shared by every bucket). A package that fails to load or
+  // whose canary disagrees is quarantined through the provider (PackageProvider::Quarantine) and
+  // asked for once more (rebuilt or refetched). The first error is returned as the provider, the
+  // package or the weights report it. `on_phase` (may be null) hears what it does, for a job's
   // progress: "fetching or compiling <components>" (the provider takes each from local disk, the
   // shared tier or a compile; which one shows in LoadReport::packages afterwards), then per
   // component "loading package <component>" and "loading weights <component>".
-  absl::StatusOr<std::map<std::string, AotiPackage*>> EnsureAll(
+  // A regional set (manifest layout "regional") loads its four region packages and gathers the
+  // weights of every layer (RegionalTransformer); it has no canary.
+  absl::StatusOr<std::map<std::string, LoadedComponent>> EnsureAll(
       const std::map<std::string, cache::ArtifactKey>& keys, LoadReport* report,
       const std::function<void(const std::string& phase)>& on_phase = nullptr);
 
@@ -75,10 +85,19 @@ class PackageLoader {
  private:
   // Loads one provided package, runs its canary and hands it its weights. On an error that is
   // the package's fault, sets `*fault` to "unloadable" or "canary".
-  absl::StatusOr<AotiPackage*> Load(const std::string& component, const std::string& digest,
+  absl::StatusOr<LoadedComponent> Load(const std::string& component, const std::string& digest,
                                     cache::ProvidedPackage provided, LoadReport* report,
                                     const std::function<void(const std::string&)>& on_phase,
                                     std::string* fault);
+
+  // A regional transformer set (RegionalTransformer): its region packages and every layer's
+  // weights. `fault` as Load's.
+  absl::StatusOr<LoadedComponent> LoadRegional(
+      const std::string& component, const std::string& digest,
+      const cache::ProvidedPackage& provided, LoadReport* report,
+      const std::function<void(const std::string&)>& on_phase, std::string* fault);
+  // The component's checkpoint, opened once.
+  absl::StatusOr<ComponentWeights*> WeightsOf(const std::string& component);
 
   const std::shared_ptr<cache::PackageProvider> provider_;
   const std::string model_dir_;
@@ -87,6 +106,7 @@ class PackageLoader {
   const PackageLoaderOptions options_;
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights_;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded_;        // by key digest
+  std::map<std::string, std::unique_ptr<RegionalTransformer>> regional_;  // by key digest
 };
 
 // Waits for queued device work so that phase timings are honest. Only at phase boundaries, never

@@ -23,6 +23,17 @@ start=$(date +%s)
   --out "$KILN_TESTDATA/first.png" --json > "$KILN_TESTDATA/first.json"
 echo "[test] fixture ready in $(( $(date +%s) - start )) s: $(cat "$KILN_TESTDATA/first.json")"
 
+# A copy of the packages (tests count the ones in packages/), where only the transformer compiles.
+echo "[test] fixture: the same image with the regional transformer layout into $KILN_TESTDATA/packages-regional"
+rm -rf "$KILN_TESTDATA/packages-regional"
+cp -r "$KILN_TESTDATA/packages" "$KILN_TESTDATA/packages-regional"
+start=$(date +%s)
+"$KILN_BIN/kiln-run" --model "$KILN_TESTDATA/flux-tiny" --package_dir "$KILN_TESTDATA/packages-regional" \
+  --prompt "a lighthouse on a cliff at dusk" --width 256 --height 256 --steps 4 --seed 7 \
+  --compile_options '{"layout":"regional"}' \
+  --out "$KILN_TESTDATA/first-regional.png" --json > "$KILN_TESTDATA/first-regional.json"
+echo "[test] regional fixture ready in $(( $(date +%s) - start )) s: $(cat "$KILN_TESTDATA/first-regional.json")"
+
 echo "[test] C++ tests (ctest)"
 ctest --test-dir "$BUILD" --output-on-failure -j2
 

@@ -127,6 +127,52 @@ TEST(LocalDiskStoreTest, EntriesFailingEachCheckAreDataLoss) {
   EXPECT_EQ(CountEntries(local->root() + "/quarantine"), 4);
 }
 
+// A regional transformer set (manifest layout "regional", pipeline/regional.h): no package file,
+// one package per region, each verified like a whole package's.
+TEST(LocalDiskStoreTest, RegionalSetsAreVerifiedRegionByRegion) {
+  TempDir tmp;
+  auto local = OpenLocal(tmp.Join("local"));
+  const ArtifactKey key = MakeKey();
+  const std::string dir = local->DirFor(key.Digest());
+  fs::create_directories(dir);
+  nlohmann::json manifest = FakeManifest(key, "");
+  manifest.erase("package");
+  manifest["layout"] = "regional";
+  for (const std::string region : {"head", "double", "single", "tail"}) {
+    const std::string bytes = region + " package bytes";
+    WriteFileOrDie(dir + "/" + region + ".pt2", bytes);
+    manifest["regions"][region] = {{"package",
+                                    {{"file", region + ".pt2"},
+                                     {"sha256", Sha256Hex(bytes)},
+                                     {"bytes", static_cast<int64_t>(bytes.size())}}},
+                                   {"layers", {""}}};
+  }
+  WriteFileOrDie(dir + "/manifest.json", manifest.dump(1));
+  auto found = local->Find(key);
+  ASSERT_TRUE(found.ok()) << found.status();
+  EXPECT_EQ(found->manifest.layout, "regional");
+  EXPECT_EQ(found->package_path, "");
+  ASSERT_EQ(found->manifest.region_packages.size(), 4u);
+
+  // One region damaged: the whole set is refused and quarantined.
+  WriteFileOrDie(dir + "/double.pt2", "double package byteZ");
+  auto corrupt = local->Find(key);
+  EXPECT_EQ(corrupt.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(corrupt.status().message(), HasSubstr("region double package sha256"));
+  EXPECT_FALSE(fs::exists(dir));
+
+  // Malformed tables are refused by the manifest parser, naming the problem.
+  nlohmann::json unknown = manifest;
+  unknown["layout"] = "tiled";
+  EXPECT_THAT(PackageManifest::FromJson(unknown).status().message(), HasSubstr("layout 'tiled'"));
+  nlohmann::json empty = manifest;
+  empty["regions"] = nlohmann::json::object();
+  EXPECT_EQ(PackageManifest::FromJson(empty).status().code(), absl::StatusCode::kInvalidArgument);
+  nlohmann::json escape = manifest;
+  escape["regions"]["tail"]["package"]["file"] = "../tail.pt2";
+  EXPECT_THAT(PackageManifest::FromJson(escape).status().message(), HasSubstr("plain names"));
+}
+
 TEST(LocalDiskStoreTest, InsertCopiesVerifiesAndPublishesAtomically) {
   TempDir tmp;
   auto local = OpenLocal(tmp.Join("local"));

@@ -131,19 +131,41 @@ TEST(KeyPolicyTest, TheTransformerLayoutIsPartOfTheKey) {
   const std::string regional = KeyPolicy(o).KeyFor("transformer", 256, 256).Digest();
   EXPECT_NE(regional, plain);
   EXPECT_NE(regional, whole);
+  // The layout is the transformer's alone: the other components' keys (and the options sent to
+  // kiln-compile for them) leave it out, so both layouts share their packages.
+  for (const std::string c : {"text_encoder", "text_encoder_2", "vae_decoder"}) {
+    EXPECT_EQ(KeyPolicy(o).KeyFor(c, 256, 256).Digest(),
+              KeyPolicy(Options()).KeyFor(c, 256, 256).Digest())
+        << c;
+    EXPECT_FALSE(ComponentCompileOptions(o.compile_options, c).contains("layout")) << c;
+  }
+  EXPECT_EQ(ComponentCompileOptions(o.compile_options, "transformer")["layout"], "regional");
 }
 
-TEST(KeyPolicyTest, APipelineRefusesLayoutsItCannotRun) {
+TEST(KeyPolicyTest, APipelineRunsBothLayoutsAndRefusesOthers) {
   PipelineOptions p;
   p.model_dir = "/nonexistent";
   ASSERT_TRUE(p.Validate().ok()) << p.Validate();
   p.compile_options["layout"] = "whole";
   EXPECT_TRUE(p.Validate().ok()) << p.Validate();
   p.compile_options["layout"] = "regional";
-  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("regional"));
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
   p.compile_options["layout"] = "regionl";
   EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("layout"));
+}
+
+TEST(KeyPolicyTest, CompileOptionsFlagIsMergedOverTheDefaults) {
+  auto parsed = ParseCompileOptions(R"({"layout":"regional"})");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  nlohmann::json want = cache::DefaultCompileOptions();
+  want["layout"] = "regional";
+  EXPECT_EQ(*parsed, want);
+  auto changed = ParseCompileOptions(R"({"max_autotune":true})");
+  ASSERT_TRUE(changed.ok());
+  EXPECT_EQ((*changed)["max_autotune"], true);
+  EXPECT_EQ((*changed)["attention"], "cudnn");
+  EXPECT_EQ(ParseCompileOptions("[1]").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -81,8 +81,8 @@ class PackageLoaderTest : public ::testing::Test {
     ASSERT_TRUE(r.ok()) << r.status();
   }
 
-  absl::StatusOr<std::map<std::string, AotiPackage*>> Ensure(PackageLoader& loader,
-                                                             LoadReport* report) {
+  absl::StatusOr<std::map<std::string, LoadedComponent>> Ensure(PackageLoader& loader,
+                                                                 LoadReport* report) {
     return loader.EnsureAll({{"vae_decoder", key_}}, report);
   }
 

@@ -113,10 +113,20 @@ def check_compile_options(options: Any) -> None:
             raise UsageError(f"--compile-options: {error}")
 
 
+def component_compile_options(options: dict, component: str) -> dict:
+    """The options `component` is compiled with and keyed by: `options` less the transformer-only
+    `layout` for the other components, so a regional transformer shares the whole layout's text
+    encoders and VAE. Twin of ComponentCompileOptions (pipeline/key_policy.h)."""
+    if component == "transformer" or not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k != "layout"}
+
+
 def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,
              compile_options: dict) -> tuple[ak.ArtifactKey, dict]:
     from kiln import components
     check_compile_options(compile_options)
+    compile_options = component_compile_options(compile_options, component)
     error = components.precision_option_error(precision, compile_options)
     if error:
         raise UsageError(f"--compile-options: {error}")
@@ -239,6 +249,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
     from kiln import components
 
     key, config = make_key(model, component, precision, bucket_args, target, compile_options)
+    compile_options = component_compile_options(compile_options, component)
     digest = key.digest()
     final_dir = os.path.join(out_root, digest)
     if os.path.exists(os.path.join(final_dir, MANIFEST_FILE)):

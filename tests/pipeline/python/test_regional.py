@@ -4,6 +4,12 @@ regional packages and the compiled whole-graph package against eager; a second c
 regional set compiles nothing; the artifact key distinguishes the layouts. Compile times of both
 layouts are printed (run with -s to see them), not asserted.
 
+Nothing is compiled here: the packages are the fixtures scripts/test.sh makes (the whole-graph
+set in KILN_TESTDATA/packages, the regional set compiled on a miss by kiln-run --compile_options
+'{"layout":"regional"}' into KILN_TESTDATA/packages-regional), so the file takes seconds. (It
+compiled the regional set itself until session 6: 13.6 min under load.) The C++ pipeline's run of
+the same set is tests/pipeline/python/test_regional_run.py.
+
 Run: KILN_TESTDATA=... PYTHONPATH=pipeline/python .venv/bin/python -m pytest -q -s \
          tests/pipeline/python/test_regional.py
 """
@@ -23,6 +29,7 @@ from kiln import regional as R
 
 TESTDATA = os.environ.get("KILN_TESTDATA", "")
 REPO = os.path.join(TESTDATA, "flux-tiny")
+REGIONAL_PACKAGES = os.path.join(TESTDATA, "packages-regional")
 # The bucket of the shared fixtures' transformer package (KILN_TESTDATA/packages, compiled by
 # the testdata step with the default options), reused read-only as the whole-graph package so
 # only the regional set is compiled here.
@@ -47,21 +54,19 @@ def model():
     return cfg, bucket, m, ex
 
 
-def _compile(out_root, layout):
+def _fixture(layout):
+    """The fixture package (set) of `layout` at BUCKET: (manifest, its package root)."""
     options = ak.default_compile_options()
-    if layout == "whole":
-        # The default options (no layout field): the key of the shared fixture's package.
-        key, _ = kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", options)
-        shared = os.path.join(TESTDATA, "packages", key.digest(), kc.MANIFEST_FILE)
-        if os.path.isfile(shared):
-            with open(shared) as f:
-                manifest = json.load(f)
-            return manifest, manifest["compile_seconds"], os.path.dirname(os.path.dirname(shared))
-    else:
+    root = os.path.join(TESTDATA, "packages")
+    if layout == "regional":
         options["layout"] = layout
-    t0 = time.monotonic()
-    manifest = kc.compile_package(REPO, "transformer", "fp32", BUCKET, "cpu", options, out_root)
-    return manifest, time.monotonic() - t0, out_root
+        root = REGIONAL_PACKAGES
+    key, _ = kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", options)
+    path = os.path.join(root, key.digest(), kc.MANIFEST_FILE)
+    if not os.path.isfile(path):
+        pytest.skip(f"needs the {layout} fixture {path} (scripts/test.sh makes it)")
+    with open(path) as f:
+        return json.load(f), root, options
 
 
 def test_eager_regional_loop_is_the_whole_model(model):
@@ -97,29 +102,36 @@ def test_key_distinguishes_layouts():
     assert key.digest() == keys[None]
     with pytest.raises(kc.UsageError, match="layout"):
         kc.make_key(REPO, "transformer", "fp32", BUCKET, "cpu", {"layout": "regionl"})
+    # The layout is the transformer's alone: the other components keep the whole layout's keys
+    # (a regional transformer shares their packages), as ComponentCompileOptions does in C++.
+    regional = dict(ak.default_compile_options(), layout="regional")
+    for component in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        a, _ = kc.make_key(REPO, component, "fp32", BUCKET, "cpu", regional)
+        b, _ = kc.make_key(REPO, component, "fp32", BUCKET, "cpu", ak.default_compile_options())
+        assert a.digest() == b.digest(), component
 
 
-def test_compiled_layouts_against_eager(model, tmp_path):
+def test_compiled_layouts_against_eager(model):
     cfg, bucket, m, ex = model
-    out_root = str(tmp_path)
-    whole_manifest, whole_s, whole_root = _compile(out_root, "whole")
-    regional_manifest, regional_s, _ = _compile(out_root, "regional")
+    whole_manifest, whole_root, _ = _fixture("whole")
+    regional_manifest, regional_root, regional_options = _fixture("regional")
     per_region = ", ".join(f"{n} {e['compile_seconds']:.1f} s"
                            for n, e in regional_manifest["regions"].items())
-    print(f"\nflux-tiny transformer compile (CPU, fp32, bucket {BUCKET}): whole {whole_s:.1f} s "
-          f"({'the shared fixture, its manifest' if whole_root != out_root else 'here'}), "
-          f"regional {regional_s:.1f} s ({per_region})")
+    print(f"\nflux-tiny transformer compile (CPU, fp32, bucket {BUCKET}, the fixtures' manifests): "
+          f"whole {whole_manifest['compile_seconds']:.1f} s, regional "
+          f"{regional_manifest['total_seconds']:.1f} s ({per_region})")
     assert regional_manifest["layout"] == "regional"
     assert whole_manifest["digest"] != regional_manifest["digest"]
     for entry in regional_manifest["regions"].values():
-        assert os.path.isfile(os.path.join(out_root, regional_manifest["digest"],
+        assert os.path.isfile(os.path.join(regional_root, regional_manifest["digest"],
                                            entry["package"]["file"]))
     assert regional_manifest["regions"]["double"]["layers"] == [
         f"transformer_blocks.{i}." for i in range(cfg["num_layers"])]
 
-    # A second compile of either layout compiles nothing: the manifest on disk is returned.
+    # A second compile compiles nothing: the manifest on disk is returned (nothing written).
     t0 = time.monotonic()
-    again, _, _ = _compile(out_root, "regional")
+    again = kc.compile_package(REPO, "transformer", "fp32", BUCKET, "cpu", regional_options,
+                               regional_root)
     assert again == regional_manifest and time.monotonic() - t0 < 5
 
     with torch.no_grad():
@@ -132,7 +144,7 @@ def test_compiled_layouts_against_eager(model, tmp_path):
         whole = whole_pkg(*ex)[0]
         rs = R.regions(m, bucket, torch.float32,
                        C._input_shapes(cfg, "transformer", "fp32", bucket))
-        calls = R.load_regions(os.path.join(out_root, regional_manifest["digest"]),
+        calls = R.load_regions(os.path.join(regional_root, regional_manifest["digest"]),
                                regional_manifest)
         regional = R.run_regional(calls, rs, state, ex)
     err_whole = (whole - eager).abs().max().item()

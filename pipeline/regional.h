@@ -1,0 +1,89 @@
+// RegionalTransformer: the transformer of a regional package set (compile option
+// `"layout": "regional"`, pipeline/README.md "Regional layout"): one AotiPackage per region
+// (head, double-stream block, single-stream block, tail), compiled with the block's weights as
+// run-time inputs, so one loaded package serves every layer of its type.
+//
+// The weights of every layer are gathered once from the checkpoint by ComponentWeights (derived
+// tensors, fused QKV or fp8 weights and scales, by the manifest's `derive` rules with the layer's
+// prefix) and held on the device for the life of this object: their addresses never change, so
+// a CUDA graph captured around Run() (CudaGraphDenoiser) stays valid.
+//
+// RunOn() is one transformer evaluation with the whole-graph package's inputs and output:
+//   img, txt, temb, cos, sin = head(hidden, enc, pooled, timestep, guidance, *W_head)
+//   for each double layer i: img, txt = double(img, txt, temb, cos, sin, *W_double[i])
+//   x = cat([txt, img], dim=1)
+//   for each single layer i: x = single(x, temb, cos, sin, *W_single[i])
+//   sample = tail(x, temb, *W_tail)
+// as kiln.regional.run_regional does in Python. Used by PackageLoader (loads it) and the
+// denoisers (run it) on Generate()'s thread; not thread-safe.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/package.h"
+#include "pipeline/aoti_package.h"
+#include "pipeline/weights.h"
+
+namespace kiln::pipeline {
+
+class RegionalTransformer {
+ public:
+  // Loads the four region packages of `set` (a verified regional set; manifest layout
+  // "regional") on `device`, each checked as AotiPackage::Load checks a package (metadata:
+  // device, torch version, the set's key digest). DataLoss for a malformed region table
+  // (missing region, weights or layers; a region package that asks for constants),
+  // FailedPrecondition / Internal as AotiPackage::Load.
+  static absl::StatusOr<std::unique_ptr<RegionalTransformer>> Load(const cache::LocatedPackage& set,
+                                                                   const c10::Device& device);
+  ~RegionalTransformer();
+
+  // Gathers every layer's weights of every region from `weights` (the transformer's checkpoint;
+  // tensors shared with its cache) and keeps them. Errors as ComponentWeights::Gather.
+  absl::Status LoadWeights(ComponentWeights& weights);
+
+  // One evaluation: `inputs` are the whole-graph transformer's five inputs (manifest `inputs`),
+  // the result its one output. Runs every region package on `cuda_stream` (a cudaStream_t; null:
+  // the current stream) and the concatenation on the current stream (the caller makes them the
+  // same when capturing). FailedPrecondition before LoadWeights(); InvalidArgument for inputs
+  // that do not match the manifest; a region's error as AotiPackage::RunOn returns it, named.
+  absl::StatusOr<std::vector<at::Tensor>> RunOn(const std::vector<at::Tensor>& inputs,
+                                                void* cuda_stream);
+
+  const cache::PackageManifest& manifest() const { return manifest_; }
+  const c10::Device& device() const { return device_; }
+  // Layers of `region` (1 for head and tail, 0 for an absent region).
+  int layers(const std::string& region) const;
+  // Device bytes of the weights held (each tensor counted once per layer that uses it).
+  uint64_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  struct Region {
+    std::string name;
+    std::unique_ptr<AotiPackage> package;
+    int activations = 0;                 // inputs before the weights
+    std::vector<std::string> prefixes;   // one per layer
+    cache::PackageManifest weights;      // layer-relative weight names → specs (derive rules)
+    std::vector<std::string> weight_names;       // in call order
+    std::vector<std::vector<at::Tensor>> layers;  // per layer, the weights in call order
+  };
+  RegionalTransformer() = default;
+  // Runs layer `layer` of `r` on `activations`; returns its outputs.
+  absl::StatusOr<std::vector<at::Tensor>> RunLayer(Region& r, int layer,
+                                                   std::vector<at::Tensor> activations,
+                                                   void* cuda_stream);
+
+  cache::PackageManifest manifest_;
+  c10::Device device_ = c10::kCPU;
+  std::map<std::string, Region> regions_;  // by name
+  bool weights_loaded_ = false;
+  uint64_t weight_bytes_ = 0;
+};
+
+}  // namespace kiln::pipeline
