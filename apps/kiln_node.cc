@@ -221,12 +221,9 @@ int main(int argc, char** argv) {
   kiln::node::NodeAgent& agent = *node->agent;
   const kiln::node::NodeOptions& running = agent.options();
   const kiln::v1::DeviceInfo& device = running.device_info;
-  kiln::LogInfo("main",
-                absl::StrCat(running.node_id, " on ", device.kind(),
-                             device.name().empty() ? "" : " (" + device.name() + ")",
-                             device.mig_profile().empty() ? "" : " MIG " + device.mig_profile(),
-                             "; metrics ", running.metrics_url));
-  std::atomic<bool> draining{false};  // /readyz: registered and not stopping
+  // /readyz: registered and not stopping. Set before the metrics URL is logged: whoever reads
+  // the URL from the log must never find the server without its readiness.
+  std::atomic<bool> draining{false};
   node->metrics->SetReadiness([&agent, &draining] {
     return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done(),
                                      agent.disk_status());
@@ -234,6 +231,11 @@ int main(int argc, char** argv) {
   absl::Cleanup unready = [&node] {  // before the agent goes, on every return
     node->metrics->SetReadiness([] { return absl::UnavailableError("stopped"); });
   };
+  kiln::LogInfo("main",
+                absl::StrCat(running.node_id, " on ", device.kind(),
+                             device.name().empty() ? "" : " (" + device.name() + ")",
+                             device.mig_profile().empty() ? "" : " MIG " + device.mig_profile(),
+                             "; metrics ", running.metrics_url));
   if (auto s = agent.Start(); !s.ok()) return Fail(s);
 
   const std::string status_file = absl::GetFlag(FLAGS_status_file);

@@ -83,7 +83,9 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
     // reconnects each time; an idle kept-alive connection would hold a worker too).
     const std::vector<std::string> options = {
         "listening_ports", bind,  "num_threads",       "16", "request_timeout_ms", "2000",
-        "enable_keep_alive", "no", "linger_timeout_ms", "0"};
+        "enable_keep_alive", "no"};
+    // No `linger_timeout_ms` of 0: that closes with a reset, which discards what the socket has
+    // not sent yet, so a client reading a large body (a status-page PNG) lost its end.
     s->server_ = std::make_unique<CivetServer>(options);
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ", e.what()));

@@ -296,7 +296,7 @@ def test_redis_shared_tier_across_two_hosts(hosts, tmp_path: Path, references):
               "redis://127.0.0.1:6379/0", "--client_endpoint", "tcp://0.0.0.0:7700",
               "--node_endpoint", "tcp://0.0.0.0:7701", "--metrics", "0.0.0.0:9400",
               "--advertise", "10.231.1.1", "--heartbeat_ms", str(HEARTBEAT_MS),
-              "--endpoints_file", str(endpoints_file))
+              "--endpoints_file", str(endpoints_file), "--insecure_plaintext")
         wait_until(endpoints_file.exists, 60, "the coordinator to serve")
         client = json.loads(endpoints_file.read_text())["client_endpoint"]
 
@@ -317,6 +317,7 @@ def test_redis_shared_tier_across_two_hosts(hosts, tmp_path: Path, references):
                          "--shared_cache", f"redis://10.231.{i}.1:6379/0", "--compiler",
                          str(compiler), "--metrics", "0.0.0.0:9401", "--advertise",
                          f"10.231.{i}.2", "--heartbeat_ms", str(HEARTBEAT_MS),
+                         "--insecure_plaintext",
                          env={"FAKE_COMPILE_LOG": str(compile_log), "FAKE_COMPILE_HOST": h})
 
         def node_state(node_id: str) -> str:

@@ -39,7 +39,7 @@ def start_node(workdir: str, endpoint: str, *extra: str, user: str = "", node_id
     log = open(os.path.join(workdir, f"{node_id}.log"), "wb")
     argv = [NODE, f"--coordinator={endpoint}", f"--node_id={node_id}",
             f"--model=flux-tiny={MODEL}", "--resolutions=256x256", "--metrics=127.0.0.1:0",
-            "--heartbeat_ms=200", "--no_compile",
+            "--heartbeat_ms=200", "--no_compile", "--insecure_plaintext",
             f"--status_file={os.path.join(workdir, node_id + '.json')}", *extra]
     if user:
         argv = ["runuser", "-u", user, "--", *argv]
