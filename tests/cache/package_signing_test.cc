@@ -203,9 +203,10 @@ TEST(SignedProviderTest, CompiledPackagesAreSignedAndAnotherNodeLoadsThem) {
   EXPECT_TRUE(std::filesystem::exists(PackageDir(tmp.Join("shared"), key) + "/signature.json"));
 
   auto b = MakeSignedNode(tmp.Join("b"), tmp.Join("shared"), Trusting(k), nullptr);
-  got = b->provider->Get({key, kModelDir});
-  ASSERT_TRUE(got.ok()) << got.status();
-  EXPECT_EQ(got->provenance, "shared");
+  // Its own variable, declared after `b`: a package's pin must be released before its store.
+  auto got_b = b->provider->Get({key, kModelDir});
+  ASSERT_TRUE(got_b.ok()) << got_b.status();
+  EXPECT_EQ(got_b->provenance, "shared");
   EXPECT_EQ(b->compiler->calls(), 0);
 }
 
