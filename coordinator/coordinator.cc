@@ -457,19 +457,11 @@ absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
   // One client's waits are bounded on their own, so a client that floods waits (or leaves them
   // behind when it goes away) crowds out only itself: its oldest wait is answered and dropped.
   const std::string client = caller.key.empty() ? reply_to.peer : caller.key;
-  std::set<uint64_t>& mine = waits_by_client_[client];
-  while (mine.size() >= options_.max_waits_per_client) {
-    const uint64_t oldest = *mine.begin();
-    const PendingWait& old = waits_.at(oldest);
-    auto old_job = store_.Get(old.job_id);
-    Outgoing out;
-    out.socket = Outgoing::Socket::kClient;
-    out.peer = old.reply_to.peer;
-    out.envelope = old_job.ok() ? JobReplyEnvelope(old.reply_to.request_id, std::move(*old_job),
-                                                   old.include_png, /*final=*/true)
-                                : ErrorEnvelope(old_job.status(), old.reply_to.request_id);
-    outgoing_.push_back(std::move(out));
-    EraseWait(oldest);
+  // Looked up each time: dropping a client's last wait erases its entry.
+  for (auto mine = waits_by_client_.find(client);
+       mine != waits_by_client_.end() && mine->second.size() >= options_.max_waits_per_client;
+       mine = waits_by_client_.find(client)) {
+    AnswerWait(*mine->second.begin());
   }
   const uint64_t id = next_wait_id_++;
   PendingWait wait;
@@ -960,17 +952,7 @@ void Coordinator::Tick() {
   }
 
   while (!waits_by_deadline_.empty() && waits_by_deadline_.begin()->first <= now) {
-    const uint64_t id = waits_by_deadline_.begin()->second;
-    const PendingWait& wait = waits_.at(id);
-    auto job = store_.Get(wait.job_id);
-    Outgoing out;
-    out.socket = Outgoing::Socket::kClient;
-    out.peer = wait.reply_to.peer;
-    out.envelope = job.ok() ? JobReplyEnvelope(wait.reply_to.request_id, std::move(*job),
-                                               wait.include_png, /*final=*/true)
-                            : ErrorEnvelope(job.status(), wait.reply_to.request_id);
-    outgoing_.push_back(std::move(out));
-    EraseWait(id);
+    AnswerWait(waits_by_deadline_.begin()->second);
   }
   PlaceJobs();
 }
@@ -1732,6 +1714,19 @@ void Coordinator::CheckRunTimeouts(int64_t now) {
                                ran, " ms)"));
   }
   if (!late.empty()) PlaceJobs();
+}
+
+void Coordinator::AnswerWait(uint64_t id) {
+  const PendingWait& wait = waits_.at(id);
+  auto job = store_.Get(wait.job_id);
+  Outgoing out;
+  out.socket = Outgoing::Socket::kClient;
+  out.peer = wait.reply_to.peer;
+  out.envelope = job.ok() ? JobReplyEnvelope(wait.reply_to.request_id, std::move(*job),
+                                             wait.include_png, /*final=*/true)
+                          : ErrorEnvelope(job.status(), wait.reply_to.request_id);
+  outgoing_.push_back(std::move(out));
+  EraseWait(id);
 }
 
 void Coordinator::EraseWait(uint64_t id) {

@@ -338,6 +338,9 @@ class Coordinator {
 
   // Waits.
   void NotifyWaiters(const kiln::v1::JobInfo& job, bool final);
+  // Answers wait `id` with its job as the store has it now (final; an error if the job is gone)
+  // and drops it: a wait past its deadline, or a client's oldest beyond its cap.
+  void AnswerWait(uint64_t id);
   void EraseWait(uint64_t id);
   // PermissionDenied unless `caller` is admin or owns `job`.
   static absl::Status CheckOwner(const Caller& caller, const kiln::v1::JobInfo& job);

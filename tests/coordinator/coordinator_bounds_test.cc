@@ -137,6 +137,23 @@ TEST_F(BoundsTest, TenThousandWaitsOfOneClientDoNotLockOutAnother) {
   EXPECT_EQ(c_->pending_waits(), 101u);
 }
 
+TEST_F(BoundsTest, AClientCappedAtOneWaitHasItsOldWaitAnsweredByItsNewOne) {
+  // At the cap of one, answering the old wait empties (and erases) the client's wait set before
+  // the new wait goes in: a reference to that set held across it dangled (ASan in the sanitizer
+  // build sees it).
+  CoordinatorOptions o;
+  o.max_waits_per_client = 1;
+  Make(o);
+  ASSERT_TRUE(Register("n1").ok());
+  ASSERT_TRUE(Submit("j", kAlice).ok());
+  for (int i = 0; i < 3; ++i) {
+    auto w = Wait("j", 60000, "alice-route", kAlice);
+    ASSERT_TRUE(w.ok()) << i << ": " << w.status();
+    EXPECT_EQ(c_->pending_waits(), 1u);
+  }
+  EXPECT_EQ(ClientReplies().size(), 2u);
+}
+
 TEST_F(BoundsTest, WaitTimeoutIsCappedServerSide) {
   CoordinatorOptions o;
   o.max_wait_timeout_ms = 5000;
