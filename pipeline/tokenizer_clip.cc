@@ -180,12 +180,8 @@ absl::StatusOr<std::unique_ptr<ClipTokenizer>> ClipTokenizer::Load(const std::st
       t.content = value["content"].get<std::string>();
       t.normalized = value.contains("normalized") && value["normalized"].is_boolean() &&
                      value["normalized"].get<bool>();
-      const std::optional<int64_t> id = ParseTokenId(key);
-      if (!id) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            config_path, ": added_tokens_decoder key '", key, "' is not an id (0..", kMaxTokenId,
-            ")"));
-      }
+      const absl::StatusOr<int64_t> id = AddedTokenId(config_path, key);
+      if (!id.ok()) return id.status();
       t.id = *id;
       added.push_back(std::move(t));
     }

@@ -18,6 +18,15 @@ std::optional<int64_t> ParseTokenId(std::string_view key) {
   return id;
 }
 
+absl::StatusOr<int64_t> AddedTokenId(const std::string& config_path, const std::string& key) {
+  const std::optional<int64_t> id = ParseTokenId(key);
+  if (!id) {
+    return absl::InvalidArgumentError(absl::StrCat(config_path, ": added_tokens_decoder key '", key,
+                                                   "' is not an id (0..", kMaxTokenId, ")"));
+  }
+  return *id;
+}
+
 std::vector<TextSegment> SplitOnAddedTokens(std::string_view text,
                                             const std::vector<AddedToken>& tokens) {
   std::vector<TextSegment> out;

@@ -56,6 +56,8 @@ absl::StatusOr<TokenizeResult> FinishEncoding(const std::vector<int64_t>& conten
 // a fuzz-target finding, tests/fuzz).
 inline constexpr int64_t kMaxTokenId = 2147483647;
 std::optional<int64_t> ParseTokenId(std::string_view key);
+// ParseTokenId as both loaders use it: InvalidArgument naming the file and the key.
+absl::StatusOr<int64_t> AddedTokenId(const std::string& config_path, const std::string& key);
 
 // The content of a special-token field of tokenizer_config.json / special_tokens_map.json, which
 // is either a string or an AddedToken object {"content": ...}; nullopt if absent or null.

@@ -139,12 +139,8 @@ absl::StatusOr<std::unique_ptr<T5Tokenizer>> T5Tokenizer::Load(const std::string
   if (cfg.contains("added_tokens_decoder") && cfg["added_tokens_decoder"].is_object()) {
     for (const auto& [key, value] : cfg["added_tokens_decoder"].items()) {
       AddedToken t;
-      const std::optional<int64_t> id = ParseTokenId(key);
-      if (!id) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            config_path, ": added_tokens_decoder key '", key, "' is not an id (0..", kMaxTokenId,
-            ")"));
-      }
+      const absl::StatusOr<int64_t> id = AddedTokenId(config_path, key);
+      if (!id.ok()) return id.status();
       t.id = *id;
       if (!value.is_object() || !value.contains("content") || !value["content"].is_string()) {
         return absl::InvalidArgumentError(
