@@ -63,19 +63,30 @@ def record(package_path: str, constants: dict[str, dict], inputs, precision: str
     import torch
     from safetensors.torch import save_file
 
-    compiled = torch._inductor.aoti_load_package(package_path)
+    # The package is loaded as the C++ node loads it (pipeline/aoti_package.cc): one runner, run
+    # single-threaded on CUDA, on the inputs' device index, constants user-managed. On the H100
+    # host the default Python loader (`aoti_load_package`: multi-threaded runner, no device index,
+    # boxed_run) died with SIGSEGV in kiln-compile after every whole-graph CUDA compile; the
+    # synthetic constants also outlive the loader here, since it holds their storage unowned.
     device = inputs[0].device if inputs else torch.device("cpu")
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
+    loader = torch._C._aoti.AOTIModelPackageLoader(package_path, "model", cuda, 1, index)
     synthetic = synthetic_constants(constants, device)
-    fqns = compiled.get_constant_fqns()
-    compiled.load_constants({k: synthetic[k] for k in fqns}, check_full_update=True,
-                            user_managed=True)
+    fqns = loader.get_constant_fqns()
+    loader.load_constants({k: synthetic[k] for k in fqns}, False, True, True)
     with torch.no_grad():
-        outputs = compiled.loader.boxed_run([t.contiguous() for t in inputs])
+        outputs = loader.run([t.contiguous() for t in inputs])
+    if cuda:
+        torch.cuda.synchronize(device)
+    outputs = [t.detach().to("cpu").contiguous() for t in outputs]
+    del loader
+    del synthetic
     tensors = {}
     for i, t in enumerate(inputs):
         tensors[f"input.{i}"] = t.detach().to("cpu").contiguous()
     for i, t in enumerate(outputs):
-        tensors[f"output.{i}"] = t.detach().to("cpu").contiguous()
+        tensors[f"output.{i}"] = t
     save_file(tensors, os.path.join(out_dir, CANARY_FILE))
     return {"file": CANARY_FILE, "constants": CONSTANTS_RECIPE, "inputs": len(inputs),
             "outputs": len(outputs), "metric": "relative_l2",
