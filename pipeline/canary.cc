@@ -31,6 +31,19 @@ at::Tensor SyntheticConstant(int64_t index, const std::vector<int64_t>& shape,
   return (v * scale).reshape(shape).to(dtype);
 }
 
+absl::StatusOr<std::unordered_map<std::string, at::Tensor>> SyntheticConstants(
+    const cache::PackageManifest& manifest, const c10::Device& device) {
+  // By sorted FQN: std::map order, as the Python twin's sorted().
+  std::unordered_map<std::string, at::Tensor> constants;
+  int64_t index = 0;
+  for (const auto& [fqn, spec] : manifest.constants) {
+    auto dtype = DtypeFromName(spec.dtype);
+    if (!dtype.ok()) return dtype.status();
+    constants.emplace(fqn, SyntheticConstant(index++, spec.shape, *dtype, device));
+  }
+  return constants;
+}
+
 absl::StatusOr<CanaryResult> RunCanary(AotiPackage& package, const cache::LocatedPackage& found) {
   CanaryResult result;
   const nlohmann::json& raw = found.manifest.raw;
@@ -57,15 +70,9 @@ absl::StatusOr<CanaryResult> RunCanary(AotiPackage& package, const cache::Locate
   if (!record.ok()) return bad(std::string(record.status().message()));
   const c10::Device device = package.device();
 
-  // Synthetic constants for every constant of the manifest, by sorted FQN (std::map order).
-  std::unordered_map<std::string, at::Tensor> constants;
-  int64_t index = 0;
-  for (const auto& [fqn, spec] : found.manifest.constants) {
-    auto dtype = DtypeFromName(spec.dtype);
-    if (!dtype.ok()) return dtype.status();
-    constants.emplace(fqn, SyntheticConstant(index++, spec.shape, *dtype, device));
-  }
-  if (auto s = package.LoadConstants(constants); !s.ok()) return s;
+  auto constants = SyntheticConstants(found.manifest, device);
+  if (!constants.ok()) return constants.status();
+  if (auto s = package.LoadConstants(*constants); !s.ok()) return s;
 
   std::vector<at::Tensor> inputs;
   for (int64_t i = 0; i < c["inputs"].get<int64_t>(); ++i) {
@@ -113,6 +120,40 @@ absl::StatusOr<CanaryResult> RunCanary(AotiPackage& package, const cache::Locate
   result.ran = true;
   result.seconds = SecondsSince(t);
   return result;
+}
+
+absl::StatusOr<int> RecordCanary(const std::string& manifest_path, const std::string& package_path,
+                                 const std::string& inputs_path, const c10::Device& device,
+                                 const std::string& out_path) {
+  auto manifest = cache::PackageManifest::FromFile(manifest_path);
+  if (!manifest.ok()) return manifest.status();
+  cache::LocatedPackage located;
+  located.manifest = *manifest;
+  located.package_path = package_path;
+  auto package = AotiPackage::Load(located, device);
+  if (!package.ok()) return package.status();
+  auto constants = SyntheticConstants(*manifest, device);
+  if (!constants.ok()) return constants.status();
+  if (auto s = (*package)->LoadConstants(*constants); !s.ok()) return s;
+  auto record = SafetensorsFile::Open(inputs_path);
+  if (!record.ok()) return record.status();
+  std::vector<at::Tensor> inputs;
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (size_t i = 0;; ++i) {
+    const TensorView* view = (*record)->Find(absl::StrCat("input.", i));
+    if (view == nullptr) break;
+    auto host = TensorFromView(*view);
+    if (!host.ok()) return host.status();
+    inputs.push_back(host->to(device).contiguous());
+    tensors.emplace_back(absl::StrCat("input.", i), host->clone());
+  }
+  auto outputs = (*package)->Run(inputs);
+  if (!outputs.ok()) return outputs.status();
+  for (size_t i = 0; i < outputs->size(); ++i) {
+    tensors.emplace_back(absl::StrCat("output.", i), (*outputs)[i]);
+  }
+  if (auto s = WriteSafetensors(out_path, tensors); !s.ok()) return s;
+  return static_cast<int>(outputs->size());
 }
 
 }  // namespace kiln::pipeline

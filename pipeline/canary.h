@@ -27,6 +27,10 @@ namespace kiln::pipeline {
 at::Tensor SyntheticConstant(int64_t index, const std::vector<int64_t>& shape,
                              at::ScalarType dtype, const c10::Device& device);
 
+// SyntheticConstant for every constant of `manifest`, by sorted FQN, on `device`.
+absl::StatusOr<std::unordered_map<std::string, at::Tensor>> SyntheticConstants(
+    const cache::PackageManifest& manifest, const c10::Device& device);
+
 // What RunCanary found.
 struct CanaryResult {
   bool ran = false;          // false: the manifest records no canary (a package built before it)
@@ -40,5 +44,15 @@ struct CanaryResult {
 // missing (the package is then not what was signed-for-serving). Errors of the run itself as
 // AotiPackage reports them. Leaves synthetic constants loaded: load the real ones next.
 absl::StatusOr<CanaryResult> RunCanary(AotiPackage& package, const cache::LocatedPackage& found);
+
+// The compile-time side (kiln-canary, called by kiln-compile): loads `package` (manifest
+// `manifest_path`: the manifest kiln-compile is about to write, its canary not yet filled in) on
+// `device` exactly as a node does (AotiPackage), runs it on the synthetic constants and the
+// inputs input.<i> of `inputs_path`, and writes input.<i> and output.<i> to `out_path`
+// (safetensors). Returns the number of outputs. Loading a CUDA package from Python crashes with
+// torch 2.11 on the GPU host (bench/README.md), so the record is made by the loader that serves.
+absl::StatusOr<int> RecordCanary(const std::string& manifest_path, const std::string& package_path,
+                                 const std::string& inputs_path, const c10::Device& device,
+                                 const std::string& out_path);
 
 }  // namespace kiln::pipeline

@@ -6,6 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/files.h"
+#include "nlohmann/json.hpp"
 
 namespace kiln::pipeline {
 namespace {
@@ -26,6 +28,17 @@ absl::StatusOr<at::ScalarType> TorchType(DType d) {
     case DType::kF8E5M2: return at::kFloat8_e5m2;
     default: return absl::UnimplementedError(absl::StrCat("dtype ", DTypeName(d), " has no torch equivalent here"));
   }
+}
+
+absl::StatusOr<DType> SafetensorsType(at::ScalarType t) {
+  for (DType d : {DType::kF64, DType::kF32, DType::kF16, DType::kBF16, DType::kI64, DType::kI32,
+                  DType::kI16, DType::kI8, DType::kU8, DType::kBool, DType::kF8E4M3,
+                  DType::kF8E5M2}) {
+    auto torch_type = TorchType(d);
+    if (torch_type.ok() && *torch_type == t) return d;
+  }
+  return absl::UnimplementedError(absl::StrCat("dtype ", c10::toString(t),
+                                               " has no safetensors name here"));
 }
 
 // Names under which a checkpoint may store a tensor that a package asks for by `fqn`.
@@ -58,6 +71,34 @@ std::string DerivationKey(const std::string& op, const std::vector<std::string>&
 }
 
 }  // namespace
+
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  std::vector<at::Tensor> host;
+  size_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    auto dtype = SafetensorsType(tensor.scalar_type());
+    if (!dtype.ok()) return absl::Status(dtype.status().code(), absl::StrCat(name, ": ", dtype.status().message()));
+    at::Tensor t = tensor.detach().to(at::kCPU).contiguous();
+    const size_t bytes = t.numel() * t.element_size();
+    header[name] = {{"dtype", DTypeName(*dtype)}, {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    host.push_back(std::move(t));
+  }
+  std::string json = header.dump();
+  json.append((8 - json.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  std::string out(8, '\0');
+  uint64_t n = json.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);  // little-endian
+  out += json;
+  out.reserve(out.size() + offset);
+  for (const auto& t : host) {
+    out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  }
+  return WriteFileAtomically(path, out);
+}
 
 absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view) {
   auto type = TorchType(view.dtype);

@@ -33,6 +33,12 @@ namespace kiln::pipeline {
 // Host tensor viewing `view`'s bytes (no copy; valid while the file stays open).
 absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view);
 
+// Writes `tensors` (any device; copied to the host, made contiguous) to `path` as a .safetensors
+// file, atomically (common/files.h), in the given order. Unimplemented for a dtype safetensors
+// has no name for here; the file errors of WriteFileAtomically.
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<std::pair<std::string, at::Tensor>>& tensors);
+
 class ComponentWeights {
  public:
   // Opens the checkpoint `stem` ("diffusion_pytorch_model" or "model") of the component folder

@@ -31,7 +31,7 @@ def main() -> None:
             inputs.append(torch.randn(spec["shape"], generator=gen).to(dtype))
     precision = manifest["key"]["precision"]
     record = canary.record(os.path.join(pkg_dir, manifest["package"]["file"]),
-                           manifest["constants"], inputs, precision, pkg_dir)
+                           manifest, inputs, precision, pkg_dir)
     if scale != 1.0:
         path = os.path.join(pkg_dir, record["file"])
         tensors = load_file(path)

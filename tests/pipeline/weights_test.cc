@@ -238,5 +238,41 @@ TEST_F(WeightsTest, UndescribedFqnIsDataLoss) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
 }
 
+// WriteSafetensors (the canary's file, written by kiln-canary) reads back through kiln's own
+// reader with every dtype, shape and byte it wrote, non-contiguous inputs included.
+TEST(WriteSafetensorsTest, ReadsBackByteForByte) {
+  kiln::testing::TempDir dir;
+  const std::string path = dir.path() + "/t.safetensors";
+  std::vector<std::pair<std::string, at::Tensor>> written = {
+      {"output.0", torch::randn({3, 5}).to(torch::kBFloat16)},
+      {"input.0", torch::arange(7, torch::kLong)},
+      {"q", torch::randn({4, 2}).t().to(torch::kFloat8_e4m3fn)},  // transposed: not contiguous
+      {"scalar", torch::tensor(2.5f).reshape({})},
+  };
+  ASSERT_TRUE(WriteSafetensors(path, written).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  for (const auto& [name, tensor] : written) {
+    const TensorView* view = (*file)->Find(name);
+    ASSERT_NE(view, nullptr) << name;
+    auto back = TensorFromView(*view);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->scalar_type(), tensor.scalar_type()) << name;
+    EXPECT_EQ(back->sizes(), tensor.sizes()) << name;
+    at::Tensor want = tensor.contiguous();
+    ASSERT_EQ(back->numel() * back->element_size(), want.numel() * want.element_size());
+    EXPECT_EQ(std::memcmp(back->data_ptr(), want.data_ptr(), want.numel() * want.element_size()), 0)
+        << name;
+  }
+}
+
+TEST(WriteSafetensorsTest, UnnamedDtypeIsRefusedNamingTheTensor) {
+  kiln::testing::TempDir dir;
+  auto s = WriteSafetensors(dir.path() + "/t.safetensors",
+                            {{"z", torch::zeros({2}, torch::kComplexFloat)}});
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  EXPECT_NE(s.message().find("z"), std::string::npos) << s;
+}
+
 }  // namespace
 }  // namespace kiln::pipeline

@@ -22,6 +22,7 @@ A miscompile or a changed kernel moves the output by O(1) relative error.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -56,38 +57,66 @@ def synthetic_constants(constants: dict[str, dict], device) -> dict:
     return out
 
 
-def record(package_path: str, constants: dict[str, dict], inputs, precision: str,
-           out_dir: str) -> dict:
-    """Runs the package at `package_path` on synthetic constants and `inputs`, writes
-    out_dir/canary.safetensors (input.<i>, output.<i>) and returns the manifest's `canary`."""
+def record(package_path: str, manifest: dict, inputs, precision: str, out_dir: str) -> dict:
+    """Runs the package at `package_path` (described by `manifest`, whose canary is not filled in
+    yet) on synthetic constants and `inputs`, writes out_dir/canary.safetensors (input.<i>,
+    output.<i>) and returns the manifest's `canary`.
+
+    The run is made by kiln-canary (C++, pipeline/canary.h RecordCanary): the loader a node serves
+    with, in a fresh process. Loading a CUDA package from Python (torch._inductor.aoti_load_package
+    or AOTIModelPackageLoader) died with SIGSEGV in the loader's constructor on the H100 host with
+    torch 2.11, for every package, also a plain nn.Linear compiled with default options, while the
+    C++ loader serves them (bench/README.md). kiln-compile's wrapper names the binary in
+    KILN_CANARY_BIN; without it (`python -m kiln.compile` outside a build) a CPU package's canary
+    is run here, in Python, and a CUDA package's is an error."""
+    import subprocess
+    import tempfile
     import torch
     from safetensors.torch import save_file
 
-    # The package is loaded as the C++ node loads it (pipeline/aoti_package.cc): one runner, run
-    # single-threaded on CUDA, on the inputs' device index, constants user-managed. On the H100
-    # host the default Python loader (`aoti_load_package`: multi-threaded runner, no device index,
-    # boxed_run) died with SIGSEGV in kiln-compile after every whole-graph CUDA compile; the
-    # synthetic constants also outlive the loader here, since it holds their storage unowned.
     device = inputs[0].device if inputs else torch.device("cpu")
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else -1
-    loader = torch._C._aoti.AOTIModelPackageLoader(package_path, "model", cuda, 1, index)
-    synthetic = synthetic_constants(constants, device)
-    fqns = loader.get_constant_fqns()
-    loader.load_constants({k: synthetic[k] for k in fqns}, False, True, True)
+    out_path = os.path.join(out_dir, CANARY_FILE)
+    tool = os.environ.get("KILN_CANARY_BIN", "")
+    if tool and os.path.exists(tool):
+        with tempfile.TemporaryDirectory(prefix="kiln-canary-") as tmp:
+            manifest_path = os.path.join(tmp, "manifest.json")
+            with open(manifest_path, "w") as f:
+                json.dump(dict(manifest, canary=None), f)
+            inputs_path = os.path.join(tmp, "inputs.safetensors")
+            save_file({f"input.{i}": t.detach().to("cpu").contiguous()
+                       for i, t in enumerate(inputs)}, inputs_path)
+            r = subprocess.run([tool, "--manifest", manifest_path, "--package", package_path,
+                                "--inputs", inputs_path, "--device", str(device),
+                                "--out", out_path], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"canary: {tool} failed (exit {r.returncode}): "
+                               f"{(r.stderr or '').strip()[-2000:]}")
+        outputs = int(r.stdout.split()[-1])
+    elif device.type == "cpu":
+        outputs = _record_in_process(package_path, manifest["constants"], inputs, out_path)
+    else:
+        raise RuntimeError(f"canary: kiln-canary not found (KILN_CANARY_BIN='{tool}'); a {device} "
+                           f"package's canary is recorded by kiln's C++ loader: run kiln-compile "
+                           f"from a build's bin/ directory, or set KILN_CANARY_BIN")
+    return {"file": CANARY_FILE, "constants": CONSTANTS_RECIPE, "inputs": len(inputs),
+            "outputs": outputs, "metric": "relative_l2",
+            "tolerance": TOLERANCE[precision]}
+
+
+def _record_in_process(package_path: str, constants: dict[str, dict], inputs,
+                       out_path: str) -> int:
+    """record's CPU fallback without kiln-canary: the same run through PyTorch's Python loader."""
+    import torch
+    from safetensors.torch import save_file
+
+    loader = torch._C._aoti.AOTIModelPackageLoader(package_path, "model", False, 1, -1)
+    synthetic = synthetic_constants(constants, torch.device("cpu"))
+    loader.load_constants({k: synthetic[k] for k in loader.get_constant_fqns()}, False, True, True)
     with torch.no_grad():
         outputs = loader.run([t.contiguous() for t in inputs])
-    if cuda:
-        torch.cuda.synchronize(device)
-    outputs = [t.detach().to("cpu").contiguous() for t in outputs]
-    del loader
-    del synthetic
-    tensors = {}
-    for i, t in enumerate(inputs):
-        tensors[f"input.{i}"] = t.detach().to("cpu").contiguous()
+    tensors = {f"input.{i}": t.detach().contiguous() for i, t in enumerate(inputs)}
     for i, t in enumerate(outputs):
-        tensors[f"output.{i}"] = t
-    save_file(tensors, os.path.join(out_dir, CANARY_FILE))
-    return {"file": CANARY_FILE, "constants": CONSTANTS_RECIPE, "inputs": len(inputs),
-            "outputs": len(outputs), "metric": "relative_l2",
-            "tolerance": TOLERANCE[precision]}
+        tensors[f"output.{i}"] = t.detach().contiguous()
+    del loader, synthetic
+    save_file(tensors, out_path)
+    return len(outputs)

@@ -285,9 +285,6 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         if extra:
             from safetensors.torch import save_file
             save_file(extra, os.path.join(tmp_dir, EXTRA_CONSTANTS_FILE))
-        t2 = time.monotonic()
-        canary_record = canary.record(pkg_path, constants, example_inputs, precision, tmp_dir)
-        canary_record["seconds"] = round(time.monotonic() - t2, 3)
         with open(pkg_path, "rb") as f:
             pkg_sha = ak.sha256_hex(f.read())
         manifest = {
@@ -300,7 +297,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
             "inputs": _specs(components.input_spec(config, component, precision, key.bucket)),
             "outputs": _specs(components.output_spec(config, component, precision, key.bucket)),
             "compile_options": compile_options,
-            "canary": canary_record,
+            "canary": None,
             "export_seconds": round(export_seconds, 3),
             "compile_seconds": round(compile_seconds, 3),
             "built_by": socket.gethostname(),
@@ -311,24 +308,10 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         if device == "cuda":
             props = torch.cuda.get_device_properties(0)
             manifest["tuned_on"] = {"gpu": props.name, "sm_count": props.multi_processor_count}
-        with open(os.path.join(tmp_dir, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.write("\n")
-        for name in os.listdir(tmp_dir):
-            with open(os.path.join(tmp_dir, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp_dir)
-        try:
-            os.rename(tmp_dir, final_dir)
-        except OSError:
-            # Another compiler published the same key first; its package is as good as ours.
-            if not os.path.exists(os.path.join(final_dir, MANIFEST_FILE)):
-                raise
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            with open(os.path.join(final_dir, MANIFEST_FILE)) as f:
-                return json.load(f)
-        _fsync_dir(out_root)
-        return manifest
+        t2 = time.monotonic()
+        manifest["canary"] = canary.record(pkg_path, manifest, example_inputs, precision, tmp_dir)
+        manifest["canary"]["seconds"] = round(time.monotonic() - t2, 3)
+        return _publish(tmp_dir, final_dir, out_root, manifest)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
