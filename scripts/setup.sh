@@ -35,12 +35,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.kiln-requirements
-if [ ! -f "$stamp" ] || ! cmp -s requirements.txt "$stamp"; then
-  echo "[setup] installing Python packages from requirements.txt (torch 2.13.0 CPU build)"
+# KILN_TORCH_INDEX: the pip index torch comes from (unset: pip's default, which here gives the CPU
+# build). A CUDA build for GPU nodes: KILN_TORCH_INDEX=https://download.pytorch.org/whl/cu130.
+# The index is part of the stamp, so changing it reinstalls torch.
+want=$(cat requirements.txt; echo "# torch index: ${KILN_TORCH_INDEX:-default}")
+if [ ! -f "$stamp" ] || [ "$want" != "$(cat "$stamp")" ]; then
+  echo "[setup] installing Python packages from requirements.txt (torch 2.13.0 from ${KILN_TORCH_INDEX:-the default index})"
   # (pip's notes about unreachable extra index locations are noise here and filtered out)
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 2> >(grep -v "is ignored" >&2)
+  .venv/bin/pip install -q --disable-pip-version-check ${KILN_TORCH_INDEX:+--force-reinstall --index-url "$KILN_TORCH_INDEX"} \
+    torch==2.13.0 2> >(grep -v "is ignored" >&2)
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt 2> >(grep -v "is ignored" >&2)
-  cp requirements.txt "$stamp"
+  echo "$want" > "$stamp"
 else
   echo "[setup] Python packages: all present"
 fi
