@@ -10,7 +10,7 @@ import time
 import pytest
 
 BIN = os.environ.get("KILN_BIN", "")
-PROGRAMS = ["kiln", "kiln-coordinator", "kiln-node", "kiln-run", "kiln-bench"]
+PROGRAMS = ["kiln", "kiln-coordinator", "kiln-node", "kiln-run", "kiln-canary", "kiln-bench"]
 
 pytestmark = pytest.mark.skipif(not BIN, reason="KILN_BIN is not set (run through scripts/test.sh)")
 
@@ -33,7 +33,8 @@ def test_help_lists_flags_and_exits_0(program):
     if program == "kiln-coordinator":
         assert "--log-format" in proc.stdout  # flags defined in common/ are listed too
     expected = {"kiln": "generate", "kiln-coordinator": "--heartbeat-ms",
-                "kiln-node": "--coordinator", "kiln-run": "--prompt", "kiln-bench": "--inputs"}
+                "kiln-node": "--coordinator", "kiln-run": "--prompt", "kiln-canary": "--manifest",
+                "kiln-bench": "--inputs"}
     assert expected[program] in proc.stdout
 
 

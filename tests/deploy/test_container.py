@@ -147,7 +147,7 @@ ESSENTIAL = {"libc6", "libgcc-s1", "libstdc++6", "zlib1g", "libbsd0", "libmd0", 
 
 @pytest.mark.parametrize("stage,executables", [
     ("coordinator", ["kiln-coordinator", "kiln"]),
-    ("node", ["kiln-node", "kiln-run", "kiln"]),
+    ("node", ["kiln-node", "kiln-run", "kiln-canary", "kiln"]),
 ])
 def test_runtime_stage_installs_every_library_the_executables_load(stage, executables) -> None:
     bin_dir = Path(os.environ.get("KILN_BIN", ROOT / "build" / "bin"))
