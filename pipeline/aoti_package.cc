@@ -179,6 +179,11 @@ absl::Status AotiPackage::LoadConstants(
   return absl::OkStatus();
 }
 
+void AotiPackage::ReleaseConstants() {
+  constants_.clear();
+  constants_loaded_ = false;
+}
+
 absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::Tensor>& inputs) {
   return RunOn(inputs, nullptr);
 }

@@ -54,6 +54,10 @@ class AotiPackage {
   // Hands the package its weights. `constants` may hold more names than needed; exactly
   // constant_fqns() are passed. The tensors are kept alive by this object (user-managed).
   absl::Status LoadConstants(const std::unordered_map<std::string, at::Tensor>& constants);
+  // Drops the tensors LoadConstants keeps alive (the canary's synthetic constants, before the
+  // real weights are gathered: otherwise both sets sit on the device at once, 24 GB extra for
+  // flux-dev's bf16 transformer). Run refuses (FailedPrecondition) until LoadConstants again.
+  void ReleaseConstants();
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
   // Run()'s first output (every kiln component has one); Internal if the package returned none.

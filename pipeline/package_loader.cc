@@ -140,6 +140,7 @@ absl::StatusOr<LoadedComponent> PackageLoader::Load(const std::string& component
       return canary.status();
     }
     report->canary_seconds += canary->seconds;
+    (*pkg)->ReleaseConstants();  // free the synthetic constants before the weights arrive
   }
   report->package_load_seconds += SecondsSince(t);
 

@@ -98,6 +98,24 @@ TEST_F(AotiPackageTest, RunsWithValidInputsAndRejectsBadOnes) {
   EXPECT_EQ(count.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// After ReleaseConstants (the loader's step between the canary and the weights) the package holds
+// no tensors and refuses to run until it is given constants again; then it gives the same output.
+TEST_F(AotiPackageTest, ReleasedConstantsMustBeLoadedAgainBeforeARun) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  at::Tensor ids = torch::zeros({1, 77}, torch::kLong);
+  ASSERT_TRUE((*pkg)->LoadConstants(Weights(**pkg)).ok());
+  auto before = (*pkg)->Run({ids});
+  ASSERT_TRUE(before.ok()) << before.status();
+  (*pkg)->ReleaseConstants();
+  auto refused = (*pkg)->Run({ids});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition) << refused.status();
+  ASSERT_TRUE((*pkg)->LoadConstants(Weights(**pkg)).ok());
+  auto after = (*pkg)->Run({ids});
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_TRUE(torch::equal((*before)[0], (*after)[0]));
+}
+
 TEST_F(AotiPackageTest, MissingAndMisshapedWeightsAreNamed) {
   auto pkg = LoadCopy();
   ASSERT_TRUE(pkg.ok()) << pkg.status();
