@@ -93,7 +93,8 @@ def _build(a: argparse.Namespace, device: torch.device, bucket: ak.Bucket):
     t0 = time.monotonic()
     tensors = list(model.state_dict().values())
     for t in tensors:
-        dist.broadcast(t, src=0)
+        # fp8 weights travel as bytes: a collective need not know the float8 dtypes.
+        dist.broadcast(t.view(torch.uint8) if t.element_size() == 1 else t, src=0)
     _sync(device)
     bcast_s = time.monotonic() - t0
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
