@@ -223,12 +223,24 @@ def rms_rope_bound(norms: list[RMSNorm], head_dim: int) -> torch.Tensor:
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                rope: tuple[torch.Tensor, torch.Tensor], backend: str = "sdpa",
-               qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D]."""
+               qk_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+               sp=None) -> torch.Tensor:
+    """q, k, v [B, N, H, D] (already QK-normed) -> [B, N, H*D].
+
+    sp (a kiln.sequence_parallel.Ulysses, or None): the N tokens are this rank's shard of the
+    sequence; RoPE is applied to them here (rope holds their rows), then an all-to-all trades
+    the token shards for head shards, attention runs over every rank's tokens with H/P heads,
+    and the inverse all-to-all brings this rank's tokens back with all H heads. Attention
+    without a mask is equivariant in the token order, so the gathered order need not be the
+    single-rank one."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     q = apply_rope(q, *rope)
     k = apply_rope(k, *rope)
+    if sp is not None:
+        q, k, v = (sp.to_heads(t) for t in (q, k, v))
     out = sdpa(q, k, v, backend, qk_bounds)
+    if sp is not None:
+        out = sp.to_tokens(out)
     return out.transpose(1, 2).flatten(2)
 
 
@@ -244,6 +256,7 @@ class JointAttention(nn.Module):
         self.head_dim = head_dim
         self.fuse_qkv = fuse_qkv
         self.attention = "sdpa"  # FluxTransformer sets its build option
+        self.sp = None  # kiln.sequence_parallel.enable sets it; None: the whole sequence here
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
         if fuse_qkv:
@@ -295,7 +308,7 @@ class JointAttention(nn.Module):
         if self.attention == "fp8":
             bounds = (rms_rope_bound([self.norm_q, self.norm_added_q], d),
                       rms_rope_bound([self.norm_k, self.norm_added_k], d))
-        out = _attention(q, k, v, rope, self.attention, bounds)
+        out = _attention(q, k, v, rope, self.attention, bounds, self.sp)
         n_txt = txt.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -312,6 +325,7 @@ class SelfAttention(nn.Module):
         self.head_dim = head_dim
         self.fuse_qkv = fuse_qkv
         self.attention = "sdpa"  # FluxTransformer sets its build option
+        self.sp = None  # kiln.sequence_parallel.enable sets it; None: the whole sequence here
         self.norm_q = RMSNorm(head_dim)
         self.norm_k = RMSNorm(head_dim)
         if fuse_qkv:
@@ -344,7 +358,7 @@ class SelfAttention(nn.Module):
         bounds = None
         if self.attention == "fp8":
             bounds = (rms_rope_bound([self.norm_q], d), rms_rope_bound([self.norm_k], d))
-        return _attention(q, k, v, rope, self.attention, bounds)
+        return _attention(q, k, v, rope, self.attention, bounds, self.sp)
 
 
 class DoubleStreamBlock(nn.Module):
