@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The cluster path (bench/gpu/cluster.sh, issues 10 and 11) and issue 13's regional-vs-whole
 # comparison (bench/gpu/run.sh) in one detached chain on the GPU test host, sharing one build,
-# one set of weights and one machine start (about 15 min on an H100, plus the machine's start):
+# one set of weights and one machine start (not yet run end to end; an estimate from the steps
+# measured on the H100 on 2026-12-05 — prep 92 s, precompile ~250 s, a transformer compile 104-167 s —
+# is 12-15 min plus the machine start):
 #
 #   bench/gpu/chain.sh OUTDIR
 #
