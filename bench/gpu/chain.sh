@@ -18,8 +18,8 @@
 #   regional-bench    kiln-bench of both layouts on an idle GPU: step time plain and graphed,
 #                     error against eager
 #   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
-#                     tail and double regions, kiln-compile's Inductor options and the wrapper at
-#                     O0, each alone with an empty Inductor cache, under cProfile)
+#                     tail and double regions with kiln-compile's Inductor options, each alone
+#                     with an empty Inductor cache, Inductor's timers and cProfile)
 # Nothing GPU-heavy runs beside the precompile or beside another transformer compile: on
 # 2026-12-05 the two compiles plus fp8_bench.py beside the precompile ran the H100 out of memory
 # (every compile builds its module on the device). Each step writes OUTDIR/<step>/ and
@@ -57,7 +57,7 @@ step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$
   compile,fp8
 step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
-  --model "$WORK/flux-dev" --precision bf16 --regions tail,double --variants default,O0 \
+  --model "$WORK/flux-dev" --precision bf16 --regions tail,double --variants default \
   --out "$DEST/region-profile"
 tail -8 "$DEST/region-profile.log" | tee -a "$DEST/chain.log"
 log "done"
