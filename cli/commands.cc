@@ -78,15 +78,22 @@ absl::StatusOr<std::string> ResolveCoordinator(const CommandLine& cl, Io& io) {
 }
 
 // The client's CURVE keys: --key/--server-key, else $KILN_KEY/$KILN_SERVER_KEY, else the local
-// cluster's admin key when STATE/cluster.json has keys; plaintext with --insecure-plaintext or
-// when none of these exists.
-absl::StatusOr<CurveClient> ResolveCurve(const CommandLine& cl, Io& io) {
+// cluster's admin key when STATE/cluster.json has keys and `endpoint` is that cluster's
+// coordinator (an endpoint given by --coordinator or $KILN_COORDINATOR that is some other
+// coordinator gets no key of this cluster's); plaintext with --insecure-plaintext or when none of
+// these applies.
+absl::StatusOr<CurveClient> ResolveCurve(const CommandLine& cl, Io& io,
+                                         const std::string& endpoint) {
   if (cl.Has("insecure-plaintext")) return CurveClient{};
   std::string key = cl.Get("key", io.getenv("KILN_KEY"));
   std::string server = cl.Get("server-key", io.getenv("KILN_SERVER_KEY"));
   if (key.empty() && server.empty()) {
     auto state = LoadClusterState(StateDir(cl));
-    if (state.ok() && !state->keys_dir.empty()) return AdminCurveClient(*state);
+    if (!state.ok() || state->keys_dir.empty()) return CurveClient{};
+    if (endpoint == state->coordinator.client_endpoint) return AdminCurveClient(*state);
+    io.err << "kiln: " << endpoint << " is not the coordinator of the local cluster in "
+           << StateDir(cl) << ", so its admin key is not used (plaintext; pass --key and "
+           << "--server-key for a CURVE coordinator)\n";
     return CurveClient{};
   }
   return LoadCurveClient(key, server, "--key", "--server-key");
@@ -105,7 +112,7 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> Connect(const CommandLine& cl
   if (*retry_for_s < 0) return absl::InvalidArgumentError("--retry-for: must be >= 0");
   ClientOptions options;
   options.endpoint = *endpoint;
-  auto curve = ResolveCurve(cl, io);
+  auto curve = ResolveCurve(cl, io, *endpoint);
   if (!curve.ok()) return curve.status();
   options.curve = *curve;
   options.request_timeout_ms = static_cast<int>(*timeout_s * 1000);

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "cli/cluster_state.h"
+#include "cli/local_cluster.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -230,6 +231,42 @@ TEST(Coordinator, FoundFromFlagThenEnvThenStateDir) {
   r = RunKiln({"nodes", "--state-dir", dir});
   EXPECT_EQ(r.code, 1);
   EXPECT_THAT(r.err, HasSubstr("is down"));
+}
+
+// A local cluster's admin key belongs to that cluster's coordinator only: a secure cluster's
+// state left in the default state directory must not make the CLI speak CURVE to another,
+// plaintext coordinator named by --coordinator or KILN_COORDINATOR.
+TEST(Coordinator, ALocalClustersAdminKeyIsUsedOnlyForItsOwnCoordinator) {
+  ScriptedCoordinator plaintext;
+  const std::string dir = TempDir();
+  ClusterState state;
+  state.state_dir = dir;
+  state.keys_dir = dir + "/keys";
+  state.coordinator.client_endpoint = "tcp://127.0.0.1:1";  // the local cluster's (down)
+  ASSERT_TRUE(ProvisionClusterKeys(KeyFiles(state.keys_dir)).ok());
+  ASSERT_TRUE(SaveClusterState(state).ok());
+
+  auto r = RunKiln({"submit", "--prompt", "x", "--state-dir", dir, "--job-id", "by-flag",
+                    "--coordinator", plaintext.endpoint(), "--request-timeout", "2",
+                    "--retry-for", "0"});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "by-flag\n");
+  EXPECT_THAT(r.err, HasSubstr("its admin key is not used"));
+  r = RunKiln({"submit", "--prompt", "x", "--state-dir", dir, "--job-id", "by-env",
+               "--request-timeout", "2", "--retry-for", "0"},
+              {{"KILN_COORDINATOR", plaintext.endpoint()}});
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "by-env\n");
+
+  // Its own coordinator, found in the state or named by the flag, gets the key: CURVE against
+  // this plaintext fake fails the handshake, so nothing is answered within the timeout.
+  state.coordinator.client_endpoint = plaintext.endpoint();
+  ASSERT_TRUE(SaveClusterState(state).ok());
+  r = RunKiln({"submit", "--prompt", "x", "--state-dir", dir, "--coordinator",
+               plaintext.endpoint(), "--request-timeout", "0.5", "--retry-for", "0"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_THAT(r.err, Not(HasSubstr("its admin key is not used")));
+  (void)std::filesystem::remove_all(dir);
 }
 
 TEST(Submit, RepeatedJobIdSaysNothingNewWasSubmitted) {
