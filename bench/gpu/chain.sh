@@ -13,13 +13,13 @@
 #                     denoise, kiln-run on the same packages (the GPU to itself)
 #   regional-miss     the regional transformer (bf16) compiled on a miss, alone, with an empty
 #                     Inductor cache: issue 13's compile-time target (<= 30 s)
+#   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
+#                     tail and double regions with kiln-compile's Inductor options, each alone
+#                     with an empty Inductor cache, Inductor's timers and cProfile)
 #   whole-and-refs    the whole-graph transformer (bf16) compiled on a miss, beside fp8_bench.py's
 #                     step part (the eager references and inputs kiln-bench is checked against)
 #   regional-bench    kiln-bench of both layouts on an idle GPU: step time plain and graphed,
 #                     error against eager
-#   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
-#                     tail and double regions with kiln-compile's Inductor options, each alone
-#                     with an empty Inductor cache, Inductor's timers and cProfile)
 # Nothing GPU-heavy runs beside the precompile or beside another transformer compile: on
 # 2026-12-05 the two compiles plus fp8_bench.py beside the precompile ran the H100 out of memory
 # (every compile builds its module on the device). Each step writes OUTDIR/<step>/ and
@@ -53,11 +53,11 @@ INDUCTOR_EMPTY=$(mktemp -d)
 step regional-miss env TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_EMPTY" VARIANTS="bf16:cudnn:regional" \
   bench/gpu/run.sh "$DEST/regional-miss" compile
 rm -rf "$INDUCTOR_EMPTY"
-step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
-  compile,fp8
-step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
   --model "$WORK/flux-dev" --precision bf16 --regions tail,double --variants default \
   --out "$DEST/region-profile"
 tail -8 "$DEST/region-profile.log" | tee -a "$DEST/chain.log"
+step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
+  compile,fp8
+step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 log "done"
