@@ -462,6 +462,7 @@ absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
        mine != waits_by_client_.end() && mine->second.size() >= options_.max_waits_per_client;
        mine = waits_by_client_.find(client)) {
     AnswerWait(*mine->second.begin());
+    metrics_.waits_dropped_client_cap.Increment();
   }
   const uint64_t id = next_wait_id_++;
   PendingWait wait;
@@ -471,11 +472,13 @@ absl::StatusOr<std::optional<kiln::v1::JobReply>> Coordinator::Wait(
   wait.deadline_ms =
       clock_.NowMs() + std::min<int64_t>(request.timeout_ms(), options_.max_wait_timeout_ms);
   waits_by_client_[client].insert(id);
+  waits_by_peer_[reply_to.peer].insert(id);
   wait.include_png = request.include_png();
   wait.stream = request.stream_progress();
   waits_by_job_.emplace(wait.job_id, id);
   waits_by_deadline_.emplace(wait.deadline_ms, id);
   waits_.emplace(id, std::move(wait));
+  metrics_.waits_pending.Set(static_cast<double>(waits_.size()));
   if (!request.stream_progress()) return std::optional<kiln::v1::JobReply>();
   *reply.mutable_job() = std::move(*job);
   reply.mutable_job()->clear_png();
@@ -1737,6 +1740,10 @@ void Coordinator::EraseWait(uint64_t id) {
     c->second.erase(id);
     if (c->second.empty()) waits_by_client_.erase(c);
   }
+  if (auto p = waits_by_peer_.find(it->second.reply_to.peer); p != waits_by_peer_.end()) {
+    p->second.erase(id);
+    if (p->second.empty()) waits_by_peer_.erase(p);
+  }
   auto [begin, end] = waits_by_job_.equal_range(it->second.job_id);
   for (auto j = begin; j != end; ++j) {
     if (j->second == id) {
@@ -1745,6 +1752,16 @@ void Coordinator::EraseWait(uint64_t id) {
     }
   }
   waits_.erase(it);
+  metrics_.waits_pending.Set(static_cast<double>(waits_.size()));
+}
+
+size_t Coordinator::DropWaitsOf(const std::string& peer) {
+  auto it = waits_by_peer_.find(peer);
+  if (it == waits_by_peer_.end()) return 0;
+  const std::vector<uint64_t> ids(it->second.begin(), it->second.end());  // EraseWait edits the set
+  for (uint64_t id : ids) EraseWait(id);
+  metrics_.waits_dropped_client_gone.Increment(static_cast<double>(ids.size()));
+  return ids.size();
 }
 
 kiln::v1::Envelope Coordinator::JobReplyEnvelope(const std::string& request_id, JobInfo job,

@@ -157,6 +157,12 @@ class Coordinator {
   absl::StatusOr<std::optional<kiln::v1::JobReply>> Wait(const kiln::v1::WaitRequest& request,
                                                          const ReplyTo& reply_to,
                                                          const Caller& caller = {});
+  // The connection behind `peer` (a ReplyTo::peer) is gone: drops its pending waits without an
+  // answer (nobody could receive one), so they no longer count against its client's cap nor
+  // max_pending_waits. Counted in kiln_coordinator_waits_dropped_total{reason="client_gone"}.
+  // Returns how many were dropped. The transport calls it (CoordinatorServer: from its client
+  // socket's disconnect events); waits of the same client key on other connections stay.
+  size_t DropWaitsOf(const std::string& peer);
   // QUEUED → CANCELLED at once; RUNNING → CancelJob to its node and CANCELLED (the node's
   // slot is freed when it reports back or is found gone). Cancelling a CANCELLED job returns it;
   // a SUCCEEDED or FAILED one is FailedPrecondition. NotFound for an unknown job.
@@ -406,6 +412,7 @@ class Coordinator {
   std::map<uint64_t, PendingWait> waits_;
   std::multimap<std::string, uint64_t> waits_by_job_;
   std::map<std::string, std::set<uint64_t>> waits_by_client_;   // PendingWait.client → ids
+  std::map<std::string, std::set<uint64_t>> waits_by_peer_;     // ReplyTo::peer → ids
   std::map<std::string, size_t> queued_by_owner_;               // owner key → queued jobs
   int64_t next_run_timeout_check_ms_ = 0;
   std::set<std::pair<int64_t, uint64_t>> waits_by_deadline_;

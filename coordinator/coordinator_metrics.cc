@@ -75,6 +75,16 @@ CoordinatorMetrics::CoordinatorMetrics(prometheus::Registry& r)
       run_timeouts(Counters(r, "kiln_job_run_timeouts_total",
                             "Running jobs requeued after their run timeout (node marked suspect)")
                        .Add({})),
+      waits_pending(Gauges(r, "kiln_coordinator_waits_pending",
+                           "Wait requests held for an answer (the job's end or the timeout)")
+                        .Add({})),
+      waits_dropped_client_gone(
+          Counters(r, "kiln_coordinator_waits_dropped_total",
+                   "Pending waits removed early: the client's connection closed (client_gone), "
+                   "or its oldest made room past its per-client cap (client_cap)")
+              .Add({{"reason", "client_gone"}})),
+      waits_dropped_client_cap(
+          Counters(r, "kiln_coordinator_waits_dropped_total", "").Add({{"reason", "client_cap"}})),
       protocol_errors(Counters(r, "kiln_protocol_errors_total",
                                "Frames answered with an ErrorReply, by socket and reason")),
       queue_wait_(prometheus::BuildHistogram()

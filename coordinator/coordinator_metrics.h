@@ -64,6 +64,14 @@ struct CoordinatorMetrics {
   // kiln_job_run_timeouts_total: running jobs requeued because no result came within their run
   // timeout (CoordinatorOptions.run_timeout_*); their nodes were marked suspect (drained).
   prometheus::Counter& run_timeouts;
+  // kiln_coordinator_waits_pending: Wait requests held for an answer (job end, timeout).
+  prometheus::Gauge& waits_pending;
+  // kiln_coordinator_waits_dropped_total{reason}: pending waits removed before their job ended or
+  // their timeout passed: "client_gone" (the client's connection closed; not answered),
+  // "client_cap" (the client's oldest, answered with the job's current state to make room for
+  // its next wait past max_waits_per_client).
+  prometheus::Counter& waits_dropped_client_gone;
+  prometheus::Counter& waits_dropped_client_cap;
 
   // kiln_protocol_errors_total{socket="client|node", reason}: frames answered with an
   // ErrorReply because they were not a valid message for that socket. Reasons: "malformed",

@@ -1,6 +1,7 @@
 #include "coordinator/coordinator_server.h"
 
 #include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <exception>
 #include <iterator>
@@ -14,6 +15,7 @@
 #include "common/curve_keys.h"
 #include "common/log.h"
 #include "common/wire.h"
+#include "coordinator/client_connections.h"
 #include "coordinator/validation.h"
 #include "zmq.hpp"
 #include "zmq_addon.hpp"
@@ -37,6 +39,15 @@ Route UnpackRoute(const std::string& peer) {
   if (peer.empty()) return {};
   return Route{peer.substr(1), peer[0] == 'R'};
 }
+// The route of a message as a ROUTER delivers it: [identity]([""])[payload...].
+Route RouteOf(const std::vector<zmq::message_t>& parts) {
+  return Route{parts[0].to_string(), parts.size() >= 3 && parts[1].size() == 0};
+}
+
+// The client socket's monitor (zmq_socket_monitor): connections accepted and closed, each with
+// its file descriptor, which ClientConnections matches with the messages' ZMQ_SRCFD.
+constexpr char kClientMonitorEndpoint[] = "inproc://kiln-client-monitor";
+constexpr int kClientMonitorEvents = ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED;
 
 
 // Who may send each client request (the role table). Ownership of a job is checked by the
@@ -71,6 +82,7 @@ struct CoordinatorServer::Sockets {
   zmq::context_t context{1};
   zmq::socket_t client{context, zmq::socket_type::router};
   zmq::socket_t node{context, zmq::socket_type::router};
+  zmq::socket_t client_monitor{context, zmq::socket_type::pair};  // the client socket's events
   bool curve = false;                       // both sockets are CURVE servers
   std::unique_ptr<prometheus::Registry> private_registry;  // auth metrics when none is given
   std::unique_ptr<ZapAuthenticator> auth;   // declared after the sockets: stopped first
@@ -111,8 +123,19 @@ class ServerLoop {
         break;
       }
       if (!received) break;  // nothing more for now
+      // The connection this came in on; read the monitor's events first (ClientConnections
+      // relies on seeing a connection's close before any later message on its descriptor).
+      std::string gone_peer;
+      if (side == Side::kClient && parts.size() >= 2) {
+        ReadClientEvents();
+        const std::string peer = PackRoute(RouteOf(parts));
+        if (connections_.Seen(zmq_msg_get(parts.back().handle(), ZMQ_SRCFD), peer)) {
+          gone_peer = peer;  // its connection closed before we read this
+        }
+      }
       try {
         Handle(side, parts);
+        if (!gone_peer.empty()) DropWaitsOf(gone_peer);
       } catch (const std::exception& e) {
         // A bug or memory exhaustion while handling one message must not take the loop down.
         metrics_.internal_errors.Increment();
@@ -163,6 +186,37 @@ class ServerLoop {
     Flush();
   }
 
+  // Handles the client socket's connection events: the pending waits of a connection that closed
+  // are dropped (Coordinator::DropWaitsOf); nobody can receive their answers.
+  void ReadClientEvents() {
+    for (;;) {
+      std::vector<zmq::message_t> event;
+      try {
+        if (!zmq::recv_multipart(sockets_.client_monitor, std::back_inserter(event),
+                                 zmq::recv_flags::dontwait)) {
+          return;
+        }
+      } catch (const zmq::error_t& e) {
+        metrics_.internal_errors.Increment();
+        Log(absl::StrCat("receive on the client socket's monitor failed: ", e.what()));
+        return;
+      }
+      // Frame 1: event (uint16) and value (uint32: the descriptor), host order; frame 2: the
+      // endpoint.
+      if (event.empty() || event[0].size() < 6) continue;
+      uint16_t id = 0;
+      uint32_t value = 0;
+      std::memcpy(&id, event[0].data(), sizeof(id));
+      std::memcpy(&value, static_cast<const char*>(event[0].data()) + sizeof(id), sizeof(value));
+      const int fd = static_cast<int>(value);
+      const std::vector<std::string> gone = id == ZMQ_EVENT_ACCEPTED ? connections_.Accepted(fd)
+                                            : id == ZMQ_EVENT_DISCONNECTED
+                                                ? connections_.Disconnected(fd)
+                                                : std::vector<std::string>{};
+      for (const std::string& peer : gone) DropWaitsOf(peer);
+    }
+  }
+
   void Tick(const std::function<void(const Coordinator&)>& after_tick) {
     coordinator_.Tick();
     Flush();
@@ -182,6 +236,15 @@ class ServerLoop {
   }
 
  private:
+  void DropWaitsOf(const std::string& peer) {
+    try {
+      coordinator_.DropWaitsOf(peer);
+    } catch (const std::exception& e) {
+      metrics_.internal_errors.Increment();
+      Log(absl::StrCat("internal error dropping the waits of a closed connection: ", e.what()));
+    }
+  }
+
   // The authenticated sender of `message` (ZAP User-Id); over plaintext, everyone is trusted.
   Peer PeerOf(Side side, zmq::message_t& message) const {
     if (!sockets_.curve) {
@@ -193,9 +256,7 @@ class ServerLoop {
 
   void Handle(Side side, std::vector<zmq::message_t>& parts) {
     if (parts.size() < 2) return;  // a ROUTER always adds the identity; nothing to answer
-    Route route;
-    route.identity = parts[0].to_string();
-    route.delimiter = parts.size() >= 3 && parts[1].size() == 0;
+    const Route route = RouteOf(parts);
     const size_t expected = route.delimiter ? 3 : 2;
     if (parts.size() != expected) {
       ProtocolError(side, route, "frames",
@@ -421,6 +482,7 @@ class ServerLoop {
   CoordinatorServer::Sockets& sockets_;
   std::vector<PendingSubmit> pending_;  // Submits read but not yet stored (SubmitPending)
   Peer peer_;                                        // sender of the message being handled
+  ClientConnections connections_;                    // client routes by connection
   std::map<std::string, std::string> node_keys_;     // node id → the key that registered it
 };
 
@@ -493,6 +555,17 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     if (!auth.ok()) return auth.status();
     s.auth = std::move(*auth);
   }
+  // Before the client socket binds, so that no connection is missed.
+  try {
+    if (zmq_socket_monitor(s.client.handle(), kClientMonitorEndpoint, kClientMonitorEvents) != 0) {
+      throw zmq::error_t();
+    }
+    s.client_monitor.set(zmq::sockopt::linger, 0);
+    s.client_monitor.set(zmq::sockopt::rcvhwm, 0);  // no limit: an event lost would leak waits
+    s.client_monitor.connect(kClientMonitorEndpoint);
+  } catch (const zmq::error_t& e) {
+    return absl::InternalError(absl::StrCat("cannot monitor the client socket: ", e.what()));
+  }
   for (auto [side, endpoint, bound] :
        {std::make_tuple(Side::kClient, options.client_endpoint, &server->client_endpoint_),
         std::make_tuple(Side::kNode, options.node_endpoint, &server->node_endpoint_)}) {
@@ -551,14 +624,15 @@ void CoordinatorServer::Stop() {
 
 void CoordinatorServer::Loop() {
   ServerLoop loop(options_, coordinator_, metrics_, log_, *sockets_);
-  zmq_pollitem_t items[2] = {
+  zmq_pollitem_t items[3] = {
       {sockets_->client.handle(), 0, ZMQ_POLLIN, 0},
       {sockets_->node.handle(), 0, ZMQ_POLLIN, 0},
+      {sockets_->client_monitor.handle(), 0, ZMQ_POLLIN, 0},
   };
   int64_t next_tick_ms = 0;
   while (!stop_.load()) {
     try {
-      zmq::poll(items, 2, std::chrono::milliseconds(options_.tick_interval_ms));
+      zmq::poll(items, 3, std::chrono::milliseconds(options_.tick_interval_ms));
     } catch (const zmq::error_t& e) {
       if (e.num() == EINTR) continue;
       metrics_.internal_errors.Increment();
@@ -568,6 +642,7 @@ void CoordinatorServer::Loop() {
     }
     if (items[0].revents & ZMQ_POLLIN) loop.Read(Side::kClient);
     if (items[1].revents & ZMQ_POLLIN) loop.Read(Side::kNode);
+    if (items[2].revents & ZMQ_POLLIN) loop.ReadClientEvents();
     const int64_t now = SteadyMs();
     if (now >= next_tick_ms) {
       next_tick_ms = now + options_.tick_interval_ms;

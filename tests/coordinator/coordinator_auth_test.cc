@@ -3,7 +3,9 @@
 // findings: an impostor node (unknown key) and an unknown client are refused at the handshake;
 // a DEALER borrowing a live node's routing id is not attached and, once the route is free,
 // refused by key; a client cannot read, wait for or cancel another client's job nor drain, an
-// admin can; allowlists are re-read without a restart (key rotation).
+// admin can; allowlists are re-read without a restart (key rotation). And the pending waits of a
+// client connection that closes are dropped (they no longer hold its key's caps), while a client
+// that comes back with the same routing id keeps its new connection's waits.
 #include <stdlib.h>
 
 #include <chrono>
@@ -55,7 +57,7 @@ class AuthTest : public ::testing::Test {
     WriteList("nodes", {node1_, node2_});
     WriteList("clients", {alice_, bob_});
     WriteList("admins", {admin_});
-    auto c = Coordinator::Create(CoordinatorOptions{}, store_, clock_, metrics_);
+    auto c = Coordinator::Create(options_, store_, clock_, metrics_);
     ASSERT_TRUE(c.ok());
     coordinator_ = std::move(*c);
     CoordinatorServerOptions o;
@@ -159,6 +161,7 @@ class AuthTest : public ::testing::Test {
     return env->has_error() ? env->error().code() : "OK";
   }
 
+  CoordinatorOptions options_;  // what SetUp creates the coordinator with
   std::string dir_;
   CurveKeyPair server_keys_, node1_, node2_, alice_, bob_, admin_, stranger_;
   SystemClock clock_;
@@ -324,6 +327,114 @@ TEST_F(AuthTest, AllowlistsAreReloadedWithoutARestart) {
   std::this_thread::sleep_for(std::chrono::milliseconds(250));
   auto alice = Client(alice_);
   EXPECT_EQ(ErrorCode(Call(alice, list)), "OK");
+}
+
+}  // namespace
+}  // namespace kiln::coordinator
+
+namespace kiln::coordinator {
+namespace {
+
+// Caps small enough that a client's waits left behind would lock its key out.
+class ClientGoneTest : public AuthTest {
+ protected:
+  ClientGoneTest() {
+    options_.max_pending_waits = 3;
+    options_.max_waits_per_client = 3;
+  }
+  // A Wait with stream_progress: an accepted wait is answered at once (final = false).
+  kiln::v1::Envelope StreamingWait(const std::string& rid, const std::string& job_id) {
+    auto env = Request(rid);
+    env.mutable_wait()->set_job_id(job_id);
+    env.mutable_wait()->set_timeout_ms(600000);
+    env.mutable_wait()->set_stream_progress(true);
+    return env;
+  }
+  void OpenWaits(zmq::socket_t& s, const std::string& job_id, int n) {
+    for (int i = 0; i < n; ++i) {
+      auto reply = Call(s, StreamingWait("w" + std::to_string(i), job_id));
+      ASSERT_EQ(ErrorCode(reply), "OK") << i << ": " << reply->DebugString();
+      ASSERT_FALSE(reply->job().final());
+    }
+  }
+  // Polls kiln_coordinator_waits_pending (the server thread sets it) until it is `n`.
+  bool PendingWaitsReach(double n, int timeout_ms = 5000) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (metrics_.waits_pending.Value() != n) {
+      if (std::chrono::steady_clock::now() > until) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
+  }
+};
+
+TEST_F(ClientGoneTest, WaitsOfAClosedConnectionAreDroppedAndFreeTheCaps) {
+  auto alice = Client(alice_);
+  ASSERT_EQ(ErrorCode(Call(alice, Submit("j"))), "OK");  // no node: the job stays queued
+  OpenWaits(alice, "j", 3);
+  EXPECT_EQ(metrics_.waits_pending.Value(), 3);
+  alice.close();
+  EXPECT_TRUE(PendingWaitsReach(0)) << metrics_.waits_pending.Value() << " waits still pending";
+  EXPECT_EQ(metrics_.waits_dropped_client_gone.Value(), 3);
+
+  // The same key on a new connection is not refused (max_pending_waits is 3), and its waits are
+  // answered there.
+  auto again = Client(alice_);
+  OpenWaits(again, "j", 3);
+  auto cancel = Request("cx");
+  cancel.mutable_cancel()->set_job_id("j");
+  Send(again, cancel);
+  int finals = 0;
+  for (int i = 0; i < 4; ++i) {
+    auto reply = Receive(again);
+    ASSERT_EQ(ErrorCode(reply), "OK");
+    EXPECT_EQ(reply->job().job().state(), kiln::v1::JOB_STATE_CANCELLED);
+    if (reply->request_id() != "cx") ++finals;
+  }
+  EXPECT_EQ(finals, 3);
+  EXPECT_TRUE(PendingWaitsReach(0));
+  EXPECT_EQ(metrics_.waits_dropped_client_gone.Value(), 3);
+}
+
+TEST_F(ClientGoneTest, OtherConnectionsOfTheKeyAndAReconnectWithTheSameRoutingIdKeepTheirWaits) {
+  auto first = Connect(server_->client_endpoint(), alice_, "alice-cli");
+  ASSERT_EQ(ErrorCode(Call(first, Submit("j"))), "OK");
+  OpenWaits(first, "j", 2);
+  auto other = Client(alice_);  // the same key on another connection
+  OpenWaits(other, "j", 1);
+  first.close();
+  EXPECT_TRUE(PendingWaitsReach(1)) << metrics_.waits_pending.Value() << " waits pending";
+  EXPECT_EQ(metrics_.waits_dropped_client_gone.Value(), 2);
+
+  // Back with the same routing id, likely on the descriptor the old connection had. libzmq
+  // attaches it only once the old connection's route is released (no ROUTER_HANDOVER; a
+  // connection that comes too early is never attached), so try until one is answered.
+  zmq::socket_t back;
+  std::optional<kiln::v1::Envelope> reply;
+  for (int attempt = 0; attempt < 20 && !reply.has_value(); ++attempt) {
+    back = Connect(server_->client_endpoint(), alice_, "alice-cli");
+    reply = Call(back, StreamingWait("again", "j"), 250);
+  }
+  ASSERT_EQ(ErrorCode(reply), "OK");
+  ASSERT_FALSE(reply->job().final());
+  EXPECT_TRUE(PendingWaitsReach(2));
+
+  // Both live connections' waits are answered when the job ends; nothing more was dropped.
+  auto cancel = Request("cx");
+  cancel.mutable_cancel()->set_job_id("j");
+  Send(other, cancel);
+  for (zmq::socket_t* s : {&other, &back}) {
+    bool final_seen = false;
+    for (int i = 0; i < (s == &other ? 2 : 1); ++i) {
+      auto r = Receive(*s);
+      ASSERT_EQ(ErrorCode(r), "OK");
+      EXPECT_EQ(r->job().job().state(), kiln::v1::JOB_STATE_CANCELLED);
+      if (r->request_id() != "cx") final_seen = r->job().final();
+    }
+    EXPECT_TRUE(final_seen) << (s == &other ? "other" : "back") << "'s wait was not answered";
+  }
+  EXPECT_TRUE(PendingWaitsReach(0));
+  EXPECT_EQ(metrics_.waits_dropped_client_gone.Value(), 2);
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // The Coordinator's bounds and roles (issue 12), without sockets: who may read and cancel a job
-// (Caller), per-client caps on waits and queued jobs, the server-side cap on Wait timeouts,
-// bounded package_sets (cleared when a node leaves), and the run timeout that requeues a job a
-// node holds without a result and marks the node suspect.
+// (Caller), per-client caps on waits and queued jobs, the server-side cap on Wait timeouts, the
+// waits of a connection that went away (DropWaitsOf), bounded package_sets (cleared when a node
+// leaves), and the run timeout that requeues a job a node holds without a result and marks the
+// node suspect.
 #include <memory>
 #include <string>
 #include <vector>
@@ -152,6 +153,46 @@ TEST_F(BoundsTest, AClientCappedAtOneWaitHasItsOldWaitAnsweredByItsNewOne) {
     EXPECT_EQ(c_->pending_waits(), 1u);
   }
   EXPECT_EQ(ClientReplies().size(), 2u);
+  EXPECT_EQ(metrics_.waits_dropped_client_cap.Value(), 2);
+}
+
+TEST_F(BoundsTest, AGoneConnectionsWaitsAreDroppedAndOnlyItsOwn) {
+  CoordinatorOptions o;
+  o.max_waits_per_client = 3;
+  o.max_pending_waits = 4;
+  Make(o);
+  ASSERT_TRUE(Register("n1").ok());
+  ASSERT_TRUE(Submit("j", kAlice).ok());
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(Wait("j", 60000, "alice-conn-1", kAlice).ok());
+  ASSERT_TRUE(Wait("j", 60000, "alice-conn-2", kAlice).ok());
+  ASSERT_TRUE(Wait("j", 60000, "bob-conn", kAdmin).ok());
+  EXPECT_EQ(metrics_.waits_pending.Value(), 4);
+  EXPECT_EQ(Wait("j", 60000, "bob-conn", kAdmin).status().code(),
+            absl::StatusCode::kResourceExhausted);
+
+  EXPECT_EQ(c_->DropWaitsOf("alice-conn-1"), 2u);
+  EXPECT_TRUE(ClientReplies().empty());  // nobody to answer
+  EXPECT_EQ(c_->pending_waits(), 2u);
+  EXPECT_EQ(metrics_.waits_pending.Value(), 2);
+  EXPECT_EQ(metrics_.waits_dropped_client_gone.Value(), 2);
+  EXPECT_EQ(c_->DropWaitsOf("alice-conn-1"), 0u);
+  EXPECT_EQ(c_->DropWaitsOf("never-seen"), 0u);
+
+  // The caps are free again: alice's key holds one wait, and the total has room.
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(Wait("j", 60000, "alice-conn-3", kAlice).ok());
+  EXPECT_TRUE(ClientReplies().empty());  // none of alice's was evicted: under her cap of 3
+  EXPECT_EQ(metrics_.waits_dropped_client_cap.Value(), 0);
+
+  // The job's end answers every remaining wait, on its own connection, and none dropped.
+  kiln::v1::CancelRequest cancel;
+  cancel.set_job_id("j");
+  ASSERT_TRUE(c_->Cancel(cancel, kAlice).ok());
+  std::vector<std::string> peers;
+  for (const auto& o : ClientReplies()) peers.push_back(o.peer);
+  EXPECT_THAT(peers, ::testing::UnorderedElementsAre("alice-conn-2", "bob-conn", "alice-conn-3",
+                                                     "alice-conn-3"));
+  EXPECT_EQ(metrics_.waits_pending.Value(), 0);
+  EXPECT_EQ(c_->DropWaitsOf("alice-conn-3"), 0u);
 }
 
 TEST_F(BoundsTest, WaitTimeoutIsCappedServerSide) {
