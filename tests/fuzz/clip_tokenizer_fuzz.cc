@@ -1,8 +1,8 @@
 // libFuzzer target: the CLIP BPE tokenizer's loader and encoder (pipeline/tokenizer_clip.h) on
 // untrusted files. The input packs four parts separated by "\n--8<--\n" lines: vocab.json,
-// merges.txt, tokenizer_config.json, and a prompt; the three files are written to a scratch
-// folder and loaded, and the prompt is encoded with the result. Bad files must give NotFound /
-// InvalidArgument; an encoding must be max_length ids.
+// merges.txt, tokenizer_config.json, and a prompt; the three files are written to an in-memory
+// folder (MemDir) and loaded, and the prompt is encoded with the result. Bad files must give
+// NotFound / InvalidArgument; an encoding must be max_length ids.
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -14,11 +14,12 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const auto parts =
       kiln::fuzz::SplitFiles(std::string_view(reinterpret_cast<const char*>(data), size), 4);
-  const std::string& dir = kiln::fuzz::ScratchDir();
-  kiln::fuzz::WriteFile(dir + "/vocab.json", parts[0]);
-  kiln::fuzz::WriteFile(dir + "/merges.txt", parts[1]);
-  kiln::fuzz::WriteFile(dir + "/tokenizer_config.json", parts[2]);
-  auto tok = kiln::pipeline::ClipTokenizer::Load(dir);
+  static kiln::fuzz::MemDir& dir =
+      *new kiln::fuzz::MemDir({"vocab.json", "merges.txt", "tokenizer_config.json"});
+  dir.Write("vocab.json", parts[0]);
+  dir.Write("merges.txt", parts[1]);
+  dir.Write("tokenizer_config.json", parts[2]);
+  auto tok = kiln::pipeline::ClipTokenizer::Load(dir.path());
   if (!tok.ok()) {
     FUZZ_CHECK(absl::IsInvalidArgument(tok.status()) || absl::IsNotFound(tok.status()));
     return 0;

@@ -6,7 +6,8 @@
 //
 // Input: the op stream of fuzz_support.h. op & 3: 0 = a frame on the client socket from client
 // op >> 2 & 3; 1 = a frame on the node socket from node op >> 2 & 3; 2 = the clock moves
-// (op >> 2) * 100 ms and Tick() runs; 3 = Tick() only.
+// (op >> 2) * 100 ms and Tick() runs; 3 = Tick() only, or with op & 16 the connection of client
+// op >> 2 & 3 goes away (DropWaitsOf, as the server does on its disconnect).
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -56,8 +57,12 @@ void Node(Coordinator& c, const std::string& node_id, const Envelope& env) {
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  prometheus::Registry registry;
-  CoordinatorMetrics metrics(registry);
+  // One registry and metrics for every input: building them (some twenty families, histograms
+  // with their buckets) cost more than most inputs. The Coordinator only writes them (the model
+  // label set they bound is the one piece of state, and it does not steer the coordinator);
+  // the Coordinator, its store and clock are fresh for each input.
+  static prometheus::Registry& registry = *new prometheus::Registry();
+  static CoordinatorMetrics& metrics = *new CoordinatorMetrics(registry);
   InMemoryJobStore store(/*max_finished_jobs=*/16);
   kiln::FakeClock clock;
   CoordinatorOptions options;
@@ -90,7 +95,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         c.Tick();
         break;
       case 3:
-        c.Tick();
+        if (op.op & 16) {
+          const size_t before = c.pending_waits();
+          const size_t dropped = c.DropWaitsOf("client-" + std::to_string(peer));
+          FUZZ_CHECK(dropped <= before && c.pending_waits() == before - dropped);
+        } else {
+          c.Tick();
+        }
         break;
     }
     for (auto& out : c.TakeOutgoing()) {

@@ -14,25 +14,9 @@ cd "$(dirname "$0")/../.."
 BUILD=$(cd "${1:?usage: run.sh BUILD SECONDS [TARGET...]}" && pwd)
 SECONDS_EACH=${2:?usage: run.sh BUILD SECONDS [TARGET...]}
 shift 2
+source tests/fuzz/env.sh
 TARGETS=("$@")
-if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(wire_decode_fuzz coordinator_fuzz node_session_fuzz safetensors_fuzz json_readers_fuzz
-           clip_tokenizer_fuzz t5_tokenizer_fuzz tokenizer_encode_fuzz png_fuzz)
-fi
-PY=${KILN_PYTHON:-$PWD/.venv/bin/python}
-
-export KILN_FUZZ_DATA=$BUILD/fuzz-data
-if [ ! -f "$KILN_FUZZ_DATA/tokenizer_2/spiece.model" ]; then
-  rm -rf "$KILN_FUZZ_DATA"
-  PYTHONPATH=$PWD/pipeline/python "$PY" -c "import sys; from kiln import tokenizer_files as t; \
-t.write_clip_tokenizer(sys.argv[1] + '/tokenizer'); t.write_t5_tokenizer(sys.argv[1] + '/tokenizer_2')" \
-    "$KILN_FUZZ_DATA" >/dev/null
-fi
-export TMPDIR=$BUILD/fuzz-tmp
-mkdir -p "$TMPDIR" "$BUILD/fuzz-artifacts" "$BUILD/fuzz-logs"
-# ASan: leaks are findings too; UBSan stops at the first report (built -fno-sanitize-recover).
-export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
-export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${KILN_FUZZ_ALL_TARGETS[@]}")
 
 failed=0
 for t in "${TARGETS[@]}"; do
