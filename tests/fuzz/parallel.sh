@@ -70,27 +70,27 @@ for s in "${SPECS[@]}"; do
   echo "[fuzz] $t: ${execs:-?} execs in ${took} s on $WORKERS workers, cov ${cov:-?}, ft ${ft:-?}," \
     "corpus ${corp:-?}, oom/timeout/crash $otc (exit $rc)"
 done
-# The summary, as text and JSON, from the rows above.
-python3 - "$OUT" "$(nproc)" "$TOTAL" <<'PY'
-import json, sys
-out, cores, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rows = []
-for line in open(f"{out}/summary.tsv"):
-    t, took, workers, execs, cov, ft, corp, otc, rc, arts = line.rstrip("\n").split("\t")
-    oom, timeout, crash = (int(x) for x in otc.split("/"))
-    rows.append(dict(target=t, seconds=int(took), workers=int(workers), executions=int(execs),
-                     cov=int(cov), ft=int(ft), corpus=int(corp), ooms=oom, timeouts=timeout,
-                     crashes=crash, exit=int(rc), artifacts=arts.split()))
-json.dump(dict(cores=cores, seconds=total, targets=rows), open(f"{out}/summary.json", "w"), indent=1)
-with open(f"{out}/summary.txt", "w") as f:
-    f.write(f"{cores} cores, {total} s asked\n")
-    f.write("%-22s %6s %4s %12s %6s %7s %7s %s\n" % ("target", "s", "jobs", "executions", "cov",
-                                                    "ft", "corpus", "oom/timeout/crash"))
-    for r in rows:
-        f.write("%-22s %6d %4d %12d %6d %7d %7d %d/%d/%d%s\n" % (
-            r["target"], r["seconds"], r["workers"], r["executions"], r["cov"], r["ft"],
-            r["corpus"], r["ooms"], r["timeouts"], r["crashes"],
-            "  " + " ".join(r["artifacts"]) if r["artifacts"] else ""))
-print(open(f"{out}/summary.txt").read(), end="")
-PY
+# The summary, as text and JSON, from the rows above (awk: the host may have no Python).
+awk -F'\t' -v cores="$(nproc)" -v total="$TOTAL" -v txt="$OUT/summary.txt" -v json="$OUT/summary.json" '
+  BEGIN {
+    printf "%d cores, %d s asked\n", cores, total > txt
+    printf "%-22s %6s %4s %12s %6s %7s %7s %s\n", "target", "s", "jobs", "executions", "cov", "ft",
+           "corpus", "oom/timeout/crash" > txt
+    printf "{\"cores\": %d, \"seconds\": %d, \"targets\": [", cores, total > json
+  }
+  {
+    split($8, otc, "/")
+    n = split($10, arts, " ")
+    printf "%-22s %6d %4d %12d %6d %7d %7d %s%s%s\n", $1, $2, $3, $4, $5, $6, $7, $8,
+           (n ? "  " : ""), $10 > txt
+    list = ""
+    for (i = 1; i <= n; i++) list = list (i > 1 ? ", " : "") "\"" arts[i] "\""
+    printf "%s\n {\"target\": \"%s\", \"seconds\": %d, \"workers\": %d, \"executions\": %d, " \
+           "\"cov\": %d, \"ft\": %d, \"corpus\": %d, \"ooms\": %d, \"timeouts\": %d, " \
+           "\"crashes\": %d, \"exit\": %d, \"artifacts\": [%s]}", (NR > 1 ? "," : ""), $1, $2, $3,
+           $4, $5, $6, $7, otc[1], otc[2], otc[3], $9, list > json
+  }
+  END { printf "\n]}\n" > json }
+' "$OUT/summary.tsv"
+cat "$OUT/summary.txt"
 exit $failed
