@@ -28,6 +28,11 @@
 //     come back.
 // Without a key (plaintext, development only) everyone is an admin and node ids are not bound.
 //
+// Clients that go away: a socket monitor on the client ROUTER (connections accepted and closed,
+// by file descriptor) and each message's ZMQ_SRCFD tell the poll loop which reply routes a closed
+// connection used (ClientConnections); their pending Waits are dropped unanswered
+// (Coordinator::DropWaitsOf), so they stop holding the client key's caps.
+//
 // Threads: Start() creates the sockets and the poll thread; after that only the poll thread
 // touches the sockets and the Coordinator, until Stop() (or the destructor) joins it.
 #pragma once
