@@ -7,8 +7,9 @@
 // clear error result instead of reaching the pipeline.
 //
 // Threads: the catalog's structure is fixed after construction; Plan(), PackageSets() and the
-// accessors may be called from any thread. A Generator's Generate() and LoadedDigests() belong
-// to the node's one worker thread; DigestsFor() is const and thread-safe.
+// accessors may be called from any thread. A Generator's stages belong to the worker's threads
+// (one EncodePrompt and one DenoiseDecode at a time); DigestsFor() and LoadedDigests() are
+// thread-safe.
 #pragma once
 
 #include <map>
@@ -26,12 +27,26 @@ namespace kiln::node {
 class Generator {
  public:
   virtual ~Generator() = default;
-  // Runs one job; `progress` as pipeline::ProgressFn. Worker thread only.
+  // Runs one job; `progress` as pipeline::ProgressFn.
   virtual absl::StatusOr<pipeline::GenerateResult> Generate(
       const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) = 0;
+  // The job in two stages, as FluxPipeline::EncodePrompt / DenoiseDecode: the worker encodes
+  // the next job on one thread while the current one denoises on another (one call of each at
+  // a time). The defaults do no work in the first stage and Generate() in the second.
+  virtual absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
+    (void)progress;
+    pipeline::EncodedPrompt encoded;
+    encoded.request = request;
+    return encoded;
+  }
+  virtual absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
+      pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) {
+    return Generate(encoded.request, progress);
+  }
   // Digests of the packages a job of this size needs. Cheap, thread-safe.
   virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
-  // Digests of the packages loaded now. Worker thread only.
+  // Digests of the packages loaded now. Thread-safe.
   virtual std::vector<std::string> LoadedDigests() const = 0;
 };
 
@@ -44,6 +59,14 @@ class PipelineGenerator : public Generator {
   absl::StatusOr<pipeline::GenerateResult> Generate(
       const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
     return pipeline_->Generate(request, progress);
+  }
+  absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    return pipeline_->EncodePrompt(request, progress);
+  }
+  absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
+      pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) override {
+    return pipeline_->DenoiseDecode(std::move(encoded), progress);
   }
   std::vector<std::string> DigestsFor(int width, int height) const override {
     return pipeline_->DigestsFor(width, height);

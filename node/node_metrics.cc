@@ -60,6 +60,16 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                      .Help("Times the node declared its coordinator dead and reconnected")
                      .Register(registry)
                      .Add({})),
+      images(prometheus::BuildCounter()
+                 .Name("kiln_node_images_total")
+                 .Help("Images this node made (jobs that succeeded), by model")
+                 .Register(registry)),
+      device_seconds(prometheus::BuildCounter()
+                         .Name("kiln_node_device_seconds_total")
+                         .Help("Seconds this node's device was busy with a model's jobs (a job "
+                               "in its encoding or denoise stage; overlapping jobs counted "
+                               "once), by model")
+                         .Register(registry)),
       info(prometheus::BuildGauge()
                .Name("kiln_node_info")
                .Help("Always 1; labels describe this node")

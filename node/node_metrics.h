@@ -9,6 +9,12 @@
 //   kiln_node_step_seconds                histogram; wall time between denoising steps
 //   kiln_protocol_errors_total{socket}    counter; socket="coordinator": bad or unexpected frames
 //   kiln_node_reconnects_total            counter; coordinator declared dead, socket reopened
+//   kiln_node_images_total{model}         counter; images made (jobs that succeeded)
+//   kiln_node_device_seconds_total{model} counter; seconds the device was busy with the model's
+//                                         jobs: while one is in its encoding or denoise stage,
+//                                         overlapping jobs counted once (cold starts included).
+//                                         Images per GPU-second of a node and model:
+//                                         rate(images_total) / rate(device_seconds_total)
 //   kiln_node_info{node_id,device,name,mig_profile}  gauge = 1
 #pragma once
 
@@ -39,6 +45,8 @@ struct NodeMetrics {
   prometheus::Histogram& step_seconds;
   prometheus::Counter& protocol_errors;
   prometheus::Counter& reconnects;
+  prometheus::Family<prometheus::Counter>& images;          // label: model
+  prometheus::Family<prometheus::Counter>& device_seconds;  // label: model
   prometheus::Gauge& info;
 };
 

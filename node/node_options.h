@@ -45,6 +45,11 @@ struct NodeOptions {
   nlohmann::json compile_options = cache::DefaultCompileOptions();
   LinkOptions link;           // heartbeat interval, dead-after count, reconnect backoff
   int64_t drain_timeout_ms = 30000;  // after Stop(): how long results wait for a coordinator
+  // Jobs the node holds at once, advertised in NodeInfo.job_slots: the one it runs plus those it
+  // takes ahead, 1..kMaxJobSlots. 2 (the default): one prefetched job, whose text encoding runs
+  // beside the running job's denoise (node/worker.h); 1: no prefetch.
+  int job_slots = 2;
+  static constexpr int kMaxJobSlots = 8;
   kiln::v1::DeviceInfo device_info;  // from ProbeDevice(); kind filled from device if ""
   std::string metrics_url;           // advertised in NodeInfo; "" = none
   std::string hostname;              // advertised; "" = gethostname()

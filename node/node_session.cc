@@ -276,6 +276,7 @@ kiln::v1::Envelope NodeSession::RegisterMessage() const {
   info->set_metrics_url(options_.metrics_url);
   info->set_pid(static_cast<uint32_t>(getpid()));
   info->set_hostname(options_.hostname);
+  info->set_job_slots(static_cast<uint32_t>(options_.job_slots));
   for (const auto& [key, digests] : package_sets_) {
     auto& set = (*info->mutable_package_sets())[key];
     for (const auto& d : digests) set.add_digests(d);

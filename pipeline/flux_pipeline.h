@@ -11,7 +11,14 @@
 // bucket), Denoiser (denoiser.h: the transformer step, plain or as a CUDA graph, and the Euler
 // loop). Phase timings and per-component package provenance are reported per call; a
 // CancelToken in the request stops it between steps.
-// Thread-compatible: one Generate() at a time.
+//
+// Two stages, so that a node can overlap jobs (node/worker.h): EncodePrompt (tokenize, get and
+// load the bucket's packages, run the text encoders — on CUDA on the pipeline's own stream) and
+// DenoiseDecode (the denoise loop and the VAE decode, on the calling thread's current stream).
+// Generate() is the two in a row; a staged job gives the same bytes as Generate().
+// Threads: one EncodePrompt() and one DenoiseDecode() may run at the same time, on two threads
+// (job N+1's encoding beside job N's denoise); Generate() counts as both. LoadedDigests() and
+// the const accessors from any thread.
 #pragma once
 
 #include <functional>
@@ -116,6 +123,16 @@ struct GenerateResult {
   } denoise_profile;
 };
 
+// EncodePrompt's output for one request: what DenoiseDecode needs (the text embeddings on the
+// device, the bucket's loaded packages) and what the result reports so far (warnings, package
+// provenance, cold-start and text-encoding seconds). Belongs to the pipeline that made it.
+struct EncodedPrompt {
+  GenerateRequest request;
+  GenerateResult partial;
+  struct State;                  // pipeline-private (flux_pipeline.cc)
+  std::shared_ptr<State> state;  // null: not made by a FluxPipeline (a test's fake)
+};
+
 class FluxPipeline {
  public:
   // Reads the repository's configs and tokenizers; loads nothing heavy yet. Every package comes
@@ -125,8 +142,20 @@ class FluxPipeline {
       const PipelineOptions& options, std::shared_ptr<cache::PackageProvider> provider);
   ~FluxPipeline();
 
+  // EncodePrompt then DenoiseDecode.
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const ProgressFn& progress = nullptr);
+  // The first stage: checks the request, tokenizes (bad prompts fail before any heavy work),
+  // gets and loads the packages of the request's bucket, runs the text encoders and waits for
+  // them. Progress: "preparing", the loader's phases, "text_encoding". `request.cancel` is
+  // checked before the encoders run.
+  absl::StatusOr<EncodedPrompt> EncodePrompt(const GenerateRequest& request,
+                                             const ProgressFn& progress = nullptr);
+  // The second stage: the denoise loop and the VAE decode of `encoded` (from this pipeline's
+  // EncodePrompt; InvalidArgument otherwise). Progress: "denoising" per step, "decoding". The
+  // result's seconds add both stages' (time between the stages is not counted).
+  absl::StatusOr<GenerateResult> DenoiseDecode(EncodedPrompt encoded,
+                                               const ProgressFn& progress = nullptr);
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;

@@ -9,9 +9,11 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "cache/local_disk_store.h"
 #include "common/files.h"
 #include "common/wire.h"
@@ -273,6 +275,7 @@ TEST_F(NodeSessionTest, RegistersRunsJobsAndStopsGracefully) {
   EXPECT_EQ(info.metrics_url(), "http://127.0.0.1:1/metrics");
   EXPECT_GT(info.pid(), 0u);
   EXPECT_EQ(info.hostname(), "host-x");
+  EXPECT_EQ(info.job_slots(), 2u);  // the running job and one prefetched (NodeOptions default)
   EXPECT_THAT(info.packages(), ElementsAre(a, b));
   ASSERT_EQ(info.package_sets().count("tiny/fp32/64x32"), 1u);
   EXPECT_THAT(info.package_sets().at("tiny/fp32/64x32").digests(),
@@ -321,6 +324,67 @@ TEST_F(NodeSessionTest, RegistersRunsJobsAndStopsGracefully) {
   EXPECT_EQ(channel_.Take(Body::kDeregister).size(), 1u);
   EXPECT_TRUE(session_->finished());
   EXPECT_TRUE(session_->deregistered());
+}
+
+TEST_F(NodeSessionTest, APrefetchedJobIsEncodedWhileOneRunsAndCanBeCancelledOrDrained) {
+  options_.job_slots = 3;
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartWithWorker();
+  session_->Tick();
+  auto regs = channel_.Take(Body::kRegisterNode);
+  ASSERT_EQ(regs.size(), 1u);
+  EXPECT_EQ(regs[0].register_node().info().job_slots(), 3u);
+  session_->OnMessage(Ack());
+
+  session_->OnMessage(Assign("j1", 2));
+  started.WaitForNotification();
+  // A second job while j1 runs: taken, encoded beside j1's denoise, and listed as ours.
+  session_->OnMessage(Assign("j2", 2));
+  ASSERT_TRUE(TickUntil([&] { return worker_->PrefetchedJobIds() == std::vector<std::string>{"j2"}; }));
+  session_->OnMessage(Assign("j3", 2));
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  auto hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("j1", "j2", "j3"));
+  bool j2_encoded = false;
+  for (const auto& e : channel_.Take(Body::kProgress)) {
+    if (e.progress().job_id() == "j2" && e.progress().phase() == "text_encoding") j2_encoded = true;
+  }
+  EXPECT_TRUE(j2_encoded);
+
+  // Cancelling the prefetched job answers it at once; j3 then moves up into the prefetch slot.
+  kiln::v1::Envelope cancel;
+  cancel.mutable_cancel_job()->set_job_id("j2");
+  session_->OnMessage(cancel);
+  std::optional<kiln::v1::JobResult> r2;
+  ASSERT_TRUE(TickUntil([&] { return (r2 = ResultOf("j2")).has_value(); }));
+  EXPECT_EQ(r2->error_code(), "CANCELLED");
+  EXPECT_THAT(r2->error(), HasSubstr("before it started"));
+  ASSERT_TRUE(TickUntil([&] { return worker_->PrefetchedJobIds() == std::vector<std::string>{"j3"}; }));
+
+  // A drain lets the running and the prefetched job finish, refuses the rest.
+  session_->OnMessage(Assign("j4", 2));
+  session_->Drain();
+  std::optional<kiln::v1::JobResult> r4;
+  ASSERT_TRUE(TickUntil([&] { return (r4 = ResultOf("j4")).has_value(); }));
+  EXPECT_EQ(r4->error_code(), "UNAVAILABLE");
+  release.Notify();
+  std::map<std::string, kiln::v1::JobResult> done;
+  ASSERT_TRUE(TickUntil([&] {
+    for (const auto& e : channel_.Take(Body::kResult)) done[e.result().job_id()] = e.result();
+    return done.size() == 2;
+  }));
+  EXPECT_TRUE(done["j1"].ok()) << done["j1"].error();
+  EXPECT_TRUE(done["j3"].ok()) << done["j3"].error();
+  ASSERT_TRUE(TickUntil([&] { return session_->finished(); }));
+  EXPECT_EQ(channel_.Take(Body::kDeregister).size(), 1u);
 }
 
 TEST_F(NodeSessionTest, ProtocolErrorsAreAnsweredCountedAndSurvived) {

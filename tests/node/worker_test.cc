@@ -4,6 +4,8 @@
 #include "node/worker.h"
 
 #include <chrono>
+#include <functional>
+#include <map>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
@@ -72,6 +74,16 @@ class WorkerTest : public ::testing::Test {
     }
     ADD_FAILURE() << "no result for " << job_id;
     return {};
+  }
+
+  // Polls `done` every millisecond for up to 30 s.
+  static bool WaitUntil(const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (done()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return done();
   }
 
   prometheus::Registry registry_;
@@ -146,10 +158,10 @@ TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {
   EXPECT_EQ(worker_->Cancel("next"), Worker::CancelOutcome::kNotFound);
 }
 
-TEST_F(WorkerTest, QueuedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
+TEST_F(WorkerTest, QueuedAndPrefetchedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
   absl::Notification started, release;
   gen_->on_step = [&](int step) {
-    if (step == 1) {
+    if (step == 1 && !started.HasBeenNotified()) {
       started.Notify();
       release.WaitForNotification();
     }
@@ -158,24 +170,118 @@ TEST_F(WorkerTest, QueuedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
   started.WaitForNotification();
   EXPECT_FALSE(worker_->Enqueue(MakeJob("first", 2)));  // running
   ASSERT_TRUE(worker_->Enqueue(MakeJob("second", 2)));
-  ASSERT_TRUE(worker_->Enqueue(MakeJob("third", 2, /*attempt=*/4)));
-  EXPECT_FALSE(worker_->Enqueue(MakeJob("second", 2)));  // queued
-  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first", "second", "third"));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("third", 2)));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("fourth", 2, /*attempt=*/4)));
+  // "second" is encoded while "first" denoises, and waits; the others stay queued.
+  ASSERT_TRUE(WaitUntil([&] { return worker_->PrefetchedJobIds().size() == 1; }));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ElementsAre("second"));
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("second", 2)));  // prefetched
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("third", 2)));   // queued
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first", "second", "third", "fourth"));
   EXPECT_FALSE(worker_->idle());
+  EXPECT_EQ(gen_->encode_calls, 2);
 
-  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
-  const auto cancelled = WaitResult("second");
+  EXPECT_EQ(worker_->Cancel("third"), Worker::CancelOutcome::kDequeued);
+  const auto cancelled = WaitResult("third");
   EXPECT_EQ(cancelled.error_code(), "CANCELLED");
   EXPECT_THAT(cancelled.error(), HasSubstr("before it started"));
   auto taken = worker_->TakeQueued();
   ASSERT_EQ(taken.size(), 1u);
-  EXPECT_EQ(taken[0].spec.job_id(), "third");
+  EXPECT_EQ(taken[0].spec.job_id(), "fourth");
   EXPECT_EQ(taken[0].attempt, 4u);
+
+  // The prefetched job is dropped at once: nothing runs it.
+  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
+  const auto dropped = WaitResult("second");
+  EXPECT_EQ(dropped.error_code(), "CANCELLED");
+  EXPECT_THAT(dropped.error(), HasSubstr("before it started"));
   EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
 
   release.Notify();
   EXPECT_TRUE(WaitResult("first").ok());
+  EXPECT_EQ(gen_->calls, 1);  // only "first" was denoised
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+}
+
+TEST_F(WorkerTest, TheNextJobIsEncodedWhileTheCurrentOneDenoises) {
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  Job first = MakeJob("first", 3);
+  first.plan.request.seed = 11;
+  Job second = MakeJob("second", 3);
+  second.plan.request.seed = 22;
+  ASSERT_TRUE(worker_->Enqueue(std::move(first)));
+  started.WaitForNotification();
+  ASSERT_TRUE(worker_->Enqueue(std::move(second)));
+  // "first" is held inside its denoise; "second" gets encoded meanwhile.
+  ASSERT_TRUE(WaitUntil([&] { return gen_->encode_calls == 2; }));
   EXPECT_EQ(gen_->calls, 1);
+  release.Notify();
+  std::vector<kiln::v1::JobProgress> progress;
+  const auto r1 = WaitResult("first", &progress);
+  const auto r2 = WaitResult("second", &progress);
+  ASSERT_TRUE(r1.ok()) << r1.error();
+  ASSERT_TRUE(r2.ok()) << r2.error();
+  const std::vector<uint8_t> rgb1(64 * 32 * 3, 11), rgb2(64 * 32 * 3, 22);
+  EXPECT_EQ(r1.png(), *pipeline::EncodePng(rgb1.data(), 64, 32));
+  EXPECT_EQ(r2.png(), *pipeline::EncodePng(rgb2.data(), 64, 32));
+  // Per job, its own events in the pipeline's order.
+  std::map<std::string, std::vector<std::string>> events;
+  for (const auto& p : progress) events[p.job_id()].push_back(absl::StrCat(p.phase(), ":", p.step()));
+  for (const char* id : {"first", "second"}) {
+    EXPECT_THAT(events[id], ElementsAre("preparing:0", "text_encoding:0", "denoising:0",
+                                        "denoising:1", "denoising:2", "denoising:3", "decoding:3"))
+        << id;
+  }
+}
+
+TEST_F(WorkerTest, ACancelDuringItsEncodingStopsThatJobOnly) {
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  gen_->on_encode = [&](const pipeline::GenerateRequest& request) {
+    if (request.seed == 5) EXPECT_EQ(worker_->Cancel("enc"), Worker::CancelOutcome::kStopping);
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("run", 2)));
+  started.WaitForNotification();
+  Job enc = MakeJob("enc", 2);
+  enc.plan.request.seed = 5;
+  ASSERT_TRUE(worker_->Enqueue(std::move(enc)));
+  const auto cancelled = WaitResult("enc");
+  EXPECT_EQ(cancelled.error_code(), "CANCELLED");
+  EXPECT_EQ(cancelled.error(), "cancelled by the coordinator after step 0 of 2");
+  release.Notify();
+  EXPECT_TRUE(WaitResult("run").ok());
+  EXPECT_EQ(gen_->calls, 1);
+  EXPECT_EQ(metrics_.jobs_cancelled.Value(), 1);
+}
+
+TEST_F(WorkerTest, ManyJobsInFlightKeepTheirOwnResults) {
+  gen_->step_time = std::chrono::milliseconds(1);
+  for (int i = 1; i <= 8; ++i) {
+    Job job = MakeJob(absl::StrCat("j", i), 3, /*attempt=*/i);
+    job.plan.request.seed = static_cast<uint64_t>(10 * i);
+    ASSERT_TRUE(worker_->Enqueue(std::move(job)));
+  }
+  for (int i = 1; i <= 8; ++i) {
+    const auto r = WaitResult(absl::StrCat("j", i));
+    ASSERT_TRUE(r.ok()) << r.error();
+    EXPECT_EQ(r.attempt(), static_cast<uint32_t>(i));
+    const std::vector<uint8_t> rgb(64 * 32 * 3, static_cast<uint8_t>(10 * i));
+    EXPECT_EQ(r.png(), *pipeline::EncodePng(rgb.data(), 64, 32)) << "j" << i;
+  }
+  EXPECT_EQ(gen_->calls, 8);
+  EXPECT_EQ(gen_->encode_calls, 8);
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
 }
 
 TEST_F(WorkerTest, AJobPastItsDeadlineIsNotRun) {
