@@ -34,7 +34,9 @@ class JobRunner {
   };
   virtual CancelOutcome Cancel(const std::string& job_id) = 0;
 
-  // Removes and returns every job not yet started (graceful shutdown answers them).
+  // Removes and returns every job not yet started, i.e. not denoising: queued, prefetched or
+  // being encoded (a graceful stop hands them back to the coordinator). The runner produces no
+  // result or progress for them afterwards.
   virtual std::vector<Job> TakeQueued() = 0;
 
   // The running job's id first, then the queued ones in order.

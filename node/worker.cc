@@ -68,7 +68,7 @@ bool Worker::Enqueue(Job job) {
   absl::MutexLock lock(&mu_);
   const std::string& id = job.spec.job_id();
   for (const TakenPtr& t : taken_) {
-    if (t->job.spec.job_id() == id) return false;
+    if (t->job.spec.job_id() == id && !t->handed_back) return false;
   }
   for (const Job& q : queue_) {
     if (q.spec.job_id() == id) return false;
@@ -82,7 +82,7 @@ Worker::CancelOutcome Worker::Cancel(const std::string& job_id) {
   const absl::Status before = absl::CancelledError("cancelled by the coordinator before it started");
   for (auto it = taken_.begin(); it != taken_.end(); ++it) {
     Taken& t = **it;
-    if (t.job.spec.job_id() != job_id) continue;
+    if (t.job.spec.job_id() != job_id || t.handed_back) continue;
     if (t.stage == Taken::Stage::kEncoded) {
       // Prefetched and waiting for the denoise stage: nothing runs it, drop it now.
       outbox_.Push(ErrorResult(job_id, t.job.attempt, before));
@@ -105,8 +105,25 @@ Worker::CancelOutcome Worker::Cancel(const std::string& job_id) {
 
 std::vector<Job> Worker::TakeQueued() {
   absl::MutexLock lock(&mu_);
-  std::vector<Job> out(std::make_move_iterator(queue_.begin()),
-                       std::make_move_iterator(queue_.end()));
+  std::vector<Job> out;
+  for (auto it = taken_.begin(); it != taken_.end();) {
+    Taken& t = **it;
+    if (t.stage == Taken::Stage::kEncoded) {
+      // Prefetched: nothing has run it past its encoding; the encoding is dropped.
+      out.push_back(std::move(t.job));
+      it = taken_.erase(it);
+      continue;
+    }
+    if (t.stage == Taken::Stage::kEncoding && !t.handed_back) {
+      // Its encoding stops at the pipeline's next check; the encode stage then drops it
+      // without a result (this one is the caller's to answer).
+      t.handed_back = true;
+      t.cancel.Cancel();
+      out.push_back(t.job);
+    }
+    ++it;
+  }
+  for (Job& q : queue_) out.push_back(std::move(q));
   queue_.clear();
   return out;
 }
@@ -114,7 +131,9 @@ std::vector<Job> Worker::TakeQueued() {
 std::vector<std::string> Worker::ActiveJobIds() const {
   absl::MutexLock lock(&mu_);
   std::vector<std::string> out;
-  for (const TakenPtr& t : taken_) out.push_back(t->job.spec.job_id());
+  for (const TakenPtr& t : taken_) {
+    if (!t->handed_back) out.push_back(t->job.spec.job_id());
+  }
   for (const Job& q : queue_) out.push_back(q.spec.job_id());
   return out;
 }
@@ -126,7 +145,9 @@ std::vector<std::string> Worker::LoadedPackages() const {
 
 bool Worker::idle() const {
   absl::MutexLock lock(&mu_);
-  return taken_.empty() && queue_.empty();
+  // A job handed back while being encoded produces nothing more: it does not keep us busy.
+  return queue_.empty() && std::all_of(taken_.begin(), taken_.end(),
+                                       [](const TakenPtr& t) { return t->handed_back; });
 }
 
 std::vector<std::string> Worker::PrefetchedJobIds() const {
@@ -139,6 +160,10 @@ std::vector<std::string> Worker::PrefetchedJobIds() const {
 }
 
 void Worker::Progress(Taken& t, const std::string& phase, int step, int total) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.handed_back) return;  // the job is no longer ours: it may run elsewhere already
+  }
   kiln::v1::Envelope env;
   auto* p = env.mutable_progress();
   p->set_job_id(t.job.spec.job_id());
@@ -221,7 +246,9 @@ void Worker::EncodeLoop() {
     }
     absl::MutexLock lock(&mu_);
     DeviceStage(t->job.plan.model, /*begin=*/false);
-    if (encoded.ok() && !t->cancel.cancelled()) {
+    if (t->handed_back) {
+      taken_.remove(t);  // TakeQueued gave it back: no result from here
+    } else if (encoded.ok() && !t->cancel.cancelled()) {
       t->encoded = std::move(encoded);
       t->stage = Taken::Stage::kEncoded;
       t->encoded_at = SteadyNow();

@@ -22,6 +22,11 @@
 // "cancelled by the coordinator after step K of N"; a cancel that arrives while its PNG is being
 // made still wins.
 //
+// Handing back (a graceful stop): TakeQueued() returns every job not yet denoising — queued,
+// prefetched (its encoding dropped) and the one being encoded (its encoding cancelled; the
+// encode stage then drops it with no result and no more progress) — for the caller to answer.
+// Jobs denoising or finishing run to their results.
+//
 // Threads: Start()/Shutdown() by the owner; Enqueue, Cancel, TakeQueued, ActiveJobIds,
 // LoadedPackages and idle() from any thread (the node's I/O thread); the three stage threads
 // are owned and joined by this object.
@@ -68,7 +73,7 @@ class Worker : public JobRunner {
   void Start();
   // Stops taking jobs and joins the threads once the jobs being encoded, denoised or finished
   // are done; with `cancel_running` those are cancelled first. Jobs still queued, and one
-  // prefetched and waiting, are dropped without a result (graceful stops take queued ones with
+  // prefetched and waiting, are dropped without a result (graceful stops hand them back with
   // TakeQueued() first). Idempotent.
   void Shutdown(bool cancel_running);
 
@@ -101,6 +106,7 @@ class Worker : public JobRunner {
     SteadyTime encoded_at;  // its encoding ended (kEncoded)
     double waited = 0;      // seconds encoded, waiting for the denoise stage
     bool expired = false;   // its deadline had passed when its encoding was to start
+    bool handed_back = false;  // TakeQueued() took it while it was being encoded (under mu_)
     int reported_step = 0;  // the step of the last progress event: where a cancel stopped it
     int last_step_index = -1;
     SteadyTime last_step;
