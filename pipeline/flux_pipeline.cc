@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
 #include <mutex>
 #include <optional>
@@ -11,6 +12,7 @@
 #include "common/stopwatch.h"
 #include "pipeline/denoiser.h"
 #include "pipeline/json_file.h"
+#include "pipeline/lora.h"
 #include "pipeline/package_loader.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/tokenizer_clip.h"
@@ -88,7 +90,24 @@ absl::Status GenerateRequest::Validate() const {
   if (auto s = ValidateImageSide("width", width); !s.ok()) return s;
   if (auto s = ValidateImageSide("height", height); !s.ok()) return s;
   if (auto s = ValidateSteps("steps", steps); !s.ok()) return s;
-  return ValidateGuidance("guidance", guidance);
+  if (auto s = ValidateGuidance("guidance", guidance); !s.ok()) return s;
+  if (loras.size() > kMaxLoras) {
+    return absl::InvalidArgumentError(absl::StrCat("loras: ", loras.size(), " LoRAs, more than ", kMaxLoras));
+  }
+  for (size_t i = 0; i < loras.size(); ++i) {
+    const std::string field = absl::StrCat("loras[", i, "]");
+    if (auto s = ValidateLoraName(field + ".name", loras[i].name); !s.ok()) return s;
+    if (!std::isfinite(loras[i].scale) || std::abs(loras[i].scale) > kMaxLoraScale) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".scale: ", loras[i].scale,
+                                                     " is not in -", kMaxLoraScale, "..", kMaxLoraScale));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (loras[j].name == loras[i].name) {
+        return absl::InvalidArgumentError(absl::StrCat(field, ".name: '", loras[i].name, "' is named twice"));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 class FluxPipeline::Impl {
@@ -105,14 +124,91 @@ class FluxPipeline::Impl {
   // then on.
   std::map<std::string, std::unique_ptr<CudaGraphDenoiser>> graphs;  // DenoiseDecode's thread
   // Held by EncodePrompt for its whole run (one at a time; it owns the PackageLoader) and by
-  // DenoiseDecode while it captures a CUDA graph.
+  // DenoiseDecode while it switches LoRAs or captures a CUDA graph.
   std::mutex encode_mu;
 #ifdef KILN_WITH_CUDA
   std::optional<c10::cuda::CUDAStream> encode_stream;  // EncodePrompt's device work
 #endif
   mutable std::mutex digests_mu;
   std::vector<std::string> loaded_digests;  // the loader's, after the last EnsureAll
+  // LoRAs: where they are found, the files read so far (by name; read again when the recorded
+  // digest, size or modification time changes), and the set merged now. Under encode_mu (they
+  // use the PackageLoader); applied_loras is written under digests_mu too (read by any thread).
+  std::unique_ptr<LoraLibrary> loras;
+  struct CachedLora {
+    LocatedLora located;
+    uintmax_t size = 0;
+    fs::file_time_type mtime;
+    std::shared_ptr<const LoraWeights> weights;
+  };
+  std::map<std::string, CachedLora> lora_files;
+  std::string applied_loras;
+
+  // The LoRA `name`, from the cache or read, verified and checked against the checkpoint.
+  absl::StatusOr<std::shared_ptr<const LoraWeights>> LoraNamed(const std::string& name);
+  // Reads `wanted`'s files (LoraNamed) ahead of the switch; adds the time to lora_load.
+  absl::Status ReadLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
+  // Makes `wanted` the merged set; adds the switch's timings to `seconds`. DenoiseDecode's
+  // thread, under encode_mu: the job denoising before it is done with the weights.
+  absl::Status SwitchLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
 };
+
+absl::StatusOr<std::shared_ptr<const LoraWeights>> FluxPipeline::Impl::LoraNamed(
+    const std::string& name) {
+  auto found = loras->Find(name);
+  if (!found.ok()) return found.status();
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(found->path, ec);
+  const fs::file_time_type mtime = fs::last_write_time(found->path, ec);
+  if (auto it = lora_files.find(name); it != lora_files.end()) {
+    const CachedLora& c = it->second;
+    if (c.located.path == found->path && c.located.sha256 == found->sha256 && c.size == size &&
+        c.mtime == mtime) {
+      return c.weights;
+    }
+  }
+  if (auto s = LoraLibrary::Verify(*found); !s.ok()) return s;
+  auto checkpoint = packages->WeightsOf("transformer");
+  if (!checkpoint.ok()) return checkpoint.status();
+  auto weights = LoraWeights::Load(found->path, (*checkpoint)->checkpoint(), device);
+  if (!weights.ok()) return weights.status();
+  std::shared_ptr<const LoraWeights> shared = *std::move(weights);
+  lora_files[name] = CachedLora{*found, size, mtime, shared};
+  return shared;
+}
+
+absl::Status FluxPipeline::Impl::ReadLoras(const std::vector<LoraChoice>& wanted,
+                                           PhaseSeconds* seconds) {
+  const auto t = SteadyNow();
+  for (const auto& l : wanted) {
+    if (auto w = LoraNamed(l.name); !w.ok()) return w.status();
+  }
+  seconds->lora_load += SecondsSince(t);
+  return absl::OkStatus();
+}
+
+absl::Status FluxPipeline::Impl::SwitchLoras(const std::vector<LoraChoice>& wanted,
+                                             PhaseSeconds* seconds) {
+  auto t = SteadyNow();
+  std::shared_ptr<LoraDeltas> deltas;
+  if (!wanted.empty()) deltas = std::make_shared<LoraDeltas>();
+  for (const auto& l : wanted) {
+    auto w = LoraNamed(l.name);
+    if (!w.ok()) return w.status();
+    deltas->Add(*w, l.scale);
+  }
+  SyncDevice(device);
+  seconds->lora_load += SecondsSince(t);
+  t = SteadyNow();
+  if (auto s = packages->SetTransformerLoras(deltas); !s.ok()) return s;
+  graphs.clear();  // captured graphs hold the swapped-out weights' addresses
+  {
+    std::lock_guard<std::mutex> lock(digests_mu);
+    applied_loras = LoraSetKey(wanted);
+  }
+  seconds->lora_switch += SecondsSince(t);
+  return absl::OkStatus();
+}
 
 FluxPipeline::FluxPipeline(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 FluxPipeline::~FluxPipeline() = default;
@@ -193,6 +289,7 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
   key_options.compile_options = options.compile_options;
   key_options.resolutions = options.resolutions;
   impl->keys = std::make_unique<KeyPolicy>(std::move(key_options));
+  impl->loras = std::make_unique<LoraLibrary>(options.lora_dirs);
   impl->packages = std::make_unique<PackageLoader>(std::move(provider), options.model_dir,
                                                    options.compile_options, impl->device,
                                                    PackageLoaderOptions{options.canary});
@@ -210,6 +307,13 @@ const PipelineOptions& FluxPipeline::options() const { return impl_->options; }
 std::vector<std::string> FluxPipeline::DigestsFor(int width, int height) const {
   return impl_->keys->DigestsFor(width, height);
 }
+
+std::string FluxPipeline::applied_loras() const {
+  std::lock_guard<std::mutex> lock(impl_->digests_mu);
+  return impl_->applied_loras;
+}
+
+std::vector<std::string> FluxPipeline::AvailableLoras() const { return impl_->loras->Names(); }
 
 std::vector<std::string> FluxPipeline::LoadedDigests() const {
   std::lock_guard<std::mutex> lock(impl_->digests_mu);
@@ -274,6 +378,9 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
   }
 #endif
   report("preparing", 0);
+  // The job's LoRA files are read and checked here (a bad one fails before any heavy work); the
+  // merge and swap wait for DenoiseDecode: the job denoising now still runs on the weights.
+  if (auto s = m.ReadLoras(req.loras, &r.seconds); !s.ok()) return s;
   std::map<std::string, cache::ArtifactKey> keys;
   for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
   LoadReport loaded;
@@ -335,6 +442,15 @@ absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded
   const auto t_total = SteadyNow();
   GenerateResult r = std::move(encoded.partial);
   EncodedPrompt::State& state = *encoded.state;
+  // The job's LoRA set: merged and swapped in here, between jobs (the one denoised before is
+  // done with the weights; the encode stage, which owns the PackageLoader, waits for it).
+  if (LoraSetKey(req.loras) != m.applied_loras) {
+    report("applying loras", 0);
+    std::lock_guard<std::mutex> device_lock(m.encode_mu);
+    if (auto s = m.SwitchLoras(req.loras, &r.seconds); !s.ok()) return s;
+    r.lora_switched = true;
+  }
+  r.loras = LoraSetKey(req.loras);
   // The transformer step: the whole-graph package, or a regional set's loop over layers.
   const LoadedComponent transformer = state.packages["transformer"];
   TransformerFn transformer_fn;
