@@ -55,6 +55,9 @@ ABSL_FLAG(std::string, package_dir, "",
 ABSL_FLAG(int64_t, package_dir_max_bytes, 0,
           "evict least-recently-used packages beyond this many bytes (0: unbounded)");
 ABSL_FLAG(std::string, shared_cache, "", "shared package cache directory (\"\": none)");
+ABSL_FLAG(std::vector<std::string>, lora_dir, {},
+          "LoRA directories (comma list) searched in order for a job's NAME.safetensors and its "
+          "digest NAME.safetensors.sha256; the shared cache's loras/ is searched last");
 ABSL_FLAG(std::string, resolutions, "",
           "allowed WIDTHxHEIGHT buckets, comma-separated (default: the pipeline's)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: any)");
@@ -186,6 +189,7 @@ int main(int argc, char** argv) {
   options.package_dir_max_bytes = absl::GetFlag(FLAGS_package_dir_max_bytes);
   options.job_slots = absl::GetFlag(FLAGS_job_slots);
   options.shared_cache_dir = absl::GetFlag(FLAGS_shared_cache);
+  options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
     auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
     if (!r.ok()) return BadInput(absl::StrCat("--resolutions: ", r.status().message()));

@@ -67,6 +67,9 @@ ABSL_FLAG(std::vector<std::string>, lora, {},
 ABSL_FLAG(std::vector<std::string>, lora_dir, {},
           "directories searched in order for NAME.safetensors and its digest "
           "NAME.safetensors.sha256 (default: none; with --shared_dir, SHARED/loras is searched last)");
+ABSL_FLAG(int, lora_switches, 0,
+          "benchmark: after the image, run this many more jobs alternating the base weights and "
+          "the --lora set, and report each switch's seconds under lora_switches with --json");
 ABSL_FLAG(bool, cuda_graphs, true, "cuda: replay the transformer step as a CUDA graph");
 ABSL_FLAG(bool, profile_steps, false,
           "cuda: time each denoising step with device events and fail on any host sync inside "
@@ -153,6 +156,21 @@ int main(int argc, char** argv) {
   auto result = (*pipeline)->Generate(req);
   if (!result.ok()) return Fail(result.status());
   const double generated = since_main();
+  // LoRA switch benchmark (bench/README.md "LoRA switch"): base, set, base, ... after the image.
+  nlohmann::json switches = nlohmann::json::array();
+  const std::vector<kiln::LoraChoice> lora_set = req.loras;
+  for (int i = 0; i < absl::GetFlag(FLAGS_lora_switches); ++i) {
+    kiln::pipeline::GenerateRequest again = req;
+    again.loras = (i % 2 == 0) == lora_set.empty() ? lora_set : std::vector<kiln::LoraChoice>{};
+    auto r = (*pipeline)->Generate(again);
+    if (!r.ok()) return Fail(r.status());
+    switches.push_back({{"loras", r->loras},
+                        {"switched", r->lora_switched},
+                        {"lora_load_s", r->seconds.lora_load},
+                        {"lora_switch_s", r->seconds.lora_switch},
+                        {"graph_capture_s", r->seconds.graph_capture},
+                        {"denoise_s", r->seconds.denoise}});
+  }
   for (const auto& w : result->warnings) kiln::LogWarning("main", w);
   if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
       !s.ok()) {
@@ -191,6 +209,7 @@ int main(int argc, char** argv) {
     // generated (Generate(), phases above), the PNG written.
     j["process"] = {{"pipeline_created_s", created}, {"generated_s", generated},
                     {"png_written_s", written}};
+    if (!switches.empty()) j["lora_switches"] = switches;
     const auto& p = result->denoise_profile;
     j["denoise_profile"] = {{"cuda_graph", p.cuda_graph}, {"sync_checked", p.sync_checked},
                             {"step_ms", p.step_ms}, {"span_ms", p.span_ms},

@@ -739,6 +739,17 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
                  !SameList(info.packages(), message.packages());
   *info.mutable_loaded_packages() = message.loaded_packages();
   *info.mutable_packages() = message.packages();
+  if (!SameList(info.loras(), message.loras()) ||
+      info.applied_loras().size() != message.applied_loras().size() ||
+      !std::all_of(message.applied_loras().begin(), message.applied_loras().end(),
+                   [&](const auto& kv) {
+                     auto it = info.applied_loras().find(kv.first);
+                     return it != info.applied_loras().end() && it->second == kv.second;
+                   })) {
+    *info.mutable_loras() = message.loras();
+    *info.mutable_applied_loras() = message.applied_loras();
+    changed = true;
+  }
   int ignored_sets = 0;  // entries past the bounds: ignored, the rest of the heartbeat counts
   for (const auto& [key, set] : message.package_sets()) {
     auto* sets = info.mutable_package_sets();
@@ -1088,6 +1099,7 @@ void Coordinator::PlaceJobs() {
     // that warmth stands; the nodes of the stream before it are in the heaps.
     std::vector<size_t> scanned;
     std::optional<std::string> no_node_reason;  // computed when no READY node can run it
+    kiln::v1::JobSpec lora_spec;  // model, precision and LoRAs of its jobs (LoraWarmthFor)
   };
   absl::flat_hash_map<std::string, KindState> kinds;
   auto fill = [&](HeapEntry& e) {
@@ -1121,7 +1133,9 @@ void Coordinator::PlaceJobs() {
     HeapEntry e;
     e.id = p.node->info.node_id();
     e.node = pi;
-    e.cold_s = (*p.cold)[static_cast<int>(tier)];
+    // Plus the LoRA term: a node whose weights hold the job's LoRA set needs no switch.
+    e.cold_s = (*p.cold)[static_cast<int>(tier)] +
+               costs_.LoraSeconds(LoraWarmthFor(p.node->info, state.lora_spec));
     fill(e);
     auto& heap = state.groups[p.cls].heap;
     heap.push_back(e);
@@ -1167,8 +1181,15 @@ void Coordinator::PlaceJobs() {
     if (it == active_.end()) continue;
     ActiveJob& job = it->second;
     if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
-    auto [kind_it, inserted] = kinds.try_emplace(job.kind);
+    // Jobs of a kind with different LoRA sets rank nodes differently: one state per set.
+    auto [kind_it, inserted] =
+        kinds.try_emplace(absl::StrCat(job.kind, "|", kiln::LoraSetKey(kiln::LorasOf(job.spec))));
     KindState& state = kind_it->second;
+    if (inserted) {
+      state.lora_spec.set_model(job.spec.model());
+      state.lora_spec.set_precision(job.spec.precision());
+      *state.lora_spec.mutable_loras() = job.spec.loras();
+    }
     if (inserted && options_.placement == PlacementPolicy::kExpectedFinish) {
       init(job, state);
       if (options_.placement_full_scan) build_all(state);

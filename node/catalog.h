@@ -48,6 +48,10 @@ class Generator {
   virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
   // Digests of the packages loaded now. Thread-safe.
   virtual std::vector<std::string> LoadedDigests() const = 0;
+  // LoraSetKey of the LoRA set its weights hold ("" = base). Worker thread only.
+  virtual std::string AppliedLoras() const { return ""; }
+  // Names of the LoRAs it can apply (its LoRA directories). Any thread.
+  virtual std::vector<std::string> AvailableLoras() const { return {}; }
 };
 
 // A Generator over a FluxPipeline (created by the caller; FluxPipeline::Create reads configs and
@@ -72,6 +76,8 @@ class PipelineGenerator : public Generator {
     return pipeline_->DigestsFor(width, height);
   }
   std::vector<std::string> LoadedDigests() const override { return pipeline_->LoadedDigests(); }
+  std::string AppliedLoras() const override { return pipeline_->applied_loras(); }
+  std::vector<std::string> AvailableLoras() const override { return pipeline_->AvailableLoras(); }
 
  private:
   std::unique_ptr<pipeline::FluxPipeline> pipeline_;
@@ -106,6 +112,10 @@ class ModelCatalog {
 
   std::vector<std::string> models() const;  // sorted
   std::vector<Generator*> generators() const;
+  // "<model>/<precision>" → its generator (the key of NodeInfo.applied_loras).
+  std::map<std::string, Generator*> GeneratorsByKey() const;
+  // LoRA names any generator can apply, sorted, unique.
+  std::vector<std::string> AvailableLoras() const;
   const std::string& default_precision() const { return default_precision_; }
   const std::vector<pipeline::Resolution>& resolutions() const { return resolutions_; }
 

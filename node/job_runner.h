@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -43,6 +44,9 @@ class JobRunner {
   virtual std::vector<std::string> ActiveJobIds() const = 0;
   // Digests loaded in memory, as of the end of the last job.
   virtual std::vector<std::string> LoadedPackages() const = 0;
+  // "<model>/<precision>" → LoraSetKey of the LoRA set merged there, as of the end of the last
+  // job (entries with "" = base are left out).
+  virtual std::map<std::string, std::string> AppliedLoras() const { return {}; }
   // Nothing running and nothing queued. Results of finished jobs are queued (in the Outbox)
   // before a runner turns idle.
   virtual bool idle() const = 0;

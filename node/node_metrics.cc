@@ -50,6 +50,18 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                              "the host may run ahead of the device by a few steps)")
                        .Register(registry)
                        .Add({}, StepBuckets())),
+      lora_switches(prometheus::BuildCounter()
+                        .Name("kiln_node_lora_switches_total")
+                        .Help("Jobs whose LoRA set differed from the one merged into the "
+                              "weights, so the weights were switched (to base included)")
+                        .Register(registry)
+                        .Add({})),
+      lora_switch_seconds(prometheus::BuildHistogram()
+                              .Name("kiln_node_lora_switch_seconds")
+                              .Help("Time of a LoRA switch: reading and verifying LoRA files not "
+                                    "read before, merging into the weights and swapping them in")
+                              .Register(registry)
+                              .Add({}, StepBuckets())),
       protocol_errors(prometheus::BuildCounter()
                           .Name("kiln_protocol_errors_total")
                           .Help("Malformed, unknown or unexpected messages received, by socket")

@@ -28,6 +28,9 @@ struct NodeOptions {
   std::string package_dir = ".kiln/packages";  // node-local package directory (created)
   int64_t package_dir_max_bytes = 0;           // LRU bound on package_dir in bytes; 0 = none
   std::string shared_cache_dir;                // shared package tier; "" = none
+  // LoRA directories searched in order for a job's LoRAs (NAME.safetensors + its digest
+  // NAME.safetensors.sha256); SHARED/loras is searched after them when shared_cache_dir is set.
+  std::vector<std::string> lora_dirs;
   bool allow_compile = true;                   // false: a package no tier holds fails the job
   std::string compiler_path;  // kiln-compile; "" = beside the running binary
   // Package signatures (cache/package_signing.h): a comma list of .pub files / directories whose

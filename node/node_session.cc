@@ -287,6 +287,8 @@ kiln::v1::Envelope NodeSession::RegisterMessage() const {
   info->set_pid(static_cast<uint32_t>(getpid()));
   info->set_hostname(options_.hostname);
   info->set_job_slots(static_cast<uint32_t>(options_.job_slots));
+  for (const auto& name : catalog_.AvailableLoras()) info->add_loras(name);
+  for (const auto& [key, set] : jobs_.AppliedLoras()) (*info->mutable_applied_loras())[key] = set;
   for (const auto& [key, digests] : package_sets_) {
     auto& set = (*info->mutable_package_sets())[key];
     for (const auto& d : digests) set.add_digests(d);
@@ -305,6 +307,8 @@ kiln::v1::Envelope NodeSession::HeartbeatMessage() const {
   for (const auto& d : jobs_.LoadedPackages()) hb->add_loaded_packages(d);
   for (const auto& d : DiskPackages()) hb->add_packages(d);
   hb->set_unhealthy(UnhealthyReason());
+  for (const auto& name : catalog_.AvailableLoras()) hb->add_loras(name);
+  for (const auto& [key, set] : jobs_.AppliedLoras()) (*hb->mutable_applied_loras())[key] = set;
   return env;
 }
 

@@ -138,6 +138,11 @@ std::vector<std::string> Worker::ActiveJobIds() const {
   return out;
 }
 
+std::map<std::string, std::string> Worker::AppliedLoras() const {
+  absl::MutexLock lock(&mu_);
+  return applied_loras_;
+}
+
 std::vector<std::string> Worker::LoadedPackages() const {
   absl::MutexLock lock(&mu_);
   return loaded_;
@@ -320,11 +325,16 @@ void Worker::FinishLoop() {
     for (Generator* g : catalog_.generators()) {
       for (auto& d : g->LoadedDigests()) loaded.insert(std::move(d));
     }
+    std::map<std::string, std::string> applied;  // changes only inside Generate() too
+    for (const auto& [key, g] : catalog_.GeneratorsByKey()) {
+      if (std::string set = g->AppliedLoras(); !set.empty()) applied[key] = std::move(set);
+    }
     // One step under the lock: whoever sees the worker idle finds the result already queued,
     // and no heartbeat lists a job whose result has gone out.
     absl::MutexLock lock(&mu_);
     taken_.remove(t);
     loaded_.assign(loaded.begin(), loaded.end());
+    applied_loras_ = std::move(applied);
     outbox_.Push(std::move(result));
   }
 }
@@ -353,6 +363,10 @@ kiln::v1::Envelope Worker::Finish(Taken& t) {
     LogWarning("node", absl::StrCat("job ", id, " failed: ", result.status().ToString()));
     metrics_.jobs_failed.Increment();
     return ErrorResult(id, t.job.attempt, DiskFailure(result.status(), disk_, node_id_));
+  }
+  if (result->lora_switched) {
+    metrics_.lora_switches.Increment();
+    metrics_.lora_switch_seconds.Observe(result->seconds.lora_load + result->seconds.lora_switch);
   }
   for (const auto& w : result->warnings) LogWarning("node", absl::StrCat("job ", id, ": ", w));
   auto png = pipeline::EncodePng(result->rgb.data(), result->width, result->height);

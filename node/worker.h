@@ -83,6 +83,7 @@ class Worker : public JobRunner {
   std::vector<Job> TakeQueued() override;
   std::vector<std::string> ActiveJobIds() const override;
   std::vector<std::string> LoadedPackages() const override;
+  std::map<std::string, std::string> AppliedLoras() const override;
   bool idle() const override;
   // Jobs whose encoding is done, waiting for the denoise stage (at most one).
   std::vector<std::string> PrefetchedJobIds() const;
@@ -140,6 +141,7 @@ class Worker : public JobRunner {
   std::list<TakenPtr> taken_ ABSL_GUARDED_BY(mu_);       // in the order taken
   std::deque<TakenPtr> to_finish_ ABSL_GUARDED_BY(mu_);  // the finish stage's queue
   std::vector<std::string> loaded_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> applied_loras_ ABSL_GUARDED_BY(mu_);
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
   bool stages_stopped_ ABSL_GUARDED_BY(mu_) = false;  // encode and denoise joined
   struct DeviceBusy {

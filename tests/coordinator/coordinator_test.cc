@@ -619,6 +619,58 @@ TEST_F(CoordinatorTest, PrefersLoadedThenLocalDiskThenCompile) {
   EXPECT_TRUE(Logged("job j2 assigned to node b-local (attempt 1, packages local)"));
 }
 
+// Among nodes with the packages loaded, the one whose weights hold the job's LoRA set wins, then
+// one that has the LoRAs on disk, then one that lacks them (the LoRA term of the expected
+// finish: CostModelOptions::prior_lora_*); a job without LoRAs prefers a node on base weights.
+TEST_F(CoordinatorTest, PrefersTheNodeWithTheJobsLoraSetAppliedThenOnDisk) {
+  Make(LongJobs());
+  auto warm = [](const std::string& id) {
+    NodeInfo n = Node(id);
+    DeclareSet(n);
+    n.add_loaded_packages("d1");
+    n.add_loaded_packages("d2");
+    return n;
+  };
+  NodeInfo none = warm("a-none");  // sorts first: preference must beat the id tie-break
+  NodeInfo disk = warm("b-disk");
+  disk.add_loras("style");
+  disk.add_loras("ink");
+  NodeInfo applied = warm("c-applied");
+  applied.add_loras("style");
+  applied.add_loras("ink");
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/fp32"] = "style@1,ink@0.5";
+  for (const auto& n : {none, disk, applied}) Register(n);
+
+  for (const char* id : {"j1", "j2", "j3"}) {
+    JobSpec spec = Spec(id);
+    spec.set_precision("fp32");
+    auto* style = spec.add_loras();
+    style->set_name("style");  // scale 0: 1.0
+    auto* ink = spec.add_loras();
+    ink->set_name("ink");
+    ink->set_scale(0.5);
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-applied", "j1", 1u),
+                                      std::make_tuple("b-disk", "j2", 1u),
+                                      std::make_tuple("a-none", "j3", 1u)));
+}
+
+TEST_F(CoordinatorTest, AJobWithoutLorasPrefersANodeOnBaseWeights) {
+  Make(LongJobs());
+  NodeInfo applied = Node("a-applied");
+  DeclareSet(applied);
+  applied.add_loras("style");
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/fp32"] = "style@1";
+  NodeInfo base = Node("b-base");
+  DeclareSet(base);
+  for (const auto& n : {applied, base}) Register(n);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("fp32");
+  MustSubmit(spec);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-base", "j1", 1u)));
+}
+
 TEST_F(CoordinatorTest, PartlyLoadedCountsAsLocalDisk) {
   NodeInfo mixed = Node("a");
   DeclareSet(mixed);

@@ -14,6 +14,7 @@
 #include "pipeline/lora.h"
 
 #include <cstdlib>
+#include <iostream>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -151,6 +152,7 @@ TEST_F(LoraTest, MergedLorasMatchTheEagerMergeAndSwitchingBackGivesTheBaseBytes)
     differ_from_base += with->rgb[i] != base->rgb[i];
   }
   EXPECT_LE(max_diff, 1) << "kiln's merge differs from the eager reference merge";
+  std::cout << "largest RGB difference from the eager merge: " << max_diff << "\n";
   // The LoRAs change the picture (the comparison above would pass for an unapplied set too if
   // they did not).
   EXPECT_GT(differ_from_base, static_cast<int>(with->rgb.size() / 2));
