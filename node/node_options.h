@@ -29,7 +29,8 @@ struct NodeOptions {
   int64_t package_dir_max_bytes = 0;           // LRU bound on package_dir in bytes; 0 = none
   std::string shared_cache_dir;                // shared package tier; "" = none
   // LoRA directories searched in order for a job's LoRAs (NAME.safetensors + its digest
-  // NAME.safetensors.sha256); SHARED/loras is searched after them when shared_cache_dir is set.
+  // NAME.safetensors.sha256); SHARED/loras is searched after them when shared_cache_dir is a
+  // directory (not a redis:// URL).
   std::vector<std::string> lora_dirs;
   bool allow_compile = true;                   // false: a package no tier holds fails the job
   std::string compiler_path;  // kiln-compile; "" = beside the running binary

@@ -553,6 +553,29 @@ TEST_F(NodeSessionTest, ResultsWaitForARegisteredCoordinatorAndPrecedeHeartbeats
   EXPECT_THAT(channel_.Bodies(), ElementsAre(Body::kResult, Body::kHeartbeat));
 }
 
+// RegisterNode and heartbeats carry the LoRAs the node can apply and, once a job with LoRAs has
+// run, the set merged per "<model>/<precision>" (what placement prefers nodes by).
+TEST_F(NodeSessionTest, RegistrationAndHeartbeatsCarryLorasAndTheAppliedSet) {
+  gen_->available_loras = {"ink", "style"};
+  StartWithWorker();
+  session_->Tick();
+  auto reg = channel_.Take(Body::kRegisterNode);
+  ASSERT_EQ(reg.size(), 1u);
+  EXPECT_THAT(reg[0].register_node().info().loras(), ElementsAre("ink", "style"));
+  EXPECT_TRUE(reg[0].register_node().info().applied_loras().empty());
+  session_->OnMessage(Ack());
+  ASSERT_TRUE(session_->link().registered());
+
+  kiln::v1::Envelope assign = Assign("j1", 1);
+  assign.mutable_assign()->mutable_spec()->add_loras()->set_name("style");
+  session_->OnMessage(assign);
+  ASSERT_TRUE(TickUntil([&] { return worker_->idle(); }));
+  const auto hb = session_->HeartbeatMessage().heartbeat();
+  EXPECT_THAT(hb.loras(), ElementsAre("ink", "style"));
+  ASSERT_EQ(hb.applied_loras().size(), 1);
+  EXPECT_EQ(hb.applied_loras().at("tiny/fp32"), "style@1");
+}
+
 TEST_F(NodeSessionTest, AHeldResultCountsAsRunningInHeartbeats) {
   StartWithFakeRunner();
   Register();

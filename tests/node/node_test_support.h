@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "node/catalog.h"
 
 namespace kiln::node::testing {
@@ -77,8 +78,19 @@ class FakeGenerator : public Generator {
       r.packages[c] = cold ? "local" : "resident";
     }
     r.packages["transformer"] = cold ? "compiled" : "resident";
+    // LoRAs as the pipeline reports them: the set merged, and whether this job switched it.
+    const std::string set = kiln::LoraSetKey(request.loras);
+    absl::MutexLock lock(&applied_mu_);
+    r.lora_switched = set != applied_;
+    if (r.lora_switched) r.seconds.lora_switch = 0.0625;
+    applied_ = r.loras = set;
     return r;
   }
+  std::string AppliedLoras() const override {
+    absl::MutexLock lock(&applied_mu_);
+    return applied_;
+  }
+  std::vector<std::string> AvailableLoras() const override { return available_loras; }
   std::vector<std::string> DigestsFor(int width, int height) const override {
     return {absl::StrCat(tag_, "-te-", width, "x", height),
             absl::StrCat(tag_, "-dit-", width, "x", height)};
@@ -96,10 +108,13 @@ class FakeGenerator : public Generator {
   std::function<void(int step)> on_step;  // called before each step runs (denoise thread)
   // Called in EncodePrompt after "preparing" (encode thread); a cancel set there is honoured.
   std::function<void(const pipeline::GenerateRequest&)> on_encode;
+  std::vector<std::string> available_loras;
 
  private:
   std::string tag_;
   std::atomic<bool> loaded_{false};
+  mutable absl::Mutex applied_mu_;
+  std::string applied_ ABSL_GUARDED_BY(applied_mu_);  // the LoRA set merged
 };
 
 }  // namespace kiln::node::testing

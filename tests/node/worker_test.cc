@@ -138,6 +138,39 @@ TEST_F(WorkerTest, RunsAJobWithProgressForEveryStepThenAWarmOne) {
   EXPECT_EQ(metrics_.job_seconds.Collect().histogram.sample_count, 2u);
 }
 
+// A job's LoRAs reach the generator; a changed set counts as a switch (and its time), the set
+// merged is reported per "<model>/<precision>" once the job is done, and base weights are
+// reported as no entry.
+TEST_F(WorkerTest, LoraSwitchesAreCountedTimedAndTheAppliedSetReported) {
+  Job job = MakeJob("j1", 1);
+  auto* lora = job.spec.add_loras();
+  lora->set_name("style");
+  lora->set_scale(0.5f);
+  job.plan = *catalog_.Plan(job.spec);
+  ASSERT_TRUE(worker_->Enqueue(job));
+  ASSERT_TRUE(WaitResult("j1").ok());
+  ASSERT_EQ(gen_->last_request.loras.size(), 1u);
+  EXPECT_EQ(gen_->last_request.loras[0].name, "style");
+  EXPECT_EQ(gen_->last_request.loras[0].scale, 0.5);
+  EXPECT_THAT(worker_->AppliedLoras(),
+              ElementsAre(std::make_pair(std::string("tiny/fp32"), std::string("style@0.5"))));
+  EXPECT_EQ(metrics_.lora_switches.Value(), 1);
+
+  Job same = MakeJob("j2", 1);
+  *same.spec.mutable_loras() = job.spec.loras();
+  same.plan = *catalog_.Plan(same.spec);
+  ASSERT_TRUE(worker_->Enqueue(same));
+  ASSERT_TRUE(WaitResult("j2").ok());
+  EXPECT_EQ(metrics_.lora_switches.Value(), 1);  // the same set: no switch
+
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j3", 1)));
+  ASSERT_TRUE(WaitResult("j3").ok());
+  EXPECT_TRUE(worker_->AppliedLoras().empty());
+  EXPECT_EQ(metrics_.lora_switches.Value(), 2);
+  EXPECT_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_count, 2u);
+  EXPECT_DOUBLE_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_sum, 0.125);
+}
+
 TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {
   gen_->on_step = [this](int step) {
     if (step == 3) EXPECT_EQ(worker_->Cancel("long"), Worker::CancelOutcome::kStopping);
