@@ -369,21 +369,36 @@ TEST_F(NodeSessionTest, APrefetchedJobIsEncodedWhileOneRunsAndCanBeCancelledOrDr
   EXPECT_THAT(r2->error(), HasSubstr("before it started"));
   ASSERT_TRUE(TickUntil([&] { return worker_->PrefetchedJobIds() == std::vector<std::string>{"j3"}; }));
 
-  // A drain lets the running and the prefetched job finish, refuses the rest.
+  // A drain lets the running job finish and hands back at once the prefetched one and the one
+  // queued, after a heartbeat that says the node takes no more jobs and still lists both.
   session_->OnMessage(Assign("j4", 2));
+  channel_.sent.clear();
   session_->Drain();
-  std::optional<kiln::v1::JobResult> r4;
-  ASSERT_TRUE(TickUntil([&] { return (r4 = ResultOf("j4")).has_value(); }));
-  EXPECT_EQ(r4->error_code(), "UNAVAILABLE");
+  std::vector<Body> order;
+  for (Body b : channel_.Bodies()) {
+    if (b != Body::kProgress) order.push_back(b);
+  }
+  EXPECT_THAT(order, ElementsAre(Body::kHeartbeat, Body::kResult, Body::kResult));
+  auto handed_back = channel_.Take(Body::kResult);
+  ASSERT_EQ(handed_back.size(), 2u);
+  EXPECT_EQ(handed_back[0].result().job_id(), "j3");
+  EXPECT_EQ(handed_back[1].result().job_id(), "j4");
+  for (const auto& e : handed_back) {
+    EXPECT_EQ(e.result().error_code(), "UNAVAILABLE");
+    EXPECT_EQ(e.result().error(), "node is shutting down");
+  }
+  hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_EQ(hbs[0].heartbeat().unhealthy(), "node is shutting down");
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("j1", "j3", "j4"));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), IsEmpty());
   release.Notify();
-  std::map<std::string, kiln::v1::JobResult> done;
-  ASSERT_TRUE(TickUntil([&] {
-    for (const auto& e : channel_.Take(Body::kResult)) done[e.result().job_id()] = e.result();
-    return done.size() == 2;
-  }));
-  EXPECT_TRUE(done["j1"].ok()) << done["j1"].error();
-  EXPECT_TRUE(done["j3"].ok()) << done["j3"].error();
+  std::optional<kiln::v1::JobResult> r1;
+  ASSERT_TRUE(TickUntil([&] { return (r1 = ResultOf("j1")).has_value(); }));
+  EXPECT_TRUE(r1->ok()) << r1->error();
   ASSERT_TRUE(TickUntil([&] { return session_->finished(); }));
+  EXPECT_THAT(channel_.Take(Body::kResult), IsEmpty());  // j3 never ran
+  EXPECT_EQ(gen_->calls, 1);
   EXPECT_EQ(channel_.Take(Body::kDeregister).size(), 1u);
 }
 

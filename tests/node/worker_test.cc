@@ -218,22 +218,82 @@ TEST_F(WorkerTest, QueuedAndPrefetchedJobsCanBeCancelledOrTakenAndDuplicatesAreR
   const auto cancelled = WaitResult("third");
   EXPECT_EQ(cancelled.error_code(), "CANCELLED");
   EXPECT_THAT(cancelled.error(), HasSubstr("before it started"));
-  auto taken = worker_->TakeQueued();
-  ASSERT_EQ(taken.size(), 1u);
-  EXPECT_EQ(taken[0].spec.job_id(), "fourth");
-  EXPECT_EQ(taken[0].attempt, 4u);
 
-  // The prefetched job is dropped at once: nothing runs it.
+  // The prefetched job is dropped at once: nothing runs it; "fourth" moves up into its slot.
   EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
   const auto dropped = WaitResult("second");
   EXPECT_EQ(dropped.error_code(), "CANCELLED");
   EXPECT_THAT(dropped.error(), HasSubstr("before it started"));
+  ASSERT_TRUE(WaitUntil([&] { return worker_->PrefetchedJobIds().size() == 1; }));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ElementsAre("fourth"));
+
+  // A graceful stop takes the prefetched job back too (its encoding is dropped), not only the
+  // queued ones; the running one stays.
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("fifth", 2)));
+  auto taken = worker_->TakeQueued();
+  ASSERT_EQ(taken.size(), 2u);
+  EXPECT_EQ(taken[0].spec.job_id(), "fourth");
+  EXPECT_EQ(taken[0].attempt, 4u);
+  EXPECT_EQ(taken[1].spec.job_id(), "fifth");
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ::testing::IsEmpty());
   EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
+  EXPECT_EQ(worker_->Cancel("fourth"), Worker::CancelOutcome::kNotFound);
 
   release.Notify();
   EXPECT_TRUE(WaitResult("first").ok());
   EXPECT_EQ(gen_->calls, 1);  // only "first" was denoised
   EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+  // Nothing more came: no result for the jobs taken back (an idle worker has queued all).
+  for (auto& env : outbox_->Drain()) {
+    if (env.has_result()) ADD_FAILURE() << "unexpected result for " << env.result().job_id();
+  }
+  for (const auto& r : pending_) ADD_FAILURE() << "unexpected result for " << r.job_id();
+}
+
+TEST_F(WorkerTest, AJobTakenBackWhileBeingEncodedStopsAndSendsNothingMore) {
+  absl::Notification running, release_step, encoding, release_encode;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !running.HasBeenNotified()) {
+      running.Notify();
+      release_step.WaitForNotification();
+    }
+  };
+  gen_->on_encode = [&](const pipeline::GenerateRequest& r) {
+    if (r.seed == 7) {
+      encoding.Notify();
+      release_encode.WaitForNotification();
+    }
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("first", 2)));
+  running.WaitForNotification();
+  Job second = MakeJob("second", 2, /*attempt=*/2);
+  second.plan.request.seed = 7;
+  ASSERT_TRUE(worker_->Enqueue(second));
+  encoding.WaitForNotification();  // "second" is in its encoding now
+
+  auto taken = worker_->TakeQueued();
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0].spec.job_id(), "second");
+  EXPECT_EQ(taken[0].attempt, 2u);
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
+  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kNotFound);
+  EXPECT_TRUE(worker_->Enqueue(MakeJob("second", 2)));  // no longer ours: may come back
+  EXPECT_EQ(worker_->TakeQueued().size(), 1u);
+  for (auto& env : outbox_->Drain()) EXPECT_FALSE(env.has_result());  // its progress so far
+
+  release_encode.Notify();  // its encoding sees the cancel and the encode stage drops it
+  release_step.Notify();
+  std::vector<kiln::v1::JobProgress> progress;
+  EXPECT_TRUE(WaitResult("first", &progress).ok());
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+  worker_->Shutdown(/*cancel_running=*/false);  // joins the encode stage: it has let go
+  for (auto& env : outbox_->Drain()) {
+    EXPECT_FALSE(env.has_result()) << env.result().job_id();
+    if (env.has_progress()) progress.push_back(env.progress());
+  }
+  for (const auto& p : progress) EXPECT_EQ(p.job_id(), "first") << p.phase();
+  for (const auto& p : pending_) ADD_FAILURE() << "unexpected result for " << p.job_id();
+  EXPECT_EQ(gen_->calls, 1);  // "second" was never denoised
 }
 
 TEST_F(WorkerTest, TheNextJobIsEncodedWhileTheCurrentOneDenoises) {
