@@ -48,7 +48,7 @@ class Generator {
   virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
   // Digests of the packages loaded now. Thread-safe.
   virtual std::vector<std::string> LoadedDigests() const = 0;
-  // LoraSetKey of the LoRA set its weights hold ("" = base). Worker thread only.
+  // LoraSetKey of the LoRA set its weights hold now ("" = base). Thread-safe.
   virtual std::string AppliedLoras() const { return ""; }
   // Names of the LoRAs it can apply (its LoRA directories). Any thread.
   virtual std::vector<std::string> AvailableLoras() const { return {}; }

@@ -325,7 +325,7 @@ void Worker::FinishLoop() {
     for (Generator* g : catalog_.generators()) {
       for (auto& d : g->LoadedDigests()) loaded.insert(std::move(d));
     }
-    std::map<std::string, std::string> applied;  // changes only inside Generate() too
+    std::map<std::string, std::string> applied;  // as of now: the next job may have switched it
     for (const auto& [key, g] : catalog_.GeneratorsByKey()) {
       if (std::string set = g->AppliedLoras(); !set.empty()) applied[key] = std::move(set);
     }
