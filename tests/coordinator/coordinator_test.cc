@@ -997,6 +997,39 @@ TEST_F(CoordinatorTest, APrefetchedJobWaitsForTheRunningOneAndPlacementCountsThe
   EXPECT_EQ(Job("j4").state(), kiln::v1::JOB_STATE_QUEUED);
 }
 
+// Both issue-14 terms at once: prefetch slots (each node holds 2 jobs, and a job taken ahead
+// counts the wait for the running one) and the LoRA term (a node whose weights hold the job's
+// set needs no switch; one with the LoRA on disk needs prior_lora_switch_seconds, 0.5 s).
+TEST_F(CoordinatorTest, PlacementCountsPrefetchSlotsAndPrefersTheNodeWithTheLoraApplied) {
+  auto warm = [](const std::string& id) {
+    NodeInfo n = WithSlots(Gpu(id, "H100", 132), 2);
+    n.add_loaded_packages("d1");
+    n.add_loaded_packages("d2");
+    n.add_loras("style");
+    return n;
+  };
+  NodeInfo applied = warm("b-lora");  // sorts second: the LoRA term must beat the id tie-break
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/bf16"] = "style@1";
+  Register(warm("a-base"));
+  Register(applied);
+  MustSubmit(Bf16("j1"));  // no LoRA: a-base (b-lora would switch back to the base weights)
+  ASSERT_TRUE(c().Result("a-base", Finished("j1", 8, 0, "resident")).ok());  // 8 s a job
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-base", "j1", 1u)));
+  // With style: j2 on b-lora ends in 8 s, on a-base in 8.5; j3: a-base 8.5 beats b-lora's
+  // prefetch slot (16); j4: b-lora's prefetch (16) beats a-base's (17); j5: a-base's prefetch.
+  // Both nodes are then full: j6 waits.
+  for (int i = 2; i <= 6; ++i) {
+    JobSpec spec = Bf16("j" + std::to_string(i));
+    spec.add_loras()->set_name("style");
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-lora", "j2", 1u),
+                                      std::make_tuple("a-base", "j3", 1u),
+                                      std::make_tuple("b-lora", "j4", 1u),
+                                      std::make_tuple("a-base", "j5", 1u)));
+  EXPECT_EQ(Job("j6").state(), kiln::v1::JOB_STATE_QUEUED);
+}
+
 TEST_F(CoordinatorTest, APrefetchedJobIsCancelledRequeuedAndTimedOutLikeARunningOne) {
   CoordinatorOptions o;
   o.run_timeout_factor = 1e-6;  // every job's timeout is run_timeout_min_ms

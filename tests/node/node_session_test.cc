@@ -632,6 +632,12 @@ TEST_F(NodeSessionTest, DrainRefusesQueuedAndNewJobsThenDeregisters) {
   runner_->StartNext();
   session_->OnMessage(Assign("queued", 2));
   session_->Drain();
+  // The coordinator hears first that nothing more is to be placed here (and that both jobs are
+  // still ours), then gets the queued one back.
+  auto hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_EQ(hbs[0].heartbeat().unhealthy(), "node is shutting down");
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("run", "queued"));
   auto r = ResultOf("queued");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->error_code(), "UNAVAILABLE");

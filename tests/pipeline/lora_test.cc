@@ -169,6 +169,51 @@ TEST_F(LoraTest, MergedLorasMatchTheEagerMergeAndSwitchingBackGivesTheBaseBytes)
   EXPECT_EQ(Png(*back), base_png) << "switching back did not restore the base weights exactly";
 }
 
+// The node's overlapped stages encode the next job while the current one denoises: a LoRA job
+// encoded behind a base job (and the reverse) must not change the weights the job before it
+// denoises with; the switch happens at the start of its own DenoiseDecode.
+TEST_F(LoraTest, AJobEncodedAheadSwitchesOnlyWhenItsDenoiseStarts) {
+  const std::vector<LoraChoice> set = {{"style", 0.8}};
+  auto pipeline = Pipeline(model_, {loras_});
+  ASSERT_NE(pipeline, nullptr);
+  const std::string base_png = kiln::testing::ReadFileOrDie(TestData() + "/first.png");
+
+  auto base_encoded = pipeline->EncodePrompt(FixtureRequest());
+  ASSERT_TRUE(base_encoded.ok()) << base_encoded.status();
+  auto lora_encoded = pipeline->EncodePrompt(FixtureRequest(set));  // the prefetched job
+  ASSERT_TRUE(lora_encoded.ok()) << lora_encoded.status();
+  EXPECT_EQ(pipeline->applied_loras(), "");
+  auto base = pipeline->DenoiseDecode(*std::move(base_encoded));
+  ASSERT_TRUE(base.ok()) << base.status();
+  EXPECT_FALSE(base->lora_switched);
+  EXPECT_EQ(Png(*base), base_png) << "the job before ran with the next job's LoRA";
+  auto with = pipeline->DenoiseDecode(*std::move(lora_encoded));
+  ASSERT_TRUE(with.ok()) << with.status();
+  EXPECT_TRUE(with->lora_switched);
+  EXPECT_EQ(with->loras, "style@0.800000012");
+  EXPECT_EQ(pipeline->applied_loras(), with->loras);
+  EXPECT_NE(with->rgb, base->rgb);
+
+  // And back: a base job encoded while the LoRA job waits to denoise.
+  auto lora_again = pipeline->EncodePrompt(FixtureRequest(set));
+  ASSERT_TRUE(lora_again.ok()) << lora_again.status();
+  auto base_again = pipeline->EncodePrompt(FixtureRequest());
+  ASSERT_TRUE(base_again.ok()) << base_again.status();
+  auto again = pipeline->DenoiseDecode(*std::move(lora_again));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->lora_switched);
+  EXPECT_EQ(again->rgb, with->rgb);
+  auto back = pipeline->DenoiseDecode(*std::move(base_again));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->lora_switched);
+  EXPECT_EQ(Png(*back), base_png);
+
+  // A LoRA that cannot be read fails its encoding, before the job before it is touched.
+  auto missing = pipeline->EncodePrompt(FixtureRequest({{"nope", 1}}));
+  EXPECT_TRUE(absl::IsNotFound(missing.status())) << missing.status();
+  EXPECT_EQ(pipeline->applied_loras(), "");
+}
+
 TEST_F(LoraTest, ABadLoraIsAnErrorNamingTheFileAndTensorAndChangesNothing) {
   auto pipeline = Pipeline(model_, {loras_});
   ASSERT_NE(pipeline, nullptr);
