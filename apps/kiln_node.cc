@@ -55,12 +55,18 @@ ABSL_FLAG(std::string, package_dir, "",
 ABSL_FLAG(int64_t, package_dir_max_bytes, 0,
           "evict least-recently-used packages beyond this many bytes (0: unbounded)");
 ABSL_FLAG(std::string, shared_cache, "", "shared package cache directory (\"\": none)");
+ABSL_FLAG(std::vector<std::string>, lora_dir, {},
+          "LoRA directories (comma list) searched in order for a job's NAME.safetensors and its "
+          "digest NAME.safetensors.sha256; the shared cache's loras/ is searched last");
 ABSL_FLAG(std::string, resolutions, "",
           "allowed WIDTHxHEIGHT buckets, comma-separated (default: the pipeline's)");
 ABSL_FLAG(std::string, metrics, "127.0.0.1:0", "HOST:PORT to serve /metrics on (port 0: any)");
 ABSL_FLAG(std::string, advertise, "",
           "host other machines reach this node at; its registered metrics URL carries it");
 ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator sets one (ms)");
+ABSL_FLAG(int, job_slots, 2,
+          "jobs held at once: the running one plus those taken ahead (2: one prefetched job, "
+          "encoded beside the running denoise; 1: none)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
 ABSL_FLAG(std::string, trusted_keys, "",
@@ -181,7 +187,9 @@ int main(int argc, char** argv) {
     options.package_dir = env && *env ? env : ".kiln/packages";
   }
   options.package_dir_max_bytes = absl::GetFlag(FLAGS_package_dir_max_bytes);
+  options.job_slots = absl::GetFlag(FLAGS_job_slots);
   options.shared_cache_dir = absl::GetFlag(FLAGS_shared_cache);
+  options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
     auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
     if (!r.ok()) return BadInput(absl::StrCat("--resolutions: ", r.status().message()));

@@ -3,12 +3,15 @@
 // hands it to the pipeline.
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
 //            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
+//            [--lora NAME[:SCALE],... --lora_dir DIR,...]
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
 // Logs (errors, warnings) go to stderr (common/log.h); --log_format json for JSON lines.
 #include <cstdlib>
 #include <iostream>
 #include <string>
 #include <vector>
+
+#include "absl/flags/marshalling.h"
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -17,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "cache/package_provider.h"
 #include "common/flags.h"
+#include "common/job_spec.h"
 #include "common/files.h"
 #include "common/log.h"
 #include "common/log_flags.h"
@@ -58,6 +62,14 @@ ABSL_FLAG(std::string, revocation_file, "",
           "revocation list (lines 'key HEX' / 'package SHA256'), read before every load");
 ABSL_FLAG(bool, canary, true,
           "run each package's canary after loading it (--nocanary: skip; development only)");
+ABSL_FLAG(std::vector<std::string>, lora, {},
+          "LoRAs merged into the transformer, in order: NAME[:SCALE],... (scale default 1)");
+ABSL_FLAG(std::vector<std::string>, lora_dir, {},
+          "directories searched in order for NAME.safetensors and its digest "
+          "NAME.safetensors.sha256 (default: none; with --shared_dir, SHARED/loras is searched last)");
+ABSL_FLAG(int, lora_switches, 0,
+          "benchmark: after the image, run this many more jobs alternating the base weights and "
+          "the --lora set, and report each switch's seconds under lora_switches with --json");
 ABSL_FLAG(bool, cuda_graphs, true, "cuda: replay the transformer step as a CUDA graph");
 ABSL_FLAG(bool, profile_steps, false,
           "cuda: time each denoising step with device events and fail on any host sync inside "
@@ -124,6 +136,15 @@ int main(int argc, char** argv) {
   req.steps = absl::GetFlag(FLAGS_steps);
   req.seed = absl::GetFlag(FLAGS_seed);
   req.guidance = absl::GetFlag(FLAGS_guidance);
+  for (const auto& text : absl::GetFlag(FLAGS_lora)) {
+    auto choice = kiln::ParseLoraChoice("--lora", text);
+    if (!choice.ok()) return Fail(choice.status());
+    req.loras.push_back(*std::move(choice));
+  }
+  options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
+  if (!absl::GetFlag(FLAGS_shared_dir).empty()) {
+    options.lora_dirs.push_back(absl::GetFlag(FLAGS_shared_dir) + "/loras");
+  }
   const std::string out = absl::GetFlag(FLAGS_out);
 
   if (auto s = options.Validate(); !s.ok()) return Fail(s);
@@ -135,6 +156,21 @@ int main(int argc, char** argv) {
   auto result = (*pipeline)->Generate(req);
   if (!result.ok()) return Fail(result.status());
   const double generated = since_main();
+  // LoRA switch benchmark (bench/README.md "LoRA switch"): base, set, base, ... after the image.
+  nlohmann::json switches = nlohmann::json::array();
+  const std::vector<kiln::LoraChoice> lora_set = req.loras;
+  for (int i = 0; i < absl::GetFlag(FLAGS_lora_switches); ++i) {
+    kiln::pipeline::GenerateRequest again = req;
+    again.loras = (i % 2 == 0) == lora_set.empty() ? lora_set : std::vector<kiln::LoraChoice>{};
+    auto r = (*pipeline)->Generate(again);
+    if (!r.ok()) return Fail(r.status());
+    switches.push_back({{"loras", r->loras},
+                        {"switched", r->lora_switched},
+                        {"lora_load_s", r->seconds.lora_load},
+                        {"lora_switch_s", r->seconds.lora_switch},
+                        {"graph_capture_s", r->seconds.graph_capture},
+                        {"denoise_s", r->seconds.denoise}});
+  }
   for (const auto& w : result->warnings) kiln::LogWarning("main", w);
   if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
       !s.ok()) {
@@ -157,11 +193,14 @@ int main(int argc, char** argv) {
           {"fetch", s.fetch},
           {"compile", s.compile},
           {"graph_capture", s.graph_capture},
+          {"lora_load", s.lora_load},
+          {"lora_switch", s.lora_switch},
           {"text_encoding", s.text_encoding},
           {"denoise", s.denoise},
           {"decode", s.decode},
           {"total", s.total}}},
         {"packages", result->packages},
+        {"loras", result->loras},
         {"warnings", result->warnings},
         {"compile_options", options.compile_options},
         {"weight_bytes", result->weight_bytes},
@@ -170,6 +209,7 @@ int main(int argc, char** argv) {
     // generated (Generate(), phases above), the PNG written.
     j["process"] = {{"pipeline_created_s", created}, {"generated_s", generated},
                     {"png_written_s", written}};
+    if (!switches.empty()) j["lora_switches"] = switches;
     const auto& p = result->denoise_profile;
     j["denoise_profile"] = {{"cuda_graph", p.cuda_graph}, {"sync_checked", p.sync_checked},
                             {"step_ms", p.step_ms}, {"span_ms", p.span_ms},

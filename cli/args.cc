@@ -45,6 +45,8 @@ std::vector<FlagSpec> SpecFlags() {
       {"seed", true, "N", "noise seed; same seed, same image (default 0)"},
       {"guidance", true, "G", "guidance scale; 0 = the model's default (default 0)"},
       {"precision", true, "P", "fp32, bf16, fp8; empty = the node's default"},
+      {"lora", true, "NAME[:SCALE]",
+       "LoRA merged into the transformer for this job (repeatable, in order; scale default 1)"},
       {"priority", true, "N", "higher runs first (default 0)"},
       {"job-id", true, "ID", "idempotency key, [A-Za-z0-9._:-]{1,128} (default: generated)"},
   };

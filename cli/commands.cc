@@ -23,6 +23,7 @@
 #include "cli/format.h"
 #include "cli/local_cluster.h"
 #include "common/clock.h"
+#include "common/job_spec.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "common/version.h"
@@ -156,6 +157,13 @@ absl::StatusOr<kiln::v1::JobSpec> SpecFromFlags(const CommandLine& cl) {
   spec.set_guidance(static_cast<float>(*guidance));
   spec.set_priority(static_cast<int32_t>(*priority));
   spec.set_precision(cl.Get("precision"));
+  for (const auto& text : cl.All("lora")) {
+    auto choice = kiln::ParseLoraChoice("--lora", text);
+    if (!choice.ok()) return choice.status();
+    auto* lora = spec.add_loras();
+    lora->set_name(choice->name);
+    lora->set_scale(static_cast<float>(choice->scale));
+  }
   return spec;
 }
 

@@ -126,6 +126,55 @@ absl::Status ValidateGuidance(absl::string_view field, double guidance) {
   return absl::OkStatus();
 }
 
+absl::Status ValidateLoraName(absl::string_view field, absl::string_view name) {
+  if (name.empty() || name.size() > kMaxIdChars) {
+    return InvalidField(field, absl::StrCat("'", name, "': 1..", kMaxIdChars,
+                                            " characters of [A-Za-z0-9._-]"));
+  }
+  for (char c : name) {
+    if (c == ':' || !IsIdChar(c, /*allow_slash=*/false)) {
+      return InvalidField(field, absl::StrCat("'", name, "': character '", std::string(1, c),
+                                              "' is not one of [A-Za-z0-9._-]"));
+    }
+  }
+  if (name.front() == '.') {
+    return InvalidField(field, absl::StrCat("'", name, "' starts with '.'"));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<LoraChoice> LorasOf(const kiln::v1::JobSpec& spec) {
+  std::vector<LoraChoice> out;
+  for (const auto& l : spec.loras()) out.push_back({l.name(), l.scale() == 0 ? 1.0 : l.scale()});
+  return out;
+}
+
+absl::StatusOr<LoraChoice> ParseLoraChoice(absl::string_view field, absl::string_view text) {
+  LoraChoice choice;
+  const size_t colon = text.rfind(':');
+  choice.name = std::string(text.substr(0, colon));
+  if (auto s = ValidateLoraName(field, choice.name); !s.ok()) return s;
+  if (colon != absl::string_view::npos) {
+    const absl::string_view scale = text.substr(colon + 1);
+    if (!absl::SimpleAtod(scale, &choice.scale) || !std::isfinite(choice.scale) ||
+        std::abs(choice.scale) > kMaxLoraScale) {
+      return InvalidField(field, absl::StrCat("'", text, "': scale '", scale,
+                                              "' is not a number in -", kMaxLoraScale, "..",
+                                              kMaxLoraScale));
+    }
+  }
+  return choice;
+}
+
+std::string LoraSetKey(const std::vector<LoraChoice>& loras) {
+  std::string key;
+  for (const auto& l : loras) {
+    absl::StrAppend(&key, key.empty() ? "" : ",", l.name, "@",
+                    absl::StrFormat("%.9g", static_cast<float>(l.scale)));
+  }
+  return key;
+}
+
 absl::Status ValidateJobSpec(const kiln::v1::JobSpec& spec, const SpecLimits& limits) {
   if (auto s = ValidateId("spec.job_id", spec.job_id()); !s.ok()) return s;
   if (auto s = ValidateModelName("spec.model", spec.model()); !s.ok()) return s;
@@ -144,6 +193,24 @@ absl::Status ValidateJobSpec(const kiln::v1::JobSpec& spec, const SpecLimits& li
   if (spec.deadline_unix_ms() < 0) {
     return InvalidField("spec.deadline_unix_ms",
                         absl::StrCat(spec.deadline_unix_ms(), " is negative (0 means none)"));
+  }
+  if (static_cast<size_t>(spec.loras_size()) > kMaxLoras) {
+    return InvalidField("spec.loras", absl::StrCat(spec.loras_size(), " LoRAs, more than ",
+                                                   kMaxLoras));
+  }
+  for (int i = 0; i < spec.loras_size(); ++i) {
+    const auto& l = spec.loras(i);
+    const std::string field = absl::StrCat("spec.loras[", i, "]");
+    if (auto s = ValidateLoraName(field + ".name", l.name()); !s.ok()) return s;
+    if (!std::isfinite(l.scale()) || std::abs(l.scale()) > kMaxLoraScale) {
+      return InvalidField(field + ".scale", absl::StrCat(l.scale(), " is not in -", kMaxLoraScale,
+                                                         "..", kMaxLoraScale));
+    }
+    for (int j = 0; j < i; ++j) {
+      if (spec.loras(j).name() == l.name()) {
+        return InvalidField(field + ".name", absl::StrCat("'", l.name(), "' is named twice"));
+      }
+    }
   }
   return absl::OkStatus();
 }

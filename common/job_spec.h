@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 
 // Not including common/proto/kiln.pb.h: this header is also read by code that sees LibTorch's
@@ -50,6 +51,28 @@ absl::Status ValidateImageSide(absl::string_view field, int64_t pixels,
 absl::Status ValidateSteps(absl::string_view field, int64_t steps, const SpecLimits& limits = {});
 // Finite and in 0..100.
 absl::Status ValidateGuidance(absl::string_view field, double guidance);
+
+// LoRAs (JobSpec.loras). A name is a file stem: 1..128 characters of [A-Za-z0-9._-], not
+// starting with '.'; a scale is finite and in -kMaxLoraScale..kMaxLoraScale (0 on the wire means
+// 1.0). At most kMaxLoras per job, no name twice.
+inline constexpr size_t kMaxLoras = 8;
+inline constexpr double kMaxLoraScale = 100;
+absl::Status ValidateLoraName(absl::string_view field, absl::string_view name);
+
+// One LoRA of a job as the node and the pipeline use it: the wire's scale 0 made 1.0.
+struct LoraChoice {
+  std::string name;
+  double scale = 1.0;
+};
+std::vector<LoraChoice> LorasOf(const kiln::v1::JobSpec& spec);
+// "NAME" or "NAME:SCALE" (the CLI's and kiln-run's --lora) → a choice; InvalidArgument naming
+// `field` for a bad name or a scale that is not a finite number in range.
+absl::StatusOr<LoraChoice> ParseLoraChoice(absl::string_view field, absl::string_view text);
+// The identity of a LoRA set in job order: "NAME@SCALE,..." (scale as the float the wire carries,
+// "%.9g"), "" for none. A node reports the key of the set its weights hold
+// (NodeInfo.applied_loras) and placement compares it with the job's; two jobs with equal keys
+// run on the same merged weights.
+std::string LoraSetKey(const std::vector<LoraChoice>& loras);
 
 // Every field of `spec`, in declaration order; the first bad one is reported as InvalidArgument
 // naming "spec.<field>", e.g. "spec.width: 300 is not a multiple of 16". Checks only the spec

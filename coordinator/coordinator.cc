@@ -62,6 +62,7 @@ absl::Status CoordinatorOptions::Validate() const {
   if (max_jobs_per_node < 1) {
     return InvalidField("max_jobs_per_node", absl::StrCat(max_jobs_per_node, " is less than 1"));
   }
+  if (max_job_slots_per_node < 1) return InvalidField("max_job_slots_per_node", "must be at least 1");
   if (limits.max_image_side < 16) {
     return InvalidField("limits.max_image_side",
                         absl::StrCat(limits.max_image_side, " is less than 16"));
@@ -663,6 +664,11 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   for (const auto& model : info.models()) {
     if (auto s = ValidateModelName("register_node.info.models", model); !s.ok()) return s;
   }
+  if (info.job_slots() > options_.max_job_slots_per_node) {
+    return InvalidField("register_node.info.job_slots",
+                        absl::StrCat(info.job_slots(), " is more than ",
+                                     options_.max_job_slots_per_node));
+  }
   if (info.package_sets_size() > static_cast<int>(options_.max_package_sets_per_node)) {
     return InvalidField("register_node.info.package_sets",
                         absl::StrCat(info.package_sets_size(), " sets is more than ",
@@ -736,6 +742,17 @@ absl::Status Coordinator::Heartbeat(const std::string& node_id,
                  !SameList(info.packages(), message.packages());
   *info.mutable_loaded_packages() = message.loaded_packages();
   *info.mutable_packages() = message.packages();
+  if (!SameList(info.loras(), message.loras()) ||
+      info.applied_loras().size() != message.applied_loras().size() ||
+      !std::all_of(message.applied_loras().begin(), message.applied_loras().end(),
+                   [&](const auto& kv) {
+                     auto it = info.applied_loras().find(kv.first);
+                     return it != info.applied_loras().end() && it->second == kv.second;
+                   })) {
+    *info.mutable_loras() = message.loras();
+    *info.mutable_applied_loras() = message.applied_loras();
+    changed = true;
+  }
   int ignored_sets = 0;  // entries past the bounds: ignored, the rest of the heartbeat counts
   for (const auto& [key, set] : message.package_sets()) {
     auto* sets = info.mutable_package_sets();
@@ -1032,11 +1049,13 @@ void Coordinator::PlaceJobs() {
     p.slot = slot;
     p.cls = v.cls;
     p.free = v.free;
-    p.slots.assign(p.free, 0.0);
+    // Its running slots: free ones now, then the ends of the jobs it holds. A job in a prefetch
+    // slot runs once a running one frees, so of a node holding more jobs than it runs, the
+    // latest `running` ends are when its running slots free for the next job.
+    p.slots.assign(std::max(0, v.running - static_cast<int>(v.ends.size())), 0.0);
     for (double end_ms : v.ends) p.slots.push_back(std::max(floor_s, (end_ms - now) / 1000.0));
     std::sort(p.slots.begin(), p.slots.end());
-    p.slots.resize(std::max<size_t>(1, std::min<size_t>(p.slots.size(),
-                                                        options_.max_jobs_per_node)));
+    p.slots.erase(p.slots.begin(), p.slots.end() - v.running);
     p.avail0 = p.slots.front();
     pi = static_cast<int>(pass.size());
     pass.push_back(std::move(p));
@@ -1083,6 +1102,7 @@ void Coordinator::PlaceJobs() {
     // that warmth stands; the nodes of the stream before it are in the heaps.
     std::vector<size_t> scanned;
     std::optional<std::string> no_node_reason;  // computed when no READY node can run it
+    kiln::v1::JobSpec lora_spec;  // model, precision and LoRAs of its jobs (LoraWarmthFor)
   };
   absl::flat_hash_map<std::string, KindState> kinds;
   auto fill = [&](HeapEntry& e) {
@@ -1116,7 +1136,9 @@ void Coordinator::PlaceJobs() {
     HeapEntry e;
     e.id = p.node->info.node_id();
     e.node = pi;
-    e.cold_s = (*p.cold)[static_cast<int>(tier)];
+    // Plus the LoRA term: a node whose weights hold the job's LoRA set needs no switch.
+    e.cold_s = (*p.cold)[static_cast<int>(tier)] +
+               costs_.LoraSeconds(LoraWarmthFor(p.node->info, state.lora_spec));
     fill(e);
     auto& heap = state.groups[p.cls].heap;
     heap.push_back(e);
@@ -1162,8 +1184,15 @@ void Coordinator::PlaceJobs() {
     if (it == active_.end()) continue;
     ActiveJob& job = it->second;
     if (job.spec.deadline_unix_ms() > 0 && job.spec.deadline_unix_ms() <= now_unix) continue;
-    auto [kind_it, inserted] = kinds.try_emplace(job.kind);
+    // Jobs of a kind with different LoRA sets rank nodes differently: one state per set.
+    auto [kind_it, inserted] =
+        kinds.try_emplace(absl::StrCat(job.kind, "|", kiln::LoraSetKey(kiln::LorasOf(job.spec))));
     KindState& state = kind_it->second;
+    if (inserted) {
+      state.lora_spec.set_model(job.spec.model());
+      state.lora_spec.set_precision(job.spec.precision());
+      *state.lora_spec.mutable_loras() = job.spec.loras();
+    }
     if (inserted && options_.placement == PlacementPolicy::kExpectedFinish) {
       init(job, state);
       if (options_.placement_full_scan) build_all(state);
@@ -1289,7 +1318,8 @@ void Coordinator::PlaceJobs() {
       jobs_held_ = true;
       continue;
     }
-    if (!Assign(job_id, job, *p.node, cost)) {
+    // Its expected end counts the wait for a running slot (a job taken into a prefetch slot).
+    if (!Assign(job_id, job, *p.node, p.avail() + cost)) {
       placement_dirty_ = true;  // the store refused; try again on the next event
       break;
     }
@@ -1297,6 +1327,15 @@ void Coordinator::PlaceJobs() {
     --p.free;
     --free_total;
   }
+}
+
+int Coordinator::JobSlots(const NodeRecord& node) const {
+  const uint32_t declared = node.info.job_slots();
+  return declared > 0 ? static_cast<int>(declared) : options_.max_jobs_per_node;
+}
+
+int Coordinator::RunningSlots(const NodeRecord& node) const {
+  return std::min(options_.max_jobs_per_node, JobSlots(node));
 }
 
 void Coordinator::MarkPlacementNode(const std::string& node_id) {
@@ -1356,7 +1395,8 @@ void Coordinator::RefreshPlacementView() {
       view_classes_.push_back(std::move(c));
     }
     v.cls = cls->second;
-    v.free = std::max(0, options_.max_jobs_per_node - static_cast<int>(node.jobs.size()));
+    v.free = std::max(0, JobSlots(node) - static_cast<int>(node.jobs.size()));
+    v.running = RunningSlots(node);
     for (const auto& job_id : node.jobs) {
       auto job = active_.find(job_id);
       double end_ms = 0;
@@ -1372,9 +1412,16 @@ void Coordinator::RefreshPlacementView() {
       }
       v.ends.push_back(end_ms);
     }
-    v.order_key = v.free > 0 || v.ends.empty()
-                      ? -std::numeric_limits<double>::infinity()
-                      : *std::min_element(v.ends.begin(), v.ends.end());
+    if (static_cast<int>(v.ends.size()) < v.running) {
+      v.order_key = -std::numeric_limits<double>::infinity();
+    } else {
+      // The earliest of the latest `running` ends: when touch() finds its first running slot
+      // free (the same order, in absolute time).
+      std::vector<double> ends(v.ends.begin(), v.ends.end());
+      auto first = ends.end() - v.running;
+      std::nth_element(ends.begin(), first, ends.end());
+      v.order_key = *first;
+    }
     auto& order = view_classes_[v.cls].order;
     order.insert(std::lower_bound(order.begin(), order.end(), slot, before), slot);
     view_slot_[id] = slot;

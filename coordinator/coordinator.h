@@ -53,7 +53,10 @@ struct CoordinatorOptions {
                                          // how long a node may omit an assigned job from its
                                          // heartbeats before the job counts as lost
   uint32_t max_attempts = 3;             // assignments per job; a job lost more often fails
-  int max_jobs_per_node = 1;             // concurrent assignments per node (v1 nodes run one)
+  int max_jobs_per_node = 1;             // jobs a node runs at once (its running slots); a node
+                                         // may hold more (NodeInfo.job_slots: the next ones
+                                         // prefetched), one that declares none holds this many
+  uint32_t max_job_slots_per_node = 8;   // NodeInfo.job_slots a node may declare
   SpecLimits limits;                     // what Submit accepts
   size_t max_pending_waits = 10000;      // Wait requests held at once; more: RESOURCE_EXHAUSTED
   size_t max_queued_jobs = 100000;       // jobs waiting for a node; more: RESOURCE_EXHAUSTED
@@ -305,6 +308,12 @@ class Coordinator {
   // incremental one is tested against.
   void MarkPlacementNode(const std::string& node_id);
   void RefreshPlacementView();
+  // Jobs `node` holds at once: NodeInfo.job_slots, or max_jobs_per_node for a node that
+  // declares none. Placement gives it jobs while it holds fewer (its free slots).
+  int JobSlots(const NodeRecord& node) const;
+  // Jobs it runs at once: min(max_jobs_per_node, JobSlots). The rest of its slots are prefetch:
+  // a job there waits for a running slot, and placement counts that wait.
+  int RunningSlots(const NodeRecord& node) const;
   bool Assign(const std::string& job_id, ActiveJob& job, NodeRecord& node, double expected_s);
   // Writes `reason` ("" or "waiting: ...") as the job's error unless it was requeued.
   void SetWaitingReason(const std::string& job_id, ActiveJob& job, const std::string& reason);
@@ -391,10 +400,12 @@ class Coordinator {
   struct ViewNode {
     NodeRecord* node = nullptr;  // null: no READY healthy node in this slot
     uint32_t cls = 0;            // into view_classes_
-    int free = 0;                // free slots
+    int free = 0;                // free slots: JobSlots − jobs held
+    int running = 1;             // RunningSlots
     bool volatile_end = false;   // a job's end is estimated from the cost model: re-read each pass
     absl::InlinedVector<double, 2> ends;  // running jobs' expected ends (monotonic ms)
-    double order_key = 0;        // -inf when free, else the earliest of ends
+    double order_key = 0;        // when a running slot frees: -inf while one is free, else
+                                 // the earliest of the latest `running` ends
   };
   struct ViewClass {
     std::string device_class;

@@ -108,6 +108,23 @@ const kiln::v1::PackageSet* FindPackageSet(const kiln::v1::NodeInfo& node,
   return nullptr;
 }
 
+LoraWarmth LoraWarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
+  const std::vector<kiln::LoraChoice> loras = kiln::LorasOf(spec);
+  const std::string precision =
+      spec.precision().empty()
+          ? kiln::DefaultPrecisionFor(kiln::DeviceCaps{node.device().kind() == "cuda", -1})
+          : spec.precision();
+  auto it = node.applied_loras().find(absl::StrCat(spec.model(), "/", precision));
+  const std::string applied = it == node.applied_loras().end() ? "" : it->second;
+  if (applied == kiln::LoraSetKey(loras)) return LoraWarmth::kApplied;
+  for (const auto& l : loras) {
+    if (std::find(node.loras().begin(), node.loras().end(), l.name) == node.loras().end()) {
+      return LoraWarmth::kAbsent;
+    }
+  }
+  return LoraWarmth::kOnDisk;
+}
+
 Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
   const kiln::v1::PackageSet* set = FindPackageSet(node, spec);
   if (set == nullptr) return Warmth::kCold;
@@ -256,11 +273,12 @@ absl::Status CheckServes(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec
 int ChooseNode(const std::vector<Candidate>& candidates, const kiln::v1::JobSpec& spec) {
   int best = -1;
   // Smaller is better: (-warmth, active jobs, last assignment, node id).
-  std::tuple<int, int, int64_t, absl::string_view> best_key;
+  std::tuple<int, int, int, int64_t, absl::string_view> best_key;
   for (int i = 0; i < static_cast<int>(candidates.size()); ++i) {
     const Candidate& c = candidates[i];
     if (!CheckCapable(*c.info, spec).ok()) continue;
-    auto key = std::make_tuple(-static_cast<int>(WarmthFor(*c.info, spec)), c.active_jobs,
+    auto key = std::make_tuple(-static_cast<int>(WarmthFor(*c.info, spec)),
+                               static_cast<int>(LoraWarmthFor(*c.info, spec)), c.active_jobs,
                                c.last_assigned_ms, absl::string_view(c.info->node_id()));
     if (best < 0 || key < best_key) {
       best = i;
@@ -422,6 +440,18 @@ double CostModel::RunSeconds(const kiln::v1::DeviceInfo& device,
 double CostModel::ColdStartSeconds(const std::string& node_id, const std::string& device_class,
                                    ColdTier tier) const {
   return ColdStarts(node_id, device_class)[static_cast<int>(tier)];
+}
+
+double CostModel::LoraSeconds(LoraWarmth warmth) const {
+  switch (warmth) {
+    case LoraWarmth::kApplied:
+      return 0;
+    case LoraWarmth::kOnDisk:
+      return options_.prior_lora_switch_seconds;
+    case LoraWarmth::kAbsent:
+      break;
+  }
+  return options_.prior_lora_absent_seconds;
 }
 
 std::array<double, 4> CostModel::ColdStarts(const std::string& node_id,

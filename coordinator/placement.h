@@ -52,6 +52,13 @@ bool ParsePackageSetKey(absl::string_view key, std::string* model, std::string* 
 // The package set `node` declares for `spec` (see the file comment), or nullptr.
 const kiln::v1::PackageSet* FindPackageSet(const kiln::v1::NodeInfo& node,
                                            const kiln::v1::JobSpec& spec);
+// How ready a node's weights are for a job's LoRA set (JobSpec.loras, none included):
+// kApplied when NodeInfo.applied_loras["<model>/<precision>"] is the job's LoraSetKey (absent
+// counts as "", the base weights; precision "" is the node's default), else kOnDisk when every
+// LoRA of the job is in NodeInfo.loras, else kAbsent.
+enum class LoraWarmth { kApplied = 0, kOnDisk = 1, kAbsent = 2 };
+LoraWarmth LoraWarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
+
 // Where the node holds the job's packages (kCold when it declares no set for it).
 Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 
@@ -124,6 +131,11 @@ struct CostModelOptions {
   double prior_local_seconds = 5;     // load packages and weights from local disk
   double prior_shared_seconds = 20;   // fetch from the shared store, then load
   double prior_compile_seconds = 180; // compile, then load
+  // LoRA term, added to a node's cold start for a job (LoraWarmthFor): seconds to switch the
+  // node's merged LoRA set when the job's LoRAs are on its disk, and when one is not listed
+  // there (the node's list may be stale: a penalty rather than a refusal).
+  double prior_lora_switch_seconds = 0.5;
+  double prior_lora_absent_seconds = 60;
   double learning_rate = 0.3;         // weight of each new observation in the moving averages
   // Seconds still counted for a running job that has outlived its expected run time.
   double overrun_floor_seconds = 1;
@@ -158,6 +170,8 @@ class CostModel {
   // Seconds `spec` runs on `device` once its packages are loaded.
   double RunSeconds(const kiln::v1::DeviceInfo& device, const kiln::v1::JobSpec& spec) const;
   // Seconds node `node_id` (of `device_class`) needs to make a job of tier `tier` ready.
+  // The LoRA term of a node's cold start: 0 for kApplied, else the prior switch or absent time.
+  double LoraSeconds(LoraWarmth warmth) const;
   double ColdStartSeconds(const std::string& node_id, const std::string& device_class,
                           ColdTier tier) const;
   // ColdStartSeconds of every tier (indexed by ColdTier), with one lookup per map.

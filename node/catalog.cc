@@ -1,5 +1,7 @@
 #include "node/catalog.h"
 
+#include <set>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/job_spec.h"
@@ -63,7 +65,26 @@ absl::StatusOr<JobPlan> ModelCatalog::Plan(const kiln::v1::JobSpec& spec) const 
   plan.request.steps = static_cast<int>(spec.steps());
   plan.request.seed = spec.seed();
   plan.request.guidance = spec.guidance() == 0 ? kDefaultGuidance : spec.guidance();
+  plan.request.loras = kiln::LorasOf(spec);
   return plan;
+}
+
+std::map<std::string, Generator*> ModelCatalog::GeneratorsByKey() const {
+  std::map<std::string, Generator*> out;
+  for (const auto& [model, by_precision] : generators_) {
+    for (const auto& [precision, gen] : by_precision) out[model + "/" + precision] = gen.get();
+  }
+  return out;
+}
+
+std::vector<std::string> ModelCatalog::AvailableLoras() const {
+  std::set<std::string> names;
+  for (const auto& [model, by_precision] : generators_) {
+    for (const auto& [precision, gen] : by_precision) {
+      for (auto& n : gen->AvailableLoras()) names.insert(std::move(n));
+    }
+  }
+  return {names.begin(), names.end()};
 }
 
 std::map<std::string, std::vector<std::string>> ModelCatalog::PackageSets() const {

@@ -7,8 +7,9 @@
 // clear error result instead of reaching the pipeline.
 //
 // Threads: the catalog's structure is fixed after construction; Plan(), PackageSets() and the
-// accessors may be called from any thread. A Generator's Generate() and LoadedDigests() belong
-// to the node's one worker thread; DigestsFor() is const and thread-safe.
+// accessors may be called from any thread. A Generator's stages belong to the worker's threads
+// (one EncodePrompt and one DenoiseDecode at a time); DigestsFor() and LoadedDigests() are
+// thread-safe.
 #pragma once
 
 #include <map>
@@ -26,13 +27,31 @@ namespace kiln::node {
 class Generator {
  public:
   virtual ~Generator() = default;
-  // Runs one job; `progress` as pipeline::ProgressFn. Worker thread only.
+  // Runs one job; `progress` as pipeline::ProgressFn.
   virtual absl::StatusOr<pipeline::GenerateResult> Generate(
       const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) = 0;
+  // The job in two stages, as FluxPipeline::EncodePrompt / DenoiseDecode: the worker encodes
+  // the next job on one thread while the current one denoises on another (one call of each at
+  // a time). The defaults do no work in the first stage and Generate() in the second.
+  virtual absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
+    (void)progress;
+    pipeline::EncodedPrompt encoded;
+    encoded.request = request;
+    return encoded;
+  }
+  virtual absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
+      pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) {
+    return Generate(encoded.request, progress);
+  }
   // Digests of the packages a job of this size needs. Cheap, thread-safe.
   virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
-  // Digests of the packages loaded now. Worker thread only.
+  // Digests of the packages loaded now. Thread-safe.
   virtual std::vector<std::string> LoadedDigests() const = 0;
+  // LoraSetKey of the LoRA set its weights hold now ("" = base). Thread-safe.
+  virtual std::string AppliedLoras() const { return ""; }
+  // Names of the LoRAs it can apply (its LoRA directories). Any thread.
+  virtual std::vector<std::string> AvailableLoras() const { return {}; }
 };
 
 // A Generator over a FluxPipeline (created by the caller; FluxPipeline::Create reads configs and
@@ -45,10 +64,20 @@ class PipelineGenerator : public Generator {
       const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
     return pipeline_->Generate(request, progress);
   }
+  absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    return pipeline_->EncodePrompt(request, progress);
+  }
+  absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
+      pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) override {
+    return pipeline_->DenoiseDecode(std::move(encoded), progress);
+  }
   std::vector<std::string> DigestsFor(int width, int height) const override {
     return pipeline_->DigestsFor(width, height);
   }
   std::vector<std::string> LoadedDigests() const override { return pipeline_->LoadedDigests(); }
+  std::string AppliedLoras() const override { return pipeline_->applied_loras(); }
+  std::vector<std::string> AvailableLoras() const override { return pipeline_->AvailableLoras(); }
 
  private:
   std::unique_ptr<pipeline::FluxPipeline> pipeline_;
@@ -83,6 +112,10 @@ class ModelCatalog {
 
   std::vector<std::string> models() const;  // sorted
   std::vector<Generator*> generators() const;
+  // "<model>/<precision>" → its generator (the key of NodeInfo.applied_loras).
+  std::map<std::string, Generator*> GeneratorsByKey() const;
+  // LoRA names any generator can apply, sorted, unique.
+  std::vector<std::string> AvailableLoras() const;
   const std::string& default_precision() const { return default_precision_; }
   const std::vector<pipeline::Resolution>& resolutions() const { return resolutions_; }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -34,13 +35,18 @@ class JobRunner {
   };
   virtual CancelOutcome Cancel(const std::string& job_id) = 0;
 
-  // Removes and returns every job not yet started (graceful shutdown answers them).
+  // Removes and returns every job not yet started, i.e. not denoising: queued, prefetched or
+  // being encoded (a graceful stop hands them back to the coordinator). The runner produces no
+  // result or progress for them afterwards.
   virtual std::vector<Job> TakeQueued() = 0;
 
   // The running job's id first, then the queued ones in order.
   virtual std::vector<std::string> ActiveJobIds() const = 0;
   // Digests loaded in memory, as of the end of the last job.
   virtual std::vector<std::string> LoadedPackages() const = 0;
+  // "<model>/<precision>" → LoraSetKey of the LoRA set merged there, as of the end of the last
+  // job (entries with "" = base are left out).
+  virtual std::map<std::string, std::string> AppliedLoras() const { return {}; }
   // Nothing running and nothing queued. Results of finished jobs are queued (in the Outbox)
   // before a runner turns idle.
   virtual bool idle() const = 0;

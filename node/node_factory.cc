@@ -79,6 +79,12 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
       po.precision = precision;
       po.resolutions = options.resolutions;
       po.compile_options = options.compile_options;  // travels with each package request
+      po.lora_dirs = options.lora_dirs;
+      // A directory shared cache also holds LoRAs (a Redis one does not).
+      if (!options.shared_cache_dir.empty() &&
+          options.shared_cache_dir.rfind("redis://", 0) != 0) {
+        po.lora_dirs.push_back(options.shared_cache_dir + "/loras");
+      }
       auto p = pipeline::FluxPipeline::Create(po, provider);
       if (!p.ok()) {
         return absl::Status(p.status().code(),

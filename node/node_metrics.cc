@@ -50,6 +50,18 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                              "the host may run ahead of the device by a few steps)")
                        .Register(registry)
                        .Add({}, StepBuckets())),
+      lora_switches(prometheus::BuildCounter()
+                        .Name("kiln_node_lora_switches_total")
+                        .Help("Jobs whose LoRA set differed from the one merged into the "
+                              "weights, so the weights were switched (to base included)")
+                        .Register(registry)
+                        .Add({})),
+      lora_switch_seconds(prometheus::BuildHistogram()
+                              .Name("kiln_node_lora_switch_seconds")
+                              .Help("Time of a LoRA switch: reading and verifying LoRA files not "
+                                    "read before, merging into the weights and swapping them in")
+                              .Register(registry)
+                              .Add({}, StepBuckets())),
       protocol_errors(prometheus::BuildCounter()
                           .Name("kiln_protocol_errors_total")
                           .Help("Malformed, unknown or unexpected messages received, by socket")
@@ -60,6 +72,16 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                      .Help("Times the node declared its coordinator dead and reconnected")
                      .Register(registry)
                      .Add({})),
+      images(prometheus::BuildCounter()
+                 .Name("kiln_node_images_total")
+                 .Help("Images this node made (jobs that succeeded), by model")
+                 .Register(registry)),
+      device_seconds(prometheus::BuildCounter()
+                         .Name("kiln_node_device_seconds_total")
+                         .Help("Seconds this node's device was busy with a model's jobs (a job "
+                               "in its encoding or denoise stage; overlapping jobs counted "
+                               "once), by model")
+                         .Register(registry)),
       info(prometheus::BuildGauge()
                .Name("kiln_node_info")
                .Help("Always 1; labels describe this node")

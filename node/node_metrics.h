@@ -7,8 +7,16 @@
 //   kiln_node_jobs_total{outcome}         counter; succeeded|failed|cancelled|rejected
 //   kiln_node_job_seconds                 histogram; wall time of jobs that ran (generate + PNG)
 //   kiln_node_step_seconds                histogram; wall time between denoising steps
+//   kiln_node_lora_switches_total         counter; jobs whose LoRA set differed from the merged one
+//   kiln_node_lora_switch_seconds         histogram; LoRA files read (first use) + merge + swap
 //   kiln_protocol_errors_total{socket}    counter; socket="coordinator": bad or unexpected frames
 //   kiln_node_reconnects_total            counter; coordinator declared dead, socket reopened
+//   kiln_node_images_total{model}         counter; images made (jobs that succeeded)
+//   kiln_node_device_seconds_total{model} counter; seconds the device was busy with the model's
+//                                         jobs: while one is in its encoding or denoise stage,
+//                                         overlapping jobs counted once (cold starts included).
+//                                         Images per GPU-second of a node and model:
+//                                         rate(images_total) / rate(device_seconds_total)
 //   kiln_node_info{node_id,device,name,mig_profile}  gauge = 1
 #pragma once
 
@@ -37,8 +45,12 @@ struct NodeMetrics {
   prometheus::Counter& jobs_rejected;  // never ran: invalid spec, deadline passed, shutting down
   prometheus::Histogram& job_seconds;
   prometheus::Histogram& step_seconds;
+  prometheus::Counter& lora_switches;
+  prometheus::Histogram& lora_switch_seconds;
   prometheus::Counter& protocol_errors;
   prometheus::Counter& reconnects;
+  prometheus::Family<prometheus::Counter>& images;          // label: model
+  prometheus::Family<prometheus::Counter>& device_seconds;  // label: model
   prometheus::Gauge& info;
 };
 

@@ -82,6 +82,10 @@ absl::Status NodeOptions::Validate() const {
     return absl::InvalidArgumentError("package_dir_max_bytes: must be >= 0");
   }
   if (drain_timeout_ms < 0) return absl::InvalidArgumentError("drain_timeout_ms: must be >= 0");
+  if (job_slots < 1 || job_slots > kMaxJobSlots) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("job_slots: ", job_slots, " is not in 1..", kMaxJobSlots));
+  }
   if (disk_check_interval_ms <= 0) {
     return absl::InvalidArgumentError("disk_check_interval_ms: must be > 0");
   }

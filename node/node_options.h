@@ -28,6 +28,10 @@ struct NodeOptions {
   std::string package_dir = ".kiln/packages";  // node-local package directory (created)
   int64_t package_dir_max_bytes = 0;           // LRU bound on package_dir in bytes; 0 = none
   std::string shared_cache_dir;                // shared package tier; "" = none
+  // LoRA directories searched in order for a job's LoRAs (NAME.safetensors + its digest
+  // NAME.safetensors.sha256); SHARED/loras is searched after them when shared_cache_dir is a
+  // directory (not a redis:// URL).
+  std::vector<std::string> lora_dirs;
   bool allow_compile = true;                   // false: a package no tier holds fails the job
   std::string compiler_path;  // kiln-compile; "" = beside the running binary
   // Package signatures (cache/package_signing.h): a comma list of .pub files / directories whose
@@ -45,6 +49,11 @@ struct NodeOptions {
   nlohmann::json compile_options = cache::DefaultCompileOptions();
   LinkOptions link;           // heartbeat interval, dead-after count, reconnect backoff
   int64_t drain_timeout_ms = 30000;  // after Stop(): how long results wait for a coordinator
+  // Jobs the node holds at once, advertised in NodeInfo.job_slots: the one it runs plus those it
+  // takes ahead, 1..kMaxJobSlots. 2 (the default): one prefetched job, whose text encoding runs
+  // beside the running job's denoise (node/worker.h); 1: no prefetch.
+  int job_slots = 2;
+  static constexpr int kMaxJobSlots = 8;
   kiln::v1::DeviceInfo device_info;  // from ProbeDevice(); kind filled from device if ""
   std::string metrics_url;           // advertised in NodeInfo; "" = none
   std::string hostname;              // advertised; "" = gethostname()

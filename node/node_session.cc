@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "cache/local_disk_store.h"
 #include "common/wire.h"
 #include "node/device_probe.h"
@@ -229,8 +230,7 @@ void NodeSession::QueueResult(kiln::v1::Envelope env) {
 void NodeSession::FlushResults() {
   // A disk that broke (or healed) is announced before the results it explains, so the
   // coordinator does not place the requeued job here again.
-  if (disk_ != nullptr && link_.registered() && !results_.empty() &&
-      disk_->reason() != unhealthy_sent_) {
+  if (link_.registered() && !results_.empty() && UnhealthyReason() != unhealthy_sent_) {
     SendHeartbeat();
   }
   while (link_.registered() && !results_.empty()) {
@@ -246,11 +246,21 @@ void NodeSession::Drain() {
   if (draining_) return;
   draining_ = true;
   drain_started_ms_ = clock_.NowMs();
+  // Every job not denoising goes back now, to be placed elsewhere. All are queued before the
+  // flush: the heartbeat announcing the drain goes out first (FlushResults) and still lists each
+  // of them, so the coordinator neither places anything here again nor requeues one twice.
+  std::vector<std::string> handed_back;
   for (Job& job : jobs_.TakeQueued()) {
     metrics_.jobs_rejected.Increment();
-    QueueResult(ErrorResult(job.spec.job_id(), job.attempt,
-                            absl::UnavailableError("node is shutting down")));
+    handed_back.push_back(job.spec.job_id());
+    results_.push_back(ErrorResult(job.spec.job_id(), job.attempt,
+                                   absl::UnavailableError("node is shutting down")));
   }
+  if (!handed_back.empty()) {
+    Log(absl::StrCat("handing back job(s) not started: ", absl::StrJoin(handed_back, ", ")));
+  }
+  RouteFromWorker();
+  FlushResults();
   const auto active = jobs_.ActiveJobIds();
   Log(active.empty() ? std::string("stopping")
                      : absl::StrCat("stopping after job ", active.front(), " finishes"));
@@ -276,6 +286,9 @@ kiln::v1::Envelope NodeSession::RegisterMessage() const {
   info->set_metrics_url(options_.metrics_url);
   info->set_pid(static_cast<uint32_t>(getpid()));
   info->set_hostname(options_.hostname);
+  info->set_job_slots(static_cast<uint32_t>(options_.job_slots));
+  for (const auto& name : catalog_.AvailableLoras()) info->add_loras(name);
+  for (const auto& [key, set] : jobs_.AppliedLoras()) (*info->mutable_applied_loras())[key] = set;
   for (const auto& [key, digests] : package_sets_) {
     auto& set = (*info->mutable_package_sets())[key];
     for (const auto& d : digests) set.add_digests(d);
@@ -293,8 +306,15 @@ kiln::v1::Envelope NodeSession::HeartbeatMessage() const {
   }
   for (const auto& d : jobs_.LoadedPackages()) hb->add_loaded_packages(d);
   for (const auto& d : DiskPackages()) hb->add_packages(d);
-  if (disk_ != nullptr) hb->set_unhealthy(disk_->reason());
+  hb->set_unhealthy(UnhealthyReason());
+  for (const auto& name : catalog_.AvailableLoras()) hb->add_loras(name);
+  for (const auto& [key, set] : jobs_.AppliedLoras()) (*hb->mutable_applied_loras())[key] = set;
   return env;
+}
+
+std::string NodeSession::UnhealthyReason() const {
+  if (draining_) return "node is shutting down";
+  return disk_ != nullptr ? disk_->reason() : "";
 }
 
 }  // namespace kiln::node

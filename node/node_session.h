@@ -16,8 +16,11 @@
 //    with a JobResult INVALID_ARGUMENT naming the field) and queued on the JobRunner.
 //  - RegisterNode and Heartbeat contents: models, package sets, on-disk packages (from the
 //    node-local LocalDiskStore's listing), loaded packages, running jobs.
-//  - the graceful drain (Drain()): jobs not started and every later AssignJob are answered
-//    UNAVAILABLE "node is shutting down"; once the runner is idle and every result delivered,
+//  - the graceful drain (Drain()): heartbeats carry Heartbeat.unhealthy "node is shutting down"
+//    (one goes out first, so the coordinator places nothing more here); jobs not started (queued,
+//    prefetched or being encoded: JobRunner::TakeQueued) and every later AssignJob are answered
+//    UNAVAILABLE "node is shutting down" (the coordinator requeues them elsewhere at once); the
+//    job denoising finishes; once the runner is idle and every result delivered,
 //    Deregister goes out and the session is finished; results no coordinator takes are given up
 //    after NodeOptions.drain_timeout_ms.
 // Bad frames (the agent could not decode them) and messages not meant for a node are logged,
@@ -132,6 +135,9 @@ class NodeSession {
   void FlushResults();
   void FinishDrain();
   std::vector<std::string> DiskPackages() const;
+  // Heartbeat.unhealthy: "node is shutting down" while draining, else the disk's reason ("" =
+  // healthy).
+  std::string UnhealthyReason() const;
   void Log(const std::string& line) const;
 
   const NodeOptions& options_;
@@ -146,7 +152,7 @@ class NodeSession {
   const std::map<std::string, std::vector<std::string>> package_sets_;
 
   const DiskHealth* disk_ = nullptr;
-  std::string unhealthy_sent_;  // the disk reason of the last heartbeat sent
+  std::string unhealthy_sent_;  // Heartbeat.unhealthy of the last heartbeat sent
 
   CoordinatorLink link_;
   std::deque<kiln::v1::Envelope> results_;  // JobResults waiting for a registered coordinator

@@ -41,21 +41,35 @@ Worker::Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics
 
 Worker::~Worker() { Shutdown(/*cancel_running=*/true); }
 
-void Worker::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Worker::Start() {
+  encode_thread_ = std::thread([this] { EncodeLoop(); });
+  denoise_thread_ = std::thread([this] { DenoiseLoop(); });
+  finish_thread_ = std::thread([this] { FinishLoop(); });
+}
 
 void Worker::Shutdown(bool cancel_running) {
   {
     absl::MutexLock lock(&mu_);
     shutting_down_ = true;
-    if (cancel_running && !running_.empty()) cancel_.Cancel();
+    if (cancel_running) {
+      for (const TakenPtr& t : taken_) t->cancel.Cancel();
+    }
   }
-  if (thread_.joinable()) thread_.join();
+  if (encode_thread_.joinable()) encode_thread_.join();
+  if (denoise_thread_.joinable()) denoise_thread_.join();
+  {
+    absl::MutexLock lock(&mu_);
+    stages_stopped_ = true;  // the finish stage empties its queue, then ends
+  }
+  if (finish_thread_.joinable()) finish_thread_.join();
 }
 
 bool Worker::Enqueue(Job job) {
   absl::MutexLock lock(&mu_);
   const std::string& id = job.spec.job_id();
-  if (running_ == id) return false;
+  for (const TakenPtr& t : taken_) {
+    if (t->job.spec.job_id() == id && !t->handed_back) return false;
+  }
   for (const Job& q : queue_) {
     if (q.spec.job_id() == id) return false;
   }
@@ -65,14 +79,23 @@ bool Worker::Enqueue(Job job) {
 
 Worker::CancelOutcome Worker::Cancel(const std::string& job_id) {
   absl::MutexLock lock(&mu_);
-  if (!running_.empty() && running_ == job_id) {
-    cancel_.Cancel();
+  const absl::Status before = absl::CancelledError("cancelled by the coordinator before it started");
+  for (auto it = taken_.begin(); it != taken_.end(); ++it) {
+    Taken& t = **it;
+    if (t.job.spec.job_id() != job_id || t.handed_back) continue;
+    if (t.stage == Taken::Stage::kEncoded) {
+      // Prefetched and waiting for the denoise stage: nothing runs it, drop it now.
+      outbox_.Push(ErrorResult(job_id, t.job.attempt, before));
+      metrics_.jobs_cancelled.Increment();
+      taken_.erase(it);
+      return CancelOutcome::kDequeued;
+    }
+    t.cancel.Cancel();
     return CancelOutcome::kStopping;
   }
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     if (it->spec.job_id() != job_id) continue;
-    const absl::Status why = absl::CancelledError("cancelled by the coordinator before it started");
-    outbox_.Push(ErrorResult(job_id, it->attempt, why));
+    outbox_.Push(ErrorResult(job_id, it->attempt, before));
     metrics_.jobs_cancelled.Increment();
     queue_.erase(it);
     return CancelOutcome::kDequeued;
@@ -82,8 +105,25 @@ Worker::CancelOutcome Worker::Cancel(const std::string& job_id) {
 
 std::vector<Job> Worker::TakeQueued() {
   absl::MutexLock lock(&mu_);
-  std::vector<Job> out(std::make_move_iterator(queue_.begin()),
-                       std::make_move_iterator(queue_.end()));
+  std::vector<Job> out;
+  for (auto it = taken_.begin(); it != taken_.end();) {
+    Taken& t = **it;
+    if (t.stage == Taken::Stage::kEncoded) {
+      // Prefetched: nothing has run it past its encoding; the encoding is dropped.
+      out.push_back(std::move(t.job));
+      it = taken_.erase(it);
+      continue;
+    }
+    if (t.stage == Taken::Stage::kEncoding && !t.handed_back) {
+      // Its encoding stops at the pipeline's next check; the encode stage then drops it
+      // without a result (this one is the caller's to answer).
+      t.handed_back = true;
+      t.cancel.Cancel();
+      out.push_back(t.job);
+    }
+    ++it;
+  }
+  for (Job& q : queue_) out.push_back(std::move(q));
   queue_.clear();
   return out;
 }
@@ -91,9 +131,16 @@ std::vector<Job> Worker::TakeQueued() {
 std::vector<std::string> Worker::ActiveJobIds() const {
   absl::MutexLock lock(&mu_);
   std::vector<std::string> out;
-  if (!running_.empty()) out.push_back(running_);
+  for (const TakenPtr& t : taken_) {
+    if (!t->handed_back) out.push_back(t->job.spec.job_id());
+  }
   for (const Job& q : queue_) out.push_back(q.spec.job_id());
   return out;
+}
+
+std::map<std::string, std::string> Worker::AppliedLoras() const {
+  absl::MutexLock lock(&mu_);
+  return applied_loras_;
 }
 
 std::vector<std::string> Worker::LoadedPackages() const {
@@ -103,89 +150,211 @@ std::vector<std::string> Worker::LoadedPackages() const {
 
 bool Worker::idle() const {
   absl::MutexLock lock(&mu_);
-  return running_.empty() && queue_.empty();
+  // A job handed back while being encoded produces nothing more: it does not keep us busy.
+  return queue_.empty() && std::all_of(taken_.begin(), taken_.end(),
+                                       [](const TakenPtr& t) { return t->handed_back; });
 }
 
-void Worker::Loop() {
+std::vector<std::string> Worker::PrefetchedJobIds() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> out;
+  for (const TakenPtr& t : taken_) {
+    if (t->stage == Taken::Stage::kEncoded) out.push_back(t->job.spec.job_id());
+  }
+  return out;
+}
+
+void Worker::Progress(Taken& t, const std::string& phase, int step, int total) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (t.handed_back) return;  // the job is no longer ours: it may run elsewhere already
+  }
+  kiln::v1::Envelope env;
+  auto* p = env.mutable_progress();
+  p->set_job_id(t.job.spec.job_id());
+  p->set_step(static_cast<uint32_t>(step));
+  p->set_total_steps(static_cast<uint32_t>(total));
+  p->set_phase(phase);
+  outbox_.Push(std::move(env));
+  t.reported_step = step;
+  if (phase == "denoising") {
+    const SteadyTime now = SteadyNow();
+    if (t.last_step_index >= 0 && step == t.last_step_index + 1) {
+      metrics_.step_seconds.Observe(std::chrono::duration<double>(now - t.last_step).count());
+    }
+    t.last_step = now;
+    t.last_step_index = step;
+  }
+}
+
+void Worker::DeviceStage(const std::string& model, bool begin) {
+  DeviceBusy& busy = device_busy_[model];
+  if (begin) {
+    if (busy.stages++ == 0) busy.since = SteadyNow();
+    return;
+  }
+  if (--busy.stages == 0) {
+    metrics_.device_seconds.Add({{"model", model}}).Increment(SecondsSince(busy.since));
+  }
+}
+
+void Worker::ToFinish(const TakenPtr& t) {
+  t->stage = Taken::Stage::kFinishing;
+  to_finish_.push_back(t);
+}
+
+void Worker::EncodeLoop() {
   while (true) {
-    Job job;
+    TakenPtr t;
+    {
+      absl::MutexLock lock(&mu_);
+      // One job ahead of the denoise stage at most: take the next when none is being encoded
+      // or waits encoded.
+      mu_.Await(absl::Condition(
+          +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
+            if (w->shutting_down_) return true;
+            if (w->queue_.empty()) return false;
+            for (const TakenPtr& x : w->taken_) {
+              if (x->stage == Taken::Stage::kEncoding || x->stage == Taken::Stage::kEncoded) {
+                return false;
+              }
+            }
+            return true;
+          },
+          this));
+      if (shutting_down_) return;
+      t = std::make_shared<Taken>();
+      t->job = std::move(queue_.front());
+      queue_.pop_front();
+      t->start = SteadyNow();
+      taken_.push_back(t);
+      DeviceStage(t->job.plan.model, /*begin=*/true);
+    }
+    const kiln::v1::JobSpec& spec = t->job.spec;
+    absl::StatusOr<pipeline::EncodedPrompt> encoded = absl::UnknownError("not encoded");
+    if (spec.deadline_unix_ms() != 0 && clock_.UnixMs() > spec.deadline_unix_ms()) {
+      t->expired = true;
+      encoded = absl::DeadlineExceededError(
+          absl::StrCat("spec.deadline_unix_ms: the job was not started by its deadline ",
+                       spec.deadline_unix_ms()));
+    } else {
+      pipeline::GenerateRequest request = t->job.plan.request;
+      request.cancel = &t->cancel;
+      try {
+        encoded = t->job.plan.generator->EncodePrompt(
+            request, [&](const std::string& phase, int step, int total) {
+              Progress(*t, phase, step, total);
+            });
+      } catch (const std::exception& e) {
+        encoded = absl::InternalError(absl::StrCat("generate: ", e.what()));
+      }
+    }
+    absl::MutexLock lock(&mu_);
+    DeviceStage(t->job.plan.model, /*begin=*/false);
+    if (t->handed_back) {
+      taken_.remove(t);  // TakeQueued gave it back: no result from here
+    } else if (encoded.ok() && !t->cancel.cancelled()) {
+      t->encoded = std::move(encoded);
+      t->stage = Taken::Stage::kEncoded;
+      t->encoded_at = SteadyNow();
+    } else {
+      t->result = encoded.ok() ? absl::CancelledError("cancelled") : encoded.status();
+      ToFinish(t);
+    }
+  }
+}
+
+void Worker::DenoiseLoop() {
+  while (true) {
+    TakenPtr t;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
-            return w->shutting_down_ || !w->queue_.empty();
+            if (w->shutting_down_) return true;
+            for (const TakenPtr& x : w->taken_) {
+              if (x->stage == Taken::Stage::kEncoded) return true;
+            }
+            return false;
           },
           this));
       if (shutting_down_) return;
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      running_ = job.spec.job_id();
-      cancel_.Reset();
+      for (const TakenPtr& x : taken_) {
+        if (x->stage == Taken::Stage::kEncoded) {
+          t = x;
+          break;
+        }
+      }
+      t->stage = Taken::Stage::kDenoising;
+      t->waited += SecondsSince(t->encoded_at);
+      DeviceStage(t->job.plan.model, /*begin=*/true);
     }
-    kiln::v1::Envelope result = Run(job);
-    // Loaded packages change only inside Generate(), i.e. on this thread.
+    absl::StatusOr<pipeline::GenerateResult> result = absl::UnknownError("not run");
+    try {
+      result = t->job.plan.generator->DenoiseDecode(
+          *std::move(t->encoded), [&](const std::string& phase, int step, int total) {
+            Progress(*t, phase, step, total);
+          });
+    } catch (const std::exception& e) {
+      result = absl::InternalError(absl::StrCat("generate: ", e.what()));
+    }
+    absl::MutexLock lock(&mu_);
+    DeviceStage(t->job.plan.model, /*begin=*/false);
+    t->encoded = absl::UnknownError("consumed");
+    t->result = std::move(result);
+    ToFinish(t);
+  }
+}
+
+void Worker::FinishLoop() {
+  while (true) {
+    TakenPtr t;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
+            return w->stages_stopped_ || !w->to_finish_.empty();
+          },
+          this));
+      if (to_finish_.empty()) return;  // stages stopped and nothing left
+      t = to_finish_.front();
+      to_finish_.pop_front();
+    }
+    kiln::v1::Envelope result = Finish(*t);
     std::set<std::string> loaded;
     for (Generator* g : catalog_.generators()) {
       for (auto& d : g->LoadedDigests()) loaded.insert(std::move(d));
     }
+    std::map<std::string, std::string> applied;  // as of now: the next job may have switched it
+    for (const auto& [key, g] : catalog_.GeneratorsByKey()) {
+      if (std::string set = g->AppliedLoras(); !set.empty()) applied[key] = std::move(set);
+    }
     // One step under the lock: whoever sees the worker idle finds the result already queued,
     // and no heartbeat lists a job whose result has gone out.
     absl::MutexLock lock(&mu_);
-    running_.clear();
+    taken_.remove(t);
     loaded_.assign(loaded.begin(), loaded.end());
+    applied_loras_ = std::move(applied);
     outbox_.Push(std::move(result));
   }
 }
 
-kiln::v1::Envelope Worker::Run(const Job& job) {
-  const std::string& id = job.spec.job_id();
-  if (job.spec.deadline_unix_ms() != 0 && clock_.UnixMs() > job.spec.deadline_unix_ms()) {
+kiln::v1::Envelope Worker::Finish(Taken& t) {
+  const std::string& id = t.job.spec.job_id();
+  absl::StatusOr<pipeline::GenerateResult>& result = t.result;
+  if (t.expired) {
     metrics_.jobs_rejected.Increment();
-    return ErrorResult(id, job.attempt,
-                       absl::DeadlineExceededError(absl::StrCat(
-                           "spec.deadline_unix_ms: the job was not started by its deadline ",
-                           job.spec.deadline_unix_ms())));
-  }
-  const SteadyTime start = SteadyNow();
-  auto last_step = start;
-  int last_step_index = -1;
-  int reported_step = 0;  // the step of the last progress event: where a cancel stops the job
-  auto progress = [&](const std::string& phase, int step, int total) {
-    kiln::v1::Envelope env;
-    auto* p = env.mutable_progress();
-    p->set_job_id(id);
-    p->set_step(static_cast<uint32_t>(step));
-    p->set_total_steps(static_cast<uint32_t>(total));
-    p->set_phase(phase);
-    outbox_.Push(std::move(env));
-    reported_step = step;
-    if (phase == "denoising") {
-      const SteadyTime now = SteadyNow();
-      if (last_step_index >= 0 && step == last_step_index + 1) {
-        metrics_.step_seconds.Observe(std::chrono::duration<double>(now - last_step).count());
-      }
-      last_step = now;
-      last_step_index = step;
-    }
-  };
-
-  pipeline::GenerateRequest request = job.plan.request;
-  request.cancel = &cancel_;
-  absl::StatusOr<pipeline::GenerateResult> result = absl::UnknownError("not run");
-  try {
-    result = job.plan.generator->Generate(request, progress);
-  } catch (const std::exception& e) {
-    result = absl::InternalError(absl::StrCat("generate: ", e.what()));
+    return ErrorResult(id, t.job.attempt, result.status());
   }
   // A cancel that arrived after the pipeline's last check still wins: the coordinator has
   // already told its client the job is cancelled.
-  if (cancel_.cancelled()) {
+  if (t.cancel.cancelled()) {
     metrics_.jobs_cancelled.Increment();
     return ErrorResult(
-        id, job.attempt,
+        id, t.job.attempt,
         absl::CancelledError(absl::IsCancelled(result.status())
                                  ? absl::StrCat("cancelled by the coordinator after step ",
-                                                reported_step, " of ", request.steps)
+                                                t.reported_step, " of ", t.job.spec.steps())
                                  : "cancelled by the coordinator"));
   }
   if (!result.ok()) {
@@ -193,28 +362,34 @@ kiln::v1::Envelope Worker::Run(const Job& job) {
     // one line when the disk is to blame.
     LogWarning("node", absl::StrCat("job ", id, " failed: ", result.status().ToString()));
     metrics_.jobs_failed.Increment();
-    return ErrorResult(id, job.attempt, DiskFailure(result.status(), disk_, node_id_));
+    return ErrorResult(id, t.job.attempt, DiskFailure(result.status(), disk_, node_id_));
+  }
+  if (result->lora_switched) {
+    metrics_.lora_switches.Increment();
+    metrics_.lora_switch_seconds.Observe(result->seconds.lora_load + result->seconds.lora_switch);
   }
   for (const auto& w : result->warnings) LogWarning("node", absl::StrCat("job ", id, ": ", w));
   auto png = pipeline::EncodePng(result->rgb.data(), result->width, result->height);
   if (!png.ok()) {
     metrics_.jobs_failed.Increment();
-    return ErrorResult(id, job.attempt, png.status());
+    return ErrorResult(id, t.job.attempt, png.status());
   }
-  const double run_seconds = SecondsSince(start);
+  // Its own time: the wait for the denoise stage (behind the job before) is not its run.
+  const double run_seconds = SecondsSince(t.start) - t.waited;
   kiln::v1::Envelope env;
   auto* r = env.mutable_result();
   r->set_job_id(id);
   r->set_ok(true);
   r->set_png(*std::move(png));
   r->set_run_seconds(run_seconds);
-  r->set_attempt(job.attempt);
+  r->set_attempt(t.job.attempt);
   for (const auto& [component, provenance] : result->packages) {
     (*r->mutable_packages())[component] = provenance;
   }
   *r->mutable_cold_start() = ColdStartOf(result->seconds);
 
   metrics_.jobs_succeeded.Increment();
+  metrics_.images.Add({{"model", t.job.plan.model}}).Increment();
   metrics_.job_seconds.Observe(run_seconds);
   const auto& cold = r->cold_start();
   if (cold.total_seconds() > 0) {

@@ -1,21 +1,41 @@
-// The node's worker: one thread that runs assigned jobs one at a time, in arrival order.
+// The node's worker: runs assigned jobs in arrival order, overlapping consecutive jobs in three
+// stages, each on its own thread:
+//   encode   — Generator::EncodePrompt (packages, tokenizers, text encoders; on CUDA the
+//              pipeline's own stream) for the next job, while
+//   denoise  — Generator::DenoiseDecode (the denoise loop and the VAE decode) runs the current
+//              one, and
+//   finish   — the PNG of the job before is encoded and its JobResult queued.
+// The encode stage takes a job from the queue as soon as no other job waits encoded for the
+// denoise stage (one prefetched job at most), so a node that holds two jobs (NodeOptions
+// job_slots: the running one and one prefetched) keeps the denoise stage busy back to back.
+// Per job: the deadline is checked when its encoding starts; progress is queued per pipeline
+// event (each denoising step timed); the result is (ok, or error_code + error) with run time
+// (from the start of its encoding to its result, less any wait encoded for the denoise stage),
+// package provenance and cold start; kiln_node_images_total and
+// kiln_node_device_seconds_total count images and device time per model (node/node_metrics.h). Everything it produces
+// goes to the Outbox; it never touches a socket. Results may leave out of order (a job whose
+// encoding failed does not wait for the one denoising).
 //
-// For each job it checks the deadline, calls Generator::Generate with a progress callback that
-// queues a JobProgress per pipeline event and times each denoising step, encodes the PNG, and
-// queues the JobResult (ok, or error_code + error) with run time, package provenance and cold
-// start. Everything it produces goes to the Outbox; it never touches a socket.
+// Cancelling: a queued job, or a prefetched one whose encoding is done, is dropped and reported
+// CANCELLED "... before it started" at once; a job being encoded or denoised has its
+// pipeline::CancelToken set and stops after the step that was running, reported as CANCELLED
+// "cancelled by the coordinator after step K of N"; a cancel that arrives while its PNG is being
+// made still wins.
 //
-// Cancelling the running job: the worker sets the pipeline::CancelToken it passes in the job's
-// request; Generate() stops after the step that was running when the cancel arrived and returns
-// CancelledError, reported as CANCELLED "cancelled by the coordinator after step K of N". A job
-// cancelled while queued is dropped and reported CANCELLED at once.
+// Handing back (a graceful stop): TakeQueued() returns every job not yet denoising — queued,
+// prefetched (its encoding dropped) and the one being encoded (its encoding cancelled; the
+// encode stage then drops it with no result and no more progress) — for the caller to answer.
+// Jobs denoising or finishing run to their results.
 //
 // Threads: Start()/Shutdown() by the owner; Enqueue, Cancel, TakeQueued, ActiveJobIds,
-// LoadedPackages and idle() from any thread (the node's I/O thread); the worker thread is owned
-// and joined by this object.
+// LoadedPackages and idle() from any thread (the node's I/O thread); the three stage threads
+// are owned and joined by this object.
 #pragma once
 
 #include <deque>
+#include <list>
+#include <map>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +44,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "common/clock.h"
+#include "common/stopwatch.h"
 #include "common/proto/kiln.pb.h"
 #include "node/catalog.h"
 #include "node/disk_health.h"
@@ -50,9 +71,10 @@ class Worker : public JobRunner {
   Worker& operator=(const Worker&) = delete;
 
   void Start();
-  // Stops taking jobs and joins the thread once the running job (if any) is done; with
-  // `cancel_running` that job is cancelled first. Jobs still queued are dropped without a
-  // result (graceful stops take them with TakeQueued() first). Idempotent.
+  // Stops taking jobs and joins the threads once the jobs being encoded, denoised or finished
+  // are done; with `cancel_running` those are cancelled first. Jobs still queued, and one
+  // prefetched and waiting, are dropped without a result (graceful stops hand them back with
+  // TakeQueued() first). Idempotent.
   void Shutdown(bool cancel_running);
 
   // JobRunner (node/job_runner.h states the contracts).
@@ -61,7 +83,10 @@ class Worker : public JobRunner {
   std::vector<Job> TakeQueued() override;
   std::vector<std::string> ActiveJobIds() const override;
   std::vector<std::string> LoadedPackages() const override;
+  std::map<std::string, std::string> AppliedLoras() const override;
   bool idle() const override;
+  // Jobs whose encoding is done, waiting for the denoise stage (at most one).
+  std::vector<std::string> PrefetchedJobIds() const;
 
   // The node's disk health (null: not checked): a job that fails while the package directory
   // cannot be written reports the disk's one-line error and code (node/disk_health.h) instead
@@ -72,9 +97,37 @@ class Worker : public JobRunner {
   }
 
  private:
-  void Loop();
-  // Runs one job; returns its JobResult envelope (queued by Loop()).
-  kiln::v1::Envelope Run(const Job& job);
+  // A job taken from the queue, from its encoding until its result is queued.
+  struct Taken {
+    enum class Stage { kEncoding, kEncoded, kDenoising, kFinishing };
+    Job job;
+    Stage stage = Stage::kEncoding;
+    pipeline::CancelToken cancel;
+    SteadyTime start;       // its encoding began
+    SteadyTime encoded_at;  // its encoding ended (kEncoded)
+    double waited = 0;      // seconds encoded, waiting for the denoise stage
+    bool expired = false;   // its deadline had passed when its encoding was to start
+    bool handed_back = false;  // TakeQueued() took it while it was being encoded (under mu_)
+    int reported_step = 0;  // the step of the last progress event: where a cancel stopped it
+    int last_step_index = -1;
+    SteadyTime last_step;
+    absl::StatusOr<pipeline::EncodedPrompt> encoded = absl::UnknownError("not encoded");
+    absl::StatusOr<pipeline::GenerateResult> result = absl::UnknownError("not run");
+  };
+  using TakenPtr = std::shared_ptr<Taken>;
+
+  void EncodeLoop();
+  void DenoiseLoop();
+  void FinishLoop();
+  // Queues progress for `t` (the stage thread that runs it calls this).
+  void Progress(Taken& t, const std::string& phase, int step, int total);
+  // Hands `t` (its result set) to the finish stage.
+  void ToFinish(const TakenPtr& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // A device stage (encoding, denoise) of a job of `model` begins or ends: the model's device
+  // time (kiln_node_device_seconds_total) runs while one of its jobs is in such a stage.
+  void DeviceStage(const std::string& model, bool begin) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Its JobResult envelope.
+  kiln::v1::Envelope Finish(Taken& t);
 
   const ModelCatalog& catalog_;
   Outbox& outbox_;
@@ -82,15 +135,25 @@ class Worker : public JobRunner {
   const Clock& clock_;
   DiskHealth* disk_ = nullptr;
   std::string node_id_;
-  pipeline::CancelToken cancel_;  // the running job's; reset when a job starts
 
   mutable absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
-  std::string running_ ABSL_GUARDED_BY(mu_);  // id of the running job, "" when none
+  std::list<TakenPtr> taken_ ABSL_GUARDED_BY(mu_);       // in the order taken
+  std::deque<TakenPtr> to_finish_ ABSL_GUARDED_BY(mu_);  // the finish stage's queue
   std::vector<std::string> loaded_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::string> applied_loras_ ABSL_GUARDED_BY(mu_);
   bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool stages_stopped_ ABSL_GUARDED_BY(mu_) = false;  // encode and denoise joined
+  struct DeviceBusy {
+    int stages = 0;     // jobs of the model in a device stage now
+    SteadyTime since;   // when `stages` last went from 0 to 1
+  };
+  std::map<std::string, DeviceBusy> device_busy_ ABSL_GUARDED_BY(mu_);  // by model
 
-  std::thread thread_;  // runs Loop(); joined by Shutdown()
+  // Owned and joined by Shutdown().
+  std::thread encode_thread_;
+  std::thread denoise_thread_;
+  std::thread finish_thread_;
 };
 
 }  // namespace kiln::node

@@ -146,8 +146,8 @@ absl::StatusOr<std::unique_ptr<AotiPackage>> AotiPackage::Load(const cache::Loca
   return p;
 }
 
-absl::Status AotiPackage::LoadConstants(
-    const std::unordered_map<std::string, at::Tensor>& constants) {
+absl::StatusOr<std::unordered_map<std::string, at::Tensor>> AotiPackage::Choose(
+    const std::unordered_map<std::string, at::Tensor>& constants) const {
   std::vector<std::string> missing;
   std::unordered_map<std::string, at::Tensor> chosen;
   for (const auto& fqn : fqns_) {
@@ -168,20 +168,51 @@ absl::Status AotiPackage::LoadConstants(
     return absl::NotFoundError(absl::StrCat(manifest_.key.component, ": ", missing.size(),
                                             " weight(s) missing: ", absl::StrJoin(missing, ", ")));
   }
+  return chosen;
+}
+
+absl::Status AotiPackage::LoadConstants(
+    const std::unordered_map<std::string, at::Tensor>& constants) {
+  auto chosen = Choose(constants);
+  if (!chosen.ok()) return chosen.status();
   try {
-    loader_->load_constants(chosen, /*use_inactive=*/false, /*check_full_update=*/true,
+    loader_->load_constants(*chosen, /*use_inactive=*/false, /*check_full_update=*/true,
                             /*user_managed=*/true);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
   }
-  constants_ = std::move(chosen);
+  constants_ = *std::move(chosen);
+  base_constants_ = constants_;
   constants_loaded_ = true;
   return absl::OkStatus();
 }
 
 void AotiPackage::ReleaseConstants() {
   constants_.clear();
+  base_constants_.clear();
+  inactive_constants_.clear();
   constants_loaded_ = false;
+}
+
+absl::Status AotiPackage::SwapConstants(
+    const std::unordered_map<std::string, at::Tensor>& constants) {
+  if (!constants_loaded_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(manifest_.key.component, ": SwapConstants() before LoadConstants()"));
+  }
+  auto chosen = Choose(constants);
+  if (!chosen.ok()) return chosen.status();
+  try {
+    loader_->load_constants(*chosen, /*use_inactive=*/true, /*check_full_update=*/true,
+                            /*user_managed=*/true);
+    loader_->get_runner()->swap_constant_buffer();
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(manifest_.key.component,
+                                            ": swapping constant buffers: ", e.what()));
+  }
+  inactive_constants_ = std::move(constants_);
+  constants_ = *std::move(chosen);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<at::Tensor>> AotiPackage::Run(const std::vector<at::Tensor>& inputs) {

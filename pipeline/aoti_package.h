@@ -58,6 +58,18 @@ class AotiPackage {
   // real weights are gathered: otherwise both sets sit on the device at once, 24 GB extra for
   // flux-dev's bf16 transformer). Run refuses (FailedPrecondition) until LoadConstants again.
   void ReleaseConstants();
+  // Replaces every weight without recompiling: the new constants (checked as LoadConstants
+  // checks them) go into the runtime's inactive constant buffer
+  // (load_constants(use_inactive=true)), which then becomes the active one
+  // (swap_constant_buffer()). The tensors of the buffer swapped out are kept until the next swap,
+  // since the runtime's inactive buffer still points at them. Before LoadConstants():
+  // FailedPrecondition. A CUDA graph captured around Run() holds the old addresses: capture it
+  // again after a swap.
+  // The constants LoadConstants() was given (the base weights), whatever is swapped in since.
+  const std::unordered_map<std::string, at::Tensor>& base_constants() const {
+    return base_constants_;
+  }
+  absl::Status SwapConstants(const std::unordered_map<std::string, at::Tensor>& constants);
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
   // Run()'s first output (every kiln component has one); Internal if the package returned none.
@@ -75,7 +87,12 @@ class AotiPackage {
   cache::PackageManifest manifest_;
   c10::Device device_ = c10::kCPU;
   std::vector<std::string> fqns_;
+  // Picks exactly fqns_ from `constants`, each checked against the manifest.
+  absl::StatusOr<std::unordered_map<std::string, at::Tensor>> Choose(
+      const std::unordered_map<std::string, at::Tensor>& constants) const;
   std::unordered_map<std::string, at::Tensor> constants_;
+  std::unordered_map<std::string, at::Tensor> base_constants_;
+  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // the swapped-out buffer's
   bool constants_loaded_ = false;
 };
 

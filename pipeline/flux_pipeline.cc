@@ -2,13 +2,17 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <filesystem>
+#include <mutex>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "common/stopwatch.h"
 #include "pipeline/denoiser.h"
 #include "pipeline/json_file.h"
+#include "pipeline/lora.h"
 #include "pipeline/package_loader.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/tokenizer_clip.h"
@@ -16,6 +20,8 @@
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace kiln::pipeline {
@@ -84,7 +90,24 @@ absl::Status GenerateRequest::Validate() const {
   if (auto s = ValidateImageSide("width", width); !s.ok()) return s;
   if (auto s = ValidateImageSide("height", height); !s.ok()) return s;
   if (auto s = ValidateSteps("steps", steps); !s.ok()) return s;
-  return ValidateGuidance("guidance", guidance);
+  if (auto s = ValidateGuidance("guidance", guidance); !s.ok()) return s;
+  if (loras.size() > kMaxLoras) {
+    return absl::InvalidArgumentError(absl::StrCat("loras: ", loras.size(), " LoRAs, more than ", kMaxLoras));
+  }
+  for (size_t i = 0; i < loras.size(); ++i) {
+    const std::string field = absl::StrCat("loras[", i, "]");
+    if (auto s = ValidateLoraName(field + ".name", loras[i].name); !s.ok()) return s;
+    if (!std::isfinite(loras[i].scale) || std::abs(loras[i].scale) > kMaxLoraScale) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".scale: ", loras[i].scale,
+                                                     " is not in -", kMaxLoraScale, "..", kMaxLoraScale));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (loras[j].name == loras[i].name) {
+        return absl::InvalidArgumentError(absl::StrCat(field, ".name: '", loras[i].name, "' is named twice"));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 class FluxPipeline::Impl {
@@ -99,8 +122,93 @@ class FluxPipeline::Impl {
   std::unique_ptr<PackageLoader> packages;
   // By transformer key digest; null: capture failed for that bucket once, it runs plainly from
   // then on.
-  std::map<std::string, std::unique_ptr<CudaGraphDenoiser>> graphs;
+  std::map<std::string, std::unique_ptr<CudaGraphDenoiser>> graphs;  // DenoiseDecode's thread
+  // Held by EncodePrompt for its whole run (one at a time; it owns the PackageLoader) and by
+  // DenoiseDecode while it switches LoRAs or captures a CUDA graph.
+  std::mutex encode_mu;
+#ifdef KILN_WITH_CUDA
+  std::optional<c10::cuda::CUDAStream> encode_stream;  // EncodePrompt's device work
+#endif
+  mutable std::mutex digests_mu;
+  std::vector<std::string> loaded_digests;  // the loader's, after the last EnsureAll
+  // LoRAs: where they are found, the files read so far (by name; read again when the recorded
+  // digest, size or modification time changes), and the set merged now. Under encode_mu (they
+  // use the PackageLoader); applied_loras is written under digests_mu too (read by any thread).
+  std::unique_ptr<LoraLibrary> loras;
+  struct CachedLora {
+    LocatedLora located;
+    uintmax_t size = 0;
+    fs::file_time_type mtime;
+    std::shared_ptr<const LoraWeights> weights;
+  };
+  std::map<std::string, CachedLora> lora_files;
+  std::string applied_loras;
+
+  // The LoRA `name`, from the cache or read, verified and checked against the checkpoint.
+  absl::StatusOr<std::shared_ptr<const LoraWeights>> LoraNamed(const std::string& name);
+  // Reads `wanted`'s files (LoraNamed) ahead of the switch; adds the time to lora_load.
+  absl::Status ReadLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
+  // Makes `wanted` the merged set; adds the switch's timings to `seconds`. DenoiseDecode's
+  // thread, under encode_mu: the job denoising before it is done with the weights.
+  absl::Status SwitchLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
 };
+
+absl::StatusOr<std::shared_ptr<const LoraWeights>> FluxPipeline::Impl::LoraNamed(
+    const std::string& name) {
+  auto found = loras->Find(name);
+  if (!found.ok()) return found.status();
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(found->path, ec);
+  const fs::file_time_type mtime = fs::last_write_time(found->path, ec);
+  if (auto it = lora_files.find(name); it != lora_files.end()) {
+    const CachedLora& c = it->second;
+    if (c.located.path == found->path && c.located.sha256 == found->sha256 && c.size == size &&
+        c.mtime == mtime) {
+      return c.weights;
+    }
+  }
+  if (auto s = LoraLibrary::Verify(*found); !s.ok()) return s;
+  auto checkpoint = packages->WeightsOf("transformer");
+  if (!checkpoint.ok()) return checkpoint.status();
+  auto weights = LoraWeights::Load(found->path, (*checkpoint)->checkpoint(), device);
+  if (!weights.ok()) return weights.status();
+  std::shared_ptr<const LoraWeights> shared = *std::move(weights);
+  lora_files[name] = CachedLora{*found, size, mtime, shared};
+  return shared;
+}
+
+absl::Status FluxPipeline::Impl::ReadLoras(const std::vector<LoraChoice>& wanted,
+                                           PhaseSeconds* seconds) {
+  const auto t = SteadyNow();
+  for (const auto& l : wanted) {
+    if (auto w = LoraNamed(l.name); !w.ok()) return w.status();
+  }
+  seconds->lora_load += SecondsSince(t);
+  return absl::OkStatus();
+}
+
+absl::Status FluxPipeline::Impl::SwitchLoras(const std::vector<LoraChoice>& wanted,
+                                             PhaseSeconds* seconds) {
+  auto t = SteadyNow();
+  std::shared_ptr<LoraDeltas> deltas;
+  if (!wanted.empty()) deltas = std::make_shared<LoraDeltas>();
+  for (const auto& l : wanted) {
+    auto w = LoraNamed(l.name);
+    if (!w.ok()) return w.status();
+    deltas->Add(*w, l.scale);
+  }
+  SyncDevice(device);
+  seconds->lora_load += SecondsSince(t);
+  t = SteadyNow();
+  if (auto s = packages->SetTransformerLoras(deltas); !s.ok()) return s;
+  graphs.clear();  // captured graphs hold the swapped-out weights' addresses
+  {
+    std::lock_guard<std::mutex> lock(digests_mu);
+    applied_loras = LoraSetKey(wanted);
+  }
+  seconds->lora_switch += SecondsSince(t);
+  return absl::OkStatus();
+}
 
 FluxPipeline::FluxPipeline(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 FluxPipeline::~FluxPipeline() = default;
@@ -181,6 +289,7 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
   key_options.compile_options = options.compile_options;
   key_options.resolutions = options.resolutions;
   impl->keys = std::make_unique<KeyPolicy>(std::move(key_options));
+  impl->loras = std::make_unique<LoraLibrary>(options.lora_dirs);
   impl->packages = std::make_unique<PackageLoader>(std::move(provider), options.model_dir,
                                                    options.compile_options, impl->device,
                                                    PackageLoaderOptions{options.canary});
@@ -199,12 +308,34 @@ std::vector<std::string> FluxPipeline::DigestsFor(int width, int height) const {
   return impl_->keys->DigestsFor(width, height);
 }
 
-std::vector<std::string> FluxPipeline::LoadedDigests() const {
-  return impl_->packages->LoadedDigests();
+std::string FluxPipeline::applied_loras() const {
+  std::lock_guard<std::mutex> lock(impl_->digests_mu);
+  return impl_->applied_loras;
 }
+
+std::vector<std::string> FluxPipeline::AvailableLoras() const { return impl_->loras->Names(); }
+
+std::vector<std::string> FluxPipeline::LoadedDigests() const {
+  std::lock_guard<std::mutex> lock(impl_->digests_mu);
+  return impl_->loaded_digests;
+}
+
+struct EncodedPrompt::State {
+  const FluxPipeline* owner = nullptr;
+  at::Tensor txt;     // T5 embeddings, as the text encoder left them
+  at::Tensor pooled;  // CLIP pooled embedding
+  std::map<std::string, LoadedComponent> packages;  // the bucket's, owned by the PackageLoader
+};
 
 absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req,
                                                       const ProgressFn& progress) {
+  auto encoded = EncodePrompt(req, progress);
+  if (!encoded.ok()) return encoded.status();
+  return DenoiseDecode(*std::move(encoded), progress);
+}
+
+absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& req,
+                                                         const ProgressFn& progress) {
   auto report = [&](const std::string& phase, int step) {
     if (progress) progress(phase, step, req.steps);
   };
@@ -213,9 +344,10 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   Impl& m = *impl_;
   if (auto s = m.keys->CheckResolution(req.width, req.height); !s.ok()) return s;
   const int clip_len = m.keys->options().clip_len, text_len = m.keys->options().text_len;
-  const int vae_scale = m.keys->options().vae_scale;
   const auto t_total = SteadyNow();
-  GenerateResult r;
+  EncodedPrompt out;
+  out.request = req;
+  GenerateResult& r = out.partial;
   r.width = req.width;
   r.height = req.height;
 
@@ -233,12 +365,31 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
                                       t5_ids->dropped, " dropped), as the reference pipeline does"));
   }
 
+  // Everything this stage does on the device: on CUDA, on the pipeline's encode stream, so that
+  // it overlaps a denoise on another thread's stream; never during a CUDA graph capture.
+  std::lock_guard<std::mutex> device_lock(m.encode_mu);
+#ifdef KILN_WITH_CUDA
+  std::optional<c10::cuda::CUDAStreamGuard> stream_guard;
+  if (m.device.is_cuda()) {
+    if (!m.encode_stream) {
+      m.encode_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, m.device.index());
+    }
+    stream_guard.emplace(*m.encode_stream);
+  }
+#endif
   report("preparing", 0);
+  // The job's LoRA files are read and checked here (a bad one fails before any heavy work); the
+  // merge and swap wait for DenoiseDecode: the job denoising now still runs on the weights.
+  if (auto s = m.ReadLoras(req.loras, &r.seconds); !s.ok()) return s;
   std::map<std::string, cache::ArtifactKey> keys;
   for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
   LoadReport loaded;
   auto pkgs = m.packages->EnsureAll(keys, &loaded,
                                     [&](const std::string& phase) { report(phase, 0); });
+  {
+    std::lock_guard<std::mutex> lock(m.digests_mu);
+    m.loaded_digests = m.packages->LoadedDigests();
+  }
   r.warnings.insert(r.warnings.end(), loaded.warnings.begin(), loaded.warnings.end());
   if (!pkgs.ok()) return pkgs.status();
   r.seconds.fetch = loaded.fetch_seconds;
@@ -247,8 +398,61 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   r.seconds.weights = loaded.weights_seconds;
   r.weight_bytes = loaded.weight_bytes;
   r.packages = std::move(loaded.packages);
+  auto state = std::make_shared<EncodedPrompt::State>();
+  state->owner = this;
+  state->packages = *std::move(pkgs);
+
+  try {
+    torch::NoGradGuard no_grad;
+    const auto ids_opts = torch::TensorOptions().dtype(at::kLong);
+    if (cancelled()) return CancelledAfterStep(0, req.steps);
+    report("text_encoding", 0);
+    auto t = SteadyNow();
+    at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
+    at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
+    auto pooled = state->packages["text_encoder"].package->RunFirst({clip_in});
+    if (!pooled.ok()) return pooled.status();
+    auto txt = state->packages["text_encoder_2"].package->RunFirst({t5_in});
+    if (!txt.ok()) return txt.status();
+    // The embeddings are complete before another stream (the denoise's) reads them.
+    SyncDevice(m.device);
+    r.seconds.text_encoding = SecondsSince(t);
+    state->pooled = *std::move(pooled);
+    state->txt = *std::move(txt);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("generate: ", e.what()));
+  }
+  r.seconds.total = SecondsSince(t_total);
+  out.state = std::move(state);
+  return out;
+}
+
+absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded,
+                                                           const ProgressFn& progress) {
+  if (encoded.state == nullptr || encoded.state->owner != this) {
+    return absl::InvalidArgumentError("encoded prompt: not made by this pipeline's EncodePrompt");
+  }
+  const GenerateRequest& req = encoded.request;
+  auto report = [&](const std::string& phase, int step) {
+    if (progress) progress(phase, step, req.steps);
+  };
+  auto cancelled = [&] { return req.cancel != nullptr && req.cancel->cancelled(); };
+  Impl& m = *impl_;
+  const int vae_scale = m.keys->options().vae_scale;
+  const auto t_total = SteadyNow();
+  GenerateResult r = std::move(encoded.partial);
+  EncodedPrompt::State& state = *encoded.state;
+  // The job's LoRA set: merged and swapped in here, between jobs (the one denoised before is
+  // done with the weights; the encode stage, which owns the PackageLoader, waits for it).
+  if (LoraSetKey(req.loras) != m.applied_loras) {
+    report("applying loras", 0);
+    std::lock_guard<std::mutex> device_lock(m.encode_mu);
+    if (auto s = m.SwitchLoras(req.loras, &r.seconds); !s.ok()) return s;
+    r.lora_switched = true;
+  }
+  r.loras = LoraSetKey(req.loras);
   // The transformer step: the whole-graph package, or a regional set's loop over layers.
-  const LoadedComponent transformer = (*pkgs)["transformer"];
+  const LoadedComponent transformer = state.packages["transformer"];
   TransformerFn transformer_fn;
   if (transformer.regional != nullptr) {
     transformer_fn = [set = transformer.regional](const std::vector<at::Tensor>& inputs,
@@ -265,22 +469,10 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   try {
     torch::NoGradGuard no_grad;
     const at::ScalarType act = m.options.precision == "fp32" ? at::kFloat : at::kBFloat16;
-    const auto ids_opts = torch::TensorOptions().dtype(at::kLong);
-
-    if (cancelled()) return CancelledAfterStep(0, req.steps);
-    report("text_encoding", 0);
-    auto t = SteadyNow();
-    at::Tensor clip_in = torch::tensor(clip_ids->ids, ids_opts).view({1, -1}).to(m.device);
-    at::Tensor t5_in = torch::tensor(t5_ids->ids, ids_opts).view({1, -1}).to(m.device);
-    auto pooled = (*pkgs)["text_encoder"].package->RunFirst({clip_in});
-    if (!pooled.ok()) return pooled.status();
-    auto txt = (*pkgs)["text_encoder_2"].package->RunFirst({t5_in});
-    if (!txt.ok()) return txt.status();
-    SyncDevice(m.device);
-    r.seconds.text_encoding = SecondsSince(t);
 
     // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
-    t = SteadyNow();
+    if (cancelled()) return CancelledAfterStep(0, req.steps);
+    auto t = SteadyNow();
     const int64_t lh = req.height / vae_scale, lw = req.width / vae_scale;
     const int64_t seq = (lh / 2) * (lw / 2);
     auto flux_schedule = MakeFluxSchedule(m.scheduler, req.steps, static_cast<int>(seq));
@@ -297,8 +489,8 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
                              .view({req.steps, 4}).to(m.device);
     DenoiseConditioning conditioning;
     conditioning.guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
-    conditioning.text = txt->to(act);
-    conditioning.pooled = pooled->to(act);
+    conditioning.text = state.txt.to(act);
+    conditioning.pooled = state.pooled.to(act);
 
     // The transformer step: a CUDA graph captured once per bucket where possible, else plain runs.
     PlainDenoiser plain(transformer_fn, act);
@@ -306,6 +498,9 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
       auto [slot, fresh] = m.graphs.try_emplace(transformer_digest);
       if (fresh) {
+        // A capture (global mode) fails on device calls from other threads: the encode stage
+        // waits for it.
+        std::lock_guard<std::mutex> device_lock(m.encode_mu);
         SyncDevice(m.device);
         const auto tc = SteadyNow();
         auto captured = CudaGraphDenoiser::Capture(m.device, "transformer", transformer_fn, act,
@@ -349,7 +544,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
     report("decoding", req.steps);
     t = SteadyNow();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
-    auto image = (*pkgs)["vae_decoder"].package->RunFirst({z});
+    auto image = state.packages["vae_decoder"].package->RunFirst({z});
     if (!image.ok()) return image.status();
     at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
                            .permute({0, 2, 3, 1}).contiguous().cpu();
@@ -358,7 +553,7 @@ absl::StatusOr<GenerateResult> FluxPipeline::Generate(const GenerateRequest& req
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("generate: ", e.what()));
   }
-  r.seconds.total = SecondsSince(t_total);
+  r.seconds.total += SecondsSince(t_total);
   return r;
 }
 

@@ -11,7 +11,14 @@
 // bucket), Denoiser (denoiser.h: the transformer step, plain or as a CUDA graph, and the Euler
 // loop). Phase timings and per-component package provenance are reported per call; a
 // CancelToken in the request stops it between steps.
-// Thread-compatible: one Generate() at a time.
+//
+// Two stages, so that a node can overlap jobs (node/worker.h): EncodePrompt (tokenize, get and
+// load the bucket's packages, run the text encoders — on CUDA on the pipeline's own stream) and
+// DenoiseDecode (the denoise loop and the VAE decode, on the calling thread's current stream).
+// Generate() is the two in a row; a staged job gives the same bytes as Generate().
+// Threads: one EncodePrompt() and one DenoiseDecode() may run at the same time, on two threads
+// (job N+1's encoding beside job N's denoise); Generate() counts as both. LoadedDigests() and
+// the const accessors from any thread.
 #pragma once
 
 #include <functional>
@@ -23,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cache/artifact_key.h"
+#include "common/job_spec.h"
 #include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/cancel_token.h"
@@ -55,6 +63,9 @@ struct PipelineOptions {
   // synchronization check set to error (any host sync inside the loop fails the job). Fills
   // GenerateResult::denoise_profile. For benchmarks; costs nothing measurable.
   bool profile_steps = false;
+  // Directories searched in order for a job's LoRAs (NAME.safetensors with its digest
+  // NAME.safetensors.sha256; pipeline/lora.h). Empty: jobs with LoRAs fail NotFound.
+  std::vector<std::string> lora_dirs;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
@@ -73,6 +84,9 @@ struct GenerateRequest {
   int steps = 28;        // denoising steps, 1..1000
   uint64_t seed = 0;     // noise seed; same seed → same image
   double guidance = 3.5; // distilled guidance scale (guidance-embedding models)
+  // LoRAs merged into the transformer's weights, in this order (empty: the base weights). The
+  // pipeline keeps the set of its last job merged; a job with another set switches it first.
+  std::vector<LoraChoice> loras;
   // Checked at phase boundaries and between denoising steps (null: never cancelled); when set,
   // Generate() returns CancelledError "cancelled after step K of N". Not owned; must outlive
   // the call.
@@ -89,6 +103,10 @@ struct PhaseSeconds {
   double fetch = 0;          // copying packages from the shared tier
   double compile = 0;        // kiln-compile on package misses (components compile in parallel)
   double graph_capture = 0;  // CUDA graph warm-up + capture of the transformer step (once)
+  // LoRA switch (zero when the job's set was merged already): reading and checking LoRA files
+  // not read before (digest, names and shapes), then merging and swapping the weights.
+  double lora_load = 0;
+  double lora_switch = 0;
   double text_encoding = 0;  // tokenizers + text encoders
   double denoise = 0;        // the whole denoise loop
   double decode = 0;         // VAE decode + conversion to bytes
@@ -105,6 +123,8 @@ struct GenerateResult {
   // from the shared tier in this call) or "resident" (already loaded by an earlier call).
   std::map<std::string, std::string> packages;
   std::vector<std::string> warnings;  // e.g. prompt truncation
+  std::string loras;           // LoraSetKey of the set the image was made with ("" = base)
+  bool lora_switched = false;  // this call changed the merged set
   uint64_t weight_bytes = 0;  // checkpoint bytes read for the packages loaded in this call
   // How the denoise loop ran; step timings only with PipelineOptions::profile_steps on CUDA.
   struct DenoiseProfile {
@@ -116,6 +136,16 @@ struct GenerateResult {
   } denoise_profile;
 };
 
+// EncodePrompt's output for one request: what DenoiseDecode needs (the text embeddings on the
+// device, the bucket's loaded packages) and what the result reports so far (warnings, package
+// provenance, cold-start and text-encoding seconds). Belongs to the pipeline that made it.
+struct EncodedPrompt {
+  GenerateRequest request;
+  GenerateResult partial;
+  struct State;                  // pipeline-private (flux_pipeline.cc)
+  std::shared_ptr<State> state;  // null: not made by a FluxPipeline (a test's fake)
+};
+
 class FluxPipeline {
  public:
   // Reads the repository's configs and tokenizers; loads nothing heavy yet. Every package comes
@@ -125,8 +155,23 @@ class FluxPipeline {
       const PipelineOptions& options, std::shared_ptr<cache::PackageProvider> provider);
   ~FluxPipeline();
 
+  // EncodePrompt then DenoiseDecode.
   absl::StatusOr<GenerateResult> Generate(const GenerateRequest& request,
                                           const ProgressFn& progress = nullptr);
+  // The first stage: checks the request, tokenizes (bad prompts fail before any heavy work),
+  // reads and checks the request's LoRA files (a missing or misshaped one fails here), gets and
+  // loads the packages of the request's bucket, runs the text encoders and waits for them.
+  // Progress: "preparing", the loader's phases, "text_encoding". `request.cancel` is checked
+  // before the encoders run. Safe beside another job's DenoiseDecode.
+  absl::StatusOr<EncodedPrompt> EncodePrompt(const GenerateRequest& request,
+                                             const ProgressFn& progress = nullptr);
+  // The second stage: the denoise loop and the VAE decode of `encoded` (from this pipeline's
+  // EncodePrompt; InvalidArgument otherwise). First, when the request's LoRA set is not the one
+  // merged now, it is merged and swapped in ("applying loras": between jobs, so the job denoised
+  // before finished on its own weights). Progress: "denoising" per step, "decoding". The
+  // result's seconds add both stages' (time between the stages is not counted).
+  absl::StatusOr<GenerateResult> DenoiseDecode(EncodedPrompt encoded,
+                                               const ProgressFn& progress = nullptr);
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;
@@ -136,6 +181,10 @@ class FluxPipeline {
   // Digests of the packages loaded in memory now.
   std::vector<std::string> LoadedDigests() const;
   const PipelineOptions& options() const;
+  // LoraSetKey of the LoRA set merged now ("" = base weights).
+  std::string applied_loras() const;
+  // Names of the LoRAs in PipelineOptions::lora_dirs (with a digest file).
+  std::vector<std::string> AvailableLoras() const;
 
  private:
   class Impl;

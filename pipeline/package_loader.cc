@@ -153,6 +153,11 @@ absl::StatusOr<LoadedComponent> PackageLoader::Load(const std::string& component
   auto constants = cw->Gather(**pkg, found.extra_constants_path);
   if (!constants.ok()) return constants.status();
   if (auto s = (*pkg)->LoadConstants(*constants); !s.ok()) return s;
+  if (component == "transformer" && loras_ != nullptr) {  // the LoRA set merged now
+    auto merged = cw->Merge(*constants, (*pkg)->manifest(), *loras_, &lora_memo_);
+    if (!merged.ok()) return merged.status();
+    if (auto s = (*pkg)->SwapConstants(*merged); !s.ok()) return s;
+  }
   SyncDevice(device_);
   report->weights_seconds += SecondsSince(t);
   report->weight_bytes += cw->bytes_read() - read_before;
@@ -179,6 +184,10 @@ absl::StatusOr<LoadedComponent> PackageLoader::LoadRegional(
     const std::string& component, const std::string& digest,
     const cache::ProvidedPackage& provided, LoadReport* report,
     const std::function<void(const std::string&)>& on_phase, std::string* fault) {
+  if (loras_ != nullptr) {
+    return absl::UnimplementedError(
+        "LoRAs on the regional transformer layout are not built yet (use the whole layout)");
+  }
   auto t = SteadyNow();
   auto set = RegionalTransformer::Load(provided.package, device_);
   if (!set.ok()) {
@@ -209,6 +218,35 @@ std::vector<std::string> PackageLoader::LoadedDigests() const {
   for (const auto& [digest, pkg] : loaded_) out.push_back(digest);
   for (const auto& [digest, set] : regional_) out.push_back(digest);
   return out;
+}
+
+absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas) {
+  if (deltas != nullptr && deltas->empty()) deltas = nullptr;
+  if (deltas != nullptr && !regional_.empty()) {
+    return absl::UnimplementedError(
+        "LoRAs on the regional transformer layout are not built yet (use the whole layout)");
+  }
+  std::vector<std::pair<AotiPackage*, std::unordered_map<std::string, at::Tensor>>> swaps;
+  std::unordered_map<std::string, at::Tensor> memo;
+  for (const auto& [digest, pkg] : loaded_) {
+    if (pkg->manifest().key.component != "transformer") continue;
+    if (deltas == nullptr) {
+      swaps.emplace_back(pkg.get(), pkg->base_constants());
+      continue;
+    }
+    auto weights = WeightsOf("transformer");
+    if (!weights.ok()) return weights.status();
+    auto merged = (*weights)->Merge(pkg->base_constants(), pkg->manifest(), *deltas, &memo);
+    if (!merged.ok()) return merged.status();
+    swaps.emplace_back(pkg.get(), *std::move(merged));
+  }
+  for (auto& [pkg, constants] : swaps) {
+    if (auto s = pkg->SwapConstants(constants); !s.ok()) return s;
+  }
+  SyncDevice(device_);
+  loras_ = std::move(deltas);
+  lora_memo_ = std::move(memo);
+  return absl::OkStatus();
 }
 
 }  // namespace kiln::pipeline

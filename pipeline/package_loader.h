@@ -14,6 +14,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -21,6 +22,7 @@
 #include "cache/package_provider.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/aoti_package.h"
+#include "pipeline/lora.h"
 #include "pipeline/regional.h"
 #include "pipeline/weights.h"
 
@@ -82,6 +84,18 @@ class PackageLoader {
   // Digests of the packages loaded now.
   std::vector<std::string> LoadedDigests() const;
 
+  // Merges the LoRA set `deltas` (null or empty: none, the base weights) into the transformer's
+  // weights without recompiling: each loaded transformer package gets its merged weights
+  // (ComponentWeights::Merge of its base_constants(), shared by every bucket) through AotiPackage::SwapConstants,
+  // and a transformer package loaded later gets them at load time. Back to none swaps in the
+  // base tensors themselves (kept by ComponentWeights), so the base image comes back bit for bit.
+  // Every package's weights are computed before any is swapped: on an error no package changes.
+  // Unimplemented for the regional layout (its per-layer weight inputs are not merged yet).
+  absl::Status SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas);
+
+  // The component's checkpoint, opened once.
+  absl::StatusOr<ComponentWeights*> WeightsOf(const std::string& component);
+
  private:
   // Loads one provided package, runs its canary and hands it its weights. On an error that is
   // the package's fault, sets `*fault` to "unloadable" or "canary".
@@ -96,9 +110,6 @@ class PackageLoader {
       const std::string& component, const std::string& digest,
       const cache::ProvidedPackage& provided, LoadReport* report,
       const std::function<void(const std::string&)>& on_phase, std::string* fault);
-  // The component's checkpoint, opened once.
-  absl::StatusOr<ComponentWeights*> WeightsOf(const std::string& component);
-
   const std::shared_ptr<cache::PackageProvider> provider_;
   const std::string model_dir_;
   const nlohmann::json compile_options_;
@@ -107,6 +118,8 @@ class PackageLoader {
   std::map<std::string, std::unique_ptr<ComponentWeights>> weights_;  // by component
   std::map<std::string, std::unique_ptr<AotiPackage>> loaded_;        // by key digest
   std::map<std::string, std::unique_ptr<RegionalTransformer>> regional_;  // by key digest
+  std::shared_ptr<const LoraDeltas> loras_;                   // the set merged now (null: none)
+  std::unordered_map<std::string, at::Tensor> lora_memo_;     // its merged constants by FQN
 };
 
 // Waits for queued device work so that phase timings are honest. Only at phase boundaries, never

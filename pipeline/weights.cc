@@ -8,6 +8,7 @@
 #include "absl/strings/str_join.h"
 #include "common/files.h"
 #include "nlohmann/json.hpp"
+#include "pipeline/lora.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -291,6 +292,86 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Ga
                                             absl::StrJoin(missing, ", ")));
   }
   return out;
+}
+
+absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Merge(
+    const std::unordered_map<std::string, at::Tensor>& base,
+    const cache::PackageManifest& manifest, const LoraDeltas& deltas,
+    std::unordered_map<std::string, at::Tensor>* memo) {
+  std::unordered_map<std::string, at::Tensor> constants = base;
+  const std::string& component = manifest.key.component;
+  std::map<std::string, std::pair<at::Tensor, at::Tensor>> fp8;  // by sources: {q, scale}
+  for (auto& [fqn, tensor] : constants) {
+    auto spec_it = manifest.constants.find(fqn);
+    if (spec_it == manifest.constants.end()) continue;  // AotiPackage checked every FQN it takes
+    const auto& spec = spec_it->second;
+    if (spec.source != "checkpoint") continue;
+    const std::string& op = spec.derive.op;
+    const std::vector<std::string> sources = op.empty() ? std::vector<std::string>{fqn}
+                                                        : spec.derive.sources;
+    if (std::none_of(sources.begin(), sources.end(),
+                     [&](const std::string& s) { return deltas.Touches(s); })) {
+      continue;
+    }
+    if (memo != nullptr) {
+      if (auto it = memo->find(fqn); it != memo->end()) {
+        tensor = it->second;
+        continue;
+      }
+    }
+    at::Tensor merged;
+    try {
+      if (op == "fp8_rowwise" || op == "fp8_rowwise_scale") {
+        const std::string key = absl::StrJoin(sources, ", ");
+        auto it = fp8.find(key);
+        if (it == fp8.end()) {
+          std::vector<at::Tensor> merged_sources;
+          for (const auto& source : sources) {
+            const TensorView* view = set_->Find(source);
+            if (view == nullptr) {
+              return absl::NotFoundError(absl::StrCat(component, ": weight '", source, "' (for ",
+                                                      fqn, ") missing from ", dir_));
+            }
+            auto host = TensorFromView(*view);
+            if (!host.ok()) return host.status();
+            at::Tensor w = host->to(device_, host->scalar_type()).to(at::kFloat);
+            bytes_read_ += view->nbytes;
+            if (at::Tensor d = deltas.DeltaFor(source); d.defined()) w = w.add(d);
+            merged_sources.push_back(w);
+          }
+          it = fp8.emplace(key, Fp8Rowwise(merged_sources)).first;
+        }
+        merged = op == "fp8_rowwise" ? it->second.first : it->second.second;
+      } else {
+        std::vector<at::Tensor> parts;
+        for (const auto& source : sources) {
+          at::Tensor d = deltas.DeltaFor(source);
+          if (!d.defined()) {
+            const TensorView* view = set_->Find(source);
+            if (view == nullptr) {
+              return absl::NotFoundError(absl::StrCat(component, ": weight '", source, "' (for ",
+                                                      fqn, ") missing from ", dir_));
+            }
+            d = at::zeros(view->shape, at::TensorOptions().dtype(at::kFloat).device(device_));
+          }
+          parts.push_back(d);
+        }
+        const at::Tensor delta = parts.size() == 1 ? parts.front() : at::cat(parts, 0);
+        if (delta.sizes() != tensor.sizes()) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              component, " weight '", fqn, "': the LoRA delta has shape ",
+              ShapeString(delta.sizes().vec()), ", the weight ", ShapeString(tensor.sizes().vec())));
+        }
+        merged = tensor.to(at::kFloat).add(delta).to(tensor.scalar_type()).contiguous();
+      }
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat(component, " weight '", fqn, "': merging LoRAs: ",
+                                              e.what()));
+    }
+    if (memo != nullptr) (*memo)[fqn] = merged;
+    tensor = merged;
+  }
+  return constants;
 }
 
 }  // namespace kiln::pipeline

@@ -30,6 +30,8 @@
 
 namespace kiln::pipeline {
 
+class LoraDeltas;
+
 // Host tensor viewing `view`'s bytes (no copy; valid while the file stays open).
 absl::StatusOr<at::Tensor> TensorFromView(const TensorView& view);
 
@@ -65,6 +67,22 @@ class ComponentWeights {
   absl::StatusOr<std::unordered_map<std::string, at::Tensor>> Gather(
       const std::vector<std::string>& fqns, const cache::PackageManifest& manifest,
       const std::string& extra_constants_path);
+
+  // `base` (a package's constants as Gather() returned them) with a LoRA set merged in: each
+  // constant whose checkpoint sources the set changes is computed afresh from the merged sources
+  // by the same rules as the base (plain and concat0: (base as float32 + delta) in the
+  // constant's dtype; fp8_rowwise and its scale: the sources read from the checkpoint, merged in
+  // float32 and quantized again, so the scale follows the merged weight); every other constant is
+  // `base`'s tensor itself (shared). `memo` (may be null) keeps merged constants by FQN across
+  // calls for one set, so the packages of several buckets share them. NotFound for a source
+  // missing from the checkpoint, InvalidArgument for a delta that does not fit its weight.
+  absl::StatusOr<std::unordered_map<std::string, at::Tensor>> Merge(
+      const std::unordered_map<std::string, at::Tensor>& base,
+      const cache::PackageManifest& manifest, const LoraDeltas& deltas,
+      std::unordered_map<std::string, at::Tensor>* memo);
+
+  // The checkpoint itself (names and shapes, for LoRA files to be checked against).
+  const WeightSet& checkpoint() const { return *set_; }
 
   uint64_t bytes_read() const { return bytes_read_; }
 

@@ -26,7 +26,11 @@
 #              dropped first where the host allows: weight read throughput from disk), then the
 #              28-step end-to-end latency in a fresh process, bf16 and fp8; the disk's own read
 #              rate (dd, 1 and 4 streams) as the ceiling for the weight read
-# On request only: autotune (max_autotune packages against this run's, AUTOTUNE_PRECISIONS) and
+# On request only: lora (issue 14: a seeded rank-64 LoRA on every attention and MLP projection of
+# flux-dev, PEFT layout, bf16; kiln-run --lora_switches 6 at bf16 and fp8: six jobs alternating
+# base / LoRA after the first, each switch's lora_load_s (files, first use only) and
+# lora_switch_s (merge + swap) in lora-<precision>.json; target lora_switch_s <= 0.15; needs
+# build,weights and packages in the shared store or compiles them), autotune (max_autotune packages against this run's, AUTOTUNE_PRECISIONS) and
 # buckets (BUCKETS, default "512x512 768x768", bf16: compiled, found, and without CUDA graph).
 #
 # Issue 13 (fp8 attention), each list fitting one 10-minute call on the H200 host:
@@ -321,6 +325,19 @@ fi
 
 # On request (not in the default list): Inductor autotuning, measured against the default
 # packages of this run (needs the cold, baselines and kiln stages' outputs in $WORK).
+if has lora; then
+  if [ ! -f "$WORK/loras/rank64.safetensors" ]; then
+    log "LoRA: rank-64 LoRA on every attention and MLP projection of flux-dev in $WORK/loras"
+    $PY -m kiln.make_lora make --model "$MODEL" --out "$WORK/loras" --name rank64 --layout peft \
+      --rank 64 --dtype bfloat16 --targets attention,mlp > "$OUT/logs/lora-make.log" 2>&1 ||
+      fail lora-make
+  fi
+  for p in bf16 fp8; do
+    kiln_run "lora-$p" --precision "$p" --shared_dir "$SHARED" --package_dir "$WORK/packages-lora" \
+      --lora rank64 --lora_dir "$WORK/loras" --lora_switches 6 --steps 4
+  done
+fi
+
 if has autotune; then
   AT='{"attention":"cudnn","max_autotune":true}'
   for prec in ${AUTOTUNE_PRECISIONS:-bf16 fp8}; do

@@ -162,6 +162,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=0.0, help="0: the model's default")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]",
+                        help="LoRA merged for this job (repeatable, in order; scale default 1)")
     parser.add_argument("--job-id", default=None, help="idempotency key (default: random)")
     parser.add_argument("--out", required=True, help="where to write the PNG")
     parser.add_argument("--proto", default=DEFAULT_PROTO, help="path of kiln.proto")
@@ -178,6 +180,9 @@ def main() -> int:
     spec = pb.JobSpec(job_id=args.job_id or f"py-{uuid.uuid4().hex[:12]}", model=args.model,
                       prompt=args.prompt, width=args.width, height=args.height,
                       steps=args.steps, seed=args.seed, guidance=args.guidance)
+    for text in args.lora:
+        name, _, scale = text.partition(":")
+        spec.loras.add(name=name, scale=float(scale) if scale else 1.0)
     client = KilnClient(args.coordinator, pb, args.request_timeout, args.key, args.server_key)
 
     def show(job) -> None:

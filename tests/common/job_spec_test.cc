@@ -57,6 +57,25 @@ TEST(JobSpecTest, EachBadFieldIsNamed) {
        "not in 0..100"},
       {[](auto& s) { s.set_precision("fp16"); }, "spec.precision", "'fp16'"},
       {[](auto& s) { s.set_deadline_unix_ms(-1); }, "spec.deadline_unix_ms", "negative"},
+      {[](auto& s) { s.add_loras()->set_name("a/b"); }, "spec.loras[0].name", "'/'"},
+      {[](auto& s) { s.add_loras()->set_name(".hidden"); }, "spec.loras[0].name", "starts with '.'"},
+      {[](auto& s) { s.add_loras()->set_name(""); }, "spec.loras[0].name", "1..128"},
+      {[](auto& s) {
+         s.add_loras()->set_name("a");
+         auto* l = s.add_loras();
+         l->set_name("b");
+         l->set_scale(std::numeric_limits<float>::quiet_NaN());
+       },
+       "spec.loras[1].scale", "not in -100..100"},
+      {[](auto& s) {
+         s.add_loras()->set_name("a");
+         s.add_loras()->set_name("a");
+       },
+       "spec.loras[1].name", "'a' is named twice"},
+      {[](auto& s) {
+         for (int i = 0; i < 9; ++i) s.add_loras()->set_name("l" + std::to_string(i));
+       },
+       "spec.loras", "9 LoRAs, more than 8"},
   };
   for (const auto& c : cases) {
     auto spec = GoodSpec();
@@ -67,6 +86,29 @@ TEST(JobSpecTest, EachBadFieldIsNamed) {
     EXPECT_THAT(std::string(s.message()), StartsWith(c.field + ": "));
     EXPECT_THAT(std::string(s.message()), HasSubstr(c.detail)) << s;
   }
+}
+
+TEST(JobSpecTest, LoraChoicesKeysAndParsing) {
+  auto spec = GoodSpec();
+  auto* style = spec.add_loras();
+  style->set_name("style");  // scale 0 on the wire: 1.0
+  auto* ink = spec.add_loras();
+  ink->set_name("ink");
+  ink->set_scale(-0.3f);
+  EXPECT_TRUE(ValidateJobSpec(spec).ok()) << ValidateJobSpec(spec);
+  const std::vector<LoraChoice> loras = LorasOf(spec);
+  ASSERT_EQ(loras.size(), 2u);
+  EXPECT_EQ(loras[0].scale, 1.0);
+  EXPECT_EQ(LoraSetKey(loras), "style@1,ink@-0.300000012");  // the float the wire carries
+  EXPECT_EQ(LoraSetKey({}), "");
+  // ParseLoraChoice gives the same key as the wire's float.
+  auto parsed = ParseLoraChoice("--lora", "ink:-0.3");
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(LoraSetKey({*parsed}), "ink@-0.300000012");
+  EXPECT_EQ(ParseLoraChoice("--lora", "style")->scale, 1.0);
+  EXPECT_THAT(std::string(ParseLoraChoice("--lora", "style:x").status().message()),
+              HasSubstr("scale 'x' is not a number"));
+  EXPECT_EQ(ErrorField(ParseLoraChoice("--lora", "a b:1").status()), "--lora");
 }
 
 TEST(JobSpecTest, LimitsComeFromTheCaller) {

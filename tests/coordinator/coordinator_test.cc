@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -618,6 +619,58 @@ TEST_F(CoordinatorTest, PrefersLoadedThenLocalDiskThenCompile) {
   EXPECT_TRUE(Logged("job j2 assigned to node b-local (attempt 1, packages local)"));
 }
 
+// Among nodes with the packages loaded, the one whose weights hold the job's LoRA set wins, then
+// one that has the LoRAs on disk, then one that lacks them (the LoRA term of the expected
+// finish: CostModelOptions::prior_lora_*); a job without LoRAs prefers a node on base weights.
+TEST_F(CoordinatorTest, PrefersTheNodeWithTheJobsLoraSetAppliedThenOnDisk) {
+  Make(LongJobs());
+  auto warm = [](const std::string& id) {
+    NodeInfo n = Node(id);
+    DeclareSet(n);
+    n.add_loaded_packages("d1");
+    n.add_loaded_packages("d2");
+    return n;
+  };
+  NodeInfo none = warm("a-none");  // sorts first: preference must beat the id tie-break
+  NodeInfo disk = warm("b-disk");
+  disk.add_loras("style");
+  disk.add_loras("ink");
+  NodeInfo applied = warm("c-applied");
+  applied.add_loras("style");
+  applied.add_loras("ink");
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/fp32"] = "style@1,ink@0.5";
+  for (const auto& n : {none, disk, applied}) Register(n);
+
+  for (const char* id : {"j1", "j2", "j3"}) {
+    JobSpec spec = Spec(id);
+    spec.set_precision("fp32");
+    auto* style = spec.add_loras();
+    style->set_name("style");  // scale 0: 1.0
+    auto* ink = spec.add_loras();
+    ink->set_name("ink");
+    ink->set_scale(0.5);
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-applied", "j1", 1u),
+                                      std::make_tuple("b-disk", "j2", 1u),
+                                      std::make_tuple("a-none", "j3", 1u)));
+}
+
+TEST_F(CoordinatorTest, AJobWithoutLorasPrefersANodeOnBaseWeights) {
+  Make(LongJobs());
+  NodeInfo applied = Node("a-applied");
+  DeclareSet(applied);
+  applied.add_loras("style");
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/fp32"] = "style@1";
+  NodeInfo base = Node("b-base");
+  DeclareSet(base);
+  for (const auto& n : {applied, base}) Register(n);
+  JobSpec spec = Spec("j1");
+  spec.set_precision("fp32");
+  MustSubmit(spec);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-base", "j1", 1u)));
+}
+
 TEST_F(CoordinatorTest, PartlyLoadedCountsAsLocalDisk) {
   NodeInfo mixed = Node("a");
   DeclareSet(mixed);
@@ -891,6 +944,132 @@ TEST_F(CoordinatorTest, HeldJobsAreLookedAtAgainWhenTheirNodeOverruns) {
   // ...until b-warm is declared dead: then j1 goes to a-cold and j2 waits behind it.
   Advance(5'000, {"a-cold"});
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-cold", "j1", 2u)));
+}
+
+// ---- Prefetch slots (NodeInfo.job_slots: the running job plus those a node takes ahead)
+
+NodeInfo WithSlots(NodeInfo info, uint32_t slots) {
+  info.set_job_slots(slots);
+  return info;
+}
+
+TEST_F(CoordinatorTest, ANodeWithAPrefetchSlotTakesTheNextJobBeforeItsRunningOneEnds) {
+  kiln::v1::RegisterNode too_many;
+  *too_many.mutable_info() = WithSlots(Node("greedy"), 9);  // more than max_job_slots_per_node
+  auto refused = c().RegisterNode("greedy", too_many);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(refused.status().message(), HasSubstr("register_node.info.job_slots: 9 is more than 8"));
+
+  Register(WithSlots(Node("n1"), 2));
+  for (const char* id : {"j1", "j2", "j3"}) MustSubmit(Spec(id));
+  // j1 runs, j2 is prefetched; j3 waits for a slot.
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u),
+                                      std::make_tuple("n1", "j2", 1u)));
+  EXPECT_EQ(Job("j2").state(), kiln::v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Job("j3").error(), "waiting: the nodes that can run it are busy");
+  ASSERT_TRUE(Result("n1", "j1").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j3", 1u)));
+  // A node that declares no slots holds max_jobs_per_node (1).
+  Register(Node("old"));
+  MustSubmit(Spec("j4"));
+  MustSubmit(Spec("j5"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("old", "j4", 1u)));
+}
+
+TEST_F(CoordinatorTest, APrefetchedJobWaitsForTheRunningOneAndPlacementCountsTheWait) {
+  NodeInfo warm = WithSlots(Gpu("b-warm", "H100", 132), 2);
+  warm.add_loaded_packages("d1");
+  warm.add_loaded_packages("d2");
+  Register(WithSlots(Gpu("a-cold", "H100", 132), 2));
+  Register(warm);
+  MustSubmit(Bf16("j1"));
+  ASSERT_TRUE(c().Result("b-warm", Finished("j1", 8, 0, "resident")).ok());  // 8 s a job
+  Assigned();
+  // b-warm: j2 runs (ends in 8 s), j3 is prefetched behind it (16 s); j4 would end in 24 s
+  // there, sooner than on a-cold (shared store prior 20 s + 8 s), so it is held for b-warm;
+  // j5 (32 s) goes to a-cold. Were the prefetched job's wait not counted, j5 too would wait.
+  for (int i = 2; i <= 5; ++i) MustSubmit(Bf16("j" + std::to_string(i)));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-warm", "j2", 1u),
+                                      std::make_tuple("b-warm", "j3", 1u),
+                                      std::make_tuple("a-cold", "j5", 1u)));
+  EXPECT_TRUE(Logged("job j3 assigned to node b-warm (attempt 1, packages loaded); expected to "
+                     "take 16.0 s"));
+  EXPECT_EQ(Job("j4").state(), kiln::v1::JOB_STATE_QUEUED);
+}
+
+// Both issue-14 terms at once: prefetch slots (each node holds 2 jobs, and a job taken ahead
+// counts the wait for the running one) and the LoRA term (a node whose weights hold the job's
+// set needs no switch; one with the LoRA on disk needs prior_lora_switch_seconds, 0.5 s).
+TEST_F(CoordinatorTest, PlacementCountsPrefetchSlotsAndPrefersTheNodeWithTheLoraApplied) {
+  auto warm = [](const std::string& id) {
+    NodeInfo n = WithSlots(Gpu(id, "H100", 132), 2);
+    n.add_loaded_packages("d1");
+    n.add_loaded_packages("d2");
+    n.add_loras("style");
+    return n;
+  };
+  NodeInfo applied = warm("b-lora");  // sorts second: the LoRA term must beat the id tie-break
+  (*applied.mutable_applied_loras())[std::string(kModel) + "/bf16"] = "style@1";
+  Register(warm("a-base"));
+  Register(applied);
+  MustSubmit(Bf16("j1"));  // no LoRA: a-base (b-lora would switch back to the base weights)
+  ASSERT_TRUE(c().Result("a-base", Finished("j1", 8, 0, "resident")).ok());  // 8 s a job
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-base", "j1", 1u)));
+  // With style: j2 on b-lora ends in 8 s, on a-base in 8.5; j3: a-base 8.5 beats b-lora's
+  // prefetch slot (16); j4: b-lora's prefetch (16) beats a-base's (17); j5: a-base's prefetch.
+  // Both nodes are then full: j6 waits.
+  for (int i = 2; i <= 6; ++i) {
+    JobSpec spec = Bf16("j" + std::to_string(i));
+    spec.add_loras()->set_name("style");
+    MustSubmit(spec);
+  }
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-lora", "j2", 1u),
+                                      std::make_tuple("a-base", "j3", 1u),
+                                      std::make_tuple("b-lora", "j4", 1u),
+                                      std::make_tuple("a-base", "j5", 1u)));
+  EXPECT_EQ(Job("j6").state(), kiln::v1::JOB_STATE_QUEUED);
+}
+
+TEST_F(CoordinatorTest, APrefetchedJobIsCancelledRequeuedAndTimedOutLikeARunningOne) {
+  CoordinatorOptions o;
+  o.run_timeout_factor = 1e-6;  // every job's timeout is run_timeout_min_ms
+  o.run_timeout_min_ms = 20'000;
+  Make(o);
+  Register(WithSlots(Node("n1"), 2));
+  for (const char* id : {"j1", "j2", "j3"}) MustSubmit(Spec(id));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j1", 1u),
+                                      std::make_tuple("n1", "j2", 1u)));
+  // Cancel the prefetched j2: the node is told, and its slot frees when the node answers.
+  kiln::v1::CancelRequest cancel;
+  cancel.set_job_id("j2");
+  auto r = c().Cancel(cancel);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->job().error(), "CANCELLED: cancelled by a client while running on n1");
+  auto others = Others();
+  ASSERT_EQ(others.size(), 1u);
+  EXPECT_EQ(others[0].envelope.cancel_job().job_id(), "j2");
+  EXPECT_THAT(Assigned(), IsEmpty());
+  ASSERT_TRUE(Result("n1", "j2", false, 1, "CANCELLED").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n1", "j3", 1u)));
+
+  // n1 dies holding j1 (running) and j3 (prefetched): both go to n2.
+  Register(WithSlots(Node("n2"), 2));
+  Advance(4000, {"n2"});
+  EXPECT_EQ(StateOf("n1"), kiln::v1::NODE_STATE_DEAD);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 2u),
+                                      std::make_tuple("n2", "j3", 2u)));
+
+  // n2 never answers: both pass the run timeout, are requeued and n2 is marked suspect.
+  Advance(21'000, {"n2"});
+  EXPECT_EQ(StateOf("n2"), kiln::v1::NODE_STATE_DRAINING);
+  EXPECT_EQ(Job("j1").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(Job("j3").state(), kiln::v1::JOB_STATE_QUEUED);
+  EXPECT_EQ(metrics_.run_timeouts.Value(), 2);
+  std::set<std::string> cancelled;
+  for (const auto& m : Others()) {
+    if (m.envelope.has_cancel_job()) cancelled.insert(m.envelope.cancel_job().job_id());
+  }
+  EXPECT_THAT(cancelled, ElementsAre("j1", "j3"));
 }
 
 TEST_F(CoordinatorTest, HigherPriorityFirstThenSubmitOrder) {

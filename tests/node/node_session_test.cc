@@ -9,9 +9,11 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <thread>
 
+#include "absl/synchronization/notification.h"
 #include "cache/local_disk_store.h"
 #include "common/files.h"
 #include "common/wire.h"
@@ -273,6 +275,7 @@ TEST_F(NodeSessionTest, RegistersRunsJobsAndStopsGracefully) {
   EXPECT_EQ(info.metrics_url(), "http://127.0.0.1:1/metrics");
   EXPECT_GT(info.pid(), 0u);
   EXPECT_EQ(info.hostname(), "host-x");
+  EXPECT_EQ(info.job_slots(), 2u);  // the running job and one prefetched (NodeOptions default)
   EXPECT_THAT(info.packages(), ElementsAre(a, b));
   ASSERT_EQ(info.package_sets().count("tiny/fp32/64x32"), 1u);
   EXPECT_THAT(info.package_sets().at("tiny/fp32/64x32").digests(),
@@ -321,6 +324,82 @@ TEST_F(NodeSessionTest, RegistersRunsJobsAndStopsGracefully) {
   EXPECT_EQ(channel_.Take(Body::kDeregister).size(), 1u);
   EXPECT_TRUE(session_->finished());
   EXPECT_TRUE(session_->deregistered());
+}
+
+TEST_F(NodeSessionTest, APrefetchedJobIsEncodedWhileOneRunsAndCanBeCancelledOrDrained) {
+  options_.job_slots = 3;
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  StartWithWorker();
+  session_->Tick();
+  auto regs = channel_.Take(Body::kRegisterNode);
+  ASSERT_EQ(regs.size(), 1u);
+  EXPECT_EQ(regs[0].register_node().info().job_slots(), 3u);
+  session_->OnMessage(Ack());
+
+  session_->OnMessage(Assign("j1", 2));
+  started.WaitForNotification();
+  // A second job while j1 runs: taken, encoded beside j1's denoise, and listed as ours.
+  session_->OnMessage(Assign("j2", 2));
+  ASSERT_TRUE(TickUntil([&] { return worker_->PrefetchedJobIds() == std::vector<std::string>{"j2"}; }));
+  session_->OnMessage(Assign("j3", 2));
+  clock_.AdvanceMs(100);
+  session_->Tick();
+  auto hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("j1", "j2", "j3"));
+  bool j2_encoded = false;
+  for (const auto& e : channel_.Take(Body::kProgress)) {
+    if (e.progress().job_id() == "j2" && e.progress().phase() == "text_encoding") j2_encoded = true;
+  }
+  EXPECT_TRUE(j2_encoded);
+
+  // Cancelling the prefetched job answers it at once; j3 then moves up into the prefetch slot.
+  kiln::v1::Envelope cancel;
+  cancel.mutable_cancel_job()->set_job_id("j2");
+  session_->OnMessage(cancel);
+  std::optional<kiln::v1::JobResult> r2;
+  ASSERT_TRUE(TickUntil([&] { return (r2 = ResultOf("j2")).has_value(); }));
+  EXPECT_EQ(r2->error_code(), "CANCELLED");
+  EXPECT_THAT(r2->error(), HasSubstr("before it started"));
+  ASSERT_TRUE(TickUntil([&] { return worker_->PrefetchedJobIds() == std::vector<std::string>{"j3"}; }));
+
+  // A drain lets the running job finish and hands back at once the prefetched one and the one
+  // queued, after a heartbeat that says the node takes no more jobs and still lists both.
+  session_->OnMessage(Assign("j4", 2));
+  channel_.sent.clear();
+  session_->Drain();
+  std::vector<Body> order;
+  for (Body b : channel_.Bodies()) {
+    if (b != Body::kProgress) order.push_back(b);
+  }
+  EXPECT_THAT(order, ElementsAre(Body::kHeartbeat, Body::kResult, Body::kResult));
+  auto handed_back = channel_.Take(Body::kResult);
+  ASSERT_EQ(handed_back.size(), 2u);
+  EXPECT_EQ(handed_back[0].result().job_id(), "j3");
+  EXPECT_EQ(handed_back[1].result().job_id(), "j4");
+  for (const auto& e : handed_back) {
+    EXPECT_EQ(e.result().error_code(), "UNAVAILABLE");
+    EXPECT_EQ(e.result().error(), "node is shutting down");
+  }
+  hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_EQ(hbs[0].heartbeat().unhealthy(), "node is shutting down");
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("j1", "j3", "j4"));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), IsEmpty());
+  release.Notify();
+  std::optional<kiln::v1::JobResult> r1;
+  ASSERT_TRUE(TickUntil([&] { return (r1 = ResultOf("j1")).has_value(); }));
+  EXPECT_TRUE(r1->ok()) << r1->error();
+  ASSERT_TRUE(TickUntil([&] { return session_->finished(); }));
+  EXPECT_THAT(channel_.Take(Body::kResult), IsEmpty());  // j3 never ran
+  EXPECT_EQ(gen_->calls, 1);
+  EXPECT_EQ(channel_.Take(Body::kDeregister).size(), 1u);
 }
 
 TEST_F(NodeSessionTest, ProtocolErrorsAreAnsweredCountedAndSurvived) {
@@ -489,6 +568,29 @@ TEST_F(NodeSessionTest, ResultsWaitForARegisteredCoordinatorAndPrecedeHeartbeats
   EXPECT_THAT(channel_.Bodies(), ElementsAre(Body::kResult, Body::kHeartbeat));
 }
 
+// RegisterNode and heartbeats carry the LoRAs the node can apply and, once a job with LoRAs has
+// run, the set merged per "<model>/<precision>" (what placement prefers nodes by).
+TEST_F(NodeSessionTest, RegistrationAndHeartbeatsCarryLorasAndTheAppliedSet) {
+  gen_->available_loras = {"ink", "style"};
+  StartWithWorker();
+  session_->Tick();
+  auto reg = channel_.Take(Body::kRegisterNode);
+  ASSERT_EQ(reg.size(), 1u);
+  EXPECT_THAT(reg[0].register_node().info().loras(), ElementsAre("ink", "style"));
+  EXPECT_TRUE(reg[0].register_node().info().applied_loras().empty());
+  session_->OnMessage(Ack());
+  ASSERT_TRUE(session_->link().registered());
+
+  kiln::v1::Envelope assign = Assign("j1", 1);
+  assign.mutable_assign()->mutable_spec()->add_loras()->set_name("style");
+  session_->OnMessage(assign);
+  ASSERT_TRUE(TickUntil([&] { return worker_->idle(); }));
+  const auto hb = session_->HeartbeatMessage().heartbeat();
+  EXPECT_THAT(hb.loras(), ElementsAre("ink", "style"));
+  ASSERT_EQ(hb.applied_loras().size(), 1);
+  EXPECT_EQ(hb.applied_loras().at("tiny/fp32"), "style@1");
+}
+
 TEST_F(NodeSessionTest, AHeldResultCountsAsRunningInHeartbeats) {
   StartWithFakeRunner();
   Register();
@@ -530,6 +632,12 @@ TEST_F(NodeSessionTest, DrainRefusesQueuedAndNewJobsThenDeregisters) {
   runner_->StartNext();
   session_->OnMessage(Assign("queued", 2));
   session_->Drain();
+  // The coordinator hears first that nothing more is to be placed here (and that both jobs are
+  // still ours), then gets the queued one back.
+  auto hbs = channel_.Take(Body::kHeartbeat);
+  ASSERT_EQ(hbs.size(), 1u);
+  EXPECT_EQ(hbs[0].heartbeat().unhealthy(), "node is shutting down");
+  EXPECT_THAT(hbs[0].heartbeat().running_jobs(), ElementsAre("run", "queued"));
   auto r = ResultOf("queued");
   ASSERT_TRUE(r);
   EXPECT_EQ(r->error_code(), "UNAVAILABLE");

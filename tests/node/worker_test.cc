@@ -4,6 +4,8 @@
 #include "node/worker.h"
 
 #include <chrono>
+#include <functional>
+#include <map>
 #include <thread>
 
 #include "absl/synchronization/notification.h"
@@ -74,6 +76,16 @@ class WorkerTest : public ::testing::Test {
     return {};
   }
 
+  // Polls `done` every millisecond for up to 30 s.
+  static bool WaitUntil(const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (done()) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return done();
+  }
+
   prometheus::Registry registry_;
   FakeClock clock_;
   ModelCatalog catalog_;
@@ -126,6 +138,39 @@ TEST_F(WorkerTest, RunsAJobWithProgressForEveryStepThenAWarmOne) {
   EXPECT_EQ(metrics_.job_seconds.Collect().histogram.sample_count, 2u);
 }
 
+// A job's LoRAs reach the generator; a changed set counts as a switch (and its time), the set
+// merged is reported per "<model>/<precision>" once the job is done, and base weights are
+// reported as no entry.
+TEST_F(WorkerTest, LoraSwitchesAreCountedTimedAndTheAppliedSetReported) {
+  Job job = MakeJob("j1", 1);
+  auto* lora = job.spec.add_loras();
+  lora->set_name("style");
+  lora->set_scale(0.5f);
+  job.plan = *catalog_.Plan(job.spec);
+  ASSERT_TRUE(worker_->Enqueue(job));
+  ASSERT_TRUE(WaitResult("j1").ok());
+  ASSERT_EQ(gen_->last_request.loras.size(), 1u);
+  EXPECT_EQ(gen_->last_request.loras[0].name, "style");
+  EXPECT_EQ(gen_->last_request.loras[0].scale, 0.5);
+  EXPECT_THAT(worker_->AppliedLoras(),
+              ElementsAre(std::make_pair(std::string("tiny/fp32"), std::string("style@0.5"))));
+  EXPECT_EQ(metrics_.lora_switches.Value(), 1);
+
+  Job same = MakeJob("j2", 1);
+  *same.spec.mutable_loras() = job.spec.loras();
+  same.plan = *catalog_.Plan(same.spec);
+  ASSERT_TRUE(worker_->Enqueue(same));
+  ASSERT_TRUE(WaitResult("j2").ok());
+  EXPECT_EQ(metrics_.lora_switches.Value(), 1);  // the same set: no switch
+
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j3", 1)));
+  ASSERT_TRUE(WaitResult("j3").ok());
+  EXPECT_TRUE(worker_->AppliedLoras().empty());
+  EXPECT_EQ(metrics_.lora_switches.Value(), 2);
+  EXPECT_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_count, 2u);
+  EXPECT_DOUBLE_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_sum, 0.125);
+}
+
 TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {
   gen_->on_step = [this](int step) {
     if (step == 3) EXPECT_EQ(worker_->Cancel("long"), Worker::CancelOutcome::kStopping);
@@ -146,10 +191,10 @@ TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {
   EXPECT_EQ(worker_->Cancel("next"), Worker::CancelOutcome::kNotFound);
 }
 
-TEST_F(WorkerTest, QueuedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
+TEST_F(WorkerTest, QueuedAndPrefetchedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
   absl::Notification started, release;
   gen_->on_step = [&](int step) {
-    if (step == 1) {
+    if (step == 1 && !started.HasBeenNotified()) {
       started.Notify();
       release.WaitForNotification();
     }
@@ -158,24 +203,178 @@ TEST_F(WorkerTest, QueuedJobsCanBeCancelledOrTakenAndDuplicatesAreRefused) {
   started.WaitForNotification();
   EXPECT_FALSE(worker_->Enqueue(MakeJob("first", 2)));  // running
   ASSERT_TRUE(worker_->Enqueue(MakeJob("second", 2)));
-  ASSERT_TRUE(worker_->Enqueue(MakeJob("third", 2, /*attempt=*/4)));
-  EXPECT_FALSE(worker_->Enqueue(MakeJob("second", 2)));  // queued
-  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first", "second", "third"));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("third", 2)));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("fourth", 2, /*attempt=*/4)));
+  // "second" is encoded while "first" denoises, and waits; the others stay queued.
+  ASSERT_TRUE(WaitUntil([&] { return worker_->PrefetchedJobIds().size() == 1; }));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ElementsAre("second"));
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("second", 2)));  // prefetched
+  EXPECT_FALSE(worker_->Enqueue(MakeJob("third", 2)));   // queued
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first", "second", "third", "fourth"));
   EXPECT_FALSE(worker_->idle());
+  EXPECT_EQ(gen_->encode_calls, 2);
 
-  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
-  const auto cancelled = WaitResult("second");
+  EXPECT_EQ(worker_->Cancel("third"), Worker::CancelOutcome::kDequeued);
+  const auto cancelled = WaitResult("third");
   EXPECT_EQ(cancelled.error_code(), "CANCELLED");
   EXPECT_THAT(cancelled.error(), HasSubstr("before it started"));
+
+  // The prefetched job is dropped at once: nothing runs it; "fourth" moves up into its slot.
+  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kDequeued);
+  const auto dropped = WaitResult("second");
+  EXPECT_EQ(dropped.error_code(), "CANCELLED");
+  EXPECT_THAT(dropped.error(), HasSubstr("before it started"));
+  ASSERT_TRUE(WaitUntil([&] { return worker_->PrefetchedJobIds().size() == 1; }));
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ElementsAre("fourth"));
+
+  // A graceful stop takes the prefetched job back too (its encoding is dropped), not only the
+  // queued ones; the running one stays.
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("fifth", 2)));
   auto taken = worker_->TakeQueued();
-  ASSERT_EQ(taken.size(), 1u);
-  EXPECT_EQ(taken[0].spec.job_id(), "third");
+  ASSERT_EQ(taken.size(), 2u);
+  EXPECT_EQ(taken[0].spec.job_id(), "fourth");
   EXPECT_EQ(taken[0].attempt, 4u);
+  EXPECT_EQ(taken[1].spec.job_id(), "fifth");
+  EXPECT_THAT(worker_->PrefetchedJobIds(), ::testing::IsEmpty());
   EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
+  EXPECT_EQ(worker_->Cancel("fourth"), Worker::CancelOutcome::kNotFound);
 
   release.Notify();
   EXPECT_TRUE(WaitResult("first").ok());
+  EXPECT_EQ(gen_->calls, 1);  // only "first" was denoised
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+  // Nothing more came: no result for the jobs taken back (an idle worker has queued all).
+  for (auto& env : outbox_->Drain()) {
+    if (env.has_result()) ADD_FAILURE() << "unexpected result for " << env.result().job_id();
+  }
+  for (const auto& r : pending_) ADD_FAILURE() << "unexpected result for " << r.job_id();
+}
+
+TEST_F(WorkerTest, AJobTakenBackWhileBeingEncodedStopsAndSendsNothingMore) {
+  absl::Notification running, release_step, encoding, release_encode;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !running.HasBeenNotified()) {
+      running.Notify();
+      release_step.WaitForNotification();
+    }
+  };
+  gen_->on_encode = [&](const pipeline::GenerateRequest& r) {
+    if (r.seed == 7) {
+      encoding.Notify();
+      release_encode.WaitForNotification();
+    }
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("first", 2)));
+  running.WaitForNotification();
+  Job second = MakeJob("second", 2, /*attempt=*/2);
+  second.plan.request.seed = 7;
+  ASSERT_TRUE(worker_->Enqueue(second));
+  encoding.WaitForNotification();  // "second" is in its encoding now
+
+  auto taken = worker_->TakeQueued();
+  ASSERT_EQ(taken.size(), 1u);
+  EXPECT_EQ(taken[0].spec.job_id(), "second");
+  EXPECT_EQ(taken[0].attempt, 2u);
+  EXPECT_THAT(worker_->ActiveJobIds(), ElementsAre("first"));
+  EXPECT_EQ(worker_->Cancel("second"), Worker::CancelOutcome::kNotFound);
+  EXPECT_TRUE(worker_->Enqueue(MakeJob("second", 2)));  // no longer ours: may come back
+  EXPECT_EQ(worker_->TakeQueued().size(), 1u);
+  for (auto& env : outbox_->Drain()) EXPECT_FALSE(env.has_result());  // its progress so far
+
+  release_encode.Notify();  // its encoding sees the cancel and the encode stage drops it
+  release_step.Notify();
+  std::vector<kiln::v1::JobProgress> progress;
+  EXPECT_TRUE(WaitResult("first", &progress).ok());
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+  worker_->Shutdown(/*cancel_running=*/false);  // joins the encode stage: it has let go
+  for (auto& env : outbox_->Drain()) {
+    EXPECT_FALSE(env.has_result()) << env.result().job_id();
+    if (env.has_progress()) progress.push_back(env.progress());
+  }
+  for (const auto& p : progress) EXPECT_EQ(p.job_id(), "first") << p.phase();
+  for (const auto& p : pending_) ADD_FAILURE() << "unexpected result for " << p.job_id();
+  EXPECT_EQ(gen_->calls, 1);  // "second" was never denoised
+}
+
+TEST_F(WorkerTest, TheNextJobIsEncodedWhileTheCurrentOneDenoises) {
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  Job first = MakeJob("first", 3);
+  first.plan.request.seed = 11;
+  Job second = MakeJob("second", 3);
+  second.plan.request.seed = 22;
+  ASSERT_TRUE(worker_->Enqueue(std::move(first)));
+  started.WaitForNotification();
+  ASSERT_TRUE(worker_->Enqueue(std::move(second)));
+  // "first" is held inside its denoise; "second" gets encoded meanwhile.
+  ASSERT_TRUE(WaitUntil([&] { return gen_->encode_calls == 2; }));
   EXPECT_EQ(gen_->calls, 1);
+  release.Notify();
+  std::vector<kiln::v1::JobProgress> progress;
+  const auto r1 = WaitResult("first", &progress);
+  const auto r2 = WaitResult("second", &progress);
+  ASSERT_TRUE(r1.ok()) << r1.error();
+  ASSERT_TRUE(r2.ok()) << r2.error();
+  const std::vector<uint8_t> rgb1(64 * 32 * 3, 11), rgb2(64 * 32 * 3, 22);
+  EXPECT_EQ(r1.png(), *pipeline::EncodePng(rgb1.data(), 64, 32));
+  EXPECT_EQ(r2.png(), *pipeline::EncodePng(rgb2.data(), 64, 32));
+  // Per job, its own events in the pipeline's order.
+  std::map<std::string, std::vector<std::string>> events;
+  for (const auto& p : progress) events[p.job_id()].push_back(absl::StrCat(p.phase(), ":", p.step()));
+  for (const char* id : {"first", "second"}) {
+    EXPECT_THAT(events[id], ElementsAre("preparing:0", "text_encoding:0", "denoising:0",
+                                        "denoising:1", "denoising:2", "denoising:3", "decoding:3"))
+        << id;
+  }
+}
+
+TEST_F(WorkerTest, ACancelDuringItsEncodingStopsThatJobOnly) {
+  absl::Notification started, release;
+  gen_->on_step = [&](int step) {
+    if (step == 1 && !started.HasBeenNotified()) {
+      started.Notify();
+      release.WaitForNotification();
+    }
+  };
+  gen_->on_encode = [&](const pipeline::GenerateRequest& request) {
+    if (request.seed == 5) EXPECT_EQ(worker_->Cancel("enc"), Worker::CancelOutcome::kStopping);
+  };
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("run", 2)));
+  started.WaitForNotification();
+  Job enc = MakeJob("enc", 2);
+  enc.plan.request.seed = 5;
+  ASSERT_TRUE(worker_->Enqueue(std::move(enc)));
+  const auto cancelled = WaitResult("enc");
+  EXPECT_EQ(cancelled.error_code(), "CANCELLED");
+  EXPECT_EQ(cancelled.error(), "cancelled by the coordinator after step 0 of 2");
+  release.Notify();
+  EXPECT_TRUE(WaitResult("run").ok());
+  EXPECT_EQ(gen_->calls, 1);
+  EXPECT_EQ(metrics_.jobs_cancelled.Value(), 1);
+}
+
+TEST_F(WorkerTest, ManyJobsInFlightKeepTheirOwnResults) {
+  gen_->step_time = std::chrono::milliseconds(1);
+  for (int i = 1; i <= 8; ++i) {
+    Job job = MakeJob(absl::StrCat("j", i), 3, /*attempt=*/i);
+    job.plan.request.seed = static_cast<uint64_t>(10 * i);
+    ASSERT_TRUE(worker_->Enqueue(std::move(job)));
+  }
+  for (int i = 1; i <= 8; ++i) {
+    const auto r = WaitResult(absl::StrCat("j", i));
+    ASSERT_TRUE(r.ok()) << r.error();
+    EXPECT_EQ(r.attempt(), static_cast<uint32_t>(i));
+    const std::vector<uint8_t> rgb(64 * 32 * 3, static_cast<uint8_t>(10 * i));
+    EXPECT_EQ(r.png(), *pipeline::EncodePng(rgb.data(), 64, 32)) << "j" << i;
+  }
+  EXPECT_EQ(gen_->calls, 8);
+  EXPECT_EQ(gen_->encode_calls, 8);
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
 }
 
 TEST_F(WorkerTest, AJobPastItsDeadlineIsNotRun) {

@@ -1,0 +1,181 @@
+// Overlapping jobs on the real pipeline: the Worker over a FluxPipeline on the flux-tiny fixtures
+// (made by scripts/test.sh; skipped without them), several jobs handed over at once so that the
+// next one's encoding runs beside the current denoise and the last one's PNG beside both. Every
+// job that was not cancelled gives the same bytes as the same job run alone (Generate, one at a
+// time), in the whole-graph and the regional transformer layouts; a cancel of the job being
+// denoised and of the job prefetched behind it loses no other job.
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "cache/package_provider.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "node/catalog.h"
+#include "node/worker.h"
+#include "pipeline/flux_pipeline.h"
+#include "pipeline/png.h"
+#include "tests/pipeline/test_support.h"
+
+namespace kiln::node {
+namespace {
+namespace fs = std::filesystem;
+using kiln::testing::EnvOrEmpty;
+
+std::string TestData() { return EnvOrEmpty("KILN_TESTDATA"); }
+
+struct Layout {
+  std::string packages;  // under KILN_TESTDATA
+  std::string compile_options;
+};
+
+std::unique_ptr<pipeline::FluxPipeline> TinyPipeline(const Layout& layout) {
+  cache::TieredProviderConfig config;  // no shared tier, no compiler: a miss is NotFound
+  config.local.root = TestData() + "/" + layout.packages;
+  auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
+  EXPECT_TRUE(provider.ok()) << provider.status();
+  if (!provider.ok()) return nullptr;
+  pipeline::PipelineOptions o;
+  o.model_dir = TestData() + "/flux-tiny";
+  o.resolutions = {{256, 256}};
+  auto options = pipeline::ParseCompileOptions(layout.compile_options);
+  EXPECT_TRUE(options.ok()) << options.status();
+  o.compile_options = *options;
+  auto p = pipeline::FluxPipeline::Create(
+      o, std::shared_ptr<cache::PackageProvider>(*std::move(provider)));
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? *std::move(p) : nullptr;
+}
+
+kiln::v1::JobSpec Spec(const std::string& id, const std::string& prompt, uint64_t seed) {
+  kiln::v1::JobSpec spec;
+  spec.set_job_id(id);
+  spec.set_model("tiny");
+  spec.set_prompt(prompt);
+  spec.set_width(256);
+  spec.set_height(256);
+  spec.set_steps(4);
+  spec.set_seed(seed);
+  return spec;
+}
+
+class OverlapTest : public ::testing::TestWithParam<Layout> {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(TestData() + "/" + GetParam().packages)) {
+      GTEST_SKIP() << "run via scripts/test.sh (fixtures)";
+    }
+    auto pipeline = TinyPipeline(GetParam());
+    ASSERT_NE(pipeline, nullptr);
+    pipeline_ = pipeline.get();
+    catalog_ = std::make_unique<ModelCatalog>("fp32", std::vector<pipeline::Resolution>{{256, 256}});
+    catalog_->Add("tiny", "fp32", std::make_unique<PipelineGenerator>(std::move(pipeline)));
+    outbox_ = *Outbox::Create();
+    metrics_ = std::make_unique<NodeMetrics>(registry_, "node-t", "cpu", kiln::v1::DeviceInfo());
+  }
+
+  // The job alone, as kiln-run makes it: one Generate() on the same pipeline, nothing beside it.
+  std::string Alone(const kiln::v1::JobSpec& spec) {
+    auto plan = catalog_->Plan(spec);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    auto r = pipeline_->Generate(plan->request);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return "";
+    return *pipeline::EncodePng(r->rgb.data(), r->width, r->height);
+  }
+
+  Job MakeJob(const kiln::v1::JobSpec& spec) {
+    Job job;
+    job.spec = spec;
+    job.attempt = 1;
+    auto plan = catalog_->Plan(spec);
+    EXPECT_TRUE(plan.ok()) << plan.status();
+    job.plan = *plan;
+    return job;
+  }
+
+  prometheus::Registry registry_;
+  FakeClock clock_;
+  pipeline::FluxPipeline* pipeline_ = nullptr;  // owned by catalog_
+  std::unique_ptr<ModelCatalog> catalog_;
+  std::unique_ptr<Outbox> outbox_;
+  std::unique_ptr<NodeMetrics> metrics_;
+};
+
+TEST_P(OverlapTest, JobsInFlightGiveTheirAloneBytesAndCancelsLoseNoOtherJob) {
+  // Distinct prompts and seeds; "stop-run" is cancelled while it denoises, "stop-next" (handed
+  // over right behind it) while it is prefetched.
+  const std::vector<kiln::v1::JobSpec> specs = {
+      Spec("a", "a lighthouse on a cliff at dusk", 7),
+      Spec("b", "a red bicycle leaning on a wall", 123),
+      Spec("stop-run", "a bowl of ramen", 5),
+      Spec("stop-next", "a snowy mountain village", 6),
+      Spec("c", "an owl reading a newspaper", 99),
+      Spec("d", "a lighthouse on a cliff at dusk", 8),
+  };
+  std::map<std::string, std::string> alone;
+  for (const auto& spec : specs) {
+    if (absl::StartsWith(spec.job_id(), "stop")) continue;
+    alone[spec.job_id()] = Alone(spec);
+    ASSERT_FALSE(alone[spec.job_id()].empty());
+  }
+  EXPECT_NE(alone["a"], alone["d"]);  // the seed matters: a mixed-up result would show
+
+  Worker worker(*catalog_, *outbox_, *metrics_, clock_);
+  worker.Start();
+  for (const auto& spec : specs) ASSERT_TRUE(worker.Enqueue(MakeJob(spec)));
+
+  std::map<std::string, kiln::v1::JobResult> results;
+  std::map<std::string, Worker::CancelOutcome> cancels;
+  std::set<std::string> denoising;  // jobs seen denoising, in the order first seen
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(300);
+  while (results.size() < specs.size() && std::chrono::steady_clock::now() < deadline) {
+    for (auto& env : outbox_->Drain()) {
+      if (env.has_result()) {
+        EXPECT_TRUE(results.emplace(env.result().job_id(), env.result()).second)
+            << "two results for " << env.result().job_id();
+        continue;
+      }
+      const auto& p = env.progress();
+      if (p.phase() != "denoising" || p.step() != 1) continue;
+      denoising.insert(p.job_id());
+      if (p.job_id() == "stop-run") {
+        // Its successor was handed over with it: it is queued, being encoded or prefetched.
+        cancels["stop-run"] = worker.Cancel("stop-run");
+        cancels["stop-next"] = worker.Cancel("stop-next");
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(results.size(), specs.size());
+  EXPECT_EQ(cancels["stop-run"], Worker::CancelOutcome::kStopping);
+  EXPECT_NE(cancels["stop-next"], Worker::CancelOutcome::kNotFound);
+  EXPECT_EQ(results["stop-run"].error_code(), "CANCELLED");
+  EXPECT_EQ(results["stop-next"].error_code(), "CANCELLED");
+  EXPECT_TRUE(results["stop-next"].png().empty());
+  EXPECT_EQ(denoising.count("stop-next"), 0u);  // cancelled before its denoise began
+  for (const auto& [id, png] : alone) {
+    ASSERT_TRUE(results[id].ok()) << id << ": " << results[id].error();
+    EXPECT_TRUE(results[id].png() == png) << id << ": differs from the same job run alone";
+    EXPECT_EQ(results[id].packages().at("transformer"), "resident") << id;
+  }
+  EXPECT_EQ(metrics_->jobs_succeeded.Value(), 4);
+  EXPECT_EQ(metrics_->jobs_cancelled.Value(), 2);
+  EXPECT_TRUE(worker.idle());
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, OverlapTest,
+                         ::testing::Values(Layout{"packages", "{}"},
+                                           Layout{"packages-regional", "{\"layout\":\"regional\"}"}),
+                         [](const auto& info) {
+                           return info.param.packages == "packages" ? "Whole" : "Regional";
+                         });
+
+}  // namespace
+}  // namespace kiln::node

@@ -1,0 +1,59 @@
+"""kiln-run with LoRAs on the flux-tiny fixtures (scripts/test.sh): --lora NAME[:SCALE] with
+--lora_dir merges a seeded LoRA (kiln.make_lora) and reports the set; --lora_switches alternates
+base / LoRA in one process (the first image merges at load, the rest switch by swapping); a LoRA that is not
+there, or a bad --lora, exits 2 with an error naming it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TESTDATA = os.environ.get("KILN_TESTDATA", "")
+BIN = os.environ.get("KILN_BIN", "")
+pytestmark = pytest.mark.skipif(
+    not (TESTDATA and os.path.isdir(os.path.join(TESTDATA, "packages"))),
+    reason="needs the fixtures made by scripts/test.sh")
+
+REPO = os.path.join(TESTDATA, "flux-tiny")
+FIXTURE_ARGS = ["--prompt", "a lighthouse on a cliff at dusk", "--width", "256", "--height", "256",
+                "--steps", "4", "--seed", "7"]
+
+
+def kiln_run(*args: str):
+    argv = [os.path.join(BIN, "kiln-run"), "--model", REPO, "--package_dir",
+            os.path.join(TESTDATA, "packages"), "--nocompile", "--json", *FIXTURE_ARGS, *args]
+    return subprocess.run(argv, capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loras")
+    subprocess.run([sys.executable, "-m", "kiln.make_lora", "make", "--model", REPO, "--out",
+                    str(out), "--name", "style", "--layout", "kohya", "--rank", "4"], check=True)
+    return str(out)
+
+
+def test_lora_switches_in_one_process_and_back_to_the_base_bytes(tmp_path, lora_dir):
+    out = tmp_path / "lora.png"
+    proc = kiln_run("--lora", "style:0.7", "--lora_dir", lora_dir, "--lora_switches", "3",
+                    "--out", str(out))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    j = json.loads(proc.stdout)
+    assert j["loras"] == "style@0.699999988"
+    assert out.read_bytes() != open(os.path.join(TESTDATA, "first.png"), "rb").read()
+    switches = j["lora_switches"]
+    assert [s["loras"] for s in switches] == ["", "style@0.699999988", ""]
+    assert all(s["switched"] for s in switches)
+    assert all(s["lora_switch_s"] > 0 for s in switches)
+
+
+def test_a_missing_lora_or_a_bad_flag_exits_2_naming_it(tmp_path, lora_dir):
+    proc = kiln_run("--lora", "absent", "--lora_dir", lora_dir, "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2
+    assert os.path.join(lora_dir, "absent.safetensors").encode() in proc.stderr
+    proc = kiln_run("--lora", "style:lots", "--lora_dir", lora_dir, "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2
+    assert b"--lora: 'style:lots': scale 'lots'" in proc.stderr
