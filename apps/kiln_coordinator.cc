@@ -82,6 +82,10 @@ ABSL_FLAG(int64_t, run_timeout_min_ms, 600000,
 ABSL_FLAG(double, run_timeout_factor, 4.0,
           "a running job's timeout is this many times its expected cold start + run time (the "
           "coordinator's cost model), at least --run_timeout_min_ms");
+ABSL_FLAG(int, latency_priority, 1,
+          "jobs with --priority at or above this are placed where they finish first; lower ones "
+          "(throughput work) by expected finish x the node's GPUs, so multi-GPU nodes go to "
+          "latency-critical jobs first");
 ABSL_FLAG(std::string, redis, "",
           "redis://HOST:PORT/DB: keep jobs and results in Redis and run active/standby with the "
           "other coordinators on it (empty: jobs in memory)");
@@ -127,6 +131,7 @@ int main(int argc, char** argv) {
   options.max_jobs_per_node = absl::GetFlag(FLAGS_max_jobs_per_node);
   options.run_timeout_min_ms = absl::GetFlag(FLAGS_run_timeout_min_ms);
   options.run_timeout_factor = absl::GetFlag(FLAGS_run_timeout_factor);
+  options.latency_priority = absl::GetFlag(FLAGS_latency_priority);
   if (options.run_timeout_min_ms == 0) options.run_timeout_factor = 0;
   if (auto s = options.Validate(); !s.ok()) return Fail(s);
   const std::string advertise = absl::GetFlag(FLAGS_advertise);

@@ -29,6 +29,7 @@ std::string DeviceText(const kiln::v1::DeviceInfo& d) {
   std::string s = d.kind().empty() ? "?" : d.kind();
   if (!d.name().empty() && d.kind() != "cpu") s += " " + d.name();
   if (!d.mig_profile().empty()) s += " " + d.mig_profile();
+  if (d.gpu_count() > 1) s += " x" + std::to_string(d.gpu_count());
   return s;
 }
 
@@ -128,7 +129,8 @@ json NodeToJson(const kiln::v1::NodeStatus& n) {
         {"sm_count", d.sm_count()},
         {"memory_bytes", d.memory_bytes()},
         {"mig_profile", d.mig_profile()},
-        {"compute_capability", d.compute_capability()}}},
+        {"compute_capability", d.compute_capability()},
+        {"gpu_count", std::max<uint32_t>(1, d.gpu_count())}}},
       {"running_jobs", std::vector<std::string>(n.running_jobs().begin(), n.running_jobs().end())},
       {"queued_jobs", n.queued_jobs()},
       {"jobs_done", n.jobs_done()},

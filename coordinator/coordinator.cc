@@ -664,6 +664,15 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
   for (const auto& model : info.models()) {
     if (auto s = ValidateModelName("register_node.info.models", model); !s.ok()) return s;
   }
+  if (info.device().gpu_count() > kMaxGpusPerNode) {
+    return InvalidField("register_node.info.device.gpu_count",
+                        absl::StrCat(info.device().gpu_count(), " is more than ", kMaxGpusPerNode));
+  }
+  if (info.device().gpu_count() > 1 && info.device().kind() != "cuda") {
+    return InvalidField("register_node.info.device.gpu_count",
+                        absl::StrCat(info.device().gpu_count(), " GPUs on a '",
+                                     info.device().kind(), "' device (only cuda has GPUs)"));
+  }
   if (info.job_slots() > options_.max_job_slots_per_node) {
     return InvalidField("register_node.info.job_slots",
                         absl::StrCat(info.job_slots(), " is more than ",
@@ -1206,6 +1215,7 @@ void Coordinator::PlaceJobs() {
     // one that frees a little later wins.
     Group* best_group = nullptr;
     std::tuple<double, int, int64_t, absl::string_view> best_key;
+    const bool latency_critical = job.spec.priority() >= options_.latency_priority;
     while (options_.placement == PlacementPolicy::kExpectedFinish) {
       best_group = nullptr;
       int next = -1;  // the stream whose next unscanned node could finish soonest
@@ -1213,12 +1223,15 @@ void Coordinator::PlaceJobs() {
       for (size_t c = 0; c < state.groups.size(); ++c) {
         Group& g = state.groups[c];
         const double run = g.run.For(job.spec.steps());
+        // Throughput work ranks a node by its expected finish x its GPUs (latency_priority);
+        // the factor is the class's, so each stream's bound stays a lower bound of its keys.
+        const double gpus = latency_critical ? 1.0 : view_classes_[c].gpus;
         const auto& o = order_of(c);
         for (size_t w = 0; w < 3; ++w) {
           size_t& i = state.scanned[3 * c + w];
           while (i < o.size() && stream_of(state, o[i]) != static_cast<int>(w)) ++i;
           if (i == o.size()) continue;
-          const double bound = (pass[touch(o[i])].avail0 + stream_floor(state, w)) + run;
+          const double bound = ((pass[touch(o[i])].avail0 + stream_floor(state, w)) + run) * gpus;
           if (next < 0 || bound < next_bound) {
             next = static_cast<int>(3 * c + w);
             next_bound = bound;
@@ -1231,7 +1244,8 @@ void Coordinator::PlaceJobs() {
         }
         if (g.heap.empty()) continue;
         const HeapEntry& top = g.heap.front();
-        auto k = std::make_tuple(top.ready_s + run, top.active, top.last_assigned_ms, top.id);
+        auto k = std::make_tuple((top.ready_s + run) * gpus, top.active, top.last_assigned_ms,
+                                 top.id);
         if (best_group == nullptr || k < best_key) {
           best_group = &g;
           best_key = k;
@@ -1392,6 +1406,7 @@ void Coordinator::RefreshPlacementView() {
       ViewClass c;
       c.device_class = node.device_class;
       c.device = device;
+      c.gpus = GpuCount(device);
       view_classes_.push_back(std::move(c));
     }
     v.cls = cls->second;

@@ -76,6 +76,11 @@ struct CoordinatorOptions {
   int64_t run_timeout_min_ms = 600000;
   size_t placement_lookahead = 512;      // queued jobs one placement pass looks at, at most (the
                                          // head of the queue; bounds a pass at a deep queue)
+  // Jobs with JobSpec.priority >= this are latency-critical: placed where they are expected to
+  // finish first. Others are throughput work: ranked by expected finish x the node's GPUs
+  // (DeviceInfo.gpu_count), so a multi-GPU node spends its GPUs on them only when that still
+  // pays (single-GPU nodes busy long enough). Identical when every node has one GPU.
+  int32_t latency_priority = 1;
   bool placement_full_scan = false;      // each pass puts every capable node of a job kind in
                                          // its heaps at once (the reference the default scan,
                                          // which stops where no later node can win, is tested
@@ -410,6 +415,7 @@ class Coordinator {
   struct ViewClass {
     std::string device_class;
     kiln::v1::DeviceInfo device;   // kind and SM count: what CostModel::Run's prior reads
+    double gpus = 1;               // GpuCount(device): throughput work's cost factor
     std::vector<uint32_t> order;   // slots by (order_key, slot)
   };
   std::vector<ViewNode> view_;                               // by NodeIndex slot

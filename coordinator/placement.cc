@@ -329,7 +329,12 @@ std::string DeviceClass(const kiln::v1::DeviceInfo& device) {
   std::string name = device.name().empty() ? device.kind() : device.name();
   if (name.empty()) name = "cpu";
   if (!device.mig_profile().empty()) absl::StrAppend(&name, " MIG ", device.mig_profile());
+  if (GpuCount(device) > 1) absl::StrAppend(&name, " x", GpuCount(device));
   return name;
+}
+
+uint32_t GpuCount(const kiln::v1::DeviceInfo& device) {
+  return std::max<uint32_t>(1, device.gpu_count());
 }
 
 absl::Status CostModelOptions::Validate() const {
@@ -342,6 +347,9 @@ absl::Status CostModelOptions::Validate() const {
     return kiln::InvalidField("prior_job_seconds", "must not be negative");
   }
   if (!positive(cpu_factor)) return kiln::InvalidField("cpu_factor", "must be positive");
+  if (!(prior_parallel_efficiency > 0 && prior_parallel_efficiency <= 1)) {
+    return kiln::InvalidField("prior_parallel_efficiency", "must be in (0, 1]");
+  }
   if (!non_negative(prior_local_seconds)) {
     return kiln::InvalidField("prior_local_seconds", "must not be negative");
   }
@@ -374,6 +382,9 @@ double PriorStepSeconds(const CostModelOptions& o, const kiln::v1::DeviceInfo& d
     factor = o.cpu_factor;
   } else if (device.sm_count() > 0 && o.reference_sm_count > 0) {
     factor = static_cast<double>(o.reference_sm_count) / device.sm_count();
+  }
+  if (const uint32_t gpus = GpuCount(device); gpus > 1) {
+    factor /= gpus * o.prior_parallel_efficiency;
   }
   return o.prior_step_seconds * Megapixels(width, height) * factor;
 }

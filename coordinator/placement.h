@@ -116,8 +116,13 @@ const char* ColdTierName(ColdTier t);  // "resident", "local", "shared", "compil
 // expensive component's.
 ColdTier ColdTierOfResult(const kiln::v1::JobResult& result);
 // The class of device whose run times are learned together: the device name, with " MIG
-// <profile>" for a MIG slice (e.g. "NVIDIA H100 80GB HBM3 MIG 3g.40gb"); the kind when unnamed.
+// <profile>" for a MIG slice (e.g. "NVIDIA H100 80GB HBM3 MIG 3g.40gb") and " x<N>" for a node
+// that spreads each job over N GPUs (e.g. "NVIDIA H200 x4"); the kind when unnamed.
 std::string DeviceClass(const kiln::v1::DeviceInfo& device);
+// GPUs a node with `device` spends on each job: DeviceInfo.gpu_count, at least 1.
+uint32_t GpuCount(const kiln::v1::DeviceInfo& device);
+// Most GPUs one node may register (DeviceInfo.gpu_count): one host's.
+inline constexpr uint32_t kMaxGpusPerNode = 16;
 
 struct CostModelOptions {
   // Prior run time before a (device class, model, precision, size) has been seen: seconds per
@@ -127,6 +132,10 @@ struct CostModelOptions {
   double prior_job_seconds = 1.0;     // s per job besides the steps (text encoders, VAE)
   uint32_t reference_sm_count = 132;  // SMs of the reference GPU (H100 SXM); 0 SMs: reference
   double cpu_factor = 200;            // a cpu device's run time over the reference GPU's
+  // A node over N GPUs (DeviceInfo.gpu_count, sequence parallel): its prior step time is one
+  // GPU's / (N x this), the issue's scaling target; the job's fixed part (text encoders, VAE on
+  // one GPU) is not divided. Learned per class (DeviceClass has " x<N>") like any other.
+  double prior_parallel_efficiency = 0.85;
   // Prior cold starts before a node has reported one of the tier (seconds).
   double prior_local_seconds = 5;     // load packages and weights from local disk
   double prior_shared_seconds = 20;   // fetch from the shared store, then load

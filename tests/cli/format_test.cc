@@ -79,4 +79,18 @@ TEST(JobToJsonTest, CarriesThePhase) {
 }
 
 }  // namespace
+TEST(NodesTest, AMultiGpuNodeShowsItsGpuCount) {
+  kiln::v1::ListNodesReply nodes;
+  auto* n = nodes.add_nodes();
+  n->mutable_info()->set_node_id("node-x4");
+  n->mutable_info()->mutable_device()->set_kind("cuda");
+  n->mutable_info()->mutable_device()->set_name("NVIDIA H200");
+  n->mutable_info()->mutable_device()->set_gpu_count(4);
+  EXPECT_THAT(FormatNodesTable(nodes, 0), HasSubstr("cuda NVIDIA H200 x4"));
+  EXPECT_EQ(NodeToJson(*n)["device"]["gpu_count"], 4);
+  n->mutable_info()->mutable_device()->set_gpu_count(0);  // an older node: one GPU
+  EXPECT_THAT(FormatNodesTable(nodes, 0), Not(HasSubstr(" x")));
+  EXPECT_EQ(NodeToJson(*n)["device"]["gpu_count"], 1);
+}
+
 }  // namespace kiln::cli

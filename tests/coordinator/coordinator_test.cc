@@ -919,6 +919,78 @@ TEST_F(CoordinatorTest, LearnedRunTimesPickTheFasterDeviceClass) {
               c().options().costs.prior_shared_seconds, 1e-9);
 }
 
+// A node over four GPUs (DeviceInfo.gpu_count) registers once, as its own device class, with
+// a prior step time a quarter of one GPU's over the scaling target; latency-critical jobs
+// (priority >= latency_priority) go where they finish first, throughput jobs are ranked by
+// expected finish x GPUs, so they take a free single GPU and the multi-GPU node only when every
+// single GPU is busy for long enough.
+TEST_F(CoordinatorTest, AMultiGpuNodeTakesLatencyJobsAndThroughputJobsOnlyWhenItPays) {
+  NodeInfo x4 = Gpu("a-x4", "H200", 132);
+  x4.mutable_device()->set_gpu_count(4);
+  NodeInfo one = Gpu("b-one", "H200", 132);
+  for (NodeInfo* n : {&x4, &one}) {
+    n->add_loaded_packages("d1");
+    n->add_loaded_packages("d2");
+  }
+  Register(x4);
+  Register(one);
+  EXPECT_EQ(DeviceClass(x4.device()), "H200 x4");
+  EXPECT_EQ(DeviceClass(one.device()), "H200");
+  // The prior: the steps run over 4 GPUs at the target efficiency, the fixed part on one.
+  const auto& o = c().options().costs;
+  const JobSpec probe = Bf16("probe");
+  const double single = c().costs().RunSeconds(one.device(), probe);
+  const double multi = c().costs().RunSeconds(x4.device(), probe);
+  EXPECT_NEAR(single - o.prior_job_seconds,
+              (multi - o.prior_job_seconds) * 4 * o.prior_parallel_efficiency, 1e-9);
+
+  JobSpec latency = Bf16("latency");
+  latency.set_priority(c().options().latency_priority);
+  MustSubmit(latency);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-x4", "latency", 1u)));
+  ASSERT_TRUE(c().Result("a-x4", Finished("latency", 3, 0, "resident")).ok());
+  MustSubmit(Bf16("throughput-1"));  // priority 0: the free single GPU, though x4 is faster
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-one", "throughput-1", 1u)));
+  ASSERT_TRUE(c().Result("b-one", Finished("throughput-1", 8, 0, "resident")).ok());
+  MustSubmit(Bf16("throughput-2"));  // 8 s x 1 GPU beats 3 s x 4 GPUs
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-one", "throughput-2", 1u)));
+  // b-one is busy for 8 s more, then 8 s: 16 s x 1 GPU loses to x4's 3 s x 4 GPUs.
+  MustSubmit(Bf16("throughput-3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-x4", "throughput-3", 1u)));
+
+  // Every node has one GPU: the rule changes nothing (the latency job and the throughput job
+  // are placed alike).
+  Make(CoordinatorOptions{});
+  Register(Gpu("c-one", "H200", 132));
+  MustSubmit(Bf16("t"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-one", "t", 1u)));
+}
+
+TEST_F(CoordinatorTest, AMultiGpuRegistrationIsCheckedAndShown) {
+  NodeInfo too_many = Gpu("n1", "H200", 132);
+  too_many.mutable_device()->set_gpu_count(kMaxGpusPerNode + 1);
+  kiln::v1::RegisterNode m;
+  *m.mutable_info() = too_many;
+  auto ack = c().RegisterNode("n1", m);
+  ASSERT_FALSE(ack.ok());
+  EXPECT_THAT(std::string(ack.status().message()), HasSubstr("register_node.info.device.gpu_count"));
+  NodeInfo cpu = Node("n2", "cpu");
+  cpu.mutable_device()->set_gpu_count(2);
+  *m.mutable_info() = cpu;
+  ack = c().RegisterNode("n2", m);
+  ASSERT_FALSE(ack.ok());
+  EXPECT_THAT(std::string(ack.status().message()), HasSubstr("only cuda has GPUs"));
+  NodeInfo x2 = Gpu("n3", "H100", 132);
+  x2.mutable_device()->set_gpu_count(2);
+  Register(x2);
+  bool listed = false;
+  const auto nodes = c().ListNodes();
+  for (const auto& n : nodes.nodes()) {
+    if (n.info().node_id() == "n3") listed = n.info().device().gpu_count() == 2;
+  }
+  EXPECT_TRUE(listed);
+}
+
 TEST_F(CoordinatorTest, HeldJobsAreLookedAtAgainWhenTheirNodeOverruns) {
   NodeInfo warm = Gpu("b-warm", "H100", 132);
   warm.add_loaded_packages("d1");
@@ -1935,11 +2007,14 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
     struct Device {
       std::string kind, name, mig;
       uint32_t sms;
+      uint32_t gpus = 0;  // DeviceInfo.gpu_count: multi-GPU nodes rank throughput jobs by GPUs
     };
     const std::vector<Device> devices = {{"cuda", "NVIDIA H100", "", 132},
                                          {"cuda", "NVIDIA H200", "", 132},
                                          {"cuda", "NVIDIA H100", "3g.40gb", 60},
-                                         {"cpu", "", "", 0}};
+                                         {"cpu", "", "", 0},
+                                         {"cuda", "NVIDIA H200", "", 132, 4},
+                                         {"cuda", "NVIDIA H100", "", 132, 2}};
     auto digest = [](const std::string& m, const std::string& p, uint32_t size, int part) {
       return absl::StrCat(m, "-", p, "-", size, "-", part);
     };
@@ -1965,6 +2040,7 @@ TEST(PlacementScanTest, LazyScanPlacesLikeTheFullBuildAfterRandomUpdates) {
       info.mutable_device()->set_name(d.name);
       info.mutable_device()->set_mig_profile(d.mig);
       info.mutable_device()->set_sm_count(d.sms);
+      info.mutable_device()->set_gpu_count(d.gpus);
       if (d.kind == "cuda") info.mutable_device()->set_compute_capability("9.0");
       info.set_can_compile(pick(4) != 0);
       for (const auto& m : models) {
