@@ -198,6 +198,13 @@ void Worker::DeviceStage(const std::string& model, bool begin) {
   }
 }
 
+Worker::TakenPtr Worker::FirstIn(Taken::Stage stage) const {
+  for (const TakenPtr& x : taken_) {
+    if (x->stage == stage) return x;
+  }
+  return nullptr;
+}
+
 void Worker::ToFinish(const TakenPtr& t) {
   t->stage = Taken::Stage::kFinishing;
   to_finish_.push_back(t);
@@ -213,13 +220,8 @@ void Worker::EncodeLoop() {
       mu_.Await(absl::Condition(
           +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
             if (w->shutting_down_) return true;
-            if (w->queue_.empty()) return false;
-            for (const TakenPtr& x : w->taken_) {
-              if (x->stage == Taken::Stage::kEncoding || x->stage == Taken::Stage::kEncoded) {
-                return false;
-              }
-            }
-            return true;
+            return !w->queue_.empty() && w->FirstIn(Taken::Stage::kEncoding) == nullptr &&
+                   w->FirstIn(Taken::Stage::kEncoded) == nullptr;
           },
           this));
       if (shutting_down_) return;
@@ -271,20 +273,11 @@ void Worker::DenoiseLoop() {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
           +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
-            if (w->shutting_down_) return true;
-            for (const TakenPtr& x : w->taken_) {
-              if (x->stage == Taken::Stage::kEncoded) return true;
-            }
-            return false;
+            return w->shutting_down_ || w->FirstIn(Taken::Stage::kEncoded) != nullptr;
           },
           this));
       if (shutting_down_) return;
-      for (const TakenPtr& x : taken_) {
-        if (x->stage == Taken::Stage::kEncoded) {
-          t = x;
-          break;
-        }
-      }
+      t = FirstIn(Taken::Stage::kEncoded);
       t->stage = Taken::Stage::kDenoising;
       t->waited += SecondsSince(t->encoded_at);
       DeviceStage(t->job.plan.model, /*begin=*/true);

@@ -123,6 +123,8 @@ class Worker : public JobRunner {
   void Progress(Taken& t, const std::string& phase, int step, int total);
   // Hands `t` (its result set) to the finish stage.
   void ToFinish(const TakenPtr& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The first job taken that is in `stage`, or null.
+  TakenPtr FirstIn(Taken::Stage stage) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A device stage (encoding, denoise) of a job of `model` begins or ends: the model's device
   // time (kiln_node_device_seconds_total) runs while one of its jobs is in such a stage.
   void DeviceStage(const std::string& model, bool begin) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -958,12 +958,17 @@ TEST_F(CoordinatorTest, AMultiGpuNodeTakesLatencyJobsAndThroughputJobsOnlyWhenIt
   MustSubmit(Bf16("throughput-3"));
   EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-x4", "throughput-3", 1u)));
 
-  // Every node has one GPU: the rule changes nothing (the latency job and the throughput job
-  // are placed alike).
-  Make(CoordinatorOptions{});
-  Register(Gpu("c-one", "H200", 132));
+  // With latency_priority 0 every job is latency-critical: a priority-0 job takes the free,
+  // faster multi-GPU node instead of the single GPU.
+  CoordinatorOptions all_latency;
+  all_latency.latency_priority = 0;
+  Make(all_latency);  // same store: new node ids, so the recovered jobs keep a-x4 and b-one
+  x4.set_node_id("c-x4");
+  one.set_node_id("d-one");
+  Register(x4);
+  Register(one);
   MustSubmit(Bf16("t"));
-  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-one", "t", 1u)));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("c-x4", "t", 1u)));
 }
 
 TEST_F(CoordinatorTest, AMultiGpuRegistrationIsCheckedAndShown) {

@@ -13,23 +13,17 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "pipeline/png.h"
+#include "tests/pipeline/fixture_provider.h"
 #include "tests/pipeline/test_support.h"
 
 namespace kiln::pipeline {
 namespace {
 namespace fs = std::filesystem;
 using kiln::testing::EnvOrEmpty;
+using kiln::testing::FixtureProvider;
 using ::testing::HasSubstr;
 
 std::string TestData() { return EnvOrEmpty("KILN_TESTDATA"); }
-
-std::shared_ptr<cache::PackageProvider> FixtureProvider() {
-  cache::TieredProviderConfig config;  // no shared tier, no compiler: a miss is NotFound
-  config.local.root = TestData() + "/packages";
-  auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
-  EXPECT_TRUE(provider.ok()) << provider.status();
-  return provider.ok() ? std::shared_ptr<cache::PackageProvider>(*std::move(provider)) : nullptr;
-}
 
 PipelineOptions TinyOptions() {
   PipelineOptions o;

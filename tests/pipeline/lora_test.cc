@@ -25,24 +25,18 @@
 #include "nlohmann/json.hpp"
 #include "pipeline/flux_pipeline.h"
 #include "pipeline/png.h"
+#include "tests/pipeline/fixture_provider.h"
 #include "tests/pipeline/test_support.h"
 
 namespace kiln::pipeline {
 namespace {
 namespace fs = std::filesystem;
 using kiln::testing::EnvOrEmpty;
+using kiln::testing::FixtureProvider;
 using ::testing::HasSubstr;
 
 std::string TestData() { return EnvOrEmpty("KILN_TESTDATA"); }
 constexpr char kMakeLora[] = "pipeline/python/kiln/make_lora.py";
-
-std::shared_ptr<cache::PackageProvider> FixtureProvider() {
-  cache::TieredProviderConfig config;  // no shared tier, no compiler: a miss is NotFound
-  config.local.root = TestData() + "/packages";
-  auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
-  EXPECT_TRUE(provider.ok()) << provider.status();
-  return provider.ok() ? std::shared_ptr<cache::PackageProvider>(*std::move(provider)) : nullptr;
-}
 
 std::unique_ptr<FluxPipeline> Pipeline(const std::string& model_dir,
                                        std::vector<std::string> lora_dirs) {
