@@ -142,23 +142,10 @@ def test_three_hosts_jobs_across_nodes_and_a_cut_link_requeues(hosts, tmp_path: 
             return {n["node_id"]: n for n in json.loads(r.stdout)["nodes"]} \
                 if r.returncode == 0 else {}
 
-        node("b", 2)  # B alone first, so the long job goes to B
-        wait_until(lambda: nodes().get("node-b", {}).get("state") == "READY", 90,
-                   "node-b to register")
-        seed, steps, job_id = 21, 30, "cut-link"
-        r = hosts.kiln("submit", "--coordinator", client, "--prompt", PROMPT, "--seed",
-                       str(seed), "--steps", str(steps), "--job-id", job_id)
-        assert r.returncode == 0, r.stderr
-
-        def denoising():
-            s = hosts.kiln("status", job_id, "--json", "--coordinator", client)
-            info = json.loads(s.stdout) if s.returncode == 0 else {}
-            return info.get("state") == "RUNNING" and info.get("step", 0) >= 1
-
-        wait_until(denoising, 120, "the job to start denoising on node-b", interval=0.05)
+        node("b", 2)
         node("a", 1)
-        wait_until(lambda: nodes().get("node-a", {}).get("state") == "READY", 90,
-                   "node-a to register")
+        wait_until(lambda: {n.get("state") for n in nodes().values()} == {"READY"}
+                   and len(nodes()) == 2, 90, "node-a and node-b to register")
         # Every advertised metrics URL answers from C's namespace.
         for url in [n["metrics_url"] for n in nodes().values()] + [endpoints["metrics_url"]]:
             scrape = hosts.run("c", PYTHON, "-c",
@@ -169,6 +156,27 @@ def test_three_hosts_jobs_across_nodes_and_a_cut_link_requeues(hosts, tmp_path: 
             assert scrape.returncode == 0 and "kiln_" in page, url
         assert {n["metrics_url"] for n in nodes().values()} == {
             "http://10.231.1.2:9401/metrics", "http://10.231.2.2:9401/metrics"}
+
+        # node-a drained, so the long job goes to node-b. The most steps a job may have: seconds
+        # of denoising, outlasting the uncordon and the cut below (30 steps once ended on node-b
+        # before the cut, while node-a was still registering).
+        r = hosts.kiln("drain", "node-a", "--coordinator", client)
+        assert r.returncode == 0, r.stderr
+        seed, steps, job_id = 21, 1000, "cut-link"
+        r = hosts.kiln("submit", "--coordinator", client, "--prompt", PROMPT, "--seed",
+                       str(seed), "--steps", str(steps), "--job-id", job_id)
+        assert r.returncode == 0, r.stderr
+
+        def status() -> dict:
+            s = hosts.kiln("status", job_id, "--json", "--coordinator", client)
+            return json.loads(s.stdout) if s.returncode == 0 else {}
+
+        wait_until(lambda: status().get("state") == "RUNNING" and status().get("step", 0) >= 1,
+                   120, "the job to start denoising on node-b", interval=0.05)
+        r = hosts.kiln("uncordon", "node-a", "--coordinator", client)
+        assert r.returncode == 0, r.stderr
+        running = status()
+        assert running["node_id"] == "node-b" and running["state"] == "RUNNING", running
 
         cut_at = time.monotonic()
         hosts.cut("b")
