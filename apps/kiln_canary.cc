@@ -12,10 +12,9 @@
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/exit.h"
 #include "common/flags.h"
-#include "common/log.h"
 #include "common/log_flags.h"
-#include "common/status.h"
 #include "pipeline/canary.h"
 
 ABSL_FLAG(std::string, manifest, "", "the package's manifest (its canary not filled in yet)");
@@ -24,41 +23,35 @@ ABSL_FLAG(std::string, inputs, "", "safetensors file with the canary inputs inpu
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
 ABSL_FLAG(std::string, out, "", "where to write input.<i> and output.<i> (safetensors)");
 
-namespace {
-
-int Fail(const absl::Status& s) {
-  kiln::LogError("main", s.message());
-  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-canary",
       "kiln-canary --manifest M.json --package P.pt2 --inputs IN.safetensors --out OUT.safetensors");
-  if (auto s = kiln::InitLoggingFromFlags("kiln-canary"); !s.ok()) return Fail(s);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-canary"); !s.ok()) return kiln::FailMain(s);
   if (rest.size() > 1) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+    return kiln::FailMain(
+        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
   }
   const std::vector<std::pair<std::string, std::string>> required = {
       {"manifest", absl::GetFlag(FLAGS_manifest)}, {"package", absl::GetFlag(FLAGS_package)},
       {"inputs", absl::GetFlag(FLAGS_inputs)}, {"out", absl::GetFlag(FLAGS_out)}};
   for (const auto& [name, value] : required) {
-    if (value.empty()) return Fail(absl::InvalidArgumentError(absl::StrCat("--", name, " is required")));
+    if (value.empty()) {
+      return kiln::FailMain(absl::InvalidArgumentError(absl::StrCat("--", name, " is required")));
+    }
   }
   c10::Device device(c10::kCPU);
   try {
     device = c10::Device(absl::GetFlag(FLAGS_device));
   } catch (const std::exception& e) {
-    return Fail(absl::InvalidArgumentError(
+    return kiln::FailMain(absl::InvalidArgumentError(
         absl::StrCat("--device '", absl::GetFlag(FLAGS_device), "': ", e.what())));
   }
   auto outputs = kiln::pipeline::RecordCanary(absl::GetFlag(FLAGS_manifest),
                                               absl::GetFlag(FLAGS_package),
                                               absl::GetFlag(FLAGS_inputs), device,
                                               absl::GetFlag(FLAGS_out));
-  if (!outputs.ok()) return Fail(outputs.status());
+  if (!outputs.ok()) return kiln::FailMain(outputs.status());
   std::cout << *outputs << "\n";
   return 0;
 }

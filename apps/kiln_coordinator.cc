@@ -33,6 +33,7 @@
 #include "common/advertise.h"
 #include "common/clock.h"
 #include "common/curve_keys.h"
+#include "common/exit.h"
 #include "common/flags.h"
 #include "common/log.h"
 #include "common/log_flags.h"
@@ -97,24 +98,16 @@ ABSL_FLAG(int64_t, retention_s, 24 * 3600,
 ABSL_FLAG(std::string, redis_prefix, "kiln",
           "with --redis: prefix of every key (one kiln cluster per prefix)");
 
-namespace {
-
-int Fail(const absl::Status& s) {
-  kiln::LogError("main", s.message());
-  return kiln::ExitCodeFor(s);
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-coordinator",
       "kiln-coordinator [--client-endpoint E] [--node-endpoint E] [--metrics HOST:PORT] "
       "[--endpoints-file PATH] [--redis redis://HOST:PORT/DB] [flags]");
   if (rest.size() > 1) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+    return kiln::FailMain(
+        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
   }
-  if (auto s = kiln::InitLoggingFromFlags("kiln-coordinator"); !s.ok()) return Fail(s);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-coordinator"); !s.ok()) return kiln::FailMain(s);
 
   // Block the stop signals before any thread starts, so every thread inherits the mask and
   // main receives them in sigwait below.
@@ -133,16 +126,19 @@ int main(int argc, char** argv) {
   options.run_timeout_factor = absl::GetFlag(FLAGS_run_timeout_factor);
   options.latency_priority = absl::GetFlag(FLAGS_latency_priority);
   if (options.run_timeout_min_ms == 0) options.run_timeout_factor = 0;
-  if (auto s = options.Validate(); !s.ok()) return Fail(s);
+  if (auto s = options.Validate(); !s.ok()) return kiln::FailMain(s);
   const std::string advertise = absl::GetFlag(FLAGS_advertise);
-  if (auto s = kiln::ValidateAdvertiseHost(advertise, "--advertise"); !s.ok()) return Fail(s);
+  if (auto s = kiln::ValidateAdvertiseHost(advertise, "--advertise"); !s.ok()) {
+    return kiln::FailMain(s);
+  }
   kiln::coordinator::CoordinatorServerOptions server_options;
   server_options.client_endpoint = absl::GetFlag(FLAGS_client_endpoint);
   server_options.node_endpoint = absl::GetFlag(FLAGS_node_endpoint);
   server_options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   if (absl::GetFlag(FLAGS_insecure_plaintext)) {
     if (!absl::GetFlag(FLAGS_key).empty()) {
-      return Fail(absl::InvalidArgumentError("--key and --insecure_plaintext exclude each other"));
+      return kiln::FailMain(
+          absl::InvalidArgumentError("--key and --insecure_plaintext exclude each other"));
     }
     for (int i = 0; i < 3; ++i) {
       kiln::LogWarning("main",
@@ -152,35 +148,37 @@ int main(int argc, char** argv) {
     }
   } else {
     if (absl::GetFlag(FLAGS_key).empty()) {
-      return Fail(kiln::InvalidField(
+      return kiln::FailMain(kiln::InvalidField(
           "key", "required: this coordinator's CURVE key pair (`kiln keys new coordinator`), or "
                  "--insecure_plaintext for development"));
     }
     auto pair = kiln::ReadCurveKeyPair(absl::GetFlag(FLAGS_key));
-    if (!pair.ok()) return Fail(pair.status());
+    if (!pair.ok()) return kiln::FailMain(pair.status());
     server_options.curve_secret_key = pair->secret_key;
     server_options.auth.allowlists.node_keys = absl::GetFlag(FLAGS_node_keys);
     server_options.auth.allowlists.client_keys = absl::GetFlag(FLAGS_client_keys);
     server_options.auth.allowlists.admin_keys = absl::GetFlag(FLAGS_admin_keys);
     if (server_options.auth.allowlists.node_keys.empty()) {
-      return Fail(kiln::InvalidField("node_keys", "required with --key (who may be a node)"));
+      return kiln::FailMain(
+          kiln::InvalidField("node_keys", "required with --key (who may be a node)"));
     }
     if (server_options.auth.allowlists.client_keys.empty() &&
         server_options.auth.allowlists.admin_keys.empty()) {
-      return Fail(kiln::InvalidField("client_keys", "--client_keys or --admin_keys is required"));
+      return kiln::FailMain(
+          kiln::InvalidField("client_keys", "--client_keys or --admin_keys is required"));
     }
     // Fail at start, not at the first handshake, on an unreadable list.
     if (auto lists = kiln::coordinator::KeyAllowlist::Load(server_options.auth.allowlists);
         !lists.ok()) {
-      return Fail(lists.status());
+      return kiln::FailMain(lists.status());
     }
     kiln::LogInfo("main", absl::StrCat("CURVE on; coordinator public key ", pair->public_key));
   }
-  if (auto s = server_options.Validate(); !s.ok()) return Fail(s);
+  if (auto s = server_options.Validate(); !s.ok()) return kiln::FailMain(s);
 
   const kiln::coordinator::EventLog log = kiln::LineLogger("coordinator");
   auto metrics_server = kiln::metrics::MetricsServer::Start(absl::GetFlag(FLAGS_metrics));
-  if (!metrics_server.ok()) return Fail(metrics_server.status());
+  if (!metrics_server.ok()) return kiln::FailMain(metrics_server.status());
   kiln::coordinator::CoordinatorMetrics metrics((*metrics_server)->registry());
   server_options.auth_registry = &(*metrics_server)->registry();
   kiln::SystemClock clock;
@@ -221,7 +219,7 @@ int main(int argc, char** argv) {
   if (absl::GetFlag(FLAGS_redis).empty()) {
     kiln::coordinator::InMemoryJobStore store;
     auto serving = serve(store);
-    if (!serving.ok()) return Fail(serving.status());
+    if (!serving.ok()) return kiln::FailMain(serving.status());
     int signal = 0;
     while (sigwait(&stop_signals, &signal) == 0 && signal == SIGHUP) {
       log("SIGHUP: reloading the key allowlists");
@@ -236,7 +234,7 @@ int main(int argc, char** argv) {
   // Cluster mode.
   auto redis_options = kiln::redis::ParseRedisUrl(absl::GetFlag(FLAGS_redis));
   if (!redis_options.ok()) {
-    return Fail(absl::InvalidArgumentError(
+    return kiln::FailMain(absl::InvalidArgumentError(
         absl::StrCat("--redis: ", redis_options.status().message())));
   }
   kiln::coordinator::RedisJobStoreOptions store_options;
@@ -256,10 +254,10 @@ int main(int argc, char** argv) {
   lease_redis.client_name = "leader_lease";
   auto store = kiln::coordinator::RedisJobStore::Create(store_options, store_redis, clock,
                                                         (*metrics_server)->registry());
-  if (!store.ok()) return Fail(store.status());
+  if (!store.ok()) return kiln::FailMain(store.status());
   auto lease = kiln::coordinator::LeaderLease::Create(lease_options, lease_redis,
                                                       (*metrics_server)->registry());
-  if (!lease.ok()) return Fail(lease.status());
+  if (!lease.ok()) return kiln::FailMain(lease.status());
   log(absl::StrCat("cluster mode: jobs in ", redis_options->Url(), " (prefix ",
                    store_options.key_prefix, "), lease ttl ", lease_options.ttl_ms,
                    " ms; metrics on ", metrics_url));

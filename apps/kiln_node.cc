@@ -21,6 +21,7 @@
 #include "absl/strings/str_split.h"
 #include "common/curve_keys.h"
 #include "common/advertise.h"
+#include "common/exit.h"
 #include "common/flags.h"
 #include "common/files.h"
 #include "common/log.h"
@@ -89,16 +90,6 @@ ABSL_FLAG(std::string, status_file, "",
 
 namespace {
 
-int BadInput(const std::string& message) {
-  kiln::LogError("main", message);
-  return kiln::kExitBadInput;
-}
-
-int Fail(const absl::Status& s) {
-  kiln::LogError("main", s.message());
-  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
-}
-
 // absl flags keep only the last occurrence of a flag: join every --model/--models value into one
 // comma-separated --model so that the flag is repeatable.
 std::vector<std::string> JoinModelFlags(int argc, char** argv) {
@@ -133,30 +124,36 @@ int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       joined, "kiln-node",
       "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
-  if (auto s = kiln::InitLoggingFromFlags("kiln-node"); !s.ok()) return Fail(s);
-  if (rest.size() > 1) return BadInput(absl::StrCat("unexpected argument '", rest[1], "'"));
+  if (auto s = kiln::InitLoggingFromFlags("kiln-node"); !s.ok()) return kiln::FailMain(s);
+  if (rest.size() > 1) {
+    return kiln::FailMain(
+        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+  }
 
   kiln::node::NodeProcessOptions process;
   kiln::node::NodeOptions& options = process.node;
   options.coordinator = absl::GetFlag(FLAGS_coordinator);
-  if (options.coordinator.empty()) return BadInput("--coordinator is required");
+  if (options.coordinator.empty()) {
+    return kiln::FailMain(absl::InvalidArgumentError("--coordinator is required"));
+  }
   if (absl::GetFlag(FLAGS_insecure_plaintext)) {
     if (!absl::GetFlag(FLAGS_key).empty() || !absl::GetFlag(FLAGS_coordinator_key).empty()) {
-      return BadInput("--insecure_plaintext excludes --key and --coordinator_key");
+      return kiln::FailMain(
+          absl::InvalidArgumentError("--insecure_plaintext excludes --key and --coordinator_key"));
     }
     kiln::LogWarning("main",
                      "INSECURE: --insecure_plaintext: the connection to the coordinator is neither "
                      "encrypted nor authenticated. Development only.");
   } else {
     if (absl::GetFlag(FLAGS_key).empty() || absl::GetFlag(FLAGS_coordinator_key).empty()) {
-      return BadInput(
+      return kiln::FailMain(absl::InvalidArgumentError(
           "--key and --coordinator_key are required (CURVE), or --insecure_plaintext for "
-          "development");
+          "development"));
     }
     auto curve = kiln::LoadCurveClient(absl::GetFlag(FLAGS_key),
                                        absl::GetFlag(FLAGS_coordinator_key), "--key",
                                        "--coordinator_key");
-    if (!curve.ok()) return Fail(curve.status());
+    if (!curve.ok()) return kiln::FailMain(curve.status());
     options.curve = *curve;
   }
   char host[256] = {};
@@ -166,15 +163,19 @@ int main(int argc, char** argv) {
   if (options.node_id.empty()) options.node_id = absl::StrCat(host, "-", getpid());
   std::vector<std::string> models = absl::GetFlag(FLAGS_model);
   for (const auto& m : absl::GetFlag(FLAGS_models)) models.push_back(m);
-  if (models.empty()) return BadInput("at least one --model NAME=DIR is required");
+  if (models.empty()) {
+    return kiln::FailMain(absl::InvalidArgumentError("at least one --model NAME=DIR is required"));
+  }
   for (const auto& m : models) {
     const auto eq = m.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 == m.size()) {
-      return BadInput(absl::StrCat("--model '", m, "': want NAME=DIR"));
+      return kiln::FailMain(
+          absl::InvalidArgumentError(absl::StrCat("--model '", m, "': want NAME=DIR")));
     }
     const std::string name = m.substr(0, eq);
     if (options.models.count(name)) {
-      return BadInput(absl::StrCat("--model ", name, ": given twice"));
+      return kiln::FailMain(
+          absl::InvalidArgumentError(absl::StrCat("--model ", name, ": given twice")));
     }
     options.models[name] = m.substr(eq + 1);
   }
@@ -192,12 +193,15 @@ int main(int argc, char** argv) {
   options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
     auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
-    if (!r.ok()) return BadInput(absl::StrCat("--resolutions: ", r.status().message()));
+    if (!r.ok()) {
+      return kiln::FailMain(
+          absl::InvalidArgumentError(absl::StrCat("--resolutions: ", r.status().message())));
+    }
     options.resolutions = *r;
   }
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
     auto parsed = kiln::pipeline::ParseCompileOptions(co);
-    if (!parsed.ok()) return BadInput(std::string(parsed.status().message()));
+    if (!parsed.ok()) return kiln::FailMain(parsed.status());
     options.compile_options = *std::move(parsed);
   }
   options.link.heartbeat_interval_ms = absl::GetFlag(FLAGS_heartbeat_ms);
@@ -207,11 +211,11 @@ int main(int argc, char** argv) {
   options.signing_key = absl::GetFlag(FLAGS_signing_key);
   options.revocation_file = absl::GetFlag(FLAGS_revocation_file);
   options.disk_check_interval_ms = absl::GetFlag(FLAGS_disk_check_ms);
-  if (auto s = options.Validate(); !s.ok()) return BadInput(std::string(s.message()));
+  if (auto s = options.Validate(); !s.ok()) return kiln::FailMain(s);
   process.metrics_address = absl::GetFlag(FLAGS_metrics);
   process.advertise_host = absl::GetFlag(FLAGS_advertise);
   if (auto s = kiln::ValidateAdvertiseHost(process.advertise_host, "--advertise"); !s.ok()) {
-    return BadInput(std::string(s.message()));
+    return kiln::FailMain(s);
   }
   if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) process.cuda_visible_devices = v;
   process.gpu_telemetry_interval_ms = absl::GetFlag(FLAGS_gpu_telemetry_interval_ms);
@@ -225,7 +229,7 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   auto node = kiln::node::CreateNodeProcess(std::move(process));
-  if (!node.ok()) return Fail(node.status());
+  if (!node.ok()) return kiln::FailMain(node.status());
   kiln::node::NodeAgent& agent = *node->agent;
   const kiln::node::NodeOptions& running = agent.options();
   const kiln::v1::DeviceInfo& device = running.device_info;
@@ -244,7 +248,7 @@ int main(int argc, char** argv) {
                              device.name().empty() ? "" : " (" + device.name() + ")",
                              device.mig_profile().empty() ? "" : " MIG " + device.mig_profile(),
                              "; metrics ", running.metrics_url));
-  if (auto s = agent.Start(); !s.ok()) return Fail(s);
+  if (auto s = agent.Start(); !s.ok()) return kiln::FailMain(s);
 
   const std::string status_file = absl::GetFlag(FLAGS_status_file);
   bool status_written = false, stopping = false;

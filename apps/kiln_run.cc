@@ -19,6 +19,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "cache/package_provider.h"
+#include "common/exit.h"
 #include "common/flags.h"
 #include "common/job_spec.h"
 #include "common/files.h"
@@ -75,23 +76,15 @@ ABSL_FLAG(bool, profile_steps, false,
           "cuda: time each denoising step with device events and fail on any host sync inside "
           "the loop (reported under denoise_profile with --json)");
 
-namespace {
-
-int Fail(const absl::Status& s) {
-  kiln::LogError("main", s.message());
-  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
   const kiln::SteadyTime t_main = kiln::SteadyNow();
   auto since_main = [&] { return kiln::SecondsSince(t_main); };
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-run", "kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
-  if (auto s = kiln::InitLoggingFromFlags("kiln-run"); !s.ok()) return Fail(s);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-run"); !s.ok()) return kiln::FailMain(s);
   if (rest.size() > 1) {
-    return Fail(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+    return kiln::FailMain(
+        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
   }
   kiln::pipeline::PipelineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
@@ -116,16 +109,18 @@ int main(int argc, char** argv) {
   }
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {
     auto r = kiln::pipeline::ParseResolutions(absl::GetFlag(FLAGS_resolutions));
-    if (!r.ok()) return Fail(r.status());
+    if (!r.ok()) return kiln::FailMain(r.status());
     options.resolutions = *r;
   }
-  if (options.model_dir.empty()) return Fail(absl::InvalidArgumentError("--model is required"));
+  if (options.model_dir.empty()) {
+    return kiln::FailMain(absl::InvalidArgumentError("--model is required"));
+  }
   options.cuda_graphs = absl::GetFlag(FLAGS_cuda_graphs);
   options.canary = absl::GetFlag(FLAGS_canary);
   options.profile_steps = absl::GetFlag(FLAGS_profile_steps);
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
     auto parsed = kiln::pipeline::ParseCompileOptions(co);
-    if (!parsed.ok()) return Fail(parsed.status());
+    if (!parsed.ok()) return kiln::FailMain(parsed.status());
     options.compile_options = *std::move(parsed);
   }
 
@@ -147,14 +142,14 @@ int main(int argc, char** argv) {
   }
   const std::string out = absl::GetFlag(FLAGS_out);
 
-  if (auto s = options.Validate(); !s.ok()) return Fail(s);
+  if (auto s = options.Validate(); !s.ok()) return kiln::FailMain(s);
   auto provider = kiln::cache::OpenTieredProvider(std::move(provider_config), /*registry=*/nullptr);
-  if (!provider.ok()) return Fail(provider.status());
+  if (!provider.ok()) return kiln::FailMain(provider.status());
   auto pipeline = kiln::pipeline::FluxPipeline::Create(options, *std::move(provider));
-  if (!pipeline.ok()) return Fail(pipeline.status());
+  if (!pipeline.ok()) return kiln::FailMain(pipeline.status());
   const double created = since_main();
   auto result = (*pipeline)->Generate(req);
-  if (!result.ok()) return Fail(result.status());
+  if (!result.ok()) return kiln::FailMain(result.status());
   const double generated = since_main();
   // LoRA switch benchmark (bench/README.md "LoRA switch"): base, set, base, ... after the image.
   nlohmann::json switches = nlohmann::json::array();
@@ -174,7 +169,7 @@ int main(int argc, char** argv) {
   for (const auto& w : result->warnings) kiln::LogWarning("main", w);
   if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
       !s.ok()) {
-    return Fail(s);
+    return kiln::FailMain(s);
   }
   const double written = since_main();
   if (absl::GetFlag(FLAGS_json)) {

@@ -31,7 +31,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "cache/package_provider.h"
-#include "common/log.h"
+#include "common/exit.h"
 #include "common/log_flags.h"
 #include "common/status.h"
 #include "common/stopwatch.h"
@@ -59,11 +59,6 @@ ABSL_FLAG(bool, profile, true, "GPU time per kernel class of one plain call");
 namespace {
 
 using kiln::pipeline::AotiPackage;
-
-int Fail(const absl::Status& s) {
-  kiln::LogError("main", s.message());
-  return kiln::ExitCodeFor(s, kiln::ExitContext::kStartup);
-}
 
 absl::StatusOr<std::map<std::string, at::Tensor>> ReadTensors(const std::string& path) {
   auto file = kiln::pipeline::SafetensorsFile::Open(path);
@@ -152,13 +147,16 @@ nlohmann::json Profile(Fn fn, int iters = 3) {
 int main(int argc, char** argv) {
   kiln::ParseFlagsOrExit(argc, argv, "kiln-bench",
                          "kiln-bench --model DIR --package-dir DIR --inputs FILE [flags]");
-  if (auto s = kiln::InitLoggingFromFlags("kiln-bench"); !s.ok()) return Fail(s);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-bench"); !s.ok()) return kiln::FailMain(s);
   const std::string model = absl::GetFlag(FLAGS_model);
   const std::string package_dir = absl::GetFlag(FLAGS_package_dir);
   if (model.empty() || package_dir.empty() || absl::GetFlag(FLAGS_inputs).empty()) {
-    return Fail(absl::InvalidArgumentError("--model, --package_dir and --inputs are required"));
+    return kiln::FailMain(
+        absl::InvalidArgumentError("--model, --package_dir and --inputs are required"));
   }
-  if (!torch::cuda::is_available()) return Fail(absl::FailedPreconditionError("no CUDA device"));
+  if (!torch::cuda::is_available()) {
+    return kiln::FailMain(absl::FailedPreconditionError("no CUDA device"));
+  }
   const c10::Device device(c10::kCUDA, 0);
   const int width = absl::GetFlag(FLAGS_width), height = absl::GetFlag(FLAGS_height);
 
@@ -166,7 +164,7 @@ int main(int argc, char** argv) {
   kiln::cache::TieredProviderConfig provider_config;
   provider_config.local.root = package_dir;
   auto provider = kiln::cache::OpenTieredProvider(std::move(provider_config), nullptr);
-  if (!provider.ok()) return Fail(provider.status());
+  if (!provider.ok()) return kiln::FailMain(provider.status());
   std::shared_ptr<kiln::cache::PackageProvider> packages = *std::move(provider);
   kiln::pipeline::PipelineOptions po;
   po.model_dir = model;
@@ -175,14 +173,14 @@ int main(int argc, char** argv) {
   po.resolutions = {{width, height}};
   if (const std::string co = absl::GetFlag(FLAGS_compile_options); !co.empty()) {
     auto parsed = kiln::pipeline::ParseCompileOptions(co);
-    if (!parsed.ok()) return Fail(parsed.status());
+    if (!parsed.ok()) return kiln::FailMain(parsed.status());
     po.compile_options = *std::move(parsed);
   }
   auto pipeline = kiln::pipeline::FluxPipeline::Create(po, packages);
-  if (!pipeline.ok()) return Fail(pipeline.status());
+  if (!pipeline.ok()) return kiln::FailMain(pipeline.status());
   const auto key = (*pipeline)->KeyFor("transformer", width, height);
   auto provided = packages->Get({key, model, po.compile_options});
-  if (!provided.ok()) return Fail(provided.status());
+  if (!provided.ok()) return kiln::FailMain(provided.status());
   const kiln::cache::LocatedPackage* found = &provided->package;
 
   nlohmann::json report = {{"precision", po.precision},
@@ -200,11 +198,11 @@ int main(int argc, char** argv) {
     std::unique_ptr<kiln::pipeline::RegionalTransformer> set;
     if (regional) {
       auto loaded = kiln::pipeline::RegionalTransformer::Load(*found, device);
-      if (!loaded.ok()) return Fail(loaded.status());
+      if (!loaded.ok()) return kiln::FailMain(loaded.status());
       set = *std::move(loaded);
     } else {
       auto loaded = AotiPackage::Load(*found, device);
-      if (!loaded.ok()) return Fail(loaded.status());
+      if (!loaded.ok()) return kiln::FailMain(loaded.status());
       pkg = *std::move(loaded);
     }
     report["package_load_s"] = kiln::SecondsSince(t);
@@ -213,13 +211,13 @@ int main(int argc, char** argv) {
     auto weights = kiln::pipeline::ComponentWeights::Open(
         model + "/" + kiln::pipeline::ComponentWeights::FolderFor("transformer"),
         kiln::pipeline::ComponentWeights::StemFor("transformer"), device);
-    if (!weights.ok()) return Fail(weights.status());
+    if (!weights.ok()) return kiln::FailMain(weights.status());
     if (regional) {
-      if (auto s = set->LoadWeights(**weights); !s.ok()) return Fail(s);
+      if (auto s = set->LoadWeights(**weights); !s.ok()) return kiln::FailMain(s);
     } else {
       auto constants = (*weights)->Gather(*pkg, found->extra_constants_path);
-      if (!constants.ok()) return Fail(constants.status());
-      if (auto s = pkg->LoadConstants(*constants); !s.ok()) return Fail(s);
+      if (!constants.ok()) return kiln::FailMain(constants.status());
+      if (auto s = pkg->LoadConstants(*constants); !s.ok()) return kiln::FailMain(s);
     }
     c10::cuda::getCurrentCUDAStream().synchronize();
     report["weights"] = {{"seconds", kiln::SecondsSince(t)},
@@ -229,12 +227,13 @@ int main(int argc, char** argv) {
     };
 
     auto host = ReadTensors(absl::GetFlag(FLAGS_inputs));
-    if (!host.ok()) return Fail(host.status());
+    if (!host.ok()) return kiln::FailMain(host.status());
     std::vector<at::Tensor> inputs;
     for (const auto& spec : found->manifest.inputs) {
       auto it = host->find(spec.name);
       if (it == host->end()) {
-        return Fail(absl::InvalidArgumentError(absl::StrCat("--inputs lacks '", spec.name, "'")));
+        return kiln::FailMain(
+            absl::InvalidArgumentError(absl::StrCat("--inputs lacks '", spec.name, "'")));
       }
       inputs.push_back(it->second.to(device).contiguous());
     }
@@ -255,7 +254,7 @@ int main(int argc, char** argv) {
 
     t = kiln::SteadyNow();
     auto graph = kiln::pipeline::PackageGraph::Capture(device, "transformer", run, inputs);
-    if (!graph.ok()) return Fail(graph.status());
+    if (!graph.ok()) return kiln::FailMain(graph.status());
     c10::cuda::getCurrentCUDAStream().synchronize();
     report["graph_capture_s"] = kiln::SecondsSince(t);
     at::Tensor out_graph;
@@ -270,8 +269,10 @@ int main(int argc, char** argv) {
     nlohmann::json errors = nlohmann::json::object();
     for (const auto& path : absl::StrSplit(absl::GetFlag(FLAGS_reference), ',', absl::SkipEmpty())) {
       auto ref = ReadTensors(std::string(path));
-      if (!ref.ok()) return Fail(ref.status());
-      if (!ref->count("sample")) return Fail(absl::InvalidArgumentError(absl::StrCat(path, ": no 'sample'")));
+      if (!ref.ok()) return kiln::FailMain(ref.status());
+      if (!ref->count("sample")) {
+        return kiln::FailMain(absl::InvalidArgumentError(absl::StrCat(path, ": no 'sample'")));
+      }
       errors[std::string(path)] = RelErr(out_graph, ref->at("sample"));
     }
     report["rel_err"] = errors;
@@ -287,7 +288,7 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const std::exception& e) {
-    return Fail(absl::InternalError(e.what()));
+    return kiln::FailMain(absl::InternalError(e.what()));
   }
   std::cout << report.dump() << std::endl;
   return kiln::kExitOk;
