@@ -8,17 +8,33 @@
 namespace kiln::coordinator {
 namespace {
 
+// The start of every script that writes (ScriptFor<kFencedPrologue, kScript>): it refuses to run
+// unless KEYS[1] (the fence) still holds ARGV[1] (this coordinator's fencing token), and defines
+// sweep_expired, which removes up to 100 jobs whose retention ended by `now` from the expiry set
+// and, once their record is gone, from the state sets of ARGV[first..last] (terminal states).
+constexpr char kFencedPrologue[] = R"lua(
+local fence = redis.call('GET', KEYS[1])
+if fence ~= ARGV[1] then
+  return redis.error_reply('FAILED_PRECONDITION fenced: fencing token ' .. ARGV[1] ..
+    ' is not the current one (' .. tostring(fence) .. '); another coordinator leads')
+end
+local function sweep_expired(expiry, now, job_prefix, state_prefix, first, last)
+  local gone = redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(gone) do
+    if redis.call('EXISTS', job_prefix .. id) == 0 then
+      for i = first, last do redis.call('ZREM', state_prefix .. ARGV[i], id) end
+    end
+    redis.call('ZREM', expiry, id)
+  end
+end
+)lua";
+
 // KEYS: fence, job, seq, expiry. ARGV: 1 token, 2 mode (create|put|cas), 3 expected version,
 // 4 job id, 5 info, 6 png, 7 state, 8 terminal (0|1), 9 retention ms, 10 now unix ms,
 // 11 state-set prefix, 12 job-key prefix, 13.. the terminal state numbers.
 // Returns {0, info, png} when create found the job, {1, version} after a write, {2} on a version
 // conflict (cas).
 constexpr char kWriteScript[] = R"lua(
-local fence = redis.call('GET', KEYS[1])
-if fence ~= ARGV[1] then
-  return redis.error_reply('FAILED_PRECONDITION fenced: fencing token ' .. ARGV[1] ..
-    ' is not the current one (' .. tostring(fence) .. '); another coordinator leads')
-end
 local t = redis.call('TYPE', KEYS[2])['ok']
 if t ~= 'none' and t ~= 'hash' then
   return redis.error_reply('DATA_LOSS job record ' .. KEYS[2] .. ' is a ' .. t ..
@@ -54,13 +70,7 @@ else
   redis.call('PERSIST', KEYS[2])
   redis.call('ZREM', KEYS[4], ARGV[4])
 end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
-for _, id in ipairs(gone) do
-  if redis.call('EXISTS', ARGV[12] .. id) == 0 then
-    for i = 13, #ARGV do redis.call('ZREM', ARGV[11] .. ARGV[i], id) end
-  end
-  redis.call('ZREM', KEYS[4], id)
-end
+sweep_expired(KEYS[4], now, ARGV[12], ARGV[11], 13, #ARGV)
 return {1, ver}
 )lua";
 
@@ -90,11 +100,6 @@ return out
 // png} found, {1, version} created, {4, message} garbage under its key. Every job is checked
 // before anything is written.
 constexpr char kCreateManyScript[] = R"lua(
-local fence = redis.call('GET', KEYS[1])
-if fence ~= ARGV[1] then
-  return redis.error_reply('FAILED_PRECONDITION fenced: fencing token ' .. ARGV[1] ..
-    ' is not the current one (' .. tostring(fence) .. '); another coordinator leads')
-end
 local k = tonumber(ARGV[6])
 local first = 7 + k
 local types = {}
@@ -134,13 +139,7 @@ for i = first, #ARGV, 5 do
   end
 end
 local now = tonumber(ARGV[4])
-local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 100)
-for _, id in ipairs(gone) do
-  if redis.call('EXISTS', ARGV[2] .. id) == 0 then
-    for i = 7, 6 + k do redis.call('ZREM', ARGV[3] .. ARGV[i], id) end
-  end
-  redis.call('ZREM', KEYS[3], id)
-end
+sweep_expired(KEYS[3], now, ARGV[2], ARGV[3], 7, 6 + k)
 return out
 )lua";
 
@@ -266,7 +265,7 @@ absl::StatusOr<redis::Reply> RedisJobStore::Write(const std::string& mode,
                  kiln::v1::JOB_STATE_CANCELLED}) {
     args.push_back(std::to_string(static_cast<int>(s)));
   }
-  auto reply = client_->Eval(redis::ScriptFor<kWriteScript>(),
+  auto reply = client_->Eval(redis::ScriptFor<kFencedPrologue, kWriteScript>(),
                              {FenceKey(), JobKey(id), p + ":seq", p + ":expiry"}, args);
   if (!reply.ok()) return Count(reply.status());
   if (reply->type != redis::Reply::Type::kArray || reply->elements.empty() ||
@@ -377,7 +376,7 @@ std::vector<absl::StatusOr<JobStore::CreateResult>> RedisJobStore::CreateMany(
     sent.push_back(i);
   }
   if (sent.empty()) return out;
-  auto reply = client_->Eval(redis::ScriptFor<kCreateManyScript>(),
+  auto reply = client_->Eval(redis::ScriptFor<kFencedPrologue, kCreateManyScript>(),
                              {FenceKey(), p + ":seq", p + ":expiry"}, args);
   absl::Status failed;
   if (!reply.ok()) {

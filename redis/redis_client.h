@@ -27,6 +27,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "prometheus/counter.h"
@@ -83,12 +84,14 @@ class Script {
   mutable std::string sha_ ABSL_GUARDED_BY(mu_);  // "" until loaded
 };
 
-// The Script of a source text held in a constant (`constexpr char kSource[] = R"lua(...)lua";`):
+// The Script of a source text held in constants (`constexpr char kSource[] = R"lua(...)lua";`):
 // redis::ScriptFor<kSource>() creates it on first use and keeps it for the process's lifetime
-// (never destroyed, so any thread may use it until exit). Thread-safe.
-template <const char* kSource>
+// (never destroyed, so any thread may use it until exit). Several constants are joined in order
+// into one script, so that scripts can share a prologue: ScriptFor<kPrologue, kSource>().
+// Thread-safe.
+template <const char*... kParts>
 const Script& ScriptFor() {
-  static const Script* script = new Script(kSource);
+  static const Script* script = new Script(absl::StrCat(kParts...));
   return *script;
 }
 

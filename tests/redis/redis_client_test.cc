@@ -134,6 +134,26 @@ TEST_F(RedisClientTest, ScriptsSurviveAScriptFlush) {
   EXPECT_EQ(bad.status().message(), "fenced: token bad");
 }
 
+// ScriptFor's parts: a prologue that may end the script early and defines a function the body
+// calls (as the job store's fenced scripts do).
+constexpr char kPrologue[] =
+    "if ARGV[1] == 'stop' then return 'stopped' end\n"
+    "local function twice(x) return 2 * x end\n";
+constexpr char kBody[] = "return twice(tonumber(ARGV[1]))";
+
+TEST_F(RedisClientTest, ScriptForJoinsItsPartsIntoOneScript) {
+  const Script& joined = ScriptFor<kPrologue, kBody>();
+  EXPECT_EQ(&joined, (&ScriptFor<kPrologue, kBody>()));  // made once
+  EXPECT_EQ(joined.source(), std::string(kPrologue) + kBody);
+  EXPECT_EQ(ScriptFor<kBody>().source(), kBody);
+  auto four = client_->Eval(joined, {}, {"2"});
+  ASSERT_TRUE(four.ok()) << four.status();
+  EXPECT_EQ(four->integer, 4);
+  auto stopped = client_->Eval(joined, {}, {"stop"});
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  EXPECT_EQ(stopped->str, "stopped");
+}
+
 TEST_F(RedisClientTest, KilledAndRestartedServer) {
   ASSERT_TRUE(client_->Command({"SET", "kiln:test:durable", "1"}).ok());
   server_.Kill();
