@@ -20,6 +20,9 @@
 #                     step part (the eager references and inputs kiln-bench is checked against)
 #   regional-bench    kiln-bench of both layouts on an idle GPU: step time plain and graphed,
 #                     error against eager
+# CHAIN_STEPS (comma list, default all of the above after prep, in that order) picks the steps
+# after prep, e.g. CHAIN_STEPS=precompile,cluster,region-profile when device time is short;
+# PROFILE_REGIONS (default tail,double) picks region-profile's regions.
 # Nothing GPU-heavy runs beside the precompile or beside another transformer compile: on
 # 2026-12-05 the two compiles plus fp8_bench.py beside the precompile ran the H100 out of memory
 # (every compile builds its module on the device). Each step writes OUTDIR/<step>/ and
@@ -32,6 +35,8 @@ export KILN_GPU_WORK=${KILN_GPU_WORK:-$PWD/build-gpu}
 export PYTHONFAULTHANDLER=1
 WORK=$KILN_GPU_WORK
 VARIANTS_R=${VARIANTS_R:-bf16:cudnn bf16:cudnn:regional}
+CHAIN_STEPS=${CHAIN_STEPS:-precompile,cluster,regional-miss,region-profile,whole-and-refs,regional-bench}
+want() { [[ ",$CHAIN_STEPS," == *",$1,"* ]]; }
 log() { echo "[chain $(date +%H:%M:%S)] $*" | tee -a "$DEST/chain.log"; }
 step() {  # name command...: runs it, logs its rc and seconds
   local name=$1 t0 rc; shift
@@ -46,18 +51,20 @@ log "start; work in $WORK"
 step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canary kiln-bench" CTEST=0 \
   bench/gpu/run.sh "$DEST/prep" build,weights || { tail -30 "$DEST/prep.log"; exit 1; }
 
-step precompile env PHASES=precompile bench/gpu/cluster.sh "$DEST/precompile"
-step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/cluster"
+want precompile && step precompile env PHASES=precompile bench/gpu/cluster.sh "$DEST/precompile"
+want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/cluster"
 
-INDUCTOR_EMPTY=$(mktemp -d)
-step regional-miss env TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_EMPTY" VARIANTS="bf16:cudnn:regional" \
-  bench/gpu/run.sh "$DEST/regional-miss" compile
-rm -rf "$INDUCTOR_EMPTY"
-step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
-  --model "$WORK/flux-dev" --precision bf16 --regions tail,double --variants default \
+if want regional-miss; then
+  INDUCTOR_EMPTY=$(mktemp -d)
+  step regional-miss env TORCHINDUCTOR_CACHE_DIR="$INDUCTOR_EMPTY" VARIANTS="bf16:cudnn:regional" \
+    bench/gpu/run.sh "$DEST/regional-miss" compile
+  rm -rf "$INDUCTOR_EMPTY"
+fi
+want region-profile && step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
+  --model "$WORK/flux-dev" --precision bf16 --regions "${PROFILE_REGIONS:-tail,double}" --variants default \
   --out "$DEST/region-profile"
-tail -8 "$DEST/region-profile.log" | tee -a "$DEST/chain.log"
-step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
+want region-profile && tail -8 "$DEST/region-profile.log" | tee -a "$DEST/chain.log"
+want whole-and-refs && step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
   compile,fp8
-step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
+want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 log "done"
