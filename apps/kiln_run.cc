@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
   req.guidance = absl::GetFlag(FLAGS_guidance);
   for (const auto& text : absl::GetFlag(FLAGS_lora)) {
     auto choice = kiln::ParseLoraChoice("--lora", text);
-    if (!choice.ok()) return Fail(choice.status());
+    if (!choice.ok()) return kiln::FailMain(choice.status());
     req.loras.push_back(*std::move(choice));
   }
   options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
@@ -158,7 +158,7 @@ int main(int argc, char** argv) {
     kiln::pipeline::GenerateRequest again = req;
     again.loras = (i % 2 == 0) == lora_set.empty() ? lora_set : std::vector<kiln::LoraChoice>{};
     auto r = (*pipeline)->Generate(again);
-    if (!r.ok()) return Fail(r.status());
+    if (!r.ok()) return kiln::FailMain(r.status());
     switches.push_back({{"loras", r->loras},
                         {"switched", r->lora_switched},
                         {"lora_load_s", r->seconds.lora_load},
