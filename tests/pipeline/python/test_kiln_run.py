@@ -12,16 +12,9 @@ import subprocess
 
 import pytest
 
-TESTDATA = os.environ.get("KILN_TESTDATA", "")
-BIN = os.environ.get("KILN_BIN", "")
-pytestmark = pytest.mark.skipif(
-    not (TESTDATA and os.path.isdir(os.path.join(TESTDATA, "packages"))),
-    reason="needs the fixtures made by scripts/test.sh")
+from run_fixtures import BIN, FIXTURE_ARGS, PACKAGES, REPO, TESTDATA, needs
 
-REPO = os.path.join(TESTDATA, "flux-tiny")
-PACKAGES = os.path.join(TESTDATA, "packages")
-FIXTURE_ARGS = ["--prompt", "a lighthouse on a cliff at dusk", "--width", "256", "--height", "256",
-                "--steps", "4", "--seed", "7"]
+pytestmark = needs("packages")
 
 
 def kiln_run(*args: str, model: str = REPO, packages: str = PACKAGES, compile_: bool = False):

@@ -11,20 +11,14 @@ import sys
 
 import pytest
 
-TESTDATA = os.environ.get("KILN_TESTDATA", "")
-BIN = os.environ.get("KILN_BIN", "")
-pytestmark = pytest.mark.skipif(
-    not (TESTDATA and os.path.isdir(os.path.join(TESTDATA, "packages"))),
-    reason="needs the fixtures made by scripts/test.sh")
+from run_fixtures import BIN, FIXTURE_ARGS, PACKAGES, REPO, TESTDATA, needs
 
-REPO = os.path.join(TESTDATA, "flux-tiny")
-FIXTURE_ARGS = ["--prompt", "a lighthouse on a cliff at dusk", "--width", "256", "--height", "256",
-                "--steps", "4", "--seed", "7"]
+pytestmark = needs("packages")
 
 
 def kiln_run(*args: str):
     argv = [os.path.join(BIN, "kiln-run"), "--model", REPO, "--package_dir",
-            os.path.join(TESTDATA, "packages"), "--nocompile", "--json", *FIXTURE_ARGS, *args]
+            PACKAGES, "--nocompile", "--json", *FIXTURE_ARGS, *args]
     return subprocess.run(argv, capture_output=True, timeout=300)
 
 

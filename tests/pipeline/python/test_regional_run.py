@@ -19,18 +19,12 @@ import subprocess
 
 import pytest
 
-TESTDATA = os.environ.get("KILN_TESTDATA", "")
-BIN = os.environ.get("KILN_BIN", "")
-REPO = os.path.join(TESTDATA, "flux-tiny")
-PACKAGES = os.path.join(TESTDATA, "packages")
+from run_fixtures import BIN, FIXTURE_ARGS, PACKAGES, REPO, TESTDATA, needs
+
 REGIONAL = os.path.join(TESTDATA, "packages-regional")
 FIRST_REGIONAL = os.path.join(TESTDATA, "first-regional.json")
-pytestmark = pytest.mark.skipif(
-    not (TESTDATA and os.path.isfile(FIRST_REGIONAL) and os.path.isdir(REGIONAL)),
-    reason="needs the regional fixtures made by scripts/test.sh")
+pytestmark = needs("first-regional.json", "packages-regional")
 
-FIXTURE_ARGS = ["--prompt", "a lighthouse on a cliff at dusk", "--width", "256", "--height", "256",
-                "--steps", "4", "--seed", "7"]
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
 
 
