@@ -28,10 +28,7 @@ int main(int argc, char** argv) {
       argc, argv, "kiln-canary",
       "kiln-canary --manifest M.json --package P.pt2 --inputs IN.safetensors --out OUT.safetensors");
   if (auto s = kiln::InitLoggingFromFlags("kiln-canary"); !s.ok()) return kiln::FailMain(s);
-  if (rest.size() > 1) {
-    return kiln::FailMain(
-        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
-  }
+  if (auto s = kiln::NoPositionalArguments(rest); !s.ok()) return kiln::FailMain(s);
   const std::vector<std::pair<std::string, std::string>> required = {
       {"manifest", absl::GetFlag(FLAGS_manifest)}, {"package", absl::GetFlag(FLAGS_package)},
       {"inputs", absl::GetFlag(FLAGS_inputs)}, {"out", absl::GetFlag(FLAGS_out)}};

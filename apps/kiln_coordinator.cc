@@ -103,10 +103,7 @@ int main(int argc, char** argv) {
       argc, argv, "kiln-coordinator",
       "kiln-coordinator [--client-endpoint E] [--node-endpoint E] [--metrics HOST:PORT] "
       "[--endpoints-file PATH] [--redis redis://HOST:PORT/DB] [flags]");
-  if (rest.size() > 1) {
-    return kiln::FailMain(
-        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
-  }
+  if (auto s = kiln::NoPositionalArguments(rest); !s.ok()) return kiln::FailMain(s);
   if (auto s = kiln::InitLoggingFromFlags("kiln-coordinator"); !s.ok()) return kiln::FailMain(s);
 
   // Block the stop signals before any thread starts, so every thread inherits the mask and

@@ -125,10 +125,7 @@ int main(int argc, char** argv) {
       joined, "kiln-node",
       "kiln-node --coordinator tcp://HOST:PORT --model NAME=DIR [--model NAME=DIR ...] [flags]");
   if (auto s = kiln::InitLoggingFromFlags("kiln-node"); !s.ok()) return kiln::FailMain(s);
-  if (rest.size() > 1) {
-    return kiln::FailMain(
-        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
-  }
+  if (auto s = kiln::NoPositionalArguments(rest); !s.ok()) return kiln::FailMain(s);
 
   kiln::node::NodeProcessOptions process;
   kiln::node::NodeOptions& options = process.node;

@@ -82,10 +82,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-run", "kiln-run --model DIR --prompt TEXT --out FILE.png [flags]");
   if (auto s = kiln::InitLoggingFromFlags("kiln-run"); !s.ok()) return kiln::FailMain(s);
-  if (rest.size() > 1) {
-    return kiln::FailMain(
-        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
-  }
+  if (auto s = kiln::NoPositionalArguments(rest); !s.ok()) return kiln::FailMain(s);
   kiln::pipeline::PipelineOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.device = absl::GetFlag(FLAGS_device);

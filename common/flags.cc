@@ -174,4 +174,9 @@ std::vector<std::string> ParseFlagsOrExit(int argc, char** argv, absl::string_vi
   return ParseFlagsOrExit(std::vector<std::string>(argv, argv + argc), program, usage);
 }
 
+absl::Status NoPositionalArguments(const std::vector<std::string>& rest) {
+  if (rest.size() <= 1) return absl::OkStatus();
+  return absl::InvalidArgumentError("unexpected argument '" + rest[1] + "'");
+}
+
 }  // namespace kiln

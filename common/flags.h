@@ -40,4 +40,8 @@ std::vector<std::string> ParseFlagsOrExit(int argc, char** argv, absl::string_vi
 std::vector<std::string> ParseFlagsOrExit(const std::vector<std::string>& argv,
                                           absl::string_view program, absl::string_view usage);
 
+// OK when ParseFlagsOrExit's result holds only argv[0]; else InvalidArgument naming the first
+// positional argument ("unexpected argument 'x'"), for the mains that take none.
+absl::Status NoPositionalArguments(const std::vector<std::string>& rest);
+
 }  // namespace kiln

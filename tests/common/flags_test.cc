@@ -62,6 +62,14 @@ TEST(CheckFlagsTest, BadOrMissingValueIsBadInputNamingTheFlag) {
   EXPECT_TRUE(CheckFlags({"--", "--whatever"}).ok());
 }
 
+TEST(NoPositionalArgumentsTest, OnlyTheProgramNameIsOk) {
+  EXPECT_TRUE(NoPositionalArguments({"kiln-node"}).ok());
+  EXPECT_TRUE(NoPositionalArguments({}).ok());
+  const absl::Status extra = NoPositionalArguments({"kiln-node", "stray", "more"});
+  EXPECT_EQ(extra.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(extra.message(), "unexpected argument 'stray'");
+}
+
 TEST(FlagsHelpTextTest, ListsOurFlagsNotAbseilOnes) {
   const std::string text = FlagsHelpText("prog --state-dir DIR");
   EXPECT_TRUE(absl::StartsWith(text, "usage: prog --state-dir DIR\n")) << text;
