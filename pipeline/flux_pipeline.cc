@@ -427,11 +427,6 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
   return out;
 }
 
-bool BatchCompatible(const GenerateRequest& a, const GenerateRequest& b) {
-  return a.width == b.width && a.height == b.height && a.steps == b.steps &&
-         LoraSetKey(a.loras) == LoraSetKey(b.loras);
-}
-
 absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded,
                                                            const ProgressFn& progress) {
   std::vector<EncodedPrompt> one;

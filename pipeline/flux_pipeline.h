@@ -153,8 +153,12 @@ struct EncodedPrompt {
 };
 
 // True if two requests can be denoised as one batch: the same image size, step count (one
-// schedule) and LoRA set (one set of weights). Prompts, seeds and guidance stay per job.
-bool BatchCompatible(const GenerateRequest& a, const GenerateRequest& b);
+// schedule) and LoRA set (one set of weights). Prompts, seeds and guidance stay per job. Inline:
+// the node's worker uses it in builds without the pipeline's LibTorch half (tests/fuzz).
+inline bool BatchCompatible(const GenerateRequest& a, const GenerateRequest& b) {
+  return a.width == b.width && a.height == b.height && a.steps == b.steps &&
+         LoraSetKey(a.loras) == LoraSetKey(b.loras);
+}
 
 class FluxPipeline {
  public:
