@@ -68,6 +68,12 @@ ABSL_FLAG(int, heartbeat_ms, 1000, "heartbeat interval until the coordinator set
 ABSL_FLAG(int, job_slots, 2,
           "jobs held at once: the running one plus those taken ahead (2: one prefetched job, "
           "encoded beside the running denoise; 1: none)");
+ABSL_FLAG(int, max_batch, 1,
+          "run up to N encoded jobs of the same model, precision, size, steps and LoRA set as "
+          "one batch (1..4; batches of 1, 2 or 4; 1: no batching); job slots become at least N+1");
+ABSL_FLAG(int, batch_wait_ms, 0,
+          "with --max_batch > 1: wait up to this long (ms) for a full batch before running a "
+          "smaller one (0: never wait; the most a batch delays its first job)");
 ABSL_FLAG(bool, no_compile, false, "never compile a missing package (the job fails instead)");
 ABSL_FLAG(std::string, compiler, "", "kiln-compile executable (default: beside kiln-node)");
 ABSL_FLAG(std::string, trusted_keys, "",
@@ -186,6 +192,8 @@ int main(int argc, char** argv) {
   }
   options.package_dir_max_bytes = absl::GetFlag(FLAGS_package_dir_max_bytes);
   options.job_slots = absl::GetFlag(FLAGS_job_slots);
+  options.batching.max_batch = absl::GetFlag(FLAGS_max_batch);
+  options.batching.batch_wait_ms = absl::GetFlag(FLAGS_batch_wait_ms);
   options.shared_cache_dir = absl::GetFlag(FLAGS_shared_cache);
   options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
   if (!absl::GetFlag(FLAGS_resolutions).empty()) {

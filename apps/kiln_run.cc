@@ -4,9 +4,11 @@
 //   kiln-run --model DIR --prompt TEXT --width W --height H --steps N --seed S --out FILE.png [--json]
 //            [--device cuda --precision bf16|fp8] [--shared_dir DIR] [--compile_options JSON]
 //            [--lora NAME[:SCALE],... --lora_dir DIR,...]
+//            [--batch N]   (N jobs, seeds SEED..SEED+N-1, denoised as one batch; OUT-0.png ...)
 // Exit status: 0 ok, 2 bad input (flags, prompt, resolution, model repository), 1 other failure.
 // Logs (errors, warnings) go to stderr (common/log.h); --log_format json for JSON lines.
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -71,10 +73,53 @@ ABSL_FLAG(std::vector<std::string>, lora_dir, {},
 ABSL_FLAG(int, lora_switches, 0,
           "benchmark: after the image, run this many more jobs alternating the base weights and "
           "the --lora set, and report each switch's seconds under lora_switches with --json");
+ABSL_FLAG(int, batch, 1,
+          "run N jobs with seeds seed..seed+N-1 as one batch (transformer and VAE packages of "
+          "bucket batch N); images go to OUT with -0, -1, ... before the extension");
 ABSL_FLAG(bool, cuda_graphs, true, "cuda: replay the transformer step as a CUDA graph");
 ABSL_FLAG(bool, profile_steps, false,
           "cuda: time each denoising step with device events and fail on any host sync inside "
           "the loop (reported under denoise_profile with --json)");
+
+namespace {
+
+constexpr int kMaxBatch = 16;
+
+// OUT for image `i` of a batch of `n`: OUT itself alone, else OUT with "-i" before its extension.
+std::string BatchImagePath(const std::string& out, int i, int n) {
+  if (n == 1) return out;
+  const std::filesystem::path p(out);
+  return (p.parent_path() / (p.stem().string() + "-" + std::to_string(i) + p.extension().string()))
+      .string();
+}
+
+// `n` jobs made of `req` with seeds req.seed + i: Generate() alone, else each encoded, then
+// denoised and decoded as one batch (FluxPipeline::DenoiseDecodeBatch). The first error fails.
+absl::StatusOr<std::vector<kiln::pipeline::GenerateResult>> RunJobs(
+    kiln::pipeline::FluxPipeline& pipeline, const kiln::pipeline::GenerateRequest& req, int n) {
+  std::vector<kiln::pipeline::GenerateResult> out;
+  if (n == 1) {
+    auto r = pipeline.Generate(req);
+    if (!r.ok()) return r.status();
+    out.push_back(*std::move(r));
+    return out;
+  }
+  std::vector<kiln::pipeline::EncodedPrompt> encoded;
+  for (int i = 0; i < n; ++i) {
+    kiln::pipeline::GenerateRequest job = req;
+    job.seed = req.seed + static_cast<uint64_t>(i);
+    auto e = pipeline.EncodePrompt(job);
+    if (!e.ok()) return e.status();
+    encoded.push_back(*std::move(e));
+  }
+  for (auto& r : pipeline.DenoiseDecodeBatch(std::move(encoded))) {
+    if (!r.ok()) return r.status();
+    out.push_back(*std::move(r));
+  }
+  return out;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   const kiln::SteadyTime t_main = kiln::SteadyNow();
@@ -144,9 +189,15 @@ int main(int argc, char** argv) {
   if (!provider.ok()) return kiln::FailMain(provider.status());
   auto pipeline = kiln::pipeline::FluxPipeline::Create(options, *std::move(provider));
   if (!pipeline.ok()) return kiln::FailMain(pipeline.status());
+  const int batch = absl::GetFlag(FLAGS_batch);
+  if (batch < 1 || batch > kMaxBatch) {
+    return kiln::FailMain(absl::InvalidArgumentError(
+        absl::StrCat("--batch ", batch, ": not in 1..", kMaxBatch)));
+  }
   const double created = since_main();
-  auto result = (*pipeline)->Generate(req);
-  if (!result.ok()) return kiln::FailMain(result.status());
+  auto results = RunJobs(**pipeline, req, batch);
+  if (!results.ok()) return kiln::FailMain(results.status());
+  const kiln::pipeline::GenerateResult* result = &results->front();
   const double generated = since_main();
   // LoRA switch benchmark (bench/README.md "LoRA switch"): base, set, base, ... after the image.
   nlohmann::json switches = nlohmann::json::array();
@@ -164,15 +215,20 @@ int main(int argc, char** argv) {
                         {"denoise_s", r->seconds.denoise}});
   }
   for (const auto& w : result->warnings) kiln::LogWarning("main", w);
-  if (auto s = kiln::pipeline::WritePng(out, result->rgb.data(), result->width, result->height);
-      !s.ok()) {
-    return kiln::FailMain(s);
+  nlohmann::json images = nlohmann::json::array();
+  for (int i = 0; i < batch; ++i) {
+    const auto& r = (*results)[i];
+    const std::string path = BatchImagePath(out, i, batch);
+    if (auto s = kiln::pipeline::WritePng(path, r.rgb.data(), r.width, r.height); !s.ok()) {
+      return kiln::FailMain(s);
+    }
+    images.push_back({{"image", path}, {"seed", req.seed + static_cast<uint64_t>(i)}});
   }
   const double written = since_main();
   if (absl::GetFlag(FLAGS_json)) {
     const auto& s = result->seconds;
     nlohmann::json j = {
-        {"image", out},
+        {"image", images[0]["image"]},
         {"width", result->width},
         {"height", result->height},
         {"steps", req.steps},
@@ -202,13 +258,17 @@ int main(int argc, char** argv) {
     j["process"] = {{"pipeline_created_s", created}, {"generated_s", generated},
                     {"png_written_s", written}};
     if (!switches.empty()) j["lora_switches"] = switches;
+    if (batch > 1) {
+      j["batch"] = batch;
+      j["images"] = images;
+    }
     const auto& p = result->denoise_profile;
     j["denoise_profile"] = {{"cuda_graph", p.cuda_graph}, {"sync_checked", p.sync_checked},
                             {"step_ms", p.step_ms}, {"span_ms", p.span_ms},
                             {"idle_fraction", p.idle_fraction}};
     std::cout << j.dump() << std::endl;
   } else {
-    std::cout << out << "\n";
+    for (const auto& image : images) std::cout << image["image"].get<std::string>() << "\n";
   }
   return kiln::kExitOk;
 }

@@ -52,6 +52,8 @@ json ClusterState::ToJson() const {
   j["device"] = device;
   j["precision"] = precision;
   j["heartbeat_ms"] = heartbeat_ms;
+  j["max_batch"] = max_batch;
+  j["batch_wait_ms"] = batch_wait_ms;
   j["compile"] = compile;
   j["compile_options"] = compile_options;
   j["keys_dir"] = keys_dir;
@@ -92,6 +94,7 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
         Read(j, "redis_url", &s.redis_url, top), Read(j, "advertise", &s.advertise, top),
         Read(j, "models", &s.models, top), Read(j, "device", &s.device, top),
         Read(j, "precision", &s.precision, top), Read(j, "heartbeat_ms", &s.heartbeat_ms, top),
+        Read(j, "max_batch", &s.max_batch, top), Read(j, "batch_wait_ms", &s.batch_wait_ms, top),
         Read(j, "compile", &s.compile, top), Read(j, "compile_options", &s.compile_options, top),
         Read(j, "detached", &s.detached, top), Read(j, "keys_dir", &s.keys_dir, top),
         Read(j, "supervisor_pid", &s.supervisor_pid, top),

@@ -62,6 +62,8 @@ struct ClusterState {
   std::string device = "cpu";
   std::string precision = "fp32";
   int heartbeat_ms = 0;  // 0: the coordinator's default
+  int max_batch = 1;      // every node's --max_batch (1: no batching)
+  int batch_wait_ms = 0;  // every node's --batch_wait_ms
   bool compile = true;   // nodes may compile missing packages
   std::string compile_options;  // JSON object given to every node (--compile_options); "" = default
   bool detached = false;

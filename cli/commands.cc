@@ -488,15 +488,20 @@ int CmdUp(const CommandLine& cl, Io& io) {
   auto nodes = cl.GetInt("nodes", 1, 1, 64);
   auto heartbeat = cl.GetInt("heartbeat-ms", 0, 0, 3600000);
   auto attempts = cl.GetInt("max-attempts", 0, 0, 1000);
+  auto max_batch = cl.GetInt("max-batch", 1, 1, 4);
+  auto batch_wait = cl.GetInt("batch-wait-ms", 0, 0, 10000);
   auto start_timeout = cl.GetDouble("start-timeout", 60);
   auto models = ParseModels(cl.All("models"));
   for (const absl::Status& s : {nodes.status(), heartbeat.status(), attempts.status(),
-                                start_timeout.status(), models.status()}) {
+                                max_batch.status(), batch_wait.status(), start_timeout.status(),
+                                models.status()}) {
     if (!s.ok()) return UsageError(io, s, cl.spec);
   }
   options.nodes = static_cast<int>(*nodes);
   options.heartbeat_ms = static_cast<int>(*heartbeat);
   options.max_attempts = static_cast<int>(*attempts);
+  options.max_batch = static_cast<int>(*max_batch);
+  options.batch_wait_ms = static_cast<int>(*batch_wait);
   options.start_timeout_ms = static_cast<int>(*start_timeout * 1000);
   options.models = *models;
   options.device = cl.Get("device", "cpu");

@@ -324,6 +324,10 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
   if (state.precision.find(',') != std::string::npos) argv.push_back("--precisions=" + state.precision);
   if (!state.advertise.empty()) argv.push_back("--advertise=" + state.advertise);
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
+  if (state.max_batch > 1) {
+    argv.push_back(absl::StrCat("--max_batch=", state.max_batch));
+    argv.push_back(absl::StrCat("--batch_wait_ms=", state.batch_wait_ms));
+  }
   // The cluster's package signing key and trust set (made by kiln up): every node signs what it
   // compiles and loads only what the cluster signed.
   if (::access(ClusterSigningKeyPath(state.state_dir).c_str(), R_OK) == 0) {
@@ -601,6 +605,8 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.device = options.device;
   state.precision = options.precision;
   state.heartbeat_ms = options.heartbeat_ms;
+  state.max_batch = options.max_batch;
+  state.batch_wait_ms = options.batch_wait_ms;
   state.compile = options.compile;
   state.compile_options = options.compile_options;
   state.detached = options.detach;

@@ -39,6 +39,9 @@ struct UpOptions {
   std::vector<std::string> gpus;
   std::string precision = "fp32";             // every node's default precision
   int heartbeat_ms = 0;                       // 0: the coordinator's default
+  // Every node's batching (kiln-node --max_batch, --batch_wait_ms; node/README.md): 1 = none.
+  int max_batch = 1;
+  int batch_wait_ms = 0;
   int max_attempts = 0;                       // 0: the coordinator's default
   bool compile = true;                        // nodes may compile packages no tier holds
   std::string compile_options;                // every node's --compile_options JSON; "" = default

@@ -828,6 +828,9 @@ absl::Status Coordinator::Progress(const std::string& node_id,
     return absl::OkStatus();
   }
   if (it->second.cancelled) return absl::OkStatus();
+  if (message.phase() == "denoising" || message.phase() == "decoding") {
+    it->second.denoising = true;
+  }
   auto job = store_.Update(message.job_id(), [&](JobInfo& j) {
     j.set_step(message.step());
     if (message.total_steps() > 0) j.set_total_steps(message.total_steps());
@@ -1179,6 +1182,38 @@ void Coordinator::PlaceJobs() {
     return (*min_cold)[static_cast<int>(tier)];
   };
 
+  // Batches: per BatchKey, the READY batching nodes (NodeInfo.max_batch > 1) holding jobs of
+  // that key not yet denoising — how many, and when the last of them is expected to end. Made
+  // when the pass first needs it (one look at each READY node), then kept up to date as the
+  // pass assigns.
+  struct Mates {
+    int count = 0;
+    int64_t end_ms = 0;  // monotonic
+  };
+  std::optional<absl::flat_hash_map<std::string, absl::flat_hash_map<uint32_t, Mates>>> mates;
+  auto batch_mates = [&]() -> auto& {
+    if (mates) return *mates;
+    mates.emplace();
+    for (uint32_t slot = 0; slot < view_.size(); ++slot) {
+      const NodeRecord* node = view_[slot].node;
+      if (node == nullptr || node->info.max_batch() < 2) continue;
+      for (const auto& id : node->jobs) {
+        auto a = active_.find(id);
+        if (a == active_.end() || a->second.denoising || a->second.cancelled) continue;
+        Mates& m = (*mates)[BatchKey(a->second.spec)][slot];
+        ++m.count;
+        m.end_ms = std::max(m.end_ms, a->second.expected_end_ms);
+      }
+    }
+    return *mates;
+  };
+  auto joined = [&](const PassNode& p, const ActiveJob& job) {
+    if (!mates || p.node->info.max_batch() < 2) return;
+    Mates& m = (*mates)[BatchKey(job.spec)][p.slot];
+    ++m.count;
+    m.end_ms = std::max(m.end_ms, job.expected_end_ms);
+  };
+
   const int64_t now_unix = clock_.UnixMs();
   // Assign() erases the job's own queue entry only: step past it first.
   size_t examined = 0;
@@ -1316,6 +1351,40 @@ void Coordinator::PlaceJobs() {
       --free_total;
       continue;
     }
+    // A batching node with a free slot that holds jobs this one can join (same BatchKey, not
+    // yet denoising, fewer than its max_batch) runs it with them: it finishes when they do. It
+    // wins unless a node is expected to finish the job sooner. Jobs are still taken in queue
+    // order, so this starves none: it only picks where a job goes.
+    int host = -1;
+    double host_s = 0, host_key = 0;
+    if (auto found = batch_mates().find(BatchKey(job.spec)); found != mates->end()) {
+      for (const auto& [slot, m] : found->second) {
+        const uint32_t pi = touch(slot);
+        const PassNode& p = pass[pi];
+        if (p.free == 0 || m.count >= static_cast<int>(p.node->info.max_batch())) continue;
+        const double finish_s = std::max(floor_s, (m.end_ms - now) / 1000.0);
+        const double key = finish_s * (latency_critical ? 1.0 : view_classes_[p.cls].gpus);
+        if (host < 0 || std::tie(key, p.node->info.node_id()) <
+                            std::tie(host_key, pass[host].node->info.node_id())) {
+          host = static_cast<int>(pi);
+          host_s = finish_s;
+          host_key = key;
+        }
+      }
+    }
+    if (host >= 0 && (best_group == nullptr || host_key <= std::get<0>(best_key))) {
+      PassNode& p = pass[host];
+      SetWaitingReason(job_id, job, "");
+      if (!Assign(job_id, job, *p.node, host_s)) {
+        placement_dirty_ = true;
+        break;
+      }
+      joined(p, job);
+      ++p.version;  // one more job held; its running slots' times are the batch's, unchanged
+      --p.free;
+      --free_total;
+      continue;
+    }
     if (best_group == nullptr) {
       if (!state.no_node_reason) state.no_node_reason = WaitingReasonFor(job.spec);
       SetWaitingReason(job_id, job, *state.no_node_reason);
@@ -1337,6 +1406,7 @@ void Coordinator::PlaceJobs() {
       placement_dirty_ = true;  // the store refused; try again on the next event
       break;
     }
+    joined(p, job);
     reserve(p, cost);
     --p.free;
     --free_total;
@@ -1473,6 +1543,7 @@ bool Coordinator::Assign(const std::string& job_id, ActiveJob& job, NodeRecord& 
   job.attempt = updated->attempts();
   job.assigned_ms = clock_.NowMs();
   job.expected_end_ms = job.assigned_ms + static_cast<int64_t>(1000 * expected_s);
+  job.denoising = false;
   job.waiting_reason.clear();
   node.jobs.insert(job_id);
   node.last_assigned_ms = job.assigned_ms;

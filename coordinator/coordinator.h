@@ -254,6 +254,9 @@ class Coordinator {
     std::string waiting_reason;     // last "waiting: ..." written to the store
     std::string kind;               // PackageSetKey of the spec: what placement indexes by
     int64_t expected_end_ms = 0;    // monotonic: assigned_ms + expected cold start and run
+    // Its node reported it denoising or decoding (JobProgress.phase): it can no longer join a
+    // batch there. False while queued or assigned and not yet started.
+    bool denoising = false;
     std::string owner;              // JobInfo.owner: the submitting client's key
   };
   // Queue order: higher priority first, then submit order.

@@ -125,6 +125,11 @@ LoraWarmth LoraWarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec
   return LoraWarmth::kOnDisk;
 }
 
+std::string BatchKey(const kiln::v1::JobSpec& spec) {
+  return absl::StrCat(PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height()),
+                      "|", spec.steps(), "|", kiln::LoraSetKey(kiln::LorasOf(spec)));
+}
+
 Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
   const kiln::v1::PackageSet* set = FindPackageSet(node, spec);
   if (set == nullptr) return Warmth::kCold;

@@ -59,6 +59,11 @@ const kiln::v1::PackageSet* FindPackageSet(const kiln::v1::NodeInfo& node,
 enum class LoraWarmth { kApplied = 0, kOnDisk = 1, kAbsent = 2 };
 LoraWarmth LoraWarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 
+// The jobs a batching node (NodeInfo.max_batch > 1) can denoise as one batch share this key:
+// the spec's model, precision, size, steps and LoRA set (the node's pipeline::BatchCompatible
+// within one model and precision; prompt, seed and guidance stay per job).
+std::string BatchKey(const kiln::v1::JobSpec& spec);
+
 // Where the node holds the job's packages (kCold when it declares no set for it).
 Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 

@@ -8,8 +8,8 @@
 //
 // Threads: the catalog's structure is fixed after construction; Plan(), PackageSets() and the
 // accessors may be called from any thread. A Generator's stages belong to the worker's threads
-// (one EncodePrompt and one DenoiseDecode at a time); DigestsFor() and LoadedDigests() are
-// thread-safe.
+// (one EncodePrompt and one DenoiseDecode or DenoiseDecodeBatch at a time); DigestsFor() and
+// LoadedDigests() are thread-safe.
 #pragma once
 
 #include <map>
@@ -44,6 +44,19 @@ class Generator {
       pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) {
     return Generate(encoded.request, progress);
   }
+  // The second stage of several pipeline::BatchCompatible jobs at once, as
+  // FluxPipeline::DenoiseDecodeBatch: one result per job, in order; `progress` one per job. The
+  // default runs each job's DenoiseDecode in turn.
+  virtual std::vector<absl::StatusOr<pipeline::GenerateResult>> DenoiseDecodeBatch(
+      std::vector<pipeline::EncodedPrompt> encoded,
+      const std::vector<pipeline::ProgressFn>& progress) {
+    std::vector<absl::StatusOr<pipeline::GenerateResult>> out;
+    for (size_t i = 0; i < encoded.size(); ++i) {
+      out.push_back(DenoiseDecode(std::move(encoded[i]),
+                                  i < progress.size() ? progress[i] : nullptr));
+    }
+    return out;
+  }
   // Digests of the packages a job of this size needs. Cheap, thread-safe.
   virtual std::vector<std::string> DigestsFor(int width, int height) const = 0;
   // Digests of the packages loaded now. Thread-safe.
@@ -71,6 +84,11 @@ class PipelineGenerator : public Generator {
   absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
       pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) override {
     return pipeline_->DenoiseDecode(std::move(encoded), progress);
+  }
+  std::vector<absl::StatusOr<pipeline::GenerateResult>> DenoiseDecodeBatch(
+      std::vector<pipeline::EncodedPrompt> encoded,
+      const std::vector<pipeline::ProgressFn>& progress) override {
+    return pipeline_->DenoiseDecodeBatch(std::move(encoded), progress);
   }
   std::vector<std::string> DigestsFor(int width, int height) const override {
     return pipeline_->DigestsFor(width, height);

@@ -93,7 +93,8 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   disk.interval_ms = agent->options_.disk_check_interval_ms;
   agent->disk_ = std::make_unique<DiskHealth>(std::move(disk));
   agent->worker_ =
-      std::make_unique<Worker>(*agent->catalog_, *agent->outbox_, agent->metrics_, agent->clock_);
+      std::make_unique<Worker>(*agent->catalog_, *agent->outbox_, agent->metrics_, agent->clock_,
+                               agent->options_.batching);
   agent->worker_->set_disk_health(agent->disk_.get(), agent->options_.node_id);
   try {
     agent->channel_ = std::make_unique<Channel>(agent->options_.node_id, agent->options_.curve);

@@ -82,6 +82,11 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                                "in its encoding or denoise stage; overlapping jobs counted "
                                "once), by model")
                          .Register(registry)),
+      batch_size(prometheus::BuildHistogram()
+                     .Name("kiln_node_batch_size")
+                     .Help("Jobs denoised and decoded together per batch run, by model (1: a "
+                           "job alone)")
+                     .Register(registry)),
       info(prometheus::BuildGauge()
                .Name("kiln_node_info")
                .Help("Always 1; labels describe this node")
@@ -92,5 +97,7 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                      {"mig_profile", device_info.mig_profile()}})) {
   info.Set(1);
 }
+
+prometheus::Histogram::BucketBoundaries NodeMetrics::BatchBuckets() { return {1, 2, 4, 8}; }
 
 }  // namespace kiln::node

@@ -17,6 +17,7 @@
 //                                         overlapping jobs counted once (cold starts included).
 //                                         Images per GPU-second of a node and model:
 //                                         rate(images_total) / rate(device_seconds_total)
+//   kiln_node_batch_size{model}           histogram; jobs per batch run (1: alone; node/worker.h)
 //   kiln_node_info{node_id,device,name,mig_profile}  gauge = 1
 #pragma once
 
@@ -51,6 +52,8 @@ struct NodeMetrics {
   prometheus::Counter& reconnects;
   prometheus::Family<prometheus::Counter>& images;          // label: model
   prometheus::Family<prometheus::Counter>& device_seconds;  // label: model
+  prometheus::Family<prometheus::Histogram>& batch_size;    // label: model; BatchBuckets()
+  static prometheus::Histogram::BucketBoundaries BatchBuckets();
   prometheus::Gauge& info;
 };
 

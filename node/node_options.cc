@@ -86,10 +86,17 @@ absl::Status NodeOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("job_slots: ", job_slots, " is not in 1..", kMaxJobSlots));
   }
+  if (auto s = batching.Validate(); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("batching.", s.message()));
+  }
   if (disk_check_interval_ms <= 0) {
     return absl::InvalidArgumentError("disk_check_interval_ms: must be > 0");
   }
   return absl::OkStatus();
+}
+
+int NodeOptions::AdvertisedJobSlots() const {
+  return batching.max_batch > 1 ? std::max(job_slots, batching.max_batch + 1) : job_slots;
 }
 
 }  // namespace kiln::node

@@ -12,6 +12,7 @@
 #include "common/curve_keys.h"
 #include "common/proto/kiln.pb.h"
 #include "node/coordinator_link.h"
+#include "node/worker.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/flux_pipeline.h"
 
@@ -54,6 +55,12 @@ struct NodeOptions {
   // beside the running job's denoise (node/worker.h); 1: no prefetch.
   int job_slots = 2;
   static constexpr int kMaxJobSlots = 8;
+  // Batching (node/worker.h): up to batching.max_batch encoded, batch-compatible jobs run as one
+  // batch, waiting at most batching.batch_wait_ms for a full one. Default: no batching.
+  WorkerOptions batching;
+  // NodeInfo.job_slots: job_slots, raised with batching to max_batch + 1 (a batch and the job
+  // encoded beside it), so that the coordinator sends enough jobs to fill a batch.
+  int AdvertisedJobSlots() const;
   kiln::v1::DeviceInfo device_info;  // from ProbeDevice(); kind filled from device if ""
   std::string metrics_url;           // advertised in NodeInfo; "" = none
   std::string hostname;              // advertised; "" = gethostname()

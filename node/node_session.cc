@@ -286,7 +286,8 @@ kiln::v1::Envelope NodeSession::RegisterMessage() const {
   info->set_metrics_url(options_.metrics_url);
   info->set_pid(static_cast<uint32_t>(getpid()));
   info->set_hostname(options_.hostname);
-  info->set_job_slots(static_cast<uint32_t>(options_.job_slots));
+  info->set_job_slots(static_cast<uint32_t>(options_.AdvertisedJobSlots()));
+  info->set_max_batch(static_cast<uint32_t>(options_.batching.max_batch));
   for (const auto& name : catalog_.AvailableLoras()) info->add_loras(name);
   for (const auto& [key, set] : jobs_.AppliedLoras()) (*info->mutable_applied_loras())[key] = set;
   for (const auto& [key, digests] : package_sets_) {

@@ -35,9 +35,21 @@ kiln::v1::ColdStart ColdStartOf(const pipeline::PhaseSeconds& s) {
   return c;
 }
 
+absl::Status WorkerOptions::Validate() const {
+  if (max_batch < 1 || max_batch > kMaxBatch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_batch: ", max_batch, " is not in 1..", kMaxBatch));
+  }
+  if (batch_wait_ms < 0 || batch_wait_ms > kMaxBatchWaitMs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch_wait_ms: ", batch_wait_ms, " is not in 0..", kMaxBatchWaitMs));
+  }
+  return absl::OkStatus();
+}
+
 Worker::Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics,
-               const Clock& clock)
-    : catalog_(catalog), outbox_(outbox), metrics_(metrics), clock_(clock) {}
+               const Clock& clock, WorkerOptions options)
+    : catalog_(catalog), outbox_(outbox), metrics_(metrics), clock_(clock), options_(options) {}
 
 Worker::~Worker() { Shutdown(/*cancel_running=*/true); }
 
@@ -205,6 +217,32 @@ Worker::TakenPtr Worker::FirstIn(Taken::Stage stage) const {
   return nullptr;
 }
 
+int Worker::CountIn(Taken::Stage stage) const {
+  return static_cast<int>(std::count_if(taken_.begin(), taken_.end(),
+                                        [stage](const TakenPtr& x) { return x->stage == stage; }));
+}
+
+std::vector<Worker::TakenPtr> Worker::BatchFor(const TakenPtr& head) const {
+  std::vector<TakenPtr> out{head};
+  for (const TakenPtr& x : taken_) {
+    if (static_cast<int>(out.size()) >= options_.max_batch) break;
+    if (x == head || x->stage != Taken::Stage::kEncoded) continue;
+    if (x->job.plan.generator == head->job.plan.generator &&
+        pipeline::BatchCompatible(x->job.plan.request, head->job.plan.request)) {
+      out.push_back(x);
+    }
+  }
+  return out;
+}
+
+bool Worker::BatchReady() const {
+  if (shutting_down_) return true;
+  const TakenPtr head = FirstIn(Taken::Stage::kEncoded);
+  // Full, or no room to encode another job (the encoded ones that do not fit hold the slots).
+  return head == nullptr || static_cast<int>(BatchFor(head).size()) >= options_.max_batch ||
+         CountIn(Taken::Stage::kEncoded) >= options_.max_batch;
+}
+
 void Worker::ToFinish(const TakenPtr& t) {
   t->stage = Taken::Stage::kFinishing;
   to_finish_.push_back(t);
@@ -215,13 +253,13 @@ void Worker::EncodeLoop() {
     TakenPtr t;
     {
       absl::MutexLock lock(&mu_);
-      // One job ahead of the denoise stage at most: take the next when none is being encoded
-      // or waits encoded.
+      // One job (a batch: max_batch jobs) ahead of the denoise stage at most: take the next
+      // when none is being encoded and fewer wait encoded.
       mu_.Await(absl::Condition(
           +[](Worker* w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(w->mu_) {
             if (w->shutting_down_) return true;
             return !w->queue_.empty() && w->FirstIn(Taken::Stage::kEncoding) == nullptr &&
-                   w->FirstIn(Taken::Stage::kEncoded) == nullptr;
+                   w->CountIn(Taken::Stage::kEncoded) < w->options_.max_batch;
           },
           this));
       if (shutting_down_) return;
@@ -268,7 +306,7 @@ void Worker::EncodeLoop() {
 
 void Worker::DenoiseLoop() {
   while (true) {
-    TakenPtr t;
+    std::vector<TakenPtr> batch;
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
@@ -276,26 +314,54 @@ void Worker::DenoiseLoop() {
             return w->shutting_down_ || w->FirstIn(Taken::Stage::kEncoded) != nullptr;
           },
           this));
+      if (options_.max_batch > 1 && options_.batch_wait_ms > 0) {
+        // Bounded: the longest a batch holds back its first job.
+        mu_.AwaitWithTimeout(absl::Condition(this, &Worker::BatchReady),
+                             absl::Milliseconds(options_.batch_wait_ms));
+      }
       if (shutting_down_) return;
-      t = FirstIn(Taken::Stage::kEncoded);
-      t->stage = Taken::Stage::kDenoising;
-      t->waited += SecondsSince(t->encoded_at);
-      DeviceStage(t->job.plan.model, /*begin=*/true);
+      const TakenPtr head = FirstIn(Taken::Stage::kEncoded);
+      if (head == nullptr) continue;  // cancelled or handed back during the wait
+      batch = BatchFor(head);
+      size_t size = 1;  // a power of two: the bucket batches a node compiles are 1, 2, 4
+      while (size * 2 <= batch.size()) size *= 2;
+      batch.resize(size);
+      for (const TakenPtr& t : batch) {
+        t->stage = Taken::Stage::kDenoising;
+        t->waited += SecondsSince(t->encoded_at);
+        DeviceStage(t->job.plan.model, /*begin=*/true);
+      }
     }
-    absl::StatusOr<pipeline::GenerateResult> result = absl::UnknownError("not run");
+    const size_t n = batch.size();
+    std::vector<pipeline::EncodedPrompt> encoded;
+    std::vector<pipeline::ProgressFn> progress;
+    for (const TakenPtr& t : batch) {
+      encoded.push_back(*std::move(t->encoded));
+      progress.push_back([this, t = t.get()](const std::string& phase, int step, int total) {
+        Progress(*t, phase, step, total);
+      });
+    }
+    Generator* generator = batch.front()->job.plan.generator;
+    std::vector<absl::StatusOr<pipeline::GenerateResult>> results;
     try {
-      result = t->job.plan.generator->DenoiseDecode(
-          *std::move(t->encoded), [&](const std::string& phase, int step, int total) {
-            Progress(*t, phase, step, total);
-          });
+      results = generator->DenoiseDecodeBatch(std::move(encoded), progress);
     } catch (const std::exception& e) {
-      result = absl::InternalError(absl::StrCat("generate: ", e.what()));
+      results.assign(n, absl::InternalError(absl::StrCat("generate: ", e.what())));
     }
+    if (results.size() != n) {
+      results.assign(n, absl::InternalError(absl::StrCat(
+                            "generate: ", results.size(), " results for a batch of ", n)));
+    }
+    metrics_.batch_size.Add({{"model", batch.front()->job.plan.model}}, NodeMetrics::BatchBuckets())
+        .Observe(static_cast<double>(n));
     absl::MutexLock lock(&mu_);
-    DeviceStage(t->job.plan.model, /*begin=*/false);
-    t->encoded = absl::UnknownError("consumed");
-    t->result = std::move(result);
-    ToFinish(t);
+    for (size_t i = 0; i < n; ++i) {
+      const TakenPtr& t = batch[i];
+      DeviceStage(t->job.plan.model, /*begin=*/false);
+      t->encoded = absl::UnknownError("consumed");
+      t->result = std::move(results[i]);
+      ToFinish(t);
+    }
   }
 }
 

@@ -8,6 +8,14 @@
 // The encode stage takes a job from the queue as soon as no other job waits encoded for the
 // denoise stage (one prefetched job at most), so a node that holds two jobs (NodeOptions
 // job_slots: the running one and one prefetched) keeps the denoise stage busy back to back.
+// Batching (WorkerOptions::max_batch > 1): the encode stage keeps up to max_batch jobs encoded
+// ahead, and the denoise stage runs the first encoded job together with the other encoded jobs
+// of the same generator (model and precision) that are pipeline::BatchCompatible with it (same
+// size, steps and LoRA set) as one batch (Generator::DenoiseDecodeBatch), the batch size the
+// largest power of two that fits (1, 2, 4: few bucket batches to compile). With
+// batch_wait_ms > 0 it first waits up to that long for a full batch (ending early when no other
+// job can be encoded beside the ones waiting): the most a batch delays its first job. Each job of a batch keeps its own progress, result and PNG; kiln_node_batch_size
+// counts the batches run.
 // Per job: the deadline is checked when its encoding starts; progress is queued per pipeline
 // event (each denoising step timed); the result is (ok, or error_code + error) with run time
 // (from the start of its encoding to its result, less any wait encoded for the denoise stage),
@@ -19,8 +27,9 @@
 // Cancelling: a queued job, or a prefetched one whose encoding is done, is dropped and reported
 // CANCELLED "... before it started" at once; a job being encoded or denoised has its
 // pipeline::CancelToken set and stops after the step that was running, reported as CANCELLED
-// "cancelled by the coordinator after step K of N"; a cancel that arrives while its PNG is being
-// made still wins.
+// "cancelled by the coordinator after step K of N" (in a batch the other jobs run on); a cancel
+// that arrives while its PNG is being made still wins. A batch that fails fails each of its
+// jobs with the error.
 //
 // Handing back (a graceful stop): TakeQueued() returns every job not yet denoising — queued,
 // prefetched (its encoding dropped) and the one being encoded (its encoding cancelled; the
@@ -62,10 +71,23 @@ kiln::v1::Envelope ErrorResult(const std::string& job_id, uint32_t attempt,
 // ColdStart from the pipeline's phase seconds; total = weights + package_load + fetch + compile.
 kiln::v1::ColdStart ColdStartOf(const pipeline::PhaseSeconds& s);
 
+struct WorkerOptions {
+  // The most jobs run as one batch, 1..kMaxBatch (1: one job at a time, as without batching).
+  int max_batch = 1;
+  static constexpr int kMaxBatch = 4;
+  // How long (ms, 0..kMaxBatchWaitMs) the denoise stage waits for a full batch before it runs
+  // what it has; 0: never waits. Only with max_batch > 1.
+  int batch_wait_ms = 0;
+  static constexpr int kMaxBatchWaitMs = 10000;
+
+  absl::Status Validate() const;  // InvalidArgument naming the field
+};
+
 class Worker : public JobRunner {
  public:
-  // All references must outlive the worker.
-  Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics, const Clock& clock);
+  // All references must outlive the worker. `options` must be valid (Validate()).
+  Worker(const ModelCatalog& catalog, Outbox& outbox, NodeMetrics& metrics, const Clock& clock,
+         WorkerOptions options = {});
   ~Worker() override;  // Shutdown(/*cancel_running=*/true)
   Worker(const Worker&) = delete;
   Worker& operator=(const Worker&) = delete;
@@ -85,7 +107,7 @@ class Worker : public JobRunner {
   std::vector<std::string> LoadedPackages() const override;
   std::map<std::string, std::string> AppliedLoras() const override;
   bool idle() const override;
-  // Jobs whose encoding is done, waiting for the denoise stage (at most one).
+  // Jobs whose encoding is done, waiting for the denoise stage (at most max_batch).
   std::vector<std::string> PrefetchedJobIds() const;
 
   // The node's disk health (null: not checked): a job that fails while the package directory
@@ -125,6 +147,14 @@ class Worker : public JobRunner {
   void ToFinish(const TakenPtr& t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // The first job taken that is in `stage`, or null.
   TakenPtr FirstIn(Taken::Stage stage) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Jobs in `stage`.
+  int CountIn(Taken::Stage stage) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `head` (encoded) and the encoded jobs that can run in one batch with it, in the order
+  // taken, at most max_batch (not yet cut to a power of two).
+  std::vector<TakenPtr> BatchFor(const TakenPtr& head) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // True when the first encoded job's batch is full, no other job can be encoded beside it (the
+  // encoded jobs fill max_batch), or the worker shuts down: the end of a batch wait.
+  bool BatchReady() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // A device stage (encoding, denoise) of a job of `model` begins or ends: the model's device
   // time (kiln_node_device_seconds_total) runs while one of its jobs is in such a stage.
   void DeviceStage(const std::string& model, bool begin) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -135,6 +165,7 @@ class Worker : public JobRunner {
   Outbox& outbox_;
   NodeMetrics& metrics_;
   const Clock& clock_;
+  const WorkerOptions options_;
   DiskHealth* disk_ = nullptr;
   std::string node_id_;
 

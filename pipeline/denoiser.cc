@@ -63,10 +63,11 @@ absl::Status RunDenoiseLoop(Denoiser& denoiser, const DenoiseSchedule& schedule,
                             StepProfiler* profiler) {
   const int steps = static_cast<int>(schedule.sigmas.size()) - 1;
   const auto& sigmas = schedule.sigmas;
+  const int64_t batch = latents.size(0);
   for (int i = 0; i < steps; ++i) {
     if (cancel != nullptr && cancel->cancelled()) return CancelledAfterStep(i, steps);
     if (profiler) profiler->BeginStep();
-    auto v = denoiser.Velocity(latents, schedule.timesteps.select(0, i).narrow(0, 0, 1));
+    auto v = denoiser.Velocity(latents, schedule.timesteps.select(0, i).narrow(0, 0, batch));
     if (!v.ok()) return v.status();
     latents.add_(v->to(at::kFloat), sigmas[i + 1] - sigmas[i]);
     if (profiler) profiler->EndStep();

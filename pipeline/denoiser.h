@@ -28,10 +28,11 @@ namespace kiln::pipeline {
 
 // A request's conditioning: the transformer's inputs other than latents and timestep, on the
 // device.
+// B = the batch: the jobs denoised together (1 alone), one row each.
 struct DenoiseConditioning {
-  at::Tensor text;      // act [1, L, joint_attention_dim]: T5's last hidden state
-  at::Tensor pooled;    // act [1, pooled_projection_dim]: CLIP's pooled output
-  at::Tensor guidance;  // float32 [1]: the guidance scale
+  at::Tensor text;      // act [B, L, joint_attention_dim]: T5's last hidden state
+  at::Tensor pooled;    // act [B, pooled_projection_dim]: CLIP's pooled output
+  at::Tensor guidance;  // float32 [B]: the guidance scale of each job
 };
 
 class Denoiser {
@@ -39,7 +40,7 @@ class Denoiser {
   virtual ~Denoiser() = default;
   // Takes this request's conditioning; called once per request, before its first Velocity().
   virtual absl::Status Prepare(const DenoiseConditioning& conditioning) = 0;
-  // The velocity at `latents` (float32 [1, S, C], the loop's state) and `timestep` (float32 [1],
+  // The velocity at `latents` (float32 [B, S, C], the loop's state) and `timestep` (float32 [B],
   // on the device). The result may be a buffer that the next call overwrites.
   virtual absl::StatusOr<at::Tensor> Velocity(const at::Tensor& latents,
                                               const at::Tensor& timestep) = 0;
@@ -103,14 +104,15 @@ class CudaGraphDenoiser : public Denoiser {
 
 struct DenoiseSchedule {
   std::vector<double> sigmas;  // steps + 1 (scheduler.h's FluxSchedule::sigmas)
-  // float32 [steps, 4] on the device: row i's first value is step i's model timestep (one
-  // 16-byte row per step, so each step's [1] view starts aligned, as AOTI's kernels assume).
+  // float32 [steps, R] on the device, R = B rounded up to a multiple of 4: row i's first B
+  // values are step i's model timestep (rows of whole 16-byte units, so each step's [B] view
+  // starts aligned, as AOTI's kernels assume).
   at::Tensor timesteps;
 };
 
 // The flow-matching Euler loop: for i in [0, steps), latents += (sigmas[i+1] - sigmas[i]) *
-// velocity(latents, timesteps[i]), in float32, in place. Before each step it checks `cancel`
-// (nullable): CancelledAfterStep(i, steps). After each step it calls `on_step(i + 1)` (nullable;
+// velocity(latents, timesteps[i][:B]), in float32, in place (B = latents.size(0)). Before each
+// step it checks `cancel` (nullable): CancelledAfterStep(i, steps). After each step it calls `on_step(i + 1)` (nullable;
 // a host-side count, the device may still be working). `profiler` (nullable) brackets each step.
 // A Velocity() error is returned as it is and ends the loop.
 absl::Status RunDenoiseLoop(Denoiser& denoiser, const DenoiseSchedule& schedule,

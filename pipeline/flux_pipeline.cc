@@ -429,30 +429,114 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
 
 absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded,
                                                            const ProgressFn& progress) {
-  if (encoded.state == nullptr || encoded.state->owner != this) {
-    return absl::InvalidArgumentError("encoded prompt: not made by this pipeline's EncodePrompt");
-  }
-  const GenerateRequest& req = encoded.request;
-  auto report = [&](const std::string& phase, int step) {
-    if (progress) progress(phase, step, req.steps);
+  std::vector<EncodedPrompt> one;
+  one.push_back(std::move(encoded));
+  return std::move(DenoiseDecodeBatch(std::move(one), {progress})[0]);
+}
+
+std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
+    std::vector<EncodedPrompt> batch, const std::vector<ProgressFn>& progress) {
+  const size_t n = batch.size();
+  auto all_fail = [n](const absl::Status& s) {
+    return std::vector<absl::StatusOr<GenerateResult>>(n, s);
   };
-  auto cancelled = [&] { return req.cancel != nullptr && req.cancel->cancelled(); };
+  if (n == 0) return {};
+  if (!progress.empty() && progress.size() != n) {
+    return all_fail(absl::InvalidArgumentError(
+        absl::StrCat("progress: ", progress.size(), " functions for a batch of ", n)));
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (batch[i].state == nullptr || batch[i].state->owner != this) {
+      return all_fail(absl::InvalidArgumentError(absl::StrCat(
+          "encoded prompt ", i, ": not made by this pipeline's EncodePrompt")));
+    }
+    if (!BatchCompatible(batch[0].request, batch[i].request)) {
+      return all_fail(absl::InvalidArgumentError(absl::StrCat(
+          "encoded prompt ", i, ": size, steps or LoRA set differ from prompt 0's (",
+          batch[i].request.width, "x", batch[i].request.height, ", ", batch[i].request.steps,
+          " steps, loras '", LoraSetKey(batch[i].request.loras), "' against ",
+          batch[0].request.width, "x", batch[0].request.height, ", ", batch[0].request.steps,
+          " steps, loras '", LoraSetKey(batch[0].request.loras), "'): not one batch")));
+    }
+  }
+  const GenerateRequest& head = batch[0].request;
+  const int steps = head.steps;
+  // Per job: the step after which its token was seen set (-1: still running). A cancelled job
+  // drops out of the reports; the batch runs on while one job is left.
+  std::vector<int> stopped(n, -1);
+  auto check_cancels = [&](int step) {
+    bool all = true;
+    for (size_t i = 0; i < n; ++i) {
+      const CancelToken* c = batch[i].request.cancel;
+      if (stopped[i] < 0 && c != nullptr && c->cancelled()) stopped[i] = step;
+      all = all && stopped[i] >= 0;
+    }
+    return all;
+  };
+  auto report = [&](const std::string& phase, int step) {
+    for (size_t i = 0; i < n; ++i) {
+      if (stopped[i] < 0 && !progress.empty() && progress[i]) progress[i](phase, step, steps);
+    }
+  };
+  auto results = [&](std::vector<GenerateResult>& done) {
+    std::vector<absl::StatusOr<GenerateResult>> out;
+    for (size_t i = 0; i < n; ++i) {
+      if (stopped[i] >= 0) {
+        out.push_back(CancelledAfterStep(stopped[i], steps));
+      } else {
+        out.push_back(std::move(done[i]));
+      }
+    }
+    return out;
+  };
   Impl& m = *impl_;
   const int vae_scale = m.keys->options().vae_scale;
   const auto t_total = SteadyNow();
-  GenerateResult r = std::move(encoded.partial);
-  EncodedPrompt::State& state = *encoded.state;
-  // The job's LoRA set: merged and swapped in here, between jobs (the one denoised before is
+  std::vector<GenerateResult> r;
+  for (auto& e : batch) {
+    r.push_back(std::move(e.partial));
+    r.back().batch = static_cast<int>(n);
+  }
+  // The batch's LoRA set: merged and swapped in here, between jobs (the one denoised before is
   // done with the weights; the encode stage, which owns the PackageLoader, waits for it).
-  if (LoraSetKey(req.loras) != m.applied_loras) {
+  // Counted as a switch by the first job.
+  if (LoraSetKey(head.loras) != m.applied_loras) {
     report("applying loras", 0);
     std::lock_guard<std::mutex> device_lock(m.encode_mu);
-    if (auto s = m.SwitchLoras(req.loras, &r.seconds); !s.ok()) return s;
-    r.lora_switched = true;
+    if (auto s = m.SwitchLoras(head.loras, &r[0].seconds); !s.ok()) return all_fail(s);
+    r[0].lora_switched = true;
   }
-  r.loras = LoraSetKey(req.loras);
+  for (auto& x : r) x.loras = LoraSetKey(head.loras);
+  // The transformer and the VAE decoder: the encode stage's (batch 1), or for a batch those of
+  // bucket batch n, fetched, compiled or loaded here on a miss like any other bucket.
+  std::map<std::string, LoadedComponent> packages = batch[0].state->packages;
+  if (n > 1) {
+    std::lock_guard<std::mutex> device_lock(m.encode_mu);
+    std::map<std::string, cache::ArtifactKey> keys;
+    for (const std::string c : {"transformer", "vae_decoder"}) {
+      keys[c] = m.keys->KeyFor(c, head.width, head.height, static_cast<int>(n));
+    }
+    LoadReport loaded;
+    auto got = m.packages->EnsureAll(keys, &loaded,
+                                     [&](const std::string& phase) { report(phase, 0); });
+    {
+      std::lock_guard<std::mutex> lock(m.digests_mu);
+      m.loaded_digests = m.packages->LoadedDigests();
+    }
+    if (!got.ok()) return all_fail(got.status());
+    for (auto& [c, component] : *got) packages[c] = component;
+    for (auto& x : r) {
+      x.warnings.insert(x.warnings.end(), loaded.warnings.begin(), loaded.warnings.end());
+      x.seconds.fetch += loaded.fetch_seconds;
+      x.seconds.compile += loaded.compile_seconds;
+      x.seconds.package_load += loaded.package_load_seconds;
+      x.seconds.weights += loaded.weights_seconds;
+      x.weight_bytes += loaded.weight_bytes;
+      for (const auto& [c, provenance] : loaded.packages) x.packages[c] = provenance;
+    }
+  }
   // The transformer step: the whole-graph package, or a regional set's loop over layers.
-  const LoadedComponent transformer = state.packages["transformer"];
+  const LoadedComponent transformer = packages["transformer"];
   TransformerFn transformer_fn;
   if (transformer.regional != nullptr) {
     transformer_fn = [set = transformer.regional](const std::vector<at::Tensor>& inputs,
@@ -465,32 +549,50 @@ absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded
   const std::string transformer_digest = transformer.regional != nullptr
                                              ? transformer.regional->manifest().digest
                                              : transformer.package->manifest().digest;
-
+  GenerateResult::DenoiseProfile profile;
+  PhaseSeconds seconds;  // the batch's: graph capture, denoise, decode
+  std::vector<std::string> warnings;
+  at::Tensor bytes;
   try {
     torch::NoGradGuard no_grad;
     const at::ScalarType act = m.options.precision == "fp32" ? at::kFloat : at::kBFloat16;
 
-    // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device.
-    if (cancelled()) return CancelledAfterStep(0, req.steps);
+    // Denoise. Noise comes from a CPU generator so a seed gives the same image on every device;
+    // each job's from its own seed, as when it runs alone.
+    if (check_cancels(0)) return results(r);
     auto t = SteadyNow();
-    const int64_t lh = req.height / vae_scale, lw = req.width / vae_scale;
+    const int64_t lh = head.height / vae_scale, lw = head.width / vae_scale;
     const int64_t seq = (lh / 2) * (lw / 2);
-    auto flux_schedule = MakeFluxSchedule(m.scheduler, req.steps, static_cast<int>(seq));
-    if (!flux_schedule.ok()) return flux_schedule.status();
-    auto gen = at::detail::createCPUGenerator(req.seed);
-    at::Tensor noise = at::randn({1, m.latent_channels, lh, lw}, gen, torch::TensorOptions().dtype(at::kFloat));
-    at::Tensor latents = Pack(noise).to(m.device);  // float32 state
+    auto flux_schedule = MakeFluxSchedule(m.scheduler, steps, static_cast<int>(seq));
+    if (!flux_schedule.ok()) return all_fail(flux_schedule.status());
+    std::vector<at::Tensor> noise, text, pooled;
+    std::vector<float> guidance;
+    for (const auto& e : batch) {
+      auto gen = at::detail::createCPUGenerator(e.request.seed);
+      noise.push_back(Pack(at::randn({1, m.latent_channels, lh, lw}, gen,
+                                     torch::TensorOptions().dtype(at::kFloat))));
+      text.push_back(e.state->txt);
+      pooled.push_back(e.state->pooled);
+      guidance.push_back(static_cast<float>(e.request.guidance));
+    }
+    at::Tensor latents = torch::cat(noise).to(m.device);  // float32 state [n, S, 4C]
     // All per-step inputs are made before the loop: one host→device copy, no syncs inside.
+    // Row i holds step i's model timestep n times (the package's timestep [n]), padded to a
+    // multiple of 4 floats so each step's view starts 16-byte aligned, as AOTI's kernels assume.
     DenoiseSchedule schedule;
     schedule.sigmas = flux_schedule->sigmas;
-    std::vector<float> t_host(req.steps * 4, 0.0f);
-    for (int i = 0; i < req.steps; ++i) t_host[i * 4] = FluxModelTimestep(*flux_schedule, i);
+    const int64_t row = (static_cast<int64_t>(n) + 3) / 4 * 4;
+    std::vector<float> t_host(steps * row, 0.0f);
+    for (int i = 0; i < steps; ++i) {
+      std::fill_n(t_host.begin() + i * row, n, FluxModelTimestep(*flux_schedule, i));
+    }
     schedule.timesteps = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
-                             .view({req.steps, 4}).to(m.device);
+                             .view({steps, row}).to(m.device);
     DenoiseConditioning conditioning;
-    conditioning.guidance = torch::full({1}, static_cast<float>(req.guidance), torch::TensorOptions().dtype(at::kFloat)).to(m.device);
-    conditioning.text = state.txt.to(act);
-    conditioning.pooled = state.pooled.to(act);
+    conditioning.guidance =
+        torch::tensor(guidance, torch::TensorOptions().dtype(at::kFloat)).to(m.device);
+    conditioning.text = torch::cat(text).to(act);
+    conditioning.pooled = torch::cat(pooled).to(act);
 
     // The transformer step: a CUDA graph captured once per bucket where possible, else plain runs.
     PlainDenoiser plain(transformer_fn, act);
@@ -505,56 +607,73 @@ absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded
         const auto tc = SteadyNow();
         auto captured = CudaGraphDenoiser::Capture(m.device, "transformer", transformer_fn, act,
                                                    conditioning, latents,
-                                                   schedule.timesteps.select(0, 0).narrow(0, 0, 1));
+                                                   schedule.timesteps.select(0, 0).narrow(0, 0, n));
         if (captured.ok()) {
           slot->second = *std::move(captured);
         } else {
-          r.warnings.push_back(absl::StrCat(captured.status().message(),
-                                            "; denoising this bucket without a CUDA graph"));
+          warnings.push_back(absl::StrCat(captured.status().message(),
+                                          "; denoising this bucket without a CUDA graph"));
         }
         SyncDevice(m.device);
-        r.seconds.graph_capture = SecondsSince(tc);
+        seconds.graph_capture = SecondsSince(tc);
       }
       if (slot->second) denoiser = slot->second.get();
     }
-    if (auto s = denoiser->Prepare(conditioning); !s.ok()) return s;
-    r.denoise_profile.cuda_graph = denoiser->cuda_graph();
+    if (auto s = denoiser->Prepare(conditioning); !s.ok()) return all_fail(s);
+    profile.cuda_graph = denoiser->cuda_graph();
     report("denoising", 0);
     t = SteadyNow();
     {
       std::unique_ptr<StepProfiler> profiler;
       if (m.options.profile_steps) profiler = std::make_unique<StepProfiler>(m.device);
-      auto s = RunDenoiseLoop(*denoiser, schedule, latents, req.cancel,
-                              [&](int step) { report("denoising", step); }, profiler.get());
-      if (!s.ok()) return s;
+      // The loop stops when every job of the batch is cancelled (checked after each step).
+      CancelToken all_cancelled;
+      auto s = RunDenoiseLoop(*denoiser, schedule, latents, &all_cancelled,
+                              [&](int step) {
+                                report("denoising", step);
+                                if (check_cancels(step)) all_cancelled.Cancel();
+                              },
+                              profiler.get());
+      if (all_cancelled.cancelled()) return results(r);
+      if (!s.ok()) return all_fail(s);
       if (profiler) {
         profiler->Disarm();
         SyncDevice(m.device);
         auto p = profiler->Finish();
-        r.denoise_profile.sync_checked = p.sync_checked;
-        r.denoise_profile.step_ms = std::move(p.step_ms);
-        r.denoise_profile.span_ms = p.span_ms;
-        r.denoise_profile.idle_fraction = p.idle_fraction;
+        profile.sync_checked = p.sync_checked;
+        profile.step_ms = std::move(p.step_ms);
+        profile.span_ms = p.span_ms;
+        profile.idle_fraction = p.idle_fraction;
       }
     }
     SyncDevice(m.device);
-    r.seconds.denoise = SecondsSince(t);
+    seconds.denoise = SecondsSince(t);
 
-    if (cancelled()) return CancelledAfterStep(req.steps, req.steps);
-    report("decoding", req.steps);
+    if (check_cancels(steps)) return results(r);
+    report("decoding", steps);
     t = SteadyNow();
     at::Tensor z = Unpack(latents, m.latent_channels, lh, lw).to(act).contiguous();
-    auto image = state.packages["vae_decoder"].package->RunFirst({z});
-    if (!image.ok()) return image.status();
-    at::Tensor bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
-                           .permute({0, 2, 3, 1}).contiguous().cpu();
-    r.rgb.assign(bytes.data_ptr<uint8_t>(), bytes.data_ptr<uint8_t>() + bytes.numel());
-    r.seconds.decode = SecondsSince(t);
+    auto image = packages["vae_decoder"].package->RunFirst({z});
+    if (!image.ok()) return all_fail(image.status());
+    bytes = ((*image).to(at::kFloat).div(2).add(0.5).clamp(0, 1).mul(255).round().to(at::kByte))
+                .permute({0, 2, 3, 1}).contiguous().cpu();
+    seconds.decode = SecondsSince(t);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("generate: ", e.what()));
+    return all_fail(absl::InternalError(absl::StrCat("generate: ", e.what())));
   }
-  r.seconds.total += SecondsSince(t_total);
-  return r;
+  const double total = SecondsSince(t_total);
+  const int64_t image_bytes = bytes.numel() / static_cast<int64_t>(n);
+  for (size_t i = 0; i < n; ++i) {
+    const uint8_t* first = bytes.data_ptr<uint8_t>() + i * image_bytes;
+    r[i].rgb.assign(first, first + image_bytes);
+    r[i].warnings.insert(r[i].warnings.end(), warnings.begin(), warnings.end());
+    r[i].seconds.graph_capture = seconds.graph_capture;
+    r[i].seconds.denoise = seconds.denoise;
+    r[i].seconds.decode = seconds.decode;
+    r[i].seconds.total += total;
+    r[i].denoise_profile = profile;
+  }
+  return results(r);
 }
 
 }  // namespace kiln::pipeline

@@ -16,8 +16,10 @@
 // load the bucket's packages, run the text encoders — on CUDA on the pipeline's own stream) and
 // DenoiseDecode (the denoise loop and the VAE decode, on the calling thread's current stream).
 // Generate() is the two in a row; a staged job gives the same bytes as Generate().
-// Threads: one EncodePrompt() and one DenoiseDecode() may run at the same time, on two threads
-// (job N+1's encoding beside job N's denoise); Generate() counts as both. LoadedDigests() and
+// DenoiseDecodeBatch runs the second stage of several encoded jobs as one batch.
+// Threads: one EncodePrompt() and one DenoiseDecode() (or DenoiseDecodeBatch()) may run at the
+// same time, on two threads (job N+1's encoding beside job N's denoise); Generate() counts as
+// both. LoadedDigests() and
 // the const accessors from any thread.
 #pragma once
 
@@ -123,6 +125,10 @@ struct GenerateResult {
   // from the shared tier in this call) or "resident" (already loaded by an earlier call).
   std::map<std::string, std::string> packages;
   std::vector<std::string> warnings;  // e.g. prompt truncation
+  // Images denoised and decoded together with this one, itself included (1: alone;
+  // FluxPipeline::DenoiseDecodeBatch). Its denoise, decode and graph-capture seconds are the
+  // batch's.
+  int batch = 1;
   std::string loras;           // LoraSetKey of the set the image was made with ("" = base)
   bool lora_switched = false;  // this call changed the merged set
   uint64_t weight_bytes = 0;  // checkpoint bytes read for the packages loaded in this call
@@ -145,6 +151,14 @@ struct EncodedPrompt {
   struct State;                  // pipeline-private (flux_pipeline.cc)
   std::shared_ptr<State> state;  // null: not made by a FluxPipeline (a test's fake)
 };
+
+// True if two requests can be denoised as one batch: the same image size, step count (one
+// schedule) and LoRA set (one set of weights). Prompts, seeds and guidance stay per job. Inline:
+// the node's worker uses it in builds without the pipeline's LibTorch half (tests/fuzz).
+inline bool BatchCompatible(const GenerateRequest& a, const GenerateRequest& b) {
+  return a.width == b.width && a.height == b.height && a.steps == b.steps &&
+         LoraSetKey(a.loras) == LoraSetKey(b.loras);
+}
 
 class FluxPipeline {
  public:
@@ -172,6 +186,18 @@ class FluxPipeline {
   // result's seconds add both stages' (time between the stages is not counted).
   absl::StatusOr<GenerateResult> DenoiseDecode(EncodedPrompt encoded,
                                                const ProgressFn& progress = nullptr);
+  // The second stage for several jobs at once: one denoise loop and one VAE decode over the
+  // batch (the transformer and VAE packages of bucket batch N = encoded.size(), fetched or
+  // compiled on a miss like any bucket; N = 1 is DenoiseDecode). Each job keeps its own noise
+  // (its seed, as alone), text embeddings and guidance; the jobs must be BatchCompatible
+  // (InvalidArgument for every job otherwise). Returns one result per job, in order. A job whose
+  // CancelToken is set drops out (CancelledError "cancelled after step K of N"; no more progress
+  // for it) while the others run on; the loop stops when all are cancelled. Any other error is
+  // every job's. `progress`: one function per job (or empty). Results are numerically those of
+  // each job alone within the batched kernels' rounding (tests/pipeline/flux_pipeline_test.cc
+  // states the tolerance measured).
+  std::vector<absl::StatusOr<GenerateResult>> DenoiseDecodeBatch(
+      std::vector<EncodedPrompt> encoded, const std::vector<ProgressFn>& progress = {});
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;

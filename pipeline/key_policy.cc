@@ -65,14 +65,16 @@ absl::Status KeyPolicy::CheckResolution(int width, int height) const {
   return absl::OkStatus();
 }
 
-cache::Bucket KeyPolicy::BucketFor(const std::string& component, int width, int height) const {
+cache::Bucket KeyPolicy::BucketFor(const std::string& component, int width, int height,
+                                   int batch) const {
   if (component == "text_encoder") return {1, 0, 0, options_.clip_len};
   if (component == "text_encoder_2") return {1, 0, 0, options_.text_len};
-  if (component == "transformer") return {1, height, width, options_.text_len};
-  return {1, height, width, 0};
+  if (component == "transformer") return {batch, height, width, options_.text_len};
+  return {batch, height, width, 0};
 }
 
-cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, int height) const {
+cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, int height,
+                                     int batch) const {
   cache::ArtifactKey k;
   k.architecture = cache::ArchitectureDigest(options_.configs.at(component));
   k.component = component;
@@ -80,7 +82,7 @@ cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, in
   // share the bf16 packages instead of compiling identical ones under fp8 keys.
   k.precision = (options_.precision == "fp8" && component != "transformer") ? "bf16"
                                                                            : options_.precision;
-  k.bucket = BucketFor(component, width, height);
+  k.bucket = BucketFor(component, width, height, batch);
   k.compile =
       cache::CompileOptionsDigest(ComponentCompileOptions(options_.compile_options, component));
   k.target = options_.target;

@@ -55,10 +55,15 @@ class KeyPolicy {
   // patches; InvalidArgument naming the resolution otherwise.
   absl::Status CheckResolution(int width, int height) const;
   // Bucket fields `component`'s package depends on; must match component_bucket() in
-  // pipeline/python/kiln/compile.py.
-  cache::Bucket BucketFor(const std::string& component, int width, int height) const;
-  // The artifact key of `component` for a width×height image (0×0 for the text encoders).
-  cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;
+  // pipeline/python/kiln/compile.py. `batch`: images per call of the transformer and the VAE
+  // decoder (a batch of jobs, FluxPipeline::DenoiseDecodeBatch); the text encoders always run
+  // one prompt per call (batch 1), so a batched job's embeddings are the job's own.
+  cache::Bucket BucketFor(const std::string& component, int width, int height,
+                          int batch = 1) const;
+  // The artifact key of `component` for a width×height image (0×0 for the text encoders) at
+  // `batch` images per call (BucketFor).
+  cache::ArtifactKey KeyFor(const std::string& component, int width, int height,
+                            int batch = 1) const;
   // Digests of every component's package for a width×height image, in FluxComponents() order.
   std::vector<std::string> DigestsFor(int width, int height) const;
 

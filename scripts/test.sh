@@ -34,6 +34,17 @@ start=$(date +%s)
   --out "$KILN_TESTDATA/first-regional.png" --json > "$KILN_TESTDATA/first-regional.json"
 echo "[test] regional fixture ready in $(( $(date +%s) - start )) s: $(cat "$KILN_TESTDATA/first-regional.json")"
 
+# Another copy, where the batch-2 transformer and VAE decoder compile: two jobs (seeds 7 and 8)
+# denoised as one batch (FluxPipeline::DenoiseDecodeBatch); the batch tests use these packages.
+echo "[test] fixture: a batch of 2 (batch-2 transformer and VAE) into $KILN_TESTDATA/packages-batch"
+rm -rf "$KILN_TESTDATA/packages-batch"
+cp -r "$KILN_TESTDATA/packages" "$KILN_TESTDATA/packages-batch"
+start=$(date +%s)
+"$KILN_BIN/kiln-run" --model "$KILN_TESTDATA/flux-tiny" --package_dir "$KILN_TESTDATA/packages-batch" \
+  --prompt "a lighthouse on a cliff at dusk" --width 256 --height 256 --steps 4 --seed 7 --batch 2 \
+  --out "$KILN_TESTDATA/batch.png" --json > "$KILN_TESTDATA/batch.json"
+echo "[test] batch fixture ready in $(( $(date +%s) - start )) s"
+
 echo "[test] C++ tests (ctest)"
 ctest --test-dir "$BUILD" --output-on-failure -j2
 

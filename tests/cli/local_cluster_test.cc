@@ -87,6 +87,21 @@ TEST(NodeLaunchFor, ANodeWithoutGpuKeepsTheClusterDevice) {
   EXPECT_TRUE(launch.env.empty());
 }
 
+TEST(NodeLaunchFor, BatchingFlagsReachEveryNodeAndSurviveTheStateFile) {
+  ClusterState state;
+  NodeProcess node;
+  node.node_id = "node-1";
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Not(Contains(HasSubstr("--max_batch"))));  // default: none
+  state.max_batch = 2;
+  state.batch_wait_ms = 250;
+  auto back = ClusterState::FromJson(state.ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  launch = NodeLaunchFor("/bin", *back, node);
+  EXPECT_THAT(launch.argv, Contains("--max_batch=2"));
+  EXPECT_THAT(launch.argv, Contains("--batch_wait_ms=250"));
+}
+
 TEST(NodeLaunchFor, APrecisionListIsServedWithTheFirstAsDefault) {
   ClusterState state;
   state.precision = "bf16,fp8";

@@ -139,13 +139,14 @@ def sign_with_cluster_key(state_dir: str, package_dirs_: list[str]) -> None:
         assert proc.returncode == 0, proc.stderr
 
 
-def seed_shared_cache(shared: str) -> list[str]:
-    """Copies the fixture packages into a shared cache (or a node's package directory) so nothing
+def seed_shared_cache(shared: str, source: str = PACKAGES) -> list[str]:
+    """Copies the fixture packages (`source`: packages/, or packages-batch/ with the batch-2
+    transformer and VAE too) into a shared cache (or a node's package directory) so nothing
     needs compiling; inside a `kiln up` state directory they are signed with the cluster's key."""
     os.makedirs(shared, exist_ok=True)
-    digests = package_dirs(PACKAGES)
+    digests = package_dirs(source)
     for d in digests:
-        shutil.copytree(os.path.join(PACKAGES, d), os.path.join(shared, d))
+        shutil.copytree(os.path.join(source, d), os.path.join(shared, d))
     state_dir = cluster_state_dir_of(shared)
     if state_dir is not None:
         sign_with_cluster_key(state_dir, [os.path.join(shared, d) for d in digests])

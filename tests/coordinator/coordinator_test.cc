@@ -1107,6 +1107,65 @@ TEST_F(CoordinatorTest, PlacementCountsPrefetchSlotsAndPrefersTheNodeWithTheLora
   EXPECT_EQ(Job("j6").state(), kiln::v1::JOB_STATE_QUEUED);
 }
 
+// Batching (NodeInfo.max_batch): a batching node that holds a job not yet denoising takes a
+// batch-compatible job into the same batch (it finishes with it) rather than leaving it to an
+// equally fast node; a full batch, a job already denoising, another step count, or a node that
+// would finish the job sooner elsewhere end the preference.
+NodeInfo Batching(const std::string& id) {
+  NodeInfo n = WithSlots(Gpu(id, "H100", 132), 3);
+  n.add_loaded_packages("d1");
+  n.add_loaded_packages("d2");
+  n.set_max_batch(2);
+  return n;
+}
+
+kiln::v1::JobProgress Denoising(const std::string& job_id) {
+  kiln::v1::JobProgress p;
+  p.set_job_id(job_id);
+  p.set_phase("denoising");
+  p.set_step(1);
+  p.set_total_steps(4);
+  return p;
+}
+
+TEST_F(CoordinatorTest, ABatchingNodeTakesACompatibleJobIntoTheBatchItHolds) {
+  Register(Batching("a"));
+  Register(Batching("b"));
+  MustSubmit(Bf16("j0"));
+  ASSERT_TRUE(c().Result("a", Finished("j0", 8, 0, "resident")).ok());  // 8 s a job
+  Assigned();
+  // j1 → b (idle longest); j2 joins j1's batch on b (ends with it in 8 s, as on a); b's batch
+  // is full: j3 → a (8 s, b's next slot 16 s); j4 joins j3's batch on a. Another step count
+  // cannot join: j5 goes by expected finish alone. Without the preference j2 would go to a (the
+  // least busy of two equally fast nodes) and no batch would form.
+  for (const char* id : {"j1", "j2", "j3", "j4"}) MustSubmit(Bf16(id));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b", "j1", 1u), std::make_tuple("b", "j2", 1u),
+                                      std::make_tuple("a", "j3", 1u), std::make_tuple("a", "j4", 1u)));
+  EXPECT_TRUE(Logged("job j2 assigned to node b (attempt 1, packages loaded); expected to take "
+                     "8.0 s"));
+  JobSpec other = Bf16("j5");
+  other.set_steps(other.steps() + 1);
+  MustSubmit(other);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j5", 1u)));  // a's prefetch slot
+}
+
+TEST_F(CoordinatorTest, ABatchHostLosesToANodeThatFinishesTheJobSooner) {
+  Register(Batching("a"));
+  MustSubmit(Bf16("j0"));
+  ASSERT_TRUE(c().Result("a", Finished("j0", 8, 0, "resident")).ok());  // 8 s a job
+  MustSubmit(Bf16("j1"));
+  ASSERT_TRUE(c().Progress("a", Denoising("j1")).ok());
+  MustSubmit(Bf16("j2"));  // j1 denoises: j2 cannot join it; it is prefetched, ends in 16 s
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a", "j0", 1u), std::make_tuple("a", "j1", 1u),
+                                      std::make_tuple("a", "j2", 1u)));
+  EXPECT_TRUE(Logged("job j2 assigned to node a (attempt 1, packages loaded); expected to take "
+                     "16.0 s"));
+  // j3 could join j2's batch on a (16 s), but b, idle, finishes it in 8 s.
+  Register(Batching("b"));
+  MustSubmit(Bf16("j3"));
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b", "j3", 1u)));
+}
+
 TEST_F(CoordinatorTest, APrefetchedJobIsCancelledRequeuedAndTimedOutLikeARunningOne) {
   CoordinatorOptions o;
   o.run_timeout_factor = 1e-6;  // every job's timeout is run_timeout_min_ms

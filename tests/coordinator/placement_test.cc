@@ -2,6 +2,8 @@
 #include "coordinator/placement.h"
 
 #include <array>
+#include <functional>
+#include <vector>
 
 #include "common/status.h"
 
@@ -37,6 +39,26 @@ TEST(PlacementTest, PackageSetKeyAndDefaults) {
   EXPECT_EQ(PackageSetKey("flux-tiny", "", 512, 256), "flux-tiny//512x256");
   EXPECT_EQ(DefaultPrecision(Node("a").device()), "fp32");
   EXPECT_EQ(DefaultPrecision(Node("a", "cuda").device()), "bf16");
+}
+
+TEST(PlacementTest, BatchKeyIsKindStepsAndLoraSetNotPromptSeedOrGuidance) {
+  kiln::v1::JobSpec a = Spec("bf16");
+  a.set_steps(28);
+  kiln::v1::JobSpec b = a;
+  b.set_prompt("another");
+  b.set_seed(99);
+  b.set_guidance(5);
+  EXPECT_EQ(BatchKey(a), BatchKey(b));
+  EXPECT_EQ(BatchKey(a), "flux-tiny/bf16/512x256|28|");
+  for (auto edit : std::vector<std::function<void(kiln::v1::JobSpec&)>>{
+           [](kiln::v1::JobSpec& s) { s.set_steps(20); },
+           [](kiln::v1::JobSpec& s) { s.set_precision("fp8"); },
+           [](kiln::v1::JobSpec& s) { s.set_width(256); },
+           [](kiln::v1::JobSpec& s) { s.add_loras()->set_name("style"); }}) {
+    kiln::v1::JobSpec c = a;
+    edit(c);
+    EXPECT_NE(BatchKey(c), BatchKey(a)) << c.ShortDebugString();
+  }
 }
 
 TEST(PlacementTest, WarmthFromDeclaredSets) {

@@ -1,4 +1,4 @@
-// NodeOptions::Validate names the bad field.
+// NodeOptions::Validate names the bad field; AdvertisedJobSlots makes room for a batch.
 #include "node/node_options.h"
 
 #include "gmock/gmock.h"
@@ -32,6 +32,19 @@ TEST(NodeOptionsTest, ValidateNamesTheField) {
   bad([](NodeOptions& c) { c.models["a/b"] = "/x"; }, "models");
   bad([](NodeOptions& c) { c.compile_options = nlohmann::json::array(); }, "compile_options");
   bad([](NodeOptions& c) { c.drain_timeout_ms = -1; }, "drain_timeout_ms");
+  bad([](NodeOptions& c) { c.batching.max_batch = 5; }, "batching.max_batch");
+  bad([](NodeOptions& c) { c.batching.batch_wait_ms = -1; }, "batching.batch_wait_ms");
+}
+
+TEST(NodeOptionsTest, BatchingAdvertisesSlotsForABatchAndItsPrefetchedJob) {
+  NodeOptions o;
+  EXPECT_EQ(o.AdvertisedJobSlots(), 2);  // no batching: job_slots as given
+  o.job_slots = 1;
+  EXPECT_EQ(o.AdvertisedJobSlots(), 1);
+  o.batching.max_batch = 4;
+  EXPECT_EQ(o.AdvertisedJobSlots(), 5);  // a batch of 4 and one encoded beside it
+  o.job_slots = 7;
+  EXPECT_EQ(o.AdvertisedJobSlots(), 7);  // more asked for: kept
 }
 
 }  // namespace

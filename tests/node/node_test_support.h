@@ -1,5 +1,6 @@
 // Fakes shared by the node tests: a Generator that reports progress like FluxPipeline (phase
-// events, one "denoising" event per step) in the same two stages (EncodePrompt, DenoiseDecode),
+// events, one "denoising" event per step) in the same two stages (EncodePrompt, DenoiseDecode;
+// batches run job by job and are recorded),
 // stops at its request's cancel token between steps as FluxPipeline does, and returns a small
 // image, with hooks to slow steps down, fail, or wait for the test at a given step or encoding.
 #pragma once
@@ -86,6 +87,21 @@ class FakeGenerator : public Generator {
     applied_ = r.loras = set;
     return r;
   }
+  // Records the batch's size, then as Generator's default: each job's DenoiseDecode in turn.
+  std::vector<absl::StatusOr<pipeline::GenerateResult>> DenoiseDecodeBatch(
+      std::vector<pipeline::EncodedPrompt> encoded,
+      const std::vector<pipeline::ProgressFn>& progress) override {
+    {
+      absl::MutexLock lock(&batches_mu_);
+      batches_.push_back(static_cast<int>(encoded.size()));
+    }
+    return Generator::DenoiseDecodeBatch(std::move(encoded), progress);
+  }
+  // The size of every DenoiseDecodeBatch call so far, in order.
+  std::vector<int> batches() const {
+    absl::MutexLock lock(&batches_mu_);
+    return batches_;
+  }
   std::string AppliedLoras() const override {
     absl::MutexLock lock(&applied_mu_);
     return applied_;
@@ -113,6 +129,8 @@ class FakeGenerator : public Generator {
  private:
   std::string tag_;
   std::atomic<bool> loaded_{false};
+  mutable absl::Mutex batches_mu_;
+  std::vector<int> batches_ ABSL_GUARDED_BY(batches_mu_);
   mutable absl::Mutex applied_mu_;
   std::string applied_ ABSL_GUARDED_BY(applied_mu_);  // the LoRA set merged
 };

@@ -3,7 +3,8 @@
 // next one's encoding runs beside the current denoise and the last one's PNG beside both. Every
 // job that was not cancelled gives the same bytes as the same job run alone (Generate, one at a
 // time), in the whole-graph and the regional transformer layouts; a cancel of the job being
-// denoised and of the job prefetched behind it loses no other job.
+// denoised and of the job prefetched behind it loses no other job. With batching (max_batch 2),
+// each job of a batch gets its own image and a job cancelled mid-batch loses no other.
 #include <chrono>
 #include <filesystem>
 #include <map>
@@ -169,6 +170,87 @@ TEST_P(OverlapTest, JobsInFlightGiveTheirAloneBytesAndCancelsLoseNoOtherJob) {
   EXPECT_EQ(metrics_->jobs_cancelled.Value(), 2);
   EXPECT_TRUE(worker.idle());
 }
+
+// Batching on the real pipeline (the batch-2 packages of packages-batch): four compatible jobs
+// run as two batches of two; one job is cancelled mid-batch. Every other job's PNG is exactly
+// the one its batch gives when the pipeline runs the same pair directly (DenoiseDecodeBatch,
+// nothing beside it), so no job is lost or mixed up, and the cancelled one's batch-mate runs on.
+class BatchOverlapTest : public OverlapTest {};
+
+TEST_P(BatchOverlapTest, BatchesGiveEachJobItsOwnImageAndACancelMidBatchLosesNoOther) {
+  const std::vector<kiln::v1::JobSpec> specs = {
+      Spec("a", "a lighthouse on a cliff at dusk", 7),
+      Spec("stop", "a bowl of ramen", 5),
+      Spec("c", "an owl reading a newspaper", 99),
+      Spec("d", "a lighthouse on a cliff at dusk", 8),
+  };
+  // The pipeline's own batches of (a, stop) and (c, d): the reference bytes.
+  std::map<std::string, std::string> reference;
+  for (size_t first : {0u, 2u}) {
+    std::vector<pipeline::EncodedPrompt> encoded;
+    for (size_t i = first; i < first + 2; ++i) {
+      auto plan = catalog_->Plan(specs[i]);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      auto e = pipeline_->EncodePrompt(plan->request);
+      ASSERT_TRUE(e.ok()) << e.status();
+      encoded.push_back(*std::move(e));
+    }
+    auto results = pipeline_->DenoiseDecodeBatch(std::move(encoded));
+    for (size_t i = 0; i < 2; ++i) {
+      ASSERT_TRUE(results[i].ok()) << results[i].status();
+      EXPECT_EQ(results[i]->batch, 2);
+      reference[specs[first + i].job_id()] =
+          *pipeline::EncodePng(results[i]->rgb.data(), results[i]->width, results[i]->height);
+    }
+  }
+  EXPECT_NE(reference["a"], reference["d"]);  // the seed matters: a mixed-up result would show
+
+  // The wait is long: each batch forms as soon as its second job is encoded.
+  Worker worker(*catalog_, *outbox_, *metrics_, clock_,
+                WorkerOptions{/*max_batch=*/2, /*batch_wait_ms=*/10000});
+  worker.Start();
+  for (const auto& spec : specs) ASSERT_TRUE(worker.Enqueue(MakeJob(spec)));
+  std::map<std::string, kiln::v1::JobResult> results;
+  std::map<std::string, int> last_step;
+  Worker::CancelOutcome cancel = Worker::CancelOutcome::kNotFound;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(300);
+  while (results.size() < specs.size() && std::chrono::steady_clock::now() < deadline) {
+    for (auto& env : outbox_->Drain()) {
+      if (env.has_result()) {
+        EXPECT_TRUE(results.emplace(env.result().job_id(), env.result()).second)
+            << "two results for " << env.result().job_id();
+        continue;
+      }
+      const auto& p = env.progress();
+      if (p.phase() != "denoising") continue;
+      last_step[p.job_id()] = static_cast<int>(p.step());
+      if (p.job_id() == "stop" && p.step() == 1) cancel = worker.Cancel("stop");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(results.size(), specs.size());
+  EXPECT_EQ(cancel, Worker::CancelOutcome::kStopping);
+  EXPECT_EQ(results["stop"].error_code(), "CANCELLED");
+  EXPECT_THAT(results["stop"].error(), ::testing::HasSubstr("cancelled by the coordinator after step"));
+  // Its batch-mate ran every step (that the cancelled job stops after the step it was in is
+  // tests/pipeline/flux_pipeline_test.cc's, where the cancel comes from inside the step).
+  EXPECT_EQ(last_step["a"], 4);
+  for (const char* id : {"a", "c", "d"}) {
+    ASSERT_TRUE(results[id].ok()) << id << ": " << results[id].error();
+    EXPECT_TRUE(results[id].png() == reference[id]) << id << ": differs from its batch's image";
+  }
+  const auto h = metrics_->batch_size.Add({{"model", "tiny"}}, NodeMetrics::BatchBuckets())
+                     .Collect().histogram;
+  EXPECT_EQ(h.sample_count, 2u);  // two batches of two
+  EXPECT_DOUBLE_EQ(h.sample_sum, 4);
+  EXPECT_EQ(metrics_->jobs_succeeded.Value(), 3);
+  EXPECT_EQ(metrics_->jobs_cancelled.Value(), 1);
+  EXPECT_TRUE(worker.idle());
+}
+
+INSTANTIATE_TEST_SUITE_P(Batch, BatchOverlapTest,
+                         ::testing::Values(Layout{"packages-batch", "{}"}),
+                         [](const auto&) { return "Whole"; });
 
 INSTANTIATE_TEST_SUITE_P(Layouts, OverlapTest,
                          ::testing::Values(Layout{"packages", "{}"},

@@ -86,6 +86,13 @@ class WorkerTest : public ::testing::Test {
     return done();
   }
 
+  // Replaces the worker by one with `options`.
+  void Restart(WorkerOptions options) {
+    worker_->Shutdown(/*cancel_running=*/true);
+    worker_ = std::make_unique<Worker>(catalog_, *outbox_, metrics_, clock_, options);
+    worker_->Start();
+  }
+
   prometheus::Registry registry_;
   FakeClock clock_;
   ModelCatalog catalog_;
@@ -414,6 +421,62 @@ TEST_F(WorkerTest, ShutdownWithCancelStopsARunningJob) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
   EXPECT_EQ(WaitResult("endless").error_code(), "CANCELLED");
   worker_->Shutdown(/*cancel_running=*/true);  // idempotent
+}
+
+TEST_F(WorkerTest, BatchesCompatibleEncodedJobsAndRunsTheOthersAlone) {
+  // j1 and j2 share a batch; j3 (another step count) cannot join j4. The wait ends early when
+  // the batch is full or the encoded jobs hold every slot; j4, alone at the end, waits 300 ms.
+  Restart(WorkerOptions{/*max_batch=*/2, /*batch_wait_ms=*/300});
+  gen_->step_time = std::chrono::milliseconds(5);
+  Job j1 = MakeJob("j1", 4), j2 = MakeJob("j2", 4), j3 = MakeJob("j3", 3), j4 = MakeJob("j4", 4);
+  j2.plan.request.seed = 20;  // per-job seeds stay per job
+  for (Job* j : {&j1, &j2, &j3, &j4}) ASSERT_TRUE(worker_->Enqueue(*j));
+  std::map<std::string, kiln::v1::JobResult> results;
+  for (const char* id : {"j1", "j2", "j3", "j4"}) results[id] = WaitResult(id);
+  for (const auto& [id, r] : results) ASSERT_TRUE(r.ok()) << id << ": " << r.error();
+  EXPECT_THAT(gen_->batches(), ElementsAre(2, 1, 1));
+  const std::vector<uint8_t> seed9(64 * 32 * 3, 9), seed20(64 * 32 * 3, 20);
+  EXPECT_EQ(results["j1"].png(), *pipeline::EncodePng(seed9.data(), 64, 32));
+  EXPECT_EQ(results["j2"].png(), *pipeline::EncodePng(seed20.data(), 64, 32));
+  auto& batch_size = metrics_.batch_size.Add({{"model", "tiny"}}, NodeMetrics::BatchBuckets());
+  const auto h = batch_size.Collect().histogram;
+  EXPECT_EQ(h.sample_count, 3u);
+  EXPECT_DOUBLE_EQ(h.sample_sum, 4);
+  EXPECT_EQ(metrics_.jobs_succeeded.Value(), 4);
+}
+
+TEST_F(WorkerTest, ABatchThatFailsFailsEachOfItsJobs) {
+  Restart(WorkerOptions{/*max_batch=*/2, /*batch_wait_ms=*/10000});
+  gen_->fail = absl::FailedPreconditionError("package abc: compiled by torch 2.0");
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j1", 2)));
+  ASSERT_TRUE(worker_->Enqueue(MakeJob("j2", 2)));
+  for (const char* id : {"j1", "j2"}) {
+    const auto r = WaitResult(id);
+    EXPECT_FALSE(r.ok()) << id;
+    EXPECT_EQ(r.error_code(), "FAILED_PRECONDITION") << id;
+    EXPECT_THAT(r.error(), HasSubstr("compiled by torch 2.0")) << id;
+  }
+  EXPECT_THAT(gen_->batches(), ElementsAre(2));  // the wait ended when the batch was full
+  EXPECT_EQ(metrics_.jobs_failed.Value(), 2);
+  EXPECT_TRUE(WaitUntil([&] { return worker_->idle(); }));
+}
+
+TEST_F(WorkerTest, WithoutBatchingEveryJobRunsAlone) {
+  for (const char* id : {"j1", "j2", "j3"}) ASSERT_TRUE(worker_->Enqueue(MakeJob(id, 2)));
+  for (const char* id : {"j1", "j2", "j3"}) ASSERT_TRUE(WaitResult(id).ok()) << id;
+  EXPECT_THAT(gen_->batches(), ElementsAre(1, 1, 1));
+}
+
+TEST(WorkerOptionsTest, BatchLimitsAreChecked) {
+  EXPECT_TRUE(WorkerOptions{}.Validate().ok());
+  EXPECT_TRUE((WorkerOptions{4, 10000}).Validate().ok());
+  for (const WorkerOptions& bad : {WorkerOptions{0, 0}, WorkerOptions{5, 0}, WorkerOptions{2, -1},
+                                   WorkerOptions{2, 10001}}) {
+    const auto s = bad.Validate();
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(s.message(), HasSubstr(bad.max_batch < 1 || bad.max_batch > 4 ? "max_batch"
+                                                                              : "batch_wait_ms"));
+  }
 }
 
 TEST(ColdStartOfTest, TotalIsTheSumOfTheReadinessPhases) {

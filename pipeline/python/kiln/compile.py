@@ -83,7 +83,7 @@ def toolchain(target: str) -> dict:
 def component_bucket(component: str, config: dict, batch: int, height: int, width: int,
                      text_len: int) -> ak.Bucket:
     """The bucket fields a component's package depends on; must match the C++ pipeline's
-    ComponentBucket() (pipeline/flux_pipeline.cc)."""
+    KeyPolicy::BucketFor() (pipeline/key_policy.cc)."""
     if component == "text_encoder":
         return ak.Bucket(batch=batch, text_len=int(config["max_position_embeddings"]))
     if component == "text_encoder_2":

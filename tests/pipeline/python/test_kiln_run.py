@@ -232,3 +232,54 @@ def test_bad_compile_options_are_refused(tmp_path):
                        '{"fuse_qvk": true}', packages=str(tmp_path / "local"), compile_=True)
     assert unknown.returncode != 0
     assert b"unknown option 'fuse_qvk'" in unknown.stderr, unknown.stderr
+
+
+def _pixels(path) -> "list[int]":
+    from PIL import Image
+    with Image.open(path) as im:
+        return list(im.convert("RGB").tobytes())
+
+
+def _assert_same_image(batched, alone) -> None:
+    """A batched job's image against the same job alone: within one level of 255 on at most 0.1%
+    of the bytes (the batched GEMMs round differently; tests/pipeline/flux_pipeline_test.cc)."""
+    a, b = _pixels(batched), _pixels(alone)
+    assert len(a) == len(b)
+    diffs = [abs(x - y) for x, y in zip(a, b) if x != y]
+    assert max(diffs, default=0) <= 1, (batched, alone, max(diffs))
+    assert len(diffs) <= len(a) // 1000, (batched, alone, len(diffs))
+
+
+def test_batch_runs_seeds_as_one_batch_and_each_image_is_the_job_alone(tmp_path):
+    batch_packages = os.path.join(TESTDATA, "packages-batch")
+    if not os.path.isdir(batch_packages):
+        pytest.skip("needs the batch fixture made by scripts/test.sh")
+    fixture = json.load(open(os.path.join(TESTDATA, "batch.json")))
+    assert fixture["batch"] == 2
+    assert fixture["packages"]["transformer"] == "compiled"  # bucket batch 2, on a miss
+    assert fixture["packages"]["vae_decoder"] == "compiled"
+    assert fixture["packages"]["text_encoder"] == "local"    # text encoders stay batch 1
+    assert [i["seed"] for i in fixture["images"]] == [7, 8]
+    out = tmp_path / "b.png"
+    again = ok_json(kiln_run(*FIXTURE_ARGS, "--batch", "2", "--out", str(out),
+                             packages=batch_packages))
+    assert set(again["packages"].values()) == {"local"}
+    assert [i["image"] for i in again["images"]] == [str(tmp_path / "b-0.png"),
+                                                     str(tmp_path / "b-1.png")]
+    for i in range(2):  # deterministic: the fixture's bytes again
+        assert (tmp_path / f"b-{i}.png").read_bytes() == \
+            open(os.path.join(TESTDATA, f"batch-{i}.png"), "rb").read()
+    _assert_same_image(tmp_path / "b-0.png", os.path.join(TESTDATA, "first.png"))
+    args = list(FIXTURE_ARGS)
+    args[args.index("--seed") + 1] = "8"
+    ok_json(kiln_run(*args, "--out", str(tmp_path / "seed8.png")))
+    _assert_same_image(tmp_path / "b-1.png", tmp_path / "seed8.png")
+    with pytest.raises(AssertionError):  # the bound tells the two jobs apart
+        _assert_same_image(tmp_path / "b-1.png", os.path.join(TESTDATA, "first.png"))
+
+
+@pytest.mark.parametrize("batch", ["0", "17"])
+def test_batch_out_of_range_is_refused(tmp_path, batch):
+    proc = kiln_run(*FIXTURE_ARGS, "--batch", batch, "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2, proc.stderr
+    assert f"--batch {batch}: not in 1..16".encode() in proc.stderr
