@@ -1,5 +1,7 @@
 #include "parallel/weight_broadcast.h"
 
+#include <torch/cuda.h>
+
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -194,6 +196,15 @@ absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
   }
   if (in_flight) {
     if (absl::Status s = group.Wait(in_flight); !s.ok()) return s;
+  }
+  if (group.device().is_cuda()) {
+    // NCCL's Wait orders the caller's stream after the collective without blocking the host:
+    // the time is taken once the tensors are on every GPU.
+    try {
+      torch::cuda::synchronize(group.device().index());
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("rank ", group.rank(), ": ", ExceptionMessage(e)));
+    }
   }
   result.seconds = SecondsSince(start);
   return result;
