@@ -1,24 +1,27 @@
-// Experiment (issue 15, item 2), the C++ half: run the package that bench/sp/aoti_all_to_all.py
-// wrote (a block with _c10d_functional.all_to_all_single) from LibTorch alone, as kiln's nodes
-// run packages (torch::inductor::AOTIModelPackageLoader), one rank per process, the group made
-// and registered by parallel::ProcessGroup (gloo over loopback on the CPU).
+// Experiment (issue 15, item 2), the C++ half: run a package with a functional all-to-all
+// (`_c10d_functional.all_to_all_single`) from LibTorch alone, as kiln's nodes run packages
+// (torch::inductor::AOTIModelPackageLoader), one rank per process, the group made and registered
+// by parallel::ProcessGroup (gloo over loopback on the CPU). Packages and inputs come from
+//   bench/sp/aoti_all_to_all.py DIR N   block.pt2 (linear -> all-to-all -> linear), shared
+//   bench/aoti_collectives.py --out DIR  block-rank<R>.pt2, a flux-tiny SP DoubleStreamBlock
+// each of which writes rank<R>.safetensors: the inputs in0, in1, ... and `want`, the rank's
+// share of the reference output (eager sharded, or the single-process block's token shard).
 //
 // The package names its process group by the string baked in at export ("0", Python's WORLD)
 // and the op resolves that name through c10d's group registry at run time. Each rank first runs
 // the package with no group registered (refused, catchable), then joins the group registered
-// under "0", runs its own input and compares with the eager output the script wrote for it.
+// under "0", runs its inputs and compares output 0 with `want`.
 //
-// Usage: kiln-sp-a2a-run DIR --world N --rank R [--port_file FILE]
-//   DIR: the Python script's output for WORLD = N (block.pt2, rank<R>.in.f32, rank<R>.want.f32).
+// Usage: kiln-sp-a2a-run DIR --world N --rank R [--port_file FILE] [--package block.pt2]
+//            [--tolerance 1e-5]
+//   --package: file name in DIR; "{rank}" is replaced by R (block-rank{rank}.pt2).
 //   Rank 0 binds an ephemeral port and writes it to --port_file; the others read it there.
-// Prints one line per rank; exit status 0 when the package's output equals eager within 1e-5.
+// Prints one line per stage; exit status 0 when max|out - want| / max|want| <= --tolerance.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
 #include <cstdio>
-#include <cstring>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,28 +29,44 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
 #include "common/exit.h"
 #include "common/files.h"
 #include "common/flags.h"
 #include "common/stopwatch.h"
 #include "parallel/process_group.h"
+#include "pipeline/safetensors.h"
+#include "pipeline/weights.h"
 
 ABSL_FLAG(int, world, 1, "ranks");
 ABSL_FLAG(int, rank, 0, "this process's rank");
 ABSL_FLAG(std::string, port_file, "", "rank 0 writes its store port here; the others read it");
+ABSL_FLAG(std::string, package, "block.pt2", "package file in DIR ({rank}: this rank)");
+ABSL_FLAG(double, tolerance, 1e-5, "largest max|out - want| / max|want| accepted");
 
 namespace {
 
-absl::StatusOr<at::Tensor> ReadF32(const std::string& path, std::vector<int64_t> shape) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  auto t = torch::empty(shape, torch::kFloat32);
-  if (bytes.size() != static_cast<size_t>(t.nbytes())) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", bytes.size(), " bytes, want ", t.nbytes()));
+// The inputs in0, in1, ... (in order) and `want` of rank<R>.safetensors, copied out of the file.
+absl::Status ReadInputs(const std::string& path, std::vector<at::Tensor>* inputs, at::Tensor* want) {
+  auto set = kiln::pipeline::WeightSet::OpenFiles({path});
+  if (!set.ok()) return set.status();
+  auto load = [&](const std::string& name) -> absl::StatusOr<at::Tensor> {
+    auto view = (*set)->Require(name);
+    if (!view.ok()) return view.status();
+    auto t = kiln::pipeline::TensorFromView(**view);
+    if (!t.ok()) return t.status();
+    return t->clone();
+  };
+  for (size_t i = 0; (*set)->Find(absl::StrCat("in", i)) != nullptr; ++i) {
+    auto t = load(absl::StrCat("in", i));
+    if (!t.ok()) return t.status();
+    inputs->push_back(*t);
   }
-  std::memcpy(t.data_ptr(), bytes.data(), bytes.size());
-  return t;
+  auto w = load("want");
+  if (!w.ok()) return w.status();
+  *want = *w;
+  return inputs->empty() ? absl::InvalidArgumentError(absl::StrCat(path, ": no input in0")) : absl::OkStatus();
 }
 
 absl::StatusOr<int> WaitForPort(const std::string& path, double timeout) {
@@ -66,7 +85,8 @@ absl::StatusOr<int> WaitForPort(const std::string& path, double timeout) {
 
 int main(int argc, char** argv) {
   const std::vector<std::string> rest =
-      kiln::ParseFlagsOrExit(argc, argv, "kiln-sp-a2a-run", "kiln-sp-a2a-run DIR --world N --rank R [--port_file F]");
+      kiln::ParseFlagsOrExit(argc, argv, "kiln-sp-a2a-run",
+                             "kiln-sp-a2a-run DIR --world N --rank R [--port_file F] [--package P]");
   if (rest.size() != 2) return kiln::FailMain(absl::InvalidArgumentError("expected one argument, DIR"));
   const std::string dir = rest[1];
   kiln::parallel::GroupOptions options;
@@ -81,14 +101,17 @@ int main(int argc, char** argv) {
     if (!port.ok()) return kiln::FailMain(port.status());
     options.port = *port;
   }
-  auto x = ReadF32(absl::StrCat(dir, "/rank", options.rank, ".in.f32"), {4, 8});
-  auto want = ReadF32(absl::StrCat(dir, "/rank", options.rank, ".want.f32"), {4, 8});
-  if (!x.ok()) return kiln::FailMain(x.status());
-  if (!want.ok()) return kiln::FailMain(want.status());
+  std::vector<at::Tensor> inputs;
+  at::Tensor want;
+  if (auto s = ReadInputs(absl::StrCat(dir, "/rank", options.rank, ".safetensors"), &inputs, &want); !s.ok()) {
+    return kiln::FailMain(s);
+  }
+  const std::string package =
+      absl::StrReplaceAll(absl::GetFlag(FLAGS_package), {{"{rank}", absl::StrCat(options.rank)}});
   try {
-    torch::inductor::AOTIModelPackageLoader loader(dir + "/block.pt2", "model");
+    torch::inductor::AOTIModelPackageLoader loader(dir + "/" + package, "model");
     try {  // no group registered under "0" yet
-      loader.run({*x});
+      loader.run(inputs);
       std::printf("[rank %d] without a registered group: ran (unexpected)\n", options.rank);
       return 1;
     } catch (const std::exception& e) {
@@ -98,11 +121,11 @@ int main(int argc, char** argv) {
     }
     auto group = kiln::parallel::ProcessGroup::Create(options);
     if (!group.ok()) return kiln::FailMain(group.status());
-    auto got = loader.run({*x});
-    double err = (got.at(0) - *want).abs().max().item<double>();
-    std::printf("[rank %d] group '0' of %d ranks (gloo) registered: ran; max|package - eager| = %.3e\n",
-                options.rank, options.world_size, err);
-    return err < 1e-5 ? 0 : 1;
+    auto got = loader.run(inputs);
+    const double err = ((got.at(0) - want).abs().max() / want.abs().max()).item<double>();
+    std::printf("[rank %d] group '0' of %d ranks (gloo) registered: ran %s; max|out - want| / max|want| = %.2e\n",
+                options.rank, options.world_size, package.c_str(), err);
+    return err <= absl::GetFlag(FLAGS_tolerance) ? 0 : 1;
   } catch (const std::exception& e) {
     return kiln::FailMain(absl::InternalError(kiln::parallel::ExceptionMessage(e)));
   }
