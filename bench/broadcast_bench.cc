@@ -14,22 +14,18 @@
 // Rank 0 with --port 0 (the default) binds an ephemeral port and writes it to --port_file; the
 // other ranks read it from there (waiting up to --timeout) or take --port.
 // Exit status: 0 ok, 2 bad input, 1 other failure (a peer, a timeout, a refused checkpoint).
-#include <fstream>
 #include <iostream>
 #include <string>
-#include <thread>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/strip.h"
 #include "common/exit.h"
-#include "common/files.h"
 #include "common/flags.h"
 #include "common/log.h"
-#include "common/log_flags.h"
 #include "common/stopwatch.h"
+#include "common/log_flags.h"
 #include "nlohmann/json.hpp"
+#include "parallel/port_file.h"
 #include "parallel/process_group.h"
 #include "parallel/weight_broadcast.h"
 #include "pipeline/weights.h"
@@ -45,28 +41,6 @@ ABSL_FLAG(std::string, device, "cpu", "cpu (gloo) or cuda:<index> (NCCL)");
 ABSL_FLAG(std::string, expect_digest, "", "manifest digest this rank expects (empty: any)");
 ABSL_FLAG(std::string, save, "", "write the tensors received to this .safetensors file");
 ABSL_FLAG(double, timeout, 60, "seconds allowed for joining and for each collective");
-
-namespace {
-
-// The port rank 0 wrote to `path`, polled every 10 ms for up to `timeout` seconds.
-absl::StatusOr<int> ReadPort(const std::string& path, double timeout) {
-  const kiln::SteadyTime start = kiln::SteadyNow();
-  while (true) {
-    std::ifstream in(path);
-    std::string text;
-    int port = 0;
-    if (std::getline(in, text) && absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &port) && port > 0) {
-      return port;
-    }
-    if (kiln::SecondsSince(start) > timeout) {
-      return absl::DeadlineExceededError(absl::StrCat("--port_file ", path, ": no port from rank 0 within ",
-                                                      timeout, " s"));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   const kiln::SteadyTime t_main = kiln::SteadyNow();
@@ -87,12 +61,12 @@ int main(int argc, char** argv) {
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (group_options.rank == 0 && !port_file.empty()) {
     group_options.on_listen = [&](int port) {
-      if (auto s = kiln::WriteFileAtomically(port_file, absl::StrCat(port, "\n")); !s.ok()) {
+      if (auto s = kiln::parallel::WritePortFile(port_file, port); !s.ok()) {
         kiln::LogError("main", absl::StrCat("cannot write --port_file: ", s.message()));
       }
     };
   } else if (group_options.rank != 0 && group_options.port == 0 && !port_file.empty()) {
-    auto port = ReadPort(port_file, group_options.timeout_seconds);
+    auto port = kiln::parallel::WaitForPortFile(port_file, group_options.timeout_seconds);
     if (!port.ok()) return kiln::FailMain(port.status(), kiln::ExitContext::kCommand);
     group_options.port = *port;
   }

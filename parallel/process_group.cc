@@ -10,6 +10,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #endif
 #if KILN_WITH_NCCL
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -112,10 +113,12 @@ absl::Status Join(c10d::Store& store, const GroupOptions& o) {
     if (!status.ok() && !joined.empty()) WaitKeys(store, joined, o.timeout_seconds, &reason);
     return status;
   }
+  // Rank 0 may itself wait the whole timeout for a missing rank before it judges: wait twice as
+  // long, so that its verdict, not this rank's own clock, says what went wrong.
   std::string reason;
-  if (!WaitKeys(store, {verdict_key}, o.timeout_seconds, &reason).empty()) {
+  if (!WaitKeys(store, {verdict_key}, 2 * o.timeout_seconds, &reason).empty()) {
     return absl::DeadlineExceededError(absl::StrCat("rank ", o.rank, ": no verdict from rank 0 within ",
-                                                    o.timeout_seconds, " s (", reason, ")"));
+                                                    2 * o.timeout_seconds, " s (", reason, ")"));
   }
   std::string verdict = ToString(store.get(verdict_key));
   store.set(read_key(o.rank), ToBytes("1"));
@@ -172,6 +175,9 @@ absl::Status GroupOptions::Validate() const {
   try {
     c10::Device d(device);
     if (!d.is_cpu() && !d.is_cuda()) return absl::InvalidArgumentError(absl::StrCat("device: ", device, " (cpu or cuda:<index>)"));
+    if (d.is_cuda() && !d.has_index()) {
+      return absl::InvalidArgumentError(absl::StrCat("device: ", device, " needs an index (cuda:<index>: this rank's GPU)"));
+    }
   } catch (const std::exception&) {
     return absl::InvalidArgumentError(absl::StrCat("device: '", device, "' is not a device (cpu or cuda:<index>)"));
   }
@@ -237,6 +243,8 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(const GroupOp
 #endif
 #if KILN_WITH_NCCL
     if (device.is_cuda()) {
+      // NCCL's communicator and the collectives' streams belong to the current device.
+      c10::cuda::set_device(device.index());
       auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
       nccl_options->timeout = timeout;
       auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(

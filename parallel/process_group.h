@@ -53,9 +53,12 @@ struct GroupOptions {
   // were exported with ("0", Python's WORLD, for bench/sp's packages). Empty: not registered.
   std::string group_name = "0";
   // Bound on joining (store connection, every rank's arrival) and on each collective, seconds.
+  // Ranks other than 0 wait up to twice this for rank 0's verdict on the join (rank 0 may spend
+  // the whole timeout waiting for a missing rank before it judges).
   double timeout_seconds = 60;
   // Called on rank 0 with the bound port once the store listens, before waiting for the others
-  // (a launcher that passed port 0 hands the port to the other ranks from here).
+  // (a launcher that passed port 0 hands the port to the other ranks from here, e.g. with
+  // parallel/port_file.h). A world of one needs no store: it is called with 0.
   std::function<void(int port)> on_listen;
 
   absl::Status Validate() const;

@@ -21,20 +21,15 @@
 #include <torch/torch.h>
 
 #include <cstdio>
-#include <fstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
-#include "absl/strings/strip.h"
 #include "common/exit.h"
-#include "common/files.h"
 #include "common/flags.h"
-#include "common/stopwatch.h"
+#include "parallel/port_file.h"
 #include "parallel/process_group.h"
 #include "pipeline/safetensors.h"
 #include "pipeline/weights.h"
@@ -69,18 +64,6 @@ absl::Status ReadInputs(const std::string& path, std::vector<at::Tensor>* inputs
   return inputs->empty() ? absl::InvalidArgumentError(absl::StrCat(path, ": no input in0")) : absl::OkStatus();
 }
 
-absl::StatusOr<int> WaitForPort(const std::string& path, double timeout) {
-  const kiln::SteadyTime start = kiln::SteadyNow();
-  for (;;) {
-    std::ifstream in(path);
-    std::string text;
-    int port = 0;
-    if (std::getline(in, text) && absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &port) && port > 0) return port;
-    if (kiln::SecondsSince(start) > timeout) return absl::DeadlineExceededError(absl::StrCat("no port in ", path));
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -95,9 +78,11 @@ int main(int argc, char** argv) {
   options.group_name = "0";  // the name the package was exported with
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (options.rank == 0) {
-    options.on_listen = [&](int port) { (void)kiln::WriteFileAtomically(port_file, absl::StrCat(port, "\n")); };
+    options.on_listen = [&](int port) {
+      if (auto s = kiln::parallel::WritePortFile(port_file, port); !s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
+    };
   } else {
-    auto port = WaitForPort(port_file, options.timeout_seconds);
+    auto port = kiln::parallel::WaitForPortFile(port_file, options.timeout_seconds);
     if (!port.ok()) return kiln::FailMain(port.status());
     options.port = *port;
   }

@@ -90,6 +90,8 @@ TEST(GroupOptionsTest, NamesTheBadField) {
   EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("device: 'tpu'"));
   o.device = "meta";
   EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("device: meta"));
+  o.device = "cuda";
+  EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("device: cuda needs an index"));
   // Create checks the options too, before touching the network.
   EXPECT_EQ(ProcessGroup::Create(Options(2, 2, 1)).status().code(), absl::StatusCode::kInvalidArgument);
 }
