@@ -286,7 +286,8 @@ absl::Status ProcessGroup::Wait(const c10::intrusive_ptr<c10d::Work>& work) {
     }
     return absl::OkStatus();
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("rank ", rank(), ": collective failed: ", ExceptionMessage(e)));
+    return absl::InternalError(absl::StrCat("rank ", rank(), ": collective failed (a peer gone, or not done within ",
+                                            options_.timeout_seconds, " s): ", ExceptionMessage(e)));
   }
 }
 
@@ -322,14 +323,6 @@ absl::StatusOr<std::vector<at::Tensor>> ProcessGroup::AllGather(const at::Tensor
     return out[0];
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("rank ", rank(), ": all-gather failed: ", ExceptionMessage(e)));
-  }
-}
-
-absl::Status ProcessGroup::Barrier() {
-  try {
-    return Wait(group_->barrier());
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("rank ", rank(), ": barrier failed: ", ExceptionMessage(e)));
   }
 }
 

@@ -15,8 +15,9 @@
 //   FailedPrecondition  a rank that joined with another world size, or twice with one rank
 //                       (every rank of the group fails, each naming the offender)
 //   Unimplemented       a CUDA group in a build without NCCL, a CPU one without gloo
-// Collectives (Broadcast, AllGather, Barrier) return Internal / DeadlineExceeded on a backend
-// error or a peer that is gone; LibTorch's exceptions never leave this class.
+// Collectives (Broadcast, AllGather) return Internal on a backend error or a peer that is gone
+// or silent (gloo notices a silent peer only at the timeout: bounded by `timeout_seconds`);
+// LibTorch's exceptions never leave this class.
 //
 // Threads: Create blocks the calling thread until every rank joined. One thread issues a group's
 // collectives, in the same order on every rank (c10d's contract). The registry entry is removed
@@ -92,7 +93,6 @@ class ProcessGroup {
   absl::Status Wait(const c10::intrusive_ptr<c10d::Work>& work);
   // Every rank's `tensor` (same shape and dtype on every rank), in rank order.
   absl::StatusOr<std::vector<at::Tensor>> AllGather(const at::Tensor& tensor);
-  absl::Status Barrier();
 
  private:
   ProcessGroup(GroupOptions options, c10::Device device)

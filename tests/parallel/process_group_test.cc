@@ -195,5 +195,29 @@ TEST(ProcessGroupTest, ThreeRanksGatherAndBroadcast) {
   for (auto& f : futures) EXPECT_EQ(f.get(), "10 11 12 10");
 }
 
+TEST(ProcessGroupTest, APeerThatNeverTakesPartFailsTheCollectiveWithinTheTimeout) {
+  if (!HasGloo()) GTEST_SKIP() << "no gloo in this build";
+  std::promise<void> done;
+  std::future<absl::Status> peer;
+  GroupOptions o0 = Options(0, 2, 0, 1.0);
+  o0.on_listen = [&](int port) {
+    peer = std::async(std::launch::async, [&, port] {
+      auto g = ProcessGroup::Create(Options(1, 2, port, 1.0));
+      done.get_future().wait();  // joined, but never calls the broadcast
+      return g.status();
+    });
+  };
+  auto g0 = ProcessGroup::Create(o0);
+  ASSERT_TRUE(g0.ok()) << g0.status();
+  at::Tensor t = torch::arange(1000, torch::kFloat32);
+  const SteadyTime start = SteadyNow();
+  absl::Status s = (*g0)->Broadcast(t);
+  EXPECT_LT(SecondsSince(start), 10.0);
+  done.set_value();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("rank 0: collective failed (a peer gone, or not done within 1 s)"));
+  EXPECT_TRUE(peer.get().ok());
+}
+
 }  // namespace
 }  // namespace kiln::parallel
