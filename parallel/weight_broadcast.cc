@@ -18,7 +18,7 @@ constexpr size_t kDigestChars = 64;  // hex SHA-256
 
 struct Entry {
   std::string name;
-  pipeline::DType dtype = pipeline::DType::kU8;
+  at::ScalarType type = at::kByte;
   std::vector<int64_t> shape;
   uint64_t nbytes = 0;
 };
@@ -35,26 +35,6 @@ nlohmann::json ManifestOf(const pipeline::WeightSet& set) {
   return {{"tensors", tensors}};
 }
 
-absl::StatusOr<std::vector<Entry>> ParseManifest(const std::string& text) {
-  std::vector<Entry> entries;
-  try {
-    const nlohmann::json manifest = nlohmann::json::parse(text);
-    for (const auto& t : manifest.at("tensors")) {
-      Entry e;
-      e.name = t.at("name").get<std::string>();
-      auto dtype = pipeline::ParseDType(t.at("dtype").get<std::string>());
-      if (!dtype) return absl::DataLossError(absl::StrCat("manifest: tensor ", e.name, ": unknown dtype"));
-      e.dtype = *dtype;
-      e.shape = t.at("shape").get<std::vector<int64_t>>();
-      e.nbytes = t.at("nbytes").get<uint64_t>();
-      entries.push_back(std::move(e));
-    }
-  } catch (const std::exception& e) {
-    return absl::DataLossError(absl::StrCat("manifest does not parse: ", e.what()));
-  }
-  return entries;
-}
-
 // The torch dtype of a safetensors dtype, by the loader's own mapping: TensorFromView of an empty
 // view allocates an empty tensor of that dtype.
 absl::StatusOr<at::ScalarType> TorchTypeOf(pipeline::DType dtype) {
@@ -64,6 +44,31 @@ absl::StatusOr<at::ScalarType> TorchTypeOf(pipeline::DType dtype) {
   auto t = pipeline::TensorFromView(none);
   if (!t.ok()) return t.status();
   return t->scalar_type();
+}
+
+absl::StatusOr<std::vector<Entry>> ParseManifest(const std::string& text) {
+  std::vector<Entry> entries;
+  try {
+    const nlohmann::json manifest = nlohmann::json::parse(text);
+    for (const auto& t : manifest.at("tensors")) {
+      Entry e;
+      e.name = t.at("name").get<std::string>();
+      const std::string dtype_name = t.at("dtype").get<std::string>();
+      auto dtype = pipeline::ParseDType(dtype_name);
+      if (!dtype) return absl::DataLossError(absl::StrCat("manifest: tensor ", e.name, ": unknown dtype ", dtype_name));
+      // Checked here, before any tensor moves: a dtype LibTorch cannot hold fails every rank now
+      // rather than one rank in the middle of the broadcasts.
+      auto type = TorchTypeOf(*dtype);
+      if (!type.ok()) return absl::Status(type.status().code(), absl::StrCat("tensor ", e.name, ": ", type.status().message()));
+      e.type = *type;
+      e.shape = t.at("shape").get<std::vector<int64_t>>();
+      e.nbytes = t.at("nbytes").get<uint64_t>();
+      entries.push_back(std::move(e));
+    }
+  } catch (const std::exception& e) {
+    return absl::DataLossError(absl::StrCat("manifest does not parse: ", e.what()));
+  }
+  return entries;
 }
 
 // A flat byte view of a contiguous tensor (what is broadcast, whatever the dtype).
@@ -149,7 +154,7 @@ absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
     } else if (!options.expected_digest.empty() && options.expected_digest != result.digest) {
       mine = absl::FailedPreconditionError(absl::StrCat(
           "rank ", group.rank(), " expects checkpoint manifest ", options.expected_digest,
-          ", rank 0 read ", result.digest, root ? std::string() : absl::StrCat(" (", options.dir, ")")));
+          ", rank 0 read ", result.digest));
     } else {
       auto parsed = ParseManifest(manifest);
       if (parsed.ok()) entries = std::move(*parsed);
@@ -171,16 +176,16 @@ absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
   // 3. The tensors, one broadcast in flight while the next is read or allocated.
   c10::intrusive_ptr<c10d::Work> in_flight;
   for (const Entry& e : entries) {
-    auto tensor = Attempt(e.name.c_str(), [&]() -> at::Tensor {
-      if (root) {
-        auto host = pipeline::TensorFromView(*set->Find(e.name));
-        if (!host.ok()) throw std::runtime_error(std::string(host.status().message()));
-        return host->to(group.device(), host->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-      }
-      auto dtype = TorchTypeOf(e.dtype);
-      if (!dtype.ok()) throw std::runtime_error(std::string(dtype.status().message()));
-      return torch::empty(e.shape, on_device.dtype(*dtype));
-    });
+    absl::StatusOr<at::Tensor> tensor;
+    if (root) {
+      auto host = pipeline::TensorFromView(*set->Find(e.name));
+      if (!host.ok()) return host.status();
+      tensor = Attempt(e.name.c_str(), [&] {
+        return host->to(group.device(), e.type, /*non_blocking=*/false, /*copy=*/true);
+      });
+    } else {
+      tensor = Attempt(e.name.c_str(), [&] { return torch::empty(e.shape, on_device.dtype(e.type)); });
+    }
     if (!tensor.ok()) return tensor.status();
     if (e.nbytes > 0) {
       at::Tensor bytes = ByteView(*tensor);

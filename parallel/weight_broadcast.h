@@ -14,7 +14,9 @@
 //      support), one broadcast in flight while the next tensor is read (rank 0) or allocated.
 // Errors: FailedPrecondition (rank 0 could not read the checkpoint; a digest mismatch, naming the
 // ranks that refused and both digests on the refusing rank); DataLoss (a manifest whose digest
-// does not match its bytes, or that does not parse); the ProcessGroup's collective errors.
+// does not match its bytes, or that does not parse); Unimplemented (a dtype LibTorch has no type
+// for, found in the manifest check: every rank fails before any tensor moves); the
+// ProcessGroup's collective errors.
 //
 // Threads: the caller's; the group's collectives must not be interleaved with another thread's.
 #pragma once
