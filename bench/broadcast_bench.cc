@@ -22,8 +22,8 @@
 #include "common/exit.h"
 #include "common/flags.h"
 #include "common/log.h"
-#include "common/stopwatch.h"
 #include "common/log_flags.h"
+#include "common/stopwatch.h"
 #include "nlohmann/json.hpp"
 #include "parallel/port_file.h"
 #include "parallel/process_group.h"
@@ -47,9 +47,11 @@ int main(int argc, char** argv) {
   const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
       argc, argv, "kiln-broadcast-bench",
       "kiln-broadcast-bench --model DIR --world N --rank R [--port P | --port_file FILE] [flags]");
-  if (auto s = kiln::InitLoggingFromFlags("kiln-broadcast-bench"); !s.ok()) return kiln::FailMain(s);
+  if (auto s = kiln::InitLoggingFromFlags("kiln-broadcast-bench"); !s.ok())
+    return kiln::FailMain(s);
   if (rest.size() > 1) {
-    return kiln::FailMain(absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
+    return kiln::FailMain(
+        absl::InvalidArgumentError(absl::StrCat("unexpected argument '", rest[1], "'")));
   }
   kiln::parallel::GroupOptions group_options;
   group_options.address = absl::GetFlag(FLAGS_address);
@@ -79,7 +81,8 @@ int main(int argc, char** argv) {
 
   kiln::parallel::BroadcastOptions load;
   const std::string component = absl::GetFlag(FLAGS_component);
-  load.dir = absl::StrCat(absl::GetFlag(FLAGS_model), "/", kiln::pipeline::ComponentWeights::FolderFor(component));
+  load.dir = absl::StrCat(absl::GetFlag(FLAGS_model), "/",
+                          kiln::pipeline::ComponentWeights::FolderFor(component));
   load.stem = kiln::pipeline::ComponentWeights::StemFor(component);
   load.expected_digest = absl::GetFlag(FLAGS_expect_digest);
   auto result = kiln::parallel::BroadcastWeights(**group, load);

@@ -22,7 +22,8 @@ absl::StatusOr<int> WaitForPortFile(const std::string& path, double timeout_seco
     std::ifstream in(path);
     std::string text;
     int port = 0;
-    if (std::getline(in, text) && absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &port) && port > 0) {
+    if (std::getline(in, text) && absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &port) &&
+        port > 0) {
       return port;
     }
     if (SecondsSince(start) > timeout_seconds) {

@@ -11,6 +11,7 @@
 #endif
 #if KILN_WITH_NCCL
 #include <c10/cuda/CUDAFunctions.h>
+
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -102,11 +103,12 @@ absl::Status Join(c10d::Store& store, const GroupOptions& o) {
     if (!wrong.empty()) {
       status = absl::FailedPreconditionError(absl::StrCat(
           "world size mismatch: rank 0 has ", o.world_size, ", ", absl::StrJoin(wrong, "; "),
-          absent.empty() ? "" : absl::StrCat(" (rank(s) ", absl::StrJoin(absent, ", "), " absent)")));
+          absent.empty() ? ""
+                         : absl::StrCat(" (rank(s) ", absl::StrJoin(absent, ", "), " absent)")));
     } else if (!absent.empty()) {
-      status = absl::DeadlineExceededError(absl::StrCat("rank(s) ", absl::StrJoin(absent, ", "), " of ",
-                                                        o.world_size, " did not join within ",
-                                                        o.timeout_seconds, " s (", reason, ")"));
+      status = absl::DeadlineExceededError(
+          absl::StrCat("rank(s) ", absl::StrJoin(absent, ", "), " of ", o.world_size,
+                       " did not join within ", o.timeout_seconds, " s (", reason, ")"));
     }
     store.set(verdict_key, ToBytes(status.ok() ? absl::StrCat("ok ", o.world_size)
                                                : std::string(status.message())));
@@ -117,7 +119,8 @@ absl::Status Join(c10d::Store& store, const GroupOptions& o) {
   // long, so that its verdict, not this rank's own clock, says what went wrong.
   std::string reason;
   if (!WaitKeys(store, {verdict_key}, 2 * o.timeout_seconds, &reason).empty()) {
-    return absl::DeadlineExceededError(absl::StrCat("rank ", o.rank, ": no verdict from rank 0 within ",
+    return absl::DeadlineExceededError(absl::StrCat("rank ", o.rank,
+                                                    ": no verdict from rank 0 within ",
                                                     2 * o.timeout_seconds, " s (", reason, ")"));
   }
   std::string verdict = ToString(store.get(verdict_key));
@@ -125,7 +128,8 @@ absl::Status Join(c10d::Store& store, const GroupOptions& o) {
   absl::string_view rest = verdict;
   int64_t theirs = 0;
   if (!absl::ConsumePrefix(&rest, "ok ") || !absl::SimpleAtoi(rest, &theirs)) {
-    return absl::FailedPreconditionError(absl::StrCat("rank ", o.rank, ": rank 0 refused the group: ", verdict));
+    return absl::FailedPreconditionError(
+        absl::StrCat("rank ", o.rank, ": rank 0 refused the group: ", verdict));
   }
   if (theirs != o.world_size) {
     return absl::FailedPreconditionError(absl::StrCat("world size mismatch: rank 0 has ", theirs,
@@ -161,25 +165,34 @@ bool HasNccl() {
 }
 
 absl::Status GroupOptions::Validate() const {
-  if (world_size < 1) return absl::InvalidArgumentError(absl::StrCat("world_size: ", world_size, " (must be >= 1)"));
+  if (world_size < 1)
+    return absl::InvalidArgumentError(absl::StrCat("world_size: ", world_size, " (must be >= 1)"));
   if (rank < 0 || rank >= world_size) {
-    return absl::InvalidArgumentError(absl::StrCat("rank: ", rank, " is out of range for world size ", world_size,
+    return absl::InvalidArgumentError(absl::StrCat("rank: ", rank,
+                                                   " is out of range for world size ", world_size,
                                                    " (0..", world_size - 1, ")"));
   }
-  if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("port: ", port, " (0..65535)"));
+  if (port < 0 || port > 65535)
+    return absl::InvalidArgumentError(absl::StrCat("port: ", port, " (0..65535)"));
   if (port == 0 && rank != 0 && world_size > 1) {
-    return absl::InvalidArgumentError(absl::StrCat("port: rank ", rank, " needs rank 0's port (0 = ephemeral is rank 0's alone)"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "port: rank ", rank, " needs rank 0's port (0 = ephemeral is rank 0's alone)"));
   }
   if (address.empty()) return absl::InvalidArgumentError("address: empty");
-  if (!(timeout_seconds > 0)) return absl::InvalidArgumentError(absl::StrCat("timeout_seconds: ", timeout_seconds, " (must be > 0)"));
+  if (!(timeout_seconds > 0))
+    return absl::InvalidArgumentError(
+        absl::StrCat("timeout_seconds: ", timeout_seconds, " (must be > 0)"));
   try {
     c10::Device d(device);
-    if (!d.is_cpu() && !d.is_cuda()) return absl::InvalidArgumentError(absl::StrCat("device: ", device, " (cpu or cuda:<index>)"));
+    if (!d.is_cpu() && !d.is_cuda())
+      return absl::InvalidArgumentError(absl::StrCat("device: ", device, " (cpu or cuda:<index>)"));
     if (d.is_cuda() && !d.has_index()) {
-      return absl::InvalidArgumentError(absl::StrCat("device: ", device, " needs an index (cuda:<index>: this rank's GPU)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("device: ", device, " needs an index (cuda:<index>: this rank's GPU)"));
     }
   } catch (const std::exception&) {
-    return absl::InvalidArgumentError(absl::StrCat("device: '", device, "' is not a device (cpu or cuda:<index>)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("device: '", device, "' is not a device (cpu or cuda:<index>)"));
   }
   return absl::OkStatus();
 }
@@ -188,12 +201,14 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(const GroupOp
   if (absl::Status s = options.Validate(); !s.ok()) return s;
   c10::Device device(options.device);
   if (device.is_cuda() && !HasNccl()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "device ", options.device, ": this build has no NCCL (a CUDA LibTorch and nccl.h at configure time)"));
+    return absl::UnimplementedError(
+        absl::StrCat("device ", options.device,
+                     ": this build has no NCCL (a CUDA LibTorch and nccl.h at configure time)"));
   }
   if (device.is_cpu() && !HasGloo()) {
-    return absl::UnimplementedError(absl::StrCat(
-        "device ", options.device, ": this build has no gloo (its headers, libgloo-dev, at configure time)"));
+    return absl::UnimplementedError(
+        absl::StrCat("device ", options.device,
+                     ": this build has no gloo (its headers, libgloo-dev, at configure time)"));
   }
   std::unique_ptr<ProcessGroup> pg(new ProcessGroup(options, device));
   const auto timeout = Millis(options.timeout_seconds);
@@ -211,11 +226,11 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(const GroupOp
       pg->port_ = tcp->getPort();
       pg->store_ = tcp;
     } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat(
-          "rank ", options.rank, ": ",
-          options.rank == 0 ? "cannot listen on " : "rank 0's store not reachable at ",
-          options.address, ":", options.port, " within ", options.timeout_seconds, " s: ",
-          ExceptionMessage(e)));
+      return absl::UnavailableError(
+          absl::StrCat("rank ", options.rank, ": ",
+                       options.rank == 0 ? "cannot listen on " : "rank 0's store not reachable at ",
+                       options.address, ":", options.port, " within ", options.timeout_seconds,
+                       " s: ", ExceptionMessage(e)));
     }
   }
   if (options.rank == 0 && options.on_listen) options.on_listen(pg->port_);
@@ -223,18 +238,20 @@ absl::StatusOr<std::unique_ptr<ProcessGroup>> ProcessGroup::Create(const GroupOp
   try {
     if (absl::Status s = Join(*pg->store_, options); !s.ok()) return s;
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("rank ", options.rank, ": the group's store failed while joining: ",
-                                               ExceptionMessage(e)));
+    return absl::UnavailableError(absl::StrCat(
+        "rank ", options.rank, ": the group's store failed while joining: ", ExceptionMessage(e)));
   }
   // 3. The backends, rendezvousing under the group's own prefix.
   try {
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>(
         absl::StrCat("kiln/group/", options.group_name, "/"), pg->store_);
-    auto group = c10::make_intrusive<c10d::ProcessGroup>(prefixed, options.rank, options.world_size);
+    auto group =
+        c10::make_intrusive<c10d::ProcessGroup>(prefixed, options.rank, options.world_size);
 #if KILN_WITH_GLOO
     // CPU tensors go through gloo in every group (a CUDA group too, as Python's "cpu:gloo").
     auto gloo_options = c10d::ProcessGroupGloo::Options::create(timeout);
-    gloo_options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(options.address));
+    gloo_options->devices.push_back(
+        c10d::ProcessGroupGloo::createDeviceForHostname(options.address));
     auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
         c10::make_intrusive<c10d::PrefixStore>("gloo/", prefixed), options.rank, options.world_size,
         gloo_options);
@@ -281,13 +298,14 @@ ProcessGroup::~ProcessGroup() {
 absl::Status ProcessGroup::Wait(const c10::intrusive_ptr<c10d::Work>& work) {
   try {
     if (!work->wait(Millis(options_.timeout_seconds))) {
-      return absl::DeadlineExceededError(absl::StrCat("rank ", rank(), ": collective not done within ",
-                                                      options_.timeout_seconds, " s"));
+      return absl::DeadlineExceededError(absl::StrCat(
+          "rank ", rank(), ": collective not done within ", options_.timeout_seconds, " s"));
     }
     return absl::OkStatus();
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("rank ", rank(), ": collective failed (a peer gone, or not done within ",
-                                            options_.timeout_seconds, " s): ", ExceptionMessage(e)));
+    return absl::InternalError(
+        absl::StrCat("rank ", rank(), ": collective failed (a peer gone, or not done within ",
+                     options_.timeout_seconds, " s): ", ExceptionMessage(e)));
   }
 }
 
@@ -303,7 +321,8 @@ absl::StatusOr<c10::intrusive_ptr<c10d::Work>> ProcessGroup::BroadcastAsync(at::
     bo.timeout = Millis(options_.timeout_seconds);
     return group_->broadcast(tensors, bo);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("rank ", rank(), ": broadcast failed: ", ExceptionMessage(e)));
+    return absl::InternalError(
+        absl::StrCat("rank ", rank(), ": broadcast failed: ", ExceptionMessage(e)));
   }
 }
 
@@ -322,7 +341,8 @@ absl::StatusOr<std::vector<at::Tensor>> ProcessGroup::AllGather(const at::Tensor
     if (absl::Status s = Wait(work); !s.ok()) return s;
     return out[0];
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("rank ", rank(), ": all-gather failed: ", ExceptionMessage(e)));
+    return absl::InternalError(
+        absl::StrCat("rank ", rank(), ": all-gather failed: ", ExceptionMessage(e)));
   }
 }
 

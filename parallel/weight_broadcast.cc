@@ -55,11 +55,15 @@ absl::StatusOr<std::vector<Entry>> ParseManifest(const std::string& text) {
       e.name = t.at("name").get<std::string>();
       const std::string dtype_name = t.at("dtype").get<std::string>();
       auto dtype = pipeline::ParseDType(dtype_name);
-      if (!dtype) return absl::DataLossError(absl::StrCat("manifest: tensor ", e.name, ": unknown dtype ", dtype_name));
+      if (!dtype)
+        return absl::DataLossError(
+            absl::StrCat("manifest: tensor ", e.name, ": unknown dtype ", dtype_name));
       // Checked here, before any tensor moves: a dtype LibTorch cannot hold fails every rank now
       // rather than one rank in the middle of the broadcasts.
       auto type = TorchTypeOf(*dtype);
-      if (!type.ok()) return absl::Status(type.status().code(), absl::StrCat("tensor ", e.name, ": ", type.status().message()));
+      if (!type.ok())
+        return absl::Status(type.status().code(),
+                            absl::StrCat("tensor ", e.name, ": ", type.status().message()));
       e.type = *type;
       e.shape = t.at("shape").get<std::vector<int64_t>>();
       e.nbytes = t.at("nbytes").get<uint64_t>();
@@ -86,7 +90,8 @@ absl::StatusOr<at::Tensor> Attempt(const char* what, const std::function<at::Ten
 absl::Status BroadcastText(ProcessGroup& group, std::string* text, int64_t length) {
   auto buffer = Attempt("manifest buffer", [&] {
     if (group.rank() == 0) {
-      return torch::from_blob(text->data(), {length}, at::kByte).to(group.device(), at::kByte, false, true);
+      return torch::from_blob(text->data(), {length}, at::kByte)
+          .to(group.device(), at::kByte, false, true);
     }
     return torch::empty({length}, torch::TensorOptions().dtype(at::kByte).device(group.device()));
   });
@@ -137,31 +142,37 @@ absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
   const int64_t length = header_host[1].item<int64_t>();
   if (absl::Status s = BroadcastText(group, &payload, length); !s.ok()) return s;
   if (ok == 0) {
-    return absl::FailedPreconditionError(absl::StrCat("rank 0 could not read the checkpoint: ", payload));
+    return absl::FailedPreconditionError(
+        absl::StrCat("rank 0 could not read the checkpoint: ", payload));
   }
   // 2. The manifest, checked on every rank, and every rank's verdict.
   BroadcastResult result;
   absl::Status mine = absl::OkStatus();
   std::vector<Entry> entries;
   if (payload.size() < kDigestChars) {
-    mine = absl::DataLossError(absl::StrCat("manifest of ", payload.size(), " bytes has no digest"));
+    mine =
+        absl::DataLossError(absl::StrCat("manifest of ", payload.size(), " bytes has no digest"));
   } else {
     result.digest = payload.substr(0, kDigestChars);
     std::string manifest = payload.substr(kDigestChars);
     if (Sha256Hex(manifest) != result.digest) {
-      mine = absl::DataLossError(absl::StrCat("rank ", group.rank(), ": the manifest received does not match its digest ",
+      mine = absl::DataLossError(absl::StrCat("rank ", group.rank(),
+                                              ": the manifest received does not match its digest ",
                                               result.digest));
     } else if (!options.expected_digest.empty() && options.expected_digest != result.digest) {
-      mine = absl::FailedPreconditionError(absl::StrCat(
-          "rank ", group.rank(), " expects checkpoint manifest ", options.expected_digest,
-          ", rank 0 read ", result.digest));
+      mine = absl::FailedPreconditionError(
+          absl::StrCat("rank ", group.rank(), " expects checkpoint manifest ",
+                       options.expected_digest, ", rank 0 read ", result.digest));
     } else {
       auto parsed = ParseManifest(manifest);
-      if (parsed.ok()) entries = std::move(*parsed);
-      else mine = parsed.status();
+      if (parsed.ok())
+        entries = std::move(*parsed);
+      else
+        mine = parsed.status();
     }
   }
-  auto verdicts = group.AllGather(torch::tensor({static_cast<int64_t>(mine.ok())}, at::kLong).to(group.device()));
+  auto verdicts = group.AllGather(
+      torch::tensor({static_cast<int64_t>(mine.ok())}, at::kLong).to(group.device()));
   if (!verdicts.ok()) return verdicts.status();
   if (!mine.ok()) return mine;
   std::vector<std::string> refused;
@@ -184,7 +195,8 @@ absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
         return host->to(group.device(), e.type, /*non_blocking=*/false, /*copy=*/true);
       });
     } else {
-      tensor = Attempt(e.name.c_str(), [&] { return torch::empty(e.shape, on_device.dtype(e.type)); });
+      tensor =
+          Attempt(e.name.c_str(), [&] { return torch::empty(e.shape, on_device.dtype(e.type)); });
     }
     if (!tensor.ok()) return tensor.status();
     if (e.nbytes > 0) {

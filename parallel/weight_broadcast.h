@@ -47,10 +47,10 @@ struct BroadcastResult {
   // Every tensor of the checkpoint, in name order, on the group's device, owned (rank 0's are
   // copies of the mapping, so they outlive the files).
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  std::string digest;      // the manifest's SHA-256
-  uint64_t bytes = 0;      // tensor bytes moved (the checkpoint's total)
-  double seconds = 0;      // from the first collective to the last tensor received (rank 0: read
-                           // and broadcast)
+  std::string digest;  // the manifest's SHA-256
+  uint64_t bytes = 0;  // tensor bytes moved (the checkpoint's total)
+  double seconds = 0;  // from the call until every tensor is on this rank's device (rank 0:
+                       // opening, reading and broadcasting; other ranks: waiting and receiving)
   double GigabytesPerSecond() const { return seconds > 0 ? bytes / seconds / 1e9 : 0; }
 };
 
@@ -58,6 +58,9 @@ struct BroadcastResult {
 std::string ManifestJson(const pipeline::WeightSet& set);
 std::string ManifestDigest(const pipeline::WeightSet& set);
 
-absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group, const BroadcastOptions& options);
+// Every rank of `group` calls this at the same point (see the file comment for the order and the
+// errors).
+absl::StatusOr<BroadcastResult> BroadcastWeights(ProcessGroup& group,
+                                                 const BroadcastOptions& options);
 
 }  // namespace kiln::parallel

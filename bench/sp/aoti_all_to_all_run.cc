@@ -43,7 +43,8 @@ ABSL_FLAG(double, tolerance, 1e-5, "largest max|out - want| / max|want| accepted
 namespace {
 
 // The inputs in0, in1, ... (in order) and `want` of rank<R>.safetensors, copied out of the file.
-absl::Status ReadInputs(const std::string& path, std::vector<at::Tensor>* inputs, at::Tensor* want) {
+absl::Status ReadInputs(const std::string& path, std::vector<at::Tensor>* inputs,
+                        at::Tensor* want) {
   auto set = kiln::pipeline::WeightSet::OpenFiles({path});
   if (!set.ok()) return set.status();
   auto load = [&](const std::string& name) -> absl::StatusOr<at::Tensor> {
@@ -61,16 +62,18 @@ absl::Status ReadInputs(const std::string& path, std::vector<at::Tensor>* inputs
   auto w = load("want");
   if (!w.ok()) return w.status();
   *want = *w;
-  return inputs->empty() ? absl::InvalidArgumentError(absl::StrCat(path, ": no input in0")) : absl::OkStatus();
+  return inputs->empty() ? absl::InvalidArgumentError(absl::StrCat(path, ": no input in0"))
+                         : absl::OkStatus();
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> rest =
-      kiln::ParseFlagsOrExit(argc, argv, "kiln-sp-a2a-run",
-                             "kiln-sp-a2a-run DIR --world N --rank R [--port_file F] [--package P]");
-  if (rest.size() != 2) return kiln::FailMain(absl::InvalidArgumentError("expected one argument, DIR"));
+  const std::vector<std::string> rest = kiln::ParseFlagsOrExit(
+      argc, argv, "kiln-sp-a2a-run",
+      "kiln-sp-a2a-run DIR --world N --rank R [--port_file F] [--package P]");
+  if (rest.size() != 2)
+    return kiln::FailMain(absl::InvalidArgumentError("expected one argument, DIR"));
   const std::string dir = rest[1];
   kiln::parallel::GroupOptions options;
   options.world_size = absl::GetFlag(FLAGS_world);
@@ -79,7 +82,8 @@ int main(int argc, char** argv) {
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (options.rank == 0) {
     options.on_listen = [&](int port) {
-      if (auto s = kiln::parallel::WritePortFile(port_file, port); !s.ok()) std::fprintf(stderr, "%s\n", s.ToString().c_str());
+      if (auto s = kiln::parallel::WritePortFile(port_file, port); !s.ok())
+        std::fprintf(stderr, "%s\n", s.ToString().c_str());
     };
   } else {
     auto port = kiln::parallel::WaitForPortFile(port_file, options.timeout_seconds);
@@ -88,7 +92,8 @@ int main(int argc, char** argv) {
   }
   std::vector<at::Tensor> inputs;
   at::Tensor want;
-  if (auto s = ReadInputs(absl::StrCat(dir, "/rank", options.rank, ".safetensors"), &inputs, &want); !s.ok()) {
+  if (auto s = ReadInputs(absl::StrCat(dir, "/rank", options.rank, ".safetensors"), &inputs, &want);
+      !s.ok()) {
     return kiln::FailMain(s);
   }
   const std::string package =
@@ -108,8 +113,10 @@ int main(int argc, char** argv) {
     if (!group.ok()) return kiln::FailMain(group.status());
     auto got = loader.run(inputs);
     const double err = ((got.at(0) - want).abs().max() / want.abs().max()).item<double>();
-    std::printf("[rank %d] group '0' of %d ranks (gloo) registered: ran %s; max|out - want| / max|want| = %.2e\n",
-                options.rank, options.world_size, package.c_str(), err);
+    std::printf(
+        "[rank %d] group '0' of %d ranks (gloo) registered: ran %s; max|out - want| / max|want| = "
+        "%.2e\n",
+        options.rank, options.world_size, package.c_str(), err);
     return err <= absl::GetFlag(FLAGS_tolerance) ? 0 : 1;
   } catch (const std::exception& e) {
     return kiln::FailMain(absl::InternalError(kiln::parallel::ExceptionMessage(e)));

@@ -8,13 +8,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
-
 #include <future>
 #include <thread>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
-#include "common/stopwatch.h"
 #include "absl/strings/match.h"
+#include "common/stopwatch.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -82,9 +81,11 @@ TEST(GroupOptionsTest, NamesTheBadField) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("rank: 4 is out of range for world size 4"));
   EXPECT_THAT(std::string(Options(-1, 2, 1234).Validate().message()), HasSubstr("rank: -1"));
   EXPECT_THAT(std::string(Options(0, 0).Validate().message()), HasSubstr("world_size: 0"));
-  EXPECT_THAT(std::string(Options(1, 2, 0).Validate().message()), HasSubstr("port: rank 1 needs rank 0's port"));
+  EXPECT_THAT(std::string(Options(1, 2, 0).Validate().message()),
+              HasSubstr("port: rank 1 needs rank 0's port"));
   EXPECT_THAT(std::string(Options(0, 2, 70000).Validate().message()), HasSubstr("port: 70000"));
-  EXPECT_THAT(std::string(Options(0, 1, 0, 0).Validate().message()), HasSubstr("timeout_seconds: 0"));
+  EXPECT_THAT(std::string(Options(0, 1, 0, 0).Validate().message()),
+              HasSubstr("timeout_seconds: 0"));
   GroupOptions o = Options(0, 1);
   o.device = "tpu";
   EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("device: 'tpu'"));
@@ -93,7 +94,8 @@ TEST(GroupOptionsTest, NamesTheBadField) {
   o.device = "cuda";
   EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("device: cuda needs an index"));
   // Create checks the options too, before touching the network.
-  EXPECT_EQ(ProcessGroup::Create(Options(2, 2, 1)).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ProcessGroup::Create(Options(2, 2, 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(ProcessGroupTest, CudaWithoutNcclIsUnimplemented) {
@@ -130,7 +132,8 @@ TEST(ProcessGroupTest, UnreachableStoreFailsWithinTheTimeout) {
   const double took = SecondsSince(start);
   EXPECT_EQ(g.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(g.status().message()),
-              HasSubstr("rank 1: rank 0's store not reachable at 127.0.0.1:" + std::to_string(dead.port())));
+              HasSubstr("rank 1: rank 0's store not reachable at 127.0.0.1:" +
+                        std::to_string(dead.port())));
   EXPECT_LT(took, 10.0);  // bounded: LibTorch retries once more after the first timeout
 }
 
@@ -139,10 +142,12 @@ TEST(ProcessGroupTest, MissingRanksAreNamedWhenTheJoinTimesOut) {
   auto statuses = Start(Options(0, 4, 0, 1.0), {Options(1, 4, 0, 1.0)});
   EXPECT_LT(SecondsSince(start), 10.0);
   EXPECT_EQ(statuses[0].code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_THAT(std::string(statuses[0].message()), HasSubstr("rank(s) 2, 3 of 4 did not join within 1 s"));
+  EXPECT_THAT(std::string(statuses[0].message()),
+              HasSubstr("rank(s) 2, 3 of 4 did not join within 1 s"));
   // Rank 1 is told why, not left to time out on its own.
   EXPECT_EQ(statuses[1].code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(statuses[1].message()), HasSubstr("rank 0 refused the group: rank(s) 2, 3 of 4 did not join"));
+  EXPECT_THAT(std::string(statuses[1].message()),
+              HasSubstr("rank 0 refused the group: rank(s) 2, 3 of 4 did not join"));
 }
 
 TEST(ProcessGroupTest, WorldSizeMismatchFailsEveryRank) {
@@ -151,7 +156,8 @@ TEST(ProcessGroupTest, WorldSizeMismatchFailsEveryRank) {
   EXPECT_THAT(std::string(statuses[0].message()),
               HasSubstr("world size mismatch: rank 0 has 2, rank 1 was started with world size 4"));
   EXPECT_EQ(statuses[1].code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(statuses[1].message()), HasSubstr("rank 1 was started with world size 4"));
+  EXPECT_THAT(std::string(statuses[1].message()),
+              HasSubstr("rank 1 was started with world size 4"));
 }
 
 TEST(ProcessGroupTest, ARankTakenTwiceIsRefused) {
@@ -175,7 +181,8 @@ TEST(ProcessGroupTest, ThreeRanksGatherAndBroadcast) {
     if (!all.ok()) return std::string(all.status().message());
     std::string got;
     for (const auto& t : *all) got += std::to_string(t[0].item<int64_t>()) + " ";
-    at::Tensor b = g->rank() == 0 ? torch::arange(5, torch::kByte) : torch::zeros({5}, torch::kByte);
+    at::Tensor b =
+        g->rank() == 0 ? torch::arange(5, torch::kByte) : torch::zeros({5}, torch::kByte);
     if (auto s = g->Broadcast(b); !s.ok()) return std::string(s.message());
     got += std::to_string(b.sum().item<int64_t>());
     return got;
@@ -215,7 +222,8 @@ TEST(ProcessGroupTest, APeerThatNeverTakesPartFailsTheCollectiveWithinTheTimeout
   EXPECT_LT(SecondsSince(start), 10.0);
   done.set_value();
   EXPECT_EQ(s.code(), absl::StatusCode::kInternal);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("rank 0: collective failed (a peer gone, or not done within 1 s)"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("rank 0: collective failed (a peer gone, or not done within 1 s)"));
   EXPECT_TRUE(peer.get().ok());
 }
 

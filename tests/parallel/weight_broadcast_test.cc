@@ -50,7 +50,8 @@ void WriteCheckpoint(const std::string& model, bool wide) {
     ASSERT_TRUE(pipeline::WriteSafetensors(dir + "/" + file, *tensors).ok());
     for (const auto& [name, t] : *tensors) map[name] = file;
   }
-  std::ofstream(dir + "/" + stem + ".safetensors.index.json") << nlohmann::json{{"weight_map", map}}.dump();
+  std::ofstream(dir + "/" + stem + ".safetensors.index.json")
+      << nlohmann::json{{"weight_map", map}}.dump();
 }
 
 std::string DigestOf(const std::string& model) {
@@ -83,10 +84,21 @@ class WeightBroadcastTest : public ::testing::Test {
     std::vector<std::future<absl::StatusOr<ProcessResult>>> running;
     for (size_t r = 0; r < ranks.size(); ++r) {
       std::vector<std::string> argv = {
-          tool_, "--model", ranks[r].model, "--rank", absl::StrCat(r), "--world",
+          tool_,
+          "--model",
+          ranks[r].model,
+          "--rank",
+          absl::StrCat(r),
+          "--world",
           absl::StrCat(ranks[r].world ? ranks[r].world : static_cast<int>(ranks.size())),
-          "--port_file", port_file, "--timeout", absl::StrCat(timeout),
-          "--save", Saved(r), "--expect_digest", ranks[r].expect_digest};
+          "--port_file",
+          port_file,
+          "--timeout",
+          absl::StrCat(timeout),
+          "--save",
+          Saved(r),
+          "--expect_digest",
+          ranks[r].expect_digest};
       running.push_back(std::async(std::launch::async, [argv] { return RunProcess(argv); }));
     }
     std::vector<ProcessResult> results;
@@ -98,7 +110,9 @@ class WeightBroadcastTest : public ::testing::Test {
     return results;
   }
 
-  std::string Saved(size_t rank) const { return tmp_.Join(absl::StrCat("rank", rank, ".safetensors")); }
+  std::string Saved(size_t rank) const {
+    return tmp_.Join(absl::StrCat("rank", rank, ".safetensors"));
+  }
 
   // Every rank's output against the checkpoint: same names, dtypes, shapes and bytes.
   void ExpectIdentical(int world, const std::vector<ProcessResult>& results) {
@@ -139,7 +153,9 @@ TEST_F(WeightBroadcastTest, TwoRanksGetRankZerosBytesWithoutOpeningFiles) {
 
 TEST_F(WeightBroadcastTest, FourRanksGetRankZerosBytesWithoutOpeningFiles) {
   const std::string digest = DigestOf(model_);
-  auto results = Launch({{model_, digest}, {"/nonexistent/1", digest}, {"/nonexistent/2", digest},
+  auto results = Launch({{model_, digest},
+                         {"/nonexistent/1", digest},
+                         {"/nonexistent/2", digest},
                          {"/nonexistent/3"}});
   ExpectIdentical(4, results);
 }
@@ -155,11 +171,12 @@ TEST_F(WeightBroadcastTest, ARankExpectingAnotherCheckpointFailsEveryRank) {
     EXPECT_EQ(results[r].exit_code, 1) << "rank " << r << ": " << results[r].stderr_text;
     EXPECT_FALSE(std::filesystem::exists(Saved(r))) << "rank " << r;
   }
-  EXPECT_THAT(results[2].stderr_text,
-              HasSubstr(absl::StrCat("rank 2 expects checkpoint manifest ", other, ", rank 0 read ", ours)));
+  EXPECT_THAT(results[2].stderr_text, HasSubstr(absl::StrCat("rank 2 expects checkpoint manifest ",
+                                                             other, ", rank 0 read ", ours)));
   for (int r : {0, 1}) {
-    EXPECT_THAT(results[r].stderr_text,
-                HasSubstr(absl::StrCat("rank(s) 2 refused rank 0's checkpoint (manifest ", ours, ")")));
+    EXPECT_THAT(
+        results[r].stderr_text,
+        HasSubstr(absl::StrCat("rank(s) 2 refused rank 0's checkpoint (manifest ", ours, ")")));
   }
 }
 
@@ -167,7 +184,8 @@ TEST_F(WeightBroadcastTest, RankZeroThatCannotReadFailsEveryRank) {
   auto results = Launch({{tmp_.Join("missing")}, {"/nonexistent/1"}});
   for (int r = 0; r < 2; ++r) {
     EXPECT_EQ(results[r].exit_code, 1) << results[r].stderr_text;
-    EXPECT_THAT(results[r].stderr_text, HasSubstr("rank 0 could not read the checkpoint: component folder"));
+    EXPECT_THAT(results[r].stderr_text,
+                HasSubstr("rank 0 could not read the checkpoint: component folder"));
   }
 }
 
@@ -177,15 +195,17 @@ TEST_F(WeightBroadcastTest, AMissingRankTimesOutWithItsNumber) {
   EXPECT_EQ(results[0].exit_code, 1);
   EXPECT_THAT(results[0].stderr_text, HasSubstr("rank(s) 2 of 3 did not join within 2 s"));
   EXPECT_EQ(results[1].exit_code, 1);
-  EXPECT_THAT(results[1].stderr_text, HasSubstr("rank 0 refused the group: rank(s) 2 of 3 did not join"));
+  EXPECT_THAT(results[1].stderr_text,
+              HasSubstr("rank 0 refused the group: rank(s) 2 of 3 did not join"));
 }
 
 TEST_F(WeightBroadcastTest, AWorldSizeMismatchFailsBothRanks) {
   auto results = Launch({{model_, "", 2}, {"/nonexistent/1", "", 4}}, /*timeout=*/5);
   for (int r = 0; r < 2; ++r) {
     EXPECT_EQ(results[r].exit_code, 1);
-    EXPECT_THAT(results[r].stderr_text,
-                HasSubstr("world size mismatch: rank 0 has 2, rank 1 was started with world size 4"));
+    EXPECT_THAT(
+        results[r].stderr_text,
+        HasSubstr("world size mismatch: rank 0 has 2, rank 1 was started with world size 4"));
   }
 }
 
