@@ -8,6 +8,8 @@ flux-tiny DoubleStreamBlock with kiln.sequence_parallel enabled, then:
   3. torch._inductor.aoti_load_package and one call, while the process group is alive and
      registered under that name: compared with the eager sharded block, and the gathered result
      with the single-process block.
+Each rank also writes rank<R>.safetensors (inputs in0..in4, `want`: its shard of the
+single-process output) for the C++ run (kiln-sp-a2a-run, bench/sp/README.md).
 Every stage's outcome (ok / the exception) is printed per rank; nothing is asserted, this is a
 probe whose output docs/multi_gpu.md records.
 
@@ -85,6 +87,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         module = _Block(block).eval()
         with torch.no_grad():
             eager = module(*args)
+        # For the C++ half (kiln-sp-a2a-run, bench/sp/README.md): this rank's inputs and its
+        # token shard of the single-process block's image output.
+        from safetensors.torch import save_file
+        tensors = {f"in{i}": a.contiguous() for i, a in enumerate(args)}
+        tensors["want"] = sp.shard(ref_img, rank, world).contiguous()
+        save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
         print(f"[rank {rank}] group name {dist.group.WORLD.group_name!r}", flush=True)
         ep = _stage(rank, "torch.export", lambda: torch.export.export(module, args))
         if ep is None:

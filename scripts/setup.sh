@@ -10,6 +10,7 @@ APT_PACKAGES=(
   libabsl-dev libprotobuf-dev protobuf-compiler
   libpng-dev libgtest-dev libgmock-dev nlohmann-json3-dev libsodium-dev
   libzmq3-dev cppzmq-dev prometheus-cpp-dev libhiredis-dev redis-server
+  libgloo-dev  # gloo's headers, for parallel/'s CPU process groups (LibTorch carries gloo itself)
   prometheus chromium
   iproute2
   clang libclang-rt-14-dev  # the sanitizer + libFuzzer build (tests/fuzz)

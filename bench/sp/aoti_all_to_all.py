@@ -46,8 +46,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank))
     with torch.no_grad():
         want = model(x)
-    for name, t in (("in", x), ("want", want)):  # for the C++ half, aoti_all_to_all_run.cc
-        t.numpy().tofile(os.path.join(out_dir, f"rank{rank}.{name}.f32"))
+    from safetensors.torch import save_file  # for the C++ half, aoti_all_to_all_run.cc
+    save_file({"in0": x.contiguous(), "want": want.contiguous()},
+              os.path.join(out_dir, f"rank{rank}.safetensors"))
     path = os.path.join(out_dir, "block.pt2")
     stage = "export"
     try:

@@ -3,6 +3,10 @@ downloaded), in the diffusers layout, generating the tensors on a GPU:
 
     python -m kiln.make_synthetic OUT_DIR [--config flux-dev] [--device cuda] [--dtype bf16]
         [--seed 0] [--components transformer,vae,text_encoder,text_encoder_2]
+        [--transformer-layers DOUBLE,SINGLE]
+
+--transformer-layers keeps the config's tensor shapes with fewer blocks (a smaller checkpoint of
+the same shapes: bench/gpu/broadcast.sh's CPU dry run uses flux-dev with 1,2: 1.37 GB in bf16).
 
 The configs are the published ones (kiln/configs.py); the tokenizers are the project's own small
 ones (kiln/tokenizer_files.py), whose ids all fall inside the published vocabularies. Weights are
@@ -68,7 +72,8 @@ def synthetic_state(module: nn.Module, component: str, seed: int, device: str,
 
 def make_synthetic(out_dir: str, config_name: str = "flux-dev", seed: int = 0,
                    device: str = "cuda", dtype: str = "bf16",
-                   components: tuple[str, ...] = COMPONENTS) -> dict:
+                   components: tuple[str, ...] = COMPONENTS,
+                   transformer_layers: tuple[int, int] | None = None) -> dict:
     from safetensors.torch import save_file
     os.makedirs(out_dir, exist_ok=True)
     clip_vocab = tokenizer_files.write_clip_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -77,6 +82,8 @@ def make_synthetic(out_dir: str, config_name: str = "flux-dev", seed: int = 0,
         cfg = kiln_configs.flux_tiny(clip_vocab_size=clip_vocab, t5_vocab_size=t5_vocab)
     else:
         cfg = kiln_configs.CONFIGS[config_name]()
+    if transformer_layers is not None:
+        cfg["transformer"]["num_layers"], cfg["transformer"]["num_single_layers"] = transformer_layers
     for entry, rel in kiln_configs.CONFIG_FILES.items():
         path = os.path.join(out_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -105,13 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--components", default=",".join(COMPONENTS))
+    p.add_argument("--transformer-layers", default="",
+                   help="DOUBLE,SINGLE: blocks of the transformer (default: the config's)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     comps = tuple(c for c in args.components.split(",") if c)
     bad = [c for c in comps if c not in COMPONENTS]
     if bad:
         p.error(f"--components: unknown {bad}; expected some of {COMPONENTS}")
+    layers = None
+    if args.transformer_layers:
+        try:
+            double, single = (int(x) for x in args.transformer_layers.split(","))
+        except ValueError:
+            p.error(f"--transformer-layers: {args.transformer_layers!r} is not DOUBLE,SINGLE")
+        if double < 0 or single < 0:
+            p.error(f"--transformer-layers: {args.transformer_layers!r} has a negative count")
+        layers = (double, single)
     print(json.dumps(make_synthetic(args.out_dir, args.config, args.seed, args.device,
-                                    args.dtype, comps)))
+                                    args.dtype, comps, layers)))
     return 0
 
 
