@@ -73,6 +73,9 @@ ABSL_FLAG(std::vector<std::string>, lora_dir, {},
 ABSL_FLAG(int, lora_switches, 0,
           "benchmark: after the image, run this many more jobs alternating the base weights and "
           "the --lora set, and report each switch's seconds under lora_switches with --json");
+ABSL_FLAG(bool, lora_prepare_ahead, true,
+          "merge a job's LoRA set into the inactive weight buffers in its encode stage, so its "
+          "switch only swaps buffers (--nolora_prepare_ahead: merge at the switch, as before)");
 ABSL_FLAG(int, batch, 1,
           "run N jobs with seeds seed..seed+N-1 as one batch (transformer and VAE packages of "
           "bucket batch N); images go to OUT with -0, -1, ... before the extension");
@@ -179,6 +182,7 @@ int main(int argc, char** argv) {
     req.loras.push_back(*std::move(choice));
   }
   options.lora_dirs = absl::GetFlag(FLAGS_lora_dir);
+  options.lora_prepare_ahead = absl::GetFlag(FLAGS_lora_prepare_ahead);
   if (!absl::GetFlag(FLAGS_shared_dir).empty()) {
     options.lora_dirs.push_back(absl::GetFlag(FLAGS_shared_dir) + "/loras");
   }
@@ -209,7 +213,9 @@ int main(int argc, char** argv) {
     if (!r.ok()) return kiln::FailMain(r.status());
     switches.push_back({{"loras", r->loras},
                         {"switched", r->lora_switched},
+                        {"prepared", r->lora_prepared},
                         {"lora_load_s", r->seconds.lora_load},
+                        {"lora_prepare_s", r->seconds.lora_prepare},
                         {"lora_switch_s", r->seconds.lora_switch},
                         {"graph_capture_s", r->seconds.graph_capture},
                         {"denoise_s", r->seconds.denoise}});
@@ -242,6 +248,7 @@ int main(int argc, char** argv) {
           {"compile", s.compile},
           {"graph_capture", s.graph_capture},
           {"lora_load", s.lora_load},
+          {"lora_prepare", s.lora_prepare},
           {"lora_switch", s.lora_switch},
           {"text_encoding", s.text_encoding},
           {"denoise", s.denoise},

@@ -8,7 +8,11 @@
 //   kiln_node_job_seconds                 histogram; wall time of jobs that ran (generate + PNG)
 //   kiln_node_step_seconds                histogram; wall time between denoising steps
 //   kiln_node_lora_switches_total         counter; jobs whose LoRA set differed from the merged one
-//   kiln_node_lora_switch_seconds         histogram; LoRA files read (first use) + merge + swap
+//   kiln_node_lora_switch_seconds         histogram; a switch's time on the critical path: LoRA
+//                                         files read (first use) + the switch at the job's denoise
+//                                         (the swap alone when the set was merged ahead)
+//   kiln_node_lora_prepare_seconds        histogram; a set merged ahead in the job's encoding
+//                                         (beside the denoise before it; pipeline README "LoRA")
 //   kiln_protocol_errors_total{socket}    counter; socket="coordinator": bad or unexpected frames
 //   kiln_node_reconnects_total            counter; coordinator declared dead, socket reopened
 //   kiln_node_images_total{model}         counter; images made (jobs that succeeded)
@@ -48,6 +52,7 @@ struct NodeMetrics {
   prometheus::Histogram& step_seconds;
   prometheus::Counter& lora_switches;
   prometheus::Histogram& lora_switch_seconds;
+  prometheus::Histogram& lora_prepare_seconds;
   prometheus::Counter& protocol_errors;
   prometheus::Counter& reconnects;
   prometheus::Family<prometheus::Counter>& images;          // label: model

@@ -427,6 +427,9 @@ kiln::v1::Envelope Worker::Finish(Taken& t) {
     metrics_.lora_switches.Increment();
     metrics_.lora_switch_seconds.Observe(result->seconds.lora_load + result->seconds.lora_switch);
   }
+  if (result->seconds.lora_prepare > 0) {
+    metrics_.lora_prepare_seconds.Observe(result->seconds.lora_prepare);
+  }
   for (const auto& w : result->warnings) LogWarning("node", absl::StrCat("job ", id, ": ", w));
   auto png = pipeline::EncodePng(result->rgb.data(), result->width, result->height);
   if (!png.ok()) {

@@ -184,6 +184,7 @@ absl::Status AotiPackage::LoadConstants(
   constants_ = *std::move(chosen);
   base_constants_ = constants_;
   constants_loaded_ = true;
+  prepared_ = false;
   return absl::OkStatus();
 }
 
@@ -191,27 +192,57 @@ void AotiPackage::ReleaseConstants() {
   constants_.clear();
   base_constants_.clear();
   inactive_constants_.clear();
+  failed_load_.clear();
   constants_loaded_ = false;
+  prepared_ = false;
 }
 
 absl::Status AotiPackage::SwapConstants(
     const std::unordered_map<std::string, at::Tensor>& constants) {
+  if (auto s = PrepareConstants(constants); !s.ok()) return s;
+  return CommitConstants();
+}
+
+absl::Status AotiPackage::PrepareConstants(
+    const std::unordered_map<std::string, at::Tensor>& constants) {
   if (!constants_loaded_) {
     return absl::FailedPreconditionError(
-        absl::StrCat(manifest_.key.component, ": SwapConstants() before LoadConstants()"));
+        absl::StrCat(manifest_.key.component, ": swapping constants before LoadConstants()"));
   }
+  prepared_ = false;
   auto chosen = Choose(constants);
   if (!chosen.ok()) return chosen.status();
   try {
     loader_->load_constants(*chosen, /*use_inactive=*/true, /*check_full_update=*/true,
                             /*user_managed=*/true);
+  } catch (const std::exception& e) {
+    // The inactive buffer may point at some of the new tensors and some of the old: keep both
+    // until a load of that buffer succeeds.
+    for (auto& [fqn, t] : *chosen) failed_load_.push_back(t);
+    return absl::InternalError(absl::StrCat(manifest_.key.component,
+                                            ": loading the inactive constant buffer: ", e.what()));
+  }
+  // The inactive buffer now points at exactly these tensors.
+  inactive_constants_ = *std::move(chosen);
+  failed_load_.clear();
+  prepared_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status AotiPackage::CommitConstants() {
+  if (!prepared_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(manifest_.key.component, ": CommitConstants() with nothing prepared"));
+  }
+  try {
     loader_->get_runner()->swap_constant_buffer();
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(manifest_.key.component,
                                             ": swapping constant buffers: ", e.what()));
   }
-  inactive_constants_ = std::move(constants_);
-  constants_ = *std::move(chosen);
+  prepared_ = false;
+  // The buffer swapped out is the inactive one now; the runtime still points at its tensors.
+  std::swap(constants_, inactive_constants_);
   return absl::OkStatus();
 }
 

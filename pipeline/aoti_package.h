@@ -58,18 +58,30 @@ class AotiPackage {
   // real weights are gathered: otherwise both sets sit on the device at once, 24 GB extra for
   // flux-dev's bf16 transformer). Run refuses (FailedPrecondition) until LoadConstants again.
   void ReleaseConstants();
-  // Replaces every weight without recompiling: the new constants (checked as LoadConstants
-  // checks them) go into the runtime's inactive constant buffer
-  // (load_constants(use_inactive=true)), which then becomes the active one
-  // (swap_constant_buffer()). The tensors of the buffer swapped out are kept until the next swap,
-  // since the runtime's inactive buffer still points at them. Before LoadConstants():
-  // FailedPrecondition. A CUDA graph captured around Run() holds the old addresses: capture it
-  // again after a swap.
   // The constants LoadConstants() was given (the base weights), whatever is swapped in since.
   const std::unordered_map<std::string, at::Tensor>& base_constants() const {
     return base_constants_;
   }
+  // Replaces every weight without recompiling: the new constants (checked as LoadConstants
+  // checks them) go into the runtime's inactive constant buffer
+  // (load_constants(use_inactive=true)), which then becomes the active one
+  // (swap_constant_buffer()). The tensors of the buffer swapped out are kept until that buffer is
+  // loaded again, since the runtime's inactive buffer still points at them. Before
+  // LoadConstants(): FailedPrecondition. A CUDA graph captured around Run() holds the old
+  // addresses: capture it again after a swap.
   absl::Status SwapConstants(const std::unordered_map<std::string, at::Tensor>& constants);
+  // SwapConstants in two steps, so that the load can run while another thread runs the package:
+  // PrepareConstants checks `constants` and loads them into the inactive buffer only (the active
+  // one, which Run() uses, is untouched; the tensors the inactive buffer pointed at are released
+  // and the new ones kept alive); CommitConstants() makes the prepared buffer the active one.
+  // Anything else that writes the inactive buffer (SwapConstants, LoadConstants,
+  // ReleaseConstants) drops what was prepared. Prepare before LoadConstants(): FailedPrecondition;
+  // Commit with nothing prepared: FailedPrecondition. Prepare may run on one thread while Run()
+  // runs on another (the runtime's load_constants(use_inactive=true) writes only the inactive
+  // map); nothing else may.
+  absl::Status PrepareConstants(const std::unordered_map<std::string, at::Tensor>& constants);
+  absl::Status CommitConstants();
+  bool prepared() const { return prepared_; }
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
   // Run()'s first output (every kiln component has one); Internal if the package returned none.
@@ -92,8 +104,10 @@ class AotiPackage {
       const std::unordered_map<std::string, at::Tensor>& constants) const;
   std::unordered_map<std::string, at::Tensor> constants_;
   std::unordered_map<std::string, at::Tensor> base_constants_;
-  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // the swapped-out buffer's
+  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // the inactive buffer's
+  std::vector<at::Tensor> failed_load_;  // a failed inactive load's tensors (may be pointed at)
   bool constants_loaded_ = false;
+  bool prepared_ = false;  // the inactive buffer holds PrepareConstants' set, not yet committed
 };
 
 // Checks `t` against `spec` (shape, dtype) and `device`, and that it is contiguous.

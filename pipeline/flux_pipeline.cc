@@ -148,9 +148,27 @@ class FluxPipeline::Impl {
   absl::StatusOr<std::shared_ptr<const LoraWeights>> LoraNamed(const std::string& name);
   // Reads `wanted`'s files (LoraNamed) ahead of the switch; adds the time to lora_load.
   absl::Status ReadLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
-  // Makes `wanted` the merged set; adds the switch's timings to `seconds`. DenoiseDecode's
+  // The LoraDeltas of `wanted` (null: none) and the files it is made of (LoraNamed).
+  absl::StatusOr<std::shared_ptr<const LoraDeltas>> DeltasFor(
+      const std::vector<LoraChoice>& wanted,
+      std::vector<std::shared_ptr<const LoraWeights>>* files);
+  // The set prepared into the inactive buffers (PrepareLoras) and not swapped in yet: its key,
+  // the files it was made of (a file read again since makes it stale) and its deltas (the
+  // object the PackageLoader recognizes). Under encode_mu.
+  bool prepared = false;
+  std::string prepared_key;
+  std::vector<std::shared_ptr<const LoraWeights>> prepared_files;
+  std::shared_ptr<const LoraDeltas> prepared_deltas;
+  // EncodePrompt's thread, under encode_mu: prepares `wanted` ahead (see EncodePrompt) when it
+  // is not merged now, nothing else is pending and the memory budget allows; adds the time to
+  // lora_prepare. A failure leaves the switch to DenoiseDecode (a warning, not the job's error).
+  void PrepareLoras(const std::vector<LoraChoice>& wanted, GenerateResult* r);
+  // True if merging `deltas` ahead fits PipelineOptions::lora_prepare_reserve_bytes (always on
+  // the CPU).
+  bool PrepareFits(const LoraDeltas* deltas);
+  // Makes `wanted` the merged set; adds the switch's timings to `r->seconds`. DenoiseDecode's
   // thread, under encode_mu: the job denoising before it is done with the weights.
-  absl::Status SwitchLoras(const std::vector<LoraChoice>& wanted, PhaseSeconds* seconds);
+  absl::Status SwitchLoras(const std::vector<LoraChoice>& wanted, GenerateResult* r);
 };
 
 absl::StatusOr<std::shared_ptr<const LoraWeights>> FluxPipeline::Impl::LoraNamed(
@@ -187,25 +205,97 @@ absl::Status FluxPipeline::Impl::ReadLoras(const std::vector<LoraChoice>& wanted
   return absl::OkStatus();
 }
 
-absl::Status FluxPipeline::Impl::SwitchLoras(const std::vector<LoraChoice>& wanted,
-                                             PhaseSeconds* seconds) {
-  auto t = SteadyNow();
-  std::shared_ptr<LoraDeltas> deltas;
-  if (!wanted.empty()) deltas = std::make_shared<LoraDeltas>();
+absl::StatusOr<std::shared_ptr<const LoraDeltas>> FluxPipeline::Impl::DeltasFor(
+    const std::vector<LoraChoice>& wanted,
+    std::vector<std::shared_ptr<const LoraWeights>>* files) {
+  if (wanted.empty()) return std::shared_ptr<const LoraDeltas>();
+  auto deltas = std::make_shared<LoraDeltas>();
   for (const auto& l : wanted) {
     auto w = LoraNamed(l.name);
     if (!w.ok()) return w.status();
+    files->push_back(*w);
     deltas->Add(*w, l.scale);
   }
+  return std::shared_ptr<const LoraDeltas>(std::move(deltas));
+}
+
+bool FluxPipeline::Impl::PrepareFits(const LoraDeltas* deltas) {
+#ifdef KILN_WITH_CUDA
+  if (device.is_cuda() && deltas != nullptr) {
+    auto checkpoint = packages->WeightsOf("transformer");
+    if (!checkpoint.ok()) return false;
+    uint64_t need = options.lora_prepare_reserve_bytes;
+    for (const auto& target : deltas->Targets()) {
+      if (const TensorView* v = (*checkpoint)->checkpoint().Find(target)) {
+        need += static_cast<uint64_t>(v->numel()) * sizeof(float);
+      }
+    }
+    size_t free = 0, total = 0;
+    c10::cuda::CUDAGuard guard(device);
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return false;
+    return free >= need;
+  }
+#else
+  (void)deltas;
+#endif
+  return true;
+}
+
+void FluxPipeline::Impl::PrepareLoras(const std::vector<LoraChoice>& wanted, GenerateResult* r) {
+  const std::string key = LoraSetKey(wanted);
+  // A set prepared and not swapped in yet stays: it is this job's, or the job's before, which
+  // needs it sooner (the switch takes it only if it is still its set).
+  if (!options.lora_prepare_ahead || key == applied_loras || prepared) return;
+  const auto t = SteadyNow();
+  std::vector<std::shared_ptr<const LoraWeights>> files;
+  auto deltas = DeltasFor(wanted, &files);
+  if (!deltas.ok()) return;  // ReadLoras checked the files; the switch reports anything new
+  if (!PrepareFits(deltas->get())) return;
+  absl::Status s;
+  try {
+    s = packages->PrepareTransformerLoras(*deltas);
+  } catch (const std::exception& e) {
+    s = absl::InternalError(e.what());
+  }
+  if (!s.ok()) {
+    if (!absl::IsUnimplemented(s)) {  // the regional layout: the switch fails the job as before
+      r->warnings.push_back(absl::StrCat("merging the LoRA set ahead failed (", s.message(),
+                                         "); it is merged at the switch"));
+    }
+    return;
+  }
+  prepared = true;
+  prepared_key = key;
+  prepared_files = std::move(files);
+  prepared_deltas = *std::move(deltas);
+  r->seconds.lora_prepare += SecondsSince(t);
+}
+
+absl::Status FluxPipeline::Impl::SwitchLoras(const std::vector<LoraChoice>& wanted,
+                                             GenerateResult* r) {
+  PhaseSeconds* seconds = &r->seconds;
+  auto t = SteadyNow();
+  std::vector<std::shared_ptr<const LoraWeights>> files;
+  auto deltas = DeltasFor(wanted, &files);
+  if (!deltas.ok()) return deltas.status();
+  // What was prepared is used only if it is still this set made of the same files.
+  const bool usable = prepared && prepared_key == LoraSetKey(wanted) && prepared_files == files;
+  std::shared_ptr<const LoraDeltas> set = usable ? prepared_deltas : *std::move(deltas);
+  prepared = false;
+  prepared_key.clear();
+  prepared_files.clear();
+  prepared_deltas = nullptr;
   SyncDevice(device);
   seconds->lora_load += SecondsSince(t);
   t = SteadyNow();
-  if (auto s = packages->SetTransformerLoras(deltas); !s.ok()) return s;
+  int prepared_ahead = 0;
+  if (auto s = packages->SetTransformerLoras(set, &prepared_ahead); !s.ok()) return s;
   graphs.clear();  // captured graphs hold the swapped-out weights' addresses
   {
     std::lock_guard<std::mutex> lock(digests_mu);
     applied_loras = LoraSetKey(wanted);
   }
+  r->lora_prepared = prepared_ahead > 0;
   seconds->lora_switch += SecondsSince(t);
   return absl::OkStatus();
 }
@@ -379,7 +469,8 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
 #endif
   report("preparing", 0);
   // The job's LoRA files are read and checked here (a bad one fails before any heavy work); the
-  // merge and swap wait for DenoiseDecode: the job denoising now still runs on the weights.
+  // merge goes into the inactive weight buffers at the end of this stage (PrepareLoras) and the
+  // swap waits for DenoiseDecode: the job denoising now still runs on the active weights.
   if (auto s = m.ReadLoras(req.loras, &r.seconds); !s.ok()) return s;
   std::map<std::string, cache::ArtifactKey> keys;
   for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
@@ -419,6 +510,9 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
     r.seconds.text_encoding = SecondsSince(t);
     state->pooled = *std::move(pooled);
     state->txt = *std::move(txt);
+    // The job's LoRA set into the inactive weight buffers, beside the denoise of the job before
+    // (which uses the active ones); its DenoiseDecode swaps them in.
+    m.PrepareLoras(req.loras, &r);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("generate: ", e.what()));
   }
@@ -503,7 +597,7 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
   if (LoraSetKey(head.loras) != m.applied_loras) {
     report("applying loras", 0);
     std::lock_guard<std::mutex> device_lock(m.encode_mu);
-    if (auto s = m.SwitchLoras(head.loras, &r[0].seconds); !s.ok()) return all_fail(s);
+    if (auto s = m.SwitchLoras(head.loras, &r[0]); !s.ok()) return all_fail(s);
     r[0].lora_switched = true;
   }
   for (auto& x : r) x.loras = LoraSetKey(head.loras);

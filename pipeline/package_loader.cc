@@ -220,32 +220,75 @@ std::vector<std::string> PackageLoader::LoadedDigests() const {
   return out;
 }
 
-absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas) {
-  if (deltas != nullptr && deltas->empty()) deltas = nullptr;
+std::vector<AotiPackage*> PackageLoader::TransformerPackages() const {
+  std::vector<AotiPackage*> out;
+  for (const auto& [digest, pkg] : loaded_) {
+    if (pkg->manifest().key.component == "transformer") out.push_back(pkg.get());
+  }
+  return out;
+}
+
+absl::Status PackageLoader::PrepareEach(const std::vector<AotiPackage*>& packages,
+                                        const std::shared_ptr<const LoraDeltas>& deltas,
+                                        std::unordered_map<std::string, at::Tensor>* memo) {
   if (deltas != nullptr && !regional_.empty()) {
     return absl::UnimplementedError(
         "LoRAs on the regional transformer layout are not built yet (use the whole layout)");
   }
-  std::vector<std::pair<AotiPackage*, std::unordered_map<std::string, at::Tensor>>> swaps;
-  std::unordered_map<std::string, at::Tensor> memo;
-  for (const auto& [digest, pkg] : loaded_) {
-    if (pkg->manifest().key.component != "transformer") continue;
+  std::vector<std::pair<AotiPackage*, std::unordered_map<std::string, at::Tensor>>> loads;
+  for (AotiPackage* pkg : packages) {
     if (deltas == nullptr) {
-      swaps.emplace_back(pkg.get(), pkg->base_constants());
+      loads.emplace_back(pkg, pkg->base_constants());
       continue;
     }
     auto weights = WeightsOf("transformer");
     if (!weights.ok()) return weights.status();
-    auto merged = (*weights)->Merge(pkg->base_constants(), pkg->manifest(), *deltas, &memo);
+    auto merged = (*weights)->Merge(pkg->base_constants(), pkg->manifest(), *deltas, memo);
     if (!merged.ok()) return merged.status();
-    swaps.emplace_back(pkg.get(), *std::move(merged));
+    loads.emplace_back(pkg, *std::move(merged));
   }
-  for (auto& [pkg, constants] : swaps) {
-    if (auto s = pkg->SwapConstants(constants); !s.ok()) return s;
+  for (auto& [pkg, constants] : loads) {
+    if (auto s = pkg->PrepareConstants(constants); !s.ok()) return s;
   }
-  SyncDevice(device_);
+  SyncDevice(device_);  // the merged weights are complete before another stream swaps them in
+  return absl::OkStatus();
+}
+
+absl::Status PackageLoader::PrepareTransformerLoras(std::shared_ptr<const LoraDeltas> deltas) {
+  if (deltas != nullptr && deltas->empty()) deltas = nullptr;
+  has_prepared_ = false;
+  prepared_ = nullptr;
+  prepared_memo_.clear();
+  std::unordered_map<std::string, at::Tensor> memo;
+  if (auto s = PrepareEach(TransformerPackages(), deltas, &memo); !s.ok()) return s;
+  has_prepared_ = true;
+  prepared_ = std::move(deltas);
+  prepared_memo_ = std::move(memo);
+  return absl::OkStatus();
+}
+
+absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas,
+                                                int* prepared_ahead) {
+  if (deltas != nullptr && deltas->empty()) deltas = nullptr;
+  if (prepared_ahead != nullptr) *prepared_ahead = 0;
+  const bool same = has_prepared_ && prepared_ == deltas;
+  std::unordered_map<std::string, at::Tensor> memo;
+  if (same) memo = prepared_memo_;
+  const std::vector<AotiPackage*> all = TransformerPackages();
+  std::vector<AotiPackage*> todo;  // packages whose inactive buffer does not hold `deltas`
+  for (AotiPackage* pkg : all) {
+    if (!same || !pkg->prepared()) todo.push_back(pkg);
+  }
+  has_prepared_ = false;  // whatever happens below, the inactive buffers change or are swapped
+  prepared_ = nullptr;
+  prepared_memo_.clear();
+  if (auto s = PrepareEach(todo, deltas, &memo); !s.ok()) return s;
+  for (AotiPackage* pkg : all) {
+    if (auto s = pkg->CommitConstants(); !s.ok()) return s;
+  }
   loras_ = std::move(deltas);
   lora_memo_ = std::move(memo);
+  if (prepared_ahead != nullptr) *prepared_ahead = static_cast<int>(all.size() - todo.size());
   return absl::OkStatus();
 }
 

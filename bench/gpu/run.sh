@@ -28,8 +28,11 @@
 #              rate (dd, 1 and 4 streams) as the ceiling for the weight read
 # On request only: lora (issue 14: a seeded rank-64 LoRA on every attention and MLP projection of
 # flux-dev, PEFT layout, bf16; kiln-run --lora_switches 6 at bf16 and fp8: six jobs alternating
-# base / LoRA after the first, each switch's lora_load_s (files, first use only) and
-# lora_switch_s (merge + swap) in lora-<precision>.json; target lora_switch_s <= 0.15; needs
+# base / LoRA after the first, each switch's lora_load_s (files, first use only), lora_prepare_s
+# (merge into the inactive buffers, in the job's encode stage: hidden under the denoise before
+# it on a node) and lora_switch_s (the swap, on the critical path) in lora-<precision>.json, and
+# lora-bf16-at-switch.json with --nolora_prepare_ahead (merge + swap at the switch); target
+# lora_prepare_s + lora_switch_s <= 0.15; needs
 # build,weights and packages in the shared store or compiles them), autotune (max_autotune packages against this run's, AUTOTUNE_PRECISIONS) and
 # buckets (BUCKETS, default "512x512 768x768", bf16: compiled, found, and without CUDA graph).
 #
@@ -336,6 +339,10 @@ if has lora; then
     kiln_run "lora-$p" --precision "$p" --shared_dir "$SHARED" --package_dir "$WORK/packages-lora" \
       --lora rank64 --lora_dir "$WORK/loras" --lora_switches 6 --steps 4
   done
+  # The switch as it was (merge and swap at the denoise), for the split above.
+  kiln_run "lora-bf16-at-switch" --precision bf16 --shared_dir "$SHARED" \
+    --package_dir "$WORK/packages-lora" --lora rank64 --lora_dir "$WORK/loras" --lora_switches 6 \
+    --steps 4 --nolora_prepare_ahead
 fi
 
 if has autotune; then

@@ -83,7 +83,10 @@ class FakeGenerator : public Generator {
     const std::string set = kiln::LoraSetKey(request.loras);
     absl::MutexLock lock(&applied_mu_);
     r.lora_switched = set != applied_;
-    if (r.lora_switched) r.seconds.lora_switch = 0.0625;
+    if (r.lora_switched) {
+      r.seconds.lora_prepare = 0.25;
+      r.seconds.lora_switch = 0.0625;
+    }
     applied_ = r.loras = set;
     return r;
   }

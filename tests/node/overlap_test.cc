@@ -2,7 +2,8 @@
 // (made by scripts/test.sh; skipped without them), several jobs handed over at once so that the
 // next one's encoding runs beside the current denoise and the last one's PNG beside both. Every
 // job that was not cancelled gives the same bytes as the same job run alone (Generate, one at a
-// time), in the whole-graph and the regional transformer layouts; a cancel of the job being
+// time), in the whole-graph and the regional transformer layouts, and with base and LoRA jobs
+// alternating (each set merged ahead beside the other's denoise); a cancel of the job being
 // denoised and of the job prefetched behind it loses no other job. With batching (max_batch 2),
 // each job of a batch gets its own image and a job cancelled mid-batch loses no other.
 #include <chrono>
@@ -36,7 +37,8 @@ struct Layout {
   std::string compile_options;
 };
 
-std::unique_ptr<pipeline::FluxPipeline> TinyPipeline(const Layout& layout) {
+std::unique_ptr<pipeline::FluxPipeline> TinyPipeline(const Layout& layout,
+                                                     std::vector<std::string> lora_dirs = {}) {
   cache::TieredProviderConfig config;  // no shared tier, no compiler: a miss is NotFound
   config.local.root = TestData() + "/" + layout.packages;
   auto provider = cache::OpenTieredProvider(std::move(config), nullptr);
@@ -45,6 +47,7 @@ std::unique_ptr<pipeline::FluxPipeline> TinyPipeline(const Layout& layout) {
   pipeline::PipelineOptions o;
   o.model_dir = TestData() + "/flux-tiny";
   o.resolutions = {{256, 256}};
+  o.lora_dirs = std::move(lora_dirs);
   auto options = pipeline::ParseCompileOptions(layout.compile_options);
   EXPECT_TRUE(options.ok()) << options.status();
   o.compile_options = *options;
@@ -72,7 +75,7 @@ class OverlapTest : public ::testing::TestWithParam<Layout> {
     if (!fs::exists(TestData() + "/" + GetParam().packages)) {
       GTEST_SKIP() << "run via scripts/test.sh (fixtures)";
     }
-    auto pipeline = TinyPipeline(GetParam());
+    auto pipeline = TinyPipeline(GetParam(), lora_dirs_);
     ASSERT_NE(pipeline, nullptr);
     pipeline_ = pipeline.get();
     catalog_ = std::make_unique<ModelCatalog>("fp32", std::vector<pipeline::Resolution>{{256, 256}});
@@ -101,6 +104,7 @@ class OverlapTest : public ::testing::TestWithParam<Layout> {
     return job;
   }
 
+  std::vector<std::string> lora_dirs_;  // the pipeline's (LoraOverlapTest)
   prometheus::Registry registry_;
   FakeClock clock_;
   pipeline::FluxPipeline* pipeline_ = nullptr;  // owned by catalog_
@@ -247,6 +251,84 @@ TEST_P(BatchOverlapTest, BatchesGiveEachJobItsOwnImageAndACancelMidBatchLosesNoO
   EXPECT_EQ(metrics_->jobs_cancelled.Value(), 1);
   EXPECT_TRUE(worker.idle());
 }
+
+// LoRA switches on the overlapped node: base and LoRA jobs alternate, so each job's encoding,
+// which merges its set ahead into the transformer's inactive weight buffers, runs beside the
+// denoise of a job with the other set. Every job gives the bytes of the same job alone (one
+// Generate() on the same pipeline): the base jobs the base image's (the merge ahead left the
+// weights in use alone), the LoRA jobs the LoRA image.
+class LoraOverlapTest : public OverlapTest {
+ protected:
+  void SetUp() override {
+    if (!fs::exists(TestData() + "/" + GetParam().packages) || !kiln::testing::HavePython()) {
+      GTEST_SKIP() << "run via scripts/test.sh (fixtures, KILN_PYTHON)";
+    }
+    const std::string loras = dir_.Join("loras");
+    auto made = kiln::testing::RunPython(
+        "pipeline/python/kiln/make_lora.py",
+        {"make", "--model", TestData() + "/flux-tiny", "--out", loras, "--name", "style",
+         "--layout", "peft", "--rank", "4", "--seed", "0"});
+    ASSERT_TRUE(made.ok()) << made.status();
+    lora_dirs_ = {loras};
+    OverlapTest::SetUp();
+  }
+  kiln::testing::TempDir dir_;
+};
+
+TEST_P(LoraOverlapTest, AlternatingLoraJobsInFlightGiveTheirAloneBytes) {
+  std::vector<kiln::v1::JobSpec> specs = {
+      Spec("base-1", "a lighthouse on a cliff at dusk", 7),
+      Spec("lora-1", "a lighthouse on a cliff at dusk", 7),
+      Spec("base-2", "a red bicycle leaning on a wall", 123),
+      Spec("lora-2", "an owl reading a newspaper", 99),
+      Spec("base-3", "a lighthouse on a cliff at dusk", 7),
+  };
+  for (auto& spec : specs) {
+    if (absl::StartsWith(spec.job_id(), "lora")) {
+      auto* l = spec.add_loras();
+      l->set_name("style");
+      l->set_scale(0.8f);
+    }
+  }
+  std::map<std::string, std::string> alone;
+  for (const auto& spec : specs) {
+    alone[spec.job_id()] = Alone(spec);
+    ASSERT_FALSE(alone[spec.job_id()].empty());
+  }
+  EXPECT_NE(alone["base-1"], alone["lora-1"]);  // the LoRA changes the image
+  EXPECT_EQ(alone["base-1"], alone["base-3"]);
+
+  Worker worker(*catalog_, *outbox_, *metrics_, clock_);
+  worker.Start();
+  for (const auto& spec : specs) ASSERT_TRUE(worker.Enqueue(MakeJob(spec)));
+  std::map<std::string, kiln::v1::JobResult> results;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(300);
+  while (results.size() < specs.size() && std::chrono::steady_clock::now() < deadline) {
+    for (auto& env : outbox_->Drain()) {
+      if (env.has_result()) {
+        EXPECT_TRUE(results.emplace(env.result().job_id(), env.result()).second)
+            << "two results for " << env.result().job_id();
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_EQ(results.size(), specs.size());
+  for (const auto& [id, png] : alone) {
+    ASSERT_TRUE(results[id].ok()) << id << ": " << results[id].error();
+    EXPECT_TRUE(results[id].png() == png) << id << ": differs from the same job run alone";
+  }
+  // Alone() ran base, lora, base, lora, base: the node's first job switches nothing.
+  EXPECT_EQ(metrics_->lora_switches.Value(), 4);
+  // A job's encoding may start before the job ahead of it has swapped its set in, and then
+  // leaves that pending set alone (FluxPipeline::EncodePrompt): at least the first switch, whose
+  // encoding runs beside the first (base) job's denoise, is merged ahead.
+  EXPECT_GE(metrics_->lora_prepare_seconds.Collect().histogram.sample_count, 1u);
+  EXPECT_TRUE(worker.idle());
+}
+
+INSTANTIATE_TEST_SUITE_P(Lora, LoraOverlapTest,
+                         ::testing::Values(Layout{"packages", "{}"}),
+                         [](const auto&) { return "Whole"; });
 
 INSTANTIATE_TEST_SUITE_P(Batch, BatchOverlapTest,
                          ::testing::Values(Layout{"packages-batch", "{}"}),

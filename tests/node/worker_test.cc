@@ -176,6 +176,8 @@ TEST_F(WorkerTest, LoraSwitchesAreCountedTimedAndTheAppliedSetReported) {
   EXPECT_EQ(metrics_.lora_switches.Value(), 2);
   EXPECT_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_count, 2u);
   EXPECT_DOUBLE_EQ(metrics_.lora_switch_seconds.Collect().histogram.sample_sum, 0.125);
+  EXPECT_EQ(metrics_.lora_prepare_seconds.Collect().histogram.sample_count, 2u);
+  EXPECT_DOUBLE_EQ(metrics_.lora_prepare_seconds.Collect().histogram.sample_sum, 0.5);
 }
 
 TEST_F(WorkerTest, CancelStopsTheRunningJobAfterItsCurrentStep) {

@@ -13,10 +13,14 @@
 // factor (kohya's qkv rows multiplied per target here, as one matrix nowhere).
 #include "pipeline/lora.h"
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <iostream>
 #include <filesystem>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cache/package_provider.h"
@@ -206,6 +210,109 @@ TEST_F(LoraTest, AJobEncodedAheadSwitchesOnlyWhenItsDenoiseStarts) {
   auto missing = pipeline->EncodePrompt(FixtureRequest({{"nope", 1}}));
   EXPECT_TRUE(absl::IsNotFound(missing.status())) << missing.status();
   EXPECT_EQ(pipeline->applied_loras(), "");
+}
+
+// PipelineOptions::lora_prepare_ahead: a LoRA job's encoding, run while the job before it is in
+// the middle of its denoise loop (its progress callback holds it after step 1 until the encoding
+// is done, so the merge into the inactive buffers happens between its steps), merges its set
+// there; the job before still gives the base bytes (a merge that touched the weights in use
+// would change its remaining steps), and the LoRA job's switch only swaps the prepared buffers
+// and gives the bytes of the switch merged at denoise time (lora_prepare_ahead off). A set
+// prepared and then made stale by a job with another set in between is merged again, not used.
+TEST_F(LoraTest, ASetPreparedBesideTheDenoiseBeforeItIsOnlySwappedIn) {
+  const std::vector<LoraChoice> set = {{"style", 0.8}};
+  const std::vector<LoraChoice> other = {{"kohya-style", -0.5}};
+  const std::string base_png = kiln::testing::ReadFileOrDie(TestData() + "/first.png");
+  // The reference: the switch as it was, merged at the start of the LoRA job's denoise.
+  PipelineOptions ref_options;
+  ref_options.model_dir = model_;
+  ref_options.lora_dirs = {loras_};
+  ref_options.lora_prepare_ahead = false;
+  auto ref_pipeline = FluxPipeline::Create(ref_options, FixtureProvider());
+  ASSERT_TRUE(ref_pipeline.ok()) << ref_pipeline.status();
+  auto ref = (*ref_pipeline)->Generate(FixtureRequest(set));
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  EXPECT_TRUE(ref->lora_switched);
+  EXPECT_FALSE(ref->lora_prepared);
+  EXPECT_EQ(ref->seconds.lora_prepare, 0);
+  auto ref_other = (*ref_pipeline)->Generate(FixtureRequest(other));
+  ASSERT_TRUE(ref_other.ok()) << ref_other.status();
+
+  auto pipeline = Pipeline(model_, {loras_});
+  ASSERT_NE(pipeline, nullptr);
+  auto base_encoded = pipeline->EncodePrompt(FixtureRequest());
+  ASSERT_TRUE(base_encoded.ok()) << base_encoded.status();
+  EXPECT_EQ(base_encoded->partial.seconds.lora_prepare, 0);  // the set merged now: nothing to do
+
+  // The base job denoises on a thread, held after its first step until the LoRA job's encoding
+  // (with its merge ahead) is done.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool at_step = false, encoded = false;
+  std::thread denoise_thread;
+  absl::StatusOr<GenerateResult> base = absl::UnknownError("not run");
+  denoise_thread = std::thread([&] {
+    base = pipeline->DenoiseDecode(*std::move(base_encoded), [&](const std::string& phase,
+                                                                 int step, int) {
+      if (phase != "denoising" || step != 1) return;
+      std::unique_lock<std::mutex> lock(mu);
+      at_step = true;
+      cv.notify_all();
+      cv.wait_for(lock, std::chrono::seconds(60), [&] { return encoded; });
+    });
+  });
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return at_step; }));
+  }
+  auto lora_encoded = pipeline->EncodePrompt(FixtureRequest(set));
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    encoded = true;
+    cv.notify_all();
+  }
+  denoise_thread.join();
+  ASSERT_TRUE(lora_encoded.ok()) << lora_encoded.status();
+  EXPECT_GT(lora_encoded->partial.seconds.lora_prepare, 0);
+  ASSERT_TRUE(base.ok()) << base.status();
+  EXPECT_FALSE(base->lora_switched);
+  EXPECT_EQ(Png(*base), base_png) << "merging ahead changed the weights the job before ran on";
+  EXPECT_EQ(pipeline->applied_loras(), "");
+
+  auto with = pipeline->DenoiseDecode(*std::move(lora_encoded));
+  ASSERT_TRUE(with.ok()) << with.status();
+  EXPECT_TRUE(with->lora_switched);
+  EXPECT_TRUE(with->lora_prepared) << "the switch merged again instead of swapping";
+  EXPECT_EQ(with->loras, "style@0.800000012");
+  EXPECT_EQ(with->rgb, ref->rgb) << "the set merged ahead differs from the one merged at switch";
+  std::cout << "switch prepared ahead: prepare " << with->seconds.lora_prepare << " s, swap "
+            << with->seconds.lora_switch << " s; merged at switch: " << ref->seconds.lora_switch
+            << " s\n";
+
+  // Back to the base weights, prepared ahead as well: the base bytes.
+  auto back = pipeline->Generate(FixtureRequest());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->lora_switched);
+  EXPECT_TRUE(back->lora_prepared);
+  EXPECT_EQ(Png(*back), base_png);
+
+  // Stale: `set` is prepared for a job that waits; a job with another set runs whole in between
+  // (its encoding leaves the pending set alone, its switch merges at denoise time and replaces
+  // the inactive buffers). The waiting job then merges its set again.
+  auto waiting = pipeline->EncodePrompt(FixtureRequest(set));
+  ASSERT_TRUE(waiting.ok()) << waiting.status();
+  EXPECT_GT(waiting->partial.seconds.lora_prepare, 0);
+  auto between = pipeline->Generate(FixtureRequest(other));
+  ASSERT_TRUE(between.ok()) << between.status();
+  EXPECT_TRUE(between->lora_switched);
+  EXPECT_FALSE(between->lora_prepared);
+  EXPECT_EQ(between->seconds.lora_prepare, 0);
+  EXPECT_EQ(between->rgb, ref_other->rgb);
+  auto late = pipeline->DenoiseDecode(*std::move(waiting));
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_TRUE(late->lora_switched);
+  EXPECT_FALSE(late->lora_prepared) << "a stale prepared set was swapped in";
+  EXPECT_EQ(late->rgb, ref->rgb);
 }
 
 TEST_F(LoraTest, ABadLoraIsAnErrorNamingTheFileAndTensorAndChangesNothing) {

@@ -1,7 +1,9 @@
 """kiln-run with LoRAs on the flux-tiny fixtures (scripts/test.sh): --lora NAME[:SCALE] with
 --lora_dir merges a seeded LoRA (kiln.make_lora) and reports the set; --lora_switches alternates
-base / LoRA in one process (the first image merges at load, the rest switch by swapping); a LoRA that is not
-there, or a bad --lora, exits 2 with an error naming it."""
+base / LoRA in one process after the first image, each
+switch split into the merge into the inactive buffers in the encode stage (lora_prepare_s) and the
+swap (lora_switch_s), or with --nolora_prepare_ahead merged at the switch, for the same bytes; a
+LoRA that is not there, or a bad --lora, exits 2 with an error naming it."""
 from __future__ import annotations
 
 import json
@@ -42,6 +44,19 @@ def test_lora_switches_in_one_process_and_back_to_the_base_bytes(tmp_path, lora_
     assert [s["loras"] for s in switches] == ["", "style@0.699999988", ""]
     assert all(s["switched"] for s in switches)
     assert all(s["lora_switch_s"] > 0 for s in switches)
+    # Each job's set was merged ahead in its encode stage; its switch only swapped the buffers.
+    assert all(s["prepared"] for s in switches)
+    assert all(s["lora_prepare_s"] > 0 for s in switches)
+    assert j["seconds"]["lora_prepare"] > 0  # the first image's set too
+
+    at_switch = tmp_path / "at-switch.png"
+    proc = kiln_run("--lora", "style:0.7", "--lora_dir", lora_dir, "--lora_switches", "2",
+                    "--nolora_prepare_ahead", "--out", str(at_switch))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    switches = json.loads(proc.stdout)["lora_switches"]
+    assert [s["prepared"] for s in switches] == [False, False]
+    assert all(s["lora_prepare_s"] == 0 for s in switches)
+    assert at_switch.read_bytes() == out.read_bytes()
 
 
 def test_a_missing_lora_or_a_bad_flag_exits_2_naming_it(tmp_path, lora_dir):
