@@ -45,7 +45,8 @@ absl::Status SignalProcess(pid_t pid, int signal, const std::string& exe_name = 
 bool WaitGone(pid_t pid, int timeout_ms, const std::string& exe_name = "");
 
 // SIGTERM, wait up to `grace_ms`, then SIGKILL (and wait briefly). Returns true if the process
-// exited within the grace period, false if it had to be killed.
+// exited within the grace period (or was not there, or not named `exe_name`), false if it had to
+// be killed. `exe_name` is checked once, before the first signal; the waits then follow the pid.
 bool StopProcess(pid_t pid, int grace_ms, const std::string& exe_name = "");
 
 // The last `max_bytes` of a text file (for "it died; here is its log" messages).
