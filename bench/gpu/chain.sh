@@ -13,6 +13,11 @@
 #                     denoise, kiln-run on the same packages (the GPU to itself)
 #   regional-miss     the regional transformer (bf16) compiled on a miss, alone, with an empty
 #                     Inductor cache: issue 13's compile-time target (<= 30 s)
+#   stream            bench/gpu/stream.sh: STREAM_JOBS (default 50) fp8 jobs at 1024² through one
+#                     node that overlaps them, images/hour against kiln-run's bound, NVML
+#                     utilization over the stream (issue 14 item 1; the precompile's fp8 packages)
+#   lora              bench/gpu/run.sh's lora stage on the precompile's shared store: a rank-64
+#                     LoRA's prepare and switch times, bf16 and fp8 (issue 14 item 3)
 #   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
 #                     tail and double regions with kiln-compile's Inductor options, each alone
 #                     with an empty Inductor cache, Inductor's timers and cProfile)
@@ -35,7 +40,7 @@ export KILN_GPU_WORK=${KILN_GPU_WORK:-$PWD/build-gpu}
 export PYTHONFAULTHANDLER=1
 WORK=$KILN_GPU_WORK
 VARIANTS_R=${VARIANTS_R:-bf16:cudnn bf16:cudnn:regional}
-CHAIN_STEPS=${CHAIN_STEPS:-precompile,cluster,regional-miss,region-profile,whole-and-refs,regional-bench}
+CHAIN_STEPS=${CHAIN_STEPS:-precompile,cluster,stream,lora,regional-miss,whole-and-refs,regional-bench,region-profile}
 want() { [[ ",$CHAIN_STEPS," == *",$1,"* ]]; }
 log() { echo "[chain $(date +%H:%M:%S)] $*" | tee -a "$DEST/chain.log"; }
 step() {  # name command...: runs it, logs its rc and seconds
@@ -48,11 +53,18 @@ step() {  # name command...: runs it, logs its rc and seconds
 }
 
 log "start; work in $WORK"
-step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canary kiln-bench" CTEST=0 \
+step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canary" CTEST=0 \
   bench/gpu/run.sh "$DEST/prep" build,weights || { tail -30 "$DEST/prep.log"; exit 1; }
+# kiln-bench (its regional path compiled only with CUDA) apart: a failure there costs only the
+# regional-bench step, not the chain.
+step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
+  { tail -30 "$DEST/bench-build.log" | tee -a "$DEST/chain.log"; CHAIN_STEPS=${CHAIN_STEPS//regional-bench/}; }
 
 want precompile && step precompile env PHASES=precompile bench/gpu/cluster.sh "$DEST/precompile"
 want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/cluster"
+want stream && step stream bench/gpu/stream.sh "$DEST/stream"
+want stream && tail -12 "$DEST/stream/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
+want lora && step lora env SHARED="$WORK/cluster/shared-cache" CTEST=0 bench/gpu/run.sh "$DEST/lora" lora
 
 if want regional-miss; then
   INDUCTOR_EMPTY=$(mktemp -d)
@@ -60,11 +72,11 @@ if want regional-miss; then
     bench/gpu/run.sh "$DEST/regional-miss" compile
   rm -rf "$INDUCTOR_EMPTY"
 fi
+want whole-and-refs && step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
+  compile,fp8
+want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 want region-profile && step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
   --model "$WORK/flux-dev" --precision bf16 --regions "${PROFILE_REGIONS:-tail,double}" --variants default \
   --out "$DEST/region-profile"
 want region-profile && tail -8 "$DEST/region-profile.log" | tee -a "$DEST/chain.log"
-want whole-and-refs && step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
-  compile,fp8
-want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
 log "done"

@@ -76,7 +76,7 @@ export PYTHONPATH=$ROOT/pipeline/python${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 BIN=$WORK/build/bin
 MODEL=$WORK/flux-dev
-SHARED=$WORK/shared
+SHARED=${SHARED:-$WORK/shared}  # the shared package store (SHARED: another, e.g. the cluster's)
 PROMPT="a lighthouse on a cliff at dusk"
 FAILED=()
 has() { [[ ",$STAGES," == *",$1,"* ]]; }
