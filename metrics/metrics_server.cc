@@ -1,6 +1,7 @@
 #include "metrics/metrics_server.h"
 
 #include <exception>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -57,6 +58,25 @@ class MetricsServer::Dispatcher : public CivetHandler {
   MetricsServer& owner_;
 };
 
+namespace {
+// civetweb says why it could not start (a port in use, an option it refuses, a socket it could
+// not make) only through its log_message callback; CivetServer's exception just says "null
+// context". Start() collects those lines, one start at a time, so that its error names the cause.
+std::mutex start_mu;                     // held through one CivetServer construction
+std::string* start_messages = nullptr;  // that start's collected lines (guarded by start_mu)
+std::mutex messages_mu;                 // guards start_messages against civetweb's threads
+
+int CollectStartMessage(const mg_connection*, const char* message) {
+  std::lock_guard<std::mutex> lock(messages_mu);
+  if (start_messages == nullptr || message == nullptr) return 0;  // civetweb's default handling
+  if (start_messages->size() < 2000) {
+    if (!start_messages->empty()) start_messages->append("; ");
+    start_messages->append(message);
+  }
+  return 1;
+}
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::string& bind) {
   auto colon = bind.rfind(':');
   if (colon == std::string::npos) {
@@ -86,7 +106,35 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
         "enable_keep_alive", "no"};
     // No `linger_timeout_ms` of 0: that closes with a reset, which discards what the socket has
     // not sent yet, so a client reading a large body (a status-page PNG) lost its end.
-    s->server_ = std::make_unique<CivetServer>(options);
+    CivetCallbacks callbacks;
+    callbacks.log_message = CollectStartMessage;
+    std::lock_guard<std::mutex> one_start(start_mu);
+    std::string messages;
+    {
+      std::lock_guard<std::mutex> lock(messages_mu);
+      start_messages = &messages;
+    }
+    std::exception_ptr failure;
+    try {
+      s->server_ = std::make_unique<CivetServer>(options, &callbacks);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(messages_mu);
+      start_messages = nullptr;
+    }
+    if (failure) {
+      std::string what = "unknown error";
+      try {
+        std::rethrow_exception(failure);
+      } catch (const std::exception& e) {
+        what = e.what();
+      }
+      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ",
+                                                 messages.empty() ? what : messages,
+                                                 messages.empty() ? "" : " (civetweb)"));
+    }
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ", e.what()));
   }

@@ -3,6 +3,7 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
 #include <exception>
+#include <mutex>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -26,7 +27,71 @@ const std::vector<std::pair<std::string, at::ScalarType>>& DtypeTable() {
 
 std::string ShapeStr(at::IntArrayRef s) { return absl::StrCat("[", absl::StrJoin(s, ", "), "]"); }
 
+// The runtime's user-managed load keeps, for every constant, an at::Tensor of its own that it
+// never deletes (MaybeOwningAtenTensorHandle(handle, user_managed=true) takes a handle from
+// aoti_torch_new_tensor_handle and its destructor frees nothing; torch 2.11 and 2.13). Such a
+// tensor shares the caller's TensorImpl, so a set kiln drops would stay in memory for the life of
+// the process. This registry counts those references per TensorImpl; a tensor whose TensorImpl is
+// held by nothing else, and whose storage no other TensorImpl shares, is garbage: its storage's
+// memory is released (the leaked tensors keep an empty storage, which nothing reads: a buffer is
+// always loaded again before it is used).
+class LeakedReferences {
+ public:
+  static LeakedReferences& Get() {
+    static auto* registry = new LeakedReferences();
+    return *registry;
+  }
+
+  void Loaded(const std::unordered_map<std::string, at::Tensor>& set) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [fqn, t] : set) {
+      auto it = entries_.find(t.unsafeGetTensorImpl());
+      if (it == entries_.end() || it->second.impl.expired()) {
+        it = entries_.insert_or_assign(t.unsafeGetTensorImpl(), Entry{Weak(t.getIntrusivePtr()), 0})
+                 .first;
+      }
+      ++it->second.aliases;
+    }
+  }
+
+  // Frees what only the runtime's leaked references hold; returns the bytes freed.
+  uint64_t Sweep() {
+    std::lock_guard<std::mutex> lock(mu_);
+    uint64_t freed = 0;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      auto impl = it->second.impl.lock();
+      if (!impl) {  // gone (nothing leaked it after all)
+        it = entries_.erase(it);
+        continue;
+      }
+      // `impl` itself is one strong reference.
+      const bool garbage = static_cast<int64_t>(impl.use_count()) - 1 == it->second.aliases &&
+                           impl->has_storage() &&
+                           impl->storage().use_count() == 1;
+      if (garbage) {
+        freed += impl->storage().nbytes();
+        impl->storage().unsafeGetStorageImpl()->reset();
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return freed;
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak impl;
+    int64_t aliases = 0;
+  };
+  std::mutex mu_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
 }  // namespace
+
+uint64_t AotiPackage::FreeUnusedConstants() { return LeakedReferences::Get().Sweep(); }
 
 absl::StatusOr<at::ScalarType> DtypeFromName(const std::string& name) {
   for (const auto& [n, t] : DtypeTable())
@@ -178,6 +243,7 @@ absl::Status AotiPackage::LoadConstants(
   try {
     loader_->load_constants(*chosen, /*use_inactive=*/false, /*check_full_update=*/true,
                             /*user_managed=*/true);
+    LeakedReferences::Get().Loaded(*chosen);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
   }
@@ -185,6 +251,8 @@ absl::Status AotiPackage::LoadConstants(
   base_constants_ = constants_;
   constants_loaded_ = true;
   prepared_ = false;
+  pending_loaded_ = false;
+  pending_constants_.clear();
   return absl::OkStatus();
 }
 
@@ -192,9 +260,11 @@ void AotiPackage::ReleaseConstants() {
   constants_.clear();
   base_constants_.clear();
   inactive_constants_.clear();
+  pending_constants_.clear();
   failed_load_.clear();
   constants_loaded_ = false;
   prepared_ = false;
+  pending_loaded_ = false;
 }
 
 absl::Status AotiPackage::SwapConstants(
@@ -210,22 +280,40 @@ absl::Status AotiPackage::PrepareConstants(
         absl::StrCat(manifest_.key.component, ": swapping constants before LoadConstants()"));
   }
   prepared_ = false;
+  pending_loaded_ = false;
+  pending_constants_.clear();
   auto chosen = Choose(constants);
   if (!chosen.ok()) return chosen.status();
+  // Kept, not yet given to the runtime: see the header (torch 2.11's single-threaded runner).
+  pending_constants_ = *std::move(chosen);
+  prepared_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status AotiPackage::LoadPrepared() {
+  if (!prepared_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(manifest_.key.component, ": loading constants with nothing prepared"));
+  }
+  if (pending_loaded_) return absl::OkStatus();
   try {
-    loader_->load_constants(*chosen, /*use_inactive=*/true, /*check_full_update=*/true,
-                            /*user_managed=*/true);
+    LeakedReferences::Get().Loaded(pending_constants_);  // a partial load may leak them too
+    loader_->load_constants(pending_constants_, /*use_inactive=*/true,
+                            /*check_full_update=*/true, /*user_managed=*/true);
   } catch (const std::exception& e) {
     // The inactive buffer may point at some of the new tensors and some of the old: keep both
     // until a load of that buffer succeeds.
-    for (auto& [fqn, t] : *chosen) failed_load_.push_back(t);
+    for (auto& [fqn, t] : pending_constants_) failed_load_.push_back(t);
+    prepared_ = false;
+    pending_constants_.clear();
     return absl::InternalError(absl::StrCat(manifest_.key.component,
                                             ": loading the inactive constant buffer: ", e.what()));
   }
   // The inactive buffer now points at exactly these tensors.
-  inactive_constants_ = *std::move(chosen);
+  inactive_constants_ = std::move(pending_constants_);
+  pending_constants_.clear();
   failed_load_.clear();
-  prepared_ = true;
+  pending_loaded_ = true;
   return absl::OkStatus();
 }
 
@@ -234,6 +322,7 @@ absl::Status AotiPackage::CommitConstants() {
     return absl::FailedPreconditionError(
         absl::StrCat(manifest_.key.component, ": CommitConstants() with nothing prepared"));
   }
+  if (auto s = LoadPrepared(); !s.ok()) return s;
   try {
     loader_->get_runner()->swap_constant_buffer();
   } catch (const std::exception& e) {
@@ -241,8 +330,12 @@ absl::Status AotiPackage::CommitConstants() {
                                             ": swapping constant buffers: ", e.what()));
   }
   prepared_ = false;
-  // The buffer swapped out is the inactive one now; the runtime still points at its tensors.
-  std::swap(constants_, inactive_constants_);
+  pending_loaded_ = false;
+  // The buffer swapped out is the inactive one now. The runtime still points at its tensors, but
+  // nothing uses that buffer before it is loaded again (Commit always loads first): they are not
+  // kept (FreeUnusedConstants can free them once nobody else holds them).
+  constants_ = std::move(inactive_constants_);
+  inactive_constants_.clear();
   return absl::OkStatus();
 }
 

@@ -65,23 +65,39 @@ class AotiPackage {
   // Replaces every weight without recompiling: the new constants (checked as LoadConstants
   // checks them) go into the runtime's inactive constant buffer
   // (load_constants(use_inactive=true)), which then becomes the active one
-  // (swap_constant_buffer()). The tensors of the buffer swapped out are kept until that buffer is
-  // loaded again, since the runtime's inactive buffer still points at them. Before
+  // (swap_constant_buffer()). The tensors of the buffer swapped out are dropped: the runtime's
+  // inactive buffer still points at them, but it is always loaded again before a swap. Before
   // LoadConstants(): FailedPrecondition. A CUDA graph captured around Run() holds the old
   // addresses: capture it again after a swap.
   absl::Status SwapConstants(const std::unordered_map<std::string, at::Tensor>& constants);
-  // SwapConstants in two steps, so that the load can run while another thread runs the package:
-  // PrepareConstants checks `constants` and loads them into the inactive buffer only (the active
-  // one, which Run() uses, is untouched; the tensors the inactive buffer pointed at are released
-  // and the new ones kept alive); CommitConstants() makes the prepared buffer the active one.
-  // Anything else that writes the inactive buffer (SwapConstants, LoadConstants,
-  // ReleaseConstants) drops what was prepared. Prepare before LoadConstants(): FailedPrecondition;
-  // Commit with nothing prepared: FailedPrecondition. Prepare may run on one thread while Run()
-  // runs on another (the runtime's load_constants(use_inactive=true) writes only the inactive
-  // map); nothing else may.
+  // SwapConstants in two steps, so that the work can run while another thread runs the package:
+  // PrepareConstants checks `constants` and keeps them (nothing in the runtime changes: Run()
+  // goes on with the active set); CommitConstants() loads them into the runtime's inactive
+  // buffer (load_constants(use_inactive=true), user-managed: pointers only, no copy) and makes it
+  // the active one. LoadPrepared() is Commit's load alone, so that a caller swapping several
+  // packages can load every one before swapping any. Why the load waits for the commit: torch
+  // 2.11's single-threaded runner (kiln's CUDA mode) refuses to run the active secondary buffer
+  // while the primary one is loaded but not yet folded ("Unknown constant state:
+  // ConstantState::INITIALIZED", its run_single_threaded checks the wrong buffer's state; seen
+  // on the H100 host, 2026-12-06, fixed in torch 2.13), so a load ahead of the swap broke every
+  // other LoRA switch there. Anything else that writes the inactive buffer (SwapConstants,
+  // LoadConstants, ReleaseConstants) drops what was prepared. Prepare before LoadConstants():
+  // FailedPrecondition; Commit or LoadPrepared with nothing prepared: FailedPrecondition. A
+  // failed load drops what was prepared (prepare again). Prepare may run on one thread while
+  // Run() runs on another; Commit and LoadPrepared may not.
   absl::Status PrepareConstants(const std::unordered_map<std::string, at::Tensor>& constants);
+  absl::Status LoadPrepared();
   absl::Status CommitConstants();
   bool prepared() const { return prepared_; }
+
+  // The runtime's user-managed loads keep a reference of their own to every constant ever loaded
+  // and never drop it (torch 2.11 and 2.13), so a set no package uses any more (the canary's
+  // synthetic constants, a LoRA set switched away from) would stay in memory for the life of the
+  // process. This frees the memory of every loaded tensor that nothing but those references holds
+  // (and whose storage no other tensor shares); returns the bytes freed. Process-wide. On CUDA,
+  // call it with no kernel in flight that could still read such a tensor (the loader synchronizes
+  // the device first).
+  static uint64_t FreeUnusedConstants();
 
   absl::StatusOr<std::vector<at::Tensor>> Run(const std::vector<at::Tensor>& inputs);
   // Run()'s first output (every kiln component has one); Internal if the package returned none.
@@ -104,10 +120,12 @@ class AotiPackage {
       const std::unordered_map<std::string, at::Tensor>& constants) const;
   std::unordered_map<std::string, at::Tensor> constants_;
   std::unordered_map<std::string, at::Tensor> base_constants_;
-  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // the inactive buffer's
+  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // loaded, not yet swapped in
   std::vector<at::Tensor> failed_load_;  // a failed inactive load's tensors (may be pointed at)
   bool constants_loaded_ = false;
-  bool prepared_ = false;  // the inactive buffer holds PrepareConstants' set, not yet committed
+  bool prepared_ = false;  // PrepareConstants' set is waiting for CommitConstants
+  std::unordered_map<std::string, at::Tensor> pending_constants_;  // prepared, not yet loaded
+  bool pending_loaded_ = false;  // the prepared set is in the inactive buffer (LoadPrepared)
 };
 
 // Checks `t` against `spec` (shape, dtype) and `device`, and that it is contiguous.

@@ -141,6 +141,8 @@ absl::StatusOr<LoadedComponent> PackageLoader::Load(const std::string& component
     }
     report->canary_seconds += canary->seconds;
     (*pkg)->ReleaseConstants();  // free the synthetic constants before the weights arrive
+    SyncDevice(device_);
+    AotiPackage::FreeUnusedConstants();  // the runtime's own references kept them (aoti_package.h)
   }
   report->package_load_seconds += SecondsSince(t);
 
@@ -283,11 +285,18 @@ absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas
   prepared_ = nullptr;
   prepared_memo_.clear();
   if (auto s = PrepareEach(todo, deltas, &memo); !s.ok()) return s;
+  for (AotiPackage* pkg : all) {  // every inactive buffer loaded before any swap
+    if (auto s = pkg->LoadPrepared(); !s.ok()) return s;
+  }
   for (AotiPackage* pkg : all) {
     if (auto s = pkg->CommitConstants(); !s.ok()) return s;
   }
   loras_ = std::move(deltas);
   lora_memo_ = std::move(memo);
+  // The set switched away from is held by nothing of kiln's now, only by the runtime's own
+  // references (aoti_package.h): free it before the next set is merged beside it.
+  SyncDevice(device_);
+  AotiPackage::FreeUnusedConstants();
   if (prepared_ahead != nullptr) *prepared_ahead = static_cast<int>(all.size() - todo.size());
   return absl::OkStatus();
 }

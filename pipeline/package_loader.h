@@ -86,23 +86,23 @@ class PackageLoader {
 
   // Merges the LoRA set `deltas` (null or empty: none, the base weights) into the transformer's
   // weights without recompiling: each loaded transformer package gets its merged weights
-  // (ComponentWeights::Merge of its base_constants(), shared by every bucket) through its
-  // inactive constant buffer (AotiPackage::PrepareConstants) and a swap
-  // (AotiPackage::CommitConstants), and a transformer package loaded later gets them at load
-  // time. Back to none swaps in the base tensors themselves (kept by ComponentWeights), so the
-  // base image comes back bit for bit. A package whose inactive buffer already holds `deltas`
-  // (PrepareTransformerLoras with this very object, nothing loaded into that buffer since) is only
-  // swapped; `*prepared_ahead` (may be null) is set to the number of such packages. Every
-  // package's weights are computed and loaded before any is swapped: on an error no package's
-  // active weights change. Unimplemented for the regional layout (its per-layer weight inputs
-  // are not merged yet).
+  // (ComponentWeights::Merge of its base_constants(), shared by every bucket), prepared
+  // (AotiPackage::PrepareConstants), loaded into its inactive constant buffer and swapped in
+  // (AotiPackage::LoadPrepared, CommitConstants), and a transformer package loaded later gets them
+  // at load time. Back to none swaps in the base tensors themselves (kept by ComponentWeights), so
+  // the base image comes back bit for bit. A package that already holds `deltas` prepared
+  // (PrepareTransformerLoras with this very object, nothing prepared or loaded since) is only
+  // loaded and swapped; `*prepared_ahead` (may be null) is set to the number of such packages.
+  // Every package's weights are computed and loaded before any is swapped: on an error no package's
+  // active weights change. Unimplemented for the regional layout (its per-layer weight inputs are
+  // not merged yet).
   absl::Status SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas,
                                    int* prepared_ahead = nullptr);
   // The first half of SetTransformerLoras, ahead of it: merges `deltas` (null or empty: the base
-  // weights) for every loaded transformer package and loads the result into its inactive buffer
-  // only. The active weights are untouched, so this may run while another thread denoises with
-  // them (nothing else of the loader may). Drops what an earlier call prepared. Unimplemented for
-  // the regional layout, as SetTransformerLoras.
+  // weights) for every loaded transformer package and keeps the result prepared for the swap
+  // (nothing in the runtime changes). The active weights are untouched, so this may run while
+  // another thread denoises with them (nothing else of the loader may). Drops what an earlier call
+  // prepared. Unimplemented for the regional layout, as SetTransformerLoras.
   absl::Status PrepareTransformerLoras(std::shared_ptr<const LoraDeltas> deltas);
 
   // The component's checkpoint, opened once.
@@ -132,12 +132,12 @@ class PackageLoader {
   std::map<std::string, std::unique_ptr<RegionalTransformer>> regional_;  // by key digest
   std::shared_ptr<const LoraDeltas> loras_;                   // the set merged now (null: none)
   std::unordered_map<std::string, at::Tensor> lora_memo_;     // its merged constants by FQN
-  // The set PrepareTransformerLoras loaded into the inactive buffers (valid while has_prepared_;
+  // The set PrepareTransformerLoras prepared (valid while has_prepared_;
   // null: the base weights) and its merged constants by FQN.
   bool has_prepared_ = false;
   std::shared_ptr<const LoraDeltas> prepared_;
   std::unordered_map<std::string, at::Tensor> prepared_memo_;
-  // Merges `deltas` (null: the base) for `packages` and loads each into its inactive buffer.
+  // Merges `deltas` (null: the base) for `packages` and prepares each (PrepareConstants).
   absl::Status PrepareEach(const std::vector<AotiPackage*>& packages,
                            const std::shared_ptr<const LoraDeltas>& deltas,
                            std::unordered_map<std::string, at::Tensor>* memo);

@@ -20,6 +20,7 @@ namespace kiln::metrics {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ::testing::StartsWith;
 
 // A plain HTTP/1.0 GET over loopback; returns the whole response (status line, headers, body).
@@ -129,6 +130,15 @@ TEST(MetricsServerTest, BadAddressesAreErrors) {
   ASSERT_TRUE(first.ok());
   auto second = MetricsServer::Start("127.0.0.1:" + std::to_string((*first)->port()));
   EXPECT_EQ(second.status().code(), absl::StatusCode::kUnavailable);
+  // The error names civetweb's own reason (CivetServer's exception alone says only "null
+  // context"): the port and the socket error.
+  EXPECT_THAT(second.status().message(), HasSubstr(std::to_string((*first)->port())));
+  EXPECT_THAT(second.status().message(), HasSubstr("(civetweb)"));
+  EXPECT_THAT(second.status().message(), Not(HasSubstr("null context")));
+  // An address this machine does not have (TEST-NET-1) is named the same way.
+  auto bad_host = MetricsServer::Start("192.0.2.1:0");
+  ASSERT_FALSE(bad_host.ok());
+  EXPECT_THAT(bad_host.status().message(), HasSubstr("(civetweb)"));
 }
 
 }  // namespace

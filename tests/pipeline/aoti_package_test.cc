@@ -116,6 +116,66 @@ TEST_F(AotiPackageTest, ReleasedConstantsMustBeLoadedAgainBeforeARun) {
   EXPECT_TRUE(torch::equal((*before)[0], (*after)[0]));
 }
 
+// The runtime's user-managed load (load_constants(..., user_managed=true)) makes its own
+// at::Tensor for every constant and never deletes it (torch 2.11 and 2.13:
+// MaybeOwningAtenTensorHandle with user_managed holds a handle from aoti_torch_new_tensor_handle
+// that nothing frees), so a set
+// the package no longer uses would stay in memory for the life of the process: on the GPU host the
+// canary's synthetic flux-dev weights (24 GB) stayed beside the real ones, and every LoRA set ever
+// merged stayed too. The package frees the memory of a set once nothing but those leaked
+// references holds it; one still held elsewhere (the caller's copy here) is left alone.
+TEST_F(AotiPackageTest, ASetNoLongerUsedIsFreedDespiteTheRuntimesLeakedReferences) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  at::Tensor ids = torch::zeros({1, 77}, torch::kLong);
+  auto weights = Weights(**pkg);
+  ASSERT_FALSE(weights.empty());
+  // A set of fresh copies, as the canary's synthetic constants are: nobody else holds them.
+  std::unordered_map<std::string, at::Tensor> copies;
+  for (const auto& [fqn, t] : weights) copies.emplace(fqn, t.clone());
+  const std::string probe_fqn = copies.begin()->first;
+  c10::weak_intrusive_ptr<c10::StorageImpl> probe(
+      copies.begin()->second.storage().getWeakStorageImpl());
+  const size_t probe_bytes = copies.begin()->second.storage().nbytes();
+  ASSERT_GT(probe_bytes, 0u);
+  ASSERT_TRUE((*pkg)->LoadConstants(copies).ok());
+  ASSERT_TRUE((*pkg)->Run({ids}).ok());
+  copies.clear();  // the package holds the set now
+  {
+    auto alive = probe.lock();
+    ASSERT_TRUE(alive);
+    EXPECT_EQ(alive->nbytes(), probe_bytes);  // in use: untouched
+  }
+  AotiPackage::FreeUnusedConstants();  // the set is loaded: not freed
+  {
+    auto alive = probe.lock();
+    ASSERT_TRUE(alive);
+    EXPECT_EQ(alive->nbytes(), probe_bytes);
+  }
+  // The set replaced by the real weights: freed (or at least its bytes are).
+  ASSERT_TRUE((*pkg)->LoadConstants(weights).ok());
+  EXPECT_GE(AotiPackage::FreeUnusedConstants(), probe_bytes);
+  {
+    auto alive = probe.lock();
+    EXPECT_TRUE(!alive || alive->nbytes() == 0)
+        << "the replaced set still holds " << (alive ? alive->nbytes() : 0) << " bytes of "
+        << probe_fqn;
+  }
+  // The real weights are still held by the caller (`weights`): a release must not free them.
+  auto before = (*pkg)->Run({ids});
+  ASSERT_TRUE(before.ok()) << before.status();
+  (*pkg)->ReleaseConstants();
+  AotiPackage::FreeUnusedConstants();
+  for (const auto& [fqn, t] : weights) {
+    ASSERT_GE(t.storage().nbytes(), static_cast<size_t>(t.numel() * t.element_size()))
+        << fqn << " was freed";
+  }
+  ASSERT_TRUE((*pkg)->LoadConstants(weights).ok());
+  auto after = (*pkg)->Run({ids});
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_TRUE(torch::equal((*before)[0], (*after)[0]));
+}
+
 TEST_F(AotiPackageTest, MissingAndMisshapedWeightsAreNamed) {
   auto pkg = LoadCopy();
   ASSERT_TRUE(pkg.ok()) << pkg.status();
