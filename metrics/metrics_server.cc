@@ -1,5 +1,10 @@
 #include "metrics/metrics_server.h"
 
+#include <dlfcn.h>
+#include <pthread.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -23,6 +28,30 @@
 #ifndef KILN_BUILD_CUDA_VERSION
 #define KILN_BUILD_CUDA_VERSION ""
 #endif
+
+// Debian's civetweb (1.15) makes its threads with a fixed 100 KiB stack
+// (pthread_attr_setstacksize(attr, 102400)). glibc puts a process's static TLS inside every
+// thread's stack, and a process that links a CUDA LibTorch at load time (kiln-node, kiln-run) has
+// more static TLS than that: pthread_create fails, and civetweb says "Cannot create threads" (every
+// kiln-node on the GPU host, 2026-12-06). This definition, exported by the executable
+// (CMakeLists.txt), takes the place of libc's for civetweb: a stack smaller than the default a
+// thread gets (RLIMIT_STACK, usually 8 MiB; address space, touched only as used) is raised to it.
+// Larger requests and every other caller pass through unchanged.
+extern "C" int pthread_attr_setstacksize(pthread_attr_t* attr, size_t size) noexcept {
+  using Fn = int (*)(pthread_attr_t*, size_t);
+  static const Fn real = reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "pthread_attr_setstacksize"));
+  static const size_t floor = [] {
+    pthread_attr_t defaults;
+    size_t bytes = 0;
+    if (pthread_attr_init(&defaults) == 0) {
+      pthread_attr_getstacksize(&defaults, &bytes);
+      pthread_attr_destroy(&defaults);
+    }
+    return bytes;
+  }();
+  if (real == nullptr) return ENOSYS;
+  return real(attr, std::max(size, floor));
+}
 
 namespace kiln::metrics {
 

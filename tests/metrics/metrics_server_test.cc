@@ -23,6 +23,21 @@ using ::testing::HasSubstr;
 using ::testing::Not;
 using ::testing::StartsWith;
 
+// Static TLS as large as a CUDA LibTorch brings into kiln-node (libtorch_cuda and the CUDA
+// libraries linked at load time): glibc places it inside every thread's stack, so a thread made
+// with a smaller stack cannot start. Debian's civetweb asks for 100 KiB stacks; on the GPU host
+// every kiln-node failed to start its metrics server ("Cannot create threads").
+[[gnu::used]] thread_local char tls_ballast[512 * 1024];
+
+TEST(MetricsServerTest, StartsInAProcessWithLargeStaticTls) {
+  volatile char* ballast = tls_ballast;  // keeps the ballast in the binary
+  ballast[0] = 1;
+  EXPECT_EQ(ballast[0], 1);
+  auto s = MetricsServer::Start("127.0.0.1:0");
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_NE((*s)->port(), 0);
+}
+
 // A plain HTTP/1.0 GET over loopback; returns the whole response (status line, headers, body).
 // The server answers in the request's protocol version.
 std::string Get(int port, const std::string& path) {
