@@ -143,26 +143,20 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(const std::s
       std::lock_guard<std::mutex> lock(messages_mu);
       start_messages = &messages;
     }
-    std::exception_ptr failure;
+    std::string failure;
     try {
       s->server_ = std::make_unique<CivetServer>(options, &callbacks);
-    } catch (...) {
-      failure = std::current_exception();
+    } catch (const std::exception& e) {  // CivetException: "null context ..."
+      failure = e.what();
     }
     {
       std::lock_guard<std::mutex> lock(messages_mu);
       start_messages = nullptr;
     }
-    if (failure) {
-      std::string what = "unknown error";
-      try {
-        std::rethrow_exception(failure);
-      } catch (const std::exception& e) {
-        what = e.what();
-      }
-      return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ",
-                                                 messages.empty() ? what : messages,
-                                                 messages.empty() ? "" : " (civetweb)"));
+    if (s->server_ == nullptr) {
+      return absl::UnavailableError(absl::StrCat(
+          "cannot serve metrics on ", bind, ": ",
+          messages.empty() ? failure : absl::StrCat(messages, " (civetweb)")));
     }
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", bind, ": ", e.what()));

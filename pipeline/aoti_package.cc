@@ -293,7 +293,7 @@ absl::Status AotiPackage::PrepareConstants(
 absl::Status AotiPackage::LoadPrepared() {
   if (!prepared_) {
     return absl::FailedPreconditionError(
-        absl::StrCat(manifest_.key.component, ": loading constants with nothing prepared"));
+        absl::StrCat(manifest_.key.component, ": committing constants with nothing prepared"));
   }
   if (pending_loaded_) return absl::OkStatus();
   try {
@@ -318,11 +318,7 @@ absl::Status AotiPackage::LoadPrepared() {
 }
 
 absl::Status AotiPackage::CommitConstants() {
-  if (!prepared_) {
-    return absl::FailedPreconditionError(
-        absl::StrCat(manifest_.key.component, ": CommitConstants() with nothing prepared"));
-  }
-  if (auto s = LoadPrepared(); !s.ok()) return s;
+  if (auto s = LoadPrepared(); !s.ok()) return s;  // refuses when nothing is prepared
   try {
     loader_->get_runner()->swap_constant_buffer();
   } catch (const std::exception& e) {
