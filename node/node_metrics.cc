@@ -60,14 +60,15 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                               .Name("kiln_node_lora_switch_seconds")
                               .Help("Time of a LoRA switch on the critical path: reading and "
                                     "verifying LoRA files not read before, and the switch at the "
-                                    "job's denoise (the buffer swap alone when the set was merged "
-                                    "ahead, else merging into the weights and swapping them in)")
+                                    "job's denoise (loading the weights alone when the set was "
+                                    "merged ahead, else merging into the weights and loading "
+                                    "them)")
                               .Register(registry)
                               .Add({}, StepBuckets())),
       lora_prepare_seconds(prometheus::BuildHistogram()
                                .Name("kiln_node_lora_prepare_seconds")
-                               .Help("Time of merging a job's LoRA set ahead into the inactive "
-                                     "weight buffers during its encoding, beside the denoise of "
+                               .Help("Time of merging a job's LoRA set ahead into new "
+                                     "weight tensors during its encoding, beside the denoise of "
                                      "the job before (off the critical path)")
                                .Register(registry)
                                .Add({}, StepBuckets())),

@@ -236,35 +236,44 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> AotiPackage::Choose(
   return chosen;
 }
 
+absl::Status AotiPackage::LoadActive(std::unordered_map<std::string, at::Tensor>& constants) {
+  try {
+    LeakedReferences::Get().Loaded(constants);  // a partial load may leak them too
+    loader_->load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true,
+                            /*user_managed=*/true);
+  } catch (const std::exception& e) {
+    return absl::InternalError(
+        absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status AotiPackage::LoadConstants(
     const std::unordered_map<std::string, at::Tensor>& constants) {
   auto chosen = Choose(constants);
   if (!chosen.ok()) return chosen.status();
-  try {
-    loader_->load_constants(*chosen, /*use_inactive=*/false, /*check_full_update=*/true,
-                            /*user_managed=*/true);
-    LeakedReferences::Get().Loaded(*chosen);
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
+  if (auto s = LoadActive(*chosen); !s.ok()) {
+    // The buffer may point at some of these tensors: keep them until a load succeeds.
+    for (auto& [fqn, t] : *chosen) failed_load_.push_back(t);
+    constants_loaded_ = false;  // Run refuses a half-loaded buffer
+    return s;
   }
   constants_ = *std::move(chosen);
   base_constants_ = constants_;
   constants_loaded_ = true;
   prepared_ = false;
-  pending_loaded_ = false;
   pending_constants_.clear();
+  failed_load_.clear();
   return absl::OkStatus();
 }
 
 void AotiPackage::ReleaseConstants() {
   constants_.clear();
   base_constants_.clear();
-  inactive_constants_.clear();
   pending_constants_.clear();
   failed_load_.clear();
   constants_loaded_ = false;
   prepared_ = false;
-  pending_loaded_ = false;
 }
 
 absl::Status AotiPackage::SwapConstants(
@@ -280,58 +289,39 @@ absl::Status AotiPackage::PrepareConstants(
         absl::StrCat(manifest_.key.component, ": swapping constants before LoadConstants()"));
   }
   prepared_ = false;
-  pending_loaded_ = false;
   pending_constants_.clear();
   auto chosen = Choose(constants);
   if (!chosen.ok()) return chosen.status();
-  // Kept, not yet given to the runtime: see the header (torch 2.11's single-threaded runner).
+  // Kept, not yet given to the runtime: Run() goes on with the active set (see the header).
   pending_constants_ = *std::move(chosen);
   prepared_ = true;
   return absl::OkStatus();
 }
 
-absl::Status AotiPackage::LoadPrepared() {
+absl::Status AotiPackage::CommitConstants() {
   if (!prepared_) {
     return absl::FailedPreconditionError(
         absl::StrCat(manifest_.key.component, ": committing constants with nothing prepared"));
   }
-  if (pending_loaded_) return absl::OkStatus();
-  try {
-    LeakedReferences::Get().Loaded(pending_constants_);  // a partial load may leak them too
-    loader_->load_constants(pending_constants_, /*use_inactive=*/true,
-                            /*check_full_update=*/true, /*user_managed=*/true);
-  } catch (const std::exception& e) {
-    // The inactive buffer may point at some of the new tensors and some of the old: keep both
-    // until a load of that buffer succeeds.
-    for (auto& [fqn, t] : pending_constants_) failed_load_.push_back(t);
-    prepared_ = false;
-    pending_constants_.clear();
-    return absl::InternalError(absl::StrCat(manifest_.key.component,
-                                            ": loading the inactive constant buffer: ", e.what()));
-  }
-  // The inactive buffer now points at exactly these tensors.
-  inactive_constants_ = std::move(pending_constants_);
-  pending_constants_.clear();
-  failed_load_.clear();
-  pending_loaded_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status AotiPackage::CommitConstants() {
-  if (auto s = LoadPrepared(); !s.ok()) return s;  // refuses when nothing is prepared
-  try {
-    loader_->get_runner()->swap_constant_buffer();
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(manifest_.key.component,
-                                            ": swapping constant buffers: ", e.what()));
-  }
   prepared_ = false;
-  pending_loaded_ = false;
-  // The buffer swapped out is the inactive one now. The runtime still points at its tensors, but
-  // nothing uses that buffer before it is loaded again (Commit always loads first): they are not
-  // kept (FreeUnusedConstants can free them once nobody else holds them).
-  constants_ = std::move(inactive_constants_);
-  inactive_constants_.clear();
+  std::unordered_map<std::string, at::Tensor> next = std::move(pending_constants_);
+  pending_constants_.clear();
+  if (auto s = LoadActive(next); !s.ok()) {
+    // The active buffer may point at some of the new tensors and some of the old: load the old
+    // set again (every pointer back); if even that fails, keep both and refuse to run.
+    for (auto& [fqn, t] : next) failed_load_.push_back(t);
+    if (auto r = LoadActive(constants_); r.ok()) {
+      failed_load_.clear();
+    } else {
+      constants_loaded_ = false;
+      return absl::InternalError(absl::StrCat(s.message(), "; restoring the previous set: ",
+                                              r.message()));
+    }
+    return s;
+  }
+  // The set replaced is held by nothing of kiln's now, only by the runtime's leaked references
+  // (FreeUnusedConstants frees it once nobody else holds it).
+  constants_ = std::move(next);
   return absl::OkStatus();
 }
 

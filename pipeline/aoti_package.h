@@ -63,31 +63,33 @@ class AotiPackage {
     return base_constants_;
   }
   // Replaces every weight without recompiling: the new constants (checked as LoadConstants
-  // checks them) go into the runtime's inactive constant buffer
-  // (load_constants(use_inactive=true)), which then becomes the active one
-  // (swap_constant_buffer()). The tensors of the buffer swapped out are dropped: the runtime's
-  // inactive buffer still points at them, but it is always loaded again before a swap. Before
-  // LoadConstants(): FailedPrecondition. A CUDA graph captured around Run() holds the old
-  // addresses: capture it again after a swap.
+  // checks them) are loaded into the runtime's active constant buffer (load_constants(
+  // use_inactive=false), user-managed: pointers only, no copy). The set replaced is dropped (the
+  // runtime's own references hold it until FreeUnusedConstants). Before LoadConstants():
+  // FailedPrecondition. A CUDA graph captured around Run() holds the old addresses: capture it
+  // again after a swap.
+  //
+  // Why not the runtime's second buffer (load_constants(use_inactive=true) +
+  // swap_constant_buffer()): torch 2.11's single-threaded runner (kiln's CUDA mode) checks the
+  // primary buffer's fold state while it runs the secondary one, so once a swap makes the
+  // secondary active, every run but the first fails with "Unknown constant state:
+  // ConstantState::INITIALIZED" unless the primary was run (folded) before the swap: a LoRA set
+  // switched in before the first job (kiln-run --lora), or loaded ahead of its swap, failed every
+  // job on the H100 host (2026-12-06). Loading ahead is no gain anyway while a swap needs the
+  // previous run finished; the active buffer is the one the runtime's state tracks correctly.
   absl::Status SwapConstants(const std::unordered_map<std::string, at::Tensor>& constants);
-  // SwapConstants in two steps, so that the work can run while another thread runs the package:
+  // SwapConstants in two steps, so that the merge can run while another thread runs the package:
   // PrepareConstants checks `constants` and keeps them (nothing in the runtime changes: Run()
-  // goes on with the active set); CommitConstants() loads them into the runtime's inactive
-  // buffer (load_constants(use_inactive=true), user-managed: pointers only, no copy) and makes it
-  // the active one. LoadPrepared() is Commit's load alone, so that a caller swapping several
-  // packages can load every one before swapping any. Why the load waits for the commit: torch
-  // 2.11's single-threaded runner (kiln's CUDA mode) refuses to run the active secondary buffer
-  // while the primary one is loaded but not yet folded ("Unknown constant state:
-  // ConstantState::INITIALIZED", its run_single_threaded checks the wrong buffer's state; seen
-  // on the H100 host, 2026-12-06, fixed in torch 2.13), so a load ahead of the swap broke every
-  // other LoRA switch there. Anything else that writes the inactive buffer (SwapConstants,
-  // LoadConstants, ReleaseConstants) drops what was prepared. Prepare before LoadConstants():
-  // FailedPrecondition; Commit or LoadPrepared with nothing prepared: FailedPrecondition. A
-  // failed load drops what was prepared (prepare again). Prepare may run on one thread while
-  // Run() runs on another; Commit and LoadPrepared may not.
+  // goes on with the active set); CommitConstants() loads them into the active buffer. A failed
+  // commit loads the previous set again (the package runs on as before) and returns the error;
+  // if even that fails, Run refuses until LoadConstants. LoadConstants and ReleaseConstants drop
+  // what was prepared. Prepare before LoadConstants(): FailedPrecondition; Commit with nothing
+  // prepared: FailedPrecondition. Prepare may run on one thread while Run() runs on another;
+  // Commit may not.
   absl::Status PrepareConstants(const std::unordered_map<std::string, at::Tensor>& constants);
-  absl::Status LoadPrepared();
   absl::Status CommitConstants();
+  // The set Run() uses now (LoadConstants' or the last commit's).
+  const std::unordered_map<std::string, at::Tensor>& constants() const { return constants_; }
   bool prepared() const { return prepared_; }
 
   // The runtime's user-managed loads keep a reference of their own to every constant ever loaded
@@ -120,12 +122,13 @@ class AotiPackage {
       const std::unordered_map<std::string, at::Tensor>& constants) const;
   std::unordered_map<std::string, at::Tensor> constants_;
   std::unordered_map<std::string, at::Tensor> base_constants_;
-  std::unordered_map<std::string, at::Tensor> inactive_constants_;  // loaded, not yet swapped in
-  std::vector<at::Tensor> failed_load_;  // a failed inactive load's tensors (may be pointed at)
+  std::vector<at::Tensor> failed_load_;  // a failed load's tensors (the runtime may point at them)
   bool constants_loaded_ = false;
   bool prepared_ = false;  // PrepareConstants' set is waiting for CommitConstants
   std::unordered_map<std::string, at::Tensor> pending_constants_;  // prepared, not yet loaded
-  bool pending_loaded_ = false;  // the prepared set is in the inactive buffer (LoadPrepared)
+  // Loads `constants` into the runtime's active buffer (user-managed); Internal on failure.
+  // (the runtime takes a non-const map; it does not change it)
+  absl::Status LoadActive(std::unordered_map<std::string, at::Tensor>& constants);
 };
 
 // Checks `t` against `spec` (shape, dtype) and `device`, and that it is contiguous.

@@ -152,7 +152,7 @@ class FluxPipeline::Impl {
   absl::StatusOr<std::shared_ptr<const LoraDeltas>> DeltasFor(
       const std::vector<LoraChoice>& wanted,
       std::vector<std::shared_ptr<const LoraWeights>>* files);
-  // The set prepared into the inactive buffers (PrepareLoras) and not swapped in yet: its key,
+  // The set prepared (merged, PrepareLoras) and not committed yet: its key,
   // the files it was made of (a file read again since makes it stale) and its deltas (the
   // object the PackageLoader recognizes). Under encode_mu.
   bool prepared = false;
@@ -469,8 +469,8 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
 #endif
   report("preparing", 0);
   // The job's LoRA files are read and checked here (a bad one fails before any heavy work); the
-  // merge goes into the inactive weight buffers at the end of this stage (PrepareLoras) and the
-  // swap waits for DenoiseDecode: the job denoising now still runs on the active weights.
+  // merge goes into new weight tensors at the end of this stage (PrepareLoras) and the commit
+  // waits for DenoiseDecode: the job denoising now still runs on the loaded weights.
   if (auto s = m.ReadLoras(req.loras, &r.seconds); !s.ok()) return s;
   std::map<std::string, cache::ArtifactKey> keys;
   for (const auto& c : FluxComponents()) keys[c] = m.keys->KeyFor(c, req.width, req.height);
@@ -510,8 +510,8 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
     r.seconds.text_encoding = SecondsSince(t);
     state->pooled = *std::move(pooled);
     state->txt = *std::move(txt);
-    // The job's LoRA set into the inactive weight buffers, beside the denoise of the job before
-    // (which uses the active ones); its DenoiseDecode swaps them in.
+    // The job's LoRA set merged into new weight tensors, beside the denoise of the job before
+    // (which uses the loaded ones); its DenoiseDecode loads them.
     m.PrepareLoras(req.loras, &r);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat("generate: ", e.what()));

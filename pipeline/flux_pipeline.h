@@ -68,9 +68,9 @@ struct PipelineOptions {
   // Directories searched in order for a job's LoRAs (NAME.safetensors with its digest
   // NAME.safetensors.sha256; pipeline/lora.h). Empty: jobs with LoRAs fail NotFound.
   std::vector<std::string> lora_dirs;
-  // Merge a job's LoRA set into the transformer's inactive weight buffers during its
-  // EncodePrompt (beside the previous job's denoise on a node), so that its DenoiseDecode only
-  // swaps buffers (FluxPipeline, README "LoRA"). On CUDA only while the device's free memory
+  // Merge a job's LoRA set into new transformer weight tensors during its EncodePrompt (beside
+  // the previous job's denoise on a node), so that its DenoiseDecode only loads them (pointers;
+  // FluxPipeline, README "LoRA"). On CUDA only while the device's free memory
   // exceeds the merged weights' float32 size plus lora_prepare_reserve_bytes; otherwise, or when
   // off, the merge waits for DenoiseDecode as the whole switch.
   bool lora_prepare_ahead = true;
@@ -113,10 +113,10 @@ struct PhaseSeconds {
   double compile = 0;        // kiln-compile on package misses (components compile in parallel)
   double graph_capture = 0;  // CUDA graph warm-up + capture of the transformer step (once)
   // LoRA switch (zero when the job's set was merged already): reading and checking LoRA files
-  // not read before (digest, names and shapes); lora_prepare: merging the set into the inactive
-  // weight buffers during EncodePrompt (hidden under the previous job's denoise on a node);
-  // lora_switch: the switch at the start of DenoiseDecode, on the critical path (the buffer swap
-  // alone when the set was prepared ahead, else merge and swap).
+  // not read before (digest, names and shapes); lora_prepare: merging the set into new weight
+  // tensors during EncodePrompt (hidden under the previous job's denoise on a node);
+  // lora_switch: the switch at the start of DenoiseDecode, on the critical path (the load
+  // alone when the set was prepared ahead, else merge and load).
   double lora_load = 0;
   double lora_prepare = 0;
   double lora_switch = 0;
@@ -142,7 +142,7 @@ struct GenerateResult {
   int batch = 1;
   std::string loras;           // LoraSetKey of the set the image was made with ("" = base)
   bool lora_switched = false;  // this call changed the merged set
-  // The switch swapped in buffers prepared ahead (by this job's EncodePrompt, or an earlier
+  // The switch loaded weights prepared ahead (by this job's EncodePrompt, or an earlier
   // one's for the same set) instead of merging on the critical path.
   bool lora_prepared = false;
   uint64_t weight_bytes = 0;  // checkpoint bytes read for the packages loaded in this call
@@ -190,7 +190,7 @@ class FluxPipeline {
   // reads and checks the request's LoRA files (a missing or misshaped one fails here), gets and
   // loads the packages of the request's bucket, runs the text encoders and waits for them; then,
   // when the request's LoRA set is not the one merged now and no other set is prepared and not
-  // yet swapped in, merges it into the transformer's inactive weight buffers
+  // yet swapped in, merges it into new transformer weight tensors
   // (PipelineOptions::lora_prepare_ahead; the weights a running denoise uses are untouched).
   // Progress: "preparing", the loader's phases, "text_encoding". `request.cancel` is checked
   // before the encoders run. Safe beside another job's DenoiseDecode.

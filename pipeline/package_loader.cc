@@ -277,20 +277,31 @@ absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas
   std::unordered_map<std::string, at::Tensor> memo;
   if (same) memo = prepared_memo_;
   const std::vector<AotiPackage*> all = TransformerPackages();
-  std::vector<AotiPackage*> todo;  // packages whose inactive buffer does not hold `deltas`
+  std::vector<AotiPackage*> todo;  // packages with `deltas` not prepared ahead
   for (AotiPackage* pkg : all) {
     if (!same || !pkg->prepared()) todo.push_back(pkg);
   }
-  has_prepared_ = false;  // whatever happens below, the inactive buffers change or are swapped
+  has_prepared_ = false;  // whatever happens below, what was prepared is used or dropped
   prepared_ = nullptr;
   prepared_memo_.clear();
   if (auto s = PrepareEach(todo, deltas, &memo); !s.ok()) return s;
-  for (AotiPackage* pkg : all) {  // every inactive buffer loaded before any swap
-    if (auto s = pkg->LoadPrepared(); !s.ok()) return s;
+  // All or none: a package whose commit fails keeps its set (CommitConstants), and the ones
+  // committed before it go back to theirs, so every package runs the same LoRA set.
+  std::vector<std::unordered_map<std::string, at::Tensor>> before;
+  for (size_t i = 0; i < all.size(); ++i) {
+    before.push_back(all[i]->constants());
+    if (auto s = all[i]->CommitConstants(); !s.ok()) {
+      for (size_t j = 0; j < i; ++j) {
+        if (auto r = all[j]->SwapConstants(before[j]); !r.ok()) {
+          return absl::Status(s.code(), absl::StrCat(s.message(), "; restoring the previous set of ",
+                                                      all[j]->manifest().key.component, ": ",
+                                                      r.message()));
+        }
+      }
+      return s;
+    }
   }
-  for (AotiPackage* pkg : all) {
-    if (auto s = pkg->CommitConstants(); !s.ok()) return s;
-  }
+  before.clear();
   loras_ = std::move(deltas);
   lora_memo_ = std::move(memo);
   // The set switched away from is held by nothing of kiln's now, only by the runtime's own

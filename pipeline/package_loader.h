@@ -87,12 +87,12 @@ class PackageLoader {
   // Merges the LoRA set `deltas` (null or empty: none, the base weights) into the transformer's
   // weights without recompiling: each loaded transformer package gets its merged weights
   // (ComponentWeights::Merge of its base_constants(), shared by every bucket), prepared
-  // (AotiPackage::PrepareConstants), loaded into its inactive constant buffer and swapped in
-  // (AotiPackage::LoadPrepared, CommitConstants), and a transformer package loaded later gets them
+  // (AotiPackage::PrepareConstants) and committed (CommitConstants: loaded into the runtime's
+  // active buffer; all packages or none), and a transformer package loaded later gets them
   // at load time. Back to none swaps in the base tensors themselves (kept by ComponentWeights), so
   // the base image comes back bit for bit. A package that already holds `deltas` prepared
   // (PrepareTransformerLoras with this very object, nothing prepared or loaded since) is only
-  // loaded and swapped; `*prepared_ahead` (may be null) is set to the number of such packages.
+  // committed; `*prepared_ahead` (may be null) is set to the number of such packages.
   // Every package's weights are computed and loaded before any is swapped: on an error no package's
   // active weights change. Unimplemented for the regional layout (its per-layer weight inputs are
   // not merged yet).

@@ -83,6 +83,11 @@ fi
 if has precompile; then
   [ "${REUSE:-0}" = 1 ] || rm -rf "$STATE"
   rm -rf "$PRE"; mkdir -p "$PRE/logs" "$STATE/shared-cache"
+  # Signed with the key `kiln up` then finds in the state dir and gives its nodes (and trusts):
+  # unsigned packages are refused by the nodes, quarantined and compiled again (2026-12-06).
+  SIGNING_KEY=$STATE/keys/package-signing.key
+  [ -f "$SIGNING_KEY" ] || { mkdir -p -m 700 "$STATE/keys" && "$BIN/kiln" signing-key new "$SIGNING_KEY" > /dev/null; } \
+    || { log "FAILED: kiln signing-key new"; exit 1; }
   log "precompile: kiln-run per precision at once ($PRECISIONS), packages into $STATE/shared-cache"
   pids=()
   for p in $PRECISIONS; do
@@ -91,7 +96,7 @@ if has precompile; then
       timeout "${PRECOMPILE_TIMEOUT:-600}" "$BIN/kiln-run" --model "$MODEL" --device "$DEVICE" \
         --prompt "$PROMPT" --width $SIZE --height $SIZE --steps 4 --seed 7 --precision "$p" \
         --package_dir "$WORK/precompile-$p" --shared_dir "$STATE/shared-cache" \
-        --out "$PRE/logs/precompile-$p.png" --json > "$PRE/precompile-$p.json" 2> "$PRE/logs/precompile-$p.err"
+        --signing_key "$SIGNING_KEY" --out "$PRE/logs/precompile-$p.png" --json > "$PRE/precompile-$p.json" 2> "$PRE/logs/precompile-$p.err"
       rc=$?
       echo "{\"rc\": $rc, \"wall_s\": $(since "$t0")}" > "$PRE/precompile-$p.wall"
       rm -rf "$WORK/precompile-$p"
@@ -116,9 +121,9 @@ if [ -f "$PRE/precisions" ]; then
 fi
 
 if has cluster; then
-# Fresh nodes, the shared store kept: everything in STATE but shared-cache goes.
+# Fresh nodes, the shared store and its signing key kept: everything else in STATE goes.
 mkdir -p "$STATE"
-find "$STATE" -mindepth 1 -maxdepth 1 ! -name shared-cache -exec rm -rf {} +
+find "$STATE" -mindepth 1 -maxdepth 1 ! -name shared-cache ! -name keys -exec rm -rf {} +
 log "shared store before kiln up: $(ls "$STATE/shared-cache" 2>/dev/null | tr '\n' ' ')"
 if [ "$DEVICE" != cpu ] && command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used,power.draw,clocks.sm,temperature.gpu \
@@ -235,4 +240,5 @@ cp "$OUT/logs/cluster.log" "$DEST/" 2>/dev/null
 cp "$OUT/table.txt" "$OUT/summary.json" "$OUT"/metrics-during-denoise-*.txt "$DEST/" 2>/dev/null
 tar czf "$DEST/cluster-files.tgz" --exclude='*.png' -C "$OUT" . 2>/dev/null
 cp "$(ls "$OUT"/logs/warm-*-1.png 2>/dev/null | head -1)" "$DEST/" 2>/dev/null
-cat "$OUT/table.txt" 2>/dev/null
+# The precompile phase alone writes no table (its rc was 1 for that alone, 2026-12-06).
+[ ! -f "$OUT/table.txt" ] || cat "$OUT/table.txt"

@@ -11,7 +11,8 @@ aoti_compile_and_package), runs the compile under cProfile, and writes DIR/<regi
 (phases, Inductor's own timers from torch._dynamo.utils.compile_times, the top functions by
 cumulative and by own time). The parent prints one table. Variants: `default` is kiln-compile's
 configuration; `O0` also sets aot_inductor.compile_wrapper_opt_level=O0 (the generated wrapper's
-C++ optimisation level; Inductor's default is O1).
+C++ optimisation level; Inductor's default is O1); `nofatbin` sets
+aot_inductor.emit_multi_arch_kernel=False (one cubin per kernel for the key's sm_XX, no fatbin).
 """
 import argparse
 import json
@@ -24,6 +25,11 @@ import time
 VARIANTS = {
     "default": {},
     "O0": {"aot_inductor.compile_wrapper_opt_level": "O0"},
+    # One cubin for the key's own architecture instead of a fatbin (PTX + SASS) per kernel. Tried
+    # because child processes took 36 s of the double block's 66 s compile on the H100
+    # (2026-12-06, cProfile: 18 subprocess.check_call); it changed nothing (the same calls, tail
+    # 79 s and double 77 s of aoti_compile on a fresh machine): they are not fatbin builds.
+    "nofatbin": {"aot_inductor.emit_multi_arch_kernel": False},
 }
 
 

@@ -60,6 +60,9 @@ log "kiln-run: $(head -c 600 "$OUT/kiln-run-2.json")"
 rm -rf "$WORK/stream-run-local"
 
 mkdir -p "$STATE/shared-cache" && cp -a "$STORE"/. "$STATE/shared-cache/"
+# The store's packages are signed by its cluster's key: `kiln up` signs with and trusts the key it
+# finds in its state dir (without it, the node refuses them and compiles its own).
+[ -d "$(dirname "$STORE")/keys" ] && cp -a "$(dirname "$STORE")/keys" "$STATE/keys"
 if [ "$DEVICE" != cpu ] && command -v nvidia-smi > /dev/null; then
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw,clocks.sm \
     --format=csv,noheader,nounits -lms 500 > "$OUT/nvidia-smi.csv" 2>/dev/null &

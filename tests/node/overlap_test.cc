@@ -253,7 +253,7 @@ TEST_P(BatchOverlapTest, BatchesGiveEachJobItsOwnImageAndACancelMidBatchLosesNoO
 }
 
 // LoRA switches on the overlapped node: base and LoRA jobs alternate, so each job's encoding,
-// which merges its set ahead into the transformer's inactive weight buffers, runs beside the
+// which merges its set ahead into new transformer weight tensors, runs beside the
 // denoise of a job with the other set. Every job gives the bytes of the same job alone (one
 // Generate() on the same pipeline): the base jobs the base image's (the merge ahead left the
 // weights in use alone), the LoRA jobs the LoRA image.

@@ -176,6 +176,52 @@ TEST_F(AotiPackageTest, ASetNoLongerUsedIsFreedDespiteTheRuntimesLeakedReference
   EXPECT_TRUE(torch::equal((*before)[0], (*after)[0]));
 }
 
+// kiln-run --lora's order: the base set loaded, a LoRA set swapped in before the first run, then
+// every job's runs, then back to the base. On the GPU host (torch 2.11, the single-threaded CUDA
+// runner) the runtime's own buffer swap made every run after the first fail ("Unknown constant
+// state: ConstantState::INITIALIZED": it checks the primary buffer's fold state while running the
+// secondary), so the commit now loads the active buffer. Every run must give the set's output,
+// and the base comes back exactly; a commit with nothing prepared is refused.
+TEST_F(AotiPackageTest, ASetSwappedInBeforeTheFirstRunServesEveryRunAfterIt) {
+  auto pkg = LoadCopy();
+  ASSERT_TRUE(pkg.ok()) << pkg.status();
+  auto reference = LoadCopy();  // runs the scaled set from the start, for its expected output
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  at::Tensor ids = torch::arange(77, torch::kLong).unsqueeze(0);
+  auto base = Weights(**pkg);
+  ASSERT_FALSE(base.empty());
+  std::unordered_map<std::string, at::Tensor> scaled;
+  for (const auto& [fqn, t] : base) {
+    scaled.emplace(fqn, t.is_floating_point() ? (t * 1.5).contiguous() : t.clone());
+  }
+  ASSERT_TRUE((*reference)->LoadConstants(scaled).ok());
+  auto want = (*reference)->RunFirst({ids});
+  ASSERT_TRUE(want.ok()) << want.status();
+
+  ASSERT_TRUE((*pkg)->LoadConstants(base).ok());
+  EXPECT_EQ((*pkg)->CommitConstants().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*pkg)->SwapConstants(scaled).ok());  // before any run
+  for (int i = 0; i < 3; ++i) {
+    auto got = (*pkg)->RunFirst({ids});
+    ASSERT_TRUE(got.ok()) << "run " << i << ": " << got.status();
+    EXPECT_TRUE(torch::equal(*got, *want)) << "run " << i;
+  }
+  ASSERT_TRUE((*pkg)->PrepareConstants(base).ok());
+  auto still = (*pkg)->RunFirst({ids});  // prepared, not committed: the scaled set runs on
+  ASSERT_TRUE(still.ok()) << still.status();
+  EXPECT_TRUE(torch::equal(*still, *want));
+  ASSERT_TRUE((*pkg)->CommitConstants().ok());
+  ASSERT_TRUE((*reference)->SwapConstants(base).ok());
+  auto base_want = (*reference)->RunFirst({ids});
+  ASSERT_TRUE(base_want.ok()) << base_want.status();
+  EXPECT_FALSE(torch::equal(*base_want, *want));  // the two sets do differ
+  for (int i = 0; i < 2; ++i) {
+    auto got = (*pkg)->RunFirst({ids});
+    ASSERT_TRUE(got.ok()) << "base run " << i << ": " << got.status();
+    EXPECT_TRUE(torch::equal(*got, *base_want)) << "base run " << i;
+  }
+}
+
 TEST_F(AotiPackageTest, MissingAndMisshapedWeightsAreNamed) {
   auto pkg = LoadCopy();
   ASSERT_TRUE(pkg.ok()) << pkg.status();
