@@ -74,8 +74,8 @@ ABSL_FLAG(int, lora_switches, 0,
           "benchmark: after the image, run this many more jobs alternating the base weights and "
           "the --lora set, and report each switch's seconds under lora_switches with --json");
 ABSL_FLAG(bool, lora_prepare_ahead, true,
-          "merge a job's LoRA set into the inactive weight buffers in its encode stage, so its "
-          "switch only swaps buffers (--nolora_prepare_ahead: merge at the switch, as before)");
+          "merge a job's LoRA set into new weight tensors in its encode stage, so its switch "
+          "only loads them (--nolora_prepare_ahead: merge at the switch, as before)");
 ABSL_FLAG(int, batch, 1,
           "run N jobs with seeds seed..seed+N-1 as one batch (transformer and VAE packages of "
           "bucket batch N); images go to OUT with -0, -1, ... before the extension");

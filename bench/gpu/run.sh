@@ -29,9 +29,9 @@
 # On request only: lora (issue 14: a seeded rank-64 LoRA on every attention and MLP projection of
 # flux-dev, PEFT layout, bf16; kiln-run --lora_switches 6 at bf16 and fp8: six jobs alternating
 # base / LoRA after the first, each switch's lora_load_s (files, first use only), lora_prepare_s
-# (merge into the inactive buffers, in the job's encode stage: hidden under the denoise before
-# it on a node) and lora_switch_s (the swap, on the critical path) in lora-<precision>.json, and
-# lora-bf16-at-switch.json with --nolora_prepare_ahead (merge + swap at the switch); target
+# (merge into new weight tensors, in the job's encode stage: hidden under the denoise before
+# it on a node) and lora_switch_s (their load, on the critical path) in lora-<precision>.json, and
+# lora-bf16-at-switch.json with --nolora_prepare_ahead (merge + load at the switch); target
 # lora_prepare_s + lora_switch_s <= 0.15; needs
 # build,weights and packages in the shared store or compiles them), autotune (max_autotune packages against this run's, AUTOTUNE_PRECISIONS) and
 # buckets (BUCKETS, default "512x512 768x768", bf16: compiled, found, and without CUDA graph).

@@ -214,9 +214,9 @@ TEST_F(LoraTest, AJobEncodedAheadSwitchesOnlyWhenItsDenoiseStarts) {
 
 // PipelineOptions::lora_prepare_ahead: a LoRA job's encoding, run while the job before it is in
 // the middle of its denoise loop (its progress callback holds it after step 1 until the encoding
-// is done, so the merge into the inactive buffers happens between its steps), merges its set
+// is done, so the merge into new weight tensors happens between its steps), merges its set
 // there; the job before still gives the base bytes (a merge that touched the weights in use
-// would change its remaining steps), and the LoRA job's switch only swaps the prepared buffers
+// would change its remaining steps), and the LoRA job's switch only loads the prepared tensors
 // and gives the bytes of the switch merged at denoise time (lora_prepare_ahead off). A set
 // prepared and then made stale by a job with another set in between is merged again, not used.
 TEST_F(LoraTest, ASetPreparedBesideTheDenoiseBeforeItIsOnlySwappedIn) {
@@ -297,8 +297,8 @@ TEST_F(LoraTest, ASetPreparedBesideTheDenoiseBeforeItIsOnlySwappedIn) {
   EXPECT_EQ(Png(*back), base_png);
 
   // Stale: `set` is prepared for a job that waits; a job with another set runs whole in between
-  // (its encoding leaves the pending set alone, its switch merges at denoise time and replaces
-  // the inactive buffers). The waiting job then merges its set again.
+  // (its encoding leaves the pending set alone, its switch merges at denoise time and drops
+  // what was prepared). The waiting job then merges its set again.
   auto waiting = pipeline->EncodePrompt(FixtureRequest(set));
   ASSERT_TRUE(waiting.ok()) << waiting.status();
   EXPECT_GT(waiting->partial.seconds.lora_prepare, 0);

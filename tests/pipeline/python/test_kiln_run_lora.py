@@ -1,8 +1,8 @@
 """kiln-run with LoRAs on the flux-tiny fixtures (scripts/test.sh): --lora NAME[:SCALE] with
 --lora_dir merges a seeded LoRA (kiln.make_lora) and reports the set; --lora_switches alternates
 base / LoRA in one process after the first image, each
-switch split into the merge into the inactive buffers in the encode stage (lora_prepare_s) and the
-swap (lora_switch_s), or with --nolora_prepare_ahead merged at the switch, for the same bytes; a
+switch split into the merge into new weight tensors in the encode stage (lora_prepare_s) and the
+load into the package (lora_switch_s), or with --nolora_prepare_ahead merged at the switch, for the same bytes; a
 LoRA that is not there, or a bad --lora, exits 2 with an error naming it."""
 from __future__ import annotations
 
