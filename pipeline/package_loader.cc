@@ -293,15 +293,15 @@ absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas
     if (auto s = all[i]->CommitConstants(); !s.ok()) {
       for (size_t j = 0; j < i; ++j) {
         if (auto r = all[j]->SwapConstants(before[j]); !r.ok()) {
-          return absl::Status(s.code(), absl::StrCat(s.message(), "; restoring the previous set of ",
-                                                      all[j]->manifest().key.component, ": ",
-                                                      r.message()));
+          return absl::Status(s.code(),
+                              absl::StrCat(s.message(), "; restoring the previous set of ",
+                                           all[j]->manifest().key.component, ": ", r.message()));
         }
       }
       return s;
     }
   }
-  before.clear();
+  before.clear();  // else the sets switched away from stay held past FreeUnusedConstants below
   loras_ = std::move(deltas);
   lora_memo_ = std::move(memo);
   // The set switched away from is held by nothing of kiln's now, only by the runtime's own
