@@ -10,10 +10,20 @@ flux-tiny DoubleStreamBlock with kiln.sequence_parallel enabled, then:
      with the single-process block.
 Each rank also writes rank<R>.safetensors (inputs in0..in4, `want`: its shard of the
 single-process output) for the C++ run (kiln-sp-a2a-run, bench/sp/README.md).
-Every stage's outcome (ok / the exception) is printed per rank; nothing is asserted, this is a
-probe whose output docs/multi_gpu.md records.
+Every stage's outcome (ok / the exception) is printed per rank (docs/multi_gpu.md records the
+output). The ranks agree before the run (an all-reduce of their verdicts), so no rank enters the
+package's collectives while the other still compiles, and a rank that failed ends its process
+with status 1: the others are then stopped and the probe exits 1 instead of leaving a rank
+waiting on a collective its peer never joins.
+
+--compile-only stops after writing the packages and the inputs (no load or run in Python): what
+tests/parallel/python/test_sp_package.py needs, because running a package with collectives from
+Python can deadlock (docs/multi_gpu.md: the loader holds the GIL while `wait_tensor` waits, and
+gloo's worker thread needs the GIL to drop a tensor that has a Python object); the C++ run has no
+GIL.
 
 Run: PYTHONPATH=pipeline/python .venv/bin/python bench/aoti_collectives.py [--world 2] [--out DIR]
+     [--compile-only]
 """
 from __future__ import annotations
 
@@ -70,12 +80,26 @@ def _stage(rank: int, name: str, fn):
         return None
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _agree(ok: bool) -> bool:
+    """True only when every rank got here with ok: also keeps the ranks in step."""
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _fail(rank: int, why: str) -> None:
+    """Ends this rank at once (no group teardown that could wait on a peer): status 1 makes
+    start_processes stop the other ranks and raise in the parent."""
+    print(f"[rank {rank}] {why}", flush=True)
+    os._exit(1)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, compile_only: bool) -> None:
     torch.set_num_threads(1)
     # Both ranks compile the same graph: one Inductor cache each, or they race in one directory.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(out_dir, f"inductor-rank{rank}")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
         model, block, img, txt, temb = _block_and_inputs()
         with torch.no_grad():
@@ -95,8 +119,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
         print(f"[rank {rank}] group name {dist.group.WORLD.group_name!r}", flush=True)
         ep = _stage(rank, "torch.export", lambda: torch.export.export(module, args))
-        if ep is None:
-            return
+        if not _agree(ep is not None):
+            _fail(rank, "a rank failed torch.export: stopping")
         ops = sorted({str(n.target) for n in ep.graph.nodes if "c10d" in str(n.target)})
         groups = sorted({str(a) for n in ep.graph.nodes if "all_to_all" in str(n.target)
                          for a in n.args[3:4]})
@@ -104,14 +128,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         path = os.path.join(out_dir, f"block-rank{rank}.pt2")
         pkg = _stage(rank, "aoti_compile_and_package", lambda: torch._inductor.
                      aoti_compile_and_package(ep, package_path=path))
-        if pkg is None:
+        if compile_only:
+            if pkg is None:
+                _fail(rank, "the compile failed: stopping")
             return
-        runner = _stage(rank, "aoti_load_package", lambda: torch._inductor.aoti_load_package(pkg))
-        if runner is None:
-            return
+        runner = pkg and _stage(rank, "aoti_load_package",
+                                lambda: torch._inductor.aoti_load_package(pkg))
+        if not _agree(runner is not None):
+            _fail(rank, "a rank failed to compile or load its package: stopping")
         got = _stage(rank, "run", lambda: runner(*args))
         if got is None:
-            return
+            _fail(rank, "the run failed: stopping")
         diff = max(float((g - e).abs().max()) for g, e in zip(got, eager))
         print(f"[rank {rank}] package vs eager sharded block: max|diff| {diff:.2e}", flush=True)
         whole = sp.gather(got[0], ulysses)
@@ -126,14 +153,21 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--out", default=None, help="where the .pt2 files go (default: a temp dir)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="write the packages and rank<R>.safetensors; no load or run in Python")
     a = p.parse_args()
     out_dir = a.out or tempfile.mkdtemp(prefix="aoti-collectives-")
     os.makedirs(out_dir, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(a.world, port, out_dir), nprocs=a.world,
-                       start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(a.world, port, out_dir, a.compile_only),
+                           nprocs=a.world,
+                           start_method="spawn")
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # rest stopped
+        print(f"stopped: {e}")
+        return 1
     print(f"packages in {out_dir}")
     return 0
 

@@ -5,6 +5,9 @@ makes and registers under the package's group name "0". Each rank's output must 
 shard of the single-process block within 3e-6 of max|out| (docs/multi_gpu.md's tolerance for
 fp32 on the CPU), and a run before the group exists must be refused naming the group.
 
+The packages are only compiled in Python (--compile-only): a package with collectives run from
+Python can deadlock on the GIL (docs/multi_gpu.md); the C++ run has no GIL, which is the point.
+
 Needs $KILN_BIN/kiln-sp-a2a-run; about a minute (two package compiles at once).
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ TOLERANCE = 3e-6
 def test_sp_block_package_runs_from_cpp_over_two_ranks(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.join(SOURCE, "pipeline", "python"))
     made = subprocess.run([sys.executable, os.path.join(SOURCE, "bench", "aoti_collectives.py"),
-                           "--world", "2", "--out", str(tmp_path)],
+                           "--world", "2", "--out", str(tmp_path), "--compile-only"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
     for rank in (0, 1):
