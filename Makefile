@@ -20,7 +20,8 @@ configure: setup $(BUILD_DIR)/build.ninja
 
 build: configure
 	@echo "[build] compiling (ninja)"
-	@cmake --build $(BUILD_DIR) -- -j$$(nproc)
+	@start=$$(date +%s); cmake --build $(BUILD_DIR) -- -j$$(nproc) && \
+	  echo "[build] compiled in $$(( $$(date +%s) - start )) s"
 
 test: build
 	@scripts/test.sh $(BUILD_DIR)

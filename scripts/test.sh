@@ -46,10 +46,15 @@ start=$(date +%s)
 echo "[test] batch fixture ready in $(( $(date +%s) - start )) s"
 
 echo "[test] C++ tests (ctest)"
+start=$(date +%s)
 ctest --test-dir "$BUILD" --output-on-failure -j2
+echo "[test] C++ tests passed in $(( $(date +%s) - start )) s"
 
+# --durations: the slowest tests, so that CI's log says where a run's time goes.
 echo "[test] Python tests (pytest)"
-"$KILN_PYTHON" -m pytest -q tests
+start=$(date +%s)
+"$KILN_PYTHON" -m pytest -q --durations=25 tests
+echo "[test] Python tests passed in $(( $(date +%s) - start )) s"
 
 # The LibTorch-free libraries' tests again, built with clang + ASan + UBSan, and every libFuzzer
 # target for a few seconds on its corpus (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips it.
