@@ -163,8 +163,7 @@ def main() -> int:
         port = s.getsockname()[1]
     try:
         mp.start_processes(_worker, args=(a.world, port, out_dir, a.compile_only),
-                           nprocs=a.world,
-                           start_method="spawn")
+                           nprocs=a.world, start_method="spawn")
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # rest stopped
         print(f"stopped: {e}")
         return 1
