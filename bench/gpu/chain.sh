@@ -18,6 +18,10 @@
 #                     utilization over the stream (issue 14 item 1; the precompile's fp8 packages)
 #   lora              bench/gpu/run.sh's lora stage on the precompile's shared store: a rank-64
 #                     LoRA's prepare and switch times, bf16 and fp8 (issue 14 item 3)
+#   batch             bench/gpu/batch.sh on the precompile's shared store: images/s per GPU at
+#                     batch 1, 2, 4 for BATCH_SIZES (default "1024 512 768": 1024's batch-1
+#                     packages come from the precompile, so its figures come first) (issue 14
+#                     item 2; not in the default list: minutes of compiling per size and batch)
 #   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
 #                     tail and double regions with kiln-compile's Inductor options, each alone
 #                     with an empty Inductor cache, Inductor's timers and cProfile)
@@ -55,9 +59,9 @@ step() {  # name command...: runs it, logs its rc and seconds
 log "start; work in $WORK"
 step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canary" CTEST=0 \
   bench/gpu/run.sh "$DEST/prep" build,weights || { tail -30 "$DEST/prep.log"; exit 1; }
-# kiln-bench (its regional path compiled only with CUDA) apart: a failure there costs only the
-# regional-bench step, not the chain.
-step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
+# kiln-bench (its regional path compiled only with CUDA) apart, and only for regional-bench: a
+# failure there costs only that step, not the chain.
+want regional-bench && step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
   { tail -30 "$DEST/bench-build.log" | tee -a "$DEST/chain.log"; CHAIN_STEPS=${CHAIN_STEPS//regional-bench/}; }
 
 want precompile && step precompile env PHASES=precompile bench/gpu/cluster.sh "$DEST/precompile"
@@ -65,6 +69,8 @@ want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/clus
 want stream && step stream bench/gpu/stream.sh "$DEST/stream"
 want stream && tail -12 "$DEST/stream/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 want lora && step lora env SHARED="$WORK/cluster/shared-cache" CTEST=0 bench/gpu/run.sh "$DEST/lora" lora
+want batch && step batch env SIZES="${BATCH_SIZES:-1024 512 768}" bench/gpu/batch.sh "$DEST/batch"
+want batch && tail -12 "$DEST/batch/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 
 if want regional-miss; then
   INDUCTOR_EMPTY=$(mktemp -d)
