@@ -16,6 +16,7 @@
 #include "common/flags.h"
 #include "common/log_flags.h"
 #include "pipeline/canary.h"
+#include "pipeline/torch_error.h"
 
 ABSL_FLAG(std::string, manifest, "", "the package's manifest (its canary not filled in yet)");
 ABSL_FLAG(std::string, package, "", "the package file (model.pt2)");
@@ -42,7 +43,8 @@ int main(int argc, char** argv) {
     device = c10::Device(absl::GetFlag(FLAGS_device));
   } catch (const std::exception& e) {
     return kiln::FailMain(absl::InvalidArgumentError(
-        absl::StrCat("--device '", absl::GetFlag(FLAGS_device), "': ", e.what())));
+        absl::StrCat("--device '", absl::GetFlag(FLAGS_device),
+                     "': ", kiln::pipeline::ExceptionMessage(e))));
   }
   auto outputs = kiln::pipeline::RecordCanary(absl::GetFlag(FLAGS_manifest),
                                               absl::GetFlag(FLAGS_package),

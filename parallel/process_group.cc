@@ -141,13 +141,6 @@ absl::Status Join(c10d::Store& store, const GroupOptions& o) {
 
 }  // namespace
 
-std::string ExceptionMessage(const std::exception& e) {
-  if (const auto* error = dynamic_cast<const c10::Error*>(&e)) {
-    return std::string(absl::StripTrailingAsciiWhitespace(error->what_without_backtrace()));
-  }
-  return e.what();
-}
-
 bool HasGloo() {
 #if KILN_WITH_GLOO
   return true;

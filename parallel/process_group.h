@@ -35,6 +35,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "pipeline/torch_error.h"
 
 namespace kiln::parallel {
 
@@ -106,7 +107,7 @@ class ProcessGroup {
   bool registered_ = false;
 };
 
-// The message of a LibTorch exception without its C++ backtrace (c10::Error's what() has one).
-std::string ExceptionMessage(const std::exception& e);
+// The message of a LibTorch exception without its C++ backtrace (pipeline/torch_error.h).
+using pipeline::ExceptionMessage;
 
 }  // namespace kiln::parallel

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "pipeline/torch_error.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -139,7 +140,8 @@ absl::Status CheckPackageMetadata(const std::string& path, const cache::PackageM
   try {
     md = torch::inductor::AOTIModelPackageLoader::load_metadata_from_package(path, "model");
   } catch (const std::exception& e) {
-    return absl::DataLossError(absl::StrCat("package ", path, ": cannot read metadata: ", e.what()));
+    return absl::DataLossError(
+        absl::StrCat("package ", path, ": cannot read metadata: ", ExceptionMessage(e)));
   }
   auto get = [&](const std::string& k) {
     auto it = md.find(k);
@@ -187,7 +189,8 @@ absl::StatusOr<std::unique_ptr<AotiPackage>> AotiPackage::Load(const cache::Loca
         device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
     p->fqns_ = p->loader_->get_constant_fqns();
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("loading package ", pkg.package_path, ": ", e.what()));
+    return absl::InternalError(
+        absl::StrCat("loading package ", pkg.package_path, ": ", ExceptionMessage(e)));
   }
   for (const auto& fqn : p->fqns_) {
     if (!p->manifest_.constants.count(fqn)) {
@@ -243,7 +246,7 @@ absl::Status AotiPackage::LoadActive(std::unordered_map<std::string, at::Tensor>
                             /*user_managed=*/true);
   } catch (const std::exception& e) {
     return absl::InternalError(
-        absl::StrCat(manifest_.key.component, ": load_constants: ", e.what()));
+        absl::StrCat(manifest_.key.component, ": load_constants: ", ExceptionMessage(e)));
   }
   return absl::OkStatus();
 }
@@ -359,7 +362,8 @@ absl::StatusOr<std::vector<at::Tensor>> AotiPackage::RunOn(const std::vector<at:
   try {
     return loader_->run(inputs, cuda_stream);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(manifest_.key.component, ": run failed: ", e.what()));
+    return absl::InternalError(
+        absl::StrCat(manifest_.key.component, ": run failed: ", ExceptionMessage(e)));
   }
 }
 

@@ -4,6 +4,7 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/torch_error.h"
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -74,7 +75,8 @@ absl::StatusOr<std::unique_ptr<PackageGraph>> PackageGraph::Capture(
     captured.record(side);
     captured.block(c10::cuda::getCurrentCUDAStream(index));
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(what, ": CUDA graph capture failed: ", e.what()));
+    return absl::InternalError(
+        absl::StrCat(what, ": CUDA graph capture failed: ", ExceptionMessage(e)));
   }
   return g;
 #endif
@@ -87,7 +89,7 @@ absl::StatusOr<std::vector<at::Tensor>> PackageGraph::Replay() {
   try {
     impl_->graph.replay();
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("CUDA graph replay failed: ", e.what()));
+    return absl::InternalError(absl::StrCat("CUDA graph replay failed: ", ExceptionMessage(e)));
   }
   return impl_->outputs;
 #endif

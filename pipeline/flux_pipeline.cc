@@ -17,6 +17,7 @@
 #include "pipeline/scheduler.h"
 #include "pipeline/tokenizer_clip.h"
 #include "pipeline/tokenizer_t5.h"
+#include "pipeline/torch_error.h"
 
 #ifdef KILN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -255,7 +256,7 @@ void FluxPipeline::Impl::PrepareLoras(const std::vector<LoraChoice>& wanted, Gen
   try {
     s = packages->PrepareTransformerLoras(*deltas);
   } catch (const std::exception& e) {
-    s = absl::InternalError(e.what());
+    s = absl::InternalError(ExceptionMessage(e));
   }
   if (!s.ok()) {
     if (!absl::IsUnimplemented(s)) {  // the regional layout: the switch fails the job as before
@@ -361,7 +362,8 @@ absl::StatusOr<std::unique_ptr<FluxPipeline>> FluxPipeline::Create(
   try {
     impl->device = c10::Device(options.device);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("device '", options.device, "': ", e.what()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("device '", options.device, "': ", ExceptionMessage(e)));
   }
   if (impl->device.is_cpu()) {
     key_options.target = "cpu";
@@ -514,7 +516,7 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
     // (which uses the loaded ones); its DenoiseDecode loads them.
     m.PrepareLoras(req.loras, &r);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("generate: ", e.what()));
+    return absl::InternalError(absl::StrCat("generate: ", ExceptionMessage(e)));
   }
   r.seconds.total = SecondsSince(t_total);
   out.state = std::move(state);
@@ -753,7 +755,7 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
                 .permute({0, 2, 3, 1}).contiguous().cpu();
     seconds.decode = SecondsSince(t);
   } catch (const std::exception& e) {
-    return all_fail(absl::InternalError(absl::StrCat("generate: ", e.what())));
+    return all_fail(absl::InternalError(absl::StrCat("generate: ", ExceptionMessage(e))));
   }
   const double total = SecondsSince(t_total);
   const int64_t image_bytes = bytes.numel() / static_cast<int64_t>(n);

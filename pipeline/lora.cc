@@ -14,6 +14,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
 #include "common/hash.h"
+#include "pipeline/torch_error.h"
 #include "pipeline/weights.h"
 
 namespace kiln::pipeline {
@@ -262,7 +263,8 @@ absl::StatusOr<std::unique_ptr<LoraWeights>> LoraWeights::Load(const std::string
         out->factors_.push_back(std::move(f));
       }
     } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat("LoRA ", path, ": module '", shown, "': ", e.what()));
+      return absl::InternalError(
+          absl::StrCat("LoRA ", path, ": module '", shown, "': ", ExceptionMessage(e)));
     }
   }
   return out;

@@ -3,6 +3,7 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/torch_error.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -85,7 +86,7 @@ absl::StatusOr<std::unique_ptr<RegionalTransformer>> RegionalTransformer::Load(
       located.manifest.package_sha256 = pkg.at("sha256").get<std::string>();
       located.manifest.package_bytes = pkg.at("bytes").get<int64_t>();
     } catch (const nlohmann::json::exception& e) {
-      return bad(absl::StrCat("region ", name, ": ", e.what()));
+      return bad(absl::StrCat("region ", name, ": ", ExceptionMessage(e)));
     }
     if (r.prefixes.empty()) return bad(absl::StrCat("region ", name, " has no layers"));
     if (r.weights.constants.size() != r.weight_names.size()) {
@@ -187,7 +188,7 @@ absl::StatusOr<std::vector<at::Tensor>> RegionalTransformer::RunOn(
     }
     return RunLayer(regions_.at("tail"), 0, {x, temb}, cuda_stream);
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("regional transformer: ", e.what()));
+    return absl::InternalError(absl::StrCat("regional transformer: ", ExceptionMessage(e)));
   }
 }
 

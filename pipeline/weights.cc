@@ -9,6 +9,7 @@
 #include "common/files.h"
 #include "nlohmann/json.hpp"
 #include "pipeline/lora.h"
+#include "pipeline/torch_error.h"
 
 namespace kiln::pipeline {
 namespace {
@@ -217,7 +218,7 @@ absl::StatusOr<at::Tensor> ComponentWeights::Derive(const std::string& component
       result = d.op == "fp8_rowwise" ? q : scale;
     }
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat(what, ": ", e.what()));
+    return absl::InternalError(absl::StrCat(what, ": ", ExceptionMessage(e)));
   }
   return check_shape(result);
 }
@@ -280,7 +281,7 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Ga
     try {
       t = host->to(device_, *dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
     } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat("weight '", fqn, "': ", e.what()));
+      return absl::InternalError(absl::StrCat("weight '", fqn, "': ", ExceptionMessage(e)));
     }
     bytes_read_ += view->nbytes;
     if (spec.source == "checkpoint") cache_[key] = t;
@@ -366,7 +367,7 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Me
       }
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat(component, " weight '", fqn, "': merging LoRAs: ",
-                                              e.what()));
+                                              ExceptionMessage(e)));
     }
     if (memo != nullptr) (*memo)[fqn] = merged;
     tensor = merged;

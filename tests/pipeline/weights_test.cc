@@ -7,10 +7,12 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 
 #include "cache/package.h"
 #include "gtest/gtest.h"
 #include "pipeline/aoti_package.h"
+#include "pipeline/torch_error.h"
 #include "pipeline/weights.h"
 #include "tests/pipeline/test_support.h"
 
@@ -236,6 +238,23 @@ TEST_F(WeightsTest, UndescribedFqnIsDataLoss) {
   ASSERT_TRUE(w.ok()) << w.status();
   auto r = (*w)->Gather({"attn.to_out.0.weight"}, *m, "");
   EXPECT_EQ(r.status().code(), absl::StatusCode::kDataLoss) << r.status();
+}
+
+// A LibTorch error becomes its message without the C++ backtrace c10::Error's what() carries
+// (statuses are cut to their tail, which then showed only frames); other exceptions unchanged.
+TEST(ExceptionMessageTest, LibTorchErrorsLoseTheirBacktrace) {
+  try {
+    (void)at::cat({torch::zeros({2, 3}), torch::zeros({3})}, 0);
+    FAIL() << "at::cat of a matrix and a vector did not throw";
+  } catch (const std::exception& e) {
+    const std::string full = e.what();
+    const std::string message = kiln::pipeline::ExceptionMessage(e);
+    EXPECT_FALSE(message.empty());
+    EXPECT_EQ(full.rfind(message, 0), 0u) << "not the start of what(): " << message;
+    EXPECT_EQ(message.find("frame #"), std::string::npos) << message;
+    EXPECT_EQ(message.find("Exception raised from"), std::string::npos) << message;
+  }
+  EXPECT_EQ(kiln::pipeline::ExceptionMessage(std::runtime_error("disk full")), "disk full");
 }
 
 // WriteSafetensors (the canary's file, written by kiln-canary) reads back through kiln's own
