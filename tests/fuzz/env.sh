@@ -14,6 +14,10 @@ if [ ! -f "$KILN_FUZZ_DATA/tokenizer_2/spiece.model" ]; then
 t.write_clip_tokenizer(sys.argv[1] + '/tokenizer'); t.write_t5_tokenizer(sys.argv[1] + '/tokenizer_2')" \
     "$KILN_FUZZ_DATA" >/dev/null
 fi
+# A carried copy (pack.sh) brings its grown corpora as one archive.
+if [ -f "$BUILD/fuzz-corpus.tgz" ] && [ ! -d "$BUILD/fuzz-corpus" ]; then
+  tar xzf "$BUILD/fuzz-corpus.tgz" -C "$BUILD"
+fi
 export TMPDIR=$BUILD/fuzz-tmp
 mkdir -p "$TMPDIR" "$BUILD/fuzz-artifacts" "$BUILD/fuzz-logs"
 # ASan: leaks are findings too; UBSan stops at the first report (built -fno-sanitize-recover).

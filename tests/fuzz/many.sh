@@ -22,9 +22,6 @@ SECONDS_EACH=${2:?$usage}
 shift 2
 [ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
 source tests/fuzz/env.sh
-if [ -f "$BUILD/fuzz-corpus.tgz" ] && [ ! -d "$BUILD/fuzz-corpus" ]; then
-  tar xzf "$BUILD/fuzz-corpus.tgz" -C "$BUILD"
-fi
 
 report() {  # target: one line from its logs
   local t=$1 execs=0 n=0 found=0 log e

@@ -35,10 +35,6 @@ WORKERS=${KILN_FUZZ_WORKERS:-$(nproc)}
 weight() { if [[ $1 == *:* ]]; then echo "${1#*:}"; else echo 1; fi; }
 sum=0
 for s in "${SPECS[@]}"; do sum=$((sum + $(weight "$s"))); done
-# A carried copy (pack.sh) brings its grown corpora as one archive.
-if [ -f "$BUILD/fuzz-corpus.tgz" ] && [ ! -d "$BUILD/fuzz-corpus" ]; then
-  tar xzf "$BUILD/fuzz-corpus.tgz" -C "$BUILD"
-fi
 OUT=$BUILD/fuzz-parallel
 mkdir -p "$OUT"
 : >"$OUT/summary.tsv"
