@@ -14,7 +14,8 @@
 # Needs a build (BIN, default $KILN_GPU_WORK/build/bin) and the model (MODEL, default
 # $KILN_GPU_WORK/flux-dev); the batch-1 packages may come from a shared store (STORE, default
 # $KILN_GPU_WORK/cluster/shared-cache when it exists, from bench/gpu/cluster.sh's precompile).
-# SIZES (default "512 768 1024"), BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda).
+# SIZES (default "512 768 1024"), BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
+# COMPILE_JOBS (below).
 #
 # A CPU dry run (bench/README.md): BIN=build/bin MODEL=build/testdata/flux-tiny DEVICE=cpu
 # PRECISION=fp32 SIZES=256 BATCHES="1 2" STEPS=4 LOCAL=build/testdata/packages-batch
@@ -40,6 +41,51 @@ fi
 SHARED=()
 [ -d "$STORE" ] && SHARED=(--shared_dir "$STORE")
 log "$DEVICE $PRECISION, $STEPS steps, sizes $SIZES, batches $BATCHES; host: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
+
+# The transformer packages first, COMPILE_JOBS kiln-compiles at a time (default: 3 on a card with
+# >= 120 GB, else 2; 1 leaves every compile to kiln-run, one after the other): each is minutes of
+# mostly single-process CPU work on a 16-core host, and the runs below then compile only the small
+# packages. Each compile's wall time goes to runs/compile-<size>-b<B>.json.
+COMPILE_JOBS=${COMPILE_JOBS:-auto}
+TARGET=${TARGET:-$([ "$DEVICE" = cuda ] && echo cuda:sm_90 || echo cpu)}
+if [ "$COMPILE_JOBS" = auto ]; then
+  mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  COMPILE_JOBS=$([ "${mem:-0}" -ge 120000 ] && echo 3 || echo 2)
+  [ "$DEVICE" = cuda ] || COMPILE_JOBS=1
+fi
+compile_transformer() {  # SIZE B
+  local t0=$(date +%s.%N) rc name=compile-$1-b$2
+  timeout 1800 "$BIN/kiln-compile" --model "$MODEL" --component transformer \
+    --precision "$PRECISION" --batch "$2" --height "$1" --width "$1" --text-len 512 \
+    --target "$TARGET" --out-root "$LOCAL" > "$DEST/runs/$name.manifest" 2> "$DEST/runs/$name.err"
+  rc=$?
+  echo "{\"size\": $1, \"batch\": $2, \"rc\": $rc, \"wall_s\": \
+$(awk "BEGIN{print $(date +%s.%N) - $t0}")}" > "$DEST/runs/$name.json"
+  log "transformer ${1}² batch $2 compiled: $(cat "$DEST/runs/$name.json")"
+  [ "$rc" = 0 ] || tail -5 "$DEST/runs/$name.err"
+  return $rc
+}
+if [ "$COMPILE_JOBS" -gt 1 ]; then
+  todo=()
+  for size in $SIZES; do
+    for b in $BATCHES; do
+      [ -s "$DEST/runs/${size}-b${b}-measured.json" ] && continue
+      digest=$("$BIN/kiln-compile" --model "$MODEL" --component transformer --precision "$PRECISION" \
+        --batch "$b" --height "$size" --width "$size" --text-len 512 --target "$TARGET" \
+        --print-key 2>/dev/null | $PY -c "import json,sys; print(json.load(sys.stdin)['digest'])")
+      [ -n "$digest" ] && [ -d "$LOCAL/$digest" ] && continue
+      todo+=("$size $b")
+    done
+  done
+  log "transformer packages to compile, $COMPILE_JOBS at a time: ${todo[*]:-none}"
+  running=0
+  for job in "${todo[@]}"; do
+    if [ "$running" -ge "$COMPILE_JOBS" ]; then wait -n; running=$((running - 1)); fi
+    compile_transformer $job &
+    running=$((running + 1))
+  done
+  wait
+fi
 
 for size in $SIZES; do
   for b in $BATCHES; do

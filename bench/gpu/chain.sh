@@ -18,6 +18,9 @@
 #                     utilization over the stream (issue 14 item 1; the precompile's fp8 packages)
 #   lora              bench/gpu/run.sh's lora stage on the precompile's shared store: a rank-64
 #                     LoRA's prepare and switch times, bf16 and fp8 (issue 14 item 3)
+#   compile-miss      bench/gpu/compile_miss.sh: the regional transformer (bf16) compiled on a
+#                     miss with cold Inductor and Triton caches (1024²), then a new bucket with
+#                     them warm (768²), every child process recorded (issue 13's <= 30 s)
 #   batch             bench/gpu/batch.sh on the precompile's shared store: images/s per GPU at
 #                     batch 1, 2, 4 for BATCH_SIZES (default "1024 512 768": 1024's batch-1
 #                     packages come from the precompile, so its figures come first) (issue 14
@@ -44,7 +47,7 @@ export KILN_GPU_WORK=${KILN_GPU_WORK:-$PWD/build-gpu}
 export PYTHONFAULTHANDLER=1
 WORK=$KILN_GPU_WORK
 VARIANTS_R=${VARIANTS_R:-bf16:cudnn bf16:cudnn:regional}
-CHAIN_STEPS=${CHAIN_STEPS:-precompile,cluster,stream,lora,regional-miss,whole-and-refs,regional-bench,region-profile}
+CHAIN_STEPS=${CHAIN_STEPS:-precompile,cluster,stream,lora,compile-miss,regional-miss,whole-and-refs,regional-bench,region-profile}
 want() { [[ ",$CHAIN_STEPS," == *",$1,"* ]]; }
 log() { echo "[chain $(date +%H:%M:%S)] $*" | tee -a "$DEST/chain.log"; }
 step() {  # name command...: runs it, logs its rc and seconds
@@ -69,6 +72,8 @@ want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/clus
 want stream && step stream bench/gpu/stream.sh "$DEST/stream"
 want stream && tail -12 "$DEST/stream/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 want lora && step lora env SHARED="$WORK/cluster/shared-cache" CTEST=0 bench/gpu/run.sh "$DEST/lora" lora
+want compile-miss && step compile-miss bench/gpu/compile_miss.sh "$DEST/compile-miss"
+want compile-miss && grep ': rc ' "$DEST/compile-miss/compile-miss.log" | tee -a "$DEST/chain.log"
 want batch && step batch env SIZES="${BATCH_SIZES:-1024 512 768}" bench/gpu/batch.sh "$DEST/batch"
 want batch && tail -12 "$DEST/batch/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 
