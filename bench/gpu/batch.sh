@@ -15,7 +15,8 @@
 # $KILN_GPU_WORK/flux-dev); the batch-1 packages may come from a shared store (STORE, default
 # $KILN_GPU_WORK/cluster/shared-cache when it exists, from bench/gpu/cluster.sh's precompile).
 # SIZES (default "512 768 1024"), BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
-# COMPILE_JOBS (below).
+# COMPILE_JOBS (below), COMPILE_RUN_STEPS (the first run's steps; default STEPS: fewer saves device
+# time, the measured run is the second).
 #
 # A CPU dry run (bench/README.md): BIN=build/bin MODEL=build/testdata/flux-tiny DEVICE=cpu
 # PRECISION=fp32 SIZES=256 BATCHES="1 2" STEPS=4 LOCAL=build/testdata/packages-batch
@@ -92,8 +93,10 @@ for size in $SIZES; do
     for run in compile measured; do
       json=$DEST/runs/${size}-b${b}-$run.json
       [ -s "$json" ] && continue  # done in an earlier call
+      steps=$STEPS
+      [ "$run" = compile ] && steps=${COMPILE_RUN_STEPS:-$STEPS}
       timeout 3000 "$BIN/kiln-run" --model "$MODEL" --device "$DEVICE" --precision "$PRECISION" \
-        --prompt "a lighthouse on a cliff at dusk" --width "$size" --height "$size" --steps "$STEPS" \
+        --prompt "a lighthouse on a cliff at dusk" --width "$size" --height "$size" --steps "$steps" \
         --seed 7 --batch "$b" --resolutions "${size}x${size}" --package_dir "$LOCAL" "${SHARED[@]}" \
         --out "$DEST/runs/${size}-b${b}.png" --json > "$json.tmp" 2> "$DEST/runs/${size}-b${b}-$run.err" \
         && mv "$json.tmp" "$json" \
