@@ -72,7 +72,8 @@ want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/clus
 want stream && step stream bench/gpu/stream.sh "$DEST/stream"
 want stream && tail -12 "$DEST/stream/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 want lora && step lora env SHARED="$WORK/cluster/shared-cache" CTEST=0 bench/gpu/run.sh "$DEST/lora" lora
-want compile-miss && step compile-miss bench/gpu/compile_miss.sh "$DEST/compile-miss"
+want compile-miss && step compile-miss env MISS_CACHES="$WORK/miss-caches" \
+  bench/gpu/compile_miss.sh "$DEST/compile-miss"
 want compile-miss && grep ': rc ' "$DEST/compile-miss/compile-miss.log" | tee -a "$DEST/chain.log"
 want batch && step batch env SIZES="${BATCH_SIZES:-1024 512 768}" COMPILE_RUN_STEPS=${COMPILE_RUN_STEPS:-2} bench/gpu/batch.sh "$DEST/batch"
 want batch && tail -12 "$DEST/batch/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"

@@ -11,7 +11,8 @@
 #               that has compiled before (no kernel or graph of this bucket is cached, but
 #               Inductor's and Triton's per-host work — ISA probe, launchers, headers — is)
 # MISS_CASES (default "cold:1024 warm:768"), PRECISION (bf16), TARGET (cuda:sm_90), COMPILE_OPTIONS (the regional
-# layout with kiln's other defaults), KILN_GPU_WORK (build and model, bench/gpu/run.sh prep).
+# layout with kiln's other defaults), KILN_GPU_WORK (build and model, bench/gpu/run.sh prep),
+# MISS_CACHES (a directory for the caches, kept after the run; default a temporary one, removed).
 set -uo pipefail
 DEST=$(mkdir -p "$1" && cd "$1" && pwd)
 cd "$(dirname "$0")/../.."
@@ -26,8 +27,12 @@ if [ -d "$ROOT/.device-deps" ]; then  # Debian libraries of the GPU host's build
   export LD_LIBRARY_PATH=$ROOT/.device-deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 log() { echo "[compile-miss $(date +%H:%M:%S)] $*" | tee -a "$DEST/compile-miss.log"; }
-CACHES=$(mktemp -d)
-trap 'rm -rf "$CACHES"' EXIT
+if [ -n "${MISS_CACHES:-}" ]; then  # kept, so that a later run's warm case finds them
+  CACHES=$(mkdir -p "$MISS_CACHES" && cd "$MISS_CACHES" && pwd)
+else
+  CACHES=$(mktemp -d)
+  trap 'rm -rf "$CACHES"' EXIT
+fi
 export TORCHINDUCTOR_CACHE_DIR=$CACHES/inductor TRITON_CACHE_DIR=$CACHES/triton
 log "$PRECISION $OPTIONS; cases ${MISS_CASES:-cold:1024 warm:768}; $(nproc) CPUs; host: \
 $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no-gpu)"
