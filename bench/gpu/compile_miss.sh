@@ -10,7 +10,8 @@
 #   warm:SIZE   the caches the cases before it filled, kept: a new resolution bucket on a node
 #               that has compiled before (no kernel or graph of this bucket is cached, but
 #               Inductor's and Triton's per-host work — ISA probe, launchers, headers — is)
-# MISS_CASES (default "cold:1024 warm:768"), PRECISION (bf16), TARGET (cuda:sm_90), COMPILE_OPTIONS (the regional
+# A case may add a third field, VAR=VALUE[,VAR=VALUE] set for it alone (a variant: e.g.
+# cold:1024:TORCHINDUCTOR_COMPILE_THREADS=4). MISS_CASES (default "cold:1024 warm:768"), PRECISION (bf16), TARGET (cuda:sm_90), COMPILE_OPTIONS (the regional
 # layout with kiln's other defaults), KILN_GPU_WORK (build and model, bench/gpu/run.sh prep),
 # MISS_CACHES (a directory for the caches, kept after the run; default a temporary one, removed).
 set -uo pipefail
@@ -37,14 +38,18 @@ export TORCHINDUCTOR_CACHE_DIR=$CACHES/inductor TRITON_CACHE_DIR=$CACHES/triton
 log "$PRECISION $OPTIONS; cases ${MISS_CASES:-cold:1024 warm:768}; $(nproc) CPUs; host: \
 $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no-gpu)"
 for case in ${MISS_CASES:-cold:1024 warm:768}; do
-  kind=${case%%:*} size=${case#*:} name=${case/:/-}
+  # KIND:SIZE[:VAR=VALUE,...] — the third field, environment for this case only (a variant to
+  # compare, e.g. cold:1024:TORCHINDUCTOR_COMPILE_THREADS=4)
+  IFS=: read -r kind size extra <<< "$case"
+  name=$kind-$size${extra:+-${extra//[^A-Za-z0-9]/_}}
+  IFS=, read -r -a case_env <<< "${extra:-}"
   [ "$kind" = cold ] && rm -rf "$CACHES/inductor" "$CACHES/triton"
   trace=$DEST/$name-children
   rm -rf "$trace" "$DEST/packages-$name"
   mkdir -p "$trace"
   t0=$(date +%s.%N)
-  KILN_TRACE_CHILDREN=$trace PYTHONPATH=$ROOT/bench/gpu/trace_children${PYTHONPATH:+:$PYTHONPATH} \
-    timeout 900 "$BIN/kiln-compile" --model "$MODEL" --component transformer \
+  env "${case_env[@]}" KILN_TRACE_CHILDREN=$trace \
+    PYTHONPATH=$ROOT/bench/gpu/trace_children${PYTHONPATH:+:$PYTHONPATH} timeout 900 "$BIN/kiln-compile" --model "$MODEL" --component transformer \
     --precision "$PRECISION" --height "$size" --width "$size" --text-len 512 \
     --target "${TARGET:-cuda:sm_90}" --compile-options "$OPTIONS" --out-root "$DEST/packages-$name" \
     > "$DEST/$name.manifest" 2> "$DEST/$name.err"
