@@ -15,8 +15,9 @@
 # $KILN_GPU_WORK/flux-dev); the batch-1 packages may come from a shared store (STORE, default
 # $KILN_GPU_WORK/cluster/shared-cache when it exists, from bench/gpu/cluster.sh's precompile).
 # SIZES (default "512 768 1024"), BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
-# COMPILE_JOBS (below), COMPILE_RUN_STEPS (the first run's steps; default STEPS: fewer saves device
-# time, the measured run is the second).
+# COMPILE_JOBS (below), COMPILE_RUN_STEPS (the first run's steps; default STEPS; 0 skips it: with
+# every package compiled first it only warms up, and on 2026-12-07 its denoise and decode seconds
+# equalled the measured run's to 0.3 %).
 #
 # A CPU dry run (bench/README.md): BIN=build/bin MODEL=build/testdata/flux-tiny DEVICE=cpu
 # PRECISION=fp32 SIZES=256 BATCHES="1 2" STEPS=4 LOCAL=build/testdata/packages-batch
@@ -43,10 +44,12 @@ SHARED=()
 [ -d "$STORE" ] && SHARED=(--shared_dir "$STORE")
 log "$DEVICE $PRECISION, $STEPS steps, sizes $SIZES, batches $BATCHES; host: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
 
-# The transformer packages first, COMPILE_JOBS kiln-compiles at a time (default: 3 on a card with
-# >= 120 GB, else 2; 1 leaves every compile to kiln-run, one after the other): each is minutes of
-# mostly single-process CPU work on a 16-core host, and the runs below then compile only the small
-# packages. Each compile's wall time goes to runs/compile-<size>-b<B>.json.
+# Every package the runs need is compiled first, in two pools side by side: the transformers,
+# COMPILE_JOBS at a time (default: 3 on a card of >= 120 GB, else 2: each holds the checkpoint on
+# the device while it compiles), and the small ones (VAE decoder per size and B — a minute each
+# at B > 1 on the H100 —, the two text encoders once), two at a time. COMPILE_JOBS=1 leaves every
+# compile to kiln-run, one after the other. Each compile's wall goes to
+# runs/compile-<component>-<size>-b<B>.json.
 COMPILE_JOBS=${COMPILE_JOBS:-auto}
 TARGET=${TARGET:-$([ "$DEVICE" = cuda ] && echo cuda:sm_90 || echo cpu)}
 if [ "$COMPILE_JOBS" = auto ]; then
@@ -54,37 +57,66 @@ if [ "$COMPILE_JOBS" = auto ]; then
   COMPILE_JOBS=$([ "${mem:-0}" -ge 120000 ] && echo 3 || echo 2)
   [ "$DEVICE" = cuda ] || COMPILE_JOBS=1
 fi
-compile_transformer() {  # SIZE B
-  local t0=$(date +%s.%N) rc name=compile-$1-b$2
-  timeout 1800 "$BIN/kiln-compile" --model "$MODEL" --component transformer \
-    --precision "$PRECISION" --batch "$2" --height "$1" --width "$1" --text-len 512 \
+# The bucket kiln-run asks for (pipeline/key_policy.cc): COMPONENT SIZE B -> kiln-compile flags;
+# the text encoders are per prompt (batch 1), CLIP at 77 tokens, T5 at 512; precision as kiln-run's
+# (bf16 for all but an fp8 transformer).
+package_flags() {
+  local prec=$PRECISION
+  [ "$PRECISION" = fp8 ] && [ "$1" != transformer ] && prec=bf16
+  case $1 in
+    transformer) echo "--precision $prec --batch $3 --height $2 --width $2 --text-len 512" ;;
+    vae_decoder) echo "--precision $prec --batch $3 --height $2 --width $2" ;;
+    text_encoder) echo "--precision $prec --text-len 77" ;;
+    text_encoder_2) echo "--precision $prec --text-len 512" ;;
+  esac
+}
+compile_package() {  # COMPONENT SIZE B
+  local t0=$(date +%s.%N) rc name=compile-$1-$2-b$3
+  # shellcheck disable=SC2046  # package_flags' words are flags
+  timeout 1800 "$BIN/kiln-compile" --model "$MODEL" --component "$1" $(package_flags "$@") \
     --target "$TARGET" --out-root "$LOCAL" > "$DEST/runs/$name.manifest" 2> "$DEST/runs/$name.err"
   rc=$?
-  echo "{\"size\": $1, \"batch\": $2, \"rc\": $rc, \"wall_s\": \
+  echo "{\"component\": \"$1\", \"size\": $2, \"batch\": $3, \"rc\": $rc, \"wall_s\": \
 $(awk "BEGIN{print $(date +%s.%N) - $t0}")}" > "$DEST/runs/$name.json"
-  log "transformer ${1}² batch $2 compiled: $(cat "$DEST/runs/$name.json")"
+  log "$1 ${2}² batch $3 compiled: $(cat "$DEST/runs/$name.json")"
   [ "$rc" = 0 ] || tail -5 "$DEST/runs/$name.err"
   return $rc
 }
+missing() {  # COMPONENT SIZE B: true when neither LOCAL nor STORE holds its package
+  local digest
+  # shellcheck disable=SC2046
+  digest=$("$BIN/kiln-compile" --model "$MODEL" --component "$1" $(package_flags "$@") \
+    --target "$TARGET" --print-key 2>/dev/null \
+    | $PY -c "import json,sys; print(json.load(sys.stdin)['digest'])")
+  [ -z "$digest" ] || { [ ! -d "$LOCAL/$digest" ] && [ ! -d "$STORE/$digest" ]; }
+}
+pool() {  # N JOB...: runs compile_package on each "COMPONENT SIZE B", N at a time
+  local n=$1 running=0 job
+  shift
+  for job in "$@"; do
+    if [ "$running" -ge "$n" ]; then wait -n; running=$((running - 1)); fi
+    # shellcheck disable=SC2086
+    compile_package $job &
+    running=$((running + 1))
+  done
+  wait
+}
 if [ "$COMPILE_JOBS" -gt 1 ]; then
-  todo=()
+  big=() small=()
+  for c in text_encoder text_encoder_2; do
+    missing "$c" 0 1 && small+=("$c 0 1")
+  done
   for size in $SIZES; do
     for b in $BATCHES; do
       [ -s "$DEST/runs/${size}-b${b}-measured.json" ] && continue
-      digest=$("$BIN/kiln-compile" --model "$MODEL" --component transformer --precision "$PRECISION" \
-        --batch "$b" --height "$size" --width "$size" --text-len 512 --target "$TARGET" \
-        --print-key 2>/dev/null | $PY -c "import json,sys; print(json.load(sys.stdin)['digest'])")
-      [ -n "$digest" ] && [ -d "$LOCAL/$digest" ] && continue
-      todo+=("$size $b")
+      missing transformer "$size" "$b" && big+=("transformer $size $b")
+      missing vae_decoder "$size" "$b" && small+=("vae_decoder $size $b")
     done
   done
-  log "transformer packages to compile, $COMPILE_JOBS at a time: ${todo[*]:-none}"
-  running=0
-  for job in "${todo[@]}"; do
-    if [ "$running" -ge "$COMPILE_JOBS" ]; then wait -n; running=$((running - 1)); fi
-    compile_transformer $job &
-    running=$((running + 1))
-  done
+  log "to compile: transformers ${COMPILE_JOBS} at a time: ${big[*]:-none}; the rest 2 at a time: \
+${small[*]:-none}"
+  pool "$COMPILE_JOBS" "${big[@]}" &
+  pool 2 "${small[@]}" &
   wait
 fi
 
@@ -95,6 +127,7 @@ for size in $SIZES; do
       [ -s "$json" ] && continue  # done in an earlier call
       steps=$STEPS
       [ "$run" = compile ] && steps=${COMPILE_RUN_STEPS:-$STEPS}
+      [ "$steps" = 0 ] && continue  # no compiling run: the packages were all compiled above
       timeout 3000 "$BIN/kiln-run" --model "$MODEL" --device "$DEVICE" --precision "$PRECISION" \
         --prompt "a lighthouse on a cliff at dusk" --width "$size" --height "$size" --steps "$steps" \
         --seed 7 --batch "$b" --resolutions "${size}x${size}" --package_dir "$LOCAL" "${SHARED[@]}" \

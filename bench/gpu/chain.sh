@@ -75,7 +75,7 @@ want lora && step lora env SHARED="$WORK/cluster/shared-cache" CTEST=0 bench/gpu
 want compile-miss && step compile-miss env MISS_CACHES="$WORK/miss-caches" \
   bench/gpu/compile_miss.sh "$DEST/compile-miss"
 want compile-miss && grep ': rc ' "$DEST/compile-miss/compile-miss.log" | tee -a "$DEST/chain.log"
-want batch && step batch env SIZES="${BATCH_SIZES:-1024 512 768}" COMPILE_RUN_STEPS=${COMPILE_RUN_STEPS:-2} bench/gpu/batch.sh "$DEST/batch"
+want batch && step batch env SIZES="${BATCH_SIZES:-1024 512 768}" COMPILE_RUN_STEPS=${COMPILE_RUN_STEPS:-0} bench/gpu/batch.sh "$DEST/batch"
 want batch && tail -12 "$DEST/batch/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 
 if want regional-miss; then
