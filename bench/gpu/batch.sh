@@ -14,7 +14,8 @@
 # Needs a build (BIN, default $KILN_GPU_WORK/build/bin) and the model (MODEL, default
 # $KILN_GPU_WORK/flux-dev); the batch-1 packages may come from a shared store (STORE, default
 # $KILN_GPU_WORK/cluster/shared-cache when it exists, from bench/gpu/cluster.sh's precompile).
-# SIZES (default "512 768 1024"), BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
+# SIZES (default "512 768 1024"; an entry SIZE:B,B,... gives that size its own batch sizes),
+# BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
 # COMPILE_JOBS (below), COMPILE_RUN_STEPS (the first run's steps; default STEPS; 0 skips it: with
 # every package compiled first it only warms up, and on 2026-12-07 its denoise and decode seconds
 # equalled the measured run's to 0.3 %).
@@ -44,6 +45,9 @@ SHARED=()
 [ -d "$STORE" ] && SHARED=(--shared_dir "$STORE")
 log "$DEVICE $PRECISION, $STEPS steps, sizes $SIZES, batches $BATCHES; host: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
 
+batches_of() {  # SIZE or SIZE:B,B,... -> its batch sizes
+  if [[ $1 == *:* ]]; then echo "${1#*:}" | tr , ' '; else echo "$BATCHES"; fi
+}
 # Every package the runs need is compiled first, in two pools side by side: the transformers,
 # COMPILE_JOBS at a time (default: 3 on a card of >= 120 GB, else 2: each holds the checkpoint on
 # the device while it compiles), and the small ones (VAE decoder per size and B — a minute each
@@ -106,8 +110,9 @@ if [ "$COMPILE_JOBS" -gt 1 ]; then
   for c in text_encoder text_encoder_2; do
     missing "$c" 0 1 && small+=("$c 0 1")
   done
-  for size in $SIZES; do
-    for b in $BATCHES; do
+  for entry in $SIZES; do
+    size=${entry%%:*}
+    for b in $(batches_of "$entry"); do
       [ -s "$DEST/runs/${size}-b${b}-measured.json" ] && continue
       missing transformer "$size" "$b" && big+=("transformer $size $b")
       missing vae_decoder "$size" "$b" && small+=("vae_decoder $size $b")
@@ -120,8 +125,9 @@ ${small[*]:-none}"
   wait
 fi
 
-for size in $SIZES; do
-  for b in $BATCHES; do
+for entry in $SIZES; do
+  size=${entry%%:*}
+  for b in $(batches_of "$entry"); do
     for run in compile measured; do
       json=$DEST/runs/${size}-b${b}-$run.json
       [ -s "$json" ] && continue  # done in an earlier call
@@ -141,9 +147,11 @@ done
 
 $PY - "$DEST" "$SIZES" "$BATCHES" <<'EOF_SUMMARY'
 import json, sys
-dest, sizes, batches = sys.argv[1], sys.argv[2].split(), [int(b) for b in sys.argv[3].split()]
+dest, entries, default = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 rows, summary = [], []
-for size in sizes:
+for entry in entries:
+    size, _, listed = entry.partition(":")
+    batches = [int(b) for b in (listed.split(",") if listed else default)]
     base = None
     for b in batches:
         j = json.load(open(f"{dest}/runs/{size}-b{b}-measured.json"))
