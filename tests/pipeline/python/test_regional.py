@@ -153,3 +153,57 @@ def test_compiled_layouts_against_eager(model):
     print(f"max |diff| vs eager: whole {err_whole:.3g}, regional {err_regional:.3g}; "
           f"regional vs whole {err_between:.3g} (byte-identical: {torch.equal(whole, regional)})")
     assert err_whole <= ATOL and err_regional <= ATOL and err_between <= ATOL
+
+
+_ISA_PROBE = r"""
+import json, sys
+import torch
+from torch._inductor import config
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+from kiln import artifact_key as ak
+from kiln import compile as kc
+key, _ = kc.make_key(sys.argv[1], "transformer", "bf16", json.loads(sys.argv[2]), sys.argv[3],
+                     ak.default_compile_options())
+configs = kc._inductor_configs(key, key.digest(), {})
+configs.pop("aot_inductor.metadata")
+with config.patch(configs):
+    print(json.dumps({"isa": str(pick_vec_isa()), "vec_isa_ok": configs.get("cpp.vec_isa_ok")}))
+"""
+
+
+def _isa_probe_children(target: str, tmp_path) -> tuple[dict, list]:
+    """Picks Inductor's CPU vector ISA in a fresh process under kiln-compile's Inductor options
+    for `target`, its child processes recorded (bench/gpu/trace_children): (result, children)."""
+    import subprocess
+    import sys
+    trace = tmp_path / target.replace(":", "_")
+    trace.mkdir()
+    source = os.environ.get("KILN_SOURCE", os.path.join(os.path.dirname(__file__), "../../.."))
+    env = dict(os.environ, KILN_TRACE_CHILDREN=str(trace),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=os.pathsep.join([os.path.join(source, "bench/gpu/trace_children"),
+                                           os.path.join(source, "pipeline/python")]))
+    env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
+    out = subprocess.run([sys.executable, "-c", _ISA_PROBE, REPO, json.dumps(BUCKET), target],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    children = []
+    for path in trace.glob("children-*.jsonl"):
+        children += [json.loads(line) for line in path.read_text().splitlines()]
+    return json.loads(out.stdout.strip().splitlines()[-1]), children
+
+
+def test_cuda_packages_skip_inductors_cpu_isa_probe(tmp_path):
+    """A CUDA package's compile picks the CPU ISA (the C++ wrapper's flags) without Inductor's
+    probe processes — `python -c "import torch; ..."` per ISA, 180 of 400 process-seconds of the
+    regional flux-dev compile on the H200 host — and picks the same ISA the probe would; a CPU
+    package (vectorized C++ kernels) keeps the probe."""
+    def probes(children):
+        return [c for c in children if c["event"] == "end" and "-c" in c["argv"][1:2]]
+    cpu, cpu_children = _isa_probe_children("cpu", tmp_path)
+    cuda, cuda_children = _isa_probe_children("cuda:sm_90", tmp_path)
+    assert cpu["vec_isa_ok"] is None and cuda["vec_isa_ok"] is True
+    # The probe ran for the CPU target (this test can see it), not for the CUDA one.
+    assert probes(cpu_children), cpu_children
+    assert not probes(cuda_children), cuda_children
+    assert cuda["isa"] == cpu["isa"]
