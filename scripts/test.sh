@@ -79,9 +79,14 @@ echo "[test] regional fixture: $(cat "$KILN_TESTDATA/first-regional.json")"
 echo "[test] C++ tests (ctest)"
 timed "C++ tests passed" ctest --test-dir "$BUILD" --output-on-failure -j2
 
-# --durations: the slowest tests, so that CI's log says where a run's time goes.
-echo "[test] Python tests (pytest)"
-timed "Python tests passed" "$KILN_PYTHON" -m pytest -q --durations=25 tests
+# --durations: the slowest tests, so that CI's log says where a run's time goes. Two workers
+# (pytest-xdist): many cluster tests wait on heartbeats and processes, and one worker kept less
+# than one core busy. The tests that compile the fixtures' keys, and the three-host tests, are
+# xdist_group "compiles": one worker runs them one at a time (tests/cluster/test_cluster_cache.py
+# says why).
+echo "[test] Python tests (pytest, 2 workers)"
+timed "Python tests passed" "$KILN_PYTHON" -m pytest -q --durations=25 -n 2 --dist loadgroup \
+  tests
 
 # The LibTorch-free libraries' tests again, built with clang + ASan + UBSan, and every libFuzzer
 # target for a few seconds on its corpus (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips it.

@@ -165,6 +165,9 @@ def test_not_a_model_repository(tmp_path):
     assert b"not a diffusers model repository" in proc.stderr
 
 
+# xdist_group "compiles": these compile the fixtures' keys, one at a time with the other tests
+# that do (tests/cluster/test_cluster_cache.py says why).
+@pytest.mark.xdist_group("compiles")
 def test_corrupt_package_is_quarantined_and_rebuilt(tmp_path):
     """A package that fails its digest check is never loaded: it is quarantined and recompiled."""
     packages = str(tmp_path / "packages")
@@ -201,6 +204,7 @@ def test_kiln_compile_rejects_bad_arguments(tmp_path):
     assert fp8.returncode == 2 and "fp8 needs a cuda target" in fp8.stderr
 
 
+@pytest.mark.xdist_group("compiles")
 def test_shared_store_serves_a_fresh_node_without_compiling(tmp_path):
     """A fresh local directory and an empty shared store: every component is compiled (in
     parallel) and published; a second fresh local directory then gets all four from the shared
