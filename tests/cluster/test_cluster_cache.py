@@ -17,8 +17,9 @@ from cluster_support import (metric, package_dirs, package_verifies, requires_cl
 # fixtures' keys, and the three-host tests, run on one worker, one at a time. Two processes
 # compiling the same key at once on one machine (two tests, each with its own package directory)
 # once made a package whose metadata kiln-canary read as empty ("cannot read metadata: ... empty
-# input"): they share Inductor's cache directory (not investigated further, see the README's
-# "make test" section).
+# input"; perhaps through Inductor's cache directory, which they share; not investigated). And
+# with the three-host test beside this file's first test, its nodes were declared dead (907 to
+# 1815 ms unheard at 300 ms heartbeats) while they compiled.
 pytestmark = [requires_cluster, pytest.mark.xdist_group("compiles")]
 
 PROMPT = "a lighthouse on a cliff at dusk"
