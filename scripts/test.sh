@@ -10,14 +10,6 @@ export KILN_SOURCE=$PWD
 export KILN_PYTHON=$PWD/.venv/bin/python
 export PYTHONPATH=$PWD/pipeline/python${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$KILN_TESTDATA"
-# LibTorch's OpenMP threads sleep at the end of a parallel region instead of spinning. By default
-# they spin, and two LibTorch processes on two cores (a kiln-node beside a kiln-run, four
-# kiln-compile canaries at once, ctest -j2, pytest's two workers) then take turns to burn each
-# other's time slices: kiln-run, 1000 flux-tiny steps, took 8.8 s alone, 91 s beside two CPU-bound
-# processes and 46 s two at once; passive 10.9 s, 16 s and 17 s, byte-identical images. (This is
-# why the three-host test's reference kiln-run once did not finish in 300 s beside a build.)
-# Measured on this 2-core machine: ctest 155 -> 110 s, the fixture packages 57 -> 51 s.
-export OMP_WAIT_POLICY=PASSIVE
 
 # timed LABEL COMMAND...: runs it and prints its wall time and its processes' CPU time, so that
 # CI's log says where a run's time goes (a step's user + sys over its wall is how many cores it
@@ -27,34 +19,6 @@ timed() {
   shift
   time "$@"
 }
-
-# The sanitizer build (the LibTorch-free libraries, their tests and the libFuzzer targets again with
-# clang + ASan + UBSan, at -O0: half of -O2's compile time or less under ASan, tests/fuzz/build.sh)
-# needs nothing from the steps below, so it compiles beside them at nice 19, in its own process
-# group (setsid: a failing run stops all of it), on the CPU they leave idle: pytest's workers
-# mostly wait on processes, sockets and timers; the tests' own processes, at nice 0, take a core
-# from it at once. setsid also makes a new scheduler autogroup (Linux with autogroup on, as here)
-# and nice counts only inside an autogroup, so the group itself gets nice 19: without that the
-# "nice 19" build took an equal share from pytest (a try beside pytest was at 67% of the tests
-# after 11.5 min; alone they took 8.1). Its tests and a few seconds of every libFuzzer target run
-# last (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips all of it. (A build beside pytest once
-# made the three-host test's reference kiln-run miss its 300 s: the autogroup and OpenMP spinning,
-# see above.)
-SANITIZE=${KILN_TEST_SANITIZE:-1}
-FUZZ_BUILD=$BUILD-fuzz
-sanitizer_pid=""
-if [ "$SANITIZE" != 0 ]; then
-  echo "[test] sanitizer build (ASan + UBSan, no LibTorch) in $FUZZ_BUILD, at nice 19 beside the"
-  echo "[test]   steps below (its log: $FUZZ_BUILD/build.log)"
-  mkdir -p "$FUZZ_BUILD"
-  KILN_FUZZ_OPT=${KILN_FUZZ_OPT:--O0} setsid bash -c \
-    'echo 19 > /proc/self/autogroup 2>/dev/null || true
-     TIMEFORMAT="[test] sanitizer build: %0R s wall, %0U s user + %0S s sys"
-     time nice -n 19 tests/fuzz/build.sh "$1"' _ "$FUZZ_BUILD" \
-    > "$FUZZ_BUILD/build.log" 2>&1 < /dev/null &
-  sanitizer_pid=$!
-  trap '[ -z "$sanitizer_pid" ] || kill -- -"$sanitizer_pid" 2>/dev/null; true' EXIT
-fi
 
 echo "[test] fixture: seeded flux-tiny repository in $KILN_TESTDATA/flux-tiny"
 rm -rf "$KILN_TESTDATA/flux-tiny"
@@ -107,25 +71,21 @@ echo "[test] regional fixture: $(cat "$KILN_TESTDATA/first-regional.json")"
 echo "[test] C++ tests (ctest)"
 timed "C++ tests passed" ctest --test-dir "$BUILD" --output-on-failure -j2
 
-# --durations: the slowest tests, so that CI's log says where a run's time goes. Two workers
-# (pytest-xdist): many cluster tests wait on heartbeats and processes, and one worker kept less
-# than one core busy. The tests that compile the fixtures' keys, and the three-host tests, are
-# xdist_group "compiles": one worker runs them one at a time (tests/cluster/test_cluster_cache.py
-# says why).
-echo "[test] Python tests (pytest, 2 workers)"
-timed "Python tests passed" "$KILN_PYTHON" -m pytest -q --durations=25 -n 2 --dist loadgroup \
-  tests
+# --durations: the slowest tests, so that CI's log says where a run's time goes.
+echo "[test] Python tests (pytest)"
+timed "Python tests passed" "$KILN_PYTHON" -m pytest -q --durations=25 tests
 
-if [ "$SANITIZE" != 0 ]; then
-  echo "[test] waiting for the sanitizer build"
-  if ! timed "waited for the sanitizer build" wait "$sanitizer_pid"; then
-    sanitizer_pid=""
-    tail -40 "$FUZZ_BUILD/build.log"
-    echo "[test] sanitizer build FAILED (whole log: $FUZZ_BUILD/build.log)"
-    exit 1
-  fi
-  sanitizer_pid=""
-  tail -1 "$FUZZ_BUILD/build.log"
+# The LibTorch-free libraries' tests again, built with clang + ASan + UBSan, and every libFuzzer
+# target for a few seconds on its corpus (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips it.
+# (Not beside pytest: built at nice 19 beside it, it saved its whole wall time, but the
+# three-host cluster test then failed on a reference kiln-run that did not finish in 300 s;
+# that test had failed once before, with fuzzing at nice 19 beside it.)
+if [ "${KILN_TEST_SANITIZE:-1}" != 0 ]; then
+  FUZZ_BUILD=$BUILD-fuzz
+  echo "[test] sanitizer build (ASan + UBSan, no LibTorch) in $FUZZ_BUILD"
+  # -O0: half of -O2's compile time or less under ASan (tests/fuzz/build.sh).
+  KILN_FUZZ_OPT=${KILN_FUZZ_OPT:--O0} timed "sanitizer build ready" \
+    tests/fuzz/build.sh "$FUZZ_BUILD"
   echo "[test] sanitizer build's C++ tests (ctest)"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     timed "sanitizer tests passed" ctest --test-dir "$FUZZ_BUILD" --output-on-failure -j2

@@ -8,19 +8,10 @@ import json
 import os
 import threading
 
-import pytest
-
 from cluster_support import (metric, package_dirs, package_verifies, requires_cluster,
                              seed_shared_cache, start_cluster, stop_cluster)
 
-# xdist_group "compiles" (scripts/test.sh runs pytest on two workers): the tests that compile the
-# fixtures' keys, and the three-host tests, run on one worker, one at a time. Two processes
-# compiling the same key at once on one machine (two tests, each with its own package directory)
-# once made a package whose metadata kiln-canary read as empty ("cannot read metadata: ... empty
-# input"; perhaps through Inductor's cache directory, which they share; not investigated). And
-# with the three-host test beside this file's first test, its nodes were declared dead (907 to
-# 1815 ms unheard at 300 ms heartbeats) while they compiled.
-pytestmark = [requires_cluster, pytest.mark.xdist_group("compiles")]
+pytestmark = requires_cluster
 
 PROMPT = "a lighthouse on a cliff at dusk"
 COMPONENTS = {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}

@@ -23,11 +23,8 @@ import pytest
 from cluster_support import (BIN, MODEL, PYTHON, requires_cluster, seed_shared_cache,
                              wait_until)
 
-# xdist_group "compiles" (test_cluster_cache.py): never beside a compile, whose CPU load the
-# heartbeat timing below is sensitive to.
 pytestmark = [
     requires_cluster,
-    pytest.mark.xdist_group("compiles"),
     pytest.mark.skipif(shutil.which("redis-server") is None,
                        reason="redis-server is not installed (Debian: redis-server)"),
 ]

@@ -19,9 +19,7 @@ import pytest
 from cluster_support import BIN, MODEL
 
 KILN_RUN = os.path.join(BIN, "kiln-run") if BIN else ""
-# xdist_group "compiles": one at a time with the other compiling tests (test_cluster_cache.py).
 pytestmark = [
-    pytest.mark.xdist_group("compiles"),
     pytest.mark.skipif(not (KILN_RUN and os.access(KILN_RUN, os.X_OK) and os.path.isdir(MODEL)),
                        reason="needs kiln-run and the flux-tiny fixture (scripts/test.sh)"),
     pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
