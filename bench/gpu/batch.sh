@@ -17,30 +17,20 @@
 # SIZES (default "512 768 1024"; an entry SIZE:B,B,... gives that size its own batch sizes),
 # BATCHES ("1 2 4"), PRECISION (bf16), STEPS (28), DEVICE (cuda),
 # COMPILE_JOBS (below), COMPILE_RUN_STEPS (the first run's steps; default STEPS; 0 skips it: with
-# every package compiled first it only warms up, and on 2026-12-07 its denoise and decode seconds
-# equalled the measured run's to 0.3 %).
+# every package compiled first it only warms up; in the 2026-12-07 H100 runs at 512² its
+# denoise + decode, the figure's denominator, was within 0.3 % of the measured run's).
 #
 # A CPU dry run (bench/README.md): BIN=build/bin MODEL=build/testdata/flux-tiny DEVICE=cpu
 # PRECISION=fp32 SIZES=256 BATCHES="1 2" STEPS=4 LOCAL=build/testdata/packages-batch
 set -uo pipefail
-DEST=$(mkdir -p "$1" && cd "$1" && pwd)
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-WORK=${KILN_GPU_WORK:-$ROOT/build-gpu}
-BIN=${BIN:-$WORK/build/bin}
-MODEL=${MODEL:-$WORK/flux-dev}
+source "$(dirname "$0")/env.sh"  # DEST ROOT WORK BIN MODEL PY, the .device-deps libraries
 STORE=${STORE:-$WORK/cluster/shared-cache}
 LOCAL=${LOCAL:-$WORK/batch-packages}  # kept between calls: a later call compiles nothing again
 DEVICE=${DEVICE:-cuda} PRECISION=${PRECISION:-bf16} STEPS=${STEPS:-28}
 SIZES=${SIZES:-512 768 1024} BATCHES=${BATCHES:-1 2 4}
-PY=${PYTHON:-python3}
 mkdir -p "$DEST/runs" "$LOCAL"
 log() { echo "[batch $(date +%H:%M:%S)] $*" | tee -a "$DEST/batch.log"; }
 [ -x "$BIN/kiln-run" ] || { log "FAILED: no kiln-run in $BIN"; exit 1; }
-if [ -d "$ROOT/.device-deps" ]; then  # Debian libraries of the GPU host's build (bench/gpu/run.sh)
-  export LD_LIBRARY_PATH=$ROOT/.device-deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  export PATH=$ROOT/.device-deps/usr/bin:$PATH
-fi
 SHARED=()
 [ -d "$STORE" ] && SHARED=(--shared_dir "$STORE")
 log "$DEVICE $PRECISION, $STEPS steps, sizes $SIZES, batches $BATCHES; host: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
@@ -86,13 +76,29 @@ $(awk "BEGIN{print $(date +%s.%N) - $t0}")}" > "$DEST/runs/$name.json"
   [ "$rc" = 0 ] || tail -5 "$DEST/runs/$name.err"
   return $rc
 }
-missing() {  # COMPONENT SIZE B: true when neither LOCAL nor STORE holds its package
-  local digest
-  # shellcheck disable=SC2046
-  digest=$("$BIN/kiln-compile" --model "$MODEL" --component "$1" $(package_flags "$@") \
-    --target "$TARGET" --print-key 2>/dev/null \
-    | $PY -c "import json,sys; print(json.load(sys.stdin)['digest'])")
-  [ -z "$digest" ] || { [ ! -d "$LOCAL/$digest" ] && [ ! -d "$STORE/$digest" ]; }
+# "COMPONENT SIZE B" lines on stdin -> those whose package neither LOCAL nor STORE holds. One
+# Python process asks kiln-compile's --print-key for every key (a process each cost seconds).
+KEY_FILTER='
+import contextlib, io, json, os, sys
+from kiln import compile as kc
+model, target, *roots = sys.argv[1:]
+for line in sys.stdin:
+    job, flags = line.rstrip("\n").split("|")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = kc.main(["--model", model, "--component", job.split()[0], "--target", target,
+                      "--print-key", *flags.split()])
+    digest = json.loads(out.getvalue())["digest"] if rc == 0 else ""
+    # A key that cannot be made counts as missing: its compile below says why.
+    if not digest or not any(os.path.isdir(os.path.join(r, digest)) for r in roots):
+        print(job)
+'
+missing() {
+  local job
+  # shellcheck disable=SC2086  # package_flags' words are flags
+  while read -r job; do echo "$job|$(package_flags $job)"; done |
+    PYTHONPATH=$ROOT/pipeline/python${PYTHONPATH:+:$PYTHONPATH} \
+    $PY -c "$KEY_FILTER" "$MODEL" "$TARGET" "$LOCAL" "$STORE"
 }
 pool() {  # N JOB...: runs compile_package on each "COMPONENT SIZE B", N at a time
   local n=$1 running=0 job
@@ -106,18 +112,18 @@ pool() {  # N JOB...: runs compile_package on each "COMPONENT SIZE B", N at a ti
   wait
 }
 if [ "$COMPILE_JOBS" -gt 1 ]; then
-  big=() small=()
-  for c in text_encoder text_encoder_2; do
-    missing "$c" 0 1 && small+=("$c 0 1")
-  done
+  wanted=("text_encoder 0 1" "text_encoder_2 0 1")
   for entry in $SIZES; do
     size=${entry%%:*}
     for b in $(batches_of "$entry"); do
       [ -s "$DEST/runs/${size}-b${b}-measured.json" ] && continue
-      missing transformer "$size" "$b" && big+=("transformer $size $b")
-      missing vae_decoder "$size" "$b" && small+=("vae_decoder $size $b")
+      wanted+=("transformer $size $b" "vae_decoder $size $b")
     done
   done
+  big=() small=()
+  while read -r job; do
+    case $job in transformer\ *) big+=("$job") ;; *) small+=("$job") ;; esac
+  done < <(printf '%s\n' "${wanted[@]}" | missing)
   log "to compile: transformers ${COMPILE_JOBS} at a time: ${big[*]:-none}; the rest 2 at a time: \
 ${small[*]:-none}"
   pool "$COMPILE_JOBS" "${big[@]}" &

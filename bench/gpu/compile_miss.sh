@@ -15,18 +15,9 @@
 # layout with kiln's other defaults), KILN_GPU_WORK (build and model, bench/gpu/run.sh prep),
 # MISS_CACHES (a directory for the caches, kept after the run; default a temporary one, removed).
 set -uo pipefail
-DEST=$(mkdir -p "$1" && cd "$1" && pwd)
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-WORK=${KILN_GPU_WORK:-$ROOT/build-gpu}
-BIN=${BIN:-$WORK/build/bin}
-MODEL=${MODEL:-$WORK/flux-dev}
+source "$(dirname "$0")/env.sh"  # DEST ROOT WORK BIN MODEL PY, the .device-deps libraries
 PRECISION=${PRECISION:-bf16}
 OPTIONS=${COMPILE_OPTIONS:-'{"attention":"cudnn","max_autotune":false,"layout":"regional"}'}
-PY=${PYTHON:-python3}
-if [ -d "$ROOT/.device-deps" ]; then  # Debian libraries of the GPU host's build (run.sh)
-  export LD_LIBRARY_PATH=$ROOT/.device-deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-fi
 log() { echo "[compile-miss $(date +%H:%M:%S)] $*" | tee -a "$DEST/compile-miss.log"; }
 if [ -n "${MISS_CACHES:-}" ]; then  # kept, so that a later run's warm case finds them
   CACHES=$(mkdir -p "$MISS_CACHES" && cd "$MISS_CACHES" && pwd)

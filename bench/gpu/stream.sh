@@ -24,16 +24,10 @@
 # A CPU dry run (bench/README.md): BIN=build/bin MODEL=build/testdata/flux-tiny
 # STORE=<dir with flux-tiny packages> DEVICE=cpu SIZE=256 PRECISION=fp32 STEPS=4 STREAM_JOBS=8
 set -uo pipefail
-DEST=$(mkdir -p "$1" && cd "$1" && pwd)
-cd "$(dirname "$0")/../.."
-ROOT=$PWD
-WORK=${KILN_GPU_WORK:-$ROOT/build-gpu}
-BIN=${BIN:-$WORK/build/bin}
-MODEL=${MODEL:-$WORK/flux-dev}
+source "$(dirname "$0")/env.sh"  # DEST ROOT WORK BIN MODEL PY, the .device-deps libraries
 STORE=${STORE:-$WORK/cluster/shared-cache}
 DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-1024} STEPS=${STEPS:-28} PRECISION=${PRECISION:-fp8}
 N=${STREAM_JOBS:-50}
-PY=${PYTHON:-python3}
 export PYTHONPATH=$ROOT/pipeline/python${PYTHONPATH:+:$PYTHONPATH}
 OUT=$WORK/stream-out
 STATE=$WORK/stream-cluster
@@ -42,10 +36,6 @@ PROMPT="a lighthouse on a cliff at dusk"
 log() { echo "[stream $(date +%H:%M:%S)] $*" | tee -a "$OUT/logs/stream.log"; }
 [ -x "$BIN/kiln" ] && [ -x "$BIN/kiln-node" ] && [ -x "$BIN/kiln-run" ] || { log "FAILED: no build in $BIN"; exit 1; }
 [ -d "$STORE" ] || { log "FAILED: no package store $STORE (bench/gpu/cluster.sh precompile)"; exit 1; }
-if [ -d "$ROOT/.device-deps" ]; then  # Debian libraries of the GPU host's build (bench/gpu/run.sh)
-  export LD_LIBRARY_PATH=$ROOT/.device-deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  export PATH=$ROOT/.device-deps/usr/bin:$PATH
-fi
 log "$N jobs, $DEVICE ${SIZE}x$SIZE $PRECISION, $STEPS steps; host: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no-gpu)"
 
 # The bound: one warm job's denoise + decode in kiln-run (the first run loads, the second is warm:
