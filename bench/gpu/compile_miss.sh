@@ -13,7 +13,8 @@
 # A case may add a third field, VAR=VALUE[,VAR=VALUE] set for it alone (a variant: e.g.
 # cold:1024:TORCHINDUCTOR_COMPILE_THREADS=4). MISS_CASES (default "cold:1024 warm:768"), PRECISION (bf16), TARGET (cuda:sm_90), COMPILE_OPTIONS (the regional
 # layout with kiln's other defaults), KILN_GPU_WORK (build and model, bench/gpu/run.sh prep),
-# MISS_CACHES (a directory for the caches, kept after the run; default a temporary one, removed).
+# MISS_CACHES (a directory for the caches, kept after the run; default a temporary one, removed),
+# TRACE_SAMPLE (seconds between stack samples of every traced process, default 0.25; 0: none).
 set -uo pipefail
 source "$(dirname "$0")/env.sh"  # DEST ROOT WORK BIN MODEL PY, the .device-deps libraries
 PRECISION=${PRECISION:-bf16}
@@ -39,7 +40,7 @@ for case in ${MISS_CASES:-cold:1024 warm:768}; do
   rm -rf "$trace" "$DEST/packages-$name"
   mkdir -p "$trace"
   t0=$(date +%s.%N)
-  env "${case_env[@]}" KILN_TRACE_CHILDREN=$trace \
+  env "${case_env[@]}" KILN_TRACE_CHILDREN=$trace KILN_TRACE_SAMPLE=${TRACE_SAMPLE:-0.25} \
     PYTHONPATH=$ROOT/bench/gpu/trace_children${PYTHONPATH:+:$PYTHONPATH} timeout 900 "$BIN/kiln-compile" --model "$MODEL" --component transformer \
     --precision "$PRECISION" --height "$size" --width "$size" --text-len 512 \
     --target "${TARGET:-cuda:sm_90}" --compile-options "$OPTIONS" --out-root "$DEST/packages-$name" \

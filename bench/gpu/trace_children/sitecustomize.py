@@ -7,7 +7,13 @@ this directory on PYTHONPATH (which children inherit): each writes
 KILN_TRACE_CHILDREN/children-<pid>.jsonl, one line when a child starts and one when it is waited
 for (`wait()`, which `call`, `check_call`, `run` and `communicate` all end in), with its argv,
 start time and seconds. A child only polled (Inductor's compile workers) has its start line alone.
-`python bench/gpu/trace_children/summary.py DIR` tables them. A bench aid: not used by kiln."""
+`python bench/gpu/trace_children/summary.py DIR` tables them. A bench aid: not used by kiln.
+
+With KILN_TRACE_SAMPLE (seconds, e.g. 0.25) each traced process also samples its main thread's
+stack that often from a daemon thread, from its start (this file runs before `import torch`) to
+the end of its atexit handlers, and appends them as "samples" lines: the gaps between children
+(start, imports, export, teardown) get names. The handler that writes the last batch is
+registered here, first, so it runs after every other atexit handler."""
 import os
 
 _DIR = os.environ.get("KILN_TRACE_CHILDREN")
@@ -52,3 +58,51 @@ if _DIR:
 
     subprocess.Popen.__init__ = _traced_init
     subprocess.Popen.wait = _traced_wait
+
+    _interval = float(os.environ.get("KILN_TRACE_SAMPLE") or 0)
+    if _interval > 0:
+        import atexit
+        import sys
+
+        _main_id = threading.main_thread().ident
+        _samples: list = []
+        _site = os.sep + "site-packages" + os.sep
+
+        def _stack(frame) -> list:
+            # innermost first: the 8 innermost frames, then only the ones that say where the
+            # process is (module bodies, i.e. imports, and kiln's own frames)
+            out = []
+            while frame is not None and len(out) < 400:
+                code = frame.f_code
+                path = code.co_filename
+                if len(out) < 8 or code.co_name == "<module>" or "kiln" in path:
+                    short = (path.split(_site, 1)[1] if _site in path
+                             else os.sep.join(path.split(os.sep)[-2:]))
+                    out.append(f"{short}:{code.co_name}")
+                frame = frame.f_back
+            return out
+
+        def _flush() -> None:
+            with _lock:
+                batch = _samples[:]
+                del _samples[:]
+            if batch:
+                _write({"event": "samples", "pid": os.getpid(), "argv": _argv(sys.argv),
+                        "interval": _interval, "samples": batch})
+
+        def _sampler() -> None:
+            last = time.time()
+            while True:
+                time.sleep(_interval)
+                frame = sys._current_frames().get(_main_id)
+                if frame is None:
+                    continue
+                _samples.append([round(time.time(), 3), _stack(frame)])
+                if time.time() - last > 5:
+                    last = time.time()
+                    _flush()
+
+        _samples.append([round(time.time(), 3), ["(python started)"]])
+        atexit.register(lambda: (_samples.append([round(time.time(), 3), ["(atexit done)"]]),
+                                 _flush()))
+        threading.Thread(target=_sampler, name="kiln-trace-sampler", daemon=True).start()

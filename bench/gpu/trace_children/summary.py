@@ -4,8 +4,11 @@
 
 Groups the waited-for children by what they ran (the program's name and, for compilers and
 Python, the first telling argument), with count, total and largest seconds and the parent
-processes' count; then the children never waited for (started only). Prints the table; --json
-also writes it."""
+processes' count; then the children never waited for (started only). Where the processes sampled
+their own stacks (KILN_TRACE_SAMPLE, sitecustomize.py), each sampled process's timeline follows:
+runs of samples with the same place (the innermost kiln frame and the innermost frame, or the
+innermost `import`), one line per run of at least --min-run seconds, and the places that took
+most samples. Prints the tables; --json also writes them."""
 import argparse
 import collections
 import glob
@@ -36,10 +39,71 @@ def label(argv: list) -> str:
     return f"{prog} {kind}".strip()
 
 
+def place(stack: list) -> str:
+    """What a sampled stack (innermost first) was doing, in a few words."""
+    if len(stack) == 1 and stack[0].startswith("("):
+        return stack[0]
+    # <module> frames inside the outermost one (the script or `-m` module itself) are imports;
+    # the outermost of them names what was being imported
+    imports = [f for f in stack if f.endswith(":<module>")][:-1]
+    kiln = next((f for f in stack if f.startswith("kiln")), None)
+    # a wait (a child, a lock, a pool) is named with the frame that waits
+    waits = ("subprocess", "filelock", "threading", "selectors", "<frozen", "concurrent",
+             "multiprocessing", "queue")
+    inner = stack[0] if stack else "?"
+    if inner.startswith(waits):
+        caller = next((f for f in stack if not f.startswith(waits)), None)
+        inner = f"{inner} < {caller}" if caller else inner
+    if imports:
+        return f"import {imports[-1].rsplit(':', 1)[0]} (in {kiln or '-'})"
+    return f"{kiln or '-'} | {inner}"
+
+
+def timelines(dir_: str, min_run: float) -> list:
+    procs = collections.defaultdict(lambda: {"argv": None, "samples": []})
+    for path in glob.glob(os.path.join(dir_, "children-*.jsonl")):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if r.get("event") == "samples":
+                    procs[r["pid"]]["argv"] = r["argv"]
+                    procs[r["pid"]]["interval"] = r["interval"]
+                    procs[r["pid"]]["samples"] += r["samples"]
+    out = []
+    for pid, p in sorted(procs.items()):
+        samples = sorted(p["samples"], key=lambda s: s[0])
+        if not samples:
+            continue
+        t0 = samples[0][0]
+        runs = []
+        for t, stack in samples:
+            where = place(stack)
+            if runs and runs[-1]["place"] == where:
+                runs[-1]["end"] = t
+            else:
+                runs.append({"place": where, "start": t, "end": t})
+        counts = collections.Counter(place(s) for _, s in samples)
+        out.append({"pid": pid, "argv": " ".join(p["argv"] or [])[:200],
+                    "seconds": round(samples[-1][0] - t0, 2), "interval": p["interval"],
+                    "runs": [{"from_s": round(r["start"] - t0, 2), "to_s": round(r["end"] - t0, 2),
+                              "place": r["place"]} for r in runs
+                             if r["end"] - r["start"] + p["interval"] >= min_run],
+                    "top": [{"place": k, "seconds": round(n * p["interval"], 2)}
+                            for k, n in counts.most_common(12)]})
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir")
     p.add_argument("--json")
+    p.add_argument("--min-run", type=float, default=1.0)
+    p.add_argument("--match", default="kiln",
+                   help="print the timelines of sampled processes whose argv holds this (all "
+                        "go to --json)")
     args = p.parse_args()
     ended, started = {}, {}
     for path in glob.glob(os.path.join(args.dir, "children-*.jsonl")):
@@ -48,6 +112,8 @@ def main() -> int:
                 try:
                     r = json.loads(line)
                 except ValueError:
+                    continue
+                if r.get("event") not in ("start", "end"):
                     continue
                 key = (r["parent"], r["pid"])
                 (ended if r["event"] == "end" else started)[key] = r
@@ -68,11 +134,22 @@ def main() -> int:
               f"{len(g['parents']):7d}")
     for name, n in never.most_common():
         print(f"{name[:48]:48} {n:5d} {'(not waited for)':>23}")
+    sampled = timelines(args.dir, args.min_run)
+    for proc in sampled:
+        if args.match not in proc["argv"]:
+            continue
+        print(f"\npid {proc['pid']} ({proc['seconds']} s sampled every {proc['interval']} s): "
+              f"{proc['argv'][:120]}")
+        for r in proc["runs"]:
+            print(f"  {r['from_s']:7.2f}-{r['to_s']:7.2f}  {r['place'][:150]}")
+        print("  most samples:")
+        for r in proc["top"]:
+            print(f"  {r['seconds']:7.2f} s  {r['place'][:150]}")
     if args.json:
         out = {"waited": [{"child": n, "count": g["count"], "seconds": round(g["seconds"], 3),
                            "max_s": round(g["max_s"], 3), "parents": len(g["parents"]),
                            "example": g["example"]} for n, g in rows],
-               "not_waited": dict(never)}
+               "not_waited": dict(never), "sampled": sampled}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     return 0
