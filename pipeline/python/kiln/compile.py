@@ -53,6 +53,7 @@ from typing import Any
 
 from kiln import artifact_key as ak
 from kiln import canary
+from kiln import region_workers
 
 PACKAGE_FILE = "model.pt2"
 MANIFEST_FILE = "manifest.json"
@@ -254,7 +255,9 @@ def constant_table(module, ep) -> tuple[dict[str, dict], dict]:
 
 
 def compile_package(model: str, component: str, precision: str, bucket_args: dict, target: str,
-                    compile_options: dict, out_root: str) -> dict:
+                    compile_options: dict, out_root: str, workers: list | None = None) -> dict:
+    """Compiles (or finds) the package; `workers` (kiln.region_workers.start_workers),
+    for a regional transformer, are processes started earlier that compile its regions."""
     import torch
     from kiln import components
 
@@ -272,7 +275,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
         raise UsageError(f"--target {target} needs a CUDA device and none is visible")
     if component == "transformer" and compile_options.get("layout") == "regional":
         return _compile_regional(key, digest, config, model, precision, device,
-                                 compile_options, out_root, final_dir)
+                                 compile_options, out_root, final_dir, workers)
     t0 = time.monotonic()
     module, example_inputs = components.build(config, component, precision, key.bucket,
                                               device=device, compile_options=compile_options)
@@ -359,7 +362,8 @@ def _publish(tmp_dir: str, final_dir: str, out_root: str, manifest: dict) -> dic
 
 
 def _compile_regional(key, digest: str, config: dict, model_dir: str, precision: str, device: str,
-                      compile_options: dict, out_root: str, final_dir: str) -> dict:
+                      compile_options: dict, out_root: str, final_dir: str,
+                      workers: list | None = None) -> dict:
     """The regional layout of the transformer (kiln/regional.py): PACKAGES/<digest>/ holds
     head.pt2, double.pt2, single.pt2, tail.pt2 and a manifest with `layout: "regional"` and a
     `regions` object (per region: package, inputs, outputs, weights, layer prefixes). No
@@ -374,7 +378,8 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
         table = regional.compile_regions(
             {"model": model_dir, "precision": precision, "bucket": dataclasses.asdict(key.bucket),
              "options": compile_options, "device": device,
-             "inductor_configs": _inductor_configs(key, digest, compile_options)}, tmp_dir)
+             "inductor_configs": _inductor_configs(key, digest, compile_options)}, tmp_dir,
+            workers=workers)
         seconds = time.monotonic() - t0
         manifest = {
             "format": MANIFEST_FORMAT,
@@ -442,8 +447,17 @@ def main(argv: list[str] | None = None) -> int:
                               args.target, options)
             print(ak.canonical_json({"key": key.to_json(), "digest": key.digest()}))
             return 0
-        manifest = compile_package(args.model, args.component, args.precision, bucket_args,
-                                   args.target, options, args.out_root)
+        workers = None
+        if (args.component == "transformer" and options.get("layout") == "regional"
+                and region_workers.regional_jobs() > 1):
+            # Started before this process imports torch, so that their start-up overlaps it
+            workers = region_workers.start_workers("cpu" if args.target == "cpu" else "cuda")
+        try:
+            manifest = compile_package(args.model, args.component, args.precision, bucket_args,
+                                       args.target, options, args.out_root, workers)
+        finally:
+            if workers:
+                region_workers.stop_workers(workers)
     except json.JSONDecodeError as e:
         print(f"kiln-compile: --compile-options is not JSON: {e}", file=sys.stderr)
         return 2

@@ -287,46 +287,48 @@ def compile_one(spec: dict, name: str, out_dir: str) -> dict:
     return _region_entry(r, path, t1 - t0, time.monotonic() - t1)
 
 
-def compile_regions(spec: dict, out_dir: str, jobs: int | None = None) -> dict:
+def compile_regions(spec: dict, out_dir: str, jobs: int | None = None,
+                    workers: list | None = None) -> dict:
     """Compiles every region of the transformer `spec` describes ({"model", "precision",
     "bucket": {...}, "options": compile options, "device": "cpu"|"cuda", "inductor_configs"})
     into out_dir; returns the manifest's `regions` object in REGIONS order. With jobs > 1 (default
-    min(4, CPUs / 4), env KILN_REGIONAL_JOBS) each region compiles in its own process
-    (`python -m kiln.regional`), all at once: a miss costs the slowest region, not the sum."""
+    regional_jobs()) each region compiles in its own process (start_workers; `workers`, when
+    given, are ones started earlier and are used and ended here; kiln/region_workers.py), all at once: a miss costs the
+    slowest region, not the sum."""
     import json
-    import subprocess
-    import sys
+    from kiln.region_workers import regional_jobs, start_workers, stop_workers
     names = [r.name for r in _build_regions(spec)]
     if jobs is None:
-        # Four regions at once pay where cores are plenty (the GPU hosts: 16); on a small
-        # machine four torch processes only contend (2 cores: one region after the other).
-        jobs = int(os.environ.get("KILN_REGIONAL_JOBS", min(4, max(1, (os.cpu_count() or 1) // 4))))
-    if jobs <= 1:
+        jobs = regional_jobs() if workers is None else len(workers)
+    if jobs <= 1 and not workers:
         return {n: compile_one(spec, n, out_dir) for n in names}
-    spec_path = os.path.join(out_dir, ".regional-spec.json")
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    procs = {}
+    if workers is None:
+        workers = start_workers(spec["device"], len(names))
     try:
-        for n in names:
-            procs[n] = subprocess.Popen(
-                [sys.executable, "-m", "kiln.regional", spec_path, n, out_dir],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if len(workers) < len(names):
+            raise RuntimeError(f"{len(workers)} region workers for {len(names)} regions")
+        for n, proc in zip(names, workers):
+            proc.stdin.write(json.dumps({"spec": spec, "region": n, "out_dir": out_dir}) + "\n")
+            proc.stdin.close()
         table, errors = {}, []
-        for n, proc in procs.items():
-            out, err = proc.communicate()
-            if proc.returncode != 0:
-                errors.append(f"region {n} (exit {proc.returncode}): {err.strip()[-2000:]}")
+        for n, proc in zip(names, workers):
+            out = proc.stdout.read()
+            rc = proc.wait()
+            proc.kiln_stderr.seek(0)
+            err = proc.kiln_stderr.read()
+            if rc != 0:
+                errors.append(f"region {n} (exit {rc}): {err.strip()[-2000:]}")
                 continue
-            table[n] = json.loads(out.strip().splitlines()[-1])
+            try:
+                table[n] = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                errors.append(f"region {n}: no manifest entry on stdout ({out.strip()[-200:]!r});"
+                              f" stderr: {err.strip()[-1000:]}")
         if errors:
             raise RuntimeError("regional compile failed: " + "; ".join(errors))
         return {n: table[n] for n in names}
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-        os.unlink(spec_path)
+        stop_workers(workers)
 
 
 def load_regions(pkg_dir: str, manifest: dict) -> dict:
@@ -335,13 +337,47 @@ def load_regions(pkg_dir: str, manifest: dict) -> dict:
             for name, entry in manifest["regions"].items()}
 
 
-def _main(argv: list[str]) -> int:
-    """python -m kiln.regional SPEC.json REGION OUT_DIR: one region's compile (compile_regions'
-    worker); prints its manifest entry as one JSON line."""
+def _worker(device: str) -> int:
+    """start_workers' process: warm up, then compile the one region stdin asks for and print
+    its manifest entry as one JSON line (nothing when stdin ends first)."""
     import json
     import sys
+    import torch._inductor.compile_fx  # noqa: F401 - imported now, while the caller works
+    import torch.export  # noqa: F401
+    from kiln import components  # noqa: F401
+    if device == "cuda":
+        torch.cuda.init()
+    try:  # Inductor's Triton compile workers start in the background; the compile finds them
+        from torch._inductor import async_compile
+        getattr(async_compile, "maybe_warm_pool", lambda: None)()
+    except Exception:  # noqa: BLE001 - an optimization only; the compile starts them itself
+        pass
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    request = json.loads(line)
+    # Whatever the compile prints goes to stderr (a file): stdout carries only the entry, so the
+    # caller, reading one worker's stdout after another, never finds a pipe full.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    entry = compile_one(request["spec"], request["region"], request["out_dir"])
+    out.write(json.dumps(entry) + "\n")
+    out.close()
+    return 0
+
+
+def _main(argv: list[str]) -> int:
+    """python -m kiln.regional --worker DEVICE: start_workers' process (above);
+    python -m kiln.regional SPEC.json REGION OUT_DIR: one region's compile by hand; prints its
+    manifest entry as one JSON line."""
+    import json
+    import sys
+    if len(argv) == 2 and argv[0] == "--worker":
+        return _worker(argv[1])
     if len(argv) != 3:
-        print("usage: python -m kiln.regional SPEC.json REGION OUT_DIR", file=sys.stderr)
+        print("usage: python -m kiln.regional SPEC.json REGION OUT_DIR | --worker DEVICE",
+              file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         spec = json.load(f)
