@@ -36,13 +36,15 @@ echo "[test] fixture: $(cat "$KILN_TESTDATA/first.json")"
 # Two more fixtures from copies of those packages (tests count the ones in packages/), made at
 # once (the regional one compiles on one core: 79 s wall, 73 s user; one after the other they
 # took 126 s, at once 91 s, in two fresh-clone runs an hour apart on this 2-core machine):
-# - the same image with the regional transformer layout (only the transformer compiles);
+# - the same image with the regional transformer layout (only the transformer compiles), its
+#   regions shared out between two kiln-compile workers (KILN_REGIONAL_JOBS=2; the GPU hosts use
+#   four), so that the workers' path is the one tested (tests/pipeline/python/test_regional.py);
 # - a batch of 2, where the batch-2 transformer and VAE decoder compile: two jobs (seeds 7 and 8)
 #   denoised as one batch (FluxPipeline::DenoiseDecodeBatch); the batch tests use these packages.
 regional_fixture() {
   rm -rf "$KILN_TESTDATA/packages-regional"
   cp -r "$KILN_TESTDATA/packages" "$KILN_TESTDATA/packages-regional"
-  "$KILN_BIN/kiln-run" --model "$KILN_TESTDATA/flux-tiny" \
+  KILN_REGIONAL_JOBS=2 "$KILN_BIN/kiln-run" --model "$KILN_TESTDATA/flux-tiny" \
     --package_dir "$KILN_TESTDATA/packages-regional" \
     --prompt "a lighthouse on a cliff at dusk" --width 256 --height 256 --steps 4 --seed 7 \
     --compile_options '{"layout":"regional"}' \

@@ -448,10 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             print(ak.canonical_json({"key": key.to_json(), "digest": key.digest()}))
             return 0
         workers = None
-        if (args.component == "transformer" and options.get("layout") == "regional"
-                and region_workers.regional_jobs() > 1):
+        jobs = region_workers.regional_jobs()
+        if args.component == "transformer" and options.get("layout") == "regional" and jobs > 1:
             # Started before this process imports torch, so that their start-up overlaps it
-            workers = region_workers.start_workers("cpu" if args.target == "cpu" else "cuda")
+            workers = region_workers.start_workers("cpu" if args.target == "cpu" else "cuda",
+                                                   jobs)
         try:
             manifest = compile_package(args.model, args.component, args.precision, bucket_args,
                                        args.target, options, args.out_root, workers)

@@ -11,11 +11,11 @@ import tempfile
 REGION_COUNT = 4  # kiln.regional.REGIONS: head, double, single, tail
 
 
-def start_workers(device: str, count: int = REGION_COUNT) -> list:
+def start_workers(device: str, count: int) -> list:
     """Region compile processes started ahead of their work (`python -m kiln.regional --worker
     DEVICE`): each imports torch, torch.export and Inductor, initializes CUDA for a CUDA target,
-    starts Inductor's compile-worker pool, and then waits for one request on stdin
-    (compile_regions sends it; EOF ends it). kiln-compile starts them first thing, so that their
+    starts Inductor's compile-worker pool, and then waits for requests on stdin, one region a
+    line (compile_regions sends them and closes it). kiln-compile starts them first thing, so that their
     start-up (on the GPU hosts ~8 s a process, four at once) overlaps its own (importing torch,
     the artifact key) instead of following it. stderr goes to a temporary file (a pipe nobody
     reads until the end could fill and stall a worker); stop_workers ends them all."""
@@ -54,7 +54,9 @@ def stop_workers(workers: list) -> None:
 
 
 def regional_jobs() -> int:
-    """How many regions compile at once: KILN_REGIONAL_JOBS, else all four where there are at
-    least 8 CPUs (the GPU hosts: 16) and one at a time on a small machine, where four torch
-    processes only contend (2 cores)."""
-    return int(os.environ.get("KILN_REGIONAL_JOBS", min(4, max(1, (os.cpu_count() or 1) // 4))))
+    """How many region processes compile at once (regions are shared out among them):
+    KILN_REGIONAL_JOBS, else one per region (4) where there are at least 16 CPUs (the GPU hosts),
+    fewer on smaller machines (one per 4 CPUs), and none on fewer than 8 (1: the regions compile
+    one after the other in the calling process; four torch processes on 2 cores only contend)."""
+    return int(os.environ.get("KILN_REGIONAL_JOBS",
+                              min(REGION_COUNT, max(1, (os.cpu_count() or 1) // 4))))

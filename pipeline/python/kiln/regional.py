@@ -292,9 +292,9 @@ def compile_regions(spec: dict, out_dir: str, jobs: int | None = None,
     """Compiles every region of the transformer `spec` describes ({"model", "precision",
     "bucket": {...}, "options": compile options, "device": "cpu"|"cuda", "inductor_configs"})
     into out_dir; returns the manifest's `regions` object in REGIONS order. With jobs > 1 (default
-    regional_jobs()) each region compiles in its own process (start_workers; `workers`, when
-    given, are ones started earlier and are used and ended here; kiln/region_workers.py), all at once: a miss costs the
-    slowest region, not the sum."""
+    kiln.region_workers.regional_jobs()) the regions are shared out among that many processes
+    (start_workers; `workers`, when given, are ones started earlier, used and ended here), which
+    compile at once: with four, a miss costs the slowest region, not the sum."""
     import json
     from kiln.region_workers import regional_jobs, start_workers, stop_workers
     names = [r.name for r in _build_regions(spec)]
@@ -303,27 +303,31 @@ def compile_regions(spec: dict, out_dir: str, jobs: int | None = None,
     if jobs <= 1 and not workers:
         return {n: compile_one(spec, n, out_dir) for n in names}
     if workers is None:
-        workers = start_workers(spec["device"], len(names))
+        workers = start_workers(spec["device"], min(jobs, len(names)))
     try:
-        if len(workers) < len(names):
-            raise RuntimeError(f"{len(workers)} region workers for {len(names)} regions")
-        for n, proc in zip(names, workers):
-            proc.stdin.write(json.dumps({"spec": spec, "region": n, "out_dir": out_dir}) + "\n")
-            proc.stdin.close()
+        # Region i goes to worker i mod len(workers); a worker compiles its regions in order and
+        # prints one entry line for each.
+        mine = {id(w): names[i::len(workers)] for i, w in enumerate(workers)}
+        for proc in workers:
+            try:
+                for n in mine[id(proc)]:
+                    proc.stdin.write(json.dumps({"spec": spec, "region": n, "out_dir": out_dir})
+                                     + "\n")
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the worker died starting up: its stderr says why, below
         table, errors = {}, []
-        for n, proc in zip(names, workers):
-            out = proc.stdout.read()
+        for proc in workers:
+            lines = proc.stdout.read().strip().splitlines()
             rc = proc.wait()
             proc.kiln_stderr.seek(0)
-            err = proc.kiln_stderr.read()
-            if rc != 0:
-                errors.append(f"region {n} (exit {rc}): {err.strip()[-2000:]}")
-                continue
-            try:
-                table[n] = json.loads(out.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                errors.append(f"region {n}: no manifest entry on stdout ({out.strip()[-200:]!r});"
-                              f" stderr: {err.strip()[-1000:]}")
+            err = proc.kiln_stderr.read().strip()
+            for i, n in enumerate(mine[id(proc)]):
+                try:
+                    table[n] = json.loads(lines[i])
+                except (ValueError, IndexError):
+                    errors.append(f"region {n} (worker exit {rc}): {err[-2000:]}")
+                    break
         if errors:
             raise RuntimeError("regional compile failed: " + "; ".join(errors))
         return {n: table[n] for n in names}
@@ -338,10 +342,14 @@ def load_regions(pkg_dir: str, manifest: dict) -> dict:
 
 
 def _worker(device: str) -> int:
-    """start_workers' process: warm up, then compile the one region stdin asks for and print
-    its manifest entry as one JSON line (nothing when stdin ends first)."""
+    """start_workers' process: warm up, then compile each region stdin asks for (one JSON
+    request a line) and print its manifest entry as one JSON line; ends at EOF."""
     import json
     import sys
+    if device not in ("cpu", "cuda"):
+        print(f"kiln.regional --worker: device {device!r} is neither cpu nor cuda",
+              file=sys.stderr)
+        return 2
     import torch._inductor.compile_fx  # noqa: F401 - imported now, while the caller works
     import torch.export  # noqa: F401
     from kiln import components  # noqa: F401
@@ -352,18 +360,17 @@ def _worker(device: str) -> int:
         getattr(async_compile, "maybe_warm_pool", lambda: None)()
     except Exception:  # noqa: BLE001 - an optimization only; the compile starts them itself
         pass
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0
-    request = json.loads(line)
-    # Whatever the compile prints goes to stderr (a file): stdout carries only the entry, so the
-    # caller, reading one worker's stdout after another, never finds a pipe full.
+    # Whatever the compiles print goes to stderr (a file): stdout carries only the entries, so
+    # the caller, reading one worker's stdout after another, never finds a pipe full.
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    entry = compile_one(request["spec"], request["region"], request["out_dir"])
-    out.write(json.dumps(entry) + "\n")
-    out.close()
+    for line in sys.stdin:
+        if line.strip():
+            request = json.loads(line)
+            entry = compile_one(request["spec"], request["region"], request["out_dir"])
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
     return 0
 
 
