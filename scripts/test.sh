@@ -10,6 +10,14 @@ export KILN_SOURCE=$PWD
 export KILN_PYTHON=$PWD/.venv/bin/python
 export PYTHONPATH=$PWD/pipeline/python${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$KILN_TESTDATA"
+# LibTorch's OpenMP threads sleep at the end of a parallel region instead of spinning. By default
+# they spin, and two LibTorch processes on two cores (a kiln-node beside a kiln-run, four
+# kiln-compile canaries at once, ctest -j2, pytest's two workers) then take turns to burn each
+# other's time slices: kiln-run, 1000 flux-tiny steps, took 8.8 s alone, 91 s beside two CPU-bound
+# processes and 46 s two at once; passive 10.9 s, 16 s and 17 s, byte-identical images. (This is
+# why the three-host test's reference kiln-run once did not finish in 300 s beside a build.)
+# Measured on this 2-core machine: ctest 155 -> 110 s, the fixture packages 57 -> 51 s.
+export OMP_WAIT_POLICY=PASSIVE
 
 # timed LABEL COMMAND...: runs it and prints its wall time and its processes' CPU time, so that
 # CI's log says where a run's time goes (a step's user + sys over its wall is how many cores it
