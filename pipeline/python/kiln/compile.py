@@ -172,16 +172,18 @@ def _inductor_configs(key: ak.ArtifactKey, digest: str, options: dict) -> dict:
         # guidance embedding's input bf16(3.5) * 1000 is 3504 in eager bf16 and 3500 fused, and
         # the whole transformer output moved by 56% (measured on flux-dev, bench/README.md).
         configs["emulate_precision_casts"] = True
-    if key.target.startswith("cuda"):
-        # Inductor tests each CPU vector ISA that /proc/cpuinfo lists by compiling a probe and
-        # loading it in a fresh `python -c "import torch ..."`, once per ISA and process, under
-        # file locks that the regional layout's four region processes share. For a CUDA package
-        # the ISA only sets the C++ wrapper's compile flags, and on the H200 host the probes were
-        # 40 children of ~4.5 s: 180 of the regional transformer's 400 process-seconds, in each
-        # region's critical path (bench/results/2026-12-07-h200-compile-miss/). `vec_isa_ok`
-        # takes the listed ISAs without the probe (Inductor's documented override); CPU packages,
-        # whose kernels are vectorized C++, keep the probe.
-        configs["cpp.vec_isa_ok"] = True
+    if key.target.startswith("cuda") and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
+        # Inductor tests the CPU vector ISAs /proc/cpuinfo lists by compiling a probe for each and
+        # loading it in a fresh process (`python -c "import torch ..."` in torch 2.11: 3.5-5 s
+        # each), once per ISA and process, under file locks that the regional layout's region
+        # processes share. A CUDA package has no CPU kernels: the ISA only sets the C++ wrapper's
+        # compile flags (and an `AOTI_CPU_ISA` metadata string nothing reads). `vec_isa_ok=False`
+        # skips every probe and compiles the wrapper without vector flags. (`True` skips only the
+        # base probe: on the H100 host, whose CPUs have AVX-512 BF16, VNNI and AMX, each region
+        # process still ran six probes for those and waited ~10 s on their locks, 2026-12-07.)
+        # An operator's TORCHINDUCTOR_VEC_ISA_OK wins. CPU packages, whose kernels are vectorized
+        # C++, keep the probe.
+        configs["cpp.vec_isa_ok"] = False
     if options.get("max_autotune"):
         configs["max_autotune"] = True
     return configs

@@ -15,10 +15,16 @@ def start_workers(device: str, count: int) -> list:
     """Region compile processes started ahead of their work (`python -m kiln.regional --worker
     DEVICE`): each imports torch, torch.export and Inductor, initializes CUDA for a CUDA target,
     starts Inductor's compile-worker pool, and then waits for requests on stdin, one region a
-    line (compile_regions sends them and closes it). kiln-compile starts them first thing, so that their
-    start-up (on the GPU hosts ~8 s a process, four at once) overlaps its own (importing torch,
-    the artifact key) instead of following it. stderr goes to a temporary file (a pipe nobody
+    line (compile_regions sends them and closes it). kiln-compile starts them first thing, so
+    that their start-up (on the GPU hosts ~15 s a process, four at once) overlaps its own
+    (importing torch, the artifact key) instead of following it. stderr goes to a temporary file (a pipe nobody
     reads until the end could fill and stall a worker); stop_workers ends them all."""
+    env = dict(os.environ)
+    # Each region process has a pool of Inductor compile workers (Triton kernels), by default one
+    # per CPU: four regions on the 16-CPU H100 host started 64, and the compile on a miss took
+    # 71.1 s; one pool worker per CPU in all (4 each) 47.9 s, 2 each 52.0 s (2026-12-07,
+    # bench/results/2026-12-07-h100-compile-miss/). An operator's setting wins.
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, _cpus() // max(1, count))))
     workers = []
     try:
         for _ in range(count):
@@ -26,7 +32,7 @@ def start_workers(device: str, count: int) -> list:
             try:
                 proc = subprocess.Popen([sys.executable, "-m", "kiln.regional", "--worker", device],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=err, text=True)
+                                        stderr=err, text=True, env=env)
             except BaseException:
                 err.close()
                 raise
@@ -53,10 +59,18 @@ def stop_workers(workers: list) -> None:
                     pass
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def regional_jobs() -> int:
     """How many region processes compile at once (regions are shared out among them):
     KILN_REGIONAL_JOBS, else one per region (4) where there are at least 16 CPUs (the GPU hosts),
     fewer on smaller machines (one per 4 CPUs), and none on fewer than 8 (1: the regions compile
     one after the other in the calling process; four torch processes on 2 cores only contend)."""
     return int(os.environ.get("KILN_REGIONAL_JOBS",
-                              min(REGION_COUNT, max(1, (os.cpu_count() or 1) // 4))))
+                              min(REGION_COUNT, max(1, _cpus() // 4))))

@@ -33,15 +33,33 @@ def _spec(**inductor_configs) -> dict:
             "inductor_configs": inductor_configs}
 
 
-def test_unused_workers_end_at_once():
+def test_unused_workers_end_at_once(monkeypatch):
     # A cache hit: kiln-compile started its workers and needs none of them; they are killed
-    # while they still import torch, not waited for.
+    # while they still import torch, not waited for. Their Inductor compile pools share the CPUs
+    # out (one pool worker per CPU in all), unless the operator says otherwise.
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     workers = W.start_workers("cpu", 2)
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    for p in workers:
+        with open(f"/proc/{p.pid}/environ", "rb") as f:
+            env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+        assert env[b"TORCHINDUCTOR_COMPILE_THREADS"] == share.encode()
     t0 = time.monotonic()
     W.stop_workers(workers)
     assert time.monotonic() - t0 < 5
     assert all(p.poll() is not None for p in workers)
     assert all(p.stdin.closed and p.stdout.closed and p.kiln_stderr.closed for p in workers)
+
+
+def test_an_operators_compile_threads_win(monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")
+    workers = W.start_workers("cpu", 2)
+    try:
+        for p in workers:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                assert b"TORCHINDUCTOR_COMPILE_THREADS=3\0" in f.read()
+    finally:
+        W.stop_workers(workers)
 
 
 def test_a_failing_region_is_named_with_the_workers_error(tmp_path):

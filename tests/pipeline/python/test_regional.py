@@ -159,24 +159,33 @@ _ISA_PROBE = r"""
 import json, sys
 import torch
 from torch._inductor import config
-from torch._inductor.cpu_vec_isa import pick_vec_isa
+from torch._inductor import cpu_vec_isa
 from kiln import artifact_key as ak
 from kiln import compile as kc
+# A CPU with every x86 ISA Inductor knows (as the GPU hosts' Sapphire Rapids: AVX-512 BF16, VNNI,
+# AMX), whatever this machine has: the ISAs' extra feature checks probe only where the CPU
+# claims the feature, and this test must see them wherever it runs.
+cpu_vec_isa.x86_isa_checker = lambda: ["avx2", "avx512", "avx512_vnni", "amx_tile"]
+for name in ("_is_avx512_bf16_supported", "_is_vnni_supported", "_init_amx",
+             "_is_amx_fp16_supported"):
+    setattr(torch.cpu, name, lambda: True)
 key, _ = kc.make_key(sys.argv[1], "transformer", "bf16", json.loads(sys.argv[2]), sys.argv[3],
                      ak.default_compile_options())
 configs = kc._inductor_configs(key, key.digest(), {})
 configs.pop("aot_inductor.metadata")
 with config.patch(configs):
-    print(json.dumps({"isa": str(pick_vec_isa()), "vec_isa_ok": configs.get("cpp.vec_isa_ok")}))
+    print(json.dumps({"isa": str(cpu_vec_isa.pick_vec_isa()),
+                      "vec_isa_ok": configs.get("cpp.vec_isa_ok")}))
 """
 
 
-def _isa_probe_children(target: str, tmp_path) -> tuple[dict, list]:
+def _isa_probe_children(target: str, tmp_path, **env_extra) -> tuple[dict, list]:
     """Picks Inductor's CPU vector ISA in a fresh process under kiln-compile's Inductor options
-    for `target`, its child processes recorded (bench/gpu/trace_children): (result, children)."""
+    for `target` on a pretended CPU with every x86 ISA, its child processes recorded
+    (bench/gpu/trace_children): (result, children)."""
     import subprocess
     import sys
-    trace = tmp_path / target.replace(":", "_")
+    trace = tmp_path / (target.replace(":", "_") + "".join(env_extra))
     trace.mkdir()
     source = os.environ.get("KILN_SOURCE", os.path.join(os.path.dirname(__file__), "../../.."))
     env = dict(os.environ, KILN_TRACE_CHILDREN=str(trace),
@@ -184,6 +193,7 @@ def _isa_probe_children(target: str, tmp_path) -> tuple[dict, list]:
                PYTHONPATH=os.pathsep.join([os.path.join(source, "bench/gpu/trace_children"),
                                            os.path.join(source, "pipeline/python")]))
     env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
+    env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", _ISA_PROBE, REPO, json.dumps(BUCKET), target],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -194,16 +204,25 @@ def _isa_probe_children(target: str, tmp_path) -> tuple[dict, list]:
 
 
 def test_cuda_packages_skip_inductors_cpu_isa_probe(tmp_path):
-    """A CUDA package's compile picks the CPU ISA (the C++ wrapper's flags) without Inductor's
-    probe processes — `python -c "import torch; ..."` per ISA, 180 of 400 process-seconds of the
-    regional flux-dev compile on the H200 host — and picks the same ISA the probe would; a CPU
-    package (vectorized C++ kernels) keeps the probe."""
+    """A CUDA package's compile runs none of Inductor's CPU-ISA probes — a compile and a
+    `python -c "import torch; ..."` load per ISA and extra feature (AVX-512 BF16, VNNI, AMX):
+    on the GPU hosts 3.5-5 s each, 40 per regional compile on the H200 before any fix, still 24
+    with `vec_isa_ok=True` on the H100 — and compiles the C++ wrapper without CPU vector flags
+    (it has no CPU kernels); a CPU package (vectorized C++ kernels) keeps the probe; an
+    operator's TORCHINDUCTOR_VEC_ISA_OK wins. The CPU is pretended to have every ISA, so the
+    extra features' probes happen here whatever this machine has."""
     def probes(children):
         return [c for c in children if c["event"] == "end" and "-c" in c["argv"][1:2]]
     cpu, cpu_children = _isa_probe_children("cpu", tmp_path)
     cuda, cuda_children = _isa_probe_children("cuda:sm_90", tmp_path)
-    assert cpu["vec_isa_ok"] is None and cuda["vec_isa_ok"] is True
-    # The probe ran for the CPU target (this test can see it), not for the CUDA one.
-    assert probes(cpu_children), cpu_children
+    assert cpu["vec_isa_ok"] is None and cuda["vec_isa_ok"] is False
+    # The CPU target probed the base ISAs and the extra features, the CUDA one nothing.
+    assert len(probes(cpu_children)) >= 4, cpu_children
     assert not probes(cuda_children), cuda_children
-    assert cuda["isa"] == cpu["isa"]
+    assert not [c for c in cuda_children if c["event"] == "end"], cuda_children
+    assert cuda["isa"] == "INVALID_VEC_ISA" and cpu["isa"] != cuda["isa"]
+    # `vec_isa_ok=True` (this fix's first form) skips the base probe only: the features' probes
+    # still run; kiln leaves an operator's setting alone.
+    true, true_children = _isa_probe_children("cuda:sm_90", tmp_path,
+                                              TORCHINDUCTOR_VEC_ISA_OK="1")
+    assert true["vec_isa_ok"] is None and probes(true_children), true_children
