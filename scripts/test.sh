@@ -22,10 +22,13 @@ export OMP_WAIT_POLICY=PASSIVE
 # timed LABEL COMMAND...: runs it and prints its wall time and its processes' CPU time, so that
 # CI's log says where a run's time goes (a step's user + sys over its wall is how many cores it
 # kept busy).
-timed() {
-  local TIMEFORMAT="[test] $1: %0R s wall, %0U s user + %0S s sys"
+timed() {  # LABEL COMMAND...: runs it, prints its wall and CPU time, and says if it failed
+  local label=$1 rc=0
+  local TIMEFORMAT="[test] $label: %0R s wall, %0U s user + %0S s sys"
   shift
-  time "$@"
+  time "$@" || rc=$?
+  [ "$rc" = 0 ] || echo "[test] $label: FAILED (exit $rc)" >&2
+  return "$rc"
 }
 
 echo "[test] fixture: seeded flux-tiny repository in $KILN_TESTDATA/flux-tiny"
@@ -79,11 +82,11 @@ timed "regional and batch fixtures" both_fixtures
 echo "[test] regional fixture: $(cat "$KILN_TESTDATA/first-regional.json")"
 
 echo "[test] C++ tests (ctest)"
-timed "C++ tests passed" ctest --test-dir "$BUILD" --output-on-failure -j2
+timed "C++ tests" ctest --test-dir "$BUILD" --output-on-failure -j2
 
 # --durations: the slowest tests, so that CI's log says where a run's time goes.
 echo "[test] Python tests (pytest)"
-timed "Python tests passed" "$KILN_PYTHON" -m pytest -q --durations=25 tests
+timed "Python tests" "$KILN_PYTHON" -m pytest -q --durations=25 tests
 
 # The LibTorch-free libraries' tests again, built with clang + ASan + UBSan, and every libFuzzer
 # target for a few seconds on its corpus (tests/fuzz/README.md). KILN_TEST_SANITIZE=0 skips it.
@@ -94,11 +97,11 @@ if [ "${KILN_TEST_SANITIZE:-1}" != 0 ]; then
   FUZZ_BUILD=$BUILD-fuzz
   echo "[test] sanitizer build (ASan + UBSan, no LibTorch) in $FUZZ_BUILD"
   # -O0: half of -O2's compile time or less under ASan (tests/fuzz/build.sh).
-  KILN_FUZZ_OPT=${KILN_FUZZ_OPT:--O0} timed "sanitizer build ready" \
+  KILN_FUZZ_OPT=${KILN_FUZZ_OPT:--O0} timed "sanitizer build" \
     tests/fuzz/build.sh "$FUZZ_BUILD"
   echo "[test] sanitizer build's C++ tests (ctest)"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    timed "sanitizer tests passed" ctest --test-dir "$FUZZ_BUILD" --output-on-failure -j2
+    timed "sanitizer tests" ctest --test-dir "$FUZZ_BUILD" --output-on-failure -j2
   echo "[test] fuzz smoke (${KILN_FUZZ_SMOKE_SECONDS:-3} s per target)"
   timed "fuzz smoke" tests/fuzz/run.sh "$FUZZ_BUILD" "${KILN_FUZZ_SMOKE_SECONDS:-3}"
 fi
