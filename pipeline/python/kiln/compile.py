@@ -189,6 +189,74 @@ def _inductor_configs(key: ak.ArtifactKey, digest: str, options: dict) -> dict:
     return configs
 
 
+PACKAGE_ATTEMPTS = 3
+
+
+def package_problem(package_path: str, digest: str) -> str | None:
+    """What is wrong with a freshly written package, or None: every `*_metadata.json` in it must
+    be JSON naming this compile's `kiln.digest`, and every shared library must be a whole ELF file
+    (its section header table inside the file). Inductor writes a graph's metadata and library
+    into its cache directory under a lock, but aoti_compile_and_package zips them up after
+    releasing it: another compile of the same graph sharing that cache (two kiln-run or
+    kiln-node processes on one host, two keys whose graphs are equal) can truncate or rewrite them
+    in between, and the package then carries an empty metadata file (seen: kiln-canary's "cannot
+    read metadata: ... attempting to parse an empty input") or the other compile's key."""
+    import json
+    import struct
+    import zipfile
+    try:
+        with zipfile.ZipFile(package_path) as z:
+            names = z.namelist()
+            metadata = [n for n in names if n.endswith("_metadata.json")]
+            if not metadata:
+                return "no *_metadata.json in the package"
+            for name in metadata:
+                try:
+                    md = json.loads(z.read(name) or b"null")
+                except ValueError as e:
+                    return f"{name} is not JSON ({e})"
+                if not isinstance(md, dict):
+                    return f"{name} is empty or not a JSON object"
+                if md.get("kiln.digest") != digest:
+                    return (f"{name} names digest {str(md.get('kiln.digest'))[:12]!r}, "
+                            f"not this compile's {digest[:12]!r}")
+            for name in (n for n in names if n.endswith(".so")):
+                data = z.read(name)
+                if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
+                    return f"{name} is not a 64-bit ELF file ({len(data)} bytes)"
+                fmt = "<" if data[5] == 1 else ">"
+                shoff, = struct.unpack_from(fmt + "Q", data, 0x28)
+                shentsize, shnum = struct.unpack_from(fmt + "HH", data, 0x3A)
+                if shoff + shentsize * shnum > len(data):
+                    return (f"{name} is truncated ({len(data)} bytes; its section headers end at "
+                            f"{shoff + shentsize * shnum})")
+    except (OSError, zipfile.BadZipFile) as e:
+        return f"not a readable zip ({e})"
+    return None
+
+
+def aoti_package(ep, package_path: str, inductor_configs: dict, digest: str) -> None:
+    """torch._inductor.aoti_compile_and_package, checked (package_problem): a package another
+    compile spoiled is compiled again, without Inductor's FX graph cache (a hit would package the
+    same shared files again), up to PACKAGE_ATTEMPTS times; then a clear error."""
+    import torch
+    configs = dict(inductor_configs)
+    problem = None
+    for attempt in range(1, PACKAGE_ATTEMPTS + 1):
+        torch._inductor.aoti_compile_and_package(ep, package_path=package_path,
+                                                 inductor_configs=configs)
+        problem = package_problem(package_path, digest)
+        if problem is None:
+            return
+        print(f"kiln-compile: {package_path}: {problem} (attempt {attempt} of "
+              f"{PACKAGE_ATTEMPTS}): another compile sharing the Inductor cache "
+              f"(TORCHINDUCTOR_CACHE_DIR) changed its files while this one packaged them; "
+              "compiling again", file=sys.stderr, flush=True)
+        configs["fx_graph_cache"] = False
+    raise RuntimeError(f"{package_path}: {problem} after {PACKAGE_ATTEMPTS} attempts (other "
+                       "compiles sharing the Inductor cache keep changing its files)")
+
+
 def _dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -293,9 +361,7 @@ def compile_package(model: str, component: str, precision: str, bucket_args: dic
     try:
         pkg_path = os.path.join(tmp_dir, PACKAGE_FILE)
         t1 = time.monotonic()
-        torch._inductor.aoti_compile_and_package(
-            ep, package_path=pkg_path,
-            inductor_configs=_inductor_configs(key, digest, compile_options))
+        aoti_package(ep, pkg_path, _inductor_configs(key, digest, compile_options), digest)
         compile_seconds = time.monotonic() - t1
         if extra:
             from safetensors.torch import save_file

@@ -283,7 +283,8 @@ def compile_one(spec: dict, name: str, out_dir: str) -> dict:
     configs = dict(spec["inductor_configs"])
     configs["aot_inductor.metadata"] = dict(configs.get("aot_inductor.metadata", {}),
                                             **{"kiln.region": name})
-    torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=configs)
+    from kiln import compile as kc
+    kc.aoti_package(ep, path, configs, configs["aot_inductor.metadata"]["kiln.digest"])
     return _region_entry(r, path, t1 - t0, time.monotonic() - t1)
 
 
