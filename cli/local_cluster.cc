@@ -309,6 +309,12 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
                          const NodeProcess& node) {
   NodeLaunch launch;
   if (!node.gpu.empty()) launch.env["CUDA_VISIBLE_DEVICES"] = node.gpu;
+  // LibTorch's OpenMP threads spin at the end of each parallel region by default, and several
+  // LibTorch processes on one host (the nodes of `kiln up`, their kiln-compile children) burn
+  // each other's time slices: a flux-tiny kiln-run beside two CPU-bound processes took 90.8 s
+  // spinning and 15.6 s passive on the 2-core development machine (scripts/test.sh sets the same).
+  // An operator's own setting is kept.
+  if (getenv("OMP_WAIT_POLICY") == nullptr) launch.env["OMP_WAIT_POLICY"] = "PASSIVE";
   std::vector<std::string>& argv = launch.argv;
   argv = {bin_dir + "/" + kNodeExe,
           "--coordinator=" + state.coordinator.node_endpoint,

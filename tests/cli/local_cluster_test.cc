@@ -56,6 +56,20 @@ TEST(NodeLaunchFor, AGpuNodeSeesOnlyItsGpu) {
   EXPECT_THAT(launch.argv, Contains("--device=cuda:0"));
 }
 
+TEST(NodeLaunchFor, NodesWaitPassivelyUnlessTheOperatorSaysOtherwise) {
+  ClusterState state;
+  NodeProcess node;
+  node.node_id = "node-1";
+  unsetenv("OMP_WAIT_POLICY");
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  ASSERT_EQ(launch.env.count("OMP_WAIT_POLICY"), 1u);
+  EXPECT_EQ(launch.env.at("OMP_WAIT_POLICY"), "PASSIVE");
+  setenv("OMP_WAIT_POLICY", "ACTIVE", 1);
+  launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_EQ(launch.env.count("OMP_WAIT_POLICY"), 0u);  // inherited as it is
+  unsetenv("OMP_WAIT_POLICY");
+}
+
 TEST(NodeLaunchFor, AdvertiseBindsEveryInterfaceAndPassesTheHost) {
   ClusterState state;
   NodeProcess node;
@@ -84,7 +98,7 @@ TEST(NodeLaunchFor, ANodeWithoutGpuKeepsTheClusterDevice) {
   node.node_id = "node-1";
   NodeLaunch launch = NodeLaunchFor("/bin", state, node);
   EXPECT_THAT(launch.argv, Contains("--device=cuda:1"));
-  EXPECT_TRUE(launch.env.empty());
+  EXPECT_EQ(launch.env.count("CUDA_VISIBLE_DEVICES"), 0u);
 }
 
 TEST(NodeLaunchFor, BatchingFlagsReachEveryNodeAndSurviveTheStateFile) {
