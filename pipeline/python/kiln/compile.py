@@ -192,7 +192,7 @@ def _inductor_configs(key: ak.ArtifactKey, digest: str, options: dict) -> dict:
 PACKAGE_ATTEMPTS = 3
 
 
-def package_problem(package_path: str, digest: str) -> str | None:
+def package_problem(package_path: str, digest: str | None) -> str | None:
     """What is wrong with a freshly written package, or None: every `*_metadata.json` in it must
     be JSON naming this compile's `kiln.digest`, and every shared library must be a whole ELF file
     (its section header table inside the file). Inductor writes a graph's metadata and library
@@ -219,7 +219,7 @@ def package_problem(package_path: str, digest: str) -> str | None:
                     return f"{name} is empty or not a JSON object"
                 if md.get("kiln.digest") != digest:
                     return (f"{name} names digest {str(md.get('kiln.digest'))[:12]!r}, "
-                            f"not this compile's {digest[:12]!r}")
+                            f"not this compile's {str(digest)[:12]!r}")
             for name in (n for n in names if n.endswith(".so")):
                 data = z.read(name)
                 if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:
@@ -235,7 +235,7 @@ def package_problem(package_path: str, digest: str) -> str | None:
     return None
 
 
-def aoti_package(ep, package_path: str, inductor_configs: dict, digest: str) -> None:
+def aoti_package(ep, package_path: str, inductor_configs: dict, digest: str | None) -> None:
     """torch._inductor.aoti_compile_and_package, checked (package_problem): a package another
     compile spoiled is compiled again, without Inductor's FX graph cache (a hit would package the
     same shared files again), up to PACKAGE_ATTEMPTS times; then a clear error."""

@@ -284,7 +284,7 @@ def compile_one(spec: dict, name: str, out_dir: str) -> dict:
     configs["aot_inductor.metadata"] = dict(configs.get("aot_inductor.metadata", {}),
                                             **{"kiln.region": name})
     from kiln import compile as kc
-    kc.aoti_package(ep, path, configs, configs["aot_inductor.metadata"]["kiln.digest"])
+    kc.aoti_package(ep, path, configs, configs["aot_inductor.metadata"].get("kiln.digest"))
     return _region_entry(r, path, t1 - t0, time.monotonic() - t1)
 
 
