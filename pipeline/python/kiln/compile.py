@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             print(ak.canonical_json({"key": key.to_json(), "digest": key.digest()}))
             return 0
         workers = None
-        jobs = region_workers.regional_jobs()
+        jobs = min(region_workers.regional_jobs(), region_workers.REGION_COUNT)
         if args.component == "transformer" and options.get("layout") == "regional" and jobs > 1:
             # Started before this process imports torch, so that their start-up overlaps it
             workers = region_workers.start_workers("cpu" if args.target == "cpu" else "cuda",
