@@ -110,6 +110,10 @@ def _worker(rank: int, world: int, port: int, heads: int, out_dir: str, broken: 
             except ValueError as e:
                 refused = str(e)
         torch.save({"refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank past its last collective before any tears gloo down: a rank destroying the
+        # group while another still had gloo traffic aborted once ("terminate called without
+        # an active exception", SIGABRT, 4 ranks, session 15's fresh clone).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
