@@ -28,6 +28,9 @@
 #   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
 #                     tail and double regions with kiln-compile's Inductor options, each alone
 #                     with an empty Inductor cache, Inductor's timers and cProfile)
+#   attn-lab          bench/gpu/attn_lab.py: variants of kiln's fp8 attention kernel side by side
+#                     (speed at [1, 24, 4608, 128], error of each inside the flux-dev transformer
+#                     against eager bf16; issue 13 item 2; not in the default list)
 #   whole-and-refs    the whole-graph transformer (bf16) compiled on a miss, beside fp8_bench.py's
 #                     step part (the eager references and inputs kiln-bench is checked against)
 #   regional-bench    kiln-bench of both layouts on an idle GPU: step time plain and graphed,
@@ -87,6 +90,9 @@ fi
 want whole-and-refs && step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
   compile,fp8
 want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
+want attn-lab && step attn-lab env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/attn_lab.py \
+  --model "$WORK/flux-dev" --parts "${LAB_PARTS:-speed,model}" --out "$DEST/attn-lab"
+want attn-lab && cat "$DEST/attn-lab/attn-lab-table.txt" | tee -a "$DEST/chain.log"
 want region-profile && step region-profile env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/region_profile.py \
   --model "$WORK/flux-dev" --precision bf16 --regions "${PROFILE_REGIONS:-tail,double}" --variants default \
   --out "$DEST/region-profile"
