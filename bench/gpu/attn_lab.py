@@ -27,6 +27,9 @@ Hopper's tensor memory accelerator, host-side descriptors):
              softmax of each row is unchanged, the logits' quantization error shrinks when K has
              a common offset
   ws         tl.range(..., warp_specialize=True) (Triton 3.6 has a Hopper pass for it)
+  poly=1|2   `lab_kernel_poly`: each key block as two halves, the second half's exponentials
+             (poly=1; both with 2) computed on the FMA pipe instead of the special function unit
+             (Hopper's MUFU.EX2: 16 per clock per SM, as long per fp8 score as the tensor cores)
 Writes DIR/attn-lab.json; prints one JSON line per measurement and a table last.
 """
 from __future__ import annotations
@@ -183,9 +186,97 @@ def lab_kernel_tma(desc_q, desc_k, desc_v, desc_o, QS, KS, VS, N,
     desc_o.store([pid_bh, start_m, 0], out.to(tl.bfloat16).reshape(1, BLOCK_M, HEAD_DIM))
 
 
+@triton.jit
+def exp2_fma(x):
+    """2^x on the FMA and integer pipes (no MUFU.EX2) for x <= 9: x clamped at -125 (the result
+    stays a normal float32), n = round(x) by the 1.5 * 2^23 trick, 2^(x - n) by a cubic on
+    [-0.5, 0.5] (relative error 2e-4, far under e4m3's 6 %), n added to the exponent bits."""
+    x = tl.maximum(x, -125.0)
+    j = x + 12582912.0
+    f = x - (j - 12582912.0)
+    p = 0.99998866 + f * (0.69324820 + f * (0.24180661 + f * 0.05484800))
+    n = j.to(tl.int32, bitcast=True) - 0x4B400000
+    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def lab_kernel_poly(Q, K, Vt, QS, KS, VS, Out,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svd, sob, soh, son,
+                    H, N,
+                    SM_SCALE_LOG2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, P_LOG2: tl.constexpr,
+                    POLY: tl.constexpr):
+    """lab_kernel's fold variant with each key block taken as two halves (two Q K^T and two
+    P V products of BLOCK_N / 2 keys): the first half's exponentials on MUFU, the second's on
+    the FMA pipe (exp2_fma) when POLY == 1, both halves' when POLY == 2. Balances the special
+    function unit, which at fp8 rates needs as long per score as the tensor cores do."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    qk_scale = tl.load(QS + pid_bh) * tl.load(KS + pid_bh) * SM_SCALE_LOG2
+    v_scale = tl.load(VS + pid_bh)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :]
+    ka_ptrs = K + b * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None]
+    va_ptrs = Vt + b * svb + h * svh + offs_d[None, :] * svd + offs_n[:, None]
+    if EVEN_N:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=offs_m[:, None] < N, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        if EVEN_N:
+            k_a = tl.load(ka_ptrs)
+            k_b = tl.load(ka_ptrs + HALF * skn)
+            v_a = tl.load(va_ptrs)
+            v_b = tl.load(va_ptrs + HALF)
+        else:
+            cols = start_n + offs_n
+            k_a = tl.load(ka_ptrs, mask=cols[None, :] < N, other=0.0)
+            k_b = tl.load(ka_ptrs + HALF * skn, mask=cols[None, :] + HALF < N, other=0.0)
+            v_a = tl.load(va_ptrs, mask=cols[:, None] < N, other=0.0)
+            v_b = tl.load(va_ptrs + HALF, mask=cols[:, None] + HALF < N, other=0.0)
+        qk_a = tl.dot(q, k_a)
+        qk_b = tl.dot(q, k_b)
+        if not EVEN_N:
+            qk_a = tl.where((start_n + offs_n)[None, :] < N, qk_a, float("-inf"))
+            qk_b = tl.where((start_n + HALF + offs_n)[None, :] < N, qk_b, float("-inf"))
+        m_new = tl.maximum(m_i, tl.maximum(tl.max(qk_a, 1), tl.max(qk_b, 1)) * qk_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc = acc * alpha[:, None]
+        m_i = m_new
+        shift = (m_i - P_LOG2)[:, None]
+        if POLY == 2:
+            p_a = exp2_fma(qk_a * qk_scale - shift)
+        else:
+            p_a = tl.math.exp2(qk_a * qk_scale - shift)
+        if POLY >= 1:
+            p_b = exp2_fma(qk_b * qk_scale - shift)
+        else:
+            p_b = tl.math.exp2(qk_b * qk_scale - shift)
+        l_i = l_i + tl.sum(p_a, 1) + tl.sum(p_b, 1)
+        acc = tl.dot(p_a.to(tl.float8e4nv), v_a, acc)
+        acc = tl.dot(p_b.to(tl.float8e4nv), v_b, acc)
+        ka_ptrs += BLOCK_N * skn
+        va_ptrs += BLOCK_N
+    out = acc * (v_scale / l_i)[:, None]
+    o_ptrs = Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :]
+    if EVEN_N:
+        tl.store(o_ptrs, out.to(tl.bfloat16))
+    else:
+        tl.store(o_ptrs, out.to(tl.bfloat16), mask=offs_m[:, None] < N)
+
+
 DEFAULT = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, fold=False, lazy=0.0,
                two_level=False, l_p8=False, pv_bf16=False, smooth_k=False, ws=False, tma=False,
-               p_log2=8.0)
+               p_log2=8.0, poly=-1)
 
 
 def p_log2_for(lazy: float) -> float:
@@ -212,6 +303,16 @@ def run_variant(q8, k8, v_in, qs, ks, vs, cfg: dict) -> torch.Tensor:
                              SM_SCALE_LOG2=LOG2E / math.sqrt(d), HEAD_DIM=d, BLOCK_M=bm,
                              BLOCK_N=bn, EVEN_N=even, P_LOG2=cfg["p_log2"], LAZY=cfg["lazy"],
                              WS=cfg["ws"], **launch)
+        return out
+    if cfg["poly"] >= 0:
+        lab_kernel_poly[grid](q8, k8, v_in, qs, ks, vs, out,
+                              q8.stride(0), q8.stride(1), q8.stride(2),
+                              k8.stride(0), k8.stride(1), k8.stride(2),
+                              v_in.stride(0), v_in.stride(1), v_in.stride(2),
+                              out.stride(0), out.stride(1), out.stride(2), h, n,
+                              SM_SCALE_LOG2=LOG2E / math.sqrt(d), HEAD_DIM=d, BLOCK_M=bm,
+                              BLOCK_N=bn, EVEN_N=even, P_LOG2=cfg["p_log2"], POLY=cfg["poly"],
+                              **launch)
         return out
     v_stride = v_in.stride(2)
     lab_kernel[grid](q8, k8, v_in, qs, ks, vs, out,
@@ -274,6 +375,11 @@ def variants() -> list[tuple[str, dict]]:
         num_warps=8)
     add("fold ws", fold=True, ws=True)
     add("fold ws 128/128 w8 s2", fold=True, ws=True, BLOCK_M=128, num_warps=8, num_stages=2)
+    for poly in (0, 1, 2):
+        add(f"halves poly={poly}", fold=True, poly=poly)
+        add(f"halves poly={poly} 128/128 w8 s2", fold=True, poly=poly, BLOCK_M=128,
+            num_warps=8, num_stages=2)
+    add("halves poly=1 64/256 w4 s2", fold=True, poly=1, BLOCK_N=256, num_stages=2)
     for bm, bn, w, s in ((64, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3)):
         add(f"tma {bm}/{bn} w{w} s{s}", tma=True, fold=True, BLOCK_M=bm, BLOCK_N=bn,
             num_warps=w, num_stages=s)
@@ -388,7 +494,7 @@ def model_part(report: dict, args) -> None:
     picks = [("kiln kernel as shipped", None)] + [
         (name, cfg) for name, cfg in variants()
         if name in ("fold", "fold lazy=1.8", "fold lazy=3.8", "fold two_level", "fold l_p8",
-                    "fold smooth_k", "fold pv_bf16")]
+                    "fold smooth_k", "fold pv_bf16", "halves poly=1")]
     picks.append(("fold l_p8 smooth_k", dict(DEFAULT, fold=True, l_p8=True, smooth_k=True)))
     picks.append(("fold p_log2=6", dict(DEFAULT, fold=True, p_log2=6.0)))
     try:
