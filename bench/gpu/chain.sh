@@ -28,6 +28,12 @@
 #   region-profile    where a region's compile on a miss goes (bench/gpu/region_profile.py: the
 #                     tail and double regions with kiln-compile's Inductor options, each alone
 #                     with an empty Inductor cache, Inductor's timers and cProfile)
+#   import-probe      bench/gpu/import_probe.sh: a fresh Python's import times on the host, as is
+#                     and with bytecode written (the region workers' ~15 s of imports)
+#   fp8-attn          bench/gpu/run.sh stages compile,fp8,kiln for the regional fp8 transformer
+#                     with cuDNN and with kiln's fp8 attention (VARIANTS_A), fp8_bench.py's
+#                     FP8_PARTS (default sweep,attention,step) beside the compiles: kernel sweep and
+#                     buckets against cuDNN, eager/compile steps, kiln-bench of both packages
 #   attn-lab          bench/gpu/attn_lab.py: variants of kiln's fp8 attention kernel side by side
 #                     (speed at [1, 24, 4608, 128], error of each inside the flux-dev transformer
 #                     against eager bf16; issue 13 item 2; not in the default list)
@@ -67,8 +73,13 @@ step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canar
   bench/gpu/run.sh "$DEST/prep" build,weights || { tail -30 "$DEST/prep.log"; exit 1; }
 # kiln-bench (its regional path compiled only with CUDA) apart, and only for regional-bench: a
 # failure there costs only that step, not the chain.
-want regional-bench && step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
-  { tail -30 "$DEST/bench-build.log" | tee -a "$DEST/chain.log"; CHAIN_STEPS=${CHAIN_STEPS//regional-bench/}; }
+want_bench() { want regional-bench || want fp8-attn; }
+want_bench && step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
+  { tail -30 "$DEST/bench-build.log" | tee -a "$DEST/chain.log"; CHAIN_STEPS=${CHAIN_STEPS//regional-bench/}
+    CHAIN_STEPS=${CHAIN_STEPS//fp8-attn/}; }
+
+want import-probe && step import-probe bench/gpu/import_probe.sh "$WORK/pycache-probe"
+want import-probe && cat "$DEST/import-probe.log" >> "$DEST/chain.log"
 
 want precompile && step precompile env PHASES=precompile bench/gpu/cluster.sh "$DEST/precompile"
 want cluster && step cluster env PHASES=cluster bench/gpu/cluster.sh "$DEST/cluster"
@@ -90,6 +101,9 @@ fi
 want whole-and-refs && step whole-and-refs env VARIANTS="bf16:cudnn" FP8_PARTS=step bench/gpu/run.sh "$DEST/whole-and-refs" \
   compile,fp8
 want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WORK/fp8" bench/gpu/run.sh "$DEST/regional-bench" kiln
+want fp8-attn && step fp8-attn env VARIANTS="${VARIANTS_A:-fp8:cudnn:regional fp8:fp8:regional}" \
+  FP8_PARTS="${FP8_PARTS:-sweep,attention,step}" CTEST=0 bench/gpu/run.sh "$DEST/fp8-attn" compile,fp8,kiln
+want fp8-attn && tail -40 "$DEST/fp8-attn/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 want attn-lab && step attn-lab env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/attn_lab.py \
   --model "$WORK/flux-dev" --parts "${LAB_PARTS:-speed,model}" --out "$DEST/attn-lab"
 want attn-lab && cat "$DEST/attn-lab/attn-lab-table.txt" | tee -a "$DEST/chain.log"

@@ -16,9 +16,18 @@ The function, for q, k, v [B, H, N, D] in the activation dtype (non-causal, no m
   2. the kernel walks K and V in blocks of BLOCK_N keys for each block of BLOCK_M queries:
      s = (q8 @ k8^T) * q_scale * k_scale / sqrt(D) in float32 (fp8 products, float32
      accumulation), online softmax in float32 (running max m and sum l, base-2 exponentials),
-     p = e4m3(exp(s - m) * 256), acc += p @ v8 in float32; out = acc * v_scale / (256 * l) in
-     bf16. P is scaled by 256 (a power of two: exact) before its fp8 rounding so that small
+     p = e4m3(exp(s - m) * 256), out = sum over blocks of p @ v8, each block's product from a
+     zero tensor-core accumulator added to the running sum in float32 ("two-level"
+     accumulation); out * v_scale / (256 * l) in bf16. P is scaled by 256 (a power of two:
+     exact; folded into the exponent, one FMA) before its fp8 rounding so that small
      probabilities stay normal e4m3 numbers instead of flushing to the subnormal range.
+     Why two levels: Hopper's fp8 tensor-core instruction adds its products into the
+     accumulator it is given with fewer bits than float32, so letting it carry the sum over
+     all 4608 keys of a flux-dev row (the form `tl.dot(p, v, acc)`) lost precision: the fp8
+     transformer's error against eager bf16 was 0.1017 with that form and 0.0736 with two
+     levels (fp8 linears alone: 0.0731), for ~5 % of the kernel's time
+     (bench/results/2026-12-07-h100-attn-lab/; DeepSeek-V3 reports the same accumulator
+     limit for fp8 GEMMs and promotes to float32 every 128 products).
 
 On a CPU, or where Triton is not installed, the op runs `attention_reference`, which computes the
 same function (same quantization, same block walk, same fp8 rounding of P) with torch ops in
@@ -34,7 +43,8 @@ import torch
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_EPS = 1e-12
-P_SCALE = 256.0   # P is multiplied by this (exactly) before its e4m3 rounding
+P_LOG2 = 8
+P_SCALE = float(2 ** P_LOG2)   # P is multiplied by this (exactly) before its e4m3 rounding
 LOG2E = 1.4426950408889634
 
 try:  # Triton ships with CUDA builds of torch; the CPU build used by `make test` has none.
@@ -44,10 +54,12 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     triton = None
 
 # Launch configuration of the kernel: BLOCK_M queries per program, BLOCK_N keys per inner step.
-# Chosen by bench/gpu/fp8_bench.py's sweep on the H200 (bench/README.md: 0.372 ms, 702 TFLOP/s
-# at [1, 24, 4608, 128], against 0.390 for 128/128/8 warps and 0.403 for 128/64/4 warps); keep
-# BLOCK_M and BLOCK_N multiples of 16 (fp8 tensor-core tiles).
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+# Chosen by measurement on the H100 (bench/gpu/attn_lab.py, 2026-12-07: 64/64, 4 warps, 4 stages
+# 0.433 ms at [1, 24, 4608, 128] and 0.408 at 4544 keys, against 0.452 / 0.443 for the earlier
+# 64/128/4/3, the H200's pick; 128-query blocks with 8 warps 0.47-0.64); keep BLOCK_M and BLOCK_N
+# multiples of 16 (fp8 tensor-core tiles). bench/gpu/fp8_bench.py's `sweep` part measures them
+# again.
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
 
 
 def quantize_heads(x: torch.Tensor, transpose: bool = False, bound: torch.Tensor | None = None
@@ -115,7 +127,7 @@ if triton is not None:
             stride_ob, stride_oh, stride_on,
             H, N,
             SM_SCALE_LOG2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            EVEN_N: tl.constexpr, P_MUL: tl.constexpr):
+            EVEN_N: tl.constexpr, P_LOG2: tl.constexpr):
         """One program: BLOCK_M queries of one (batch row, head). Last dims are contiguous
         (q, k: D; vt: N; out: D). The softmax scale is a constexpr: a float argument would be
         typed fp64 by Inductor's launcher and turn the whole softmax into fp64."""
@@ -146,19 +158,21 @@ if triton is not None:
                 cols = start_n + offs_n
                 k = tl.load(k_ptrs, mask=cols[None, :] < N, other=0.0)
                 v = tl.load(v_ptrs, mask=cols[:, None] < N, other=0.0)
-            s = tl.dot(q, k) * qk_scale
+            qk = tl.dot(q, k)
             if not EVEN_N:
-                s = tl.where((start_n + offs_n)[None, :] < N, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
+                qk = tl.where((start_n + offs_n)[None, :] < N, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot((p * P_MUL).to(tl.float8e4nv), v, acc)
             m_i = m_new
+            # P * 2^P_LOG2 = 2^(s - m + P_LOG2): the scale, the max and P's factor in one FMA.
+            p = tl.math.exp2(qk * qk_scale - (m_i - P_LOG2)[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # Two-level accumulation: each block's P @ V starts from a zero tensor-core
+            # accumulator and is added to acc in float32 (module docstring).
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
             k_ptrs += BLOCK_N * stride_kn
             v_ptrs += BLOCK_N
-        out = acc * (v_scale / (l_i * P_MUL))[:, None]
+        out = acc * (v_scale / l_i)[:, None]
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
         if EVEN_N:
             tl.store(o_ptrs, out.to(tl.bfloat16))
@@ -204,7 +218,8 @@ def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale
         vt8.stride(0), vt8.stride(1), vt8.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         h, n,
-        SM_SCALE_LOG2=LOG2E / math.sqrt(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=even, P_MUL=P_SCALE,
+        SM_SCALE_LOG2=LOG2E / math.sqrt(d), HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=even,
+        P_LOG2=P_LOG2,
         num_warps=CONFIG["num_warps"], num_stages=CONFIG["num_stages"])
     return out
 
