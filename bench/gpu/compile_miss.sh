@@ -5,8 +5,8 @@
 #
 #   bench/gpu/compile_miss.sh OUTDIR     # OUTDIR: table.txt, <case>.json, <case>-children.json
 #
-#   cold:SIZE   empty Inductor and Triton caches: a node's first compile ever (its toolchain's
-#               caches too are cold)
+#   cold:SIZE   empty Inductor, Triton and bytecode caches: a node's first compile ever (its
+#               toolchain's caches too are cold)
 #   warm:SIZE   the caches the cases before it filled, kept: a new resolution bucket on a node
 #               that has compiled before (no kernel or graph of this bucket is cached, but
 #               Inductor's and Triton's per-host work — ISA probe, launchers, headers — is)
@@ -27,6 +27,9 @@ else
   trap 'rm -rf "$CACHES"' EXIT
 fi
 export TORCHINDUCTOR_CACHE_DIR=$CACHES/inductor TRITON_CACHE_DIR=$CACHES/triton
+# kiln-compile's Python bytecode cache (kiln.region_workers.bytecode_cache; used where torch is
+# installed without bytecode, as on the GPU test host): emptied by a cold case like the others.
+export KILN_PYCACHE=${KILN_PYCACHE:-$CACHES/pycache}
 log "$PRECISION $OPTIONS; cases ${MISS_CASES:-cold:1024 warm:768}; $(nproc) CPUs; host: \
 $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo no-gpu)"
 for case in ${MISS_CASES:-cold:1024 warm:768}; do
@@ -35,7 +38,7 @@ for case in ${MISS_CASES:-cold:1024 warm:768}; do
   IFS=: read -r kind size extra <<< "$case"
   name=$kind-$size${extra:+-${extra//[^A-Za-z0-9]/_}}
   IFS=, read -r -a case_env <<< "${extra:-}"
-  [ "$kind" = cold ] && rm -rf "$CACHES/inductor" "$CACHES/triton"
+  [ "$kind" = cold ] && rm -rf "$CACHES/inductor" "$CACHES/triton" "$CACHES/pycache"
   trace=$DEST/$name-children
   rm -rf "$trace" "$DEST/packages-$name"
   mkdir -p "$trace"

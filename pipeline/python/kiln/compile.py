@@ -498,6 +498,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Before anything imports torch here or in the region workers (region_workers.bytecode_cache).
+    region_workers.bytecode_cache()
     try:
         options = (json.loads(args.compile_options) if args.compile_options
                    else ak.default_compile_options())

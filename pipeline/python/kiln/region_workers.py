@@ -3,12 +3,56 @@ anything imports torch: kiln-compile starts them first thing, so that their star
 own. Torch-free on purpose (importing kiln.regional imports torch)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 import tempfile
 
 REGION_COUNT = 4  # kiln.regional.REGIONS: head, double, single, tail
+OFF = ("0", "off", "no", "false")
+
+
+def bytecode_cache(environ=None, probe: str = "torch") -> str | None:
+    """Where this process (and the processes it starts) keep Python bytecode, when the installed
+    packages have none: then returns the directory it set (sys.pycache_prefix, and
+    PYTHONPYCACHEPREFIX with PYTHONDONTWRITEBYTECODE removed in `environ`, default os.environ,
+    for the region workers); else None.
+
+    Why: a torch installed without bytecode (pip --no-compile, as on the GPU test host, where
+    PYTHONDONTWRITEBYTECODE is also set) is compiled from source by every process that imports
+    it: kiln-compile and each region worker spent ~14 s importing torch, Inductor and kiln.models
+    there, 5 s with the bytecode cached (bench/gpu/import_probe.sh, H100 host, 2026-12-07), and
+    those imports are on the critical path of a compile on a miss. With bytecode installed
+    (`probe`'s package has its __pycache__ entry) nothing changes. The directory: KILN_PYCACHE,
+    else $XDG_CACHE_HOME/kiln/pycache (~/.cache/kiln/pycache); KILN_PYCACHE=0 turns it off, and
+    an operator's own PYTHONPYCACHEPREFIX is left as it is. Never writes into site-packages."""
+    env = os.environ if environ is None else environ
+    setting = env.get("KILN_PYCACHE", "")
+    if setting.lower() in OFF or env.get("PYTHONPYCACHEPREFIX") or sys.pycache_prefix:
+        return None
+    try:
+        spec = importlib.util.find_spec(probe)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    if os.path.exists(importlib.util.cache_from_source(spec.origin)):
+        return None  # bytecode installed beside the sources
+    path = setting or os.path.join(env.get("XDG_CACHE_HOME") or
+                                   os.path.join(os.path.expanduser("~"), ".cache"),
+                                   "kiln", "pycache")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(path, os.W_OK):
+        return None
+    sys.pycache_prefix = path
+    sys.dont_write_bytecode = False
+    env["PYTHONPYCACHEPREFIX"] = path
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return path
 
 
 def start_workers(device: str, count: int) -> list:

@@ -54,12 +54,11 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     triton = None
 
 # Launch configuration of the kernel: BLOCK_M queries per program, BLOCK_N keys per inner step.
-# Chosen by measurement on the H100 (bench/gpu/attn_lab.py, 2026-12-07: 64/64, 4 warps, 4 stages
-# 0.433 ms at [1, 24, 4608, 128] and 0.408 at 4544 keys, against 0.452 / 0.443 for the earlier
-# 64/128/4/3, the H200's pick; 128-query blocks with 8 warps 0.47-0.64); keep BLOCK_M and BLOCK_N
-# multiples of 16 (fp8 tensor-core tiles). bench/gpu/fp8_bench.py's `sweep` part measures them
-# again.
-CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4}
+# Chosen by bench/gpu/fp8_bench.py's sweep of this kernel (two-level accumulation) on the H100,
+# 2026-12-07: 64/128, 4 warps, 3 stages 0.351 ms (743 TFLOP/s) at [1, 24, 4608, 128]; next
+# 128/128/8/4 0.399 and 64/64/4/4 0.401 (bench/results/2026-12-07-h100-attn-lab/). Keep BLOCK_M
+# and BLOCK_N multiples of 16 (fp8 tensor-core tiles).
+CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 
 
 def quantize_heads(x: torch.Tensor, transpose: bool = False, bound: torch.Tensor | None = None
