@@ -201,12 +201,16 @@ def _quiet_without_triton(register):
 def fp8_attention(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, q_scale: torch.Tensor,
                   k_scale: torch.Tensor, v_scale: torch.Tensor) -> torch.Tensor:
     """Attention of e4m3 q8, k8 [B, H, N, D] and vt8 [B, H, D, N] (all contiguous) with float32
-    scales [B, H] (quantize_heads) -> bf16 [B, H, N, D]. The Triton kernel on CUDA; elsewhere
+    scales [B, H] (quantize_heads) -> bf16 [B, H, N, D] (on CUDA token-major in memory: a
+    transpose of a contiguous [B, N, H, D]). The Triton kernel on CUDA; elsewhere
     attention_reference (the same function)."""
     if not q8.is_cuda or triton is None:
         return attention_reference(q8, k8, vt8, q_scale, k_scale, v_scale)
     b, h, n, d = q8.shape
-    out = torch.empty((b, h, n, d), dtype=torch.bfloat16, device=q8.device)
+    # Written token-major ([B, N, H, D] in memory, viewed as [B, H, N, D]), as cuDNN's SDPA
+    # leaves it: the model's transpose to [B, N, H * D] for the output projection is then a view,
+    # not a copy (or a strided read inside the next kernel, which ran at ~1 TB/s).
+    out = torch.empty((b, n, h, d), dtype=torch.bfloat16, device=q8.device).transpose(1, 2)
     block_m, block_n = CONFIG["BLOCK_M"], CONFIG["BLOCK_N"]
     even = n % block_m == 0 and n % block_n == 0
     grid = (triton.cdiv(n, block_m), b * h)
