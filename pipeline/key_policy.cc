@@ -45,7 +45,10 @@ const std::vector<std::string>& FluxComponents() {
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component) {
   nlohmann::json out = options;
-  if (component != "transformer" && out.is_object()) out.erase("layout");
+  if (component != "transformer" && out.is_object()) {
+    out.erase("layout");
+    out.erase("sequence_parallel");
+  }
   return out;
 }
 
