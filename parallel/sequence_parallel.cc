@@ -114,8 +114,9 @@ absl::StatusOr<at::Tensor> SequenceParallelDenoise(ProcessGroup& group,
       at::Tensor out = torch::empty(spec.shape, on.dtype(t));
       std::vector<at::Tensor> chunks;
       if (rank == 0) {
+        const at::Tensor cast = whole.to(on.dtype(t));
         for (int r = 0; r < world; ++r) {
-          auto c = TokenShard(whole.to(on.dtype(t)), r, world, 1, what);
+          auto c = TokenShard(cast, r, world, 1, what);
           if (!c.ok()) return c.status();
           chunks.push_back(c->contiguous());
         }
