@@ -82,6 +82,8 @@ class ProcessGroup {
   int world_size() const { return options_.world_size; }
   // The device collectives run on: tensors handed to Broadcast/AllGather live there.
   const c10::Device& device() const { return device_; }
+  // The name the group is registered under ("" if not registered).
+  const std::string& group_name() const { return options_.group_name; }
   // The port rank 0's store listens on.
   int port() const { return port_; }
   // The c10d group (for callers that hand it to LibTorch code).

@@ -70,6 +70,13 @@ absl::StatusOr<at::Tensor> SequenceParallelDenoise(ProcessGroup& group,
     verdict = absl::FailedPreconditionError(absl::StrCat(
         "sequence parallel: rank ", rank, "'s package set is compiled for ",
         transformer.sequence_parallel(), " rank(s), the group has ", world));
+  } else if (world > 1 && group.group_name() != transformer.process_group()) {
+    // The blocks' all-to-alls find their group by name: another name would fail inside the
+    // first package run (or find another group).
+    verdict = absl::FailedPreconditionError(absl::StrCat(
+        "sequence parallel: rank ", rank, "'s package set resolves process group \"",
+        transformer.process_group(), "\", the group is registered as \"", group.group_name(),
+        "\""));
   } else {
     verdict = transformer.SetSequenceParallelRank(world > 1 ? rank : 0);
   }

@@ -4,6 +4,7 @@
 //
 //   rank 0: the whole noise [B, S, C] and text [B, L, J], the pooled vector and the guidance
 //   1. a verdict from every rank (all-gathered): the set is one rank's of P = the group's size,
+//      registered under the name its all-to-alls resolve (the manifest's `process_group`),
 //      and, on rank 0, the inputs' token counts divide over P into the set's per-rank sizes;
 //      any refusal fails every rank, naming the refusing rank(s), before any data moves
 //   2. scatter: rank r receives tokens [r*S/P, (r+1)*S/P) of the noise and [r*L/P, (r+1)*L/P)
@@ -44,8 +45,8 @@ struct SequenceParallelInputs {
 // Runs steps 1-4 above and returns the whole final latents (float32 [B, S, C]) on every rank.
 // `transformer` is this rank's sequence-parallel regional set (weights loaded), `schedule` the
 // job's (the same on every rank), `act` the transformer's activation dtype. Errors:
-// FailedPrecondition when the set is for another number of ranks than the group has (or a
-// peer refused), InvalidArgument on rank 0 for inputs that do not fit the set (token counts
+// FailedPrecondition when the set is for another number of ranks than the group has, or
+// resolves another group name than the group's (or a peer refused), InvalidArgument on rank 0 for inputs that do not fit the set (token counts
 // not divisible by P, or not P times the set's per-rank sizes, or a wrong shape), a
 // transformer or collective error as it is.
 absl::StatusOr<at::Tensor> SequenceParallelDenoise(ProcessGroup& group,

@@ -51,6 +51,13 @@ absl::StatusOr<std::unique_ptr<RegionalTransformer>> RegionalTransformer::Load(
     }
     t->sequence_parallel_ = p.get<int>();
   }
+  if (t->sequence_parallel_ > 1) {
+    auto g = m.raw.find("process_group");
+    if (g == m.raw.end() || !g->is_string() || g->get<std::string>().empty()) {
+      return bad("a sequence-parallel set without the process_group its all-to-alls resolve");
+    }
+    t->process_group_ = g->get<std::string>();
+  }
   const nlohmann::json& table = m.raw.contains("regions") ? m.raw["regions"] : nlohmann::json();
   for (const char* name : kRegions) {
     if (!table.is_object() || !table.contains(name)) {

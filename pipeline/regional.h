@@ -65,6 +65,9 @@ class RegionalTransformer {
 
   // P of a sequence-parallel set (its compile option `sequence_parallel`), 1 otherwise.
   int sequence_parallel() const { return sequence_parallel_; }
+  // The c10d group name a sequence-parallel set's all-to-alls resolve (its manifest's
+  // `process_group`; Load refuses such a set without one), "" for other sets.
+  const std::string& process_group() const { return process_group_; }
   // This process's rank among the set's P. InvalidArgument unless 0 <= rank < P.
   absl::Status SetSequenceParallelRank(int rank);
 
@@ -97,6 +100,7 @@ class RegionalTransformer {
   bool weights_loaded_ = false;
   uint64_t weight_bytes_ = 0;
   int sequence_parallel_ = 1;
+  std::string process_group_;
   int rank_ = -1;  // SetSequenceParallelRank's; -1: not set (0 is implied when P = 1)
 };
 

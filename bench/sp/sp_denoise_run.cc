@@ -10,6 +10,7 @@
 //
 //   kiln-sp-denoise SET --model DIR --world N --rank R [--port_file FILE] [--steps 2]
 //       [--seed 0] [--out FILE.safetensors] [--timeout 60] [--image_tokens N]
+//       [--group_name 0]
 // --out: "{rank}" is replaced by R; the file holds `latents`, float32 [1, S, C], whole.
 // Prints one JSON line: rank, world, sequence_parallel, image_tokens, text_tokens, steps,
 // seconds (the denoise: scatter, loop, gather). Exit status: 0 ok, 2 bad flags or inputs
@@ -43,6 +44,7 @@ ABSL_FLAG(int, steps, 2, "denoising steps");
 ABSL_FLAG(uint64_t, seed, 0, "seed of rank 0's noise and stand-in conditioning");
 ABSL_FLAG(std::string, out, "", "write the gathered latents here ({rank}: this rank)");
 ABSL_FLAG(double, timeout, 60, "seconds allowed for joining and for each collective");
+ABSL_FLAG(std::string, group_name, "0", "the name the group is registered under");
 ABSL_FLAG(int64_t, image_tokens, 0,
           "rank 0's noise has this many tokens (0: what the set takes; others test refusals)");
 
@@ -96,7 +98,7 @@ int Run(const std::string& set_dir) {
   options.world_size = absl::GetFlag(FLAGS_world);
   options.rank = absl::GetFlag(FLAGS_rank);
   options.timeout_seconds = absl::GetFlag(FLAGS_timeout);
-  options.group_name = "0";  // the name the set's all-to-alls were exported with
+  options.group_name = absl::GetFlag(FLAGS_group_name);  // the set's: "0"
   const std::string port_file = absl::GetFlag(FLAGS_port_file);
   if (options.rank == 0 && !port_file.empty()) {
     options.on_listen = [&](int port) {

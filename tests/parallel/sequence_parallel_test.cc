@@ -190,6 +190,16 @@ TEST_F(SequenceParallelDenoiseTest, ASetForTwoRanksRefusesAGroupOfOne) {
               HasSubstr("rank 0's package set is compiled for 2 rank(s), the group has 1"));
 }
 
+TEST_F(SequenceParallelDenoiseTest, AGroupUnderAnotherNameThanTheSetsIsRefused) {
+  auto two = Launch(sp2_, 2, {"--group_name", "kiln-other"});
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(two[r].exit_code, 1) << "rank " << r;
+    EXPECT_THAT(two[r].stderr_text,
+                HasSubstr(absl::StrCat("rank ", r, "'s package set resolves process group \"0\", "
+                                       "the group is registered as \"kiln-other\"")));
+  }
+}
+
 TEST_F(SequenceParallelDenoiseTest, IndivisibleTokensOnRankZeroFailEveryRank) {
   // Rank 0 says why (InvalidArgument: exit status 2, bad input); rank 1 that rank 0 refused.
   auto two = Launch(sp2_, 2, {"--image_tokens", "255"});

@@ -447,7 +447,9 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
     """The regional layout of the transformer (kiln/regional.py): PACKAGES/<digest>/ holds
     head.pt2, double.pt2, single.pt2, tail.pt2 and a manifest with `layout: "regional"` and a
     `regions` object (per region: package, inputs, outputs, weights, layer prefixes). No
-    `package` and no `constants`: every weight is a region input."""
+    `package` and no `constants`: every weight is a region input. A sequence-parallel set
+    (compile option `sequence_parallel` > 1) also records `process_group`, the c10d group name
+    its blocks' all-to-alls resolve."""
     import torch
     from kiln import components, regional
 
@@ -467,6 +469,9 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
             "key": key.to_json(),
             "layout": "regional",
             "regions": table,
+            # What the blocks' all-to-alls resolve (sequence-parallel sets only).
+            **({"process_group": regional.PROCESS_GROUP}
+               if regional.sequence_parallel(compile_options) > 1 else {}),
             "constants": {},
             "extra_constants": "",
             "inputs": _specs(components.input_spec(config, "transformer", precision, key.bucket)),

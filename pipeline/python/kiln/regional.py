@@ -48,6 +48,10 @@ from kiln.models.flux import FluxTransformer, image_ids, rope_tables, text_ids
 from kiln.models.quant import derivations
 
 REGIONS = ("head", "double", "single", "tail")
+# The c10d group name a sequence-parallel set's all-to-alls resolve at run time (Python's default
+# group at export); recorded in its manifest as `process_group`, which the C++ loop checks
+# against the group it was given (parallel::SequenceParallelDenoise).
+PROCESS_GROUP = "0"
 LAYOUTS = ("whole", "regional")
 
 
@@ -300,9 +304,10 @@ def _enable_ulysses(template: nn.Module, world: int) -> None:
     if not dist.is_initialized():
         from torch.testing._internal.distributed.fake_pg import FakeStore
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    if dist.get_world_size() != world:
+    if dist.get_world_size() != world or dist.group.WORLD.group_name != PROCESS_GROUP:
         raise RuntimeError(f"sequence_parallel {world}: this process's default group has "
-                           f"{dist.get_world_size()} ranks")
+                           f"{dist.get_world_size()} ranks and the name "
+                           f"{dist.group.WORLD.group_name!r}, not {PROCESS_GROUP!r}")
     sp.enable(template, sp.Ulysses())
 
 
