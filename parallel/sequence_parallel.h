@@ -46,9 +46,9 @@ struct SequenceParallelInputs {
 // `transformer` is this rank's sequence-parallel regional set (weights loaded), `schedule` the
 // job's (the same on every rank), `act` the transformer's activation dtype. Errors:
 // FailedPrecondition when the set is for another number of ranks than the group has, or
-// resolves another group name than the group's (or a peer refused), InvalidArgument on rank 0 for inputs that do not fit the set (token counts
-// not divisible by P, or not P times the set's per-rank sizes, or a wrong shape), a
-// transformer or collective error as it is.
+// resolves another group name than the group's (or a peer refused); InvalidArgument on rank 0
+// for inputs that do not fit the set (token counts not divisible by P, or not P times the set's
+// per-rank sizes, or a wrong shape); a transformer or collective error as it is.
 absl::StatusOr<at::Tensor> SequenceParallelDenoise(ProcessGroup& group,
                                                    pipeline::RegionalTransformer& transformer,
                                                    const SequenceParallelInputs& inputs,

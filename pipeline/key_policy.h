@@ -31,7 +31,8 @@ const std::vector<std::string>& FluxComponents();
 
 // The compile options `component`'s package is compiled with and keyed by: the pipeline's, less
 // the transformer-only `layout` and `sequence_parallel` for the other components (a regional
-// transformer shares the text encoders and VAE of the whole layout). Twin of kiln.compile.component_compile_options.
+// transformer shares the text encoders and VAE of the whole layout). Twin of
+// kiln.compile.component_compile_options.
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component);
 
