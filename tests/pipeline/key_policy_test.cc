@@ -153,6 +153,15 @@ TEST(KeyPolicyTest, APipelineRunsBothLayoutsAndRefusesOthers) {
   p.compile_options["layout"] = "regionl";
   EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("layout"));
+  // One rank's set of a sequence-parallel group cannot run alone.
+  p.compile_options["layout"] = "regional";
+  p.compile_options["sequence_parallel"] = 1;
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  p.compile_options["sequence_parallel"] = 2;
+  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.Validate().message()),
+              ::testing::HasSubstr("compile_options sequence_parallel: 2 ranks; this pipeline "
+                                   "runs one"));
 }
 
 TEST(KeyPolicyTest, CompileOptionsFlagIsMergedOverTheDefaults) {
