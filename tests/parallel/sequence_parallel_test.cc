@@ -19,13 +19,16 @@
 
 #include <filesystem>
 #include <future>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
 #include "absl/strings/str_cat.h"
 #include "common/subprocess.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "cache/package_dir.h"
 #include "pipeline/json_file.h"
+#include "pipeline/scheduler.h"
 #include "pipeline/weights.h"
 #include "tests/pipeline/test_support.h"
 
@@ -181,6 +184,86 @@ TEST_F(SequenceParallelDenoiseTest, TwoRanksGiveTheSingleRankLatents) {
   // The comparison can tell the ranks' shares apart: the shards in the wrong order fail it.
   const at::Tensor swapped = torch::cat({got.slice(1, 128), got.slice(1, 0, 128)}, 1);
   EXPECT_GT((swapped - want).abs().max().item<double>() / scale, 1000 * kTolerance);
+}
+
+// The ranks as threads of one process (a node's worker thread per GPU): each thread registers
+// its own group under "0" in c10d's per-thread registry (thread isolation mode), runs the same
+// loop, and must give kiln-sp-denoise's single-rank latents.
+TEST_F(SequenceParallelDenoiseTest, TwoThreadRanksInOneProcessGiveTheSingleRankLatents) {
+  auto one = Launch(single_, 1);
+  ASSERT_EQ(one[0].exit_code, 0) << one[0].stderr_text;
+  const at::Tensor want = Latents(launches_, 0);
+  auto manifest = cache::PackageManifest::FromFile(sp2_ + "/manifest.json");
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  auto set = cache::VerifyPackageDir(sp2_, manifest->key);
+  ASSERT_TRUE(set.ok()) << set.status();
+  auto weights = pipeline::ComponentWeights::Open(model_ + "/transformer",
+                                                  "diffusion_pytorch_model", c10::kCPU);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto config =
+      pipeline::SchedulerConfig::FromJsonFile(model_ + "/scheduler/scheduler_config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  auto flux = pipeline::MakeFluxSchedule(*config, kSteps, 256);
+  ASSERT_TRUE(flux.ok()) << flux.status();
+  pipeline::DenoiseSchedule schedule;
+  schedule.sigmas = flux->sigmas;
+  std::vector<float> t(kSteps * 4, 0.0f);
+  for (int i = 0; i < kSteps; ++i) t[i * 4] = pipeline::FluxModelTimestep(*flux, i);
+  schedule.timesteps = torch::tensor(t).view({kSteps, 4});
+  // kiln-sp-denoise's inputs for --seed 11.
+  SequenceParallelInputs inputs;
+  auto gen = at::detail::createCPUGenerator(11);
+  inputs.latents = at::randn({1, 256, 64}, gen, at::kFloat);
+  inputs.conditioning.text = at::randn({1, 512, 32}, gen, at::kFloat);
+  inputs.conditioning.pooled = at::randn({1, 32}, gen, at::kFloat);
+  inputs.conditioning.guidance = torch::full({1}, 3.5f);
+
+  // One transformer per rank, loaded here (ComponentWeights is not thread-safe; the tensors
+  // it hands out are shared, read-only).
+  std::vector<std::unique_ptr<pipeline::RegionalTransformer>> transformers;
+  for (int r = 0; r < 2; ++r) {
+    auto t = pipeline::RegionalTransformer::Load(*set, c10::kCPU);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ASSERT_TRUE((*t)->LoadWeights(**weights).ok());
+    transformers.push_back(*std::move(t));
+  }
+  // Without thread isolation the second rank could not register its group under "0" (tried:
+  // this test then fails).
+  c10d::set_thread_isolation_mode(true);
+  auto run = [&](GroupOptions o) -> absl::StatusOr<at::Tensor> {
+    torch::NoGradGuard no_grad;
+    o.world_size = 2;
+    o.timeout_seconds = 30;
+    auto group = ProcessGroup::Create(o);
+    if (!group.ok()) return group.status();
+    return SequenceParallelDenoise(**group, *transformers[o.rank],
+                                   o.rank == 0 ? inputs : SequenceParallelInputs{}, schedule,
+                                   at::kFloat);
+  };
+  std::promise<int> listening;
+  GroupOptions o0;
+  o0.on_listen = [&](int port) { listening.set_value(port); };
+  auto rank0 = std::async(std::launch::async, run, o0);
+  auto rank1 = std::async(std::launch::async, [&]() -> absl::StatusOr<at::Tensor> {
+    auto port = listening.get_future();
+    if (port.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+      return absl::DeadlineExceededError("rank 0 never listened");
+    }
+    GroupOptions o1;
+    o1.rank = 1;
+    o1.port = port.get();
+    return run(o1);
+  });
+  auto got0 = rank0.get();
+  auto got1 = rank1.get();
+  c10d::set_thread_isolation_mode(false);
+  ASSERT_TRUE(got0.ok()) << got0.status();
+  ASSERT_TRUE(got1.ok()) << got1.status();
+  EXPECT_TRUE(torch::equal(*got0, *got1));
+  const double err =
+      (*got0 - want).abs().max().item<double>() / want.abs().max().item<double>();
+  std::cout << "[sp] 2 thread ranks vs 1: max|diff| / max|want| = " << err << std::endl;
+  EXPECT_LE(err, kTolerance);
 }
 
 TEST_F(SequenceParallelDenoiseTest, ASetForTwoRanksRefusesAGroupOfOne) {
