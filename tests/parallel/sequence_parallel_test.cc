@@ -28,6 +28,7 @@
 #include "nlohmann/json.hpp"
 #include "cache/package_dir.h"
 #include "pipeline/json_file.h"
+#include "pipeline/key_policy.h"
 #include "pipeline/scheduler.h"
 #include "pipeline/weights.h"
 #include "tests/pipeline/test_support.h"
@@ -184,6 +185,24 @@ TEST_F(SequenceParallelDenoiseTest, TwoRanksGiveTheSingleRankLatents) {
   // The comparison can tell the ranks' shares apart: the shards in the wrong order fail it.
   const at::Tensor swapped = torch::cat({got.slice(1, 128), got.slice(1, 0, 128)}, 1);
   EXPECT_GT((swapped - want).abs().max().item<double>() / scale, 1000 * kTolerance);
+}
+
+// The C++ key of the sequence-parallel transformer (KeyPolicy: one rank's bucket, the option in
+// the digest) names the set kiln-compile made for it: a node asking its store for an SP set
+// finds the one compiled for it.
+TEST_F(SequenceParallelDenoiseTest, KeyPolicysKeyNamesTheCompiledSet) {
+  auto config = pipeline::ReadJsonObject(model_ + "/transformer/config.json");
+  ASSERT_TRUE(config.ok()) << config.status();
+  pipeline::KeyPolicyOptions o;
+  o.configs["transformer"] = *config;
+  o.compile_options = cache::DefaultCompileOptions();
+  o.compile_options["layout"] = "regional";
+  o.compile_options["sequence_parallel"] = 2;  // as scripts/test.sh's sp_fixture
+  o.resolutions = {{256, 256}};
+  o.text_len = 512;
+  const pipeline::KeyPolicy policy(o);
+  ASSERT_TRUE(policy.CheckResolution(256, 256).ok());
+  EXPECT_EQ(policy.KeyFor("transformer", 256, 256).Digest(), fs::path(sp2_).filename().string());
 }
 
 // The ranks as threads of one process (a node's worker thread per GPU): each thread registers
