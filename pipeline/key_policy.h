@@ -62,9 +62,10 @@ class KeyPolicy {
   int sequence_parallel() const;
   // Bucket fields `component`'s package depends on; must match component_bucket() in
   // pipeline/python/kiln/compile.py. A sequence-parallel transformer's is one rank's: height / P
-  // (its rows/P patch rows) and text_len / P, as kiln-compile is asked for it. `batch`: images per call of the transformer and the VAE
-  // decoder (a batch of jobs, FluxPipeline::DenoiseDecodeBatch); the text encoders always run
-  // one prompt per call (batch 1), so a batched job's embeddings are the job's own.
+  // (its rows/P patch rows) and text_len / P, as kiln-compile is asked for it. `batch`: images
+  // per call of the transformer and the VAE decoder (a batch of jobs,
+  // FluxPipeline::DenoiseDecodeBatch); the text encoders always run one prompt per call (batch
+  // 1), so a batched job's embeddings are the job's own.
   cache::Bucket BucketFor(const std::string& component, int width, int height,
                           int batch = 1) const;
   // The artifact key of `component` for a width×height image (0×0 for the text encoders) at
