@@ -72,7 +72,7 @@ batch_fixture() {
 # - the same transformer bucket as one rank's of 2 for sequence parallelism (docs/multi_gpu.md):
 #   the regional layout with the blocks' all-to-alls, at the per-rank sizes (height and text
 #   length halved); tests/parallel/sequence_parallel_test.cc runs it on 2 ranks against
-#   packages-regional's set on one (compiled on one core: 78 s here).
+#   packages-regional's set on one (compiled on one core: 80-130 s here, beside the others).
 sp_fixture() {
   local options='{"attention":"cudnn","max_autotune":false,"layout":"regional",'
   options+='"sequence_parallel":2}'
