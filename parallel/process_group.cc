@@ -339,4 +339,30 @@ absl::StatusOr<std::vector<at::Tensor>> ProcessGroup::AllGather(const at::Tensor
   }
 }
 
+absl::Status ProcessGroup::Scatter(const std::vector<at::Tensor>& chunks, at::Tensor& out,
+                                   int root) {
+  if (root < 0 || root >= world_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("scatter root ", root, " out of range"));
+  }
+  if (rank() == root && static_cast<int>(chunks.size()) != world_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("scatter: ", chunks.size(), " chunks for ",
+                                                   world_size(), " ranks"));
+  }
+  try {
+    std::vector<at::Tensor> outputs{out};
+    std::vector<std::vector<at::Tensor>> inputs;
+    if (rank() == root) {
+      inputs.emplace_back();
+      for (const auto& c : chunks) inputs[0].push_back(c.contiguous());
+    }
+    c10d::ScatterOptions so;
+    so.rootRank = root;
+    so.timeout = Millis(options_.timeout_seconds);
+    return Wait(group_->scatter(outputs, inputs, so));
+  } catch (const std::exception& e) {
+    return absl::InternalError(
+        absl::StrCat("rank ", rank(), ": scatter failed: ", ExceptionMessage(e)));
+  }
+}
+
 }  // namespace kiln::parallel

@@ -82,6 +82,8 @@ class ProcessGroup {
   int world_size() const { return options_.world_size; }
   // The device collectives run on: tensors handed to Broadcast/AllGather live there.
   const c10::Device& device() const { return device_; }
+  // The name the group is registered under ("" if not registered).
+  const std::string& group_name() const { return options_.group_name; }
   // The port rank 0's store listens on.
   int port() const { return port_; }
   // The c10d group (for callers that hand it to LibTorch code).
@@ -94,6 +96,10 @@ class ProcessGroup {
   absl::Status Wait(const c10::intrusive_ptr<c10d::Work>& work);
   // Every rank's `tensor` (same shape and dtype on every rank), in rank order.
   absl::StatusOr<std::vector<at::Tensor>> AllGather(const at::Tensor& tensor);
+  // Scatters from `root`: rank r receives `chunks[r]` into `out` (contiguous, on device(), the
+  // chunk's shape and dtype). On the root `chunks` holds world_size() tensors; elsewhere it is
+  // ignored. InvalidArgument for a bad root or, on the root, a wrong number of chunks.
+  absl::Status Scatter(const std::vector<at::Tensor>& chunks, at::Tensor& out, int root = 0);
 
  private:
   ProcessGroup(GroupOptions options, c10::Device device)

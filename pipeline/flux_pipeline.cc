@@ -82,6 +82,15 @@ absl::Status PipelineOptions::Validate() const {
           "compile_options layout: expected \"whole\" or \"regional\"");
     }
   }
+  // A sequence-parallel set is one rank's of P: its blocks need the other ranks and a registered
+  // process group, which only parallel::SequenceParallelDenoise brings (docs/multi_gpu.md). Run
+  // here it would fail inside the first block; refused up front instead.
+  if (auto it = compile_options.find("sequence_parallel");
+      it != compile_options.end() && *it != 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compile_options sequence_parallel: ", it->dump(), " ranks; this pipeline runs one (a ",
+        "sequence-parallel set runs through parallel::SequenceParallelDenoise)"));
+  }
   return absl::OkStatus();
 }
 

@@ -45,7 +45,10 @@ const std::vector<std::string>& FluxComponents() {
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component) {
   nlohmann::json out = options;
-  if (component != "transformer" && out.is_object()) out.erase("layout");
+  if (component != "transformer" && out.is_object()) {
+    out.erase("layout");
+    out.erase("sequence_parallel");
+  }
   return out;
 }
 
@@ -62,14 +65,41 @@ absl::Status KeyPolicy::CheckResolution(int width, int height) const {
     return absl::InvalidArgumentError(
         absl::StrCat("resolution ", width, "x", height, ": must be a multiple of ", patch));
   }
+  // Each rank holds whole patch rows (the bucket's height / P names them) and 1/P of the text.
+  if (const int p = sequence_parallel(); p > 1) {
+    if ((height / patch) % p) {
+      return absl::InvalidArgumentError(absl::StrCat("resolution ", width, "x", height, ": its ",
+                                                     height / patch, " patch rows do not divide "
+                                                     "over ", p, " sequence-parallel ranks"));
+    }
+    if (options_.text_len % p) {
+      return absl::InvalidArgumentError(absl::StrCat("text length ", options_.text_len,
+                                                     " does not divide over ", p,
+                                                     " sequence-parallel ranks"));
+    }
+  }
   return absl::OkStatus();
+}
+
+int KeyPolicy::sequence_parallel() const {
+  const nlohmann::json& o = options_.compile_options;
+  if (!o.is_object()) return 1;
+  auto it = o.find("sequence_parallel");
+  if (it == o.end() || !it->is_number_integer() || it->get<int64_t>() < 1 ||
+      it->get<int64_t>() > 1024) {
+    return 1;
+  }
+  return it->get<int>();
 }
 
 cache::Bucket KeyPolicy::BucketFor(const std::string& component, int width, int height,
                                    int batch) const {
   if (component == "text_encoder") return {1, 0, 0, options_.clip_len};
   if (component == "text_encoder_2") return {1, 0, 0, options_.text_len};
-  if (component == "transformer") return {batch, height, width, options_.text_len};
+  if (component == "transformer") {
+    const int p = sequence_parallel();
+    return {batch, height / p, width, options_.text_len / p};
+  }
   return {batch, height, width, 0};
 }
 

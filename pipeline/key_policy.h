@@ -30,8 +30,9 @@ std::string FormatResolutions(const std::vector<Resolution>& list);
 const std::vector<std::string>& FluxComponents();
 
 // The compile options `component`'s package is compiled with and keyed by: the pipeline's, less
-// the transformer-only `layout` for the other components (a regional transformer shares the text
-// encoders and VAE of the whole layout). Twin of kiln.compile.component_compile_options.
+// the transformer-only `layout` and `sequence_parallel` for the other components (a regional
+// transformer shares the text encoders and VAE of the whole layout). Twin of
+// kiln.compile.component_compile_options.
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component);
 
@@ -52,12 +53,19 @@ class KeyPolicy {
   explicit KeyPolicy(KeyPolicyOptions options) : options_(std::move(options)) {}
 
   // OK if a width×height image is one of the served resolutions and packs into 2×2 latent
-  // patches; InvalidArgument naming the resolution otherwise.
+  // patches (and, with sequence_parallel() P > 1, its patch rows and the text length divide by
+  // P); InvalidArgument naming the resolution otherwise.
   absl::Status CheckResolution(int width, int height) const;
+  // P of the compile option `sequence_parallel` (1 when absent or not a positive integer, which
+  // PipelineOptions::Validate and kiln-compile refuse): the transformer's package set is then
+  // one rank's of P (docs/multi_gpu.md), its bucket the rank's (BucketFor).
+  int sequence_parallel() const;
   // Bucket fields `component`'s package depends on; must match component_bucket() in
-  // pipeline/python/kiln/compile.py. `batch`: images per call of the transformer and the VAE
-  // decoder (a batch of jobs, FluxPipeline::DenoiseDecodeBatch); the text encoders always run
-  // one prompt per call (batch 1), so a batched job's embeddings are the job's own.
+  // pipeline/python/kiln/compile.py. A sequence-parallel transformer's is one rank's: height / P
+  // (its rows/P patch rows) and text_len / P, as kiln-compile is asked for it. `batch`: images
+  // per call of the transformer and the VAE decoder (a batch of jobs,
+  // FluxPipeline::DenoiseDecodeBatch); the text encoders always run one prompt per call (batch
+  // 1), so a batched job's embeddings are the job's own.
   cache::Bucket BucketFor(const std::string& component, int width, int height,
                           int batch = 1) const;
   // The artifact key of `component` for a width×height image (0×0 for the text encoders) at

@@ -42,6 +42,22 @@ absl::StatusOr<std::unique_ptr<RegionalTransformer>> RegionalTransformer::Load(
   std::unique_ptr<RegionalTransformer> t(new RegionalTransformer());
   t->manifest_ = m;
   t->device_ = device;
+  if (auto o = m.raw.find("compile_options");
+      o != m.raw.end() && o->is_object() && o->contains("sequence_parallel")) {
+    const nlohmann::json& p = o->at("sequence_parallel");
+    if (!p.is_number_integer() || p.get<int64_t>() < 1 || p.get<int64_t>() > 1024) {
+      return bad(absl::StrCat("compile option sequence_parallel ", p.dump(),
+                              " is not a rank count"));
+    }
+    t->sequence_parallel_ = p.get<int>();
+  }
+  if (t->sequence_parallel_ > 1) {
+    auto g = m.raw.find("process_group");
+    if (g == m.raw.end() || !g->is_string() || g->get<std::string>().empty()) {
+      return bad("a sequence-parallel set without the process_group its all-to-alls resolve");
+    }
+    t->process_group_ = g->get<std::string>();
+  }
   const nlohmann::json& table = m.raw.contains("regions") ? m.raw["regions"] : nlohmann::json();
   for (const char* name : kRegions) {
     if (!table.is_object() || !table.contains(name)) {
@@ -104,6 +120,16 @@ absl::StatusOr<std::unique_ptr<RegionalTransformer>> RegionalTransformer::Load(
   return t;
 }
 
+absl::Status RegionalTransformer::SetSequenceParallelRank(int rank) {
+  if (rank < 0 || rank >= sequence_parallel_) {
+    return absl::InvalidArgumentError(absl::StrCat("regional transformer: rank ", rank,
+                                                   " is not one of the set's ",
+                                                   sequence_parallel_, " sequence-parallel ranks"));
+  }
+  rank_ = rank;
+  return absl::OkStatus();
+}
+
 absl::Status RegionalTransformer::LoadWeights(ComponentWeights& weights) {
   uint64_t bytes = 0;
   for (auto& [name, r] : regions_) {
@@ -159,6 +185,11 @@ absl::StatusOr<std::vector<at::Tensor>> RegionalTransformer::RunOn(
     return absl::FailedPreconditionError(
         "regional transformer: run before its weights were loaded");
   }
+  if (sequence_parallel_ > 1 && rank_ < 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("regional transformer: a set for ", sequence_parallel_,
+                     " sequence-parallel ranks run before its rank was set"));
+  }
   if (inputs.size() != manifest_.inputs.size()) {
     return absl::InvalidArgumentError(absl::StrCat("transformer: ", inputs.size(),
                                                    " inputs, expected ", manifest_.inputs.size()));
@@ -168,7 +199,23 @@ absl::StatusOr<std::vector<at::Tensor>> RegionalTransformer::RunOn(
     if (!head.ok()) return head.status();
     if (head->size() != 5) return absl::InternalError("region head: expected 5 outputs");
     at::Tensor img = (*head)[0], txt = (*head)[1];
-    const at::Tensor temb = (*head)[2], cos = (*head)[3], sin = (*head)[4];
+    const at::Tensor temb = (*head)[2];
+    at::Tensor cos = (*head)[3], sin = (*head)[4];
+    if (sequence_parallel_ > 1) {
+      // The head's tables cover the whole image, text rows first: this rank's rows are its text
+      // shard's and its image shard's (kiln.sequence_parallel.shard_rope).
+      const int64_t p = sequence_parallel_, l = txt.size(1), s = img.size(1);
+      if (cos.size(0) != p * (l + s) || sin.size(0) != p * (l + s)) {
+        return absl::InternalError(absl::StrCat("region head: RoPE tables of ", cos.size(0),
+                                                " rows, expected ", p * (l + s), " (", p,
+                                                " ranks of ", l, " text + ", s, " image tokens)"));
+      }
+      auto rows = [&](const at::Tensor& t) {
+        return at::cat({t.narrow(0, rank_ * l, l), t.narrow(0, p * l + rank_ * s, s)}, 0);
+      };
+      cos = rows(cos);
+      sin = rows(sin);
+    }
     if (auto it = regions_.find("double"); it != regions_.end()) {
       for (int i = 0; i < static_cast<int>(it->second.prefixes.size()); ++i) {
         auto out = RunLayer(it->second, i, {img, txt, temb, cos, sin}, cuda_stream);

@@ -16,6 +16,13 @@
 //   sample = tail(x, temb, *W_tail)
 // as kiln.regional.run_regional does in Python. Used by PackageLoader (loads it) and the
 // denoisers (run it) on Generate()'s thread; not thread-safe.
+//
+// A sequence-parallel set (compile option `sequence_parallel` P > 1, docs/multi_gpu.md) is one
+// rank's of P: its inputs are the rank's token shards, its blocks carry the Ulysses all-to-alls
+// (process group "0", which the caller registers: parallel::ProcessGroup), and its head returns
+// the RoPE tables of the whole image, of which RunOn gives the blocks the rank's rows (its text
+// shard's, then its image shard's, the order of its local sequence [txt_r; img_r]). The caller
+// sets the rank first (SetSequenceParallelRank; parallel::SequenceParallelDenoise does).
 #pragma once
 
 #include <torch/torch.h>
@@ -56,6 +63,14 @@ class RegionalTransformer {
   absl::StatusOr<std::vector<at::Tensor>> RunOn(const std::vector<at::Tensor>& inputs,
                                                 void* cuda_stream);
 
+  // P of a sequence-parallel set (its compile option `sequence_parallel`), 1 otherwise.
+  int sequence_parallel() const { return sequence_parallel_; }
+  // The c10d group name a sequence-parallel set's all-to-alls resolve (its manifest's
+  // `process_group`; Load refuses such a set without one), "" for other sets.
+  const std::string& process_group() const { return process_group_; }
+  // This process's rank among the set's P. InvalidArgument unless 0 <= rank < P.
+  absl::Status SetSequenceParallelRank(int rank);
+
   const cache::PackageManifest& manifest() const { return manifest_; }
   const c10::Device& device() const { return device_; }
   // Layers of `region` (1 for head and tail, 0 for an absent region).
@@ -84,6 +99,9 @@ class RegionalTransformer {
   std::map<std::string, Region> regions_;  // by name
   bool weights_loaded_ = false;
   uint64_t weight_bytes_ = 0;
+  int sequence_parallel_ = 1;
+  std::string process_group_;
+  int rank_ = -1;  // SetSequenceParallelRank's; -1: not set (0 is implied when P = 1)
 };
 
 }  // namespace kiln::pipeline

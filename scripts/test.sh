@@ -69,15 +69,32 @@ batch_fixture() {
     --prompt "a lighthouse on a cliff at dusk" --width 256 --height 256 --steps 4 --seed 7 \
     --batch 2 --out "$KILN_TESTDATA/batch.png" --json > "$KILN_TESTDATA/batch.json"
 }
+# - the same transformer bucket as one rank's of 2 for sequence parallelism (docs/multi_gpu.md):
+#   the regional layout with the blocks' all-to-alls, at the per-rank sizes (height and text
+#   length halved); tests/parallel/sequence_parallel_test.cc runs it on 2 ranks against
+#   packages-regional's set on one (compiled on one core: 80-130 s here, beside the others).
+sp_fixture() {
+  local options='{"attention":"cudnn","max_autotune":false,"layout":"regional",'
+  options+='"sequence_parallel":2}'
+  rm -rf "$KILN_TESTDATA/packages-sp"
+  KILN_REGIONAL_JOBS=1 "$KILN_BIN/kiln-compile" --model "$KILN_TESTDATA/flux-tiny" \
+    --component transformer --precision fp32 --height 128 --width 256 --text-len 256 \
+    --target cpu --out-root "$KILN_TESTDATA/packages-sp" \
+    --compile-options "$options" \
+    > "$KILN_TESTDATA/packages-sp.json"
+}
 both_fixtures() {
-  local regional batch
+  local regional batch sp
   regional_fixture & regional=$!
   batch_fixture & batch=$!
+  sp_fixture & sp=$!
   wait "$regional" || { echo "[test] regional fixture failed" >&2; return 1; }
   wait "$batch" || { echo "[test] batch fixture failed" >&2; return 1; }
+  wait "$sp" || { echo "[test] sequence-parallel fixture failed" >&2; return 1; }
 }
 echo "[test] fixtures: the regional layout into $KILN_TESTDATA/packages-regional, a batch of 2"
-echo "[test]   into $KILN_TESTDATA/packages-batch"
+echo "[test]   into $KILN_TESTDATA/packages-batch, a sequence-parallel regional set (2 ranks)"
+echo "[test]   into $KILN_TESTDATA/packages-sp"
 timed "regional and batch fixtures" both_fixtures
 echo "[test] regional fixture: $(cat "$KILN_TESTDATA/first-regional.json")"
 

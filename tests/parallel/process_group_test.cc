@@ -120,6 +120,14 @@ TEST(ProcessGroupTest, GroupOfOneIsRegisteredUnderItsNameUntilDestroyed) {
   at::Tensor t = torch::arange(6, torch::kFloat32);
   EXPECT_TRUE((*g)->Broadcast(t).ok());
   EXPECT_TRUE(torch::equal(t, torch::arange(6, torch::kFloat32)));
+  // Scatter's checks come before any collective (a peer is never left waiting on them).
+  at::Tensor piece = torch::zeros({6});
+  auto two = (*g)->Scatter({t, t}, piece);
+  EXPECT_EQ(two.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(two.message(), HasSubstr("scatter: 2 chunks for 1 ranks"));
+  EXPECT_EQ((*g)->Scatter({t}, piece, 1).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*g)->Scatter({t}, piece).ok());
+  EXPECT_TRUE(torch::equal(piece, t));
   g->reset();
   EXPECT_ANY_THROW(c10d::resolve_process_group("kiln-test-one"));
 }
@@ -172,7 +180,7 @@ TEST(ProcessGroupTest, ARankTakenTwiceIsRefused) {
   EXPECT_EQ(twice, 1);
 }
 
-TEST(ProcessGroupTest, ThreeRanksGatherAndBroadcast) {
+TEST(ProcessGroupTest, ThreeRanksGatherBroadcastAndScatter) {
   if (!HasGloo()) GTEST_SKIP() << "no gloo in this build";
   std::vector<std::future<std::string>> futures;
   auto run = [](std::unique_ptr<ProcessGroup> g) -> std::string {
@@ -185,6 +193,14 @@ TEST(ProcessGroupTest, ThreeRanksGatherAndBroadcast) {
         g->rank() == 0 ? torch::arange(5, torch::kByte) : torch::zeros({5}, torch::kByte);
     if (auto s = g->Broadcast(b); !s.ok()) return std::string(s.message());
     got += std::to_string(b.sum().item<int64_t>());
+    // Rank r receives chunk r (100 + r, three times) from rank 0; the others pass no chunks.
+    std::vector<at::Tensor> chunks;
+    for (int r = 0; g->rank() == 0 && r < 3; ++r) {
+      chunks.push_back(torch::full({3}, static_cast<int64_t>(100 + r), torch::kLong));
+    }
+    at::Tensor piece = torch::zeros({3}, torch::kLong);
+    if (auto s = g->Scatter(chunks, piece); !s.ok()) return std::string(s.message());
+    got += " " + std::to_string(piece.sum().item<int64_t>() - 3 * g->rank());
     return got;
   };
   GroupOptions o0 = Options(0, 3);
@@ -198,8 +214,8 @@ TEST(ProcessGroupTest, ThreeRanksGatherAndBroadcast) {
   };
   auto g0 = ProcessGroup::Create(o0);
   ASSERT_TRUE(g0.ok()) << g0.status();
-  EXPECT_EQ(run(std::move(*g0)), "10 11 12 10");
-  for (auto& f : futures) EXPECT_EQ(f.get(), "10 11 12 10");
+  EXPECT_EQ(run(std::move(*g0)), "10 11 12 10 300");
+  for (auto& f : futures) EXPECT_EQ(f.get(), "10 11 12 10 300");
 }
 
 TEST(ProcessGroupTest, APeerThatNeverTakesPartFailsTheCollectiveWithinTheTimeout) {

@@ -153,6 +153,47 @@ TEST(KeyPolicyTest, APipelineRunsBothLayoutsAndRefusesOthers) {
   p.compile_options["layout"] = "regionl";
   EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("layout"));
+  // One rank's set of a sequence-parallel group cannot run alone.
+  p.compile_options["layout"] = "regional";
+  p.compile_options["sequence_parallel"] = 1;
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  p.compile_options["sequence_parallel"] = 2;
+  EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(p.Validate().message()),
+              ::testing::HasSubstr("compile_options sequence_parallel: 2 ranks; this pipeline "
+                                   "runs one"));
+}
+
+TEST(KeyPolicyTest, ASequenceParallelTransformerIsKeyedByOneRanksBucket) {
+  KeyPolicyOptions o = Options();
+  o.resolutions = {{256, 256}, {256, 272}, {512, 256}};
+  o.compile_options["layout"] = "regional";
+  const KeyPolicy one(o);
+  o.compile_options["sequence_parallel"] = 2;
+  const KeyPolicy two(o);
+  EXPECT_EQ(one.sequence_parallel(), 1);
+  EXPECT_EQ(two.sequence_parallel(), 2);
+  // The rank's rows (height / 2) and text (text_len / 2); the option itself in the digest.
+  auto b = two.BucketFor("transformer", 512, 256);
+  EXPECT_EQ(b.height, 128);
+  EXPECT_EQ(b.width, 512);
+  EXPECT_EQ(b.text_len, 32);
+  EXPECT_NE(two.KeyFor("transformer", 512, 256).compile,
+            one.KeyFor("transformer", 512, 256).compile);
+  // The other components are the single-rank pipeline's.
+  for (const std::string c : {"text_encoder", "text_encoder_2", "vae_decoder"}) {
+    EXPECT_EQ(two.KeyFor(c, 512, 256).Digest(), one.KeyFor(c, 512, 256).Digest()) << c;
+  }
+  EXPECT_TRUE(two.CheckResolution(256, 256).ok());
+  // 272 px = 17 patch rows: not whole rows per rank.
+  auto s = two.CheckResolution(256, 272);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("its 17 patch rows do not divide over 2 sequence-parallel"));
+  EXPECT_TRUE(one.CheckResolution(256, 272).ok());
+  o.text_len = 63;
+  auto t = KeyPolicy(o).CheckResolution(256, 256);
+  EXPECT_EQ(t.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(t.message(), HasSubstr("text length 63 does not divide over 2"));
 }
 
 TEST(KeyPolicyTest, CompileOptionsFlagIsMergedOverTheDefaults) {

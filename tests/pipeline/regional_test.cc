@@ -115,6 +115,10 @@ TEST_F(RegionalTransformerTest, RefusesToRunBeforeItsWeightsAndChecksInputs) {
   ASSERT_TRUE(set.ok()) << set.status();
   EXPECT_EQ((*set)->RunOn(inputs_, nullptr).status().code(), absl::StatusCode::kFailedPrecondition);
   ASSERT_TRUE((*set)->LoadWeights(*weights_).ok());
+  // An ordinary set has one rank: 0.
+  EXPECT_EQ((*set)->sequence_parallel(), 1);
+  EXPECT_TRUE((*set)->SetSequenceParallelRank(0).ok());
+  EXPECT_EQ((*set)->SetSequenceParallelRank(1).code(), absl::StatusCode::kInvalidArgument);
   auto few = (*set)->RunOn({inputs_[0]}, nullptr);
   EXPECT_EQ(few.status().code(), absl::StatusCode::kInvalidArgument);
   std::vector<at::Tensor> bad = inputs_;
@@ -139,6 +143,17 @@ TEST_F(RegionalTransformerTest, MalformedRegionTableIsDataLoss) {
   cache::LocatedPackage whole = whole_;
   EXPECT_EQ(RegionalTransformer::Load(whole, c10::kCPU).status().code(),
             absl::StatusCode::kDataLoss);
+  // A sequence-parallel set must say which process group its all-to-alls resolve, and its
+  // rank count must be one.
+  cache::LocatedPackage sp = set_;
+  sp.manifest.raw["compile_options"]["sequence_parallel"] = 2;
+  auto c = RegionalTransformer::Load(sp, c10::kCPU);
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(c.status().message(), HasSubstr("without the process_group"));
+  sp.manifest.raw["compile_options"]["sequence_parallel"] = 0;
+  auto d = RegionalTransformer::Load(sp, c10::kCPU);
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_THAT(d.status().message(), HasSubstr("sequence_parallel 0 is not a rank count"));
 }
 
 TEST_F(RegionalTransformerTest, ACheckpointWithoutTheLayersIsNotFound) {

@@ -17,6 +17,10 @@ kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOpti
                 "regional" (one package per region: head, double block, single block, tail, the
                 weights run-time inputs so one package serves every layer: kiln/regional.py). The
                 other components compile the same either way.
+  sequence_parallel  transformer, layout "regional" only: an integer P >= 1 (absent means 1):
+                the set is one rank's of P for Ulysses sequence parallelism (kiln/regional.py,
+                docs/multi_gpu.md); the bucket is the rank's (--height and --text-len divided
+                by P); the blocks' all-to-alls name the process group "0"
   attention     transformer: "sdpa" (PyTorch chooses), "cudnn", "flash" or "efficient" (that
                 fused CUDA kernel; CPU targets always use sdpa), or "fp8" (kiln's Triton e4m3
                 kernel, kiln/models/fp8_attention.py, compiled into the package; precision fp8
@@ -102,7 +106,8 @@ def check_compile_options(options: Any) -> None:
     misspelt option would silently compile the default model under a different key)."""
     from kiln import components
     from kiln.regional import LAYOUTS
-    known = {"max_autotune": bool, "layout": LAYOUTS, **components.MODEL_OPTION_VALUES}
+    known = {"max_autotune": bool, "layout": LAYOUTS, "sequence_parallel": int,
+             **components.MODEL_OPTION_VALUES}
     if not isinstance(options, dict):
         raise UsageError("--compile-options must be a JSON object")
     for name, value in options.items():
@@ -112,15 +117,22 @@ def check_compile_options(options: Any) -> None:
         error = components.option_value_error(name, value, known[name])
         if error:
             raise UsageError(f"--compile-options: {error}")
+    world = options.get("sequence_parallel", 1)
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise UsageError(f"--compile-options: sequence_parallel must be an integer >= 1, got "
+                         f"{json.dumps(world)}")
+    if world > 1 and options.get("layout") != "regional":
+        raise UsageError("--compile-options: sequence_parallel needs layout \"regional\"")
 
 
 def component_compile_options(options: dict, component: str) -> dict:
     """The options `component` is compiled with and keyed by: `options` less the transformer-only
-    `layout` for the other components, so a regional transformer shares the whole layout's text
-    encoders and VAE. Twin of ComponentCompileOptions (pipeline/key_policy.h)."""
+    `layout` (and `sequence_parallel`) for the other components, so a regional transformer shares
+    the whole layout's text encoders and VAE. Twin of ComponentCompileOptions
+    (pipeline/key_policy.h)."""
     if component == "transformer" or not isinstance(options, dict):
         return options
-    return {k: v for k, v in options.items() if k != "layout"}
+    return {k: v for k, v in options.items() if k not in ("layout", "sequence_parallel")}
 
 
 def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,
@@ -435,7 +447,9 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
     """The regional layout of the transformer (kiln/regional.py): PACKAGES/<digest>/ holds
     head.pt2, double.pt2, single.pt2, tail.pt2 and a manifest with `layout: "regional"` and a
     `regions` object (per region: package, inputs, outputs, weights, layer prefixes). No
-    `package` and no `constants`: every weight is a region input."""
+    `package` and no `constants`: every weight is a region input. A sequence-parallel set
+    (compile option `sequence_parallel` > 1) also records `process_group`, the c10d group name
+    its blocks' all-to-alls resolve."""
     import torch
     from kiln import components, regional
 
@@ -455,6 +469,9 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
             "key": key.to_json(),
             "layout": "regional",
             "regions": table,
+            # What the blocks' all-to-alls resolve (sequence-parallel sets only).
+            **({"process_group": regional.PROCESS_GROUP}
+               if regional.sequence_parallel(compile_options) > 1 else {}),
             "constants": {},
             "extra_constants": "",
             "inputs": _specs(components.input_spec(config, "transformer", precision, key.bucket)),

@@ -23,6 +23,16 @@ tensors (fuse_qkv, fp8 weights and scales) carry the same `derive` rules as whol
 constants, with layer-relative names (kiln.models.quant.derivations of the region's module).
 Each region is exported with torch.func.functional_call over a template module that is not
 registered as a submodule, so the exported program has no parameters at all.
+
+Sequence parallel (compile option `sequence_parallel` P > 1, docs/multi_gpu.md): the set is
+compiled for one rank of P. The bucket is the rank's (height / P, text_len / P): the head takes
+the rank's shard of the latents and of the text and returns its img and txt shards, but the
+RoPE tables of the *whole* image ([P*(L+S), hd], text rows first, from the rank's sizes times
+P), so the package is the same on every rank; the caller gives each block its rank's rows
+(kiln.sequence_parallel.shard_rope, the C++ RegionalTransformer likewise). The double and single
+blocks carry the Ulysses all-to-alls around attention (`_c10d_functional.all_to_all_single`,
+process group "0", Python's default group at export: a fake group of P ranks is made for the
+export when none exists). The tail takes the rank's [txt_r; img_r] and returns its image rows.
 """
 from __future__ import annotations
 
@@ -38,6 +48,10 @@ from kiln.models.flux import FluxTransformer, image_ids, rope_tables, text_ids
 from kiln.models.quant import derivations
 
 REGIONS = ("head", "double", "single", "tail")
+# The c10d group name a sequence-parallel set's all-to-alls resolve at run time (Python's default
+# group at export); recorded in its manifest as `process_group`, which the C++ loop checks
+# against the group it was given (parallel::SequenceParallelDenoise).
+PROCESS_GROUP = "0"
 LAYOUTS = ("whole", "regional")
 
 
@@ -144,12 +158,16 @@ class Region:
 
 
 def regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
-            head_inputs: list[tuple[str, list[int], torch.dtype]]) -> list[Region]:
+            head_inputs: list[tuple[str, list[int], torch.dtype]],
+            sequence_parallel: int = 1) -> list[Region]:
     """The four regions of `model` (a built transformer) for `bucket`; `head_inputs` are the
-    whole-graph transformer's inputs (kiln.components._input_shapes)."""
+    whole-graph transformer's inputs (kiln.components._input_shapes). With sequence_parallel
+    P > 1 the bucket is one rank's of P (module docstring): the head's RoPE tables cover P times
+    its rows and text tokens. (The block templates' attention `sp` is set by compile_one.)"""
     from kiln.components import PIXELS_PER_TOKEN
     rows, cols = bucket.height // PIXELS_PER_TOKEN, bucket.width // PIXELS_PER_TOKEN
     b, s, l = bucket.batch, rows * cols, bucket.text_len
+    p = sequence_parallel
     dim = model.x_embedder.out_features
     out_ch = model.proj_out.out_features
     hd = sum(model.axes_dims)
@@ -158,12 +176,17 @@ def regions(model: FluxTransformer, bucket: ak.Bucket, act: torch.dtype,
     txt = ("txt", [b, l, dim], act)
     temb = ("temb", [b, dim], act)
     cos, sin = ("rope_cos", [l + s, hd], f32), ("rope_sin", [l + s, hd], f32)
+    whole_cos = ("rope_cos", [p * (l + s), hd], f32)
+    whole_sin = ("rope_sin", [p * (l + s), hd], f32)
+    if p < 1 or (dim // hd) % p:
+        raise ValueError(f"sequence parallel: {dim // hd} attention heads do not divide over "
+                         f"{p} ranks")
     x = ("x", [b, l + s, dim], act)
     head_in = list(head_inputs)
     n_double = len(model.transformer_blocks)
     n_single = len(model.single_transformer_blocks)
-    out = [Region("head", _HeadModule(model, rows, cols, l), head_in, [img, txt, temb, cos, sin],
-                  [""])]
+    out = [Region("head", _HeadModule(model, p * rows, cols, p * l), head_in,
+                  [img, txt, temb, whole_cos, whole_sin], [""])]
     if n_double:
         out.append(Region("double", _DoubleModule(model.transformer_blocks[0]),
                           [img, txt, temb, cos, sin], [img, txt],
@@ -262,7 +285,30 @@ def _build_regions(spec: dict) -> list[Region]:
     model, _ = C.build(config, "transformer", precision, bucket, materialize="meta",
                        compile_options=spec["options"])
     return regions(model, bucket, C.activation_dtype(precision),
-                   C._input_shapes(config, "transformer", precision, bucket))
+                   C._input_shapes(config, "transformer", precision, bucket),
+                   sequence_parallel(spec["options"]))
+
+
+def sequence_parallel(options: dict) -> int:
+    """The compile option `sequence_parallel` (absent: 1)."""
+    return int(options.get("sequence_parallel", 1)) if isinstance(options, dict) else 1
+
+
+def _enable_ulysses(template: nn.Module, world: int) -> None:
+    """Sets Ulysses all-to-alls over `world` ranks on the template's attention modules, for
+    export. The graph names the default group, "0", and depends on the world size only (the
+    split sizes), not on the rank: with no default group in this process (kiln-compile and its
+    region workers have none) a fake one of `world` ranks is made for the export."""
+    import torch.distributed as dist
+    from kiln import sequence_parallel as sp
+    if not dist.is_initialized():
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    if dist.get_world_size() != world or dist.group.WORLD.group_name != PROCESS_GROUP:
+        raise RuntimeError(f"sequence_parallel {world}: this process's default group has "
+                           f"{dist.get_world_size()} ranks and the name "
+                           f"{dist.group.WORLD.group_name!r}, not {PROCESS_GROUP!r}")
+    sp.enable(template, sp.Ulysses())
 
 
 def compile_one(spec: dict, name: str, out_dir: str) -> dict:
@@ -270,6 +316,9 @@ def compile_one(spec: dict, name: str, out_dir: str) -> dict:
     entry."""
     device = torch.device(spec["device"])
     (r,) = [r for r in _build_regions(spec) if r.name == name]
+    world = sequence_parallel(spec["options"])
+    if world > 1 and name in ("double", "single"):
+        _enable_ulysses(r.template, world)
     t0 = time.monotonic()
     module = r.export_module().eval()
     with torch.no_grad():

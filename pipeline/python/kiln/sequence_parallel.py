@@ -32,7 +32,9 @@ torch.distributed group (gloo on the CPU in the tests, NCCL on GPUs). `gather`, 
 outside the model, is a plain all_gather.
 
 Who calls this: tests/pipeline/python/test_sequence_parallel.py and bench/gpu/sp_bench.py, one
-process per rank, each process single-threaded with respect to this module.
+process per rank, each process single-threaded with respect to this module; and kiln.regional,
+which exports the blocks of a `sequence_parallel` package set with `enable` (one process, a
+fake group of P ranks: the graph does not depend on the rank).
 """
 from __future__ import annotations
 

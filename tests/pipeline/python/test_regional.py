@@ -111,6 +111,43 @@ def test_key_distinguishes_layouts():
         assert a.digest() == b.digest(), component
 
 
+def test_sequence_parallel_option_and_region_shapes():
+    """Compile option sequence_parallel (docs/multi_gpu.md): keyed for the transformer only,
+    regional only, a positive integer; the regions of one rank's bucket of 2 take the rank's
+    token shards, and the head returns the whole image's RoPE tables (the C++ loop gives each
+    block its rank's rows)."""
+    sp = dict(ak.default_compile_options(), layout="regional", sequence_parallel=2)
+    rank_bucket = dict(BUCKET, height=128, text_len=256)
+    a, _ = kc.make_key(REPO, "transformer", "fp32", rank_bucket, "cpu", sp)
+    b, _ = kc.make_key(REPO, "transformer", "fp32", rank_bucket, "cpu",
+                       dict(sp, sequence_parallel=1))
+    assert a.digest() != b.digest()
+    for component in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        c, _ = kc.make_key(REPO, component, "fp32", BUCKET, "cpu", sp)
+        d, _ = kc.make_key(REPO, component, "fp32", BUCKET, "cpu", ak.default_compile_options())
+        assert c.digest() == d.digest(), component
+    for bad, match in ((dict(sp, layout="whole"), 'needs layout "regional"'),
+                       (dict(sp, sequence_parallel=0), "integer >= 1, got 0"),
+                       (dict(sp, sequence_parallel=True), "integer >= 1, got true"),
+                       (dict(sp, sequence_parallel="2"), 'integer >= 1, got "2"')):
+        with pytest.raises(kc.UsageError, match=match):
+            kc.make_key(REPO, "transformer", "fp32", rank_bucket, "cpu", bad)
+    spec = {"model": REPO, "precision": "fp32", "bucket": dict(rank_bucket, batch=1),
+            "options": sp}
+    by_name = {r.name: r for r in R._build_regions(spec)}
+    s, l = 8 * 16, 256  # the rank's image and text tokens
+    shapes = {name: ([a[1] for a in r.activations], [o[1] for o in r.outputs])
+              for name, r in by_name.items()}
+    assert shapes["head"][0][:2] == [[1, s, 64], [1, l, 32]]
+    assert shapes["head"][1][3] == [2 * (l + s), 16]
+    assert shapes["double"][0][3] == [l + s, 16]
+    assert shapes["single"][0][0] == [1, l + s, 32]
+    assert shapes["tail"][1] == [[1, s, 64]]
+    # flux-tiny has 2 attention heads: 4 ranks cannot split them.
+    with pytest.raises(ValueError, match="2 attention heads do not divide over 4 ranks"):
+        R._build_regions(dict(spec, options=dict(sp, sequence_parallel=4)))
+
+
 def test_compiled_layouts_against_eager(model):
     cfg, bucket, m, ex = model
     whole_manifest, whole_root, _ = _fixture("whole")
