@@ -15,7 +15,9 @@ Parts:
              (attention_reference on the GPU: the same function).
   gemm       torch._scaled_mm row-wise against tensor-wise scaling at the transformer's linear
              shapes (image stream M = 4096 + 512 tokens, text M = 512), GEMM alone and with the
-             activation quantization each needs (compiled), against bf16 torch.mm.
+             activation quantization each needs (compiled), against bf16 torch.mm; and the
+             block-wise forms of torch.nn.functional.scaled_mm (activations 1x128 with weights
+             128x128 or 1x128; not yet run on a GPU).
   step       one transformer call at the bucket, eager and regional torch.compile, for bf16
              (cuDNN), fp8 (cuDNN) and fp8 with fp8 attention: ms, TFLOP/s, error against eager
              bf16, GPU time per kernel class; writes inputs.safetensors and ref-eager-*.safetensors
@@ -130,6 +132,65 @@ def attention_part(report: dict, iters: int) -> None:
     emit(report, "attention", rows)
 
 
+BLOCK = 128  # block-wise scaling's block along K (and N for 128x128 weight blocks)
+
+
+def q_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, K / 128]) with one scale per token and
+    128 channels (scaled_mm's BlockWise1x128 for A: the scales outer-dim-major, M contiguous).
+    Local to 128 channels: the kernel producing x (GELU, attention's output, one head = 128
+    channels) could compute it in its epilogue, without a pass over the whole row."""
+    m, k = x.shape
+    xf = x.float().view(m, k // BLOCK, BLOCK)
+    s = xf.abs().amax(-1).clamp(min=quant.SCALE_EPS) / quant.FP8_MAX
+    q = (xf / s[..., None]).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(quant.FP8_DTYPE)
+    return q.view(m, k), s.t().contiguous().t()
+
+
+def blockwise_forms(x: torch.Tensor, w: torch.Tensor, q_block_c):
+    """The block-wise forms of torch.nn.functional.scaled_mm (DeepSeek's recipe: activations
+    1x128, weights 128x128; and 1x128 for both) as (name, fn) pairs, or a string saying why
+    this torch has none. Untested until a GPU run: torch 2.11's names are looked up both ways."""
+    st, sw = getattr(F, "ScalingType", None), getattr(F, "SwizzleType", None)
+    if st is None or not hasattr(F, "scaled_mm"):
+        return "torch.nn.functional has no scaled_mm / ScalingType"
+
+    def pick(enum, *names):
+        for name in names:
+            if hasattr(enum, name):
+                return getattr(enum, name)
+        raise AttributeError(f"{enum} has none of {names}")
+    try:
+        b1x128 = pick(st, "BlockWise1x128", "Blockwise_1x128")
+        b128 = pick(st, "BlockWise128x128", "Blockwise_128x128")
+        none = pick(sw, "NO_SWIZZLE", "NoSwizzle") if sw is not None else None
+    except AttributeError as e:
+        return str(e)
+    n, k = w.shape
+    kb = k // BLOCK
+    wf = w.float().view(n // BLOCK, BLOCK, kb, BLOCK)
+    ws = wf.abs().amax(dim=(1, 3)).clamp(min=quant.SCALE_EPS) / quant.FP8_MAX
+    w8 = (wf / ws[:, None, :, None]).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(
+        quant.FP8_DTYPE).view(n, k)
+    padded = torch.zeros(n // BLOCK, (kb + 3) // 4 * 4, device=w.device)
+    padded[:, :kb] = ws
+    w_scale_128 = padded.t()  # [round_up(K/128, 4), N/128], as scaled_mm's checks want
+    w8r, w_scale_1x128 = q_block(w)  # weights 1x128: one scale per output row and 128 inputs
+    xq, xs = q_block(x)
+    swz = {} if none is None else {"swizzle_a": [none], "swizzle_b": [none]}
+
+    def mm(a, sa, wq, sb, recipe_b):
+        return F.scaled_mm(a, wq.t(), scale_a=[sa], scale_recipe_a=[b1x128], scale_b=[sb],
+                           scale_recipe_b=[recipe_b], output_dtype=torch.bfloat16, **swz)
+
+    def block128_all():
+        a, s = q_block_c(x)
+        return mm(a, s, w8, w_scale_128, b128)
+    return [("block1x128_w128x128_mm", lambda: mm(xq, xs, w8, w_scale_128, b128)),
+            ("block1x128_w1x128_mm", lambda: mm(xq, xs, w8r, w_scale_1x128, b1x128)),
+            ("block1x128_w128x128_with_quant", block128_all)]
+
+
 def gemm_part(report: dict, iters: int) -> None:
     dim, mlp = 3072, 12288
     shapes = [(4608, dim, dim), (4608, dim, mlp), (4608, mlp, dim), (4608, dim + mlp, dim),
@@ -144,6 +205,7 @@ def gemm_part(report: dict, iters: int) -> None:
         return (xf / s).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(quant.FP8_DTYPE), s
 
     q_row_c = torch.compile(q_row, fullgraph=True)
+    q_block_c = torch.compile(q_block, fullgraph=True)
     q_tensor_c = torch.compile(q_tensor, fullgraph=True)
     rows = []
     for m, kk, n in shapes:
@@ -177,14 +239,27 @@ def gemm_part(report: dict, iters: int) -> None:
                                     out_dtype=torch.bfloat16)
 
         r = {"m": m, "k": kk, "n": n}
-        for name, fn in (("bf16_mm", lambda: x @ w.t()), ("rowwise_mm", row_mm),
-                         ("tensorwise_mm", tensor_mm), ("rowwise_with_quant", row_all),
-                         ("tensorwise_with_quant", tensor_all)):
-            ms = bench_ms(fn, iters * 3)
+        forms = [("bf16_mm", lambda: x @ w.t()), ("rowwise_mm", row_mm),
+                 ("tensorwise_mm", tensor_mm), ("rowwise_with_quant", row_all),
+                 ("tensorwise_with_quant", tensor_all)]
+        block = blockwise_forms(x, w, q_block_c)
+        if isinstance(block, str):
+            r["blockwise_error"] = block
+        else:
+            forms += block
+        for name, fn in forms:
+            try:
+                ms = bench_ms(fn, iters * 3)
+            except Exception as e:  # a block-wise form this torch or cuBLAS does not take
+                r[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
             r[f"{name}_ms"] = round(ms, 4)
             r[f"{name}_tflops"] = round(flop / ms / 1e9, 1)
         r["err_rowwise"] = B.rel_err(row_mm(), ref)
         r["err_tensorwise"] = B.rel_err(tensor_mm(), ref)
+        for name, fn in forms[5:]:
+            if name.endswith("_mm") and f"{name}_ms" in r:
+                r[f"err_{name[:-3]}"] = B.rel_err(fn(), ref)
         rows.append(r)
         print(json.dumps(r), flush=True)
     emit(report, "gemm", rows)
