@@ -76,7 +76,8 @@ class SequenceParallelPipelineTest : public ::testing::Test {
     const std::string data = kiln::testing::EnvOrEmpty("KILN_TESTDATA");
     if (data.empty()) GTEST_SKIP() << "KILN_TESTDATA not set (ctest)";
     if (!HasGloo()) GTEST_SKIP() << "no gloo in this build";
-    if (!fs::is_directory(data + "/packages-regional") || !fs::is_directory(data + "/packages-sp")) {
+    if (!fs::is_directory(data + "/packages-regional") ||
+        !fs::is_directory(data + "/packages-sp")) {
       GTEST_SKIP() << "needs packages-regional and packages-sp in " << data
                    << " (scripts/test.sh makes them)";
     }
