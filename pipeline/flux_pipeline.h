@@ -84,7 +84,8 @@ struct PipelineOptions {
   // parallel::SequenceParallelPipeline (parallel/sequence_parallel_pipeline.h), whose loop runs
   // over the ranks of a process group; required when compile_options' `sequence_parallel` is
   // above 1 (the transformer set is then one rank's). With it, jobs are denoised one at a time
-  // (no batches) and a job's CancelToken is checked before and after the loop, not inside.
+  // (no batches), a job's CancelToken is checked before and after the loop, not inside, and
+  // progress hears "denoising" at step 0 and at the last step only.
   DenoiseLoopFn denoise_loop;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
