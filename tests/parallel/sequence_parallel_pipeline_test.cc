@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 #include <future>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 
@@ -96,16 +97,12 @@ struct RankLog {
   std::vector<std::string> phases;
 };
 
-TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
-  // The reference: one rank, the ordinary regional set.
-  auto single = pipeline::FluxPipeline::Create(Options(1),
-                                               kiln::testing::FixtureProvider("packages-regional"));
-  ASSERT_TRUE(single.ok()) << single.status();
-  auto want = (*single)->Generate(Request());
-  ASSERT_TRUE(want.ok()) << want.status();
-  single->reset();
-
-  auto provider = SpProvider();
+// Runs 2 ranks as threads of this process, each with its group and pipeline (`providers[r]`),
+// rank 0 running `lead`, rank 1 `follow`; returns their logs.
+std::pair<RankLog, RankLog> RunRanks(
+    const std::vector<std::shared_ptr<cache::PackageProvider>>& providers,
+    const std::function<void(SequenceParallelPipeline&, RankLog&)>& lead,
+    const std::function<void(SequenceParallelPipeline&, RankLog&)>& follow) {
   c10d::set_thread_isolation_mode(true);
   std::promise<int> listening;
   auto run = [&](int rank) {
@@ -130,40 +127,52 @@ TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
       log.created = group.status();
       return log;
     }
-    auto sp = SequenceParallelPipeline::Create(**group, Options(2), provider);
+    auto sp = SequenceParallelPipeline::Create(**group, Options(2), providers[rank]);
     log.created = sp.status();
-    if (!sp.ok()) return log;
-    if (rank == 0) {
-      // 1. A job over both ranks.
-      auto first = (*sp)->Generate(Request(), [&](const std::string& phase, int step, int) {
-        log.phases.push_back(absl::StrCat(phase, " ", step));
-      });
-      log.jobs.push_back(first.status());
-      if (first.ok()) log.rgb = first->rgb;
-      // 2. A size whose 15 patch rows do not divide over 2 ranks: refused on rank 0 alone.
-      pipeline::GenerateRequest odd = Request();
-      odd.height = 240;
-      log.jobs.push_back((*sp)->Generate(odd).status());
-      // 3. Rank 0 gives the job up after the followers heard of it (cancelled before the loop).
-      pipeline::CancelToken token;
-      pipeline::GenerateRequest cancelled = Request();
-      cancelled.cancel = &token;
-      log.jobs.push_back((*sp)
-                             ->Generate(cancelled,
-                                        [&](const std::string& phase, int, int) {
-                                          if (phase == "text_encoding") token.Cancel();
-                                        })
-                             .status());
-      log.jobs.push_back((*sp)->Stop());
-    } else {
-      for (int i = 0; i < 3; ++i) log.jobs.push_back((*sp)->Follow());
-    }
+    if (sp.ok()) (rank == 0 ? lead : follow)(**sp, log);
     return log;
   };
   auto rank0 = std::async(std::launch::async, run, 0);
   auto rank1 = std::async(std::launch::async, run, 1);
-  const RankLog leader = rank0.get(), follower = rank1.get();
+  std::pair<RankLog, RankLog> logs(rank0.get(), rank1.get());
   c10d::set_thread_isolation_mode(false);
+  return logs;
+}
+
+TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
+  // The reference: one rank, the ordinary regional set.
+  auto single = pipeline::FluxPipeline::Create(Options(1),
+                                               kiln::testing::FixtureProvider("packages-regional"));
+  ASSERT_TRUE(single.ok()) << single.status();
+  auto want = (*single)->Generate(Request());
+  ASSERT_TRUE(want.ok()) << want.status();
+  single->reset();
+
+  auto provider = SpProvider();
+  auto lead = [](SequenceParallelPipeline& sp, RankLog& log) {
+    // 1. A job over both ranks.
+    auto first = sp.Generate(Request(), [&](const std::string& phase, int step, int) {
+      log.phases.push_back(absl::StrCat(phase, " ", step));
+    });
+    log.jobs.push_back(first.status());
+    if (first.ok()) log.rgb = first->rgb;
+    // 2. A size whose 15 patch rows do not divide over 2 ranks: refused on rank 0 alone.
+    pipeline::GenerateRequest odd = Request();
+    odd.height = 240;
+    log.jobs.push_back(sp.Generate(odd).status());
+    // 3. Rank 0 gives the job up after the followers heard of it (cancelled before the loop).
+    pipeline::CancelToken token;
+    pipeline::GenerateRequest cancelled = Request();
+    cancelled.cancel = &token;
+    log.jobs.push_back(sp.Generate(cancelled, [&](const std::string& phase, int, int) {
+                           if (phase == "text_encoding") token.Cancel();
+                         }).status());
+    log.jobs.push_back(sp.Stop());
+  };
+  auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
+    for (int i = 0; i < 3; ++i) log.jobs.push_back(sp.Follow());
+  };
+  const auto [leader, follower] = RunRanks({provider, provider}, lead, follow);
 
   ASSERT_TRUE(leader.created.ok()) << leader.created;
   ASSERT_TRUE(follower.created.ok()) << follower.created;
@@ -206,6 +215,29 @@ TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
               HasSubstr("rank 0 failed the job: cancelled after step 0 of 2"));
   EXPECT_TRUE(leader.jobs[3].ok()) << leader.jobs[3];
   EXPECT_EQ(follower.jobs[2].code(), absl::StatusCode::kOutOfRange) << follower.jobs[2];
+}
+
+// A follower that cannot get its transformer set (its store lacks packages-sp) says why; rank 0
+// names it; both are then in step for the next message.
+TEST_F(SequenceParallelPipelineTest, AFollowerWithoutItsSetFailsTheJobOnEveryRank) {
+  auto lead = [](SequenceParallelPipeline& sp, RankLog& log) {
+    log.jobs.push_back(sp.Generate(Request()).status());
+    log.jobs.push_back(sp.Stop());
+  };
+  auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
+    for (int i = 0; i < 2; ++i) log.jobs.push_back(sp.Follow());
+  };
+  const auto [leader, follower] =
+      RunRanks({SpProvider(), kiln::testing::FixtureProvider("packages-regional")}, lead, follow);
+  ASSERT_TRUE(leader.created.ok()) << leader.created;
+  ASSERT_TRUE(follower.created.ok()) << follower.created;
+  ASSERT_EQ(leader.jobs.size(), 2u);
+  ASSERT_EQ(follower.jobs.size(), 2u);
+  EXPECT_EQ(leader.jobs[0].code(), absl::StatusCode::kFailedPrecondition) << leader.jobs[0];
+  EXPECT_THAT(leader.jobs[0].message(), HasSubstr("rank(s) 1 could not take the job"));
+  EXPECT_EQ(follower.jobs[0].code(), absl::StatusCode::kNotFound) << follower.jobs[0];
+  EXPECT_TRUE(leader.jobs[1].ok()) << leader.jobs[1];
+  EXPECT_EQ(follower.jobs[1].code(), absl::StatusCode::kOutOfRange) << follower.jobs[1];
 }
 
 // Options for a set of 2 ranks in a group of one: refused at Create, before anything loads.
