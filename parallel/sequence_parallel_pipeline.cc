@@ -24,10 +24,11 @@ absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> SequenceParallelPipeli
     return absl::InvalidArgumentError(
         "denoise_loop: set by SequenceParallelPipeline, must be empty");
   }
-  const nlohmann::json& p = options.compile_options.is_object()
-                                ? options.compile_options.value("sequence_parallel",
-                                                                nlohmann::json(1))
-                                : nlohmann::json(1);
+  // Not an integer, or not an object: FluxPipeline::Create's Validate names it.
+  const nlohmann::json p = options.compile_options.is_object()
+                               ? options.compile_options.value("sequence_parallel",
+                                                               nlohmann::json(1))
+                               : nlohmann::json(1);
   if (p.is_number_integer() && p.get<int64_t>() != group.world_size()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "sequence parallel: the package set (compile_options sequence_parallel) is for ",

@@ -73,7 +73,9 @@ class SequenceParallelPipeline {
 
  private:
   explicit SequenceParallelPipeline(ProcessGroup& group) : group_(group) {}
-  // Step 2 for this rank: `ready` false with its `error` (sent on if this is rank 0).
+  // Step 2 for this rank: ready if `error` is OK, else refusing with it (rank 0's is sent to
+  // the followers). Returns `error`, rank 0's (Aborted, on a follower), a refusal naming the
+  // refusing ranks, or a collective's error.
   absl::Status Rendezvous(const absl::Status& error);
   // PipelineOptions::denoise_loop: steps 2 and 3.
   absl::Status Loop(pipeline::DenoiseJob& job);
