@@ -110,6 +110,22 @@ struct DenoiseSchedule {
   at::Tensor timesteps;
 };
 
+class RegionalTransformer;  // pipeline/regional.h
+
+// One job's denoise, handed to PipelineOptions::denoise_loop (flux_pipeline.h) in place of the
+// pipeline's own loop: a sequence-parallel pipeline's loop over the ranks of a process group
+// (parallel/sequence_parallel_pipeline.h). On a follower rank (FluxPipeline::FollowDenoise) the
+// conditioning and latents are empty: the loop gets its shares from rank 0.
+struct DenoiseJob {
+  RegionalTransformer* transformer = nullptr;  // the bucket's regional set, loaded
+  DenoiseConditioning conditioning;            // on the device (empty on a follower)
+  DenoiseSchedule schedule;                    // the job's, the same on every rank
+  // float32 [B, S, C] on the device: the initial noise in, the final latents out (empty on a
+  // follower, where the loop may leave anything).
+  at::Tensor latents;
+  at::ScalarType act = at::kFloat;  // the transformer's activation dtype
+};
+
 // The flow-matching Euler loop: for i in [0, steps), latents += (sigmas[i+1] - sigmas[i]) *
 // velocity(latents, timesteps[i][:B]), in float32, in place (B = latents.size(0)). Before each
 // step it checks `cancel` (nullable): CancelledAfterStep(i, steps). After each step it calls `on_step(i + 1)` (nullable;

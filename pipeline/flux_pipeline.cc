@@ -83,13 +83,24 @@ absl::Status PipelineOptions::Validate() const {
     }
   }
   // A sequence-parallel set is one rank's of P: its blocks need the other ranks and a registered
-  // process group, which only parallel::SequenceParallelDenoise brings (docs/multi_gpu.md). Run
-  // here it would fail inside the first block; refused up front instead.
+  // process group, which only a denoise_loop brings (parallel::SequenceParallelPipeline,
+  // docs/multi_gpu.md). Run by the pipeline's own loop it would fail inside the first block;
+  // refused up front instead.
   if (auto it = compile_options.find("sequence_parallel");
       it != compile_options.end() && *it != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "compile_options sequence_parallel: ", it->dump(), " ranks; this pipeline runs one (a ",
-        "sequence-parallel set runs through parallel::SequenceParallelDenoise)"));
+    if (!it->is_number_integer() || it->get<int64_t>() < 1) {
+      return absl::InvalidArgumentError(absl::StrCat("compile_options sequence_parallel: ",
+                                                     it->dump(), " (a rank count, at least 1)"));
+    }
+    if (!denoise_loop) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compile_options sequence_parallel: ", it->dump(), " ranks; this pipeline runs one (a ",
+          "sequence-parallel set runs through parallel::SequenceParallelPipeline)"));
+    }
+    if (compile_options.value("layout", "") != "regional") {
+      return absl::InvalidArgumentError(absl::StrCat("compile_options sequence_parallel: ",
+                                                     it->dump(), " ranks need layout regional"));
+    }
   }
   return absl::OkStatus();
 }
@@ -179,7 +190,28 @@ class FluxPipeline::Impl {
   // Makes `wanted` the merged set; adds the switch's timings to `r->seconds`. DenoiseDecode's
   // thread, under encode_mu: the job denoising before it is done with the weights.
   absl::Status SwitchLoras(const std::vector<LoraChoice>& wanted, GenerateResult* r);
+  // The schedule of `steps` steps over `seq` image tokens for a batch of `n`, on the device:
+  // all per-step inputs made before the loop (one host→device copy, no syncs inside). Row i
+  // holds step i's model timestep n times (the package's timestep [n]), padded to a multiple of
+  // 4 floats so each step's view starts 16-byte aligned, as AOTI's kernels assume.
+  absl::StatusOr<DenoiseSchedule> ScheduleFor(int steps, int64_t seq, int64_t n) const;
 };
+
+absl::StatusOr<DenoiseSchedule> FluxPipeline::Impl::ScheduleFor(int steps, int64_t seq,
+                                                                 int64_t n) const {
+  auto flux_schedule = MakeFluxSchedule(scheduler, steps, static_cast<int>(seq));
+  if (!flux_schedule.ok()) return flux_schedule.status();
+  DenoiseSchedule schedule;
+  schedule.sigmas = flux_schedule->sigmas;
+  const int64_t row = (n + 3) / 4 * 4;
+  std::vector<float> t_host(steps * row, 0.0f);
+  for (int i = 0; i < steps; ++i) {
+    std::fill_n(t_host.begin() + i * row, n, FluxModelTimestep(*flux_schedule, i));
+  }
+  schedule.timesteps = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
+                           .view({steps, row}).to(device);
+  return schedule;
+}
 
 absl::StatusOr<std::shared_ptr<const LoraWeights>> FluxPipeline::Impl::LoraNamed(
     const std::string& name) {
@@ -532,6 +564,46 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
   return out;
 }
 
+absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps) {
+  Impl& m = *impl_;
+  if (!m.options.denoise_loop) {
+    return absl::FailedPreconditionError("FollowDenoise: the pipeline has no denoise_loop");
+  }
+  GenerateRequest shape;
+  shape.width = width;
+  shape.height = height;
+  shape.steps = steps;
+  if (auto s = shape.Validate(); !s.ok()) return s;
+  if (auto s = m.keys->CheckResolution(width, height); !s.ok()) return s;
+  std::lock_guard<std::mutex> device_lock(m.encode_mu);  // it owns the PackageLoader
+  LoadReport loaded;
+  auto pkgs = m.packages->EnsureAll({{"transformer", m.keys->KeyFor("transformer", width, height)}},
+                                    &loaded);
+  {
+    std::lock_guard<std::mutex> lock(m.digests_mu);
+    m.loaded_digests = m.packages->LoadedDigests();
+  }
+  if (!pkgs.ok()) return pkgs.status();
+  DenoiseJob job;
+  job.transformer = (*pkgs)["transformer"].regional;
+  if (job.transformer == nullptr) {
+    return absl::FailedPreconditionError(
+        "a pipeline with a denoise_loop (sequence parallel) needs the regional layout");
+  }
+  try {
+    torch::NoGradGuard no_grad;
+    const int vae_scale = m.keys->options().vae_scale;
+    const int64_t seq = (height / vae_scale / 2) * (width / vae_scale / 2);
+    auto schedule = m.ScheduleFor(steps, seq, 1);
+    if (!schedule.ok()) return schedule.status();
+    job.schedule = *std::move(schedule);
+    job.act = m.options.precision == "fp32" ? at::kFloat : at::kBFloat16;
+    return m.options.denoise_loop(job);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("follow: ", ExceptionMessage(e)));
+  }
+}
+
 absl::StatusOr<GenerateResult> FluxPipeline::DenoiseDecode(EncodedPrompt encoded,
                                                            const ProgressFn& progress) {
   std::vector<EncodedPrompt> one;
@@ -564,6 +636,12 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
           " steps, loras '", LoraSetKey(batch[0].request.loras), "'): not one batch")));
     }
   }
+  Impl& m = *impl_;
+  if (m.options.denoise_loop && n > 1) {
+    return all_fail(absl::InvalidArgumentError(absl::StrCat(
+        "a batch of ", n, ": a pipeline with a denoise_loop (sequence parallel) denoises one job "
+        "at a time")));
+  }
   const GenerateRequest& head = batch[0].request;
   const int steps = head.steps;
   // Per job: the step after which its token was seen set (-1: still running). A cancelled job
@@ -594,7 +672,6 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
     }
     return out;
   };
-  Impl& m = *impl_;
   const int vae_scale = m.keys->options().vae_scale;
   const auto t_total = SteadyNow();
   std::vector<GenerateResult> r;
@@ -642,6 +719,10 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
   }
   // The transformer step: the whole-graph package, or a regional set's loop over layers.
   const LoadedComponent transformer = packages["transformer"];
+  if (m.options.denoise_loop && transformer.regional == nullptr) {
+    return all_fail(absl::FailedPreconditionError(
+        "a pipeline with a denoise_loop (sequence parallel) needs the regional layout"));
+  }
   TransformerFn transformer_fn;
   if (transformer.regional != nullptr) {
     transformer_fn = [set = transformer.regional](const std::vector<at::Tensor>& inputs,
@@ -668,8 +749,8 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
     auto t = SteadyNow();
     const int64_t lh = head.height / vae_scale, lw = head.width / vae_scale;
     const int64_t seq = (lh / 2) * (lw / 2);
-    auto flux_schedule = MakeFluxSchedule(m.scheduler, steps, static_cast<int>(seq));
-    if (!flux_schedule.ok()) return all_fail(flux_schedule.status());
+    auto schedule = m.ScheduleFor(steps, seq, static_cast<int64_t>(n));
+    if (!schedule.ok()) return all_fail(schedule.status());
     std::vector<at::Tensor> noise, text, pooled;
     std::vector<float> guidance;
     for (const auto& e : batch) {
@@ -681,18 +762,6 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
       guidance.push_back(static_cast<float>(e.request.guidance));
     }
     at::Tensor latents = torch::cat(noise).to(m.device);  // float32 state [n, S, 4C]
-    // All per-step inputs are made before the loop: one host→device copy, no syncs inside.
-    // Row i holds step i's model timestep n times (the package's timestep [n]), padded to a
-    // multiple of 4 floats so each step's view starts 16-byte aligned, as AOTI's kernels assume.
-    DenoiseSchedule schedule;
-    schedule.sigmas = flux_schedule->sigmas;
-    const int64_t row = (static_cast<int64_t>(n) + 3) / 4 * 4;
-    std::vector<float> t_host(steps * row, 0.0f);
-    for (int i = 0; i < steps; ++i) {
-      std::fill_n(t_host.begin() + i * row, n, FluxModelTimestep(*flux_schedule, i));
-    }
-    schedule.timesteps = torch::tensor(t_host, torch::TensorOptions().dtype(at::kFloat))
-                             .view({steps, row}).to(m.device);
     DenoiseConditioning conditioning;
     conditioning.guidance =
         torch::tensor(guidance, torch::TensorOptions().dtype(at::kFloat)).to(m.device);
@@ -702,7 +771,8 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
     // The transformer step: a CUDA graph captured once per bucket where possible, else plain runs.
     PlainDenoiser plain(transformer_fn, act);
     Denoiser* denoiser = &plain;
-    if (m.device.is_cuda() && m.options.cuda_graphs && CudaGraphsSupported()) {
+    if (!m.options.denoise_loop && m.device.is_cuda() && m.options.cuda_graphs &&
+        CudaGraphsSupported()) {
       auto [slot, fresh] = m.graphs.try_emplace(transformer_digest);
       if (fresh) {
         // A capture (global mode) fails on device calls from other threads: the encode stage
@@ -710,9 +780,9 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
         std::lock_guard<std::mutex> device_lock(m.encode_mu);
         SyncDevice(m.device);
         const auto tc = SteadyNow();
-        auto captured = CudaGraphDenoiser::Capture(m.device, "transformer", transformer_fn, act,
-                                                   conditioning, latents,
-                                                   schedule.timesteps.select(0, 0).narrow(0, 0, n));
+        auto captured = CudaGraphDenoiser::Capture(
+            m.device, "transformer", transformer_fn, act, conditioning, latents,
+            schedule->timesteps.select(0, 0).narrow(0, 0, n));
         if (captured.ok()) {
           slot->second = *std::move(captured);
         } else {
@@ -724,16 +794,30 @@ std::vector<absl::StatusOr<GenerateResult>> FluxPipeline::DenoiseDecodeBatch(
       }
       if (slot->second) denoiser = slot->second.get();
     }
-    if (auto s = denoiser->Prepare(conditioning); !s.ok()) return all_fail(s);
-    profile.cuda_graph = denoiser->cuda_graph();
-    report("denoising", 0);
-    t = SteadyNow();
-    {
+    if (m.options.denoise_loop) {
+      // Another's loop (a sequence-parallel pipeline's, over the ranks of a group): one job,
+      // no cancel inside (every rank must take part in every step's collectives).
+      report("denoising", 0);
+      t = SteadyNow();
+      DenoiseJob job;
+      job.transformer = transformer.regional;
+      job.conditioning = conditioning;
+      job.schedule = *schedule;
+      job.latents = latents;
+      job.act = act;
+      if (auto s = m.options.denoise_loop(job); !s.ok()) return all_fail(s);
+      latents = job.latents;
+      report("denoising", steps);
+    } else {
+      if (auto s = denoiser->Prepare(conditioning); !s.ok()) return all_fail(s);
+      profile.cuda_graph = denoiser->cuda_graph();
+      report("denoising", 0);
+      t = SteadyNow();
       std::unique_ptr<StepProfiler> profiler;
       if (m.options.profile_steps) profiler = std::make_unique<StepProfiler>(m.device);
       // The loop stops when every job of the batch is cancelled (checked after each step).
       CancelToken all_cancelled;
-      auto s = RunDenoiseLoop(*denoiser, schedule, latents, &all_cancelled,
+      auto s = RunDenoiseLoop(*denoiser, *schedule, latents, &all_cancelled,
                               [&](int step) {
                                 report("denoising", step);
                                 if (check_cancels(step)) all_cancelled.Cancel();

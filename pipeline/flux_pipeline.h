@@ -46,6 +46,11 @@ namespace kiln::pipeline {
 // InvalidArgument if `text` is not a JSON object.
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text);
 
+struct DenoiseJob;  // pipeline/denoiser.h
+// Runs one job's denoise loop in the pipeline's stead (PipelineOptions::denoise_loop); leaves
+// the final latents in `job.latents`.
+using DenoiseLoopFn = std::function<absl::Status(DenoiseJob& job)>;
+
 struct PipelineOptions {
   std::string model_dir;           // diffusers-layout repository (required)
   std::string device = "cpu";      // "cpu", "cuda" or "cuda:N"
@@ -75,6 +80,13 @@ struct PipelineOptions {
   // off, the merge waits for DenoiseDecode as the whole switch.
   bool lora_prepare_ahead = true;
   uint64_t lora_prepare_reserve_bytes = uint64_t{2} << 30;  // bytes left free for the denoise
+  // Runs each job's denoise loop instead of the pipeline (null: the pipeline's own). Set by
+  // parallel::SequenceParallelPipeline (parallel/sequence_parallel_pipeline.h), whose loop runs
+  // over the ranks of a process group; required when compile_options' `sequence_parallel` is
+  // above 1 (the transformer set is then one rank's). With it, jobs are denoised one at a time
+  // (no batches), a job's CancelToken is checked before and after the loop, not inside, and
+  // progress hears "denoising" at step 0 and at the last step only.
+  DenoiseLoopFn denoise_loop;
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
@@ -216,6 +228,15 @@ class FluxPipeline {
   // states the tolerance measured).
   std::vector<absl::StatusOr<GenerateResult>> DenoiseDecodeBatch(
       std::vector<EncodedPrompt> encoded, const std::vector<ProgressFn>& progress = {});
+
+  // A follower rank's part of a job of a sequence-parallel pipeline (PipelineOptions::
+  // denoise_loop set): gets and loads the transformer of the width×height bucket (KeyPolicy's
+  // key: one rank's set), builds the job's schedule and calls denoise_loop with a DenoiseJob
+  // whose conditioning and latents are empty. The text encoders and the VAE are not loaded.
+  // InvalidArgument for a size the pipeline does not serve, FailedPrecondition without a
+  // denoise_loop or with a whole-graph transformer; the loader's and the loop's errors as they
+  // are. Not beside EncodePrompt on another thread.
+  absl::Status FollowDenoise(int width, int height, int steps);
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;

@@ -162,6 +162,14 @@ TEST(KeyPolicyTest, APipelineRunsBothLayoutsAndRefusesOthers) {
   EXPECT_THAT(std::string(p.Validate().message()),
               ::testing::HasSubstr("compile_options sequence_parallel: 2 ranks; this pipeline "
                                    "runs one"));
+  // With a denoise_loop (parallel::SequenceParallelPipeline's, over the group's ranks) it runs.
+  p.denoise_loop = [](DenoiseJob&) { return absl::OkStatus(); };
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  p.compile_options["layout"] = "whole";
+  EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("need layout regional"));
+  p.compile_options["layout"] = "regional";
+  p.compile_options["sequence_parallel"] = 0;
+  EXPECT_THAT(std::string(p.Validate().message()), ::testing::HasSubstr("a rank count"));
 }
 
 TEST(KeyPolicyTest, ASequenceParallelTransformerIsKeyedByOneRanksBucket) {

@@ -1,0 +1,88 @@
+// SequenceParallelPipeline: a whole image on the P ranks of one process group (issue 15,
+// docs/multi_gpu.md): prompt → RGB on rank 0, the transformer's denoise loop over every rank.
+// Each rank owns one (one process or one thread per GPU), built on a group that is already up.
+//
+//   rank 0     Generate: FluxPipeline::EncodePrompt (tokenize, the bucket's packages — the
+//              transformer by KeyPolicy's key, one rank's set of P — the text encoders), the
+//              noise drawn from the seed as Generate draws it, the loop below, the VAE decode
+//   rank r > 0 Follow: FluxPipeline::FollowDenoise (the bucket's transformer set only)
+//
+// One job, in the same order on every rank:
+//   1. rank 0 broadcasts the job's header (width, height, steps; or "stop") once the request
+//      passed its own checks (a bad request or a size whose rows do not divide over P fails on
+//      rank 0 alone: the followers never hear of it and wait for the next job);
+//   2. every rank says whether it got as far as the loop (all-gathered): rank 0 after encoding,
+//      the others after loading their transformer; if rank 0 did not, it broadcasts its error,
+//      which the followers return (Aborted: "rank 0 failed the job: ..."); any refusal ends the
+//      job on every rank, each naming the ranks that refused;
+//   3. parallel::SequenceParallelDenoise (its own verdict, the scatter, the loop, the gather);
+//   4. rank 0 decodes; Follow returns OK.
+// The pipeline's FluxPipeline gets PipelineOptions::denoise_loop (steps 2 and 3), so the rest
+// of a job is FluxPipeline's own code.
+//
+// Every wait is a collective of the group, bounded by its timeout (GroupOptions::
+// timeout_seconds): a follower waiting for a job that does not come, or for a rank 0 that died
+// or takes longer than that to encode (or to compile a package on a miss), fails with the
+// group's DeadlineExceeded/Internal error; after such an error the group is not usable. After
+// any other error the ranks are still in step and the next job can run.
+//
+// Threads: every call on the thread that issues the group's collectives (with c10d's thread
+// isolation mode, the thread that registered it); the group must outlive the pipeline.
+#pragma once
+
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/package_provider.h"
+#include "parallel/process_group.h"
+#include "pipeline/flux_pipeline.h"
+
+namespace kiln::parallel {
+
+class SequenceParallelPipeline {
+ public:
+  // `options` as for FluxPipeline, with compile_options' `sequence_parallel` equal to the
+  // group's size (1 or absent for a group of one) and the regional layout; denoise_loop must
+  // be empty (this class sets it). FailedPrecondition for a rank count the options (the package
+  // set) are not for, InvalidArgument for a device other than the group's; FluxPipeline's
+  // errors as they are.
+  static absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> Create(
+      ProcessGroup& group, pipeline::PipelineOptions options,
+      std::shared_ptr<cache::PackageProvider> provider);
+  ~SequenceParallelPipeline();
+  SequenceParallelPipeline(const SequenceParallelPipeline&) = delete;
+  SequenceParallelPipeline& operator=(const SequenceParallelPipeline&) = delete;
+
+  // Rank 0: one job over every rank (the followers must be in Follow). Same seed, same image
+  // as a single-rank FluxPipeline with the regional layout, within fp32 rounding
+  // (tests/parallel/sequence_parallel_pipeline_test.cc). The request's CancelToken is checked
+  // before and after the loop, not inside it. FailedPrecondition on another rank.
+  absl::StatusOr<pipeline::GenerateResult> Generate(const pipeline::GenerateRequest& request,
+                                                    const pipeline::ProgressFn& progress = {});
+  // Rank 0: tells the followers there are no more jobs (their Follow returns OutOfRange).
+  absl::Status Stop();
+  // Ranks other than 0: serves rank 0's next job and returns when its loop ended here. OK: the
+  // job's denoise ran. OutOfRange: rank 0 stopped. Aborted: rank 0 failed the job before its
+  // loop (its message included). This rank's own error as it is (e.g. NotFound for a missing
+  // package); FailedPrecondition naming the ranks that refused; a collective's error.
+  absl::Status Follow();
+
+  int rank() const;
+  pipeline::FluxPipeline& pipeline() { return *pipeline_; }
+
+ private:
+  explicit SequenceParallelPipeline(ProcessGroup& group) : group_(group) {}
+  // Step 2 for this rank: ready if `error` is OK, else refusing with it (rank 0's is sent to
+  // the followers). Returns `error`, rank 0's (Aborted, on a follower), a refusal naming the
+  // refusing ranks, or a collective's error.
+  absl::Status Rendezvous(const absl::Status& error);
+  // PipelineOptions::denoise_loop: steps 2 and 3.
+  absl::Status Loop(pipeline::DenoiseJob& job);
+
+  ProcessGroup& group_;
+  std::unique_ptr<pipeline::FluxPipeline> pipeline_;
+  bool met_ = false;  // this job's Rendezvous has run
+};
+
+}  // namespace kiln::parallel

@@ -1,0 +1,261 @@
+// parallel::SequenceParallelPipeline (parallel/sequence_parallel_pipeline.h): a whole flux-tiny
+// image made on 2 gloo ranks, threads of this process (c10d's thread isolation mode: each thread
+// registers its group under "0", the name the packages' all-to-alls resolve), against the
+// single-rank FluxPipeline with the regional layout, same prompt, seed and size.
+//
+// Fixtures (scripts/test.sh): packages-regional (every component of the 256x256 bucket, the
+// transformer as a regional set: the reference) and packages-sp (only the transformer, one
+// rank's set of 2). The ranks' provider reads packages-sp first, then packages-regional, so the
+// transformer comes by KeyPolicy's sequence-parallel key and the other components as today.
+//
+// Tolerance: the two runs compute the same latents within fp32 rounding (1.6e-7 of max|latents|,
+// tests/parallel/sequence_parallel_test.cc); after the VAE and the rounding to 8 bits a byte
+// may land on the other side of a .5: at most 1 level of 255 on at most 1e-3 of the bytes
+// (FluxPipeline's batch test allows the same for the same reason). A wrong share (the halves of
+// the image swapped, as a follower denoising rank 0's tokens would give) differs by far more:
+// the test checks that too.
+#include "parallel/sequence_parallel_pipeline.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/pipeline/fixture_provider.h"
+#include "tests/pipeline/test_support.h"
+
+namespace kiln::parallel {
+namespace {
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+constexpr int kMaxByteDiff = 1;
+constexpr double kMaxDifferingFraction = 1e-3;
+
+// The components not in `first` come from `second` (both read-only fixture directories).
+class ChainProvider : public cache::PackageProvider {
+ public:
+  ChainProvider(std::shared_ptr<cache::PackageProvider> first,
+                std::shared_ptr<cache::PackageProvider> second)
+      : first_(std::move(first)), second_(std::move(second)) {}
+  absl::StatusOr<cache::ProvidedPackage> Get(const cache::PackageRequest& request) override {
+    auto got = first_->Get(request);
+    if (got.ok() || !absl::IsNotFound(got.status())) return got;
+    return second_->Get(request);
+  }
+  bool can_compile() const override { return false; }
+
+ private:
+  std::shared_ptr<cache::PackageProvider> first_, second_;
+};
+
+pipeline::PipelineOptions Options(int ranks) {
+  pipeline::PipelineOptions o;
+  o.model_dir = kiln::testing::EnvOrEmpty("KILN_TESTDATA") + "/flux-tiny";
+  o.resolutions = {{256, 256}, {256, 240}};  // 240: 15 patch rows, which 2 ranks cannot share
+  o.compile_options["layout"] = "regional";
+  if (ranks > 1) o.compile_options["sequence_parallel"] = ranks;
+  return o;
+}
+
+pipeline::GenerateRequest Request() {
+  pipeline::GenerateRequest r;
+  r.prompt = "a lighthouse on a cliff at dusk";
+  r.width = 256;
+  r.height = 256;
+  r.steps = 2;
+  r.seed = 7;
+  return r;
+}
+
+class SequenceParallelPipelineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string data = kiln::testing::EnvOrEmpty("KILN_TESTDATA");
+    if (data.empty()) GTEST_SKIP() << "KILN_TESTDATA not set (ctest)";
+    if (!HasGloo()) GTEST_SKIP() << "no gloo in this build";
+    if (!fs::is_directory(data + "/packages-regional") ||
+        !fs::is_directory(data + "/packages-sp")) {
+      GTEST_SKIP() << "needs packages-regional and packages-sp in " << data
+                   << " (scripts/test.sh makes them)";
+    }
+  }
+  std::shared_ptr<cache::PackageProvider> SpProvider() {
+    return std::make_shared<ChainProvider>(kiln::testing::FixtureProvider("packages-sp"),
+                                           kiln::testing::FixtureProvider("packages-regional"));
+  }
+};
+
+// What each thread rank saw.
+struct RankLog {
+  absl::Status created;
+  std::vector<absl::Status> jobs;  // rank 0: each Generate's status; rank 1: each Follow's
+  std::vector<uint8_t> rgb;        // rank 0: the first job's image
+  std::vector<std::string> phases;
+};
+
+// Runs 2 ranks as threads of this process, each with its group and pipeline (`providers[r]`),
+// rank 0 running `lead`, rank 1 `follow`; returns their logs.
+std::pair<RankLog, RankLog> RunRanks(
+    const std::vector<std::shared_ptr<cache::PackageProvider>>& providers,
+    const std::function<void(SequenceParallelPipeline&, RankLog&)>& lead,
+    const std::function<void(SequenceParallelPipeline&, RankLog&)>& follow) {
+  c10d::set_thread_isolation_mode(true);
+  std::promise<int> listening;
+  auto run = [&](int rank) {
+    RankLog log;
+    torch::NoGradGuard no_grad;
+    GroupOptions o;
+    o.world_size = 2;
+    o.rank = rank;
+    o.timeout_seconds = 30;
+    if (rank == 0) {
+      o.on_listen = [&](int port) { listening.set_value(port); };
+    } else {
+      auto port = listening.get_future();
+      if (port.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+        log.created = absl::DeadlineExceededError("rank 0 never listened");
+        return log;
+      }
+      o.port = port.get();
+    }
+    auto group = ProcessGroup::Create(o);
+    if (!group.ok()) {
+      log.created = group.status();
+      return log;
+    }
+    auto sp = SequenceParallelPipeline::Create(**group, Options(2), providers[rank]);
+    log.created = sp.status();
+    if (sp.ok()) (rank == 0 ? lead : follow)(**sp, log);
+    return log;
+  };
+  auto rank0 = std::async(std::launch::async, run, 0);
+  auto rank1 = std::async(std::launch::async, run, 1);
+  std::pair<RankLog, RankLog> logs(rank0.get(), rank1.get());
+  c10d::set_thread_isolation_mode(false);
+  return logs;
+}
+
+TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
+  // The reference: one rank, the ordinary regional set.
+  auto single = pipeline::FluxPipeline::Create(Options(1),
+                                               kiln::testing::FixtureProvider("packages-regional"));
+  ASSERT_TRUE(single.ok()) << single.status();
+  auto want = (*single)->Generate(Request());
+  ASSERT_TRUE(want.ok()) << want.status();
+  single->reset();
+
+  auto provider = SpProvider();
+  auto lead = [](SequenceParallelPipeline& sp, RankLog& log) {
+    // 1. A job over both ranks.
+    auto first = sp.Generate(Request(), [&](const std::string& phase, int step, int) {
+      log.phases.push_back(absl::StrCat(phase, " ", step));
+    });
+    log.jobs.push_back(first.status());
+    if (first.ok()) log.rgb = first->rgb;
+    // 2. A size whose 15 patch rows do not divide over 2 ranks: refused on rank 0 alone.
+    pipeline::GenerateRequest odd = Request();
+    odd.height = 240;
+    log.jobs.push_back(sp.Generate(odd).status());
+    // 3. Rank 0 gives the job up after the followers heard of it (cancelled before the loop).
+    pipeline::CancelToken token;
+    pipeline::GenerateRequest cancelled = Request();
+    cancelled.cancel = &token;
+    log.jobs.push_back(sp.Generate(cancelled, [&](const std::string& phase, int, int) {
+                           if (phase == "text_encoding") token.Cancel();
+                         }).status());
+    log.jobs.push_back(sp.Stop());
+  };
+  auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
+    for (int i = 0; i < 3; ++i) log.jobs.push_back(sp.Follow());
+  };
+  const auto [leader, follower] = RunRanks({provider, provider}, lead, follow);
+
+  ASSERT_TRUE(leader.created.ok()) << leader.created;
+  ASSERT_TRUE(follower.created.ok()) << follower.created;
+  ASSERT_EQ(leader.jobs.size(), 4u);
+  ASSERT_EQ(follower.jobs.size(), 3u);
+  ASSERT_TRUE(leader.jobs[0].ok()) << leader.jobs[0];
+  EXPECT_TRUE(follower.jobs[0].ok()) << follower.jobs[0];
+  EXPECT_THAT(leader.phases, ::testing::Contains("denoising 2"));
+  EXPECT_EQ(leader.phases.back(), "decoding 2");
+
+  ASSERT_EQ(leader.rgb.size(), want->rgb.size());
+  int max_diff = 0;
+  size_t differing = 0;
+  for (size_t i = 0; i < leader.rgb.size(); ++i) {
+    const int d = std::abs(int{leader.rgb[i]} - int{want->rgb[i]});
+    max_diff = std::max(max_diff, d);
+    differing += d != 0;
+  }
+  std::cout << "[sp pipeline] 2 ranks vs 1: max byte diff " << max_diff << ", " << differing
+            << " of " << leader.rgb.size() << " bytes differ" << std::endl;
+  EXPECT_LE(max_diff, kMaxByteDiff);
+  EXPECT_LE(static_cast<double>(differing) / leader.rgb.size(), kMaxDifferingFraction);
+  // The comparison tells the ranks' shares apart: rank 1's half (the bottom 128 rows) in
+  // rank 0's place differs on most bytes.
+  const size_t half = leader.rgb.size() / 2;
+  std::vector<uint8_t> swapped(leader.rgb.begin() + half, leader.rgb.end());
+  swapped.insert(swapped.end(), leader.rgb.begin(), leader.rgb.begin() + half);
+  size_t swapped_differing = 0;
+  for (size_t i = 0; i < swapped.size(); ++i) swapped_differing += swapped[i] != want->rgb[i];
+  EXPECT_GT(static_cast<double>(swapped_differing) / swapped.size(), 0.5);
+
+  // The size that does not divide: rank 0's sentence; the follower served the next job.
+  EXPECT_EQ(leader.jobs[1].code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(leader.jobs[1].message(),
+              HasSubstr("its 15 patch rows do not divide over 2 sequence-parallel ranks"));
+  // The leader's failure after the header: the follower returns it, in step, and is stopped.
+  EXPECT_EQ(leader.jobs[2].code(), absl::StatusCode::kCancelled) << leader.jobs[2];
+  EXPECT_EQ(follower.jobs[1].code(), absl::StatusCode::kAborted) << follower.jobs[1];
+  EXPECT_THAT(follower.jobs[1].message(),
+              HasSubstr("rank 0 failed the job: cancelled after step 0 of 2"));
+  EXPECT_TRUE(leader.jobs[3].ok()) << leader.jobs[3];
+  EXPECT_EQ(follower.jobs[2].code(), absl::StatusCode::kOutOfRange) << follower.jobs[2];
+}
+
+// A follower that cannot get its transformer set (its store lacks packages-sp) says why; rank 0
+// names it; both are then in step for the next message.
+TEST_F(SequenceParallelPipelineTest, AFollowerWithoutItsSetFailsTheJobOnEveryRank) {
+  auto lead = [](SequenceParallelPipeline& sp, RankLog& log) {
+    log.jobs.push_back(sp.Generate(Request()).status());
+    log.jobs.push_back(sp.Stop());
+  };
+  auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
+    for (int i = 0; i < 2; ++i) log.jobs.push_back(sp.Follow());
+  };
+  const auto [leader, follower] =
+      RunRanks({SpProvider(), kiln::testing::FixtureProvider("packages-regional")}, lead, follow);
+  ASSERT_TRUE(leader.created.ok()) << leader.created;
+  ASSERT_TRUE(follower.created.ok()) << follower.created;
+  ASSERT_EQ(leader.jobs.size(), 2u);
+  ASSERT_EQ(follower.jobs.size(), 2u);
+  EXPECT_EQ(leader.jobs[0].code(), absl::StatusCode::kFailedPrecondition) << leader.jobs[0];
+  EXPECT_THAT(leader.jobs[0].message(), HasSubstr("rank(s) 1 could not take the job"));
+  EXPECT_EQ(follower.jobs[0].code(), absl::StatusCode::kNotFound) << follower.jobs[0];
+  EXPECT_TRUE(leader.jobs[1].ok()) << leader.jobs[1];
+  EXPECT_EQ(follower.jobs[1].code(), absl::StatusCode::kOutOfRange) << follower.jobs[1];
+}
+
+// Options for a set of 2 ranks in a group of one: refused at Create, before anything loads.
+TEST_F(SequenceParallelPipelineTest, ASetForTwoRanksIsRefusedInAGroupOfOne) {
+  GroupOptions o;
+  o.group_name = "";  // not registered: nothing runs a package
+  auto group = ProcessGroup::Create(o);
+  ASSERT_TRUE(group.ok()) << group.status();
+  auto sp = SequenceParallelPipeline::Create(**group, Options(2), SpProvider());
+  EXPECT_EQ(sp.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(sp.status().message(),
+              HasSubstr("the package set (compile_options sequence_parallel) is for 2 rank(s), "
+                        "the group has 1"));
+  // A plain FluxPipeline refuses the set too: only a denoise_loop can run it.
+  auto alone = pipeline::FluxPipeline::Create(Options(2), SpProvider());
+  EXPECT_EQ(alone.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(alone.status().message(), HasSubstr("SequenceParallelPipeline"));
+}
+
+}  // namespace
+}  // namespace kiln::parallel
