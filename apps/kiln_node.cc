@@ -48,6 +48,13 @@ ABSL_FLAG(std::vector<std::string>, model, {},
           "NAME=DIR of a served model (diffusers layout); repeatable, or comma-separated");
 ABSL_FLAG(std::vector<std::string>, models, {}, "same as --model");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or cuda:N");
+ABSL_FLAG(std::string, gpus, "",
+          "device indices, comma-separated (e.g. 0,1): one node spreads each job over them "
+          "(sequence parallel, one rank per device, 2..16) and registers once with their count; "
+          "needs --device cuda (or cpu: CPU ranks, for tests). Default: the one --device");
+ABSL_FLAG(double, group_timeout_s, 600,
+          "with --gpus: bound on the rank group's start and on each collective, seconds (a "
+          "rank waits this long for rank 0's next job header: above the longest encode)");
 ABSL_FLAG(std::string, precision, "fp32", "default precision for jobs that name none");
 ABSL_FLAG(std::vector<std::string>, precisions, {},
           "precisions served (comma-separated; default: --precision only)");
@@ -183,6 +190,10 @@ int main(int argc, char** argv) {
     options.models[name] = m.substr(eq + 1);
   }
   options.device = absl::GetFlag(FLAGS_device);
+  auto gpus = kiln::node::ParseGpus(absl::GetFlag(FLAGS_gpus));
+  if (!gpus.ok()) return kiln::FailMain(gpus.status());
+  options.gpus = *std::move(gpus);
+  options.group_timeout_seconds = absl::GetFlag(FLAGS_group_timeout_s);
   options.precision = absl::GetFlag(FLAGS_precision);
   options.precisions = absl::GetFlag(FLAGS_precisions);
   options.package_dir = absl::GetFlag(FLAGS_package_dir);

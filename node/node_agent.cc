@@ -83,6 +83,8 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> NodeAgent::Create(
   if (options.device_info.kind().empty()) {
     options.device_info.set_kind(options.device == "cpu" ? "cpu" : "cuda");
   }
+  // A multi-GPU node (--gpus) is one placement target over all its devices.
+  if (!options.gpus.empty()) options.device_info.set_gpu_count(options.gpus.size());
   auto outbox = Outbox::Create();
   if (!outbox.ok()) return outbox.status();
   std::unique_ptr<NodeAgent> agent(new NodeAgent(std::move(options), std::move(catalog),

@@ -1,5 +1,6 @@
 #include "node/node_factory.h"
 
+#include <fstream>
 #include <utility>
 #include <vector>
 
@@ -8,19 +9,79 @@
 #include "common/advertise.h"
 #include "common/files.h"
 #include "common/log.h"
+#include "common/status.h"
 #include "node/catalog.h"
 #include "node/device_probe.h"
+#include "parallel/sequence_parallel_threads.h"
 #include "pipeline/flux_pipeline.h"
 
 namespace kiln::node {
+namespace {
+
+// A Generator over the ranks of a multi-GPU node: each job runs whole on rank 0's thread
+// (encode, the loop over every rank, decode), so the worker's encode stage does nothing ahead.
+class SequenceParallelGenerator : public Generator {
+ public:
+  explicit SequenceParallelGenerator(std::unique_ptr<parallel::SequenceParallelThreads> ranks)
+      : ranks_(std::move(ranks)) {}
+  absl::StatusOr<pipeline::GenerateResult> Generate(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    if (!request.loras.empty()) {
+      return kiln::InvalidField("spec.loras",
+                                "a multi-GPU node (--gpus) does not apply LoRAs yet");
+    }
+    return ranks_->Generate(request, progress);
+  }
+  std::vector<std::string> DigestsFor(int width, int height) const override {
+    return ranks_->DigestsFor(width, height);
+  }
+  std::vector<std::string> LoadedDigests() const override { return ranks_->LoadedDigests(); }
+
+ private:
+  std::unique_ptr<parallel::SequenceParallelThreads> ranks_;
+};
+
+// The transformer's attention heads (its config.json), which Ulysses splits over the ranks;
+// -1 when the config does not say.
+int64_t AttentionHeads(const std::string& model_dir) {
+  std::ifstream in(model_dir + "/transformer/config.json");
+  const nlohmann::json config = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!config.is_object()) return -1;
+  const auto heads = config.find("num_attention_heads");
+  return heads != config.end() && heads->is_number_integer() ? heads->get<int64_t>() : -1;
+}
+
+}  // namespace
+
 absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   if (auto s = options.node.Validate(); !s.ok()) return s;
   ProbeOptions probe;
   probe.device = options.node.device;
   probe.cuda_visible_devices = options.cuda_visible_devices;
-  auto device = ProbeDevice(probe);
-  if (!device.ok()) return device.status();
-  options.node.device_info = *std::move(device);
+  std::vector<std::string> devices = {probe.device};
+  if (!options.node.gpus.empty() && options.node.device != "cpu") {
+    devices = options.node.RankDevices();
+  }
+  // A multi-GPU node: every listed GPU must exist and be the same kind of card (one device
+  // class for placement); the first one's DeviceInfo is registered.
+  for (size_t i = 0; i < devices.size(); ++i) {
+    probe.device = devices[i];
+    auto device = ProbeDevice(probe);
+    if (!device.ok()) {
+      if (options.node.gpus.empty()) return device.status();
+      return absl::Status(device.status().code(),
+                          absl::StrCat("--gpus: ", devices[i], ": ", device.status().message()));
+    }
+    if (i == 0) {
+      options.node.device_info = *std::move(device);
+    } else if (device->name() != options.node.device_info.name() ||
+               device->mig_profile() != options.node.device_info.mig_profile()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--gpus: ", devices[i], " is a ", device->name(), device->mig_profile(), ", ",
+          devices[0], " a ", options.node.device_info.name(),
+          options.node.device_info.mig_profile(), ": a multi-GPU node needs identical GPUs"));
+    }
+  }
 
   NodeProcess process;
   auto metrics = metrics::MetricsServer::Start(options.metrics_address);
@@ -36,6 +97,60 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   if (!agent.ok()) return agent.status();
   process.agent = *std::move(agent);
   return process;
+}
+
+absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
+    const NodeOptions& options, std::shared_ptr<cache::PackageProvider> provider) {
+  const int ranks = static_cast<int>(options.gpus.size());
+  std::vector<std::string> precisions = options.precisions;
+  if (precisions.empty()) precisions.push_back(options.precision);
+  auto catalog = std::make_unique<ModelCatalog>(options.precision, options.resolutions);
+  for (const auto& [name, dir] : options.models) {
+    if (ranks > 1) {
+      const int64_t heads = AttentionHeads(dir);
+      if (heads > 0 && heads % ranks != 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("model ", name, " (", dir, "): its ", heads,
+                         " attention heads do not divide over ", ranks, " ranks (--gpus)"));
+      }
+    }
+    for (const auto& precision : precisions) {
+      pipeline::PipelineOptions po;
+      po.model_dir = dir;
+      po.device = options.device;
+      po.precision = precision;
+      po.resolutions = options.resolutions;
+      po.compile_options = options.compile_options;  // travels with each package request
+      po.lora_dirs = options.lora_dirs;
+      // A directory shared cache also holds LoRAs (a Redis one does not).
+      if (!options.shared_cache_dir.empty() &&
+          options.shared_cache_dir.rfind("redis://", 0) != 0) {
+        po.lora_dirs.push_back(options.shared_cache_dir + "/loras");
+      }
+      const auto failed = [&](const absl::Status& s) {
+        return absl::Status(s.code(), absl::StrCat("model ", name, " (", dir, ", ", precision,
+                                                   "): ", s.message()));
+      };
+      if (ranks > 1) {
+        // The sequence-parallel set of KeyPolicy's key: one rank's regional set of P.
+        po.compile_options["layout"] = "regional";
+        po.compile_options["sequence_parallel"] = ranks;
+        po.lora_dirs.clear();
+        parallel::ThreadsOptions threads;
+        threads.devices = options.RankDevices();
+        threads.timeout_seconds = options.group_timeout_seconds;
+        auto started = parallel::SequenceParallelThreads::Start(threads, po, provider);
+        if (!started.ok()) return failed(started.status());
+        catalog->Add(name, precision,
+                     std::make_unique<SequenceParallelGenerator>(*std::move(started)));
+        continue;
+      }
+      auto p = pipeline::FluxPipeline::Create(po, provider);
+      if (!p.ok()) return failed(p.status());
+      catalog->Add(name, precision, std::make_unique<PipelineGenerator>(*std::move(p)));
+    }
+  }
+  return catalog;
 }
 
 absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
@@ -68,35 +183,11 @@ absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
   if (!opened.ok()) return opened.status();
   std::shared_ptr<cache::TieredPackageProvider> provider = *std::move(opened);
 
-  std::vector<std::string> precisions = options.precisions;
-  if (precisions.empty()) precisions.push_back(options.precision);
-  auto catalog = std::make_unique<ModelCatalog>(options.precision, options.resolutions);
-  for (const auto& [name, dir] : options.models) {
-    for (const auto& precision : precisions) {
-      pipeline::PipelineOptions po;
-      po.model_dir = dir;
-      po.device = options.device;
-      po.precision = precision;
-      po.resolutions = options.resolutions;
-      po.compile_options = options.compile_options;  // travels with each package request
-      po.lora_dirs = options.lora_dirs;
-      // A directory shared cache also holds LoRAs (a Redis one does not).
-      if (!options.shared_cache_dir.empty() &&
-          options.shared_cache_dir.rfind("redis://", 0) != 0) {
-        po.lora_dirs.push_back(options.shared_cache_dir + "/loras");
-      }
-      auto p = pipeline::FluxPipeline::Create(po, provider);
-      if (!p.ok()) {
-        return absl::Status(p.status().code(),
-                            absl::StrCat("model ", name, " (", dir, ", ", precision,
-                                         "): ", p.status().message()));
-      }
-      catalog->Add(name, precision, std::make_unique<PipelineGenerator>(*std::move(p)));
-    }
-  }
+  auto catalog = CreateNodeCatalog(options, provider);
+  if (!catalog.ok()) return catalog.status();
   // The inventory is the provider's local store; the aliasing pointer keeps the provider alive.
   std::shared_ptr<const cache::LocalDiskStore> packages(provider, &provider->local());
-  return NodeAgent::Create(std::move(options), std::move(catalog), std::move(packages), registry,
+  return NodeAgent::Create(std::move(options), *std::move(catalog), std::move(packages), registry,
                            clock);
 }
 

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "cache/package_provider.h"
 #include "common/clock.h"
 #include "metrics/metrics_server.h"
 #include "node/gpu_telemetry.h"
@@ -55,6 +56,17 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options);
 // configs and tokenizers only (weights and packages load on the first job). InvalidArgument for
 // bad options (naming the field) or no models; the pipeline's error, naming the model, for an
 // unusable repository; the stores' errors for an unusable package directory.
+// The catalog CreateNodeAgent serves: one generator per served (model, precision) over
+// `provider`. With options.gpus, each is a sequence-parallel generator: one rank thread per
+// device (parallel/sequence_parallel_threads.h), its group up and every rank's pipeline made
+// before this returns, the package set asked for with compile_options' `sequence_parallel` =
+// the rank count and the regional layout (set here); LoRA jobs are refused (INVALID_ARGUMENT,
+// spec.loras: the followers would not apply them). Errors name the model: InvalidArgument for a
+// model whose attention heads do not divide over the ranks, the group's error for one that does
+// not come up.
+absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
+    const NodeOptions& options, std::shared_ptr<cache::PackageProvider> provider);
+
 absl::StatusOr<std::unique_ptr<NodeAgent>> CreateNodeAgent(NodeOptions options,
                                                            prometheus::Registry& registry,
                                                            const Clock* clock = nullptr);

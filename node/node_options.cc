@@ -1,10 +1,13 @@
 #include "node/node_options.h"
 
 #include <algorithm>
+#include <set>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "cache/artifact_key.h"
 #include "node/device_probe.h"
 
@@ -50,6 +53,31 @@ absl::Status NodeOptions::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("device '", device, "': want cpu, cuda or cuda:N"));
   }
+  if (!gpus.empty()) {
+    if (gpus.size() < 2 || gpus.size() > static_cast<size_t>(kMaxGpus)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gpus: ", gpus.size(), " device(s); a multi-GPU node has 2..", kMaxGpus,
+                       " (one device: --device cuda:N without --gpus)"));
+    }
+    std::set<int> seen;
+    for (int g : gpus) {
+      if (g < 0) return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " is negative"));
+      if (!seen.insert(g).second) {
+        return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " is listed twice"));
+      }
+    }
+    if (device != "cpu" && device != "cuda") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gpus: needs --device cpu or cuda (the list names the GPUs), not '", device, "'"));
+    }
+    if (batching.max_batch > 1) {
+      return absl::InvalidArgumentError(
+          "gpus: a multi-GPU node runs one job at a time over its GPUs; --max_batch must be 1");
+    }
+    if (!(group_timeout_seconds > 0)) {
+      return absl::InvalidArgumentError("group_timeout_seconds: must be > 0");
+    }
+  }
   auto check_precision = [&](const std::string& p, const char* field) -> absl::Status {
     if (std::find(cache::kPrecisions.begin(), cache::kPrecisions.end(), p) ==
         cache::kPrecisions.end()) {
@@ -93,6 +121,36 @@ absl::Status NodeOptions::Validate() const {
     return absl::InvalidArgumentError("disk_check_interval_ms: must be > 0");
   }
   return absl::OkStatus();
+}
+
+std::vector<std::string> NodeOptions::RankDevices() const {
+  std::vector<std::string> out;
+  for (int g : gpus) out.push_back(device == "cpu" ? "cpu" : absl::StrCat("cuda:", g));
+  return out;
+}
+
+absl::StatusOr<std::vector<int>> ParseGpus(const std::string& text) {
+  std::vector<int> out;
+  if (text.empty()) return out;
+  int n = 0;
+  for (absl::string_view entry : absl::StrSplit(text, ',')) {
+    ++n;
+    int g = -1;
+    if (entry.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--gpus '", text, "': entry ", n, " is empty"));
+    }
+    if (!absl::SimpleAtoi(entry, &g) || g < 0 || entry[0] == '+' || entry[0] == ' ') {
+      return absl::InvalidArgumentError(absl::StrCat("--gpus '", text, "': entry ", n, " '",
+                                                     entry, "' is not a device index (0, 1, ...)"));
+    }
+    if (std::find(out.begin(), out.end(), g) != out.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--gpus '", text, "': device ", g, " is listed twice"));
+    }
+    out.push_back(g);
+  }
+  return out;
 }
 
 int NodeOptions::AdvertisedJobSlots() const {

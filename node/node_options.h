@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "common/curve_keys.h"
 #include "common/proto/kiln.pb.h"
 #include "node/coordinator_link.h"
@@ -23,6 +24,18 @@ struct NodeOptions {
   std::string coordinator;  // the coordinator's node socket: "tcp://HOST:PORT" (ipc://, inproc://)
   std::map<std::string, std::string> models;  // served model name → diffusers-layout repository
   std::string device = "cpu";                 // pipeline device: "cpu", "cuda", "cuda:N"
+  // kiln-node --gpus: the device indices one node spreads each job over (sequence parallel, one
+  // rank per entry, rank 0 first; docs/multi_gpu.md); it registers once, with
+  // DeviceInfo.gpu_count = their number. With device "cuda" the ranks run on cuda:<index>; with
+  // "cpu" each entry is one CPU rank (the indices only count). Empty: the one `device`.
+  std::vector<int> gpus;
+  static constexpr int kMaxGpus = 16;  // the coordinator's kMaxGpusPerNode: one host's
+  // Multi-GPU nodes: bounds the rank group's join and each collective (a follower's wait for a
+  // job's header included, so above the longest encode and package compile), seconds.
+  double group_timeout_seconds = 600;
+  // The devices of the ranks: {"cuda:0", "cuda:1"} for device "cuda" and gpus {0, 1}; {"cpu",
+  // "cpu"} for "cpu"; empty without gpus.
+  std::vector<std::string> RankDevices() const;
   std::string precision = "fp32";             // for jobs whose precision is ""
   std::vector<std::string> precisions;        // served precisions; empty = {precision}
   std::vector<pipeline::Resolution> resolutions = pipeline::DefaultResolutions();  // allowed
@@ -70,5 +83,10 @@ struct NodeOptions {
 
   absl::Status Validate() const;  // InvalidArgument naming the field
 };
+
+// kiln-node --gpus: "0,1,3" → {0, 1, 3}. InvalidArgument naming --gpus for an empty entry, one
+// that is not a non-negative integer, or a duplicate. "" → {} (one device). NodeOptions::
+// Validate checks the rest (count, device).
+absl::StatusOr<std::vector<int>> ParseGpus(const std::string& text);
 
 }  // namespace kiln::node

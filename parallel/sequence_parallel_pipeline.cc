@@ -12,7 +12,7 @@
 namespace kiln::parallel {
 namespace {
 
-constexpr int64_t kStop = 0, kJob = 1;
+constexpr int64_t kStop = 0, kJob = 1, kIdle = 2;
 constexpr size_t kMaxMessage = 4096;  // bytes of rank 0's error sent to the followers
 
 }  // namespace
@@ -142,12 +142,24 @@ absl::Status SequenceParallelPipeline::Stop() {
   return group_.Broadcast(header);
 }
 
+absl::Status SequenceParallelPipeline::KeepAlive() {
+  if (rank() != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("sequence parallel: KeepAlive on rank ", rank(), "; only rank 0 leads"));
+  }
+  at::Tensor header = torch::tensor({kIdle, int64_t{0}, int64_t{0}, int64_t{0}},
+                                    torch::dtype(torch::kLong));
+  return group_.Broadcast(header);
+}
+
 absl::Status SequenceParallelPipeline::Follow() {
   if (rank() == 0) {
     return absl::FailedPreconditionError("sequence parallel: Follow on rank 0, which leads");
   }
   at::Tensor header = torch::zeros({4}, torch::dtype(torch::kLong));
-  if (auto s = group_.Broadcast(header); !s.ok()) return s;
+  do {
+    if (auto s = group_.Broadcast(header); !s.ok()) return s;
+  } while (header.data_ptr<int64_t>()[0] == kIdle);
   const int64_t* h = header.data_ptr<int64_t>();
   if (h[0] == kStop) return absl::OutOfRangeError("sequence parallel: rank 0 stopped");
   met_ = false;

@@ -62,6 +62,10 @@ class SequenceParallelPipeline {
                                                     const pipeline::ProgressFn& progress = {});
   // Rank 0: tells the followers there are no more jobs (their Follow returns OutOfRange).
   absl::Status Stop();
+  // Rank 0, between jobs: a header that is no job (the followers' Follow goes on waiting), so
+  // that a follower of an idle node is not failed by the group's timeout. Sent more often than
+  // the timeout (parallel/sequence_parallel_threads.h does).
+  absl::Status KeepAlive();
   // Ranks other than 0: serves rank 0's next job and returns when its loop ended here. OK: the
   // job's denoise ran. OutOfRange: rank 0 stopped. Aborted: rank 0 failed the job before its
   // loop (its message included). This rank's own error as it is (e.g. NotFound for a missing

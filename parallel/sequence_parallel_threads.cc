@@ -1,0 +1,236 @@
+#include "parallel/sequence_parallel_threads.h"
+
+#include <optional>
+#include <thread>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/log.h"
+#include "parallel/process_group.h"
+#include "parallel/sequence_parallel_pipeline.h"
+
+namespace kiln::parallel {
+
+struct SequenceParallelThreads::State {
+  // A job handed to rank 0's thread; lives on the caller's stack until `result` is set.
+  struct Job {
+    const pipeline::GenerateRequest* request;
+    const pipeline::ProgressFn* progress;
+    std::optional<absl::StatusOr<pipeline::GenerateResult>> result;
+  };
+  enum class Go { kWait, kRun, kQuit };
+
+  ThreadsOptions options;
+  pipeline::PipelineOptions pipeline;
+  std::shared_ptr<cache::PackageProvider> provider;
+  std::vector<std::thread> threads;  // started and joined by the owning object's thread
+
+  absl::Mutex generate_mu;  // one Generate at a time
+  absl::Mutex mu;
+  std::vector<std::optional<absl::Status>> started ABSL_GUARDED_BY(mu);  // per rank
+  int port ABSL_GUARDED_BY(mu) = -1;  // rank 0's store, once it listens
+  Go go ABSL_GUARDED_BY(mu) = Go::kWait;
+  bool stopping ABSL_GUARDED_BY(mu) = false;
+  Job* job ABSL_GUARDED_BY(mu) = nullptr;
+  pipeline::FluxPipeline* rank0 = nullptr;  // set before Start returns; owned by rank 0's thread
+};
+
+namespace {
+
+using State = SequenceParallelThreads::State;
+
+void Lead(State& st, SequenceParallelPipeline& sp) {
+  const absl::Duration idle = absl::Seconds(st.options.timeout_seconds / 4);
+  for (;;) {
+    State::Job* job = nullptr;
+    {
+      absl::MutexLock lock(&st.mu);
+      st.mu.AwaitWithTimeout(
+          absl::Condition(
+              +[](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) {
+                return s->job != nullptr || s->stopping;
+              },
+              &st),
+          idle);
+      job = st.job;
+      if (job == nullptr && st.stopping) break;
+    }
+    if (job == nullptr) {
+      if (auto s = sp.KeepAlive(); !s.ok()) {
+        LogWarning("parallel", absl::StrCat("sequence parallel keep-alive: ", s.message()));
+      }
+      continue;
+    }
+    auto result = sp.Generate(*job->request, *job->progress);
+    absl::MutexLock lock(&st.mu);
+    job->result = std::move(result);
+    st.job = nullptr;
+  }
+  if (auto s = sp.Stop(); !s.ok()) {
+    LogWarning("parallel", absl::StrCat("sequence parallel stop: ", s.message()));
+  }
+}
+
+void FollowLoop(State& st, SequenceParallelPipeline& sp) {
+  for (;;) {
+    const absl::Status s = sp.Follow();
+    if (absl::IsOutOfRange(s)) return;
+    if (s.ok()) continue;
+    // The job failed here (its reason is also rank 0's); the ranks are still in step, unless
+    // a collective failed, in which case the next one fails too, within the timeout.
+    LogWarning("parallel", absl::StrCat("sequence parallel rank ", sp.rank(), ": ", s.message()));
+    absl::MutexLock lock(&st.mu);
+    if (st.stopping) return;
+  }
+}
+
+void RankMain(std::shared_ptr<State> st, int rank) {
+  torch::NoGradGuard no_grad;
+  GroupOptions o;
+  o.world_size = static_cast<int>(st->options.devices.size());
+  o.rank = rank;
+  o.device = st->options.devices[rank];
+  o.timeout_seconds = st->options.timeout_seconds;
+  absl::Status error;
+  if (rank == 0) {
+    o.on_listen = [&](int port) {
+      absl::MutexLock lock(&st->mu);
+      st->port = port;
+    };
+  } else {
+    absl::MutexLock lock(&st->mu);
+    auto ready = [](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) {
+      return s->port >= 0 || s->started[0].has_value();
+    };
+    st->mu.AwaitWithTimeout(absl::Condition(+ready, st.get()),
+                            absl::Seconds(st->options.timeout_seconds));
+    if (st->port >= 0) {
+      o.port = st->port;
+    } else {
+      error = absl::DeadlineExceededError("rank 0's store never listened");
+    }
+  }
+  std::unique_ptr<ProcessGroup> group;
+  std::unique_ptr<SequenceParallelPipeline> sp;
+  if (error.ok()) {
+    auto created = ProcessGroup::Create(o);
+    if (created.ok()) {
+      group = *std::move(created);
+    } else {
+      error = created.status();
+    }
+  }
+  if (error.ok()) {
+    pipeline::PipelineOptions po = st->pipeline;
+    po.device = o.device;
+    auto created = SequenceParallelPipeline::Create(*group, std::move(po), st->provider);
+    if (created.ok()) {
+      sp = *std::move(created);
+    } else {
+      error = created.status();
+    }
+  }
+  State::Go go;
+  {
+    absl::MutexLock lock(&st->mu);
+    if (rank == 0 && sp != nullptr) st->rank0 = &sp->pipeline();
+    st->started[rank] = error;
+    st->mu.Await(absl::Condition(
+        +[](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) { return s->go != State::Go::kWait; },
+        st.get()));
+    go = st->go;
+  }
+  if (go == State::Go::kRun) {
+    if (rank == 0) {
+      Lead(*st, *sp);
+    } else {
+      FollowLoop(*st, *sp);
+    }
+  }
+  // sp, then group (it unregisters from this thread's registry), on this thread.
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SequenceParallelThreads>> SequenceParallelThreads::Start(
+    const ThreadsOptions& options, const pipeline::PipelineOptions& pipeline,
+    std::shared_ptr<cache::PackageProvider> provider) {
+  if (options.devices.empty()) {
+    return absl::InvalidArgumentError("sequence parallel: no devices");
+  }
+  if (!(options.timeout_seconds > 0)) {
+    return absl::InvalidArgumentError("sequence parallel: timeout_seconds must be > 0");
+  }
+  c10d::set_thread_isolation_mode(true);
+  auto st = std::make_shared<State>();
+  st->options = options;
+  st->pipeline = pipeline;
+  st->provider = std::move(provider);
+  const int world = static_cast<int>(options.devices.size());
+  st->started.resize(world);
+  for (int r = 0; r < world; ++r) st->threads.emplace_back(RankMain, st, r);
+
+  absl::Status error;
+  {
+    absl::MutexLock lock(&st->mu);
+    st->mu.Await(absl::Condition(
+        +[](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) {
+          for (const auto& started : s->started) {
+            if (!started.has_value()) return false;
+          }
+          return true;
+        },
+        st.get()));
+    for (int r = 0; r < world && error.ok(); ++r) {
+      if (!st->started[r]->ok()) {
+        error = absl::Status(st->started[r]->code(),
+                             absl::StrCat("sequence parallel rank ", r, " (",
+                                          options.devices[r], "): ", st->started[r]->message()));
+      }
+    }
+    st->go = error.ok() ? State::Go::kRun : State::Go::kQuit;
+  }
+  if (!error.ok()) {
+    for (auto& t : st->threads) t.join();
+    return error;
+  }
+  return std::unique_ptr<SequenceParallelThreads>(new SequenceParallelThreads(std::move(st)));
+}
+
+SequenceParallelThreads::~SequenceParallelThreads() {
+  {
+    absl::MutexLock lock(&state_->mu);
+    state_->stopping = true;
+  }
+  for (auto& t : state_->threads) t.join();
+}
+
+absl::StatusOr<pipeline::GenerateResult> SequenceParallelThreads::Generate(
+    const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
+  absl::MutexLock serial(&state_->generate_mu);
+  State::Job job{&request, &progress, std::nullopt};
+  absl::MutexLock lock(&state_->mu);
+  if (state_->stopping) {
+    return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
+  }
+  state_->job = &job;
+  state_->mu.Await(absl::Condition(
+      +[](State::Job* j) { return j->result.has_value(); }, &job));
+  return *std::move(job.result);
+}
+
+std::vector<std::string> SequenceParallelThreads::DigestsFor(int width, int height) const {
+  return state_->rank0->DigestsFor(width, height);
+}
+
+std::vector<std::string> SequenceParallelThreads::LoadedDigests() const {
+  return state_->rank0->LoadedDigests();
+}
+
+int SequenceParallelThreads::world_size() const {
+  return static_cast<int>(state_->options.devices.size());
+}
+
+}  // namespace kiln::parallel

@@ -1,0 +1,72 @@
+// SequenceParallelThreads: the P ranks of a multi-device node (kiln-node --gpus, issue 15,
+// docs/multi_gpu.md) as threads of the node process, one per device, each with its own
+// ProcessGroup (c10d's thread isolation mode: each thread registers its group under the name
+// the packages resolve, "0") and its own SequenceParallelPipeline. Rank 0's thread runs the
+// jobs handed to Generate(); the others wait in SequenceParallelPipeline::Follow.
+//
+// This header names no LibTorch type, so node/ (which must not see LibTorch's include
+// directories) can hold one per served (model, precision).
+//
+// Threads: Start and the destructor on one thread; Generate from any thread (callers are
+// served one at a time, in arrival order); DigestsFor and LoadedDigests from any thread. The
+// object owns and joins its P threads. Start turns c10d's thread isolation mode on for the
+// process and leaves it on (a process group registered by one thread is then invisible to the
+// others: kiln-node registers groups only here).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "cache/package_provider.h"
+#include "pipeline/flux_pipeline.h"
+
+namespace kiln::parallel {
+
+struct ThreadsOptions {
+  // One entry per rank, the device its thread runs on: "cpu" (gloo) or "cuda:<index>" (NCCL).
+  // Rank 0 is the first. At least one.
+  std::vector<std::string> devices;
+  // Bounds the group's join and each of its collectives, seconds; a follower waits for the next
+  // job's header within it, so it must exceed rank 0's longest encode (a compile on a package
+  // miss included). Rank 0 sends a keep-alive after a quarter of it without a job.
+  double timeout_seconds = 600;
+};
+
+class SequenceParallelThreads {
+ public:
+  // Starts one thread per device; each joins the group (TCPStore on loopback, ephemeral port)
+  // and creates its SequenceParallelPipeline from `options` (pipeline.device is replaced by the
+  // rank's device; compile_options must carry sequence_parallel = P and the regional layout,
+  // as SequenceParallelPipeline::Create checks). Returns when every rank is ready; the first
+  // rank's error otherwise (e.g. Unimplemented: no gloo in this build; FailedPrecondition: a
+  // set for another rank count; DeadlineExceeded: a rank that never joined), after every
+  // thread has ended.
+  static absl::StatusOr<std::unique_ptr<SequenceParallelThreads>> Start(
+      const ThreadsOptions& options, const pipeline::PipelineOptions& pipeline,
+      std::shared_ptr<cache::PackageProvider> provider);
+  // Stops the followers (SequenceParallelPipeline::Stop) and joins every thread.
+  ~SequenceParallelThreads();
+  SequenceParallelThreads(const SequenceParallelThreads&) = delete;
+  SequenceParallelThreads& operator=(const SequenceParallelThreads&) = delete;
+
+  // One job over every rank, run on rank 0's thread (SequenceParallelPipeline::Generate);
+  // blocks until it ends. `progress` is called on rank 0's thread. FailedPrecondition once the
+  // object is stopping.
+  absl::StatusOr<pipeline::GenerateResult> Generate(const pipeline::GenerateRequest& request,
+                                                    const pipeline::ProgressFn& progress);
+  // Rank 0's pipeline's (its set: the text encoders, the VAE, one rank's transformer set).
+  std::vector<std::string> DigestsFor(int width, int height) const;
+  std::vector<std::string> LoadedDigests() const;
+  int world_size() const;
+
+  struct State;  // shared with the rank threads (sequence_parallel_threads.cc)
+
+ private:
+  explicit SequenceParallelThreads(std::shared_ptr<State> state) : state_(std::move(state)) {}
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace kiln::parallel

@@ -1,0 +1,249 @@
+// A multi-GPU node (NodeOptions::gpus, kiln-node --gpus; docs/multi_gpu.md) on the CPU: two CPU
+// ranks, threads of this process (parallel/sequence_parallel_threads.h). Its catalog
+// (CreateNodeCatalog) makes the flux-tiny image of a single-rank node with the regional layout,
+// within the sequence-parallel pipeline test's tolerance; the agent over it registers once with
+// DeviceInfo.gpu_count 2 and answers a job over the socket. A model whose heads do not divide
+// over the ranks, and a group that cannot come up, are refused at start with a sentence.
+//
+// Fixtures (scripts/test.sh): packages-regional (every component of the 256x256 bucket, the
+// transformer as a regional set) and packages-sp (the transformer set of 2 ranks): the ranks'
+// provider reads packages-sp first, then packages-regional, as in
+// tests/parallel/sequence_parallel_pipeline_test.cc, whose tolerance this test uses (1 level
+// of 255 on at most 1e-3 of the bytes: fp32 reductions reordered, then the 8-bit rounding).
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <optional>
+#include <zmq.hpp>
+#include <zmq_addon.hpp>
+
+#include "common/wire.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "node/node_agent.h"
+#include "node/node_factory.h"
+#include "tests/pipeline/fixture_provider.h"
+
+namespace kiln::node {
+namespace {
+namespace fs = std::filesystem;
+using ::testing::HasSubstr;
+
+constexpr int kMaxByteDiff = 1;
+constexpr double kMaxDifferingFraction = 1e-3;
+
+// The components not in `first` come from `second`.
+class ChainProvider : public cache::PackageProvider {
+ public:
+  ChainProvider(std::shared_ptr<cache::PackageProvider> first,
+                std::shared_ptr<cache::PackageProvider> second)
+      : first_(std::move(first)), second_(std::move(second)) {}
+  absl::StatusOr<cache::ProvidedPackage> Get(const cache::PackageRequest& request) override {
+    auto got = first_->Get(request);
+    if (got.ok() || !absl::IsNotFound(got.status())) return got;
+    return second_->Get(request);
+  }
+  bool can_compile() const override { return false; }
+
+ private:
+  std::shared_ptr<cache::PackageProvider> first_, second_;
+};
+
+class MultiGpuNodeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string data = kiln::testing::EnvOrEmpty("KILN_TESTDATA");
+    if (data.empty()) GTEST_SKIP() << "KILN_TESTDATA not set (ctest)";
+    if (!fs::is_directory(data + "/packages-regional") ||
+        !fs::is_directory(data + "/packages-sp")) {
+      GTEST_SKIP() << "needs packages-regional and packages-sp in " << data
+                   << " (scripts/test.sh makes them)";
+    }
+    model_ = data + "/flux-tiny";
+  }
+
+  NodeOptions Options(std::vector<int> gpus) {
+    NodeOptions o;
+    o.node_id = "node-sp";
+    o.coordinator = "tcp://127.0.0.1:1";
+    o.models = {{"flux-tiny", model_}};
+    o.resolutions = {{256, 256}};
+    o.package_dir = ::testing::TempDir() + "/multi_gpu_node_test_packages";
+    o.allow_compile = false;
+    o.gpus = std::move(gpus);
+    o.group_timeout_seconds = 30;
+    return o;
+  }
+  std::shared_ptr<cache::PackageProvider> SpProvider() {
+    return std::make_shared<ChainProvider>(kiln::testing::FixtureProvider("packages-sp"),
+                                           kiln::testing::FixtureProvider("packages-regional"));
+  }
+  static kiln::v1::JobSpec Spec(const std::string& id) {
+    kiln::v1::JobSpec spec;
+    spec.set_job_id(id);
+    spec.set_model("flux-tiny");
+    spec.set_prompt("a lighthouse on a cliff at dusk");
+    spec.set_width(256);
+    spec.set_height(256);
+    spec.set_steps(2);
+    spec.set_seed(7);
+    return spec;
+  }
+  // The catalog's image for Spec (the worker's call: Plan, then the generator).
+  static absl::StatusOr<pipeline::GenerateResult> Image(const ModelCatalog& catalog) {
+    auto plan = catalog.Plan(Spec("j"));
+    if (!plan.ok()) return plan.status();
+    return plan->generator->Generate(plan->request, nullptr);
+  }
+
+  std::string model_;
+};
+
+TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
+  // The reference: a single-device node with the regional layout.
+  NodeOptions single = Options({});
+  single.compile_options["layout"] = "regional";
+  std::vector<uint8_t> want;
+  {
+    auto catalog = CreateNodeCatalog(single, kiln::testing::FixtureProvider("packages-regional"));
+    ASSERT_TRUE(catalog.ok()) << catalog.status();
+    auto image = Image(**catalog);
+    ASSERT_TRUE(image.ok()) << image.status();
+    want = image->rgb;
+  }
+
+  const NodeOptions options = Options({0, 1});
+  auto catalog = CreateNodeCatalog(options, SpProvider());
+  ASSERT_TRUE(catalog.ok()) << catalog.status();
+  // The advertised set is the sequence-parallel one: another transformer key than the
+  // single-rank node's.
+  auto single_sets = CreateNodeCatalog(single, SpProvider());
+  ASSERT_TRUE(single_sets.ok()) << single_sets.status();
+  const auto sp_digests = (*catalog)->PackageSets().at("flux-tiny/fp32/256x256");
+  const auto one_digests = (*single_sets)->PackageSets().at("flux-tiny/fp32/256x256");
+  ASSERT_EQ(sp_digests.size(), one_digests.size());
+  EXPECT_NE(sp_digests, one_digests);
+  single_sets->reset();
+
+  auto got = Image(**catalog);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->rgb.size(), want.size());
+  int max_diff = 0;
+  size_t differing = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const int d = std::abs(int{got->rgb[i]} - int{want[i]});
+    max_diff = std::max(max_diff, d);
+    differing += d != 0;
+  }
+  std::cout << "[multi-gpu node] 2 cpu ranks vs 1: max byte diff " << max_diff << ", "
+            << differing << " of " << want.size() << " bytes differ" << std::endl;
+  EXPECT_LE(max_diff, kMaxByteDiff);
+  EXPECT_LE(static_cast<double>(differing) / want.size(), kMaxDifferingFraction);
+  // A different seed is a different image: the comparison can fail.
+  {
+    auto plan = (*catalog)->Plan(Spec("other"));
+    ASSERT_TRUE(plan.ok());
+    plan->request.seed = 8;
+    auto other = plan->generator->Generate(plan->request, nullptr);
+    ASSERT_TRUE(other.ok()) << other.status();
+    size_t other_differing = 0;
+    for (size_t i = 0; i < want.size(); ++i) other_differing += other->rgb[i] != want[i];
+    EXPECT_GT(static_cast<double>(other_differing) / want.size(), 0.5);
+  }
+  // LoRAs are refused: the followers would not apply them.
+  {
+    kiln::v1::JobSpec lora = Spec("lora");
+    auto* l = lora.add_loras();
+    l->set_name("style");
+    l->set_scale(1);
+    auto plan = (*catalog)->Plan(lora);
+    ASSERT_TRUE(plan.ok()) << plan.status();
+    auto refused = plan->generator->Generate(plan->request, nullptr);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr("spec.loras"));
+  }
+
+  // The agent over the catalog: one registration with gpu_count 2, and a job over the socket.
+  zmq::context_t context;
+  zmq::socket_t router(context, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  router.bind("tcp://127.0.0.1:*");
+  NodeOptions agent_options = options;
+  agent_options.coordinator = router.get(zmq::sockopt::last_endpoint);
+  agent_options.link.heartbeat_interval_ms = 100;
+  prometheus::Registry registry;
+  auto agent = NodeAgent::Create(agent_options, *std::move(catalog), nullptr, registry);
+  ASSERT_TRUE(agent.ok()) << agent.status();
+  ASSERT_TRUE((*agent)->Start().ok());
+  auto expect = [&](kiln::v1::Envelope::BodyCase body) -> std::optional<kiln::v1::Envelope> {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (std::chrono::steady_clock::now() < deadline) {
+      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(20));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames;
+      (void)zmq::recv_multipart(router, std::back_inserter(frames));
+      auto env = Decode(frames.back().to_string_view());
+      if (!env.ok()) continue;
+      if (env->has_heartbeat()) {
+        kiln::v1::Envelope hb;
+        hb.mutable_heartbeat();
+        router.send(zmq::buffer(std::string("node-sp")), zmq::send_flags::sndmore);
+        router.send(zmq::buffer(Encode(hb)));
+      }
+      if (env->body_case() == body) return *env;
+    }
+    return std::nullopt;
+  };
+  auto send = [&](const kiln::v1::Envelope& env) {
+    router.send(zmq::buffer(std::string("node-sp")), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(Encode(env)));
+  };
+  auto reg = expect(kiln::v1::Envelope::kRegisterNode);
+  ASSERT_TRUE(reg);
+  EXPECT_EQ(reg->register_node().info().device().gpu_count(), 2u);
+  EXPECT_EQ(reg->register_node().info().device().kind(), "cpu");
+  EXPECT_EQ(reg->register_node().info().package_sets().at("flux-tiny/fp32/256x256").digests_size(),
+            static_cast<int>(sp_digests.size()));
+  kiln::v1::Envelope ack;
+  ack.mutable_register_ack()->set_heartbeat_interval_ms(100);
+  send(ack);
+  kiln::v1::Envelope assign;
+  *assign.mutable_assign()->mutable_spec() = Spec("j1");
+  assign.mutable_assign()->set_attempt(1);
+  send(assign);
+  std::optional<kiln::v1::Envelope> result;
+  while ((result = expect(kiln::v1::Envelope::kResult)) && result->result().job_id() != "j1") {
+  }
+  ASSERT_TRUE(result);
+  EXPECT_TRUE(result->result().ok()) << result->result().error();
+  EXPECT_EQ(result->result().png().substr(1, 3), "PNG");
+  (*agent)->Stop();
+  (*agent)->Wait();
+  EXPECT_TRUE((*agent)->status().ok()) << (*agent)->status();
+}
+
+TEST_F(MultiGpuNodeTest, RanksTheModelCannotTakeAreRefusedAtStart) {
+  // flux-tiny has 2 attention heads: 4 ranks cannot split them (nothing is started).
+  auto four = CreateNodeCatalog(Options({0, 1, 2, 3}), SpProvider());
+  EXPECT_EQ(four.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(four.status().message()),
+              HasSubstr("model flux-tiny (" + model_ +
+                        "): its 2 attention heads do not divide over 4 ranks (--gpus)"));
+}
+
+TEST_F(MultiGpuNodeTest, AGroupThatCannotComeUpIsRefusedAtStart) {
+  // CUDA ranks in this CPU build: the group is refused at once, every rank thread ends.
+  NodeOptions cuda = Options({0, 1});
+  cuda.device = "cuda";
+  const auto start = std::chrono::steady_clock::now();
+  auto catalog = CreateNodeCatalog(cuda, SpProvider());
+  EXPECT_FALSE(catalog.ok());
+  EXPECT_THAT(std::string(catalog.status().message()),
+              HasSubstr("model flux-tiny (" + model_ + ", fp32): sequence parallel rank 0 (cuda:0)"));
+  std::cout << "[multi-gpu node] refused: " << catalog.status() << std::endl;
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+}
+
+}  // namespace
+}  // namespace kiln::node
