@@ -5,6 +5,7 @@
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <utility>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/log.h"
@@ -33,6 +34,8 @@ struct SequenceParallelThreads::State {
   int port ABSL_GUARDED_BY(mu) = -1;  // rank 0's store, once it listens
   Go go ABSL_GUARDED_BY(mu) = Go::kWait;
   bool stopping ABSL_GUARDED_BY(mu) = false;
+  // A collective failed: the group is not usable again (process_group.h); the first such error.
+  absl::Status broken ABSL_GUARDED_BY(mu);
   Job* job ABSL_GUARDED_BY(mu) = nullptr;
   pipeline::FluxPipeline* rank0 = nullptr;  // set before Start returns; owned by rank 0's thread
 };
@@ -40,6 +43,22 @@ struct SequenceParallelThreads::State {
 namespace {
 
 using State = SequenceParallelThreads::State;
+
+// A collective's own failure (ProcessGroup::Wait's errors), after which the group is unusable;
+// a job's other errors leave the ranks in step.
+bool CollectiveFailed(const absl::Status& s) {
+  return (absl::IsInternal(s) || absl::IsDeadlineExceeded(s)) &&
+         (absl::StrContains(s.message(), ": collective failed (") ||
+          absl::StrContains(s.message(), ": collective not done within "));
+}
+
+// Marks the group broken (once) and logs why; the rank's thread then ends.
+void Break(State& st, const absl::Status& why) {
+  LogError("parallel", absl::StrCat("sequence parallel: the rank group failed, no more jobs "
+                                    "run here (restart the node): ", why.message()));
+  absl::MutexLock lock(&st.mu);
+  if (st.broken.ok()) st.broken = why;
+}
 
 void Lead(State& st, SequenceParallelPipeline& sp) {
   const absl::Duration idle = absl::Seconds(st.options.timeout_seconds / 4);
@@ -59,14 +78,25 @@ void Lead(State& st, SequenceParallelPipeline& sp) {
     }
     if (job == nullptr) {
       if (auto s = sp.KeepAlive(); !s.ok()) {
-        LogWarning("parallel", absl::StrCat("sequence parallel keep-alive: ", s.message()));
+        Break(st, s);
+        // A job handed over meanwhile is answered: no thread would take it.
+        absl::MutexLock lock(&st.mu);
+        if (st.job != nullptr) {
+          st.job->result = absl::UnavailableError(absl::StrCat(
+              "sequence parallel: the rank group failed (restart the node): ", s.message()));
+          st.job = nullptr;
+        }
+        return;
       }
       continue;
     }
     auto result = sp.Generate(*job->request, *job->progress);
-    absl::MutexLock lock(&st.mu);
+    const bool failed = !result.ok() && CollectiveFailed(result.status());
+    if (failed) Break(st, result.status());
+    absl::MutexLock lock(&st.mu);  // Break's lock is released: the job is answered once
     job->result = std::move(result);
     st.job = nullptr;
+    if (failed) return;
   }
   if (auto s = sp.Stop(); !s.ok()) {
     LogWarning("parallel", absl::StrCat("sequence parallel stop: ", s.message()));
@@ -78,8 +108,11 @@ void FollowLoop(State& st, SequenceParallelPipeline& sp) {
     const absl::Status s = sp.Follow();
     if (absl::IsOutOfRange(s)) return;
     if (s.ok()) continue;
-    // The job failed here (its reason is also rank 0's); the ranks are still in step, unless
-    // a collective failed, in which case the next one fails too, within the timeout.
+    if (CollectiveFailed(s)) {
+      Break(st, s);
+      return;
+    }
+    // The job failed here (rank 0 names this rank); the ranks are still in step.
     LogWarning("parallel", absl::StrCat("sequence parallel rank ", sp.rank(), ": ", s.message()));
     absl::MutexLock lock(&st.mu);
     if (st.stopping) return;
@@ -215,7 +248,13 @@ absl::StatusOr<pipeline::GenerateResult> SequenceParallelThreads::Generate(
   if (state_->stopping) {
     return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
   }
+  if (!state_->broken.ok()) {
+    return absl::UnavailableError(absl::StrCat(
+        "sequence parallel: the rank group failed earlier (restart the node): ",
+        state_->broken.message()));
+  }
   state_->job = &job;
+  // Rank 0's thread answers every job it takes; it ends only when broken or stopping.
   state_->mu.Await(absl::Condition(
       +[](State::Job* j) { return j->result.has_value(); }, &job));
   return *std::move(job.result);

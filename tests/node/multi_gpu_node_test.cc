@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
+#include <thread>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -221,6 +222,18 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
   (*agent)->Stop();
   (*agent)->Wait();
   EXPECT_TRUE((*agent)->status().ok()) << (*agent)->status();
+}
+
+// An idle node's followers wait in a collective bounded by the group's timeout: rank 0's
+// keep-alives (every quarter of it) keep them in step, so a job after a long idle spell runs.
+TEST_F(MultiGpuNodeTest, AnIdleNodeOutlivesTheGroupTimeout) {
+  NodeOptions options = Options({0, 1});
+  options.group_timeout_seconds = 1;
+  auto catalog = CreateNodeCatalog(options, SpProvider());
+  ASSERT_TRUE(catalog.ok()) << catalog.status();
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  auto image = Image(**catalog);
+  EXPECT_TRUE(image.ok()) << image.status();
 }
 
 TEST_F(MultiGpuNodeTest, RanksTheModelCannotTakeAreRefusedAtStart) {
