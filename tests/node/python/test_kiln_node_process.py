@@ -477,6 +477,17 @@ def test_compile_options_are_part_of_the_advertised_package_keys(coordinator, no
      "--compile_options"),
     (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--compile_options={"],
      "--compile_options"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--gpus=0,,1"],
+     "--gpus '0,,1': entry 2 is empty"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--gpus=1,1"],
+     "device 1 is listed twice"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--gpus=0,-1"],
+     "entry 2 '-1' is not a device index"),
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--gpus=0,1",
+      "--device=cuda:1"], "gpus: needs --device cpu or cuda"),
+    # flux-tiny has 2 attention heads: 4 ranks cannot share them.
+    (["--coordinator=tcp://127.0.0.1:1", f"--model=flux-tiny={MODEL}", "--gpus=0,1,2,3"],
+     "its 2 attention heads do not divide over 4 ranks (--gpus)"),
 ])
 def test_bad_flags_exit_2_with_a_clear_message(args, message, tmp_path):
     proc = subprocess.run([NODE, f"--package_dir={tmp_path}", "--insecure_plaintext", *args],
