@@ -253,7 +253,8 @@ TEST_F(MultiGpuNodeTest, AGroupThatCannotComeUpIsRefusedAtStart) {
   auto catalog = CreateNodeCatalog(cuda, SpProvider());
   EXPECT_FALSE(catalog.ok());
   EXPECT_THAT(std::string(catalog.status().message()),
-              HasSubstr("model flux-tiny (" + model_ + ", fp32): sequence parallel rank 0 (cuda:0)"));
+              HasSubstr("model flux-tiny (" + model_ +
+                        ", fp32): sequence parallel rank 0 (cuda:0)"));
   std::cout << "[multi-gpu node] refused: " << catalog.status() << std::endl;
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
