@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <functional>
 #include <cstring>
 #include <fstream>
 #include <vector>
@@ -385,6 +386,51 @@ absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevice(const ProbeOptions& options) {
         " (run with --device cpu on machines without a GPU)"));
   }
   return ProbeDevice(options, *api);
+}
+
+namespace {
+
+absl::StatusOr<kiln::v1::DeviceInfo> ProbeEach(
+    const std::vector<std::string>& devices, ProbeOptions options,
+    const std::function<absl::StatusOr<kiln::v1::DeviceInfo>(const ProbeOptions&)>& probe) {
+  if (devices.empty()) return absl::InvalidArgumentError("--gpus: no devices");
+  kiln::v1::DeviceInfo first;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    if (i > 0 && devices[i] == "cpu") continue;  // CPU ranks share the one CPU
+    options.device = devices[i];
+    auto info = probe(options);
+    if (!info.ok()) {
+      return absl::Status(info.status().code(), absl::StrCat("--gpus: ", devices[i], ": ",
+                                                             info.status().message()));
+    }
+    if (i == 0) {
+      first = *std::move(info);
+    } else if (info->name() != first.name() || info->mig_profile() != first.mig_profile()) {
+      const auto what = [](const kiln::v1::DeviceInfo& d) {
+        return d.mig_profile().empty() ? d.name() : absl::StrCat(d.name(), " ", d.mig_profile());
+      };
+      return absl::FailedPreconditionError(absl::StrCat(
+          "--gpus: ", devices[i], " is a ", what(*info), ", ", devices[0], " a ", what(first),
+          ": a multi-GPU node needs identical GPUs"));
+    }
+  }
+  first.set_gpu_count(static_cast<uint32_t>(devices.size()));
+  return first;
+}
+
+}  // namespace
+
+absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevices(const std::vector<std::string>& devices,
+                                                  const ProbeOptions& options,
+                                                  const nvml::Api* nvml) {
+  return ProbeEach(devices, options,
+                   [nvml](const ProbeOptions& o) { return ProbeDevice(o, nvml); });
+}
+
+absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevices(const std::vector<std::string>& devices,
+                                                  const ProbeOptions& options) {
+  return ProbeEach(devices, options,
+                   [](const ProbeOptions& o) { return ProbeDevice(o); });
 }
 
 kiln::v1::Toolchain BuildToolchain() {

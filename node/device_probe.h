@@ -14,6 +14,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/proto/kiln.pb.h"
@@ -43,6 +44,18 @@ absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevice(const ProbeOptions& options,
 
 // ProbeDevice with NVML loaded on demand (only for cuda devices).
 absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevice(const ProbeOptions& options);
+
+// A multi-GPU node (kiln-node --gpus): every device of `devices` ("cuda:N", or "cpu" entries,
+// which are probed once) as ProbeDevice probes options.device, the first one's DeviceInfo
+// returned with gpu_count = devices.size(). ProbeDevice's errors prefixed with "--gpus: <device>:
+// " (NotFound for a GPU that does not exist); FailedPrecondition for a GPU whose name or MIG
+// profile differs from the first's (one device class per node).
+absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevices(const std::vector<std::string>& devices,
+                                                  const ProbeOptions& options,
+                                                  const nvml::Api* nvml);
+// ProbeDevices with NVML loaded on demand.
+absl::StatusOr<kiln::v1::DeviceInfo> ProbeDevices(const std::vector<std::string>& devices,
+                                                  const ProbeOptions& options);
 
 // MIG profile name in NVIDIA's notation from slice counts and memory: "3g.40gb", "1c.3g.40gb"
 // (compute instance smaller than its GPU instance). Memory in GB is rounded as nvidia-smi and

@@ -58,30 +58,13 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   ProbeOptions probe;
   probe.device = options.node.device;
   probe.cuda_visible_devices = options.cuda_visible_devices;
-  std::vector<std::string> devices = {probe.device};
-  if (!options.node.gpus.empty() && options.node.device != "cpu") {
-    devices = options.node.RankDevices();
-  }
   // A multi-GPU node: every listed GPU must exist and be the same kind of card (one device
-  // class for placement); the first one's DeviceInfo is registered.
-  for (size_t i = 0; i < devices.size(); ++i) {
-    probe.device = devices[i];
-    auto device = ProbeDevice(probe);
-    if (!device.ok()) {
-      if (options.node.gpus.empty()) return device.status();
-      return absl::Status(device.status().code(),
-                          absl::StrCat("--gpus: ", devices[i], ": ", device.status().message()));
-    }
-    if (i == 0) {
-      options.node.device_info = *std::move(device);
-    } else if (device->name() != options.node.device_info.name() ||
-               device->mig_profile() != options.node.device_info.mig_profile()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "--gpus: ", devices[i], " is a ", device->name(), device->mig_profile(), ", ",
-          devices[0], " a ", options.node.device_info.name(),
-          options.node.device_info.mig_profile(), ": a multi-GPU node needs identical GPUs"));
-    }
-  }
+  // class for placement); the first one's DeviceInfo is registered, with gpu_count.
+  auto device = options.node.gpus.empty()
+                    ? ProbeDevice(probe)
+                    : ProbeDevices(options.node.RankDevices(), probe);
+  if (!device.ok()) return device.status();
+  options.node.device_info = *std::move(device);
 
   NodeProcess process;
   auto metrics = metrics::MetricsServer::Start(options.metrics_address);

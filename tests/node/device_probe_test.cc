@@ -149,6 +149,34 @@ TEST_F(DeviceProbeTest, MissingDevicesAreNotFound) {
   EXPECT_THAT(Probe("cuda:1").status().message(), HasSubstr("no MIG device configured"));
 }
 
+// kiln-node --gpus: every listed GPU exists and matches the first; gpu_count is their number.
+TEST_F(DeviceProbeTest, AMultiGpuNodeProbesEveryGpu) {
+  g.gpus[1] = WholeH100("GPU-bbbbbbbb-0000-0000-0000-000000000000");
+  ProbeOptions o;
+  auto two = ProbeDevices({"cuda:1", "cuda:0"}, o, &api_);
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_EQ(two->gpu_count(), 2u);
+  EXPECT_EQ(two->name(), kH100);
+  EXPECT_EQ(two->uuid(), "GPU-bbbbbbbb-0000-0000-0000-000000000000");  // rank 0's card
+  // More GPUs than NVML sees.
+  auto three = ProbeDevices({"cuda:0", "cuda:1", "cuda:2"}, o, &api_);
+  EXPECT_EQ(three.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(three.status().message(), HasSubstr("--gpus: cuda:2: "));
+  EXPECT_THAT(three.status().message(), HasSubstr("NVML sees 2 GPU(s)"));
+  // A different card.
+  g.gpus[1]->name = "NVIDIA A100-SXM4-80GB";
+  auto mixed = ProbeDevices({"cuda:0", "cuda:1"}, o, &api_);
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(mixed.status().message(),
+              HasSubstr("--gpus: cuda:1 is a NVIDIA A100-SXM4-80GB, cuda:0 a " +
+                        std::string(kH100) + ": a multi-GPU node needs identical GPUs"));
+  // CPU ranks: the CPU, once.
+  auto cpu = ProbeDevices({"cpu", "cpu"}, o, nullptr);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  EXPECT_EQ(cpu->kind(), "cpu");
+  EXPECT_EQ(cpu->gpu_count(), 2u);
+}
+
 TEST_F(DeviceProbeTest, NoDriverAndBadDeviceStrings) {
   ProbeOptions o;
   o.device = "cuda";
