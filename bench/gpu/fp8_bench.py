@@ -17,7 +17,7 @@ Parts:
              shapes (image stream M = 4096 + 512 tokens, text M = 512), GEMM alone and with the
              activation quantization each needs (compiled), against bf16 torch.mm; and the
              block-wise forms of torch.nn.functional.scaled_mm (activations 1x128 with weights
-             128x128 or 1x128; not yet run on a GPU).
+             128x128 or 1x128).
   step       one transformer call at the bucket, eager and regional torch.compile, for bf16
              (cuDNN), fp8 (cuDNN) and fp8 with fp8 attention: ms, TFLOP/s, error against eager
              bf16, GPU time per kernel class; writes inputs.safetensors and ref-eager-*.safetensors
@@ -150,7 +150,8 @@ def q_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def blockwise_forms(x: torch.Tensor, w: torch.Tensor, q_block_c):
     """The block-wise forms of torch.nn.functional.scaled_mm (DeepSeek's recipe: activations
     1x128, weights 128x128; and 1x128 for both) as (name, fn) pairs, or a string saying why
-    this torch has none. Untested until a GPU run: torch 2.11's names are looked up both ways."""
+    this torch has none (torch 2.11 on the H100 host: BlockWise1x128 / BlockWise128x128,
+    bench/results/2026-12-07-h100-attn-lab/gemm-call4)."""
     st, sw = getattr(F, "ScalingType", None), getattr(F, "SwizzleType", None)
     if st is None or not hasattr(F, "scaled_mm"):
         return "torch.nn.functional has no scaled_mm / ScalingType"
