@@ -110,9 +110,10 @@ absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
           options.shared_cache_dir.rfind("redis://", 0) != 0) {
         po.lora_dirs.push_back(options.shared_cache_dir + "/loras");
       }
-      const auto failed = [&](const absl::Status& s) {
-        return absl::Status(s.code(), absl::StrCat("model ", name, " (", dir, ", ", precision,
-                                                   "): ", s.message()));
+      // Named copies: a C++17 lambda cannot capture structured bindings (clang refuses).
+      const auto failed = [&precision, model = name, model_dir = dir](const absl::Status& s) {
+        return absl::Status(s.code(), absl::StrCat("model ", model, " (", model_dir, ", ",
+                                                   precision, "): ", s.message()));
       };
       if (ranks > 1) {
         // The sequence-parallel set of KeyPolicy's key: one rank's regional set of P.
