@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import baselines as B  # noqa: E402
+
 from kiln.models import fp8_attention as fa  # noqa: E402
 
 import triton  # noqa: E402
@@ -392,27 +394,6 @@ def variants() -> list[tuple[str, dict]]:
     return out
 
 
-def time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    o, r = out.double(), ref.double()
-    return float((o - r).norm() / r.norm())
-
-
 def emit(report: dict, key: str, value) -> None:
     report[key] = value
     print(json.dumps({key: value}), flush=True)
@@ -430,18 +411,20 @@ def speed_part(report: dict, iters: int, device: str, n_list=(4608, 4544), heads
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
         flop = 4.0 * n * n * d * heads
         if device == "cuda":
-            ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v), iters)
+            ms = B.time_ms(lambda: F.scaled_dot_product_attention(q, k, v), iters,
+                           warmup=3)["median"]
             rows.append({"variant": "sdpa bf16 (cuDNN/flash default)", "n": n, "ms": round(ms, 4),
                          "tflops": round(flop / ms / 1e9, 1),
-                         "err_vs_fp32": rel_err(F.scaled_dot_product_attention(q, k, v), ref)})
+                         "err_vs_fp32": B.rel_err(F.scaled_dot_product_attention(q, k, v), ref)})
             print(json.dumps(rows[-1]), flush=True)
             q8, qs = fa.quantize_heads(q)
             k8, ks = fa.quantize_heads(k)
             vt8, vs = fa.quantize_heads(v, transpose=True)
-            ms = time_ms(lambda: fa.fp8_attention(q8, k8, vt8, qs, ks, vs), iters)
+            ms = B.time_ms(lambda: fa.fp8_attention(q8, k8, vt8, qs, ks, vs), iters,
+                           warmup=3)["median"]
             rows.append({"variant": "kiln kernel as shipped", "n": n, "ms": round(ms, 4),
                          "tflops": round(flop / ms / 1e9, 1),
-                         "err_vs_fp32": rel_err(fa.fp8_attention(q8, k8, vt8, qs, ks, vs), ref)})
+                         "err_vs_fp32": B.rel_err(fa.fp8_attention(q8, k8, vt8, qs, ks, vs), ref)})
             print(json.dumps(rows[-1]), flush=True)
         for name, cfg in variants():
             if device != "cuda" and (cfg["tma"] or cfg["ws"]):
@@ -450,10 +433,11 @@ def speed_part(report: dict, iters: int, device: str, n_list=(4608, 4544), heads
             try:
                 args = quantized_inputs(q, k, v, cfg)
                 out = run_variant(*args, cfg)
-                row["err_vs_fp32"] = rel_err(out, ref)
+                row["err_vs_fp32"] = B.rel_err(out, ref)
                 row["finite"] = bool(torch.isfinite(out.float()).all())
                 if device == "cuda":
-                    ms = time_ms(lambda: run_variant(*args, cfg), iters)
+                    ms = B.time_ms(lambda: run_variant(*args, cfg), iters,
+                                   warmup=3)["median"]
                     row["ms"] = round(ms, 4)
                     row["tflops"] = round(flop / ms / 1e9, 1)
             except Exception as e:  # a variant Triton cannot compile here
@@ -466,7 +450,6 @@ def speed_part(report: dict, iters: int, device: str, n_list=(4608, 4544), heads
 def model_part(report: dict, args) -> None:
     import gc
 
-    import baselines as B
     from kiln import artifact_key as ak
     from kiln import components as C
     from kiln.models import flux
@@ -484,7 +467,7 @@ def model_part(report: dict, args) -> None:
     _, module = B.build(args.model, "fp8", bucket, {"attention": "cudnn", "fuse_qkv": False})
     with torch.no_grad():
         rows.append({"attention": "cuDNN bf16 (fp8 linears only)",
-                     "err_vs_eager_bf16": rel_err(module(*inputs)[0].float(), ref)})
+                     "err_vs_eager_bf16": B.rel_err(module(*inputs)[0].float(), ref)})
     print(json.dumps(rows[-1]), flush=True)
     del module
     gc.collect()
@@ -508,7 +491,7 @@ def model_part(report: dict, args) -> None:
                     t0 = time.monotonic()
                     module(*inputs)
                     torch.cuda.synchronize()
-                row["err_vs_eager_bf16"] = rel_err(out, ref)
+                row["err_vs_eager_bf16"] = B.rel_err(out, ref)
                 row["eager_step_s"] = round(time.monotonic() - t0, 3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
