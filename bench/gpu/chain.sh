@@ -37,6 +37,12 @@
 #   attn-lab          bench/gpu/attn_lab.py: variants of kiln's fp8 attention kernel side by side
 #                     (speed at [1, 24, 4608, 128], error of each inside the flux-dev transformer
 #                     against eager bf16; issue 13 item 2; not in the default list)
+#   fused-quant       issue 13 item 3: bench/gpu/fused_quant_bench.py (kiln's fused quantization
+#                     kernels against Inductor's fusion of the unfused ops and bf16's producer),
+#                     then bench/gpu/run.sh stages compile,fp8,kiln for the regional fp8 + fp8
+#                     attention transformer without and with fused_quant (VARIANTS_Q), eager
+#                     references (FP8_STEP_VARIANTS, FP8_STEP_MODES, default eager only) beside
+#                     the compiles, kiln-bench of both (not in the default list)
 #   whole-and-refs    the whole-graph transformer (bf16) compiled on a miss, beside fp8_bench.py's
 #                     step part (the eager references and inputs kiln-bench is checked against)
 #   regional-bench    kiln-bench of both layouts on an idle GPU: step time plain and graphed,
@@ -73,10 +79,10 @@ step prep env BUILD_TARGETS="kiln kiln-coordinator kiln-node kiln-run kiln-canar
   bench/gpu/run.sh "$DEST/prep" build,weights || { tail -30 "$DEST/prep.log"; exit 1; }
 # kiln-bench (its regional path compiled only with CUDA) apart, and only for regional-bench: a
 # failure there costs only that step, not the chain.
-want_bench() { want regional-bench || want fp8-attn; }
+want_bench() { want regional-bench || want fp8-attn || want fused-quant; }
 want_bench && step bench-build env BUILD_TARGETS="kiln-bench" CTEST=0 bench/gpu/run.sh "$DEST/bench-build" build ||
   { tail -30 "$DEST/bench-build.log" | tee -a "$DEST/chain.log"; CHAIN_STEPS=${CHAIN_STEPS//regional-bench/}
-    CHAIN_STEPS=${CHAIN_STEPS//fp8-attn/}; }
+    CHAIN_STEPS=${CHAIN_STEPS//fp8-attn/}; CHAIN_STEPS=${CHAIN_STEPS//fused-quant/}; }
 
 want import-probe && step import-probe bench/gpu/import_probe.sh "$WORK/pycache-probe"
 want import-probe && cat "$DEST/import-probe.log" >> "$DEST/chain.log"
@@ -104,6 +110,16 @@ want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WOR
 want fp8-attn && step fp8-attn env VARIANTS="${VARIANTS_A:-fp8:cudnn:regional fp8:fp8:regional}" \
   FP8_PARTS="${FP8_PARTS:-sweep,attention,step}" CTEST=0 bench/gpu/run.sh "$DEST/fp8-attn" compile,fp8,kiln
 want fp8-attn && tail -40 "$DEST/fp8-attn/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
+want fused-quant && step fused-quant-kernels env PYTHONPATH="$PWD/pipeline/python" \
+  python3 bench/gpu/fused_quant_bench.py --out "$DEST/fused-quant-kernels"
+want fused-quant && tail -6 "$DEST/fused-quant-kernels/fused-quant-table.txt" 2>/dev/null |
+  tee -a "$DEST/chain.log"
+want fused-quant && step fused-quant env \
+  VARIANTS="${VARIANTS_Q:-fp8:fp8:regional fp8:fp8:regional:fq}" FP8_PARTS=step \
+  FP8_STEP_VARIANTS="${FP8_STEP_VARIANTS:-bf16:cudnn,fp8:fp8,fp8:fp8:fq}" \
+  FP8_STEP_MODES="${FP8_STEP_MODES:-eager}" CTEST=0 \
+  bench/gpu/run.sh "$DEST/fused-quant" compile,fp8,kiln
+want fused-quant && tail -40 "$DEST/fused-quant/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
 want attn-lab && step attn-lab env PYTHONPATH="$PWD/pipeline/python" python3 bench/gpu/attn_lab.py \
   --model "$WORK/flux-dev" --parts "${LAB_PARTS:-speed,model}" --out "$DEST/attn-lab"
 want attn-lab && cat "$DEST/attn-lab/attn-lab-table.txt" | tee -a "$DEST/chain.log"

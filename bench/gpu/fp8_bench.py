@@ -47,7 +47,15 @@ from kiln import components as C  # noqa: E402
 from kiln.models import fp8_attention as fa  # noqa: E402
 from kiln.models import quant  # noqa: E402
 
-VARIANTS = (("bf16", "cudnn"), ("fp8", "cudnn"), ("fp8", "fp8"))
+# The step part's variants (--step-variants): precision:attention[:fq], "fq" building the model
+# with fused quantization (kiln.models.fused_quant); the first is the reference of the errors.
+VARIANTS = "bf16:cudnn,fp8:cudnn,fp8:fp8"
+
+
+def variant_tag(variant: str) -> str:
+    """bf16:cudnn -> bf16, fp8:fp8 -> fp8-attn, fp8:fp8:fq -> fp8-attn-fq."""
+    precision, attention, *rest = variant.split(":")
+    return precision + ("-attn" if attention == "fp8" else "") + ("-fq" if "fq" in rest else "")
 
 
 def emit(report: dict, key: str, value) -> None:
@@ -277,17 +285,18 @@ def step_part(report: dict, args, bucket: ak.Bucket) -> None:
     inputs = [host_inputs[k].cuda() for k in B.ORDER]
     ref = None
     runs = {}
-    for precision, attention in VARIANTS:
-        options = {"attention": attention, "fuse_qkv": False}
+    for variant in args.step_variants.split(","):
+        precision, attention, *rest = variant.split(":")
+        options = {"attention": attention, "fuse_qkv": False, "fused_quant": "fq" in rest}
         _, module = B.build(args.model, precision, bucket, options)
-        tag = precision if attention != "fp8" else "fp8-attn"
+        tag = variant_tag(variant)
         with torch.no_grad():
             eager_out = module(*inputs)[0]
             save_file({"sample": eager_out.contiguous().cpu()},
                       os.path.join(args.out, f"ref-eager-{tag}.safetensors"))
             if ref is None:
                 ref = eager_out.float()
-            for mode in ("eager", "compile"):
+            for mode in args.step_modes.split(","):
                 run: dict = {}
                 torch.cuda.reset_peak_memory_stats()
                 if mode == "compile":
@@ -397,6 +406,11 @@ def main() -> int:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--step-modes", default="eager,compile",
+                   help="the step part's modes: eager (always first: it makes the references), "
+                        "compile (regional torch.compile)")
+    p.add_argument("--step-variants", default=VARIANTS,
+                   help="the step part's variants, precision:attention[:fq], comma-separated")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bucket = ak.Bucket(batch=1, height=args.height, width=args.width, text_len=args.text_len)

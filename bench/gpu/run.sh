@@ -41,7 +41,8 @@
 #                          "sweep" first tries the kernel's launch configurations):
 #                          kiln's fp8 attention kernel against cuDNN bf16 at every bucket, fp8
 #                          GEMM forms, AOTI compile of one block of each type, and eager and
-#                          regional torch.compile steps for bf16, fp8 and fp8 + fp8 attention;
+#                          regional torch.compile steps for FP8_STEP_VARIANTS (default bf16,
+#                          fp8 and fp8 + fp8 attention; "fp8:fp8:fq" adds fused quantization);
 #                          writes fp8.json, inputs.safetensors and the eager references (~7 min)
 #   build,weights,compile,kiln
 #                          kiln-compile of the transformer for each of VARIANTS (default
@@ -210,12 +211,17 @@ VARIANTS=${VARIANTS:-bf16:cudnn fp8:cudnn fp8:fp8}
 # kiln-bench runs it as the C++ pipeline does (pipeline/regional.h: the loop over layers, captured
 # as one CUDA graph), so its step time and error sit beside the whole-graph variant's; the compile
 # stage's compile-<tag>.json has the wall time of the miss (target ≤ 30 s for flux-dev).
+# A field "fq" builds the fp8 transformer with fused quantization (compile option fused_quant,
+# kiln/models/fused_quant.py), e.g. VARIANTS="fp8:fp8:regional fp8:fp8:regional:fq".
 prec_of() { echo "${1%%:*}"; }
 attn_of() { local r=${1#*:}; echo "${r%%:*}"; }
-layout_of() { case $1 in *:*:regional) echo regional ;; *) echo whole ;; esac; }
+layout_of() { case ":$1:" in *:regional:*) echo regional ;; *) echo whole ;; esac; }
+fq_of() { case ":$1:" in *:fq:*) echo 1 ;; *) echo 0 ;; esac; }
 tag_of() { local p a l; p=$(prec_of "$1") a=$(attn_of "$1") l=$(layout_of "$1")
-  local t=$p; [ "$a" = fp8 ] && t="$p-attn"; [ "$l" = regional ] && t="$t-regional"; echo "$t"; }
+  local t=$p; [ "$a" = fp8 ] && t="$p-attn"; [ "$(fq_of "$1")" = 1 ] && t="$t-fq"
+  [ "$l" = regional ] && t="$t-regional"; echo "$t"; }
 options_of() { local l=""; [ "$(layout_of "$1")" = regional ] && l=',"layout":"regional"'
+  [ "$(fq_of "$1")" = 1 ] && l="$l"',"fused_quant":true'
   echo "{\"attention\":\"$(attn_of "$1")\",\"max_autotune\":false$l}"; }
 
 if has compile; then
@@ -242,6 +248,8 @@ if has fp8; then
   log "fp8_bench.py (${FP8_PARTS:-attention,gemm,block,step})"
   TORCHINDUCTOR_CACHE_DIR=$WORK/inductor-cache $PY bench/gpu/fp8_bench.py --model "$MODEL" \
     --out "$WORK/fp8" --height "$H" --width "$W" --parts "${FP8_PARTS:-attention,gemm,block,step}" \
+    --step-variants "${FP8_STEP_VARIANTS:-bf16:cudnn,fp8:cudnn,fp8:fp8}" \
+    --step-modes "${FP8_STEP_MODES:-eager,compile}" \
     > "$OUT/logs/fp8.log" 2>&1 || { grep -v Warning "$OUT/logs/fp8.log" | tail -30; fail fp8; }
   cp "$WORK/fp8/fp8.json" "$OUT/fp8.json" 2>/dev/null
   cp "$WORK/fp8/fp8.json" "$WORK/fp8"/*.safetensors "$DEST/" 2>/dev/null

@@ -25,6 +25,8 @@ kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOpti
                 fused CUDA kernel; CPU targets always use sdpa), or "fp8" (kiln's Triton e4m3
                 kernel, kiln/models/fp8_attention.py, compiled into the package; precision fp8
                 only)
+  fused_quant   transformer, precision fp8 only: the fp8 linears' inputs quantized inside the
+                kernels that make them (kiln/models/fused_quant.py: LayerNorm + modulation, GELU)
 Their canonical JSON is part of the artifact key, so the C++ pipeline must pass the same object.
 
 Manifest `constants`: FQN -> {"shape", "dtype", "source": "checkpoint" | "package"}; a checkpoint

@@ -16,7 +16,8 @@ every component) and are otherwise identical to the bf16 ones.
 Compile options that shape the model (kiln-compile --compile-options): `fuse_qkv` (bool, default
 false) fuses the transformer's attention projections (see kiln.models.flux); `attention` picks the
 attention kernel, "fp8" being kiln's own e4m3 kernel (kiln.models.fp8_attention), allowed with
-precision fp8 only. Parameters that are
+precision fp8 only; `fused_quant` (bool, default false, fp8 only) quantizes the fp8 linears'
+inputs inside the kernels that make them (kiln.models.fused_quant). Parameters that are
 not checkpoint tensors as they are (fused, fp8) are derived at weight-load time: `derivations()`
 says how, and load_weights / the C++ loader compute them from the checkpoint.
 """
@@ -105,8 +106,9 @@ class FluxTransformerExport(FluxTransformer):
     the bucket's static sizes; guidance is ignored by configs without guidance_embeds."""
 
     def __init__(self, config: dict, bucket: ak.Bucket, fuse_qkv: bool = False,
-                 fp8: bool = False, attention: str = "sdpa"):
-        super().__init__(config, fuse_qkv=fuse_qkv, fp8=fp8, attention=attention)
+                 fp8: bool = False, attention: str = "sdpa", fused_quant: bool = False):
+        super().__init__(config, fuse_qkv=fuse_qkv, fp8=fp8, attention=attention,
+                         fused_quant=fused_quant)
         self.rows = bucket.height // PIXELS_PER_TOKEN
         self.cols = bucket.width // PIXELS_PER_TOKEN
         self.text_len = bucket.text_len
@@ -216,9 +218,9 @@ def output_spec(config: dict, component: str, precision: str, bucket: ak.Bucket
 
 
 # Compile options that change the model built (the others only change how it is compiled).
-MODEL_OPTIONS = {"fuse_qkv": False, "attention": "sdpa"}
+MODEL_OPTIONS = {"fuse_qkv": False, "attention": "sdpa", "fused_quant": False}
 # Allowed values of each model option (a type, or a tuple of allowed values).
-MODEL_OPTION_VALUES = {"fuse_qkv": bool, "attention": ATTENTION_BACKENDS}
+MODEL_OPTION_VALUES = {"fuse_qkv": bool, "attention": ATTENTION_BACKENDS, "fused_quant": bool}
 
 
 def option_value_error(name: str, value, allowed) -> str | None:
@@ -240,7 +242,8 @@ def _construct(config: dict, component: str, precision: str, bucket: ak.Bucket,
         return T5Export(config)
     if component == "transformer":
         return FluxTransformerExport(config, bucket, fuse_qkv=bool(options["fuse_qkv"]),
-                                     fp8=precision == "fp8", attention=options["attention"])
+                                     fp8=precision == "fp8", attention=options["attention"],
+                                     fused_quant=bool(options["fused_quant"]))
     return VaeDecoderExport(config)
 
 
@@ -277,9 +280,11 @@ def _example_inputs(specs: list[tuple[str, list[int], torch.dtype]], component: 
 
 def precision_option_error(precision: str, options: dict) -> str | None:
     """Why the model options `options` cannot be built at `precision`, or None: kiln's fp8
-    attention kernel (attention "fp8") belongs to the fp8 precision."""
+    attention kernel (attention "fp8") and fused quantization belong to the fp8 precision."""
     if options.get("attention") == "fp8" and precision != "fp8":
         return f"compile option attention \"fp8\" needs precision fp8, not {precision}"
+    if options.get("fused_quant") and precision != "fp8":
+        return f"compile option fused_quant needs precision fp8, not {precision}"
     return None
 
 

@@ -18,6 +18,9 @@ Two build options change the parameters a package asks for, never the checkpoint
             projections, to_out, to_add_out, ff, ff_context, proj_mlp, proj_out) are Fp8Linear;
             the AdaLN modulation linears (norm1.linear, norm1_context.linear, norm.linear), the
             embedders and the output layers stay in the activation dtype.
+A third, `fused_quant` (fp8 only), changes no parameter: the fp8 linears' inputs are quantized
+inside the kernels that make them (kiln.models.fused_quant: the modulation after each block's
+LayerNorm, and the GELU, with a single block's concatenation), not by a pass of their own.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.models.fp8_attention import fp8_sdpa
-from kiln.models.quant import linears_on, make_linear
+from kiln.models.fused_quant import gelu_quant, modulate_quant
+from kiln.models.quant import QuantizedRows, linears_on, make_linear
 
 ROPE_THETA = 10000.0
 TIME_PROJ_DIM = 256  # sinusoidal channels of the timestep / guidance embedding
@@ -170,10 +174,13 @@ class GeluMLP(nn.Module):
 
     def __init__(self, dim: int, inner: int, fp8: bool = False):
         super().__init__()
+        self.fused_quant = False  # FluxTransformer sets its build option (fp8 only)
         self.net = nn.ModuleList([self._Proj(dim, inner, fp8), nn.Identity(),
                                   make_linear(fp8)(inner, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if self.fused_quant:  # GELU and the second linear's quantization in one kernel
+            return self.net[2](gelu_quant(None, self.net[0].proj(x)))
         return self.net[2](self.net[0](x))
 
 
@@ -372,17 +379,19 @@ class DoubleStreamBlock(nn.Module):
         self.attn = JointAttention(dim, heads, head_dim, fuse_qkv, fp8)
         self.ff = GeluMLP(dim, MLP_RATIO * dim, fp8)
         self.ff_context = GeluMLP(dim, MLP_RATIO * dim, fp8)
+        self.fused_quant = False  # FluxTransformer sets its build option (fp8 only)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mod = modulate_quant if self.fused_quant else modulate
         i_shift, i_scale, i_gate, i_mshift, i_mscale, i_mgate = self.norm1(temb)
         t_shift, t_scale, t_gate, t_mshift, t_mscale, t_mgate = self.norm1_context(temb)
-        img_attn, txt_attn = self.attn(modulate(img, i_shift, i_scale),
-                                       modulate(txt, t_shift, t_scale), rope)
+        img_attn, txt_attn = self.attn(mod(img, i_shift, i_scale), mod(txt, t_shift, t_scale),
+                                       rope)
         img = img + i_gate[:, None] * img_attn
-        img = img + i_mgate[:, None] * self.ff(modulate(img, i_mshift, i_mscale))
+        img = img + i_mgate[:, None] * self.ff(mod(img, i_mshift, i_mscale))
         txt = txt + t_gate[:, None] * txt_attn
-        txt = txt + t_mgate[:, None] * self.ff_context(modulate(txt, t_mshift, t_mscale))
+        txt = txt + t_mgate[:, None] * self.ff_context(mod(txt, t_mshift, t_mscale))
         return img, txt
 
 
@@ -397,12 +406,20 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = linear(dim, MLP_RATIO * dim)
         self.attn = SelfAttention(dim, heads, head_dim, fuse_qkv, fp8)
         self.proj_out = linear(dim + MLP_RATIO * dim, dim)
+        self.fused_quant = False  # FluxTransformer sets its build option (fp8 only)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         shift, scale, gate = self.norm(temb)
+        # One input for the attention projections and the MLP: fp8 quantizes it once (with
+        # fused_quant in the modulation's kernel, and the output projection's input in the
+        # GELU's).
+        if self.fused_quant:
+            h = modulate_quant(x, shift, scale)
+            *qkv, mlp = linears_on(h, self.attn.qkv_linears() + (self.proj_mlp,))
+            out = self.proj_out(gelu_quant(self.attn.attend(qkv, rope), mlp))
+            return x + gate[:, None] * out
         h = modulate(x, shift, scale)
-        # One input for the attention projections and the MLP: fp8 quantizes it once.
         *qkv, mlp = linears_on(h, self.attn.qkv_linears() + (self.proj_mlp,))
         mlp = F.gelu(mlp, approximate="tanh")
         out = self.proj_out(torch.cat([self.attn.attend(qkv, rope), mlp], dim=-1))
@@ -430,11 +447,14 @@ class FluxTransformer(nn.Module):
     see the module docstring (fp8 needs every block width to be a multiple of 16)."""
 
     def __init__(self, config: dict, fuse_qkv: bool = False, fp8: bool = False,
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", fused_quant: bool = False):
         super().__init__()
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"flux transformer: attention {attention!r} is not one of "
                              f"{', '.join(ATTENTION_BACKENDS)}")
+        if fused_quant and not fp8:
+            raise ValueError("flux transformer: fused_quant quantizes fp8 linears' inputs; "
+                             "it needs fp8")
         if int(config.get("patch_size", 1)) != 1:
             raise ValueError(f"flux transformer: patch_size {config['patch_size']} is not 1")
         heads = int(config["num_attention_heads"])
@@ -461,6 +481,8 @@ class FluxTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (JointAttention, SelfAttention)):
                 module.attention = attention
+            if isinstance(module, (DoubleStreamBlock, SingleStreamBlock, GeluMLP)):
+                module.fused_quant = fused_quant
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor,

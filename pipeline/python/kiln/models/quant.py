@@ -28,7 +28,7 @@ Every step is an exactly rounded IEEE operation (division by a tensor, not by a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -107,6 +107,20 @@ def derivations(model: nn.Module) -> dict[str, Derive]:
     return out
 
 
+class QuantizedRows(NamedTuple):
+    """An activation quantized by rows, as Fp8Linear takes it (kiln.models.fused_quant makes
+    them): xq e4m3 [M, K], scale float32 [M, 1], lead the activation's shape without its last
+    dim (prod(lead) = M)."""
+
+    xq: torch.Tensor
+    scale: torch.Tensor
+    lead: torch.Size
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.lead, self.xq.shape[-1]))
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in float8_e4m3fn and a float32 scale per output row (derived from the
     checkpoint weight at load time), x quantized per token (row) on the fly: scale_a =
@@ -135,7 +149,9 @@ class Fp8Linear(nn.Module):
         return {"weight": ("fp8_rowwise", "weight"),
                 "weight_scale": ("fp8_rowwise_scale", "weight")}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        if isinstance(x, QuantizedRows):
+            return self.forward_quantized(x.xq, x.scale, x.lead)
         xq, scale_a = quantize_rows(x)
         return self.forward_quantized(xq, scale_a, x.shape[:-1])
 
@@ -165,7 +181,10 @@ def linears_on(x: torch.Tensor, linears: Sequence[nn.Module]) -> list[torch.Tens
     """[linear(x) for linear in linears], with one quantization of x shared by all of them when
     they are all Fp8Linear (same result as quantizing for each: the quantization is a function
     of x alone). The producer of x (norm + modulation) then fuses with a single amax + cast
-    instead of one per consumer."""
+    instead of one per consumer. x may be quantized already (QuantizedRows: every linear must
+    then be an Fp8Linear)."""
+    if isinstance(x, QuantizedRows):
+        return [m(x) for m in linears]
     if len(linears) > 1 and all(isinstance(m, Fp8Linear) for m in linears):
         xq, scale_a = quantize_rows(x)
         return [m.forward_quantized(xq, scale_a, x.shape[:-1]) for m in linears]

@@ -1,0 +1,196 @@
+"""fp8 activation quantization fused into the kernels that produce the activations: two Triton
+kernels registered as the custom ops `kiln::modulate_quant` and `kiln::gelu_quant`, so that
+torch.export keeps each as one node and AOTInductor compiles the kernel into the package.
+
+Used by the fp8 transformer built with the model option `quant: "fused"` (a compile option, so
+such a package has its own artifact key). Without it, each Fp8Linear input is quantized by
+`quantize_rows` after its producer: Inductor fuses the two, but the row amax of a 3,072- or
+15,360-wide row is a looped reduction there (the row does not stay in registers), so the
+producer's math runs twice and the row is read twice. On the H100 those kernels took 28.3 ms of
+a 108 ms flux-dev step against bf16's 18.5 ms of elementwise work
+(bench/results/2026-12-07-h100-attn-lab/). Here one program owns one row, keeps it in registers,
+and reads it once.
+
+The functions (every step in float32, rounded once to e4m3 at the end; rows r of M):
+  modulate_quant(x [B, N, D], shift [B, D], scale [B, D]):
+      y = layer_norm(x[b, n]) (no affine, eps 1e-6) * (1 + scale[b]) + shift[b]
+      -> quantize_rows(y): the adaptive LayerNorm's modulation (kiln.models.flux.modulate) and
+      Fp8Linear's activation quantization in one pass;
+  gelu_quant(a [M, Ka] or None, m [M, Km]):
+      y = cat(a, gelu_tanh(m)) -> quantize_rows(y): a double block's MLP activation (a None),
+      or a single block's concatenation of attention output and MLP activation before its
+      output projection.
+  quantize_rows(y) = (e4m3(clamp(y / s, +-448)), s) with s[r] = max(amax(|y[r]|), 1e-12) / 448,
+      as kiln.models.quant.quantize_rows (y / s divided, not multiplied by 1 / s).
+
+The unfused path rounds the producer's output to bf16 before quantizing (eager) or not (Inductor
+keeps fused intermediates in float32); the fused ops never do. On a CPU, or where Triton is not
+installed, each op runs its reference, which computes the same function with torch ops
+(tests/pipeline/python/test_fused_quant.py); bench/gpu/fused_quant_bench.py checks the Triton
+kernels against the references and times them against Inductor's fusion of the unfused path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kiln.models import quant
+from kiln.models.quant import QuantizedRows
+from kiln.models.fp8_attention import _quiet_without_triton
+
+LN_EPS = 1e-6
+GELU_C = math.sqrt(2.0 / math.pi)  # gelu(x, "tanh") = x/2 (1 + tanh(c (x + 0.044715 x^3)))
+
+try:  # Triton ships with CUDA builds of torch; the CPU build used by `make test` has none.
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - depends on the installed torch
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------------
+# References: the functions the kernels compute, in torch ops.
+
+
+def modulate_quant_reference(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    xf = x.to(torch.float32)
+    y = F.layer_norm(xf, (xf.shape[-1],), eps=LN_EPS)
+    y = y * (1 + scale.to(torch.float32)[:, None, :]) + shift.to(torch.float32)[:, None, :]
+    return quant.quantize_rows(y)
+
+
+def gelu_quant_reference(a: Optional[torch.Tensor], m: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    y = F.gelu(m.to(torch.float32), approximate="tanh")
+    if a is not None:
+        y = torch.cat([a.to(torch.float32), y], dim=-1)
+    return quant.quantize_rows(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels: one program per row, the whole row in registers (BLOCK >= the row's width).
+
+if triton is not None:
+    @triton.jit
+    def _quantize_store(y, mask, q_ptrs, s_ptr, amax):
+        s = tl.maximum(amax, 1e-12) / 448.0
+        q = tl.clamp(libdevice.div_rn(y, s), -448.0, 448.0)
+        tl.store(q_ptrs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr, s)
+
+    @triton.jit
+    def modulate_quant_kernel(X, SHIFT, SCALE, Q, S, n_tok, D, stride_xm, stride_sb,
+                              BLOCK_D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        b = row // n_tok
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < D
+        x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(xc * xc, axis=0) / D
+        rstd = 1.0 / tl.sqrt_rn(var + 1e-6)
+        sc = tl.load(SCALE + b * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(SHIFT + b * stride_sb + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.where(mask, (xc * rstd) * (1.0 + sc) + sh, 0.0)
+        amax = tl.max(tl.abs(y), axis=0)
+        _quantize_store(y, mask, Q + row * D + offs, S + row, amax)
+
+    @triton.jit
+    def gelu_quant_kernel(A, M, Q, S, KA, KM, stride_am, stride_mm, HAS_A: tl.constexpr,
+                          BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_m = offs_m < KM
+        m = tl.load(M + row * stride_mm + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+        inner = 0.7978845608028654 * (m + 0.044715 * m * m * m)
+        g = 0.5 * m * (1.0 + libdevice.tanh(inner))
+        amax = tl.max(tl.abs(g), axis=0)
+        k = KA + KM
+        if HAS_A:
+            offs_a = tl.arange(0, BLOCK_A)
+            mask_a = offs_a < KA
+            a = tl.load(A + row * stride_am + offs_a, mask=mask_a, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
+            s = tl.maximum(amax, 1e-12) / 448.0
+            qa = tl.clamp(libdevice.div_rn(a, s), -448.0, 448.0)
+            tl.store(Q + row * k + offs_a, qa.to(tl.float8e4nv), mask=mask_a)
+        _quantize_store(g, mask_m, Q + row * k + KA + offs_m, S + row, amax)
+
+
+def _warps(block: int) -> int:
+    """Warps of a one-row program: ~32 float32 values of the row per thread (16 at most)."""
+    return max(4, min(16, block // 1024))
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton is not None
+
+
+@_quiet_without_triton(torch.library.triton_op("kiln::modulate_quant", mutates_args=()))
+def modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq e4m3 [B*N, D], s float32 [B*N, 1]) for x [B, N, D], shift and scale [B, D]: see the
+    module docstring. The Triton kernel on CUDA; elsewhere modulate_quant_reference."""
+    if not _use_kernel(x):
+        return modulate_quant_reference(x, shift, scale)
+    b, n, d = x.shape
+    x2 = x.reshape(b * n, d)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    shift, scale = shift.contiguous(), scale.contiguous()
+    q = torch.empty((b * n, d), dtype=quant.FP8_DTYPE, device=x.device)
+    s = torch.empty((b * n, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(d)
+    torch.library.wrap_triton(modulate_quant_kernel)[(b * n,)](
+        x2, shift, scale, q, s, n, d, x2.stride(0), shift.stride(0), BLOCK_D=block,
+        num_warps=_warps(block))
+    return q, s
+
+
+@_quiet_without_triton(torch.library.triton_op("kiln::gelu_quant", mutates_args=()))
+def gelu_quant_op(a: Optional[torch.Tensor], m: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq e4m3 [M, Ka + Km], s float32 [M, 1]) for a [M, Ka] (or None) and m [M, Km]: see the
+    module docstring. The Triton kernel on CUDA; elsewhere gelu_quant_reference."""
+    if not _use_kernel(m):
+        return gelu_quant_reference(a, m)
+    rows, km = m.shape
+    ka = 0 if a is None else a.shape[-1]
+    if m.stride(-1) != 1:
+        m = m.contiguous()
+    if a is not None and a.stride(-1) != 1:
+        a = a.contiguous()
+    q = torch.empty((rows, ka + km), dtype=quant.FP8_DTYPE, device=m.device)
+    s = torch.empty((rows, 1), dtype=torch.float32, device=m.device)
+    block_m = triton.next_power_of_2(km)
+    block_a = triton.next_power_of_2(ka) if ka else 16
+    torch.library.wrap_triton(gelu_quant_kernel)[(rows,)](
+        m if a is None else a, m, q, s, ka, km, 0 if a is None else a.stride(0), m.stride(0),
+        HAS_A=a is not None, BLOCK_A=block_a, BLOCK_M=block_m,
+        num_warps=_warps(block_m + (block_a if ka else 0)))
+    return q, s
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model calls.
+
+
+def modulate_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> QuantizedRows:
+    """kiln.models.flux.modulate(x, shift, scale) quantized for Fp8Linear, in one kernel."""
+    q, s = modulate_quant_op(x, shift, scale)
+    return QuantizedRows(q, s, x.shape[:-1])
+
+
+def gelu_quant(a: Optional[torch.Tensor], m: torch.Tensor) -> QuantizedRows:
+    """cat(a, gelu_tanh(m), dim=-1) (a may be None) quantized for Fp8Linear, in one kernel;
+    a and m [..., K] with the same leading dims."""
+    lead = m.shape[:-1]
+    a2 = None if a is None else a.reshape(-1, a.shape[-1])
+    q, s = gelu_quant_op(a2, m.reshape(-1, m.shape[-1]))
+    return QuantizedRows(q, s, lead)
