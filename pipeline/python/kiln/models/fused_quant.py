@@ -2,14 +2,14 @@
 kernels registered as the custom ops `kiln::modulate_quant` and `kiln::gelu_quant`, so that
 torch.export keeps each as one node and AOTInductor compiles the kernel into the package.
 
-Used by the fp8 transformer built with the model option `quant: "fused"` (a compile option, so
-such a package has its own artifact key). Without it, each Fp8Linear input is quantized by
+Used by the fp8 transformer built with the model option `fused_quant: true` (a compile option,
+so such a package has its own artifact key). Without it, each Fp8Linear input is quantized by
 `quantize_rows` after its producer: Inductor fuses the two, but the row amax of a 3,072- or
 15,360-wide row is a looped reduction there (the row does not stay in registers), so the
 producer's math runs twice and the row is read twice. On the H100 those kernels took 28.3 ms of
 a 108 ms flux-dev step against bf16's 18.5 ms of elementwise work
 (bench/results/2026-12-07-h100-attn-lab/). Here one program owns one row, keeps it in registers,
-and reads it once.
+and reads it once from memory.
 
 The functions (every step in float32, rounded once to e4m3 at the end; rows r of M):
   modulate_quant(x [B, N, D], shift [B, D], scale [B, D]):
@@ -73,7 +73,7 @@ def gelu_quant_reference(a: Optional[torch.Tensor], m: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels: one program per row, the whole row in registers (BLOCK >= the row's width).
+# Kernels: one program per row.
 
 if triton is not None:
     @triton.jit
@@ -102,30 +102,56 @@ if triton is not None:
         _quantize_store(y, mask, Q + row * D + offs, S + row, amax)
 
     @triton.jit
+    def _gelu_tanh(m):
+        return 0.5 * m * (1.0 + libdevice.tanh(0.7978845608028654 * (m + 0.044715 * m * m * m)))
+
+    @triton.jit
     def gelu_quant_kernel(A, M, Q, S, KA, KM, stride_am, stride_mm, HAS_A: tl.constexpr,
-                          BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr):
+                          CHUNK: tl.constexpr):
+        # Two passes over the row in chunks: the amax, then the quantized values. The second
+        # pass reads the row again from L2 (the first just brought it there: one program's row
+        # is 24-30 KB, all programs resident at once a few MB), so DRAM sees each byte once;
+        # the GELU is computed twice. Holding a 15,360-wide row in registers instead (one pass)
+        # ran at ~600 GB/s on the H200: too few programs per SM to hide the loads.
         row = tl.program_id(0).to(tl.int64)
-        offs_m = tl.arange(0, BLOCK_M)
-        mask_m = offs_m < KM
-        m = tl.load(M + row * stride_mm + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-        inner = 0.7978845608028654 * (m + 0.044715 * m * m * m)
-        g = 0.5 * m * (1.0 + libdevice.tanh(inner))
-        amax = tl.max(tl.abs(g), axis=0)
-        k = KA + KM
+        offs = tl.arange(0, CHUNK)
+        m_row = M + row * stride_mm
+        a_row = A + row * stride_am
+        acc = tl.zeros([CHUNK], dtype=tl.float32)  # running max of |y| per lane
+        for start in range(0, KM, CHUNK):
+            mask = start + offs < KM
+            m = tl.load(m_row + start + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(_gelu_tanh(m)))
         if HAS_A:
-            offs_a = tl.arange(0, BLOCK_A)
-            mask_a = offs_a < KA
-            a = tl.load(A + row * stride_am + offs_a, mask=mask_a, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), axis=0))
-            s = tl.maximum(amax, 1e-12) / 448.0
-            qa = tl.clamp(libdevice.div_rn(a, s), -448.0, 448.0)
-            tl.store(Q + row * k + offs_a, qa.to(tl.float8e4nv), mask=mask_a)
-        _quantize_store(g, mask_m, Q + row * k + KA + offs_m, S + row, amax)
+            for start in range(0, KA, CHUNK):
+                mask = start + offs < KA
+                a = tl.load(a_row + start + offs, mask=mask, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(a))
+        s = tl.maximum(tl.max(acc, axis=0), 1e-12) / 448.0
+        q_row = Q + row * (KA + KM)
+        if HAS_A:
+            for start in range(0, KA, CHUNK):
+                mask = start + offs < KA
+                a = tl.load(a_row + start + offs, mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                q = tl.clamp(libdevice.div_rn(a, s), -448.0, 448.0)
+                tl.store(q_row + start + offs, q.to(tl.float8e4nv), mask=mask)
+        for start in range(0, KM, CHUNK):
+            mask = start + offs < KM
+            m = tl.load(m_row + start + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            q = tl.clamp(libdevice.div_rn(_gelu_tanh(m), s), -448.0, 448.0)
+            tl.store(q_row + KA + start + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(S + row, s)
 
 
-def _warps(block: int) -> int:
-    """Warps of a one-row program: ~32 float32 values of the row per thread (16 at most)."""
-    return max(4, min(16, block // 1024))
+# Launch configurations (bench/gpu/fused_quant_bench.py --sweep picks them on the GPU host):
+# modulate_quant holds a row in registers (BLOCK_D = the row's width rounded up to a power of 2);
+# gelu_quant walks its row in CHUNK-wide pieces.
+MODULATE_CONFIG = {"num_warps": 8}
+GELU_CONFIG = {"CHUNK": 2048, "num_warps": 8}
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
@@ -149,7 +175,7 @@ def modulate_quant_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     block = triton.next_power_of_2(d)
     torch.library.wrap_triton(modulate_quant_kernel)[(b * n,)](
         x2, shift, scale, q, s, n, d, x2.stride(0), shift.stride(0), BLOCK_D=block,
-        num_warps=_warps(block))
+        num_warps=MODULATE_CONFIG["num_warps"])
     return q, s
 
 
@@ -168,12 +194,9 @@ def gelu_quant_op(a: Optional[torch.Tensor], m: torch.Tensor
         a = a.contiguous()
     q = torch.empty((rows, ka + km), dtype=quant.FP8_DTYPE, device=m.device)
     s = torch.empty((rows, 1), dtype=torch.float32, device=m.device)
-    block_m = triton.next_power_of_2(km)
-    block_a = triton.next_power_of_2(ka) if ka else 16
     torch.library.wrap_triton(gelu_quant_kernel)[(rows,)](
         m if a is None else a, m, q, s, ka, km, 0 if a is None else a.stride(0), m.stride(0),
-        HAS_A=a is not None, BLOCK_A=block_a, BLOCK_M=block_m,
-        num_warps=_warps(block_m + (block_a if ka else 0)))
+        HAS_A=a is not None, CHUNK=GELU_CONFIG["CHUNK"], num_warps=GELU_CONFIG["num_warps"])
     return q, s
 
 
