@@ -204,9 +204,11 @@ def test_other_components_build_bf16_math_under_fp8():
 
 
 def test_model_options_are_checked():
-    assert C.model_options(None) == {"fuse_qkv": False, "attention": "sdpa"}
-    assert C.model_options({"fuse_qkv": True, "max_autotune": True, "attention": "cudnn"}) == \
-        {"fuse_qkv": True, "attention": "cudnn"}
+    assert C.model_options(None) == {"fuse_qkv": False, "attention": "sdpa",
+                                     "fused_quant": False}
+    assert C.model_options({"fuse_qkv": True, "max_autotune": True, "attention": "cudnn",
+                            "fused_quant": True}) == \
+        {"fuse_qkv": True, "attention": "cudnn", "fused_quant": True}
     with pytest.raises(ValueError, match="fuse_qkv"):
         C.model_options({"fuse_qkv": 1})
     with pytest.raises(ValueError, match="attention.*cudnn, flash"):
