@@ -7,6 +7,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "common/log.h"
 #include "parallel/process_group.h"
@@ -36,8 +37,10 @@ struct SequenceParallelThreads::State {
   bool stopping ABSL_GUARDED_BY(mu) = false;
   // A collective failed: the group is not usable again (process_group.h); the first such error.
   absl::Status broken ABSL_GUARDED_BY(mu);
+  std::string group_name ABSL_GUARDED_BY(mu);  // rank 0's group's registered name
   Job* job ABSL_GUARDED_BY(mu) = nullptr;
-  pipeline::FluxPipeline* rank0 = nullptr;  // set before Start returns; owned by rank 0's thread
+  // Set before Start returns; owned by rank 0's thread, which keeps it until `stopping`.
+  pipeline::FluxPipeline* rank0 = nullptr;
 };
 
 namespace {
@@ -169,6 +172,7 @@ void RankMain(std::shared_ptr<State> st, int rank) {
   {
     absl::MutexLock lock(&st->mu);
     if (rank == 0 && sp != nullptr) st->rank0 = &sp->pipeline();
+    if (rank == 0 && group != nullptr) st->group_name = group->group_name();
     st->started[rank] = error;
     st->mu.Await(absl::Condition(
         +[](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) { return s->go != State::Go::kWait; },
@@ -178,6 +182,11 @@ void RankMain(std::shared_ptr<State> st, int rank) {
   if (go == State::Go::kRun) {
     if (rank == 0) {
       Lead(*st, *sp);
+      // Lead also ends when the group failed; rank 0's pipeline still answers DigestsFor and
+      // LoadedDigests (State::rank0, from any thread) until the object is destroyed.
+      absl::MutexLock lock(&st->mu);
+      st->mu.Await(absl::Condition(
+          +[](State* s) ABSL_SHARED_LOCKS_REQUIRED(s->mu) { return s->stopping; }, st.get()));
     } else {
       FollowLoop(*st, *sp);
     }
@@ -266,6 +275,15 @@ std::vector<std::string> SequenceParallelThreads::DigestsFor(int width, int heig
 
 std::vector<std::string> SequenceParallelThreads::LoadedDigests() const {
   return state_->rank0->LoadedDigests();
+}
+
+absl::Status SequenceParallelThreads::health() const {
+  absl::MutexLock lock(&state_->mu);
+  if (state_->broken.ok()) return absl::OkStatus();
+  return absl::UnavailableError(absl::StrCat(
+      "sequence parallel group '", state_->group_name, "' of ", state_->options.devices.size(),
+      " ranks (", absl::StrJoin(state_->options.devices, ", "),
+      ") failed: ", state_->broken.message()));
 }
 
 int SequenceParallelThreads::world_size() const {

@@ -61,6 +61,11 @@ class SequenceParallelThreads {
   std::vector<std::string> DigestsFor(int width, int height) const;
   std::vector<std::string> LoadedDigests() const;
   int world_size() const;
+  // OK while the group is usable; once one of its collectives failed (a rank gone, or not in
+  // step within the timeout), Unavailable for good: "sequence parallel group '<name>' of P
+  // ranks (<devices>) failed: <the collective's error>". The node reports it in its heartbeats
+  // (node/README.md "A multi-GPU node"). Any thread.
+  absl::Status health() const;
 
   struct State;  // shared with the rank threads (sequence_parallel_threads.cc)
 
