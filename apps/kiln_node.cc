@@ -254,7 +254,7 @@ int main(int argc, char** argv) {
   std::atomic<bool> draining{false};
   node->metrics->SetReadiness([&agent, &draining] {
     return kiln::node::NodeReadiness(agent.registered_once(), draining.load(), agent.done(),
-                                     agent.disk_status());
+                                     agent.health_status());
   });
   absl::Cleanup unready = [&node] {  // before the agent goes, on every return
     node->metrics->SetReadiness([] { return absl::UnavailableError("stopped"); });

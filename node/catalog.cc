@@ -77,6 +77,16 @@ std::map<std::string, Generator*> ModelCatalog::GeneratorsByKey() const {
   return out;
 }
 
+std::vector<ModelCatalog::Unhealthy> ModelCatalog::UnhealthyGenerators() const {
+  std::vector<Unhealthy> out;
+  for (const auto& [model, by_precision] : generators_) {
+    for (const auto& [precision, gen] : by_precision) {
+      if (absl::Status h = gen->Health(); !h.ok()) out.push_back({model, precision, h});
+    }
+  }
+  return out;
+}
+
 std::vector<std::string> ModelCatalog::AvailableLoras() const {
   std::set<std::string> names;
   for (const auto& [model, by_precision] : generators_) {

@@ -65,6 +65,10 @@ class Generator {
   virtual std::string AppliedLoras() const { return ""; }
   // Names of the LoRAs it can apply (its LoRA directories). Any thread.
   virtual std::vector<std::string> AvailableLoras() const { return {}; }
+  // OK while it can run jobs; not OK once it can run none until the node restarts (a multi-GPU
+  // node's rank group whose collective failed: Unavailable naming the group and the failure).
+  // Thread-safe.
+  virtual absl::Status Health() const { return absl::OkStatus(); }
 };
 
 // A Generator over a FluxPipeline (created by the caller; FluxPipeline::Create reads configs and
@@ -132,6 +136,13 @@ class ModelCatalog {
   std::vector<Generator*> generators() const;
   // "<model>/<precision>" → its generator (the key of NodeInfo.applied_loras).
   std::map<std::string, Generator*> GeneratorsByKey() const;
+  // The generators whose Health() is not OK, by model then precision. Any thread.
+  struct Unhealthy {
+    std::string model;
+    std::string precision;
+    absl::Status health;
+  };
+  std::vector<Unhealthy> UnhealthyGenerators() const;
   // LoRA names any generator can apply, sorted, unique.
   std::vector<std::string> AvailableLoras() const;
   const std::string& default_precision() const { return default_precision_; }

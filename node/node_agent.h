@@ -34,6 +34,7 @@
 #include "node/catalog.h"
 #include "node/node_metrics.h"
 #include "node/disk_health.h"
+#include "node/health.h"
 #include "node/node_options.h"
 #include "node/node_session.h"
 #include "node/outbox.h"
@@ -80,6 +81,14 @@ class NodeAgent {
   absl::Status disk_status() const {
     const absl::Status s = disk_->status();
     return s.ok() ? s : absl::Status(s.code(), disk_->reason());
+  }
+  // disk_status(), and once that is OK the generators' health (a multi-GPU node's rank group
+  // that failed: node/health.h GeneratorsReason): readiness includes it. Any thread.
+  absl::Status health_status() const {
+    const absl::Status disk = disk_status();
+    if (!disk.ok()) return disk;
+    const std::string reason = GeneratorsReason(catalog_->UnhealthyGenerators());
+    return reason.empty() ? absl::OkStatus() : absl::UnavailableError(reason);
   }
   // "<model>/<precision>/<W>x<H>" → digests, as sent in RegisterNode.
   const std::map<std::string, std::vector<std::string>>& package_sets() const {

@@ -36,6 +36,8 @@ class SequenceParallelGenerator : public Generator {
     return ranks_->DigestsFor(width, height);
   }
   std::vector<std::string> LoadedDigests() const override { return ranks_->LoadedDigests(); }
+  // Unavailable for good once a collective of the ranks' group failed.
+  absl::Status Health() const override { return ranks_->health(); }
 
  private:
   std::unique_ptr<parallel::SequenceParallelThreads> ranks_;

@@ -97,6 +97,12 @@ NodeMetrics::NodeMetrics(prometheus::Registry& registry, const std::string& node
                      .Help("Jobs denoised and decoded together per batch run, by model (1: a "
                            "job alone)")
                      .Register(registry)),
+      rank_group_failures(prometheus::BuildCounter()
+                              .Name("kiln_node_rank_group_failures_total")
+                              .Help("Rank groups of a multi-GPU node whose collective failed "
+                                    "(the node reports itself unhealthy until restarted), by "
+                                    "model and precision")
+                              .Register(registry)),
       info(prometheus::BuildGauge()
                .Name("kiln_node_info")
                .Help("Always 1; labels describe this node")

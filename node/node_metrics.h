@@ -22,6 +22,9 @@
 //                                         Images per GPU-second of a node and model:
 //                                         rate(images_total) / rate(device_seconds_total)
 //   kiln_node_batch_size{model}           histogram; jobs per batch run (1: alone; node/worker.h)
+//   kiln_node_rank_group_failures_total{model,precision}  counter; a multi-GPU node's rank group
+//                                         whose collective failed (a rank gone, a timeout): the
+//                                         node is unhealthy from then on (node/README.md)
 //   kiln_node_info{node_id,device,name,mig_profile}  gauge = 1
 #pragma once
 
@@ -59,6 +62,7 @@ struct NodeMetrics {
   prometheus::Family<prometheus::Counter>& device_seconds;  // label: model
   prometheus::Family<prometheus::Histogram>& batch_size;    // label: model; BatchBuckets()
   static prometheus::Histogram::BucketBoundaries BatchBuckets();
+  prometheus::Family<prometheus::Counter>& rank_group_failures;  // labels: model, precision
   prometheus::Gauge& info;
 };
 

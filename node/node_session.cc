@@ -9,6 +9,7 @@
 #include "cache/local_disk_store.h"
 #include "common/wire.h"
 #include "node/device_probe.h"
+#include "node/health.h"
 #include "node/worker.h"
 
 namespace kiln::node {
@@ -44,6 +45,7 @@ void NodeSession::Log(const std::string& line) const {
 void NodeSession::Tick() {
   if (finished_) return;
   if (link_.ShouldConnect()) Connect();
+  NoteUnhealthyGenerators();
 
   // Read idle() before taking the worker's messages: an idle runner has queued its last result.
   const bool worker_idle = jobs_.idle();
@@ -187,6 +189,15 @@ void NodeSession::OnAssign(const kiln::v1::AssignJob& assign) {
     QueueResult(ErrorResult(spec.job_id(), assign.attempt(), plan.status()));
     return;
   }
+  if (!plan->generator->Health().ok()) {  // its rank group failed: the job goes elsewhere
+    NoteUnhealthyGenerators();
+    metrics_.jobs_rejected.Increment();
+    const absl::Status refused = GeneratorFailure(absl::OkStatus(), *plan->generator, plan->model,
+                                                  plan->precision, options_.node_id);
+    Log(absl::StrCat("job ", spec.job_id(), " refused: ", refused.message()));
+    QueueResult(ErrorResult(spec.job_id(), assign.attempt(), refused));
+    return;
+  }
   Job job;
   job.spec = spec;
   job.attempt = assign.attempt();
@@ -315,7 +326,19 @@ kiln::v1::Envelope NodeSession::HeartbeatMessage() const {
 
 std::string NodeSession::UnhealthyReason() const {
   if (draining_) return "node is shutting down";
-  return disk_ != nullptr ? disk_->reason() : "";
+  std::string disk = disk_ != nullptr ? disk_->reason() : "";
+  if (!disk.empty()) return disk;
+  return GeneratorsReason(catalog_.UnhealthyGenerators());
+}
+
+void NodeSession::NoteUnhealthyGenerators() {
+  for (const auto& u : catalog_.UnhealthyGenerators()) {
+    if (!failed_generators_.insert(u.model + "/" + u.precision).second) continue;
+    metrics_.rank_group_failures.Add({{"model", u.model}, {"precision", u.precision}})
+        .Increment();
+    Log(absl::StrCat("model ", u.model, " (", u.precision, ") takes no more jobs until the node "
+                     "is restarted; the node reports itself unhealthy: ", u.health.message()));
+  }
 }
 
 }  // namespace kiln::node

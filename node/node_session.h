@@ -16,6 +16,10 @@
 //    with a JobResult INVALID_ARGUMENT naming the field) and queued on the JobRunner.
 //  - RegisterNode and Heartbeat contents: models, package sets, on-disk packages (from the
 //    node-local LocalDiskStore's listing), loaded packages, running jobs.
+//  - the generators' health (Generator::Health: a multi-GPU node's rank group whose collective
+//    failed): heartbeats carry the reason naming the group and the failure (one goes out before
+//    any result it explains), AssignJob for that model and precision is answered UNAVAILABLE
+//    (the coordinator requeues it elsewhere), and each failure is logged and counted once.
 //  - the graceful drain (Drain()): heartbeats carry Heartbeat.unhealthy "node is shutting down"
 //    (one goes out first, so the coordinator places nothing more here); jobs not started (queued,
 //    prefetched or being encoded: JobRunner::TakeQueued) and every later AssignJob are answered
@@ -35,6 +39,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -135,9 +140,12 @@ class NodeSession {
   void FlushResults();
   void FinishDrain();
   std::vector<std::string> DiskPackages() const;
-  // Heartbeat.unhealthy: "node is shutting down" while draining, else the disk's reason ("" =
-  // healthy).
+  // Heartbeat.unhealthy: "node is shutting down" while draining, else the disk's reason, else
+  // the generators that can run no more jobs (node/health.h GeneratorsReason; "" = healthy).
   std::string UnhealthyReason() const;
+  // Logs and counts (kiln_node_rank_group_failures_total) each generator seen unhealthy for
+  // the first time.
+  void NoteUnhealthyGenerators();
   void Log(const std::string& line) const;
 
   const NodeOptions& options_;
@@ -153,6 +161,7 @@ class NodeSession {
 
   const DiskHealth* disk_ = nullptr;
   std::string unhealthy_sent_;  // Heartbeat.unhealthy of the last heartbeat sent
+  std::set<std::string> failed_generators_;  // "<model>/<precision>" already logged and counted
 
   CoordinatorLink link_;
   std::deque<kiln::v1::Envelope> results_;  // JobResults waiting for a registered coordinator

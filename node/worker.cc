@@ -9,6 +9,7 @@
 #include "common/log.h"
 #include "common/stopwatch.h"
 #include "common/wire.h"
+#include "node/health.h"
 #include "pipeline/png.h"
 
 namespace kiln::node {
@@ -421,7 +422,11 @@ kiln::v1::Envelope Worker::Finish(Taken& t) {
     // one line when the disk is to blame.
     LogWarning("node", absl::StrCat("job ", id, " failed: ", result.status().ToString()));
     metrics_.jobs_failed.Increment();
-    return ErrorResult(id, t.job.attempt, DiskFailure(result.status(), disk_, node_id_));
+    // A disk that cannot be written, or a generator that can run no more jobs (a multi-GPU
+    // node's rank group failed), is named instead, with a code the coordinator requeues on.
+    const absl::Status error = GeneratorFailure(result.status(), *t.job.plan.generator,
+                                                t.job.plan.model, t.job.plan.precision, node_id_);
+    return ErrorResult(id, t.job.attempt, DiskFailure(error, disk_, node_id_));
   }
   if (result->lora_switched) {
     metrics_.lora_switches.Increment();

@@ -13,6 +13,7 @@
 #include "common/wire.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/node/coordinator_socket.h"
 #include "tests/node/node_test_support.h"
 
 namespace kiln::node {
@@ -23,18 +24,12 @@ using ::testing::HasSubstr;
 
 class NodeAgentTest : public ::testing::Test {
  protected:
-  NodeAgentTest() : router_(context_, zmq::socket_type::router) {
-    router_.set(zmq::sockopt::router_handover, 1);
-    router_.set(zmq::sockopt::linger, 0);
-    router_.bind("tcp://127.0.0.1:*");
-    endpoint_ = router_.get(zmq::sockopt::last_endpoint);
-  }
   ~NodeAgentTest() override { agent_.reset(); }
 
   void StartAgent() {
     NodeOptions o;
     o.node_id = "node-x";
-    o.coordinator = endpoint_;
+    o.coordinator = coordinator_.endpoint();
     o.resolutions = {{64, 32}};
     o.package_dir = ::testing::TempDir() + "/node_agent_test_packages";
     o.metrics_url = "http://127.0.0.1:1/metrics";
@@ -56,39 +51,11 @@ class NodeAgentTest : public ::testing::Test {
   std::optional<kiln::v1::Envelope> Expect(kiln::v1::Envelope::BodyCase body,
                                            std::chrono::milliseconds timeout =
                                                std::chrono::seconds(10)) {
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < deadline) {
-      zmq::pollitem_t item{router_.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, std::chrono::milliseconds(20));
-      if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames;
-      (void)zmq::recv_multipart(router_, std::back_inserter(frames));
-      EXPECT_EQ(frames.size(), 2u);
-      EXPECT_EQ(frames[0].to_string(), "node-x");
-      auto env = Decode(frames.back().to_string_view());
-      EXPECT_TRUE(env.ok()) << env.status();
-      if (!env.ok()) continue;
-      if (env->has_heartbeat()) {
-        kiln::v1::Envelope hb;
-        hb.mutable_heartbeat();
-        Send(hb);
-      }
-      if (env->body_case() == body) return *env;
-    }
-    return std::nullopt;
+    return coordinator_.Expect(body, "", timeout);
   }
-
-  void Send(const kiln::v1::Envelope& env) { SendRaw(Encode(env)); }
-  void SendRaw(const std::string& bytes) {
-    router_.send(zmq::buffer(std::string("node-x")), zmq::send_flags::sndmore);
-    router_.send(zmq::buffer(bytes));
-  }
-
-  void Ack() {
-    kiln::v1::Envelope ack;
-    ack.mutable_register_ack()->set_heartbeat_interval_ms(100);
-    Send(ack);
-  }
+  void Send(const kiln::v1::Envelope& env) { coordinator_.Send(env); }
+  void SendRaw(const std::string& bytes) { coordinator_.SendRaw(bytes); }
+  void Ack() { coordinator_.Ack(); }
 
   void Assign(const std::string& id, int steps, const std::string& model = "tiny") {
     kiln::v1::Envelope env;
@@ -112,9 +79,7 @@ class NodeAgentTest : public ::testing::Test {
     return std::nullopt;
   }
 
-  zmq::context_t context_;
-  zmq::socket_t router_;
-  std::string endpoint_;
+  testing::CoordinatorSocket coordinator_{"node-x"};
   prometheus::Registry registry_;
   testing::FakeGenerator* gen_ = nullptr;
   std::unique_ptr<NodeAgent> agent_;
@@ -168,7 +133,7 @@ TEST_F(NodeAgentTest, RegistersRunsAJobAnswersGarbageAndStopsGracefully) {
 }
 
 TEST_F(NodeAgentTest, StopWithoutACoordinatorEndsAtOnce) {
-  router_.close();  // nobody listens
+  coordinator_.Close();  // nobody listens
   StartAgent();
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   const auto t0 = std::chrono::steady_clock::now();
@@ -182,7 +147,7 @@ TEST_F(NodeAgentTest, StopWithoutACoordinatorEndsAtOnce) {
 TEST_F(NodeAgentTest, CreateNeedsAModel) {
   NodeOptions o;
   o.node_id = "node-x";
-  o.coordinator = endpoint_;
+  o.coordinator = coordinator_.endpoint();
   auto agent = NodeAgent::Create(o, std::make_unique<ModelCatalog>("fp32", o.resolutions),
                                  nullptr, registry_);
   EXPECT_EQ(agent.status().code(), absl::StatusCode::kInvalidArgument);
