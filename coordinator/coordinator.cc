@@ -668,11 +668,8 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
     return InvalidField("register_node.info.device.gpu_count",
                         absl::StrCat(info.device().gpu_count(), " is more than ", kMaxGpusPerNode));
   }
-  if (info.device().gpu_count() > 1 && info.device().kind() != "cuda") {
-    return InvalidField("register_node.info.device.gpu_count",
-                        absl::StrCat(info.device().gpu_count(), " GPUs on a '",
-                                     info.device().kind(), "' device (only cuda has GPUs)"));
-  }
+  // On a cpu device gpu_count is the node's CPU ranks (kiln-node --device cpu --gpus 0,1: tests
+  // and development of the multi-GPU node); placed like GPUs.
   if (info.job_slots() > options_.max_job_slots_per_node) {
     return InvalidField("register_node.info.job_slots",
                         absl::StrCat(info.job_slots(), " is more than ",

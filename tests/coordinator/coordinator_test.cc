@@ -28,6 +28,7 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
+using ::testing::Pair;
 using ::testing::StartsWith;
 using kiln::v1::JobInfo;
 using kiln::v1::JobSpec;
@@ -979,21 +980,50 @@ TEST_F(CoordinatorTest, AMultiGpuRegistrationIsCheckedAndShown) {
   auto ack = c().RegisterNode("n1", m);
   ASSERT_FALSE(ack.ok());
   EXPECT_THAT(std::string(ack.status().message()), HasSubstr("register_node.info.device.gpu_count"));
+  // A cpu node's count is its CPU ranks (kiln-node --device cpu --gpus 0,1): taken too.
   NodeInfo cpu = Node("n2", "cpu");
   cpu.mutable_device()->set_gpu_count(2);
-  *m.mutable_info() = cpu;
-  ack = c().RegisterNode("n2", m);
-  ASSERT_FALSE(ack.ok());
-  EXPECT_THAT(std::string(ack.status().message()), HasSubstr("only cuda has GPUs"));
+  Register(cpu);
+  EXPECT_EQ(DeviceClass(cpu.device()), "cpu x2");
   NodeInfo x2 = Gpu("n3", "H100", 132);
   x2.mutable_device()->set_gpu_count(2);
   Register(x2);
-  bool listed = false;
+  std::map<std::string, uint32_t> listed;
   const auto nodes = c().ListNodes();
-  for (const auto& n : nodes.nodes()) {
-    if (n.info().node_id() == "n3") listed = n.info().device().gpu_count() == 2;
-  }
-  EXPECT_TRUE(listed);
+  for (const auto& n : nodes.nodes()) listed[n.info().node_id()] = n.info().device().gpu_count();
+  EXPECT_THAT(listed, ElementsAre(Pair("n2", 2u), Pair("n3", 2u)));
+}
+
+// A multi-GPU node whose rank group failed says so in its heartbeat (node/README.md "A multi-GPU
+// node") before the UNAVAILABLE result of the job it was running: that job moves to another
+// node, and nothing more is placed on the broken node, though it stays registered.
+TEST_F(CoordinatorTest, AMultiGpuNodeWhoseGroupFailedGetsNoJobsAndItsJobMovesOn) {
+  NodeInfo x2 = Gpu("a-x2", "H100", 132);  // warm and twice as fast: it would get every job
+  x2.mutable_device()->set_gpu_count(2);
+  x2.add_loaded_packages("d1");
+  x2.add_loaded_packages("d2");
+  Register(x2);
+  JobSpec latency = Bf16("j1");
+  latency.set_priority(c().options().latency_priority);
+  MustSubmit(latency);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("a-x2", "j1", 1u)));
+  Register(Gpu("b-one", "H100", 132));
+  kiln::v1::Heartbeat hb;
+  hb.add_running_jobs("j1");
+  hb.set_unhealthy("model flux-tiny (fp32): sequence parallel group '0' of 2 ranks (cuda:0, "
+                   "cuda:1) failed: rank 0: collective failed; restart the node");
+  ASSERT_TRUE(c().Heartbeat("a-x2", hb).ok());
+  EXPECT_TRUE(Logged("node a-x2 takes no jobs: model flux-tiny (fp32): sequence parallel group"));
+  ASSERT_TRUE(Result("a-x2", "j1", false, 1, "UNAVAILABLE").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-one", "j1", 2u)));
+  // b-one (cold) is busy; a-x2 is warm, faster and free, but unhealthy: the job waits.
+  JobSpec next = Bf16("j2");
+  next.set_priority(c().options().latency_priority);
+  MustSubmit(next);
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_EQ(StateOf("a-x2"), kiln::v1::NODE_STATE_READY);
+  ASSERT_TRUE(Result("b-one", "j1").ok());
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("b-one", "j2", 1u)));
 }
 
 TEST_F(CoordinatorTest, HeldJobsAreLookedAtAgainWhenTheirNodeOverruns) {
