@@ -79,7 +79,11 @@ std::vector<CommandSpec> MakeCommands() {
         {"device", true, "DEVICE", "cpu, cuda or cuda:N (default cpu)"},
         {"gpus", true, "LIST",
          "with --device cuda: one node per GPU index or MIG UUID, comma-separated "
-         "(each node sees only its GPU)"},
+         "(each node sees only its GPU; with --gpus-per-node N, one node per N of them)"},
+        {"gpus-per-node", true, "N",
+         "each node spreads every job over N GPUs (sequence parallel, 1..16; default 1): with "
+         "--gpus, consecutive entries make one node; with --device cpu, N CPU ranks per node "
+         "(tests and development)"},
         {"precision", true, "P[,P...]", "the nodes' precision (default fp32); a list: the nodes serve each, the first is their default"},
         {"heartbeat-ms", true, "MS", "heartbeat interval (default: the coordinator's)"},
         {"max-batch", true, "N",

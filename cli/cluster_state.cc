@@ -53,6 +53,7 @@ json ClusterState::ToJson() const {
   j["precision"] = precision;
   j["heartbeat_ms"] = heartbeat_ms;
   j["max_batch"] = max_batch;
+  j["gpus_per_node"] = gpus_per_node;
   j["batch_wait_ms"] = batch_wait_ms;
   j["compile"] = compile;
   j["compile_options"] = compile_options;
@@ -95,6 +96,7 @@ absl::StatusOr<ClusterState> ClusterState::FromJson(const json& j) {
         Read(j, "models", &s.models, top), Read(j, "device", &s.device, top),
         Read(j, "precision", &s.precision, top), Read(j, "heartbeat_ms", &s.heartbeat_ms, top),
         Read(j, "max_batch", &s.max_batch, top), Read(j, "batch_wait_ms", &s.batch_wait_ms, top),
+        Read(j, "gpus_per_node", &s.gpus_per_node, top),
         Read(j, "compile", &s.compile, top), Read(j, "compile_options", &s.compile_options, top),
         Read(j, "detached", &s.detached, top), Read(j, "keys_dir", &s.keys_dir, top),
         Read(j, "supervisor_pid", &s.supervisor_pid, top),

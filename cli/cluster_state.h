@@ -44,7 +44,8 @@ struct NodeProcess {
   std::string log;           // STATE/logs/<id>.log
   std::string state = "up";  // "up", "stopped", "exited" (found dead)
   // `kiln up --gpus`: the GPU index or MIG UUID this node is given (CUDA_VISIBLE_DEVICES, and
-  // --device cuda:0); "" for a node on the cluster's device.
+  // --device cuda:0), or with --gpus-per-node N its N indexes ("0,1"; --device cuda --gpus
+  // 0,..,N-1); "" for a node on the cluster's device.
   std::string gpu;
 };
 
@@ -63,6 +64,7 @@ struct ClusterState {
   std::string precision = "fp32";
   int heartbeat_ms = 0;  // 0: the coordinator's default
   int max_batch = 1;      // every node's --max_batch (1: no batching)
+  int gpus_per_node = 1;  // `kiln up --gpus-per-node`: each node's ranks (kiln-node --gpus)
   int batch_wait_ms = 0;  // every node's --batch_wait_ms
   bool compile = true;   // nodes may compile missing packages
   std::string compile_options;  // JSON object given to every node (--compile_options); "" = default

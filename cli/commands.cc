@@ -490,10 +490,12 @@ int CmdUp(const CommandLine& cl, Io& io) {
   auto attempts = cl.GetInt("max-attempts", 0, 0, 1000);
   auto max_batch = cl.GetInt("max-batch", 1, 1, 4);
   auto batch_wait = cl.GetInt("batch-wait-ms", 0, 0, 10000);
+  auto gpus_per_node = cl.GetInt("gpus-per-node", 1, 1, UpOptions::kMaxGpusPerNode);
   auto start_timeout = cl.GetDouble("start-timeout", 60);
   auto models = ParseModels(cl.All("models"));
   for (const absl::Status& s : {nodes.status(), heartbeat.status(), attempts.status(),
-                                max_batch.status(), batch_wait.status(), start_timeout.status(),
+                                max_batch.status(), batch_wait.status(),
+                                gpus_per_node.status(), start_timeout.status(),
                                 models.status()}) {
     if (!s.ok()) return UsageError(io, s, cl.spec);
   }
@@ -502,6 +504,7 @@ int CmdUp(const CommandLine& cl, Io& io) {
   options.max_attempts = static_cast<int>(*attempts);
   options.max_batch = static_cast<int>(*max_batch);
   options.batch_wait_ms = static_cast<int>(*batch_wait);
+  options.gpus_per_node = static_cast<int>(*gpus_per_node);
   options.start_timeout_ms = static_cast<int>(*start_timeout * 1000);
   options.models = *models;
   options.device = cl.Get("device", "cpu");

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -309,6 +310,11 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
                          const NodeProcess& node) {
   NodeLaunch launch;
   if (!node.gpu.empty()) launch.env["CUDA_VISIBLE_DEVICES"] = node.gpu;
+  // A multi-GPU node sees its GPUs as cuda:0..N-1 (or has N CPU ranks) and spreads each job
+  // over all of them.
+  const int ranks = std::max(1, state.gpus_per_node);
+  std::string device = state.device;
+  if (!node.gpu.empty()) device = ranks > 1 ? "cuda" : "cuda:0";
   // LibTorch's OpenMP threads spin at the end of each parallel region by default, and several
   // LibTorch processes on one host (the nodes of `kiln up`, their kiln-compile children) burn
   // each other's time slices: a flux-tiny kiln-run beside two CPU-bound processes took 90.8 s
@@ -320,7 +326,7 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
           "--coordinator=" + state.coordinator.node_endpoint,
           "--node_id=" + node.node_id,
           "--models=" + ModelsFlag(state.models),
-          "--device=" + (node.gpu.empty() ? state.device : std::string("cuda:0")),
+          "--device=" + device,
           // "bf16,fp8": the first is the nodes' default, and they serve every one listed.
           "--precision=" + state.precision.substr(0, state.precision.find(',')),
           "--package_dir=" + node.package_dir,
@@ -328,6 +334,11 @@ NodeLaunch NodeLaunchFor(const std::string& bin_dir, const ClusterState& state,
           state.advertise.empty() ? "--metrics=127.0.0.1:0" : "--metrics=0.0.0.0:0",
           "--status_file=" + node.status_file};
   if (state.precision.find(',') != std::string::npos) argv.push_back("--precisions=" + state.precision);
+  if (ranks > 1) {
+    std::vector<int> indexes(ranks);
+    std::iota(indexes.begin(), indexes.end(), 0);
+    argv.push_back("--gpus=" + absl::StrJoin(indexes, ","));
+  }
   if (!state.advertise.empty()) argv.push_back("--advertise=" + state.advertise);
   if (state.heartbeat_ms > 0) argv.push_back(absl::StrCat("--heartbeat_ms=", state.heartbeat_ms));
   if (state.max_batch > 1) {
@@ -503,6 +514,17 @@ int NextNodeNumber(const ClusterState& state) {
 
 }  // namespace
 
+int UpOptions::NodeCount() const {
+  return gpus.empty() ? nodes : static_cast<int>(gpus.size()) / std::max(1, gpus_per_node);
+}
+
+std::string UpOptions::NodeGpus(int i) const {
+  if (gpus.empty()) return "";
+  const int per = std::max(1, gpus_per_node);
+  std::vector<std::string> mine(gpus.begin() + i * per, gpus.begin() + (i + 1) * per);
+  return absl::StrJoin(mine, ",");
+}
+
 absl::Status UpOptions::Validate() const {
   if (state_dir.empty()) return absl::InvalidArgumentError("state_dir: empty");
   if (nodes < 1 || nodes > 64) {
@@ -531,13 +553,29 @@ absl::Status UpOptions::Validate() const {
         absl::StrCat("redis: '", redis, "' is neither redis://HOST:PORT/DB nor local"));
   }
   if (device.empty()) return absl::InvalidArgumentError("device: empty");
+  if (gpus_per_node < 1 || gpus_per_node > kMaxGpusPerNode) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gpus_per_node: ", gpus_per_node, " is outside 1..", kMaxGpusPerNode));
+  }
+  if (gpus_per_node > 1 && gpus.empty() && device != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gpus_per_node: ", gpus_per_node, " GPUs per node needs --gpus naming them (device ",
+        device, "); only a cpu node takes CPU ranks without"));
+  }
   if (!gpus.empty()) {
     if (device != "cuda") {
-      return absl::InvalidArgumentError("gpus: needs device cuda (each node gets one GPU)");
+      return absl::InvalidArgumentError("gpus: needs device cuda (each node gets its GPUs)");
     }
-    if (nodes != 1 && nodes != static_cast<int>(gpus.size())) {
+    const int count = static_cast<int>(gpus.size());
+    if (count % gpus_per_node != 0) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "nodes: ", nodes, " nodes for ", gpus.size(), " GPUs (--gpus starts one node per GPU)"));
+          "gpus: ", count, " GPUs do not make whole nodes of ", gpus_per_node,
+          " (--gpus-per-node)"));
+    }
+    if (nodes != 1 && nodes != count / gpus_per_node) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "nodes: ", nodes, " nodes for ", count, " GPUs (--gpus starts one node per ",
+          gpus_per_node == 1 ? std::string("GPU") : absl::StrCat(gpus_per_node, " GPUs"), ")"));
     }
     std::set<std::string> seen;
     for (const std::string& g : gpus) {
@@ -549,6 +587,11 @@ absl::Status UpOptions::Validate() const {
       }
       if (!seen.insert(g).second) {
         return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " twice"));
+      }
+      if (gpus_per_node > 1 && absl::StartsWith(g, "MIG-")) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "gpus: ", g, " is a MIG slice; a node over several GPUs (--gpus-per-node ",
+            gpus_per_node, ") needs whole GPUs (CUDA shows a process one MIG slice)"));
       }
     }
   }
@@ -612,6 +655,7 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   state.precision = options.precision;
   state.heartbeat_ms = options.heartbeat_ms;
   state.max_batch = options.max_batch;
+  state.gpus_per_node = options.gpus_per_node;
   state.batch_wait_ms = options.batch_wait_ms;
   state.compile = options.compile;
   state.compile_options = options.compile_options;
@@ -655,8 +699,7 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
         << ", AOF in " << state.redis.dir << ")\n";
   }
   if (!state.keys_dir.empty()) {  // the first nodes' keys are in the allowlist from the start
-    const int count = options.gpus.empty() ? options.nodes : static_cast<int>(options.gpus.size());
-    for (int i = 1; i <= count; ++i) {
+    for (int i = 1; i <= options.NodeCount(); ++i) {
       if (auto s = ProvisionNodeKey(KeyFiles(state.keys_dir), absl::StrCat("node-", i)); !s.ok()) {
         return s;
       }
@@ -674,10 +717,9 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
   if (auto s = SaveClusterState(state); !s.ok()) return fail(s);
 
   // Nodes: start them all, then wait for each to register.
-  const int node_count = options.gpus.empty() ? options.nodes : static_cast<int>(options.gpus.size());
-  for (int i = 1; i <= node_count; ++i) {
+  for (int i = 1; i <= options.NodeCount(); ++i) {
     state.nodes.push_back(NewNode(state, absl::StrCat("node-", i)));
-    if (!options.gpus.empty()) state.nodes.back().gpu = options.gpus[i - 1];
+    state.nodes.back().gpu = options.NodeGpus(i - 1);
     if (auto s = SpawnNode(bin_dir, state, &state.nodes.back(), !options.detach); !s.ok()) {
       return fail(s);
     }

@@ -37,6 +37,12 @@ struct UpOptions {
   // ("MIG-..."), as CUDA_VISIBLE_DEVICES takes them. Needs device "cuda"; then `nodes` is the
   // number of entries (a `nodes` other than 1 must match it).
   std::vector<std::string> gpus;
+  // GPUs per node (kiln-node --gpus: one multi-GPU node, sequence parallel; node/README.md), 1..
+  // kMaxGpusPerNode. With `gpus`: each run of this many consecutive entries makes one node (no
+  // MIG slices: CUDA shows a process one), `nodes` = entries / this. With device "cpu" and no
+  // `gpus`: each node has this many CPU ranks (tests and development).
+  int gpus_per_node = 1;
+  static constexpr int kMaxGpusPerNode = 16;
   std::string precision = "fp32";             // every node's default precision
   int heartbeat_ms = 0;                       // 0: the coordinator's default
   // Every node's batching (kiln-node --max_batch, --batch_wait_ms; node/README.md): 1 = none.
@@ -63,6 +69,11 @@ struct UpOptions {
 
   // InvalidArgument naming the bad field.
   absl::Status Validate() const;
+  // Nodes to start: `nodes`, or with `gpus` one per gpus_per_node of them. Valid options only.
+  int NodeCount() const;
+  // Node `i`'s (0-based) NodeProcess.gpu: its gpus_per_node entries of `gpus`, comma-separated
+  // ("" without `gpus`). Valid options only.
+  std::string NodeGpus(int i) const;
 };
 
 // A local cluster's CURVE keys, all under ClusterState.keys_dir (STATE/keys, mode 0700):

@@ -363,6 +363,20 @@ TEST(Usage, BadFlagsExitTwoWithoutTalkingToAnyone) {
   EXPECT_THAT(r.err, HasSubstr("--models NAME=DIR is required"));
 }
 
+TEST(Usage, UpRefusesGpusThatDoNotMakeWholeNodes) {
+  std::string model = ::testing::TempDir() + "/kiln_up_usage_model_XXXXXX";
+  ASSERT_NE(mkdtemp(model.data()), nullptr);
+  std::ofstream(model + "/model_index.json") << "{}\n";
+  const std::string models = "flux-tiny=" + model;
+  auto r = RunKiln({"up", "--models", models, "--gpus-per-node", "0"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--gpus-per-node: 0 is outside"));
+  r = RunKiln({"up", "--models", models, "--device", "cuda", "--gpus", "0,1,2",
+               "--gpus-per-node", "2"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("gpus: 3 GPUs do not make whole nodes of 2 (--gpus-per-node)"));
+}
+
 TEST(Usage, LogFormatIsAGlobalOptionBeforeTheCommand) {
   auto r = RunKiln({"--log-format", "json", "help"});
   EXPECT_EQ(r.code, 0);

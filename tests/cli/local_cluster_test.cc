@@ -147,6 +147,82 @@ TEST(UpOptionsGpus, OneNodePerDistinctGpuOnCuda) {
   EXPECT_TRUE(ValidateGpus(mismatch).ok());
 }
 
+// `--gpus-per-node N`: N consecutive entries of --gpus make one node; on the cpu, N ranks.
+TEST(UpOptionsGpus, NodesOverSeveralGpus) {
+  UpOptions four = GpuOptions({"0", "1", "2", "3"});
+  four.gpus_per_node = 2;
+  ASSERT_TRUE(four.Validate().ok()) << four.Validate();
+  EXPECT_EQ(four.NodeCount(), 2);
+  EXPECT_EQ(four.NodeGpus(0), "0,1");
+  EXPECT_EQ(four.NodeGpus(1), "2,3");
+  four.gpus_per_node = 4;
+  EXPECT_EQ(four.NodeCount(), 1);
+  EXPECT_EQ(four.NodeGpus(0), "0,1,2,3");
+  four.nodes = 2;
+  EXPECT_THAT(std::string(four.Validate().message()),
+              HasSubstr("nodes: 2 nodes for 4 GPUs (--gpus starts one node per 4 GPUs)"));
+
+  UpOptions odd = GpuOptions({"0", "1", "2"});
+  odd.gpus_per_node = 2;
+  EXPECT_EQ(odd.Validate().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(odd.Validate().message()),
+              HasSubstr("gpus: 3 GPUs do not make whole nodes of 2 (--gpus-per-node)"));
+  UpOptions mig = GpuOptions({"MIG-abc", "MIG-def"});
+  mig.gpus_per_node = 2;
+  EXPECT_THAT(std::string(mig.Validate().message()), HasSubstr("gpus: MIG-abc is a MIG slice"));
+  mig.gpus_per_node = 1;  // one node per slice, as before
+  EXPECT_TRUE(mig.Validate().ok()) << mig.Validate();
+  UpOptions bounds = GpuOptions({});
+  bounds.gpus_per_node = 17;
+  EXPECT_THAT(std::string(bounds.Validate().message()),
+              HasSubstr("gpus_per_node: 17 is outside 1..16"));
+  bounds.gpus_per_node = 2;  // cuda without naming the GPUs
+  EXPECT_THAT(std::string(bounds.Validate().message()),
+              HasSubstr("gpus_per_node: 2 GPUs per node needs --gpus naming them"));
+
+  UpOptions cpu = GpuOptions({});
+  cpu.device = "cpu";
+  cpu.gpus_per_node = 2;
+  cpu.nodes = 3;
+  ASSERT_TRUE(cpu.Validate().ok()) << cpu.Validate();
+  EXPECT_EQ(cpu.NodeCount(), 3);
+  EXPECT_EQ(cpu.NodeGpus(0), "");
+}
+
+TEST(NodeLaunchFor, AMultiGpuNodeSeesItsGpusAndSpreadsEachJobOverThem) {
+  ClusterState state;
+  state.device = "cuda";
+  state.gpus_per_node = 2;
+  auto back = ClusterState::FromJson(state.ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->gpus_per_node, 2);
+  NodeProcess node;
+  node.node_id = "node-2";
+  node.gpu = "2,3";
+  NodeLaunch launch = NodeLaunchFor("/bin", *back, node);
+  EXPECT_EQ(launch.env.at("CUDA_VISIBLE_DEVICES"), "2,3");
+  EXPECT_THAT(launch.argv, Contains("--device=cuda"));
+  EXPECT_THAT(launch.argv, Contains("--gpus=0,1"));
+  EXPECT_THAT(launch.argv, Not(Contains("--device=cuda:0")));
+
+  // CPU ranks: no GPU to hide, the cluster's device.
+  state.device = "cpu";
+  state.gpus_per_node = 4;
+  node.gpu = "";
+  launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_THAT(launch.argv, Contains("--device=cpu"));
+  EXPECT_THAT(launch.argv, Contains("--gpus=0,1,2,3"));
+  EXPECT_EQ(launch.env.count("CUDA_VISIBLE_DEVICES"), 0u);
+
+  // One GPU per node: no --gpus, as before (an older cluster.json has no gpus_per_node).
+  nlohmann::json old = state.ToJson();
+  old.erase("gpus_per_node");
+  back = ClusterState::FromJson(old);
+  ASSERT_TRUE(back.ok()) << back.status();
+  launch = NodeLaunchFor("/bin", *back, node);
+  EXPECT_THAT(launch.argv, Not(Contains(HasSubstr("--gpus"))));
+}
+
 TEST(ClusterStateGpu, SurvivesTheStateFile) {
   ClusterState state;
   NodeProcess node;
