@@ -53,8 +53,8 @@ ABSL_FLAG(std::string, gpus, "",
           "(sequence parallel, one rank per device, 2..16) and registers once with their count; "
           "needs --device cuda (or cpu: CPU ranks, for tests). Default: the one --device");
 ABSL_FLAG(double, group_timeout_s, 600,
-          "with --gpus: bound on the rank group's start and on each collective, seconds (a "
-          "rank waits this long for rank 0's next job header: above the longest encode)");
+          "with --gpus: bound on the rank group's start and on each collective, seconds (above "
+          "a rank's load of its transformer set once a job starts)");
 ABSL_FLAG(std::string, precision, "fp32", "default precision for jobs that name none");
 ABSL_FLAG(std::vector<std::string>, precisions, {},
           "precisions served (comma-separated; default: --precision only)");

@@ -18,8 +18,9 @@
 namespace kiln::node {
 namespace {
 
-// A Generator over the ranks of a multi-GPU node: each job runs whole on rank 0's thread
-// (encode, the loop over every rank, decode), so the worker's encode stage does nothing ahead.
+// A Generator over the ranks of a multi-GPU node: the worker's encode stage encodes a job with
+// rank 0's pipeline beside the previous job's loop, its denoise stage runs the loop over every
+// rank and the decode on rank 0's thread.
 class SequenceParallelGenerator : public Generator {
  public:
   explicit SequenceParallelGenerator(std::unique_ptr<parallel::SequenceParallelThreads> ranks)
@@ -31,6 +32,18 @@ class SequenceParallelGenerator : public Generator {
                                 "a multi-GPU node (--gpus) does not apply LoRAs yet");
     }
     return ranks_->Generate(request, progress);
+  }
+  absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
+      const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
+    if (!request.loras.empty()) {
+      return kiln::InvalidField("spec.loras",
+                                "a multi-GPU node (--gpus) does not apply LoRAs yet");
+    }
+    return ranks_->EncodePrompt(request, progress);
+  }
+  absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(
+      pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) override {
+    return ranks_->DenoiseDecode(std::move(encoded), progress);
   }
   std::vector<std::string> DigestsFor(int width, int height) const override {
     return ranks_->DigestsFor(width, height);

@@ -30,8 +30,9 @@ struct NodeOptions {
   // "cpu" each entry is one CPU rank (the indices only count). Empty: the one `device`.
   std::vector<int> gpus;
   static constexpr int kMaxGpus = 16;  // the coordinator's kMaxGpusPerNode: one host's
-  // Multi-GPU nodes: bounds the rank group's join and each collective (a follower's wait for a
-  // job's header included, so above the longest encode and package compile), seconds.
+  // Multi-GPU nodes: bounds the rank group's join and each collective, seconds: above a
+  // follower's load of its transformer set after a job's header (rank 0 encodes beside its
+  // thread, which keeps the followers alive meanwhile).
   double group_timeout_seconds = 600;
   // The devices of the ranks: {"cuda:0", "cuda:1"} for device "cuda" and gpus {0, 1}; {"cpu",
   // "cpu"} for "cpu"; empty without gpus.

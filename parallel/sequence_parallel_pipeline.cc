@@ -116,12 +116,22 @@ absl::StatusOr<pipeline::GenerateResult> SequenceParallelPipeline::Generate(
   // rank 0 alone.
   auto encoded = pipeline_->EncodePrompt(request, progress);
   if (!encoded.ok()) return encoded.status();
+  return DenoiseDecode(*std::move(encoded), progress);
+}
+
+absl::StatusOr<pipeline::GenerateResult> SequenceParallelPipeline::DenoiseDecode(
+    pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) {
+  if (rank() != 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence parallel: DenoiseDecode on rank ", rank(), "; only rank 0 leads"));
+  }
+  const pipeline::GenerateRequest& request = encoded.request;
   at::Tensor header = torch::tensor({kJob, int64_t{request.width}, int64_t{request.height},
                                      int64_t{request.steps}},
                                     torch::dtype(torch::kLong));
   if (auto s = group_.Broadcast(header); !s.ok()) return s;
   met_ = false;
-  auto result = pipeline_->DenoiseDecode(*std::move(encoded), progress);
+  auto result = pipeline_->DenoiseDecode(std::move(encoded), progress);
   if (!met_) {
     // The job failed (or was cancelled) before its loop: the followers still wait in step 2.
     const absl::Status why =

@@ -60,6 +60,11 @@ class SequenceParallelPipeline {
   // before and after the loop, not inside it. FailedPrecondition on another rank.
   absl::StatusOr<pipeline::GenerateResult> Generate(const pipeline::GenerateRequest& request,
                                                     const pipeline::ProgressFn& progress = {});
+  // Rank 0: Generate after its EncodePrompt, for a prompt encoded beforehand by pipeline()
+  // .EncodePrompt, which may run on another thread beside the previous job's loop (it issues no
+  // collective): steps 1 to 4. FailedPrecondition on another rank.
+  absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(pipeline::EncodedPrompt encoded,
+                                                         const pipeline::ProgressFn& progress = {});
   // Rank 0: tells the followers there are no more jobs (their Follow returns OutOfRange).
   absl::Status Stop();
   // Rank 0, between jobs: a header that is no job (the followers' Follow goes on waiting), so

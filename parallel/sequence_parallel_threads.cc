@@ -18,7 +18,7 @@ namespace kiln::parallel {
 struct SequenceParallelThreads::State {
   // A job handed to rank 0's thread; lives on the caller's stack until `result` is set.
   struct Job {
-    const pipeline::GenerateRequest* request;
+    pipeline::EncodedPrompt* encoded;  // by EncodePrompt, on the caller's thread
     const pipeline::ProgressFn* progress;
     std::optional<absl::StatusOr<pipeline::GenerateResult>> result;
   };
@@ -29,7 +29,8 @@ struct SequenceParallelThreads::State {
   std::shared_ptr<cache::PackageProvider> provider;
   std::vector<std::thread> threads;  // started and joined by the owning object's thread
 
-  absl::Mutex generate_mu;  // one Generate at a time
+  absl::Mutex encode_mu;    // one EncodePrompt at a time
+  absl::Mutex generate_mu;  // one DenoiseDecode at a time
   absl::Mutex mu;
   std::vector<std::optional<absl::Status>> started ABSL_GUARDED_BY(mu);  // per rank
   int port ABSL_GUARDED_BY(mu) = -1;  // rank 0's store, once it listens
@@ -93,7 +94,7 @@ void Lead(State& st, SequenceParallelPipeline& sp) {
       }
       continue;
     }
-    auto result = sp.Generate(*job->request, *job->progress);
+    auto result = sp.DenoiseDecode(std::move(*job->encoded), *job->progress);
     const bool failed = !result.ok() && CollectiveFailed(result.status());
     if (failed) Break(st, result.status());
     absl::MutexLock lock(&st.mu);  // Break's lock is released: the job is answered once
@@ -249,24 +250,50 @@ SequenceParallelThreads::~SequenceParallelThreads() {
   for (auto& t : state_->threads) t.join();
 }
 
-absl::StatusOr<pipeline::GenerateResult> SequenceParallelThreads::Generate(
-    const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
-  absl::MutexLock serial(&state_->generate_mu);
-  State::Job job{&request, &progress, std::nullopt};
-  absl::MutexLock lock(&state_->mu);
-  if (state_->stopping) {
-    return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
-  }
-  if (!state_->broken.ok()) {
+namespace {
+
+// Why a job cannot start: the object is stopping, or the group failed; OK otherwise.
+absl::Status Refusal(const State& st) ABSL_SHARED_LOCKS_REQUIRED(st.mu) {
+  if (st.stopping) return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
+  if (!st.broken.ok()) {
     return absl::UnavailableError(absl::StrCat(
         "sequence parallel: the rank group failed earlier (restart the node): ",
-        state_->broken.message()));
+        st.broken.message()));
   }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<pipeline::EncodedPrompt> SequenceParallelThreads::EncodePrompt(
+    const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
+  {
+    absl::MutexLock lock(&state_->mu);
+    if (auto s = Refusal(*state_); !s.ok()) return s;
+  }
+  absl::MutexLock serial(&state_->encode_mu);
+  torch::NoGradGuard no_grad;
+  return state_->rank0->EncodePrompt(request, progress);
+}
+
+absl::StatusOr<pipeline::GenerateResult> SequenceParallelThreads::DenoiseDecode(
+    pipeline::EncodedPrompt encoded, const pipeline::ProgressFn& progress) {
+  absl::MutexLock serial(&state_->generate_mu);
+  State::Job job{&encoded, &progress, std::nullopt};
+  absl::MutexLock lock(&state_->mu);
+  if (auto s = Refusal(*state_); !s.ok()) return s;
   state_->job = &job;
   // Rank 0's thread answers every job it takes; it ends only when broken or stopping.
   state_->mu.Await(absl::Condition(
       +[](State::Job* j) { return j->result.has_value(); }, &job));
   return *std::move(job.result);
+}
+
+absl::StatusOr<pipeline::GenerateResult> SequenceParallelThreads::Generate(
+    const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) {
+  auto encoded = EncodePrompt(request, progress);
+  if (!encoded.ok()) return encoded.status();
+  return DenoiseDecode(*std::move(encoded), progress);
 }
 
 std::vector<std::string> SequenceParallelThreads::DigestsFor(int width, int height) const {

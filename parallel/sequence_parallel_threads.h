@@ -1,15 +1,18 @@
 // SequenceParallelThreads: the P ranks of a multi-device node (kiln-node --gpus, issue 15,
 // docs/multi_gpu.md) as threads of the node process, one per device, each with its own
 // ProcessGroup (c10d's thread isolation mode: each thread registers its group under the name
-// the packages resolve, "0") and its own SequenceParallelPipeline. Rank 0's thread runs the
-// jobs handed to Generate(); the others wait in SequenceParallelPipeline::Follow.
+// the packages resolve, "0") and its own SequenceParallelPipeline. A job is encoded on the
+// caller's thread with rank 0's pipeline (EncodePrompt) and denoised and decoded on rank 0's
+// thread (DenoiseDecode), the others waiting in SequenceParallelPipeline::Follow; idle, rank 0's
+// thread keeps them alive, also while a job is encoded.
 //
 // This header names no LibTorch type, so node/ (which must not see LibTorch's include
 // directories) can hold one per served (model, precision).
 //
-// Threads: Start and the destructor on one thread; Generate from any thread (callers are
-// served one at a time, in arrival order); DigestsFor and LoadedDigests from any thread. The
-// object owns and joins its P threads. Start turns c10d's thread isolation mode on for the
+// Threads: Start and the destructor on one thread; Generate, EncodePrompt and DenoiseDecode
+// from any thread (calls of each served one at a time, in arrival order; an EncodePrompt may
+// run beside a DenoiseDecode); DigestsFor and LoadedDigests from any thread. The object owns
+// and joins its P threads. Start turns c10d's thread isolation mode on for the
 // process and leaves it on (a process group registered by one thread is then invisible to the
 // others: kiln-node registers groups only here).
 #pragma once
@@ -29,9 +32,10 @@ struct ThreadsOptions {
   // One entry per rank, the device its thread runs on: "cpu" (gloo) or "cuda:<index>" (NCCL).
   // Rank 0 is the first. At least one.
   std::vector<std::string> devices;
-  // Bounds the group's join and each of its collectives, seconds; a follower waits for the next
-  // job's header within it, so it must exceed rank 0's longest encode (a compile on a package
-  // miss included). Rank 0 sends a keep-alive after a quarter of it without a job.
+  // Bounds the group's join and each of its collectives, seconds. Rank 0's thread sends a
+  // keep-alive after a quarter of it without a job to denoise (an encode on the caller's thread,
+  // a compile on a package miss included, needs no bound); once it has one, the followers wait
+  // within it for each step of the loop.
   double timeout_seconds = 600;
 };
 
@@ -52,11 +56,20 @@ class SequenceParallelThreads {
   SequenceParallelThreads(const SequenceParallelThreads&) = delete;
   SequenceParallelThreads& operator=(const SequenceParallelThreads&) = delete;
 
-  // One job over every rank, run on rank 0's thread (SequenceParallelPipeline::Generate);
-  // blocks until it ends. `progress` is called on rank 0's thread. FailedPrecondition once the
-  // object is stopping.
+  // One job over every rank: EncodePrompt then DenoiseDecode; blocks until it ends.
   absl::StatusOr<pipeline::GenerateResult> Generate(const pipeline::GenerateRequest& request,
                                                     const pipeline::ProgressFn& progress);
+  // The job in two stages, as FluxPipeline's (node/worker.h overlaps them): EncodePrompt on
+  // the calling thread with rank 0's pipeline (no collective: it may run beside the previous
+  // job's loop; while it runs, rank 0's thread keeps the followers alive, so the group's
+  // timeout need not cover it), DenoiseDecode on rank 0's thread (the loop over every rank,
+  // the decode; `progress` is called there). Calls of each are served one at a time.
+  // Unavailable once the group failed (health()); FailedPrecondition once the object is
+  // stopping.
+  absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(const pipeline::GenerateRequest& request,
+                                                       const pipeline::ProgressFn& progress);
+  absl::StatusOr<pipeline::GenerateResult> DenoiseDecode(pipeline::EncodedPrompt encoded,
+                                                         const pipeline::ProgressFn& progress);
   // Rank 0's pipeline's (its set: the text encoders, the VAE, one rank's transformer set).
   std::vector<std::string> DigestsFor(int width, int height) const;
   std::vector<std::string> LoadedDigests() const;
