@@ -254,7 +254,9 @@ namespace {
 
 // Why a job cannot start: the object is stopping, or the group failed; OK otherwise.
 absl::Status Refusal(const State& st) ABSL_SHARED_LOCKS_REQUIRED(st.mu) {
-  if (st.stopping) return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
+  if (st.stopping) {
+    return absl::FailedPreconditionError("sequence parallel: the ranks are stopping");
+  }
   if (!st.broken.ok()) {
     return absl::UnavailableError(absl::StrCat(
         "sequence parallel: the rank group failed earlier (restart the node): ",
