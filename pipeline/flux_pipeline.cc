@@ -300,10 +300,8 @@ void FluxPipeline::Impl::PrepareLoras(const std::vector<LoraChoice>& wanted, Gen
     s = absl::InternalError(ExceptionMessage(e));
   }
   if (!s.ok()) {
-    if (!absl::IsUnimplemented(s)) {  // the regional layout: the switch fails the job as before
-      r->warnings.push_back(absl::StrCat("merging the LoRA set ahead failed (", s.message(),
-                                         "); it is merged at the switch"));
-    }
+    r->warnings.push_back(absl::StrCat("merging the LoRA set ahead failed (", s.message(),
+                                       "); it is merged at the switch"));
     return;
   }
   prepared = true;
