@@ -268,6 +268,14 @@ std::vector<std::string> SequenceParallelThreads::LoadedDigests() const {
   return state_->rank0->LoadedDigests();
 }
 
+std::string SequenceParallelThreads::AppliedLoras() const {
+  return state_->rank0->applied_loras();
+}
+
+std::vector<std::string> SequenceParallelThreads::AvailableLoras() const {
+  return state_->rank0->AvailableLoras();
+}
+
 int SequenceParallelThreads::world_size() const {
   return static_cast<int>(state_->options.devices.size());
 }

@@ -8,7 +8,8 @@
 // directories) can hold one per served (model, precision).
 //
 // Threads: Start and the destructor on one thread; Generate from any thread (callers are
-// served one at a time, in arrival order); DigestsFor and LoadedDigests from any thread. The
+// served one at a time, in arrival order); DigestsFor, LoadedDigests, AppliedLoras and
+// AvailableLoras from any thread. The
 // object owns and joins its P threads. Start turns c10d's thread isolation mode on for the
 // process and leaves it on (a process group registered by one thread is then invisible to the
 // others: kiln-node registers groups only here).
@@ -60,6 +61,10 @@ class SequenceParallelThreads {
   // Rank 0's pipeline's (its set: the text encoders, the VAE, one rank's transformer set).
   std::vector<std::string> DigestsFor(int width, int height) const;
   std::vector<std::string> LoadedDigests() const;
+  // Rank 0's pipeline's LoRA set merged now (LoraSetKey; every rank merges each job's set) and
+  // the LoRAs its lora_dirs hold (a follower reads its own: one missing there fails the job).
+  std::string AppliedLoras() const;
+  std::vector<std::string> AvailableLoras() const;
   int world_size() const;
 
   struct State;  // shared with the rank threads (sequence_parallel_threads.cc)
