@@ -27,10 +27,6 @@ class SequenceParallelGenerator : public Generator {
       : ranks_(std::move(ranks)) {}
   absl::StatusOr<pipeline::GenerateResult> Generate(
       const pipeline::GenerateRequest& request, const pipeline::ProgressFn& progress) override {
-    if (!request.loras.empty()) {
-      return kiln::InvalidField("spec.loras",
-                                "a multi-GPU node (--gpus) does not apply LoRAs yet");
-    }
     return ranks_->Generate(request, progress);
   }
   absl::StatusOr<pipeline::EncodedPrompt> EncodePrompt(
@@ -51,6 +47,8 @@ class SequenceParallelGenerator : public Generator {
   std::vector<std::string> LoadedDigests() const override { return ranks_->LoadedDigests(); }
   // Unavailable for good once a collective of the ranks' group failed.
   absl::Status Health() const override { return ranks_->health(); }
+  std::string AppliedLoras() const override { return ranks_->AppliedLoras(); }
+  std::vector<std::string> AvailableLoras() const override { return ranks_->AvailableLoras(); }
 
  private:
   std::unique_ptr<parallel::SequenceParallelThreads> ranks_;
@@ -134,7 +132,6 @@ absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
         // The sequence-parallel set of KeyPolicy's key: one rank's regional set of P.
         po.compile_options["layout"] = "regional";
         po.compile_options["sequence_parallel"] = ranks;
-        po.lora_dirs.clear();
         parallel::ThreadsOptions threads;
         threads.devices = options.RankDevices();
         threads.timeout_seconds = options.group_timeout_seconds;

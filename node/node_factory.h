@@ -60,8 +60,9 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options);
 // `provider`. With options.gpus, each is a sequence-parallel generator: one rank thread per
 // device (parallel/sequence_parallel_threads.h), its group up and every rank's pipeline made
 // before this returns, the package set asked for with compile_options' `sequence_parallel` =
-// the rank count and the regional layout (set here); LoRA jobs are refused (INVALID_ARGUMENT,
-// spec.loras: the followers would not apply them). Errors name the model: InvalidArgument for a
+// the rank count and the regional layout (set here); a LoRA job's set is merged on every rank,
+// each reading the files from the node's LoRA directories (SequenceParallelPipeline). Errors
+// name the model: InvalidArgument for a
 // model whose attention heads do not divide over the ranks, the group's error for one that does
 // not come up.
 absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(

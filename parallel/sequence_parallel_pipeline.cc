@@ -5,7 +5,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "parallel/sequence_parallel.h"
 #include "pipeline/denoiser.h"
 
@@ -13,7 +15,36 @@ namespace kiln::parallel {
 namespace {
 
 constexpr int64_t kStop = 0, kJob = 1, kIdle = 2;
-constexpr size_t kMaxMessage = 4096;  // bytes of rank 0's error sent to the followers
+constexpr int64_t kHeader = 5;  // kind, width, height, steps, bytes of the job's LoRA set
+constexpr size_t kMaxMessage = 4096;  // bytes of a refusing rank's error sent to the others
+constexpr int64_t kMaxLoraBytes = 65536;  // far above any valid set's (EncodeLoras)
+
+// A job's LoRA set as the header's bytes: "NAME:SCALE" per LoRA (the scale exact, %.17g), one a
+// line, read back by ParseLoraChoice. A few hundred bytes at most (GenerateRequest::Validate:
+// at most kMaxLoras names of at most 128 characters).
+std::string EncodeLoras(const std::vector<LoraChoice>& loras) {
+  std::vector<std::string> lines;
+  for (const auto& l : loras) lines.push_back(absl::StrFormat("%s:%.17g", l.name, l.scale));
+  return absl::StrJoin(lines, "\n");
+}
+
+absl::StatusOr<std::vector<LoraChoice>> DecodeLoras(const std::string& bytes) {
+  std::vector<LoraChoice> loras;
+  if (bytes.empty()) return loras;
+  for (absl::string_view line : absl::StrSplit(bytes, '\n')) {
+    auto choice = ParseLoraChoice(absl::StrCat("the job header's loras[", loras.size(), "]"),
+                                  line);
+    if (!choice.ok()) return choice.status();
+    loras.push_back(*std::move(choice));
+  }
+  return loras;
+}
+
+// The header's tensor: {kind, width, height, steps, LoRA bytes}.
+at::Tensor Header(int64_t kind, int64_t width = 0, int64_t height = 0, int64_t steps = 0,
+                  int64_t lora_bytes = 0) {
+  return torch::tensor({kind, width, height, steps, lora_bytes}, torch::dtype(torch::kLong));
+}
 
 }  // namespace
 
@@ -68,29 +99,26 @@ absl::Status SequenceParallelPipeline::Rendezvous(const absl::Status& error) {
   for (int r = 0; r < world; ++r) {
     if ((*flags)[r].item<int64_t>() == 0) refused.push_back(r);
   }
-  absl::Status leader;  // rank 0's error, as the followers return it
-  if (!refused.empty() && refused[0] == 0) {
-    std::string message(error.message().substr(0, kMaxMessage));
-    at::Tensor length = torch::tensor({static_cast<int64_t>(message.size())},
-                                      torch::dtype(torch::kLong));
-    if (auto s = group_.Broadcast(length); !s.ok()) return s;
-    at::Tensor bytes = torch::zeros({length.item<int64_t>()}, torch::dtype(torch::kByte));
-    if (rank() == 0) std::memcpy(bytes.data_ptr(), message.data(), message.size());
-    if (bytes.numel() > 0) {
-      if (auto s = group_.Broadcast(bytes); !s.ok()) return s;
-    }
-    leader = absl::AbortedError(absl::StrCat(
-        "sequence parallel: rank 0 failed the job: ",
-        std::string(reinterpret_cast<const char*>(bytes.data_ptr()), bytes.numel())));
+  if (refused.empty()) return absl::OkStatus();
+  // The first refusing rank's error, sent to every rank from there.
+  const int first = refused[0];
+  std::string message(error.message().substr(0, kMaxMessage));
+  at::Tensor length = torch::tensor({static_cast<int64_t>(message.size())},
+                                    torch::dtype(torch::kLong));
+  if (auto s = group_.Broadcast(length, first); !s.ok()) return s;
+  at::Tensor bytes = torch::zeros({length.item<int64_t>()}, torch::dtype(torch::kByte));
+  if (rank() == first) std::memcpy(bytes.data_ptr(), message.data(), message.size());
+  if (bytes.numel() > 0) {
+    if (auto s = group_.Broadcast(bytes, first); !s.ok()) return s;
   }
+  const std::string why(reinterpret_cast<const char*>(bytes.data_ptr()), bytes.numel());
   if (!error.ok()) return error;
-  if (!leader.ok()) return leader;
-  if (!refused.empty()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("sequence parallel: rank(s) ", absl::StrJoin(refused, ", "),
-                     " could not take the job (each rank returns its reason)"));
+  if (first == 0) {
+    return absl::AbortedError(absl::StrCat("sequence parallel: rank 0 failed the job: ", why));
   }
-  return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("sequence parallel: rank(s) ", absl::StrJoin(refused, ", "),
+                   " could not take the job (rank ", first, ": ", why, ")"));
 }
 
 absl::Status SequenceParallelPipeline::Loop(pipeline::DenoiseJob& job) {
@@ -126,10 +154,17 @@ absl::StatusOr<pipeline::GenerateResult> SequenceParallelPipeline::DenoiseDecode
         "sequence parallel: DenoiseDecode on rank ", rank(), "; only rank 0 leads"));
   }
   const pipeline::GenerateRequest& request = encoded.request;
-  at::Tensor header = torch::tensor({kJob, int64_t{request.width}, int64_t{request.height},
-                                     int64_t{request.steps}},
-                                    torch::dtype(torch::kLong));
+  // The job's LoRA set follows the header: every rank merges it into its own weights.
+  const std::string loras = EncodeLoras(request.loras);
+  at::Tensor header = Header(kJob, request.width, request.height, request.steps,
+                             static_cast<int64_t>(loras.size()));
   if (auto s = group_.Broadcast(header); !s.ok()) return s;
+  if (!loras.empty()) {
+    at::Tensor bytes = torch::empty({static_cast<int64_t>(loras.size())},
+                                    torch::dtype(torch::kByte));
+    std::memcpy(bytes.data_ptr(), loras.data(), loras.size());
+    if (auto s = group_.Broadcast(bytes); !s.ok()) return s;
+  }
   met_ = false;
   auto result = pipeline_->DenoiseDecode(std::move(encoded), progress);
   if (!met_) {
@@ -147,8 +182,7 @@ absl::Status SequenceParallelPipeline::Stop() {
     return absl::FailedPreconditionError(
         absl::StrCat("sequence parallel: Stop on rank ", rank(), "; only rank 0 leads"));
   }
-  at::Tensor header = torch::tensor({kStop, int64_t{0}, int64_t{0}, int64_t{0}},
-                                    torch::dtype(torch::kLong));
+  at::Tensor header = Header(kStop);
   return group_.Broadcast(header);
 }
 
@@ -157,8 +191,7 @@ absl::Status SequenceParallelPipeline::KeepAlive() {
     return absl::FailedPreconditionError(
         absl::StrCat("sequence parallel: KeepAlive on rank ", rank(), "; only rank 0 leads"));
   }
-  at::Tensor header = torch::tensor({kIdle, int64_t{0}, int64_t{0}, int64_t{0}},
-                                    torch::dtype(torch::kLong));
+  at::Tensor header = Header(kIdle);
   return group_.Broadcast(header);
 }
 
@@ -166,15 +199,29 @@ absl::Status SequenceParallelPipeline::Follow() {
   if (rank() == 0) {
     return absl::FailedPreconditionError("sequence parallel: Follow on rank 0, which leads");
   }
-  at::Tensor header = torch::zeros({4}, torch::dtype(torch::kLong));
+  at::Tensor header = torch::zeros({kHeader}, torch::dtype(torch::kLong));
   do {
     if (auto s = group_.Broadcast(header); !s.ok()) return s;
   } while (header.data_ptr<int64_t>()[0] == kIdle);
   const int64_t* h = header.data_ptr<int64_t>();
   if (h[0] == kStop) return absl::OutOfRangeError("sequence parallel: rank 0 stopped");
+  if (h[4] < 0 || h[4] > kMaxLoraBytes) {
+    return absl::InternalError(absl::StrCat("sequence parallel: a job header with ", h[4],
+                                            " bytes of LoRAs"));
+  }
+  std::string lora_bytes;
+  if (h[4] > 0) {
+    at::Tensor bytes = torch::zeros({h[4]}, torch::dtype(torch::kByte));
+    if (auto s = group_.Broadcast(bytes); !s.ok()) return s;
+    lora_bytes.assign(reinterpret_cast<const char*>(bytes.data_ptr()), bytes.numel());
+  }
   met_ = false;
-  absl::Status s = pipeline_->FollowDenoise(static_cast<int>(h[1]), static_cast<int>(h[2]),
-                                            static_cast<int>(h[3]));
+  auto loras = DecodeLoras(lora_bytes);
+  absl::Status s = loras.status();
+  if (s.ok()) {
+    s = pipeline_->FollowDenoise(static_cast<int>(h[1]), static_cast<int>(h[2]),
+                                 static_cast<int>(h[3]), *loras);
+  }
   if (!met_) {
     // This rank failed before the loop: it still says so in step 2, then returns its error.
     const absl::Status why =

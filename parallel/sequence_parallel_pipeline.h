@@ -8,13 +8,17 @@
 //   rank r > 0 Follow: FluxPipeline::FollowDenoise (the bucket's transformer set only)
 //
 // One job, in the same order on every rank:
-//   1. rank 0 broadcasts the job's header (width, height, steps; or "stop") once the request
-//      passed its own checks (a bad request or a size whose rows do not divide over P fails on
-//      rank 0 alone: the followers never hear of it and wait for the next job);
-//   2. every rank says whether it got as far as the loop (all-gathered): rank 0 after encoding,
-//      the others after loading their transformer; if rank 0 did not, it broadcasts its error,
-//      which the followers return (Aborted: "rank 0 failed the job: ..."); any refusal ends the
-//      job on every rank, each naming the ranks that refused;
+//   1. rank 0 broadcasts the job's header (width, height, steps, the byte length of its LoRA
+//      set; or "stop"), then the LoRA set's bytes if any, once the request passed its own
+//      checks (a bad request, a LoRA rank 0 cannot read, or a size whose rows do not divide over
+//      P fails on rank 0 alone: the followers never hear of it and wait for the next job);
+//   2. every rank says whether it got as far as the loop (all-gathered): rank 0 after encoding
+//      and switching to the job's LoRA set, the others after reading the job's LoRA files from
+//      their own LoraLibrary, loading their transformer and merging the set into it
+//      (FollowDenoise); the first rank that did not broadcasts its error: the followers return
+//      rank 0's as Aborted ("rank 0 failed the job: ..."), every other rank a follower's as
+//      FailedPrecondition naming the ranks that refused and the first one's reason (e.g. a
+//      LoRA missing there: "rank(s) 1 could not take the job (rank 1: ... not found ...)");
 //   3. parallel::SequenceParallelDenoise (its own verdict, the scatter, the loop, the gather);
 //   4. rank 0 decodes; Follow returns OK.
 // The pipeline's FluxPipeline gets PipelineOptions::denoise_loop (steps 2 and 3), so the rest
@@ -57,7 +61,9 @@ class SequenceParallelPipeline {
   // Rank 0: one job over every rank (the followers must be in Follow). Same seed, same image
   // as a single-rank FluxPipeline with the regional layout, within fp32 rounding
   // (tests/parallel/sequence_parallel_pipeline_test.cc). The request's CancelToken is checked
-  // before and after the loop, not inside it. FailedPrecondition on another rank.
+  // before and after the loop, not inside it. The request's LoRA set is merged on every rank,
+  // each reading the files from its own PipelineOptions::lora_dirs. FailedPrecondition on
+  // another rank.
   absl::StatusOr<pipeline::GenerateResult> Generate(const pipeline::GenerateRequest& request,
                                                     const pipeline::ProgressFn& progress = {});
   // Rank 0: Generate after its EncodePrompt, for a prompt encoded beforehand by pipeline()
@@ -74,7 +80,8 @@ class SequenceParallelPipeline {
   // Ranks other than 0: serves rank 0's next job and returns when its loop ended here. OK: the
   // job's denoise ran. OutOfRange: rank 0 stopped. Aborted: rank 0 failed the job before its
   // loop (its message included). This rank's own error as it is (e.g. NotFound for a missing
-  // package); FailedPrecondition naming the ranks that refused; a collective's error.
+  // package or LoRA); FailedPrecondition naming the ranks that refused and the first one's
+  // reason; a collective's error.
   absl::Status Follow();
 
   int rank() const;

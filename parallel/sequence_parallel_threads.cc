@@ -315,6 +315,14 @@ absl::Status SequenceParallelThreads::health() const {
       ") failed: ", state_->broken.message()));
 }
 
+std::string SequenceParallelThreads::AppliedLoras() const {
+  return state_->rank0->applied_loras();
+}
+
+std::vector<std::string> SequenceParallelThreads::AvailableLoras() const {
+  return state_->rank0->AvailableLoras();
+}
+
 int SequenceParallelThreads::world_size() const {
   return static_cast<int>(state_->options.devices.size());
 }

@@ -11,10 +11,10 @@
 //
 // Threads: Start and the destructor on one thread; Generate, EncodePrompt and DenoiseDecode
 // from any thread (calls of each served one at a time, in arrival order; an EncodePrompt may
-// run beside a DenoiseDecode); DigestsFor and LoadedDigests from any thread. The object owns
-// and joins its P threads. Start turns c10d's thread isolation mode on for the
-// process and leaves it on (a process group registered by one thread is then invisible to the
-// others: kiln-node registers groups only here).
+// run beside a DenoiseDecode); DigestsFor, LoadedDigests, AppliedLoras and AvailableLoras from
+// any thread. The object owns and joins its P threads. Start turns c10d's thread isolation mode
+// on for the process and leaves it on (a process group registered by one thread is then
+// invisible to the others: kiln-node registers groups only here).
 #pragma once
 
 #include <memory>
@@ -73,6 +73,10 @@ class SequenceParallelThreads {
   // Rank 0's pipeline's (its set: the text encoders, the VAE, one rank's transformer set).
   std::vector<std::string> DigestsFor(int width, int height) const;
   std::vector<std::string> LoadedDigests() const;
+  // Rank 0's pipeline's LoRA set merged now (LoraSetKey; every rank merges each job's set) and
+  // the LoRAs its lora_dirs hold (a follower reads its own: one missing there fails the job).
+  std::string AppliedLoras() const;
+  std::vector<std::string> AvailableLoras() const;
   int world_size() const;
   // OK while the group is usable; once one of its collectives failed (a rank gone, or not in
   // step within the timeout), Unavailable for good: "sequence parallel group '<name>' of P

@@ -300,10 +300,8 @@ void FluxPipeline::Impl::PrepareLoras(const std::vector<LoraChoice>& wanted, Gen
     s = absl::InternalError(ExceptionMessage(e));
   }
   if (!s.ok()) {
-    if (!absl::IsUnimplemented(s)) {  // the regional layout: the switch fails the job as before
-      r->warnings.push_back(absl::StrCat("merging the LoRA set ahead failed (", s.message(),
-                                         "); it is merged at the switch"));
-    }
+    r->warnings.push_back(absl::StrCat("merging the LoRA set ahead failed (", s.message(),
+                                       "); it is merged at the switch"));
     return;
   }
   prepared = true;
@@ -564,7 +562,8 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
   return out;
 }
 
-absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps) {
+absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps,
+                                         const std::vector<LoraChoice>& loras) {
   Impl& m = *impl_;
   if (!m.options.denoise_loop) {
     return absl::FailedPreconditionError("FollowDenoise: the pipeline has no denoise_loop");
@@ -573,9 +572,12 @@ absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps) {
   shape.width = width;
   shape.height = height;
   shape.steps = steps;
+  shape.loras = loras;
   if (auto s = shape.Validate(); !s.ok()) return s;
   if (auto s = m.keys->CheckResolution(width, height); !s.ok()) return s;
   std::lock_guard<std::mutex> device_lock(m.encode_mu);  // it owns the PackageLoader
+  GenerateResult switched;  // the LoRA switch's timings, which a follower reports to no one
+  if (auto s = m.ReadLoras(loras, &switched.seconds); !s.ok()) return s;
   LoadReport loaded;
   auto pkgs = m.packages->EnsureAll({{"transformer", m.keys->KeyFor("transformer", width, height)}},
                                     &loaded);
@@ -589,6 +591,9 @@ absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps) {
   if (job.transformer == nullptr) {
     return absl::FailedPreconditionError(
         "a pipeline with a denoise_loop (sequence parallel) needs the regional layout");
+  }
+  if (LoraSetKey(loras) != m.applied_loras) {
+    if (auto s = m.SwitchLoras(loras, &switched); !s.ok()) return s;
   }
   try {
     torch::NoGradGuard no_grad;

@@ -230,13 +230,17 @@ class FluxPipeline {
       std::vector<EncodedPrompt> encoded, const std::vector<ProgressFn>& progress = {});
 
   // A follower rank's part of a job of a sequence-parallel pipeline (PipelineOptions::
-  // denoise_loop set): gets and loads the transformer of the width×height bucket (KeyPolicy's
-  // key: one rank's set), builds the job's schedule and calls denoise_loop with a DenoiseJob
-  // whose conditioning and latents are empty. The text encoders and the VAE are not loaded.
+  // denoise_loop set): reads and checks the job's LoRA files (from this pipeline's lora_dirs),
+  // gets and loads the transformer of the width×height bucket (KeyPolicy's key: one rank's set),
+  // makes `loras` its merged set when it is not (merged at once: nothing is prepared ahead on a
+  // follower), builds the job's schedule and calls denoise_loop with a DenoiseJob whose
+  // conditioning and latents are empty. The text encoders and the VAE are not loaded.
   // InvalidArgument for a size the pipeline does not serve, FailedPrecondition without a
-  // denoise_loop or with a whole-graph transformer; the loader's and the loop's errors as they
+  // denoise_loop or with a whole-graph transformer; a LoRA's errors as EncodePrompt's (NotFound
+  // naming every path looked at for a missing one); the loader's and the loop's errors as they
   // are. Not beside EncodePrompt on another thread.
-  absl::Status FollowDenoise(int width, int height, int steps);
+  absl::Status FollowDenoise(int width, int height, int steps,
+                             const std::vector<LoraChoice>& loras = {});
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;

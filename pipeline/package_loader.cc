@@ -186,10 +186,6 @@ absl::StatusOr<LoadedComponent> PackageLoader::LoadRegional(
     const std::string& component, const std::string& digest,
     const cache::ProvidedPackage& provided, LoadReport* report,
     const std::function<void(const std::string&)>& on_phase, std::string* fault) {
-  if (loras_ != nullptr) {
-    return absl::UnimplementedError(
-        "LoRAs on the regional transformer layout are not built yet (use the whole layout)");
-  }
   auto t = SteadyNow();
   auto set = RegionalTransformer::Load(provided.package, device_);
   if (!set.ok()) {
@@ -205,6 +201,10 @@ absl::StatusOr<LoadedComponent> PackageLoader::LoadRegional(
   if (!weights.ok()) return weights.status();
   const uint64_t read_before = (*weights)->bytes_read();
   if (auto s = (*set)->LoadWeights(**weights); !s.ok()) return s;
+  if (loras_ != nullptr) {  // the LoRA set merged now
+    if (auto s = (*set)->PrepareLoras(**weights, loras_.get(), &lora_memo_); !s.ok()) return s;
+    if (auto s = (*set)->CommitLoras(); !s.ok()) return s;
+  }
   SyncDevice(device_);
   report->weights_seconds += SecondsSince(t);
   report->weight_bytes += (*weights)->bytes_read() - read_before;
@@ -230,13 +230,16 @@ std::vector<AotiPackage*> PackageLoader::TransformerPackages() const {
   return out;
 }
 
+std::vector<RegionalTransformer*> PackageLoader::RegionalSets() const {
+  std::vector<RegionalTransformer*> out;
+  for (const auto& [digest, set] : regional_) out.push_back(set.get());
+  return out;
+}
+
 absl::Status PackageLoader::PrepareEach(const std::vector<AotiPackage*>& packages,
+                                        const std::vector<RegionalTransformer*>& sets,
                                         const std::shared_ptr<const LoraDeltas>& deltas,
                                         std::unordered_map<std::string, at::Tensor>* memo) {
-  if (deltas != nullptr && !regional_.empty()) {
-    return absl::UnimplementedError(
-        "LoRAs on the regional transformer layout are not built yet (use the whole layout)");
-  }
   std::vector<std::pair<AotiPackage*, std::unordered_map<std::string, at::Tensor>>> loads;
   for (AotiPackage* pkg : packages) {
     if (deltas == nullptr) {
@@ -252,6 +255,13 @@ absl::Status PackageLoader::PrepareEach(const std::vector<AotiPackage*>& package
   for (auto& [pkg, constants] : loads) {
     if (auto s = pkg->PrepareConstants(constants); !s.ok()) return s;
   }
+  if (!sets.empty()) {
+    auto weights = WeightsOf("transformer");
+    if (!weights.ok()) return weights.status();
+    for (RegionalTransformer* set : sets) {
+      if (auto s = set->PrepareLoras(**weights, deltas.get(), memo); !s.ok()) return s;
+    }
+  }
   SyncDevice(device_);  // the merged weights are complete before another stream swaps them in
   return absl::OkStatus();
 }
@@ -262,7 +272,9 @@ absl::Status PackageLoader::PrepareTransformerLoras(std::shared_ptr<const LoraDe
   prepared_ = nullptr;
   prepared_memo_.clear();
   std::unordered_map<std::string, at::Tensor> memo;
-  if (auto s = PrepareEach(TransformerPackages(), deltas, &memo); !s.ok()) return s;
+  if (auto s = PrepareEach(TransformerPackages(), RegionalSets(), deltas, &memo); !s.ok()) {
+    return s;
+  }
   has_prepared_ = true;
   prepared_ = std::move(deltas);
   prepared_memo_ = std::move(memo);
@@ -277,16 +289,22 @@ absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas
   std::unordered_map<std::string, at::Tensor> memo;
   if (same) memo = prepared_memo_;
   const std::vector<AotiPackage*> all = TransformerPackages();
+  const std::vector<RegionalTransformer*> all_sets = RegionalSets();
   std::vector<AotiPackage*> todo;  // packages with `deltas` not prepared ahead
   for (AotiPackage* pkg : all) {
     if (!same || !pkg->prepared()) todo.push_back(pkg);
   }
+  std::vector<RegionalTransformer*> todo_sets;  // regional sets likewise
+  for (RegionalTransformer* set : all_sets) {
+    if (!same || !set->prepared()) todo_sets.push_back(set);
+  }
   has_prepared_ = false;  // whatever happens below, what was prepared is used or dropped
   prepared_ = nullptr;
   prepared_memo_.clear();
-  if (auto s = PrepareEach(todo, deltas, &memo); !s.ok()) return s;
+  if (auto s = PrepareEach(todo, todo_sets, deltas, &memo); !s.ok()) return s;
   // All or none: a package whose commit fails keeps its set (CommitConstants), and the ones
-  // committed before it go back to theirs, so every package runs the same LoRA set.
+  // committed before it go back to theirs, so every package runs the same LoRA set. A regional
+  // set's commit moves tensor handles and cannot fail once prepared (every one is, above).
   std::vector<std::unordered_map<std::string, at::Tensor>> before;
   for (size_t i = 0; i < all.size(); ++i) {
     before.push_back(all[i]->constants());
@@ -302,13 +320,19 @@ absl::Status PackageLoader::SetTransformerLoras(std::shared_ptr<const LoraDeltas
     }
   }
   before.clear();  // else the sets switched away from stay held past FreeUnusedConstants below
+  for (RegionalTransformer* set : all_sets) {
+    if (auto s = set->CommitLoras(); !s.ok()) return s;
+  }
   loras_ = std::move(deltas);
   lora_memo_ = std::move(memo);
   // The set switched away from is held by nothing of kiln's now, only by the runtime's own
   // references (aoti_package.h): free it before the next set is merged beside it.
   SyncDevice(device_);
   AotiPackage::FreeUnusedConstants();
-  if (prepared_ahead != nullptr) *prepared_ahead = static_cast<int>(all.size() - todo.size());
+  if (prepared_ahead != nullptr) {
+    *prepared_ahead = static_cast<int>(all.size() - todo.size() + all_sets.size() -
+                                       todo_sets.size());
+  }
   return absl::OkStatus();
 }
 

@@ -94,15 +94,16 @@ class PackageLoader {
   // (PrepareTransformerLoras with this very object, nothing prepared or loaded since) is only
   // committed; `*prepared_ahead` (may be null) is set to the number of such packages.
   // Every package's weights are computed and loaded before any is swapped: on an error no package's
-  // active weights change. Unimplemented for the regional layout (its per-layer weight inputs are
-  // not merged yet).
+  // active weights change. A regional set gets the same (RegionalTransformer::PrepareLoras and
+  // CommitLoras: every layer's weight inputs merged, then the lists it runs with swapped),
+  // prepared ahead and counted in `*prepared_ahead` like a package.
   absl::Status SetTransformerLoras(std::shared_ptr<const LoraDeltas> deltas,
                                    int* prepared_ahead = nullptr);
   // The first half of SetTransformerLoras, ahead of it: merges `deltas` (null or empty: the base
   // weights) for every loaded transformer package and keeps the result prepared for the swap
   // (nothing in the runtime changes). The active weights are untouched, so this may run while
   // another thread denoises with them (nothing else of the loader may). Drops what an earlier call
-  // prepared. Unimplemented for the regional layout, as SetTransformerLoras.
+  // prepared. Regional sets as in SetTransformerLoras.
   absl::Status PrepareTransformerLoras(std::shared_ptr<const LoraDeltas> deltas);
 
   // The component's checkpoint, opened once.
@@ -137,11 +138,14 @@ class PackageLoader {
   bool has_prepared_ = false;
   std::shared_ptr<const LoraDeltas> prepared_;
   std::unordered_map<std::string, at::Tensor> prepared_memo_;
-  // Merges `deltas` (null: the base) for `packages` and prepares each (PrepareConstants).
+  // Merges `deltas` (null: the base) for `packages` and `sets` and prepares each
+  // (PrepareConstants, RegionalTransformer::PrepareLoras).
   absl::Status PrepareEach(const std::vector<AotiPackage*>& packages,
+                           const std::vector<RegionalTransformer*>& sets,
                            const std::shared_ptr<const LoraDeltas>& deltas,
                            std::unordered_map<std::string, at::Tensor>* memo);
   std::vector<AotiPackage*> TransformerPackages() const;
+  std::vector<RegionalTransformer*> RegionalSets() const;
 };
 
 // Waits for queued device work so that phase timings are honest. Only at phase boundaries, never

@@ -3,6 +3,7 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "pipeline/lora.h"
 #include "pipeline/torch_error.h"
 
 namespace kiln::pipeline {
@@ -130,23 +131,30 @@ absl::Status RegionalTransformer::SetSequenceParallelRank(int rank) {
   return absl::OkStatus();
 }
 
+cache::PackageManifest RegionalTransformer::LayerManifest(const Region& r, int layer,
+                                                         std::vector<std::string>* fqns) {
+  const std::string& prefix = r.prefixes[layer];
+  cache::PackageManifest m;
+  m.key = r.weights.key;
+  m.digest = r.weights.digest;
+  fqns->clear();
+  for (const auto& n : r.weight_names) {
+    cache::ConstantSpec spec = r.weights.constants.at(n);
+    for (auto& s : spec.derive.sources) s = prefix + s;
+    fqns->push_back(prefix + n);
+    m.constants[fqns->back()] = std::move(spec);
+  }
+  return m;
+}
+
 absl::Status RegionalTransformer::LoadWeights(ComponentWeights& weights) {
   uint64_t bytes = 0;
   for (auto& [name, r] : regions_) {
-    r.layers.clear();
+    r.base.clear();
+    r.prepared.clear();
     for (size_t i = 0; i < r.prefixes.size(); ++i) {
-      // Layer i's names: prefix + layer-relative name, sources of derived tensors likewise.
-      const std::string& prefix = r.prefixes[i];
-      cache::PackageManifest layer;
-      layer.key = r.weights.key;
-      layer.digest = r.weights.digest;
       std::vector<std::string> fqns;
-      for (const auto& n : r.weight_names) {
-        cache::ConstantSpec spec = r.weights.constants.at(n);
-        for (auto& s : spec.derive.sources) s = prefix + s;
-        fqns.push_back(prefix + n);
-        layer.constants[fqns.back()] = std::move(spec);
-      }
+      const cache::PackageManifest layer = LayerManifest(r, static_cast<int>(i), &fqns);
       auto got = weights.Gather(fqns, layer, /*extra_constants_path=*/"");
       if (!got.ok()) return Named(got.status(), absl::StrCat("region ", name, " layer ", i));
       std::vector<at::Tensor> tensors;
@@ -154,11 +162,60 @@ absl::Status RegionalTransformer::LoadWeights(ComponentWeights& weights) {
         tensors.push_back(got->at(f));
         bytes += tensors.back().nbytes();
       }
-      r.layers.push_back(std::move(tensors));
+      r.base.push_back(std::move(tensors));
     }
+    r.layers = r.base;
   }
   weight_bytes_ = bytes;
   weights_loaded_ = true;
+  prepared_ = false;
+  return absl::OkStatus();
+}
+
+absl::Status RegionalTransformer::PrepareLoras(ComponentWeights& weights,
+                                               const LoraDeltas* deltas,
+                                               std::unordered_map<std::string, at::Tensor>* memo) {
+  if (!weights_loaded_) {
+    return absl::FailedPreconditionError(
+        "regional transformer: LoRAs merged before its weights were loaded");
+  }
+  prepared_ = false;
+  for (auto& [name, r] : regions_) r.prepared.clear();
+  std::map<std::string, std::vector<std::vector<at::Tensor>>> prepared;
+  for (auto& [name, r] : regions_) {
+    auto& layers = prepared[name];
+    if (deltas == nullptr) {
+      layers = r.base;
+      continue;
+    }
+    // One layer at a time: Merge computes each changed weight in float32 and keeps only the
+    // result in the weight's dtype.
+    for (size_t i = 0; i < r.prefixes.size(); ++i) {
+      std::vector<std::string> fqns;
+      const cache::PackageManifest layer = LayerManifest(r, static_cast<int>(i), &fqns);
+      std::unordered_map<std::string, at::Tensor> base;
+      for (size_t j = 0; j < fqns.size(); ++j) base[fqns[j]] = r.base[i][j];
+      auto merged = weights.Merge(base, layer, *deltas, memo);
+      if (!merged.ok()) return Named(merged.status(), absl::StrCat("region ", name, " layer ", i));
+      std::vector<at::Tensor> tensors;
+      for (const auto& f : fqns) tensors.push_back(merged->at(f));
+      layers.push_back(std::move(tensors));
+    }
+  }
+  for (auto& [name, r] : regions_) r.prepared = std::move(prepared[name]);
+  prepared_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status RegionalTransformer::CommitLoras() {
+  if (!prepared_) {
+    return absl::FailedPreconditionError("regional transformer: no LoRA set prepared to commit");
+  }
+  for (auto& [name, r] : regions_) {
+    r.layers = std::move(r.prepared);
+    r.prepared.clear();
+  }
+  prepared_ = false;
   return absl::OkStatus();
 }
 

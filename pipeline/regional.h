@@ -6,7 +6,17 @@
 // The weights of every layer are gathered once from the checkpoint by ComponentWeights (derived
 // tensors, fused QKV or fp8 weights and scales, by the manifest's `derive` rules with the layer's
 // prefix) and held on the device for the life of this object: their addresses never change, so
-// a CUDA graph captured around Run() (CudaGraphDenoiser) stays valid.
+// a CUDA graph captured around Run() (CudaGraphDenoiser) stays valid until a LoRA switch.
+//
+// LoRAs (pipeline/README.md "LoRA"). The weights are the region packages' inputs, so a LoRA set
+// needs nothing of the runtime: PrepareLoras computes, for every layer, the weights with the set
+// merged (ComponentWeights::Merge of the layer's base weights, by the same derivation rules as
+// a whole-graph package's constants: fused QKV, fp8 quantized again from the merged weight) into
+// a second list beside the one RunOn passes (which it leaves alone, so it may run while another
+// thread runs RunOn); CommitLoras makes that list the one RunOn passes (a move of tensor
+// handles). Only the weights a set changes are new tensors; the others are the base tensors
+// themselves, and back to none the base tensors are passed again: the base output, bit for bit.
+// The weights' addresses change at a commit: a CUDA graph captured before must be dropped.
 //
 // RunOn() is one transformer evaluation with the whole-graph package's inputs and output:
 //   img, txt, temb, cos, sin = head(hidden, enc, pooled, timestep, guidance, *W_head)
@@ -30,6 +40,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -63,6 +74,19 @@ class RegionalTransformer {
   absl::StatusOr<std::vector<at::Tensor>> RunOn(const std::vector<at::Tensor>& inputs,
                                                 void* cuda_stream);
 
+  // The first half of a LoRA switch: every layer's weights with `deltas` (null: none, the base
+  // weights) merged in, kept prepared; RunOn's weights are untouched. Merged tensors go into and
+  // come from `memo` by FQN (may be null; the sets of several buckets share them). Drops what an
+  // earlier call prepared. FailedPrecondition before LoadWeights(); ComponentWeights::Merge's
+  // errors, naming the region and layer (nothing is kept prepared then).
+  absl::Status PrepareLoras(ComponentWeights& weights, const LoraDeltas* deltas,
+                            std::unordered_map<std::string, at::Tensor>* memo);
+  // A set is prepared and not committed.
+  bool prepared() const { return prepared_; }
+  // The second half: the prepared weights become RunOn's (the ones it passed before are dropped).
+  // FailedPrecondition when nothing is prepared.
+  absl::Status CommitLoras();
+
   // P of a sequence-parallel set (its compile option `sequence_parallel`), 1 otherwise.
   int sequence_parallel() const { return sequence_parallel_; }
   // The c10d group name a sequence-parallel set's all-to-alls resolve (its manifest's
@@ -86,9 +110,15 @@ class RegionalTransformer {
     std::vector<std::string> prefixes;   // one per layer
     cache::PackageManifest weights;      // layer-relative weight names → specs (derive rules)
     std::vector<std::string> weight_names;       // in call order
-    std::vector<std::vector<at::Tensor>> layers;  // per layer, the weights in call order
+    std::vector<std::vector<at::Tensor>> base;      // per layer, the weights in call order
+    std::vector<std::vector<at::Tensor>> layers;    // RunOn's: base or a LoRA set's
+    std::vector<std::vector<at::Tensor>> prepared;  // PrepareLoras', until CommitLoras
   };
   RegionalTransformer() = default;
+  // Layer `layer` of `r` as a package manifest of its own: the checkpoint names (prefix +
+  // layer-relative name, derive sources likewise) in call order in `fqns`, with their specs.
+  static cache::PackageManifest LayerManifest(const Region& r, int layer,
+                                              std::vector<std::string>* fqns);
   // Runs layer `layer` of `r` on `activations`; returns its outputs.
   absl::StatusOr<std::vector<at::Tensor>> RunLayer(Region& r, int layer,
                                                    std::vector<at::Tensor> activations,
@@ -98,6 +128,7 @@ class RegionalTransformer {
   c10::Device device_ = c10::kCPU;
   std::map<std::string, Region> regions_;  // by name
   bool weights_loaded_ = false;
+  bool prepared_ = false;
   uint64_t weight_bytes_ = 0;
   int sequence_parallel_ = 1;
   std::string process_group_;

@@ -24,6 +24,7 @@
 #include "node/node_agent.h"
 #include "node/node_factory.h"
 #include "tests/pipeline/fixture_provider.h"
+#include "tests/pipeline/test_support.h"
 
 namespace kiln::node {
 namespace {
@@ -151,7 +152,7 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
     for (size_t i = 0; i < want.size(); ++i) other_differing += other->rgb[i] != want[i];
     EXPECT_GT(static_cast<double>(other_differing) / want.size(), 0.5);
   }
-  // LoRAs are refused: the followers would not apply them.
+  // A LoRA the node does not have fails on rank 0, before the followers hear of the job.
   {
     kiln::v1::JobSpec lora = Spec("lora");
     auto* l = lora.add_loras();
@@ -160,8 +161,8 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
     auto plan = (*catalog)->Plan(lora);
     ASSERT_TRUE(plan.ok()) << plan.status();
     auto refused = plan->generator->Generate(plan->request, nullptr);
-    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(std::string(refused.status().message()), HasSubstr("spec.loras"));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kNotFound) << refused.status();
+    EXPECT_THAT(std::string(refused.status().message()), HasSubstr("LoRA 'style' not found"));
   }
 
   // The agent over the catalog: one registration with gpu_count 2, and a job over the socket.
@@ -222,6 +223,69 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
   (*agent)->Stop();
   (*agent)->Wait();
   EXPECT_TRUE((*agent)->status().ok()) << (*agent)->status();
+}
+
+// A LoRA job on 2 CPU ranks: every rank merges the job's set (from the node's LoRA directory)
+// into its own weights; the image is the single-rank regional node's with the same LoRA within
+// the tolerance above, and the generator reports the set merged and the LoRAs it can apply.
+TEST_F(MultiGpuNodeTest, TwoCpuRanksApplyAJobsLoras) {
+  if (!kiln::testing::HavePython()) GTEST_SKIP() << "needs KILN_PYTHON (kiln.make_lora)";
+  kiln::testing::TempDir dir;
+  const std::string loras = dir.Join("loras");
+  auto made = kiln::testing::RunPython(
+      "pipeline/python/kiln/make_lora.py",
+      {"make", "--model", model_, "--out", loras, "--name", "style", "--layout", "peft",
+       "--rank", "4", "--alpha", "2", "--seed", "0"});
+  ASSERT_TRUE(made.ok()) << made.status();
+  kiln::v1::JobSpec spec = Spec("lora");
+  auto* l = spec.add_loras();
+  l->set_name("style");
+  l->set_scale(0.8f);
+  auto image = [&](const ModelCatalog& catalog) -> absl::StatusOr<pipeline::GenerateResult> {
+    auto plan = catalog.Plan(spec);
+    if (!plan.ok()) return plan.status();
+    return plan->generator->Generate(plan->request, nullptr);
+  };
+
+  NodeOptions single = Options({});
+  single.compile_options["layout"] = "regional";
+  single.lora_dirs = {loras};
+  std::vector<uint8_t> want, base;
+  {
+    auto catalog = CreateNodeCatalog(single, kiln::testing::FixtureProvider("packages-regional"));
+    ASSERT_TRUE(catalog.ok()) << catalog.status();
+    auto with = image(**catalog);
+    ASSERT_TRUE(with.ok()) << with.status();
+    want = with->rgb;
+    auto plain = Image(**catalog);
+    ASSERT_TRUE(plain.ok()) << plain.status();
+    base = plain->rgb;
+  }
+
+  NodeOptions options = Options({0, 1});
+  options.lora_dirs = {loras};
+  auto catalog = CreateNodeCatalog(options, SpProvider());
+  ASSERT_TRUE(catalog.ok()) << catalog.status();
+  EXPECT_THAT((*catalog)->AvailableLoras(), ::testing::ElementsAre("style"));
+  auto got = image(**catalog);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->loras, "style@0.800000012");
+  EXPECT_TRUE(got->lora_switched);
+  EXPECT_EQ((*catalog)->GeneratorsByKey().at("flux-tiny/fp32")->AppliedLoras(), got->loras);
+  ASSERT_EQ(got->rgb.size(), want.size());
+  int max_diff = 0;
+  size_t differing = 0, from_base = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const int d = std::abs(int{got->rgb[i]} - int{want[i]});
+    max_diff = std::max(max_diff, d);
+    differing += d != 0;
+    from_base += got->rgb[i] != base[i];
+  }
+  std::cout << "[multi-gpu node] with a LoRA, 2 cpu ranks vs 1: max byte diff " << max_diff
+            << ", " << differing << " of " << want.size() << " bytes differ" << std::endl;
+  EXPECT_LE(max_diff, kMaxByteDiff);
+  EXPECT_LE(static_cast<double>(differing) / want.size(), kMaxDifferingFraction);
+  EXPECT_GT(static_cast<double>(from_base) / want.size(), 0.5) << "the LoRA changed nothing";
 }
 
 // An idle node's followers wait in a collective bounded by the group's timeout: rank 0's

@@ -327,8 +327,12 @@ TEST_P(LoraOverlapTest, AlternatingLoraJobsInFlightGiveTheirAloneBytes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Lora, LoraOverlapTest,
-                         ::testing::Values(Layout{"packages", "{}"}),
-                         [](const auto&) { return "Whole"; });
+                         ::testing::Values(Layout{"packages", "{}"},
+                                           Layout{"packages-regional",
+                                                  "{\"layout\":\"regional\"}"}),
+                         [](const auto& info) {
+                           return info.param.packages == "packages" ? "Whole" : "Regional";
+                         });
 
 INSTANTIATE_TEST_SUITE_P(Batch, BatchOverlapTest,
                          ::testing::Values(Layout{"packages-batch", "{}"}),

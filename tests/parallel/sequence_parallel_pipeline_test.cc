@@ -97,12 +97,14 @@ struct RankLog {
   std::vector<std::string> phases;
 };
 
-// Runs 2 ranks as threads of this process, each with its group and pipeline (`providers[r]`),
-// rank 0 running `lead`, rank 1 `follow`; returns their logs.
+// Runs 2 ranks as threads of this process, each with its group and pipeline (`providers[r]`;
+// options `options(r)`, Options(2) if null), rank 0 running `lead`, rank 1 `follow`; returns
+// their logs.
 std::pair<RankLog, RankLog> RunRanks(
     const std::vector<std::shared_ptr<cache::PackageProvider>>& providers,
     const std::function<void(SequenceParallelPipeline&, RankLog&)>& lead,
-    const std::function<void(SequenceParallelPipeline&, RankLog&)>& follow) {
+    const std::function<void(SequenceParallelPipeline&, RankLog&)>& follow,
+    const std::function<pipeline::PipelineOptions(int rank)>& options = nullptr) {
   c10d::set_thread_isolation_mode(true);
   std::promise<int> listening;
   auto run = [&](int rank) {
@@ -127,7 +129,8 @@ std::pair<RankLog, RankLog> RunRanks(
       log.created = group.status();
       return log;
     }
-    auto sp = SequenceParallelPipeline::Create(**group, Options(2), providers[rank]);
+    auto sp = SequenceParallelPipeline::Create(**group, options ? options(rank) : Options(2),
+                                               providers[rank]);
     log.created = sp.status();
     if (sp.ok()) (rank == 0 ? lead : follow)(**sp, log);
     return log;
@@ -238,6 +241,94 @@ TEST_F(SequenceParallelPipelineTest, AFollowerWithoutItsSetFailsTheJobOnEveryRan
   EXPECT_EQ(follower.jobs[0].code(), absl::StatusCode::kNotFound) << follower.jobs[0];
   EXPECT_TRUE(leader.jobs[1].ok()) << leader.jobs[1];
   EXPECT_EQ(follower.jobs[1].code(), absl::StatusCode::kOutOfRange) << follower.jobs[1];
+}
+
+// A job's LoRA set travels in its header and every rank merges it into its own regional
+// weights: the 2-rank image with a LoRA is the single-rank regional image with it (the
+// tolerance above) and not the base image; back to no LoRA gives the first 2-rank base image
+// byte for byte. A LoRA only rank 0 has (rank 1's directories lack it) fails the job on both
+// ranks, rank 0 naming rank 1 and its reason, and the next job runs.
+TEST_F(SequenceParallelPipelineTest, EveryRankMergesTheJobsLorasAndOneMissingOnAFollowerFails) {
+  if (!kiln::testing::HavePython()) GTEST_SKIP() << "needs KILN_PYTHON (kiln.make_lora)";
+  kiln::testing::TempDir dir;
+  const std::string loras = dir.Join("loras"), only_rank0 = dir.Join("rank0");
+  auto made = kiln::testing::RunPython(
+      "pipeline/python/kiln/make_lora.py",
+      {"make", "--model", Options(1).model_dir, "--out", loras, "--name", "style", "--layout",
+       "kohya", "--rank", "8", "--seed", "1"});
+  ASSERT_TRUE(made.ok()) << made.status();
+  fs::create_directories(only_rank0);
+  for (const std::string ext : {".safetensors", ".safetensors.sha256"}) {
+    fs::copy_file(loras + "/style" + ext, only_rank0 + "/elsewhere" + ext);
+  }
+  pipeline::GenerateRequest with = Request();
+  with.loras = {{"style", -0.5}};
+  pipeline::GenerateRequest missing = Request();
+  missing.loras = {{"elsewhere", 1}};
+
+  pipeline::PipelineOptions single_options = Options(1);
+  single_options.lora_dirs = {loras};
+  auto single = pipeline::FluxPipeline::Create(
+      single_options, kiln::testing::FixtureProvider("packages-regional"));
+  ASSERT_TRUE(single.ok()) << single.status();
+  auto want = (*single)->Generate(with);
+  ASSERT_TRUE(want.ok()) << want.status();
+  single->reset();
+
+  std::vector<std::vector<uint8_t>> images;  // rank 0's: base, with the LoRA, base again
+  auto lead = [&](SequenceParallelPipeline& sp, RankLog& log) {
+    for (const pipeline::GenerateRequest& request : {Request(), with, missing, Request()}) {
+      auto r = sp.Generate(request);
+      log.jobs.push_back(r.status());
+      if (r.ok()) images.push_back(r->rgb);
+    }
+    log.jobs.push_back(sp.Stop());
+  };
+  auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
+    for (int i = 0; i < 5; ++i) log.jobs.push_back(sp.Follow());
+  };
+  auto options = [&](int rank) {
+    pipeline::PipelineOptions o = Options(2);
+    o.lora_dirs = rank == 0 ? std::vector<std::string>{loras, only_rank0}
+                            : std::vector<std::string>{loras};
+    return o;
+  };
+  auto provider = SpProvider();
+  const auto [leader, follower] = RunRanks({provider, provider}, lead, follow, options);
+  ASSERT_TRUE(leader.created.ok()) << leader.created;
+  ASSERT_TRUE(follower.created.ok()) << follower.created;
+  ASSERT_EQ(leader.jobs.size(), 5u);
+  ASSERT_EQ(follower.jobs.size(), 5u);
+  for (int i : {0, 1, 3}) {
+    EXPECT_TRUE(leader.jobs[i].ok()) << i << ": " << leader.jobs[i];
+    EXPECT_TRUE(follower.jobs[i].ok()) << i << ": " << follower.jobs[i];
+  }
+  ASSERT_EQ(images.size(), 3u);
+
+  ASSERT_EQ(images[1].size(), want->rgb.size());
+  int max_diff = 0;
+  size_t differing = 0, from_base = 0;
+  for (size_t i = 0; i < want->rgb.size(); ++i) {
+    const int d = std::abs(int{images[1][i]} - int{want->rgb[i]});
+    max_diff = std::max(max_diff, d);
+    differing += d != 0;
+    from_base += images[1][i] != images[0][i];
+  }
+  std::cout << "[sp pipeline] with a LoRA, 2 ranks vs 1: max byte diff " << max_diff << ", "
+            << differing << " of " << want->rgb.size() << " bytes differ" << std::endl;
+  EXPECT_LE(max_diff, kMaxByteDiff);
+  EXPECT_LE(static_cast<double>(differing) / want->rgb.size(), kMaxDifferingFraction);
+  EXPECT_GT(static_cast<double>(from_base) / want->rgb.size(), 0.5) << "the LoRA changed nothing";
+  EXPECT_EQ(images[2], images[0]) << "back to no LoRA is not the base image";
+
+  // The LoRA rank 1 lacks: rank 1's NotFound names where it looked; rank 0 names rank 1 and why.
+  EXPECT_EQ(follower.jobs[2].code(), absl::StatusCode::kNotFound) << follower.jobs[2];
+  EXPECT_THAT(follower.jobs[2].message(), HasSubstr(loras + "/elsewhere.safetensors"));
+  EXPECT_EQ(leader.jobs[2].code(), absl::StatusCode::kFailedPrecondition) << leader.jobs[2];
+  EXPECT_THAT(leader.jobs[2].message(), HasSubstr("rank(s) 1 could not take the job (rank 1: "));
+  EXPECT_THAT(leader.jobs[2].message(), HasSubstr("elsewhere.safetensors"));
+  EXPECT_TRUE(leader.jobs[4].ok()) << leader.jobs[4];
+  EXPECT_EQ(follower.jobs[4].code(), absl::StatusCode::kOutOfRange) << follower.jobs[4];
 }
 
 // Options for a set of 2 ranks in a group of one: refused at Create, before anything loads.

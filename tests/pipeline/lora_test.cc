@@ -167,6 +167,61 @@ TEST_F(LoraTest, MergedLorasMatchTheEagerMergeAndSwitchingBackGivesTheBaseBytes)
   EXPECT_EQ(Png(*back), base_png) << "switching back did not restore the base weights exactly";
 }
 
+// The regional layout (packages-regional: the transformer as one package per block type, every
+// layer's weights run-time inputs) merges a set into each layer's weight inputs by the same rules
+// as the whole layout: the image with the set equals the whole layout's with the same set, byte
+// for byte (the regional loop is the whole graph bit for bit on the CPU, regional_test.cc, and the
+// merged weights are the same tensors, so any difference is a bug), and differs from the base;
+// the set is merged ahead in the encoding and only swapped at the switch; back to none gives the
+// fixture's base PNG byte for byte.
+TEST_F(LoraTest, TheRegionalLayoutMergesASetAsTheWholeLayoutDoes) {
+  if (!fs::is_directory(TestData() + "/packages-regional")) {
+    GTEST_SKIP() << "needs packages-regional (scripts/test.sh makes it)";
+  }
+  const std::vector<LoraChoice> set = {{"style", 0.8}, {"kohya-style", -0.5}};
+  auto whole = Pipeline(model_, {loras_});
+  ASSERT_NE(whole, nullptr);
+  auto want = whole->Generate(FixtureRequest(set));
+  ASSERT_TRUE(want.ok()) << want.status();
+  whole.reset();
+
+  PipelineOptions o;
+  o.model_dir = model_;
+  o.lora_dirs = {loras_};
+  o.compile_options["layout"] = "regional";
+  auto regional = FluxPipeline::Create(o, FixtureProvider("packages-regional"));
+  ASSERT_TRUE(regional.ok()) << regional.status();
+  const std::string base_png = kiln::testing::ReadFileOrDie(TestData() + "/first.png");
+  auto base = (*regional)->Generate(FixtureRequest());
+  ASSERT_TRUE(base.ok()) << base.status();
+  EXPECT_EQ(Png(*base), base_png);
+
+  auto with = (*regional)->Generate(FixtureRequest(set));
+  ASSERT_TRUE(with.ok()) << with.status();
+  EXPECT_TRUE(with->lora_switched);
+  EXPECT_TRUE(with->lora_prepared) << "the set was not merged ahead in the encoding";
+  EXPECT_EQ(with->loras, "style@0.800000012,kohya-style@-0.5");
+  EXPECT_EQ((*regional)->applied_loras(), with->loras);
+  EXPECT_EQ(with->packages.at("transformer"), "resident");
+  ASSERT_EQ(with->rgb.size(), want->rgb.size());
+  int max_diff = 0, differ_from_base = 0;
+  for (size_t i = 0; i < with->rgb.size(); ++i) {
+    max_diff = std::max(max_diff, std::abs(int(with->rgb[i]) - int(want->rgb[i])));
+    differ_from_base += with->rgb[i] != base->rgb[i];
+  }
+  std::cout << "regional vs whole layout with the set: largest RGB difference " << max_diff
+            << "; switch " << with->seconds.lora_switch << " s, merged ahead in "
+            << with->seconds.lora_prepare << " s\n";
+  EXPECT_EQ(max_diff, 0) << "the regional layout merged the set otherwise than the whole one";
+  EXPECT_GT(differ_from_base, static_cast<int>(with->rgb.size() / 2));
+
+  auto back = (*regional)->Generate(FixtureRequest());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_TRUE(back->lora_switched);
+  EXPECT_EQ(back->loras, "");
+  EXPECT_EQ(Png(*back), base_png) << "switching back did not restore the base weights exactly";
+}
+
 // The node's overlapped stages encode the next job while the current one denoises: a LoRA job
 // encoded behind a base job (and the reverse) must not change the weights the job before it
 // denoises with; the switch happens at the start of its own DenoiseDecode.
