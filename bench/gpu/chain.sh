@@ -39,7 +39,7 @@
 #                     against eager bf16; issue 13 item 2; not in the default list)
 #   fused-quant       issue 13 item 3: bench/gpu/fused_quant_bench.py (kiln's fused quantization
 #                     kernels against Inductor's fusion of the unfused ops and bf16's producer;
-#                     FQ_SWEEP=1 sweeps their launch configurations first),
+#                     FQ_SWEEP=1 sweeps their launch configurations first; FQ_KERNELS=0 skips it),
 #                     then bench/gpu/run.sh stages compile,fp8,kiln for the regional fp8 + fp8
 #                     attention transformer without and with fused_quant (VARIANTS_Q), eager
 #                     references (FP8_STEP_VARIANTS, FP8_STEP_MODES, default eager only) beside
@@ -111,7 +111,7 @@ want regional-bench && step regional-bench env VARIANTS="$VARIANTS_R" REFS="$WOR
 want fp8-attn && step fp8-attn env VARIANTS="${VARIANTS_A:-fp8:cudnn:regional fp8:fp8:regional}" \
   FP8_PARTS="${FP8_PARTS:-sweep,attention,step}" CTEST=0 bench/gpu/run.sh "$DEST/fp8-attn" compile,fp8,kiln
 want fp8-attn && tail -40 "$DEST/fp8-attn/table.txt" 2>/dev/null | tee -a "$DEST/chain.log"
-want fused-quant && step fused-quant-kernels env PYTHONPATH="$PWD/pipeline/python" \
+want fused-quant && [ "${FQ_KERNELS:-1}" = 1 ] && step fused-quant-kernels env PYTHONPATH="$PWD/pipeline/python" \
   python3 bench/gpu/fused_quant_bench.py --out "$DEST/fused-quant-kernels" ${FQ_SWEEP:+--sweep}
 want fused-quant && tail -6 "$DEST/fused-quant-kernels/fused-quant-table.txt" 2>/dev/null |
   tee -a "$DEST/chain.log"
