@@ -107,7 +107,7 @@ std::string KernelClass(const std::string& name) {
   std::transform(n.begin(), n.end(), n.begin(), ::tolower);
   auto has = [&](const char* s) { return n.find(s) != std::string::npos; };
   // Inductor's kernels, and kiln's fused quantization kernels (kiln.models.fused_quant).
-  if (n.rfind("triton", 0) == 0 || has("_quant_kernel") || has("_amax_kernel"))
+  if (n.rfind("triton", 0) == 0 || has("_quant_kernel"))
     return "fused elementwise/reduction (Triton)";
   if ((has("flash") || has("fmha") || has("cudnn") || has("attention") || has("sdpa")) && !has("gemm"))
     return "attention";

@@ -86,7 +86,7 @@ def kernel_class(name: str) -> str:
     n = name.lower()
     # Inductor's kernels are named after the ops they fuse; kiln's own fused quantization
     # kernels (kiln.models.fused_quant) do the same kind of work.
-    if n.startswith("triton") or n.endswith(("_quant_kernel", "_amax_kernel")):
+    if n.startswith("triton") or n.endswith("_quant_kernel"):
         return "fused elementwise/reduction (Triton)"
     if any(s in n for s in ("flash", "fmha", "cudnn", "attention", "sdpa")) and "gemm" not in n:
         return "attention"

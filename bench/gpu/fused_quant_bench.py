@@ -1,8 +1,7 @@
 """kiln's fused fp8 quantization kernels (kiln.models.fused_quant) at flux-dev's shapes, side by
 side with what they replace, on one GPU in one run:
 
-  kernel     kiln::modulate_quant (Triton, one row per program) / kiln::gelu_quant (two Triton
-             kernels, a chunk of a row per program: the row amax, then the quantized values)
+  kernel     kiln::modulate_quant / kiln::gelu_quant (Triton, one row per program)
   unfused    torch.compile of the unfused composition, quantize_rows(modulate(...)) or
              quantize_rows(cat(a, gelu(m))): Inductor's fusion, what an fp8 package runs without
              the option

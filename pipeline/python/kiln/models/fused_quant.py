@@ -8,8 +8,10 @@ so such a package has its own artifact key). Without it, each Fp8Linear input is
 15,360-wide row is a looped reduction there (the row does not stay in registers), so the
 producer's math runs twice and the row is read twice. On the H100 those kernels took 28.3 ms of
 a 108 ms flux-dev step against bf16's 18.5 ms of elementwise work
-(bench/results/2026-12-07-h100-attn-lab/). Here one program owns one row, keeps it in registers,
-and reads it once from memory.
+(bench/results/2026-12-07-h100-attn-lab/). Here one program owns one row and reads it from
+memory once. Measured on the H100 (bench/results/2026-12-07-fused-quant/, kiln's regional fp8
+transformer with fp8 attention, same run): 107.50 -> 105.34 ms per step, the elementwise time
+28.2 -> 26.0 ms, the error against eager bf16 0.0738 -> 0.0736.
 
 The functions (every step in float32, rounded once to e4m3 at the end; rows r of M):
   modulate_quant(x [B, N, D], shift [B, D], scale [B, D]):
@@ -106,51 +108,55 @@ if triton is not None:
         return 0.5 * m * (1.0 + libdevice.tanh(0.7978845608028654 * (m + 0.044715 * m * m * m)))
 
     @triton.jit
-    def _gelu_chunk(A, M, row, chunk, KA, KM, stride_am, stride_mm, CHUNK: tl.constexpr):
-        """(values, mask, column) of one CHUNK of the row cat(a, gelu(m)): the first
-        cdiv(KA, CHUNK) chunks are a's, the rest m's (so no chunk straddles the two)."""
+    def gelu_quant_kernel(A, M, Q, S, KA, KM, stride_am, stride_mm, HAS_A: tl.constexpr,
+                          CHUNK: tl.constexpr):
+        # Two passes over the row in chunks: the amax, then the quantized values. The second
+        # pass reads the row again from L2 (the first just brought it there: one program's row
+        # is 24-30 KB, all programs resident at once a few MB), so DRAM sees each byte once;
+        # the GELU is computed twice. Holding a 15,360-wide row in registers instead (one pass)
+        # ran at ~600 GB/s on the H200: too few programs per SM to hide the loads.
+        row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, CHUNK)
-        chunks_a = tl.cdiv(KA, CHUNK)
-        if chunk < chunks_a:
-            col = chunk * CHUNK + offs
-            mask = col < KA
-            y = tl.load(A + row * stride_am + col, mask=mask, other=0.0).to(tl.float32)
-        else:
-            col_m = (chunk - chunks_a) * CHUNK + offs
-            mask = col_m < KM
-            y = _gelu_tanh(tl.load(M + row * stride_mm + col_m, mask=mask,
-                                   other=0.0).to(tl.float32))
-            col = KA + col_m
-        return y, mask, col
-
-    @triton.jit
-    def gelu_amax_kernel(A, M, AMAX, KA, KM, stride_am, stride_mm, CHUNK: tl.constexpr):
-        # Pass 1 of gelu_quant, one program per (row, chunk): the chunk's amax, folded into the
-        # row's (AMAX zeroed first; |y| >= 0, so float atomic max is exact and order-free).
-        row = tl.program_id(0).to(tl.int64)
-        y, mask, col = _gelu_chunk(A, M, row, tl.program_id(1), KA, KM, stride_am, stride_mm,
-                                   CHUNK)
-        tl.atomic_max(AMAX + row, tl.max(tl.abs(y), axis=0))
-
-    @triton.jit
-    def gelu_quant_kernel(A, M, AMAX, Q, S, KA, KM, stride_am, stride_mm, CHUNK: tl.constexpr):
-        # Pass 2: the chunk again (the GELU recomputed rather than stored), quantized with the
-        # row's scale; the row's first chunk writes the scale.
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1)
-        y, mask, col = _gelu_chunk(A, M, row, chunk, KA, KM, stride_am, stride_mm, CHUNK)
-        s = tl.maximum(tl.load(AMAX + row), 1e-12) / 448.0
-        q = tl.clamp(libdevice.div_rn(y, s), -448.0, 448.0)
-        tl.store(Q + row * (KA + KM) + col, q.to(tl.float8e4nv), mask=mask)
-        if chunk == 0:
-            tl.store(S + row, s)
+        m_row = M + row * stride_mm
+        a_row = A + row * stride_am
+        acc = tl.zeros([CHUNK], dtype=tl.float32)  # running max of |y| per lane
+        for start in range(0, KM, CHUNK):
+            mask = start + offs < KM
+            m = tl.load(m_row + start + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_last").to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(_gelu_tanh(m)))
+        if HAS_A:
+            for start in range(0, KA, CHUNK):
+                mask = start + offs < KA
+                a = tl.load(a_row + start + offs, mask=mask, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+                acc = tl.maximum(acc, tl.abs(a))
+        s = tl.maximum(tl.max(acc, axis=0), 1e-12) / 448.0
+        q_row = Q + row * (KA + KM)
+        if HAS_A:
+            for start in range(0, KA, CHUNK):
+                mask = start + offs < KA
+                a = tl.load(a_row + start + offs, mask=mask, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                q = tl.clamp(libdevice.div_rn(a, s), -448.0, 448.0)
+                tl.store(q_row + start + offs, q.to(tl.float8e4nv), mask=mask)
+        for start in range(0, KM, CHUNK):
+            mask = start + offs < KM
+            m = tl.load(m_row + start + offs, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+            q = tl.clamp(libdevice.div_rn(_gelu_tanh(m), s), -448.0, 448.0)
+            tl.store(q_row + KA + start + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(S + row, s)
 
 
 # Launch configurations (bench/gpu/fused_quant_bench.py --sweep picks them on the GPU host):
 # modulate_quant holds a row in registers (BLOCK_D = the row's width rounded up to a power of 2);
-# gelu_quant's two kernels take CHUNK columns of a row per program.
+# gelu_quant walks its row in CHUNK-wide pieces. Swept on the H100, 2026-12-07, GPU ms per
+# flux-dev step (bench/results/2026-12-07-fused-quant/): modulate 4 warps 2.86 (2: 3.10, 8: 3.05,
+# 16: 3.43); gelu CHUNK 2048 / 8 warps 10.63 (1024/4 10.76, 1024/8 10.83, 4096/16 10.99,
+# 4096/4 16.60).
 MODULATE_CONFIG = {"num_warps": 4}
-GELU_CONFIG = {"CHUNK": 1024, "num_warps": 4}
+GELU_CONFIG = {"CHUNK": 2048, "num_warps": 8}
 
 
 def _use_kernel(t: torch.Tensor) -> bool:
@@ -193,16 +199,9 @@ def gelu_quant_op(a: Optional[torch.Tensor], m: torch.Tensor
         a = a.contiguous()
     q = torch.empty((rows, ka + km), dtype=quant.FP8_DTYPE, device=m.device)
     s = torch.empty((rows, 1), dtype=torch.float32, device=m.device)
-    chunk = GELU_CONFIG["CHUNK"]
-    grid = (rows, triton.cdiv(ka, chunk) + triton.cdiv(km, chunk))
-    amax = torch.zeros((rows,), dtype=torch.float32, device=m.device)
-    a_arg, stride_a = (m, 0) if a is None else (a, a.stride(0))
-    torch.library.wrap_triton(gelu_amax_kernel)[grid](
-        a_arg, m, amax, ka, km, stride_a, m.stride(0), CHUNK=chunk,
-        num_warps=GELU_CONFIG["num_warps"])
-    torch.library.wrap_triton(gelu_quant_kernel)[grid](
-        a_arg, m, amax, q, s, ka, km, stride_a, m.stride(0), CHUNK=chunk,
-        num_warps=GELU_CONFIG["num_warps"])
+    torch.library.wrap_triton(gelu_quant_kernel)[(rows,)](
+        m if a is None else a, m, q, s, ka, km, 0 if a is None else a.stride(0), m.stride(0),
+        HAS_A=a is not None, CHUNK=GELU_CONFIG["CHUNK"], num_warps=GELU_CONFIG["num_warps"])
     return q, s
 
 
