@@ -562,6 +562,12 @@ absl::StatusOr<EncodedPrompt> FluxPipeline::EncodePrompt(const GenerateRequest& 
   return out;
 }
 
+absl::Status FluxPipeline::UseWeights(const std::string& component,
+                                      std::unique_ptr<ComponentWeights> weights) {
+  std::lock_guard<std::mutex> device_lock(impl_->encode_mu);  // it owns the PackageLoader
+  return impl_->packages->UseWeights(component, std::move(weights));
+}
+
 absl::Status FluxPipeline::FollowDenoise(int width, int height, int steps,
                                          const std::vector<LoraChoice>& loras) {
   Impl& m = *impl_;

@@ -46,7 +46,8 @@ namespace kiln::pipeline {
 // InvalidArgument if `text` is not a JSON object.
 absl::StatusOr<nlohmann::json> ParseCompileOptions(const std::string& text);
 
-struct DenoiseJob;  // pipeline/denoiser.h
+struct DenoiseJob;        // pipeline/denoiser.h
+class ComponentWeights;  // pipeline/weights.h
 // Runs one job's denoise loop in the pipeline's stead (PipelineOptions::denoise_loop); leaves
 // the final latents in `job.latents`.
 using DenoiseLoopFn = std::function<absl::Status(DenoiseJob& job)>;
@@ -241,6 +242,12 @@ class FluxPipeline {
   // are. Not beside EncodePrompt on another thread.
   absl::Status FollowDenoise(int width, int height, int steps,
                              const std::vector<LoraChoice>& loras = {});
+  // `component`'s weights from `weights` instead of its checkpoint under model_dir (a rank of a
+  // sequence-parallel pipeline: the transformer weights rank 0 broadcast,
+  // parallel/sequence_parallel_pipeline.h); before the component's first load.
+  // FailedPrecondition once its weights are open. Not beside EncodePrompt on another thread.
+  absl::Status UseWeights(const std::string& component,
+                          std::unique_ptr<ComponentWeights> weights);
 
   // The artifact key this pipeline uses for `component` at an image size (0×0 for text encoders).
   cache::ArtifactKey KeyFor(const std::string& component, int width, int height) const;

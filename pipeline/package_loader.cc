@@ -182,6 +182,17 @@ absl::StatusOr<ComponentWeights*> PackageLoader::WeightsOf(const std::string& co
   return cw.get();
 }
 
+absl::Status PackageLoader::UseWeights(const std::string& component,
+                                       std::unique_ptr<ComponentWeights> weights) {
+  auto& cw = weights_[component];
+  if (cw) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the ", component, " weights are open already; UseWeights comes first"));
+  }
+  cw = std::move(weights);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LoadedComponent> PackageLoader::LoadRegional(
     const std::string& component, const std::string& digest,
     const cache::ProvidedPackage& provided, LoadReport* report,

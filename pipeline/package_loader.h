@@ -106,8 +106,13 @@ class PackageLoader {
   // prepared. Regional sets as in SetTransformerLoras.
   absl::Status PrepareTransformerLoras(std::shared_ptr<const LoraDeltas> deltas);
 
-  // The component's checkpoint, opened once.
+  // The component's checkpoint, opened once (or the weights UseWeights gave it).
   absl::StatusOr<ComponentWeights*> WeightsOf(const std::string& component);
+  // `component`'s weights from `weights` (e.g. ComponentWeights::FromTensors of tensors another
+  // rank broadcast) instead of its checkpoint under model_dir, which is then never opened.
+  // FailedPrecondition once the component's weights are open.
+  absl::Status UseWeights(const std::string& component,
+                          std::unique_ptr<ComponentWeights> weights);
 
  private:
   // Loads one provided package, runs its canary and hands it its weights. On an error that is

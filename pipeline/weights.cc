@@ -133,6 +133,28 @@ absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::Open(const s
   return w;
 }
 
+std::unique_ptr<ComponentWeights> ComponentWeights::FromTensors(
+    std::vector<std::pair<std::string, at::Tensor>> tensors, const c10::Device& device,
+    std::string origin) {
+  std::unique_ptr<ComponentWeights> w(new ComponentWeights());
+  w->dir_ = std::move(origin);
+  w->device_ = device;
+  w->set_ = *WeightSet::OpenFiles({});  // no file: an empty set
+  w->in_memory_ = true;
+  for (auto& [name, tensor] : tensors) w->memory_[name] = std::move(tensor);
+  return w;
+}
+
+absl::StatusOr<at::Tensor> ComponentWeights::Source(const std::string& name) const {
+  if (in_memory_) {
+    auto it = memory_.find(name);
+    return it == memory_.end() ? at::Tensor() : it->second;
+  }
+  const TensorView* view = set_->Find(name);
+  if (view == nullptr) return at::Tensor();
+  return TensorFromView(*view);
+}
+
 absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Gather(
     const AotiPackage& package, const std::string& extra_constants_path) {
   return Gather(package.constant_fqns(), package.manifest(), extra_constants_path);
@@ -169,43 +191,49 @@ absl::StatusOr<at::Tensor> ComponentWeights::Derive(const std::string& component
     return absl::InvalidArgumentError(absl::StrCat(what, ": ", d.op, " makes ", DtypeName(want),
                                                    ", the manifest says ", spec.dtype));
   }
-  std::vector<const TensorView*> views;
+  std::vector<at::Tensor> found;  // each source as the checkpoint holds it
+  std::vector<std::string> names;  // and the name it was found under
   bool complete = true;
   for (const auto& source : d.sources) {
-    const TensorView* view = nullptr;
+    at::Tensor t;
     for (const auto& name : Aliases(source)) {
-      if ((view = set_->Find(name)) != nullptr) break;
+      auto got = Source(name);
+      if (!got.ok()) return got.status();
+      if ((t = *got).defined()) {
+        names.push_back(name);
+        break;
+      }
     }
-    if (view == nullptr) {
+    if (!t.defined()) {
       missing->push_back(absl::StrCat(source, " (for ", fqn, ")"));
       complete = false;
+      names.emplace_back();
     }
-    views.push_back(view);
+    found.push_back(t);
   }
   if (!complete) return at::Tensor();
   // Sources concatenate on dim 0: same rank, same trailing sizes; fp8 ops take matrices.
-  for (const TensorView* v : views) {
-    const auto& first = views.front()->shape;
-    const bool fits = !v->shape.empty() && v->shape.size() == first.size() &&
-                      std::equal(v->shape.begin() + 1, v->shape.end(), first.begin() + 1) &&
-                      (!fp8 || v->shape.size() == 2);
+  for (size_t i = 0; i < found.size(); ++i) {
+    const auto shape = found[i].sizes();
+    const auto first = found.front().sizes();
+    const bool fits = !shape.empty() && shape.size() == first.size() &&
+                      std::equal(shape.begin() + 1, shape.end(), first.begin() + 1) &&
+                      (!fp8 || shape.size() == 2);
     if (!fits) {
       return absl::InvalidArgumentError(absl::StrCat(
-          what, " in ", dir_, ": source '", v->name, "' has shape ", ShapeString(v->shape),
-          ", '", views.front()->name, "' ", ShapeString(first), "; ", d.op, " needs ",
+          what, " in ", dir_, ": source '", names[i], "' has shape ", ShapeString(shape.vec()),
+          ", '", names.front(), "' ", ShapeString(first.vec()), "; ", d.op, " needs ",
           fp8 ? "matrices" : "tensors", " with equal sizes after dim 0"));
     }
   }
   at::Tensor result;
   try {
     std::vector<at::Tensor> sources;
-    for (const TensorView* v : views) {
-      auto host = TensorFromView(*v);
-      if (!host.ok()) return host.status();
+    for (const at::Tensor& t : found) {
       // To the device as stored (no conversion on the host); the op runs there. On the CPU this
       // is the mmap'd view itself, which the ops below only read.
-      sources.push_back(host->to(device_, host->scalar_type()));
-      bytes_read_ += v->nbytes;
+      sources.push_back(t.to(device_, t.scalar_type()));
+      if (!in_memory_) bytes_read_ += t.nbytes();
     }
     if (d.op == "concat0") {
       for (auto& t : sources) t = t.to(dtype);
@@ -255,35 +283,44 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Ga
       out[fqn] = it->second;
       continue;
     }
-    const TensorView* view = nullptr;
+    at::Tensor host;  // a view of a file's mapping, or the in-memory tensor (from_memory)
+    bool from_memory = false;
     std::string origin;
     if (spec.source == "package") {
-      view = extra ? extra->Find(fqn) : nullptr;
+      const TensorView* view = extra ? extra->Find(fqn) : nullptr;
+      if (view != nullptr) {
+        auto t = TensorFromView(*view);
+        if (!t.ok()) return t.status();
+        host = *t;
+      }
       origin = extra_constants_path;
     } else {
       for (const auto& name : Aliases(fqn)) {
-        if ((view = set_->Find(name)) != nullptr) break;
+        auto t = Source(name);
+        if (!t.ok()) return t.status();
+        if ((host = *t).defined()) break;
       }
+      from_memory = in_memory_;
       origin = dir_;
     }
-    if (view == nullptr) {
+    if (!host.defined()) {
       missing.push_back(fqn);
       continue;
     }
-    if (view->shape != spec.shape) {
+    if (host.sizes() != at::IntArrayRef(spec.shape)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          component, " weight '", fqn, "' in ", origin, ": shape ", ShapeString(view->shape),
-          ", the package expects ", ShapeString(spec.shape)));
+          component, " weight '", fqn, "' in ", origin, ": shape ",
+          ShapeString(host.sizes().vec()), ", the package expects ", ShapeString(spec.shape)));
     }
-    auto host = TensorFromView(*view);
-    if (!host.ok()) return host.status();
     at::Tensor t;
     try {
-      t = host->to(device_, *dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
+      // A mapping is read-only and goes away with the file: copied. An in-memory tensor of the
+      // right dtype on the device is the constant itself.
+      t = host.to(device_, *dtype, /*non_blocking=*/false, /*copy=*/!from_memory).contiguous();
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("weight '", fqn, "': ", ExceptionMessage(e)));
     }
-    bytes_read_ += view->nbytes;
+    if (!from_memory) bytes_read_ += host.nbytes();
     if (spec.source == "checkpoint") cache_[key] = t;
     out[fqn] = t;
   }

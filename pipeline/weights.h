@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -48,6 +49,16 @@ class ComponentWeights {
   static absl::StatusOr<std::unique_ptr<ComponentWeights>> Open(const std::string& dir,
                                                                 const std::string& stem,
                                                                 const c10::Device& device);
+  // A component's checkpoint held in memory instead of a folder: `tensors` by checkpoint name,
+  // on `device` (e.g. the transformer weights rank 0 of a multi-GPU node broadcast,
+  // parallel/weight_broadcast.h), so this process never opens the component's files. Gather
+  // hands out these tensors themselves where the manifest's dtype is theirs (no copy), and
+  // converted copies otherwise; `origin` names them in error messages ("the transformer weights
+  // broadcast by rank 0"). bytes_read() stays 0; checkpoint() is an empty set (LoRA files
+  // cannot be checked against it, and Merge finds no source: NotFound).
+  static std::unique_ptr<ComponentWeights> FromTensors(
+      std::vector<std::pair<std::string, at::Tensor>> tensors, const c10::Device& device,
+      std::string origin);
   // The folder and checkpoint stem of a component in a diffusers-layout repository.
   static std::string FolderFor(const std::string& component);
   static std::string StemFor(const std::string& component);
@@ -81,7 +92,8 @@ class ComponentWeights {
       const cache::PackageManifest& manifest, const LoraDeltas& deltas,
       std::unordered_map<std::string, at::Tensor>* memo);
 
-  // The checkpoint itself (names and shapes, for LoRA files to be checked against).
+  // The checkpoint itself (names and shapes, for LoRA files to be checked against); empty for
+  // FromTensors.
   const WeightSet& checkpoint() const { return *set_; }
 
   uint64_t bytes_read() const { return bytes_read_; }
@@ -91,6 +103,11 @@ class ComponentWeights {
   std::string dir_;
   c10::Device device_ = c10::kCPU;
   std::unique_ptr<WeightSet> set_;
+  std::map<std::string, at::Tensor> memory_;  // FromTensors' tensors by name (else empty)
+  bool in_memory_ = false;                    // made by FromTensors
+  // The checkpoint tensor called exactly `name`, or an undefined tensor when there is none: a
+  // host view of the file's mapping (read-only: copy before writing) or the in-memory tensor.
+  absl::StatusOr<at::Tensor> Source(const std::string& name) const;
   std::map<std::pair<std::string, std::string>, at::Tensor> cache_;  // (fqn, dtype) → tensor
   // The derived constant `fqn` (spec.derive set) in `dtype`, from the cache or computed; an
   // undefined tensor when sources are missing (their names appended to `missing`).

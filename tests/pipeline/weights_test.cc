@@ -184,6 +184,52 @@ TEST_F(WeightsTest, DerivedConstantsAreCachedAndShared) {
                   Expected("attn.to_qkv.weight_scale"));
 }
 
+// The checkpoint's tensors handed over in memory (a rank of a multi-GPU node gets them from
+// rank 0's broadcast): the same constants as from the file, nothing read, a plain constant of
+// the checkpoint's dtype the tensor itself, one of another dtype a converted copy, and a
+// missing one named with the tensors' origin.
+TEST_F(WeightsTest, TensorsInMemoryGiveWhatTheCheckpointGives) {
+  auto set = WeightSet::OpenDir(tmp_->Join("ckpt"), "model");
+  ASSERT_TRUE(set.ok()) << set.status();
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& name : (*set)->names()) {
+    tensors.emplace_back(name, TensorFromView(*(*set)->Find(name))->clone());
+  }
+  at::Tensor k_bias;
+  for (const auto& [name, t] : tensors) {
+    if (name == "attn.to_k.bias") k_bias = t;
+  }
+  ASSERT_TRUE(k_bias.defined());
+  ASSERT_EQ(k_bias.scalar_type(), at::kBFloat16);
+  auto w = ComponentWeights::FromTensors(tensors, c10::kCPU, "the tensors of this test");
+  auto m = Manifest(constants_);
+  ASSERT_TRUE(m.ok()) << m.status();
+  auto got = w->Gather(Keys(constants_), *m, "");
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->size(), constants_.size());
+  for (const auto& [name, t] : *got) {
+    if (constants_[name].contains("derive")) ExpectIdentical(name, t, Expected(name));
+  }
+  EXPECT_EQ(w->bytes_read(), 0u);
+  EXPECT_EQ(w->checkpoint().size(), 0u);
+  EXPECT_EQ(got->at("attn.to_k.bias").data_ptr(), k_bias.data_ptr());
+  nlohmann::json c = constants_;
+  c["attn.to_k.bias"]["dtype"] = "float32";
+  c["attn.nope.bias"] = {{"shape", {16}}, {"dtype", "float32"}, {"source", "checkpoint"}};
+  auto edited = Manifest(c);
+  ASSERT_TRUE(edited.ok()) << edited.status();
+  auto converted = w->Gather({"attn.to_k.bias"}, *edited, "");
+  ASSERT_TRUE(converted.ok()) << converted.status();
+  EXPECT_EQ(converted->at("attn.to_k.bias").scalar_type(), at::kFloat);
+  EXPECT_TRUE(converted->at("attn.to_k.bias").equal(k_bias.to(at::kFloat)));
+  auto missing = w->Gather({"attn.nope.bias"}, *edited, "");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound) << missing.status();
+  EXPECT_NE(missing.status().message().find("missing from the tensors of this test: "
+                                            "attn.nope.bias"),
+            std::string::npos)
+      << missing.status();
+}
+
 TEST_F(WeightsTest, MissingSourceIsNamedWithTheConstantThatNeedsIt) {
   auto s = GatherEdited("attn.to_qkv.weight", [](nlohmann::json& spec) {
     spec["derive"]["from"] = {"attn.to_q.weight", "attn.nope.weight", "attn.to_v.weight"};
