@@ -102,6 +102,14 @@ absl::Status PipelineOptions::Validate() const {
                                                      it->dump(), " ranks need layout regional"));
     }
   }
+  if (auto it = compile_options.find("process_group"); it != compile_options.end()) {
+    if (auto s = CheckProcessGroupName(*it); !s.ok()) return s;
+    if (compile_options.value("sequence_parallel", nlohmann::json(1)) == 1 && *it != "0") {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "compile_options process_group: ", it->dump(), " names the all-to-alls' group of a "
+          "sequence-parallel set; there is none without sequence_parallel > 1"));
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -1,5 +1,8 @@
 #include "pipeline/key_policy.h"
 
+#include <string_view>
+
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -45,11 +48,41 @@ const std::vector<std::string>& FluxComponents() {
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component) {
   nlohmann::json out = options;
-  if (component != "transformer" && out.is_object()) {
+  if (!out.is_object()) return out;
+  if (component != "transformer") {
     out.erase("layout");
     out.erase("sequence_parallel");
+    out.erase("process_group");
+  } else if (auto it = out.find("process_group");
+             it != out.end() && *it == kDefaultProcessGroup) {
+    out.erase(it);
   }
   return out;
+}
+
+std::string ProcessGroupName(const nlohmann::json& compile_options) {
+  if (!compile_options.is_object()) return kDefaultProcessGroup;
+  auto it = compile_options.find("process_group");
+  return it != compile_options.end() && it->is_string() ? it->get<std::string>()
+                                                        : kDefaultProcessGroup;
+}
+
+absl::Status CheckProcessGroupName(const nlohmann::json& name) {
+  const auto bad = [&] {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compile_options process_group: ", name.dump(),
+        " (want 1..256 characters of [A-Za-z0-9._:/-], e.g. \"flux-dev/bf16\")"));
+  };
+  if (!name.is_string()) return bad();
+  const std::string& s = name.get_ref<const std::string&>();
+  if (s.empty() || s.size() > 256) return bad();
+  for (char c : s) {
+    if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) &&
+        std::string_view("._:/-").find(c) == std::string_view::npos) {
+      return bad();
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status KeyPolicy::CheckResolution(int width, int height) const {

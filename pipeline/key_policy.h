@@ -30,11 +30,22 @@ std::string FormatResolutions(const std::vector<Resolution>& list);
 const std::vector<std::string>& FluxComponents();
 
 // The compile options `component`'s package is compiled with and keyed by: the pipeline's, less
-// the transformer-only `layout` and `sequence_parallel` for the other components (a regional
-// transformer shares the text encoders and VAE of the whole layout). Twin of
+// the transformer-only `layout`, `sequence_parallel` and `process_group` for the other
+// components (a regional transformer shares the text encoders and VAE of the whole layout), and
+// less a `process_group` of "0" (the default: absent and "0" are one key). Twin of
 // kiln.compile.component_compile_options.
 nlohmann::json ComponentCompileOptions(const nlohmann::json& options,
                                        const std::string& component);
+
+// The compile option `process_group` (docs/multi_gpu.md): the name of the c10d group a
+// sequence-parallel set's all-to-alls resolve, registered under it by the ranks
+// (parallel::SequenceParallelThreads). "0" (Python's default group) when absent.
+inline constexpr char kDefaultProcessGroup[] = "0";
+std::string ProcessGroupName(const nlohmann::json& compile_options);
+// OK for a name of 1..256 characters of [A-Za-z0-9._:/-] (a model name's characters: the name
+// is written into the packages' generated code); InvalidArgument naming the option otherwise.
+// Twin of kiln.compile.check_compile_options' rule.
+absl::Status CheckProcessGroupName(const nlohmann::json& name);
 
 struct KeyPolicyOptions {
   // Component → its config.json (the architecture digest's input); one per FluxComponents().

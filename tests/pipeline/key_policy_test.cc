@@ -204,6 +204,50 @@ TEST(KeyPolicyTest, ASequenceParallelTransformerIsKeyedByOneRanksBucket) {
   EXPECT_THAT(t.message(), HasSubstr("text length 63 does not divide over 2"));
 }
 
+// Compile option process_group (docs/multi_gpu.md): the name of the group a sequence-parallel
+// set's all-to-alls resolve. Absent and "0" are one key (the keys made before it stay); another
+// name is another transformer key, the other components' keys never change. Twin of
+// test_regional.py's test_process_group_option_keys_and_names_the_all_to_alls.
+TEST(KeyPolicyTest, TheProcessGroupNameIsPartOfTheTransformerKeyUnlessItIsTheDefault) {
+  KeyPolicyOptions o = Options();
+  o.compile_options["layout"] = "regional";
+  o.compile_options["sequence_parallel"] = 2;
+  const KeyPolicy absent(o);
+  o.compile_options["process_group"] = "0";
+  const KeyPolicy zero(o);
+  o.compile_options["process_group"] = "flux-tiny/fp32";
+  const KeyPolicy named(o);
+  EXPECT_EQ(ProcessGroupName(absent.options().compile_options), "0");
+  EXPECT_EQ(ProcessGroupName(named.options().compile_options), "flux-tiny/fp32");
+  EXPECT_EQ(zero.KeyFor("transformer", 256, 256).Digest(),
+            absent.KeyFor("transformer", 256, 256).Digest());
+  EXPECT_NE(named.KeyFor("transformer", 256, 256).Digest(),
+            absent.KeyFor("transformer", 256, 256).Digest());
+  for (const std::string c : {"text_encoder", "text_encoder_2", "vae_decoder"}) {
+    EXPECT_EQ(named.KeyFor(c, 256, 256).Digest(), absent.KeyFor(c, 256, 256).Digest()) << c;
+    EXPECT_FALSE(ComponentCompileOptions(o.compile_options, c).contains("process_group")) << c;
+  }
+  // What a pipeline accepts: a name of a model name's characters, only for a set of P > 1.
+  PipelineOptions p;
+  p.model_dir = "/nonexistent";
+  p.denoise_loop = [](DenoiseJob&) { return absl::OkStatus(); };
+  p.compile_options = o.compile_options;
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+  for (const nlohmann::json& bad : {nlohmann::json(""), nlohmann::json(2),
+                                    nlohmann::json("a b"), nlohmann::json(std::string(257, 'a'))}) {
+    p.compile_options["process_group"] = bad;
+    EXPECT_EQ(p.Validate().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(std::string(p.Validate().message()),
+                HasSubstr("compile_options process_group: " + bad.dump() + " (want 1..256"));
+  }
+  p.compile_options["process_group"] = "flux-tiny/fp32";
+  p.compile_options["sequence_parallel"] = 1;
+  EXPECT_THAT(std::string(p.Validate().message()),
+              HasSubstr("there is none without sequence_parallel > 1"));
+  p.compile_options["process_group"] = "0";
+  EXPECT_TRUE(p.Validate().ok()) << p.Validate();
+}
+
 TEST(KeyPolicyTest, CompileOptionsFlagIsMergedOverTheDefaults) {
   auto parsed = ParseCompileOptions(R"({"layout":"regional"})");
   ASSERT_TRUE(parsed.ok()) << parsed.status();

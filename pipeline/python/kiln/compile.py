@@ -20,7 +20,11 @@ kiln.artifact_key.default_compile_options, mirrored by cache::DefaultCompileOpti
   sequence_parallel  transformer, layout "regional" only: an integer P >= 1 (absent means 1):
                 the set is one rank's of P for Ulysses sequence parallelism (kiln/regional.py,
                 docs/multi_gpu.md); the bucket is the rank's (--height and --text-len divided
-                by P); the blocks' all-to-alls name the process group "0"
+                by P); the blocks' all-to-alls name the process group `process_group`
+  process_group transformer, sequence_parallel > 1 only: the c10d group name the blocks'
+                all-to-alls resolve at run time (1..256 characters of [A-Za-z0-9._:/-]; absent
+                means "0", Python's default group, and "0" keys as absent); a multi-GPU node
+                names its groups "<model>/<precision>" (docs/multi_gpu.md)
   attention     transformer: "sdpa" (PyTorch chooses), "cudnn", "flash" or "efficient" (that
                 fused CUDA kernel; CPU targets always use sdpa), or "fp8" (kiln's Triton e4m3
                 kernel, kiln/models/fp8_attention.py, compiled into the package; precision fp8
@@ -49,6 +53,7 @@ import errno
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import sys
@@ -67,6 +72,8 @@ EXTRA_CONSTANTS_FILE = "constants.safetensors"
 MANIFEST_FORMAT = 1
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+# compile option process_group: a model name's characters (it is written into generated code).
+PROCESS_GROUP_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
 
 
 class UsageError(Exception):
@@ -109,7 +116,7 @@ def check_compile_options(options: Any) -> None:
     from kiln import components
     from kiln.regional import LAYOUTS
     known = {"max_autotune": bool, "layout": LAYOUTS, "sequence_parallel": int,
-             **components.MODEL_OPTION_VALUES}
+             "process_group": str, **components.MODEL_OPTION_VALUES}
     if not isinstance(options, dict):
         raise UsageError("--compile-options must be a JSON object")
     for name, value in options.items():
@@ -125,16 +132,36 @@ def check_compile_options(options: Any) -> None:
                          f"{json.dumps(world)}")
     if world > 1 and options.get("layout") != "regional":
         raise UsageError("--compile-options: sequence_parallel needs layout \"regional\"")
+    if "process_group" in options:
+        name = options["process_group"]
+        if not isinstance(name, str) or not PROCESS_GROUP_NAME.fullmatch(name):
+            raise UsageError(f"--compile-options: process_group must be 1..256 characters of "
+                             f"[A-Za-z0-9._:/-], got {json.dumps(name)}")
+        if world == 1 and name != _default_process_group():
+            raise UsageError(f"--compile-options: process_group {json.dumps(name)} names the "
+                             "all-to-alls' group of a sequence-parallel set; there is none "
+                             "without sequence_parallel > 1")
 
 
 def component_compile_options(options: dict, component: str) -> dict:
     """The options `component` is compiled with and keyed by: `options` less the transformer-only
-    `layout` (and `sequence_parallel`) for the other components, so a regional transformer shares
-    the whole layout's text encoders and VAE. Twin of ComponentCompileOptions
+    `layout` (and `sequence_parallel`, `process_group`) for the other components, so a regional
+    transformer shares the whole layout's text encoders and VAE, and less a `process_group` of
+    "0" (the default: absent and "0" are one key). Twin of ComponentCompileOptions
     (pipeline/key_policy.h)."""
-    if component == "transformer" or not isinstance(options, dict):
+    if not isinstance(options, dict):
         return options
-    return {k: v for k, v in options.items() if k not in ("layout", "sequence_parallel")}
+    if component == "transformer":
+        return {k: v for k, v in options.items()
+                if not (k == "process_group" and v == _default_process_group())}
+    return {k: v for k, v in options.items()
+            if k not in ("layout", "sequence_parallel", "process_group")}
+
+
+def _default_process_group() -> str:
+    """The name a sequence-parallel set's all-to-alls resolve when the options give none."""
+    from kiln.regional import PROCESS_GROUP
+    return PROCESS_GROUP
 
 
 def make_key(model: str, component: str, precision: str, bucket_args: dict, target: str,
@@ -472,7 +499,7 @@ def _compile_regional(key, digest: str, config: dict, model_dir: str, precision:
             "layout": "regional",
             "regions": table,
             # What the blocks' all-to-alls resolve (sequence-parallel sets only).
-            **({"process_group": regional.PROCESS_GROUP}
+            **({"process_group": regional.process_group(compile_options)}
                if regional.sequence_parallel(compile_options) > 1 else {}),
             "constants": {},
             "extra_constants": "",

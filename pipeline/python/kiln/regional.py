@@ -30,9 +30,11 @@ the rank's shard of the latents and of the text and returns its img and txt shar
 RoPE tables of the *whole* image ([P*(L+S), hd], text rows first, from the rank's sizes times
 P), so the package is the same on every rank; the caller gives each block its rank's rows
 (kiln.sequence_parallel.shard_rope, the C++ RegionalTransformer likewise). The double and single
-blocks carry the Ulysses all-to-alls around attention (`_c10d_functional.all_to_all_single`,
-process group "0", Python's default group at export: a fake group of P ranks is made for the
-export when none exists). The tail takes the rank's [txt_r; img_r] and returns its image rows.
+blocks carry the Ulysses all-to-alls around attention (`_c10d_functional.all_to_all_single`),
+naming the process group of the compile option `process_group` (absent: "0", Python's default
+group): at export the default group (a fake group of P ranks, made when none exists) is also
+registered under that name. The tail takes the rank's [txt_r; img_r] and returns its image
+rows.
 """
 from __future__ import annotations
 
@@ -48,9 +50,10 @@ from kiln.models.flux import FluxTransformer, image_ids, rope_tables, text_ids
 from kiln.models.quant import derivations
 
 REGIONS = ("head", "double", "single", "tail")
-# The c10d group name a sequence-parallel set's all-to-alls resolve at run time (Python's default
-# group at export); recorded in its manifest as `process_group`, which the C++ loop checks
-# against the group it was given (parallel::SequenceParallelDenoise).
+# The c10d group name a sequence-parallel set's all-to-alls resolve at run time when the compile
+# option `process_group` gives none (Python's default group); recorded in its manifest as
+# `process_group`, which the C++ loop checks against the group it was given
+# (parallel::SequenceParallelDenoise).
 PROCESS_GROUP = "0"
 LAYOUTS = ("whole", "regional")
 
@@ -294,11 +297,18 @@ def sequence_parallel(options: dict) -> int:
     return int(options.get("sequence_parallel", 1)) if isinstance(options, dict) else 1
 
 
-def _enable_ulysses(template: nn.Module, world: int) -> None:
+def process_group(options: dict) -> str:
+    """The compile option `process_group` (absent: PROCESS_GROUP)."""
+    return str(options.get("process_group", PROCESS_GROUP)) if isinstance(options, dict) \
+        else PROCESS_GROUP
+
+
+def _enable_ulysses(template: nn.Module, world: int, name: str = PROCESS_GROUP) -> None:
     """Sets Ulysses all-to-alls over `world` ranks on the template's attention modules, for
-    export. The graph names the default group, "0", and depends on the world size only (the
-    split sizes), not on the rank: with no default group in this process (kiln-compile and its
-    region workers have none) a fake one of `world` ranks is made for the export."""
+    export. The graph names the group `name` and depends on the world size only (the split
+    sizes), not on the rank: with no default group in this process (kiln-compile and its region
+    workers have none) a fake one of `world` ranks is made for the export, and registered under
+    `name` too when that is not its own ("0")."""
     import torch.distributed as dist
     from kiln import sequence_parallel as sp
     if not dist.is_initialized():
@@ -308,7 +318,18 @@ def _enable_ulysses(template: nn.Module, world: int) -> None:
         raise RuntimeError(f"sequence_parallel {world}: this process's default group has "
                            f"{dist.get_world_size()} ranks and the name "
                            f"{dist.group.WORLD.group_name!r}, not {PROCESS_GROUP!r}")
-    sp.enable(template, sp.Ulysses())
+    if name != PROCESS_GROUP:
+        from torch._C._distributed_c10d import _register_process_group, _resolve_process_group
+        try:
+            known = _resolve_process_group(name)
+        except (RuntimeError, ValueError):
+            known = None
+        if known is None:
+            _register_process_group(name, dist.group.WORLD)
+        elif known.size() != world:
+            raise RuntimeError(f"sequence_parallel {world}: the group registered as {name!r} "
+                               f"in this process has {known.size()} ranks")
+    sp.enable(template, sp.Ulysses(group_name=name))
 
 
 def compile_one(spec: dict, name: str, out_dir: str) -> dict:
@@ -318,7 +339,7 @@ def compile_one(spec: dict, name: str, out_dir: str) -> dict:
     (r,) = [r for r in _build_regions(spec) if r.name == name]
     world = sequence_parallel(spec["options"])
     if world > 1 and name in ("double", "single"):
-        _enable_ulysses(r.template, world)
+        _enable_ulysses(r.template, world, process_group(spec["options"]))
     t0 = time.monotonic()
     module = r.export_module().eval()
     with torch.no_grad():

@@ -49,12 +49,17 @@ from kiln.models.flux import FluxTransformer, JointAttention, SelfAttention
 
 
 class Ulysses:
-    """The all-to-alls around attention for one rank of a process group of P ranks."""
+    """The all-to-alls around attention for one rank of a process group of P ranks.
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    `group_name` (optional) is the c10d name the all-to-alls name in a traced graph instead of
+    the group's own (kiln.regional exports a package set whose blocks resolve the compile option
+    `process_group` at run time); the group must be registered under it in this process."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, group_name: str | None = None):
         self.group = group if group is not None else dist.group.WORLD
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
+        self.group_name = group_name
 
     def check(self, heads: int, text_len: int, image_len: int) -> None:
         """ValueError unless heads, text and image tokens all divide evenly over the ranks."""
@@ -66,7 +71,8 @@ class Ulysses:
 
     def _all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk i of dim 0 goes to rank i; the result's chunk j came from rank j."""
-        return fcol.all_to_all_single(x.contiguous(), None, None, self.group)
+        group = self.group_name if self.group_name is not None else self.group
+        return fcol.all_to_all_single(x.contiguous(), None, None, group)
 
     def to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, n, D] (this rank's n tokens, all heads) -> [B, H/P, P*n, D] (every rank's

@@ -148,6 +148,50 @@ def test_sequence_parallel_option_and_region_shapes():
         R._build_regions(dict(spec, options=dict(sp, sequence_parallel=4)))
 
 
+def test_process_group_option_keys_and_names_the_all_to_alls():
+    """Compile option process_group (docs/multi_gpu.md): absent and "0" are one key (existing
+    keys stay), another name another key, the transformer's alone; bad names refused; and the
+    exported double block's all-to-alls name the group given, which C++ resolves at run time."""
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import _unregister_process_group
+    sp = dict(ak.default_compile_options(), layout="regional", sequence_parallel=2)
+    rank_bucket = dict(BUCKET, height=128, text_len=256)
+    name = "flux-tiny/fp32"
+
+    def digest(component, options, bucket=rank_bucket):
+        return kc.make_key(REPO, component, "fp32", bucket, "cpu", options)[0].digest()
+
+    assert digest("transformer", dict(sp, process_group="0")) == digest("transformer", sp)
+    assert digest("transformer", dict(sp, process_group=name)) != digest("transformer", sp)
+    for component in ("text_encoder", "text_encoder_2", "vae_decoder"):
+        assert (digest(component, dict(sp, process_group=name), BUCKET)
+                == digest(component, sp, BUCKET)), component
+    for bad, match in ((dict(sp, process_group=""), 'process_group must be 1..256 characters'),
+                       (dict(sp, process_group=2), "got 2"),
+                       (dict(sp, process_group="a b"), 'got "a b"'),
+                       (dict(sp, sequence_parallel=1, process_group=name),
+                        "there is none without sequence_parallel > 1")):
+        with pytest.raises(kc.UsageError, match=match):
+            kc.make_key(REPO, "transformer", "fp32", rank_bucket, "cpu", bad)
+
+    spec = {"model": REPO, "precision": "fp32", "bucket": dict(rank_bucket, batch=1),
+            "options": dict(sp, process_group=name)}
+    assert R.process_group(spec["options"]) == name and R.process_group(sp) == "0"
+    (double,) = [r for r in R._build_regions(spec) if r.name == "double"]
+    try:
+        R._enable_ulysses(double.template, 2, R.process_group(spec["options"]))
+        with torch.no_grad():
+            ep = torch.export.export(double.export_module().eval(),
+                                     R.example_inputs(double, torch.device("cpu")), strict=False)
+    finally:
+        if dist.is_initialized():
+            _unregister_process_group(name)
+            dist.destroy_process_group()
+    groups = [n.args[-1] for n in ep.graph.nodes
+              if n.op == "call_function" and "all_to_all_single" in str(n.target)]
+    assert len(groups) == 4 and set(groups) == {name}, groups
+
+
 def test_compiled_layouts_against_eager(model):
     cfg, bucket, m, ex = model
     whole_manifest, whole_root, _ = _fixture("whole")
