@@ -66,6 +66,10 @@ int64_t AttentionHeads(const std::string& model_dir) {
 
 }  // namespace
 
+std::string SequenceParallelGroupName(const std::string& model, const std::string& precision) {
+  return absl::StrCat(model, "/", precision);
+}
+
 absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options) {
   if (auto s = options.node.Validate(); !s.ok()) return s;
   ProbeOptions probe;
@@ -101,6 +105,16 @@ absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
   std::vector<std::string> precisions = options.precisions;
   if (precisions.empty()) precisions.push_back(options.precision);
   auto catalog = std::make_unique<ModelCatalog>(options.precision, options.resolutions);
+  // Each group registers under its own name (several in this process); one the operator gives
+  // in compile_options serves one group only.
+  const bool named = options.compile_options.is_object() &&
+                     options.compile_options.contains("process_group");
+  if (ranks > 1 && named && options.models.size() * precisions.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "compile_options process_group: one name for ", options.models.size(), " model(s) x ",
+        precisions.size(), " precision(s); leave it out and each group is named ",
+        "<model>/<precision>"));
+  }
   for (const auto& [name, dir] : options.models) {
     if (ranks > 1) {
       const int64_t heads = AttentionHeads(dir);
@@ -132,6 +146,12 @@ absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
         // The sequence-parallel set of KeyPolicy's key: one rank's regional set of P.
         po.compile_options["layout"] = "regional";
         po.compile_options["sequence_parallel"] = ranks;
+        // The group's name, in the packages' key: the model's served name and the precision,
+        // nothing of this node's, so every node serving the model shares the set
+        // (docs/multi_gpu.md).
+        if (!named) {
+          po.compile_options["process_group"] = SequenceParallelGroupName(name, precision);
+        }
         parallel::ThreadsOptions threads;
         threads.devices = options.RankDevices();
         threads.timeout_seconds = options.group_timeout_seconds;

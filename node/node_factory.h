@@ -60,11 +60,20 @@ absl::StatusOr<NodeProcess> CreateNodeProcess(NodeProcessOptions options);
 // `provider`. With options.gpus, each is a sequence-parallel generator: one rank thread per
 // device (parallel/sequence_parallel_threads.h), its group up and every rank's pipeline made
 // before this returns, the package set asked for with compile_options' `sequence_parallel` =
-// the rank count and the regional layout (set here); a LoRA job's set is merged on every rank,
-// each reading the files from the node's LoRA directories (SequenceParallelPipeline). Errors
-// name the model: InvalidArgument for a
+// the rank count, the regional layout and `process_group` = SequenceParallelGroupName (set
+// here; or the operator's compile_options process_group, for a node with one model and one
+// precision only: InvalidArgument otherwise); a LoRA job's set is merged on every rank, each
+// reading the files from the node's LoRA directories (SequenceParallelPipeline). Errors name
+// the model: InvalidArgument for a
 // model whose attention heads do not divide over the ranks, the group's error for one that does
 // not come up.
+// The c10d name of a multi-GPU node's group for one served model and precision, which the
+// packages' all-to-alls resolve (compile option `process_group`, part of their key):
+// "<model>/<precision>", e.g. "flux-dev/bf16". Distinct for each group of a node (a model name
+// has no '/'), the same on every node serving the model, nothing node-specific in it
+// (docs/multi_gpu.md).
+std::string SequenceParallelGroupName(const std::string& model, const std::string& precision);
+
 absl::StatusOr<std::unique_ptr<ModelCatalog>> CreateNodeCatalog(
     const NodeOptions& options, std::shared_ptr<cache::PackageProvider> provider);
 

@@ -11,7 +11,8 @@
 //      of the text; pooled and guidance are broadcast
 //   3. the Euler loop (pipeline::RunDenoiseLoop around a PlainDenoiser) on the rank's shard; each
 //      step is RegionalTransformer::RunOn over every block, the all-to-alls inside the blocks'
-//      packages going through the group registered under the packages' name ("0")
+//      packages going through the group registered under the packages' name (the compile
+//      option `process_group`, "0" when absent)
 //   4. all-gather: every rank returns the whole final latents [B, S, C], in token order
 //
 // The same function with P = 1 (a group of one, an ordinary regional set) is the single-rank

@@ -8,8 +8,11 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/log.h"
 #include "parallel/sequence_parallel.h"
+#include "parallel/weight_broadcast.h"
 #include "pipeline/denoiser.h"
+#include "pipeline/weights.h"
 
 namespace kiln::parallel {
 namespace {
@@ -65,6 +68,14 @@ absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> SequenceParallelPipeli
         "sequence parallel: the package set (compile_options sequence_parallel) is for ",
         p.get<int64_t>(), " rank(s), the group has ", group.world_size()));
   }
+  // The name the set's all-to-alls resolve (a group of one runs none).
+  if (const std::string name = pipeline::ProcessGroupName(options.compile_options);
+      group.world_size() > 1 && name != group.group_name()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "sequence parallel: the package set's all-to-alls resolve process group \"", name,
+        "\" (compile_options process_group), the group is registered as \"",
+        group.group_name(), "\""));
+  }
   try {
     const c10::Device device(options.device);
     if (device.type() != group.device().type() ||
@@ -78,10 +89,37 @@ absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> SequenceParallelPipeli
         absl::StrCat("device '", options.device, "': ", ExceptionMessage(e)));
   }
   std::unique_ptr<SequenceParallelPipeline> sp(new SequenceParallelPipeline(group));
+  // The transformer weights first, on every rank at once: nothing before this can fail on a
+  // follower alone, so no rank waits in the broadcast for one that gave up.
+  std::unique_ptr<pipeline::ComponentWeights> weights;
+  if (group.world_size() > 1) {
+    BroadcastOptions b;
+    b.dir = options.model_dir + "/" + pipeline::ComponentWeights::FolderFor("transformer");
+    b.stem = pipeline::ComponentWeights::StemFor("transformer");
+    auto got = BroadcastWeights(group, b);
+    if (!got.ok()) {
+      return absl::Status(got.status().code(),
+                          absl::StrCat("sequence parallel: the transformer weights broadcast: ",
+                                       got.status().message()));
+    }
+    sp->broadcast_bytes_ = got->bytes;
+    sp->broadcast_seconds_ = got->seconds;
+    LogInfo("parallel", absl::StrCat("sequence parallel rank ", group.rank(), ": ",
+                                     got->tensors.size(), " transformer tensors (", got->bytes,
+                                     " bytes) ", group.rank() == 0 ? "read and broadcast" :
+                                     "received", " in ", got->seconds, " s"));
+    weights = pipeline::ComponentWeights::FromTensors(
+        std::move(got->tensors), group.device(),
+        group.rank() == 0 ? b.dir + " (read once, broadcast to every rank)"
+                          : "the transformer weights broadcast by rank 0");
+  }
   options.denoise_loop = [raw = sp.get()](pipeline::DenoiseJob& job) { return raw->Loop(job); };
   auto flux = pipeline::FluxPipeline::Create(options, std::move(provider));
   if (!flux.ok()) return flux.status();
   sp->pipeline_ = *std::move(flux);
+  if (weights != nullptr) {
+    if (auto s = sp->pipeline_->UseWeights("transformer", std::move(weights)); !s.ok()) return s;
+  }
   return sp;
 }
 
@@ -177,23 +215,18 @@ absl::StatusOr<pipeline::GenerateResult> SequenceParallelPipeline::DenoiseDecode
   return result;
 }
 
-absl::Status SequenceParallelPipeline::Stop() {
+absl::Status SequenceParallelPipeline::SendHeader(int64_t kind, const char* what) {
   if (rank() != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("sequence parallel: Stop on rank ", rank(), "; only rank 0 leads"));
+    return absl::FailedPreconditionError(absl::StrCat("sequence parallel: ", what, " on rank ",
+                                                      rank(), "; only rank 0 leads"));
   }
-  at::Tensor header = Header(kStop);
+  at::Tensor header = Header(kind);
   return group_.Broadcast(header);
 }
 
-absl::Status SequenceParallelPipeline::KeepAlive() {
-  if (rank() != 0) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("sequence parallel: KeepAlive on rank ", rank(), "; only rank 0 leads"));
-  }
-  at::Tensor header = Header(kIdle);
-  return group_.Broadcast(header);
-}
+absl::Status SequenceParallelPipeline::Stop() { return SendHeader(kStop, "Stop"); }
+
+absl::Status SequenceParallelPipeline::KeepAlive() { return SendHeader(kIdle, "KeepAlive"); }
 
 absl::Status SequenceParallelPipeline::Follow() {
   if (rank() == 0) {

@@ -34,6 +34,7 @@
 // isolation mode, the thread that registered it); the group must outlive the pipeline.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "absl/status/status.h"
@@ -48,9 +49,16 @@ class SequenceParallelPipeline {
  public:
   // `options` as for FluxPipeline, with compile_options' `sequence_parallel` equal to the
   // group's size (1 or absent for a group of one) and the regional layout; denoise_loop must
-  // be empty (this class sets it). FailedPrecondition for a rank count the options (the package
-  // set) are not for, InvalidArgument for a device other than the group's; FluxPipeline's
-  // errors as they are.
+  // be empty (this class sets it). Every rank calls it at once: in a group of more than one,
+  // rank 0 reads the transformer checkpoint under its model_dir once and broadcasts it
+  // (parallel::BroadcastWeights), and every rank's pipeline takes its transformer weights from
+  // the broadcast tensors (pipeline::ComponentWeights::FromTensors), so no other rank opens the
+  // checkpoint (its model_dir needs the configs and tokenizers only). FailedPrecondition for a
+  // rank count the options (the package set) are not for, InvalidArgument for a device other
+  // than the group's; the broadcast's errors on every rank ("sequence parallel: the transformer
+  // weights broadcast: ...", e.g. FailedPrecondition with rank 0's error when it cannot read the
+  // checkpoint; a rank that never takes part fails the others at the group's timeout);
+  // FluxPipeline's errors as they are.
   static absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> Create(
       ProcessGroup& group, pipeline::PipelineOptions options,
       std::shared_ptr<cache::PackageProvider> provider);
@@ -86,6 +94,11 @@ class SequenceParallelPipeline {
 
   int rank() const;
   pipeline::FluxPipeline& pipeline() { return *pipeline_; }
+  // The transformer weights' broadcast at Create (0 in a group of one, which reads its own):
+  // the checkpoint's tensor bytes, and the seconds from the call until they were on this rank's
+  // device (rank 0: reading and sending; the others: waiting and receiving).
+  uint64_t broadcast_bytes() const { return broadcast_bytes_; }
+  double broadcast_seconds() const { return broadcast_seconds_; }
 
  private:
   explicit SequenceParallelPipeline(ProcessGroup& group) : group_(group) {}
@@ -95,10 +108,15 @@ class SequenceParallelPipeline {
   absl::Status Rendezvous(const absl::Status& error);
   // PipelineOptions::denoise_loop: steps 2 and 3.
   absl::Status Loop(pipeline::DenoiseJob& job);
+  // Rank 0: a header with no job (kind: stop or idle); `what` names the caller for the error a
+  // follower gets (FailedPrecondition).
+  absl::Status SendHeader(int64_t kind, const char* what);
 
   ProcessGroup& group_;
   std::unique_ptr<pipeline::FluxPipeline> pipeline_;
   bool met_ = false;  // this job's Rendezvous has run
+  uint64_t broadcast_bytes_ = 0;
+  double broadcast_seconds_ = 0;
 };
 
 }  // namespace kiln::parallel

@@ -130,6 +130,7 @@ void RankMain(std::shared_ptr<State> st, int rank) {
   o.rank = rank;
   o.device = st->options.devices[rank];
   o.timeout_seconds = st->options.timeout_seconds;
+  o.group_name = pipeline::ProcessGroupName(st->pipeline.compile_options);  // the set's
   absl::Status error;
   if (rank == 0) {
     o.on_listen = [&](int port) {

@@ -1,10 +1,12 @@
 // SequenceParallelThreads: the P ranks of a multi-device node (kiln-node --gpus, issue 15,
 // docs/multi_gpu.md) as threads of the node process, one per device, each with its own
 // ProcessGroup (c10d's thread isolation mode: each thread registers its group under the name
-// the packages resolve, "0") and its own SequenceParallelPipeline. A job is encoded on the
-// caller's thread with rank 0's pipeline (EncodePrompt) and denoised and decoded on rank 0's
-// thread (DenoiseDecode), the others waiting in SequenceParallelPipeline::Follow; idle, rank 0's
-// thread keeps them alive, also while a job is encoded.
+// the packages resolve, the compile option `process_group`, "0" when absent) and its own
+// SequenceParallelPipeline (rank 0 broadcasts the transformer weights to the others while they
+// start). A job is encoded on the caller's thread with rank 0's pipeline (EncodePrompt) and
+// denoised and decoded on rank 0's thread (DenoiseDecode), the others waiting in
+// SequenceParallelPipeline::Follow; idle, rank 0's thread keeps them alive, also while a job is
+// encoded.
 //
 // This header names no LibTorch type, so node/ (which must not see LibTorch's include
 // directories) can hold one per served (model, precision).
@@ -41,7 +43,8 @@ struct ThreadsOptions {
 
 class SequenceParallelThreads {
  public:
-  // Starts one thread per device; each joins the group (TCPStore on loopback, ephemeral port)
+  // Starts one thread per device; each joins the group (TCPStore on loopback, ephemeral port,
+  // registered under pipeline.compile_options' `process_group`: pipeline::ProcessGroupName)
   // and creates its SequenceParallelPipeline from `options` (pipeline.device is replaced by the
   // rank's device; compile_options must carry sequence_parallel = P and the regional layout,
   // as SequenceParallelPipeline::Create checks). Returns when every rank is ready; the first

@@ -6,7 +6,8 @@
 // over the ranks, and a group that cannot come up, are refused at start with a sentence.
 //
 // Fixtures (scripts/test.sh): packages-regional (every component of the 256x256 bucket, the
-// transformer as a regional set) and packages-sp (the transformer set of 2 ranks): the ranks'
+// transformer as a regional set) and packages-sp (the transformer set of 2 ranks, its
+// all-to-alls on the group "0": the node is told that name, FixtureNamed): the ranks'
 // provider reads packages-sp first, then packages-regional, as in
 // tests/parallel/sequence_parallel_pipeline_test.cc, whose tolerance this test uses (1 level
 // of 255 on at most 1e-3 of the bytes: fp32 reductions reordered, then the 8-bit rounding).
@@ -34,23 +35,6 @@ using ::testing::HasSubstr;
 constexpr int kMaxByteDiff = 1;
 constexpr double kMaxDifferingFraction = 1e-3;
 
-// The components not in `first` come from `second`.
-class ChainProvider : public cache::PackageProvider {
- public:
-  ChainProvider(std::shared_ptr<cache::PackageProvider> first,
-                std::shared_ptr<cache::PackageProvider> second)
-      : first_(std::move(first)), second_(std::move(second)) {}
-  absl::StatusOr<cache::ProvidedPackage> Get(const cache::PackageRequest& request) override {
-    auto got = first_->Get(request);
-    if (got.ok() || !absl::IsNotFound(got.status())) return got;
-    return second_->Get(request);
-  }
-  bool can_compile() const override { return false; }
-
- private:
-  std::shared_ptr<cache::PackageProvider> first_, second_;
-};
-
 class MultiGpuNodeTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -64,6 +48,14 @@ class MultiGpuNodeTest : public ::testing::Test {
     model_ = data + "/flux-tiny";
   }
 
+  // A node over `gpus` whose one group is named "0" (compile_options process_group, the
+  // operator's choice): the name packages-sp's all-to-alls resolve. Left out, the node names it
+  // "flux-tiny/fp32" (SequenceParallelGroupName), a set no fixture holds.
+  NodeOptions FixtureNamed(std::vector<int> gpus) {
+    NodeOptions o = Options(std::move(gpus));
+    o.compile_options["process_group"] = "0";
+    return o;
+  }
   NodeOptions Options(std::vector<int> gpus) {
     NodeOptions o;
     o.node_id = "node-sp";
@@ -77,8 +69,9 @@ class MultiGpuNodeTest : public ::testing::Test {
     return o;
   }
   std::shared_ptr<cache::PackageProvider> SpProvider() {
-    return std::make_shared<ChainProvider>(kiln::testing::FixtureProvider("packages-sp"),
-                                           kiln::testing::FixtureProvider("packages-regional"));
+    return std::make_shared<kiln::testing::ChainProvider>(
+        kiln::testing::FixtureProvider("packages-sp"),
+        kiln::testing::FixtureProvider("packages-regional"));
   }
   static kiln::v1::JobSpec Spec(const std::string& id) {
     kiln::v1::JobSpec spec;
@@ -114,7 +107,7 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
     want = image->rgb;
   }
 
-  const NodeOptions options = Options({0, 1});
+  const NodeOptions options = FixtureNamed({0, 1});
   auto catalog = CreateNodeCatalog(options, SpProvider());
   ASSERT_TRUE(catalog.ok()) << catalog.status();
   // The advertised set is the sequence-parallel one: another transformer key than the
@@ -291,13 +284,49 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksApplyAJobsLoras) {
 // An idle node's followers wait in a collective bounded by the group's timeout: rank 0's
 // keep-alives (every quarter of it) keep them in step, so a job after a long idle spell runs.
 TEST_F(MultiGpuNodeTest, AnIdleNodeOutlivesTheGroupTimeout) {
-  NodeOptions options = Options({0, 1});
+  NodeOptions options = FixtureNamed({0, 1});
   options.group_timeout_seconds = 1;
   auto catalog = CreateNodeCatalog(options, SpProvider());
   ASSERT_TRUE(catalog.ok()) << catalog.status();
   std::this_thread::sleep_for(std::chrono::milliseconds(2500));
   auto image = Image(**catalog);
   EXPECT_TRUE(image.ok()) << image.status();
+}
+
+// Each group is named for its model and precision, nothing of the node's (docs/multi_gpu.md):
+// the ranks register under that name (SequenceParallelPipeline::Create refuses a set whose
+// name is not its group's) and ask for the set compiled with it, another transformer key than
+// the "0" set's; the other components' keys are unchanged. One name from the operator serves
+// one group only.
+TEST_F(MultiGpuNodeTest, EachGroupIsNamedForItsModelAndPrecision) {
+  EXPECT_EQ(SequenceParallelGroupName("flux-tiny", "fp32"), "flux-tiny/fp32");
+  EXPECT_NE(SequenceParallelGroupName("flux-tiny", "bf16"),
+            SequenceParallelGroupName("flux-tiny", "fp32"));
+  auto named = CreateNodeCatalog(Options({0, 1}), SpProvider());
+  ASSERT_TRUE(named.ok()) << named.status();
+  auto zero = CreateNodeCatalog(FixtureNamed({0, 1}), SpProvider());
+  ASSERT_TRUE(zero.ok()) << zero.status();
+  const auto a = (*named)->PackageSets().at("flux-tiny/fp32/256x256");
+  const auto b = (*zero)->PackageSets().at("flux-tiny/fp32/256x256");
+  ASSERT_EQ(a.size(), 4u);
+  ASSERT_EQ(b.size(), 4u);
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (i == 2) {  // the transformer (FluxComponents order)
+      EXPECT_NE(a[i], b[i]);
+    } else {
+      EXPECT_EQ(a[i], b[i]) << i;
+    }
+  }
+  // A job on the named group asks for its own set, which no fixture holds.
+  auto image = Image(**named);
+  EXPECT_EQ(image.status().code(), absl::StatusCode::kNotFound) << image.status();
+
+  NodeOptions two = FixtureNamed({0, 1});
+  two.precisions = {"fp32", "bf16"};
+  auto refused = CreateNodeCatalog(two, SpProvider());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("compile_options process_group: one name for 1 model(s) x 2 precision(s)"));
 }
 
 TEST_F(MultiGpuNodeTest, RanksTheModelCannotTakeAreRefusedAtStart) {

@@ -1,7 +1,8 @@
 // parallel::SequenceParallelPipeline (parallel/sequence_parallel_pipeline.h): a whole flux-tiny
 // image made on 2 gloo ranks, threads of this process (c10d's thread isolation mode: each thread
 // registers its group under "0", the name the packages' all-to-alls resolve), against the
-// single-rank FluxPipeline with the regional layout, same prompt, seed and size.
+// single-rank FluxPipeline with the regional layout, same prompt, seed and size; the follower
+// without the transformer checkpoint (rank 0 broadcasts it at Create).
 //
 // Fixtures (scripts/test.sh): packages-regional (every component of the 256x256 bucket, the
 // transformer as a regional set: the reference) and packages-sp (only the transformer, one
@@ -35,23 +36,6 @@ using ::testing::HasSubstr;
 constexpr int kMaxByteDiff = 1;
 constexpr double kMaxDifferingFraction = 1e-3;
 
-// The components not in `first` come from `second` (both read-only fixture directories).
-class ChainProvider : public cache::PackageProvider {
- public:
-  ChainProvider(std::shared_ptr<cache::PackageProvider> first,
-                std::shared_ptr<cache::PackageProvider> second)
-      : first_(std::move(first)), second_(std::move(second)) {}
-  absl::StatusOr<cache::ProvidedPackage> Get(const cache::PackageRequest& request) override {
-    auto got = first_->Get(request);
-    if (got.ok() || !absl::IsNotFound(got.status())) return got;
-    return second_->Get(request);
-  }
-  bool can_compile() const override { return false; }
-
- private:
-  std::shared_ptr<cache::PackageProvider> first_, second_;
-};
-
 pipeline::PipelineOptions Options(int ranks) {
   pipeline::PipelineOptions o;
   o.model_dir = kiln::testing::EnvOrEmpty("KILN_TESTDATA") + "/flux-tiny";
@@ -84,14 +68,38 @@ class SequenceParallelPipelineTest : public ::testing::Test {
     }
   }
   std::shared_ptr<cache::PackageProvider> SpProvider() {
-    return std::make_shared<ChainProvider>(kiln::testing::FixtureProvider("packages-sp"),
-                                           kiln::testing::FixtureProvider("packages-regional"));
+    return std::make_shared<kiln::testing::ChainProvider>(
+        kiln::testing::FixtureProvider("packages-sp"),
+        kiln::testing::FixtureProvider("packages-regional"));
   }
 };
+
+// A copy of the flux-tiny repository (links to its files) whose transformer folder has its
+// config and no checkpoint: a rank given it can read the configs and tokenizers, never the
+// transformer weights.
+std::string WithoutTransformerWeights(const std::string& name) {
+  const fs::path model = fs::path(kiln::testing::EnvOrEmpty("KILN_TESTDATA")) / "flux-tiny";
+  const fs::path out = fs::path(::testing::TempDir()) / name;
+  fs::remove_all(out);
+  fs::create_directories(out / "transformer");
+  for (const auto& e : fs::directory_iterator(model)) {
+    if (e.path().filename() != "transformer") {
+      fs::create_symlink(e.path(), out / e.path().filename());
+    }
+  }
+  for (const auto& e : fs::directory_iterator(model / "transformer")) {
+    if (e.path().filename().string().find(".safetensors") == std::string::npos) {
+      fs::create_symlink(e.path(), out / "transformer" / e.path().filename());
+    }
+  }
+  return out.string();
+}
 
 // What each thread rank saw.
 struct RankLog {
   absl::Status created;
+  uint64_t broadcast_bytes = 0;  // SequenceParallelPipeline::broadcast_bytes()
+  double broadcast_seconds = 0;
   std::vector<absl::Status> jobs;  // rank 0: each Generate's status; rank 1: each Follow's
   std::vector<uint8_t> rgb;        // rank 0: the first job's image
   std::vector<std::string> phases;
@@ -132,7 +140,10 @@ std::pair<RankLog, RankLog> RunRanks(
     auto sp = SequenceParallelPipeline::Create(**group, options ? options(rank) : Options(2),
                                                providers[rank]);
     log.created = sp.status();
-    if (sp.ok()) (rank == 0 ? lead : follow)(**sp, log);
+    if (!sp.ok()) return log;
+    log.broadcast_bytes = (*sp)->broadcast_bytes();
+    log.broadcast_seconds = (*sp)->broadcast_seconds();
+    (rank == 0 ? lead : follow)(**sp, log);
     return log;
   };
   auto rank0 = std::async(std::launch::async, run, 0);
@@ -142,6 +153,9 @@ std::pair<RankLog, RankLog> RunRanks(
   return logs;
 }
 
+// The follower is given a repository without the transformer checkpoint: it runs on the
+// weights rank 0 read once and broadcast at Create (without them the same folder fails a
+// single-rank pipeline, checked first).
 TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
   // The reference: one rank, the ordinary regional set.
   auto single = pipeline::FluxPipeline::Create(Options(1),
@@ -150,6 +164,18 @@ TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
   auto want = (*single)->Generate(Request());
   ASSERT_TRUE(want.ok()) << want.status();
   single->reset();
+  pipeline::PipelineOptions follower_options = Options(2);
+  follower_options.model_dir = WithoutTransformerWeights("sp_pipeline_no_weights");
+  {
+    pipeline::PipelineOptions alone = Options(1);
+    alone.model_dir = follower_options.model_dir;
+    auto bare = pipeline::FluxPipeline::Create(alone,
+                                               kiln::testing::FixtureProvider("packages-regional"));
+    ASSERT_TRUE(bare.ok()) << bare.status();
+    auto failed = (*bare)->Generate(Request());
+    EXPECT_EQ(failed.status().code(), absl::StatusCode::kNotFound) << failed.status();
+    EXPECT_THAT(failed.status().message(), HasSubstr(follower_options.model_dir + "/transformer"));
+  }
 
   auto provider = SpProvider();
   auto lead = [](SequenceParallelPipeline& sp, RankLog& log) {
@@ -175,10 +201,22 @@ TEST_F(SequenceParallelPipelineTest, TwoThreadRanksMakeTheSingleRankImage) {
   auto follow = [](SequenceParallelPipeline& sp, RankLog& log) {
     for (int i = 0; i < 3; ++i) log.jobs.push_back(sp.Follow());
   };
-  const auto [leader, follower] = RunRanks({provider, provider}, lead, follow);
+  const auto [leader, follower] =
+      RunRanks({provider, provider}, lead, follow,
+               [&](int rank) { return rank == 0 ? Options(2) : follower_options; });
 
   ASSERT_TRUE(leader.created.ok()) << leader.created;
   ASSERT_TRUE(follower.created.ok()) << follower.created;
+  // The whole checkpoint went over the group, the same bytes on both ranks.
+  const uint64_t checkpoint_bytes = fs::file_size(
+      kiln::testing::EnvOrEmpty("KILN_TESTDATA") +
+      "/flux-tiny/transformer/diffusion_pytorch_model.safetensors");
+  EXPECT_GT(leader.broadcast_bytes, checkpoint_bytes * 9 / 10);
+  EXPECT_LE(leader.broadcast_bytes, checkpoint_bytes);
+  EXPECT_EQ(follower.broadcast_bytes, leader.broadcast_bytes);
+  std::cout << "[sp pipeline] transformer weights broadcast: " << leader.broadcast_bytes
+            << " bytes, rank 0 " << leader.broadcast_seconds * 1e3 << " ms (read and send), rank 1 "
+            << follower.broadcast_seconds * 1e3 << " ms (wait and receive)" << std::endl;
   ASSERT_EQ(leader.jobs.size(), 4u);
   ASSERT_EQ(follower.jobs.size(), 3u);
   ASSERT_TRUE(leader.jobs[0].ok()) << leader.jobs[0];
@@ -329,6 +367,41 @@ TEST_F(SequenceParallelPipelineTest, EveryRankMergesTheJobsLorasAndOneMissingOnA
   EXPECT_THAT(leader.jobs[2].message(), HasSubstr("elsewhere.safetensors"));
   EXPECT_TRUE(leader.jobs[4].ok()) << leader.jobs[4];
   EXPECT_EQ(follower.jobs[4].code(), absl::StatusCode::kOutOfRange) << follower.jobs[4];
+}
+
+// Rank 0 cannot read the transformer checkpoint: the broadcast carries its error, and every
+// rank's Create fails with it (no rank waits for weights that never come).
+TEST_F(SequenceParallelPipelineTest, ABroadcastRankZeroCannotReadFailsEveryRank) {
+  pipeline::PipelineOptions bare = Options(2);
+  bare.model_dir = WithoutTransformerWeights("sp_pipeline_no_weights_rank0");
+  auto never = [](SequenceParallelPipeline&, RankLog&) { ADD_FAILURE() << "created"; };
+  const auto [leader, follower] =
+      RunRanks({SpProvider(), SpProvider()}, never, never,
+               [&](int rank) { return rank == 0 ? bare : Options(2); });
+  for (const RankLog* log : {&leader, &follower}) {
+    EXPECT_EQ(log->created.code(), absl::StatusCode::kFailedPrecondition) << log->created;
+    EXPECT_THAT(log->created.message(),
+                HasSubstr("sequence parallel: the transformer weights broadcast: "));
+    EXPECT_THAT(log->created.message(), HasSubstr(bare.model_dir + "/transformer"));
+  }
+}
+
+// A set whose all-to-alls resolve another group name than the group's own (compile option
+// process_group; the node names each group, node_factory.h): refused at Create on every rank,
+// before the weights move. (The loop refuses such a set too: sequence_parallel_test.cc.)
+TEST_F(SequenceParallelPipelineTest, ASetForAnotherGroupNameIsRefusedAtCreate) {
+  pipeline::PipelineOptions named = Options(2);
+  named.compile_options["process_group"] = "flux-tiny/fp32";
+  auto never = [](SequenceParallelPipeline&, RankLog&) { ADD_FAILURE() << "created"; };
+  const auto [leader, follower] =
+      RunRanks({SpProvider(), SpProvider()}, never, never, [&](int) { return named; });
+  for (const RankLog* log : {&leader, &follower}) {
+    EXPECT_EQ(log->created.code(), absl::StatusCode::kFailedPrecondition) << log->created;
+    EXPECT_THAT(log->created.message(),
+                HasSubstr("the package set's all-to-alls resolve process group "
+                          "\"flux-tiny/fp32\" (compile_options process_group), the group is "
+                          "registered as \"0\""));
+  }
 }
 
 // Options for a set of 2 ranks in a group of one: refused at Create, before anything loads.
