@@ -108,10 +108,12 @@ absl::StatusOr<std::unique_ptr<SequenceParallelPipeline>> SequenceParallelPipeli
                                      got->tensors.size(), " transformer tensors (", got->bytes,
                                      " bytes) ", group.rank() == 0 ? "read and broadcast" :
                                      "received", " in ", got->seconds, " s"));
-    weights = pipeline::ComponentWeights::FromTensors(
+    auto held = pipeline::ComponentWeights::FromTensors(
         std::move(got->tensors), group.device(),
         group.rank() == 0 ? b.dir + " (read once, broadcast to every rank)"
                           : "the transformer weights broadcast by rank 0");
+    if (!held.ok()) return held.status();
+    weights = *std::move(held);
   }
   options.denoise_loop = [raw = sp.get()](pipeline::DenoiseJob& job) { return raw->Loop(job); };
   auto flux = pipeline::FluxPipeline::Create(options, std::move(provider));

@@ -310,6 +310,21 @@ std::vector<std::string> SafetensorsFile::names() const {
   return out;
 }
 
+absl::StatusOr<std::unique_ptr<WeightSet>> WeightSet::Describe(std::vector<TensorView> views,
+                                                               std::string description) {
+  std::unique_ptr<WeightSet> set(new WeightSet());
+  set->description_ = std::move(description);
+  set->described_ = std::move(views);
+  for (const TensorView& t : set->described_) {
+    if (!set->by_name_.emplace(t.name, Entry{&t, nullptr}).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", t.name, "' given twice in ", set->description_));
+    }
+    set->total_bytes_ += t.nbytes;
+  }
+  return set;
+}
+
 absl::Status WeightSet::Add(std::unique_ptr<SafetensorsFile> file) {
   for (const auto& t : file->tensors()) {
     auto [it, inserted] = by_name_.emplace(t.name, Entry{&t, file.get()});

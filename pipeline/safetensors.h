@@ -154,6 +154,12 @@ class WeightSet {
   // Opens exactly these files as one set; InvalidArgument on a tensor in two of them.
   static absl::StatusOr<std::unique_ptr<WeightSet>> OpenFiles(
       const std::vector<std::string>& paths, const SafetensorsOptions& options = {});
+  // A set of tensors held elsewhere, described by `views` (names unique; a view's `data` is
+  // where its owner keeps it, or nullptr when that is not host memory: then names, dtypes and
+  // shapes only). No file: FileOf is null. `description` names the set in error messages.
+  // InvalidArgument on a name given twice.
+  static absl::StatusOr<std::unique_ptr<WeightSet>> Describe(std::vector<TensorView> views,
+                                                             std::string description);
 
   // The tensor called `name`, or nullptr.
   const TensorView* Find(std::string_view name) const;
@@ -186,6 +192,7 @@ class WeightSet {
 
   std::string description_;  // folder or file list, for error messages
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<TensorView> described_;  // Describe's views (files_ is then empty)
   struct Entry {
     const TensorView* view;
     const SafetensorsFile* file;

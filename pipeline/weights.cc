@@ -133,15 +133,31 @@ absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::Open(const s
   return w;
 }
 
-std::unique_ptr<ComponentWeights> ComponentWeights::FromTensors(
+absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::FromTensors(
     std::vector<std::pair<std::string, at::Tensor>> tensors, const c10::Device& device,
     std::string origin) {
   std::unique_ptr<ComponentWeights> w(new ComponentWeights());
   w->dir_ = std::move(origin);
   w->device_ = device;
-  w->set_ = *WeightSet::OpenFiles({});  // no file: an empty set
   w->in_memory_ = true;
-  for (auto& [name, tensor] : tensors) w->memory_[name] = std::move(tensor);
+  std::vector<TensorView> views;  // names, dtypes and shapes (checkpoint(): LoRAs check them)
+  for (auto& [name, tensor] : tensors) {
+    auto dtype = SafetensorsType(tensor.scalar_type());
+    if (!dtype.ok()) {
+      return absl::Status(dtype.status().code(), absl::StrCat(name, ": ", dtype.status().message()));
+    }
+    TensorView v;
+    v.name = name;
+    v.dtype = *dtype;
+    v.shape = tensor.sizes().vec();
+    v.nbytes = tensor.nbytes();
+    v.data = tensor.is_cpu() && v.nbytes > 0 ? tensor.data_ptr() : nullptr;
+    views.push_back(std::move(v));
+    w->memory_[name] = std::move(tensor);
+  }
+  auto set = WeightSet::Describe(std::move(views), w->dir_);
+  if (!set.ok()) return set.status();
+  w->set_ = *std::move(set);
   return w;
 }
 
@@ -365,15 +381,14 @@ absl::StatusOr<std::unordered_map<std::string, at::Tensor>> ComponentWeights::Me
         if (it == fp8.end()) {
           std::vector<at::Tensor> merged_sources;
           for (const auto& source : sources) {
-            const TensorView* view = set_->Find(source);
-            if (view == nullptr) {
+            auto host = Source(source);
+            if (!host.ok()) return host.status();
+            if (!host->defined()) {
               return absl::NotFoundError(absl::StrCat(component, ": weight '", source, "' (for ",
                                                       fqn, ") missing from ", dir_));
             }
-            auto host = TensorFromView(*view);
-            if (!host.ok()) return host.status();
             at::Tensor w = host->to(device_, host->scalar_type()).to(at::kFloat);
-            bytes_read_ += view->nbytes;
+            if (!in_memory_) bytes_read_ += host->nbytes();
             if (at::Tensor d = deltas.DeltaFor(source); d.defined()) w = w.add(d);
             merged_sources.push_back(w);
           }

@@ -54,9 +54,10 @@ class ComponentWeights {
   // parallel/weight_broadcast.h), so this process never opens the component's files. Gather
   // hands out these tensors themselves where the manifest's dtype is theirs (no copy), and
   // converted copies otherwise; `origin` names them in error messages ("the transformer weights
-  // broadcast by rank 0"). bytes_read() stays 0; checkpoint() is an empty set (LoRA files
-  // cannot be checked against it, and Merge finds no source: NotFound).
-  static std::unique_ptr<ComponentWeights> FromTensors(
+  // broadcast by rank 0"). bytes_read() stays 0; checkpoint() describes the tensors (names,
+  // dtypes, shapes: what LoRA files are checked against; WeightSet::Describe), and Merge reads
+  // its sources from them. Unimplemented for a dtype safetensors has no name for.
+  static absl::StatusOr<std::unique_ptr<ComponentWeights>> FromTensors(
       std::vector<std::pair<std::string, at::Tensor>> tensors, const c10::Device& device,
       std::string origin);
   // The folder and checkpoint stem of a component in a diffusers-layout repository.
@@ -92,8 +93,8 @@ class ComponentWeights {
       const cache::PackageManifest& manifest, const LoraDeltas& deltas,
       std::unordered_map<std::string, at::Tensor>* memo);
 
-  // The checkpoint itself (names and shapes, for LoRA files to be checked against); empty for
-  // FromTensors.
+  // The checkpoint itself (names and shapes, for LoRA files to be checked against); for
+  // FromTensors, a description of its tensors (no file).
   const WeightSet& checkpoint() const { return *set_; }
 
   uint64_t bytes_read() const { return bytes_read_; }

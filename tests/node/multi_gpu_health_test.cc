@@ -102,6 +102,9 @@ class MultiGpuHealthTest : public ::testing::Test {
     fs::create_directories(options.package_dir);
     options.allow_compile = false;
     options.gpus = {0, 1};
+    // The name packages-sp's all-to-alls resolve (the node would name its group
+    // "flux-tiny/fp32", a set no fixture holds: multi_gpu_node_test.cc).
+    options.compile_options["process_group"] = "0";
     options.group_timeout_seconds = 1;
     options.link.heartbeat_interval_ms = 100;
     return options;

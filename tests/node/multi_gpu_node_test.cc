@@ -255,7 +255,7 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksApplyAJobsLoras) {
     base = plain->rgb;
   }
 
-  NodeOptions options = Options({0, 1});
+  NodeOptions options = FixtureNamed({0, 1});
   options.lora_dirs = {loras};
   auto catalog = CreateNodeCatalog(options, SpProvider());
   ASSERT_TRUE(catalog.ok()) << catalog.status();

@@ -186,8 +186,8 @@ TEST_F(WeightsTest, DerivedConstantsAreCachedAndShared) {
 
 // The checkpoint's tensors handed over in memory (a rank of a multi-GPU node gets them from
 // rank 0's broadcast): the same constants as from the file, nothing read, a plain constant of
-// the checkpoint's dtype the tensor itself, one of another dtype a converted copy, and a
-// missing one named with the tensors' origin.
+// the checkpoint's dtype the tensor itself, one of another dtype a converted copy, a missing
+// one named with the tensors' origin, and checkpoint() describing them as the file does.
 TEST_F(WeightsTest, TensorsInMemoryGiveWhatTheCheckpointGives) {
   auto set = WeightSet::OpenDir(tmp_->Join("ckpt"), "model");
   ASSERT_TRUE(set.ok()) << set.status();
@@ -201,7 +201,9 @@ TEST_F(WeightsTest, TensorsInMemoryGiveWhatTheCheckpointGives) {
   }
   ASSERT_TRUE(k_bias.defined());
   ASSERT_EQ(k_bias.scalar_type(), at::kBFloat16);
-  auto w = ComponentWeights::FromTensors(tensors, c10::kCPU, "the tensors of this test");
+  auto held = ComponentWeights::FromTensors(tensors, c10::kCPU, "the tensors of this test");
+  ASSERT_TRUE(held.ok()) << held.status();
+  ComponentWeights* w = held->get();
   auto m = Manifest(constants_);
   ASSERT_TRUE(m.ok()) << m.status();
   auto got = w->Gather(Keys(constants_), *m, "");
@@ -211,7 +213,12 @@ TEST_F(WeightsTest, TensorsInMemoryGiveWhatTheCheckpointGives) {
     if (constants_[name].contains("derive")) ExpectIdentical(name, t, Expected(name));
   }
   EXPECT_EQ(w->bytes_read(), 0u);
-  EXPECT_EQ(w->checkpoint().size(), 0u);
+  // The description LoRA files are checked against: the checkpoint's names, dtypes, shapes.
+  EXPECT_EQ(w->checkpoint().names(), (*set)->names());
+  for (const auto& name : (*set)->names()) {
+    EXPECT_EQ(w->checkpoint().Find(name)->shape, (*set)->Find(name)->shape) << name;
+    EXPECT_EQ(w->checkpoint().Find(name)->dtype, (*set)->Find(name)->dtype) << name;
+  }
   EXPECT_EQ(got->at("attn.to_k.bias").data_ptr(), k_bias.data_ptr());
   nlohmann::json c = constants_;
   c["attn.to_k.bias"]["dtype"] = "float32";
