@@ -144,7 +144,8 @@ absl::StatusOr<std::unique_ptr<ComponentWeights>> ComponentWeights::FromTensors(
   for (auto& [name, tensor] : tensors) {
     auto dtype = SafetensorsType(tensor.scalar_type());
     if (!dtype.ok()) {
-      return absl::Status(dtype.status().code(), absl::StrCat(name, ": ", dtype.status().message()));
+      return absl::Status(dtype.status().code(),
+                          absl::StrCat(name, ": ", dtype.status().message()));
     }
     TensorView v;
     v.name = name;
