@@ -126,6 +126,9 @@ std::vector<CommandSpec> MakeCommands() {
                {{"state-dir", true, "DIR", "local cluster state directory (default .kiln/cluster)"},
                 {"fresh", false, "", "start with an empty local package directory"},
                 {"node-id", true, "ID", "the node's id (default node-<next number>)"},
+                {"gpus", true, "LIST",
+                 "the node's GPUs, comma-separated (the cluster's --gpus-per-node of them, "
+                 "none given to a running node); required in a cluster started with --gpus"},
                 {"start-timeout", true, "SECONDS",
                  "how long to wait for the node to register (default 60)"},
                 kJson}});

@@ -557,6 +557,12 @@ int CmdAddNode(const CommandLine& cl, Io& io) {
   options.state_dir = StateDir(cl);
   options.fresh = cl.Has("fresh");
   options.node_id = cl.Get("node-id");
+  if (cl.Has("gpus")) {
+    options.gpus = absl::StrSplit(cl.Get("gpus"), ',', absl::SkipWhitespace());
+    if (options.gpus.empty()) {
+      return UsageError(io, absl::InvalidArgumentError("--gpus: empty list"), cl.spec);
+    }
+  }
   auto start_timeout = cl.GetDouble("start-timeout", 60);
   if (!start_timeout.ok()) return UsageError(io, start_timeout.status(), cl.spec);
   options.start_timeout_ms = static_cast<int>(*start_timeout * 1000);

@@ -139,6 +139,7 @@ json NodeToJson(const kiln::v1::NodeStatus& n) {
       {"packages", n.info().packages_size()},
       {"loaded_packages", n.info().loaded_packages_size()},
       {"can_compile", n.info().can_compile()},
+      {"can_fetch", n.info().can_fetch()},
       {"metrics_url", n.info().metrics_url()},
       {"pid", n.info().pid()},
       {"hostname", n.info().hostname()}};

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <optional>
@@ -577,23 +578,7 @@ absl::Status UpOptions::Validate() const {
           "nodes: ", nodes, " nodes for ", count, " GPUs (--gpus starts one node per ",
           gpus_per_node == 1 ? std::string("GPU") : absl::StrCat(gpus_per_node, " GPUs"), ")"));
     }
-    std::set<std::string> seen;
-    for (const std::string& g : gpus) {
-      const bool index = !g.empty() && std::all_of(g.begin(), g.end(), ::isdigit);
-      const bool uuid = absl::StartsWith(g, "MIG-") || absl::StartsWith(g, "GPU-");
-      if (!index && !uuid) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "gpus: '", g, "' is neither a GPU index nor a GPU-/MIG- UUID"));
-      }
-      if (!seen.insert(g).second) {
-        return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " twice"));
-      }
-      if (gpus_per_node > 1 && absl::StartsWith(g, "MIG-")) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "gpus: ", g, " is a MIG slice; a node over several GPUs (--gpus-per-node ",
-            gpus_per_node, ") needs whole GPUs (CUDA shows a process one MIG slice)"));
-      }
-    }
+    if (auto s = ValidateGpuEntries(gpus, gpus_per_node); !s.ok()) return s;
   }
   if (heartbeat_ms < 0) return absl::InvalidArgumentError("heartbeat_ms: negative");
   if (max_attempts < 0) return absl::InvalidArgumentError("max_attempts: negative");
@@ -603,6 +588,75 @@ absl::Status UpOptions::Validate() const {
     return absl::InvalidArgumentError("compile_options: not a JSON object");
   }
   return absl::OkStatus();
+}
+
+absl::Status ValidateGpuEntries(const std::vector<std::string>& gpus, int gpus_per_node) {
+  std::set<std::string> seen;
+  for (const std::string& g : gpus) {
+    const bool index = !g.empty() && std::all_of(g.begin(), g.end(), ::isdigit);
+    const bool uuid = absl::StartsWith(g, "MIG-") || absl::StartsWith(g, "GPU-");
+    if (!index && !uuid) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gpus: '", g, "' is neither a GPU index nor a GPU-/MIG- UUID"));
+    }
+    if (!seen.insert(g).second) {
+      return absl::InvalidArgumentError(absl::StrCat("gpus: ", g, " twice"));
+    }
+    if (gpus_per_node > 1 && absl::StartsWith(g, "MIG-")) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "gpus: ", g, " is a MIG slice; a node over several GPUs (--gpus-per-node ",
+          gpus_per_node, ") needs whole GPUs (CUDA shows a process one MIG slice)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> AddNodeGpus(const ClusterState& state, const std::string& node_id,
+                                        const std::vector<std::string>& gpus,
+                                        const std::function<bool(const NodeProcess&)>& running) {
+  const int per = std::max(1, state.gpus_per_node);
+  std::vector<std::string> held;  // "GPU (node)" of the other nodes, for the message
+  bool gpu_cluster = false;
+  std::string previous;  // the GPUs cluster.json gives node_id
+  std::map<std::string, std::string> owner;  // GPU → the running node that has it
+  for (const NodeProcess& n : state.nodes) {
+    if (n.gpu.empty()) continue;
+    gpu_cluster = true;
+    if (n.node_id == node_id) {
+      previous = n.gpu;
+      continue;
+    }
+    if (!running(n)) continue;
+    held.push_back(absl::StrCat(n.gpu, " (", n.node_id, ")"));
+    for (absl::string_view g : absl::StrSplit(n.gpu, ',')) owner[std::string(g)] = n.node_id;
+  }
+  const std::string per_text = per == 1 ? "one GPU" : absl::StrCat(per, " GPUs");
+  if (gpus.empty()) {
+    if (!gpu_cluster || !previous.empty()) return previous;
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gpus: the cluster in ", state.state_dir, " gives each node its GPUs (kiln up --gpus; ",
+        "in use: ", held.empty() ? std::string("none") : absl::StrJoin(held, ", "),
+        "); name the new node's ", per_text, " with --gpus, or it would share GPU 0 with "
+        "another node"));
+  }
+  if (state.device != "cuda" && !absl::StartsWith(state.device, "cuda:")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gpus: the cluster in ", state.state_dir, " runs on device ", state.device,
+        "; --gpus needs a cuda cluster (kiln up --device cuda)"));
+  }
+  if (static_cast<int>(gpus.size()) != per) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gpus: ", gpus.size(), " GPUs named; each node of this cluster has ", per_text,
+        " (kiln up --gpus-per-node ", per, ")"));
+  }
+  if (auto s = ValidateGpuEntries(gpus, per); !s.ok()) return s;
+  for (const std::string& g : gpus) {
+    if (auto it = owner.find(g); it != owner.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("gpus: GPU ", g, " is already given to ",
+                                                     it->second, ", which is running"));
+    }
+  }
+  return absl::StrJoin(gpus, ",");
 }
 
 std::string DefaultBinDir() { return kiln::ExecutableDir(); }
@@ -741,7 +795,6 @@ absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream
 absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log) {
   const std::string state_dir = Absolute(options.state_dir);
   const std::string bin_dir = Absolute(options.bin_dir.empty() ? DefaultBinDir() : options.bin_dir);
-  if (auto s = CheckBinary(bin_dir, kNodeExe); !s.ok()) return s;
   if (!fs::exists(ClusterFilePath(state_dir))) {
     return absl::FailedPreconditionError(
         absl::StrCat("no local cluster in ", state_dir, " (start one with `kiln up`)"));
@@ -750,12 +803,17 @@ absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream&
   if (!lock.ok()) return lock.status();
   auto state = LoadClusterState(state_dir);
   if (!state.ok()) return state.status();
+  const std::string node_id =
+      options.node_id.empty() ? absl::StrCat("node-", NextNodeNumber(*state)) : options.node_id;
+  // The command line's mistakes first, before what the machine lacks.
+  auto gpu = AddNodeGpus(*state, node_id, options.gpus,
+                         [](const NodeProcess& n) { return ProcessAlive(n.pid, kNodeExe); });
+  if (!gpu.ok()) return gpu.status();
+  if (auto s = CheckBinary(bin_dir, kNodeExe); !s.ok()) return s;
   if (state->state != "up" || !ProcessAlive(state->coordinator.pid, kCoordinatorExe)) {
     return absl::FailedPreconditionError(
         absl::StrCat("the cluster in ", state_dir, " is not running (start it with `kiln up`)"));
   }
-  const std::string node_id =
-      options.node_id.empty() ? absl::StrCat("node-", NextNodeNumber(*state)) : options.node_id;
   for (const auto& n : state->nodes) {
     if (n.node_id == node_id && ProcessAlive(n.pid, kNodeExe)) {
       return absl::AlreadyExistsError(
@@ -763,6 +821,7 @@ absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream&
     }
   }
   NodeProcess node = NewNode(*state, node_id);
+  node.gpu = *gpu;
   if (options.fresh) {
     std::error_code ec;
     fs::remove_all(node.package_dir, ec);

@@ -16,6 +16,7 @@
 
 #include <map>
 #include <ostream>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -104,6 +105,9 @@ absl::StatusOr<CurveClient> AdminCurveClient(const ClusterState& state);
 struct AddNodeOptions {
   std::string state_dir = ".kiln/cluster";
   std::string node_id;  // "" → node-<next number>
+  // The new node's GPUs (kiln add-node --gpus; AddNodeGpus): the cluster's gpus_per_node of
+  // them, as UpOptions.gpus takes them. Empty: none named.
+  std::vector<std::string> gpus;
   bool fresh = false;   // empty the node's local package directory first
   int start_timeout_ms = 60000;
   std::string bin_dir;
@@ -156,7 +160,24 @@ std::string DefaultBinDir();
 // and the error carries the tail of the failing process's log.
 absl::StatusOr<ClusterState> StartCluster(const UpOptions& options, std::ostream& log);
 
-// Starts one more node in the running cluster and records it in cluster.json.
+// InvalidArgument unless every entry of `gpus` is a GPU index or a GPU-/MIG- UUID, none twice,
+// and no MIG slice when gpus_per_node > 1 (CUDA shows a process one slice). UpOptions::Validate
+// and AddNodeGpus.
+absl::Status ValidateGpuEntries(const std::vector<std::string>& gpus, int gpus_per_node);
+
+// The NodeProcess.gpu that `kiln add-node` gives node `node_id` of `state`, from its --gpus
+// entries `gpus` (empty: none named); `running(n)` says whether node n's process is alive. In a
+// cluster whose nodes were given GPUs (`kiln up --gpus`: a node in cluster.json has a gpu) a new
+// node must name its own, so that it does not land on GPUs 0.. beside node-1; a node re-added
+// under its id keeps the GPUs cluster.json gives it when `gpus` is empty. Named GPUs must be
+// exactly the cluster's gpus_per_node entries (ValidateGpuEntries), in a cuda cluster, none held
+// by another running node of the cluster. InvalidArgument with a sentence otherwise.
+absl::StatusOr<std::string> AddNodeGpus(const ClusterState& state, const std::string& node_id,
+                                        const std::vector<std::string>& gpus,
+                                        const std::function<bool(const NodeProcess&)>& running);
+
+// Starts one more node in the running cluster and records it in cluster.json. Its GPUs come from
+// AddNodeGpus (refused before anything starts).
 absl::StatusOr<NodeProcess> AddNode(const AddNodeOptions& options, std::ostream& log);
 
 // SIGTERM to every node (each finishes its running job), then to the coordinator, then to the

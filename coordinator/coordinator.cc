@@ -728,7 +728,8 @@ absl::StatusOr<kiln::v1::RegisterAck> Coordinator::RegisterNode(
                    "; models ", absl::StrJoin(node->info.models(), ","), "; ",
                    node->info.loaded_packages_size(), " packages loaded, ",
                    node->info.packages_size(), " on disk",
-                   node->info.can_compile() ? "; can compile" : "", ")"));
+                   node->info.can_compile() ? "; can compile" : "",
+                   node->info.can_fetch() ? "; can fetch" : "", ")"));
   placement_dirty_ = true;
   PlaceJobs();
   kiln::v1::RegisterAck ack;

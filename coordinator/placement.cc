@@ -231,13 +231,30 @@ absl::Status CheckAnyServes(const std::vector<const kiln::v1::NodeInfo*>& nodes,
 
 absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
   if (absl::Status s = CheckServes(node, spec); !s.ok()) return s;
-  if (!node.can_compile() && WarmthFor(node, spec) == Warmth::kCold) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        node.node_id(), " does not hold the packages for ",
-        PackageSetKey(spec.model(), spec.precision(), spec.width(), spec.height()),
-        " and cannot compile"));
+  if (!node.can_compile() && !node.can_fetch() && WarmthFor(node, spec) == Warmth::kCold) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(node.node_id(), " does not hold the packages for ", NeededSetKey(node, spec),
+                     " and cannot compile or fetch them (no shared cache)"));
   }
   return absl::OkStatus();
+}
+
+std::string NeededSetKey(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {
+  std::string precision = spec.precision();
+  if (precision.empty()) {
+    // The set FindPackageSet settles on, else the node's default precision.
+    precision = DefaultPrecision(node.device());
+    if (const kiln::v1::PackageSet* set = FindPackageSet(node, spec); set != nullptr) {
+      std::string model, found, size;
+      for (const auto& [key, declared] : node.package_sets()) {
+        if (&declared == set && ParsePackageSetKey(key, &model, &found, &size) &&
+            !found.empty()) {
+          precision = found;
+        }
+      }
+    }
+  }
+  return PackageSetKey(spec.model(), precision, spec.width(), spec.height());
 }
 
 absl::Status CheckServes(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec) {

@@ -8,9 +8,10 @@
 // Eligible: the node is READY with a free slot, serves the job's model, serves its precision and
 // size (see below), its device can run the precision (a cpu device cannot run fp8; a cuda device
 // with a known compute capability below 8.9 cannot either), and it either holds the job's
-// packages (loaded or on local disk) or can compile them. Among eligible nodes: packages loaded
-// in memory > on local disk > to be compiled (or fetched), then the fewest active jobs, then the
-// one idle longest, then node id.
+// packages (loaded or on local disk) or can compile them or fetch them from its shared tier
+// (NodeInfo.can_fetch: a `--no-compile` node of a cluster whose shared cache holds them). Among
+// eligible nodes: packages loaded in memory > on local disk > to be compiled (or fetched), then
+// the fewest active jobs, then the one idle longest, then node id.
 //
 // NodeInfo.package_sets["<model>/<precision>/<W>x<H>"] lists the package digests a job needs.
 // A node that declares any set for a model declares every (precision, size) it serves for it:
@@ -68,8 +69,14 @@ std::string BatchKey(const kiln::v1::JobSpec& spec);
 Warmth WarmthFor(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 
 // OK if `node`'s declared capabilities can run `spec` (ignores its state and load); otherwise
-// FailedPrecondition saying why, e.g. "n1 does not serve model flux-dev".
+// FailedPrecondition saying why, e.g. "n1 does not serve model flux-dev". A node cold for the
+// job's packages can run it if it can compile them or fetch them (NodeInfo.can_fetch: it has a
+// shared tier; whether that tier holds them is known only to the node, which fails the job
+// NOT_FOUND if it does not).
 absl::Status CheckCapable(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
+// The package-set key `node` would run `spec` with: spec's, with precision "" replaced by the
+// precision of the set FindPackageSet finds, else the node's DefaultPrecision. For messages.
+std::string NeededSetKey(const kiln::v1::NodeInfo& node, const kiln::v1::JobSpec& spec);
 // CheckCapable without what may change while the node runs (whether it holds the packages when
 // it cannot compile): OK if the node could ever run `spec` — it serves the model, the precision
 // and size, and its device runs the precision.

@@ -294,6 +294,7 @@ kiln::v1::Envelope NodeSession::RegisterMessage() const {
   for (const auto& d : DiskPackages()) info->add_packages(d);
   for (const auto& d : jobs_.LoadedPackages()) info->add_loaded_packages(d);
   info->set_can_compile(options_.allow_compile);
+  info->set_can_fetch(!options_.shared_cache_dir.empty());
   info->set_metrics_url(options_.metrics_url);
   info->set_pid(static_cast<uint32_t>(getpid()));
   info->set_hostname(options_.hostname);

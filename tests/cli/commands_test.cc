@@ -377,6 +377,32 @@ TEST(Usage, UpRefusesGpusThatDoNotMakeWholeNodes) {
   EXPECT_THAT(r.err, HasSubstr("gpus: 3 GPUs do not make whole nodes of 2 (--gpus-per-node)"));
 }
 
+// `kiln add-node` in a cluster started with `--gpus 0,1,2,3 --gpus-per-node 2`: refused (exit 2,
+// before anything starts) without --gpus of its own or with the wrong number of them.
+TEST(Usage, AddNodeInAGpuClusterNeedsItsOwnGpus) {
+  const std::string dir = TempDir();
+  ClusterState state;
+  state.state_dir = dir;
+  state.device = "cuda";
+  state.gpus_per_node = 2;
+  state.nodes.resize(2);
+  state.nodes[0].node_id = "node-1";
+  state.nodes[0].gpu = "0,1";
+  state.nodes[1].node_id = "node-2";
+  state.nodes[1].gpu = "2,3";
+  ASSERT_TRUE(SaveClusterState(state).ok());
+  auto r = RunKiln({"add-node", "--state-dir", dir});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("gives each node its GPUs"));
+  EXPECT_THAT(r.err, HasSubstr("name the new node's 2 GPUs with --gpus"));
+  r = RunKiln({"add-node", "--state-dir", dir, "--gpus", "4"});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("gpus: 1 GPUs named; each node of this cluster has 2 GPUs"));
+  r = RunKiln({"add-node", "--state-dir", dir, "--gpus", ","});
+  EXPECT_EQ(r.code, 2);
+  EXPECT_THAT(r.err, HasSubstr("--gpus: empty list"));
+}
+
 TEST(Usage, LogFormatIsAGlobalOptionBeforeTheCommand) {
   auto r = RunKiln({"--log-format", "json", "help"});
   EXPECT_EQ(r.code, 0);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -221,6 +222,90 @@ TEST(NodeLaunchFor, AMultiGpuNodeSeesItsGpusAndSpreadsEachJobOverThem) {
   ASSERT_TRUE(back.ok()) << back.status();
   launch = NodeLaunchFor("/bin", *back, node);
   EXPECT_THAT(launch.argv, Not(Contains(HasSubstr("--gpus"))));
+}
+
+// `kiln add-node` in a cluster of `kiln up --device cuda --gpus 0,1,2,3 --gpus-per-node 2`.
+ClusterState TwoGpuNodes() {
+  ClusterState state;
+  state.state_dir = "/s";
+  state.device = "cuda";
+  state.gpus_per_node = 2;
+  for (const char* gpu : {"0,1", "2,3"}) {
+    NodeProcess n;
+    n.node_id = absl::StrCat("node-", state.nodes.size() + 1);
+    n.gpu = gpu;
+    state.nodes.push_back(n);
+  }
+  return state;
+}
+
+TEST(AddNodeGpus, ANewNodeNamesItsOwnGpusInAGpuCluster) {
+  const ClusterState state = TwoGpuNodes();
+  auto all_running = [](const NodeProcess&) { return true; };
+  auto gpus = AddNodeGpus(state, "node-3", {"4", "5"}, all_running);
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  EXPECT_EQ(*gpus, "4,5");
+  // What it is started with: only its GPUs, spread over as cuda:0 and cuda:1.
+  NodeProcess node;
+  node.node_id = "node-3";
+  node.gpu = *gpus;
+  NodeLaunch launch = NodeLaunchFor("/bin", state, node);
+  EXPECT_EQ(launch.env.at("CUDA_VISIBLE_DEVICES"), "4,5");
+  EXPECT_THAT(launch.argv, Contains("--device=cuda"));
+  EXPECT_THAT(launch.argv, Contains("--gpus=0,1"));
+
+  // None named: refused (it would sit on GPUs 0 and 1 beside node-1).
+  gpus = AddNodeGpus(state, "node-3", {}, all_running);
+  EXPECT_EQ(gpus.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(gpus.status().message(),
+            "gpus: the cluster in /s gives each node its GPUs (kiln up --gpus; in use: 0,1 "
+            "(node-1), 2,3 (node-2)); name the new node's 2 GPUs with --gpus, or it would share "
+            "GPU 0 with another node");
+  // A GPU a running node has.
+  gpus = AddNodeGpus(state, "node-3", {"3", "4"}, all_running);
+  EXPECT_EQ(gpus.status().message(), "gpus: GPU 3 is already given to node-2, which is running");
+  // ... is free once that node has stopped.
+  auto only_node_1 = [](const NodeProcess& n) { return n.node_id == "node-1"; };
+  gpus = AddNodeGpus(state, "node-3", {"3", "2"}, only_node_1);
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  EXPECT_EQ(*gpus, "3,2");
+  // Not the cluster's GPUs per node, twice the same, not a GPU.
+  EXPECT_EQ(AddNodeGpus(state, "node-3", {"4"}, all_running).status().message(),
+            "gpus: 1 GPUs named; each node of this cluster has 2 GPUs (kiln up --gpus-per-node "
+            "2)");
+  EXPECT_EQ(AddNodeGpus(state, "node-3", {"4", "4"}, all_running).status().message(),
+            "gpus: 4 twice");
+  EXPECT_THAT(std::string(AddNodeGpus(state, "node-3", {"4", "x"}, all_running)
+                              .status()
+                              .message()),
+              HasSubstr("'x' is neither a GPU index nor a GPU-/MIG- UUID"));
+}
+
+TEST(AddNodeGpus, ARestartedNodeKeepsItsGpusAndOtherClustersAreAsBefore) {
+  const ClusterState state = TwoGpuNodes();
+  // node-2 died; re-added under its id without --gpus it gets 2,3 again.
+  auto only_node_1 = [](const NodeProcess& n) { return n.node_id == "node-1"; };
+  auto gpus = AddNodeGpus(state, "node-2", {}, only_node_1);
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  EXPECT_EQ(*gpus, "2,3");
+
+  // A cluster without --gpus: none needed, as before; a cpu one takes none.
+  ClusterState cpu;
+  cpu.state_dir = "/c";
+  NodeProcess n;
+  n.node_id = "node-1";
+  cpu.nodes.push_back(n);
+  gpus = AddNodeGpus(cpu, "node-2", {}, only_node_1);
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  EXPECT_EQ(*gpus, "");
+  EXPECT_EQ(AddNodeGpus(cpu, "node-2", {"0"}, only_node_1).status().message(),
+            "gpus: the cluster in /c runs on device cpu; --gpus needs a cuda cluster (kiln up "
+            "--device cuda)");
+  ClusterState cuda = cpu;  // kiln up --device cuda, no --gpus: a GPU may be named
+  cuda.device = "cuda";
+  gpus = AddNodeGpus(cuda, "node-2", {"1"}, only_node_1);
+  ASSERT_TRUE(gpus.ok()) << gpus.status();
+  EXPECT_EQ(*gpus, "1");
 }
 
 TEST(ClusterStateGpu, SurvivesTheStateFile) {

@@ -735,6 +735,29 @@ TEST_F(CoordinatorTest, IneligibleNodesAreSkippedAndTheReasonIsShown) {
   EXPECT_EQ(Job("j1").error(), "");
 }
 
+TEST_F(CoordinatorTest, ANodeThatCannotCompileButCanFetchTakesColdJobs) {
+  // A node that cannot compile and has no shared tier holds nothing on local disk: the job
+  // (precision "") waits, and the reason names the set looked for, the node's declared fp32.
+  NodeInfo stuck = Node("n1", "cpu", /*can_compile=*/false);
+  DeclareSet(stuck);
+  Register(stuck);
+  MustSubmit(Spec("j1"));
+  EXPECT_THAT(Assigned(), IsEmpty());
+  EXPECT_THAT(Job("j1").error(),
+              HasSubstr("n1 does not hold the packages for flux-tiny/fp32/256x256 and cannot "
+                        "compile or fetch them (no shared cache)"));
+
+  // kiln up --no-compile: the same, but it fetches from the shared cache. The job is its, cold.
+  NodeInfo fetcher = Node("n2", "cpu", /*can_compile=*/false);
+  DeclareSet(fetcher);
+  fetcher.set_can_fetch(true);
+  Register(fetcher);
+  EXPECT_THAT(Assigned(), ElementsAre(std::make_tuple("n2", "j1", 1u)));
+  EXPECT_EQ(Job("j1").error(), "");
+  EXPECT_TRUE(Logged("node n2 registered (cpu; models flux-tiny; 0 packages loaded, 0 on disk; "
+                     "can fetch)"));
+}
+
 TEST_F(CoordinatorTest, DeclaredPackageSetsSayWhichSizesAndPrecisionsANodeServes) {
   NodeInfo small = Node("a-small", "cuda");  // serves flux-tiny fp32 at 256x256 only
   DeclareSet(small);

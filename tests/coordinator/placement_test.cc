@@ -151,13 +151,46 @@ TEST(PlacementTest, CapabilityReasons) {
   s.set_model("flux-dev");
   EXPECT_EQ(CheckCapable(cpu, s).code(), absl::StatusCode::kFailedPrecondition);
   cpu.set_can_compile(false);
-  EXPECT_THAT(std::string(CheckCapable(cpu, Spec()).message()), HasSubstr("cannot compile"));
+  // The message names the precision looked for: the job's "" is the node's default.
+  EXPECT_EQ(CheckCapable(cpu, Spec()).message(),
+            "c does not hold the packages for flux-tiny/fp32/512x256 and cannot compile or "
+            "fetch them (no shared cache)");
+  cpu.set_can_fetch(true);  // a shared tier it may fetch them from
+  EXPECT_TRUE(CheckCapable(cpu, Spec()).ok());
   auto gpu = Node("g", "cuda");  // compute capability unknown: fp8 allowed
   EXPECT_TRUE(CheckCapable(gpu, Spec("fp8")).ok());
   gpu.mutable_device()->set_compute_capability("8.9");
   EXPECT_TRUE(CheckCapable(gpu, Spec("fp8")).ok());
   gpu.mutable_device()->set_compute_capability("8.6");
   EXPECT_FALSE(CheckCapable(gpu, Spec("fp8")).ok());
+}
+
+TEST(PlacementTest, ANodeThatCanFetchServesColdJobsWithoutCompiling) {
+  // kiln up --no-compile with a shared cache: the node declares its fp32 set, holds nothing on
+  // local disk, cannot compile, and can fetch. A job of precision "" is its to run.
+  kiln::v1::NodeInfo n = Node("node-1");
+  n.set_can_compile(false);
+  auto& set = (*n.mutable_package_sets())["flux-tiny/fp32/512x256"];
+  set.add_digests("d1");
+  set.add_digests("d2");
+  EXPECT_EQ(WarmthFor(n, Spec()), Warmth::kCold);
+  EXPECT_EQ(NeededSetKey(n, Spec()), "flux-tiny/fp32/512x256");
+  EXPECT_EQ(NeededSetKey(n, Spec("bf16")), "flux-tiny/bf16/512x256");
+  absl::Status s = CheckCapable(n, Spec());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("for flux-tiny/fp32/512x256 and cannot"));
+  n.set_can_fetch(true);
+  EXPECT_TRUE(CheckCapable(n, Spec()).ok());
+  EXPECT_TRUE(CheckCapable(n, Spec("fp32")).ok());
+  EXPECT_EQ(ChooseNode({Candidate{&n}}, Spec()), 0);
+  // Fetching does not widen what it serves: another size or precision is still refused.
+  EXPECT_FALSE(CheckCapable(n, Spec("bf16")).ok());
+  // The node index lists it for the kind, cold.
+  NodeIndex index;
+  index.Update(n);
+  const auto& capable = index.Capable(PackageSetKey("flux-tiny", "", 512, 256), Spec());
+  ASSERT_EQ(capable.size(), 1u);
+  EXPECT_EQ(capable[0].warmth, Warmth::kCold);
 }
 
 TEST(PlacementTest, ChooseNodeOrder) {

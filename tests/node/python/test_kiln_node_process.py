@@ -254,6 +254,7 @@ def test_registers_runs_a_job_byte_identical_to_kiln_run_and_deregisters(coordin
     assert sorted(info.packages) == on_disk
     assert list(info.loaded_packages) == []
     assert info.can_compile is False  # --no_compile
+    assert info.can_fetch is False  # no --shared_cache
     assert info.pid == node.proc.pid and info.hostname
     assert list(info.package_sets) == ["flux-tiny/fp32/256x256"]
     assert sorted(info.package_sets["flux-tiny/fp32/256x256"].digests) == on_disk
