@@ -46,6 +46,10 @@ absl::Status ArtifactKey::Validate() const {
                         absl::StrCat(s.message(), " (target ", target, ")"));
   }
   if (toolchain.torch.empty()) return InvalidField("artifact_key.toolchain.torch", "is empty");
+  if (!IsHexDigest(toolchain.kiln)) {
+    return InvalidField("artifact_key.toolchain.kiln",
+                        "must be a sha256 hex digest (kiln's code revision)");
+  }
   return absl::OkStatus();
 }
 
@@ -62,7 +66,10 @@ nlohmann::json ArtifactKey::ToJson() const {
       {"compile", compile},
       {"target", target},
       {"toolchain",
-       {{"torch", toolchain.torch}, {"cuda", toolchain.cuda}, {"triton", toolchain.triton}}},
+       {{"torch", toolchain.torch},
+        {"cuda", toolchain.cuda},
+        {"triton", toolchain.triton},
+        {"kiln", toolchain.kiln}}},
   };
 }
 
@@ -83,6 +90,9 @@ absl::StatusOr<ArtifactKey> ArtifactKey::FromJson(const nlohmann::json& j) {
     k.toolchain.torch = t.at("torch").get<std::string>();
     k.toolchain.cuda = t.at("cuda").get<std::string>();
     k.toolchain.triton = t.at("triton").get<std::string>();
+    // A key without it names a package compiled before keys carried kiln's code revision:
+    // refused here, and never asked for (today's keys always carry one).
+    k.toolchain.kiln = t.at("kiln").get<std::string>();
   } catch (const nlohmann::json::exception& e) {
     return InvalidField("artifact_key", e.what());
   }

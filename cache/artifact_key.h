@@ -31,7 +31,18 @@ struct Toolchain {
   std::string torch;   // torch.__version__, e.g. "2.13.0+cpu"
   std::string cuda;    // torch.version.cuda, "" on CPU builds
   std::string triton;  // triton.__version__, "" for CPU targets
+  // Code revision of the kiln Python package that builds the graphs (models, export, compile:
+  // kiln.artifact_key.code_revision), a SHA-256 hex digest; never empty. Keys made by this
+  // binary carry BuildKilnRevision().
+  std::string kiln;
 };
+
+// The code revision of pipeline/python/kiln this binary was built from: computed from those
+// sources at build time (cache/code_revision.cmake, re-run by the build whenever one of them
+// changes, appears or goes), so a node that only consumes packages has it too.
+// kiln.artifact_key.code_revision is the Python twin; SubprocessCompiler refuses a kiln-compile
+// whose revision differs.
+const char* BuildKilnRevision();
 
 struct ArtifactKey {
   std::string architecture;  // ArchitectureDigest() of the component's config.json

@@ -12,6 +12,20 @@ std::string Tail(const std::string& s, size_t n) {
   return s.size() <= n ? s : "..." + s.substr(s.size() - n);
 }
 
+std::string LastLine(std::string s) {
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  const size_t nl = s.rfind('\n');
+  return nl == std::string::npos ? s : s.substr(nl + 1);
+}
+
+// toolchain.kiln of the key in a manifest kiln-compile printed; "(none)" where it has none (a
+// kiln-compile older than the field).
+std::string ManifestKilnRevision(const nlohmann::json& manifest) {
+  const nlohmann::json::json_pointer at("/key/toolchain/kiln");
+  if (!manifest.contains(at) || !manifest.at(at).is_string()) return "(none)";
+  return manifest.at(at).get<std::string>();
+}
+
 }  // namespace
 
 absl::Status SubprocessCompiler::Compile(const CompileRequest& r) {
@@ -23,17 +37,22 @@ absl::Status SubprocessCompiler::Compile(const CompileRequest& r) {
       "--height",     std::to_string(b.height), "--width",
       std::to_string(b.width), "--text-len", std::to_string(b.text_len),
       "--target",     r.key.target,  "--compile-options",
-      CanonicalJson(r.compile_options), "--out-root", r.out_root};
+      CanonicalJson(r.compile_options), "--out-root", r.out_root,
+      // kiln-compile refuses (exit 5) unless it runs the code this key names.
+      "--kiln-revision", r.key.toolchain.kiln};
   auto result = RunProcess(argv, /*echo_stderr=*/false);
   if (!result.ok()) return result.status();
+  if (result->exit_code == 5) {
+    // The key's code revision is not the one kiln-compile runs: its one line names both.
+    return absl::FailedPreconditionError(absl::StrCat(
+        LastLine(result->stderr_text), " (", path_, ", compiling ", r.key.component, ")"));
+  }
   if (result->exit_code == 3 || result->exit_code == 4) {
     // The package directory is full (3) or unwritable (4): one line for the caller, the whole
     // output for this process's log.
     kiln::LogWarning("cache", absl::StrCat("kiln-compile for ", r.key.component, ": ",
                                            result->stderr_text));
-    std::string last = result->stderr_text;
-    while (!last.empty() && last.back() == '\n') last.pop_back();
-    last = last.substr(last.rfind('\n') == std::string::npos ? 0 : last.rfind('\n') + 1);
+    const std::string last = LastLine(result->stderr_text);
     return result->exit_code == 3 ? absl::ResourceExhaustedError(last)
                                   : absl::UnavailableError(last);
   }
@@ -48,6 +67,14 @@ absl::Status SubprocessCompiler::Compile(const CompileRequest& r) {
                                             Tail(result->stdout_text, 500)));
   }
   const std::string theirs = manifest["digest"].get<std::string>();
+  // A kiln-compile that ignored --kiln-revision: name the two revisions before anything else.
+  const std::string their_kiln = ManifestKilnRevision(manifest);
+  if (theirs != r.key.Digest() && their_kiln != r.key.toolchain.kiln) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "code revision mismatch: kiln-compile (", path_, ") built ", r.key.component,
+        " from kiln code revision ", their_kiln, ", this binary was built from kiln code revision ",
+        r.key.toolchain.kiln, "; the binary and the Python package come from different checkouts"));
+  }
   if (theirs != r.key.Digest()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "kiln-compile built key ", theirs, " but the runtime asked for ", r.key.Digest(),

@@ -150,6 +150,7 @@ cache::ArtifactKey KeyPolicy::KeyFor(const std::string& component, int width, in
       cache::CompileOptionsDigest(ComponentCompileOptions(options_.compile_options, component));
   k.target = options_.target;
   k.toolchain.torch = BuildTorchVersion();
+  k.toolchain.kiln = cache::BuildKilnRevision();
   if (options_.target != "cpu") {
     k.toolchain.cuda = BuildCudaVersion();
     k.toolchain.triton = BuildTritonVersion();

@@ -1,7 +1,8 @@
 // Tests of the artifact key: C++ and Python (pipeline/python/kiln/artifact_key.py, run through
 // tests/pipeline/ref_artifact_key.py) give the same canonical JSON and digests for keys, for real
-// component configs and for configs full of awkward values; Validate() names the bad field;
-// FromJson(ToJson()) round-trips.
+// component configs and for configs full of awkward values, and the same code revision of the
+// kiln package (BuildKilnRevision(), computed at build time, against Python's of the sources);
+// Validate() names the bad field; FromJson(ToJson()) round-trips.
 #include "cache/artifact_key.h"
 
 #include <cmath>
@@ -154,7 +155,7 @@ ArtifactKey ValidKey() {
   k.bucket = Bucket{1, 1024, 1024, 512};
   k.compile = CompileOptionsDigest(DefaultCompileOptions());
   k.target = "cuda:sm_90";
-  k.toolchain = Toolchain{"2.13.0+cu128", "12.8", "3.5.0"};
+  k.toolchain = Toolchain{"2.13.0+cu128", "12.8", "3.5.0", BuildKilnRevision()};
   return k;
 }
 
@@ -175,7 +176,7 @@ std::vector<ArtifactKey> SampleKeys() {
       if (component == "vae_decoder") k.bucket = Bucket{4, 768, 1360, 0};
       if (precision == "fp32") {
         k.target = "cpu";
-        k.toolchain = Toolchain{"2.13.0+cpu", "", ""};
+        k.toolchain = Toolchain{"2.13.0+cpu", "", "", Sha256Hex("another checkout")};
         k.compile = CompileOptionsDigest({{"max_autotune", true}, {"eps", 1e-06}});
       }
       keys.push_back(k);
@@ -260,9 +261,12 @@ TEST(ArtifactKeyTest, PythonAgreesOnDigestsAndCanonicalJson) {
   TempDir dir;
   const std::vector<const char*> configs = {kT5Config, kClipConfig, kVaeConfig,
                                             kTransformerConfig, kEdgeConfig};
+  const std::string package =
+      absl::StrCat(kiln::testing::EnvOrEmpty("KILN_SOURCE"), "/pipeline/python/kiln");
   nlohmann::json request = {{"config_files", nlohmann::json::array()},
                             {"keys", nlohmann::json::array()},
-                            {"json_files", nlohmann::json::array()}};
+                            {"json_files", nlohmann::json::array()},
+                            {"code_roots", {package}}};
   for (size_t i = 0; i < configs.size(); ++i) {
     const std::string path = dir.Join(absl::StrCat("config", i, ".json"));
     WriteFileOrDie(path, configs[i]);
@@ -286,6 +290,14 @@ TEST(ArtifactKeyTest, PythonAgreesOnDigestsAndCanonicalJson) {
     EXPECT_EQ(CanonicalJson(config), out["configs"][i]["canonical"].get<std::string>());
     EXPECT_EQ(ArchitectureDigest(config), out["configs"][i]["architecture_digest"]);
   }
+  // The revision this binary was built with is that of the sources the tests run from (a stale
+  // build, or the build's and Python's file lists or hashing parting, would differ).
+  ASSERT_EQ(out["code"].size(), 1u);
+  EXPECT_EQ(BuildKilnRevision(), out["code"][0]["revision"].get<std::string>())
+      << "kiln code revision: this binary was built from other sources than " << package
+      << " holds now (rebuild), or cache/code_revision.cmake and kiln.artifact_key.code_revision "
+         "disagree; Python hashed "
+      << out["code"][0]["files"].dump();
   ASSERT_EQ(out["keys"].size(), keys.size());
   for (size_t i = 0; i < keys.size(); ++i) {
     SCOPED_TRACE(keys[i].ToJson().dump());
@@ -341,6 +353,8 @@ TEST(ArtifactKeyTest, ValidateNamesTheBadField) {
       {[](ArtifactKey& k) { k.target = "tpu"; }, "target"},
       {[](ArtifactKey& k) { k.target = "cpu"; }, "fp8"},  // with precision fp8 below
       {[](ArtifactKey& k) { k.toolchain.torch = ""; }, "toolchain.torch"},
+      {[](ArtifactKey& k) { k.toolchain.kiln = ""; }, "toolchain.kiln"},
+      {[](ArtifactKey& k) { k.toolchain.kiln = "0123abc"; }, "toolchain.kiln"},
   };
   for (const auto& c : cases) {
     ArtifactKey k = ValidKey();
@@ -384,11 +398,31 @@ TEST(ArtifactKeyTest, FromJsonErrorsNameTheField) {
 
   EXPECT_EQ(ArtifactKey::FromJson(nlohmann::json::array()).status().code(),
             absl::StatusCode::kInvalidArgument);
+
+  // The key of a package compiled before keys carried kiln's code revision.
+  j = ValidKey().ToJson();
+  j["toolchain"].erase("kiln");
+  auto old = ArtifactKey::FromJson(j);
+  EXPECT_EQ(old.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(old.status().message(), HasSubstr("kiln"));
+}
+
+TEST(ArtifactKeyTest, BuildKilnRevisionIsADigestAndPartOfTheKey) {
+  const std::string revision = BuildKilnRevision();
+  EXPECT_EQ(revision.size(), 64u);
+  EXPECT_EQ(revision.find_first_not_of("0123456789abcdef"), std::string::npos) << revision;
+  const ArtifactKey k = ValidKey();
+  EXPECT_EQ(k.ToJson()["toolchain"]["kiln"], revision);
+  // A stored package's key from before the field: its digest is not today's key's, so a lookup
+  // by today's key misses it (and compiles) rather than serving it.
+  nlohmann::json before = k.ToJson();
+  before["toolchain"].erase("kiln");
+  EXPECT_NE(Sha256Hex(CanonicalJson(before)), k.Digest());
 }
 
 TEST(ArtifactKeyTest, DigestChangesWithEveryField) {
   const ArtifactKey base = ValidKey();
-  std::vector<ArtifactKey> variants(9, base);
+  std::vector<ArtifactKey> variants(10, base);
   variants[0].architecture = ArchitectureDigest(nlohmann::json::parse(kVaeConfig));
   variants[1].component = "vae_decoder";
   variants[2].precision = "fp8";
@@ -398,6 +432,7 @@ TEST(ArtifactKeyTest, DigestChangesWithEveryField) {
   variants[6].target = "cuda:sm_100";
   variants[7].toolchain.triton = "3.4.0";
   variants[8].toolchain.cuda = "12.9";
+  variants[9].toolchain.kiln = Sha256Hex("models/flux.py with a new attention kernel");
   std::set<std::string> digests = {base.Digest()};
   for (const auto& v : variants) digests.insert(v.Digest());
   EXPECT_EQ(digests.size(), variants.size() + 1);

@@ -35,7 +35,7 @@ inline ArtifactKey MakeKey(int height = 64) {
   k.bucket = Bucket{1, height, 64, 32};
   k.compile = CompileOptionsDigest(DefaultCompileOptions());
   k.target = "cuda:sm_90";
-  k.toolchain = Toolchain{"2.13.0", "12.8", "3.4.0"};
+  k.toolchain = Toolchain{"2.13.0", "12.8", "3.4.0", BuildKilnRevision()};
   return k;
 }
 

@@ -100,6 +100,8 @@ TEST(KeyPolicyTest, KeysCarryCompileOptionsTargetAndToolchain) {
   EXPECT_EQ(cpu.toolchain.torch, BuildTorchVersion());
   EXPECT_EQ(cpu.toolchain.cuda, "");
   EXPECT_EQ(cpu.toolchain.triton, "");
+  // kiln's code revision, on every target (the CPU keys keep it while dropping CUDA and Triton).
+  EXPECT_EQ(cpu.toolchain.kiln, cache::BuildKilnRevision());
 
   o.compile_options["fuse_qkv"] = true;
   const cache::ArtifactKey fused = KeyPolicy(o).KeyFor("transformer", 256, 256);
@@ -110,6 +112,7 @@ TEST(KeyPolicyTest, KeysCarryCompileOptionsTargetAndToolchain) {
   EXPECT_EQ(gpu.target, "cuda:sm_90");
   EXPECT_EQ(gpu.toolchain.cuda, BuildCudaVersion());
   EXPECT_EQ(gpu.toolchain.triton, BuildTritonVersion());
+  EXPECT_EQ(gpu.toolchain.kiln, cache::BuildKilnRevision());
 }
 
 TEST(KeyPolicyTest, ResolutionListsParseAndFormat) {

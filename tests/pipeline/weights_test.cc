@@ -33,6 +33,7 @@ absl::StatusOr<cache::PackageManifest> Manifest(const nlohmann::json& constants)
   key.compile = std::string(64, 'c');
   key.target = "cuda:sm_90";
   key.toolchain.torch = "2.13.0";
+  key.toolchain.kiln = cache::BuildKilnRevision();
   nlohmann::json j = {{"format", 1},
                       {"digest", key.Digest()},
                       {"key", key.ToJson()},

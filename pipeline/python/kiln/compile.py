@@ -40,9 +40,13 @@ constant that is not a checkpoint tensor as it is (fused QKV, fp8 weight or scal
 Manifest `canary`: a small fixed input and the package's output on it with synthetic constants
 (kiln/canary.py: recipe, file canary.safetensors, tolerance per precision); a node recomputes it
 after loading the package and quarantines a package whose output disagrees.
+`--kiln-revision R` (cache::SubprocessCompiler passes its build's): refuse, before any work,
+unless R is this kiln-compile's own code revision (kiln.artifact_key.code_revision, the key's
+`toolchain.kiln`).
 Exit status: 0 ok, 2 bad arguments or model repository, 1 export/compile failure, 3 the package
-directory is full (ENOSPC, EDQUOT), 4 it may not be written (EACCES, EPERM, EROFS); for 3 and 4 the
-last line of stderr says so in one line.
+directory is full (ENOSPC, EDQUOT), 4 it may not be written (EACCES, EPERM, EROFS), 5 the caller's
+`--kiln-revision` is not this kiln-compile's; for 3, 4 and 5 the last line of stderr says so in
+one line.
 """
 from __future__ import annotations
 
@@ -74,6 +78,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 # compile option process_group: a model name's characters (it is written into generated code).
 PROCESS_GROUP_NAME = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
+REVISION_MISMATCH = 5  # exit status: --kiln-revision is not this kiln-compile's code revision
 
 
 class UsageError(Exception):
@@ -81,17 +86,37 @@ class UsageError(Exception):
 
 
 def toolchain(target: str) -> dict:
-    """Versions that shape the generated code. CUDA and Triton only matter for CUDA targets and
-    are left empty for CPU ones (pipeline/flux_pipeline.cc builds keys the same way)."""
+    """Versions that shape the generated code: torch, CUDA and Triton, and kiln's own code
+    revision (artifact_key.code_revision of the package this runs from). CUDA and Triton only
+    matter for CUDA targets and are left empty for CPU ones (pipeline/key_policy.cc builds keys
+    the same way)."""
     import torch
+    kiln = ak.code_revision()
     if target == "cpu":
-        return {"torch": torch.__version__, "cuda": "", "triton": ""}
+        return {"torch": torch.__version__, "cuda": "", "triton": "", "kiln": kiln}
     try:
         import triton as _triton  # noqa: PLC0415
         triton = _triton.__version__
     except ImportError:
         triton = ""
-    return {"torch": torch.__version__, "cuda": torch.version.cuda or "", "triton": triton}
+    return {"torch": torch.__version__, "cuda": torch.version.cuda or "", "triton": triton,
+            "kiln": kiln}
+
+
+def revision_mismatch(expected: str | None) -> str | None:
+    """The sentence refusing a compile whose caller was built from other kiln code than this
+    kiln-compile runs (`--kiln-revision`, passed by cache::SubprocessCompiler), or None. Its
+    package would land under a key the caller never asks for, or, were the caller's revision
+    taken, graphs of this code under the other code's key."""
+    if expected is None:
+        return None
+    ours = ak.code_revision()
+    if expected == ours:
+        return None
+    return (f"code revision mismatch: the caller was built from kiln code revision {expected}, "
+            f"this kiln-compile runs kiln code revision {ours} ({ak.PACKAGE_DIR}); the binary "
+            "and the Python package come from different checkouts: rebuild the binary from this "
+            "checkout or point it at its own kiln-compile")
 
 
 def component_bucket(component: str, config: dict, batch: int, height: int, width: int,
@@ -539,11 +564,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="JSON object of compile options (default: kiln's defaults)")
     p.add_argument("--out-root", default="packages", help="package directory root")
     p.add_argument("--print-key", action="store_true", help="print the key and digest only")
+    p.add_argument("--kiln-revision", default=None,
+                   help="refuse (exit 5) unless this is kiln-compile's own code revision")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    mismatch = revision_mismatch(args.kiln_revision)
+    if mismatch:
+        print(f"kiln-compile: {mismatch}", file=sys.stderr)
+        return REVISION_MISMATCH
     # Before anything imports torch here or in the region workers (region_workers.bytecode_cache).
     region_workers.bytecode_cache()
     try:
