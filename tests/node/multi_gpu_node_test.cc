@@ -16,14 +16,12 @@
 #include <filesystem>
 #include <optional>
 #include <thread>
-#include <zmq.hpp>
-#include <zmq_addon.hpp>
 
-#include "common/wire.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "node/node_agent.h"
 #include "node/node_factory.h"
+#include "tests/node/coordinator_socket.h"
 #include "tests/pipeline/fixture_provider.h"
 #include "tests/pipeline/test_support.h"
 
@@ -159,57 +157,26 @@ TEST_F(MultiGpuNodeTest, TwoCpuRanksRegisterOnceAndMakeTheSingleRankImage) {
   }
 
   // The agent over the catalog: one registration with gpu_count 2, and a job over the socket.
-  zmq::context_t context;
-  zmq::socket_t router(context, zmq::socket_type::router);
-  router.set(zmq::sockopt::linger, 0);
-  router.bind("tcp://127.0.0.1:*");
+  kiln::node::testing::CoordinatorSocket coordinator("node-sp");
   NodeOptions agent_options = options;
-  agent_options.coordinator = router.get(zmq::sockopt::last_endpoint);
+  agent_options.coordinator = coordinator.endpoint();
   agent_options.link.heartbeat_interval_ms = 100;
   prometheus::Registry registry;
   auto agent = NodeAgent::Create(agent_options, *std::move(catalog), nullptr, registry);
   ASSERT_TRUE(agent.ok()) << agent.status();
   ASSERT_TRUE((*agent)->Start().ok());
-  auto expect = [&](kiln::v1::Envelope::BodyCase body) -> std::optional<kiln::v1::Envelope> {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-    while (std::chrono::steady_clock::now() < deadline) {
-      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, std::chrono::milliseconds(20));
-      if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames;
-      (void)zmq::recv_multipart(router, std::back_inserter(frames));
-      auto env = Decode(frames.back().to_string_view());
-      if (!env.ok()) continue;
-      if (env->has_heartbeat()) {
-        kiln::v1::Envelope hb;
-        hb.mutable_heartbeat();
-        router.send(zmq::buffer(std::string("node-sp")), zmq::send_flags::sndmore);
-        router.send(zmq::buffer(Encode(hb)));
-      }
-      if (env->body_case() == body) return *env;
-    }
-    return std::nullopt;
-  };
-  auto send = [&](const kiln::v1::Envelope& env) {
-    router.send(zmq::buffer(std::string("node-sp")), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(Encode(env)));
-  };
-  auto reg = expect(kiln::v1::Envelope::kRegisterNode);
+  auto reg = coordinator.Expect(kiln::v1::Envelope::kRegisterNode);
   ASSERT_TRUE(reg);
   EXPECT_EQ(reg->register_node().info().device().gpu_count(), 2u);
   EXPECT_EQ(reg->register_node().info().device().kind(), "cpu");
   EXPECT_EQ(reg->register_node().info().package_sets().at("flux-tiny/fp32/256x256").digests_size(),
             static_cast<int>(sp_digests.size()));
-  kiln::v1::Envelope ack;
-  ack.mutable_register_ack()->set_heartbeat_interval_ms(100);
-  send(ack);
+  coordinator.Ack();
   kiln::v1::Envelope assign;
   *assign.mutable_assign()->mutable_spec() = Spec("j1");
   assign.mutable_assign()->set_attempt(1);
-  send(assign);
-  std::optional<kiln::v1::Envelope> result;
-  while ((result = expect(kiln::v1::Envelope::kResult)) && result->result().job_id() != "j1") {
-  }
+  coordinator.Send(assign);
+  auto result = coordinator.Expect(kiln::v1::Envelope::kResult, "j1");
   ASSERT_TRUE(result);
   EXPECT_TRUE(result->result().ok()) << result->result().error();
   EXPECT_EQ(result->result().png().substr(1, 3), "PNG");
